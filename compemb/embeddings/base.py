@@ -1,0 +1,187 @@
+"""CompressedEmbedding: the one interface every compemb method implements.
+
+A method subclasses :class:`CompressedEmbedding`, builds its tables from a budget in ``__init__``,
+implements :meth:`~CompressedEmbedding.lookup` (1-D int64 ids -> ``(N, dim)`` vectors) and
+:meth:`~CompressedEmbedding.reset_parameters`, and registers itself with ``@register("name")``.
+The base class does the rest the same way for all of them: checking ids, offsets and weights,
+nn.Embedding-style lookups of any shape, nn.EmbeddingBag-style bags, and the memory report.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from compemb.budget import Budget, MemoryReport, check_budget
+
+MODES = ("sum", "mean")
+
+
+class CompressedEmbedding(torch.nn.Module, ABC):
+    """An embedding table stored in less memory than ``num_embeddings x embedding_dim`` floats.
+
+    Args:
+        num_embeddings: vocabulary size; ``None`` for an open vocabulary (hash-based methods only,
+            which then accept any int64 id, negative included).
+        embedding_dim: size of each output vector.
+        mode: how bags are reduced when ``offsets`` is given: ``"sum"`` or ``"mean"``.
+        sparse: produce sparse gradients for the tables (as nn.Embedding); use an optimizer that
+            accepts them (SGD, Adagrad, SparseAdam).
+        name: the feature's name, used in error messages.
+
+    Shape:
+        - ``forward(ids)``: ids ``(*)`` -> ``(*, embedding_dim)``, like nn.Embedding.
+        - ``forward(ids, offsets)``: ids ``(N,)``, offsets ``(B,)`` -> ``(B, embedding_dim)``, like
+          nn.EmbeddingBag: bag b holds ``ids[offsets[b]:offsets[b+1]]``; an empty bag gives zeros;
+          ``per_sample_weights`` ``(N,)`` scales each id's vector (mode ``"sum"`` only).
+    """
+
+    method_name: ClassVar[str] = ""
+    open_vocabulary: ClassVar[bool] = False  # True: any int64 id is hashed, no range check
+    compresses: ClassVar[bool] = True  # False only for the full table
+    formula: ClassVar[str] = ""  # the parameter count as a formula, for `compemb methods`
+
+    def __init__(
+        self,
+        num_embeddings: int | None,
+        embedding_dim: int,
+        *,
+        mode: str = "sum",
+        sparse: bool = False,
+        name: str | None = None,
+    ) -> None:
+        super().__init__()
+        if num_embeddings is None:
+            if not self.open_vocabulary:
+                raise ValueError(f"{self.method_name} has a closed vocabulary: num_embeddings is required")
+        elif isinstance(num_embeddings, bool) or not isinstance(num_embeddings, int) or num_embeddings < 1:
+            raise ValueError(f"num_embeddings must be a positive int or None, got {num_embeddings!r}")
+        if isinstance(embedding_dim, bool) or not isinstance(embedding_dim, int) or embedding_dim < 1:
+            raise ValueError(f"embedding_dim must be a positive int, got {embedding_dim!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.mode = mode
+        self.sparse = bool(sparse)
+        self.name = name
+
+    # --- what each method implements -------------------------------------------------------
+
+    @abstractmethod
+    def lookup(self, ids: Tensor) -> Tensor:
+        """Vectors of valid 1-D int64 ``ids``: ``(N,)`` -> ``(N, embedding_dim)``."""
+
+    @abstractmethod
+    def reset_parameters(self) -> None:
+        """Re-initialise every table in place from the module's seed."""
+
+    def lookup_bags(self, ids: Tensor, offsets: Tensor, per_sample_weights: Tensor | None) -> Tensor:
+        """Reduce the vectors of checked bags; methods with a fused kernel override this."""
+        vectors = self.lookup(ids)
+        # embedding_bag over the looked-up vectors reduces exactly as nn.EmbeddingBag does
+        positions = torch.arange(ids.numel(), device=ids.device)
+        return F.embedding_bag(positions, vectors, offsets, mode=self.mode, per_sample_weights=per_sample_weights)
+
+    # --- shared behaviour --------------------------------------------------------------------
+
+    def forward(self, ids: Tensor, offsets: Tensor | None = None, per_sample_weights: Tensor | None = None) -> Tensor:
+        """Embed ``ids`` (any shape), or bags of them when ``offsets`` is given; see the class docstring."""
+        ids = self.check_ids(ids)
+        if offsets is None:
+            if per_sample_weights is not None:
+                raise ValueError("per_sample_weights needs offsets (it weighs ids inside bags)")
+            return self.lookup(ids.reshape(-1)).view(*ids.shape, self.embedding_dim)
+        offsets, per_sample_weights = self._check_bags(ids, offsets, per_sample_weights)
+        return self.lookup_bags(ids, offsets, per_sample_weights)
+
+    def check_ids(self, ids: Tensor) -> Tensor:
+        """Return ``ids`` as int64, or raise TypeError (not integers) / ValueError (out of range)."""
+        if not isinstance(ids, Tensor):
+            raise TypeError(f"{self._who()}: ids must be a torch.Tensor, got {type(ids).__name__}")
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise TypeError(f"{self._who()}: ids must be an integer tensor, got dtype {ids.dtype}")
+        ids = ids.long()
+        if not self.open_vocabulary and ids.numel() > 0:
+            low, high = torch.aminmax(ids)
+            if low < 0 or high >= self.num_embeddings:
+                bad = ids[(ids < 0) | (ids >= self.num_embeddings)].reshape(-1)[0].item()
+                raise ValueError(f"{self._who()}: id {bad} is outside [0, {self.num_embeddings})")
+        return ids
+
+    def _check_bags(
+        self, ids: Tensor, offsets: Tensor, per_sample_weights: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
+        if ids.dim() != 1:
+            raise ValueError(f"{self._who()}: with offsets, ids must be 1-D, got shape {tuple(ids.shape)}")
+        if not isinstance(offsets, Tensor) or offsets.dim() != 1:
+            raise ValueError(f"{self._who()}: offsets must be a 1-D tensor")
+        if offsets.is_floating_point() or offsets.is_complex() or offsets.dtype == torch.bool:
+            raise TypeError(f"{self._who()}: offsets must be an integer tensor, got dtype {offsets.dtype}")
+        offsets = offsets.long()
+        if offsets.numel() > 0:
+            if offsets[0] != 0:
+                raise ValueError(f"{self._who()}: offsets[0] must be 0, got {offsets[0].item()}")
+            if offsets.numel() > 1 and bool((offsets[1:] < offsets[:-1]).any()):
+                raise ValueError(f"{self._who()}: offsets must be non-decreasing")
+            if offsets[-1] > ids.numel():
+                raise ValueError(
+                    f"{self._who()}: offsets[-1] = {offsets[-1].item()} is beyond the {ids.numel()} ids"
+                )
+        if per_sample_weights is not None:
+            if self.mode != "sum":
+                raise ValueError(f"{self._who()}: per_sample_weights needs mode 'sum', not {self.mode!r}")
+            if not per_sample_weights.is_floating_point() or per_sample_weights.shape != ids.shape:
+                raise ValueError(
+                    f"{self._who()}: per_sample_weights must be floating point with the shape of ids "
+                    f"{tuple(ids.shape)}, got {per_sample_weights.dtype} {tuple(per_sample_weights.shape)}"
+                )
+        return offsets, per_sample_weights
+
+    def memory(self) -> MemoryReport:
+        """What the module stores: parameters as float bytes, buffers (hashes, pointers) as index bytes."""
+        float_bytes = sum(p.numel() * p.element_size() for p in self.parameters())
+        index_bytes = sum(b.numel() * b.element_size() for b in self.buffers())
+        return MemoryReport(float_bytes=float_bytes, index_bytes=index_bytes)
+
+    def _finish(self, budget: Budget, smallest_params: int, seed: int) -> None:
+        """Check the built sizes against the budget, then initialise from ``seed``. Call last in __init__."""
+        self.budget = budget
+        self.seed = int(seed)
+        check_budget(self.method_name, self.memory(), budget, smallest_params)
+        self.reset_parameters()
+
+    @property
+    def init_bound(self) -> float:
+        """Untrained output coordinates are about U(-b, b) with b = 1/sqrt(dim), whatever the method."""
+        return self.embedding_dim**-0.5
+
+    def _generator(self, stream: int = 0) -> torch.Generator:
+        # a CPU generator of the module's own: initialisation never touches the global RNG
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + stream)
+
+    def _who(self) -> str:
+        return f"{self.method_name} embedding {self.name!r}" if self.name else f"{self.method_name} embedding"
+
+    def extra_repr(self) -> str:
+        size = f"{self.num_embeddings}, {self.embedding_dim}"
+        report = self.memory()
+        params = f"stored={report.total:,} bytes"
+        if self.num_embeddings is not None:
+            params += f", compression={report.compression(self.num_embeddings, self.embedding_dim):.1f}x"
+        extras = [f"mode={self.mode!r}"] if self.mode != "sum" else []
+        extras += ["sparse=True"] if self.sparse else []
+        return ", ".join([size, params, *extras])
+
+
+@torch.no_grad()
+def init_uniform_(tensor: Tensor, bound: float, generator: torch.Generator) -> None:
+    """Fill ``tensor`` with U(-bound, bound) from ``generator`` (on CPU, so every device agrees)."""
+    if tensor.is_meta:
+        return
+    values = torch.rand(tensor.shape, generator=generator) * (2 * bound) - bound
+    tensor.copy_(values)

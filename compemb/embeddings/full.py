@@ -1,0 +1,67 @@
+"""The full table: one trainable row per id, the baseline every method is measured against."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from compemb.budget import FLOAT_BYTES, Budget, full_table_bytes, resolve_budget
+from compemb.embeddings.base import CompressedEmbedding, init_uniform_
+from compemb.registry import register
+
+
+@register("full")
+class FullEmbedding(CompressedEmbedding):
+    """The uncompressed ``num_embeddings x embedding_dim`` table (nn.EmbeddingBag with the common interface).
+
+    Its budget is its own size: give no budget, ``compression=1`` or ``num_params=n*d``.
+
+    Example::
+
+        >>> emb = FullEmbedding(1000, 16, sparse=True)
+        >>> emb(torch.tensor([[1, 2], [3, 4]])).shape
+        torch.Size([2, 2, 16])
+    """
+
+    compresses = False
+    formula = "n * d"
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        *,
+        compression: float | None = None,
+        num_params: int | None = None,
+        seed: int = 0,
+        mode: str = "sum",
+        sparse: bool = False,
+        name: str | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name)
+        if compression is None and num_params is None:
+            budget = Budget(full_table_bytes(num_embeddings, embedding_dim))
+        else:
+            budget = resolve_budget(num_embeddings, embedding_dim, compression=compression, num_params=num_params)
+        full_params = num_embeddings * embedding_dim
+        if abs(budget.num_bytes - full_params * FLOAT_BYTES) > 0.01 * budget.num_bytes:
+            # checked before allocating: a full table can be large
+            raise ValueError(
+                f"full stores exactly n*d = {full_params:,} params; it cannot meet a budget of "
+                f"{budget.num_params:,.0f} params: the smallest budget it can meet is {full_params:,} params"
+            )
+        self.weight = torch.nn.Parameter(torch.empty(num_embeddings, embedding_dim, device=device))
+        self._finish(budget, full_params, seed)
+
+    def reset_parameters(self) -> None:
+        init_uniform_(self.weight, self.init_bound, self._generator())
+
+    def lookup(self, ids: Tensor) -> Tensor:
+        return F.embedding(ids, self.weight, sparse=self.sparse)
+
+    def lookup_bags(self, ids: Tensor, offsets: Tensor, per_sample_weights: Tensor | None) -> Tensor:
+        return F.embedding_bag(
+            ids, self.weight, offsets, mode=self.mode, per_sample_weights=per_sample_weights, sparse=self.sparse
+        )

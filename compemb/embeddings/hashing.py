@@ -1,0 +1,202 @@
+"""Hash-family baselines: the hashing trick, compositional (CE) and Bloom embeddings.
+
+- ``hash``: "Feature Hashing for Large Scale Multitask Learning", Weinberger et al. 2009 (arXiv 0902.2206):
+  id -> one row of a shared table. No sign hash (the row is trained, so a sign adds nothing).
+- ``ce``: the compositional baseline of "Clustering the Sketch" (Tsang & Ahle 2023, arXiv 2210.05974), after
+  Shi et al. 2020 (arXiv 1909.02107): ``c`` columns of ``d/c`` dims, column j read from its own hashed table.
+- ``bloom``: "Getting Deep Recommenders Fit: Bloom Embeddings", Serra & Karatzoglou 2017 (arXiv 1706.03993):
+  the mean of ``c`` hashed rows of one table (the paper hashes the input/output layers; here the table).
+
+All three accept any int64 id (an open vocabulary) and hash all functions in one vectorised pass.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from compemb.budget import resolve_budget, rows_for, smallest_meetable
+from compemb.embeddings.base import CompressedEmbedding, init_uniform_
+from compemb.hashing import UniversalHash
+from compemb.registry import register
+
+HASH_BYTES = 16  # one function's (a, b) coefficients
+
+
+class _HashedTable(CompressedEmbedding):
+    """One table of ``rows x row_dim`` floats addressed by ``num_hashes`` seeded hash functions of the id."""
+
+    open_vocabulary = True
+
+    def __init__(
+        self,
+        num_embeddings: int | None,
+        embedding_dim: int,
+        *,
+        row_dim: int,
+        rows_per_budget_row: int,
+        num_hashes: int,
+        compression: float | None,
+        num_params: int | None,
+        seed: int,
+        mode: str,
+        sparse: bool,
+        name: str | None,
+        device: torch.device | str | None,
+    ) -> None:
+        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name)
+        budget = resolve_budget(num_embeddings, embedding_dim, compression=compression, num_params=num_params)
+        # `rows` rows of embedding_dim floats fit the budget; the table holds rows_per_budget_row x that many
+        self.rows = rows_for(budget, embedding_dim, reserved_bytes=num_hashes * HASH_BYTES)
+        self.hash = UniversalHash(self.rows, num_functions=num_hashes, seed=seed)
+        self.weight = torch.nn.Parameter(torch.empty(self.rows * rows_per_budget_row, row_dim, device=device))
+        self._finish(budget, smallest_meetable(embedding_dim, num_hashes * HASH_BYTES), seed)
+
+
+@register("hash")
+class HashingTrickEmbedding(_HashedTable):
+    """The hashing trick: id x reads row ``h(x)`` of a ``rows x d`` table.
+
+    Example::
+
+        >>> emb = HashingTrickEmbedding(None, 16, num_params=16_000, sparse=True)
+        >>> emb(torch.tensor([-3, 2**40])).shape
+        torch.Size([2, 16])
+    """
+
+    formula = "rows * d"
+
+    def __init__(
+        self,
+        num_embeddings: int | None,
+        embedding_dim: int,
+        *,
+        compression: float | None = None,
+        num_params: int | None = None,
+        seed: int = 0,
+        mode: str = "sum",
+        sparse: bool = False,
+        name: str | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__(
+            num_embeddings, embedding_dim, row_dim=embedding_dim, rows_per_budget_row=1, num_hashes=1,
+            compression=compression, num_params=num_params, seed=seed, mode=mode, sparse=sparse, name=name,
+            device=device,
+        )
+
+    def reset_parameters(self) -> None:
+        init_uniform_(self.weight, self.init_bound, self._generator())
+
+    def lookup(self, ids: Tensor) -> Tensor:
+        return F.embedding(self.hash(ids).squeeze(-1), self.weight, sparse=self.sparse)
+
+    def lookup_bags(self, ids: Tensor, offsets: Tensor, per_sample_weights: Tensor | None) -> Tensor:
+        return F.embedding_bag(
+            self.hash(ids).squeeze(-1), self.weight, offsets, mode=self.mode,
+            per_sample_weights=per_sample_weights, sparse=self.sparse,
+        )
+
+
+@register("ce")
+class CompositionalEmbedding(_HashedTable):
+    """Compositional embedding: ``c`` concatenated columns, column j = row ``h_j(x)`` of table j (``rows x d/c``).
+
+    Args:
+        columns: c, which must divide the embedding dim (default 4, as in the CCE paper).
+
+    Example::
+
+        >>> emb = CompositionalEmbedding(10_000, 16, compression=10, columns=4)
+        >>> emb.weight.shape  # 4 tables of 1,000 rows x 4 dims, stored as one
+        torch.Size([4000, 4])
+    """
+
+    formula = "c * rows * (d / c)"
+    column_offsets: Tensor
+
+    def __init__(
+        self,
+        num_embeddings: int | None,
+        embedding_dim: int,
+        *,
+        compression: float | None = None,
+        num_params: int | None = None,
+        columns: int = 4,
+        seed: int = 0,
+        mode: str = "sum",
+        sparse: bool = False,
+        name: str | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if columns < 1 or embedding_dim % columns:
+            raise ValueError(f"ce: columns={columns} must be >= 1 and divide embedding_dim={embedding_dim}")
+        self.columns = columns
+        super().__init__(
+            num_embeddings, embedding_dim, row_dim=embedding_dim // columns, rows_per_budget_row=columns,
+            num_hashes=columns, compression=compression, num_params=num_params, seed=seed, mode=mode,
+            sparse=sparse, name=name, device=device,
+        )
+
+    def reset_parameters(self) -> None:
+        init_uniform_(self.weight, self.init_bound, self._generator())
+
+    def lookup(self, ids: Tensor) -> Tensor:
+        # column j's table occupies rows [j * rows, (j + 1) * rows) of the stored weight
+        offsets = torch.arange(self.columns, device=ids.device) * self.rows
+        rows = self.hash(ids) + offsets
+        return F.embedding(rows, self.weight, sparse=self.sparse).reshape(ids.numel(), self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", columns={self.columns}"
+
+
+@register("bloom")
+class BloomEmbedding(_HashedTable):
+    """Bloom embedding: the mean of rows ``h_1(x) .. h_c(x)`` of one ``rows x d`` table.
+
+    Args:
+        num_hashes: c, how many rows each id averages (default 2).
+
+    Example::
+
+        >>> emb = BloomEmbedding(None, 8, num_params=8_000, num_hashes=3)
+        >>> emb(torch.tensor([5])).shape
+        torch.Size([1, 8])
+    """
+
+    formula = "rows * d"
+
+    def __init__(
+        self,
+        num_embeddings: int | None,
+        embedding_dim: int,
+        *,
+        compression: float | None = None,
+        num_params: int | None = None,
+        num_hashes: int = 2,
+        seed: int = 0,
+        mode: str = "sum",
+        sparse: bool = False,
+        name: str | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if num_hashes < 1:
+            raise ValueError(f"bloom: num_hashes must be >= 1, got {num_hashes}")
+        self.num_hashes = num_hashes
+        super().__init__(
+            num_embeddings, embedding_dim, row_dim=embedding_dim, rows_per_budget_row=1, num_hashes=num_hashes,
+            compression=compression, num_params=num_params, seed=seed, mode=mode, sparse=sparse, name=name,
+            device=device,
+        )
+
+    def reset_parameters(self) -> None:
+        # the mean of c rows shrinks the spread by sqrt(c); widen the rows to keep the output's
+        init_uniform_(self.weight, self.init_bound * self.num_hashes**0.5, self._generator())
+
+    def lookup(self, ids: Tensor) -> Tensor:
+        return F.embedding_bag(self.hash(ids), self.weight, mode="mean", sparse=self.sparse)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", num_hashes={self.num_hashes}"

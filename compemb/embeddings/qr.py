@@ -1,0 +1,123 @@
+"""The quotient-remainder trick.
+
+"Compositional Embeddings Using Complementary Partitions for Memory-Efficient Recommendation Systems",
+Shi et al., KDD 2020 (arXiv 1909.02107). Id x reads row ``x mod m`` of a remainder table (m rows) and row
+``x // m`` of a quotient table (ceil(n/m) rows); the two are combined by ``mult``, ``add`` or ``concat``.
+No two ids share both rows, so every id keeps a unique vector.
+
+Choices: the budget sets m (the remainder table is the large one, as in DLRM's QR code); ``concat`` gives each
+table half the dims (the quotient ``d // 2``); ``mult`` starts the quotient table at ones, so an untrained model
+reads the remainder rows as the hashing trick would.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from compemb.budget import FLOAT_BYTES, Budget, resolve_budget, smallest_meetable
+from compemb.embeddings.base import CompressedEmbedding, init_uniform_
+from compemb.registry import register
+
+OPERATIONS = ("mult", "add", "concat")
+
+
+def qr_sizes(num_embeddings: int, quotient_dim: int, remainder_dim: int, budget: Budget) -> tuple[int, int]:
+    """The remainder table size m whose total floats are closest to the budget, and the smallest budget (floats).
+
+    Total floats are ``m * remainder_dim + ceil(n / m) * quotient_dim``, smallest near ``sqrt(n * dq / dr)``
+    and growing beyond it; m is searched on that growing branch.
+    """
+    n = num_embeddings
+
+    def total(m: int) -> int:
+        return m * remainder_dim + math.ceil(n / m) * quotient_dim
+
+    balance = max(1, min(n, round(math.sqrt(n * quotient_dim / remainder_dim))))
+    near_balance = range(max(1, balance - 2), min(n, balance + 2) + 1)
+    smallest = min(total(m) for m in near_balance)
+    start = min(near_balance, key=total)
+    target = budget.num_bytes / FLOAT_BYTES
+    low, high = start, n
+    while low < high:  # first m on the growing branch whose total reaches the target
+        middle = (low + high) // 2
+        if total(middle) < target:
+            low = middle + 1
+        else:
+            high = middle
+    candidates = [m for m in (low - 1, low, low + 1) if start <= m <= n]
+    # one more remainder row moves the total by about remainder_dim floats
+    return min(candidates, key=lambda m: abs(total(m) - target)), smallest_meetable(remainder_dim, 0, smallest)
+
+
+@register("qr")
+class QREmbedding(CompressedEmbedding):
+    """Quotient-remainder embedding of a closed vocabulary.
+
+    Args:
+        operation: ``"mult"`` (elementwise product, default), ``"add"`` or ``"concat"``.
+
+    Example::
+
+        >>> emb = QREmbedding(10_000, 16, compression=10, operation="mult")
+        >>> emb.remainder.shape, emb.quotient.shape
+        (torch.Size([990, 16]), torch.Size([11, 16]))
+    """
+
+    formula = "m * d + ceil(n / m) * d  (concat: d/2 each)"
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        *,
+        compression: float | None = None,
+        num_params: int | None = None,
+        operation: str = "mult",
+        seed: int = 0,
+        mode: str = "sum",
+        sparse: bool = False,
+        name: str | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name)
+        if operation not in OPERATIONS:
+            raise ValueError(f"qr: operation must be one of {OPERATIONS}, got {operation!r}")
+        if operation == "concat" and embedding_dim < 2:
+            raise ValueError("qr: operation 'concat' needs embedding_dim >= 2")
+        self.operation = operation
+        budget = resolve_budget(num_embeddings, embedding_dim, compression=compression, num_params=num_params)
+        quotient_dim = embedding_dim // 2 if operation == "concat" else embedding_dim
+        remainder_dim = embedding_dim - quotient_dim if operation == "concat" else embedding_dim
+        self.modulus, smallest = qr_sizes(num_embeddings, quotient_dim, remainder_dim, budget)
+        quotient_rows = math.ceil(num_embeddings / self.modulus)
+        self.remainder = torch.nn.Parameter(torch.empty(self.modulus, remainder_dim, device=device))
+        self.quotient = torch.nn.Parameter(torch.empty(quotient_rows, quotient_dim, device=device))
+        self._finish(budget, smallest, seed)
+
+    def reset_parameters(self) -> None:
+        bound = self.init_bound
+        if self.operation == "mult":
+            init_uniform_(self.remainder, bound, self._generator(0))
+            with torch.no_grad():
+                self.quotient.fill_(1.0)
+        else:
+            # add: the sum of two rows spreads sqrt(2) wider than one
+            bound = bound / math.sqrt(2) if self.operation == "add" else bound
+            init_uniform_(self.remainder, bound, self._generator(0))
+            init_uniform_(self.quotient, bound, self._generator(1))
+
+    def lookup(self, ids: Tensor) -> Tensor:
+        remainder = F.embedding(ids % self.modulus, self.remainder, sparse=self.sparse)
+        quotient = F.embedding(ids // self.modulus, self.quotient, sparse=self.sparse)
+        if self.operation == "mult":
+            return remainder * quotient
+        if self.operation == "add":
+            return remainder + quotient
+        return torch.cat([quotient, remainder], dim=-1)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", m={self.modulus}, operation={self.operation!r}"

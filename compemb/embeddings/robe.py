@@ -1,0 +1,162 @@
+"""Flat-array methods: every float of every vector is read from one shared 1-D array of the budget's size.
+
+- ``robe``: ROBE-Z, "Random Offset Block Embedding (ROBE) for compressed embedding tables in deep learning
+  recommendation systems", Desai, Chou & Shrivastava, MLSys 2022 (arXiv 2108.02191). The vector is c chunks
+  of Z = d/c values; chunk j of id x reads Z contiguous values of a circular array from a hashed offset
+  ``h(x, j)``, times a hashed sign ``g(x, j)``.
+- ``hashednets``: "Compressing Neural Networks with the Hashing Trick", Chen et al., ICML 2015 (arXiv 1504.04788),
+  applied to the embedding table: coordinate j of id x is ``g(x, j) * w[h(x, j)]``.
+
+The array is stored as an ``(size, 1)`` parameter so that lookups are ordinary (sparse-capable) embedding reads.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from compemb.budget import FLOAT_BYTES, resolve_budget, smallest_meetable
+from compemb.embeddings.base import CompressedEmbedding, init_uniform_
+from compemb.embeddings.hashing import HASH_BYTES
+from compemb.hashing import UniversalHash, hash_signs
+from compemb.registry import register
+
+
+class _FlatArray(CompressedEmbedding):
+    """One flat array filling the budget, read at ``num_hashes`` hashed places per id, with optional signs."""
+
+    open_vocabulary = True
+    sign_coefficients: Tensor
+
+    def __init__(
+        self,
+        num_embeddings: int | None,
+        embedding_dim: int,
+        *,
+        num_hashes: int,
+        min_size: int,
+        signed: bool,
+        compression: float | None,
+        num_params: int | None,
+        seed: int,
+        mode: str,
+        sparse: bool,
+        name: str | None,
+        device: torch.device | str | None,
+    ) -> None:
+        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name)
+        budget = resolve_budget(num_embeddings, embedding_dim, compression=compression, num_params=num_params)
+        hash_bytes = num_hashes * HASH_BYTES * (2 if signed else 1)
+        self.size = max(min_size, round((budget.num_bytes - hash_bytes) / FLOAT_BYTES))
+        self.signed = signed
+        self.hash = UniversalHash(self.size, num_functions=num_hashes, seed=seed, stream=0)
+        signs = UniversalHash(2, num_functions=num_hashes, seed=seed, stream=1).coefficients
+        self.register_buffer("sign_coefficients", signs if signed else signs[:0])
+        self.weight = torch.nn.Parameter(torch.empty(self.size, 1, device=device))
+        self._finish(budget, smallest_meetable(1, hash_bytes, min_size), seed)
+
+    def reset_parameters(self) -> None:
+        init_uniform_(self.weight, self.init_bound, self._generator())
+
+    def _signs(self, ids: Tensor) -> Tensor:
+        return hash_signs(ids, self.sign_coefficients, self.weight.dtype)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", size={self.size}" + ("" if self.signed else ", signed=False")
+
+
+@register("robe")
+class ROBEEmbedding(_FlatArray):
+    """ROBE-Z: c chunks of Z = d/c contiguous values from hashed offsets into one circular array.
+
+    Args:
+        chunks: c, which must divide the embedding dim (default 2, so Z = d/2).
+        signed: multiply each chunk by a hashed sign (default True, as the paper).
+
+    Example::
+
+        >>> emb = ROBEEmbedding(None, 16, num_params=10_000, chunks=2)
+        >>> emb(torch.tensor([1, 2, 3])).shape
+        torch.Size([3, 16])
+    """
+
+    formula = "size"
+
+    def __init__(
+        self,
+        num_embeddings: int | None,
+        embedding_dim: int,
+        *,
+        compression: float | None = None,
+        num_params: int | None = None,
+        chunks: int = 2,
+        signed: bool = True,
+        seed: int = 0,
+        mode: str = "sum",
+        sparse: bool = False,
+        name: str | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if chunks < 1 or embedding_dim % chunks:
+            raise ValueError(f"robe: chunks={chunks} must be >= 1 and divide embedding_dim={embedding_dim}")
+        self.chunks = chunks
+        self.chunk_size = embedding_dim // chunks
+        super().__init__(
+            num_embeddings, embedding_dim, num_hashes=chunks, min_size=self.chunk_size, signed=signed,
+            compression=compression, num_params=num_params, seed=seed, mode=mode, sparse=sparse, name=name,
+            device=device,
+        )
+
+    def lookup(self, ids: Tensor) -> Tensor:
+        starts = self.hash(ids)  # (N, c) in [0, size)
+        places = starts.unsqueeze(-1) + torch.arange(self.chunk_size, device=ids.device)
+        places = torch.where(places >= self.size, places - self.size, places)  # circular: wrap past the end
+        values = F.embedding(places, self.weight, sparse=self.sparse).squeeze(-1)  # (N, c, Z)
+        if self.signed:
+            values = values * self._signs(ids).unsqueeze(-1)
+        return values.reshape(ids.numel(), self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", chunks={self.chunks}"
+
+
+@register("hashednets")
+class HashedNetsEmbedding(_FlatArray):
+    """HashedNets: each coordinate (x, j) reads ``sign(x, j) * w[h(x, j)]`` from one flat array.
+
+    Args:
+        signed: multiply by the hashed sign (default True, as the paper).
+
+    Example::
+
+        >>> emb = HashedNetsEmbedding(1000, 8, compression=10)
+        >>> emb.weight.shape
+        torch.Size([736, 1])
+    """
+
+    formula = "size"
+
+    def __init__(
+        self,
+        num_embeddings: int | None,
+        embedding_dim: int,
+        *,
+        compression: float | None = None,
+        num_params: int | None = None,
+        signed: bool = True,
+        seed: int = 0,
+        mode: str = "sum",
+        sparse: bool = False,
+        name: str | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__(
+            num_embeddings, embedding_dim, num_hashes=embedding_dim, min_size=1, signed=signed,
+            compression=compression, num_params=num_params, seed=seed, mode=mode, sparse=sparse, name=name,
+            device=device,
+        )
+
+    def lookup(self, ids: Tensor) -> Tensor:
+        values = F.embedding(self.hash(ids), self.weight, sparse=self.sparse).squeeze(-1)  # (N, d)
+        return values * self._signs(ids) if self.signed else values

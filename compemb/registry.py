@@ -1,0 +1,59 @@
+"""The method registry: ``@register("name")`` on each class, ``make_embedding`` to build any of them."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Callable, TypeVar
+
+from compemb.embeddings.base import CompressedEmbedding
+
+METHODS: dict[str, type[CompressedEmbedding]] = {}
+
+_Method = TypeVar("_Method", bound=type[CompressedEmbedding])
+
+
+def register(name: str) -> Callable[[_Method], _Method]:
+    """Class decorator: make a CompressedEmbedding subclass buildable as ``make_embedding(name, ...)``."""
+
+    def add(cls: _Method) -> _Method:
+        if name in METHODS:
+            raise ValueError(f"method {name!r} is already registered by {METHODS[name].__qualname__}")
+        if not issubclass(cls, CompressedEmbedding):
+            raise TypeError(f"{cls.__qualname__} must subclass CompressedEmbedding to be registered")
+        cls.method_name = name
+        METHODS[name] = cls
+        return cls
+
+    return add
+
+
+def get_method(name: str) -> type[CompressedEmbedding]:
+    """The class registered as ``name``; an unknown name raises ValueError with the closest names."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, METHODS, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(f"unknown method {name!r}; {hint}available: {', '.join(METHODS)}") from None
+
+
+def make_embedding(
+    method: str,
+    num_embeddings: int | None,
+    embedding_dim: int,
+    *,
+    compression: float | None = None,
+    num_params: int | None = None,
+    seed: int = 0,
+    **options: Any,
+) -> CompressedEmbedding:
+    """Build the registered ``method`` for a ``num_embeddings x embedding_dim`` table within a budget.
+
+    Example::
+
+        >>> emb = make_embedding("hash", 1_000_000, 16, compression=100, seed=0)
+        >>> emb.memory().total  # bytes, within 1% of 1_000_000 * 16 * 4 / 100
+        640016
+    """
+    cls = get_method(method)
+    return cls(num_embeddings, embedding_dim, compression=compression, num_params=num_params, seed=seed, **options)

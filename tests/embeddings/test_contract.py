@@ -1,0 +1,229 @@
+"""The contract every registered method keeps; a newly registered method is tested here at once."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from compemb import METHODS, BudgetError, make_embedding
+
+from .conftest import ALL_METHODS, build, reference_bags
+
+COMPRESSED = [name for name in ALL_METHODS if METHODS[name].compresses]
+CLOSED = [name for name in ALL_METHODS if not METHODS[name].open_vocabulary]
+OPEN = [name for name in ALL_METHODS if METHODS[name].open_vocabulary]
+
+
+@pytest.mark.parametrize("name", ALL_METHODS)
+def test_shapes_like_embedding_and_embedding_bag(name):
+    module = build(name)
+    ids = torch.randint(0, 1000, (6, 5))
+    assert module(ids[0]).shape == (5, 8)
+    assert module(ids).shape == (6, 5, 8)
+    assert module(torch.tensor(3)).shape == (8,)
+    assert module(torch.zeros(0, dtype=torch.long)).shape == (0, 8)
+    assert module(ids.reshape(-1), torch.tensor([0, 4, 4, 20])).shape == (4, 8)
+    assert module(ids.int()).dtype == torch.float32  # int32 ids are accepted
+
+
+@pytest.mark.parametrize("name", ALL_METHODS)
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+def test_bags_equal_reduced_members_and_empty_bags_are_zero(name, mode):
+    module = build(name, mode=mode)
+    ids = torch.randint(0, 1000, (12,))
+    offsets = torch.tensor([0, 0, 3, 3, 7, 12])  # bags 0, 2 and the last are empty
+    out = module(ids, offsets)
+    torch.testing.assert_close(out.double(), reference_bags(module, ids, offsets, mode=mode), rtol=1e-5, atol=1e-6)
+    assert bool((out[[0, 2, 5]] == 0).all())
+
+
+@pytest.mark.parametrize("name", ALL_METHODS)
+def test_per_sample_weights_scale_members(name):
+    module = build(name)
+    ids = torch.randint(0, 1000, (9,))
+    offsets = torch.tensor([0, 2, 2, 6])
+    weights = torch.rand(9)
+    expected = reference_bags(module, ids, offsets, weights)
+    torch.testing.assert_close(module(ids, offsets, weights).double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ALL_METHODS)
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_random_bags_match_reference(name, data):
+    module = build(name, mode=data.draw(st.sampled_from(["sum", "mean"])))
+    ids = torch.tensor(data.draw(st.lists(st.integers(0, 999), max_size=20)), dtype=torch.long)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(ids)), max_size=6)))
+    offsets = torch.tensor([0, *cuts], dtype=torch.long)
+    expected = reference_bags(module, ids, offsets, mode=module.mode)
+    torch.testing.assert_close(module(ids, offsets).double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def _gradcheck(module, *inputs):
+    module = module.double()
+    names = [name for name, _ in module.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_() for _, p in module.named_parameters())
+
+    def outputs(*tensors):
+        return torch.func.functional_call(module, dict(zip(names, tensors)), inputs)
+
+    # finite differences: every parameter the ids use gets its true gradient, every other one exactly zero
+    assert torch.autograd.gradcheck(outputs, params, eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ALL_METHODS)
+def test_gradients_match_finite_differences(name):
+    module = build(name, num_embeddings=100, embedding_dim=4, compression=1.25)
+    _gradcheck(module, torch.tensor([0, 3, 3, 99, 17]))
+
+
+@pytest.mark.parametrize("name", ALL_METHODS)
+def test_bag_gradients_match_finite_differences(name):
+    module = build(name, num_embeddings=100, embedding_dim=4, compression=1.25)
+    ids = torch.tensor([1, 2, 2, 98, 5, 9])
+    _gradcheck(module, ids, torch.tensor([0, 2, 2, 5]), torch.rand(6, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", ALL_METHODS)
+def test_untouched_parameters_get_no_gradient(name):
+    module = build(name, num_embeddings=10_000, embedding_dim=8, compression=10)
+    module(torch.tensor([5, 77])).square().sum().backward()
+    for param in module.parameters():
+        touched = int((param.grad != 0).sum())
+        assert 0 < touched < param.numel() or param.numel() <= 16, (param.shape, touched)
+
+
+@pytest.mark.parametrize("name", ALL_METHODS)
+def test_sparse_gradients_equal_dense_ones(name):
+    ids, offsets = torch.randint(0, 1000, (40,)), torch.tensor([0, 10, 25])
+    grads = []
+    for sparse in (False, True):
+        module = build(name, sparse=sparse, seed=4)
+        projection = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+        (module(ids, offsets) * projection).sum().backward()
+        grads.append([p.grad.to_dense() for p in module.parameters()])
+    for dense, sparse in zip(*grads):
+        torch.testing.assert_close(dense, sparse)
+
+
+@pytest.mark.parametrize("name", COMPRESSED)
+@pytest.mark.parametrize("num_embeddings, dim, compression", [(100_000, 16, 2), (100_000, 16, 10), (1_000_000, 16, 100), (50_000, 32, 50)])
+def test_memory_within_one_percent_of_budget(name, num_embeddings, dim, compression):
+    module = build(name, num_embeddings=num_embeddings, embedding_dim=dim, compression=compression, device="meta")
+    budget = num_embeddings * dim * 4 / compression
+    assert abs(module.memory().total - budget) <= 0.01 * budget
+    by_params = make_embedding(name, num_embeddings, dim, num_params=round(budget / 4), device="meta")
+    assert abs(by_params.memory().total - budget) <= 0.01 * budget
+
+
+@pytest.mark.parametrize("name", COMPRESSED)
+def test_memory_counts_every_parameter_and_buffer(name):
+    module = build(name, num_embeddings=10_000, compression=10)
+    stored = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+    assert module.memory().total == stored
+
+
+@pytest.mark.parametrize("name", ALL_METHODS)
+def test_impossible_budget_names_the_smallest(name):
+    with pytest.raises(ValueError, match="smallest budget it can meet is [0-9,]+ params") as error:
+        make_embedding(name, 10_000, 16, num_params=3)
+    if name != "full":
+        assert isinstance(error.value, BudgetError)
+
+
+def test_full_refuses_to_compress():
+    with pytest.raises(ValueError, match="smallest budget it can meet is 160,000 params"):
+        make_embedding("full", 10_000, 16, compression=10)
+
+
+@pytest.mark.parametrize("name", ALL_METHODS)
+def test_float_ids_raise_type_error(name):
+    with pytest.raises(TypeError, match="integer"):
+        build(name)(torch.tensor([1.0, 2.0]))
+
+
+@pytest.mark.parametrize("name", CLOSED)
+@pytest.mark.parametrize("bad", [-1, 1000, 10**12])
+def test_closed_vocabulary_rejects_ids_out_of_range(name, bad):
+    module = build(name, name="C7")
+    with pytest.raises(ValueError, match=rf"'C7': id {bad} is outside \[0, 1000\)"):
+        module(torch.tensor([3, bad, 4]))
+
+
+@pytest.mark.parametrize("name", CLOSED)
+def test_closed_vocabulary_needs_num_embeddings(name):
+    with pytest.raises(ValueError, match="closed vocabulary"):
+        make_embedding(name, None, 8, num_params=1000)
+
+
+@pytest.mark.parametrize("name", OPEN)
+def test_open_vocabulary_accepts_any_int64(name):
+    module = make_embedding(name, None, 8, num_params=2000)
+    ids = torch.tensor([-(2**63), -1, 0, 2**40, 2**63 - 1])
+    out = module(ids)
+    assert out.shape == (5, 8) and bool(torch.isfinite(out).all())
+    assert not torch.equal(out[1], out[2])
+
+
+@pytest.mark.parametrize(
+    "offsets, weights, match",
+    [
+        (torch.tensor([1, 3]), None, r"offsets\[0\] must be 0"),
+        (torch.tensor([0, 4, 2]), None, "non-decreasing"),
+        (torch.tensor([0, 9]), None, "beyond the 6 ids"),
+        (torch.tensor([0.0, 2.0]), None, "integer"),
+        (torch.tensor([0, 2]), torch.rand(5), "per_sample_weights"),
+    ],
+)
+def test_bad_bags_are_named(offsets, weights, match):
+    module = build("hash")
+    with pytest.raises((ValueError, TypeError), match=match):
+        module(torch.arange(6), offsets, weights)
+
+
+def test_bags_need_one_dimensional_ids_and_sum_mode_for_weights():
+    with pytest.raises(ValueError, match="1-D"):
+        build("hash")(torch.zeros(2, 3, dtype=torch.long), torch.tensor([0]))
+    with pytest.raises(ValueError, match="mode 'sum'"):
+        build("hash", mode="mean")(torch.arange(3), torch.tensor([0]), torch.rand(3))
+    with pytest.raises(ValueError, match="needs offsets"):
+        build("hash")(torch.arange(3), per_sample_weights=torch.rand(3))
+
+
+@pytest.mark.parametrize("name", ALL_METHODS)
+def test_state_dict_round_trip_reproduces_outputs(name):
+    source, target = build(name, seed=1), build(name, seed=2)
+    ids = torch.arange(0, 1000, 7)
+    assert not torch.equal(source(ids), target(ids))
+    target.load_state_dict(source.state_dict())
+    assert torch.equal(source(ids), target(ids))
+
+
+@pytest.mark.parametrize("name", ALL_METHODS)
+def test_reset_parameters_restores_the_seeded_tables(name):
+    module = build(name, seed=5)
+    ids = torch.arange(50)
+    before = module(ids).detach().clone()
+    with torch.no_grad():
+        for param in module.parameters():
+            param.add_(1.0)
+    module.reset_parameters()
+    assert torch.equal(module(ids), before)
+
+
+def _outputs_by_method():
+    ids = torch.tensor([0, 1, 2, 500, 999])
+    return {name: build(name, seed=3)(ids).tolist() for name in ALL_METHODS}
+
+
+def test_same_seed_gives_same_outputs_in_a_fresh_process():
+    code = (
+        "import json, sys; sys.path.insert(0, 'tests'); from embeddings.test_contract import _outputs_by_method;"
+        "print(json.dumps(_outputs_by_method()))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(result.stdout) == _outputs_by_method()
