@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
+from compemb.budget import MemoryReport
 from compemb.embeddings.base import CompressedEmbedding
 
 METHODS: dict[str, type[CompressedEmbedding]] = {}
@@ -57,3 +59,34 @@ def make_embedding(
     """
     cls = get_method(method)
     return cls(num_embeddings, embedding_dim, compression=compression, num_params=num_params, seed=seed, **options)
+
+
+@dataclass(frozen=True)
+class MethodSummary:
+    """One row of ``compemb methods``: a method's formula and what it stores for one table and budget."""
+
+    name: str
+    title: str
+    formula: str
+    num_params: int
+    memory: MemoryReport
+    compression: float
+
+
+def summarize_methods(num_embeddings: int, embedding_dim: int, compression: float) -> list[MethodSummary]:
+    """Every registered method built (on the meta device: nothing allocated) for one table and budget.
+
+    The full table is shown at its own size (compression 1).
+    """
+    rows = []
+    for name, cls in METHODS.items():
+        ratio = compression if cls.compresses else 1
+        module = cls(num_embeddings, embedding_dim, compression=ratio, device="meta")
+        report = module.memory()
+        num_params = sum(p.numel() for p in module.parameters())
+        rows.append(
+            MethodSummary(
+                name, cls.title, cls.formula, num_params, report, report.compression(num_embeddings, embedding_dim)
+            )
+        )
+    return rows

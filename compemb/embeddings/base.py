@@ -43,6 +43,7 @@ class CompressedEmbedding(torch.nn.Module, ABC):
     method_name: ClassVar[str] = ""
     open_vocabulary: ClassVar[bool] = False  # True: any int64 id is hashed, no range check
     compresses: ClassVar[bool] = True  # False only for the full table
+    title: ClassVar[str] = ""  # a few words, for `compemb methods`
     formula: ClassVar[str] = ""  # the parameter count as a formula, for `compemb methods`
 
     def __init__(

@@ -25,6 +25,7 @@ class FullEmbedding(CompressedEmbedding):
     """
 
     compresses = False
+    title = "full table (baseline)"
     formula = "n * d"
 
     def __init__(

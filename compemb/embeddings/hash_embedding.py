@@ -41,6 +41,7 @@ class HashEmbeddings(CompressedEmbedding):
     """
 
     open_vocabulary = True
+    title = "Hash Embeddings"
     formula = "B * d + K * k"
 
     def __init__(

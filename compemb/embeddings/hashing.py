@@ -65,6 +65,7 @@ class HashingTrickEmbedding(_HashedTable):
         torch.Size([2, 16])
     """
 
+    title = "hashing trick"
     formula = "rows * d"
 
     def __init__(
@@ -113,6 +114,7 @@ class CompositionalEmbedding(_HashedTable):
         torch.Size([4000, 4])
     """
 
+    title = "compositional, c hashed columns"
     formula = "c * rows * (d / c)"
     column_offsets: Tensor
 
@@ -166,6 +168,7 @@ class BloomEmbedding(_HashedTable):
         torch.Size([1, 8])
     """
 
+    title = "Bloom: mean of c hashed rows"
     formula = "rows * d"
 
     def __init__(

@@ -67,6 +67,7 @@ class QREmbedding(CompressedEmbedding):
         (torch.Size([990, 16]), torch.Size([11, 16]))
     """
 
+    title = "quotient-remainder"
     formula = "m * d + ceil(n / m) * d  (concat: d/2 each)"
 
     def __init__(

@@ -81,6 +81,7 @@ class ROBEEmbedding(_FlatArray):
         torch.Size([3, 16])
     """
 
+    title = "ROBE-Z: circular array"
     formula = "size"
 
     def __init__(
@@ -135,6 +136,7 @@ class HashedNetsEmbedding(_FlatArray):
         torch.Size([736, 1])
     """
 
+    title = "HashedNets: hashed coordinates"
     formula = "size"
 
     def __init__(

@@ -1,0 +1,148 @@
+"""Lookup speed: forward+backward of each method as a ratio to the sparse full table, measured in one run.
+
+The batch is Criteo-shaped: 2,048 samples x 26 features, one id per feature (DLRM's offsets form), each
+feature its own table of 1M ids, dim 16, every compressed method at compression 100. The baseline is DLRM's:
+one ``nn.EmbeddingBag(sparse=True)`` per feature. Configurations are timed in interleaved rounds and each
+round's time is divided by the baseline's time of the same round, so machine noise cancels; the median
+ratio over rounds is reported.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+from compemb.io import atomic_write_text
+from compemb.registry import METHODS, make_embedding
+
+TARGETS = {"hash": 1.2}  # the hashing trick's target; every other method's is DEFAULT_TARGET
+DEFAULT_TARGET = 1.5
+
+
+@dataclass
+class LookupRow:
+    """One configuration's median time per step and median ratio to the baseline."""
+
+    method: str
+    gradients: str
+    milliseconds: float
+    ratio: float
+    target: float | None
+
+
+@dataclass
+class LookupResult:
+    """All rows of one benchmark run, with the settings and machine that produced them."""
+
+    rows: list[LookupRow]
+    baseline_milliseconds: float
+    settings: dict = field(default_factory=dict)
+
+    def table(self) -> str:
+        """A markdown table of the rows."""
+        s = self.settings
+        lines = [
+            f"Forward+backward per step, {s['batch_size']:,} samples x {s['num_features']} features of "
+            f"{s['num_embeddings']:,} ids, dim {s['embedding_dim']}, compression {s['compression']:g}; "
+            f"median of {s['rounds']} interleaved rounds of {s['steps']} steps; torch {s['torch']}, "
+            f"{s['threads']} threads, {s['date']}.",
+            "",
+            f"Baseline (nn.EmbeddingBag, sparse=True, one per feature): {self.baseline_milliseconds:.2f} ms/step",
+            "",
+            "| method | gradients | ms/step | ratio to baseline | target | met |",
+            "|---|---|---:|---:|---:|---|",
+        ]
+        for row in self.rows:
+            target = f"<= {row.target:g}x" if row.target else "-"
+            met = "-" if row.target is None else ("yes" if row.ratio <= row.target else "NO")
+            lines.append(
+                f"| {row.method} | {row.gradients} | {row.milliseconds:.2f} | {row.ratio:.2f}x | {target} | {met} |"
+            )
+        return "\n".join(lines)
+
+
+def _time_steps(step: Callable[[], None], steps: int) -> float:
+    step()  # warm-up: first-call allocations stay out of the timing
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - start) / steps
+
+
+def run_lookup_benchmark(
+    methods: list[str] | None = None,
+    rounds: int = 7,
+    steps: int = 20,
+    num_features: int = 26,
+    num_embeddings: int = 1_000_000,
+    embedding_dim: int = 16,
+    batch_size: int = 2048,
+    compression: float = 100,
+    seed: int = 0,
+) -> LookupResult:
+    """Time every method (sparse and dense gradients) against per-feature sparse nn.EmbeddingBag tables."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, num_embeddings, (num_features, batch_size), generator=generator)
+    offsets = torch.arange(batch_size)
+
+    def make_step(tables: list[torch.nn.Module]) -> Callable[[], None]:
+        def step() -> None:
+            outputs = torch.stack([table(ids[f], offsets) for f, table in enumerate(tables)], dim=1)
+            outputs.sum().backward()
+            for table in tables:
+                for param in table.parameters():
+                    param.grad = None
+
+        return step
+
+    baseline = [torch.nn.EmbeddingBag(num_embeddings, embedding_dim, mode="sum", sparse=True) for _ in range(num_features)]
+    configs: dict[tuple[str, str], Callable[[], None]] = {("baseline", "sparse"): make_step(baseline)}
+    for name in methods or list(METHODS):
+        ratio = compression if METHODS[name].compresses else 1
+        for gradients in ("sparse", "dense"):
+            tables = [
+                make_embedding(name, num_embeddings, embedding_dim, compression=ratio, seed=seed + f,
+                               sparse=gradients == "sparse")
+                for f in range(num_features)
+            ]
+            configs[(name, gradients)] = make_step(tables)
+
+    seconds: dict[tuple[str, str], list[float]] = {key: [] for key in configs}
+    ratios: dict[tuple[str, str], list[float]] = {key: [] for key in configs}
+    for _ in range(rounds):
+        for key, step in configs.items():
+            seconds[key].append(_time_steps(step, steps))
+        for key in configs:
+            ratios[key].append(seconds[key][-1] / seconds[("baseline", "sparse")][-1])
+
+    rows = [
+        LookupRow(
+            method, gradients, statistics.median(seconds[(method, gradients)]) * 1e3,
+            statistics.median(ratios[(method, gradients)]),
+            TARGETS.get(method, DEFAULT_TARGET) if gradients == "sparse" and METHODS[method].compresses else None,
+        )
+        for method, gradients in configs
+        if method != "baseline"
+    ]
+    settings = dict(
+        rounds=rounds, steps=steps, num_features=num_features, num_embeddings=num_embeddings,
+        embedding_dim=embedding_dim, batch_size=batch_size, compression=compression, seed=seed,
+        torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.machine(),
+        date=datetime.date.today().isoformat(),
+    )
+    return LookupResult(rows, statistics.median(seconds[("baseline", "sparse")]) * 1e3, settings)
+
+
+def write_results(result: LookupResult, stem: str) -> None:
+    """Write ``stem.md`` (the table) and ``stem.json`` (every figure), each atomically."""
+    atomic_write_text(f"{stem}.md", result.table() + "\n")
+    payload = {"baseline_milliseconds": result.baseline_milliseconds, "settings": result.settings,
+               "rows": [asdict(row) for row in result.rows]}
+    atomic_write_text(f"{stem}.json", json.dumps(payload, indent=2) + "\n")
