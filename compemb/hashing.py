@@ -58,7 +58,8 @@ def _check_buckets(num_buckets: int) -> None:
 
 def _mix(ids: Tensor, coefficients: Tensor) -> Tensor:
     # a * x + b for every function at once; int64 arithmetic wraps modulo 2^64
-    return ids.unsqueeze(-1) * coefficients[:, 0] + coefficients[:, 1]
+    mixed = ids.unsqueeze(-1) * coefficients[:, 0]
+    return mixed.add_(coefficients[:, 1])
 
 
 def hash_ids(ids: Tensor, coefficients: Tensor, num_buckets: int) -> Tensor:
@@ -73,13 +74,13 @@ def hash_ids(ids: Tensor, coefficients: Tensor, num_buckets: int) -> Tensor:
         ``(...)`` -> ``(..., F)``; all F functions are computed in one vectorised pass.
     """
     _check_buckets(num_buckets)
-    high = hash_high32(ids, coefficients)
-    return (high * num_buckets) >> 32
+    # in place on the fresh intermediate: one allocation for the whole chain
+    return hash_high32(ids, coefficients).mul_(num_buckets).bitwise_right_shift_(32)
 
 
 def hash_high32(ids: Tensor, coefficients: Tensor) -> Tensor:
     """The top 32 bits of ``a * x + b`` as non-negative int64 in ``[0, 2^32)``; shape ``(..., F)``."""
-    return (_mix(ids, coefficients) >> 32) & _MASK32
+    return _mix(ids, coefficients).bitwise_right_shift_(32).bitwise_and_(_MASK32)
 
 
 def hash_signs(ids: Tensor, coefficients: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -87,7 +88,8 @@ def hash_signs(ids: Tensor, coefficients: Tensor, dtype: torch.dtype = torch.flo
 
     Use coefficients of their own stream: the signs must be independent of the buckets.
     """
-    return torch.where(_mix(ids, coefficients) < 0, -1.0, 1.0).to(dtype)
+    # the arithmetic shift leaves 0 or -1; or-ing 1 turns them into +1 or -1
+    return _mix(ids, coefficients).bitwise_right_shift_(63).bitwise_or_(1).to(dtype)
 
 
 def reference_hash(key: int, a: int, b: int, num_buckets: int) -> int:

@@ -2,9 +2,9 @@
 
 The batch is Criteo-shaped: 2,048 samples x 26 features, one id per feature (DLRM's offsets form), each
 feature its own table of 1M ids, dim 16, every compressed method at compression 100. The baseline is DLRM's:
-one ``nn.EmbeddingBag(sparse=True)`` per feature. Configurations are timed in interleaved rounds and each
-round's time is divided by the baseline's time of the same round, so machine noise cancels; the median
-ratio over rounds is reported.
+one ``nn.EmbeddingBag(sparse=True)`` per feature. Each configuration's steps alternate with the baseline's
+(ABBA...), and its time is divided by the baseline's time over the same stretch, so machine noise cancels;
+the median ratio over rounds is reported.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from compemb.registry import METHODS, make_embedding
 
 TARGETS = {"hash": 1.2}  # the hashing trick's target; every other method's is DEFAULT_TARGET
 DEFAULT_TARGET = 1.5
+CONTROL = "nn.EmbeddingBag (control)"
 
 
 @dataclass
@@ -68,12 +69,17 @@ class LookupResult:
         return "\n".join(lines)
 
 
-def _time_steps(step: Callable[[], None], steps: int) -> float:
-    step()  # warm-up: first-call allocations stay out of the timing
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - start) / steps
+def _time_pairs(baseline: Callable[[], None], step: Callable[[], None], steps: int) -> tuple[float, float]:
+    """Seconds per step of ``baseline`` and ``step``, run alternately so that both see the same machine."""
+    baseline(), step()  # warm-up: first-call allocations stay out of the timing
+    spent = [0.0, 0.0]
+    for index in range(steps):
+        order = ((0, baseline), (1, step)) if index % 2 == 0 else ((1, step), (0, baseline))  # ABBA: no order bias
+        for which, run in order:
+            start = time.perf_counter()
+            run()
+            spent[which] += time.perf_counter() - start
+    return spent[0] / steps, spent[1] / steps
 
 
 def run_lookup_benchmark(
@@ -92,10 +98,13 @@ def run_lookup_benchmark(
     ids = torch.randint(0, num_embeddings, (num_features, batch_size), generator=generator)
     offsets = torch.arange(batch_size)
 
+    # a dense upstream gradient, as a model's interaction layer sends back (sum() would send a stride-0 one)
+    upstream = torch.randn(batch_size, num_features, embedding_dim, generator=generator)
+
     def make_step(tables: list[torch.nn.Module]) -> Callable[[], None]:
         def step() -> None:
             outputs = torch.stack([table(ids[f], offsets) for f, table in enumerate(tables)], dim=1)
-            outputs.sum().backward()
+            outputs.backward(upstream)
             for table in tables:
                 for param in table.parameters():
                     param.grad = None
@@ -103,10 +112,14 @@ def run_lookup_benchmark(
         return step
 
     baseline = [torch.nn.EmbeddingBag(num_embeddings, embedding_dim, mode="sum", sparse=True) for _ in range(num_features)]
-    configs: dict[tuple[str, str], Callable[[], None]] = {("baseline", "sparse"): make_step(baseline)}
+    control = [torch.nn.EmbeddingBag(num_embeddings, embedding_dim, mode="sum", sparse=True) for _ in range(num_features)]
+    configs: dict[tuple[str, str], Callable[[], None]] = {("baseline", "sparse"): make_step(baseline)}  # first
+    # a second set of identical tables: its ratio shows how far from 1.00x noise alone moves a result
+    configs[(CONTROL, "sparse")] = make_step(control)
     for name in methods or list(METHODS):
         ratio = compression if METHODS[name].compresses else 1
-        for gradients in ("sparse", "dense"):
+        # a dense gradient of a full table is a 64 MB memset per feature and step: not worth timing
+        for gradients in ("sparse", "dense") if METHODS[name].compresses else ("sparse",):
             tables = [
                 make_embedding(name, num_embeddings, embedding_dim, compression=ratio, seed=seed + f,
                                sparse=gradients == "sparse")
@@ -114,22 +127,24 @@ def run_lookup_benchmark(
             ]
             configs[(name, gradients)] = make_step(tables)
 
+    baseline_step = configs.pop(("baseline", "sparse"))
+    baseline_seconds: list[float] = []
     seconds: dict[tuple[str, str], list[float]] = {key: [] for key in configs}
     ratios: dict[tuple[str, str], list[float]] = {key: [] for key in configs}
     for _ in range(rounds):
         for key, step in configs.items():
-            seconds[key].append(_time_steps(step, steps))
-        for key in configs:
-            ratios[key].append(seconds[key][-1] / seconds[("baseline", "sparse")][-1])
+            base, spent = _time_pairs(baseline_step, step, steps)
+            baseline_seconds.append(base)
+            seconds[key].append(spent)
+            ratios[key].append(spent / base)
 
     rows = [
         LookupRow(
             method, gradients, statistics.median(seconds[(method, gradients)]) * 1e3,
             statistics.median(ratios[(method, gradients)]),
-            TARGETS.get(method, DEFAULT_TARGET) if gradients == "sparse" and METHODS[method].compresses else None,
+            TARGETS.get(method, DEFAULT_TARGET) if gradients == "sparse" and _compresses(method) else None,
         )
         for method, gradients in configs
-        if method != "baseline"
     ]
     settings = dict(
         rounds=rounds, steps=steps, num_features=num_features, num_embeddings=num_embeddings,
@@ -137,7 +152,11 @@ def run_lookup_benchmark(
         torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.machine(),
         date=datetime.date.today().isoformat(),
     )
-    return LookupResult(rows, statistics.median(seconds[("baseline", "sparse")]) * 1e3, settings)
+    return LookupResult(rows, statistics.median(baseline_seconds) * 1e3, settings)
+
+
+def _compresses(method: str) -> bool:
+    return method in METHODS and METHODS[method].compresses
 
 
 def write_results(result: LookupResult, stem: str) -> None:

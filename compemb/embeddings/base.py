@@ -81,9 +81,16 @@ class CompressedEmbedding(torch.nn.Module, ABC):
     def reset_parameters(self) -> None:
         """Re-initialise every table in place from the module's seed."""
 
-    def lookup_bags(self, ids: Tensor, offsets: Tensor, per_sample_weights: Tensor | None) -> Tensor:
-        """Reduce the vectors of checked bags; methods with a fused kernel override this."""
+    def lookup_bags(
+        self, ids: Tensor, offsets: Tensor, per_sample_weights: Tensor | None, one_id_per_bag: bool = False
+    ) -> Tensor:
+        """Reduce the vectors of checked bags; methods with a fused kernel override this.
+
+        ``one_id_per_bag`` says every bag holds exactly one id (one-hot features, as Criteo's).
+        """
         vectors = self.lookup(ids)
+        if one_id_per_bag:  # each bag is its one id: sum and mean alike
+            return vectors if per_sample_weights is None else vectors * per_sample_weights.unsqueeze(-1)
         # embedding_bag over the looked-up vectors reduces exactly as nn.EmbeddingBag does
         positions = torch.arange(ids.numel(), device=ids.device)
         return F.embedding_bag(positions, vectors, offsets, mode=self.mode, per_sample_weights=per_sample_weights)
@@ -97,8 +104,8 @@ class CompressedEmbedding(torch.nn.Module, ABC):
             if per_sample_weights is not None:
                 raise ValueError("per_sample_weights needs offsets (it weighs ids inside bags)")
             return self.lookup(ids.reshape(-1)).view(*ids.shape, self.embedding_dim)
-        offsets, per_sample_weights = self._check_bags(ids, offsets, per_sample_weights)
-        return self.lookup_bags(ids, offsets, per_sample_weights)
+        offsets, per_sample_weights, one_id_per_bag = self._check_bags(ids, offsets, per_sample_weights)
+        return self.lookup_bags(ids, offsets, per_sample_weights, one_id_per_bag)
 
     def check_ids(self, ids: Tensor) -> Tensor:
         """Return ``ids`` as int64, or raise TypeError (not integers) / ValueError (out of range)."""
@@ -116,7 +123,8 @@ class CompressedEmbedding(torch.nn.Module, ABC):
 
     def _check_bags(
         self, ids: Tensor, offsets: Tensor, per_sample_weights: Tensor | None
-    ) -> tuple[Tensor, Tensor | None]:
+    ) -> tuple[Tensor, Tensor | None, bool]:
+        """Check bag inputs; return int64 offsets, the weights, and whether every bag holds exactly one id."""
         if ids.dim() != 1:
             raise ValueError(f"{self._who()}: with offsets, ids must be 1-D, got shape {tuple(ids.shape)}")
         if not isinstance(offsets, Tensor) or offsets.dim() != 1:
@@ -124,15 +132,6 @@ class CompressedEmbedding(torch.nn.Module, ABC):
         if offsets.is_floating_point() or offsets.is_complex() or offsets.dtype == torch.bool:
             raise TypeError(f"{self._who()}: offsets must be an integer tensor, got dtype {offsets.dtype}")
         offsets = offsets.long()
-        if offsets.numel() > 0:
-            if offsets[0] != 0:
-                raise ValueError(f"{self._who()}: offsets[0] must be 0, got {offsets[0].item()}")
-            if offsets.numel() > 1 and bool((offsets[1:] < offsets[:-1]).any()):
-                raise ValueError(f"{self._who()}: offsets must be non-decreasing")
-            if offsets[-1] > ids.numel():
-                raise ValueError(
-                    f"{self._who()}: offsets[-1] = {offsets[-1].item()} is beyond the {ids.numel()} ids"
-                )
         if per_sample_weights is not None:
             if self.mode != "sum":
                 raise ValueError(f"{self._who()}: per_sample_weights needs mode 'sum', not {self.mode!r}")
@@ -141,12 +140,30 @@ class CompressedEmbedding(torch.nn.Module, ABC):
                     f"{self._who()}: per_sample_weights must be floating point with the shape of ids "
                     f"{tuple(ids.shape)}, got {per_sample_weights.dtype} {tuple(per_sample_weights.shape)}"
                 )
-        return offsets, per_sample_weights
+        if offsets.numel() == 0:
+            return offsets, per_sample_weights, False
+        # bag sizes in one pass: negative means offsets decrease, or the last one is beyond the ids
+        sizes = torch.diff(offsets, append=offsets.new_full((1,), ids.numel()))
+        first, smallest = torch.stack([offsets[0], sizes.min()]).tolist()
+        if first != 0:
+            raise ValueError(f"{self._who()}: offsets[0] must be 0, got {first}")
+        if smallest < 0:
+            if offsets[-1] > ids.numel():
+                raise ValueError(f"{self._who()}: offsets[-1] = {offsets[-1].item()} is beyond the {ids.numel()} ids")
+            raise ValueError(f"{self._who()}: offsets must be non-decreasing")
+        # n bags over n ids with none empty: every bag holds exactly one id
+        return offsets, per_sample_weights, offsets.numel() == ids.numel() and smallest >= 1
 
     def memory(self) -> MemoryReport:
-        """What the module stores: parameters as float bytes, buffers (hashes, pointers) as index bytes."""
-        float_bytes = sum(p.numel() * p.element_size() for p in self.parameters())
-        index_bytes = sum(b.numel() * b.element_size() for b in self.buffers())
+        """What the module stores: parameters as float bytes, persistent buffers (hashes, pointers) as index bytes."""
+        float_bytes = index_bytes = 0
+        # the state dict is what the module stores; non-persistent buffers are derived caches
+        for tensor in self.state_dict(keep_vars=True).values():
+            size = tensor.numel() * tensor.element_size()
+            if isinstance(tensor, torch.nn.Parameter):
+                float_bytes += size
+            else:
+                index_bytes += size
         return MemoryReport(float_bytes=float_bytes, index_bytes=index_bytes)
 
     def _finish(self, budget: Budget, smallest_params: int, seed: int) -> None:
@@ -186,3 +203,31 @@ def init_uniform_(tensor: Tensor, bound: float, generator: torch.Generator) -> N
         return
     values = torch.rand(tensor.shape, generator=generator) * (2 * bound) - bound
     tensor.copy_(values)
+
+
+class _GatherScalars(torch.autograd.Function):
+    """Read single floats of an ``(size, 1)`` array; the gradient is sparse (COO) or dense, as asked.
+
+    F.embedding on width-1 rows copies row by row (4x slower than a flat index_select here), so flat-array
+    methods read through this instead.
+    """
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, index: Tensor, sparse: bool) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(index)
+        ctx.sparse, ctx.size = sparse, weight.shape[0]
+        return weight.view(-1).index_select(0, index.reshape(-1)).view(index.shape)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        (index,) = ctx.saved_tensors
+        flat_index, flat_grad = index.reshape(1, -1), grad.reshape(-1, 1)
+        if ctx.sparse:
+            return torch.sparse_coo_tensor(flat_index, flat_grad, (ctx.size, 1), check_invariants=False), None, None
+        dense = flat_grad.new_zeros(ctx.size, 1).index_add_(0, flat_index[0], flat_grad)
+        return dense, None, None
+
+
+def gather_scalars(weight: Tensor, index: Tensor, sparse: bool = False) -> Tensor:
+    """``weight[index, 0]`` for an ``(size, 1)`` weight, with sparse gradients when ``sparse``; shape of ``index``."""
+    return _GatherScalars.apply(weight, index, sparse)

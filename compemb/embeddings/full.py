@@ -62,7 +62,9 @@ class FullEmbedding(CompressedEmbedding):
     def lookup(self, ids: Tensor) -> Tensor:
         return F.embedding(ids, self.weight, sparse=self.sparse)
 
-    def lookup_bags(self, ids: Tensor, offsets: Tensor, per_sample_weights: Tensor | None) -> Tensor:
+    def lookup_bags(
+        self, ids: Tensor, offsets: Tensor, per_sample_weights: Tensor | None, one_id_per_bag: bool = False
+    ) -> Tensor:
         return F.embedding_bag(
             ids, self.weight, offsets, mode=self.mode, per_sample_weights=per_sample_weights, sparse=self.sparse
         )

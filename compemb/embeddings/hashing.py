@@ -93,7 +93,9 @@ class HashingTrickEmbedding(_HashedTable):
     def lookup(self, ids: Tensor) -> Tensor:
         return F.embedding(self.hash(ids).squeeze(-1), self.weight, sparse=self.sparse)
 
-    def lookup_bags(self, ids: Tensor, offsets: Tensor, per_sample_weights: Tensor | None) -> Tensor:
+    def lookup_bags(
+        self, ids: Tensor, offsets: Tensor, per_sample_weights: Tensor | None, one_id_per_bag: bool = False
+    ) -> Tensor:
         return F.embedding_bag(
             self.hash(ids).squeeze(-1), self.weight, offsets, mode=self.mode,
             per_sample_weights=per_sample_weights, sparse=self.sparse,
@@ -199,7 +201,8 @@ class BloomEmbedding(_HashedTable):
         init_uniform_(self.weight, self.init_bound * self.num_hashes**0.5, self._generator())
 
     def lookup(self, ids: Tensor) -> Tensor:
-        return F.embedding_bag(self.hash(ids), self.weight, mode="mean", sparse=self.sparse)
+        # the mean as a sum times 1/c: the same values, and the sum's backward is the faster kernel
+        return F.embedding_bag(self.hash(ids), self.weight, mode="sum", sparse=self.sparse) * (1 / self.num_hashes)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", num_hashes={self.num_hashes}"

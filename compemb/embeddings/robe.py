@@ -13,11 +13,10 @@ The array is stored as an ``(size, 1)`` parameter so that lookups are ordinary (
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from compemb.budget import FLOAT_BYTES, resolve_budget, smallest_meetable
-from compemb.embeddings.base import CompressedEmbedding, init_uniform_
+from compemb.embeddings.base import CompressedEmbedding, gather_scalars, init_uniform_
 from compemb.embeddings.hashing import HASH_BYTES
 from compemb.hashing import UniversalHash, hash_signs
 from compemb.registry import register
@@ -83,6 +82,7 @@ class ROBEEmbedding(_FlatArray):
 
     title = "ROBE-Z: circular array"
     formula = "size"
+    chunk_steps: Tensor
 
     def __init__(
         self,
@@ -108,12 +108,14 @@ class ROBEEmbedding(_FlatArray):
             compression=compression, num_params=num_params, seed=seed, mode=mode, sparse=sparse, name=name,
             device=device,
         )
+        # 0 .. Z-1: a derived cache, so not persistent and not counted as stored memory
+        self.register_buffer("chunk_steps", torch.arange(self.chunk_size, device=device), persistent=False)
 
     def lookup(self, ids: Tensor) -> Tensor:
         starts = self.hash(ids)  # (N, c) in [0, size)
-        places = starts.unsqueeze(-1) + torch.arange(self.chunk_size, device=ids.device)
+        places = starts.unsqueeze(-1) + self.chunk_steps
         places = torch.where(places >= self.size, places - self.size, places)  # circular: wrap past the end
-        values = F.embedding(places, self.weight, sparse=self.sparse).squeeze(-1)  # (N, c, Z)
+        values = gather_scalars(self.weight, places, self.sparse)  # (N, c, Z)
         if self.signed:
             values = values * self._signs(ids).unsqueeze(-1)
         return values.reshape(ids.numel(), self.embedding_dim)
@@ -160,5 +162,5 @@ class HashedNetsEmbedding(_FlatArray):
         )
 
     def lookup(self, ids: Tensor) -> Tensor:
-        values = F.embedding(self.hash(ids), self.weight, sparse=self.sparse).squeeze(-1)  # (N, d)
+        values = gather_scalars(self.weight, self.hash(ids), self.sparse)  # (N, d)
         return values * self._signs(ids) if self.signed else values
