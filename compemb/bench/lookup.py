@@ -1,7 +1,8 @@
 """Lookup speed: forward+backward of each method as a ratio to the sparse full table, measured in one run.
 
 The batch is Criteo-shaped: 2,048 samples x 26 features, one id per feature (DLRM's offsets form), each
-feature its own table of 1M ids, dim 16, every compressed method at compression 100. The baseline is DLRM's:
+feature its own table of 1M ids, dim 16, every compressed method at compression 100. Ids are uniform and
+every step takes the next of 16 different batches, as training does. The baseline is DLRM's:
 one ``nn.EmbeddingBag(sparse=True)`` per feature. Each configuration's steps alternate with the baseline's
 (ABBA...), and its time is divided by the baseline's time over the same stretch, so machine noise cancels;
 the median ratio over rounds is reported.
@@ -10,6 +11,7 @@ the median ratio over rounds is reported.
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import platform
 import statistics
@@ -25,6 +27,7 @@ from compemb.registry import METHODS, make_embedding
 TARGETS = {"hash": 1.2}  # the hashing trick's target; every other method's is DEFAULT_TARGET
 DEFAULT_TARGET = 1.5
 CONTROL = "nn.EmbeddingBag (control)"
+NUM_BATCHES = 16
 
 
 @dataclass
@@ -95,14 +98,19 @@ def run_lookup_benchmark(
 ) -> LookupResult:
     """Time every method (sparse and dense gradients) against per-feature sparse nn.EmbeddingBag tables."""
     generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, num_embeddings, (num_features, batch_size), generator=generator)
+    # a fresh batch every step, as in training: re-reading one fixed batch keeps its rows in cache, which
+    # flatters tables with one read per id
+    batches = torch.randint(0, num_embeddings, (NUM_BATCHES, num_features, batch_size), generator=generator)
     offsets = torch.arange(batch_size)
 
     # a dense upstream gradient, as a model's interaction layer sends back (sum() would send a stride-0 one)
     upstream = torch.randn(batch_size, num_features, embedding_dim, generator=generator)
 
     def make_step(tables: list[torch.nn.Module]) -> Callable[[], None]:
+        batch_numbers = itertools.cycle(range(NUM_BATCHES))
+
         def step() -> None:
+            ids = batches[next(batch_numbers)]
             outputs = torch.stack([table(ids[f], offsets) for f, table in enumerate(tables)], dim=1)
             outputs.backward(upstream)
             for table in tables:

@@ -52,6 +52,20 @@ def test_per_sample_weights_scale_members(name):
 
 
 @pytest.mark.parametrize("name", ALL_METHODS)
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+def test_one_id_per_bag_equals_the_general_bag_path(name, mode):
+    module = build(name, mode=mode)
+    ids = torch.randint(0, 1000, (7,))
+    one_each = torch.arange(7)
+    weights = torch.rand(7) if mode == "sum" else None
+    expected = reference_bags(module, ids, one_each, weights, mode=mode)
+    torch.testing.assert_close(module(ids, one_each, weights).double(), expected, rtol=1e-5, atol=1e-6)
+    # the same ids with one empty bag in front take the general path and agree on the rest
+    general = module(ids, torch.cat([torch.zeros(1, dtype=torch.long), one_each]), weights)
+    torch.testing.assert_close(general[1:].double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ALL_METHODS)
 @settings(max_examples=25, deadline=None)
 @given(data=st.data())
 def test_random_bags_match_reference(name, data):

@@ -1,0 +1,36 @@
+"""The compemb command."""
+
+import pytest
+
+from compemb import METHODS
+from compemb.cli import main
+from compemb.registry import summarize_methods
+
+
+def test_methods_lists_every_method_at_one_point_six_million_floats(capsys):
+    assert main(["methods"]) == 0
+    listed = {line.split()[0] for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert set(METHODS) <= listed
+    for row in summarize_methods(10_000_000, 16, 100):
+        expected_bytes = 640_000_000 if row.name == "full" else 6_400_000
+        assert abs(row.memory.total - expected_bytes) <= 0.01 * expected_bytes, row
+        assert row.num_params <= row.memory.total // 4
+
+
+def test_methods_rejects_an_impossible_budget_with_one_line(capsys):
+    assert main(["methods", "--num-embeddings", "100", "--compression", "1000"]) == 2
+    assert "smallest budget it can meet" in capsys.readouterr().err
+
+
+def test_demo_trains_every_method_below_its_starting_loss(capsys):
+    assert main(["demo", "--steps", "60", "--methods", "hash", "qr"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(("hash", "qr"))]
+    assert len(rows) == 2
+    for row in rows:
+        start, end = float(row[2]), float(row[3])
+        assert end < start
+
+
+def test_unknown_command_exits_with_usage():
+    with pytest.raises(SystemExit):
+        main(["nonsense"])
