@@ -12,6 +12,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -115,7 +116,7 @@ class CompressedEmbedding(torch.nn.Module, ABC):
             raise TypeError(f"{self._who()}: ids must be an integer tensor, got dtype {ids.dtype}")
         ids = ids.long()
         if not self.open_vocabulary and ids.numel() > 0:
-            low, high = torch.aminmax(ids)
+            low, high = torch.stack(torch.aminmax(ids)).tolist()  # one sync for both bounds
             if low < 0 or high >= self.num_embeddings:
                 bad = ids[(ids < 0) | (ids >= self.num_embeddings)].reshape(-1)[0].item()
                 raise ValueError(f"{self._who()}: id {bad} is outside [0, {self.num_embeddings})")
@@ -142,9 +143,7 @@ class CompressedEmbedding(torch.nn.Module, ABC):
                 )
         if offsets.numel() == 0:
             return offsets, per_sample_weights, False
-        # bag sizes in one pass: negative means offsets decrease, or the last one is beyond the ids
-        sizes = torch.diff(offsets, append=offsets.new_full((1,), ids.numel()))
-        first, smallest = torch.stack([offsets[0], sizes.min()]).tolist()
+        first, smallest = _first_offset_and_smallest_bag(offsets, ids.numel())
         if first != 0:
             raise ValueError(f"{self._who()}: offsets[0] must be 0, got {first}")
         if smallest < 0:
@@ -194,6 +193,20 @@ class CompressedEmbedding(torch.nn.Module, ABC):
         extras = [f"mode={self.mode!r}"] if self.mode != "sum" else []
         extras += ["sparse=True"] if self.sparse else []
         return ", ".join([size, params, *extras])
+
+
+def _first_offset_and_smallest_bag(offsets: Tensor, num_ids: int) -> tuple[int, int]:
+    """offsets[0] and the smallest bag size (negative: offsets decrease, or the last is beyond the ids)."""
+    if offsets.device.type == "cpu":  # numpy on the shared memory: a third of torch's per-op overhead here
+        values = offsets.numpy()
+        return int(values[0]), int(np.diff(values, append=num_ids).min())
+    return _first_offset_and_smallest_bag_torch(offsets, num_ids)
+
+
+def _first_offset_and_smallest_bag_torch(offsets: Tensor, num_ids: int) -> tuple[int, int]:
+    sizes = torch.diff(offsets, append=offsets.new_full((1,), num_ids))
+    first, smallest = torch.stack([offsets[0], sizes.min()]).tolist()
+    return first, smallest
 
 
 @torch.no_grad()

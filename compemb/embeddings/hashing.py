@@ -25,7 +25,7 @@ HASH_BYTES = 16  # one function's (a, b) coefficients
 
 
 class _HashedTable(CompressedEmbedding):
-    """One table of ``rows x row_dim`` floats addressed by ``num_hashes`` seeded hash functions of the id."""
+    """``tables`` stacked tables of ``rows x row_dim`` floats, addressed by ``num_hashes`` seeded hashes of the id."""
 
     open_vocabulary = True
 
@@ -35,7 +35,7 @@ class _HashedTable(CompressedEmbedding):
         embedding_dim: int,
         *,
         row_dim: int,
-        rows_per_budget_row: int,
+        tables: int,
         num_hashes: int,
         compression: float | None,
         num_params: int | None,
@@ -47,10 +47,10 @@ class _HashedTable(CompressedEmbedding):
     ) -> None:
         super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name)
         budget = resolve_budget(num_embeddings, embedding_dim, compression=compression, num_params=num_params)
-        # `rows` rows of embedding_dim floats fit the budget; the table holds rows_per_budget_row x that many
+        # tables * row_dim == embedding_dim, so the budget buys `rows` rows in every table
         self.rows = rows_for(budget, embedding_dim, reserved_bytes=num_hashes * HASH_BYTES)
         self.hash = UniversalHash(self.rows, num_functions=num_hashes, seed=seed)
-        self.weight = torch.nn.Parameter(torch.empty(self.rows * rows_per_budget_row, row_dim, device=device))
+        self.weight = torch.nn.Parameter(torch.empty(self.rows * tables, row_dim, device=device))
         self._finish(budget, smallest_meetable(embedding_dim, num_hashes * HASH_BYTES), seed)
 
 
@@ -82,7 +82,7 @@ class HashingTrickEmbedding(_HashedTable):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__(
-            num_embeddings, embedding_dim, row_dim=embedding_dim, rows_per_budget_row=1, num_hashes=1,
+            num_embeddings, embedding_dim, row_dim=embedding_dim, tables=1, num_hashes=1,
             compression=compression, num_params=num_params, seed=seed, mode=mode, sparse=sparse, name=name,
             device=device,
         )
@@ -138,7 +138,7 @@ class CompositionalEmbedding(_HashedTable):
             raise ValueError(f"ce: columns={columns} must be >= 1 and divide embedding_dim={embedding_dim}")
         self.columns = columns
         super().__init__(
-            num_embeddings, embedding_dim, row_dim=embedding_dim // columns, rows_per_budget_row=columns,
+            num_embeddings, embedding_dim, row_dim=embedding_dim // columns, tables=columns,
             num_hashes=columns, compression=compression, num_params=num_params, seed=seed, mode=mode,
             sparse=sparse, name=name, device=device,
         )
@@ -191,7 +191,7 @@ class BloomEmbedding(_HashedTable):
             raise ValueError(f"bloom: num_hashes must be >= 1, got {num_hashes}")
         self.num_hashes = num_hashes
         super().__init__(
-            num_embeddings, embedding_dim, row_dim=embedding_dim, rows_per_budget_row=1, num_hashes=num_hashes,
+            num_embeddings, embedding_dim, row_dim=embedding_dim, tables=1, num_hashes=num_hashes,
             compression=compression, num_params=num_params, seed=seed, mode=mode, sparse=sparse, name=name,
             device=device,
         )

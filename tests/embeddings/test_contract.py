@@ -241,3 +241,12 @@ def test_same_seed_gives_same_outputs_in_a_fresh_process():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(result.stdout) == _outputs_by_method()
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(-3, 30), min_size=1, max_size=12), st.integers(0, 30))
+def test_bag_checks_agree_on_cpu_and_device_paths(offsets, num_ids):
+    from compemb.embeddings.base import _first_offset_and_smallest_bag, _first_offset_and_smallest_bag_torch
+
+    tensor = torch.tensor(offsets)
+    assert _first_offset_and_smallest_bag(tensor, num_ids) == _first_offset_and_smallest_bag_torch(tensor, num_ids)
