@@ -10,6 +10,8 @@ the budget by more than :data:`BUDGET_TOLERANCE` raises :class:`BudgetError`.
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from dataclasses import dataclass
 
 FLOAT_BYTES = 4  # the budget is counted in fp32 values
@@ -72,51 +74,64 @@ def resolve_budget(
     """Turn ``compression=R`` or ``num_params=P`` (exactly one) into a :class:`Budget`.
 
     Raises:
-        ValueError: neither or both given, a non-positive value, or ``compression`` without
-            ``num_embeddings`` (an open vocabulary has no full table to divide).
+        ValueError: neither or both given, a non-positive value, a budget under one float, or ``compression``
+            without ``num_embeddings`` (an open vocabulary has no full table to divide).
     """
     if (compression is None) == (num_params is None):
         raise ValueError("give exactly one budget: compression=R or num_params=P")
     if compression is not None:
-        if not (isinstance(compression, (int, float)) and math.isfinite(compression) and compression > 0):
+        if not (isinstance(compression, numbers.Real) and math.isfinite(compression) and compression > 0):
             raise ValueError(f"compression must be a positive number, got {compression!r}")
         if num_embeddings is None:
             raise ValueError("compression=R needs num_embeddings; with an open vocabulary give num_params=P")
-        return Budget(round(full_table_bytes(num_embeddings, embedding_dim) / compression))
-    if not isinstance(num_params, int) or isinstance(num_params, bool) or num_params <= 0:
+        budget = Budget(round(full_table_bytes(num_embeddings, embedding_dim) / float(compression)))
+        if budget.num_bytes < FLOAT_BYTES:
+            raise ValueError(
+                f"compression {compression:g} of a {num_embeddings} x {embedding_dim} table leaves less than one float"
+            )
+        return budget
+    if isinstance(num_params, bool) or not isinstance(num_params, numbers.Integral) or num_params <= 0:
         raise ValueError(f"num_params must be a positive int, got {num_params!r}")
-    return Budget(num_params * FLOAT_BYTES)
+    return Budget(operator.index(num_params) * FLOAT_BYTES)
 
 
-def check_budget(method: str, report: MemoryReport, budget: Budget, smallest_params: int) -> None:
+def check_budget(
+    method: str,
+    report: MemoryReport,
+    budget: Budget,
+    smallest_params: int,
+    every_budget_from: int | None = None,
+    largest_params: int | None = None,
+) -> None:
     """Raise :class:`BudgetError` if ``report.total`` misses ``budget`` by more than 1%.
 
-    ``smallest_params`` is the smallest budget (in fp32 values) the method can meet with these
-    options; the error names it so the caller knows what to ask for instead.
+    The error names what the method can meet: ``smallest_params``, the smallest budget (fp32 values) it can
+    meet; ``every_budget_from``, the size from which it meets every budget (sizes that move in steps can
+    miss budgets between the two); ``largest_params``, the largest it can meet, if it has one.
     """
     error = abs(report.total - budget.num_bytes) / budget.num_bytes
     if error <= BUDGET_TOLERANCE:
         return
-    asked = f"{budget.num_params:,.0f} params ({budget.num_bytes:,} bytes)"
+    asked = f"{method} cannot meet a budget of {budget.num_params:,.0f} params ({budget.num_bytes:,} bytes)"
     if budget.num_params < smallest_params:
-        raise BudgetError(
-            f"{method} cannot meet a budget of {asked}: the smallest budget it can meet is "
-            f"{smallest_params:,} params"
-        )
+        raise BudgetError(f"{asked}: the smallest budget it can meet is {smallest_params:,} params")
+    if largest_params is not None and budget.num_params > largest_params:
+        raise BudgetError(f"{asked}: the largest budget it can meet is {largest_params:,} params")
+    every = f"; it meets every budget from {every_budget_from:,} params up" if every_budget_from else ""
     raise BudgetError(
-        f"{method} cannot meet a budget of {asked} within {BUDGET_TOLERANCE:.0%}: its nearest size stores "
-        f"{report.total:,} bytes; the smallest budget it can meet is {smallest_params:,} params"
+        f"{asked} within {BUDGET_TOLERANCE:.0%}: its nearest size stores {report.total:,} bytes; the smallest "
+        f"budget it can meet is {smallest_params:,} params{every}"
     )
 
 
-def smallest_meetable(step_floats: int, reserved_bytes: int = 0, structural_floats: int = 1) -> int:
-    """The smallest budget (fp32 values) from which every budget is met within 1%.
+def every_budget_from(step_floats: int, reserved_bytes: int = 0, smallest_floats: int = 1) -> int:
+    """The budget (fp32 values) from which a method whose size moves in steps of ``step_floats`` meets every budget.
 
-    A method whose size moves in steps of ``step_floats`` misses a budget by up to half a step, so it needs
-    budgets of at least ``step / (2 * tolerance)``; never less than its ``structural_floats`` minimum.
+    A size that moves in steps misses a budget by up to half a step, so budgets of at least
+    ``step / (2 * tolerance)`` floats are always met within the tolerance; never below ``smallest_floats``.
     """
     granular = math.ceil(step_floats / (2 * BUDGET_TOLERANCE))
-    return max(granular, structural_floats) + math.ceil(reserved_bytes / FLOAT_BYTES)
+    return max(granular, smallest_floats) + math.ceil(reserved_bytes / FLOAT_BYTES)
 
 
 def rows_for(budget: Budget, floats_per_row: int, reserved_bytes: int = 0) -> int:

@@ -2,8 +2,8 @@
 
 The family is Dietzfelbinger's multiply-add-shift on 64-bit keys: ``s = a * x + b (mod 2^64)``
 with ``a`` a random odd 64-bit integer and ``b`` a random 64-bit integer; the top 32 bits of ``s``
-are mapped to ``[0, m)`` by a multiply-high (``hi * m >> 32``), which avoids the bias and cost of
-``%``. For distinct keys the collision probability is about ``1/m`` (at most ``2/m``: the family is
+are mapped to ``[0, m)`` by a multiply-high (``hi * m >> 32``), which avoids the cost of a division (bucket
+sizes differ by at most one, as with ``%``). For distinct keys the collision probability is about ``1/m`` (at most ``2/m``: the family is
 2-approximately universal). Coefficients come from SplitMix64 of ``(seed, stream)``, never from
 Python's ``hash()``, so hashes do not depend on the process, the platform or the device.
 
@@ -49,6 +49,11 @@ def hash_coefficients(seed: int, num_functions: int, stream: int = 0) -> Tensor:
         b = state
         values.append((_to_signed(a), _to_signed(b)))
     return torch.tensor(values, dtype=torch.int64)
+
+
+def coefficient_bytes(num_functions: int) -> int:
+    """Bytes that ``num_functions`` hash functions store: one int64 ``(a, b)`` pair each."""
+    return num_functions * 2 * 8
 
 
 def _check_buckets(num_buckets: int) -> None:
@@ -120,15 +125,37 @@ class UniversalHash(torch.nn.Module):
 
     coefficients: Tensor
 
-    def __init__(self, num_buckets: int, num_functions: int = 1, seed: int = 0, stream: int = 0) -> None:
+    def __init__(
+        self,
+        num_buckets: int,
+        num_functions: int = 1,
+        seed: int = 0,
+        stream: int = 0,
+        device: torch.device | str | None = None,
+    ) -> None:
         super().__init__()
         _check_buckets(num_buckets)
         self.num_buckets = int(num_buckets)
         self.num_functions = int(num_functions)
-        self.register_buffer("coefficients", hash_coefficients(seed, num_functions, stream))
+        self.seed, self.stream = int(seed), int(stream)
+        self.register_buffer("coefficients", torch.empty(num_functions, 2, dtype=torch.int64, device=device))
+        self.reset()
+
+    @torch.no_grad()
+    def reset(self, seed: int | None = None) -> None:
+        """Redraw the coefficients from ``seed`` (default: the seed it was built with), in place."""
+        if seed is not None:
+            self.seed = int(seed)
+        if not self.coefficients.is_meta:
+            self.coefficients.copy_(hash_coefficients(self.seed, self.num_functions, self.stream))
 
     def forward(self, ids: Tensor) -> Tensor:
+        """Buckets of ``ids``: ``(...)`` -> ``(..., F)`` int64 in ``[0, num_buckets)``."""
         return hash_ids(ids, self.coefficients, self.num_buckets)
+
+    def signs(self, ids: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Signs in {-1, +1} of ``ids`` from these functions (ignores ``num_buckets``): ``(...)`` -> ``(..., F)``."""
+        return hash_signs(ids, self.coefficients, dtype)
 
     def extra_repr(self) -> str:
         return f"num_buckets={self.num_buckets}, num_functions={self.num_functions}"

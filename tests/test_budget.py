@@ -39,9 +39,27 @@ def test_memory_report_total_and_compression():
     assert (report + report).total == 2480
 
 
-def test_check_budget_names_the_smallest_budget():
+def test_check_budget_names_what_can_be_met():
     check_budget("m", MemoryReport(4040), Budget(4000), smallest_params=10)  # 1% off: accepted
     with pytest.raises(BudgetError, match="smallest budget it can meet is 500 params"):
         check_budget("m", MemoryReport(2000), Budget(400), smallest_params=500)
-    with pytest.raises(BudgetError, match="within 1%"):
-        check_budget("m", MemoryReport(4100), Budget(4000), smallest_params=10)
+    with pytest.raises(BudgetError, match="within 1%.*every budget from 2,000 params up"):
+        check_budget("m", MemoryReport(4100), Budget(4000), smallest_params=10, every_budget_from=2000)
+    with pytest.raises(BudgetError, match="largest budget it can meet is 900 params"):
+        check_budget("m", MemoryReport(3600), Budget(4000), smallest_params=10, largest_params=900)
+
+
+def test_a_budget_under_one_float_is_refused():
+    with pytest.raises(ValueError, match="less than one float"):
+        resolve_budget(10, 1, compression=1000)
+
+
+def test_budget_errors_of_real_methods():
+    from compemb import make_embedding
+
+    # a hash table moves in rows of 16 floats: 20 params is one row, 804 and up are always met
+    assert make_embedding("hash", None, 16, num_params=20).rows == 1
+    with pytest.raises(BudgetError, match="smallest budget it can meet is 20 params; it meets every budget from 804"):
+        make_embedding("hash", None, 16, num_params=110)
+    with pytest.raises(BudgetError, match="largest budget it can meet is 404 params"):
+        make_embedding("qr", 100, 4, num_params=1000)

@@ -14,7 +14,7 @@ def test_methods_lists_every_method_at_one_point_six_million_floats(capsys):
     for row in summarize_methods(10_000_000, 16, 100):
         expected_bytes = 640_000_000 if row.name == "full" else 6_400_000
         assert abs(row.memory.total - expected_bytes) <= 0.01 * expected_bytes, row
-        assert row.num_params <= row.memory.total // 4
+        assert row.num_params * 4 == row.memory.float_bytes
 
 
 def test_methods_rejects_an_impossible_budget_with_one_line(capsys):

@@ -98,6 +98,18 @@ def test_module_keeps_coefficients_in_state_dict_and_moves_with_them():
     assert not torch.equal(module(ids), other(ids))
     other.load_state_dict(module.state_dict())
     assert torch.equal(module(ids), other(ids))
+    assert module.to("meta").coefficients.is_meta
+
+
+def test_reset_redraws_from_the_seed_or_a_new_one():
+    module = UniversalHash(1000, num_functions=3, seed=8, stream=2)
+    assert torch.equal(module.coefficients, hash_coefficients(8, 3, stream=2))
+    module.reset(seed=9)
+    assert torch.equal(module.coefficients, hash_coefficients(9, 3, stream=2)) and module.seed == 9
+    with torch.no_grad():
+        module.coefficients.zero_()
+    module.reset()
+    assert torch.equal(module.coefficients, hash_coefficients(9, 3, stream=2))
 
 
 @pytest.mark.parametrize("buckets", [0, -1, MAX_BUCKETS + 1])

@@ -2,13 +2,15 @@
 
 A method subclasses :class:`CompressedEmbedding`, builds its tables from a budget in ``__init__``,
 implements :meth:`~CompressedEmbedding.lookup` (1-D int64 ids -> ``(N, dim)`` vectors) and
-:meth:`~CompressedEmbedding.reset_parameters`, and registers itself with ``@register("name")``.
+:meth:`~CompressedEmbedding.reset_tables`, and registers itself with ``@register("name")``. Its hash
+functions are :class:`~compemb.hashing.UniversalHash` submodules, which ``reset_parameters`` redraws.
 The base class does the rest the same way for all of them: checking ids, offsets and weights,
 nn.Embedding-style lookups of any shape, nn.EmbeddingBag-style bags, and the memory report.
 """
 
 from __future__ import annotations
 
+import numbers
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from compemb.budget import Budget, MemoryReport, check_budget
+from compemb.hashing import UniversalHash
 
 MODES = ("sum", "mean")
 
@@ -60,14 +63,14 @@ class CompressedEmbedding(torch.nn.Module, ABC):
         if num_embeddings is None:
             if not self.open_vocabulary:
                 raise ValueError(f"{self.method_name} has a closed vocabulary: num_embeddings is required")
-        elif isinstance(num_embeddings, bool) or not isinstance(num_embeddings, int) or num_embeddings < 1:
+        elif not _is_positive_int(num_embeddings):
             raise ValueError(f"num_embeddings must be a positive int or None, got {num_embeddings!r}")
-        if isinstance(embedding_dim, bool) or not isinstance(embedding_dim, int) or embedding_dim < 1:
+        if not _is_positive_int(embedding_dim):
             raise ValueError(f"embedding_dim must be a positive int, got {embedding_dim!r}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        self.num_embeddings = num_embeddings
-        self.embedding_dim = embedding_dim
+        self.num_embeddings = None if num_embeddings is None else int(num_embeddings)
+        self.embedding_dim = int(embedding_dim)
         self.mode = mode
         self.sparse = bool(sparse)
         self.name = name
@@ -79,8 +82,15 @@ class CompressedEmbedding(torch.nn.Module, ABC):
         """Vectors of valid 1-D int64 ``ids``: ``(N,)`` -> ``(N, embedding_dim)``."""
 
     @abstractmethod
+    def reset_tables(self) -> None:
+        """Re-initialise every trainable table in place from the module's seed."""
+
     def reset_parameters(self) -> None:
-        """Re-initialise every table in place from the module's seed."""
+        """Re-initialise in place from the module's seed: every hash function, then every table."""
+        for module in self.modules():
+            if isinstance(module, UniversalHash):
+                module.reset()
+        self.reset_tables()
 
     def lookup_bags(
         self, ids: Tensor, offsets: Tensor, per_sample_weights: Tensor | None, one_id_per_bag: bool = False
@@ -114,6 +124,8 @@ class CompressedEmbedding(torch.nn.Module, ABC):
             raise TypeError(f"{self._who()}: ids must be a torch.Tensor, got {type(ids).__name__}")
         if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
             raise TypeError(f"{self._who()}: ids must be an integer tensor, got dtype {ids.dtype}")
+        if ids.dtype == torch.uint64:  # values past 2^63 would wrap in int64
+            raise TypeError(f"{self._who()}: ids must be int64 or a narrower integer dtype, got uint64")
         ids = ids.long()
         if not self.open_vocabulary and ids.numel() > 0:
             low, high = torch.stack(torch.aminmax(ids)).tolist()  # one sync for both bounds
@@ -141,6 +153,8 @@ class CompressedEmbedding(torch.nn.Module, ABC):
                     f"{self._who()}: per_sample_weights must be floating point with the shape of ids "
                     f"{tuple(ids.shape)}, got {per_sample_weights.dtype} {tuple(per_sample_weights.shape)}"
                 )
+            # the tables' dtype, as nn.EmbeddingBag requires, whichever path the bags take
+            per_sample_weights = per_sample_weights.to(next(self.parameters()).dtype)
         if offsets.numel() == 0:
             return offsets, per_sample_weights, False
         first, smallest = _first_offset_and_smallest_bag(offsets, ids.numel())
@@ -165,11 +179,21 @@ class CompressedEmbedding(torch.nn.Module, ABC):
                 index_bytes += size
         return MemoryReport(float_bytes=float_bytes, index_bytes=index_bytes)
 
-    def _finish(self, budget: Budget, smallest_params: int, seed: int) -> None:
-        """Check the built sizes against the budget, then initialise from ``seed``. Call last in __init__."""
+    def _finish(
+        self,
+        budget: Budget,
+        seed: int,
+        smallest_params: int,
+        every_budget_from: int | None = None,
+        largest_params: int | None = None,
+    ) -> None:
+        """Check the built sizes against the budget, then initialise from ``seed``. Call last in __init__.
+
+        The three sizes (fp32 values) are what the budget error names; see :func:`compemb.budget.check_budget`.
+        """
         self.budget = budget
         self.seed = int(seed)
-        check_budget(self.method_name, self.memory(), budget, smallest_params)
+        check_budget(self.method_name, self.memory(), budget, smallest_params, every_budget_from, largest_params)
         self.reset_parameters()
 
     @property
@@ -193,6 +217,10 @@ class CompressedEmbedding(torch.nn.Module, ABC):
         extras = [f"mode={self.mode!r}"] if self.mode != "sum" else []
         extras += ["sparse=True"] if self.sparse else []
         return ", ".join([size, params, *extras])
+
+
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
 
 
 def _first_offset_and_smallest_bag(offsets: Tensor, num_ids: int) -> tuple[int, int]:

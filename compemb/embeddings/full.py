@@ -54,9 +54,9 @@ class FullEmbedding(CompressedEmbedding):
                 f"{budget.num_params:,.0f} params: the smallest budget it can meet is {full_params:,} params"
             )
         self.weight = torch.nn.Parameter(torch.empty(num_embeddings, embedding_dim, device=device))
-        self._finish(budget, full_params, seed)
+        self._finish(budget, seed, full_params, largest_params=full_params)
 
-    def reset_parameters(self) -> None:
+    def reset_tables(self) -> None:
         init_uniform_(self.weight, self.init_bound, self._generator())
 
     def lookup(self, ids: Tensor) -> Tensor:

@@ -18,10 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from compemb.budget import FLOAT_BYTES, Budget, resolve_budget, rows_for, smallest_meetable
+from compemb.budget import FLOAT_BYTES, Budget, every_budget_from, resolve_budget, rows_for
 from compemb.embeddings.base import CompressedEmbedding, init_uniform_
-from compemb.embeddings.hashing import HASH_BYTES
-from compemb.hashing import UniversalHash
+from compemb.hashing import UniversalHash, coefficient_bytes
 from compemb.registry import register
 
 
@@ -37,7 +36,7 @@ class HashEmbeddings(CompressedEmbedding):
 
         >>> emb = HashEmbeddings(None, 16, num_params=20_000, num_hashes=2)
         >>> emb.pool.shape, emb.importance.shape
-        (torch.Size([625, 16]), torch.Size([4996, 2]))
+        (torch.Size([625, 16]), torch.Size([4994, 2]))
     """
 
     open_vocabulary = True
@@ -67,18 +66,19 @@ class HashEmbeddings(CompressedEmbedding):
         self.num_hashes = num_hashes
         self.importance_share = importance_share
         budget = resolve_budget(num_embeddings, embedding_dim, compression=compression, num_params=num_params)
-        hash_bytes = (num_hashes + 1) * HASH_BYTES
+        hash_bytes = coefficient_bytes(num_hashes + 1)
         float_bytes = budget.num_bytes - hash_bytes
         pool_rows = rows_for(Budget(round(float_bytes * (1 - importance_share))), embedding_dim)
         importance_rows = rows_for(Budget(float_bytes - pool_rows * embedding_dim * FLOAT_BYTES), num_hashes)
-        self.component_hash = UniversalHash(pool_rows, num_functions=num_hashes, seed=seed, stream=0)
-        self.importance_hash = UniversalHash(importance_rows, num_functions=1, seed=seed, stream=1)
+        self.component_hash = UniversalHash(pool_rows, num_functions=num_hashes, seed=seed, stream=0, device=device)
+        self.importance_hash = UniversalHash(importance_rows, num_functions=1, seed=seed, stream=1, device=device)
         self.pool = torch.nn.Parameter(torch.empty(pool_rows, embedding_dim, device=device))
         self.importance = torch.nn.Parameter(torch.empty(importance_rows, num_hashes, device=device))
         # the importance table absorbs the pool's rounding, so sizes move in steps of k floats
-        self._finish(budget, smallest_meetable(num_hashes, hash_bytes, embedding_dim + num_hashes), seed)
+        smallest = embedding_dim + num_hashes + hash_bytes // FLOAT_BYTES
+        self._finish(budget, seed, smallest, every_budget_from(num_hashes, hash_bytes, embedding_dim + num_hashes))
 
-    def reset_parameters(self) -> None:
+    def reset_tables(self) -> None:
         init_uniform_(self.pool, self.init_bound, self._generator(0))
         init_uniform_(self.importance, math.sqrt(3 / self.num_hashes), self._generator(1))
 

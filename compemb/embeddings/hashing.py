@@ -16,12 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from compemb.budget import resolve_budget, rows_for, smallest_meetable
+from compemb.budget import FLOAT_BYTES, every_budget_from, resolve_budget, rows_for
 from compemb.embeddings.base import CompressedEmbedding, init_uniform_
-from compemb.hashing import UniversalHash
+from compemb.hashing import UniversalHash, coefficient_bytes
 from compemb.registry import register
-
-HASH_BYTES = 16  # one function's (a, b) coefficients
 
 
 class _HashedTable(CompressedEmbedding):
@@ -48,10 +46,15 @@ class _HashedTable(CompressedEmbedding):
         super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name)
         budget = resolve_budget(num_embeddings, embedding_dim, compression=compression, num_params=num_params)
         # tables * row_dim == embedding_dim, so the budget buys `rows` rows in every table
-        self.rows = rows_for(budget, embedding_dim, reserved_bytes=num_hashes * HASH_BYTES)
-        self.hash = UniversalHash(self.rows, num_functions=num_hashes, seed=seed)
+        hash_bytes = coefficient_bytes(num_hashes)
+        self.rows = rows_for(budget, embedding_dim, reserved_bytes=hash_bytes)
+        self.hash = UniversalHash(self.rows, num_functions=num_hashes, seed=seed, device=device)
         self.weight = torch.nn.Parameter(torch.empty(self.rows * tables, row_dim, device=device))
-        self._finish(budget, smallest_meetable(embedding_dim, num_hashes * HASH_BYTES), seed)
+        one_row = embedding_dim + hash_bytes // FLOAT_BYTES
+        self._finish(budget, seed, one_row, every_budget_from(embedding_dim, hash_bytes))
+
+    def reset_tables(self) -> None:
+        init_uniform_(self.weight, self.init_bound, self._generator())
 
 
 @register("hash")
@@ -87,9 +90,6 @@ class HashingTrickEmbedding(_HashedTable):
             device=device,
         )
 
-    def reset_parameters(self) -> None:
-        init_uniform_(self.weight, self.init_bound, self._generator())
-
     def lookup(self, ids: Tensor) -> Tensor:
         return F.embedding(self.hash(ids).squeeze(-1), self.weight, sparse=self.sparse)
 
@@ -112,8 +112,8 @@ class CompositionalEmbedding(_HashedTable):
     Example::
 
         >>> emb = CompositionalEmbedding(10_000, 16, compression=10, columns=4)
-        >>> emb.weight.shape  # 4 tables of 1,000 rows x 4 dims, stored as one
-        torch.Size([4000, 4])
+        >>> emb.weight.shape  # 4 tables of 999 rows x 4 dims, stored as one (the rest holds the hashes)
+        torch.Size([3996, 4])
     """
 
     title = "compositional, c hashed columns"
@@ -142,9 +142,6 @@ class CompositionalEmbedding(_HashedTable):
             num_hashes=columns, compression=compression, num_params=num_params, seed=seed, mode=mode,
             sparse=sparse, name=name, device=device,
         )
-
-    def reset_parameters(self) -> None:
-        init_uniform_(self.weight, self.init_bound, self._generator())
 
     def lookup(self, ids: Tensor) -> Tensor:
         # column j's table occupies rows [j * rows, (j + 1) * rows) of the stored weight
@@ -196,7 +193,7 @@ class BloomEmbedding(_HashedTable):
             device=device,
         )
 
-    def reset_parameters(self) -> None:
+    def reset_tables(self) -> None:
         # the mean of c rows shrinks the spread by sqrt(c); widen the rows to keep the output's
         init_uniform_(self.weight, self.init_bound * self.num_hashes**0.5, self._generator())
 

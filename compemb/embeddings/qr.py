@@ -13,23 +13,34 @@ reads the remainder rows as the hashing trick would.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from compemb.budget import FLOAT_BYTES, Budget, resolve_budget, smallest_meetable
+from compemb.budget import FLOAT_BYTES, Budget, every_budget_from, resolve_budget
 from compemb.embeddings.base import CompressedEmbedding, init_uniform_
 from compemb.registry import register
 
 OPERATIONS = ("mult", "add", "concat")
 
 
-def qr_sizes(num_embeddings: int, quotient_dim: int, remainder_dim: int, budget: Budget) -> tuple[int, int]:
-    """The remainder table size m whose total floats are closest to the budget, and the smallest budget (floats).
+@dataclass(frozen=True)
+class QRSizes:
+    """The remainder table's rows (m) for a budget, and the budgets (fp32 values) QR can meet."""
 
-    Total floats are ``m * remainder_dim + ceil(n / m) * quotient_dim``, smallest near ``sqrt(n * dq / dr)``
-    and growing beyond it; m is searched on that growing branch.
+    modulus: int
+    smallest: int
+    every_budget_from: int
+    largest: int
+
+
+def qr_sizes(num_embeddings: int, quotient_dim: int, remainder_dim: int, budget: Budget) -> QRSizes:
+    """Pick m so that ``m * remainder_dim + ceil(n / m) * quotient_dim`` floats are closest to the budget.
+
+    The total is smallest near ``m = sqrt(n * dq / dr)`` and grows beyond it up to ``m = n``; m is searched on
+    that growing branch, so the remainder table is the large one.
     """
     n = num_embeddings
 
@@ -37,9 +48,7 @@ def qr_sizes(num_embeddings: int, quotient_dim: int, remainder_dim: int, budget:
         return m * remainder_dim + math.ceil(n / m) * quotient_dim
 
     balance = max(1, min(n, round(math.sqrt(n * quotient_dim / remainder_dim))))
-    near_balance = range(max(1, balance - 2), min(n, balance + 2) + 1)
-    smallest = min(total(m) for m in near_balance)
-    start = min(near_balance, key=total)
+    start = min(range(max(1, balance - 2), min(n, balance + 2) + 1), key=total)
     target = budget.num_bytes / FLOAT_BYTES
     low, high = start, n
     while low < high:  # first m on the growing branch whose total reaches the target
@@ -49,8 +58,9 @@ def qr_sizes(num_embeddings: int, quotient_dim: int, remainder_dim: int, budget:
         else:
             high = middle
     candidates = [m for m in (low - 1, low, low + 1) if start <= m <= n]
+    modulus = min(candidates, key=lambda m: abs(total(m) - target))
     # one more remainder row moves the total by about remainder_dim floats
-    return min(candidates, key=lambda m: abs(total(m) - target)), smallest_meetable(remainder_dim, 0, smallest)
+    return QRSizes(modulus, total(start), every_budget_from(remainder_dim, 0, total(start)), total(n))
 
 
 @register("qr")
@@ -64,7 +74,7 @@ class QREmbedding(CompressedEmbedding):
 
         >>> emb = QREmbedding(10_000, 16, compression=10, operation="mult")
         >>> emb.remainder.shape, emb.quotient.shape
-        (torch.Size([990, 16]), torch.Size([11, 16]))
+        (torch.Size([989, 16]), torch.Size([11, 16]))
     """
 
     title = "quotient-remainder"
@@ -93,13 +103,14 @@ class QREmbedding(CompressedEmbedding):
         budget = resolve_budget(num_embeddings, embedding_dim, compression=compression, num_params=num_params)
         quotient_dim = embedding_dim // 2 if operation == "concat" else embedding_dim
         remainder_dim = embedding_dim - quotient_dim if operation == "concat" else embedding_dim
-        self.modulus, smallest = qr_sizes(num_embeddings, quotient_dim, remainder_dim, budget)
+        sizes = qr_sizes(num_embeddings, quotient_dim, remainder_dim, budget)
+        self.modulus = sizes.modulus
         quotient_rows = math.ceil(num_embeddings / self.modulus)
         self.remainder = torch.nn.Parameter(torch.empty(self.modulus, remainder_dim, device=device))
         self.quotient = torch.nn.Parameter(torch.empty(quotient_rows, quotient_dim, device=device))
-        self._finish(budget, smallest, seed)
+        self._finish(budget, seed, sizes.smallest, sizes.every_budget_from, sizes.largest)
 
-    def reset_parameters(self) -> None:
+    def reset_tables(self) -> None:
         bound = self.init_bound
         if self.operation == "mult":
             init_uniform_(self.remainder, bound, self._generator(0))

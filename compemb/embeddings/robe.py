@@ -15,10 +15,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from compemb.budget import FLOAT_BYTES, resolve_budget, smallest_meetable
+from compemb.budget import FLOAT_BYTES, every_budget_from, resolve_budget
 from compemb.embeddings.base import CompressedEmbedding, gather_scalars, init_uniform_
-from compemb.embeddings.hashing import HASH_BYTES
-from compemb.hashing import UniversalHash, hash_signs
+from compemb.hashing import UniversalHash, coefficient_bytes
 from compemb.registry import register
 
 
@@ -26,7 +25,6 @@ class _FlatArray(CompressedEmbedding):
     """One flat array filling the budget, read at ``num_hashes`` hashed places per id, with optional signs."""
 
     open_vocabulary = True
-    sign_coefficients: Tensor
 
     def __init__(
         self,
@@ -46,20 +44,17 @@ class _FlatArray(CompressedEmbedding):
     ) -> None:
         super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name)
         budget = resolve_budget(num_embeddings, embedding_dim, compression=compression, num_params=num_params)
-        hash_bytes = num_hashes * HASH_BYTES * (2 if signed else 1)
+        hash_bytes = coefficient_bytes(num_hashes * (2 if signed else 1))
         self.size = max(min_size, round((budget.num_bytes - hash_bytes) / FLOAT_BYTES))
         self.signed = signed
-        self.hash = UniversalHash(self.size, num_functions=num_hashes, seed=seed, stream=0)
-        signs = UniversalHash(2, num_functions=num_hashes, seed=seed, stream=1).coefficients
-        self.register_buffer("sign_coefficients", signs if signed else signs[:0])
+        self.hash = UniversalHash(self.size, num_functions=num_hashes, seed=seed, stream=0, device=device)
+        # signs come from functions of their own (their bucket count is unused)
+        self.sign_hash = UniversalHash(2, num_hashes, seed=seed, stream=1, device=device) if signed else None
         self.weight = torch.nn.Parameter(torch.empty(self.size, 1, device=device))
-        self._finish(budget, smallest_meetable(1, hash_bytes, min_size), seed)
+        self._finish(budget, seed, min_size + hash_bytes // FLOAT_BYTES, every_budget_from(1, hash_bytes, min_size))
 
-    def reset_parameters(self) -> None:
+    def reset_tables(self) -> None:
         init_uniform_(self.weight, self.init_bound, self._generator())
-
-    def _signs(self, ids: Tensor) -> Tensor:
-        return hash_signs(ids, self.sign_coefficients, self.weight.dtype)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", size={self.size}" + ("" if self.signed else ", signed=False")
@@ -82,7 +77,6 @@ class ROBEEmbedding(_FlatArray):
 
     title = "ROBE-Z: circular array"
     formula = "size"
-    chunk_steps: Tensor
 
     def __init__(
         self,
@@ -108,16 +102,14 @@ class ROBEEmbedding(_FlatArray):
             compression=compression, num_params=num_params, seed=seed, mode=mode, sparse=sparse, name=name,
             device=device,
         )
-        # 0 .. Z-1: a derived cache, so not persistent and not counted as stored memory
-        self.register_buffer("chunk_steps", torch.arange(self.chunk_size, device=device), persistent=False)
 
     def lookup(self, ids: Tensor) -> Tensor:
         starts = self.hash(ids)  # (N, c) in [0, size)
-        places = starts.unsqueeze(-1) + self.chunk_steps
+        places = starts.unsqueeze(-1) + torch.arange(self.chunk_size, device=ids.device)
         places = torch.where(places >= self.size, places - self.size, places)  # circular: wrap past the end
         values = gather_scalars(self.weight, places, self.sparse)  # (N, c, Z)
-        if self.signed:
-            values = values * self._signs(ids).unsqueeze(-1)
+        if self.sign_hash is not None:
+            values = values * self.sign_hash.signs(ids, values.dtype).unsqueeze(-1)
         return values.reshape(ids.numel(), self.embedding_dim)
 
     def extra_repr(self) -> str:
@@ -163,4 +155,4 @@ class HashedNetsEmbedding(_FlatArray):
 
     def lookup(self, ids: Tensor) -> Tensor:
         values = gather_scalars(self.weight, self.hash(ids), self.sparse)  # (N, d)
-        return values * self._signs(ids) if self.signed else values
+        return values if self.sign_hash is None else values * self.sign_hash.signs(ids, values.dtype)

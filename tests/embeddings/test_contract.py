@@ -135,10 +135,13 @@ def test_memory_within_one_percent_of_budget(name, num_embeddings, dim, compress
 
 
 @pytest.mark.parametrize("name", COMPRESSED)
-def test_memory_counts_every_parameter_and_buffer(name):
+def test_memory_counts_floats_and_index_arrays_apart(name):
     module = build(name, num_embeddings=10_000, compression=10)
-    stored = sum(t.numel() * t.element_size() for t in module.state_dict().values())
-    assert module.memory().total == stored
+    report = module.memory()
+    assert report.float_bytes == sum(p.numel() * 4 for p in module.parameters())
+    hashed = METHODS[name].open_vocabulary
+    assert (report.index_bytes > 0) == hashed  # hash coefficients are index bytes; qr stores none
+    assert report.total == report.float_bytes + report.index_bytes + report.sketch_bytes
 
 
 @pytest.mark.parametrize("name", ALL_METHODS)
@@ -218,15 +221,53 @@ def test_state_dict_round_trip_reproduces_outputs(name):
 
 
 @pytest.mark.parametrize("name", ALL_METHODS)
-def test_reset_parameters_restores_the_seeded_tables(name):
+def test_reset_parameters_restores_the_seeded_tables_and_hashes(name):
     module = build(name, seed=5)
     ids = torch.arange(50)
     before = module(ids).detach().clone()
     with torch.no_grad():
         for param in module.parameters():
             param.add_(1.0)
+        for buffer in module.buffers():
+            buffer.add_(12345)
     module.reset_parameters()
     assert torch.equal(module(ids), before)
+
+
+@pytest.mark.parametrize("name", ALL_METHODS)
+def test_built_on_meta_then_materialised_equals_a_direct_build(name):
+    direct = build(name, seed=6)
+    planned = build(name, seed=6, device="meta")
+    assert all(t.is_meta for t in [*planned.parameters(), *planned.buffers()])
+    assert planned.memory() == direct.memory()
+    planned.to_empty(device="cpu")
+    planned.reset_parameters()
+    ids = torch.arange(0, 1000, 3)
+    assert torch.equal(planned(ids), direct(ids))
+
+
+@pytest.mark.parametrize("name", ALL_METHODS)
+def test_weights_of_another_float_dtype_give_the_tables_dtype_on_every_path(name):
+    module = build(name)
+    ids = torch.randint(0, 1000, (6,))
+    weights = torch.rand(6, dtype=torch.float64)
+    for offsets in (torch.arange(6), torch.tensor([0, 2, 2])):
+        assert module(ids, offsets, weights).dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", ALL_METHODS)
+def test_uint64_ids_are_refused(name):
+    with pytest.raises(TypeError, match="uint64"):
+        build(name)(torch.tensor([1, 2], dtype=torch.uint64))
+
+
+@pytest.mark.parametrize("name", ALL_METHODS)
+def test_numpy_integer_sizes_are_accepted(name):
+    import numpy as np
+
+    budget = {"compression": np.float32(1)} if name == "full" else {"num_params": np.int64(2000)}
+    module = make_embedding(name, np.int64(1000), np.int32(8), **budget)
+    assert module.num_embeddings == 1000 and type(module.embedding_dim) is int
 
 
 def _outputs_by_method():

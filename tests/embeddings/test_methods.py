@@ -102,7 +102,7 @@ def test_robe_reads_signed_contiguous_chunks_of_a_circular_array():
         expected = []
         for j in range(2):
             start = _h(emb.hash, x, j)
-            sign = _sign(emb.sign_coefficients, x, j)
+            sign = _sign(emb.sign_hash.coefficients, x, j)
             expected += [sign * float(array[(start + t) % size].detach()) for t in range(z)]
         torch.testing.assert_close(row, torch.tensor(expected))
 
@@ -112,7 +112,7 @@ def test_hashednets_hash_every_coordinate_with_a_sign():
     array = emb.weight[:, 0].detach()
     out = emb(torch.tensor(IDS))
     for row, x in zip(out, IDS):
-        expected = [_sign(emb.sign_coefficients, x, j) * float(array[_h(emb.hash, x, j)]) for j in range(8)]
+        expected = [_sign(emb.sign_hash.coefficients, x, j) * float(array[_h(emb.hash, x, j)]) for j in range(8)]
         torch.testing.assert_close(row, torch.tensor(expected))
 
 
@@ -120,7 +120,7 @@ def test_hashednets_hash_every_coordinate_with_a_sign():
 def test_unsigned_flat_arrays_store_no_sign_hash(name):
     signed = make_embedding(name, None, 8, num_params=500)
     unsigned = make_embedding(name, None, 8, num_params=500, signed=False)
-    assert unsigned.sign_coefficients.numel() == 0
+    assert unsigned.sign_hash is None
     assert unsigned.size > signed.size  # the sign coefficients' bytes went to floats
     out = unsigned(torch.tensor([3]))[0].detach()
     assert float(out[0]) == float(unsigned.weight[_h(unsigned.hash, 3, 0), 0].detach())
@@ -146,3 +146,22 @@ def test_outputs_start_at_a_common_scale():
     expected = 16**-0.5 / math.sqrt(3)  # the sd of U(-1/sqrt(d), 1/sqrt(d))
     for name, spread in spreads.items():
         assert spread == pytest.approx(expected, rel=0.25), (name, spreads)
+
+
+@pytest.mark.parametrize(
+    "name, options, stored_bytes",
+    [
+        # the documented formulas, in bytes: 4 per float, 16 per hash function
+        ("hash", {}, lambda e: e.rows * 16 * 4 + 16),
+        ("ce", {"columns": 4}, lambda e: 4 * e.rows * 4 * 4 + 4 * 16),
+        ("bloom", {"num_hashes": 2}, lambda e: e.rows * 16 * 4 + 2 * 16),
+        ("hemb", {"num_hashes": 2}, lambda e: (e.pool.shape[0] * 16 + e.importance.shape[0] * 2) * 4 + 3 * 16),
+        ("qr", {}, lambda e: (e.modulus + math.ceil(100_000 / e.modulus)) * 16 * 4),
+        ("robe", {"chunks": 2}, lambda e: e.size * 4 + 2 * 2 * 16),
+        ("hashednets", {}, lambda e: e.size * 4 + 2 * 16 * 16),
+    ],
+)
+def test_memory_matches_the_method_formula(name, options, stored_bytes):
+    emb = make_embedding(name, 100_000, 16, compression=20, **options)
+    assert emb.memory().total == stored_bytes(emb)
+    assert abs(emb.memory().total - 100_000 * 16 * 4 / 20) <= 0.01 * 100_000 * 16 * 4 / 20
