@@ -4,8 +4,8 @@ The batch is Criteo-shaped: 2,048 samples x 26 features, one id per feature (DLR
 feature its own table of 1M ids, dim 16, every compressed method at compression 100. Ids are uniform and
 every step takes the next of 16 different batches, as training does. The baseline is DLRM's:
 one ``nn.EmbeddingBag(sparse=True)`` per feature. Each configuration's steps alternate with the baseline's
-(ABBA...), and its time is divided by the baseline's time over the same stretch, so machine noise cancels;
-the median ratio over rounds is reported.
+(ABBA...); every step is divided by the baseline step next to it, and the median of those ratios over all
+rounds is reported, so load from elsewhere on the machine cancels or falls out as an outlier.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class LookupResult:
         lines = [
             f"Forward+backward per step, {s['batch_size']:,} samples x {s['num_features']} features of "
             f"{s['num_embeddings']:,} ids, dim {s['embedding_dim']}, compression {s['compression']:g}; "
-            f"median of {s['rounds']} interleaved rounds of {s['steps']} steps; torch {s['torch']}, "
+            f"median of per-step ratios over {s['rounds']} rounds of {s['steps']} alternating steps; torch {s['torch']}, "
             f"{s['threads']} threads, {s['date']}.",
             "",
             f"Baseline (nn.EmbeddingBag, sparse=True, one per feature): {self.baseline_milliseconds:.2f} ms/step",
@@ -72,17 +72,19 @@ class LookupResult:
         return "\n".join(lines)
 
 
-def _time_pairs(baseline: Callable[[], None], step: Callable[[], None], steps: int) -> tuple[float, float]:
-    """Seconds per step of ``baseline`` and ``step``, run alternately so that both see the same machine."""
+def _time_pairs(baseline: Callable[[], None], step: Callable[[], None], steps: int) -> list[tuple[float, float]]:
+    """``steps`` pairs of (baseline seconds, step seconds), each pair run back to back (ABBA order)."""
     baseline(), step()  # warm-up: first-call allocations stay out of the timing
-    spent = [0.0, 0.0]
+    pairs = []
     for index in range(steps):
-        order = ((0, baseline), (1, step)) if index % 2 == 0 else ((1, step), (0, baseline))  # ABBA: no order bias
+        order = ((0, baseline), (1, step)) if index % 2 == 0 else ((1, step), (0, baseline))  # no order bias
+        spent = [0.0, 0.0]
         for which, run in order:
             start = time.perf_counter()
             run()
-            spent[which] += time.perf_counter() - start
-    return spent[0] / steps, spent[1] / steps
+            spent[which] = time.perf_counter() - start
+        pairs.append((spent[0], spent[1]))
+    return pairs
 
 
 def run_lookup_benchmark(
@@ -141,10 +143,11 @@ def run_lookup_benchmark(
     ratios: dict[tuple[str, str], list[float]] = {key: [] for key in configs}
     for _ in range(rounds):
         for key, step in configs.items():
-            base, spent = _time_pairs(baseline_step, step, steps)
-            baseline_seconds.append(base)
-            seconds[key].append(spent)
-            ratios[key].append(spent / base)
+            for base, spent in _time_pairs(baseline_step, step, steps):
+                # the median of per-pair ratios: a burst of load from elsewhere spoils a few pairs, not the result
+                baseline_seconds.append(base)
+                seconds[key].append(spent)
+                ratios[key].append(spent / base)
 
     rows = [
         LookupRow(

@@ -14,7 +14,6 @@ import numbers
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -110,41 +109,50 @@ class CompressedEmbedding(torch.nn.Module, ABC):
 
     def forward(self, ids: Tensor, offsets: Tensor | None = None, per_sample_weights: Tensor | None = None) -> Tensor:
         """Embed ``ids`` (any shape), or bags of them when ``offsets`` is given; see the class docstring."""
-        ids = self.check_ids(ids)
         if offsets is None:
             if per_sample_weights is not None:
                 raise ValueError("per_sample_weights needs offsets (it weighs ids inside bags)")
+            ids = self.check_ids(ids)
             return self.lookup(ids.reshape(-1)).view(*ids.shape, self.embedding_dim)
-        offsets, per_sample_weights, one_id_per_bag = self._check_bags(ids, offsets, per_sample_weights)
+        ids, offsets, per_sample_weights, one_id_per_bag = self._check_bags(ids, offsets, per_sample_weights)
         return self.lookup_bags(ids, offsets, per_sample_weights, one_id_per_bag)
 
     def check_ids(self, ids: Tensor) -> Tensor:
         """Return ``ids`` as int64, or raise TypeError (not integers) / ValueError (out of range)."""
-        if not isinstance(ids, Tensor):
-            raise TypeError(f"{self._who()}: ids must be a torch.Tensor, got {type(ids).__name__}")
-        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-            raise TypeError(f"{self._who()}: ids must be an integer tensor, got dtype {ids.dtype}")
-        if ids.dtype == torch.uint64:  # values past 2^63 would wrap in int64
-            raise TypeError(f"{self._who()}: ids must be int64 or a narrower integer dtype, got uint64")
-        ids = ids.long()
-        if not self.open_vocabulary and ids.numel() > 0:
-            low, high = torch.stack(torch.aminmax(ids)).tolist()  # one sync for both bounds
-            if low < 0 or high >= self.num_embeddings:
-                bad = ids[(ids < 0) | (ids >= self.num_embeddings)].reshape(-1)[0].item()
-                raise ValueError(f"{self._who()}: id {bad} is outside [0, {self.num_embeddings})")
+        ids = self._as_int64(ids, "ids")
+        bounds = self._id_bounds(ids)
+        if bounds:
+            self._check_range(ids, *torch.stack(bounds).tolist())
         return ids
+
+    def _as_int64(self, tensor: Tensor, what: str) -> Tensor:
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"{self._who()}: {what} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+            raise TypeError(f"{self._who()}: {what} must be an integer tensor, got dtype {tensor.dtype}")
+        if tensor.dtype == torch.uint64:  # values past 2^63 would wrap in int64
+            raise TypeError(f"{self._who()}: {what} must be int64 or a narrower integer dtype, got uint64")
+        return tensor.long()
+
+    def _id_bounds(self, ids: Tensor) -> list[Tensor]:
+        # the smallest and largest id, where the vocabulary is closed (open ones take any int64)
+        return [] if self.open_vocabulary or ids.numel() == 0 else list(torch.aminmax(ids))
+
+    def _check_range(self, ids: Tensor, low: int, high: int) -> None:
+        if low < 0 or high >= self.num_embeddings:
+            bad = ids[(ids < 0) | (ids >= self.num_embeddings)].reshape(-1)[0].item()
+            raise ValueError(f"{self._who()}: id {bad} is outside [0, {self.num_embeddings})")
 
     def _check_bags(
         self, ids: Tensor, offsets: Tensor, per_sample_weights: Tensor | None
-    ) -> tuple[Tensor, Tensor | None, bool]:
-        """Check bag inputs; return int64 offsets, the weights, and whether every bag holds exactly one id."""
+    ) -> tuple[Tensor, Tensor, Tensor | None, bool]:
+        """Check bag inputs; return int64 ids and offsets, the weights, and whether every bag holds one id."""
+        ids = self._as_int64(ids, "ids")
         if ids.dim() != 1:
             raise ValueError(f"{self._who()}: with offsets, ids must be 1-D, got shape {tuple(ids.shape)}")
-        if not isinstance(offsets, Tensor) or offsets.dim() != 1:
-            raise ValueError(f"{self._who()}: offsets must be a 1-D tensor")
-        if offsets.is_floating_point() or offsets.is_complex() or offsets.dtype == torch.bool:
-            raise TypeError(f"{self._who()}: offsets must be an integer tensor, got dtype {offsets.dtype}")
-        offsets = offsets.long()
+        offsets = self._as_int64(offsets, "offsets")
+        if offsets.dim() != 1:
+            raise ValueError(f"{self._who()}: offsets must be 1-D, got shape {tuple(offsets.shape)}")
         if per_sample_weights is not None:
             if self.mode != "sum":
                 raise ValueError(f"{self._who()}: per_sample_weights needs mode 'sum', not {self.mode!r}")
@@ -155,17 +163,28 @@ class CompressedEmbedding(torch.nn.Module, ABC):
                 )
             # the tables' dtype, as nn.EmbeddingBag requires, whichever path the bags take
             per_sample_weights = per_sample_weights.to(next(self.parameters()).dtype)
+        # every value the checks need, read in one sync: offsets[0], the smallest bag size (negative when
+        # offsets decrease or run past the ids) and, for a closed vocabulary, the id range
+        stats = self._id_bounds(ids)
+        if offsets.numel() > 0:
+            sizes = torch.diff(offsets, append=offsets.new_full((1,), ids.numel()))
+            stats = [offsets[0], sizes.min(), *stats]
+        values = torch.stack(stats).tolist() if stats else []
         if offsets.numel() == 0:
-            return offsets, per_sample_weights, False
-        first, smallest = _first_offset_and_smallest_bag(offsets, ids.numel())
+            if values:
+                self._check_range(ids, *values)
+            return ids, offsets, per_sample_weights, False
+        first, smallest = values[:2]
         if first != 0:
             raise ValueError(f"{self._who()}: offsets[0] must be 0, got {first}")
         if smallest < 0:
             if offsets[-1] > ids.numel():
                 raise ValueError(f"{self._who()}: offsets[-1] = {offsets[-1].item()} is beyond the {ids.numel()} ids")
             raise ValueError(f"{self._who()}: offsets must be non-decreasing")
+        if len(values) > 2:
+            self._check_range(ids, *values[2:])
         # n bags over n ids with none empty: every bag holds exactly one id
-        return offsets, per_sample_weights, offsets.numel() == ids.numel() and smallest >= 1
+        return ids, offsets, per_sample_weights, offsets.numel() == ids.numel() and smallest >= 1
 
     def memory(self) -> MemoryReport:
         """What the module stores: parameters as float bytes, persistent buffers (hashes, pointers) as index bytes."""
@@ -221,20 +240,6 @@ class CompressedEmbedding(torch.nn.Module, ABC):
 
 def _is_positive_int(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
-
-
-def _first_offset_and_smallest_bag(offsets: Tensor, num_ids: int) -> tuple[int, int]:
-    """offsets[0] and the smallest bag size (negative: offsets decrease, or the last is beyond the ids)."""
-    if offsets.device.type == "cpu":  # numpy on the shared memory: a third of torch's per-op overhead here
-        values = offsets.numpy()
-        return int(values[0]), int(np.diff(values, append=num_ids).min())
-    return _first_offset_and_smallest_bag_torch(offsets, num_ids)
-
-
-def _first_offset_and_smallest_bag_torch(offsets: Tensor, num_ids: int) -> tuple[int, int]:
-    sizes = torch.diff(offsets, append=offsets.new_full((1,), num_ids))
-    first, smallest = torch.stack([offsets[0], sizes.min()]).tolist()
-    return first, smallest
 
 
 @torch.no_grad()

@@ -284,10 +284,16 @@ def test_same_seed_gives_same_outputs_in_a_fresh_process():
     assert json.loads(result.stdout) == _outputs_by_method()
 
 
-@settings(max_examples=50, deadline=None)
-@given(st.lists(st.integers(-3, 30), min_size=1, max_size=12), st.integers(0, 30))
-def test_bag_checks_agree_on_cpu_and_device_paths(offsets, num_ids):
-    from compemb.embeddings.base import _first_offset_and_smallest_bag, _first_offset_and_smallest_bag_torch
 
-    tensor = torch.tensor(offsets)
-    assert _first_offset_and_smallest_bag(tensor, num_ids) == _first_offset_and_smallest_bag_torch(tensor, num_ids)
+@pytest.mark.parametrize("name", ["hash", "qr"])
+@settings(max_examples=50, deadline=None)
+@given(offsets=st.lists(st.integers(-3, 30), min_size=1, max_size=12), num_ids=st.integers(0, 30))
+def test_any_bad_offsets_are_refused_and_good_ones_accepted(name, offsets, num_ids):
+    module = build(name)
+    ids, tensor = torch.zeros(num_ids, dtype=torch.long), torch.tensor(offsets)
+    valid = offsets[0] == 0 and all(a <= b for a, b in zip(offsets, offsets[1:])) and offsets[-1] <= num_ids
+    if valid:
+        assert module(ids, tensor).shape == (len(offsets), 8)
+    else:
+        with pytest.raises(ValueError, match="offsets"):
+            module(ids, tensor)
