@@ -244,11 +244,14 @@ def _is_positive_int(value: object) -> bool:
 
 @torch.no_grad()
 def init_uniform_(tensor: Tensor, bound: float, generator: torch.Generator) -> None:
-    """Fill ``tensor`` with U(-bound, bound) from ``generator`` (on CPU, so every device agrees)."""
+    """Fill ``tensor`` with U(-bound, bound) from a CPU ``generator``: the same values on every device."""
     if tensor.is_meta:
         return
-    values = torch.rand(tensor.shape, generator=generator) * (2 * bound) - bound
-    tensor.copy_(values)
+    if tensor.device.type == "cpu":
+        # in place: no full-size temporary (a 10M x 16 table would need another 640 MB)
+        tensor.uniform_(-bound, bound, generator=generator)
+    else:
+        tensor.copy_(torch.empty(tensor.shape, dtype=tensor.dtype).uniform_(-bound, bound, generator=generator))
 
 
 class _GatherScalars(torch.autograd.Function):
