@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from compemb.budget import Budget, MemoryReport, check_budget
+from compemb.checks import id_range, scan_bags
 from compemb.hashing import UniversalHash
 
 MODES = ("sum", "mean")
@@ -120,9 +121,8 @@ class CompressedEmbedding(torch.nn.Module, ABC):
     def check_ids(self, ids: Tensor) -> Tensor:
         """Return ``ids`` as int64, or raise TypeError (not integers) / ValueError (out of range)."""
         ids = self._as_int64(ids, "ids")
-        bounds = self._id_bounds(ids)
-        if bounds:
-            self._check_range(ids, *torch.stack(bounds).tolist())
+        if not self.open_vocabulary and ids.numel() > 0:
+            self._check_range(ids, *id_range(ids))
         return ids
 
     def _as_int64(self, tensor: Tensor, what: str) -> Tensor:
@@ -133,10 +133,6 @@ class CompressedEmbedding(torch.nn.Module, ABC):
         if tensor.dtype == torch.uint64:  # values past 2^63 would wrap in int64
             raise TypeError(f"{self._who()}: {what} must be int64 or a narrower integer dtype, got uint64")
         return tensor.long()
-
-    def _id_bounds(self, ids: Tensor) -> list[Tensor]:
-        # the smallest and largest id, where the vocabulary is closed (open ones take any int64)
-        return [] if self.open_vocabulary or ids.numel() == 0 else list(torch.aminmax(ids))
 
     def _check_range(self, ids: Tensor, low: int, high: int) -> None:
         if low < 0 or high >= self.num_embeddings:
@@ -163,26 +159,22 @@ class CompressedEmbedding(torch.nn.Module, ABC):
                 )
             # the tables' dtype, as nn.EmbeddingBag requires, whichever path the bags take
             per_sample_weights = per_sample_weights.to(next(self.parameters()).dtype)
-        # every value the checks need, read in one sync: offsets[0], the smallest bag size (negative when
-        # offsets decrease or run past the ids) and, for a closed vocabulary, the id range
-        stats = self._id_bounds(ids)
-        if offsets.numel() > 0:
-            sizes = torch.diff(offsets, append=offsets.new_full((1,), ids.numel()))
-            stats = [offsets[0], sizes.min(), *stats]
-        values = torch.stack(stats).tolist() if stats else []
+        closed = not self.open_vocabulary and ids.numel() > 0
         if offsets.numel() == 0:
-            if values:
-                self._check_range(ids, *values)
+            if closed:
+                self._check_range(ids, *id_range(ids))
             return ids, offsets, per_sample_weights, False
-        first, smallest = values[:2]
+        # every value the checks need in one pass: offsets[0], the smallest bag size (negative when offsets
+        # decrease or run past the ids) and, for a closed vocabulary, the id range
+        first, smallest, low, high = scan_bags(ids, offsets, want_range=closed)
         if first != 0:
             raise ValueError(f"{self._who()}: offsets[0] must be 0, got {first}")
         if smallest < 0:
             if offsets[-1] > ids.numel():
                 raise ValueError(f"{self._who()}: offsets[-1] = {offsets[-1].item()} is beyond the {ids.numel()} ids")
             raise ValueError(f"{self._who()}: offsets must be non-decreasing")
-        if len(values) > 2:
-            self._check_range(ids, *values[2:])
+        if closed:
+            self._check_range(ids, low, high)
         # n bags over n ids with none empty: every bag holds exactly one id
         return ids, offsets, per_sample_weights, offsets.numel() == ids.numel() and smallest >= 1
 
