@@ -9,13 +9,32 @@ the budget by more than :data:`BUDGET_TOLERANCE` raises :class:`BudgetError`.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import numbers
 import operator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 FLOAT_BYTES = 4  # the budget is counted in fp32 values
 BUDGET_TOLERANCE = 0.01
+
+
+_tolerance: contextvars.ContextVar[float] = contextvars.ContextVar("budget_tolerance", default=BUDGET_TOLERANCE)
+
+
+@contextlib.contextmanager
+def nearest_size() -> Iterator[None]:
+    """Inside this block methods build their size nearest the budget instead of refusing to miss it by >1%.
+
+    For callers that account the real bytes themselves, as EmbeddingCollection does for small features.
+    """
+    token = _tolerance.set(math.inf)
+    try:
+        yield
+    finally:
+        _tolerance.reset(token)
 
 
 class BudgetError(ValueError):
@@ -110,7 +129,7 @@ def check_budget(
     miss budgets between the two); ``largest_params``, the largest it can meet, if it has one.
     """
     error = abs(report.total - budget.num_bytes) / budget.num_bytes
-    if error <= BUDGET_TOLERANCE:
+    if error <= _tolerance.get():
         return
     asked = f"{method} cannot meet a budget of {budget.num_params:,.0f} params ({budget.num_bytes:,} bytes)"
     if budget.num_params < smallest_params:

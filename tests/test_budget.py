@@ -63,3 +63,14 @@ def test_budget_errors_of_real_methods():
         make_embedding("hash", None, 16, num_params=110)
     with pytest.raises(BudgetError, match="largest budget it can meet is 404 params"):
         make_embedding("qr", 100, 4, num_params=1000)
+
+
+def test_nearest_size_builds_what_strict_budgets_refuse_and_only_inside_the_block():
+    from compemb import make_embedding
+    from compemb.budget import nearest_size
+
+    with nearest_size():
+        emb = make_embedding("hash", None, 16, num_params=110)
+    assert emb.rows == 7  # (440 - 16) / 64 = 6.6 rows, rounded
+    with pytest.raises(BudgetError):
+        make_embedding("hash", None, 16, num_params=110)

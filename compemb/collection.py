@@ -1,0 +1,166 @@
+"""EmbeddingCollection: one compression method over many features, within one overall budget.
+
+The budget is split across features in proportion to their full sizes. A feature whose share would be at
+least its full size, or whose nearest compressed size is no smaller than its full table, stays full, and
+what that leaves of the budget goes to the others; small tables take their nearest size and the larger ones
+absorb the rounding, so the collection's total meets the budget within 1%. ``memory()`` reports every
+feature and the total.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from compemb.budget import (
+    BUDGET_TOLERANCE,
+    FLOAT_BYTES,
+    BudgetError,
+    MemoryReport,
+    full_table_bytes,
+    nearest_size,
+    resolve_budget,
+)
+from compemb.embeddings.base import CompressedEmbedding
+from compemb.registry import get_method, make_embedding
+
+
+@dataclass(frozen=True)
+class Feature:
+    """A categorical feature: its name and how many ids it has."""
+
+    name: str
+    num_embeddings: int
+
+
+@dataclass(frozen=True)
+class CollectionMemory:
+    """Bytes stored by every feature's table, and their sum."""
+
+    per_feature: dict[str, MemoryReport]
+
+    @property
+    def total(self) -> MemoryReport:
+        """All features together."""
+        reports = list(self.per_feature.values())
+        return sum(reports[1:], reports[0])
+
+
+class EmbeddingCollection(torch.nn.Module):
+    """One method's tables for many features, sharing one budget.
+
+    Args:
+        features: the features, in the order of the id columns.
+        embedding_dim: the vectors' size, the same for every feature.
+        method: a registered method name (``compemb.METHODS``).
+        compression, num_params: the budget for all features together (one of the two).
+        seed: feature i's table is built with ``seed + i``.
+        options: passed to every compressed table (``sparse=True``, ``columns=4``, ...).
+
+    Shape:
+        ids ``(batch, num_features)``, one id per feature -> ``(batch, num_features, embedding_dim)``.
+
+    Example::
+
+        >>> features = [Feature("C1", 100_000), Feature("C2", 5_000), Feature("C3", 3)]
+        >>> collection = EmbeddingCollection(features, 16, "qr", compression=10)
+        >>> collection(torch.tensor([[7, 8, 2]])).shape
+        torch.Size([1, 3, 16])
+        >>> type(collection.embeddings["C3"]).__name__  # QR cannot make 3 ids smaller: kept full
+        'FullEmbedding'
+    """
+
+    def __init__(
+        self,
+        features: Sequence[Feature],
+        embedding_dim: int,
+        method: str,
+        *,
+        compression: float | None = None,
+        num_params: int | None = None,
+        seed: int = 0,
+        device: torch.device | str | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__()
+        if not features:
+            raise ValueError("an EmbeddingCollection needs at least one feature")
+        names = [f.name for f in features]
+        if len(set(names)) != len(names):
+            raise ValueError(f"feature names must be unique, got {names}")
+        self.features = list(features)
+        self.embedding_dim = embedding_dim
+        self.method = method
+        total = sum(f.num_embeddings for f in features)
+        if compression is None and num_params is None and not get_method(method).compresses:
+            compression = 1
+        self.budget = resolve_budget(total, embedding_dim, compression=compression, num_params=num_params)
+        full_options = {key: value for key, value in options.items() if key in ("sparse", "mode")}
+
+        def build(index: int, budget_bytes: int | None, nearest: bool) -> CompressedEmbedding:
+            feature = features[index]
+            common = dict(seed=seed + index, device=device, name=feature.name)
+            if budget_bytes is None:
+                return make_embedding("full", feature.num_embeddings, embedding_dim, **common, **full_options)
+            params = max(1, budget_bytes // FLOAT_BYTES)
+            with nearest_size() if nearest else contextlib.nullcontext():
+                return make_embedding(method, feature.num_embeddings, embedding_dim, num_params=params, **common,
+                                      **options)
+
+        # smallest first: each takes its proportional share of what is left (or stays full when the share
+        # would reach its full size), the rounding of small tables is absorbed by the larger ones, and the
+        # largest meets what remains within the 1% every method keeps
+        full = [full_table_bytes(f.num_embeddings, embedding_dim) for f in features]
+        order = sorted(range(len(features)), key=lambda index: full[index])
+        tables: dict[int, CompressedEmbedding] = {}
+        left_bytes, left_full = self.budget.num_bytes, sum(full)
+        for position, index in enumerate(order):
+            share = left_bytes * full[index] / left_full
+            last = position == len(order) - 1
+            if not get_method(method).compresses or share >= full[index]:
+                table = build(index, None, nearest=False)
+            elif left_bytes < FLOAT_BYTES:
+                raise BudgetError(
+                    f"a budget of {self.budget.num_params:,.0f} params is used up before feature "
+                    f"{features[index].name!r}: the smaller features' tables took it"
+                )
+            else:
+                table = build(index, round(share), nearest=not last)
+                if table.memory().total >= full[index]:  # its nearest compressed size is no smaller
+                    table = build(index, None, nearest=False)
+            tables[index] = table
+            left_bytes -= table.memory().total
+            left_full -= full[index]
+        stored = sum(table.memory().total for table in tables.values())
+        miss = (stored - self.budget.num_bytes) / self.budget.num_bytes
+        every_table_full = all(not table.compresses for table in tables.values())
+        if miss > BUDGET_TOLERANCE or (miss < -BUDGET_TOLERANCE and not every_table_full):
+            raise BudgetError(
+                f"EmbeddingCollection of {method!r}: its tables store {stored:,} bytes, {miss:+.1%} from the budget "
+                f"of {self.budget.num_bytes:,} bytes"
+            )
+        self.embeddings = torch.nn.ModuleDict({features[i].name: tables[i] for i in range(len(features))})
+
+    def forward(self, ids: Tensor) -> Tensor:
+        """Vectors of one id per feature: ``(batch, num_features)`` -> ``(batch, num_features, dim)``."""
+        if ids.dim() != 2 or ids.shape[1] != len(self.features):
+            raise ValueError(
+                f"ids must have shape (batch, {len(self.features)}) for features {[f.name for f in self.features]}, "
+                f"got {tuple(ids.shape)}"
+            )
+        tables: list[CompressedEmbedding] = list(self.embeddings.values())  # type: ignore[arg-type]
+        return torch.stack([table(ids[:, column]) for column, table in enumerate(tables)], dim=1)
+
+    def memory(self) -> CollectionMemory:
+        """Every feature's MemoryReport, and their total (``.total``)."""
+        return CollectionMemory({name: table.memory() for name, table in self.embeddings.items()})
+
+    def extra_repr(self) -> str:
+        total = self.memory().total
+        full = sum(full_table_bytes(f.num_embeddings, self.embedding_dim) for f in self.features)
+        return f"method={self.method!r}, features={len(self.features)}, compression={full / total.total:.1f}x"

@@ -1,0 +1,68 @@
+"""EmbeddingCollection: the shared budget, its split, and lookups."""
+
+import pytest
+import torch
+
+from compemb import METHODS, BudgetError
+from compemb.collection import EmbeddingCollection, Feature
+
+FEATURES = [Feature("big", 200_000), Feature("mid", 20_000), Feature("small", 2_000), Feature("tiny", 4)]
+FULL_BYTES = sum(f.num_embeddings for f in FEATURES) * 16 * 4
+
+
+@pytest.mark.parametrize("name", sorted(m for m in METHODS if METHODS[m].compresses))
+@pytest.mark.parametrize("compression", [10, 100, 1000])
+def test_total_memory_meets_the_overall_budget(name, compression):
+    if name == "qr" and compression == 1000:  # QR of 200,000 ids needs 2 * sqrt(n) * d > the whole budget
+        with pytest.raises(BudgetError):
+            EmbeddingCollection(FEATURES, 16, name, compression=compression, device="meta")
+        return
+    collection = EmbeddingCollection(FEATURES, 16, name, compression=compression, device="meta")
+    total = collection.memory().total.total
+    assert abs(total - FULL_BYTES / compression) <= 0.01 * FULL_BYTES / compression
+    per_feature = collection.memory().per_feature
+    assert set(per_feature) == {f.name for f in FEATURES}
+
+
+def test_shares_follow_full_sizes_and_small_features_stay_full_when_that_is_smaller():
+    collection = EmbeddingCollection(FEATURES, 16, "qr", compression=10)
+    per_feature = collection.memory().per_feature
+    assert type(collection.embeddings["tiny"]).__name__ == "FullEmbedding"
+    assert per_feature["tiny"].total == 4 * 16 * 4
+    # the big feature gets about 10x the mid one's share, as their full sizes
+    assert per_feature["big"].total / per_feature["mid"].total == pytest.approx(10, rel=0.15)
+
+
+def test_a_share_past_the_full_size_keeps_the_table_full():
+    collection = EmbeddingCollection(FEATURES, 16, "hash", compression=0.5)
+    assert all(type(table).__name__ == "FullEmbedding" for table in collection.embeddings.values())
+
+
+def test_a_budget_the_small_tables_use_up_is_refused():
+    with pytest.raises(BudgetError):
+        EmbeddingCollection(FEATURES, 16, "qr", num_params=50)
+
+
+def test_forward_stacks_each_feature_in_column_order():
+    collection = EmbeddingCollection(FEATURES, 8, "ce", compression=20, seed=3)
+    ids = torch.tensor([[1, 2, 3, 0], [199_999, 19_999, 1_999, 3]])
+    out = collection(ids)
+    assert out.shape == (2, 4, 8)
+    for column, feature in enumerate(FEATURES):
+        assert torch.equal(out[:, column], collection.embeddings[feature.name](ids[:, column]))
+
+
+def test_features_get_different_seeds_and_errors_name_the_feature():
+    collection = EmbeddingCollection([Feature("a", 1000), Feature("b", 1000)], 8, "qr", compression=4)
+    ids = torch.tensor([[5, 5]])
+    out = collection(ids)
+    assert not torch.equal(out[0, 0], out[0, 1])
+    with pytest.raises(ValueError, match="'b': id 1000 is outside"):
+        collection(torch.tensor([[1, 1000]]))
+    with pytest.raises(ValueError, match=r"shape \(batch, 2\)"):
+        collection(torch.tensor([1, 2]))
+
+
+def test_the_full_method_needs_no_budget():
+    collection = EmbeddingCollection(FEATURES, 4, "full")
+    assert collection.memory().total.total == FULL_BYTES // 4
