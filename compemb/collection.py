@@ -9,7 +9,6 @@ feature and the total.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -102,37 +101,36 @@ class EmbeddingCollection(torch.nn.Module):
         self.budget = resolve_budget(total, embedding_dim, compression=compression, num_params=num_params)
         full_options = {key: value for key, value in options.items() if key in ("sparse", "mode")}
 
-        def build(index: int, budget_bytes: int | None, nearest: bool) -> CompressedEmbedding:
+        def build(index: int, budget_bytes: int | None) -> CompressedEmbedding:
             feature = features[index]
             common = dict(seed=seed + index, device=device, name=feature.name)
             if budget_bytes is None:
                 return make_embedding("full", feature.num_embeddings, embedding_dim, **common, **full_options)
             params = max(1, budget_bytes // FLOAT_BYTES)
-            with nearest_size() if nearest else contextlib.nullcontext():
+            with nearest_size():  # the total is checked at the end
                 return make_embedding(method, feature.num_embeddings, embedding_dim, num_params=params, **common,
                                       **options)
 
         # smallest first: each takes its proportional share of what is left (or stays full when the share
-        # would reach its full size), the rounding of small tables is absorbed by the larger ones, and the
-        # largest meets what remains within the 1% every method keeps
+        # would reach its full size) at its nearest size; larger tables absorb the smaller ones' rounding,
+        # and the total is checked against the budget at the end
         full = [full_table_bytes(f.num_embeddings, embedding_dim) for f in features]
         order = sorted(range(len(features)), key=lambda index: full[index])
         tables: dict[int, CompressedEmbedding] = {}
         left_bytes, left_full = self.budget.num_bytes, sum(full)
-        for position, index in enumerate(order):
+        for index in order:
             share = left_bytes * full[index] / left_full
-            last = position == len(order) - 1
             if not get_method(method).compresses or share >= full[index]:
-                table = build(index, None, nearest=False)
+                table = build(index, None)
             elif left_bytes < FLOAT_BYTES:
                 raise BudgetError(
                     f"a budget of {self.budget.num_params:,.0f} params is used up before feature "
                     f"{features[index].name!r}: the smaller features' tables took it"
                 )
             else:
-                table = build(index, round(share), nearest=not last)
+                table = build(index, round(share))
                 if table.memory().total >= full[index]:  # its nearest compressed size is no smaller
-                    table = build(index, None, nearest=False)
+                    table = build(index, None)
             tables[index] = table
             left_bytes -= table.memory().total
             left_full -= full[index]

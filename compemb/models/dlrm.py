@@ -1,0 +1,58 @@
+"""DLRM: "Deep Learning Recommendation Model for Personalization and Recommendation Systems",
+Naumov et al. 2019 (arXiv 1906.00091).
+
+Dense features go through the bottom MLP to a vector of the embedding dim; it and every feature's embedding
+interact by pairwise dot products (each unordered pair once, no self-products); the products and the dense
+vector go through the top MLP to one logit. Defaults are the Criteo Kaggle reference: dim 16, bottom
+13-512-256-64-16, top 512-256-1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from compemb.collection import EmbeddingCollection
+from compemb.models.mlp import mlp
+
+
+class DLRM(torch.nn.Module):
+    """DLRM with dot interactions over an :class:`~compemb.collection.EmbeddingCollection`.
+
+    Args:
+        embeddings: the sparse features' tables (their dim is the interaction dim).
+        num_dense: dense features per sample (13 on Criteo).
+        bottom: hidden widths of the bottom MLP; it ends in the embedding dim.
+        top: hidden widths of the top MLP; it ends in one logit.
+
+    Shape:
+        dense ``(batch, num_dense)`` float, sparse ``(batch, num_features)`` int -> logits ``(batch,)``.
+    """
+
+    def __init__(
+        self,
+        embeddings: EmbeddingCollection,
+        num_dense: int = 13,
+        bottom: Sequence[int] = (512, 256, 64),
+        top: Sequence[int] = (512, 256),
+    ) -> None:
+        super().__init__()
+        dim = embeddings.embedding_dim
+        self.embeddings = embeddings
+        self.bottom = mlp(num_dense, [*bottom, dim])
+        vectors = len(embeddings.features) + 1
+        self.num_interactions = vectors * (vectors - 1) // 2
+        self.top = mlp(dim + self.num_interactions, [*top, 1], final_activation=False)
+        rows, columns = torch.triu_indices(vectors, vectors, offset=1)
+        self.register_buffer("pair_rows", rows, persistent=False)
+        self.register_buffer("pair_columns", columns, persistent=False)
+
+    def forward(self, dense: Tensor, sparse: Tensor) -> Tensor:
+        """Click logits for a batch (apply a sigmoid for probabilities)."""
+        dense_vector = self.bottom(dense)
+        vectors = torch.cat([dense_vector.unsqueeze(1), self.embeddings(sparse)], dim=1)  # (B, F + 1, d)
+        products = torch.bmm(vectors, vectors.transpose(1, 2))  # (B, F + 1, F + 1)
+        pairs = products[:, self.pair_rows, self.pair_columns]  # each unordered pair once
+        return self.top(torch.cat([dense_vector, pairs], dim=1)).squeeze(-1)
