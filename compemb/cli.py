@@ -59,6 +59,22 @@ def cmd_bench_lookup(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_synth(args: argparse.Namespace) -> int:
+    """Generate a synthetic Criteo-like data set with its Bayes-optimal BCE and AUC."""
+    from compemb.data.synthetic import SyntheticConfig, generate_synthetic
+
+    config = SyntheticConfig(
+        rows={"train": args.train_rows, "val": args.eval_rows, "test": args.eval_rows}, scale=args.scale,
+        zipf=args.zipf, signal=args.signal, seed=args.seed,
+    )
+    facts = generate_synthetic(args.out, config)
+    print(f"wrote {args.out}: {sum(config.cardinalities()):,} ids over 26 features")
+    print(f"{'split':<6} {'rows':>10} {'click rate':>11} {'Bayes BCE':>10} {'Bayes AUC':>10}")
+    for split, bayes in facts["bayes"].items():
+        print(f"{split:<6} {config.rows[split]:>10,} {bayes['click_rate']:>11.4f} {bayes['bce']:>10.4f} {bayes['auc']:>10.4f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``compemb`` command."""
     parser = argparse.ArgumentParser(prog="compemb", description="Compressed embedding tables for recommenders.")
@@ -76,6 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=400)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=cmd_demo)
+
+    synth = commands.add_parser("synth", help="generate synthetic Criteo-like data with a known best loss")
+    synth.add_argument("--out", required=True, help="output directory")
+    synth.add_argument("--train-rows", type=int, default=2_000_000)
+    synth.add_argument("--eval-rows", type=int, default=100_000, help="rows of the val and of the test split")
+    synth.add_argument("--scale", type=float, default=1e-3, help="Criteo Kaggle cardinalities x this")
+    synth.add_argument("--zipf", type=float, default=1.1)
+    synth.add_argument("--signal", type=float, default=2.0, help="sd of the teacher's logit")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(run=cmd_synth)
 
     bench = commands.add_parser("bench", help="benchmarks")
     benches = bench.add_subparsers(dest="bench", required=True)

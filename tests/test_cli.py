@@ -34,3 +34,14 @@ def test_demo_trains_every_method_below_its_starting_loss(capsys):
 def test_unknown_command_exits_with_usage():
     with pytest.raises(SystemExit):
         main(["nonsense"])
+
+
+def test_synth_writes_a_data_set_and_prints_the_bayes_limit(tmp_path, capsys):
+    from compemb.data.dataset import open_dataset
+
+    out = tmp_path / "synth"
+    assert main(["synth", "--out", str(out), "--train-rows", "2000", "--eval-rows", "500", "--seed", "1"]) == 0
+    printed = capsys.readouterr().out
+    manifest, splits = open_dataset(out)
+    assert len(splits["train"]) == 2000 and len(splits["test"]) == 500
+    assert f"{manifest['bayes']['test']['bce']:.4f}" in printed

@@ -1,0 +1,127 @@
+"""The preprocessed format every data set is written in, and reading it back by memory map.
+
+A data set is a directory::
+
+    manifest.json          row counts per split, per-feature cardinalities, the producer's options and facts
+    <split>/dense.npy      float32 (rows, num_dense), already transformed (log(x + 1) for Criteo)
+    <split>/sparse.npy     int32 or int64 (rows, num_sparse), ids in [0, cardinality) per column
+    <split>/labels.npy     uint8 (rows,), 0 or 1
+
+Writers fill the arrays chunk by chunk through memory maps in a temporary directory that is renamed into
+place when complete, so a reader never sees a half-written data set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compemb.io import atomic_write_text
+
+MANIFEST = "manifest.json"
+ARRAYS = ("dense", "sparse", "labels")
+
+
+@dataclass
+class Split:
+    """One split's arrays, memory-mapped read-only."""
+
+    dense: np.ndarray
+    sparse: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def sparse_dtype(cardinalities: list[int]) -> np.dtype:
+    """int32 when every id fits, else int64."""
+    return np.dtype(np.int32) if max(cardinalities) <= np.iinfo(np.int32).max else np.dtype(np.int64)
+
+
+class DatasetWriter:
+    """Writes splits of known sizes chunk by chunk, then publishes the directory atomically.
+
+    Example::
+
+        >>> import tempfile
+        >>> out = tempfile.mkdtemp() + "/data"
+        >>> with DatasetWriter(out, {"train": 2}, num_dense=1, cardinalities=[5]) as writer:
+        ...     writer.write("train", np.zeros((2, 1), np.float32), np.array([[1], [4]]), np.array([0, 1]))
+        >>> open_dataset(out)[1]["train"].sparse.tolist()
+        [[1], [4]]
+    """
+
+    def __init__(self, path: str | os.PathLike, rows: dict[str, int], num_dense: int, cardinalities: list[int]) -> None:
+        self.path = Path(path)
+        self.temporary = self.path.with_name(f".{self.path.name}.partial")
+        shutil.rmtree(self.temporary, ignore_errors=True)
+        self.rows = dict(rows)
+        self.cardinalities = list(cardinalities)
+        self.filled = {split: 0 for split in rows}
+        self.facts: dict[str, Any] = {}  # written into the manifest beside the row counts and cardinalities
+        self.arrays: dict[str, dict[str, np.ndarray]] = {}
+        shapes = {"dense": ((num_dense,), np.float32), "sparse": ((len(cardinalities),), sparse_dtype(cardinalities)),
+                  "labels": ((), np.uint8)}
+        for split, count in rows.items():
+            (self.temporary / split).mkdir(parents=True)
+            self.arrays[split] = {
+                name: np.lib.format.open_memmap(self.temporary / split / f"{name}.npy", mode="w+", dtype=dtype,
+                                                shape=(count, *width))
+                for name, (width, dtype) in shapes.items()
+            }
+
+    def write(self, split: str, dense: np.ndarray, sparse: np.ndarray, labels: np.ndarray) -> None:
+        """Append a chunk of rows to ``split`` (ids are checked against the cardinalities)."""
+        start, count = self.filled[split], len(labels)
+        if start + count > self.rows[split]:
+            raise ValueError(f"split {split!r} holds {self.rows[split]} rows; this chunk would make {start + count}")
+        if sparse.size and (sparse.min() < 0 or (sparse >= np.array(self.cardinalities)).any()):
+            raise ValueError(f"split {split!r}: an id is outside its feature's cardinality {self.cardinalities}")
+        arrays = self.arrays[split]
+        arrays["dense"][start : start + count] = dense
+        arrays["sparse"][start : start + count] = sparse
+        arrays["labels"][start : start + count] = labels
+        self.filled[split] = start + count
+
+    def close(self) -> None:
+        """Flush, write the manifest (with ``self.facts``), and rename the directory into place."""
+        missing = {split: (self.filled[split], count) for split, count in self.rows.items() if self.filled[split] != count}
+        if missing:
+            raise ValueError(f"splits not filled (written, expected): {missing}")
+        for arrays in self.arrays.values():
+            for array in arrays.values():
+                array.flush()
+        manifest = {"rows": self.rows, "cardinalities": self.cardinalities, **self.facts}
+        atomic_write_text(self.temporary / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        os.replace(self.temporary, self.path)
+
+    def __enter__(self) -> DatasetWriter:
+        return self
+
+    def __exit__(self, error_type: type | None, *rest: object) -> None:
+        if error_type is None:
+            self.close()
+        else:
+            shutil.rmtree(self.temporary, ignore_errors=True)
+
+
+def open_dataset(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Split]]:
+    """The manifest and every split of a preprocessed data set, memory-mapped (nothing is read yet)."""
+    path = Path(path)
+    if not (path / MANIFEST).is_file():
+        raise FileNotFoundError(f"{path} is not a compemb data set: no {MANIFEST}")
+    manifest = json.loads((path / MANIFEST).read_text())
+    splits = {
+        split: Split(*(np.load(path / split / f"{name}.npy", mmap_mode="r") for name in ARRAYS))
+        for split in manifest["rows"]
+    }
+    return manifest, splits
