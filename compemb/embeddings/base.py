@@ -106,6 +106,9 @@ class CompressedEmbedding(torch.nn.Module, ABC):
         positions = torch.arange(ids.numel(), device=ids.device)
         return F.embedding_bag(positions, vectors, offsets, mode=self.mode, per_sample_weights=per_sample_weights)
 
+    def on_step_end(self, step: int) -> None:
+        """Called by the trainer after every optimizer step; adaptive methods (clustering, sketches) override it."""
+
     # --- shared behaviour --------------------------------------------------------------------
 
     def forward(self, ids: Tensor, offsets: Tensor | None = None, per_sample_weights: Tensor | None = None) -> Tensor:
