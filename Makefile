@@ -14,9 +14,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# the main job: a synthetic Criteo-like set, then every method at compression 10 and 100 (a few minutes)
+DEMO := runs/demo
 run: $(STAMP)
 	$(BIN)/compemb methods
-	$(BIN)/compemb demo
+	$(BIN)/compemb synth --out $(DEMO)/data --train-rows 200000 --eval-rows 20000 --scale 1e-4 --seed 0
+	$(BIN)/compemb bench quality --data $(DEMO)/data --out $(DEMO)/sweep --methods all --compression 10,100 \
+		--dim 16 --bottom 64 --top 64 --optimizer adagrad --lr 0.05 --batch-size 1024 --epochs 3
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

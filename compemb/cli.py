@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
-from compemb.registry import summarize_methods
+from compemb.registry import METHODS, summarize_methods
+from compemb.train import TrainConfig
 
 
 def _megabytes(num_bytes: int) -> str:
@@ -24,22 +27,6 @@ def cmd_methods(args: argparse.Namespace) -> int:
         print(
             f"{row.name:<11} {row.title:<32} {row.formula:<44} {row.num_params:>12,} "
             f"{row.memory.index_bytes:>7,}B {_megabytes(row.memory.total):>12} {row.compression:>6.1f}x"
-        )
-    return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    """Train a tiny model with every method on planted random data and print the BCEs."""
-    from compemb.demo import run_demo
-
-    results = run_demo(args.methods, compression=args.compression, steps=args.steps, seed=args.seed)
-    print(f"\nTiny planted-click task (20,000 ids, dim 16, compression {args.compression:g}, {args.steps} Adam steps)")
-    print(f"{'method':<11} {'ratio':>6} {'BCE start':>10} {'BCE end':>9} {'Bayes BCE':>10} {'gap':>7}")
-    for r in results:
-        gap = (r.final_bce - r.bayes_bce) / r.bayes_bce
-        print(
-            f"{r.method:<11} {r.compression:>5g}x {r.initial_bce:>10.4f} {r.final_bce:>9.4f} {r.bayes_bce:>10.4f} "
-            f"{gap:>6.1%}"
         )
     return 0
 
@@ -75,6 +62,69 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _widths(text: str) -> tuple[int, ...]:
+    return tuple(int(width) for width in text.split(",") if width)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train one model on a preprocessed data set; print the last evaluation."""
+    from compemb.train import Trainer
+
+    result = Trainer(_train_config(args, args.out), resume=args.resume).fit()
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate a run's best (or last) checkpoint on a split."""
+    from compemb.train import TrainConfig, Trainer
+
+    stem = Path(args.run_dir) / "checkpoints" / args.checkpoint
+    meta = json.loads(Path(f"{stem}.json").read_text())
+    trainer = Trainer(TrainConfig(**meta["config"]))
+    trainer.load(stem)
+    print(json.dumps(trainer.evaluate(args.split), indent=2))
+    return 0
+
+
+def _train_config(args: argparse.Namespace, out: str) -> TrainConfig:
+
+    return TrainConfig(
+        data=args.data, out=out, method=getattr(args, "method", "full"), compression=getattr(args, "compression", None),
+        model=args.model, embedding_dim=args.dim, bottom=_widths(args.bottom), top=_widths(args.top),
+        optimizer=args.optimizer, lr=args.lr, batch_size=args.batch_size, epochs=args.epochs,
+        eval_every=args.eval_every, seed=args.seed,
+    )
+
+
+def cmd_bench_quality(args: argparse.Namespace) -> int:
+    """Sweep methods x compression ratios x seeds; print the table and where the plots went."""
+    from compemb.bench.quality import markdown_table, run_sweep
+    from compemb.registry import get_method
+
+    methods = list(METHODS) if args.methods == "all" else args.methods.split(",")
+    for method in methods:
+        get_method(method)  # an unknown name fails before any training
+    compressions = [float(ratio) for ratio in args.compression.split(",")]
+    rows = run_sweep(_train_config(args, args.out), methods, compressions, args.seeds, args.out)
+    print(markdown_table(rows))
+    print(f"\nwritten: {args.out}/results.csv, {args.out}/results.md, {args.out}/bce.png, {args.out}/auc.png")
+    return 0
+
+
+def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--model", choices=("dlrm", "dcn"), default="dlrm")
+    parser.add_argument("--dim", type=int, default=16)
+    parser.add_argument("--bottom", default="512,256,64", help="bottom MLP widths (it ends in --dim)")
+    parser.add_argument("--top", default="512,256", help="top (DLRM) or deep (DCN) MLP widths")
+    parser.add_argument("--optimizer", choices=("sgd", "adagrad", "adam"), default="sgd")
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--batch-size", type=int, default=2048)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: at the end)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``compemb`` command."""
     parser = argparse.ArgumentParser(prog="compemb", description="Compressed embedding tables for recommenders.")
@@ -86,13 +136,6 @@ def build_parser() -> argparse.ArgumentParser:
     methods.add_argument("--compression", type=float, default=100)
     methods.set_defaults(run=cmd_methods)
 
-    demo = commands.add_parser("demo", help="train a tiny model with every method on planted random data")
-    demo.add_argument("--methods", nargs="+", default=None)
-    demo.add_argument("--compression", type=float, default=10)
-    demo.add_argument("--steps", type=int, default=400)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(run=cmd_demo)
-
     synth = commands.add_parser("synth", help="generate synthetic Criteo-like data with a known best loss")
     synth.add_argument("--out", required=True, help="output directory")
     synth.add_argument("--train-rows", type=int, default=2_000_000)
@@ -102,6 +145,21 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--signal", type=float, default=2.0, help="sd of the teacher's logit")
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(run=cmd_synth)
+
+    train = commands.add_parser("train", help="train a model on a preprocessed data set")
+    _add_training_arguments(train)
+    train.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl)")
+    train.add_argument("--method", default="full")
+    train.add_argument("--compression", type=float, default=None)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    train.set_defaults(run=cmd_train)
+
+    evaluate = commands.add_parser("eval", help="evaluate a run's checkpoint on a split")
+    evaluate.add_argument("--run", dest="run_dir", required=True, help="the run directory")
+    evaluate.add_argument("--split", default="test")
+    evaluate.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    evaluate.set_defaults(run=cmd_eval)
 
     bench = commands.add_parser("bench", help="benchmarks")
     benches = bench.add_subparsers(dest="bench", required=True)
@@ -114,6 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
     lookup.add_argument("--seed", type=int, default=0)
     lookup.add_argument("--output", default=None, help="write OUTPUT.md and OUTPUT.json")
     lookup.set_defaults(run=cmd_bench_lookup)
+    quality = benches.add_parser("quality", help="train every method at every ratio; table and plots")
+    _add_training_arguments(quality)
+    quality.add_argument("--methods", default="all", help="comma-separated names, or 'all'")
+    quality.add_argument("--compression", default="10,100", help="comma-separated ratios")
+    quality.add_argument("--seeds", type=int, default=1)
+    quality.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    quality.add_argument("--out", required=True)
+    quality.set_defaults(run=cmd_bench_quality)
     return parser
 
 

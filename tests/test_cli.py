@@ -22,15 +22,6 @@ def test_methods_rejects_an_impossible_budget_with_one_line(capsys):
     assert "smallest budget it can meet" in capsys.readouterr().err
 
 
-def test_demo_trains_every_method_below_its_starting_loss(capsys):
-    assert main(["demo", "--steps", "60", "--methods", "hash", "qr"]) == 0
-    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(("hash", "qr"))]
-    assert len(rows) == 2
-    for row in rows:
-        start, end = float(row[2]), float(row[3])
-        assert end < start
-
-
 def test_unknown_command_exits_with_usage():
     with pytest.raises(SystemExit):
         main(["nonsense"])
@@ -45,3 +36,19 @@ def test_synth_writes_a_data_set_and_prints_the_bayes_limit(tmp_path, capsys):
     manifest, splits = open_dataset(out)
     assert len(splits["train"]) == 2000 and len(splits["test"]) == 500
     assert f"{manifest['bayes']['test']['bce']:.4f}" in printed
+
+
+def test_train_then_eval_a_checkpoint(tmp_path, capsys):
+    import json
+
+    data = tmp_path / "synth"
+    assert main(["synth", "--out", str(data), "--train-rows", "1024", "--eval-rows", "256", "--scale", "1e-4"]) == 0
+    run = tmp_path / "run"
+    common = ["--data", str(data), "--dim", "8", "--bottom", "8", "--top", "8", "--batch-size", "256"]
+    capsys.readouterr()
+    assert main(["train", *common, "--out", str(run), "--method", "hash", "--compression", "4", "--optimizer",
+                 "adagrad", "--lr", "0.02"]) == 0
+    trained = json.loads(capsys.readouterr().out)
+    assert main(["eval", "--run", str(run), "--split", "val"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["bce"] == pytest.approx(trained["bce"]) and evaluated["step"] == trained["step"] == 4

@@ -1,0 +1,161 @@
+"""The quality sweep: one training per (method, compression, seed), then a table and plots.
+
+Each run lives in ``OUT/runs/<method>-<ratio>x-s<seed>/`` and ends with ``result.json``; a run whose result
+exists is skipped, so an interrupted sweep continues where it stopped. A method that cannot meet a ratio
+gets a row saying why. ``OUT/results.csv`` and ``OUT/results.md`` hold every row; ``OUT/bce.png`` and
+``OUT/auc.png`` plot test BCE and AUC against the compression reached, one line per method, with the
+Bayes-optimal value as a line where the data set knows it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import statistics
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from compemb.budget import full_table_bytes
+from compemb.io import atomic_write_bytes, atomic_write_text
+from compemb.registry import METHODS
+from compemb.train import TrainConfig, Trainer
+
+COLUMNS = ("method", "ratio_asked", "ratio_reached", "params", "seed", "val_bce", "test_bce", "test_auc",
+           "bayes_bce", "gap_to_bayes", "samples_per_s", "note")
+
+
+@dataclass
+class SweepRow:
+    """One run's outcome (or why it could not run)."""
+
+    method: str
+    ratio_asked: float
+    seed: int
+    ratio_reached: float | None = None
+    params: int | None = None
+    val_bce: float | None = None
+    test_bce: float | None = None
+    test_auc: float | None = None
+    bayes_bce: float | None = None
+    gap_to_bayes: float | None = None
+    samples_per_s: float | None = None
+    note: str = ""
+
+
+def run_sweep(base: TrainConfig, methods: list[str], compressions: list[float], seeds: int, out: str) -> list[SweepRow]:
+    """Train every (method, compression, seed) not already done under ``out``; write the table and plots."""
+    rows = []
+    for method in methods:
+        ratios = compressions if METHODS[method].compresses else [1.0]
+        for ratio in ratios:
+            for seed in range(seeds):
+                rows.append(_run_one(base, method, ratio, seed, Path(out)))
+    write_results(rows, Path(out))
+    return rows
+
+
+def _run_one(base: TrainConfig, method: str, ratio: float, seed: int, out: Path) -> SweepRow:
+    run = out / "runs" / f"{method}-{ratio:g}x-s{seed}"
+    if (run / "result.json").exists():
+        return SweepRow(**json.loads((run / "result.json").read_text()))
+    config = replace(base, method=method, compression=None if ratio == 1 else ratio, seed=seed, out=str(run))
+    row = SweepRow(method, ratio, seed)
+    try:
+        trainer = Trainer(config)
+    except ValueError as error:  # the method cannot meet this budget: say why, keep sweeping
+        row.note = str(error)
+        return row
+    trainer.fit()
+    test = trainer.evaluate("test")
+    memory = trainer.model.embeddings.memory().total  # type: ignore[union-attr]
+    full = sum(full_table_bytes(f.num_embeddings, config.embedding_dim)
+               for f in trainer.model.embeddings.features)  # type: ignore[union-attr]
+    row.ratio_reached = full / memory.total
+    row.params = memory.total // 4
+    row.val_bce = trainer.best["bce"] if trainer.best else None
+    row.test_bce, row.test_auc = test["bce"], test["auc"]
+    row.bayes_bce, row.gap_to_bayes = test.get("bayes_bce"), test.get("gap_to_bayes")
+    last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    row.samples_per_s = last.get("samples_per_s")
+    atomic_write_text(run / "result.json", json.dumps(asdict(row), indent=2) + "\n")
+    return row
+
+
+def write_results(rows: list[SweepRow], out: Path) -> None:
+    """``results.csv``, ``results.md`` (means over seeds) and the two plots."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({key: value for key, value in asdict(row).items() if key in COLUMNS})
+    atomic_write_text(out / "results.csv", buffer.getvalue())
+    atomic_write_text(out / "results.md", markdown_table(rows) + "\n")
+    _plot(rows, "test_bce", "test BCE", out / "bce.png")
+    _plot(rows, "test_auc", "test AUC", out / "auc.png")
+
+
+def _mean(values: list[Any]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.fmean(present) if present else None
+
+
+def _grouped(rows: list[SweepRow]) -> dict[tuple[str, float], list[SweepRow]]:
+    groups: dict[tuple[str, float], list[SweepRow]] = {}
+    for row in rows:
+        groups.setdefault((row.method, row.ratio_asked), []).append(row)
+    return groups
+
+
+def markdown_table(rows: list[SweepRow]) -> str:
+    """The sweep as a markdown table, one line per (method, ratio asked), means over seeds."""
+    lines = [
+        "| method | ratio asked | ratio reached | params | val BCE | test BCE | test AUC | Bayes BCE | gap to Bayes | samples/s | note |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+
+    def cell(value: float | None, spec: str) -> str:
+        return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+    for (method, ratio), group in _grouped(rows).items():
+        mean = {key: _mean([getattr(r, key) for r in group]) for key in COLUMNS[2:-1] if key != "seed"}
+        note = group[0].note.split(";")[0][:80]
+        lines.append(
+            f"| {method} | {ratio:g} | {cell(mean['ratio_reached'], '.1f')} | {cell(mean['params'], ',.0f')} | "
+            f"{cell(mean['val_bce'], '.4f')} | {cell(mean['test_bce'], '.4f')} | {cell(mean['test_auc'], '.4f')} | "
+            f"{cell(mean['bayes_bce'], '.4f')} | {cell(mean['gap_to_bayes'], '+.1%')} | "
+            f"{cell(mean['samples_per_s'], ',.0f')} | {note} |"
+        )
+    return "\n".join(lines)
+
+
+def _plot(rows: list[SweepRow], key: str, label: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    by_method: dict[str, list[tuple[float, float]]] = {}
+    for (method, _), group in _grouped(rows).items():
+        reached, value = _mean([r.ratio_reached for r in group]), _mean([getattr(r, key) for r in group])
+        if reached is not None and value is not None:
+            by_method.setdefault(method, []).append((reached, value))
+    for method, points in sorted(by_method.items()):
+        points.sort()
+        style = "o" if len(points) == 1 else "o-"
+        axes.plot([p[0] for p in points], [p[1] for p in points], style, label=method)
+    bayes = _mean([r.bayes_bce for r in rows]) if key == "test_bce" else None
+    if bayes is not None:
+        axes.axhline(bayes, color="black", linestyle="--", label="Bayes-optimal")
+    axes.set_xscale("log")
+    axes.set_xlabel("compression reached (full table bytes / stored bytes)")
+    axes.set_ylabel(label)
+    axes.legend(fontsize=8)
+    axes.grid(alpha=0.3)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    atomic_write_bytes(path, buffer.getvalue())

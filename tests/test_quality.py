@@ -1,0 +1,37 @@
+"""The quality sweep: rows for every run, resumability, a row that says why, and the files it writes."""
+
+import json
+
+import pytest
+
+from compemb.bench.quality import run_sweep
+from compemb.data.synthetic import SyntheticConfig, generate_synthetic
+from compemb.train import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quality") / "synth"
+    generate_synthetic(out, SyntheticConfig(rows={"train": 2048, "val": 512, "test": 512}, scale=1e-4, seed=1),
+                       progress=False)
+    return str(out)
+
+
+def test_sweep_rows_files_and_resume(data, tmp_path):
+    base = TrainConfig(data=data, out="", embedding_dim=8, bottom=(8,), top=(8,), optimizer="adagrad", lr=0.02,
+                       batch_size=512)
+    rows = run_sweep(base, ["full", "hash", "qr"], [4, 1000], seeds=1, out=str(tmp_path))
+    by_key = {(row.method, row.ratio_asked): row for row in rows}
+    assert set(by_key) == {("full", 1.0), ("hash", 4), ("hash", 1000), ("qr", 4), ("qr", 1000)}
+    assert by_key[("hash", 4)].ratio_reached == pytest.approx(4, rel=0.01)
+    assert by_key[("hash", 4)].test_bce > 0 and by_key[("hash", 4)].bayes_bce > 0
+    assert by_key[("qr", 1000)].test_bce is None and "budget" in by_key[("qr", 1000)].note
+    for name in ("results.csv", "results.md", "bce.png", "auc.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert "| hash | 4 |" in (tmp_path / "results.md").read_text()
+    # a second sweep reads the finished runs instead of training again
+    result = tmp_path / "runs" / "hash-4x-s0" / "result.json"
+    marked = json.loads(result.read_text()) | {"note": "from disk"}
+    result.write_text(json.dumps(marked))
+    again = run_sweep(base, ["hash"], [4], seeds=1, out=str(tmp_path))
+    assert again[0].note == "from disk"
