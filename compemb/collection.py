@@ -1,8 +1,8 @@
 """EmbeddingCollection: one compression method over many features, within one overall budget.
 
 The budget is split across features in proportion to their full sizes. A feature whose share would be at
-least its full size, or whose nearest compressed size is no smaller than its full table, stays full, and
-what that leaves of the budget goes to the others; small tables take their nearest size and the larger ones
+least its full size, whose full table is no bigger than an even share of the budget, or whose nearest
+compressed size is no smaller than its full table, stays full, and what that leaves goes to the others; small tables take their nearest size and the larger ones
 absorb the rounding, so the collection's total meets the budget within 1%. ``memory()`` reports every
 feature and the total.
 """
@@ -118,9 +118,12 @@ class EmbeddingCollection(torch.nn.Module):
         order = sorted(range(len(features)), key=lambda index: full[index])
         tables: dict[int, CompressedEmbedding] = {}
         left_bytes, left_full = self.budget.num_bytes, sum(full)
-        for index in order:
+        for position, index in enumerate(order):
             share = left_bytes * full[index] / left_full
-            if not get_method(method).compresses or share >= full[index]:
+            even_share = left_bytes / (len(order) - position)
+            # a table no bigger than an even share of what is left stays full: compressing a 10-id feature
+            # into one shared row would erase it for almost no memory
+            if not get_method(method).compresses or share >= full[index] or full[index] <= even_share:
                 table = build(index, None)
             elif left_bytes < FLOAT_BYTES:
                 raise BudgetError(

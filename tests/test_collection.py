@@ -66,3 +66,13 @@ def test_features_get_different_seeds_and_errors_name_the_feature():
 def test_the_full_method_needs_no_budget():
     collection = EmbeddingCollection(FEATURES, 4, "full")
     assert collection.memory().total.total == FULL_BYTES // 4
+
+
+def test_tables_no_bigger_than_an_even_share_stay_full():
+    features = [Feature("huge", 100_000), Feature("ten", 10), Feature("hundred", 100)]
+    collection = EmbeddingCollection(features, 16, "hash", compression=50)
+    # the budget is 32,002 floats, an even share 10,667: the 10- and 100-id tables (160 and 1,600 floats) fit
+    assert type(collection.embeddings["ten"]).__name__ == "FullEmbedding"
+    assert type(collection.embeddings["hundred"]).__name__ == "FullEmbedding"
+    assert type(collection.embeddings["huge"]).__name__ == "HashingTrickEmbedding"
+    assert collection.memory().total.total == pytest.approx(100_110 * 16 * 4 / 50, rel=0.01)
