@@ -20,7 +20,7 @@ run: $(STAMP)
 	$(BIN)/compemb methods
 	$(BIN)/compemb synth --out $(DEMO)/data --train-rows 400000 --eval-rows 20000 --scale 1e-3 --seed 0
 	$(BIN)/compemb bench quality --data $(DEMO)/data --out $(DEMO)/sweep --methods all --compression 10,100 \
-		--dim 16 --bottom 64 --top 64 --optimizer adagrad --lr 0.05 --batch-size 1024 --epochs 2
+		--dim 16 --bottom 64 --top 64 --optimizer adam --lr 0.01 --batch-size 1024 --epochs 2
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -4,9 +4,11 @@ Each of the 26 sparse features draws ids from a Zipf law (exponent 1.1 by defaul
 from Criteo Kaggle's and scaled; the popularity order is a random permutation of the ids. Every id has a
 teacher vector drawn from a mixture of Gaussians (ids in one component behave alike, as real ones do).
 Thirteen dense features are log(1 + Gamma) counts. The teacher is DLRM-like: a dense vector (a fixed random
-projection of the dense features) and the 26 teacher vectors interact by pairwise dot products; the logit is
-``scale * sum of the products + dense effect + bias``, with ``scale`` set so the logit's spread is
-``signal`` and ``bias`` so the click rate is ``click_rate``. Labels are Bernoulli(sigmoid(logit)).
+projection of the dense features) and the 26 teacher vectors interact by pairwise dot products (plus a
+dense effect), and every id also has a first-order effect (its vector's projection on a random direction
+of its feature), as real click data does. The two parts are normalised and mixed, ``first_order`` being
+the first-order part's share of the variance; ``scale`` sets the logit's spread to ``signal`` and ``bias``
+the click rate to ``click_rate``. Labels are Bernoulli(sigmoid(logit)).
 
 Because the true click probabilities are known, every split reports its **Bayes-optimal BCE and AUC**: no
 model can do better than scoring with the truth. Rows are generated in chunks, each from its own seeded
@@ -44,6 +46,7 @@ class SyntheticConfig:
     clusters: int = 16  # mixture components per feature
     cluster_spread: float = 0.5  # sd of an id around its component's mean (means have sd 1)
     signal: float = 2.0  # sd of the teacher's logit
+    first_order: float = 0.5  # share of the logit's variance from per-id first-order effects
     click_rate: float = 0.25
     chunk_rows: int = 100_000
     seed: int = 0
@@ -72,12 +75,16 @@ class Teacher:
         self.dense_projection = generator.normal(size=(NUM_DENSE, k)) / math.sqrt(NUM_DENSE)
         self.dense_weights = generator.normal(size=NUM_DENSE) / math.sqrt(NUM_DENSE)
         self.gamma_shape = generator.uniform(0.3, 2.0, NUM_DENSE)
+        self.first_order_directions = generator.normal(size=(len(self.cardinalities), k)) / math.sqrt(k)
+        self.interaction_sd = self.first_order_sd = 1.0
         self.scale, self.bias = 1.0, 0.0
         self._calibrate(np.random.default_rng([config.seed, 1]))
 
     def _calibrate(self, generator: np.random.Generator) -> None:
         # a sample fixes the logit's spread, then bisection fixes the bias for the click rate
         dense, sparse = self.sample_features(generator, 50_000)
+        interactions, first_order = self._parts(dense, sparse)
+        self.interaction_sd, self.first_order_sd = interactions.std(), first_order.std()
         raw = self.raw_logits(dense, sparse)
         self.scale = self.config.signal / raw.std()
         logits = raw * self.scale
@@ -100,15 +107,24 @@ class Teacher:
             sparse[:, column] = ids[np.minimum(ranks, len(ids) - 1)]
         return dense, sparse
 
-    def raw_logits(self, dense: np.ndarray, sparse: np.ndarray) -> np.ndarray:
-        """Sum of pairwise dot products of the dense vector and the teacher vectors, plus the dense effect."""
+    def _parts(self, dense: np.ndarray, sparse: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # pairwise interactions (with the dense effect), and the ids' first-order effects
         centred = dense - 2.0
         vectors = [centred @ self.dense_projection]
         vectors += [table[sparse[:, column]] for column, table in enumerate(self.vectors)]
         total = np.sum(vectors, axis=0)
         # sum over pairs i < j of <v_i, v_j> = (|sum v|^2 - sum |v|^2) / 2
         pairs = ((total**2).sum(1) - sum((v**2).sum(1) for v in vectors)) / 2
-        return pairs + centred @ self.dense_weights * math.sqrt(len(vectors))
+        interactions = pairs + centred @ self.dense_weights * math.sqrt(len(vectors))
+        first_order = sum(v @ u for v, u in zip(vectors[1:], self.first_order_directions))
+        return interactions, first_order
+
+    def raw_logits(self, dense: np.ndarray, sparse: np.ndarray) -> np.ndarray:
+        """The unscaled logit: normalised interactions and first-order effects, mixed by ``first_order``."""
+        interactions, first_order = self._parts(dense, sparse)
+        share = self.config.first_order
+        return (math.sqrt(1 - share) * interactions / self.interaction_sd
+                + math.sqrt(share) * first_order / self.first_order_sd)
 
     def probabilities(self, dense: np.ndarray, sparse: np.ndarray) -> np.ndarray:
         """The true click probability of every row."""

@@ -67,3 +67,14 @@ def test_ids_follow_zipf_within_their_cardinalities(small_set):
     expected_top = 1 / np.sum(1.0 / np.arange(1, n + 1) ** SMALL.zipf)
     assert counts[0] / len(sparse) == pytest.approx(expected_top, rel=0.1)
     assert counts[0] > 5 * counts[9]  # rank 10 is (1/10)^1.1 as likely as rank 1
+
+
+def test_first_order_share_mixes_the_two_normalised_parts():
+    dense_rows = np.random.default_rng(0)
+    for share in (0.0, 1.0):
+        teacher = Teacher(SyntheticConfig(rows={"train": 10}, first_order=share, seed=2))
+        dense, sparse = teacher.sample_features(dense_rows, 5_000)
+        interactions, first_order = teacher._parts(dense, sparse)
+        expected = first_order / teacher.first_order_sd if share else interactions / teacher.interaction_sd
+        np.testing.assert_allclose(teacher.raw_logits(dense, sparse), expected)
+        assert teacher.raw_logits(dense, sparse).std() == pytest.approx(1.0, rel=0.05)
