@@ -1,6 +1,7 @@
 """The quality sweep: rows for every run, resumability, a row that says why, and the files it writes."""
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -35,3 +36,7 @@ def test_sweep_rows_files_and_resume(data, tmp_path):
     result.write_text(json.dumps(marked))
     again = run_sweep(base, ["hash"], [4], seeds=1, out=str(tmp_path))
     assert again[0].note == "from disk"
+    # other settings: the stale result is not reported, the run is trained again
+    retrained = run_sweep(replace(base, lr=0.03), ["hash"], [4], seeds=1, out=str(tmp_path))
+    assert retrained[0].note == "" and retrained[0].test_bce != again[0].test_bce
+    assert json.loads(result.read_text())["config"]["lr"] == 0.03

@@ -1,7 +1,8 @@
 """The quality sweep: one training per (method, compression, seed), then a table and plots.
 
-Each run lives in ``OUT/runs/<method>-<ratio>x-s<seed>/`` and ends with ``result.json``; a run whose result
-exists is skipped, so an interrupted sweep continues where it stopped. A method that cannot meet a ratio
+Each run lives in ``OUT/runs/<method>-<ratio>x-s<seed>/`` and ends with ``result.json`` (with the run's
+config); a run whose result exists with the same config is read back, so an interrupted sweep continues
+where it stopped, and one made with other settings is trained again. A method that cannot meet a ratio
 gets a row saying why. ``OUT/results.csv`` and ``OUT/results.md`` hold every row; ``OUT/bce.png`` and
 ``OUT/auc.png`` plot test BCE and AUC against the compression reached, one line per method, with the
 Bayes-optimal value as a line where the data set knows it.
@@ -13,6 +14,7 @@ import csv
 import io
 import json
 import math
+import shutil
 import statistics
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -59,9 +61,12 @@ def run_sweep(base: TrainConfig, methods: list[str], compressions: list[float], 
 
 def _run_one(base: TrainConfig, method: str, ratio: float, seed: int, out: Path) -> SweepRow:
     run = out / "runs" / f"{method}-{ratio:g}x-s{seed}"
-    if (run / "result.json").exists():
-        return SweepRow(**json.loads((run / "result.json").read_text()))
     config = replace(base, method=method, compression=None if ratio == 1 else ratio, seed=seed, out=str(run))
+    if (run / "result.json").exists():
+        saved = json.loads((run / "result.json").read_text())
+        if saved.pop("config", None) == json.loads(json.dumps(asdict(config))):
+            return SweepRow(**saved)
+        shutil.rmtree(run)  # made with other settings: train again rather than report a stale result
     row = SweepRow(method, ratio, seed)
     try:
         trainer = Trainer(config)
@@ -80,7 +85,7 @@ def _run_one(base: TrainConfig, method: str, ratio: float, seed: int, out: Path)
     row.bayes_bce, row.gap_to_bayes = test.get("bayes_bce"), test.get("gap_to_bayes")
     last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
     row.samples_per_s = last.get("samples_per_s")
-    atomic_write_text(run / "result.json", json.dumps(asdict(row), indent=2) + "\n")
+    atomic_write_text(run / "result.json", json.dumps({**asdict(row), "config": asdict(config)}, indent=2) + "\n")
     return row
 
 
