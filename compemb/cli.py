@@ -125,6 +125,19 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: at the end)")
 
 
+def cmd_preprocess_criteo(args: argparse.Namespace) -> int:
+    """Preprocess a Criteo Kaggle-style TSV; print kept and rejected counts."""
+    from compemb.data.criteo import preprocess_criteo
+
+    facts = preprocess_criteo(args.source, args.out, min_count=args.min_count, hash_mod=args.hash_mod,
+                              strict=args.strict)
+    rejected = facts["rejected"]
+    print(f"read {facts['rows_read']:,} rows: kept {facts['rows_kept']:,}, rejected {rejected['total']:,}"
+          + (f" {rejected['by_reason']} (first lines: {rejected['first_lines']})" if rejected["total"] else ""))
+    print(f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``compemb`` command."""
     parser = argparse.ArgumentParser(prog="compemb", description="Compressed embedding tables for recommenders.")
@@ -145,6 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--signal", type=float, default=2.0, help="sd of the teacher's logit")
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(run=cmd_synth)
+
+    preprocess = commands.add_parser("preprocess", help="raw click logs to the preprocessed format")
+    sources = preprocess.add_subparsers(dest="source_kind", required=True)
+    criteo = sources.add_parser("criteo", help="Criteo Kaggle train.txt (plain or gzip)")
+    criteo.add_argument("source", help="the TSV file")
+    criteo.add_argument("--out", required=True)
+    criteo.add_argument("--min-count", type=int, default=3, help="rarer values share one id per feature")
+    criteo.add_argument("--hash-mod", type=int, default=None, help="ids = value mod M instead of categorifying")
+    criteo.add_argument("--strict", action="store_true", help="stop at the first bad row")
+    criteo.set_defaults(run=cmd_preprocess_criteo)
 
     train = commands.add_parser("train", help="train a model on a preprocessed data set")
     _add_training_arguments(train)

@@ -52,3 +52,12 @@ def test_train_then_eval_a_checkpoint(tmp_path, capsys):
     assert main(["eval", "--run", str(run), "--split", "val"]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["bce"] == pytest.approx(trained["bce"]) and evaluated["step"] == trained["step"] == 4
+
+
+def test_preprocess_criteo_prints_counts_that_reconcile(tmp_path, capsys):
+    good = "0\t" + "\t".join(["1"] * 13) + "\t" + "\t".join(["abc"] * 26) + "\n"
+    (tmp_path / "in.txt").write_text(good * 5 + "x\n" + good)
+    assert main(["preprocess", "criteo", str(tmp_path / "in.txt"), "--out", str(tmp_path / "out")]) == 0
+    assert "read 7 rows: kept 6, rejected 1 {'columns': 1} (first lines: {'columns': [6]})" in capsys.readouterr().out
+    assert main(["preprocess", "criteo", str(tmp_path / "in.txt"), "--out", str(tmp_path / "s"), "--strict"]) == 2
+    assert "in.txt:6: bad row (columns)" in capsys.readouterr().err

@@ -1,0 +1,96 @@
+"""Criteo preprocessing: the shared sample, every kind of bad row, gzip, hashing and the Kaggle split."""
+
+import gzip
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from compemb.data.criteo import kaggle_split_rows, parse_row, preprocess_criteo, transform_dense
+from compemb.data.dataset import open_dataset
+
+SAMPLE = Path(__file__).resolve().parents[3] / "shared" / "data" / "criteo-kaggle-sample" / "train.txt"
+needs_sample = pytest.mark.skipif(not SAMPLE.exists(), reason=f"the shared Criteo sample is not at {SAMPLE}")
+GOOD = "1\t" + "\t".join(["3"] * 13) + "\t" + "\t".join(["0a1b2c3d"] * 26) + "\n"
+
+
+@needs_sample
+def test_shared_sample_keeps_every_row_with_cardinalities_of_an_independent_count(tmp_path):
+    facts = preprocess_criteo(SAMPLE, tmp_path / "out", progress=False)
+    manifest, splits = open_dataset(tmp_path / "out")
+    lines = SAMPLE.read_text().splitlines()
+    assert facts["rows_read"] == facts["rows_kept"] == len(lines) and facts["rejected"]["total"] == 0
+    assert sum(len(split) for split in splits.values()) == len(lines)
+    for column in range(26):  # pure Python: values seen >= 3 times, plus the missing and rare ids
+        counts = Counter(line.split("\t")[14 + column] for line in lines)
+        expected = sum(1 for value, count in counts.items() if value and count >= 3) + 2
+        assert manifest["cardinalities"][column] == expected
+    first = lines[0].split("\t")
+    assert splits["train"].labels[0] == int(first[0])
+    np.testing.assert_allclose(splits["train"].dense[0], np.log1p([max(int(v or 0), 0) for v in first[1:14]]),
+                               rtol=1e-6)
+
+
+BAD_ROWS = {
+    "columns": "1\t2\t3\n",
+    "label": "2" + GOOD[1:],
+    "dense": GOOD.replace("\t3\t", "\t3.5\t", 1),
+    "categorical": GOOD.replace("0a1b2c3d", "zzzz", 1),
+}
+
+
+def _write(path, text, gzipped=False):
+    if gzipped:
+        with gzip.open(path, "wt") as file:
+            file.write(text)
+    else:
+        path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("reason", list(BAD_ROWS))
+def test_each_kind_of_bad_row_is_rejected_with_its_line_and_counts_reconcile(tmp_path, reason):
+    text = GOOD * 10 + BAD_ROWS[reason] + GOOD * 3
+    facts = preprocess_criteo(_write(tmp_path / "in.txt", text), tmp_path / "out", progress=False)
+    assert facts["rejected"]["by_reason"] == {reason: 1}
+    assert facts["rejected"]["first_lines"] == {reason: [11]}
+    assert facts["rows_read"] == facts["rows_kept"] + facts["rejected"]["total"] == 14
+    with pytest.raises(ValueError, match=rf"in.txt:11: bad row \({reason}\)"):
+        preprocess_criteo(tmp_path / "in.txt", tmp_path / "strict", strict=True, progress=False)
+    assert not (tmp_path / "strict").exists()
+
+
+def test_parse_row_reads_missing_values_and_refuses_wide_hex():
+    label, dense, sparse = parse_row("0\t\t-4" + "\t1" * 11 + "\t" + "\t" * 25 + "ff\n")
+    assert label == 0 and dense[:2] == [0, -4] and sparse[:25] == [-1] * 25 and sparse[25] == 255
+    with pytest.raises(ValueError, match="32-bit"):
+        parse_row(GOOD.replace("0a1b2c3d", "1234567890", 1))
+
+
+def test_gzip_input_equals_plain_and_truncated_or_empty_input_is_an_error(tmp_path):
+    text = GOOD * 20
+    preprocess_criteo(_write(tmp_path / "a.txt", text), tmp_path / "plain", progress=False)
+    preprocess_criteo(_write(tmp_path / "a.gz", text, gzipped=True), tmp_path / "gz", progress=False)
+    plain, gz = open_dataset(tmp_path / "plain")[1], open_dataset(tmp_path / "gz")[1]
+    assert np.array_equal(plain["train"].sparse, gz["train"].sparse)
+    whole = (tmp_path / "a.gz").read_bytes()
+    (tmp_path / "cut.gz").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match="truncated"):
+        preprocess_criteo(tmp_path / "cut.gz", tmp_path / "cut", progress=False)
+    with pytest.raises(ValueError, match="empty"):
+        preprocess_criteo(_write(tmp_path / "empty.txt", ""), tmp_path / "e", progress=False)
+
+
+def test_hash_mod_takes_values_mod_m_and_gives_missing_its_own_id(tmp_path):
+    row = GOOD.replace("0a1b2c3d", "", 1)  # feature 1 missing
+    preprocess_criteo(_write(tmp_path / "in.txt", row * 7), tmp_path / "out", hash_mod=1000, progress=False)
+    manifest, splits = open_dataset(tmp_path / "out")
+    assert manifest["cardinalities"] == [1001] * 26
+    assert splits["train"].sparse[0, 0] == 1000 and splits["train"].sparse[0, 1] == 0x0A1B2C3D % 1000
+
+
+def test_dense_transform_and_the_kaggle_split():
+    np.testing.assert_allclose(transform_dense(np.array([[-3, 0, 9]])), [[0, 0, np.log(10)]], rtol=1e-6)
+    assert kaggle_split_rows(7000) == {"train": 6000, "test": 500, "val": 500}
+    assert sum(kaggle_split_rows(7203).values()) == 7203
