@@ -131,11 +131,23 @@ def cmd_preprocess_criteo(args: argparse.Namespace) -> int:
 
     facts = preprocess_criteo(args.source, args.out, min_count=args.min_count, hash_mod=args.hash_mod,
                               strict=args.strict)
+    _print_preprocessed(facts, args.out)
+    return 0
+
+
+def cmd_preprocess_avazu(args: argparse.Namespace) -> int:
+    """Preprocess an Avazu CSV; print kept and rejected counts."""
+    from compemb.data.avazu import preprocess_avazu
+
+    _print_preprocessed(preprocess_avazu(args.source, args.out, min_count=args.min_count, strict=args.strict), args.out)
+    return 0
+
+
+def _print_preprocessed(facts: dict, out: str) -> None:
     rejected = facts["rejected"]
     print(f"read {facts['rows_read']:,} rows: kept {facts['rows_kept']:,}, rejected {rejected['total']:,}"
           + (f" {rejected['by_reason']} (first lines: {rejected['first_lines']})" if rejected["total"] else ""))
-    print(f"wrote {args.out}")
-    return 0
+    print(f"wrote {out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,6 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
     criteo.add_argument("--hash-mod", type=int, default=None, help="ids = value mod M instead of categorifying")
     criteo.add_argument("--strict", action="store_true", help="stop at the first bad row")
     criteo.set_defaults(run=cmd_preprocess_criteo)
+
+    avazu = sources.add_parser("avazu", help="Avazu CSV with its header")
+    avazu.add_argument("source", help="the CSV file")
+    avazu.add_argument("--out", required=True)
+    avazu.add_argument("--min-count", type=int, default=3, help="rarer values share one id per feature")
+    avazu.add_argument("--strict", action="store_true", help="stop at the first bad row")
+    avazu.set_defaults(run=cmd_preprocess_avazu)
 
     train = commands.add_parser("train", help="train a model on a preprocessed data set")
     _add_training_arguments(train)

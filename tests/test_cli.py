@@ -61,3 +61,10 @@ def test_preprocess_criteo_prints_counts_that_reconcile(tmp_path, capsys):
     assert "read 7 rows: kept 6, rejected 1 {'columns': 1} (first lines: {'columns': [6]})" in capsys.readouterr().out
     assert main(["preprocess", "criteo", str(tmp_path / "in.txt"), "--out", str(tmp_path / "s"), "--strict"]) == 2
     assert "in.txt:6: bad row (columns)" in capsys.readouterr().err
+
+
+def test_preprocess_avazu_prints_counts(tmp_path, capsys):
+    rows = "id,click,hour," + ",".join(f"f{i}" for i in range(21)) + "\n" + ("1,0,14102100," + ",".join("b" * 21) + "\n") * 10
+    (tmp_path / "in.csv").write_text(rows)
+    assert main(["preprocess", "avazu", str(tmp_path / "in.csv"), "--out", str(tmp_path / "out")]) == 0
+    assert "read 10 rows: kept 10, rejected 0" in capsys.readouterr().out
