@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from compemb.data.synthetic import SyntheticConfig, generate_synthetic
 from compemb.train import TrainConfig, Trainer

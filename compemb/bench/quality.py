@@ -73,7 +73,7 @@ def _run_one(base: TrainConfig, method: str, ratio: float, seed: int, out: Path)
     except ValueError as error:  # the method cannot meet this budget: say why, keep sweeping
         row.note = str(error)
         return row
-    trainer.fit()
+    last = trainer.fit()
     test = trainer.evaluate("test")
     memory = trainer.model.embeddings.memory().total  # type: ignore[union-attr]
     full = sum(full_table_bytes(f.num_embeddings, config.embedding_dim)
@@ -83,7 +83,6 @@ def _run_one(base: TrainConfig, method: str, ratio: float, seed: int, out: Path)
     row.val_bce = trainer.best["bce"] if trainer.best else None
     row.test_bce, row.test_auc = test["bce"], test["auc"]
     row.bayes_bce, row.gap_to_bayes = test.get("bayes_bce"), test.get("gap_to_bayes")
-    last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
     row.samples_per_s = last.get("samples_per_s")
     atomic_write_text(run / "result.json", json.dumps({**asdict(row), "config": asdict(config)}, indent=2) + "\n")
     return row
