@@ -101,12 +101,22 @@ class EmbeddingCollection(torch.nn.Module):
         self.budget = resolve_budget(total, embedding_dim, compression=compression, num_params=num_params)
         full_options = {key: value for key, value in options.items() if key in ("sparse", "mode")}
 
-        def build(index: int, budget_bytes: int | None) -> CompressedEmbedding:
+        def build(index: int, budget_bytes: int | None, last: bool = False) -> CompressedEmbedding:
             feature = features[index]
             common = dict(seed=seed + index, device=device, name=feature.name)
             if budget_bytes is None:
                 return make_embedding("full", feature.num_embeddings, embedding_dim, **common, **full_options)
             params = max(1, budget_bytes // FLOAT_BYTES)
+            if last:  # the largest table absorbs the others' rounding: at its nearest size that fits what is left
+                for _ in range(8):
+                    with nearest_size():
+                        table = make_embedding(method, feature.num_embeddings, embedding_dim, num_params=params,
+                                               **common, **options)
+                    excess = table.memory().total - budget_bytes
+                    if excess <= 0 or params <= 1:
+                        return table
+                    params = max(1, params - -(-excess // FLOAT_BYTES))
+                return table
             with nearest_size():  # the total is checked at the end
                 return make_embedding(method, feature.num_embeddings, embedding_dim, num_params=params, **common,
                                       **options)
@@ -131,7 +141,7 @@ class EmbeddingCollection(torch.nn.Module):
                     f"{features[index].name!r}: the smaller features' tables took it"
                 )
             else:
-                table = build(index, round(share))
+                table = build(index, round(share), last=position == len(order) - 1)
                 if table.memory().total >= full[index]:  # its nearest compressed size is no smaller
                     table = build(index, None)
             tables[index] = table
@@ -140,7 +150,9 @@ class EmbeddingCollection(torch.nn.Module):
         stored = sum(table.memory().total for table in tables.values())
         miss = (stored - self.budget.num_bytes) / self.budget.num_bytes
         every_table_full = all(not table.compresses for table in tables.values())
-        if miss > BUDGET_TOLERANCE or (miss < -BUDGET_TOLERANCE and not every_table_full):
+        # tables grow by whole rows: a tiny budget may stay under by up to a row per feature
+        under_tolerance = max(BUDGET_TOLERANCE, len(features) * embedding_dim * FLOAT_BYTES / self.budget.num_bytes)
+        if miss > BUDGET_TOLERANCE or (miss < -under_tolerance and not every_table_full):
             raise BudgetError(
                 f"EmbeddingCollection of {method!r}: its tables store {stored:,} bytes, {miss:+.1%} from the budget "
                 f"of {self.budget.num_bytes:,} bytes"

@@ -41,6 +41,7 @@ class SyntheticConfig:
 
     rows: dict[str, int] = field(default_factory=lambda: {"train": 2_000_000, "val": 100_000, "test": 100_000})
     scale: float = 1e-3  # cardinalities = Criteo Kaggle's x scale (at least min(original, 10))
+    cardinalities_override: tuple[int, ...] | None = None  # explicit cardinalities (any number of features)
     zipf: float = 1.1
     teacher_dim: int = 8
     clusters: int = 16  # mixture components per feature
@@ -52,7 +53,11 @@ class SyntheticConfig:
     seed: int = 0
 
     def cardinalities(self) -> list[int]:
-        """The 26 sparse features' cardinalities."""
+        """The sparse features' cardinalities: the override, else Criteo Kaggle's 26 scaled."""
+        if self.cardinalities_override is not None:
+            if not self.cardinalities_override or min(self.cardinalities_override) < 1:
+                raise ValueError(f"cardinalities_override must be positive, got {self.cardinalities_override}")
+            return list(self.cardinalities_override)
         return [max(math.ceil(n * self.scale), min(n, 10)) for n in CRITEO_KAGGLE_CARDINALITIES]
 
 
