@@ -1,0 +1,5 @@
+"""Sketches that score IDs in a stream: the HotSketch of CAFE."""
+
+from compemb.sketch.hotsketch import HotSketch
+
+__all__ = ["HotSketch"]

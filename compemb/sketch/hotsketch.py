@@ -1,0 +1,538 @@
+"""HotSketch, from "CAFE: Towards Compact, Adaptive, and Fast Embedding for Large-scale Recommendation Models",
+Zhang et al., SIGMOD 2024 (arXiv 2312.03256), Section 4.
+
+``w`` buckets of ``c`` slots; a slot holds an ID (int64), its score (float32) and its hot-row index (int32,
+-1 when the ID has no row of its own). An ID lives in bucket ``h(id)``, one multiply-add-shift function of
+:mod:`compemb.hashing`. Inside a bucket the update is Space-Saving's: a present ID adds its score; a new ID
+takes an empty slot, else takes over the lowest-scoring slot and adds its score to the one it found there;
+a lowest slot that holds a hot ID is never taken over, and the new ID is dropped instead.
+
+Deviations from the paper, all for batches:
+
+- ``insert`` takes a whole batch: duplicate IDs are summed first, then applied in order of first occurrence.
+- Decay (all scores times ``decay_factor``) is checked once per ``insert`` call, after the batch is applied.
+- An occupancy flag per slot (1 byte) marks empty slots, since every int64 is a valid ID; it counts in the bytes.
+
+The state lives in CPU buffers that compiled numba kernels read and write through numpy views (which
+share memory with the tensors), so a whole batch costs one call into compiled code.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numba
+import numpy as np
+import torch
+from torch import Tensor
+
+from compemb.budget import MemoryReport
+from compemb.hashing import MAX_BUCKETS, coefficient_bytes, hash_coefficients
+
+SKETCH_STREAM = 0x48534B  # "HSK": a stream of its own, independent of a parent's hashes of the same seed
+DECAY_PERIOD = 10  # decay once per DECAY_PERIOD * threshold * num_buckets of inserted score mass (the paper's rule)
+SLOT_BYTES = 8 + 4 + 4 + 1  # id, score, hot row, occupancy flag
+STATE_BYTES = 8  # the float64 mass inserted since the last decay
+
+_NO_SCORES = np.empty(0, dtype=np.float32)  # the kernel's scores argument in frequency mode
+_MAX_ROW = 2**31 - 1
+# the state, in the order the kernels take it
+_BUFFERS = {
+    "keys": torch.int64,
+    "scores": torch.float32,
+    "hot_rows": torch.int32,
+    "occupied": torch.bool,
+    "mass": torch.float64,
+    "coefficients": torch.int64,
+}
+
+
+# --- compiled kernels ----------------------------------------------------------------------------------
+
+
+@numba.njit(inline="always")
+def _bucket(mixed: int, num_buckets: int) -> int:
+    # compemb.hashing's multiply-high of the top 32 bits: identical to hash_ids
+    return ((mixed >> 32) & 0xFFFFFFFF) * num_buckets >> 32
+
+
+@numba.njit(cache=True, nogil=True)
+def _insert_kernel(ids, scores, unit, keys, table, rows, occupied, mass, coefficients, limit, factor):
+    """Apply a batch; returns the index of the first bad score (nothing changed then), or -1."""
+    n = ids.shape[0]
+    num_buckets, num_slots = keys.shape
+    a, b = coefficients[0, 0], coefficients[0, 1]
+    # check every score before touching the sketch, so a bad batch leaves it as it was
+    total = 0.0
+    if unit:
+        total = float(n)
+    else:
+        for i in range(n):
+            s = scores[i]
+            if not (s >= 0.0 and s < np.inf):  # NaN fails every comparison
+                return i
+            total += s
+    # sum duplicates in an open-addressing table (at most half full), remembering first occurrences in order
+    bits = 1
+    while (1 << bits) < 2 * n:
+        bits += 1
+    mask = (1 << bits) - 1
+    shift = 64 - bits
+    index = np.full(mask + 1, -1, dtype=np.int32)
+    unique_ids = np.empty(n, dtype=np.int64)
+    unique_mixed = np.empty(n, dtype=np.int64)
+    unique_scores = np.empty(n, dtype=np.float32)
+    count = 0
+    one = np.float32(1.0)
+    for i in range(n):
+        x = np.int64(ids[i])
+        mixed = a * x + b  # wraps modulo 2^64, as in compemb.hashing
+        s = one if unit else scores[i]
+        h = (mixed >> shift) & mask  # top bits: the well-mixed ones
+        while True:
+            u = index[h]
+            if u < 0:
+                index[h] = count
+                unique_ids[count] = x
+                unique_mixed[count] = mixed
+                unique_scores[count] = s
+                count += 1
+                break
+            if unique_ids[u] == x:
+                unique_scores[u] += s  # float32, in batch order
+                break
+            h = (h + 1) & mask
+    # Space-Saving inside each bucket
+    for k in range(count):
+        x = unique_ids[k]
+        s = unique_scores[k]
+        bucket = _bucket(unique_mixed[k], num_buckets)
+        empty = -1
+        lowest = -1
+        found = False
+        for j in range(num_slots):
+            if occupied[bucket, j]:
+                if keys[bucket, j] == x:
+                    table[bucket, j] += s
+                    found = True
+                    break
+                if lowest < 0 or table[bucket, j] < table[bucket, lowest]:  # ties: the lowest slot index
+                    lowest = j
+            elif empty < 0:
+                empty = j
+        if found:
+            continue
+        if empty >= 0:
+            occupied[bucket, empty] = True
+            keys[bucket, empty] = x
+            table[bucket, empty] = s
+            rows[bucket, empty] = -1
+        elif rows[bucket, lowest] < 0:
+            keys[bucket, lowest] = x
+            table[bucket, lowest] += s  # the newcomer inherits the count it displaces (Space-Saving)
+        # else: the lowest slot holds a hot ID, which keeps its place; the new ID is dropped
+    # decay once for every whole period of mass inserted
+    mass[0] += total
+    if mass[0] > limit:
+        scale = 1.0
+        if factor < 1.0:
+            while mass[0] > limit and scale > 0.0:
+                mass[0] -= limit
+                scale *= factor
+        if scale == 0.0 or factor >= 1.0:
+            mass[0] = 0.0  # nothing is left to decay (or nothing decays): start counting afresh
+        if scale != 1.0:
+            _scale(table, scale)
+    return -1
+
+
+@numba.njit(cache=True, nogil=True)
+def _scale(table, scale):
+    """Multiply every score by ``scale`` (float64), rounding each product once to float32."""
+    flat = table.reshape(-1)
+    for i in range(flat.shape[0]):
+        flat[i] = np.float32(flat[i] * scale)
+
+
+@numba.njit(cache=True, nogil=True)
+def _query_kernel(ids, keys, table, rows, occupied, coefficients, out_scores, out_rows):
+    """Score and hot row of each ID (0 and -1 when absent)."""
+    num_buckets, num_slots = keys.shape
+    a, b = coefficients[0, 0], coefficients[0, 1]
+    for i in range(ids.shape[0]):
+        x = np.int64(ids[i])
+        bucket = _bucket(a * x + b, num_buckets)
+        score = np.float32(0.0)
+        row = np.int32(-1)
+        for j in range(num_slots):
+            if occupied[bucket, j] and keys[bucket, j] == x:
+                score = table[bucket, j]
+                row = rows[bucket, j]
+                break
+        out_scores[i] = score
+        out_rows[i] = row
+
+
+@numba.njit(cache=True, nogil=True)
+def _locate(ids, keys, occupied, coefficients):
+    """Flat slot index of each ID, -1 when absent."""
+    num_buckets, num_slots = keys.shape
+    a, b = coefficients[0, 0], coefficients[0, 1]
+    where = np.empty(ids.shape[0], dtype=np.int64)
+    for i in range(ids.shape[0]):
+        x = np.int64(ids[i])
+        bucket = _bucket(a * x + b, num_buckets)
+        where[i] = -1
+        for j in range(num_slots):
+            if occupied[bucket, j] and keys[bucket, j] == x:
+                where[i] = bucket * num_slots + j
+                break
+    return where
+
+
+@numba.njit(cache=True, nogil=True)
+def _set_hot_kernel(ids, new_rows, keys, rows, occupied, coefficients):
+    """Give each ID its row; returns (0, -1), or (1, i) for a bad row i, or (2, i) for an absent ID i."""
+    for i in range(new_rows.shape[0]):
+        if new_rows[i] < 0 or new_rows[i] > _MAX_ROW:
+            return 1, i
+    where = _locate(ids, keys, occupied, coefficients)
+    for i in range(where.shape[0]):
+        if where[i] < 0:
+            return 2, i
+    flat = rows.reshape(-1)
+    for i in range(where.shape[0]):
+        flat[where[i]] = new_rows[i]  # a repeated ID keeps its last row
+    return 0, -1
+
+
+@numba.njit(cache=True, nogil=True)
+def _clear_hot_kernel(ids, keys, rows, occupied, coefficients):
+    """Take the row from each present ID; returns the rows taken (-1 for absent or not hot IDs)."""
+    where = _locate(ids, keys, occupied, coefficients)
+    flat = rows.reshape(-1)
+    released = np.full(where.shape[0], -1, dtype=np.int32)
+    for i in range(where.shape[0]):
+        if where[i] >= 0:
+            released[i] = flat[where[i]]
+            flat[where[i]] = -1
+    return released
+
+
+@numba.njit(cache=True, nogil=True)
+def _hot_below_kernel(keys, table, rows, occupied, threshold):
+    """IDs and rows of the hot slots whose score is below ``threshold``, in slot order."""
+    flat_keys, flat_scores = keys.reshape(-1), table.reshape(-1)
+    flat_rows, flat_used = rows.reshape(-1), occupied.reshape(-1)
+    count = 0
+    for i in range(flat_rows.shape[0]):
+        if flat_used[i] and flat_rows[i] >= 0 and flat_scores[i] < threshold:
+            count += 1
+    out_ids = np.empty(count, dtype=np.int64)
+    out_rows = np.empty(count, dtype=np.int32)
+    count = 0
+    for i in range(flat_rows.shape[0]):
+        if flat_used[i] and flat_rows[i] >= 0 and flat_scores[i] < threshold:
+            out_ids[count] = flat_keys[i]
+            out_rows[count] = flat_rows[i]
+            count += 1
+    return out_ids, out_rows
+
+
+@numba.njit(cache=True, nogil=True)
+def _hot_count_kernel(rows, occupied):
+    flat_rows, flat_used = rows.reshape(-1), occupied.reshape(-1)
+    count = 0
+    for i in range(flat_rows.shape[0]):
+        if flat_used[i] and flat_rows[i] >= 0:
+            count += 1
+    return count
+
+
+# --- input checks ----------------------------------------------------------------------------------------
+
+
+def _id_array(ids: Any, what: str = "ids") -> tuple[Tensor, np.ndarray]:
+    """``ids`` on CPU as a 1-D int32/int64 numpy view (the tensor is returned to keep the memory alive)."""
+    if not isinstance(ids, Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(ids).__name__}")
+    dtype = ids.dtype
+    if dtype is not torch.int64 and dtype is not torch.int32:
+        if dtype.is_floating_point or dtype.is_complex or dtype is torch.bool:
+            raise TypeError(f"{what} must be an integer tensor (int64 or int32), got {dtype}")
+        ids = ids.long()
+    if not ids.is_cpu:
+        ids = ids.cpu()
+    flat = ids.reshape(-1)
+    return flat, flat.numpy()
+
+
+# --- the module ------------------------------------------------------------------------------------------
+
+
+class HotSketch(torch.nn.Module):
+    """CAFE's HotSketch: ``num_buckets x slots`` (id, score, hot row) slots, Space-Saving inside each bucket.
+
+    An ID's score estimates the total score inserted for it (frequency, or gradient norms in CAFE). An ID
+    entering a full bucket inherits the score of the one it displaces (Space-Saving), so scores tend to
+    overestimate. Hot IDs (those given a row with :meth:`set_hot`) are never displaced.
+
+    Args:
+        num_buckets: ``w``, at most 2^31.
+        slots: ``c``, slots per bucket (the paper uses 4).
+        threshold: the hot threshold of the embedding that owns the sketch; it sets the decay period and is
+            :meth:`hot_below`'s default.
+        decay_factor: all scores are multiplied by it once per ``10 * threshold * num_buckets`` of score
+            mass inserted (checked once per :meth:`insert` call, after the batch), or on :meth:`decay`.
+            In ``(0, 1]``; 1 never decays.
+        seed: seeds the bucket hash; ``stream`` separates it from other functions of the same seed.
+
+    The state (``keys``, ``scores``, ``hot_rows``, ``occupied``, ``mass``, ``coefficients``) is made of
+    buffers, so ``state_dict`` saves and restores it exactly. Change it only through the methods. The
+    buffers stay on CPU in their dtypes when a parent module is moved or cast, since compiled CPU code
+    reads and writes them; IDs on another device are copied to CPU, and results return on their device.
+
+    Shape:
+        ``insert(ids (*), scores (*))``; ``query(ids (*))`` -> ``(*)`` float32 scores, ``(*)`` int32 rows.
+
+    Example::
+
+        >>> sketch = HotSketch(1000, threshold=5.0)
+        >>> sketch.insert(torch.tensor([7, 7, 42]), torch.tensor([1.0, 2.0, 0.5]))
+        >>> sketch.query(torch.tensor([7, 42, 99]))
+        (tensor([3.0000, 0.5000, 0.0000]), tensor([-1, -1, -1], dtype=torch.int32))
+        >>> sketch.set_hot(torch.tensor([7]), torch.tensor([0]))
+        >>> sketch.hot_count(), sketch.memory().sketch_bytes
+        (1, 68024)
+    """
+
+    keys: Tensor
+    scores: Tensor
+    hot_rows: Tensor
+    occupied: Tensor
+    mass: Tensor
+    coefficients: Tensor
+
+    def __init__(
+        self,
+        num_buckets: int,
+        slots: int = 4,
+        *,
+        threshold: float = 1.0,
+        decay_factor: float = 0.99,
+        seed: int = 0,
+        stream: int = SKETCH_STREAM,
+    ) -> None:
+        super().__init__()
+        if isinstance(num_buckets, bool) or not isinstance(num_buckets, int) or not 1 <= num_buckets <= MAX_BUCKETS:
+            raise ValueError(f"num_buckets must be an int in [1, {MAX_BUCKETS}], got {num_buckets!r}")
+        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+            raise ValueError(f"slots must be a positive int, got {slots!r}")
+        if not (math.isfinite(threshold) and threshold > 0):
+            raise ValueError(f"threshold must be a positive finite number, got {threshold!r}")
+        if not 0 < decay_factor <= 1:
+            raise ValueError(f"decay_factor must be in (0, 1], got {decay_factor!r}")
+        self.num_buckets, self.slots = num_buckets, slots
+        self.threshold, self.decay_factor = float(threshold), float(decay_factor)
+        self.seed, self.stream = int(seed), int(stream)
+        shape = (num_buckets, slots)
+        self.register_buffer("keys", torch.zeros(shape, dtype=torch.int64))
+        self.register_buffer("scores", torch.zeros(shape, dtype=torch.float32))
+        self.register_buffer("hot_rows", torch.full(shape, -1, dtype=torch.int32))
+        self.register_buffer("occupied", torch.zeros(shape, dtype=torch.bool))
+        self.register_buffer("mass", torch.zeros(1, dtype=torch.float64))
+        self.register_buffer("coefficients", hash_coefficients(self.seed, 1, self.stream))
+        self._cache: tuple | None = None
+
+    # --- sizes ---------------------------------------------------------------------------------------
+
+    @staticmethod
+    def bytes_for(num_buckets: int, slots: int = 4) -> int:
+        """Bytes a sketch of ``num_buckets x slots`` stores, before building it."""
+        return num_buckets * slots * SLOT_BYTES + coefficient_bytes(1) + STATE_BYTES
+
+    @staticmethod
+    def buckets_for(num_bytes: int, slots: int = 4) -> int:
+        """The most buckets of ``slots`` slots that fit in ``num_bytes``; ValueError when not even one does."""
+        buckets = (num_bytes - coefficient_bytes(1) - STATE_BYTES) // (slots * SLOT_BYTES)
+        if buckets < 1:
+            smallest = HotSketch.bytes_for(1, slots)
+            raise ValueError(
+                f"{num_bytes} bytes cannot hold a HotSketch of {slots} slots; it needs at least {smallest}"
+            )
+        return min(int(buckets), MAX_BUCKETS)
+
+    @property
+    def decay_period(self) -> float:
+        """The score mass inserted between two decays: ``10 * threshold * num_buckets``."""
+        return DECAY_PERIOD * self.threshold * self.num_buckets
+
+    def memory(self) -> MemoryReport:
+        """Its bytes, all counted as sketch bytes."""
+        return MemoryReport(float_bytes=0, sketch_bytes=self.bytes_for(self.num_buckets, self.slots))
+
+    # --- state ----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Empty every slot, zero the decay mass and redraw the hash from the seed, in place."""
+        self.keys.zero_()
+        self.scores.zero_()
+        self.hot_rows.fill_(-1)
+        self.occupied.zero_()
+        self.mass.zero_()
+        self.coefficients.copy_(hash_coefficients(self.seed, 1, self.stream))
+
+    def _arrays(self) -> tuple[np.ndarray, ...]:
+        # numpy views of the buffers, made once: tensor.numpy() costs ~1 us, a visible share of a batch's
+        # time. They are remade when a buffer object is replaced (load_state_dict(assign=True), say).
+        buffers, cache = self._buffers, self._cache
+        if (
+            cache is None
+            or cache[0] is not buffers["keys"]
+            or cache[1] is not buffers["scores"]
+            or cache[2] is not buffers["hot_rows"]
+            or cache[3] is not buffers["occupied"]
+            or cache[4] is not buffers["mass"]
+            or cache[5] is not buffers["coefficients"]
+        ):
+            tensors = tuple(buffers[name] for name in _BUFFERS)
+            cache = self._cache = (*tensors, *(t.numpy() for t in tensors))
+        return cache[6:]
+
+    def _apply(self, fn: Any, recurse: bool = True) -> HotSketch:
+        # The buffers stay on CPU in their dtypes whatever a parent module does (.to('cuda'), .half(), ...):
+        # compiled CPU kernels read and write them, and half-precision scores would stop counting past 2048.
+        return self
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # load_state_dict(assign=True) puts the given tensors in place: bring them back to CPU and their dtypes
+        for name, dtype in _BUFFERS.items():
+            tensor = self._buffers[name]
+            if tensor.device.type != "cpu" or tensor.dtype != dtype or not tensor.is_contiguous():
+                self._buffers[name] = tensor.to("cpu", dtype).contiguous()
+        self._cache = None
+
+    def __getstate__(self) -> dict:
+        # numpy views would be copied apart from their tensors by pickle/deepcopy: drop them
+        state = self.__dict__.copy()
+        state["_cache"] = None
+        return state
+
+    # --- scores --------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def insert(self, ids: Tensor, scores: Tensor | None = None) -> None:
+        """Add ``scores`` to ``ids`` (frequency mode when ``scores`` is None: 1 per occurrence).
+
+        The batch is applied as a whole: the scores of a repeated ID are summed (in float32, in batch order),
+        then the distinct IDs are applied one after another in order of their first occurrence. Afterwards,
+        if the score mass inserted since the last decay exceeds :attr:`decay_period`, every score is multiplied
+        by ``decay_factor`` once per whole period in it (one float32 rounding) and that mass is used up.
+
+        Args:
+            ids: int64 (or int32) IDs, any shape, any device.
+            scores: finite, non-negative floats of the same shape (cast to float32), or None.
+
+        Raises:
+            ValueError: shapes differ, or a score is negative, NaN or infinite (the sketch is left unchanged).
+            TypeError: ids that are not integers, or scores that are not floats.
+        """
+        _, id_array = _id_array(ids)
+        if scores is None:
+            score_array, unit = _NO_SCORES, True
+        else:
+            if not isinstance(scores, Tensor):
+                raise TypeError(f"scores must be a torch.Tensor or None, got {type(scores).__name__}")
+            if scores.shape != ids.shape:
+                raise ValueError(f"scores must have the shape of ids {tuple(ids.shape)}, got {tuple(scores.shape)}")
+            if scores.dtype is not torch.float32:
+                if not scores.dtype.is_floating_point:
+                    raise TypeError(f"scores must be a floating-point tensor, got {scores.dtype}")
+                scores = scores.float()
+            if scores.requires_grad:
+                scores = scores.detach()
+            if not scores.is_cpu:
+                scores = scores.cpu()
+            scores = scores.reshape(-1)
+            score_array, unit = scores.numpy(), False
+        keys, table, rows, occupied, mass, coefficients = self._arrays()
+        bad = _insert_kernel(id_array, score_array, unit, keys, table, rows, occupied, mass, coefficients,
+                             self.decay_period, self.decay_factor)
+        if bad >= 0:
+            raise ValueError(f"scores must be finite and >= 0, got {float(score_array[bad])} at flat index {bad}")
+
+    @torch.no_grad()
+    def query(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """Scores (float32) and hot rows (int32) of ``ids``, with their shape and device; 0 and -1 when absent."""
+        _, id_array = _id_array(ids)
+        keys, table, rows, occupied, _, coefficients = self._arrays()
+        scores = np.empty(id_array.shape[0], dtype=np.float32)
+        hot = np.empty(id_array.shape[0], dtype=np.int32)
+        _query_kernel(id_array, keys, table, rows, occupied, coefficients, scores, hot)
+        score_tensor, row_tensor = torch.from_numpy(scores), torch.from_numpy(hot)
+        if ids.dim() != 1:
+            score_tensor, row_tensor = score_tensor.view(ids.shape), row_tensor.view(ids.shape)
+        if not ids.is_cpu:
+            score_tensor, row_tensor = score_tensor.to(ids.device), row_tensor.to(ids.device)
+        return score_tensor, row_tensor
+
+    @torch.no_grad()
+    def decay(self) -> None:
+        """Multiply every score by ``decay_factor`` now, and restart the count of mass towards the next decay."""
+        _, table, _, _, mass, _ = self._arrays()
+        _scale(table, self.decay_factor)
+        mass[0] = 0.0
+
+    # --- hot rows ------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def set_hot(self, ids: Tensor, rows: Tensor) -> None:
+        """Give each of ``ids`` (present in the sketch) its hot row from ``rows`` (same shape, in [0, 2^31)).
+
+        Raises:
+            ValueError: shapes differ, a row is out of range, or an ID is not in the sketch (nothing changes then).
+        """
+        _, id_array = _id_array(ids)
+        _, row_array = _id_array(rows, "rows")
+        if rows.shape != ids.shape:
+            raise ValueError(f"rows must have the shape of ids {tuple(ids.shape)}, got {tuple(rows.shape)}")
+        keys, _, hot, occupied, _, coefficients = self._arrays()
+        problem, index = _set_hot_kernel(id_array, row_array, keys, hot, occupied, coefficients)
+        if problem == 1:
+            raise ValueError(f"rows must be in [0, {_MAX_ROW}], got {int(row_array[index])}")
+        if problem == 2:
+            raise ValueError(f"id {int(id_array[index])} is not in the sketch: only present IDs can be made hot")
+
+    @torch.no_grad()
+    def clear_hot(self, ids: Tensor) -> Tensor:
+        """Take their rows from ``ids``; returns the rows taken (int32, ids' shape, -1 where there was none)."""
+        _, id_array = _id_array(ids)
+        keys, _, hot, occupied, _, coefficients = self._arrays()
+        released = torch.from_numpy(_clear_hot_kernel(id_array, keys, hot, occupied, coefficients))
+        return released.view(ids.shape).to(ids.device)
+
+    def hot_below(self, threshold: float | None = None) -> tuple[Tensor, Tensor]:
+        """IDs (int64) and rows (int32), on CPU, of hot slots scoring below ``threshold`` (default: the sketch's)."""
+        keys, table, hot, occupied, _, _ = self._arrays()
+        found_ids, found_rows = _hot_below_kernel(keys, table, hot, occupied,
+                                                  self.threshold if threshold is None else float(threshold))
+        return torch.from_numpy(found_ids), torch.from_numpy(found_rows)
+
+    def hot_count(self) -> int:
+        """How many slots hold a hot ID."""
+        _, _, hot, occupied, _, _ = self._arrays()
+        return int(_hot_count_kernel(hot, occupied))
+
+    def items(self) -> tuple[Tensor, Tensor, Tensor]:
+        """IDs (int64), scores (float32) and hot rows (int32) of every occupied slot, in slot order."""
+        used = self.occupied
+        return self.keys[used], self.scores[used], self.hot_rows[used]
+
+    def extra_repr(self) -> str:
+        text = f"num_buckets={self.num_buckets}, slots={self.slots}, threshold={self.threshold:g}"
+        if self.decay_factor != 0.99:
+            text += f", decay_factor={self.decay_factor:g}"
+        return text + f", seed={self.seed}"
