@@ -54,7 +54,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
         rows={"train": args.train_rows, "val": args.eval_rows, "test": args.eval_rows}, scale=args.scale,
         zipf=args.zipf, signal=args.signal, seed=args.seed,
     )
-    facts = generate_synthetic(args.out, config)
+    facts = generate_synthetic(args.out, config, tsv=args.tsv)
     print(f"wrote {args.out}: {sum(config.cardinalities()):,} ids over 26 features")
     print(f"{'split':<6} {'rows':>10} {'click rate':>11} {'Bayes BCE':>10} {'Bayes AUC':>10}")
     for split, bayes in facts["bayes"].items():
@@ -126,11 +126,11 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_preprocess_criteo(args: argparse.Namespace) -> int:
-    """Preprocess a Criteo Kaggle-style TSV; print kept and rejected counts."""
+    """Preprocess Criteo TSV (Kaggle train.txt, or Terabyte days in order); print kept and rejected counts."""
     from compemb.data.criteo import preprocess_criteo
 
     facts = preprocess_criteo(args.source, args.out, min_count=args.min_count, hash_mod=args.hash_mod,
-                              strict=args.strict)
+                              strict=args.strict, unlabeled=args.unlabeled)
     _print_preprocessed(facts, args.out)
     return 0
 
@@ -169,12 +169,16 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--zipf", type=float, default=1.1)
     synth.add_argument("--signal", type=float, default=2.0, help="sd of the teacher's logit")
     synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--tsv", default=None,
+                       help="also write the rows as Criteo TSV to this file (.gz: gzip), splits in order train, val, test")
     synth.set_defaults(run=cmd_synth)
 
     preprocess = commands.add_parser("preprocess", help="raw click logs to the preprocessed format")
     sources = preprocess.add_subparsers(dest="source_kind", required=True)
-    criteo = sources.add_parser("criteo", help="Criteo Kaggle train.txt (plain or gzip)")
-    criteo.add_argument("source", help="the TSV file")
+    criteo = sources.add_parser("criteo", help="Criteo Kaggle train.txt or Terabyte day_0 ... day_23 (plain or gzip)")
+    criteo.add_argument("source", nargs="+",
+                        help="train.txt (split as DLRM splits Kaggle), or the days in order (last day: test + val)")
+    criteo.add_argument("--unlabeled", default=None, help="Kaggle test.txt (no labels): the split 'unlabeled'")
     criteo.add_argument("--out", required=True)
     criteo.add_argument("--min-count", type=int, default=3, help="rarer values share one id per feature")
     criteo.add_argument("--hash-mod", type=int, default=None, help="ids = value mod M instead of categorifying")

@@ -132,7 +132,11 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, split: str) -> dict[str, Any]:
         """BCE and exact AUC of the model on ``split`` (and the gap to the Bayes BCE where it is known)."""
+        if split not in self.splits:
+            raise ValueError(f"no split {split!r} in {self.config.data}; it has {list(self.splits)}")
         data = self.splits[split]
+        if data.labels is None:
+            raise ValueError(f"split {split!r} of {self.config.data} has no labels to evaluate against")
         self.model.eval()
         logits = torch.cat([
             self.model(*_batch(data, index, self.config.eval_batch_size)[:2])

@@ -79,20 +79,13 @@ def preprocess_avazu(source: str | os.PathLike, out: str | os.PathLike, min_coun
     ]
     train, val = kept * 8 // 10, kept // 10
     rows = {"train": train, "val": val, "test": kept - train - val}
-    bounds = [0, train, train + val, kept]
     with DatasetWriter(out, rows, 0, [len(v) + 2 for v in vocabularies]) as writer:
-        labels, ids, done = [], [], 0
+        labels, ids = [], []
 
-        def flush() -> None:
-            nonlocal labels, ids, done
-            label_array, id_array = np.array(labels, np.uint8), np.array(ids, np.int64)
-            for split, start, end in zip(("train", "val", "test"), bounds[:-1], bounds[1:]):
-                low, high = max(start, done) - done, min(end, done + len(labels)) - done
-                if low < high:
-                    writer.write(split, np.zeros((high - low, 0), np.float32), id_array[low:high],
-                                 label_array[low:high])
-            done += len(labels)
-            labels, ids = [], []
+        def flush() -> None:  # rows fill train, then val, then test, in file order
+            writer.append(np.zeros((len(labels), 0), np.float32), np.array(ids, np.int64), np.array(labels, np.uint8))
+            labels.clear()
+            ids.clear()
 
         for label, features in _rows(source, Rejections(), strict=False):
             labels.append(label)

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numba
 import numpy as np
 from tqdm import tqdm
 
@@ -62,13 +64,20 @@ class Rejections:
         return sum(self.counts.values())
 
 
+_DENSE_PATTERN = re.compile(r"-?[0-9]{1,18}")  # int64-safe; "+5", " 5" or "1_0" are not Criteo integers
+_HEX_PATTERN = re.compile(r"[0-9a-fA-F]{1,8}")  # at most 32 bits
+
+
 def parse_row(line: str, has_label: bool = True) -> tuple[int, list[int], list[int]]:
     """One TSV line -> (label, 13 raw dense ints (missing = 0), 26 categorical ints (missing = -1)).
+
+    This is the readable definition of a good row; :func:`read_rows` parses blocks of bytes with a compiled
+    kernel that the tests check against it.
 
     Raises:
         RowError: the row is bad; its ``reason`` says how.
     """
-    fields = line.rstrip("\r\n").split("\t")
+    fields = line.rstrip("\n").removesuffix("\r").split("\t")
     expected = NUM_DENSE + NUM_SPARSE + (1 if has_label else 0)
     if len(fields) != expected:
         raise RowError("columns", f"{len(fields)} columns, expected {expected}")
@@ -80,68 +89,175 @@ def parse_row(line: str, has_label: bool = True) -> tuple[int, list[int], list[i
         fields = fields[1:]
     dense = []
     for text in fields[:NUM_DENSE]:
-        try:
-            dense.append(int(text) if text else 0)
-        except ValueError:
-            raise RowError("dense", f"dense value {text!r} is not an integer") from None
+        if text and not _DENSE_PATTERN.fullmatch(text):
+            raise RowError("dense", f"dense value {text!r} is not an integer of at most 18 digits")
+        dense.append(int(text) if text else 0)
     sparse = []
     for text in fields[NUM_DENSE:]:
-        if not text:
-            sparse.append(MISSING)
-            continue
-        try:
-            value = int(text, 16)
-        except ValueError:
-            raise RowError("categorical", f"categorical value {text!r} is not hex") from None
-        if len(text) > 8 or value < 0:
-            raise RowError("categorical", f"categorical value {text!r} is not a 32-bit hex number")
-        sparse.append(value)
+        if text and not _HEX_PATTERN.fullmatch(text):
+            raise RowError("categorical", f"categorical value {text!r} is not a hex number of at most 32 bits")
+        sparse.append(int(text, 16) if text else MISSING)
     return label, dense, sparse
 
 
-def _open_text(path: Path):
+# status codes of the compiled parser: 0 good, then 1 + the index of the reason in REASONS
+_GOOD = 0
+
+
+@numba.njit(cache=True, nogil=True)
+def _hex_digit(byte: int) -> int:
+    if 48 <= byte <= 57:
+        return byte - 48
+    if 97 <= byte <= 102:
+        return byte - 87
+    if 65 <= byte <= 70:
+        return byte - 55
+    return -1
+
+
+@numba.njit(cache=True, nogil=True)
+def _parse_lines(buffer, has_label, labels, dense, sparse, status):  # pragma: no cover - compiled
+    """Parse every newline-terminated line of ``buffer`` (uint8) into the output arrays; return the line count."""
+    expected_tabs = NUM_DENSE + NUM_SPARSE - 1 + (1 if has_label else 0)
+    size = buffer.shape[0]
+    line = 0
+    position = 0
+    while position < size:
+        end = position
+        tabs = 0
+        while buffer[end] != 10:
+            if buffer[end] == 9:
+                tabs += 1
+            end += 1
+        stop = end - 1 if end > position and buffer[end - 1] == 13 else end
+        code = _GOOD
+        if tabs != expected_tabs:
+            code = 1
+        field = 0 if has_label else 1  # field 0 is the label
+        cursor = position
+        while code == _GOOD and field <= NUM_DENSE + NUM_SPARSE:
+            field_end = cursor
+            while field_end < stop and buffer[field_end] != 9:
+                field_end += 1
+            length = field_end - cursor
+            if field == 0:
+                if length != 1 or (buffer[cursor] != 48 and buffer[cursor] != 49):
+                    code = 2
+                else:
+                    labels[line] = buffer[cursor] - 48
+            elif field <= NUM_DENSE:
+                value = 0
+                if length > 0:
+                    negative = buffer[cursor] == 45
+                    digits = length - 1 if negative else length
+                    if digits < 1 or digits > 18:
+                        code = 3
+                    else:
+                        for index in range(cursor + (1 if negative else 0), field_end):
+                            digit = buffer[index] - 48
+                            if digit < 0 or digit > 9:
+                                code = 3
+                                break
+                            value = value * 10 + digit
+                        if negative:
+                            value = -value
+                dense[line, field - 1] = value
+            else:
+                value = -1  # MISSING
+                if length > 0:
+                    if length > 8:
+                        code = 4
+                    else:
+                        value = 0
+                        for index in range(cursor, field_end):
+                            digit = _hex_digit(buffer[index])
+                            if digit < 0:
+                                code = 4
+                                break
+                            value = value * 16 + digit
+                sparse[line, field - 1 - NUM_DENSE] = value
+            field += 1
+            cursor = field_end + 1
+        status[line] = code
+        line += 1
+        position = end + 1
+    return line
+
+
+def _open_binary(path: Path):
     with open(path, "rb") as probe:
         gzipped = probe.read(2) == b"\x1f\x8b"
-    return gzip.open(path, "rt", encoding="utf-8", newline="") if gzipped else open(path, encoding="utf-8", newline="")
+    return gzip.open(path, "rb") if gzipped else open(path, "rb")
+
+
+@dataclass
+class Block:
+    """Parsed rows of one block of a file: every line's status, and the good rows' values."""
+
+    first_line: int  # the file line number of the block's first line
+    status: np.ndarray  # uint8 per line: 0 good, else 1 + the index of the reason in REASONS
+    labels: np.ndarray  # uint8, good rows only
+    dense: np.ndarray  # int64 (good rows, 13), raw
+    sparse: np.ndarray  # int64 (good rows, 26), raw 32-bit values, -1 missing
 
 
 def read_rows(
-    path: str | os.PathLike, has_label: bool, rejections: Rejections, strict: bool, chunk_rows: int = 100_000
-) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Stream good rows in chunks as (labels uint8, raw dense int64 (n, 13), categorical int64 (n, 26)).
+    path: str | os.PathLike, has_label: bool, rejections: Rejections, strict: bool, block_bytes: int = 1 << 25
+) -> Iterator[Block]:
+    """Stream a Criteo TSV file (plain or gzip) in blocks of about ``block_bytes``; parse each with compiled code.
 
     Bad rows go to ``rejections`` (or raise with their line number when ``strict``). An empty or truncated
     (gzip) input raises ValueError.
     """
     path = Path(path)
-    labels, dense, sparse = [], [], []
-    line_number = 0
-    try:
-        with _open_text(path) as lines:
-            for line_number, line in enumerate(lines, start=1):
-                try:
-                    label, row_dense, row_sparse = parse_row(line, has_label)
-                except RowError as error:
-                    if strict:
-                        raise ValueError(f"{path}:{line_number}: bad row ({error.reason}): {error}") from None
-                    rejections.add(error.reason, line_number)
-                    continue
-                labels.append(label)
-                dense.append(row_dense)
-                sparse.append(row_sparse)
-                if len(labels) == chunk_rows:
-                    yield _arrays(labels, dense, sparse)
-                    labels, dense, sparse = [], [], []
-    except EOFError:
-        raise ValueError(f"{path} is truncated: the gzip stream ends after line {line_number}") from None
-    if line_number == 0:
+    carry, line_number, read_any = b"", 0, False
+    with _open_binary(path) as file:
+        while True:
+            try:
+                data = file.read(block_bytes)
+            except EOFError:
+                raise ValueError(f"{path} is truncated: the gzip stream ends after line {line_number}") from None
+            if not data:  # end of file: a last line without its newline still counts
+                if carry:
+                    yield _parse_block(path, carry + b"\n", has_label, line_number, rejections, strict)
+                break
+            read_any = True
+            data = carry + data
+            cut = data.rfind(b"\n") + 1
+            carry, data = data[cut:], data[:cut]
+            if data:
+                block = _parse_block(path, data, has_label, line_number, rejections, strict)
+                line_number += len(block.status)
+                yield block
+    if not read_any:
         raise ValueError(f"{path} is empty")
-    if labels:
-        yield _arrays(labels, dense, sparse)
 
 
-def _arrays(labels: list, dense: list, sparse: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return np.array(labels, dtype=np.uint8), np.array(dense, dtype=np.int64), np.array(sparse, dtype=np.int64)
+def _parse_block(path: Path, data: bytes, has_label: bool, first: int, rejections: Rejections, strict: bool) -> Block:
+    lines = data.count(b"\n")
+    buffer = np.frombuffer(data, dtype=np.uint8)
+    labels = np.zeros(lines, np.uint8)
+    dense = np.empty((lines, NUM_DENSE), np.int64)
+    sparse = np.empty((lines, NUM_SPARSE), np.int64)
+    status = np.empty(lines, np.uint8)
+    parsed = _parse_lines(buffer, has_label, labels, dense, sparse, status)
+    assert parsed == lines, (parsed, lines)
+    bad = np.flatnonzero(status)
+    if len(bad):
+        if strict:
+            line = data.split(b"\n")[bad[0]].decode("utf-8", errors="replace")
+            try:
+                parse_row(line, has_label)
+                detail = "rejected by the compiled parser"  # the tests keep the two definitions equal
+            except RowError as error:
+                detail = str(error)
+            reason = REASONS[status[bad[0]] - 1]
+            raise ValueError(f"{path}:{first + bad[0] + 1}: bad row ({reason}): {detail}")
+        for index in bad:
+            rejections.add(REASONS[status[index] - 1], first + int(index) + 1)
+        good = status == _GOOD
+        labels, dense, sparse = labels[good], dense[good], sparse[good]
+    return Block(first + 1, status, labels, dense, sparse)
 
 
 def transform_dense(raw: np.ndarray) -> np.ndarray:
@@ -149,12 +265,46 @@ def transform_dense(raw: np.ndarray) -> np.ndarray:
     return np.log1p(np.maximum(raw, 0)).astype(np.float32)
 
 
+class ValueCounts:
+    """Occurrences of every value of one feature, counted chunk by chunk with sorts (no Python dict per value)."""
+
+    def __init__(self) -> None:
+        self.values = np.empty(0, np.int64)
+        self.counts = np.empty(0, np.int64)
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self._pending_size = 0
+
+    def add(self, column: np.ndarray) -> None:
+        """Count one chunk of values."""
+        values, counts = np.unique(column, return_counts=True)
+        self._pending.append((values, counts))
+        self._pending_size += len(values)
+        if self._pending_size > max(len(self.values), 1 << 20):  # merge rarely: amortised O(n log n)
+            self._merge()
+
+    def _merge(self) -> None:
+        if not self._pending:
+            return
+        values = np.concatenate([self.values, *(v for v, _ in self._pending)])
+        counts = np.concatenate([self.counts, *(c for _, c in self._pending)])
+        self.values, inverse = np.unique(values, return_inverse=True)
+        self.counts = np.bincount(inverse, weights=counts, minlength=len(self.values)).astype(np.int64)
+        self._pending, self._pending_size = [], 0
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """Sorted distinct values and their counts."""
+        self._merge()
+        return self.values, self.counts
+
+
 class Categorifier:
     """Maps each feature's raw values to ids: 0 missing, 1 rare (seen < min_count), then kept values in order."""
 
-    def __init__(self, counts: list[Counter], min_count: int) -> None:
-        self.kept = [np.array(sorted(v for v, c in feature.items() if c >= min_count and v != MISSING), np.int64)
-                     for feature in counts]
+    def __init__(self, counts: list[ValueCounts], min_count: int) -> None:
+        self.kept = []
+        for feature in counts:
+            values, value_counts = feature.result()
+            self.kept.append(values[(value_counts >= min_count) & (values != MISSING)])
 
     @property
     def cardinalities(self) -> list[int]:
@@ -179,57 +329,87 @@ def kaggle_split_rows(total: int) -> dict[str, int]:
     return {"train": train, "test": rest // 2, "val": rest - rest // 2}
 
 
+def terabyte_split_rows(day_rows: list[int]) -> dict[str, int]:
+    """The Terabyte split of days in order: every day but the last is train; the last is halved, test then val."""
+    last = day_rows[-1]
+    return {"train": sum(day_rows[:-1]), "test": last // 2, "val": last - last // 2}
+
+
 def preprocess_criteo(
-    source: str | os.PathLike,
+    source: str | os.PathLike | Sequence[str | os.PathLike],
     out: str | os.PathLike,
     min_count: int = 3,
     hash_mod: int | None = None,
     strict: bool = False,
+    unlabeled: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> dict:
-    """Preprocess a Kaggle-style Criteo ``train.txt`` (plain or gzip) into ``out``; return the manifest facts."""
+    """Preprocess Criteo TSV into ``out``; return the manifest facts.
+
+    Args:
+        source: Kaggle ``train.txt``, or the Terabyte days in order (``day_0`` ... ``day_23``, plain or gzip).
+            One file is split as DLRM splits Kaggle (seven chunks: 0-5 train, 6 halved into test then val);
+            several files as Terabyte (all but the last day train, the last day halved into test then val).
+        min_count: values seen fewer times (over every input, as DLRM counts) share the rare id.
+        hash_mod: take values mod this instead of categorifying (missing gets id ``hash_mod``).
+        strict: stop at the first bad row, naming its file and line.
+        unlabeled: Kaggle's ``test.txt`` (no label column): written as the split ``unlabeled`` with no labels,
+            its ids mapped with the vocabulary of ``source`` (its values are not counted).
+    """
     if hash_mod is not None and hash_mod < 1:
         raise ValueError(f"hash_mod must be >= 1, got {hash_mod}")
+    sources = [Path(source)] if isinstance(source, (str, os.PathLike)) else [Path(s) for s in source]
+    if not sources:
+        raise ValueError("no input files")
+    inputs = [(path, True) for path in sources] + ([(Path(unlabeled), False)] if unlabeled is not None else [])
     # pass 1: validate, count rows and (to categorify) every feature's values
-    rejections = Rejections()
-    counts = [Counter() for _ in range(NUM_SPARSE)]
-    kept = 0
-    for _, _, sparse in tqdm(read_rows(source, True, rejections, strict), desc="count", unit="chunk",
-                             disable=not progress):
-        kept += len(sparse)
-        if hash_mod is None:
-            for column in range(NUM_SPARSE):
-                values, value_counts = np.unique(sparse[:, column], return_counts=True)
-                counts[column].update(dict(zip(values.tolist(), value_counts.tolist())))
-    if kept == 0:
-        raise ValueError(f"{source}: no good rows ({rejections.total} rejected: {dict(rejections.counts)})")
+    rejections = {path: Rejections() for path, _ in inputs}
+    kept = {path: 0 for path, _ in inputs}
+    counts = [ValueCounts() for _ in range(NUM_SPARSE)]
+    bar = tqdm(desc="count", unit="rows", unit_scale=True, disable=not progress)
+    for path, has_label in inputs:
+        for block in read_rows(path, has_label, rejections[path], strict):
+            kept[path] += len(block.labels)
+            if hash_mod is None and has_label:
+                for column in range(NUM_SPARSE):
+                    counts[column].add(block.sparse[:, column])
+            bar.update(len(block.status))
+        if kept[path] == 0:
+            raise ValueError(f"{path}: no good rows ({rejections[path].total} rejected: "
+                             f"{dict(rejections[path].counts)})")
+    bar.close()
     if hash_mod is None:
         categorify = Categorifier(counts, min_count)
         cardinalities = categorify.cardinalities
     else:
         cardinalities = [hash_mod + 1] * NUM_SPARSE
-    # pass 2: transform and write, splitting in file order
-    rows = kaggle_split_rows(kept)
-    bounds = np.cumsum([0, rows["train"], rows["test"], rows["val"]])
-    with DatasetWriter(out, rows, NUM_DENSE, cardinalities) as writer:
-        done = 0
-        bar = tqdm(total=kept, desc="write", unit="rows", unit_scale=True, disable=not progress)
-        for labels, dense, sparse in read_rows(source, True, Rejections(), strict=False):
-            ids = categorify(sparse) if hash_mod is None else np.where(sparse == MISSING, hash_mod, sparse % hash_mod)
-            features = transform_dense(dense)
-            for split, start, end in zip(("train", "test", "val"), bounds[:-1], bounds[1:]):
-                low, high = max(start, done) - done, min(end, done + len(labels)) - done
-                if low < high:
-                    writer.write(split, features[low:high], ids[low:high], labels[low:high])
-            done += len(labels)
-            bar.update(len(labels))
+    labeled_rows = [kept[path] for path in sources]
+    rows = kaggle_split_rows(labeled_rows[0]) if len(sources) == 1 else terabyte_split_rows(labeled_rows)
+    if unlabeled is not None:
+        rows["unlabeled"] = kept[Path(unlabeled)]
+    # pass 2: transform and write in file order (the splits fill one after another)
+    with DatasetWriter(out, rows, NUM_DENSE, cardinalities, unlabeled=("unlabeled",) if unlabeled else ()) as writer:
+        bar = tqdm(total=sum(rows.values()), desc="write", unit="rows", unit_scale=True, disable=not progress)
+        for path, has_label in inputs:
+            for block in read_rows(path, has_label, Rejections(), strict=False):
+                raw = block.sparse
+                ids = categorify(raw) if hash_mod is None else np.where(raw == MISSING, hash_mod, raw % hash_mod)
+                writer.append(transform_dense(block.dense), ids, block.labels if has_label else None)
+                bar.update(len(block.labels))
         bar.close()
-        read = kept + rejections.total
+        total = Rejections()
+        for rejected in rejections.values():
+            total.counts.update(rejected.counts)
+        # first line numbers by reason; with several input files, by file then reason
+        first_lines = (rejections[inputs[0][0]].lines if len(inputs) == 1 else
+                       {str(path): rejected.lines for path, rejected in rejections.items() if rejected.lines})
         writer.facts.update({
-            "source": "criteo-kaggle", "input": str(source), "rows_read": read, "rows_kept": kept,
-            "rejected": {"total": rejections.total, "by_reason": dict(rejections.counts),
-                         "first_lines": rejections.lines},
-            "options": {"min_count": min_count, "hash_mod": hash_mod, "strict": strict},
+            "source": "criteo-kaggle" if len(sources) == 1 else "criteo-terabyte",
+            "input": [str(path) for path, _ in inputs] if len(inputs) > 1 else str(sources[0]),
+            "rows_read": sum(kept.values()) + total.total, "rows_kept": sum(kept.values()),
+            "rejected": {"total": total.total, "by_reason": dict(total.counts), "first_lines": first_lines},
+            "options": {"min_count": min_count, "hash_mod": hash_mod, "strict": strict,
+                        "unlabeled": None if unlabeled is None else str(unlabeled)},
         })
         facts = dict(writer.facts)
     return facts

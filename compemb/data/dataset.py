@@ -5,7 +5,7 @@ A data set is a directory::
     manifest.json          row counts per split, per-feature cardinalities, the producer's options and facts
     <split>/dense.npy      float32 (rows, num_dense), already transformed (log(x + 1) for Criteo)
     <split>/sparse.npy     int32 or int64 (rows, num_sparse), ids in [0, cardinality) per column
-    <split>/labels.npy     uint8 (rows,), 0 or 1
+    <split>/labels.npy     uint8 (rows,), 0 or 1 (absent for an unlabeled split, e.g. Criteo Kaggle's test.txt)
 
 Writers fill the arrays chunk by chunk through memory maps in a temporary directory that is renamed into
 place when complete, so a reader never sees a half-written data set.
@@ -34,10 +34,10 @@ class Split:
 
     dense: np.ndarray
     sparse: np.ndarray
-    labels: np.ndarray
+    labels: np.ndarray | None  # None: the split has no labels
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.sparse)
 
 
 def sparse_dtype(cardinalities: list[int]) -> np.dtype:
@@ -58,8 +58,10 @@ class DatasetWriter:
         [[1], [4]]
     """
 
-    def __init__(self, path: str | os.PathLike, rows: dict[str, int], num_dense: int, cardinalities: list[int]) -> None:
+    def __init__(self, path: str | os.PathLike, rows: dict[str, int], num_dense: int, cardinalities: list[int],
+                 unlabeled: tuple[str, ...] = ()) -> None:
         self.path = Path(path)
+        self.unlabeled = tuple(unlabeled)
         self.temporary = self.path.with_name(f".{self.path.name}.partial")
         shutil.rmtree(self.temporary, ignore_errors=True)
         self.rows = dict(rows)
@@ -75,11 +77,15 @@ class DatasetWriter:
                 name: np.lib.format.open_memmap(self.temporary / split / f"{name}.npy", mode="w+", dtype=dtype,
                                                 shape=(count, *width))
                 for name, (width, dtype) in shapes.items()
+                if not (name == "labels" and split in self.unlabeled)
             }
 
-    def write(self, split: str, dense: np.ndarray, sparse: np.ndarray, labels: np.ndarray) -> None:
+    def write(self, split: str, dense: np.ndarray, sparse: np.ndarray, labels: np.ndarray | None) -> None:
         """Append a chunk of rows to ``split`` (ids are checked against the cardinalities)."""
-        start, count = self.filled[split], len(labels)
+        if (labels is None) != (split in self.unlabeled):
+            raise ValueError(f"split {split!r} is {'un' if split in self.unlabeled else ''}labeled; "
+                             f"labels {'were' if labels is not None else 'were not'} given")
+        start, count = self.filled[split], len(sparse)
         if start + count > self.rows[split]:
             raise ValueError(f"split {split!r} holds {self.rows[split]} rows; this chunk would make {start + count}")
         if sparse.size and (sparse.min() < 0 or (sparse >= np.array(self.cardinalities)).any()):
@@ -87,8 +93,23 @@ class DatasetWriter:
         arrays = self.arrays[split]
         arrays["dense"][start : start + count] = dense
         arrays["sparse"][start : start + count] = sparse
-        arrays["labels"][start : start + count] = labels
+        if labels is not None:
+            arrays["labels"][start : start + count] = labels
         self.filled[split] = start + count
+
+    def append(self, dense: np.ndarray, sparse: np.ndarray, labels: np.ndarray | None) -> None:
+        """Append rows in file order: they fill the splits one after another, in the order ``rows`` lists them."""
+        done = 0
+        for split, count in self.rows.items():
+            room = count - self.filled[split]
+            if room <= 0 or done == len(sparse):
+                continue
+            take = min(room, len(sparse) - done)
+            part = slice(done, done + take)
+            self.write(split, dense[part], sparse[part], None if labels is None else labels[part])
+            done += take
+        if done < len(sparse):
+            raise ValueError(f"{len(sparse) - done} rows more than the splits hold ({self.rows})")
 
     def close(self) -> None:
         """Flush, write the manifest (with ``self.facts``), and rename the directory into place."""
@@ -99,6 +120,8 @@ class DatasetWriter:
             for array in arrays.values():
                 array.flush()
         manifest = {"rows": self.rows, "cardinalities": self.cardinalities, **self.facts}
+        if self.unlabeled:
+            manifest["unlabeled"] = list(self.unlabeled)
         atomic_write_text(self.temporary / MANIFEST, json.dumps(manifest, indent=2) + "\n")
         if self.path.exists():
             shutil.rmtree(self.path)
@@ -120,8 +143,10 @@ def open_dataset(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Spl
     if not (path / MANIFEST).is_file():
         raise FileNotFoundError(f"{path} is not a compemb data set: no {MANIFEST}")
     manifest = json.loads((path / MANIFEST).read_text())
+    unlabeled = set(manifest.get("unlabeled", ()))
     splits = {
-        split: Split(*(np.load(path / split / f"{name}.npy", mmap_mode="r") for name in ARRAYS))
+        split: Split(*(None if name == "labels" and split in unlabeled else
+                       np.load(path / split / f"{name}.npy", mmap_mode="r") for name in ARRAYS))
         for split in manifest["rows"]
     }
     return manifest, splits

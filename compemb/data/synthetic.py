@@ -17,6 +17,7 @@ stream, so any size streams to disk deterministically.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -24,7 +25,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from tqdm import tqdm
 
+from compemb.data.criteo import transform_dense
 from compemb.data.dataset import DatasetWriter
+from compemb.io import atomic_binary_writer
 from compemb.metrics import auc
 
 # Criteo Kaggle's 26 categorical cardinalities (33.8M ids in all), as DLRM counts them
@@ -104,13 +107,17 @@ class Teacher:
 
     def sample_features(self, generator: np.random.Generator, rows: int) -> tuple[np.ndarray, np.ndarray]:
         """Dense features (already log(1 + x)) and Zipf-distributed sparse ids for ``rows`` samples."""
-        counts = generator.gamma(self.gamma_shape, 10.0, size=(rows, NUM_DENSE))
-        dense = np.log1p(np.floor(counts)).astype(np.float32)
+        counts, sparse = self.sample_raw(generator, rows)
+        return transform_dense(counts), sparse
+
+    def sample_raw(self, generator: np.random.Generator, rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """Raw integer dense counts (as Criteo's TSV holds them) and Zipf-distributed sparse ids."""
+        counts = np.floor(generator.gamma(self.gamma_shape, 10.0, size=(rows, NUM_DENSE))).astype(np.int64)
         sparse = np.empty((rows, len(self.cardinalities)), dtype=np.int64)
         for column, (cumulative, ids) in enumerate(zip(self.cumulative, self.popular_ids)):
             ranks = np.searchsorted(cumulative, generator.random(rows), side="right")
             sparse[:, column] = ids[np.minimum(ranks, len(ids) - 1)]
-        return dense, sparse
+        return counts, sparse
 
     def _parts(self, dense: np.ndarray, sparse: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         # pairwise interactions (with the dense effect), and the ids' first-order effects
@@ -136,19 +143,41 @@ class Teacher:
         return _sigmoid(self.raw_logits(dense, sparse) * self.scale + self.bias)
 
 
+def criteo_lines(labels: np.ndarray, counts: np.ndarray, ids: np.ndarray) -> bytes:
+    """Rows as Criteo TSV: label, 13 integer counts, 26 ids as 8-digit hex, one line each."""
+    if ids.min(initial=0) < 0 or ids.max(initial=0) > 0xFFFFFFFF:
+        raise ValueError("ids must fit in 32 bits to be written as Criteo hex")
+    columns = [labels.astype(str), *counts.T.astype(str), *np.char.mod("%08x", ids.T)]
+    lines = columns[0]
+    for column in columns[1:]:
+        lines = np.char.add(np.char.add(lines, "\t"), column)
+    return ("\n".join(lines.tolist()) + "\n").encode()
+
+
+def _open_tsv(path: str | os.PathLike):
+    # written under a temporary name and renamed when complete, like every output
+    return atomic_binary_writer(path, gzipped=str(path).endswith(".gz"))
+
+
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
-def generate_synthetic(path: str | os.PathLike, config: SyntheticConfig = SyntheticConfig(), progress: bool = True) -> dict:
+def generate_synthetic(path: str | os.PathLike, config: SyntheticConfig = SyntheticConfig(), progress: bool = True,
+                       tsv: str | os.PathLike | None = None) -> dict:
     """Write a synthetic data set to ``path`` in the preprocessed format; return its manifest facts.
 
-    The manifest records the config and, per split, the Bayes-optimal BCE and AUC and the click rate.
+    The manifest records the config and, per split, the Bayes-optimal BCE and AUC and the click rate. With
+    ``tsv``, the same rows are also written as Criteo TSV (gzip when the name ends in ``.gz``), splits one
+    after another in the order of ``config.rows``, ids as 8-digit hex: with rows ordered train, test, val in
+    DLRM's Kaggle proportions, ``preprocess_criteo(tsv, hash_mod=M)`` (M at least every cardinality) gives
+    back identical arrays.
     """
     teacher = Teacher(config)
     facts: dict = {"source": "synthetic", "config": asdict(config), "bayes": {}}
     chunk_index = 0
-    with DatasetWriter(path, config.rows, NUM_DENSE, teacher.cardinalities) as writer:
+    text = _open_tsv(tsv) if tsv is not None else contextlib.nullcontext()
+    with DatasetWriter(path, config.rows, NUM_DENSE, teacher.cardinalities) as writer, text as tsv_file:
         for split, rows in config.rows.items():
             probabilities, labels_seen = [], []
             bar = tqdm(total=rows, desc=f"synth {split}", unit="rows", unit_scale=True, disable=not progress)
@@ -157,10 +186,13 @@ def generate_synthetic(path: str | os.PathLike, config: SyntheticConfig = Synthe
                 # every chunk has a stream of its own: chunks can be made in any order, with the same result
                 generator = np.random.default_rng([config.seed, 2, chunk_index])
                 chunk_index += 1
-                dense, sparse = teacher.sample_features(generator, count)
+                counts, sparse = teacher.sample_raw(generator, count)
+                dense = transform_dense(counts)
                 probability = teacher.probabilities(dense, sparse)
                 labels = (generator.random(count) < probability).astype(np.uint8)
                 writer.write(split, dense, sparse, labels)
+                if tsv_file is not None:
+                    tsv_file.write(criteo_lines(labels, counts, sparse))
                 probabilities.append(probability)
                 labels_seen.append(labels)
                 bar.update(count)

@@ -7,8 +7,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from compemb.data.criteo import kaggle_split_rows, parse_row, preprocess_criteo, transform_dense
+from compemb.data.criteo import (
+    REASONS,
+    Rejections,
+    RowError,
+    kaggle_split_rows,
+    parse_row,
+    preprocess_criteo,
+    read_rows,
+    transform_dense,
+)
 from compemb.data.dataset import open_dataset
+from compemb.data.synthetic import SyntheticConfig, generate_synthetic
 
 SAMPLE = Path(__file__).resolve().parents[3] / "shared" / "data" / "criteo-kaggle-sample" / "train.txt"
 needs_sample = pytest.mark.skipif(not SAMPLE.exists(), reason=f"the shared Criteo sample is not at {SAMPLE}")
@@ -64,7 +74,7 @@ def test_each_kind_of_bad_row_is_rejected_with_its_line_and_counts_reconcile(tmp
 def test_parse_row_reads_missing_values_and_refuses_wide_hex():
     label, dense, sparse = parse_row("0\t\t-4" + "\t1" * 11 + "\t" + "\t" * 25 + "ff\n")
     assert label == 0 and dense[:2] == [0, -4] and sparse[:25] == [-1] * 25 and sparse[25] == 255
-    with pytest.raises(ValueError, match="32-bit"):
+    with pytest.raises(ValueError, match="at most 32 bits"):
         parse_row(GOOD.replace("0a1b2c3d", "1234567890", 1))
 
 
@@ -94,3 +104,87 @@ def test_dense_transform_and_the_kaggle_split():
     np.testing.assert_allclose(transform_dense(np.array([[-3, 0, 9]])), [[0, 0, np.log(10)]], rtol=1e-6)
     assert kaggle_split_rows(7000) == {"train": 6000, "test": 500, "val": 500}
     assert sum(kaggle_split_rows(7203).values()) == 7203
+
+
+def _fields(rng):
+    """One random Criteo-like line, good or bad in the ways real files are."""
+    odd = 0.02 if rng.random() < 0.6 else 0.2  # most lines are plain, some are full of odd values
+    label = rng.choice(["0", "1"]) if rng.random() > odd else rng.choice(["2", "", "01"])
+    dense = [rng.choice(["", str(rng.integers(-5, 10**6)), "3.5", "+5", " 5", "1_0", "-", "9" * 19, "٣"])
+             if rng.random() < odd else str(rng.integers(0, 1000)) for _ in range(13)]
+    sparse = [rng.choice(["", "0x1f", "ABCDEF12", "abcdef1", "123456789", "zz", " 1f", "1f\r"])
+              if rng.random() < odd else f"{rng.integers(0, 2**32):08x}" for _ in range(26)]
+    fields = [label, *dense, *sparse]
+    if rng.random() < 0.05:
+        del fields[rng.integers(len(fields))]
+    return "\t".join(fields)
+
+
+def test_the_compiled_parser_equals_the_readable_definition_on_random_lines():
+    rng = np.random.default_rng(0)
+    lines = [_fields(rng) for _ in range(3000)] + ["", "\r", GOOD.rstrip("\n") + "\r"]
+    data = ("\n".join(lines)).encode()  # the last line has no newline
+    rejections = Rejections()
+    blocks = list(read_rows_from_bytes(data, rejections, block_bytes=4096))
+    status = np.concatenate([block.status for block in blocks])
+    good = [line for line in lines if _reason(line) is None]
+    assert len(status) == len(lines) and int((status == 0).sum()) == len(good) > 100
+    for line, code in zip(lines, status):
+        assert (REASONS[code - 1] if code else None) == _reason(line), line
+    expected = [parse_row(line) for line in good]
+    assert np.concatenate([b.labels for b in blocks]).tolist() == [row[0] for row in expected]
+    assert np.concatenate([b.dense for b in blocks]).tolist() == [row[1] for row in expected]
+    assert np.concatenate([b.sparse for b in blocks]).tolist() == [row[2] for row in expected]
+    assert rejections.total == len(lines) - len(good)
+
+
+def _reason(line):
+    try:
+        parse_row(line)
+    except RowError as error:
+        return error.reason
+    return None
+
+
+def read_rows_from_bytes(data, rejections, block_bytes):
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "in.txt"
+        path.write_bytes(data)
+        yield from read_rows(path, True, rejections, strict=False, block_bytes=block_bytes)
+
+
+def test_a_synthetic_set_written_as_tsv_preprocesses_back_to_identical_arrays(tmp_path):
+    config = SyntheticConfig(rows={"train": 6000, "test": 500, "val": 500}, scale=1e-4, seed=3)
+    generate_synthetic(tmp_path / "synth", config, progress=False, tsv=tmp_path / "synth.tsv.gz")
+    preprocess_criteo(tmp_path / "synth.tsv.gz", tmp_path / "back", hash_mod=max(config.cardinalities()),
+                      progress=False)
+    (_, original), (_, back) = open_dataset(tmp_path / "synth"), open_dataset(tmp_path / "back")
+    for split in ("train", "test", "val"):
+        for name in ("dense", "sparse", "labels"):
+            a, b = getattr(original[split], name), getattr(back[split], name)
+            assert a.dtype == b.dtype and np.array_equal(a, b), (split, name)
+
+
+def test_terabyte_days_split_by_day_and_rejections_are_kept_per_file(tmp_path):
+    days = [_write(tmp_path / f"day_{d}", GOOD * (10 + d) + ("2" + GOOD[1:] if d == 1 else "")) for d in range(3)]
+    facts = preprocess_criteo(days, tmp_path / "out", min_count=1, progress=False)
+    manifest, splits = open_dataset(tmp_path / "out")
+    assert manifest["rows"] == {"train": 10 + 11, "test": 6, "val": 6}
+    assert facts["source"] == "criteo-terabyte" and facts["rows_read"] == 10 + (11 + 1) + 12
+    assert facts["rejected"]["first_lines"] == {str(days[1]): {"label": [12]}}
+
+
+def test_kaggle_test_txt_has_no_labels_and_uses_the_training_vocabulary(tmp_path):
+    train = _write(tmp_path / "train.txt", GOOD * 14)
+    unseen = GOOD[2:].replace("0a1b2c3d", "ffff", 1)  # no label; one value never seen in training
+    test = _write(tmp_path / "test.txt", GOOD[2:] * 3 + unseen)
+    facts = preprocess_criteo(train, tmp_path / "out", unlabeled=test, progress=False)
+    manifest, splits = open_dataset(tmp_path / "out")
+    assert manifest["rows"]["unlabeled"] == 4 and splits["unlabeled"].labels is None
+    assert manifest["unlabeled"] == ["unlabeled"] and facts["rows_kept"] == 18
+    ids = splits["unlabeled"].sparse
+    assert ids[0].tolist() == splits["train"].sparse[0].tolist() and ids[3, 0] == 1  # unseen -> the rare id
+    with pytest.raises(ValueError, match="columns"):  # a labelled file given as test.txt
+        preprocess_criteo(train, tmp_path / "bad", unlabeled=train, strict=True, progress=False)

@@ -48,3 +48,21 @@ def test_opening_a_directory_that_is_not_a_data_set(tmp_path):
         open_dataset(tmp_path)
     (tmp_path / "manifest.json").write_text(json.dumps({"rows": {}, "cardinalities": []}))
     assert open_dataset(tmp_path)[1] == {}
+
+
+def test_append_fills_the_splits_in_order_and_refuses_extra_rows_or_missing_labels(tmp_path):
+    import numpy as np
+    import pytest
+
+    from compemb.data.dataset import DatasetWriter, open_dataset
+
+    sparse = np.arange(7).reshape(7, 1)
+    with DatasetWriter(tmp_path / "d", {"train": 4, "val": 3}, 0, [7]) as writer:
+        writer.append(np.zeros((5, 0), np.float32), sparse[:5], np.ones(5, np.uint8))
+        writer.append(np.zeros((2, 0), np.float32), sparse[5:], np.ones(2, np.uint8))
+        with pytest.raises(ValueError, match="1 rows more than the splits hold"):
+            writer.append(np.zeros((1, 0), np.float32), sparse[:1], np.ones(1, np.uint8))
+        with pytest.raises(ValueError, match="labeled"):
+            writer.write("val", np.zeros((1, 0), np.float32), sparse[:1], None)
+    splits = open_dataset(tmp_path / "d")[1]
+    assert splits["train"].sparse[:, 0].tolist() == [0, 1, 2, 3] and splits["val"].sparse[:, 0].tolist() == [4, 5, 6]
