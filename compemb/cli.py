@@ -88,7 +88,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _train_config(args: argparse.Namespace, out: str) -> TrainConfig:
-
+    """The TrainConfig the training arguments describe (``--method`` and ``--compression`` where present)."""
     return TrainConfig(
         data=args.data, out=out, method=getattr(args, "method", "full"), compression=getattr(args, "compression", None),
         model=args.model, embedding_dim=args.dim, bottom=_widths(args.bottom), top=_widths(args.top),
@@ -109,6 +109,20 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
     rows = run_sweep(_train_config(args, args.out), methods, compressions, args.seeds, args.out)
     print(markdown_table(rows))
     print(f"\nwritten: {args.out}/results.csv, {args.out}/results.md, {args.out}/bce.png, {args.out}/auc.png")
+    return 0
+
+
+def cmd_bench_train(args: argparse.Namespace) -> int:
+    """DLRM training samples/s of methods as ratios to a baseline method, measured in alternation."""
+    from compemb.bench.train_speed import measure_training_speed, write_speed
+
+    base = _train_config(args, args.out)
+    methods = args.methods.split(",")
+    targets = dict(item.split("=") for item in args.targets.split(",")) if args.targets else {}
+    rows = measure_training_speed(base, methods, args.baseline, rounds=args.rounds, steps=args.steps,
+                                  targets={k: float(v) for k, v in targets.items()})
+    print(write_speed(rows, base, args.baseline, args.rounds, args.steps, args.output))
+    print(f"written: {args.output}.md and {args.output}.json")
     return 0
 
 
@@ -218,6 +232,18 @@ def build_parser() -> argparse.ArgumentParser:
     lookup.add_argument("--seed", type=int, default=0)
     lookup.add_argument("--output", default=None, help="write OUTPUT.md and OUTPUT.json")
     lookup.set_defaults(run=cmd_bench_lookup)
+    speed = benches.add_parser("train", help="DLRM training samples/s as a ratio to a baseline method")
+    _add_training_arguments(speed)
+    speed.add_argument("--methods", required=True, help="comma-separated registry names")
+    speed.add_argument("--baseline", default="hash")
+    speed.add_argument("--seed", type=int, default=0)
+    speed.add_argument("--compression", type=float, default=100)
+    speed.add_argument("--rounds", type=int, default=7)
+    speed.add_argument("--steps", type=int, default=20, help="steps per method per round")
+    speed.add_argument("--targets", default="", help="e.g. cafe=0.9")
+    speed.add_argument("--out", default="runs/train-speed", help="run directories")
+    speed.add_argument("--output", default="benchmarks/results/train_speed", help="results file stem")
+    speed.set_defaults(run=cmd_bench_train)
     quality = benches.add_parser("quality", help="train every method at every ratio; table and plots")
     _add_training_arguments(quality)
     quality.add_argument("--methods", default="all", help="comma-separated names, or 'all'")
