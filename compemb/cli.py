@@ -126,6 +126,18 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lstsq(args: argparse.Namespace) -> int:
+    """Dense and sparse CCE for least squares against hashing and the Theorem 3.1 bound; table, plot, md/json."""
+    from compemb.lstsq import lstsq_table, run_lstsq
+
+    result = run_lstsq(args.n, args.d1, args.k, args.d2, args.iterations, args.seed, signal=args.signal,
+                       noise=args.noise, out=args.out or None)
+    print(lstsq_table(result))
+    if args.out:
+        print(f"\nwritten: {args.out}.md, {args.out}.json and {args.out}.png")
+    return 0
+
+
 def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True)
     parser.add_argument("--model", choices=("dlrm", "dcn"), default="dlrm")
@@ -252,6 +264,19 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     quality.add_argument("--out", required=True)
     quality.set_defaults(run=cmd_bench_quality)
+
+    lstsq = commands.add_parser("lstsq", help="CCE for least squares: excess loss per iteration vs Theorem 3.1")
+    lstsq.add_argument("--n", type=int, default=10_000, help="rows of X and Y")
+    lstsq.add_argument("--d1", type=int, default=1_000, help="columns of X (rows of T)")
+    lstsq.add_argument("--k", type=int, default=100, help="columns of the random block of H (clusters, buckets)")
+    lstsq.add_argument("--d2", type=int, default=10, help="columns of Y and T")
+    lstsq.add_argument("--iterations", type=int, default=40)
+    lstsq.add_argument("--seed", type=int, default=0)
+    lstsq.add_argument("--signal", type=float, default=0.0,
+                       help="sd of X T_true's entries (default 0: Y is pure noise, the paper's setup)")
+    lstsq.add_argument("--noise", type=float, default=1.0, help="sd of the noise added to Y")
+    lstsq.add_argument("--out", default="benchmarks/results/lstsq", help="write OUT.md, OUT.json, OUT.png ('': none)")
+    lstsq.set_defaults(run=cmd_lstsq)
     return parser
 
 
