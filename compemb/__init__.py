@@ -2,13 +2,17 @@
 
 from compemb.budget import Budget, BudgetError, MemoryReport, resolve_budget
 from compemb.embeddings import (
+    AdaEmbed,
     BloomEmbedding,
+    CAFEEmbedding,
     CompositionalEmbedding,
     CompressedEmbedding,
     FullEmbedding,
     HashedNetsEmbedding,
     HashEmbeddings,
     HashingTrickEmbedding,
+    MultiLevelCAFEEmbedding,
+    OfflineFrequencyEmbedding,
     QREmbedding,
     ROBEEmbedding,
 )
@@ -19,9 +23,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "METHODS",
+    "AdaEmbed",
     "BloomEmbedding",
     "Budget",
     "BudgetError",
+    "CAFEEmbedding",
     "CompositionalEmbedding",
     "CompressedEmbedding",
     "FullEmbedding",
@@ -29,6 +35,8 @@ __all__ = [
     "HashedNetsEmbedding",
     "HashingTrickEmbedding",
     "MemoryReport",
+    "MultiLevelCAFEEmbedding",
+    "OfflineFrequencyEmbedding",
     "QREmbedding",
     "ROBEEmbedding",
     "UniversalHash",

@@ -9,7 +9,7 @@ feature and the total.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +59,9 @@ class EmbeddingCollection(torch.nn.Module):
         method: a registered method name (``compemb.METHODS``).
         compression, num_params: the budget for all features together (one of the two).
         seed: feature i's table is built with ``seed + i``.
+        frequencies: per-feature id counts ``{name: counts}``, for methods built from them
+            (``needs_frequencies``, as ``offline``): each table gets its feature's counts as ``frequencies=``.
+            Ignored by other methods.
         options: passed to every compressed table (``sparse=True``, ``columns=4``, ...).
 
     Shape:
@@ -84,6 +87,7 @@ class EmbeddingCollection(torch.nn.Module):
         num_params: int | None = None,
         seed: int = 0,
         device: torch.device | str | None = None,
+        frequencies: Mapping[str, Tensor] | None = None,
         **options: Any,
     ) -> None:
         super().__init__()
@@ -103,9 +107,11 @@ class EmbeddingCollection(torch.nn.Module):
 
         def build(index: int, budget_bytes: int | None, last: bool = False) -> CompressedEmbedding:
             feature = features[index]
-            common = dict(seed=seed + index, device=device, name=feature.name)
+            common: dict[str, Any] = dict(seed=seed + index, device=device, name=feature.name)
             if budget_bytes is None:
                 return make_embedding("full", feature.num_embeddings, embedding_dim, **common, **full_options)
+            if get_method(method).needs_frequencies:  # None when missing: the method says what it needs
+                common["frequencies"] = (frequencies or {}).get(feature.name)
             params = max(1, budget_bytes // FLOAT_BYTES)
             if last:  # the largest table absorbs the others' rounding: at its nearest size that fits what is left
                 for _ in range(8):

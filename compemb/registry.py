@@ -6,7 +6,9 @@ import difflib
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
-from compemb.budget import MemoryReport
+import torch
+
+from compemb.budget import MemoryReport, full_table_bytes, nearest_size
 from compemb.embeddings.base import CompressedEmbedding
 
 METHODS: dict[str, type[CompressedEmbedding]] = {}
@@ -76,12 +78,19 @@ class MethodSummary:
 def summarize_methods(num_embeddings: int, embedding_dim: int, compression: float) -> list[MethodSummary]:
     """Every registered method built (on the meta device: nothing allocated) for one table and budget.
 
-    The full table is shown at its own size (compression 1).
+    The full table is shown at its own size (compression 1); a method whose per-id bookkeeping alone exceeds
+    the budget (AdaEmbed at high compression) at its smallest size, so its ratio shows what it can reach.
     """
     rows = []
     for name, cls in METHODS.items():
         ratio = compression if cls.compresses else 1
-        module = cls(num_embeddings, embedding_dim, compression=ratio, device="meta")
+        # methods built from per-id counts are sized by the budget alone: counts on the meta device plan them
+        options = {"frequencies": torch.empty(num_embeddings, device="meta")} if cls.needs_frequencies else {}
+        if cls.per_id_bytes * num_embeddings >= full_table_bytes(num_embeddings, embedding_dim) / ratio:
+            with nearest_size():  # its per-id state alone exceeds the budget: shown at its smallest size
+                module = cls(num_embeddings, embedding_dim, compression=ratio, device="meta", **options)
+        else:
+            module = cls(num_embeddings, embedding_dim, compression=ratio, device="meta", **options)
         report = module.memory()
         num_params = sum(p.numel() for p in module.parameters())
         rows.append(

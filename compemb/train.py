@@ -28,6 +28,7 @@ from compemb.embeddings.base import CompressedEmbedding
 from compemb.io import atomic_write_bytes, atomic_write_text
 from compemb.metrics import auc, bce
 from compemb.models import DCNv2, DLRM
+from compemb.registry import get_method
 
 OPTIMIZERS = ("sgd", "adagrad", "adam")
 
@@ -82,8 +83,13 @@ class Trainer:
         features = [Feature(f"C{i + 1}", n) for i, n in enumerate(self.manifest["cardinalities"])]
         # sparse gradients where the optimizer takes them (SGD, Adagrad), as the papers train
         options = {"sparse": config.optimizer != "adam", **config.method_options}
+        frequencies = None
+        if get_method(config.method).needs_frequencies:  # offline methods: ids counted in the train split
+            counts = id_counts(self.splits["train"], self.manifest["cardinalities"])
+            frequencies = {feature.name: torch.from_numpy(c) for feature, c in zip(features, counts)}
         embeddings = EmbeddingCollection(features, config.embedding_dim, config.method,
-                                         compression=config.compression, seed=config.seed, **options)
+                                         compression=config.compression, seed=config.seed, frequencies=frequencies,
+                                         **options)
         num_dense = self.splits["train"].dense.shape[1]
         if config.model == "dlrm":
             self.model: torch.nn.Module = DLRM(embeddings, num_dense, config.bottom, config.top)
@@ -113,7 +119,7 @@ class Trainer:
             loss.backward()
             self.optimizer.step()
             for module in adaptive:
-                module.on_step_end(self.step)
+                module.on_step_end(self.step, self.optimizer)
             self.step += 1
             samples += len(labels)
             loss_value = float(loss.detach())
@@ -197,6 +203,19 @@ class Trainer:
         self.optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer_groups"]})
         torch.set_rng_state(tensors["rng.torch"])
         self.step, self.best = meta["step"], meta["best"]
+
+
+def id_counts(split: Split, cardinalities: list[int], chunk_rows: int = 1 << 20) -> list[np.ndarray]:
+    """How often each id occurs in each sparse column of ``split``: one int64 array per feature.
+
+    Reads the memory-mapped ids ``chunk_rows`` rows at a time, so a split of any size needs one chunk of memory.
+    """
+    counts = [np.zeros(n, dtype=np.int64) for n in cardinalities]
+    for start in range(0, len(split), chunk_rows):
+        chunk = np.asarray(split.sparse[start : start + chunk_rows])
+        for column, n in enumerate(cardinalities):
+            counts[column] += np.bincount(chunk[:, column], minlength=n)[:n]
+    return counts
 
 
 def _make_optimizer(name: str, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:

@@ -12,6 +12,9 @@ def test_methods_lists_every_method_at_one_point_six_million_floats(capsys):
     listed = {line.split()[0] for line in capsys.readouterr().out.splitlines() if line.strip()}
     assert set(METHODS) <= listed
     for row in summarize_methods(10_000_000, 16, 100):
+        if METHODS[row.name].per_id_bytes * 10_000_000 >= 6_400_000:  # per-id state alone is over the budget
+            assert row.memory.total > 6_400_000 and row.num_params * 4 == row.memory.float_bytes
+            continue
         expected_bytes = 640_000_000 if row.name == "full" else 6_400_000
         assert abs(row.memory.total - expected_bytes) <= 0.01 * expected_bytes, row
         assert row.num_params * 4 == row.memory.float_bytes

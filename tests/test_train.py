@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from compemb.data.synthetic import SyntheticConfig, generate_synthetic
@@ -59,3 +60,37 @@ def test_bad_settings_are_named(data, tmp_path):
         _config(data, tmp_path, optimizer="rmsprop")
     with pytest.raises(ValueError, match="model"):
         _config(data, tmp_path, model="widedeep")
+
+
+def test_id_counts_read_in_chunks_equal_one_bincount(data):
+    from compemb.data.dataset import open_dataset
+    from compemb.train import id_counts
+
+    manifest, splits = open_dataset(data)
+    counts = id_counts(splits["train"], manifest["cardinalities"], chunk_rows=1000)
+    sparse = np.asarray(splits["train"].sparse)
+    for column, n in enumerate(manifest["cardinalities"]):
+        assert np.array_equal(counts[column], np.bincount(sparse[:, column], minlength=n))
+
+
+def test_offline_gets_the_train_split_counts_and_cafe_trains_with_its_hooks(data, tmp_path):
+    offline = Trainer(_config(data, tmp_path / "off", method="offline", epochs=1))
+    tables = offline.model.embeddings.embeddings
+    compressed = [column for column, table in enumerate(tables.values()) if table.compresses]
+    assert compressed
+    for column in compressed:  # each feature's most frequent train ids own its rows
+        table = tables[f"C{column + 1}"]
+        counts = np.bincount(offline.splits["train"].sparse[:, column], minlength=table.num_embeddings)
+        top = np.argsort(-counts, kind="stable")[: table.hot_rows]
+        assert set(table.hot_ids.tolist()) == set(top.tolist())
+    result = Trainer(_config(data, tmp_path / "cafe", method="cafe", epochs=1, optimizer="adam")).fit()
+    assert np.isfinite(result["bce"])
+
+
+def test_a_resumed_cafe_run_ends_where_the_uninterrupted_one_does(data, tmp_path):
+    # the sketch, the hot rows' owners and the optimizer state reset on promotion all survive the checkpoint
+    config = dict(method="cafe", optimizer="adam", method_options={"threshold": 2.0})
+    straight = Trainer(_config(data, tmp_path / "a", **config)).fit()
+    Trainer(_config(data, tmp_path / "b", **config)).fit(stop_at=13)
+    resumed = Trainer(_config(data, tmp_path / "b", **config), resume=True).fit()
+    assert resumed["bce"] == straight["bce"] and resumed["auc"] == straight["auc"]

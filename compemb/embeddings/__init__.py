@@ -7,14 +7,26 @@ from compemb.embeddings.hashing import BloomEmbedding, CompositionalEmbedding, H
 from compemb.embeddings.qr import QREmbedding
 from compemb.embeddings.robe import HashedNetsEmbedding, ROBEEmbedding
 
+# after the baselines, so listings (compemb methods, sweeps over all methods) show them first
+from compemb.embeddings.cafe import (  # noqa: E402
+    AdaEmbed,
+    CAFEEmbedding,
+    MultiLevelCAFEEmbedding,
+    OfflineFrequencyEmbedding,
+)
+
 __all__ = [
+    "AdaEmbed",
     "BloomEmbedding",
+    "CAFEEmbedding",
     "CompositionalEmbedding",
     "CompressedEmbedding",
     "FullEmbedding",
     "HashEmbeddings",
     "HashedNetsEmbedding",
     "HashingTrickEmbedding",
+    "MultiLevelCAFEEmbedding",
+    "OfflineFrequencyEmbedding",
     "QREmbedding",
     "ROBEEmbedding",
 ]

@@ -49,6 +49,12 @@ class CompressedEmbedding(torch.nn.Module, ABC):
     compresses: ClassVar[bool] = True  # False only for the full table
     title: ClassVar[str] = ""  # a few words, for `compemb methods`
     formula: ClassVar[str] = ""  # the parameter count as a formula, for `compemb methods`
+    # True: built from per-id counts of the training split, given as ``frequencies=`` (EmbeddingCollection and
+    # the Trainer pass them; see compemb.embeddings.cafe.OfflineFrequencyEmbedding)
+    needs_frequencies: ClassVar[bool] = False
+    # bytes stored for every id of the vocabulary (AdaEmbed's importance scores): budgets under
+    # num_embeddings * per_id_bytes cannot be met and are refused with a BudgetError
+    per_id_bytes: ClassVar[int] = 0
 
     def __init__(
         self,
@@ -106,8 +112,12 @@ class CompressedEmbedding(torch.nn.Module, ABC):
         positions = torch.arange(ids.numel(), device=ids.device)
         return F.embedding_bag(positions, vectors, offsets, mode=self.mode, per_sample_weights=per_sample_weights)
 
-    def on_step_end(self, step: int) -> None:
-        """Called by the trainer after every optimizer step; adaptive methods (clustering, sketches) override it."""
+    def on_step_end(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Called by the trainer after every optimizer step; adaptive methods (clustering, sketches) override it.
+
+        ``optimizer`` (optional) is the one that just stepped: a method that gives a row to a new owner resets
+        that row's optimizer state through it (:func:`reset_optimizer_rows`).
+        """
 
     # --- shared behaviour --------------------------------------------------------------------
 
@@ -231,6 +241,34 @@ class CompressedEmbedding(torch.nn.Module, ABC):
         extras = [f"mode={self.mode!r}"] if self.mode != "sum" else []
         extras += ["sparse=True"] if self.sparse else []
         return ", ".join([size, params, *extras])
+
+
+@torch.no_grad()
+def reset_optimizer_rows(optimizer: torch.optim.Optimizer | None, param: Tensor, rows: Tensor) -> None:
+    """Forget ``optimizer``'s per-row state of ``rows`` of ``param``, as for a row that was never trained.
+
+    Every state tensor shaped like ``param`` (Adam's ``exp_avg``/``exp_avg_sq``/``max_exp_avg_sq``, Adagrad's
+    ``sum``, momentum buffers), dense or sparse, gets those rows set to their initial value: zero, or Adagrad's
+    ``initial_accumulator_value`` for ``sum``. Scalar state (``step``) is shared by all rows and kept.
+    """
+    if optimizer is None or rows.numel() == 0 or param not in optimizer.state:
+        return
+    state = optimizer.state[param]
+    group = next(g for g in optimizer.param_groups if any(p is param for p in g["params"]))
+    for key, value in state.items():
+        if not isinstance(value, Tensor) or value.dim() == 0 or value.shape != param.shape:
+            continue
+        fill = float(group.get("initial_accumulator_value", 0.0)) if key == "sum" else 0.0
+        index = rows.to(value.device, torch.long)
+        if value.is_sparse:
+            value = value.coalesce()
+            keep = ~torch.isin(value.indices()[0], index)
+            state[key] = torch.sparse_coo_tensor(value.indices()[:, keep], value.values()[keep], value.shape)
+            if fill:
+                filled = torch.zeros(index.numel(), *value.shape[1:], dtype=value.dtype, device=value.device) + fill
+                state[key] = (state[key] + torch.sparse_coo_tensor(index.unsqueeze(0), filled, value.shape)).coalesce()
+        else:
+            value.index_fill_(0, index, fill)
 
 
 def _is_positive_int(value: object) -> bool:

@@ -287,6 +287,8 @@ class HotSketch(torch.nn.Module):
             mass inserted (checked once per :meth:`insert` call, after the batch), or on :meth:`decay`.
             In ``(0, 1]``; 1 never decays.
         seed: seeds the bucket hash; ``stream`` separates it from other functions of the same seed.
+        device: ``None`` or ``"cpu"``; ``"meta"`` plans a sketch without allocating it (a parent built on the
+            meta device), which ``to_empty`` later materialises on CPU, uninitialised until :meth:`reset`.
 
     The state (``keys``, ``scores``, ``hot_rows``, ``occupied``, ``mass``, ``coefficients``) is made of
     buffers, so ``state_dict`` saves and restores it exactly. Change it only through the methods. The
@@ -323,8 +325,12 @@ class HotSketch(torch.nn.Module):
         decay_factor: float = 0.99,
         seed: int = 0,
         stream: int = SKETCH_STREAM,
+        device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
+        meta = device is not None and torch.device(device).type == "meta"
+        if device is not None and not meta and torch.device(device).type != "cpu":
+            raise ValueError(f"a HotSketch lives on CPU (or the meta device, as a plan), not {device!r}")
         if isinstance(num_buckets, bool) or not isinstance(num_buckets, int) or not 1 <= num_buckets <= MAX_BUCKETS:
             raise ValueError(f"num_buckets must be an int in [1, {MAX_BUCKETS}], got {num_buckets!r}")
         if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
@@ -336,13 +342,13 @@ class HotSketch(torch.nn.Module):
         self.num_buckets, self.slots = num_buckets, slots
         self.threshold, self.decay_factor = float(threshold), float(decay_factor)
         self.seed, self.stream = int(seed), int(stream)
-        shape = (num_buckets, slots)
-        self.register_buffer("keys", torch.zeros(shape, dtype=torch.int64))
-        self.register_buffer("scores", torch.zeros(shape, dtype=torch.float32))
-        self.register_buffer("hot_rows", torch.full(shape, -1, dtype=torch.int32))
-        self.register_buffer("occupied", torch.zeros(shape, dtype=torch.bool))
-        self.register_buffer("mass", torch.zeros(1, dtype=torch.float64))
-        self.register_buffer("coefficients", hash_coefficients(self.seed, 1, self.stream))
+        shape, where = (num_buckets, slots), "meta" if meta else "cpu"
+        self.register_buffer("keys", torch.zeros(shape, dtype=torch.int64, device=where))
+        self.register_buffer("scores", torch.zeros(shape, dtype=torch.float32, device=where))
+        self.register_buffer("hot_rows", torch.full(shape, -1, dtype=torch.int32, device=where))
+        self.register_buffer("occupied", torch.zeros(shape, dtype=torch.bool, device=where))
+        self.register_buffer("mass", torch.zeros(1, dtype=torch.float64, device=where))
+        self.register_buffer("coefficients", hash_coefficients(self.seed, 1, self.stream).to(where))
         self._cache: tuple | None = None
 
     # --- sizes ---------------------------------------------------------------------------------------
@@ -404,6 +410,12 @@ class HotSketch(torch.nn.Module):
     def _apply(self, fn: Any, recurse: bool = True) -> HotSketch:
         # The buffers stay on CPU in their dtypes whatever a parent module does (.to('cuda'), .half(), ...):
         # compiled CPU kernels read and write them, and half-precision scores would stop counting past 2048.
+        # Only a meta plan moves: to_empty materialises it on CPU (fn raises for a copy out of meta, as torch does).
+        if self.keys.is_meta:
+            for name, dtype in _BUFFERS.items():
+                if not fn(self._buffers[name]).is_meta:
+                    self._buffers[name] = torch.empty(self._buffers[name].shape, dtype=dtype)
+            self._cache = None
         return self
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:

@@ -7,11 +7,25 @@ from compemb import METHODS, make_embedding
 ALL_METHODS = sorted(METHODS)
 
 
+def zipf_counts(num_embeddings: int | None) -> torch.Tensor:
+    """Deterministic Zipf-like per-id counts (ids scattered over the range), for methods built from frequencies."""
+    n = 1000 if num_embeddings is None else int(num_embeddings)
+    rank = (torch.arange(n) * 7919) % n  # a permutation of the ranks when n is not a multiple of 7919
+    return 100_000 // (1 + rank)
+
+
+def make(method: str, num_embeddings, embedding_dim, **options):
+    """make_embedding, adding per-id counts for methods that are built from them."""
+    if METHODS[method].needs_frequencies and "frequencies" not in options:
+        options["frequencies"] = zipf_counts(num_embeddings)
+    return make_embedding(method, num_embeddings, embedding_dim, **options)
+
+
 def build(method: str, num_embeddings: int = 1000, embedding_dim: int = 8, compression: float = 4, **options):
     """Build any registered method; the full table gets its own size as the budget."""
     if not METHODS[method].compresses:
         compression = 1
-    return make_embedding(method, num_embeddings, embedding_dim, compression=compression, **options)
+    return make(method, num_embeddings, embedding_dim, compression=compression, **options)
 
 
 def reference_bags(module, ids, offsets, per_sample_weights=None, mode="sum"):

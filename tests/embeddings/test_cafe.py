@@ -1,0 +1,345 @@
+"""CAFE, CAFE-ML, the offline-frequency baseline and AdaEmbed: what is specific to hot rows and importance."""
+
+import copy
+
+import pytest
+import torch
+
+from compemb import BudgetError, make_embedding
+from compemb.embeddings.base import reset_optimizer_rows
+from compemb.embeddings.cafe import _search_rows_torch, paper_defaults, search_rows
+
+N = 100_000
+
+
+def zipf_batches(steps, batch, n=N, exponent=1.2, seed=0, shift=0):
+    """Batches of a Zipf stream whose heavy ids are scattered over [0, n) (rank r -> a permuted id)."""
+    generator = torch.Generator().manual_seed(seed)
+    weights = 1.0 / torch.arange(1, n + 1, dtype=torch.float64) ** exponent
+    ids = torch.randperm(n, generator=generator).roll(shift)
+    return [ids[torch.multinomial(weights, batch, replacement=True, generator=generator)] for _ in range(steps)]
+
+
+def train(module, batches, optimizer=None, call_step_end=True):
+    """A plain loop: forward, a loss whose gradient reaches every occurrence, backward, step, (on_step_end)."""
+    optimizer = optimizer or torch.optim.SGD(module.parameters(), lr=0.05)
+    head = torch.linspace(-1, 1, module.embedding_dim, device=module.weight.device)
+    for step, ids in enumerate(batches):
+        loss = (module(ids) @ head - 1).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if call_step_end:
+            module.on_step_end(step, optimizer)
+    return optimizer
+
+
+def true_counts(batches, n=N):
+    return torch.bincount(torch.cat(batches), minlength=n)
+
+
+def hot_map(module):
+    """{id: row} from the table's owner map, checked against the sketch's map (they must agree)."""
+    owners, rows = module.hot_ids()
+    table = dict(zip(owners.tolist(), rows.tolist()))
+    assert len(table) == owners.numel()  # no id holds two rows
+    ids, _, sketch_rows = module.sketch.items()
+    hot = sketch_rows >= 0
+    assert dict(zip(ids[hot].tolist(), sketch_rows[hot].tolist())) == table
+    return table
+
+
+# --- sizes and defaults ----------------------------------------------------------------------------------
+
+
+def test_paper_defaults_follow_the_ratio_asked_or_computed():
+    assert paper_defaults(2) == (0.7, 10) and paper_defaults(20) == (0.5, 30) and paper_defaults(999) == (0.2, 500)
+    assert paper_defaults(2000) == paper_defaults(10**6) == (0.1, 500)
+    by_ratio = make_embedding("cafe", 1_000_000, 16, compression=100, device="meta")
+    by_params = make_embedding("cafe", 1_000_000, 16, num_params=160_000, device="meta")
+    assert (by_ratio.hash_rate, by_ratio.threshold) == (by_params.hash_rate, by_params.threshold) == (0.3, 100)
+    assert make_embedding("cafe", None, 16, num_params=160_000, device="meta").threshold == 20  # no ratio: 10x
+
+
+@pytest.mark.parametrize("name", ["cafe", "cafe-ml"])
+@pytest.mark.parametrize("compression", [2, 5, 10, 50, 100, 1000, 5000])
+def test_memory_meets_the_budget_with_the_sketch_counted(name, compression):
+    module = make_embedding(name, 1_000_000, 16, compression=compression, device="meta")
+    report, budget = module.memory(), 1_000_000 * 16 * 4 / compression
+    assert abs(report.total - budget) <= 0.01 * budget
+    assert report.sketch_bytes == module.sketch.memory().sketch_bytes > 0
+    assert module.sketch.num_buckets * module.sketch.slots == 4 * module.hot_rows  # 4 sketch slots per hot row
+    hashed_floats = sum(module.hashed_rows) * 16 * 4
+    assert hashed_floats == pytest.approx(module.hash_rate * budget, rel=0.02, abs=64)  # hash_rate of the budget
+    merged = make_embedding(name, 1_000_000, 16, compression=compression, merge_on_demote=True, device="meta")
+    assert abs(merged.memory().total - budget) <= 0.01 * budget
+    assert merged.memory().float_bytes == merged.weight.numel() * 4 + merged.start.numel() * 4
+
+
+# --- hot rows under a stream -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["cafe", "cafe-ml"])
+def test_heavy_ids_become_hot_and_light_ones_do_not_by_frequency(name):
+    module = make_embedding(name, N, 8, compression=20, importance="frequency", seed=1)
+    batches = zipf_batches(50, 1024)
+    train(module, batches)
+    counts, threshold, hot = true_counts(batches), module.threshold, hot_map(module)
+    heavy = (counts >= 2 * threshold).nonzero().squeeze(-1).tolist()
+    light = ((counts > 0) & (counts <= threshold / 3)).nonzero().squeeze(-1).tolist()
+    assert len(heavy) > 50 and len(hot) < module.hot_rows  # rows were never short
+    assert set(heavy) <= set(hot)
+    assert not set(light) & set(hot)
+
+
+def test_heavy_ids_become_hot_by_gradient_in_a_plain_loop():
+    module = make_embedding("cafe", N, 8, compression=20, seed=2)  # gradient importance, the default
+    batches = zipf_batches(50, 1024, seed=3)
+    train(module, batches, call_step_end=False)  # updates apply at each next forward
+    module(batches[0])  # ... and the last step's at this one
+    counts, threshold, hot = true_counts(batches), module.threshold, hot_map(module)
+    heavy = (counts >= 3 * threshold).nonzero().squeeze(-1).tolist()
+    light = ((counts > 0) & (counts <= threshold / 5)).nonzero().squeeze(-1).tolist()
+    assert len(heavy) > 30
+    assert set(heavy) <= set(hot)
+    assert not set(light) & set(hot)
+
+
+@pytest.mark.parametrize("name", ["cafe", "cafe-ml"])
+def test_promotion_keeps_the_output_and_the_row_starts_from_what_the_id_read(name):
+    module = make_embedding(name, None, 8, num_params=4000, threshold=10, importance="frequency", seed=4)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    ids = torch.tensor([2**40 + 7] * 5 + [3, 4])
+    train(module, [ids], optimizer)  # 5 < 10: not hot yet (for cafe-ml: medium, as 5 >= 0.2 x 10)
+    assert not hot_map(module)
+    module(ids).sum().backward()  # 5 more: 10 reaches the threshold
+    optimizer.step()
+    before = copy.deepcopy(module)
+    before._pending = []  # the state just before the update applies
+    module.on_step_end(1, optimizer)
+    assert list(hot_map(module)) == [2**40 + 7]
+    probe = torch.tensor([2**40 + 7, 999])  # (3 and 4 turn medium in cafe-ml now: a move of their own)
+    torch.testing.assert_close(module(probe), before(probe), rtol=0, atol=1e-7)
+
+
+def test_cafe_ml_medium_ids_read_two_rows_and_cold_ids_one():
+    module = make_embedding("cafe-ml", N, 8, compression=10, threshold=20, importance="frequency", seed=5)
+    train(module, [torch.tensor([11] * 6 + [12])])  # 11 scores 6 >= 0.2 x 20: medium; 12 scores 1: cold
+    first = module.hashes[0](torch.tensor([11, 12])).squeeze(-1) + module.hot_rows
+    second = module.hashes[1](torch.tensor([11, 12])).squeeze(-1) + module.hot_rows + module.hashed_rows[0]
+    out = module(torch.tensor([11, 12]))
+    torch.testing.assert_close(out[0], module.weight[first[0]] + module.weight[second[0]])
+    torch.testing.assert_close(out[1], module.weight[first[1]])
+
+
+@pytest.mark.parametrize("name", ["cafe", "cafe-ml"])
+def test_demoted_ids_free_their_rows_and_no_row_is_shared(name):
+    # a fast decay and a short hot table make rows change owners many times
+    module = make_embedding(name, N, 8, compression=50, decay=0.5, importance="frequency", seed=6)
+    first, later = zipf_batches(40, 2048, seed=7), zipf_batches(80, 2048, seed=7, shift=5000)
+    train(module, first)
+    early = set(hot_map(module))
+    train(module, later)
+    late = hot_map(module)
+    assert len(set(late.values())) == len(late)  # each row has one owner
+    heavy_now = (true_counts(later[-20:]) >= 3 * module.threshold).nonzero().squeeze(-1).tolist()
+    assert set(heavy_now) <= set(late) and early - set(late)  # the new heavy ids took rows, old ones left
+
+
+def test_merge_on_demote_folds_what_the_id_learned_into_its_hashed_row():
+    module = make_embedding("cafe", None, 4, num_params=3000, threshold=4, importance="frequency",
+                            merge_on_demote=True, seed=8)
+    train(module, [torch.tensor([9] * 4)])
+    (row,) = hot_map(module).values()
+    hashed = int(module.hashes[0](torch.tensor([9]))) + module.hot_rows
+    with torch.no_grad():
+        module.weight[row] += 1.0  # what it learned while hot
+    shared = module.weight[hashed].detach().clone()
+    module.sketch.decay_factor = 0.01
+    module.sketch.decay()  # its score falls far below the threshold
+    train(module, [torch.tensor([123456])], torch.optim.SGD(module.parameters(), lr=0.0))
+    assert not hot_map(module)
+    torch.testing.assert_close(module.weight[hashed], shared + 1.0)
+
+
+# --- state, bags, devices ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["cafe", "cafe-ml", "adaembed"])
+def test_save_and_load_reproduce_outputs_and_later_training_exactly(name):
+    options = dict(interval=5) if name == "adaembed" else {}
+    source = make_embedding(name, N, 8, compression=4 if name == "adaembed" else 20, seed=9, **options)
+    target = make_embedding(name, N, 8, compression=4 if name == "adaembed" else 20, seed=10, **options)
+    batches = zipf_batches(30, 512, seed=11)
+    optimizer = train(source, batches[:12], torch.optim.Adam(source.parameters(), lr=0.01), call_step_end=False)
+    target.load_state_dict(source.state_dict())  # taken with the last step's update pending: it is applied first
+    target_optimizer = torch.optim.Adam(target.parameters(), lr=0.01)
+    target_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # load_state_dict would share tensors
+    probe = torch.cat([batches[0][:200], torch.tensor([2**40, 5])]) if name != "adaembed" else batches[0][:200]
+    assert torch.equal(source(probe), target(probe))
+    train(source, batches[12:], optimizer)
+    train(target, batches[12:], target_optimizer)
+    assert torch.equal(source(probe), target(probe))
+    for (key, a), b in zip(source.state_dict().items(), target.state_dict().values()):
+        assert torch.equal(a, b), key
+
+
+@pytest.mark.parametrize("name", ["cafe", "cafe-ml"])
+def test_bags_and_large_int64_ids_with_hot_rows(name):
+    module = make_embedding(name, None, 8, num_params=20_000, threshold=3, importance="frequency", seed=12)
+    big = 2**40 + torch.tensor([1, 2, 3, 1, 1, 2, 2, 1, 9])
+    train(module, [big, big])
+    assert {2**40 + 1, 2**40 + 2} <= set(hot_map(module))
+    offsets, weights = torch.tensor([0, 2, 2, 5]), torch.rand(9)
+    out = module(big, offsets, weights)
+    singles = module(big)
+    expected = torch.stack([(singles[a:b] * weights[a:b, None]).sum(0) for a, b in [(0, 2), (2, 2), (2, 5), (5, 9)]])
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("name", ["cafe", "cafe-ml"])
+def test_the_torch_route_equals_the_compiled_one(name):
+    module = make_embedding(name, N, 8, compression=20, importance="frequency", seed=13)
+    batches = zipf_batches(30, 1024, seed=14)
+    train(module, batches)
+    ids = torch.cat([batches[-1], torch.tensor([-(2**63), 2**63 - 1])])
+    rows, weights = module._route(ids)
+    torch_rows, torch_weights = module._route_torch(ids)
+    assert torch.equal(rows, torch_rows) and (weights is None or torch.equal(weights, torch_weights))
+    assert bool((rows[:, 0] < module.hot_rows).any())  # hot rows are among them
+
+
+def test_search_rows_compiled_equals_torch():
+    hash_module = make_embedding("hash", None, 4, num_params=400).hash
+    sorted_ids = torch.tensor([-5, 3, 8, 2**40, 2**62])
+    ids = torch.tensor([-(2**63), -5, -4, 3, 8, 9, 2**40, 2**62, 2**63 - 1])
+    for rows in (None, torch.tensor([4, 0, 3, 1, 2], dtype=torch.int32)):
+        compiled = search_rows(ids, sorted_ids, rows, hash_module, 5)
+        assert torch.equal(compiled, _search_rows_torch(ids, sorted_ids, rows, hash_module, 5))
+        found = compiled < 5
+        assert found.tolist() == [False, True, False, True, True, False, True, True, False]
+        assert torch.equal(compiled[~found], hash_module(ids[~found]).squeeze(-1) + 5)
+
+
+def test_optimizer_state_of_rows_that_change_owner_is_reset():
+    module = make_embedding("cafe", None, 4, num_params=3000, threshold=4, importance="frequency", seed=15)
+    optimizer = torch.optim.Adam(module.parameters(), lr=0.01)
+    train(module, [torch.tensor([1, 2, 3])], optimizer)
+    state = optimizer.state[module.weight]
+    state["exp_avg"].fill_(1.0)
+    state["exp_avg_sq"].fill_(1.0)
+    train(module, [torch.tensor([5] * 4)], optimizer)  # 5 takes a hot row
+    (row,) = hot_map(module).values()
+    assert state["exp_avg"][row].abs().sum() == 0 and state["exp_avg_sq"][row].abs().sum() == 0
+    others = torch.arange(module.weight.shape[0]) != row
+    assert bool((state["exp_avg_sq"][others] > 0).all())  # every other row kept its state
+
+
+def test_reset_optimizer_rows_handles_adagrad_and_sparse_state():
+    weight = torch.nn.Parameter(torch.zeros(5, 2))
+    adagrad = torch.optim.Adagrad([weight], lr=0.1, initial_accumulator_value=0.5)
+    weight.grad = torch.ones(5, 2)
+    adagrad.step()
+    reset_optimizer_rows(adagrad, weight, torch.tensor([1, 3]))
+    assert adagrad.state[weight]["sum"][:, 0].tolist() == [1.5, 0.5, 1.5, 0.5, 1.5]
+    sgd = torch.optim.SGD([weight], lr=0.1)
+    sgd.state[weight]["buffer"] = torch.ones(5, 2).to_sparse()
+    reset_optimizer_rows(sgd, weight, torch.tensor([0, 4]))
+    assert sgd.state[weight]["buffer"].to_dense()[:, 0].tolist() == [0, 1, 1, 1, 0]
+    reset_optimizer_rows(None, weight, torch.tensor([0]))  # no optimizer: nothing to do
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["cafe", "cafe-ml", "adaembed", "offline"])
+def test_cuda_training_matches_cpu(name):
+    options = dict(frequencies=torch.arange(N) % 13) if name == "offline" else {}
+    options.update(interval=5) if name == "adaembed" else None
+    compression = 4 if name == "adaembed" else 20
+    cpu = make_embedding(name, N, 8, compression=compression, seed=16, **options)
+    gpu = make_embedding(name, N, 8, compression=compression, seed=16, **options).cuda()
+    batches = zipf_batches(20, 1024, seed=17)
+    train(cpu, batches)
+    train(gpu, [b.cuda() for b in batches])
+    probe = batches[0][:300]
+    torch.testing.assert_close(gpu(probe.cuda()).cpu(), cpu(probe), rtol=1e-4, atol=1e-5)
+    if name.startswith("cafe"):
+        assert hot_map(gpu) == hot_map(cpu)
+
+
+# --- offline ------------------------------------------------------------------------------------------
+
+
+def test_offline_gives_the_most_frequent_ids_their_own_rows():
+    counts = torch.zeros(10_000, dtype=torch.int64)
+    counts[torch.randperm(10_000, generator=torch.Generator().manual_seed(0))[:2000]] = torch.arange(2000, 0, -1)
+    module = make_embedding("offline", 10_000, 8, compression=10, frequencies=counts, seed=18)
+    top = torch.sort(counts, descending=True, stable=True).indices[: module.hot_rows]
+    assert set(module.hot_ids.tolist()) == set(top.tolist()) and 100 < module.hot_rows < 2000
+    few = make_embedding("offline", 10_000, 8, compression=10, frequencies=(counts > 1990).long())
+    assert few.hot_rows == 10 and abs(few.memory().total - 32_000) <= 320  # uncounted ids get no row
+    out = module(top)
+    rows = torch.searchsorted(module.hot_ids, top)
+    assert torch.equal(out, module.weight[rows]) and rows.unique().numel() == top.numel()
+    cold = torch.tensor([1, 2, 2**40])
+    torch.testing.assert_close(module(cold), module.weight[module.hash(cold).squeeze(-1) + module.hot_rows])
+    assert module.memory().index_bytes == 8 * module.hot_rows + 16  # the sorted ids, and the hash
+
+
+def test_offline_stores_a_dense_map_when_that_is_smaller():
+    counts = torch.arange(1000) % 17
+    module = make_embedding("offline", 1000, 8, compression=1.2, hash_rate=0.1, frequencies=counts)
+    assert module.dense_map and module.memory().index_bytes == 4 * 1000 + 16
+    assert abs(module.memory().total - 1000 * 8 * 4 / 1.2) <= 0.01 * 1000 * 8 * 4 / 1.2
+    top = torch.sort(counts, descending=True, stable=True).indices[: module.hot_rows]
+    assert torch.equal(module(top), module.weight[: module.hot_rows])  # rank r owns row r
+    outside = torch.tensor([-1, 5000, 2**40])  # past the counted ids: hashed
+    torch.testing.assert_close(module(outside), module.weight[module.hash(outside).squeeze(-1) + module.hot_rows])
+
+
+def test_offline_refuses_to_build_without_frequencies():
+    with pytest.raises(ValueError, match="needs frequencies="):
+        make_embedding("offline", 1000, 8, compression=4)
+    with pytest.raises(ValueError, match="999 counts for 1000 ids"):
+        make_embedding("offline", 1000, 8, compression=4, frequencies=torch.ones(999))
+
+
+# --- AdaEmbed ----------------------------------------------------------------------------------------
+
+
+def test_adaembed_rows_follow_importance():
+    module = make_embedding("adaembed", N, 8, compression=4, importance="frequency", interval=10, seed=19)
+    first = zipf_batches(30, 1024, seed=20)
+    train(module, first)
+    owners = set(module.owners()[0].tolist())
+    assert set(torch.topk(true_counts(first), 100).indices.tolist()) <= owners
+    later = zipf_batches(300, 1024, seed=20, shift=7)  # other ids are heavy now
+    train(module, later)
+    now = set(module.owners()[0].tolist())
+    assert set(torch.topk(true_counts(later[-50:]), 100).indices.tolist()) <= now
+    assert len(owners - now) > 50
+
+
+def test_adaembed_newcomers_start_from_their_fallback_vector_and_state_resets():
+    module = make_embedding("adaembed", 1000, 8, compression=2, importance="frequency", interval=2, seed=21)
+    optimizer = torch.optim.Adagrad(module.parameters(), lr=0.1)
+    ids = torch.tensor([3, 3, 4])
+    train(module, [ids], optimizer)
+    before = module(ids).detach()
+    optimizer.state[module.weight]["sum"].fill_(7.0)
+    module(ids).sum().backward()
+    optimizer.zero_grad()  # a step that changes nothing, so only the reallocation could move the output
+    module.on_step_end(1, optimizer)
+    owned, rows = module.owners()
+    assert owned.tolist() == [3, 4]
+    torch.testing.assert_close(module(ids), before)
+    assert optimizer.state[module.weight]["sum"][rows].abs().sum() == 0
+
+
+def test_adaembed_memory_counts_its_bookkeeping_and_refuses_budgets_below_it():
+    module = make_embedding("adaembed", N, 16, compression=8, device="meta")
+    report, budget = module.memory(), N * 16 * 4 / 8
+    assert abs(report.total - budget) <= 0.01 * budget
+    assert report.sketch_bytes == 4 * N + 8  # a float32 score per id, and the decay scale
+    assert report.index_bytes == 12 * module.rows + 16 + 8  # the owners' ids and rows, the hash, the step count
+    with pytest.raises(BudgetError, match="smallest budget it can meet is"):
+        make_embedding("adaembed", N, 16, compression=20)  # 3.2 bytes per id < its 4
