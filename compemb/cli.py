@@ -17,7 +17,7 @@ def _megabytes(num_bytes: int) -> str:
 
 def cmd_methods(args: argparse.Namespace) -> int:
     """Print every method with its parameter formula and its size for one table at one compression."""
-    rows = summarize_methods(args.num_embeddings, args.dim, args.compression)
+    rows = summarize_methods(args.num_embeddings, args.dim, args.compression, variants=True)
     print(f"Methods for a {args.num_embeddings:,} x {args.dim} table at compression {args.compression:g}")
     print(f"(full fp32 table: {_megabytes(args.num_embeddings * args.dim * 4)}; full is shown uncompressed)\n")
     header = f"{'method':<11} {'what':<32} {'parameters':<44} {'params':>12} {'index':>8} {'memory':>12} {'ratio':>7}"
@@ -28,6 +28,9 @@ def cmd_methods(args: argparse.Namespace) -> int:
             f"{row.name:<11} {row.title:<32} {row.formula:<44} {row.num_params:>12,} "
             f"{row.memory.index_bytes:>7,}B {_megabytes(row.memory.total):>12} {row.compression:>6.1f}x"
         )
+    notes = [f"  {row.name}: {row.sizes}" for row in rows if row.sizes]
+    if notes:
+        print("\nSizes the budget chose:", *notes, sep="\n")
     return 0
 
 
@@ -94,6 +97,8 @@ def _train_config(args: argparse.Namespace, out: str) -> TrainConfig:
         model=args.model, embedding_dim=args.dim, bottom=_widths(args.bottom), top=_widths(args.top),
         optimizer=args.optimizer, lr=args.lr, batch_size=args.batch_size, epochs=args.epochs,
         eval_every=args.eval_every, seed=args.seed,
+        # methods that cluster take it; the Trainer drops it for the others (a sweep gives it to every method)
+        method_options={"cluster_every": args.cluster_every} if getattr(args, "cluster_every", None) else {},
     )
 
 
@@ -149,6 +154,11 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=2048)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: at the end)")
+
+
+def _add_cluster_every(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cluster-every", type=int, default=None, metavar="N",
+                        help="methods that cluster (cce): cluster every N steps, up to 3/4 of the run")
 
 
 def cmd_preprocess_criteo(args: argparse.Namespace) -> int:
@@ -225,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--compression", type=float, default=None)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    _add_cluster_every(train)
     train.set_defaults(run=cmd_train)
 
     evaluate = commands.add_parser("eval", help="evaluate a run's checkpoint on a split")
@@ -263,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument("--seeds", type=int, default=1)
     quality.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     quality.add_argument("--out", required=True)
+    _add_cluster_every(quality)
     quality.set_defaults(run=cmd_bench_quality)
 
     lstsq = commands.add_parser("lstsq", help="CCE for least squares: excess loss per iteration vs Theorem 3.1")

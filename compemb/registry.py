@@ -73,19 +73,29 @@ class MethodSummary:
     num_params: int
     memory: MemoryReport
     compression: float
+    sizes: str = ""  # the sizes the budget chose, where the formula does not say them (CCE's k and pointers)
 
 
-def summarize_methods(num_embeddings: int, embedding_dim: int, compression: float) -> list[MethodSummary]:
+def summarize_methods(
+    num_embeddings: int, embedding_dim: int, compression: float, variants: bool = False
+) -> list[MethodSummary]:
     """Every registered method built (on the meta device: nothing allocated) for one table and budget.
 
     The full table is shown at its own size (compression 1); a method whose per-id bookkeeping alone exceeds
     the budget (AdaEmbed at high compression) at its smallest size, so its ratio shows what it can reach.
+    ``variants`` adds each method's ``variants`` rows after its own (CCE's paper accounting): shown, not registered.
     """
-    rows = []
+    entries: list[tuple[str, type[CompressedEmbedding], dict]] = []
     for name, cls in METHODS.items():
+        entries.append((name, cls, {}))
+        if variants:
+            entries += [(label, cls, dict(options)) for label, options in cls.variants]
+    rows = []
+    for name, cls, variant in entries:
         ratio = compression if cls.compresses else 1
         # methods built from per-id counts are sized by the budget alone: counts on the meta device plan them
         options = {"frequencies": torch.empty(num_embeddings, device="meta")} if cls.needs_frequencies else {}
+        options.update(variant)
         if cls.per_id_bytes * num_embeddings >= full_table_bytes(num_embeddings, embedding_dim) / ratio:
             with nearest_size():  # its per-id state alone exceeds the budget: shown at its smallest size
                 module = cls(num_embeddings, embedding_dim, compression=ratio, device="meta", **options)
@@ -95,7 +105,8 @@ def summarize_methods(num_embeddings: int, embedding_dim: int, compression: floa
         num_params = sum(p.numel() for p in module.parameters())
         rows.append(
             MethodSummary(
-                name, cls.title, cls.formula, num_params, report, report.compression(num_embeddings, embedding_dim)
+                name, cls.title, cls.formula, num_params, report, report.compression(num_embeddings, embedding_dim),
+                module.describe_sizes(),
             )
         )
     return rows

@@ -9,6 +9,7 @@ Bayes-optimal BCE. Every evaluation is appended to ``metrics.jsonl`` in the run 
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import time
@@ -31,6 +32,8 @@ from compemb.models import DCNv2, DLRM
 from compemb.registry import get_method
 
 OPTIMIZERS = ("sgd", "adagrad", "adam")
+# method options that set a schedule (``--cluster-every``): dropped for methods that do not take them
+SCHEDULE_OPTIONS = ("cluster_every", "cluster_until")
 
 
 @dataclass
@@ -82,7 +85,7 @@ class Trainer:
         torch.sparse.check_sparse_tensor_invariants.disable()
         features = [Feature(f"C{i + 1}", n) for i, n in enumerate(self.manifest["cardinalities"])]
         # sparse gradients where the optimizer takes them (SGD, Adagrad), as the papers train
-        options = {"sparse": config.optimizer != "adam", **config.method_options}
+        options = {"sparse": config.optimizer != "adam", **_method_options(config.method, config.method_options)}
         frequencies = None
         if get_method(config.method).needs_frequencies:  # offline methods: ids counted in the train split
             counts = id_counts(self.splits["train"], self.manifest["cardinalities"])
@@ -108,6 +111,8 @@ class Trainer:
         config, train = self.config, self.splits["train"]
         stop = self.total_steps if stop_at is None else min(stop_at, self.total_steps)
         adaptive = [m for m in self.model.modules() if isinstance(m, CompressedEmbedding)]
+        for module in adaptive:  # schedules given as a fraction of the run (CCE's cluster_until) need its length
+            module.on_train_begin(self.total_steps)
         result: dict[str, Any] = {}
         bar = tqdm(total=stop, initial=self.step, desc=f"train {config.method}", unit="step")
         running_loss, started, samples = 0.0, time.perf_counter(), 0
@@ -216,6 +221,15 @@ def id_counts(split: Split, cardinalities: list[int], chunk_rows: int = 1 << 20)
         for column, n in enumerate(cardinalities):
             counts[column] += np.bincount(chunk[:, column], minlength=n)[:n]
     return counts
+
+
+def _method_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` for ``method``, less the schedule options (:data:`SCHEDULE_OPTIONS`) it does not take.
+
+    A sweep gives every method the same options; ``cluster_every`` only means something to methods that cluster.
+    """
+    takes = inspect.signature(get_method(method).__init__).parameters
+    return {key: value for key, value in options.items() if key not in SCHEDULE_OPTIONS or key in takes}
 
 
 def _make_optimizer(name: str, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:

@@ -14,11 +14,15 @@ from compemb.embeddings.cafe import (  # noqa: E402
     MultiLevelCAFEEmbedding,
     OfflineFrequencyEmbedding,
 )
+from compemb.embeddings.cce import CCEmbedding, ClusterReport, ClusterSchedule  # noqa: E402
 
 __all__ = [
     "AdaEmbed",
     "BloomEmbedding",
     "CAFEEmbedding",
+    "CCEmbedding",
+    "ClusterReport",
+    "ClusterSchedule",
     "CompositionalEmbedding",
     "CompressedEmbedding",
     "FullEmbedding",

@@ -55,6 +55,9 @@ class CompressedEmbedding(torch.nn.Module, ABC):
     # bytes stored for every id of the vocabulary (AdaEmbed's importance scores): budgets under
     # num_embeddings * per_id_bytes cannot be met and are refused with a BudgetError
     per_id_bytes: ClassVar[int] = 0
+    # extra rows for `compemb methods`: (row name, options) of settings worth showing beside the default
+    # (CCE's paper accounting, say); they are shown, not registered
+    variants: ClassVar[tuple[tuple[str, dict], ...]] = ()
 
     def __init__(
         self,
@@ -111,6 +114,9 @@ class CompressedEmbedding(torch.nn.Module, ABC):
         # embedding_bag over the looked-up vectors reduces exactly as nn.EmbeddingBag does
         positions = torch.arange(ids.numel(), device=ids.device)
         return F.embedding_bag(positions, vectors, offsets, mode=self.mode, per_sample_weights=per_sample_weights)
+
+    def on_train_begin(self, total_steps: int) -> None:
+        """Called by the trainer once before training, with the run's total steps (schedules that end early use it)."""
 
     def on_step_end(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Called by the trainer after every optimizer step; adaptive methods (clustering, sketches) override it.
@@ -219,6 +225,10 @@ class CompressedEmbedding(torch.nn.Module, ABC):
         self.seed = int(seed)
         check_budget(self.method_name, self.memory(), budget, smallest_params, every_budget_from, largest_params)
         self.reset_parameters()
+
+    def describe_sizes(self) -> str:
+        """A line on the sizes the budget chose, for ``compemb methods``; empty when the formula says it all."""
+        return ""
 
     @property
     def init_bound(self) -> float:

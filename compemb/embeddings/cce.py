@@ -1,0 +1,693 @@
+"""CCE: "Clustering the Sketch: Dynamic Compression for Embedding Tables", Tsang & Ahle 2023 (arXiv 2210.05974).
+
+An id's vector is ``c`` concatenated columns; column j is ``T0[h0(x), j] + T1[h1(x), j]``, two tables of ``k`` rows
+x ``d/c``. Before the first clustering both pointers are seeded hashes (CE with two tables per column). ``cluster()``
+runs k-means per column on the ids' current sub-vectors, points ``h0`` at each id's nearest centroid, sets ``T0`` to
+the centroids, draws a fresh hash ``h1`` and resets ``T1``. Table sizes never change.
+
+Deviations and choices (the class docstring says more):
+
+- Honest memory (``accounting="honest"``, the default): stored pointers, the HotSketch and the seen-bitmap all count
+  in the budget. Pointers for every id cost ``n x c`` small ints (10M ids x 4 x 2 bytes = 80 MB, more than a 100x
+  table), so by default only the ``m`` ids a HotSketch scores highest hold stored pointers (held in the sketch's own
+  hot-row slots, so no id array is stored); every other id keeps its hashed ``h0``. ``accounting="paper"`` sizes the
+  float tables to the whole budget, as the paper's figures do, and stores pointers for every id (reported, not
+  counted).
+- Clustering picks at most ``max_points_per_centroid x k`` ids (``sample``): uniform over the vocabulary (the paper's
+  code), ids seen in training (a bitmap), or ids weighted by their sketch score.
+- ``h1`` is never stored: it is a seeded hash whose seed advances each round (kept in the ``cluster_state`` buffer).
+- On CPU a lookup is one compiled call (route, then gather T0 + T1 per column, sweeping small tables into cache
+  first) and its backward another; elsewhere torch ops. The sketch counts a strided quarter of each batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numba
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from compemb.budget import FLOAT_BYTES, Budget, MemoryReport, check_budget, every_budget_from, resolve_budget
+from compemb.embeddings.base import init_uniform_, reset_optimizer_rows
+from compemb.embeddings.cafe import _Adaptive, _bucket, _report
+from compemb.hashing import UniversalHash, coefficient_bytes, hash_coefficients, hash_ids
+from compemb.registry import register
+from compemb.sketch.hotsketch import SLOT_BYTES, HotSketch
+
+log = logging.getLogger(__name__)
+
+ACCOUNTING = ("honest", "paper")
+SAMPLES = ("uniform", "seen", "frequency")
+RESIDUALS = ("zeros", "mean")
+SKETCH_SLOTS = 4  # slots per HotSketch bucket
+ASSIGN_BATCH = 1 << 18  # ids whose vectors are computed and assigned at once: bounds cluster()'s memory
+H0_STREAM, H1_STREAM = 0, 1
+STATE_BYTES = 16  # the cluster_state buffer: (seed, rounds) as int64
+_GOLDEN = 0x9E3779B97F4A7C15
+# torch indexing takes int32/int64 only: pointers are stored in the smallest of these and widened per batch
+POINTER_DTYPES = ((256, torch.uint8), (32_768, torch.int16), (2**31, torch.int32))
+
+
+def pointer_dtype(rows: int) -> torch.dtype:
+    """The smallest integer dtype holding every row index of a ``rows``-row table: uint8, int16 or int32."""
+    return next(dtype for limit, dtype in POINTER_DTYPES if rows <= limit)
+
+
+@dataclass(frozen=True)
+class ClusterSchedule:
+    """When the trainer clusters: after every ``every`` steps, up to ``until`` x the run's total steps.
+
+    ``every=0`` never clusters (call :meth:`CCEmbedding.cluster` yourself). Without a known total (a loop that
+    never calls ``on_train_begin``) ``until`` is not applied.
+
+    Example::
+
+        >>> [s for s in range(1000) if ClusterSchedule(every=200, until=0.75).due(s, total_steps=1000)]
+        [199, 399, 599]
+    """
+
+    every: int = 0
+    until: float = 0.75
+
+    def __post_init__(self) -> None:
+        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 0:
+            raise ValueError(f"cluster_every must be an int >= 0, got {self.every!r}")
+        if not 0 < self.until <= 1:
+            raise ValueError(f"cluster_until must be in (0, 1], got {self.until!r}")
+
+    def due(self, step: int, total_steps: int | None = None) -> bool:
+        """Whether to cluster after 0-based ``step`` (that is, once ``step + 1`` steps are done)."""
+        done = step + 1
+        if self.every == 0 or done % self.every:
+            return False
+        return total_steps is None or done <= self.until * total_steps
+
+    def over(self, step: int, total_steps: int | None = None) -> bool:
+        """Whether no clustering is due after ``step`` any more (never without a schedule or a known total)."""
+        following = ((step + 1) // self.every + 1) * self.every if self.every else 0  # the next due step count
+        return self.every > 0 and total_steps is not None and following > self.until * total_steps
+
+
+@dataclass(frozen=True)
+class ClusterReport:
+    """What one :meth:`CCEmbedding.cluster` call did."""
+
+    round: int  # 1 for the first clustering
+    sample_ids: Tensor  # the ids k-means ran on (sorted, int64, CPU)
+    inertia: tuple[float, ...]  # per column: sum of squared distances of the sample to its nearest centroid
+    num_pointers: int  # ids now holding stored pointers
+    seconds: float
+
+
+@numba.njit(cache=True, nogil=True)
+def _rows_kernel(ids, mode, pointers, keys, hot_rows, occupied, sketch_coefficients, h0, h1, k, out):
+    """Rows ``(N, c, 2)`` of the stored table: T0's row (stored or hashed pointer), T1's row (hashed)."""
+    c = h0.shape[0]
+    num_buckets, num_slots = keys.shape
+    sa, sb = sketch_coefficients[0, 0], sketch_coefficients[0, 1]
+    for i in range(ids.shape[0]):
+        x = np.int64(ids[i])
+        row = -1  # the id's row of stored pointers, -1: hashed
+        if mode == 1:
+            row = x
+        elif mode == 2:  # the sketch's hot row of the id
+            bucket = _bucket(sa * x + sb, num_buckets)
+            for s in range(num_slots):
+                if occupied[bucket, s] and keys[bucket, s] == x:
+                    row = hot_rows[bucket, s]
+                    break
+        for j in range(c):
+            p = np.int64(pointers[row, j]) if row >= 0 else _bucket(h0[j, 0] * x + h0[j, 1], k)
+            out[i, j, 0] = j * k + p
+            out[i, j, 1] = (c + j) * k + _bucket(h1[j, 0] * x + h1[j, 1], k)
+
+
+# The kernels below work on the ``(N * c * 2)`` flat rows and ``(N * c, w)`` sub-vectors; their inner loops run
+# over blocks of 4 floats written out, which numba compiles ~2.5x faster than a loop over a runtime width.
+
+
+@numba.njit(cache=True, nogil=True)
+def _gather_kernel(rows, weight, out):
+    """``out[p] = weight[rows[2p]] + weight[rows[2p + 1]]``: each (id, column) sums its T0 and T1 rows."""
+    width = weight.shape[1]
+    blocks = width // 4
+    for p in range(out.shape[0]):
+        a, b = rows[2 * p], rows[2 * p + 1]
+        for q in range(blocks):
+            u = 4 * q
+            out[p, u] = weight[a, u] + weight[b, u]
+            out[p, u + 1] = weight[a, u + 1] + weight[b, u + 1]
+            out[p, u + 2] = weight[a, u + 2] + weight[b, u + 2]
+            out[p, u + 3] = weight[a, u + 3] + weight[b, u + 3]
+        for u in range(4 * blocks, width):
+            out[p, u] = weight[a, u] + weight[b, u]
+
+
+@numba.njit(cache=True, nogil=True)
+def _touch(array, accesses):
+    """Read one value per 64-byte line of ``array`` when ``accesses`` random reads would touch most lines anyway.
+
+    Tables evicted between steps (26 features, or the model's other work) cost one cache miss per random read;
+    a sequential sweep, which the hardware prefetcher streams, loads them for a fraction of that (the lookup
+    benchmark runs ~1.35x faster with it). Returns a sum so the reads are not optimised away.
+    """
+    flat = array.reshape(-1)
+    total = 0.0
+    if flat.shape[0] * flat.itemsize <= 128 * accesses:
+        for i in range(0, flat.shape[0], max(1, 64 // flat.itemsize)):
+            total += flat[i]
+    return total
+
+
+@numba.njit(cache=True, nogil=True)
+def _forward_kernel(ids, mode, pointers, keys, hot_rows, occupied, sketch_coefficients, h0, h1, k, weight, rows, out):
+    """Route and gather in one call: ``rows`` ``(N, c, 2)`` as :func:`_rows_kernel`, ``out`` ``(N * c, w)``."""
+    n, c = ids.shape[0], h0.shape[0]
+    touched = 0.0
+    if mode == 2:
+        touched += _touch(keys, n) + _touch(occupied, n) + _touch(hot_rows, n)
+    if mode != 0:
+        touched += _touch(pointers, n * c)
+    _rows_kernel(ids, mode, pointers, keys, hot_rows, occupied, sketch_coefficients, h0, h1, k, rows)
+    touched += _touch(weight, 2 * n * c)
+    _gather_kernel(rows.reshape(-1), weight, out)
+    return touched
+
+
+@numba.njit(cache=True, nogil=True)
+def _mark_seen_kernel(ids, bitmap):
+    """Set the bit of every id in ``bitmap`` (8 ids per byte)."""
+    for i in range(ids.shape[0]):
+        bitmap[ids[i] >> 3] |= np.uint8(1 << (ids[i] & 7))
+
+
+@numba.njit(cache=True, nogil=True)
+def _spread_kernel(grad, values):
+    """The sparse gradient's values: each (id, column)'s gradient once per row it read, ``values[2p + t] = grad[p]``."""
+    width = grad.shape[1]
+    blocks = width // 4
+    for p in range(grad.shape[0]):
+        for q in range(blocks):
+            u = 4 * q
+            v0, v1, v2, v3 = grad[p, u], grad[p, u + 1], grad[p, u + 2], grad[p, u + 3]
+            values[2 * p, u], values[2 * p, u + 1], values[2 * p, u + 2], values[2 * p, u + 3] = v0, v1, v2, v3
+            values[2 * p + 1, u], values[2 * p + 1, u + 1] = v0, v1
+            values[2 * p + 1, u + 2], values[2 * p + 1, u + 3] = v2, v3
+        for u in range(4 * blocks, width):
+            values[2 * p, u] = grad[p, u]
+            values[2 * p + 1, u] = grad[p, u]
+
+
+@numba.njit(cache=True, nogil=True)
+def _scatter_kernel(rows, grad, dense):
+    """The dense gradient: every row read adds its (id, column)'s gradient."""
+    width = grad.shape[1]
+    for p in range(grad.shape[0]):
+        for t in range(2):
+            r = rows[2 * p + t]
+            for u in range(width):
+                dense[r, u] += grad[p, u]
+
+
+class _PairGather(torch.autograd.Function):
+    """CPU ids ``(N,)`` -> ``(N, c * w)``: each (id, column) sums its T0 and T1 rows; sparse (COO) or dense gradient.
+
+    One compiled call routes and gathers; F.embedding_bag over the rows computes the same ~3x slower on rows this
+    narrow (its backward copies the gradient through a strided expand).
+    """
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, ids: Tensor, routing: tuple, sparse: bool) -> Tensor:  # type: ignore[override]
+        c = routing[6].shape[0]
+        rows = torch.empty(ids.numel(), c, 2, dtype=torch.int64)
+        out = torch.empty(ids.numel() * c, weight.shape[1], dtype=weight.dtype)
+        _forward_kernel(ids.numpy(), *routing, weight.detach().numpy(), rows.numpy(), out.numpy())
+        ctx.save_for_backward(rows)
+        ctx.sparse, ctx.shape = sparse, weight.shape
+        return out.view(ids.numel(), c * weight.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
+        (rows,) = ctx.saved_tensors
+        grad = grad.contiguous().view(-1, ctx.shape[1])
+        if ctx.sparse:
+            values = torch.empty(rows.numel(), ctx.shape[1], dtype=grad.dtype)
+            _spread_kernel(grad.numpy(), values.numpy())
+            sparse = torch.sparse_coo_tensor(rows.view(1, -1), values, ctx.shape, check_invariants=False)
+            return sparse, None, None, None
+        dense = torch.zeros(ctx.shape, dtype=grad.dtype)
+        _scatter_kernel(rows.view(-1).numpy(), grad.numpy(), dense.numpy())
+        return dense, None, None, None
+
+
+_NO_KEYS = np.zeros((1, 1), dtype=np.int64)
+_NO_ROWS = np.full((1, 1), -1, dtype=np.int32)
+_NO_OCCUPIED = np.zeros((1, 1), dtype=np.bool_)
+_NO_COEFFICIENTS = np.zeros((1, 2), dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    rows: int  # k
+    all_ids: bool  # every id holds stored pointers (else the top ``pointers`` of the sketch)
+    pointers: int  # rows of stored pointers
+    dtype: torch.dtype
+    sketch_buckets: int  # 0: no sketch
+    bitmap_bytes: int  # 0: no seen-bitmap
+
+
+@register("cce")
+class CCEmbedding(_Adaptive):
+    """Clustered Compositional Embeddings: c columns, each ``T0[h0(x)] + T1[h1(x)]``, re-clustered during training.
+
+    ``cluster()`` (under no_grad), per column: pick the ids to cluster (``sample``), compute their current column
+    vectors, run k-means (:func:`compemb.cluster.kmeans`, k centroids, ``niter``, ``max_points_per_centroid``,
+    seeded), assign every pointer-holding id to its nearest centroid in batches of ``ASSIGN_BATCH`` ids, then set
+    ``h0`` to the assignment, ``T0`` to the centroids, re-seed ``h1`` and set ``T1`` to zeros (``residual="zeros"``,
+    the paper) or to the mean residual of the ids in each new ``h1`` bucket (``"mean"``; empty buckets get zeros).
+    The optimizer state of the whole table is reset. ``on_step_end`` clusters when ``cluster_every`` says (see
+    :class:`ClusterSchedule`); the Trainer calls it, and ``on_train_begin`` with the run's length for ``until``.
+
+    Memory: the float tables are ``2 k d`` floats. Stored pointers are ``c`` ints each, in the smallest dtype that
+    holds ``k`` (uint8 up to 256 rows, int16 up to 32,768, else int32; widened per lookup batch); index bytes.
+    With ``accounting="honest"`` (default) pointers, sketch and bitmap count in the budget: ``pointers=None``
+    gives every id stored pointers when they (with any sketch and bitmap) fit in ``pointer_share`` of the budget,
+    else pointers to the ``m`` ids of highest HotSketch score (frequency, or gradient ``importance``), ``m`` being
+    as many as ``pointer_share`` of the budget holds at ``c`` ints plus ``sketch_slots_per_pointer`` sketch slots
+    each. Their pointers live in rows of ``pointer_table`` that the sketch's hot-row slots point to (hot ids are
+    never evicted), so no id array is stored. The floats take the rest. ``pointers=m`` asks for exactly ``m``.
+    With ``accounting="paper"`` the floats alone are sized to the budget; the rest is reported, not counted.
+
+    Args:
+        columns: c, dividing the embedding dim (default 4, the paper's).
+        accounting: ``"honest"`` (default) or ``"paper"``.
+        pointers: ids holding stored pointers (None: chosen as above; ``>= num_embeddings``: every id).
+        pointer_share: the most of an honest budget stored pointers, sketch and bitmap may take (default 0.25).
+        sample: ids k-means runs on: ``"uniform"`` over the vocabulary, ``"seen"`` in training (an ``n/8``-byte
+            bitmap, counted as sketch bytes) or ``"frequency"`` (sketch items, weighted by score). Default: uniform
+            when every id holds pointers, else frequency (the centroids then serve the ids that get them).
+        residual: ``"zeros"`` (default, the paper) or ``"mean"``.
+        importance: what the sketch scores: ``"frequency"`` (default) or ``"gradient"`` (as CAFE).
+        sketch_stride: the sketch counts one occurrence in ``sketch_stride`` of each training batch (a strided
+            subsample, weighted ``sketch_stride``; default 4): Space-Saving finds the heavy hitters from a sample,
+            and each inserted id costs ~25 ns, as much as the rest of a lookup. 1 counts every occurrence. The
+            seen-bitmap always sees every id.
+        cluster_every, cluster_until: the :class:`ClusterSchedule` (default: never; cluster() by hand).
+        niter, max_points_per_centroid: k-means settings (the paper's 50 and 256).
+
+    Example::
+
+        >>> emb = CCEmbedding(10_000, 16, compression=4, pointers=10_000, sample="uniform")
+        >>> emb.rows, emb.pointer_table.dtype, emb.memory().index_bytes  # 10,000 ids x 4 int16 pointers (+ hashes)
+        (624, torch.int16, 80144)
+        >>> report = emb.cluster()
+        >>> report.round, report.num_pointers, emb(torch.tensor([3, 9_999])).shape
+        (1, 10000, torch.Size([2, 16]))
+    """
+
+    title = "CCE: clustered compositional"
+    formula = "2 * k * d + pointers + sketch"
+    variants = (("cce (paper)", {"accounting": "paper"}),)
+    pointer_table: Tensor
+    cluster_state: Tensor
+    seen: Tensor | None
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        *,
+        compression: float | None = None,
+        num_params: int | None = None,
+        columns: int = 4,
+        accounting: str = "honest",
+        pointers: int | None = None,
+        pointer_share: float = 0.25,
+        sample: str | None = None,
+        residual: str = "zeros",
+        importance: str = "frequency",
+        sketch_slots_per_pointer: float = 2,
+        sketch_stride: int = 4,
+        decay: float = 0.99,
+        cluster_every: int = 0,
+        cluster_until: float = 0.75,
+        niter: int = 50,
+        max_points_per_centroid: int = 256,
+        seed: int = 0,
+        mode: str = "sum",
+        sparse: bool = False,
+        name: str | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name)
+        self._start_recording(importance)
+        if columns < 1 or embedding_dim % columns:
+            raise ValueError(f"cce: columns={columns} must be >= 1 and divide embedding_dim={embedding_dim}")
+        for option, value, allowed in (("accounting", accounting, ACCOUNTING), ("residual", residual, RESIDUALS),
+                                       ("sample", sample, (None, *SAMPLES))):
+            if value not in allowed:
+                raise ValueError(f"{self._who()}: {option} must be one of {allowed}, got {value!r}")
+        if pointers is not None and (isinstance(pointers, bool) or not isinstance(pointers, int) or pointers < 1):
+            raise ValueError(f"{self._who()}: pointers must be a positive int or None, got {pointers!r}")
+        if not 0 < pointer_share < 1 or not sketch_slots_per_pointer > 0:
+            raise ValueError(f"{self._who()}: pointer_share must be in (0, 1) and sketch_slots_per_pointer > 0")
+        if isinstance(sketch_stride, bool) or not isinstance(sketch_stride, int) or sketch_stride < 1:
+            raise ValueError(f"{self._who()}: sketch_stride must be a positive int, got {sketch_stride!r}")
+        if niter < 1 or max_points_per_centroid < 1:
+            raise ValueError(f"{self._who()}: niter and max_points_per_centroid must be >= 1")
+        self.columns, self.accounting, self.residual = columns, accounting, residual
+        self.pointer_share, self.sketch_slots_per_pointer = float(pointer_share), float(sketch_slots_per_pointer)
+        self.niter, self.max_points_per_centroid = int(niter), int(max_points_per_centroid)
+        self.sketch_stride = sketch_stride
+        self.schedule = ClusterSchedule(cluster_every, cluster_until)
+        self._total_steps: int | None = None
+        self.last_cluster: ClusterReport | None = None
+        budget = resolve_budget(num_embeddings, embedding_dim, compression=compression, num_params=num_params)
+        plan = self._plan(budget, pointers, sample)
+        self.sample = sample or ("uniform" if plan.all_ids else "frequency")
+        self.rows, self.all_ids = plan.rows, plan.all_ids
+        c, k, meta = columns, plan.rows, torch.device(device or "cpu").type == "meta"
+        self.h0 = UniversalHash(k, num_functions=c, seed=seed, stream=H0_STREAM, device=device)
+        self.h1 = UniversalHash(k, num_functions=c, seed=seed, stream=H1_STREAM, device=device)
+        # column j of table t (0: T0, 1: T1) is rows [(t * c + j) * k, (t * c + j + 1) * k): one gather per lookup
+        self.weight = torch.nn.Parameter(torch.empty(2 * c * k, embedding_dim // c, device=device))
+        self.register_buffer("pointer_table", torch.empty(plan.pointers, c, dtype=plan.dtype, device=device))
+        self.register_buffer("cluster_state", torch.empty(2, dtype=torch.int64, device=device))
+        self.sketch = None if not plan.sketch_buckets else HotSketch(
+            plan.sketch_buckets, SKETCH_SLOTS, threshold=1.0, decay_factor=decay, seed=seed,
+            device="meta" if meta else None)
+        self.register_buffer("seen", torch.empty(plan.bitmap_bytes, dtype=torch.uint8, device=device)
+                             if plan.bitmap_bytes else None)
+        smallest = math.ceil(self._smallest_bytes() / FLOAT_BYTES)
+        if accounting == "honest":
+            self._finish(budget, seed, smallest, every_budget_from(2 * embedding_dim, self._reserved_bytes(plan)))
+        else:  # the floats alone meet the budget; everything else is reported by memory(), not counted
+            self.budget, self.seed = budget, int(seed)
+            floats = MemoryReport(float_bytes=self.weight.numel() * FLOAT_BYTES)
+            check_budget(self.method_name, floats, budget, 2 * embedding_dim, every_budget_from(2 * embedding_dim))
+            self.reset_parameters()
+
+    # --- sizes -------------------------------------------------------------------------------------------
+
+    def _fixed_bytes(self) -> int:
+        return 2 * coefficient_bytes(self.columns) + STATE_BYTES  # h0, h1, cluster_state
+
+    def _reserved_bytes(self, plan: _Plan) -> int:
+        """Every byte but the floats."""
+        sketch = HotSketch.bytes_for(plan.sketch_buckets) if plan.sketch_buckets else 0
+        size = torch.empty(0, dtype=plan.dtype).element_size()
+        return self._fixed_bytes() + plan.pointers * self.columns * size + sketch + plan.bitmap_bytes
+
+    def _smallest_bytes(self) -> int:
+        """One row per table, one stored pointer, a one-bucket sketch and the bitmap when sampling seen ids."""
+        bitmap = self.seen.numel() if self.seen is not None else 0
+        one_row = 2 * self.embedding_dim * FLOAT_BYTES
+        return self._fixed_bytes() + one_row + self.columns + HotSketch.bytes_for(1) + bitmap
+
+    def _plan(self, budget: Budget, pointers: int | None, sample: str | None) -> _Plan:
+        """Table rows k, which ids hold stored pointers and their dtype, sketch and bitmap sizes (see the class)."""
+        n, d, c, B = self.num_embeddings, self.embedding_dim, self.columns, budget.num_bytes
+        row_bytes = 2 * d * FLOAT_BYTES  # one row of T0 and T1 in every column
+        bitmap = -(-n // 8) if sample == "seen" else 0
+        share = self.pointer_share * B
+        honest = self.accounting == "honest"
+
+        def k_for(reserved: float) -> int:
+            return max(1, round(((B - reserved) if honest else B) / row_bytes))
+
+        def sketch_buckets(slots: float) -> int:
+            return max(1, math.ceil(slots / SKETCH_SLOTS))
+
+        def plan_all(need_fit: bool) -> _Plan | None:
+            for limit, dtype in POINTER_DTYPES:
+                size = torch.empty(0, dtype=dtype).element_size()
+                stored = n * c * size
+                buckets = 0
+                if sample == "frequency":  # the sketch (for sampling only) takes what the share leaves
+                    free = share - bitmap - stored if honest else share
+                    buckets = sketch_buckets(max(0.0, free - HotSketch.bytes_for(0)) / SLOT_BYTES)
+                plan = _Plan(0, True, n, dtype, buckets, bitmap)
+                k = k_for(self._reserved_bytes(plan))
+                if k <= limit:  # the first dtype that holds the k the rest of the budget buys
+                    if need_fit and (self._reserved_bytes(plan) - self._fixed_bytes() > share
+                                     or pointer_dtype(k) != dtype):
+                        return None  # over the share, or k falls between two dtypes: choose m instead
+                    return _Plan(k, True, n, dtype, buckets, bitmap)
+            raise AssertionError("unreachable: int32 holds every k")
+
+        if (pointers is None and not honest) or (pointers is not None and pointers >= n):
+            return plan_all(need_fit=False)  # type: ignore[return-value]
+        if pointers is None:
+            fitted = plan_all(need_fit=True)
+            if fitted is not None:
+                return fitted
+            # as many as the share holds, at the dtype of the k the rest of the budget buys
+            dtype = pointer_dtype(k_for(share))
+            size = torch.empty(0, dtype=dtype).element_size()
+            per_pointer = c * size + self.sketch_slots_per_pointer * SLOT_BYTES
+            pointers = int(max(1, min(n, (share - bitmap - HotSketch.bytes_for(0)) // per_pointer)))
+        for limit, dtype in POINTER_DTYPES:
+            plan = _Plan(0, False, pointers, dtype, sketch_buckets(pointers * self.sketch_slots_per_pointer), bitmap)
+            k = k_for(self._reserved_bytes(plan))
+            if k <= limit:
+                return _Plan(k, False, pointers, dtype, plan.sketch_buckets, bitmap)
+        raise AssertionError("unreachable: int32 holds every k")
+
+    def memory(self) -> MemoryReport:
+        """Tables as floats; stored pointers, hashes and the cluster state as index bytes; sketch and bitmap apart."""
+        return _report(self, sketch=("sketch.", "seen"))
+
+    def describe_sizes(self) -> str:
+        """k, c, who holds stored pointers and the accounting, in a line (for ``compemb methods``)."""
+        held = "every id holds" if self.all_ids else f"the top {self.pointer_table.shape[0]:,} ids of a HotSketch hold"
+        dtype = str(self.pointer_table.dtype).removeprefix("torch.")
+        return f"k={self.rows:,} rows x {self.columns} columns x 2 tables; {held} {dtype} pointers; {self.accounting}"
+
+    # --- state -------------------------------------------------------------------------------------------
+
+    def reset_tables(self) -> None:
+        # T0 + T1 should spread as one U(-b, b) table: each of the two at b / sqrt(2)
+        init_uniform_(self.weight, self.init_bound / 2**0.5, self._generator())
+        self.pointer_table.zero_()
+        self.cluster_state.copy_(torch.tensor([self.seed, 0]))
+        self.h1.reset(seed=self.seed)  # round 0's h1
+        if self.sketch is not None:
+            self.sketch.reset()
+        if self.seen is not None:
+            self.seen.zero_()
+        self._pending = []
+        self._records = self.sketch is not None or self.seen is not None  # ids are counted until the schedule ends
+
+    @property
+    def rounds(self) -> int:
+        """How many times the tables have been clustered."""
+        return int(self.cluster_state[1])
+
+    def pointer_ids(self) -> Tensor:
+        """The ids holding stored pointers now (int64, CPU, in pointer-row order); none before clustering."""
+        if self.rounds == 0:
+            return torch.empty(0, dtype=torch.int64)
+        if self.all_ids:
+            return torch.arange(self.num_embeddings)
+        ids, _, hot = self.sketch.items()  # type: ignore[union-attr]
+        held = hot >= 0
+        return ids[held][torch.argsort(hot[held])]
+
+    # --- lookup ------------------------------------------------------------------------------------------
+
+    def _mode(self) -> int:
+        """0: every pointer hashed (not clustered yet); 1: every id's pointers stored; 2: the sketch's top ids'."""
+        return 0 if self.rounds == 0 else (1 if self.all_ids else 2)
+
+    def _routing(self) -> tuple:
+        """The compiled kernels' routing arguments: mode, pointers, the sketch's arrays, h0, h1, k (CPU numpy)."""
+        sketch = self.sketch._arrays() if self.sketch is not None else None
+        return (self._mode(), self.pointer_table.numpy(),
+                _NO_KEYS if sketch is None else sketch[0], _NO_ROWS if sketch is None else sketch[2],
+                _NO_OCCUPIED if sketch is None else sketch[3], _NO_COEFFICIENTS if sketch is None else sketch[5],
+                self.h0.coefficients.numpy(), self.h1.coefficients.numpy(), self.rows)
+
+    def _route(self, ids: Tensor) -> Tensor:
+        """Rows ``(N, c, 2)`` of ``weight`` each id reads: T0's and T1's, per column."""
+        if ids.is_cpu and self.pointer_table.is_cpu:  # one compiled pass (the torch ops below give the same)
+            out = torch.empty(ids.numel(), self.columns, 2, dtype=torch.int64)
+            _rows_kernel(ids.numpy(), *self._routing(), out.numpy())
+            return out
+        return self._route_torch(ids, self._mode())
+
+    def _route_torch(self, ids: Tensor, mode: int) -> Tensor:
+        """:meth:`_route` in torch ops, for any device (the sketch is queried on CPU)."""
+        c, k = self.columns, self.rows
+        first = self.h0(ids)
+        if mode == 1:
+            first = self.pointer_table[ids].long()
+        elif mode == 2:
+            row = self.sketch.query(ids)[1].long()  # type: ignore[union-attr]
+            stored = self.pointer_table[row.clamp_min(0)].long()
+            first = torch.where((row >= 0).unsqueeze(-1), stored, first)
+        offsets = torch.arange(c, device=ids.device) * k
+        return torch.stack([first + offsets, self.h1(ids) + offsets + c * k], dim=-1)
+
+    def _vectors(self, ids: Tensor) -> Tensor:
+        if ids.is_cpu and self.weight.is_cpu and self.pointer_table.is_cpu:
+            return _PairGather.apply(self.weight, ids, self._routing(), self.sparse)
+        # elsewhere each (id, column) is a bag of two rows, T0's and T1's: one fused gather
+        rows = self._route(ids).to(self.weight.device)
+        out = F.embedding_bag(rows.view(-1, 2), self.weight, mode="sum", sparse=self.sparse)
+        return out.view(ids.numel(), self.embedding_dim)
+
+    def lookup(self, ids: Tensor) -> Tensor:
+        if not self._records:  # nothing to score: no hook, no bookkeeping
+            return self._vectors(ids)
+        if self.importance == "gradient":  # scores come from a hook on the output, applied later (see cafe.py)
+            return super().lookup(ids)
+        vectors = self._vectors(ids)
+        if self.training and vectors.requires_grad:  # frequency needs no gradient: count the ids now
+            self._update(ids, None, None)  # inserts never move a pointer, so this batch's rows stay right
+        return vectors
+
+    @torch.no_grad()
+    def _update(self, ids: Tensor, scores: Tensor | None, optimizer: torch.optim.Optimizer | None) -> None:
+        if self.sketch is not None and ids.numel():
+            stride = self.sketch_stride
+            if stride > 1:  # a strided sample, starting where the sketch's saved mass says: it moves every batch
+                start = int(self.sketch.mass[0]) % stride
+                sample = ids[start::stride]
+                scores = torch.full(sample.shape, float(stride)) if scores is None else scores[start::stride] * stride
+                self.sketch.insert(sample, scores)
+            else:
+                self.sketch.insert(ids, scores)
+        if self.seen is not None and self.seen.is_cpu:
+            _mark_seen_kernel(ids.cpu().numpy(), self.seen.numpy())
+        elif self.seen is not None:
+            ids = ids.to(self.seen.device)
+            byte, bit = ids >> 3, ids & 7
+            for b in range(8):  # one bit plane at a time: writes to one byte then all write the same value
+                at = byte[bit == b]
+                self.seen[at] = self.seen[at] | (1 << b)
+
+    # --- clustering --------------------------------------------------------------------------------------
+
+    def on_train_begin(self, total_steps: int) -> None:
+        """Remember the run's length, which ``cluster_until`` is a fraction of."""
+        self._total_steps = int(total_steps)
+
+    def on_step_end(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Apply recorded scores; cluster when the schedule says (its optimizer state is reset then)."""
+        super().on_step_end(step, optimizer)
+        if self.schedule.due(step, self._total_steps):
+            self.cluster(optimizer)
+        if self.schedule.over(step, self._total_steps):  # no clustering left to choose ids for: stop counting
+            self._records = False
+
+    def _column(self, ids: Tensor, column: int) -> Tensor:
+        """Current sub-vectors ``(N, d/c)`` of column ``column`` of ``ids``."""
+        rows = self._route(ids.to(self.pointer_table.device))[:, column].to(self.weight.device)
+        return self.weight[rows[:, 0]] + self.weight[rows[:, 1]]
+
+    def _sample(self, generator: torch.Generator) -> Tensor:
+        """At most ``max_points_per_centroid x k`` distinct ids to cluster, sorted (uniform when none recorded)."""
+        n, limit = self.num_embeddings, self.max_points_per_centroid * self.rows
+        ids = torch.empty(0, dtype=torch.int64)
+        if self.sample == "seen":
+            bits = (self.seen.cpu().unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1  # type: ignore[union-attr]
+            ids = bits.view(-1).nonzero().squeeze(-1)
+            ids = ids[ids < n]
+            if ids.numel() > limit:
+                ids = ids[torch.randperm(ids.numel(), generator=generator)[:limit]]
+        elif self.sample == "frequency":
+            ids, scores, _ = self.sketch.items()  # type: ignore[union-attr]
+            ids, scores = ids[scores > 0], scores[scores > 0]
+            if ids.numel() > limit:
+                ids = ids[torch.multinomial(scores.double(), limit, replacement=False, generator=generator)]
+        if ids.numel() == 0:  # uniform, or nothing recorded yet
+            if n <= limit:
+                ids = torch.arange(n)
+            else:  # distinct ids without an n-long permutation (10M ids would take 80 MB)
+                ids = torch.empty(0, dtype=torch.int64)
+                while ids.numel() < limit:
+                    ids = torch.unique(torch.cat([ids, torch.randint(n, (limit + limit // 4,), generator=generator)]))
+                ids = ids[torch.randperm(ids.numel(), generator=generator)[:limit]]
+        return torch.sort(ids).values
+
+    def _holders(self) -> Tensor:
+        """The ids that will hold stored pointers: every id, or the sketch's top ``m`` (score, then smaller id)."""
+        if self.all_ids:
+            return torch.arange(self.num_embeddings)
+        ids, scores, _ = self.sketch.items()  # type: ignore[union-attr]
+        by_id = torch.argsort(ids, stable=True)
+        order = by_id[torch.argsort(scores[by_id], descending=True, stable=True)]
+        return ids[order[: self.pointer_table.shape[0]]]
+
+
+    @torch.no_grad()
+    def cluster(self, optimizer: torch.optim.Optimizer | None = None) -> ClusterReport:
+        """Re-cluster every column now (see the class docstring); returns a :class:`ClusterReport`."""
+        from compemb.cluster import assign, kmeans  # faiss is loaded only by methods that cluster
+
+        started = time.perf_counter()
+        self._flush(optimizer)  # scores recorded so far choose the ids
+        seed, rounds = (int(v) for v in self.cluster_state.tolist())
+        c, k, device = self.columns, self.rows, self.weight.device
+        generator = torch.Generator().manual_seed((seed * 1_000_003 + rounds) % 2**63)
+        sample, holders = self._sample(generator), self._holders()
+        # everything is computed from the old state and installed at the end
+        h1 = hash_coefficients(seed + (rounds + 1) * _GOLDEN, c, H1_STREAM)
+        weight = torch.zeros(self.weight.shape, dtype=torch.float32)
+        pointers = torch.empty(holders.numel(), c, dtype=self.pointer_table.dtype)
+        inertia = []
+        for j in range(c):
+            points = self._column(sample, j).float().cpu()
+            if not bool(torch.isfinite(points).all()):  # k-means would abort the process on them
+                raise ValueError(f"{self._who()}: column {j} holds non-finite values (training diverged?)")
+            # the fast path (k-NN-graph Lloyd steps); with no more points than rows, the points themselves, cycled
+            centroids = kmeans(points, k, niter=self.niter, max_points_per_centroid=self.max_points_per_centroid,
+                               seed=(seed * 7919 + rounds * 131 + j) % 2**31).centroids
+            # the report's inertia is exact: each sampled id's squared distance to its nearest centroid
+            inertia.append(float(assign(points, centroids, batch_size=ASSIGN_BATCH)[1].double().sum()))
+            sums, counts = torch.zeros(k, centroids.shape[1], dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
+            for start in range(0, holders.numel(), ASSIGN_BATCH):  # memory-bounded: ASSIGN_BATCH ids at a time
+                chunk = holders[start : start + ASSIGN_BATCH]
+                vectors = self._column(chunk, j).float().cpu()
+                labels = assign(vectors, centroids, batch_size=ASSIGN_BATCH)[0]
+                pointers[start : start + chunk.numel(), j] = labels.to(pointers.dtype)
+                if self.residual == "mean":
+                    bucket = hash_ids(chunk, h1[j : j + 1], k).squeeze(-1)
+                    sums.index_add_(0, bucket, (vectors - centroids[labels]).double())
+                    counts.index_add_(0, bucket, torch.ones(chunk.numel(), dtype=torch.float64))
+            weight[j * k : (j + 1) * k] = centroids
+            weight[(c + j) * k : (c + j + 1) * k] = (sums / counts.clamp_min(1).unsqueeze(-1)).float()
+        # install: tables, pointers (and who holds them), h1, the round
+        self.weight.copy_(weight.to(device, self.weight.dtype))
+        if not self.all_ids:
+            sketch = self.sketch
+            held, _, hot = sketch.items()  # type: ignore[union-attr]
+            sketch.clear_hot(held[hot >= 0])  # type: ignore[union-attr]
+            sketch.set_hot(holders, torch.arange(holders.numel(), dtype=torch.int32))  # type: ignore[union-attr]
+        self.pointer_table[: holders.numel()] = pointers.to(self.pointer_table.device)
+        self.h1.coefficients.copy_(h1.to(self.h1.coefficients.device))
+        self.cluster_state[1] += 1
+        reset_optimizer_rows(optimizer, self.weight, torch.arange(self.weight.shape[0]))
+        report = ClusterReport(rounds + 1, sample, tuple(inertia), holders.numel(), time.perf_counter() - started)
+        log.info("%s: clustered round %d, %d ids sampled, %d pointers, %.2fs", self._who(), report.round,
+                 sample.numel(), report.num_pointers, report.seconds)
+        self.last_cluster = report
+        return report
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr() + f", columns={self.columns}, rows={self.rows}"
+        text += f", pointers={'all' if self.all_ids else self.pointer_table.shape[0]}, sample={self.sample!r}"
+        text += f", accounting={self.accounting!r}" if self.accounting != "honest" else ""
+        text += f", residual={self.residual!r}" if self.residual != "zeros" else ""
+        return text + (f", cluster_every={self.schedule.every}" if self.schedule.every else "")
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.last_cluster = None

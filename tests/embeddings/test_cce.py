@@ -1,0 +1,348 @@
+"""CCE: clustering moves ids to their centroids, pointers are stored honestly, and the trainer drives the schedule."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import compemb.embeddings.cce as cce_module
+from compemb import BudgetError, CCEmbedding, ClusterSchedule, make_embedding
+from compemb.embeddings.cce import pointer_dtype
+from compemb.hashing import hash_ids
+
+
+def _all_ids(n=2000, dim=8, **options):
+    """Every id holds stored pointers (the paper's setting), uniform sample."""
+    settings = dict(compression=2, pointers=n, sample="uniform", seed=3)
+    settings.update(options)
+    return make_embedding("cce", n, dim, **settings)
+
+
+def _zipf_ids(n, size, seed=0):
+    """Ids with Zipf-like frequencies: small ids are frequent."""
+    generator = torch.Generator().manual_seed(seed)
+    ranks = torch.multinomial(1.0 / torch.arange(1, n + 1), size, replacement=True, generator=generator)
+    return (ranks * 7919) % n  # scatter the frequent ids over the range
+
+
+def _train_a_little(module, steps=5, n=None, batch=512):
+    """A few SGD steps on Zipf ids (a fixed random linear loss) so tables, sketch and bitmap move."""
+    n = n or module.num_embeddings
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.05)
+    direction = torch.randn(module.embedding_dim, generator=torch.Generator().manual_seed(1))
+    for step in range(steps):
+        ids = _zipf_ids(n, batch, seed=step)
+        (module(ids) @ direction).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        module.on_step_end(step, optimizer)
+
+
+def _column(module, ids, j):
+    return module._column(ids, j).detach()
+
+
+def test_clustered_ids_move_to_their_nearest_centroid_by_the_inertia(monkeypatch):
+    import compemb.cluster
+
+    fits = []
+    kmeans = compemb.cluster.kmeans
+    monkeypatch.setattr(compemb.cluster, "kmeans", lambda *a, **kw: fits.append(kmeans(*a, **kw)) or fits[-1])
+    module = _all_ids()
+    _train_a_little(module)
+    c, k, ids = module.columns, module.rows, torch.arange(module.num_embeddings)
+    before = [_column(module, ids, j) for j in range(c)]
+    report = module.cluster()
+    assert len(fits) == c and all(fit.centroids.shape == (k, 2) for fit in fits)
+    assert report.round == 1 and module.rounds == 1 and report.num_pointers == module.num_embeddings
+    sample = report.sample_ids
+    assert torch.equal(sample, ids)  # 2,000 ids < 256 x k: all of them
+    for j in range(c):
+        centroids = module.weight[j * k : (j + 1) * k].detach()
+        assert bool((module.weight[(c + j) * k : (c + j + 1) * k] == 0).all())  # T1 reset to zeros
+        after = _column(module, sample, j)
+        nearest = torch.cdist(before[j][sample].double(), centroids.double()).argmin(1)
+        torch.testing.assert_close(after, centroids[nearest])  # each id now reads its centroid
+        assert torch.equal(module.pointer_table[sample, j].long(), nearest)
+        change = (after - before[j][sample]).double().square().sum(1)
+        assert change.mean().item() == pytest.approx(report.inertia[j] / sample.numel(), rel=1e-5)
+        # k-means' own inertia (mean over its points, labels from its graph search: >99% nearest) is no smaller
+        assert report.inertia[j] / sample.numel() <= fits[j].inertia * (1 + 1e-5)
+        assert report.inertia[j] / sample.numel() == pytest.approx(fits[j].inertia, rel=0.02)
+
+
+def test_clustering_keeps_every_size():
+    module = make_embedding("cce", 5000, 16, compression=10, seed=1)
+    _train_a_little(module)
+    shapes = {name: (t.shape, t.dtype) for name, t in module.state_dict().items()}
+    count, memory = sum(p.numel() for p in module.parameters()), module.memory()
+    module.cluster()
+    module.cluster()
+    assert module.rounds == 2
+    assert sum(p.numel() for p in module.parameters()) == count and module.memory() == memory
+    assert {name: (t.shape, t.dtype) for name, t in module.state_dict().items()} == shapes
+
+
+def _clustered_state():
+    module = make_embedding("cce", 3000, 8, compression=4, seed=7)
+    _train_a_little(module, steps=4)
+    module.cluster()
+    ids = torch.arange(0, 3000, 11)
+    return {"pointers": module.pointer_table.tolist(), "held": module.pointer_ids().tolist(),
+            "weight": module.weight.detach().tolist(), "out": module(ids).detach().tolist()}
+
+
+def test_the_same_seed_gives_the_same_pointers_and_tables_in_a_fresh_process():
+    code = ("import json, sys; sys.path.insert(0, 'tests'); from embeddings.test_cce import _clustered_state;"
+            "print(json.dumps(_clustered_state()))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(result.stdout) == _clustered_state()
+
+
+@pytest.mark.parametrize("residual", ["zeros", "mean"])
+def test_more_rows_than_ids_gives_no_nan(residual):
+    module = make_embedding("cce", 10, 8, num_params=4000, pointers=10, sample="uniform", residual=residual)
+    assert module.rows > 10
+    _train_a_little(module, n=10, batch=32)
+    module.cluster()
+    out = module(torch.arange(10))
+    assert bool(torch.isfinite(out).all()) and bool(torch.isfinite(module.weight).all())
+
+
+def test_pointers_use_the_smallest_dtype_that_holds_k():
+    assert [pointer_dtype(k) for k in (1, 256, 257, 32_768, 32_769)] == [
+        torch.uint8, torch.uint8, torch.int16, torch.int16, torch.int32]
+    for compression, dtype in ((160, torch.uint8), (4, torch.int16)):
+        module = make_embedding("cce", 100_000, 16, compression=compression, device="meta")
+        assert module.pointer_table.dtype == dtype == pointer_dtype(module.rows)
+    big = make_embedding("cce", 10_000_000, 16, compression=100, device="meta")
+    assert big.rows > 32_768 and big.pointer_table.dtype == torch.int32
+
+
+def test_assignment_in_small_batches_equals_one_batch(monkeypatch):
+    results = []
+    for batch in (1 << 20, 97):
+        monkeypatch.setattr(cce_module, "ASSIGN_BATCH", batch)
+        module = _all_ids(residual="mean")
+        _train_a_little(module)
+        module.cluster()
+        results.append((module.pointer_table.clone(), module.weight.detach().clone()))
+    assert torch.equal(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])
+
+
+def test_top_m_ids_by_sketch_score_hold_the_stored_pointers_within_budget():
+    n, m = 20_000, 300
+    module = make_embedding("cce", n, 16, compression=20, pointers=m, seed=2)
+    budget = n * 16 * 4 / 20
+    assert abs(module.memory().total - budget) <= 0.01 * budget
+    assert module.pointer_table.shape == (m, 4) and module.memory().sketch_bytes > 0
+    _train_a_little(module, steps=6, batch=2048)
+    module._flush()
+    ids, scores, _ = module.sketch.items()
+    ranked = sorted(zip((-scores).tolist(), ids.tolist()))[:m]
+    module.cluster()
+    held = module.pointer_ids()
+    assert held.numel() == m and set(held.tolist()) == {i for _, i in ranked}
+    # a holder reads its stored pointer, any other id its hashed one
+    k, rows = module.rows, module._route(torch.arange(n))[:, :, 0]
+    stored = torch.zeros(n, dtype=torch.bool)
+    stored[held] = True
+    assert torch.equal(rows[held] - torch.arange(4) * k, module.pointer_table[: held.numel()].long())
+    assert torch.equal(rows[~stored] - torch.arange(4) * k, module.h0(torch.arange(n)[~stored]))
+    assert abs(module.memory().total - budget) <= 0.01 * budget
+
+
+def test_honest_budget_chooses_how_many_ids_hold_pointers():
+    small = make_embedding("cce", 2000, 16, compression=2)  # 2,000 x 4 bytes fit in a quarter of 64 KB
+    assert small.all_ids and small.pointer_table.shape == (2000, 4)
+    large = make_embedding("cce", 1_000_000, 16, compression=100, device="meta")
+    report, budget = large.memory(), 1_000_000 * 16 * 4 / 100
+    assert not large.all_ids and 0 < large.pointer_table.shape[0] < 1_000_000
+    assert abs(report.total - budget) <= 0.01 * budget
+    assert report.index_bytes + report.sketch_bytes <= 0.25 * budget + 200
+    with pytest.raises(BudgetError, match="smallest budget it can meet"):
+        make_embedding("cce", 1_000_000, 16, compression=100, pointers=200_000, device="meta")
+
+
+def test_paper_accounting_sizes_the_floats_to_the_budget_and_still_reports_the_pointers():
+    n, budget = 100_000, 100_000 * 16 * 4 / 50
+    paper = make_embedding("cce", n, 16, compression=50, accounting="paper", device="meta")
+    honest = make_embedding("cce", n, 16, compression=50, device="meta")
+    assert abs(paper.memory().float_bytes - budget) <= 0.01 * budget
+    assert paper.all_ids and paper.memory().index_bytes >= n * 4 * paper.pointer_table.element_size()
+    assert paper.memory().total > 2 * budget
+    assert abs(honest.memory().total - budget) <= 0.01 * budget
+    assert honest.memory().float_bytes < paper.memory().float_bytes
+
+
+def test_mean_residual_fills_each_new_bucket_with_its_mean():
+    module = _all_ids(residual="mean")
+    _train_a_little(module)
+    c, k, ids = module.columns, module.rows, torch.arange(module.num_embeddings)
+    before = [_column(module, ids, j) for j in range(c)]
+    module.cluster()
+    assert bool(torch.isfinite(module.weight).all())
+    buckets = module.h1(ids)  # the re-seeded h1
+    for j in range(c):
+        centroids = module.weight[j * k : (j + 1) * k].detach()
+        residual = (before[j] - centroids[module.pointer_table[:, j].long()]).double()
+        sums = torch.zeros(k, residual.shape[1], dtype=torch.float64).index_add_(0, buckets[:, j], residual)
+        counts = torch.bincount(buckets[:, j], minlength=k).double().unsqueeze(-1)
+        expected = torch.where(counts > 0, sums / counts.clamp_min(1), 0).float()
+        torch.testing.assert_close(module.weight[(c + j) * k : (c + j + 1) * k].detach(), expected)
+
+
+def test_h1_is_redrawn_each_round_and_saved_with_the_round():
+    module = _all_ids()
+    first = module.h1.coefficients.clone()
+    module.cluster()
+    second = module.h1.coefficients.clone()
+    assert not torch.equal(first, second) and module.cluster_state.tolist() == [3, 1]
+    module.reset_parameters()
+    assert torch.equal(module.h1.coefficients, first) and module.rounds == 0
+
+
+@pytest.mark.parametrize("options", [dict(), dict(pointers=2000, sample="uniform"), dict(sample="seen")])
+def test_save_and_load_after_clustering_reproduce_the_outputs(options):
+    source = make_embedding("cce", 2000, 8, compression=2, seed=1, **options)
+    _train_a_little(source)
+    source.cluster()
+    _train_a_little(source, steps=2)
+    target = make_embedding("cce", 2000, 8, compression=2, seed=9, **options)
+    target.load_state_dict(source.state_dict())
+    ids = torch.arange(2000)
+    assert target.rounds == 1 and torch.equal(source(ids), target(ids))
+    source.cluster(), target.cluster()  # the next round too: the seed and round came with the state
+    assert torch.equal(source(ids), target(ids))
+
+
+@pytest.mark.parametrize("options", [dict(pointers=2000, sample="uniform"), dict(pointers=50)])
+def test_compiled_routing_equals_the_torch_ops(options):
+    module = make_embedding("cce", 2000, 8, compression=2, **options)
+    ids = torch.arange(2000)
+    for _ in range(2):  # hashed, then clustered
+        assert torch.equal(module._route(ids), module._route_torch(ids, 0 if module.rounds == 0 else
+                                                                   1 if module.all_ids else 2))
+        _train_a_little(module)
+        module.cluster()
+
+
+def test_seen_sample_clusters_only_ids_seen_in_training():
+    module = make_embedding("cce", 5000, 8, compression=2, sample="seen")
+    assert module.memory().sketch_bytes >= 5000 // 8
+    ids = torch.tensor([4, 9, 4, 4999, 1024])
+    module(ids).sum().backward()
+    module.eval()
+    module(torch.tensor([7]))  # evaluation does not count as seen
+    report = module.cluster()
+    assert report.sample_ids.tolist() == [4, 9, 1024, 4999]
+
+
+def test_clustering_resets_the_optimizer_state_of_the_tables():
+    module = _all_ids()
+    optimizer = torch.optim.Adagrad(module.parameters(), lr=0.1, initial_accumulator_value=0.5)
+    module(torch.arange(100)).sum().backward()
+    optimizer.step()
+    assert bool((optimizer.state[module.weight]["sum"] > 0.5).any())
+    module.schedule = ClusterSchedule(every=1)
+    module.on_step_end(0, optimizer)
+    assert module.rounds == 1 and bool((optimizer.state[module.weight]["sum"] == 0.5).all())
+
+
+def test_schedule_clusters_every_n_steps_until_the_fraction():
+    schedule = ClusterSchedule(every=3, until=0.5)
+    assert [s for s in range(20) if schedule.due(s, 20)] == [2, 5, 8]
+    assert [s for s in range(10) if schedule.due(s)] == [2, 5, 8]  # no total: no end
+    assert not any(ClusterSchedule().due(s, 20) for s in range(20))
+    with pytest.raises(ValueError, match="cluster_every"):
+        ClusterSchedule(every=-1)
+    with pytest.raises(ValueError, match="cluster_until"):
+        ClusterSchedule(every=2, until=0)
+
+
+def test_bad_options_are_named():
+    for options, match in [(dict(accounting="free"), "accounting"), (dict(sample="all"), "sample"),
+                           (dict(residual="median"), "residual"), (dict(pointers=0), "pointers"),
+                           (dict(columns=3), "columns")]:
+        with pytest.raises(ValueError, match=match):
+            make_embedding("cce", 1000, 8, compression=2, **options)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from compemb.data.synthetic import SyntheticConfig, generate_synthetic
+
+    out = tmp_path_factory.mktemp("cce") / "synth"
+    generate_synthetic(out, SyntheticConfig(rows={"train": 2048, "val": 256}, scale=1e-4, seed=5), progress=False)
+    return out
+
+
+def test_the_trainer_clusters_on_schedule_and_stops_after_until(data, tmp_path, monkeypatch):
+    from compemb.cli import _train_config, build_parser
+    from compemb.train import Trainer
+
+    args = build_parser().parse_args(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--method", "cce",
+                                      "--compression", "4", "--dim", "8", "--bottom", "8", "--top", "8",
+                                      "--batch-size", "256", "--epochs", "2", "--cluster-every", "3"])
+    config = _train_config(args, str(tmp_path / "run"))
+    assert config.method_options == {"cluster_every": 3}
+    calls = []
+    original = CCEmbedding.cluster
+    monkeypatch.setattr(CCEmbedding, "cluster", lambda self, optimizer=None: calls.append(self.name) or
+                        original(self, optimizer))
+    trainer = Trainer(config)
+    tables = [t for t in trainer.model.embeddings.embeddings.values() if isinstance(t, CCEmbedding)]
+    assert tables and trainer.total_steps == 16
+    result = trainer.fit()
+    # 16 steps, until 0.75: after steps 3, 6, 9 and 12 (12 <= 12), not 15
+    assert all(t.rounds == 4 for t in tables) and len(calls) == 4 * len(tables)
+    assert not any(t._records for t in tables)  # no clustering left: the sketch stopped counting
+    assert result["step"] == 16 and torch.isfinite(torch.tensor(result["bce"]))
+    # a method that does not cluster ignores the option (a sweep gives it to every method)
+    from dataclasses import replace
+
+    Trainer(replace(config, method="hash", out=str(tmp_path / "hash"))).fit(stop_at=1)
+
+
+def test_a_resumed_run_clusters_and_ends_as_the_uninterrupted_one(data, tmp_path):
+    # pointers, sketch, round, h1 and the optimizer state reset at clustering all survive the checkpoint
+    from compemb.train import TrainConfig, Trainer
+
+    def config(out):
+        return TrainConfig(data=str(data), out=str(out), method="cce", compression=4, embedding_dim=8, bottom=(8,),
+                           top=(8,), optimizer="adagrad", lr=0.05, batch_size=256, epochs=2, eval_every=4,
+                           method_options={"cluster_every": 3})
+    straight = Trainer(config(tmp_path / "a")).fit()
+    Trainer(config(tmp_path / "b")).fit(stop_at=6)  # last checkpoint: step 4, between clusterings at 3 and 6
+    resumed = Trainer(config(tmp_path / "b"), resume=True)
+    assert resumed.step == 4
+    result = resumed.fit()
+    assert result["bce"] == straight["bce"] and result["auc"] == straight["auc"]
+
+
+@pytest.mark.parametrize("stride", [1, 4])
+def test_the_sketch_counts_training_occurrences_strided(stride):
+    module = make_embedding("cce", 100_000, 8, compression=10, sketch_stride=stride)
+    assert not module.all_ids  # the sketch chooses who holds pointers
+    ids = torch.tensor([5, 7, 5, 5, 9, 5, 7, 5] * 64)
+    module(ids).sum().backward()
+    module.eval()
+    module(torch.tensor([11]))  # evaluation is not counted
+    scores = module.sketch.query(torch.tensor([5, 7, 9, 11]))[0]
+    if stride == 1:
+        assert scores.tolist() == [320.0, 128.0, 64.0, 0.0]
+    else:  # every 4th occurrence from a start the sketch's mass gives, weighted 4: 5 and one of 7/9 (0 or 4 mod 4)
+        assert scores.sum().item() == ids.numel() and scores[0].item() in (256.0, 384.0, 512.0)
+
+
+def test_gradient_importance_scores_from_the_output_gradient():
+    module = make_embedding("cce", 20_000, 8, compression=10, importance="gradient", sketch_stride=1)
+    ids = torch.tensor([1, 2, 3])
+    weights = torch.tensor([[1.0] * 8, [3.0] * 8, [0.0] * 8])
+    (module(ids) * weights).sum().backward()
+    module.on_step_end(0)
+    scores = module.sketch.query(ids)[0]
+    torch.testing.assert_close(scores, torch.tensor([0.75, 2.25, 0.0]))  # norms, normalised to mean 1
