@@ -104,12 +104,11 @@ def _train_config(args: argparse.Namespace, out: str) -> TrainConfig:
 
 def cmd_bench_quality(args: argparse.Namespace) -> int:
     """Sweep methods x compression ratios x seeds; print the table and where the plots went."""
-    from compemb.bench.quality import markdown_table, run_sweep
-    from compemb.registry import get_method
+    from compemb.bench.quality import markdown_table, parse_method_spec, run_sweep
 
     methods = list(METHODS) if args.methods == "all" else args.methods.split(",")
     for method in methods:
-        get_method(method)  # an unknown name fails before any training
+        parse_method_spec(method)  # an unknown name or a malformed option fails before any training
     compressions = [float(ratio) for ratio in args.compression.split(",")]
     rows = run_sweep(_train_config(args, args.out), methods, compressions, args.seeds, args.out)
     print(markdown_table(rows))
@@ -269,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     speed.set_defaults(run=cmd_bench_train)
     quality = benches.add_parser("quality", help="train every method at every ratio; table and plots")
     _add_training_arguments(quality)
-    quality.add_argument("--methods", default="all", help="comma-separated names, or 'all'")
+    quality.add_argument("--methods", default="all", help="comma-separated names, or 'all'; options as NAME:KEY=VALUE:KEY=VALUE (e.g. cce:accounting=paper)")
     quality.add_argument("--compression", default="10,100", help="comma-separated ratios")
     quality.add_argument("--seeds", type=int, default=1)
     quality.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)

@@ -40,3 +40,33 @@ def test_sweep_rows_files_and_resume(data, tmp_path):
     retrained = run_sweep(replace(base, lr=0.03), ["hash"], [4], seeds=1, out=str(tmp_path))
     assert retrained[0].note == "" and retrained[0].test_bce != again[0].test_bce
     assert json.loads(result.read_text())["config"]["lr"] == 0.03
+
+
+def test_method_specs_carry_options_into_the_run_config(data, tmp_path):
+    from compemb.bench.quality import parse_method_spec
+
+    assert parse_method_spec("cce:accounting=paper:columns=2") == ("cce", {"accounting": "paper", "columns": 2})
+    with pytest.raises(ValueError, match="not KEY=VALUE"):
+        parse_method_spec("cce:paper")
+    with pytest.raises(ValueError, match="hash"):
+        parse_method_spec("hahs")
+    base = TrainConfig(data=data, out="", embedding_dim=8, bottom=(8,), top=(8,), optimizer="adagrad", lr=0.02,
+                       batch_size=512)
+    rows = run_sweep(base, ["full", "ce:columns=2"], [4], seeds=1, out=str(tmp_path))
+    saved = json.loads((tmp_path / "runs" / "ce-columns-2-4x-s0" / "result.json").read_text())
+    assert rows[1].method == "ce:columns=2" and saved["config"]["method_options"] == {"columns": 2}
+    assert (tmp_path / "match.md").exists() and (tmp_path / "bce_params.png").stat().st_size > 0
+
+
+def test_params_to_match_interpolates_the_crossing_in_log_params():
+    from compemb.bench.quality import SweepRow, match_table, params_to_match
+
+    def row(method, ratio, params, bce):
+        return SweepRow(method, ratio, 0, params=params, val_bce=bce)
+
+    rows = [row("hash", 100, 1_000, 0.50), row("hash", 10, 10_000, 0.46), row("hash", 1, 100_000, 0.40)]
+    # 0.46 -> 0.40 crosses 0.43 half way, in log params: sqrt(10,000 x 100,000)
+    assert params_to_match(rows, 0.43) == pytest.approx(31_622.8, rel=1e-4)
+    assert params_to_match(rows, 0.39) is None and params_to_match(rows, 0.6) == 1_000
+    table = match_table([row("full", 1, 200_000, 0.43), *rows, row("ce", 10, 10_000, 0.45)])
+    assert "| hash | 31,623 | 0.158 |" in table and "| ce | not reached at the sizes tried |" in table

@@ -47,11 +47,40 @@ class SweepRow:
     note: str = ""
 
 
+def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"cce:accounting=paper:cluster_every=200"`` -> ``("cce", {"accounting": "paper", "cluster_every": 200})``.
+
+    A sweep names one method several times with different options this way; values are read as JSON when
+    they parse (numbers, true/false), else as strings.
+
+        >>> parse_method_spec("cce:accounting=paper:cluster_every=200")
+        ('cce', {'accounting': 'paper', 'cluster_every': 200})
+    """
+    name, _, rest = spec.partition(":")
+    options: dict[str, Any] = {}
+    for item in filter(None, rest.split(":")):
+        key, equals, text = item.partition("=")
+        if not equals or not key:
+            raise ValueError(f"method option {item!r} in {spec!r} is not KEY=VALUE")
+        try:
+            options[key] = json.loads(text)
+        except json.JSONDecodeError:
+            options[key] = text
+    if name not in METHODS:
+        from compemb.registry import get_method
+
+        get_method(name)  # raises, naming the closest registered names
+    return name, options
+
+
 def run_sweep(base: TrainConfig, methods: list[str], compressions: list[float], seeds: int, out: str) -> list[SweepRow]:
-    """Train every (method, compression, seed) not already done under ``out``; write the table and plots."""
+    """Train every (method, compression, seed) not already done under ``out``; write the table and plots.
+
+    ``methods`` are registry names, optionally with options (see :func:`parse_method_spec`).
+    """
     rows = []
     for method in methods:
-        ratios = compressions if METHODS[method].compresses else [1.0]
+        ratios = compressions if METHODS[parse_method_spec(method)[0]].compresses else [1.0]
         for ratio in ratios:
             for seed in range(seeds):
                 rows.append(_run_one(base, method, ratio, seed, Path(out)))
@@ -60,8 +89,11 @@ def run_sweep(base: TrainConfig, methods: list[str], compressions: list[float], 
 
 
 def _run_one(base: TrainConfig, method: str, ratio: float, seed: int, out: Path) -> SweepRow:
-    run = out / "runs" / f"{method}-{ratio:g}x-s{seed}"
-    config = replace(base, method=method, compression=None if ratio == 1 else ratio, seed=seed, out=str(run))
+    name, options = parse_method_spec(method)
+    label = method.replace(":", "-").replace("=", "-")
+    run = out / "runs" / f"{label}-{ratio:g}x-s{seed}"
+    config = replace(base, method=name, compression=None if ratio == 1 else ratio, seed=seed, out=str(run),
+                     method_options={**base.method_options, **options})
     if (run / "result.json").exists():
         saved = json.loads((run / "result.json").read_text())
         if saved.pop("config", None) == json.loads(json.dumps(asdict(config))):
@@ -99,6 +131,84 @@ def write_results(rows: list[SweepRow], out: Path) -> None:
     atomic_write_text(out / "results.md", markdown_table(rows) + "\n")
     _plot(rows, "test_bce", "test BCE", out / "bce.png")
     _plot(rows, "test_auc", "test AUC", out / "auc.png")
+    if any(not METHODS[parse_method_spec(r.method)[0]].compresses and r.val_bce is not None for r in rows):
+        atomic_write_text(out / "match.md", match_table(rows) + "\n")
+        _plot_params(rows, out / "bce_params.png")
+
+
+def _full_val_bce(rows: list[SweepRow]) -> float | None:
+    return _mean([r.val_bce for r in rows if not METHODS[parse_method_spec(r.method)[0]].compresses])
+
+
+def params_to_match(rows: list[SweepRow], target: float) -> float | None:
+    """The fewest params at which a method's mean val BCE reaches ``target``, interpolated in log(params).
+
+    ``rows`` are one method's; None when no tried size reaches it.
+    """
+    means = [(_mean([r.params for r in g]), _mean([r.val_bce for r in g])) for g in _grouped(rows).values()]
+    points = sorted((p, b) for p, b in means if p is not None and b is not None)
+    for index, (params, bce_value) in enumerate(points):
+        if bce_value <= target:
+            if index == 0:
+                return params
+            smaller, above = points[index - 1]
+            share = (above - target) / (above - bce_value)  # the crossing, between the two sizes tried
+            return math.exp(math.log(smaller) + share * (math.log(params) - math.log(smaller)))
+    return None
+
+
+def match_table(rows: list[SweepRow]) -> str:
+    """Per method: the fewest params that match the full table's val BCE, as a share of the full table's."""
+    target = _full_val_bce(rows)
+    full_params = _mean([r.params for r in rows if not METHODS[parse_method_spec(r.method)[0]].compresses])
+    lines = [f"Full table: val BCE {target:.4f} with {full_params:,.0f} params (bytes / 4).", "",
+             "| method | params to match the full table | x full table | best val BCE (params) |", "|---|---:|---:|---:|"]
+    by_method: dict[str, list[SweepRow]] = {}
+    for row in rows:
+        if METHODS[parse_method_spec(row.method)[0]].compresses:
+            by_method.setdefault(row.method, []).append(row)
+    found = []
+    for method, method_rows in by_method.items():
+        needed = params_to_match(method_rows, target)
+        tried = [(r.val_bce, r.params) for r in method_rows if r.val_bce is not None]
+        best = min(tried) if tried else None
+        best_text = f"{best[0]:.4f} ({best[1]:,})" if best else "—"
+        found.append((needed if needed is not None else math.inf, method, best_text))
+    for needed, method, best_text in sorted(found):
+        if math.isinf(needed):
+            lines.append(f"| {method} | not reached at the sizes tried | — | {best_text} |")
+        else:
+            lines.append(f"| {method} | {needed:,.0f} | {needed / full_params:.3f} | {best_text} |")
+    return "\n".join(lines)
+
+
+def _plot_params(rows: list[SweepRow], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    by_method: dict[str, list[tuple[float, float]]] = {}
+    for (method, _), group in _grouped(rows).items():
+        params, value = _mean([r.params for r in group]), _mean([r.val_bce for r in group])
+        if params is not None and value is not None and METHODS[parse_method_spec(method)[0]].compresses:
+            by_method.setdefault(method, []).append((params, value))
+    for method, points in sorted(by_method.items()):
+        points.sort()
+        axes.plot([p[0] for p in points], [p[1] for p in points], "o-", label=method)
+    full = _full_val_bce(rows)
+    if full is not None:
+        axes.axhline(full, color="gray", linestyle=":", label="full table")
+    axes.set_xscale("log")
+    axes.set_xlabel("parameters (stored bytes / 4)")
+    axes.set_ylabel("validation BCE")
+    axes.legend(fontsize=8)
+    axes.grid(alpha=0.3)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _mean(values: list[Any]) -> float | None:
