@@ -118,7 +118,7 @@ class EmbeddingCollection(torch.nn.Module):
                     with nearest_size():
                         table = make_embedding(method, feature.num_embeddings, embedding_dim, num_params=params,
                                                **common, **options)
-                    excess = table.memory().total - budget_bytes
+                    excess = table.budgeted_bytes() - budget_bytes
                     if excess <= 0 or params <= 1:
                         return table
                     params = max(1, params - -(-excess // FLOAT_BYTES))
@@ -148,12 +148,12 @@ class EmbeddingCollection(torch.nn.Module):
                 )
             else:
                 table = build(index, round(share), last=position == len(order) - 1)
-                if table.memory().total >= full[index]:  # its nearest compressed size is no smaller
+                if table.budgeted_bytes() >= full[index]:  # its nearest compressed size is no smaller
                     table = build(index, None)
             tables[index] = table
-            left_bytes -= table.memory().total
+            left_bytes -= table.budgeted_bytes()
             left_full -= full[index]
-        stored = sum(table.memory().total for table in tables.values())
+        stored = sum(table.budgeted_bytes() for table in tables.values())  # as each method accounts
         miss = (stored - self.budget.num_bytes) / self.budget.num_bytes
         every_table_full = all(not table.compresses for table in tables.values())
         # tables grow by whole rows: a tiny budget may stay under by up to a row per feature

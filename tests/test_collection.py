@@ -80,3 +80,12 @@ def test_tables_no_bigger_than_an_even_share_stay_full():
     assert type(collection.embeddings["hundred"]).__name__ == "FullEmbedding"
     assert type(collection.embeddings["huge"]).__name__ == "HashingTrickEmbedding"
     assert collection.memory().total.total == pytest.approx(100_110 * 16 * 4 / 50, rel=0.01)
+
+
+def test_paper_accounting_cce_meets_the_budget_with_floats_while_memory_reports_its_pointers():
+    features = [Feature("C1", 20_000), Feature("C2", 5_000), Feature("C3", 300)]
+    collection = EmbeddingCollection(features, 16, "cce", compression=20, accounting="paper")
+    memory = collection.memory().total
+    budget = collection.budget.num_bytes
+    assert abs(sum(t.budgeted_bytes() for t in collection.embeddings.values()) - budget) <= 0.01 * budget
+    assert memory.float_bytes <= 1.01 * budget and memory.index_bytes > 0.05 * budget  # pointers: reported

@@ -209,6 +209,10 @@ class CompressedEmbedding(torch.nn.Module, ABC):
                 index_bytes += size
         return MemoryReport(float_bytes=float_bytes, index_bytes=index_bytes)
 
+    def budgeted_bytes(self) -> int:
+        """The bytes counted against the budget: ``memory().total``, unless a method's accounting says otherwise."""
+        return self.memory().total
+
     def _finish(
         self,
         budget: Budget,

@@ -460,6 +460,10 @@ class CCEmbedding(_Adaptive):
                 return _Plan(k, False, pointers, dtype, plan.sketch_buckets, bitmap)
         raise AssertionError("unreachable: int32 holds every k")
 
+    def budgeted_bytes(self) -> int:
+        """Paper accounting counts the float tables alone against the budget; honest accounting counts everything."""
+        return self.memory().float_bytes if self.accounting == "paper" else self.memory().total
+
     def memory(self) -> MemoryReport:
         """Tables as floats; stored pointers, hashes and the cluster state as index bytes; sketch and bitmap apart."""
         return _report(self, sketch=("sketch.", "seen"))
