@@ -5,24 +5,26 @@ CCE (Tsang & Ahle, "Clustering the Sketch: Dynamic Compression for Embedding Tab
 table's rows, then points every ID at its nearest centroid. The paper: faiss k-means (``niter=50``,
 ``max_points_per_centroid=256``), then a dense distance matrix for the assignment.
 
-Deviations, each measured in ``benchmarks/cluster.py`` (d=4): the same sample (256 points per centroid) and 50
-Lloyd iterations, but
+Deviations, each measured in ``benchmarks/cluster.py`` (d=4): the same sample (up to 256 points per centroid, all
+of them for 1M points and k=5,000), uniform seeds and 50 Lloyd iterations, but
 
 - ``search="graph"`` (default): each assignment step compares a point only with its current centroid and that
   centroid's ``neighbors`` nearest centroids (a k-NN graph of the centroids, refreshed every iteration from its own
   two-hop neighbourhoods; Deng & Zhao 2016, "Fast k-means based on k-NN graph"). The current centroid is always a
-  candidate, so the objective still never goes up. At d=4 a full search costs k*d flops per point even through
-  faiss's fused flat kernel (2.3 us per point for k=50,000), the graph step ~0.03 us; over 99% of points end on
-  their exact nearest centroid. ``search="flat"`` is exact Lloyd's with faiss ``IndexFlatL2`` every iteration.
-- ``init="density"`` (default): the k seeds are drawn from the sample with probability ~ D(x)^(d/(d+2)), D the
-  squared distance to k uniformly drawn points: this places centroids at the density ~ p^(d/(d+2)) that is optimal
-  for k-means, which uniform seeding (faiss's) reaches only after many iterations on clustered data.
+  candidate, so the assignment step never raises the objective. At d=4 a full search costs k*d flops per point even
+  through faiss's fused flat kernel (~2.3 us per point for k=50,000); a graph step ~0.03 us. Over 99% of points end
+  on their exact nearest centroid. ``search="flat"`` is exact Lloyd's (faiss ``IndexFlatL2`` every iteration).
 - First labels: nearest of a subset of the seeds (faiss flat), then graph steps, instead of a k-wide search.
+- Empty clusters are refilled by splitting a big one, as faiss does, but never one whose points are all equal.
+
+``init="density"`` (an option) draws the seeds ~ (distortion of their Voronoi cell among k uniform points)^(d/(d+2)),
+the density that is optimal for k-means in the many-centroids regime: ~10% lower objective on a 64-Gaussian
+mixture, but a few % worse on well-separated blobs with few centroids each, so uniform seeding stays the default.
 
 :func:`assign` is an exact faiss ``IndexFlatL2`` search in memory-bounded batches (``index="hnsw"`` is approximate
-and, at d=4, measured no faster). faiss does every k-wide search; without faiss, torch does them (exactly).
-Results are deterministic for a seed, whatever the thread counts: per-point work is independent and the centroid
-sums run in one fixed order.
+and, at d=4, 6x slower). faiss does every k-wide search; without faiss, torch does them (exactly, more slowly).
+Results are deterministic for a seed whatever the thread counts: per-point work is independent, the centroid sums
+run in one fixed order and HNSW graphs are built on one thread.
 
 Example::
 
@@ -56,6 +58,7 @@ except ImportError:  # the torch fallback below does the same searches, exactly 
 SEARCHES = ("graph", "flat", "hnsw")
 INITS = ("density", "random")
 INDEXES = ("flat", "hnsw")
+COARSE_MIN_K = 1024  # above this, first labels: nearest of max(256, k/32) seeds, then graph steps
 EXACT_GRAPH_MAX_K = 8192  # up to here the centroids' first k-NN graph is exact (k^2 distances); above, faiss HNSW
 HNSW_M, HNSW_EF = 32, 64  # assign(index="hnsw"): recall ~0.999 at d=4, k=50,000
 TORCH_BLOCK = 1 << 24  # torch fallback: at most this many distances (64 MiB) at once
@@ -75,7 +78,7 @@ class KMeansResult:
 
 
 def kmeans(points: Tensor | np.ndarray, k: int, *, niter: int = 50, max_points_per_centroid: int = 256,
-           seed: int = 0, search: str = "graph", neighbors: int = 16, init: str = "density",
+           seed: int = 0, search: str = "graph", neighbors: int = 16, init: str = "random",
            threads: int | None = None) -> KMeansResult:
     """k centroids of ``points`` (n, d) by Lloyd's algorithm on at most ``max_points_per_centroid * k`` of them.
 
@@ -89,11 +92,14 @@ def kmeans(points: Tensor | np.ndarray, k: int, *, niter: int = 50, max_points_p
         search: assignment step: ``"graph"`` (candidates from the centroids' k-NN graph, default), ``"flat"``
             (exact, faiss ``IndexFlatL2``) or ``"hnsw"`` (faiss ``IndexHNSWFlat``).
         neighbors: candidates per point besides its current centroid, for ``"graph"``.
-        init: ``"density"`` (seeds ~ D^(d/(d+2)), default) or ``"random"`` (k uniform sample points, faiss's).
+        init: ``"random"`` (k uniform sample points, as faiss; default) or ``"density"`` (see the module docstring).
         threads: threads for the graph steps (default ``torch.get_num_threads()``); faiss uses its own.
 
     Shape:
         points (n, d) -> centroids (k, d) float32; labels (s,) int64 with s = min(n, max_points_per_centroid * k).
+
+    Memory: besides ``points``, a float32 copy of the s training points (sorted by label) and ~28 bytes per training
+    point (labels, distances, order), plus ~70 bytes per centroid (graph, sums).
     """
     x = _as_points(points, "points")
     n, d = x.shape
@@ -115,41 +121,11 @@ def kmeans(points: Tensor | np.ndarray, k: int, *, niter: int = 50, max_points_p
     sample = np.sort(rng.choice(n, max_points_per_centroid * k, replace=False)) if n > max_points_per_centroid * k \
         else None
     s = x if sample is None else x[sample]
-    run = _Runner(threads)
     c = _seeds(s, k, init, rng)
-
-    if search == "graph":
-        graph = run.refine(c, _knn(c, min(neighbors, k - 1) + 1))
-        subset = np.sort(rng.choice(k, max(256, k // 32), replace=False)) if k > 1024 else np.arange(k)
-        labels, dist = _nearest(s, c[subset], "flat")
-        labels = subset[labels]
-        for _ in range(10 if len(subset) < k else 0):  # greedy graph descent to the nearest seed
-            if run.reassign(s, c, graph, labels, dist) <= len(s) // 1000:
-                break
-        # sorting the points by label makes each thread's centroid and graph reads nearly sequential (5x faster)
-        order = np.argsort(labels, kind="stable")
-        s, labels, dist = s[order], labels[order], dist[order]
-    else:
-        labels, dist = _nearest(s, c, search)
-        graph, order = None, None
-    objective: list[float] = []
-    for _ in range(niter):
-        c, counts = _update(s, labels, c)  # centroids = means of their points; empty ones split a big one
-        split = _split_empty(c, counts, labels, dist, rng, graph)
-        if search == "graph":
-            graph = run.refine(c, graph)  # centroids move little: their new neighbours are within two hops
-            changed = run.reassign(s, c, graph, labels, dist)
-        else:
-            new_labels, dist = _nearest(s, c, search)
-            changed, labels = int(np.count_nonzero(new_labels != labels)), new_labels
-        objective.append(float(dist.mean(dtype=np.float64)))
-        if changed == 0 and split == 0:
-            break
-    if order is not None:  # back to sample order
-        labels = labels[np.argsort(order, kind="stable")]
-    inertia = objective[-1] if objective else float(dist.mean(dtype=np.float64))
-    return KMeansResult(torch.from_numpy(c), torch.from_numpy(labels.astype(np.int64)),
-                        None if sample is None else torch.from_numpy(sample), inertia, objective, len(objective))
+    with _Runner(threads) as run:
+        c, labels, objective = _lloyd(s, c, niter, search, min(neighbors, k - 1) + 1, rng, run)
+    return KMeansResult(torch.from_numpy(c), torch.from_numpy(labels), None if sample is None else
+                        torch.from_numpy(sample), objective[-1], objective[1:], len(objective) - 1)
 
 
 def assign(points: Tensor | np.ndarray, centroids: Tensor | np.ndarray, *, batch_size: int = 1 << 18,
@@ -157,8 +133,9 @@ def assign(points: Tensor | np.ndarray, centroids: Tensor | np.ndarray, *, batch
     """Nearest centroid of each point: (labels int64 (n,), squared distances float32 (n,)).
 
     ``index="flat"`` (default) is exact (faiss ``IndexFlatL2``; ties may go to either centroid); ``"hnsw"`` is
-    approximate (faiss ``IndexHNSWFlat``, M=32, efSearch=64). Points go through in batches of ``batch_size``, never
-    an n x k matrix: peak memory per batch is about ``batch_size * (4 d + 12)`` bytes (a float32 copy, labels,
+    approximate (faiss ``IndexHNSWFlat``, M=32, efSearch=64; at d=4 and k=50,000 measured 6x slower than flat).
+    Points go through in batches of ``batch_size``, never an n x k matrix: peak memory per batch is about
+    ``batch_size * (8 d + 12)`` bytes (faiss's labels and distances, the centroid rows and differences for the exact
     distances) plus faiss's fixed-size blocks (at most 4096 x 1024 floats, 16 MiB); the torch fallback (no faiss)
     computes at most 2^24 distances (64 MiB) at a time.
     """
@@ -201,14 +178,16 @@ def _nearest(x: np.ndarray, c: np.ndarray, index: str, batch_size: int = 1 << 18
         step = max(1, min(batch_size, TORCH_BLOCK // len(c)))
         for start in range(0, len(x), step):
             xt = torch.from_numpy(x[start : start + step])
-            d2 = torch.addmm(c_sq, xt, ct.T, alpha=-2).add_(xt.square().sum(1, keepdim=True))
-            best, arg = d2.min(1)
-            labels[start : start + step], dist[start : start + step] = arg.numpy(), best.clamp_min_(0).numpy()
-        return labels, dist
-    searcher = _faiss_index(c, index)
-    for start in range(0, len(x), batch_size):
-        d_, i_ = searcher.search(x[start : start + batch_size], 1)
-        labels[start : start + batch_size], dist[start : start + batch_size] = i_[:, 0], np.maximum(d_[:, 0], 0)
+            labels[start : start + step] = torch.addmm(c_sq, xt, ct.T, alpha=-2).argmin(1).numpy()  # + |x|^2
+    else:
+        searcher = _faiss_index(c, index)
+        step = batch_size
+        for start in range(0, len(x), step):
+            labels[start : start + step] = searcher.search(x[start : start + step], 1)[1][:, 0]
+    for start in range(0, len(x), step):
+        # exact |x - c|^2, not |x|^2 - 2xc + |c|^2 (which cancels badly): the same value whatever the batch
+        diff = x[start : start + step] - c[labels[start : start + step]]
+        dist[start : start + step] = np.einsum("ij,ij->i", diff, diff)
     return labels, dist
 
 
@@ -248,67 +227,121 @@ def _seeds(s: np.ndarray, k: int, init: str, rng: np.random.Generator) -> np.nda
     pool = perm[k : 5 * k]
     if init == "random" or len(pool) < k:
         return first.copy()
-    weight = _nearest(s[pool], first, "flat")[1].astype(np.float64) ** (s.shape[1] / (s.shape[1] + 2))
+    cell, dist = _nearest(s[pool], first, "flat")
+    power = s.shape[1] / (s.shape[1] + 2)
+    # a point's weight is its cell's (Voronoi cell of the uniform draw) distortion^power shared among its points:
+    # cells then get seeds ~ (n V^(2/d))^power ~ p^power V, the optimum; per-point weights D(x)^power (no sharing)
+    # would send every seed of a cell to a far-off uncovered cluster
+    total = np.bincount(cell, weights=dist, minlength=k)
+    weight = total[cell] ** power / np.bincount(cell, minlength=k)[cell]
     # k draws without replacement, probability ~ weight: the k largest log(u) / weight (Efraimidis & Spirakis)
     with np.errstate(divide="ignore"):
         keys = np.log(rng.random(len(pool))) / weight  # weight 0 (a duplicate of a first seed): -inf, drawn last
     return s[np.sort(pool[np.argpartition(-keys, k - 1)[:k]])]
 
 
-def _update(s: np.ndarray, labels: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    sums, counts = np.zeros(c.shape, np.float64), np.zeros(len(c), np.int64)
-    _accumulate(s, labels, sums, counts)  # one thread, one order: the same sums whatever the thread count
+def _lloyd(s: np.ndarray, c: np.ndarray, niter: int, search: str, width: int, rng: np.random.Generator,
+           run: _Runner) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    """Lloyd's iterations from seeds ``c``: (centroids, labels, objective after the first labels and each iteration)."""
+    k = len(c)
+    if search == "graph":
+        graph = run.refine(c, _knn(c, width))
+        subset = np.sort(rng.choice(k, max(COARSE_MIN_K // 4, k // 32), replace=False)) if k > COARSE_MIN_K \
+            else np.arange(k)
+        labels, dist = _nearest(s, c[subset], "flat")
+        labels = subset[labels]
+        for _ in range(10 if len(subset) < k else 0):  # greedy graph descent to the nearest seed
+            if run.reassign(s, c, graph, labels, dist) <= len(s) // 1000:
+                break
+        # sorting the points by label makes each thread's centroid and graph reads nearly sequential (5x faster)
+        order = np.argsort(labels, kind="stable")
+        s, labels, dist = s[order], labels[order], dist[order]
+    else:
+        labels, dist = _nearest(s, c, search)
+        graph, order = None, None
+    objective = [float(dist.mean(dtype=np.float64))]
+    for _ in range(niter):
+        c, counts, spread = _update(s, labels, c)  # centroids = means of their points; empty ones split a big one
+        split = _split_empty(c, counts, spread, rng, graph)
+        if graph is not None:
+            graph = run.refine(c, graph)  # centroids move little: their new neighbours are within two hops
+            changed = run.reassign(s, c, graph, labels, dist)
+        else:
+            new_labels, dist = _nearest(s, c, search)
+            changed, labels = int(np.count_nonzero(new_labels != labels)), new_labels
+        objective.append(float(dist.mean(dtype=np.float64)))
+        if changed == 0 and split == 0:
+            break
+    if order is not None:  # back to sample order
+        labels = labels[np.argsort(order, kind="stable")]
+    return c, labels.astype(np.int64), objective
+
+
+def _update(s: np.ndarray, labels: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(means of the clusters (old centroid where empty), sizes, mean squared distance of the points to their mean)."""
+    sums, squares, counts = np.zeros(c.shape, np.float64), np.zeros(len(c), np.float64), np.zeros(len(c), np.int64)
+    _accumulate(s, labels, sums, squares, counts)  # one thread, one order: the same sums whatever the thread count
     new = c.copy()
     full = counts > 0
-    new[full] = (sums[full] / counts[full, None]).astype(np.float32)
-    return new, counts
+    mean = sums[full] / counts[full, None]
+    new[full] = mean.astype(np.float32)
+    spread = np.zeros(len(c))
+    mean_square = squares[full] / counts[full]
+    variance = mean_square - (mean**2).sum(1)
+    spread[full] = np.where(variance > 1e-12 * mean_square, variance, 0.0)  # all points equal: 0, not rounding
+    return new, counts, spread
 
 
-def _split_empty(c: np.ndarray, counts: np.ndarray, labels: np.ndarray, dist: np.ndarray, rng: np.random.Generator,
+def _split_empty(c: np.ndarray, counts: np.ndarray, spread: np.ndarray, rng: np.random.Generator,
                  graph: np.ndarray | None) -> int:
     """Refill each empty cluster by splitting a big one in two (faiss's rule); returns how many were refilled."""
     empty = np.flatnonzero(counts == 0)
     if len(empty) == 0:
         return 0
-    radius = np.sqrt(np.bincount(labels, weights=dist, minlength=len(c)) / np.maximum(counts, 1))
+    # a cluster of p points is chosen ~ p - 1 (faiss), unless its points are all equal: splitting those would only
+    # jitter their centroid, every iteration (faiss does). All draws at once: O(k + empty) rather than O(k * empty)
+    weight = np.where(spread > 0, np.maximum(counts - 1, 0), 0).astype(np.float64)
+    if weight.sum() == 0:
+        return 0  # nothing can be split: the empty ones keep their old centroids
+    chosen = np.searchsorted(np.cumsum(weight), rng.random(len(empty)) * weight.sum(), side="right")
     sign = np.where(np.arange(c.shape[1]) % 2 == 0, 1.0, -1.0)
-    done = 0
-    for e in empty:
-        weight = np.maximum(counts - 1, 0).astype(np.float64)  # a cluster of p points is chosen ~ p - 1
-        if weight.sum() == 0:
-            break
-        j = int(np.searchsorted(np.cumsum(weight), rng.random() * weight.sum(), side="right"))
-        delta = (SPLIT_EPS * sign * (np.abs(c[j]) + radius[j])).astype(np.float32)
+    for e, j in zip(empty.tolist(), chosen.tolist()):
+        delta = (SPLIT_EPS * sign * (np.abs(c[j]) + np.sqrt(spread[j]))).astype(np.float32)
         c[e], c[j] = c[j] + delta, c[j] - delta
-        counts[e] = counts[j] // 2
-        counts[j] -= counts[e]
         if graph is not None:  # e starts from j's neighbourhood and j sees e: the refinement then places e
             graph[e] = graph[j]
             graph[e, 0], graph[e, -1], graph[j, -1] = e, j, e
-        done += 1
-    return done
+    return len(empty)
 
 
 class _Runner:
     """Runs the compiled kernels over chunks of rows on a few threads (the kernels release the GIL)."""
 
+    MIN_WORK = 1 << 20  # distances below which one thread is faster than waking others
+
     def __init__(self, threads: int | None) -> None:
         self.threads = max(1, threads or torch.get_num_threads())
+        self.pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
 
-    def _map(self, n: int, kernel: Callable[[int, int], int]) -> int:
-        bounds = np.linspace(0, n, 4 * self.threads + 1).astype(np.int64)
-        spans = list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
-        if self.threads == 1:
-            return sum(kernel(a, b) for a, b in spans)
-        with ThreadPoolExecutor(self.threads) as pool:
-            return sum(pool.map(lambda span: kernel(*span), spans))
+    def __enter__(self) -> _Runner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+    def _map(self, n: int, work: int, kernel: Callable[[int, int], int]) -> int:
+        if self.pool is None or work < self.MIN_WORK:
+            return kernel(0, n)
+        bounds = np.linspace(0, n, 4 * self.threads + 1).astype(np.int64).tolist()
+        return sum(self.pool.map(kernel, bounds[:-1], bounds[1:]))
 
     def reassign(self, s: np.ndarray, c: np.ndarray, graph: np.ndarray, labels: np.ndarray, dist: np.ndarray) -> int:
-        return self._map(len(s), lambda a, b: _reassign(s, c, graph, labels, dist, a, b))
+        return self._map(len(s), len(s) * graph.shape[1], lambda a, b: _reassign(s, c, graph, labels, dist, a, b))
 
     def refine(self, c: np.ndarray, graph: np.ndarray) -> np.ndarray:
         out = np.empty((len(c), graph.shape[1]), np.int32)
-        self._map(len(c), lambda a, b: _refine(c, graph, out, a, b))
+        self._map(len(c), len(c) * graph.shape[1] ** 2, lambda a, b: _refine(c, graph, out, a, b))
         return out
 
 
@@ -374,9 +407,11 @@ def _refine(c, graph, out, start, stop):  # noqa: ANN001, ANN202
 
 
 @numba.njit(cache=True, nogil=True)
-def _accumulate(x, labels, sums, counts):  # noqa: ANN001, ANN202
+def _accumulate(x, labels, sums, squares, counts):  # noqa: ANN001, ANN202
     for i in range(x.shape[0]):
         j = labels[i]
         counts[j] += 1
         for a in range(x.shape[1]):
-            sums[j, a] += x[i, a]
+            v = np.float64(x[i, a])
+            sums[j, a] += v
+            squares[j] += v * v

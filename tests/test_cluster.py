@@ -1,0 +1,174 @@
+"""compemb.cluster: assignment against brute force, k-means against a plain Lloyd's, determinism, edge cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import compemb.cluster as cluster
+from compemb.cluster import KMeansResult, assign, kmeans
+
+
+def blobs(n: int, centers: int, d: int = 4, spread: float = 0.05, seed: int = 0) -> np.ndarray:
+    """Well-separated Gaussian blobs, float32."""
+    rng = np.random.default_rng(seed)
+    middle = rng.uniform(-5, 5, (centers, d))
+    return (middle[rng.integers(centers, size=n)] + rng.normal(0, spread, (n, d))).astype(np.float32)
+
+
+def lloyd(x: np.ndarray, k: int, iterations: int, seed: int) -> np.ndarray:
+    """The reference: exact Lloyd's from k random points, float64; an empty cluster keeps its centroid."""
+    x64 = torch.from_numpy(x).double()
+    c = x64[np.random.default_rng(seed).choice(len(x), k, replace=False)]
+    for _ in range(iterations):
+        labels = torch.cdist(x64, c).argmin(1)
+        counts = torch.bincount(labels, minlength=k).double()
+        sums = torch.zeros_like(c).index_add_(0, labels, x64)
+        c = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], c)
+    return c.numpy()
+
+
+def mean_sq(x: np.ndarray, c: np.ndarray) -> float:
+    """Mean squared distance of x to its nearest row of c (float64 brute force)."""
+    return float(torch.cdist(torch.from_numpy(x).double(), torch.as_tensor(c).double()).min(1).values.square().mean())
+
+
+@pytest.fixture
+def no_faiss(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cluster, "faiss", None)
+
+
+@pytest.fixture
+def large_k_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Take the coarse-labels and HNSW-graph paths (meant for k > 1024, k > 8192) at test sizes."""
+    monkeypatch.setattr(cluster, "COARSE_MIN_K", 16)
+    monkeypatch.setattr(cluster, "EXACT_GRAPH_MAX_K", 16)
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+@pytest.mark.parametrize("d", [4, 7])
+def test_assign_is_brute_force_argmin(backend: str, d: int, request: pytest.FixtureRequest) -> None:
+    if backend == "torch":
+        request.getfixturevalue("no_faiss")
+    x = torch.randn(3001, d, generator=torch.Generator().manual_seed(1))
+    c = torch.randn(97, d, generator=torch.Generator().manual_seed(2))
+    labels, dist = assign(x, c, batch_size=256)  # 3001 = 11 full batches + 185: crosses batch boundaries
+    brute = torch.cdist(x.double(), c.double())
+    assert labels.dtype == torch.int64 and dist.dtype == torch.float32 and labels.shape == dist.shape == (3001,)
+    two = brute.topk(2, largest=False).values
+    clear = (two[:, 1] - two[:, 0]) > 1e-4  # away from float32 near-ties the label is the argmin itself
+    assert torch.equal(labels[clear], brute.argmin(1)[clear])
+    torch.testing.assert_close(dist.double(), brute.gather(1, labels[:, None]).squeeze(1).square(), rtol=1e-5,
+                               atol=1e-6)
+    torch.testing.assert_close(dist.double(), two[:, 0].square(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_assign_batches_give_identical_results(backend: str, request: pytest.FixtureRequest) -> None:
+    if backend == "torch":
+        request.getfixturevalue("no_faiss")
+    x, c = blobs(5000, 40, spread=0.5), blobs(64, 40, seed=1)
+    labels, dist = assign(x, c, batch_size=len(x))
+    for batch_size in (20, 333, 4096):
+        other = assign(x, c, batch_size=batch_size)
+        assert torch.equal(other[0], labels) and torch.equal(other[1], dist)
+
+
+def test_assign_hnsw_is_close_to_exact() -> None:
+    x, c = blobs(4000, 30, spread=0.5), blobs(500, 30, spread=0.5, seed=1)
+    exact = assign(x, c)
+    approx = assign(x, c, index="hnsw")
+    assert (approx[0] == exact[0]).float().mean() > 0.98
+    assert approx[1].double().mean() <= exact[1].double().mean() * 1.01
+
+
+def test_kmeans_is_close_to_lloyd_and_beats_random_centroids() -> None:
+    x = blobs(6000, 16, spread=0.5)  # 16 separated blobs, 4 centroids each: local optima differ by a few %
+    reference = np.mean([mean_sq(x, lloyd(x, 64, 50, seed)) for seed in range(3)])
+    random_centroids = mean_sq(x, x[np.random.default_rng(1).choice(len(x), 64, replace=False)])
+    objectives = {}
+    for search in ("graph", "flat"):
+        objectives[search] = [mean_sq(x, kmeans(x, 64, seed=seed, search=search).centroids.numpy()) for seed in range(3)]
+        assert np.mean(objectives[search]) <= reference * 1.05, search
+        assert np.mean(objectives[search]) < random_centroids * 0.8, search
+    # HNSW over 64 centroids finds the nearest: the same optimum as exact search from the same seeds
+    with_hnsw = mean_sq(x, kmeans(x, 64, seed=0, search="hnsw").centroids.numpy())
+    assert with_hnsw == pytest.approx(objectives["flat"][0], rel=0.01)
+
+
+def test_inertia_is_the_mean_squared_distance_of_the_training_points(large_k_paths: None) -> None:
+    x = blobs(20000, 50, spread=0.5)
+    result = kmeans(x, 100, max_points_per_centroid=64, seed=3)  # 6,400 of the 20,000 points
+    assert isinstance(result, KMeansResult) and result.sample is not None
+    sample = result.sample.numpy()
+    assert len(sample) == 6400 == len(np.unique(sample)) and (np.diff(sample) > 0).all()
+    c = result.centroids.numpy().astype(np.float64)
+    recomputed = float(((x[sample] - c[result.labels.numpy()]) ** 2).sum(1).mean())
+    assert result.inertia == pytest.approx(recomputed, rel=1e-5)  # the mean, not the sum
+    assert result.objective[-1] == result.inertia and len(result.objective) == result.iterations
+    assert result.inertia == pytest.approx(mean_sq(x[sample], c), rel=0.01)  # labels: (nearly) the nearest
+    assert all(b <= a * (1 + 1e-6) for a, b in zip(result.objective, result.objective[1:]))  # Lloyd never goes up
+
+
+def test_kmeans_is_deterministic_whatever_the_threads(large_k_paths: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    import faiss
+
+    monkeypatch.setattr(cluster._Runner, "MIN_WORK", 0)  # use the thread pool even at this size
+    x = torch.from_numpy(blobs(8000, 30, spread=0.6))
+    first = kmeans(x, 200, seed=5, threads=2)
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        again = kmeans(x, 200, seed=5, threads=1)
+    finally:
+        faiss.omp_set_num_threads(threads)
+    assert torch.equal(first.centroids, again.centroids) and torch.equal(first.labels, again.labels)
+    assert first.objective == again.objective
+    assert not torch.equal(kmeans(x, 200, seed=6).centroids, first.centroids)
+
+
+def test_fewer_points_than_centroids() -> None:
+    x = torch.randn(5, 4)
+    result = kmeans(x, 8)
+    assert torch.equal(result.centroids, x[torch.arange(8) % 5])  # the points, then copies: no NaN
+    assert result.inertia == 0.0 and torch.equal(result.labels, torch.arange(5)) and result.iterations == 0
+    assert torch.equal(kmeans(x, 5).centroids, x)
+    labels, dist = assign(x, result.centroids)
+    assert torch.equal(labels, torch.arange(5)) and float(dist.max()) == 0.0
+
+
+def test_duplicate_points_split_empty_clusters_without_nan() -> None:
+    # CCE's sub-vectors repeat: right after a clustering every id in a row has the same vector
+    values = blobs(20, 20, spread=1.0)
+    x = values[np.random.default_rng(0).integers(20, size=3000)]
+    for search in cluster.SEARCHES:
+        result = kmeans(x, 50, seed=0, search=search)
+        assert torch.isfinite(result.centroids).all(), search
+        assert result.inertia == pytest.approx(0.0, abs=1e-8), search  # every distinct value got a centroid
+
+
+def test_torch_fallback_matches_faiss(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = blobs(5000, 30, spread=0.4)
+    with_faiss = kmeans(x, 64, seed=0)
+    monkeypatch.setattr(cluster, "faiss", None)
+    with_torch = kmeans(x, 64, seed=0)
+    assert with_torch.inertia == pytest.approx(with_faiss.inertia, rel=0.01)
+    with pytest.raises(ValueError, match="needs faiss"):
+        assign(x, with_torch.centroids, index="hnsw")
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: kmeans(torch.randn(10), 2), "2-D"),
+    (lambda: kmeans(torch.randn(10, 4), 0), "k must be"),
+    (lambda: kmeans(torch.randn(10, 4), 2, search="exact"), "unknown search 'exact'; available: graph, flat, hnsw"),
+    (lambda: kmeans(torch.randn(10, 4), 2, init="kmeans++"), "unknown init"),
+    (lambda: kmeans(torch.full((10, 4), float("nan")), 2), "non-finite"),
+    (lambda: kmeans(torch.randn(10, 4), 2, niter=-1), "niter"),
+    (lambda: assign(torch.randn(10, 4), torch.randn(3, 5)), "4-dimensional"),
+    (lambda: assign(torch.randn(10, 4), torch.randn(3, 4), batch_size=0), "batch_size"),
+    (lambda: assign(torch.randn(10, 4), torch.randn(3, 4), index="ivf"), "unknown index 'ivf'"),
+])
+def test_errors_name_the_bad_value(call, message: str) -> None:  # noqa: ANN001
+    with pytest.raises(ValueError, match=message):
+        call()
