@@ -14,13 +14,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# the main job: a synthetic Criteo-like set, then every method at compression 10 and 100 (a few minutes)
+# the main job: a synthetic Criteo-like set, then every method at compression 10 and 100, CCE clustering every 200 steps (a few minutes)
 DEMO := runs/demo
 run: $(STAMP)
 	$(BIN)/compemb methods
 	$(BIN)/compemb synth --out $(DEMO)/data --train-rows 400000 --eval-rows 20000 --scale 1e-3 --seed 0
 	$(BIN)/compemb bench quality --data $(DEMO)/data --out $(DEMO)/sweep --methods all --compression 10,100 \
-		--dim 16 --bottom 64 --top 64 --optimizer adam --lr 0.01 --batch-size 1024 --epochs 2
+		--dim 16 --bottom 64 --top 64 --optimizer adam --lr 0.01 --batch-size 1024 --epochs 2 --cluster-every 200
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
