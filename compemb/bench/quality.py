@@ -73,6 +73,10 @@ def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
     return name, options
 
 
+def _compresses(spec: str) -> bool:
+    return METHODS[parse_method_spec(spec)[0]].compresses
+
+
 def run_sweep(base: TrainConfig, methods: list[str], compressions: list[float], seeds: int, out: str) -> list[SweepRow]:
     """Train every (method, compression, seed) not already done under ``out``; write the table and plots.
 
@@ -80,7 +84,7 @@ def run_sweep(base: TrainConfig, methods: list[str], compressions: list[float], 
     """
     rows = []
     for method in methods:
-        ratios = compressions if METHODS[parse_method_spec(method)[0]].compresses else [1.0]
+        ratios = compressions if _compresses(method) else [1.0]
         for ratio in ratios:
             for seed in range(seeds):
                 rows.append(_run_one(base, method, ratio, seed, Path(out)))
@@ -131,13 +135,13 @@ def write_results(rows: list[SweepRow], out: Path) -> None:
     atomic_write_text(out / "results.md", markdown_table(rows) + "\n")
     _plot(rows, "test_bce", "test BCE", out / "bce.png")
     _plot(rows, "test_auc", "test AUC", out / "auc.png")
-    if any(not METHODS[parse_method_spec(r.method)[0]].compresses and r.val_bce is not None for r in rows):
+    if any(not _compresses(r.method) and r.val_bce is not None for r in rows):
         atomic_write_text(out / "match.md", match_table(rows) + "\n")
         _plot_params(rows, out / "bce_params.png")
 
 
 def _full_val_bce(rows: list[SweepRow]) -> float | None:
-    return _mean([r.val_bce for r in rows if not METHODS[parse_method_spec(r.method)[0]].compresses])
+    return _mean([r.val_bce for r in rows if not _compresses(r.method)])
 
 
 def params_to_match(rows: list[SweepRow], target: float) -> float | None:
@@ -160,12 +164,12 @@ def params_to_match(rows: list[SweepRow], target: float) -> float | None:
 def match_table(rows: list[SweepRow]) -> str:
     """Per method: the fewest params that match the full table's val BCE, as a share of the full table's."""
     target = _full_val_bce(rows)
-    full_params = _mean([r.params for r in rows if not METHODS[parse_method_spec(r.method)[0]].compresses])
+    full_params = _mean([r.params for r in rows if not _compresses(r.method)])
     lines = [f"Full table: val BCE {target:.4f} with {full_params:,.0f} params (bytes / 4).", "",
              "| method | params to match the full table | x full table | best val BCE (params) |", "|---|---:|---:|---:|"]
     by_method: dict[str, list[SweepRow]] = {}
     for row in rows:
-        if METHODS[parse_method_spec(row.method)[0]].compresses:
+        if _compresses(row.method):
             by_method.setdefault(row.method, []).append(row)
     found = []
     for method, method_rows in by_method.items():
@@ -180,35 +184,6 @@ def match_table(rows: list[SweepRow]) -> str:
         else:
             lines.append(f"| {method} | {needed:,.0f} | {needed / full_params:.3f} | {best_text} |")
     return "\n".join(lines)
-
-
-def _plot_params(rows: list[SweepRow], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(7, 4.5))
-    by_method: dict[str, list[tuple[float, float]]] = {}
-    for (method, _), group in _grouped(rows).items():
-        params, value = _mean([r.params for r in group]), _mean([r.val_bce for r in group])
-        if params is not None and value is not None and METHODS[parse_method_spec(method)[0]].compresses:
-            by_method.setdefault(method, []).append((params, value))
-    for method, points in sorted(by_method.items()):
-        points.sort()
-        axes.plot([p[0] for p in points], [p[1] for p in points], "o-", label=method)
-    full = _full_val_bce(rows)
-    if full is not None:
-        axes.axhline(full, color="gray", linestyle=":", label="full table")
-    axes.set_xscale("log")
-    axes.set_xlabel("parameters (stored bytes / 4)")
-    axes.set_ylabel("validation BCE")
-    axes.legend(fontsize=8)
-    axes.grid(alpha=0.3)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    plt.close(figure)
-    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _mean(values: list[Any]) -> float | None:
@@ -245,13 +220,29 @@ def markdown_table(rows: list[SweepRow]) -> str:
     return "\n".join(lines)
 
 
-def _plot(rows: list[SweepRow], key: str, label: str, path: Path) -> None:
+def _figure():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(7, 4.5))
+    return plt, *plt.subplots(figsize=(7, 4.5))
+
+
+def _save(plt, figure, axes, xlabel: str, ylabel: str, path: Path) -> None:
+    axes.set_xscale("log")
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.legend(fontsize=8)
+    axes.grid(alpha=0.3)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _plot(rows: list[SweepRow], key: str, label: str, path: Path) -> None:
+    plt, figure, axes = _figure()
     by_method: dict[str, list[tuple[float, float]]] = {}
     for (method, _), group in _grouped(rows).items():
         reached, value = _mean([r.ratio_reached for r in group]), _mean([getattr(r, key) for r in group])
@@ -264,12 +255,20 @@ def _plot(rows: list[SweepRow], key: str, label: str, path: Path) -> None:
     bayes = _mean([r.bayes_bce for r in rows]) if key == "test_bce" else None
     if bayes is not None:
         axes.axhline(bayes, color="black", linestyle="--", label="Bayes-optimal")
-    axes.set_xscale("log")
-    axes.set_xlabel("compression reached (full table bytes / stored bytes)")
-    axes.set_ylabel(label)
-    axes.legend(fontsize=8)
-    axes.grid(alpha=0.3)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    plt.close(figure)
-    atomic_write_bytes(path, buffer.getvalue())
+    _save(plt, figure, axes, "compression reached (full table bytes / stored bytes)", label, path)
+
+
+def _plot_params(rows: list[SweepRow], path: Path) -> None:
+    plt, figure, axes = _figure()
+    by_method: dict[str, list[tuple[float, float]]] = {}
+    for (method, _), group in _grouped(rows).items():
+        params, value = _mean([r.params for r in group]), _mean([r.val_bce for r in group])
+        if params is not None and value is not None and _compresses(method):
+            by_method.setdefault(method, []).append((params, value))
+    for method, points in sorted(by_method.items()):
+        points.sort()
+        axes.plot([p[0] for p in points], [p[1] for p in points], "o-", label=method)
+    full = _full_val_bce(rows)
+    if full is not None:
+        axes.axhline(full, color="gray", linestyle=":", label="full table")
+    _save(plt, figure, axes, "parameters (stored bytes / 4)", "validation BCE", path)
