@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from compemb.collection import EmbeddingCollection, Feature
 from compemb.data.dataset import Split, open_dataset
+from compemb.embeddings.adaptive import track_row_steps
 from compemb.embeddings.base import CompressedEmbedding
 from compemb.io import atomic_write_bytes, atomic_write_text
 from compemb.metrics import auc, bce
@@ -237,7 +238,9 @@ def _make_optimizer(name: str, model: torch.nn.Module, lr: float) -> torch.optim
         return torch.optim.SGD(model.parameters(), lr=lr)
     if name == "adagrad":
         return torch.optim.Adagrad(model.parameters(), lr=lr)
-    return torch.optim.Adam(model.parameters(), lr=lr)
+    adam = torch.optim.Adam(model.parameters(), lr=lr)
+    track_row_steps(adam)  # rows that change owner (CAFE, CCE) keep their own Adam step, across resumes too
+    return adam
 
 
 def _batch(split: Split, index: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

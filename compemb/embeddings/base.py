@@ -122,7 +122,7 @@ class CompressedEmbedding(torch.nn.Module, ABC):
         """Called by the trainer after every optimizer step; adaptive methods (clustering, sketches) override it.
 
         ``optimizer`` (optional) is the one that just stepped: a method that gives a row to a new owner resets
-        that row's optimizer state through it (:func:`reset_optimizer_rows`).
+        that row's optimizer state through it (:func:`compemb.embeddings.adaptive.reset_optimizer_rows`).
         """
 
     # --- shared behaviour --------------------------------------------------------------------
@@ -255,34 +255,6 @@ class CompressedEmbedding(torch.nn.Module, ABC):
         extras = [f"mode={self.mode!r}"] if self.mode != "sum" else []
         extras += ["sparse=True"] if self.sparse else []
         return ", ".join([size, params, *extras])
-
-
-@torch.no_grad()
-def reset_optimizer_rows(optimizer: torch.optim.Optimizer | None, param: Tensor, rows: Tensor) -> None:
-    """Forget ``optimizer``'s per-row state of ``rows`` of ``param``, as for a row that was never trained.
-
-    Every state tensor shaped like ``param`` (Adam's ``exp_avg``/``exp_avg_sq``/``max_exp_avg_sq``, Adagrad's
-    ``sum``, momentum buffers), dense or sparse, gets those rows set to their initial value: zero, or Adagrad's
-    ``initial_accumulator_value`` for ``sum``. Scalar state (``step``) is shared by all rows and kept.
-    """
-    if optimizer is None or rows.numel() == 0 or param not in optimizer.state:
-        return
-    state = optimizer.state[param]
-    group = next(g for g in optimizer.param_groups if any(p is param for p in g["params"]))
-    for key, value in state.items():
-        if not isinstance(value, Tensor) or value.dim() == 0 or value.shape != param.shape:
-            continue
-        fill = float(group.get("initial_accumulator_value", 0.0)) if key == "sum" else 0.0
-        index = rows.to(value.device, torch.long)
-        if value.is_sparse:
-            value = value.coalesce()
-            keep = ~torch.isin(value.indices()[0], index)
-            state[key] = torch.sparse_coo_tensor(value.indices()[:, keep], value.values()[keep], value.shape)
-            if fill:
-                filled = torch.zeros(index.numel(), *value.shape[1:], dtype=value.dtype, device=value.device) + fill
-                state[key] = (state[key] + torch.sparse_coo_tensor(index.unsqueeze(0), filled, value.shape)).coalesce()
-        else:
-            value.index_fill_(0, index, fill)
 
 
 def _is_positive_int(value: object) -> bool:

@@ -20,7 +20,7 @@ Choices where the papers leave room (each class's docstring says more):
 - Hot, hashed and fallback rows are one stored table (hot rows first): one gather per lookup, one gradient.
 - The HotSketch holds ``sketch_slots_per_row`` = 4 slots per hot row (H buckets of 4 slots), room for the hot ids
   and three candidates per hot row; its bytes count in the budget as sketch bytes.
-- A row that changes owner has its optimizer state reset (:func:`~compemb.embeddings.base.reset_optimizer_rows`)
+- A row that changes owner has its optimizer state reset (:func:`~compemb.embeddings.adaptive.reset_optimizer_rows`)
   when ``on_step_end`` is given the optimizer; updates applied at the next forward have no optimizer to reset.
 """
 
@@ -44,7 +44,8 @@ from compemb.budget import (
     resolve_budget,
     rows_for,
 )
-from compemb.embeddings.base import CompressedEmbedding, init_uniform_, reset_optimizer_rows
+from compemb.embeddings.adaptive import reset_optimizer_rows
+from compemb.embeddings.base import CompressedEmbedding, init_uniform_
 from compemb.hashing import UniversalHash, coefficient_bytes, hash_ids
 from compemb.registry import register
 from compemb.sketch.hotsketch import SLOT_BYTES, HotSketch

@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from compemb.budget import FLOAT_BYTES, Budget, MemoryReport, check_budget, every_budget_from, resolve_budget
-from compemb.embeddings.base import init_uniform_, reset_optimizer_rows
+from compemb.embeddings.adaptive import reset_optimizer_rows
+from compemb.embeddings.base import init_uniform_
 from compemb.embeddings.cafe import _Adaptive, _bucket, _report
 from compemb.hashing import UniversalHash, coefficient_bytes, hash_coefficients, hash_ids
 from compemb.registry import register

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from compemb import BudgetError, make_embedding
-from compemb.embeddings.base import reset_optimizer_rows
+from compemb.embeddings.adaptive import reset_optimizer_rows
 from compemb.embeddings.cafe import _search_rows_torch, paper_defaults, search_rows
 
 N = 100_000

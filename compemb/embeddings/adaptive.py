@@ -1,0 +1,116 @@
+"""What the adaptive methods share: fresh optimizer state for rows that change owner.
+
+CAFE promotes an id to a hot row, CCE replaces its tables at every clustering: the row then serves a new owner
+and must forget what the optimizer learned of the old one. Zeroing the row's state is enough for SGD (a zero
+momentum buffer restarts as torch starts one: the first gradient) and Adagrad (a zero sum gives the first
+update ``lr * g / |g|``, as for a new parameter). Adam is different: its bias correction divides by
+``1 - beta^t`` with the *shared* step count ``t``, so a zeroed row at a late step gets ``m = 0.1 g`` and
+``sqrt(v) = 0.032 |g|`` uncorrected: a first update of ~3.2 x lr instead of lr.
+
+The rule here for Adam and AdamW: every reset row remembers the step it was reset at (``row_reset_step`` in the
+optimizer's state of the parameter, so checkpoints keep it), and a hook after each optimizer step replaces the
+update torch applied to those rows with the one Adam would apply at the row's own age ``a = t - reset``:
+``lr * (m / (1 - b1^a)) / (sqrt(v / (1 - b2^a)) + eps)``. Moments are unchanged (they do not depend on the step),
+so the row then trains exactly as a parameter created at its reset. Rows drop out of the correction once both
+bias corrections agree with the shared ones (``b^a < 1e-7``). SparseAdam (lazy: untouched rows keep their
+moments) is not corrected: its own fresh parameters already see the shared step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+ROW_STEP_KEY = "row_reset_step"  # per-row step at which the row's Adam state was reset; -1: never / aged out
+_SETTLED = 1e-7  # beta^age below this: the shared bias correction is the row's own
+
+
+def _is_adam(optimizer: torch.optim.Optimizer) -> bool:
+    return isinstance(optimizer, torch.optim.Adam)  # AdamW subclasses Adam
+
+
+@torch.no_grad()
+def reset_optimizer_rows(optimizer: torch.optim.Optimizer | None, param: Tensor, rows: Tensor) -> None:
+    """Give ``rows`` of ``param`` the optimizer state of a row that was never trained.
+
+    Every state tensor shaped like ``param`` (Adam's ``exp_avg``/``exp_avg_sq``/``max_exp_avg_sq``, Adagrad's
+    ``sum``, momentum buffers), dense or sparse, gets those rows set to their initial value: zero, or Adagrad's
+    ``initial_accumulator_value`` for ``sum``. For Adam and AdamW the rows also restart their own step count
+    (see the module docstring), so their next update is a first update, no larger than a new parameter's.
+
+    Example::
+
+        >>> weight = torch.nn.Parameter(torch.ones(4, 2))
+        >>> adam = torch.optim.Adam([weight], lr=0.1)
+        >>> for _ in range(50):
+        ...     weight.grad = torch.ones(4, 2); adam.step()
+        >>> reset_optimizer_rows(adam, weight, torch.tensor([0]))
+        >>> before = weight.detach().clone(); weight.grad = torch.ones(4, 2); adam.step()
+        >>> round(float(before[0, 0] - weight.detach()[0, 0]), 4)  # the reset row moves by lr, as on a first step
+        0.1
+    """
+    if optimizer is None or rows.numel() == 0 or param not in optimizer.state:
+        return
+    state = optimizer.state[param]
+    group = next(g for g in optimizer.param_groups if any(p is param for p in g["params"]))
+    for key, value in list(state.items()):
+        if key == ROW_STEP_KEY or not isinstance(value, Tensor) or value.dim() == 0 or value.shape != param.shape:
+            continue
+        fill = float(group.get("initial_accumulator_value", 0.0)) if key == "sum" else 0.0
+        index = rows.to(value.device, torch.long)
+        if value.is_sparse:
+            value = value.coalesce()
+            keep = ~torch.isin(value.indices()[0], index)
+            state[key] = torch.sparse_coo_tensor(value.indices()[:, keep], value.values()[keep], value.shape)
+            if fill:
+                filled = torch.zeros(index.numel(), *value.shape[1:], dtype=value.dtype, device=value.device) + fill
+                state[key] = (state[key] + torch.sparse_coo_tensor(index.unsqueeze(0), filled, value.shape)).coalesce()
+        else:
+            value.index_fill_(0, index, fill)
+    if _is_adam(optimizer) and "step" in state and param.dim() >= 1:
+        track_row_steps(optimizer)
+        if ROW_STEP_KEY not in state:
+            state[ROW_STEP_KEY] = torch.full((param.shape[0],), -1.0, device=param.device)
+        state[ROW_STEP_KEY].index_fill_(0, rows.to(param.device, torch.long), float(state["step"]))
+
+
+def track_row_steps(optimizer: torch.optim.Optimizer) -> None:
+    """Install (once) the hook that gives reset rows of an Adam/AdamW ``optimizer`` their own step count.
+
+    :func:`reset_optimizer_rows` installs it; call it yourself on an optimizer rebuilt from a checkpoint whose
+    state holds reset rows (the Trainer does). Other optimizers need no hook and are left alone.
+    """
+    if _is_adam(optimizer) and not getattr(optimizer, "_compemb_row_steps", False):
+        optimizer.register_step_post_hook(_correct_reset_rows)
+        optimizer._compemb_row_steps = True  # type: ignore[attr-defined]
+
+
+@torch.no_grad()
+def _correct_reset_rows(optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+    """After an Adam step: swap the shared-step update of reset rows for the update at each row's own age."""
+    for group in optimizer.param_groups:
+        beta1, beta2 = (float(b) for b in group["betas"])
+        lr, eps = float(group["lr"]), float(group["eps"])
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            reset_at = state.get(ROW_STEP_KEY)
+            if reset_at is None or "exp_avg" not in state:
+                continue
+            rows = (reset_at >= 0).nonzero().squeeze(-1)
+            if rows.numel() == 0:
+                continue
+            step = float(state["step"])
+            age = (step - reset_at[rows]).clamp_min(1).double()
+            second = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
+            m, v = state["exp_avg"][rows].double(), second[rows].double().sqrt()
+            shape = (-1,) + (1,) * (param.dim() - 1)
+
+            def update(c1: Tensor | float, c2: Tensor | float) -> Tensor:
+                return lr / c1 * m / (v / torch.sqrt(torch.as_tensor(c2, dtype=torch.float64)) + eps)
+
+            applied = update(1 - beta1**step, 1 - beta2**step)
+            own = update((1 - beta1**age).view(shape), (1 - beta2**age).view(shape))
+            param.index_add_(0, rows, (applied - own).to(param.dtype))
+            settled = (beta1**age < _SETTLED) & (beta2**age < _SETTLED)
+            reset_at[rows[settled.to(rows.device)]] = -1.0
+

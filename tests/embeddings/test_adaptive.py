@@ -1,0 +1,86 @@
+"""Fresh optimizer state for rows that change owner: a reset row trains as a parameter created at its reset."""
+
+import pytest
+import torch
+
+from compemb.embeddings.adaptive import ROW_STEP_KEY, reset_optimizer_rows, track_row_steps
+
+OPTIMIZERS = {
+    "adam": lambda params: torch.optim.Adam(params, lr=0.01),
+    "adamw": lambda params: torch.optim.AdamW(params, lr=0.01, weight_decay=0.1),
+    "amsgrad": lambda params: torch.optim.Adam(params, lr=0.01, amsgrad=True),
+    "adagrad": lambda params: torch.optim.Adagrad(params, lr=0.05),
+    "sgd": lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9),
+}
+
+
+def gradients(steps, rows, dim, seed):
+    generator = torch.Generator().manual_seed(seed)
+    # gradients of a consistent sign and scale, so that Adam's moments grow large before the reset
+    return [torch.randn(rows, dim, generator=generator) * 0.1 + 1.0 for _ in range(steps)]
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_reset_row_trains_as_a_fresh_parameter(name):
+    rows, dim, reset = 6, 3, torch.tensor([1, 4])
+    weight = torch.nn.Parameter(torch.randn(rows, dim, generator=torch.Generator().manual_seed(0)))
+    optimizer = OPTIMIZERS[name]([weight])
+    before, after = gradients(300, rows, dim, seed=1), gradients(30, rows, dim, seed=2)
+    for grad in before:
+        weight.grad = grad.clone()
+        optimizer.step()
+    reset_optimizer_rows(optimizer, weight, reset)
+    # the slow reference: the reset rows as a new parameter with a new optimizer from the reset on
+    fresh = torch.nn.Parameter(weight.detach()[reset].clone())
+    reference = OPTIMIZERS[name]([fresh])
+    start = weight.detach()[reset].clone()
+    for step, grad in enumerate(after):
+        weight.grad = grad.clone()
+        optimizer.step()
+        fresh.grad = grad[reset].clone()
+        reference.step()
+        if step == 0:  # the first update: no larger than a new parameter's at the same learning rate
+            moved = (weight.detach()[reset] - start).abs().max()
+            assert moved <= (fresh.detach() - start).abs().max() * (1 + 1e-5)
+    torch.testing.assert_close(weight.detach()[reset], fresh.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_adam_without_the_correction_overshoots():
+    """The defect the rule fixes: a zeroed row at a late shared step moves ~3x the learning rate (sqrt(1 - b2) / (1 - b1) = 3.2)."""
+    weight = torch.nn.Parameter(torch.zeros(2, 1))
+    optimizer = torch.optim.Adam([weight], lr=0.01)
+    for _ in range(3000):  # late in a run: Adam's shared bias corrections are ~1
+        weight.grad = torch.ones(2, 1)
+        optimizer.step()
+    state = optimizer.state[weight]
+    state["exp_avg"][0] = state["exp_avg_sq"][0] = 0  # a plain zeroing of row 0 (the old rule)
+    reset_optimizer_rows(optimizer, weight, torch.tensor([1]))  # the rule, on row 1
+    start = weight.detach().clone()
+    weight.grad = torch.ones(2, 1)
+    optimizer.step()
+    moved = (start - weight.detach()).squeeze(-1)
+    assert moved[0] > 2.5 * 0.01
+    assert moved[1] == pytest.approx(0.01, rel=1e-4)
+
+
+def test_row_steps_survive_an_optimizer_checkpoint():
+    rows, dim = 4, 2
+    weights = [torch.nn.Parameter(torch.ones(rows, dim)) for _ in range(2)]
+    optimizers = [torch.optim.Adam([w], lr=0.01) for w in weights]
+    grads = gradients(100, rows, dim, seed=3)
+    for grad in grads[:50]:
+        for weight, optimizer in zip(weights, optimizers):
+            weight.grad = grad.clone()
+            optimizer.step()
+    for weight, optimizer in zip(weights, optimizers):
+        reset_optimizer_rows(optimizer, weight, torch.tensor([2]))
+    # the second run is rebuilt from a checkpoint: a new optimizer, its state loaded, the hook installed again
+    restored = torch.optim.Adam([weights[1]], lr=0.01)
+    restored.load_state_dict(optimizers[1].state_dict())
+    track_row_steps(restored)
+    assert ROW_STEP_KEY in restored.state[weights[1]]
+    for grad in grads[50:]:
+        for weight, optimizer in zip(weights, (optimizers[0], restored)):
+            weight.grad = grad.clone()
+            optimizer.step()
+    torch.testing.assert_close(weights[0], weights[1])
