@@ -96,7 +96,8 @@ def _train_config(args: argparse.Namespace, out: str) -> TrainConfig:
         data=args.data, out=out, method=getattr(args, "method", "full"), compression=getattr(args, "compression", None),
         model=args.model, embedding_dim=args.dim, bottom=_widths(args.bottom), top=_widths(args.top),
         optimizer=args.optimizer, lr=args.lr, batch_size=args.batch_size, epochs=args.epochs,
-        eval_every=args.eval_every, seed=args.seed,
+        eval_every=args.eval_every, evals_per_epoch=args.evals_per_epoch, seed=args.seed, init=args.init,
+        sharing=args.sharing, shuffle=args.shuffle,
         # methods that cluster take it; the Trainer drops it for the others (a sweep gives it to every method)
         method_options={"cluster_every": args.cluster_every} if getattr(args, "cluster_every", None) else {},
     )
@@ -153,6 +154,15 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=2048)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: at the end)")
+    parser.add_argument("--evals-per-epoch", type=int, default=0,
+                        help="evaluate this many times per epoch, evenly (the CCE paper: 6); overrides --eval-every")
+    parser.add_argument("--init", choices=("dlrm", "uniform_dim"), default="dlrm",
+                        help="table init: DLRM's U(+-sqrt(1/n)) per table of n ids, or U(+-1/sqrt(dim)) (default: dlrm)")
+    parser.add_argument("--sharing", choices=("per_feature", "shared"), default="per_feature",
+                        help="a table per feature sharing the budget, or one table over all features' ids "
+                             "(high ratios; default: per_feature)")
+    parser.add_argument("--shuffle", action="store_true",
+                        help="train on a seeded permutation of the rows, a new one each epoch (default: file order)")
 
 
 def _add_cluster_every(parser: argparse.ArgumentParser) -> None:

@@ -1,10 +1,21 @@
 """EmbeddingCollection: one compression method over many features, within one overall budget.
 
-The budget is split across features in proportion to their full sizes. A feature whose share would be at
-least its full size, whose full table is no bigger than an even share of the budget, or whose nearest
-compressed size is no smaller than its full table, stays full, and what that leaves goes to the others; small tables take their nearest size and the larger ones
-absorb the rounding, so the collection's total meets the budget within 1%. ``memory()`` reports every
-feature and the total.
+Two ways to spend the budget (``sharing=``):
+
+- ``"per_feature"`` (default): one table per feature, the budget split in proportion to the features' full
+  sizes. A feature whose share would be at least its full size, whose full table is no bigger than an even
+  share of what is left, or whose nearest compressed size is no smaller than its full table, stays full, and
+  what that leaves goes to the others (a 10-id feature compressed into one shared row would be erased for
+  almost no memory; keeping it costs the large features next to nothing). Small tables take their nearest
+  size and the larger ones absorb the rounding, so the total meets the budget within 1%. At high ratios
+  every feature's share falls below a few rows and most methods cannot be built: use ``"shared"``.
+- ``"shared"``: one table (one method instance) over every feature's ids, feature f's id x read as
+  ``offset_f + x`` in a vocabulary of all the features' ids together, as CAFE's code and the VLDB 2024
+  compression benchmark do. The whole budget goes to the one table, so every ratio up to 10,000x of Criteo
+  Kaggle (33.8M ids x 16: 54k params) is buildable; the method decides which ids share. Its init scale is
+  that of the one full table of all ids (``init="dlrm"``: sqrt(1/sum n)). The full table is the same either way.
+
+``memory()`` reports every table and the total.
 """
 
 from __future__ import annotations
@@ -27,6 +38,9 @@ from compemb.budget import (
 )
 from compemb.embeddings.base import CompressedEmbedding
 from compemb.registry import get_method, make_embedding
+
+
+SHARING = ("per_feature", "shared")
 
 
 @dataclass(frozen=True)
@@ -59,6 +73,8 @@ class EmbeddingCollection(torch.nn.Module):
         method: a registered method name (``compemb.METHODS``).
         compression, num_params: the budget for all features together (one of the two).
         seed: feature i's table is built with ``seed + i``.
+        sharing: ``"per_feature"`` (a table per feature) or ``"shared"`` (one table over all ids); see the module
+            docstring.
         frequencies: per-feature id counts ``{name: counts}``, for methods built from them
             (``needs_frequencies``, as ``offline``): each table gets its feature's counts as ``frequencies=``.
             Ignored by other methods.
@@ -88,9 +104,12 @@ class EmbeddingCollection(torch.nn.Module):
         seed: int = 0,
         device: torch.device | str | None = None,
         frequencies: Mapping[str, Tensor] | None = None,
+        sharing: str = "per_feature",
         **options: Any,
     ) -> None:
         super().__init__()
+        if sharing not in SHARING:
+            raise ValueError(f"sharing must be one of {SHARING}, got {sharing!r}")
         if not features:
             raise ValueError("an EmbeddingCollection needs at least one feature")
         names = [f.name for f in features]
@@ -103,7 +122,20 @@ class EmbeddingCollection(torch.nn.Module):
         if compression is None and num_params is None and not get_method(method).compresses:
             compression = 1
         self.budget = resolve_budget(total, embedding_dim, compression=compression, num_params=num_params)
-        full_options = {key: value for key, value in options.items() if key in ("sparse", "mode")}
+        self.sharing = sharing if get_method(method).compresses else "per_feature"  # a shared full table is the same
+        cardinalities = torch.tensor([f.num_embeddings for f in features], dtype=torch.int64, device=device)
+        self.register_buffer("cardinalities", cardinalities, persistent=False)
+        self.register_buffer("offsets", torch.cumsum(cardinalities, 0) - cardinalities, persistent=False)
+        if self.sharing == "shared":
+            common: dict[str, Any] = dict(seed=seed, device=device, name="shared")
+            if get_method(method).needs_frequencies:  # every feature's counts, end to end as the ids are
+                missing = [f.name for f in features if f.name not in (frequencies or {})]
+                common["frequencies"] = None if missing else torch.cat([frequencies[f.name] for f in features])
+            table = make_embedding(method, total, embedding_dim, num_params=max(1, round(self.budget.num_params)),
+                                   **common, **options)
+            self.embeddings = torch.nn.ModuleDict({"shared": table})
+            return
+        full_options = {key: value for key, value in options.items() if key in ("sparse", "mode", "init")}
 
         def build(index: int, budget_bytes: int | None, last: bool = False) -> CompressedEmbedding:
             feature = features[index]
@@ -172,14 +204,24 @@ class EmbeddingCollection(torch.nn.Module):
                 f"ids must have shape (batch, {len(self.features)}) for features {[f.name for f in self.features]}, "
                 f"got {tuple(ids.shape)}"
             )
+        if self.sharing == "shared":
+            bad = (ids < 0) | (ids >= self.cardinalities)
+            if bool(bad.any()):  # an id past its feature's range would read the next feature's rows silently
+                row, column = (int(v) for v in bad.nonzero()[0])
+                feature = self.features[column]
+                raise ValueError(f"feature {feature.name!r}: id {int(ids[row, column])} is outside "
+                                 f"[0, {feature.num_embeddings})")
+            shifted = ids + self.offsets
+            return self.embeddings["shared"](shifted.reshape(-1)).view(*ids.shape, self.embedding_dim)
         tables: list[CompressedEmbedding] = list(self.embeddings.values())  # type: ignore[arg-type]
         return torch.stack([table(ids[:, column]) for column, table in enumerate(tables)], dim=1)
 
     def memory(self) -> CollectionMemory:
-        """Every feature's MemoryReport, and their total (``.total``)."""
+        """Every table's MemoryReport (per feature, or the one ``"shared"``), and their total (``.total``)."""
         return CollectionMemory({name: table.memory() for name, table in self.embeddings.items()})
 
     def extra_repr(self) -> str:
         total = self.memory().total
         full = sum(full_table_bytes(f.num_embeddings, self.embedding_dim) for f in self.features)
-        return f"method={self.method!r}, features={len(self.features)}, compression={full / total.total:.1f}x"
+        sharing = ", sharing='shared'" if self.sharing == "shared" else ""
+        return f"method={self.method!r}, features={len(self.features)}{sharing}, compression={full / total.total:.1f}x"

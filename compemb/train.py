@@ -23,10 +23,10 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from tqdm import tqdm
 
-from compemb.collection import EmbeddingCollection, Feature
+from compemb.collection import SHARING, EmbeddingCollection, Feature
 from compemb.data.dataset import Split, open_dataset
 from compemb.embeddings.adaptive import track_row_steps
-from compemb.embeddings.base import CompressedEmbedding
+from compemb.embeddings.base import INITS, CompressedEmbedding
 from compemb.io import atomic_write_bytes, atomic_write_text
 from compemb.metrics import auc, bce
 from compemb.models import DCNv2, DLRM
@@ -54,16 +54,26 @@ class TrainConfig:
     lr: float = 0.1
     batch_size: int = 2048
     epochs: int = 1
-    eval_every: int = 0  # steps between evaluations; 0: only at the end
+    eval_every: int = 0  # steps between evaluations; 0: only at the end (see evals_per_epoch)
+    evals_per_epoch: int = 0  # > 0: evaluate this many times per epoch, evenly (the CCE paper: 6); overrides eval_every
     eval_split: str = "val"
     eval_batch_size: int = 16_384
     seed: int = 0
+    init: str = "dlrm"  # the tables' init scale: "dlrm" (U(+-sqrt(1/n))) or "uniform_dim" (U(+-1/sqrt(d)))
+    sharing: str = "per_feature"  # "per_feature" tables or one "shared" table over every feature's ids
+    shuffle: bool = False  # train on a seeded permutation of the rows, a new one each epoch (else in file order)
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.model not in ("dlrm", "dcn"):
             raise ValueError(f"model must be 'dlrm' or 'dcn', got {self.model!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        if self.sharing not in SHARING:
+            raise ValueError(f"sharing must be one of {SHARING}, got {self.sharing!r}")
+        if self.evals_per_epoch < 0 or self.eval_every < 0:
+            raise ValueError("eval_every and evals_per_epoch must be >= 0")
         self.bottom, self.top = tuple(self.bottom), tuple(self.top)
 
 
@@ -86,14 +96,15 @@ class Trainer:
         torch.sparse.check_sparse_tensor_invariants.disable()
         features = [Feature(f"C{i + 1}", n) for i, n in enumerate(self.manifest["cardinalities"])]
         # sparse gradients where the optimizer takes them (SGD, Adagrad), as the papers train
-        options = {"sparse": config.optimizer != "adam", **_method_options(config.method, config.method_options)}
+        options = {"sparse": config.optimizer != "adam", "init": config.init,
+                   **_method_options(config.method, config.method_options)}
         frequencies = None
         if get_method(config.method).needs_frequencies:  # offline methods: ids counted in the train split
             counts = id_counts(self.splits["train"], self.manifest["cardinalities"])
             frequencies = {feature.name: torch.from_numpy(c) for feature, c in zip(features, counts)}
         embeddings = EmbeddingCollection(features, config.embedding_dim, config.method,
                                          compression=config.compression, seed=config.seed, frequencies=frequencies,
-                                         **options)
+                                         sharing=config.sharing, **options)
         num_dense = self.splits["train"].dense.shape[1]
         if config.model == "dlrm":
             self.model: torch.nn.Module = DLRM(embeddings, num_dense, config.bottom, config.top)
@@ -104,6 +115,9 @@ class Trainer:
         self.best: dict[str, Any] | None = None
         self.steps_per_epoch = math.ceil(len(self.splits["train"]) / config.batch_size)
         self.total_steps = self.steps_per_epoch * config.epochs
+        self.eval_every = max(1, self.steps_per_epoch // config.evals_per_epoch) if config.evals_per_epoch else \
+            config.eval_every
+        self._order: tuple[int, np.ndarray] | None = None  # (epoch, its row permutation) when shuffling
         if resume and (self.out / "checkpoints" / "last.json").exists():
             self.load(self.out / "checkpoints" / "last")
 
@@ -119,7 +133,7 @@ class Trainer:
         running_loss, started, samples = 0.0, time.perf_counter(), 0
         while self.step < stop:
             # batch -> forward/backward -> step -> methods' own hooks -> log -> evaluate/checkpoint
-            dense, sparse, labels = _batch(train, self.step % self.steps_per_epoch, config.batch_size)
+            dense, sparse, labels = self._train_batch(self.step)
             loss = torch.nn.functional.binary_cross_entropy_with_logits(self.model(dense, sparse), labels)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -132,7 +146,7 @@ class Trainer:
             running_loss = 0.98 * running_loss + 0.02 * loss_value if self.step > 1 else loss_value
             bar.set_postfix(loss=f"{running_loss:.4f}", samples_s=f"{samples / (time.perf_counter() - started):,.0f}")
             bar.update(1)
-            if self.step == self.total_steps or (config.eval_every and self.step % config.eval_every == 0):
+            if self.step == self.total_steps or (self.eval_every and self.step % self.eval_every == 0):
                 result = self.evaluate(config.eval_split)
                 result["train_loss"] = running_loss
                 result["samples_per_s"] = samples / (time.perf_counter() - started)
@@ -140,6 +154,24 @@ class Trainer:
                 self._checkpoint(result)
         bar.close()
         return result
+
+    def _train_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The batch of 0-based ``step``: rows in file order, or in the epoch's seeded permutation (``shuffle``)."""
+        train, size = self.splits["train"], self.config.batch_size
+        epoch, index = divmod(step, self.steps_per_epoch)
+        if not self.config.shuffle:
+            return _batch(train, index, size)
+        if self._order is None or self._order[0] != epoch:  # a function of (seed, epoch) alone: resumes see the same
+            self._order = (epoch, np.random.default_rng([self.config.seed, epoch]).permutation(len(train)))
+        # sorted within the batch: the same rows (the loss is their mean), read in file order from the memory map
+        return _rows(train, np.sort(self._order[1][index * size : (index + 1) * size]))
+
+    def test_of_best(self, split: str = "test") -> dict[str, Any]:
+        """Load the best validation checkpoint and evaluate it on ``split``, as the papers report test metrics."""
+        best = self.out / "checkpoints" / "best"
+        if Path(f"{best}.json").exists():
+            self.load(best)
+        return self.evaluate(split)
 
     @torch.no_grad()
     def evaluate(self, split: str) -> dict[str, Any]:
@@ -244,7 +276,10 @@ def _make_optimizer(name: str, model: torch.nn.Module, lr: float) -> torch.optim
 
 
 def _batch(split: Split, index: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    rows = slice(index * batch_size, (index + 1) * batch_size)
+    return _rows(split, slice(index * batch_size, (index + 1) * batch_size))
+
+
+def _rows(split: Split, rows: slice | np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dense = torch.from_numpy(np.array(split.dense[rows], dtype=np.float32))
     sparse = torch.from_numpy(np.array(split.sparse[rows], dtype=np.int64))
     labels = torch.from_numpy(np.array(split.labels[rows], dtype=np.float32))

@@ -89,3 +89,62 @@ def test_paper_accounting_cce_meets_the_budget_with_floats_while_memory_reports_
     budget = collection.budget.num_bytes
     assert abs(sum(t.budgeted_bytes() for t in collection.embeddings.values()) - budget) <= 0.01 * budget
     assert memory.float_bytes <= 1.01 * budget and memory.index_bytes > 0.05 * budget  # pointers: reported
+
+
+# --- one shared table over every feature's ids ------------------------------------------------------------
+
+def kaggle_features():
+    from compemb.data.synthetic import CRITEO_KAGGLE_CARDINALITIES
+
+    return [Feature(f"C{i + 1}", n) for i, n in enumerate(CRITEO_KAGGLE_CARDINALITIES)]
+
+
+# QR needs 2 sqrt(n) rows of d and AdaEmbed a score per id: neither fits 54k params of a 33.8M-id vocabulary
+UNREACHABLE_AT_10000 = {"qr", "adaembed"}
+
+
+@pytest.mark.parametrize("name", sorted(m for m in METHODS if METHODS[m].compresses))
+def test_shared_builds_every_method_at_10000x_of_criteo_kaggle(name):
+    features = kaggle_features()
+    total = sum(f.num_embeddings for f in features)
+    budget = total * 16 * 4 / 10_000
+    counts = None
+    if METHODS[name].needs_frequencies:
+        counts = {f.name: torch.ones(f.num_embeddings, dtype=torch.int64) for f in features}
+    if name in UNREACHABLE_AT_10000:
+        with pytest.raises(BudgetError, match="smallest budget it can meet"):
+            EmbeddingCollection(features, 16, name, compression=10_000, sharing="shared", frequencies=counts)
+        return
+    collection = EmbeddingCollection(features, 16, name, compression=10_000, sharing="shared", frequencies=counts)
+    assert list(collection.memory().per_feature) == ["shared"]
+    assert abs(collection.memory().total.total - budget) <= 0.01 * budget
+    ids = torch.stack([torch.randint(f.num_embeddings, (64,)) for f in features], dim=1)
+    assert collection(ids).shape == (64, 26, 16)
+
+
+def test_shared_reads_each_feature_at_its_offset():
+    collection = EmbeddingCollection(FEATURES, 8, "hash", compression=20, sharing="shared", seed=5)
+    table = collection.embeddings["shared"]
+    assert table.num_embeddings == sum(f.num_embeddings for f in FEATURES)
+    ids = torch.tensor([[1, 2, 3, 0], [199_999, 19_999, 1_999, 3]])
+    offsets = torch.tensor([0, 200_000, 220_000, 222_000])
+    expected = table(ids + offsets)
+    assert torch.equal(collection(ids), expected)
+    # the same id in two features is two ids of the shared vocabulary
+    assert not torch.equal(collection(torch.tensor([[7, 7, 7, 1]]))[0, 0], collection(torch.tensor([[7, 7, 7, 1]]))[0, 1])
+
+
+def test_shared_refuses_an_id_past_its_features_range():
+    collection = EmbeddingCollection(FEATURES, 8, "hash", compression=20, sharing="shared")
+    with pytest.raises(ValueError, match="feature 'mid': id 20000 is outside \\[0, 20000\\)"):
+        collection(torch.tensor([[0, 20_000, 0, 0]]))  # would read feature 'small''s id 0 without the check
+
+
+def test_shared_full_table_is_the_per_feature_one():
+    shared = EmbeddingCollection(FEATURES[1:], 4, "full", sharing="shared")
+    assert shared.sharing == "per_feature" and set(shared.embeddings) == {f.name for f in FEATURES[1:]}
+
+
+def test_unknown_sharing_is_refused():
+    with pytest.raises(ValueError, match="sharing must be one of"):
+        EmbeddingCollection(FEATURES, 8, "hash", compression=20, sharing="pooled")

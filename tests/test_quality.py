@@ -70,3 +70,12 @@ def test_params_to_match_interpolates_the_crossing_in_log_params():
     assert params_to_match(rows, 0.39) is None and params_to_match(rows, 0.6) == 1_000
     table = match_table([row("full", 1, 200_000, 0.43), *rows, row("ce", 10, 10_000, 0.45)])
     assert "| hash | 31,623 | 0.158 |" in table and "| ce | not reached at the sizes tried |" in table
+
+
+def test_tables_show_the_spread_over_seeds():
+    from compemb.bench.quality import SweepRow, markdown_table
+
+    rows = [SweepRow("hash", 10, seed, ratio_reached=10, params=100, val_bce=v, test_bce=v, test_auc=0.7)
+            for seed, v in enumerate([0.40, 0.42, 0.44])]
+    line = next(line for line in markdown_table(rows).splitlines() if line.startswith("| hash"))
+    assert "| 3 | 0.4200 ± 0.0200 | 0.4200 ± 0.0200 | 0.7000 ± 0.0000 |" in line

@@ -94,3 +94,37 @@ def test_a_resumed_cafe_run_ends_where_the_uninterrupted_one_does(data, tmp_path
     Trainer(_config(data, tmp_path / "b", **config)).fit(stop_at=13)
     resumed = Trainer(_config(data, tmp_path / "b", **config), resume=True).fit()
     assert resumed["bce"] == straight["bce"] and resumed["auc"] == straight["auc"]
+
+
+def test_shuffled_training_is_seeded_covers_every_row_and_resumes_exactly(data, tmp_path):
+    trainer = Trainer(_config(data, tmp_path / "s", shuffle=True))
+    epoch0 = [trainer._train_batch(step)[2] for step in range(trainer.steps_per_epoch)]
+    epoch1 = trainer._train_batch(trainer.steps_per_epoch)[2]
+    in_order = Trainer(_config(data, tmp_path / "o"))._train_batch(0)[2]
+    labels = np.asarray(trainer.splits["train"].labels, dtype=np.float32)
+    # every row once per epoch: the label total is the file's; the first batches differ from file order and by epoch
+    assert sum(float(b.sum()) for b in epoch0) == pytest.approx(float(labels.sum()))
+    assert sum(len(b) for b in epoch0) == len(labels)
+    rows0 = trainer._order  # the permutation of the epoch read last
+    assert not np.array_equal(np.sort(rows0[1][:256]), np.arange(256))
+    assert epoch0[0].shape == epoch1.shape == in_order.shape
+    straight = Trainer(_config(data, tmp_path / "a", shuffle=True)).fit()
+    Trainer(_config(data, tmp_path / "b", shuffle=True)).fit(stop_at=21)  # last checkpoint: step 16, epoch 1
+    resumed = Trainer(_config(data, tmp_path / "b", shuffle=True), resume=True).fit()
+    assert resumed["bce"] == straight["bce"]
+    unshuffled = Trainer(_config(data, tmp_path / "u")).fit()
+    assert unshuffled["bce"] != straight["bce"]
+
+
+def test_test_metrics_come_from_the_best_validation_checkpoint(data, tmp_path):
+    # a high learning rate overshoots after its best evaluation, so the last model is not the best one
+    trainer = Trainer(_config(data, tmp_path / "run", method="full", compression=None, epochs=3, optimizer="adam",
+                              lr=0.05, evals_per_epoch=4))
+    assert trainer.eval_every == 4
+    trainer.fit()
+    best_step = trainer.best["step"]
+    best_val = trainer.best["bce"]
+    reloaded = Trainer(_config(data, tmp_path / "run", method="full", compression=None, epochs=3, optimizer="adam",
+                               lr=0.05, evals_per_epoch=4))
+    test = reloaded.test_of_best("val")  # on val it must give back the best evaluation exactly
+    assert test["step"] == best_step and test["bce"] == pytest.approx(best_val, rel=1e-6)

@@ -110,7 +110,7 @@ def _run_one(base: TrainConfig, method: str, ratio: float, seed: int, out: Path)
         row.note = str(error)
         return row
     last = trainer.fit()
-    test = trainer.evaluate("test")
+    test = trainer.test_of_best("test")  # the test metrics of the best validation checkpoint, as the papers report
     memory = trainer.model.embeddings.memory().total  # type: ignore[union-attr]
     full = sum(full_table_bytes(f.num_embeddings, config.embedding_dim)
                for f in trainer.model.embeddings.features)  # type: ignore[union-attr]
@@ -198,24 +198,35 @@ def _grouped(rows: list[SweepRow]) -> dict[tuple[str, float], list[SweepRow]]:
     return groups
 
 
+def _spread(values: list[Any]) -> float | None:
+    """The sample standard deviation over seeds (None with fewer than two)."""
+    present = [v for v in values if v is not None]
+    return statistics.stdev(present) if len(present) > 1 else None
+
+
 def markdown_table(rows: list[SweepRow]) -> str:
-    """The sweep as a markdown table, one line per (method, ratio asked), means over seeds."""
+    """The sweep as a markdown table, one line per (method, ratio asked): means over seeds, ± their sd."""
     lines = [
-        "| method | ratio asked | ratio reached | params | val BCE | test BCE | test AUC | Bayes BCE | gap to Bayes | samples/s | note |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| method | ratio asked | ratio reached | params | seeds | val BCE | test BCE | test AUC | Bayes BCE | "
+        "gap to Bayes | samples/s | note |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
 
-    def cell(value: float | None, spec: str) -> str:
-        return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+    def cell(value: float | None, spec: str, spread: float | None = None) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return "—"
+        return format(value, spec) + ("" if spread is None else f" ± {format(spread, spec.lstrip('+'))}")
 
     for (method, ratio), group in _grouped(rows).items():
         mean = {key: _mean([getattr(r, key) for r in group]) for key in COLUMNS[2:-1] if key != "seed"}
+        sd = {key: _spread([getattr(r, key) for r in group]) for key in ("val_bce", "test_bce", "test_auc")}
+        seeds = sum(r.test_bce is not None for r in group)
         note = group[0].note.split(";")[0][:80]
         lines.append(
             f"| {method} | {ratio:g} | {cell(mean['ratio_reached'], '.1f')} | {cell(mean['params'], ',.0f')} | "
-            f"{cell(mean['val_bce'], '.4f')} | {cell(mean['test_bce'], '.4f')} | {cell(mean['test_auc'], '.4f')} | "
-            f"{cell(mean['bayes_bce'], '.4f')} | {cell(mean['gap_to_bayes'], '+.1%')} | "
-            f"{cell(mean['samples_per_s'], ',.0f')} | {note} |"
+            f"{seeds} | {cell(mean['val_bce'], '.4f', sd['val_bce'])} | {cell(mean['test_bce'], '.4f', sd['test_bce'])} | "
+            f"{cell(mean['test_auc'], '.4f', sd['test_auc'])} | {cell(mean['bayes_bce'], '.4f')} | "
+            f"{cell(mean['gap_to_bayes'], '+.1%')} | {cell(mean['samples_per_s'], ',.0f')} | {note} |"
         )
     return "\n".join(lines)
 

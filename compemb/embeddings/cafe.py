@@ -296,9 +296,10 @@ class _CAFE(_Adaptive):
         mode: str,
         sparse: bool,
         name: str | None,
+        init: str,
         device: torch.device | str | None,
     ) -> None:
-        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name)
+        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name, init=init)
         self._start_recording(importance)
         budget = resolve_budget(num_embeddings, embedding_dim, compression=compression, num_params=num_params)
         default_rate, default_threshold = paper_defaults(_ratio(budget, self.num_embeddings, self.embedding_dim))
@@ -347,6 +348,9 @@ class _CAFE(_Adaptive):
 
     def reset_tables(self) -> None:
         init_uniform_(self.weight, self.init_bound, self._generator())
+        if self.levels == 2:  # only medium ids add a second-level row: from zero, so becoming medium is no jump
+            with torch.no_grad():
+                self.weight[self._offsets[1] :].zero_()
         self.sketch.reset()
         self.owner.zero_()
         self.owned.zero_()
@@ -532,13 +536,14 @@ class CAFEEmbedding(_CAFE):
         mode: str = "sum",
         sparse: bool = False,
         name: str | None = None,
+        init: str = "dlrm",
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__(
             num_embeddings, embedding_dim, levels=1, compression=compression, num_params=num_params,
             hash_rate=hash_rate, threshold=threshold, importance=importance, decay=decay,
             sketch_slots_per_row=sketch_slots_per_row, merge_on_demote=merge_on_demote, seed=seed, mode=mode,
-            sparse=sparse, name=name, device=device,
+            sparse=sparse, name=name, init=init, device=device,
         )
 
 
@@ -584,13 +589,14 @@ class MultiLevelCAFEEmbedding(_CAFE):
         mode: str = "sum",
         sparse: bool = False,
         name: str | None = None,
+        init: str = "dlrm",
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__(
             num_embeddings, embedding_dim, levels=2, compression=compression, num_params=num_params,
             hash_rate=hash_rate, threshold=threshold, importance=importance, decay=decay,
             sketch_slots_per_row=sketch_slots_per_row, merge_on_demote=merge_on_demote,
-            medium_fraction=medium_fraction, hash_split=hash_split, seed=seed, mode=mode, sparse=sparse, name=name,
+            medium_fraction=medium_fraction, hash_split=hash_split, seed=seed, mode=mode, sparse=sparse, name=name, init=init,
             device=device,
         )
 
@@ -635,9 +641,10 @@ class OfflineFrequencyEmbedding(CompressedEmbedding):
         mode: str = "sum",
         sparse: bool = False,
         name: str | None = None,
+        init: str = "dlrm",
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name)
+        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name, init=init)
         budget = resolve_budget(num_embeddings, embedding_dim, compression=compression, num_params=num_params)
         if frequencies is None:
             raise ValueError(
@@ -766,9 +773,10 @@ class AdaEmbed(_Adaptive):
         mode: str = "sum",
         sparse: bool = False,
         name: str | None = None,
+        init: str = "dlrm",
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name)
+        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name, init=init)
         self._start_recording(importance)
         if not 0 < fallback_share < 1:
             raise ValueError(f"{self._who()}: fallback_share must be in (0, 1), got {fallback_share!r}")

@@ -345,9 +345,10 @@ class CCEmbedding(_Adaptive):
         mode: str = "sum",
         sparse: bool = False,
         name: str | None = None,
+        init: str = "dlrm",
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name)
+        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name, init=init)
         self._start_recording(importance)
         if columns < 1 or embedding_dim % columns:
             raise ValueError(f"cce: columns={columns} must be >= 1 and divide embedding_dim={embedding_dim}")

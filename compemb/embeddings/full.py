@@ -39,9 +39,10 @@ class FullEmbedding(CompressedEmbedding):
         mode: str = "sum",
         sparse: bool = False,
         name: str | None = None,
+        init: str = "dlrm",
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name)
+        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name, init=init)
         if compression is None and num_params is None:
             budget = Budget(full_table_bytes(num_embeddings, embedding_dim))
         else:

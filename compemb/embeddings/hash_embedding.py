@@ -56,9 +56,10 @@ class HashEmbeddings(CompressedEmbedding):
         mode: str = "sum",
         sparse: bool = False,
         name: str | None = None,
+        init: str = "dlrm",
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name)
+        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name, init=init)
         if num_hashes < 1:
             raise ValueError(f"hemb: num_hashes must be >= 1, got {num_hashes}")
         if not 0 < importance_share < 1:

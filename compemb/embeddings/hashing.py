@@ -41,9 +41,10 @@ class _HashedTable(CompressedEmbedding):
         mode: str,
         sparse: bool,
         name: str | None,
+        init: str,
         device: torch.device | str | None,
     ) -> None:
-        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name)
+        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name, init=init)
         budget = resolve_budget(num_embeddings, embedding_dim, compression=compression, num_params=num_params)
         # tables * row_dim == embedding_dim, so the budget buys `rows` rows in every table
         hash_bytes = coefficient_bytes(num_hashes)
@@ -82,11 +83,12 @@ class HashingTrickEmbedding(_HashedTable):
         mode: str = "sum",
         sparse: bool = False,
         name: str | None = None,
+        init: str = "dlrm",
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__(
             num_embeddings, embedding_dim, row_dim=embedding_dim, tables=1, num_hashes=1,
-            compression=compression, num_params=num_params, seed=seed, mode=mode, sparse=sparse, name=name,
+            compression=compression, num_params=num_params, seed=seed, mode=mode, sparse=sparse, name=name, init=init,
             device=device,
         )
 
@@ -132,6 +134,7 @@ class CompositionalEmbedding(_HashedTable):
         mode: str = "sum",
         sparse: bool = False,
         name: str | None = None,
+        init: str = "dlrm",
         device: torch.device | str | None = None,
     ) -> None:
         if columns < 1 or embedding_dim % columns:
@@ -140,7 +143,7 @@ class CompositionalEmbedding(_HashedTable):
         super().__init__(
             num_embeddings, embedding_dim, row_dim=embedding_dim // columns, tables=columns,
             num_hashes=columns, compression=compression, num_params=num_params, seed=seed, mode=mode,
-            sparse=sparse, name=name, device=device,
+            sparse=sparse, name=name, init=init, device=device,
         )
 
     def lookup(self, ids: Tensor) -> Tensor:
@@ -182,6 +185,7 @@ class BloomEmbedding(_HashedTable):
         mode: str = "sum",
         sparse: bool = False,
         name: str | None = None,
+        init: str = "dlrm",
         device: torch.device | str | None = None,
     ) -> None:
         if num_hashes < 1:
@@ -189,7 +193,7 @@ class BloomEmbedding(_HashedTable):
         self.num_hashes = num_hashes
         super().__init__(
             num_embeddings, embedding_dim, row_dim=embedding_dim, tables=1, num_hashes=num_hashes,
-            compression=compression, num_params=num_params, seed=seed, mode=mode, sparse=sparse, name=name,
+            compression=compression, num_params=num_params, seed=seed, mode=mode, sparse=sparse, name=name, init=init,
             device=device,
         )
 

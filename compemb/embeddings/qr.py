@@ -92,9 +92,10 @@ class QREmbedding(CompressedEmbedding):
         mode: str = "sum",
         sparse: bool = False,
         name: str | None = None,
+        init: str = "dlrm",
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name)
+        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name, init=init)
         if operation not in OPERATIONS:
             raise ValueError(f"qr: operation must be one of {OPERATIONS}, got {operation!r}")
         if operation == "concat" and embedding_dim < 2:

@@ -40,9 +40,10 @@ class _FlatArray(CompressedEmbedding):
         mode: str,
         sparse: bool,
         name: str | None,
+        init: str,
         device: torch.device | str | None,
     ) -> None:
-        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name)
+        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name, init=init)
         budget = resolve_budget(num_embeddings, embedding_dim, compression=compression, num_params=num_params)
         hash_bytes = coefficient_bytes(num_hashes * (2 if signed else 1))
         self.size = max(min_size, round((budget.num_bytes - hash_bytes) / FLOAT_BYTES))
@@ -91,6 +92,7 @@ class ROBEEmbedding(_FlatArray):
         mode: str = "sum",
         sparse: bool = False,
         name: str | None = None,
+        init: str = "dlrm",
         device: torch.device | str | None = None,
     ) -> None:
         if chunks < 1 or embedding_dim % chunks:
@@ -99,7 +101,7 @@ class ROBEEmbedding(_FlatArray):
         self.chunk_size = embedding_dim // chunks
         super().__init__(
             num_embeddings, embedding_dim, num_hashes=chunks, min_size=self.chunk_size, signed=signed,
-            compression=compression, num_params=num_params, seed=seed, mode=mode, sparse=sparse, name=name,
+            compression=compression, num_params=num_params, seed=seed, mode=mode, sparse=sparse, name=name, init=init,
             device=device,
         )
 
@@ -145,11 +147,12 @@ class HashedNetsEmbedding(_FlatArray):
         mode: str = "sum",
         sparse: bool = False,
         name: str | None = None,
+        init: str = "dlrm",
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__(
             num_embeddings, embedding_dim, num_hashes=embedding_dim, min_size=1, signed=signed,
-            compression=compression, num_params=num_params, seed=seed, mode=mode, sparse=sparse, name=name,
+            compression=compression, num_params=num_params, seed=seed, mode=mode, sparse=sparse, name=name, init=init,
             device=device,
         )
 
