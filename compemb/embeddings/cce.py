@@ -9,10 +9,20 @@ Deviations and choices (the class docstring says more):
 
 - Honest memory (``accounting="honest"``, the default): stored pointers, the HotSketch and the seen-bitmap all count
   in the budget. Pointers for every id cost ``n x c`` small ints (10M ids x 4 x 2 bytes = 80 MB, more than a 100x
-  table), so by default only the ``m`` ids a HotSketch scores highest hold stored pointers (held in the sketch's own
-  hot-row slots, so no id array is stored); every other id keeps its hashed ``h0``. ``accounting="paper"`` sizes the
+  table), so by default only the ``m`` ids a HotSketch scores highest hold stored pointers (their ids in a sorted
+  ``holder_ids`` array, 8 bytes each, counted); every other id reads hashed rows. ``accounting="paper"`` sizes the
   float tables to the whole budget, as the paper's figures do, and stores pointers for every id (reported, not
   counted).
+- With top-m holders, each table is split in two regions: rows ``[0, holder_rows)`` hold the holders' centroids (T0)
+  and residuals (T1); rows ``[holder_rows, k)`` are a hashed region that every other id reads through fixed hashes
+  and that clustering never writes. Why: overwriting T0 with centroids while an id without a pointer still read
+  ``T0[h0(x)]`` handed that id an unrelated centroid at every round (measured on 20k ids at 20x, 300 holders: the
+  non-holders' traffic-weighted MSE went 1.15 -> 1.87 at each clustering, worse than predicting zeros). Now an id
+  that holds no pointer before and after a clustering reads exactly the same vector (tested); an id that drops out
+  of the top m returns to its hashed rows. The cost: before the first clustering the holder region is idle, and the
+  hashed region has ``1 - holder_share`` of the rows (default half).
+- Holders are re-chosen at every clustering from the sketch's current scores; the sketch never pins them (hot slots
+  that were never evicted kept stale holders after the stream shifted: 34% of the new top-500 covered vs 53% fresh).
 - Clustering picks at most ``max_points_per_centroid x k`` ids (``sample``): uniform over the vocabulary (the paper's
   code), ids seen in training (a bitmap), or ids weighted by their sketch score.
 - ``h1`` is never stored: it is a seeded hash whose seed advances each round (kept in the ``cluster_state`` buffer).
@@ -49,8 +59,9 @@ SAMPLES = ("uniform", "seen", "frequency")
 RESIDUALS = ("zeros", "mean")
 SKETCH_SLOTS = 4  # slots per HotSketch bucket
 ASSIGN_BATCH = 1 << 18  # ids whose vectors are computed and assigned at once: bounds cluster()'s memory
-H0_STREAM, H1_STREAM = 0, 1
+H0_STREAM, H1_STREAM, COLD1_STREAM = 0, 1, 2
 STATE_BYTES = 16  # the cluster_state buffer: (seed, rounds) as int64
+ID_BYTES = 8  # a holder's id in holder_ids (int64)
 _GOLDEN = 0x9E3779B97F4A7C15
 # torch indexing takes int32/int64 only: pointers are stored in the smallest of these and widened per batch
 POINTER_DTYPES = ((256, torch.uint8), (32_768, torch.int16), (2**31, torch.int32))
@@ -108,26 +119,39 @@ class ClusterReport:
 
 
 @numba.njit(cache=True, nogil=True)
-def _rows_kernel(ids, mode, pointers, keys, hot_rows, occupied, sketch_coefficients, h0, h1, k, out):
-    """Rows ``(N, c, 2)`` of the stored table: T0's row (stored or hashed pointer), T1's row (hashed)."""
+def _rows_kernel(ids, mode, pointers, holder_ids, h0, h1, cold1, k, cold_offset, cold_k, hot_k, out):
+    """Rows ``(N, c, 2)`` of the stored table each id reads: T0's row, T1's row, per column.
+
+    Mode 0 (no clustering yet) and ids without stored pointers: T0 row ``cold_offset + h0(x)`` and T1 row
+    ``cold_offset + cold1(x)`` (the hashed region, which clustering never writes). Ids with stored pointers (mode 1:
+    every id, row x; mode 2: the ids of the sorted ``holder_ids``, found by binary search): T0 row ``pointer`` (a
+    centroid) and T1 row ``h1(x)`` (the residual, re-hashed each round). ``h0``/``cold1`` hash into ``cold_k`` buckets,
+    ``h1`` into ``hot_k``.
+    """
     c = h0.shape[0]
-    num_buckets, num_slots = keys.shape
-    sa, sb = sketch_coefficients[0, 0], sketch_coefficients[0, 1]
+    m = holder_ids.shape[0]
     for i in range(ids.shape[0]):
         x = np.int64(ids[i])
         row = -1  # the id's row of stored pointers, -1: hashed
         if mode == 1:
             row = x
-        elif mode == 2:  # the sketch's hot row of the id
-            bucket = _bucket(sa * x + sb, num_buckets)
-            for s in range(num_slots):
-                if occupied[bucket, s] and keys[bucket, s] == x:
-                    row = hot_rows[bucket, s]
-                    break
+        elif mode == 2:
+            low, high = 0, m
+            while low < high:
+                middle = (low + high) >> 1
+                if holder_ids[middle] < x:
+                    low = middle + 1
+                else:
+                    high = middle
+            if low < m and holder_ids[low] == x:
+                row = low
         for j in range(c):
-            p = np.int64(pointers[row, j]) if row >= 0 else _bucket(h0[j, 0] * x + h0[j, 1], k)
-            out[i, j, 0] = j * k + p
-            out[i, j, 1] = (c + j) * k + _bucket(h1[j, 0] * x + h1[j, 1], k)
+            if row >= 0:
+                out[i, j, 0] = j * k + np.int64(pointers[row, j])
+                out[i, j, 1] = (c + j) * k + _bucket(h1[j, 0] * x + h1[j, 1], hot_k)
+            else:
+                out[i, j, 0] = j * k + cold_offset + _bucket(h0[j, 0] * x + h0[j, 1], cold_k)
+                out[i, j, 1] = (c + j) * k + cold_offset + _bucket(cold1[j, 0] * x + cold1[j, 1], cold_k)
 
 
 # The kernels below work on the ``(N * c * 2)`` flat rows and ``(N * c, w)`` sub-vectors; their inner loops run
@@ -168,15 +192,15 @@ def _touch(array, accesses):
 
 
 @numba.njit(cache=True, nogil=True)
-def _forward_kernel(ids, mode, pointers, keys, hot_rows, occupied, sketch_coefficients, h0, h1, k, weight, rows, out):
+def _forward_kernel(ids, mode, pointers, holder_ids, h0, h1, cold1, k, cold_offset, cold_k, hot_k, weight, rows, out):
     """Route and gather in one call: ``rows`` ``(N, c, 2)`` as :func:`_rows_kernel`, ``out`` ``(N * c, w)``."""
     n, c = ids.shape[0], h0.shape[0]
     touched = 0.0
     if mode == 2:
-        touched += _touch(keys, n) + _touch(occupied, n) + _touch(hot_rows, n)
+        touched += _touch(holder_ids, n)
     if mode != 0:
         touched += _touch(pointers, n * c)
-    _rows_kernel(ids, mode, pointers, keys, hot_rows, occupied, sketch_coefficients, h0, h1, k, rows)
+    _rows_kernel(ids, mode, pointers, holder_ids, h0, h1, cold1, k, cold_offset, cold_k, hot_k, rows)
     touched += _touch(weight, 2 * n * c)
     _gather_kernel(rows.reshape(-1), weight, out)
     return touched
@@ -226,7 +250,7 @@ class _PairGather(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight: Tensor, ids: Tensor, routing: tuple, sparse: bool) -> Tensor:  # type: ignore[override]
-        c = routing[6].shape[0]
+        c = routing[4].shape[0]
         rows = torch.empty(ids.numel(), c, 2, dtype=torch.int64)
         out = torch.empty(ids.numel() * c, weight.shape[1], dtype=weight.dtype)
         _forward_kernel(ids.numpy(), *routing, weight.detach().numpy(), rows.numpy(), out.numpy())
@@ -248,15 +272,14 @@ class _PairGather(torch.autograd.Function):
         return dense, None, None, None
 
 
-_NO_KEYS = np.zeros((1, 1), dtype=np.int64)
-_NO_ROWS = np.full((1, 1), -1, dtype=np.int32)
-_NO_OCCUPIED = np.zeros((1, 1), dtype=np.bool_)
-_NO_COEFFICIENTS = np.zeros((1, 2), dtype=np.int64)
+_NO_HOLDERS = np.zeros(0, dtype=np.int64)
+NO_ID = torch.iinfo(torch.int64).max  # free entries of holder_ids: they sort after every id
 
 
 @dataclass(frozen=True)
 class _Plan:
     rows: int  # k
+    holder_rows: int  # rows of each table for ids with stored pointers (centroids, residuals); k when all_ids
     all_ids: bool  # every id holds stored pointers (else the top ``pointers`` of the sketch)
     pointers: int  # rows of stored pointers
     dtype: torch.dtype
@@ -276,14 +299,18 @@ class CCEmbedding(_Adaptive):
     The optimizer state of the whole table is reset. ``on_step_end`` clusters when ``cluster_every`` says (see
     :class:`ClusterSchedule`); the Trainer calls it, and ``on_train_begin`` with the run's length for ``until``.
 
+    With top-m holders (below) only the holder region of the tables (``holder_rows`` of each) is clustered, into
+    ``holder_rows`` centroids, and only its optimizer state is reset; the hashed region is left as it is.
+
     Memory: the float tables are ``2 k d`` floats. Stored pointers are ``c`` ints each, in the smallest dtype that
-    holds ``k`` (uint8 up to 256 rows, int16 up to 32,768, else int32; widened per lookup batch); index bytes.
+    holds the rows they index (uint8 up to 256, int16 up to 32,768, else int32; widened per lookup batch); index
+    bytes.
     With ``accounting="honest"`` (default) pointers, sketch and bitmap count in the budget: ``pointers=None``
     gives every id stored pointers when they (with any sketch and bitmap) fit in ``pointer_share`` of the budget,
     else pointers to the ``m`` ids of highest HotSketch score (frequency, or gradient ``importance``), ``m`` being
-    as many as ``pointer_share`` of the budget holds at ``c`` ints plus ``sketch_slots_per_pointer`` sketch slots
-    each. Their pointers live in rows of ``pointer_table`` that the sketch's hot-row slots point to (hot ids are
-    never evicted), so no id array is stored. The floats take the rest. ``pointers=m`` asks for exactly ``m``.
+    as many as ``pointer_share`` of the budget holds at ``c`` ints, an 8-byte id and ``sketch_slots_per_pointer``
+    sketch slots each. Pointer row i belongs to ``holder_ids[i]`` (sorted; a lookup binary-searches it). The floats
+    take the rest. ``pointers=m`` asks for exactly ``m``.
     With ``accounting="paper"`` the floats alone are sized to the budget; the rest is reported, not counted.
 
     Args:
@@ -291,6 +318,8 @@ class CCEmbedding(_Adaptive):
         accounting: ``"honest"`` (default) or ``"paper"``.
         pointers: ids holding stored pointers (None: chosen as above; ``>= num_embeddings``: every id).
         pointer_share: the most of an honest budget stored pointers, sketch and bitmap may take (default 0.25).
+        holder_share: with top-m holders, the share of each table's rows for the holders' centroids and residuals;
+            the rest is the hashed region of the other ids (default 0.5).
         sample: ids k-means runs on: ``"uniform"`` over the vocabulary, ``"seen"`` in training (an ``n/8``-byte
             bitmap, counted as sketch bytes) or ``"frequency"`` (sketch items, weighted by score). Default: uniform
             when every id holds pointers, else frequency (the centroids then serve the ids that get them).
@@ -335,6 +364,7 @@ class CCEmbedding(_Adaptive):
         residual: str = "zeros",
         importance: str = "frequency",
         sketch_slots_per_pointer: float = 2,
+        holder_share: float = 0.5,
         sketch_stride: int = 4,
         decay: float = 0.99,
         cluster_every: int = 0,
@@ -360,6 +390,9 @@ class CCEmbedding(_Adaptive):
             raise ValueError(f"{self._who()}: pointers must be a positive int or None, got {pointers!r}")
         if not 0 < pointer_share < 1 or not sketch_slots_per_pointer > 0:
             raise ValueError(f"{self._who()}: pointer_share must be in (0, 1) and sketch_slots_per_pointer > 0")
+        if not 0 < holder_share < 1:
+            raise ValueError(f"{self._who()}: holder_share must be in (0, 1), got {holder_share!r}")
+        self.holder_share = float(holder_share)
         if isinstance(sketch_stride, bool) or not isinstance(sketch_stride, int) or sketch_stride < 1:
             raise ValueError(f"{self._who()}: sketch_stride must be a positive int, got {sketch_stride!r}")
         if niter < 1 or max_points_per_centroid < 1:
@@ -374,13 +407,23 @@ class CCEmbedding(_Adaptive):
         budget = resolve_budget(num_embeddings, embedding_dim, compression=compression, num_params=num_params)
         plan = self._plan(budget, pointers, sample)
         self.sample = sample or ("uniform" if plan.all_ids else "frequency")
-        self.rows, self.all_ids = plan.rows, plan.all_ids
+        self.rows, self.all_ids, self.holder_rows = plan.rows, plan.all_ids, plan.holder_rows
         c, k, meta = columns, plan.rows, torch.device(device or "cpu").type == "meta"
-        self.h0 = UniversalHash(k, num_functions=c, seed=seed, stream=H0_STREAM, device=device)
-        self.h1 = UniversalHash(k, num_functions=c, seed=seed, stream=H1_STREAM, device=device)
+        # ids without stored pointers read the hashed region: rows [cold_offset, k) of each table (all of it when
+        # every id will hold pointers); holders read centroids and residuals in rows [0, holder_rows)
+        self.cold_offset = 0 if plan.all_ids else plan.holder_rows
+        cold_rows = k - self.cold_offset
+        self.h0 = UniversalHash(cold_rows, num_functions=c, seed=seed, stream=H0_STREAM, device=device)
+        self.h1 = UniversalHash(plan.holder_rows, num_functions=c, seed=seed, stream=H1_STREAM, device=device)
+        # the hashed region's T1 pointer: fixed for good (every id holding pointers: round 0's h1, as the paper)
+        self.cold1 = None if plan.all_ids else UniversalHash(cold_rows, num_functions=c, seed=seed,
+                                                             stream=COLD1_STREAM, device=device)
         # column j of table t (0: T0, 1: T1) is rows [(t * c + j) * k, (t * c + j + 1) * k): one gather per lookup
         self.weight = torch.nn.Parameter(torch.empty(2 * c * k, embedding_dim // c, device=device))
         self.register_buffer("pointer_table", torch.empty(plan.pointers, c, dtype=plan.dtype, device=device))
+        # the ids holding pointers, sorted (NO_ID in free entries): pointer row i belongs to holder_ids[i]
+        self.register_buffer("holder_ids", None if plan.all_ids else
+                             torch.empty(plan.pointers, dtype=torch.int64, device=device))
         self.register_buffer("cluster_state", torch.empty(2, dtype=torch.int64, device=device))
         self.sketch = None if not plan.sketch_buckets else HotSketch(
             plan.sketch_buckets, SKETCH_SLOTS, threshold=1.0, decay_factor=decay, seed=seed,
@@ -402,16 +445,20 @@ class CCEmbedding(_Adaptive):
         return 2 * coefficient_bytes(self.columns) + STATE_BYTES  # h0, h1, cluster_state
 
     def _reserved_bytes(self, plan: _Plan) -> int:
-        """Every byte but the floats."""
+        """Every byte but the floats: hashes, pointers (and the holders' ids), sketch and bitmap."""
         sketch = HotSketch.bytes_for(plan.sketch_buckets) if plan.sketch_buckets else 0
         size = torch.empty(0, dtype=plan.dtype).element_size()
-        return self._fixed_bytes() + plan.pointers * self.columns * size + sketch + plan.bitmap_bytes
+        per_pointer = self.columns * size + (0 if plan.all_ids else ID_BYTES)
+        fixed = self._fixed_bytes() + (0 if plan.all_ids else coefficient_bytes(self.columns))  # + cold1
+        return fixed + plan.pointers * per_pointer + sketch + plan.bitmap_bytes
 
     def _smallest_bytes(self) -> int:
         """One row per table, one stored pointer, a one-bucket sketch and the bitmap when sampling seen ids."""
         bitmap = self.seen.numel() if self.seen is not None else 0
-        one_row = 2 * self.embedding_dim * FLOAT_BYTES
-        return self._fixed_bytes() + one_row + self.columns + HotSketch.bytes_for(1) + bitmap
+        two_rows = 2 * 2 * self.embedding_dim * FLOAT_BYTES  # a holder row and a hashed row in each table
+        one_pointer = self.columns + ID_BYTES
+        return self._fixed_bytes() + coefficient_bytes(self.columns) + two_rows + one_pointer + HotSketch.bytes_for(1) \
+            + bitmap
 
     def _plan(self, budget: Budget, pointers: int | None, sample: str | None) -> _Plan:
         """Table rows k, which ids hold stored pointers and their dtype, sketch and bitmap sizes (see the class)."""
@@ -421,8 +468,11 @@ class CCEmbedding(_Adaptive):
         share = self.pointer_share * B
         honest = self.accounting == "honest"
 
-        def k_for(reserved: float) -> int:
-            return max(1, round(((B - reserved) if honest else B) / row_bytes))
+        def k_for(reserved: float, smallest: int = 1) -> int:
+            return max(smallest, round(((B - reserved) if honest else B) / row_bytes))
+
+        def holder_rows(k: int) -> int:  # rows for holders; the rest (at least one) is the hashed region
+            return max(1, min(k - 1, round(self.holder_share * k)))
 
         def sketch_buckets(slots: float) -> int:
             return max(1, math.ceil(slots / SKETCH_SLOTS))
@@ -435,13 +485,13 @@ class CCEmbedding(_Adaptive):
                 if sample == "frequency":  # the sketch (for sampling only) takes what the share leaves
                     free = share - bitmap - stored if honest else share
                     buckets = sketch_buckets(max(0.0, free - HotSketch.bytes_for(0)) / SLOT_BYTES)
-                plan = _Plan(0, True, n, dtype, buckets, bitmap)
+                plan = _Plan(0, 0, True, n, dtype, buckets, bitmap)
                 k = k_for(self._reserved_bytes(plan))
                 if k <= limit:  # the first dtype that holds the k the rest of the budget buys
                     if need_fit and (self._reserved_bytes(plan) - self._fixed_bytes() > share
                                      or pointer_dtype(k) != dtype):
                         return None  # over the share, or k falls between two dtypes: choose m instead
-                    return _Plan(k, True, n, dtype, buckets, bitmap)
+                    return _Plan(k, k, True, n, dtype, buckets, bitmap)
             raise AssertionError("unreachable: int32 holds every k")
 
         if (pointers is None and not honest) or (pointers is not None and pointers >= n):
@@ -451,15 +501,15 @@ class CCEmbedding(_Adaptive):
             if fitted is not None:
                 return fitted
             # as many as the share holds, at the dtype of the k the rest of the budget buys
-            dtype = pointer_dtype(k_for(share))
+            dtype = pointer_dtype(holder_rows(k_for(share, 2)))
             size = torch.empty(0, dtype=dtype).element_size()
-            per_pointer = c * size + self.sketch_slots_per_pointer * SLOT_BYTES
+            per_pointer = c * size + ID_BYTES + self.sketch_slots_per_pointer * SLOT_BYTES
             pointers = int(max(1, min(n, (share - bitmap - HotSketch.bytes_for(0)) // per_pointer)))
         for limit, dtype in POINTER_DTYPES:
-            plan = _Plan(0, False, pointers, dtype, sketch_buckets(pointers * self.sketch_slots_per_pointer), bitmap)
-            k = k_for(self._reserved_bytes(plan))
-            if k <= limit:
-                return _Plan(k, False, pointers, dtype, plan.sketch_buckets, bitmap)
+            plan = _Plan(0, 0, False, pointers, dtype, sketch_buckets(pointers * self.sketch_slots_per_pointer), bitmap)
+            k = k_for(self._reserved_bytes(plan), 2)
+            if holder_rows(k) <= limit:  # pointers index the holder rows
+                return _Plan(k, holder_rows(k), False, pointers, dtype, plan.sketch_buckets, bitmap)
         raise AssertionError("unreachable: int32 holds every k")
 
     def budgeted_bytes(self) -> int:
@@ -474,7 +524,9 @@ class CCEmbedding(_Adaptive):
         """k, c, who holds stored pointers and the accounting, in a line (for ``compemb methods``)."""
         held = "every id holds" if self.all_ids else f"the top {self.pointer_table.shape[0]:,} ids of a HotSketch hold"
         dtype = str(self.pointer_table.dtype).removeprefix("torch.")
-        return f"k={self.rows:,} rows x {self.columns} columns x 2 tables; {held} {dtype} pointers; {self.accounting}"
+        split = "" if self.all_ids else f" ({self.holder_rows:,} for holders, {self.rows - self.holder_rows:,} hashed)"
+        return (f"k={self.rows:,} rows{split} x {self.columns} columns x 2 tables; {held} {dtype} pointers; "
+                f"{self.accounting}")
 
     # --- state -------------------------------------------------------------------------------------------
 
@@ -482,6 +534,8 @@ class CCEmbedding(_Adaptive):
         # T0 + T1 should spread as one U(-b, b) table: each of the two at b / sqrt(2)
         init_uniform_(self.weight, self.init_bound / 2**0.5, self._generator())
         self.pointer_table.zero_()
+        if self.holder_ids is not None:
+            self.holder_ids.fill_(NO_ID)
         self.cluster_state.copy_(torch.tensor([self.seed, 0]))
         self.h1.reset(seed=self.seed)  # round 0's h1
         if self.sketch is not None:
@@ -502,9 +556,8 @@ class CCEmbedding(_Adaptive):
             return torch.empty(0, dtype=torch.int64)
         if self.all_ids:
             return torch.arange(self.num_embeddings)
-        ids, _, hot = self.sketch.items()  # type: ignore[union-attr]
-        held = hot >= 0
-        return ids[held][torch.argsort(hot[held])]
+        ids = self.holder_ids.cpu()  # type: ignore[union-attr]
+        return ids[ids != NO_ID]
 
     # --- lookup ------------------------------------------------------------------------------------------
 
@@ -513,12 +566,12 @@ class CCEmbedding(_Adaptive):
         return 0 if self.rounds == 0 else (1 if self.all_ids else 2)
 
     def _routing(self) -> tuple:
-        """The compiled kernels' routing arguments: mode, pointers, the sketch's arrays, h0, h1, k (CPU numpy)."""
-        sketch = self.sketch._arrays() if self.sketch is not None else None
+        """The compiled kernels' routing arguments (CPU numpy): mode, pointers, holders, hashes, k, the regions."""
+        cold1 = self.h1 if self.cold1 is None else self.cold1
         return (self._mode(), self.pointer_table.numpy(),
-                _NO_KEYS if sketch is None else sketch[0], _NO_ROWS if sketch is None else sketch[2],
-                _NO_OCCUPIED if sketch is None else sketch[3], _NO_COEFFICIENTS if sketch is None else sketch[5],
-                self.h0.coefficients.numpy(), self.h1.coefficients.numpy(), self.rows)
+                _NO_HOLDERS if self.holder_ids is None else self.holder_ids.numpy(),
+                self.h0.coefficients.numpy(), self.h1.coefficients.numpy(), cold1.coefficients.numpy(), self.rows,
+                self.cold_offset, self.rows - self.cold_offset, self.holder_rows)
 
     def _route(self, ids: Tensor) -> Tensor:
         """Rows ``(N, c, 2)`` of ``weight`` each id reads: T0's and T1's, per column."""
@@ -529,17 +582,20 @@ class CCEmbedding(_Adaptive):
         return self._route_torch(ids, self._mode())
 
     def _route_torch(self, ids: Tensor, mode: int) -> Tensor:
-        """:meth:`_route` in torch ops, for any device (the sketch is queried on CPU)."""
+        """:meth:`_route` in torch ops, for any device."""
         c, k = self.columns, self.rows
-        first = self.h0(ids)
+        first = self.h0(ids) + self.cold_offset
+        second = (self.h1 if self.cold1 is None else self.cold1)(ids) + self.cold_offset
         if mode == 1:
-            first = self.pointer_table[ids].long()
+            first, second = self.pointer_table[ids].long(), self.h1(ids)
         elif mode == 2:
-            row = self.sketch.query(ids)[1].long()  # type: ignore[union-attr]
-            stored = self.pointer_table[row.clamp_min(0)].long()
-            first = torch.where((row >= 0).unsqueeze(-1), stored, first)
+            holders = self.holder_ids
+            position = torch.searchsorted(holders, ids).clamp_max_(holders.numel() - 1)  # type: ignore[union-attr]
+            found = (holders[position] == ids).unsqueeze(-1)  # type: ignore[index]
+            first = torch.where(found, self.pointer_table[position].long(), first)
+            second = torch.where(found, self.h1(ids), second)
         offsets = torch.arange(c, device=ids.device) * k
-        return torch.stack([first + offsets, self.h1(ids) + offsets + c * k], dim=-1)
+        return torch.stack([first + offsets, second + offsets + c * k], dim=-1)
 
     def _vectors(self, ids: Tensor) -> Tensor:
         if ids.is_cpu and self.weight.is_cpu and self.pointer_table.is_cpu:
@@ -600,7 +656,7 @@ class CCEmbedding(_Adaptive):
 
     def _sample(self, generator: torch.Generator) -> Tensor:
         """At most ``max_points_per_centroid x k`` distinct ids to cluster, sorted (uniform when none recorded)."""
-        n, limit = self.num_embeddings, self.max_points_per_centroid * self.rows
+        n, limit = self.num_embeddings, self.max_points_per_centroid * self.holder_rows
         ids = torch.empty(0, dtype=torch.int64)
         if self.sample == "seen":
             bits = (self.seen.cpu().unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1  # type: ignore[union-attr]
@@ -630,7 +686,7 @@ class CCEmbedding(_Adaptive):
         ids, scores, _ = self.sketch.items()  # type: ignore[union-attr]
         by_id = torch.argsort(ids, stable=True)
         order = by_id[torch.argsort(scores[by_id], descending=True, stable=True)]
-        return ids[order[: self.pointer_table.shape[0]]]
+        return torch.sort(ids[order[: self.pointer_table.shape[0]]]).values  # sorted: holder_ids is searched
 
 
     @torch.no_grad()
@@ -641,12 +697,12 @@ class CCEmbedding(_Adaptive):
         started = time.perf_counter()
         self._flush(optimizer)  # scores recorded so far choose the ids
         seed, rounds = (int(v) for v in self.cluster_state.tolist())
-        c, k, device = self.columns, self.rows, self.weight.device
+        c, k, kh, device = self.columns, self.rows, self.holder_rows, self.weight.device
         generator = torch.Generator().manual_seed((seed * 1_000_003 + rounds) % 2**63)
         sample, holders = self._sample(generator), self._holders()
-        # everything is computed from the old state and installed at the end
+        # everything is computed from the old state and installed at the end; the hashed region is kept as it is
         h1 = hash_coefficients(seed + (rounds + 1) * _GOLDEN, c, H1_STREAM)
-        weight = torch.zeros(self.weight.shape, dtype=torch.float32)
+        weight = self.weight.detach().float().cpu().clone()
         pointers = torch.empty(holders.numel(), c, dtype=self.pointer_table.dtype)
         inertia = []
         for j in range(c):
@@ -654,33 +710,35 @@ class CCEmbedding(_Adaptive):
             if not bool(torch.isfinite(points).all()):  # k-means would abort the process on them
                 raise ValueError(f"{self._who()}: column {j} holds non-finite values (training diverged?)")
             # the fast path (k-NN-graph Lloyd steps); with no more points than rows, the points themselves, cycled
-            centroids = kmeans(points, k, niter=self.niter, max_points_per_centroid=self.max_points_per_centroid,
+            centroids = kmeans(points, kh, niter=self.niter, max_points_per_centroid=self.max_points_per_centroid,
                                seed=(seed * 7919 + rounds * 131 + j) % 2**31).centroids
             # the report's inertia is exact: each sampled id's squared distance to its nearest centroid
             inertia.append(float(assign(points, centroids, batch_size=ASSIGN_BATCH)[1].double().sum()))
-            sums, counts = torch.zeros(k, centroids.shape[1], dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
+            sums = torch.zeros(kh, centroids.shape[1], dtype=torch.float64)
+            counts = torch.zeros(kh, dtype=torch.float64)
             for start in range(0, holders.numel(), ASSIGN_BATCH):  # memory-bounded: ASSIGN_BATCH ids at a time
                 chunk = holders[start : start + ASSIGN_BATCH]
                 vectors = self._column(chunk, j).float().cpu()
                 labels = assign(vectors, centroids, batch_size=ASSIGN_BATCH)[0]
                 pointers[start : start + chunk.numel(), j] = labels.to(pointers.dtype)
                 if self.residual == "mean":
-                    bucket = hash_ids(chunk, h1[j : j + 1], k).squeeze(-1)
+                    bucket = hash_ids(chunk, h1[j : j + 1], kh).squeeze(-1)
                     sums.index_add_(0, bucket, (vectors - centroids[labels]).double())
                     counts.index_add_(0, bucket, torch.ones(chunk.numel(), dtype=torch.float64))
-            weight[j * k : (j + 1) * k] = centroids
-            weight[(c + j) * k : (c + j + 1) * k] = (sums / counts.clamp_min(1).unsqueeze(-1)).float()
-        # install: tables, pointers (and who holds them), h1, the round
+            weight[j * k : j * k + kh] = centroids
+            weight[(c + j) * k : (c + j) * k + kh] = (sums / counts.clamp_min(1).unsqueeze(-1)).float()
+        # install: the holder region of the tables, pointers and who holds them, h1, the round
         self.weight.copy_(weight.to(device, self.weight.dtype))
-        if not self.all_ids:
-            sketch = self.sketch
-            held, _, hot = sketch.items()  # type: ignore[union-attr]
-            sketch.clear_hot(held[hot >= 0])  # type: ignore[union-attr]
-            sketch.set_hot(holders, torch.arange(holders.numel(), dtype=torch.int32))  # type: ignore[union-attr]
         self.pointer_table[: holders.numel()] = pointers.to(self.pointer_table.device)
+        if self.holder_ids is not None:
+            self.holder_ids.fill_(NO_ID)
+            self.holder_ids[: holders.numel()] = holders.to(self.holder_ids.device)
         self.h1.coefficients.copy_(h1.to(self.h1.coefficients.device))
         self.cluster_state[1] += 1
-        reset_optimizer_rows(optimizer, self.weight, torch.arange(self.weight.shape[0]))
+        # the holder region changed owner (all of each table when every id holds pointers); the hashed region did not
+        region = torch.arange(kh)
+        rows = torch.cat([region + block * k for block in range(2 * c)])
+        reset_optimizer_rows(optimizer, self.weight, rows)
         report = ClusterReport(rounds + 1, sample, tuple(inertia), holders.numel(), time.perf_counter() - started)
         log.info("%s: clustered round %d, %d ids sampled, %d pointers, %.2fs", self._who(), report.round,
                  sample.numel(), report.num_pointers, report.seconds)

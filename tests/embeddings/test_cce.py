@@ -11,6 +11,7 @@ import compemb.embeddings.cce as cce_module
 from compemb import BudgetError, CCEmbedding, ClusterSchedule, make_embedding
 from compemb.embeddings.cce import pointer_dtype
 from compemb.hashing import hash_ids
+from compemb.sketch.hotsketch import SLOT_BYTES
 
 
 def _all_ids(n=2000, dim=8, **options):
@@ -116,9 +117,12 @@ def test_pointers_use_the_smallest_dtype_that_holds_k():
         torch.uint8, torch.uint8, torch.int16, torch.int16, torch.int32]
     for compression, dtype in ((160, torch.uint8), (4, torch.int16)):
         module = make_embedding("cce", 100_000, 16, compression=compression, device="meta")
-        assert module.pointer_table.dtype == dtype == pointer_dtype(module.rows)
+        assert module.pointer_table.dtype == dtype == pointer_dtype(module.holder_rows)
     big = make_embedding("cce", 10_000_000, 16, compression=100, device="meta")
-    assert big.rows > 32_768 and big.pointer_table.dtype == torch.int32
+    # pointers index the holders' rows only: half of k=37,498 fits int16
+    assert big.holder_rows <= 32_768 < big.rows and big.pointer_table.dtype == torch.int16
+    every = make_embedding("cce", 10_000_000, 16, compression=100, accounting="paper", device="meta")
+    assert every.all_ids and every.holder_rows == every.rows > 32_768 and every.pointer_table.dtype == torch.int32
 
 
 def test_assignment_in_small_batches_equals_one_batch(monkeypatch):
@@ -151,7 +155,9 @@ def test_top_m_ids_by_sketch_score_hold_the_stored_pointers_within_budget():
     stored = torch.zeros(n, dtype=torch.bool)
     stored[held] = True
     assert torch.equal(rows[held] - torch.arange(4) * k, module.pointer_table[: held.numel()].long())
-    assert torch.equal(rows[~stored] - torch.arange(4) * k, module.h0(torch.arange(n)[~stored]))
+    # any other id reads the hashed region, which starts after the holders' rows
+    assert module.cold_offset == module.holder_rows
+    assert torch.equal(rows[~stored] - torch.arange(4) * k, module.h0(torch.arange(n)[~stored]) + module.cold_offset)
     assert abs(module.memory().total - budget) <= 0.01 * budget
 
 
@@ -162,7 +168,8 @@ def test_honest_budget_chooses_how_many_ids_hold_pointers():
     report, budget = large.memory(), 1_000_000 * 16 * 4 / 100
     assert not large.all_ids and 0 < large.pointer_table.shape[0] < 1_000_000
     assert abs(report.total - budget) <= 0.01 * budget
-    assert report.index_bytes + report.sketch_bytes <= 0.25 * budget + 200
+    # the share, plus three hashes and the cluster state, and a sketch bucket of rounding
+    assert report.index_bytes + report.sketch_bytes <= 0.25 * budget + 208 + 4 * SLOT_BYTES
     with pytest.raises(BudgetError, match="smallest budget it can meet"):
         make_embedding("cce", 1_000_000, 16, compression=100, pointers=200_000, device="meta")
 
@@ -346,3 +353,73 @@ def test_gradient_importance_scores_from_the_output_gradient():
     module.on_step_end(0)
     scores = module.sketch.query(ids)[0]
     torch.testing.assert_close(scores, torch.tensor([0.75, 2.25, 0.0]))  # norms, normalised to mean 1
+
+
+# --- ids without stored pointers keep their vectors; holders follow the stream ------------------------------
+
+
+def _stream(n, size, generator, permutation):
+    """Zipf(1.1) ids whose popularity order is ``permutation``."""
+    weights = 1.0 / torch.arange(1, n + 1, dtype=torch.float64) ** 1.1
+    return permutation[torch.multinomial(weights, size, replacement=True, generator=generator)]
+
+
+def test_clustering_leaves_ids_without_pointers_no_worse_off():
+    """On a seeded skewed stream, the traffic-weighted loss of the ids that hold no pointer is kept by cluster()."""
+    n, d = 20_000, 16
+    generator = torch.Generator().manual_seed(0)
+    permutation = torch.randperm(n, generator=generator)
+    targets = torch.randn(n, d, generator=generator)
+    traffic = torch.bincount(_stream(n, 200_000, torch.Generator().manual_seed(9), permutation), minlength=n)
+    module = make_embedding("cce", n, d, compression=20, pointers=300, seed=1)
+    optimizer = torch.optim.Adam(module.parameters(), lr=0.01)
+    step = 0
+    for round_ in range(1, 3):
+        for _ in range(200):
+            ids = _stream(n, 2048, generator, permutation)
+            loss = (module(ids) - targets[ids]).square().sum(1).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            module.on_step_end(step, optimizer)
+            step += 1
+        held_before = torch.zeros(n, dtype=torch.bool)
+        held_before[module.pointer_ids()] = True
+        with torch.no_grad():
+            before = (module(torch.arange(n)) - targets).square().sum(1).double()
+        module.cluster(optimizer)
+        assert module.rounds == round_
+        held = torch.zeros(n, dtype=torch.bool)
+        held[module.pointer_ids()] = True
+        with torch.no_grad():
+            after = (module(torch.arange(n)) - targets).square().sum(1).double()
+        weight = traffic * ~(held | held_before)  # never held a pointer around this clustering
+        assert weight.sum() > 0.2 * traffic.sum()  # a real share of the traffic
+        loss_before = float((before * weight).sum() / weight.sum())
+        loss_after = float((after * weight).sum() / weight.sum())
+        assert loss_after <= loss_before * (1 + 1e-6), (round_, loss_before, loss_after)
+        assert not torch.allclose(before[held], after[held])  # while the holders moved to their centroids
+
+
+def test_holders_follow_a_shifted_stream_as_a_fresh_sketch_would():
+    """No stale holders: after the stream's popular ids change, round 2's holders cover its top ids about as well
+    as the holders a module that only ever saw the new stream picks."""
+    n, m = 20_000, 300
+    generator = torch.Generator().manual_seed(3)
+    old, new = torch.randperm(n, generator=generator), torch.randperm(n, generator=generator)
+
+    def count(module, permutation, steps):
+        for _ in range(steps):
+            module.train()
+            module(_stream(n, 2048, generator, permutation))  # frequency scores need no backward
+        return module
+
+    shifted = count(make_embedding("cce", n, 16, compression=20, pointers=m, seed=4), old, 200)
+    shifted.cluster()
+    count(shifted, new, 200).cluster()
+    fresh = count(make_embedding("cce", n, 16, compression=20, pointers=m, seed=4), new, 200)
+    fresh.cluster()
+    top = set(new[:m].tolist())  # the new stream's m most popular ids
+    covered = len(top & set(shifted.pointer_ids().tolist())) / m
+    covered_fresh = len(top & set(fresh.pointer_ids().tolist())) / m
+    assert covered >= 0.9 * covered_fresh and covered_fresh > 0.3, (covered, covered_fresh)
