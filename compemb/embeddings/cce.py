@@ -47,7 +47,7 @@ from torch import Tensor
 from compemb.budget import FLOAT_BYTES, Budget, MemoryReport, check_budget, every_budget_from, resolve_budget
 from compemb.embeddings.adaptive import reset_optimizer_rows
 from compemb.embeddings.base import init_uniform_
-from compemb.embeddings.cafe import _Adaptive, _bucket, _report
+from compemb.embeddings.cafe import NO_ID, _Adaptive, _bucket, _report  # NO_ID: free holder_ids entries sort last
 from compemb.hashing import UniversalHash, coefficient_bytes, hash_coefficients, hash_ids
 from compemb.registry import register
 from compemb.sketch.hotsketch import SLOT_BYTES, HotSketch
@@ -273,7 +273,6 @@ class _PairGather(torch.autograd.Function):
 
 
 _NO_HOLDERS = np.zeros(0, dtype=np.int64)
-NO_ID = torch.iinfo(torch.int64).max  # free entries of holder_ids: they sort after every id
 
 
 @dataclass(frozen=True)
