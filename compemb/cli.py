@@ -105,14 +105,15 @@ def _train_config(args: argparse.Namespace, out: str) -> TrainConfig:
 
 def cmd_bench_quality(args: argparse.Namespace) -> int:
     """Sweep methods x compression ratios x seeds; print the table and where the plots went."""
-    from compemb.bench.quality import markdown_table, parse_method_spec, run_sweep
+    from compemb.bench.quality import collect_rows, markdown_table, parse_method_spec, run_sweep
 
     methods = list(METHODS) if args.methods == "all" else args.methods.split(",")
     for method in methods:
         parse_method_spec(method)  # an unknown name or a malformed option fails before any training
     compressions = [float(ratio) for ratio in args.compression.split(",")]
-    rows = run_sweep(_train_config(args, args.out), methods, compressions, args.seeds, args.out)
-    print(markdown_table(rows))
+    base = _train_config(args, args.out)
+    run_sweep(base, methods, compressions, args.seeds, args.out)
+    print(markdown_table(collect_rows(base, Path(args.out), first=methods)))  # with earlier invocations' runs
     print(f"\nwritten: {args.out}/results.csv, {args.out}/results.md, {args.out}/bce.png, {args.out}/auc.png")
     return 0
 

@@ -79,3 +79,24 @@ def test_tables_show_the_spread_over_seeds():
             for seed, v in enumerate([0.40, 0.42, 0.44])]
     line = next(line for line in markdown_table(rows).splitlines() if line.startswith("| hash"))
     assert "| 3 | 0.4200 ± 0.0200 | 0.4200 ± 0.0200 | 0.7000 ± 0.0000 |" in line
+
+
+def test_files_gather_every_invocation_made_with_the_same_settings(data, tmp_path):
+    from compemb.bench.quality import collect_rows
+
+    base = TrainConfig(data=data, out="", embedding_dim=8, bottom=(8,), top=(8,), optimizer="adagrad", lr=0.02,
+                       batch_size=512)
+    run_sweep(base, ["full", "hash"], [4], seeds=1, out=str(tmp_path))
+    # more seeds for one method, a budget no qr can meet, then a sweep with other shared settings
+    run_sweep(base, ["hash", "qr"], [4, 1000], seeds=2, out=str(tmp_path))
+    run_sweep(replace(base, lr=0.05), ["ce"], [4], seeds=1, out=str(tmp_path / "other"))
+    gathered = collect_rows(base, tmp_path, first=["full", "hash"])
+    keys = [(r.method, r.ratio_asked, r.seed) for r in gathered]
+    assert keys == [("full", 1.0, 0), ("hash", 4, 0), ("hash", 4, 1), ("hash", 1000, 0), ("hash", 1000, 1),
+                    ("qr", 4, 0), ("qr", 4, 1), ("qr", 1000, 0), ("qr", 1000, 1)]
+    assert all(r.test_bce is None and "budget" in r.note for r in gathered if r.method == "qr" and r.ratio_asked == 1000)
+    table = (tmp_path / "results.md").read_text()
+    assert "| full | 1 |" in table and "| hash | 4 |" in table and "| ce |" not in table
+    # a run made with another learning rate in the same directory is not part of this table
+    run_sweep(replace(base, lr=0.05), ["ce"], [4], seeds=1, out=str(tmp_path))
+    assert all(r.method != "ce" for r in collect_rows(base, tmp_path))

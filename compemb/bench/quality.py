@@ -18,6 +18,7 @@ import shutil
 import statistics
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from compemb.budget import full_table_bytes
@@ -88,7 +89,28 @@ def run_sweep(base: TrainConfig, methods: list[str], compressions: list[float], 
         for ratio in ratios:
             for seed in range(seeds):
                 rows.append(_run_one(base, method, ratio, seed, Path(out)))
-    write_results(rows, Path(out))
+    write_results(collect_rows(base, Path(out), first=methods), Path(out))
+    return rows
+
+
+# what a sweep's runs may differ in; every other setting is shared by the rows of one table
+_PER_RUN = ("method", "compression", "seed", "out", "method_options")
+
+
+def collect_rows(base: TrainConfig, out: Path, first: Sequence[str] = ()) -> list[SweepRow]:
+    """Every finished run under ``out/runs`` made with ``base``'s shared settings, as rows.
+
+    Ordered by method (``first``'s order, then the rest by name), then ratio asked, then seed.
+    """
+    shared = {k: v for k, v in json.loads(json.dumps(asdict(base))).items() if k not in _PER_RUN}
+    rows = []
+    for result in sorted((out / "runs").glob("*/result.json")):
+        saved = json.loads(result.read_text())
+        config = saved.pop("config", {})
+        if {k: v for k, v in config.items() if k not in _PER_RUN} == shared:
+            rows.append(SweepRow(**saved))
+    order = {method: index for index, method in enumerate(first)}
+    rows.sort(key=lambda r: (order.get(r.method, len(order)), r.method, r.ratio_asked, r.seed))
     return rows
 
 
@@ -106,8 +128,9 @@ def _run_one(base: TrainConfig, method: str, ratio: float, seed: int, out: Path)
     row = SweepRow(method, ratio, seed)
     try:
         trainer = Trainer(config)
-    except ValueError as error:  # the method cannot meet this budget: say why, keep sweeping
+    except ValueError as error:  # the method cannot meet this budget: say why (kept, so it is not retried), go on
         row.note = str(error)
+        atomic_write_text(run / "result.json", json.dumps({**asdict(row), "config": asdict(config)}, indent=2) + "\n")
         return row
     last = trainer.fit()
     test = trainer.test_of_best("test")  # the test metrics of the best validation checkpoint, as the papers report
