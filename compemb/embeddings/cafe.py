@@ -17,6 +17,13 @@ Choices where the papers leave room (each class's docstring says more):
   records; the updates (sketch inserts, promotions, demotions, reallocation) run in ``on_step_end(step,
   optimizer)``, which the Trainer calls after ``optimizer.step()``, or else at the start of the next forward, so
   a plain loop needs no change. ``state_dict()`` applies what is pending first, so a checkpoint loses nothing.
+- Thresholds are in compemb's units: an occurrence at its batch's mean gradient norm scores 1, so ``threshold``
+  is "this many average occurrences of evidence". The sketch decays once per ``10 x threshold x buckets`` of
+  inserted score, so an id with a share p of the score settles near ``1000 p x threshold x buckets`` and stays hot
+  while p >= ~1 / (1000 buckets), whatever the threshold: the threshold only sets how much evidence an id gathers
+  before it takes a free row (lower: rows fill sooner, from noisier ranks). The defaults per compression ratio
+  (``tuning="compemb"``, :data:`COMPEMB_DEFAULTS`) were re-derived in these units; ``tuning="paper"`` gives the
+  paper's table (:data:`PAPER_DEFAULTS`), whose thresholds are raw gradient norms.
 - Hot, hashed and fallback rows are one stored table (hot rows first): one gather per lookup, one gradient.
 - The HotSketch holds ``sketch_slots_per_row`` = 4 slots per hot row (H buckets of 4 slots), room for the hot ids
   and three candidates per hot row; its bytes count in the budget as sketch bytes.
@@ -51,9 +58,14 @@ from compemb.registry import register
 from compemb.sketch.hotsketch import SLOT_BYTES, HotSketch
 
 IMPORTANCE = ("gradient", "frequency")
-# (ratio, hash_rate, threshold) as the CAFE paper tuned them on Criteo; a ratio takes the largest entry <= it
+# (ratio, hash_rate, threshold); a ratio takes the largest entry <= it.
+# The CAFE paper's Criteo tuning: its thresholds are in its own units (raw gradient norms), not compemb's.
 PAPER_DEFAULTS = ((2, 0.7, 10), (5, 0.5, 10), (10, 0.5, 20), (20, 0.5, 30), (50, 0.3, 50), (100, 0.3, 100),
                   (200, 0.2, 200), (500, 0.2, 500), (1000, 0.2, 500), (2000, 0.1, 500))
+# Re-derived in compemb's units (an occurrence at the batch's mean gradient norm scores 1) on the synthetic
+# Criteo-like set, one shared table: benchmarks/results/cafe_tuning.md says how, and what each choice gave.
+COMPEMB_DEFAULTS = ((2, 0.5, 3), (1000, 0.9, 3))
+TUNINGS = {"compemb": COMPEMB_DEFAULTS, "paper": PAPER_DEFAULTS}
 SKETCH_SLOTS = 4  # slots per HotSketch bucket, as in the paper
 OWNER_BYTES = 8 + 1  # per hot row: its owner id (int64) and whether it has one (bool)
 NO_ID = torch.iinfo(torch.int64).max  # AdaEmbed's free map entries: sorts after every id in [0, n)
@@ -179,21 +191,37 @@ def _join(parts: list[Tensor]) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def paper_defaults(ratio: float | None) -> tuple[float, float]:
-    """``(hash_rate, threshold)`` of the largest tuned ratio <= ``ratio`` (the 2x entry below 2x; 10x for None).
+def default_settings(ratio: float | None, tuning: str = "compemb") -> tuple[float, float]:
+    """``(hash_rate, threshold)`` of ``tuning``'s largest ratio <= ``ratio`` (its first entry below it; 10x for None).
+
+    ``tuning`` is ``"compemb"`` (:data:`COMPEMB_DEFAULTS`, in the units compemb scores importance in) or
+    ``"paper"`` (:data:`PAPER_DEFAULTS`, the CAFE paper's table).
 
     Example::
 
-        >>> paper_defaults(100), paper_defaults(150), paper_defaults(1.5), paper_defaults(5000)
-        ((0.3, 100.0), (0.3, 100.0), (0.7, 10.0), (0.1, 500.0))
+        >>> default_settings(100, "paper"), default_settings(150, "paper"), default_settings(1.5, "paper")
+        ((0.3, 100.0), (0.3, 100.0), (0.7, 10.0))
     """
+    if tuning not in TUNINGS:
+        raise ValueError(f"tuning must be one of {tuple(TUNINGS)}, got {tuning!r}")
     if ratio is None:  # an open vocabulary given num_params has no ratio: the middle of the table
         ratio = 10
-    chosen = PAPER_DEFAULTS[0]
-    for entry in PAPER_DEFAULTS:
-        if entry[0] <= ratio:
+    table = TUNINGS[tuning]
+    chosen = table[0]
+    for entry in table:
+        # a budget is a whole number of bytes, so an asked 1000x computes as 999.99x: within 1% counts as reached
+        if entry[0] <= ratio * 1.01:
             chosen = entry
     return chosen[1], float(chosen[2])
+
+
+def paper_defaults(ratio: float | None) -> tuple[float, float]:
+    """``(hash_rate, threshold)`` the CAFE paper tuned for ``ratio``: ``default_settings(ratio, "paper")``.
+
+        >>> paper_defaults(5000)
+        (0.1, 500.0)
+    """
+    return default_settings(ratio, "paper")
 
 
 def _ratio(budget: Budget, num_embeddings: int | None, embedding_dim: int) -> float | None:
@@ -286,6 +314,7 @@ class _CAFE(_Adaptive):
         num_params: int | None,
         hash_rate: float | None,
         threshold: float | None,
+        tuning: str,
         importance: str,
         decay: float,
         sketch_slots_per_row: float,
@@ -302,7 +331,12 @@ class _CAFE(_Adaptive):
         super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name, init=init)
         self._start_recording(importance)
         budget = resolve_budget(num_embeddings, embedding_dim, compression=compression, num_params=num_params)
-        default_rate, default_threshold = paper_defaults(_ratio(budget, self.num_embeddings, self.embedding_dim))
+        ratio = _ratio(budget, self.num_embeddings, self.embedding_dim)
+        try:
+            default_rate, default_threshold = default_settings(ratio, tuning)
+        except ValueError as error:
+            raise ValueError(f"{self.method_name}: {error}") from None
+        self.tuning = tuning
         self.hash_rate = default_rate if hash_rate is None else float(hash_rate)
         self.threshold = default_threshold if threshold is None else float(threshold)
         for option, value in (("hash_rate", self.hash_rate), ("hash_split", hash_split),
@@ -500,8 +534,10 @@ class CAFEEmbedding(_CAFE):
 
     Args:
         hash_rate: the share of the budget for hashed rows; the rest holds the hot rows and the sketch.
-        threshold: the score that makes an id hot. Both default to the paper's Criteo tuning for the
-            compression ratio (:func:`paper_defaults`).
+        threshold: the score that makes an id hot, in average occurrences (see the module docstring).
+        tuning: where the defaults of the two come from, per compression ratio: ``"compemb"`` (re-derived in
+            compemb's units on synthetic Criteo-like data) or ``"paper"`` (the paper's Criteo table); see
+            :func:`default_settings`.
         importance: ``"gradient"`` (default) or ``"frequency"``.
         decay: the sketch's decay factor (scores x0.99 once per ``10 x threshold x buckets`` of score inserted).
         sketch_slots_per_row: sketch slots per hot row (default 4: the hot ids and three times as many candidates).
@@ -509,7 +545,7 @@ class CAFEEmbedding(_CAFE):
 
     Example::
 
-        >>> emb = CAFEEmbedding(100_000, 16, compression=10)  # hash_rate 0.5, threshold 20 at 10x
+        >>> emb = CAFEEmbedding(100_000, 16, compression=10, tuning="paper")  # hash_rate 0.5, threshold 20 at 10x
         >>> emb.hot_rows, emb.hashed_rows, emb.sketch.num_buckets * emb.sketch.slots, emb.memory().sketch_bytes
         (2269, (5000,), 9076, 154316)
         >>> emb(torch.tensor([5, 2**40])).shape
@@ -528,6 +564,7 @@ class CAFEEmbedding(_CAFE):
         num_params: int | None = None,
         hash_rate: float | None = None,
         threshold: float | None = None,
+        tuning: str = "compemb",
         importance: str = "gradient",
         decay: float = 0.99,
         sketch_slots_per_row: float = 4,
@@ -541,7 +578,7 @@ class CAFEEmbedding(_CAFE):
     ) -> None:
         super().__init__(
             num_embeddings, embedding_dim, levels=1, compression=compression, num_params=num_params,
-            hash_rate=hash_rate, threshold=threshold, importance=importance, decay=decay,
+            hash_rate=hash_rate, threshold=threshold, tuning=tuning, importance=importance, decay=decay,
             sketch_slots_per_row=sketch_slots_per_row, merge_on_demote=merge_on_demote, seed=seed, mode=mode,
             sparse=sparse, name=name, init=init, device=device,
         )
@@ -579,6 +616,7 @@ class MultiLevelCAFEEmbedding(_CAFE):
         num_params: int | None = None,
         hash_rate: float | None = None,
         threshold: float | None = None,
+        tuning: str = "compemb",
         medium_fraction: float = 0.2,
         hash_split: float = 0.7,
         importance: str = "gradient",
@@ -594,7 +632,7 @@ class MultiLevelCAFEEmbedding(_CAFE):
     ) -> None:
         super().__init__(
             num_embeddings, embedding_dim, levels=2, compression=compression, num_params=num_params,
-            hash_rate=hash_rate, threshold=threshold, importance=importance, decay=decay,
+            hash_rate=hash_rate, threshold=threshold, tuning=tuning, importance=importance, decay=decay,
             sketch_slots_per_row=sketch_slots_per_row, merge_on_demote=merge_on_demote,
             medium_fraction=medium_fraction, hash_split=hash_split, seed=seed, mode=mode, sparse=sparse, name=name, init=init,
             device=device,

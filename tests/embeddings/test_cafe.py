@@ -7,7 +7,7 @@ import torch
 
 from compemb import BudgetError, make_embedding
 from compemb.embeddings.adaptive import reset_optimizer_rows
-from compemb.embeddings.cafe import _search_rows_torch, paper_defaults, search_rows
+from compemb.embeddings.cafe import _search_rows_torch, default_settings, paper_defaults, search_rows
 
 N = 100_000
 
@@ -55,10 +55,45 @@ def hot_map(module):
 def test_paper_defaults_follow_the_ratio_asked_or_computed():
     assert paper_defaults(2) == (0.7, 10) and paper_defaults(20) == (0.5, 30) and paper_defaults(999) == (0.2, 500)
     assert paper_defaults(2000) == paper_defaults(10**6) == (0.1, 500)
-    by_ratio = make_embedding("cafe", 1_000_000, 16, compression=100, device="meta")
-    by_params = make_embedding("cafe", 1_000_000, 16, num_params=160_000, device="meta")
+    by_ratio = make_embedding("cafe", 1_000_000, 16, compression=100, tuning="paper", device="meta")
+    by_params = make_embedding("cafe", 1_000_000, 16, num_params=160_000, tuning="paper", device="meta")
     assert (by_ratio.hash_rate, by_ratio.threshold) == (by_params.hash_rate, by_params.threshold) == (0.3, 100)
-    assert make_embedding("cafe", None, 16, num_params=160_000, device="meta").threshold == 20  # no ratio: 10x
+    open_vocabulary = make_embedding("cafe", None, 16, num_params=160_000, tuning="paper", device="meta")
+    assert open_vocabulary.threshold == 20  # no ratio: 10x
+
+
+def test_tunings_pick_their_tables_and_an_unknown_one_names_itself():
+    for ratio in (3, 10, 100, 1000, 10_000):
+        ours = make_embedding("cafe", 1_000_000, 16, compression=ratio, device="meta")
+        paper = make_embedding("cafe", 1_000_000, 16, compression=ratio, tuning="paper", device="meta")
+        assert (paper.hash_rate, paper.threshold) == paper_defaults(ratio)
+        assert (ours.hash_rate, ours.threshold) == default_settings(ratio, "compemb")
+    # budgets are whole bytes: 337,712 x 16 asked at 100x computes as 99.9999x, at 2000x as 1999.96x
+    assert make_embedding("cafe", 337_712, 16, compression=100, tuning="paper").threshold == 100
+    assert make_embedding("cafe", 337_712, 16, compression=2000, tuning="paper").hash_rate == 0.1
+    with pytest.raises(ValueError, match="cafe: tuning must be one of"):
+        make_embedding("cafe", 1_000, 16, compression=10, tuning="papr")
+
+
+@pytest.mark.parametrize("name", ["cafe", "cafe-ml"])
+def test_the_threshold_counts_occurrences_at_the_batchs_mean_importance(name):
+    # every occurrence's output gradient is the same vector, so each scores 1 (its norm over the batch's mean):
+    # an id seen once per step reaches a threshold of 5 at its 5th step, not before; ids seen once never do
+    module = make_embedding(name, 1_000_000, 8, compression=10, threshold=5, hash_rate=0.5, seed=3)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.01)
+    generator = torch.Generator().manual_seed(4)
+    head = torch.ones(8)
+    for step in range(6):
+        others = torch.randint(1_000, 1_000_000, (63,), generator=generator)
+        loss = (module(torch.cat([torch.tensor([7]), others])) @ head).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        module.on_step_end(step, optimizer)
+        score, hot = module.sketch.query(torch.tensor([7]))
+        assert float(score) == pytest.approx(step + 1)
+        assert (int(hot) >= 0) == (step + 1 >= 5)
+    assert set(hot_map(module)) == {7}
 
 
 @pytest.mark.parametrize("name", ["cafe", "cafe-ml"])
@@ -81,7 +116,8 @@ def test_memory_meets_the_budget_with_the_sketch_counted(name, compression):
 
 @pytest.mark.parametrize("name", ["cafe", "cafe-ml"])
 def test_heavy_ids_become_hot_and_light_ones_do_not_by_frequency(name):
-    module = make_embedding(name, N, 8, compression=20, importance="frequency", seed=1)
+    # the paper's threshold at 20x (30) is high enough for this stream that free rows never run out
+    module = make_embedding(name, N, 8, compression=20, importance="frequency", seed=1, tuning="paper")
     batches = zipf_batches(50, 1024)
     train(module, batches)
     counts, threshold, hot = true_counts(batches), module.threshold, hot_map(module)
@@ -95,7 +131,8 @@ def test_heavy_ids_become_hot_and_light_ones_do_not_by_frequency(name):
 def test_heavy_ids_become_hot_by_gradient_in_a_plain_loop():
     # gradient importance, the default; at 1/sqrt(d) the ids' outputs differ from the start, so their gradient norms
     # follow frequency throughout (from DLRM's tiny init the converged heavy ids' norms fall and light ids' rise)
-    module = make_embedding("cafe", N, 8, compression=20, seed=2, init="uniform_dim")
+    # (the paper's threshold at 20x, 30, as in the frequency test above: free rows never run out)
+    module = make_embedding("cafe", N, 8, compression=20, seed=2, init="uniform_dim", tuning="paper")
     batches = zipf_batches(50, 1024, seed=3)
     train(module, batches, call_step_end=False)  # updates apply at each next forward
     module(batches[0])  # ... and the last step's at this one
@@ -137,7 +174,8 @@ def test_cafe_ml_medium_ids_read_two_rows_and_cold_ids_one():
 @pytest.mark.parametrize("name", ["cafe", "cafe-ml"])
 def test_demoted_ids_free_their_rows_and_no_row_is_shared(name):
     # a fast decay and a short hot table make rows change owners many times
-    module = make_embedding(name, N, 8, compression=50, decay=0.5, importance="frequency", seed=6)
+    # (the paper's threshold at 50x, 50: ids far above it are few enough for the rows, as the asserts need)
+    module = make_embedding(name, N, 8, compression=50, decay=0.5, importance="frequency", seed=6, tuning="paper")
     first, later = zipf_batches(40, 2048, seed=7), zipf_batches(80, 2048, seed=7, shift=5000)
     train(module, first)
     early = set(hot_map(module))
