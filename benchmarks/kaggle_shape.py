@@ -1,0 +1,163 @@
+"""The papers' headline experiments at Criteo Kaggle's shape; writes results/kaggle_shape.{md,csv} and plots.
+
+Issue 9, item 7. Data: ``compemb synth --scale 0.1`` (Criteo Kaggle's 26 cardinalities / 10: 3.4M ids) with
+4.5M training rows (Kaggle's 1.33 rows per id), one epoch. One shared table over every feature's ids
+(``--sharing shared``), sparse gradients with Adagrad, as the papers train. Three passes, each resumable (a
+finished run is read back, so the benchmark can be built up over several sittings):
+
+1. every method at 10x, 100x, 1,000x and 10,000x, one seed;
+2. seeds 0-2 for the rows CAFE's claim rests on (hash, qr, cafe, cafe-ml and cce at 1,000x and 10,000x);
+3. seeds 0-2 for the runs that decide CCE's claim: for cce and the method that matches the full table with the
+   fewest params after it, the two ratios around where its val BCE crosses the full table's (and the full table).
+
+Then the two claims, as the papers state them:
+
+- CAFE (SIGMOD 2024): test AUC of cafe minus the hashing trick's at 1,000x and 10,000x (paper: +3.92% at 10,000x);
+- CCE (NeurIPS 2023): the fewest params at which each method matches the full table's val BCE, and whether CCE
+  needs at most half of the next best's.
+
+A difference is called a win only when it is larger than the seed spread (the larger of the two sds).
+
+    python benchmarks/kaggle_shape.py --data DATA --out RUNS [--passes 1,2,3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import statistics
+from pathlib import Path
+
+from compemb.bench.quality import (SweepRow, collect_rows, markdown_table, match_table, params_to_match, run_sweep,
+                                   write_results)
+from compemb.io import atomic_write_text
+from compemb.train import TrainConfig
+
+RESULTS = Path(__file__).parent / "results"
+METHODS = ["full", "hash", "qr", "ce", "offline", "cce", "cce:accounting=paper", "cafe", "cafe-ml",
+           "cafe:tuning=paper"]
+RATIOS = [10, 100, 1000, 10000]
+CAFE_CLAIM = (["hash", "qr", "cafe", "cafe-ml", "cafe:tuning=paper", "cce"], [1000, 10000])
+SEEDS = 3
+
+
+def base_config(data: str, out: str) -> TrainConfig:
+    """The settings every run of the experiment shares."""
+    return TrainConfig(data=data, out=out, sharing="shared", optimizer="adagrad", lr=0.05, batch_size=2048,
+                       bottom=(256, 64), top=(256, 64), evals_per_epoch=6, method_options={"cluster_every": 400})
+
+
+def _stats(rows: list[SweepRow], method: str, ratio: float, key: str) -> tuple[float, float, int] | None:
+    values = [getattr(r, key) for r in rows if r.method == method and r.ratio_asked == ratio
+              and getattr(r, key) is not None]
+    if not values:
+        return None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan, len(values)
+
+
+def cafe_claim(rows: list[SweepRow]) -> str:
+    """CAFE minus hash (and the other methods minus hash) in test AUC at the claim's ratios."""
+    lines = ["| method | ratio | seeds | test AUC | minus hash | relative | verdict |", "|---|---:|---:|---:|---:|---:|---|"]
+    for ratio in CAFE_CLAIM[1]:
+        hash_auc = _stats(rows, "hash", ratio, "test_auc")
+        for method in CAFE_CLAIM[0]:
+            mine = _stats(rows, method, ratio, "test_auc")
+            if mine is None or hash_auc is None:
+                note = next((r.note for r in rows if r.method == method and r.ratio_asked == ratio and r.note), "")
+                lines.append(f"| {method} | {ratio:g} | 0 | — | — | — | {note[:70] or 'not run'} |")
+                continue
+            sd = f" ± {mine[1]:.4f}" if not math.isnan(mine[1]) else ""
+            if method == "hash":
+                lines.append(f"| hash | {ratio:g} | {mine[2]} | {mine[0]:.4f}{sd} | — | — | the baseline |")
+                continue
+            sds = [v for v in (mine[1], hash_auc[1]) if not math.isnan(v)]
+            gap, spread = mine[0] - hash_auc[0], max(sds) if sds else math.nan
+            if math.isnan(spread):
+                verdict = "one seed: no spread to judge by"
+            elif abs(gap) <= spread:
+                verdict = f"within the spread ({spread:.4f}): no difference"
+            else:
+                verdict = ("better" if gap > 0 else "worse") + f" than hash beyond the spread ({spread:.4f})"
+            lines.append(f"| {method} | {ratio:g} | {mine[2]} | {mine[0]:.4f}{sd} | {gap:+.4f} | "
+                         f"{gap / hash_auc[0]:+.2%} | {verdict} |")
+    return "\n".join(lines)
+
+
+def cce_claim(rows: list[SweepRow]) -> str:
+    """Params to match the full table per method, and whether CCE needs <= 1/2 of the next best."""
+    target = statistics.fmean(r.val_bce for r in rows if r.method == "full" and r.val_bce is not None)
+    needed = {}
+    for method in {r.method for r in rows if r.method != "full"}:
+        value = params_to_match([r for r in rows if r.method == method], target)
+        if value is not None:
+            needed[method] = value
+    text = match_table(rows)
+    if "cce" not in needed:
+        return text + "\n\nCCE's claim: cce does not reach the full table's val BCE at the sizes tried: **not met**."
+    others = sorted((v, m) for m, v in needed.items() if not m.startswith("cce"))
+    if not others:
+        return text + f"\n\nCCE's claim: cce matches with {needed['cce']:,.0f} params; no other method matches at " \
+                      "the sizes tried, so it needs less than any of them: **met** (by the sizes tried)."
+    best_value, best = others[0]
+    share = needed["cce"] / best_value
+    verdict = "met" if share <= 0.5 else "not met"
+    also = ", ".join(f"{m}: {needed[m]:,.0f}" for m in needed if m.startswith("cce") and m != "cce")
+    return text + (f"\n\nCCE's claim: cce matches the full table with {needed['cce']:,.0f} params, the next best "
+                   f"({best}) with {best_value:,.0f}: {share:.2f}x its params, **{verdict}** (the claim: <= 0.5x)."
+                   + (f" With paper accounting: {also}." if also else ""))
+
+
+def deciding_runs(rows: list[SweepRow]) -> list[tuple[str, list[float]]]:
+    """For cce and the best other method: the two ratios around the crossing of the full table's val BCE."""
+    target = statistics.fmean(r.val_bce for r in rows if r.method == "full" and r.val_bce is not None)
+    needed = {m: params_to_match([r for r in rows if r.method == m], target) for m in {r.method for r in rows}
+              if m != "full"}
+    others = sorted((v, m) for m, v in needed.items() if v is not None and not m.startswith("cce"))
+    chosen = ["cce"] + ([others[0][1]] if others else [])
+    plan = []
+    for method in chosen:
+        points = sorted((r.ratio_asked, r.val_bce) for r in rows if r.method == method and r.val_bce is not None)
+        # ratios descending = params ascending: the first that reaches the target, and the one before it
+        descending = sorted(points, reverse=True)
+        for index, (ratio, value) in enumerate(descending):
+            if value <= target:
+                plan.append((method, [descending[max(0, index - 1)][0], ratio]))
+                break
+    return plan
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--out", required=True, help="the sweep's directory (runs/ inside)")
+    parser.add_argument("--passes", default="1,2,3")
+    parser.add_argument("--output", default=str(RESULTS / "kaggle_shape"))
+    args = parser.parse_args()
+    base = base_config(args.data, args.out)
+    passes = {int(p) for p in args.passes.split(",")}
+    if 1 in passes:
+        run_sweep(base, METHODS, RATIOS, 1, args.out)
+    if 2 in passes:
+        run_sweep(base, CAFE_CLAIM[0], CAFE_CLAIM[1], SEEDS, args.out)
+    if 3 in passes:
+        run_sweep(base, ["full"], [1], SEEDS, args.out)
+        for method, ratios in deciding_runs(collect_rows(base, Path(args.out))):
+            run_sweep(base, [method], ratios, SEEDS, args.out)
+    rows = collect_rows(base, Path(args.out), first=METHODS)
+    write_results(rows, Path(args.out))  # the sweep's own table and plots, from every run
+    text = "\n\n".join([
+        "## Every run (means over seeds ± sd)", markdown_table(rows),
+        "## CAFE's claim: test AUC against the hashing trick", cafe_claim(rows),
+        "## CCE's claim: params to match the full table's val BCE", cce_claim(rows),
+    ])
+    print(text)
+    atomic_write_text(f"{args.output}.md", text + "\n")
+    shutil.copyfile(Path(args.out) / "results.csv", f"{args.output}.csv")
+    for plot in ("bce", "auc", "bce_params"):
+        if (Path(args.out) / f"{plot}.png").exists():
+            shutil.copyfile(Path(args.out) / f"{plot}.png", f"{args.output}_{plot}.png")
+
+
+if __name__ == "__main__":
+    main()
