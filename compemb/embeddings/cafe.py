@@ -21,9 +21,10 @@ Choices where the papers leave room (each class's docstring says more):
   is "this many average occurrences of evidence". The sketch decays once per ``10 x threshold x buckets`` of
   inserted score, so an id with a share p of the score settles near ``1000 p x threshold x buckets`` and stays hot
   while p >= ~1 / (1000 buckets), whatever the threshold: the threshold only sets how much evidence an id gathers
-  before it takes a free row (lower: rows fill sooner, from noisier ranks). The defaults per compression ratio
-  (``tuning="compemb"``, :data:`COMPEMB_DEFAULTS`) were re-derived in these units; ``tuning="paper"`` gives the
-  paper's table (:data:`PAPER_DEFAULTS`), whose thresholds are raw gradient norms.
+  before it takes a free row (lower: rows fill sooner, from noisier ranks). Measured in these units
+  (``benchmarks/results/cafe_tuning.md``), the paper's table (:data:`PAPER_DEFAULTS`, raw gradient norms there)
+  was as good as anything tried while the budget buys 1,000 rows or more; below that a high hash_rate and a low
+  threshold win. ``tuning="compemb"`` (the default) follows that rule; ``tuning="paper"`` is the table alone.
 - Hot, hashed and fallback rows are one stored table (hot rows first): one gather per lookup, one gradient.
 - The HotSketch holds ``sketch_slots_per_row`` = 4 slots per hot row (H buckets of 4 slots), room for the hot ids
   and three candidates per hot row; its bytes count in the budget as sketch bytes.
@@ -62,10 +63,12 @@ IMPORTANCE = ("gradient", "frequency")
 # The CAFE paper's Criteo tuning: its thresholds are in its own units (raw gradient norms), not compemb's.
 PAPER_DEFAULTS = ((2, 0.7, 10), (5, 0.5, 10), (10, 0.5, 20), (20, 0.5, 30), (50, 0.3, 50), (100, 0.3, 100),
                   (200, 0.2, 200), (500, 0.2, 500), (1000, 0.2, 500), (2000, 0.1, 500))
-# Re-derived in compemb's units (an occurrence at the batch's mean gradient norm scores 1) on the synthetic
-# Criteo-like set, one shared table: benchmarks/results/cafe_tuning.md says how, and what each choice gave.
-COMPEMB_DEFAULTS = ((2, 0.5, 3), (1000, 0.9, 3))
-TUNINGS = {"compemb": COMPEMB_DEFAULTS, "paper": PAPER_DEFAULTS}
+# compemb's tuning (benchmarks/results/cafe_tuning.md): what the measurements turn on is the number of rows a budget
+# buys, not the ratio. Below SMALL_BUDGET_ROWS rows of d floats, hashed rows are worth more than hot rows (a high
+# hash_rate) and the paper's large thresholds cost; from there on nothing measured beat the paper's table.
+SMALL_BUDGET_ROWS = 1000
+SMALL_BUDGET_SETTINGS = (0.9, 3.0)  # (hash_rate, threshold)
+TUNINGS = ("compemb", "paper")
 SKETCH_SLOTS = 4  # slots per HotSketch bucket, as in the paper
 OWNER_BYTES = 8 + 1  # per hot row: its owner id (int64) and whether it has one (bool)
 NO_ID = torch.iinfo(torch.int64).max  # AdaEmbed's free map entries: sorts after every id in [0, n)
@@ -191,24 +194,28 @@ def _join(parts: list[Tensor]) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def default_settings(ratio: float | None, tuning: str = "compemb") -> tuple[float, float]:
-    """``(hash_rate, threshold)`` of ``tuning``'s largest ratio <= ``ratio`` (its first entry below it; 10x for None).
+def default_settings(ratio: float | None, tuning: str = "compemb", rows: float | None = None) -> tuple[float, float]:
+    """``(hash_rate, threshold)`` for a budget of compression ``ratio`` that buys ``rows`` rows of d floats.
 
-    ``tuning`` is ``"compemb"`` (:data:`COMPEMB_DEFAULTS`, in the units compemb scores importance in) or
-    ``"paper"`` (:data:`PAPER_DEFAULTS`, the CAFE paper's table).
+    ``"paper"``: the entry of :data:`PAPER_DEFAULTS` with the largest ratio <= ``ratio`` (its first entry below
+    it; 10x for None). ``"compemb"``: :data:`SMALL_BUDGET_SETTINGS` when ``rows`` < :data:`SMALL_BUDGET_ROWS`,
+    else the paper's entry.
 
     Example::
 
         >>> default_settings(100, "paper"), default_settings(150, "paper"), default_settings(1.5, "paper")
         ((0.3, 100.0), (0.3, 100.0), (0.7, 10.0))
+        >>> default_settings(10_000, "compemb", rows=338), default_settings(10_000, "compemb", rows=3_376)
+        ((0.9, 3.0), (0.1, 500.0))
     """
     if tuning not in TUNINGS:
-        raise ValueError(f"tuning must be one of {tuple(TUNINGS)}, got {tuning!r}")
+        raise ValueError(f"tuning must be one of {TUNINGS}, got {tuning!r}")
+    if tuning == "compemb" and rows is not None and rows < SMALL_BUDGET_ROWS:
+        return SMALL_BUDGET_SETTINGS
     if ratio is None:  # an open vocabulary given num_params has no ratio: the middle of the table
         ratio = 10
-    table = TUNINGS[tuning]
-    chosen = table[0]
-    for entry in table:
+    chosen = PAPER_DEFAULTS[0]
+    for entry in PAPER_DEFAULTS:
         # a budget is a whole number of bytes, so an asked 1000x computes as 999.99x: within 1% counts as reached
         if entry[0] <= ratio * 1.01:
             chosen = entry
@@ -333,7 +340,8 @@ class _CAFE(_Adaptive):
         budget = resolve_budget(num_embeddings, embedding_dim, compression=compression, num_params=num_params)
         ratio = _ratio(budget, self.num_embeddings, self.embedding_dim)
         try:
-            default_rate, default_threshold = default_settings(ratio, tuning)
+            default_rate, default_threshold = default_settings(
+                ratio, tuning, rows=budget.num_bytes / (self.embedding_dim * FLOAT_BYTES))
         except ValueError as error:
             raise ValueError(f"{self.method_name}: {error}") from None
         self.tuning = tuning

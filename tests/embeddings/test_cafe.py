@@ -7,7 +7,8 @@ import torch
 
 from compemb import BudgetError, make_embedding
 from compemb.embeddings.adaptive import reset_optimizer_rows
-from compemb.embeddings.cafe import _search_rows_torch, default_settings, paper_defaults, search_rows
+from compemb.embeddings.cafe import (SMALL_BUDGET_ROWS, SMALL_BUDGET_SETTINGS, _search_rows_torch, paper_defaults,
+                                     search_rows)
 
 N = 100_000
 
@@ -63,11 +64,12 @@ def test_paper_defaults_follow_the_ratio_asked_or_computed():
 
 
 def test_tunings_pick_their_tables_and_an_unknown_one_names_itself():
-    for ratio in (3, 10, 100, 1000, 10_000):
+    for ratio in (3, 10, 100, 1000, 2000, 10_000):  # 1M x 16: 1,000 rows of 16 floats at 1000x, 100 at 10,000x
         ours = make_embedding("cafe", 1_000_000, 16, compression=ratio, device="meta")
         paper = make_embedding("cafe", 1_000_000, 16, compression=ratio, tuning="paper", device="meta")
         assert (paper.hash_rate, paper.threshold) == paper_defaults(ratio)
-        assert (ours.hash_rate, ours.threshold) == default_settings(ratio, "compemb")
+        small = 1_000_000 / ratio < SMALL_BUDGET_ROWS
+        assert (ours.hash_rate, ours.threshold) == (SMALL_BUDGET_SETTINGS if small else paper_defaults(ratio))
     # budgets are whole bytes: 337,712 x 16 asked at 100x computes as 99.9999x, at 2000x as 1999.96x
     assert make_embedding("cafe", 337_712, 16, compression=100, tuning="paper").threshold == 100
     assert make_embedding("cafe", 337_712, 16, compression=2000, tuning="paper").hash_rate == 0.1
