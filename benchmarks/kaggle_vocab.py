@@ -85,7 +85,7 @@ def main() -> None:
     ids, train_rows = sum(manifest["cardinalities"]), manifest["rows"]["train"]
     lines = [f"{ids:,} ids ({len(manifest['cardinalities'])} features), {train_rows:,} training rows, one epoch; "
              f"compression {args.compression:g} for every method but the full table.", "",
-             "| method | embedding bytes (memory()) | all parameters | peak RSS | samples/s | val BCE | test BCE | test AUC |",
+             "| method | embedding bytes (memory()) | trainable parameters (bytes) | peak RSS | samples/s | val BCE | test BCE | test AUC |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         lines.append(f"| {row['method']} | {row['embedding_bytes'] / 2**20:,.1f} MiB | {row['model_bytes'] / 2**20:,.1f} MiB"
