@@ -6,7 +6,8 @@ Issue 9, item 7. Data: ``compemb synth --scale 0.1`` (Criteo Kaggle's 26 cardina
 finished run is read back, so the benchmark can be built up over several sittings):
 
 1. every method at 10x, 100x, 1,000x and 10,000x, one seed;
-2. seeds 0-2 for the rows CAFE's claim rests on (hash, qr, cafe, cafe-ml and cce at 1,000x and 10,000x);
+2. seeds 0-2 for the rows CAFE's claim rests on (hash, qr, cafe, cafe-ml, cafe with the paper's table, and cce at
+   1,000x and 10,000x);
 3. seeds 0-2 for the runs that decide CCE's claim: for cce and the method that matches the full table with the
    fewest params after it, the two ratios around where its val BCE crosses the full table's (and the full table).
 
