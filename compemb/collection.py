@@ -13,7 +13,10 @@ Two ways to spend the budget (``sharing=``):
   ``offset_f + x`` in a vocabulary of all the features' ids together, as CAFE's code and the VLDB 2024
   compression benchmark do. The whole budget goes to the one table, so every ratio up to 10,000x of Criteo
   Kaggle (33.8M ids x 16: 54k params) is buildable; the method decides which ids share. Its init scale is
-  that of the one full table of all ids (``init="dlrm"``: sqrt(1/sum n)). The full table is the same either way.
+  that of the one full table of all ids (``init="dlrm"``: sqrt(1/sum n)). The full table is built shared too
+  when asked: it holds the same rows either way, but one table starts every id at sqrt(1/sum n) where per-feature
+  tables start a feature of n ids at sqrt(1/n), and that moves its BCE (on the Kaggle-shape set: val BCE 0.4329
+  shared against 0.4274 per feature), so the shared full table is the baseline of the shared methods.
 
 ``memory()`` reports every table and the total.
 """
@@ -122,7 +125,7 @@ class EmbeddingCollection(torch.nn.Module):
         if compression is None and num_params is None and not get_method(method).compresses:
             compression = 1
         self.budget = resolve_budget(total, embedding_dim, compression=compression, num_params=num_params)
-        self.sharing = sharing if get_method(method).compresses else "per_feature"  # a shared full table is the same
+        self.sharing = sharing
         cardinalities = torch.tensor([f.num_embeddings for f in features], dtype=torch.int64, device=device)
         self.register_buffer("cardinalities", cardinalities, persistent=False)
         self.register_buffer("offsets", torch.cumsum(cardinalities, 0) - cardinalities, persistent=False)

@@ -140,9 +140,17 @@ def test_shared_refuses_an_id_past_its_features_range():
         collection(torch.tensor([[0, 20_000, 0, 0]]))  # would read feature 'small''s id 0 without the check
 
 
-def test_shared_full_table_is_the_per_feature_one():
-    shared = EmbeddingCollection(FEATURES[1:], 4, "full", sharing="shared")
-    assert shared.sharing == "per_feature" and set(shared.embeddings) == {f.name for f in FEATURES[1:]}
+def test_a_shared_full_table_holds_the_same_rows_at_the_init_of_one_table():
+    features = FEATURES[1:]
+    total = sum(f.num_embeddings for f in features)
+    shared = EmbeddingCollection(features, 4, "full", sharing="shared")
+    per_feature = EmbeddingCollection(features, 4, "full")
+    assert list(shared.embeddings) == ["shared"] and shared.embeddings["shared"].num_embeddings == total
+    assert shared.memory().total.total == per_feature.memory().total.total == total * 4 * 4
+    # DLRM's init per table: one bound sqrt(1 / sum n) shared, sqrt(1 / n) per feature
+    shared_bound = float(shared.embeddings["shared"].weight.detach().abs().max())
+    largest_feature_bound = float(per_feature.embeddings[features[0].name].weight.detach().abs().max())
+    assert shared_bound <= (1 / total) ** 0.5 < largest_feature_bound
 
 
 def test_unknown_sharing_is_refused():
