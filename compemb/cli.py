@@ -6,8 +6,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
-from compemb.registry import METHODS, summarize_methods
+from compemb import __version__
+from compemb.registry import METHODS, parse_method_spec, summarize_methods
 from compemb.train import TrainConfig
 
 
@@ -17,7 +19,7 @@ def _megabytes(num_bytes: int) -> str:
 
 def cmd_methods(args: argparse.Namespace) -> int:
     """Print every method with its parameter formula and its size for one table at one compression."""
-    rows = summarize_methods(args.num_embeddings, args.dim, args.compression, variants=True)
+    rows = summarize_methods(args.num_embeddings, args.dim, args.compression)
     print(f"Methods for a {args.num_embeddings:,} x {args.dim} table at compression {args.compression:g}")
     print(f"(full fp32 table: {_megabytes(args.num_embeddings * args.dim * 4)}; full is shown uncompressed)\n")
     header = f"{'method':<11} {'what':<32} {'parameters':<44} {'params':>12} {'index':>8} {'memory':>12} {'ratio':>7}"
@@ -92,14 +94,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _train_config(args: argparse.Namespace, out: str) -> TrainConfig:
     """The TrainConfig the training arguments describe (``--method`` and ``--compression`` where present)."""
+    # NAME:KEY=VALUE options of --method (train) are checked against the method's own options here
+    method, options = parse_method_spec(getattr(args, "method", "full"))
+    if getattr(args, "cluster_every", None):  # methods that cluster take it; the Trainer drops it for the others
+        options.setdefault("cluster_every", args.cluster_every)
     return TrainConfig(
-        data=args.data, out=out, method=getattr(args, "method", "full"), compression=getattr(args, "compression", None),
+        data=args.data, out=out, method=method, compression=getattr(args, "compression", None),
         model=args.model, embedding_dim=args.dim, bottom=_widths(args.bottom), top=_widths(args.top),
         optimizer=args.optimizer, lr=args.lr, batch_size=args.batch_size, epochs=args.epochs,
         eval_every=args.eval_every, evals_per_epoch=args.evals_per_epoch, seed=args.seed, init=args.init,
-        sharing=args.sharing, shuffle=args.shuffle,
-        # methods that cluster take it; the Trainer drops it for the others (a sweep gives it to every method)
-        method_options={"cluster_every": args.cluster_every} if getattr(args, "cluster_every", None) else {},
+        sharing=args.sharing, shuffle=args.shuffle, method_options=options,
     )
 
 
@@ -145,25 +149,26 @@ def cmd_lstsq(args: argparse.Namespace) -> int:
 
 
 def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--model", choices=("dlrm", "dcn"), default="dlrm")
-    parser.add_argument("--dim", type=int, default=16)
+    parser.add_argument("--data", required=True, help="a preprocessed data set (compemb synth / preprocess)")
+    parser.add_argument("--model", choices=("dlrm", "dcn"), default="dlrm", help="DLRM or DCN-v2")
+    parser.add_argument("--dim", type=int, default=16, help="embedding dim of every feature")
     parser.add_argument("--bottom", default="512,256,64", help="bottom MLP widths (it ends in --dim)")
     parser.add_argument("--top", default="512,256", help="top (DLRM) or deep (DCN) MLP widths")
-    parser.add_argument("--optimizer", choices=("sgd", "adagrad", "adam"), default="sgd")
-    parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--batch-size", type=int, default=2048)
-    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--optimizer", choices=("sgd", "adagrad", "adam"), default="sgd",
+                        help="SGD and Adagrad train the tables with sparse gradients; Adam with dense ones")
+    parser.add_argument("--lr", type=float, default=0.1, help="learning rate of every parameter")
+    parser.add_argument("--batch-size", type=int, default=2048, help="training rows per step")
+    parser.add_argument("--epochs", type=int, default=1, help="passes over the training split")
     parser.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: at the end)")
     parser.add_argument("--evals-per-epoch", type=int, default=0,
                         help="evaluate this many times per epoch, evenly (the CCE paper: 6); overrides --eval-every")
     parser.add_argument("--init", choices=("dlrm", "uniform_dim"), default="dlrm",
-                        help="table init: DLRM's U(+-sqrt(1/n)) per table of n ids, or U(+-1/sqrt(dim)) (default: dlrm)")
+                        help="table init: DLRM's U(+-sqrt(1/n)) per table of n ids, or U(+-1/sqrt(dim))")
     parser.add_argument("--sharing", choices=("per_feature", "shared"), default="per_feature",
                         help="a table per feature sharing the budget, or one table over all features' ids "
-                             "(high ratios; default: per_feature)")
+                             "(high ratios)")
     parser.add_argument("--shuffle", action="store_true",
-                        help="train on a seeded permutation of the rows, a new one each epoch (default: file order)")
+                        help="train on a seeded permutation of the rows, a new one each epoch (else in file order)")
 
 
 def _add_cluster_every(parser: argparse.ArgumentParser) -> None:
@@ -196,25 +201,45 @@ def _print_preprocessed(facts: dict, out: str) -> None:
     print(f"wrote {out}")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every option's default after its help (none for required options and flags)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        default = action.default
+        if action.required or default is None or default is False or default is argparse.SUPPRESS:
+            return help_text
+        return help_text + " (default: %(default)s)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser with :class:`HelpFormatter`; sub-command parsers are made of the same class."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``compemb`` command."""
-    parser = argparse.ArgumentParser(prog="compemb", description="Compressed embedding tables for recommenders.")
+    parser = _Parser(prog="compemb", description="Compressed embedding tables for recommenders.")
+    parser.add_argument("--version", action="version", version=f"compemb {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     methods = commands.add_parser("methods", help="list every method with its formula and size")
-    methods.add_argument("--num-embeddings", type=int, default=10_000_000)
-    methods.add_argument("--dim", type=int, default=16)
-    methods.add_argument("--compression", type=float, default=100)
+    methods.add_argument("--num-embeddings", type=int, default=10_000_000, help="ids of the table the sizes are for")
+    methods.add_argument("--dim", type=int, default=16, help="embedding dim")
+    methods.add_argument("--compression", type=float, default=100, help="the ratio asked of every method")
     methods.set_defaults(run=cmd_methods)
 
     synth = commands.add_parser("synth", help="generate synthetic Criteo-like data with a known best loss")
     synth.add_argument("--out", required=True, help="output directory")
-    synth.add_argument("--train-rows", type=int, default=2_000_000)
+    synth.add_argument("--train-rows", type=int, default=2_000_000, help="rows of the train split")
     synth.add_argument("--eval-rows", type=int, default=100_000, help="rows of the val and of the test split")
     synth.add_argument("--scale", type=float, default=1e-3, help="Criteo Kaggle cardinalities x this")
-    synth.add_argument("--zipf", type=float, default=1.1)
+    synth.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent of every feature's id frequencies")
     synth.add_argument("--signal", type=float, default=2.0, help="sd of the teacher's logit")
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--seed", type=int, default=0, help="seeds the teacher and the rows")
     synth.add_argument("--tsv", default=None,
                        help="also write the rows as Criteo TSV to this file (.gz: gzip), splits in order train, val, test")
     synth.set_defaults(run=cmd_synth)
@@ -225,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     criteo.add_argument("source", nargs="+",
                         help="train.txt (split as DLRM splits Kaggle), or the days in order (last day: test + val)")
     criteo.add_argument("--unlabeled", default=None, help="Kaggle test.txt (no labels): the split 'unlabeled'")
-    criteo.add_argument("--out", required=True)
+    criteo.add_argument("--out", required=True, help="output directory")
     criteo.add_argument("--min-count", type=int, default=3, help="rarer values share one id per feature")
     criteo.add_argument("--hash-mod", type=int, default=None, help="ids = value mod M instead of categorifying")
     criteo.add_argument("--strict", action="store_true", help="stop at the first bad row")
@@ -233,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     avazu = sources.add_parser("avazu", help="Avazu CSV with its header")
     avazu.add_argument("source", help="the CSV file")
-    avazu.add_argument("--out", required=True)
+    avazu.add_argument("--out", required=True, help="output directory")
     avazu.add_argument("--min-count", type=int, default=3, help="rarer values share one id per feature")
     avazu.add_argument("--strict", action="store_true", help="stop at the first bad row")
     avazu.set_defaults(run=cmd_preprocess_avazu)
@@ -241,37 +266,39 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a model on a preprocessed data set")
     _add_training_arguments(train)
     train.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl)")
-    train.add_argument("--method", default="full")
-    train.add_argument("--compression", type=float, default=None)
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--method", default="full",
+                       help="a method of `compemb methods`; options as NAME:KEY=VALUE:... (e.g. cce:cluster_every=200)")
+    train.add_argument("--compression", type=float, default=None, help="the ratio to compress every table by")
+    train.add_argument("--seed", type=int, default=0, help="seeds the tables, the hashes, the MLPs and --shuffle")
     train.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     _add_cluster_every(train)
     train.set_defaults(run=cmd_train)
 
     evaluate = commands.add_parser("eval", help="evaluate a run's checkpoint on a split")
     evaluate.add_argument("--run", dest="run_dir", required=True, help="the run directory")
-    evaluate.add_argument("--split", default="test")
-    evaluate.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    evaluate.add_argument("--split", default="test", help="the split to evaluate on (train, val, test)")
+    evaluate.add_argument("--checkpoint", choices=("best", "last"), default="best",
+                          help="the best validation checkpoint or the last one")
     evaluate.set_defaults(run=cmd_eval)
 
     bench = commands.add_parser("bench", help="benchmarks")
     benches = bench.add_subparsers(dest="bench", required=True)
     lookup = benches.add_parser("lookup", help="forward+backward time as a ratio to the sparse full table")
-    lookup.add_argument("--methods", nargs="+", default=None)
-    lookup.add_argument("--rounds", type=int, default=7)
-    lookup.add_argument("--steps", type=int, default=20)
-    lookup.add_argument("--features", type=int, default=26)
-    lookup.add_argument("--num-embeddings", type=int, default=1_000_000)
-    lookup.add_argument("--seed", type=int, default=0)
+    lookup.add_argument("--methods", nargs="+", default=None, help="registry names (default: every method)")
+    lookup.add_argument("--rounds", type=int, default=7, help="alternating rounds; the median is reported")
+    lookup.add_argument("--steps", type=int, default=20, help="lookups per method per round")
+    lookup.add_argument("--features", type=int, default=26, help="tables looked up per step")
+    lookup.add_argument("--num-embeddings", type=int, default=1_000_000, help="ids per table")
+    lookup.add_argument("--seed", type=int, default=0, help="seeds the tables and the ids")
     lookup.add_argument("--output", default=None, help="write OUTPUT.md and OUTPUT.json")
     lookup.set_defaults(run=cmd_bench_lookup)
     speed = benches.add_parser("train", help="DLRM training samples/s as a ratio to a baseline method")
     _add_training_arguments(speed)
     speed.add_argument("--methods", required=True, help="comma-separated registry names")
-    speed.add_argument("--baseline", default="hash")
-    speed.add_argument("--seed", type=int, default=0)
-    speed.add_argument("--compression", type=float, default=100)
-    speed.add_argument("--rounds", type=int, default=7)
+    speed.add_argument("--baseline", default="hash", help="the method the ratios are to")
+    speed.add_argument("--seed", type=int, default=0, help="seeds every run")
+    speed.add_argument("--compression", type=float, default=100, help="the ratio of every method")
+    speed.add_argument("--rounds", type=int, default=7, help="alternating rounds; the median is reported")
     speed.add_argument("--steps", type=int, default=20, help="steps per method per round")
     speed.add_argument("--targets", default="", help="e.g. cafe=0.9")
     speed.add_argument("--out", default="runs/train-speed", help="run directories")
@@ -281,9 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_arguments(quality)
     quality.add_argument("--methods", default="all", help="comma-separated names, or 'all'; options as NAME:KEY=VALUE:KEY=VALUE (e.g. cce:accounting=paper)")
     quality.add_argument("--compression", default="10,100", help="comma-separated ratios")
-    quality.add_argument("--seeds", type=int, default=1)
+    quality.add_argument("--seeds", type=int, default=1, help="seeds 0 .. N-1 of every (method, ratio)")
     quality.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
-    quality.add_argument("--out", required=True)
+    quality.add_argument("--out", required=True, help="the sweep's directory (finished runs are read back)")
     _add_cluster_every(quality)
     quality.set_defaults(run=cmd_bench_quality)
 
@@ -292,8 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     lstsq.add_argument("--d1", type=int, default=1_000, help="columns of X (rows of T)")
     lstsq.add_argument("--k", type=int, default=100, help="columns of the random block of H (clusters, buckets)")
     lstsq.add_argument("--d2", type=int, default=10, help="columns of Y and T")
-    lstsq.add_argument("--iterations", type=int, default=40)
-    lstsq.add_argument("--seed", type=int, default=0)
+    lstsq.add_argument("--iterations", type=int, default=40, help="clustering iterations")
+    lstsq.add_argument("--seed", type=int, default=0, help="seeds X, Y and the hashes")
     lstsq.add_argument("--signal", type=float, default=0.0,
                        help="sd of X T_true's entries (default 0: Y is pure noise, the paper's setup)")
     lstsq.add_argument("--noise", type=float, default=1.0, help="sd of the noise added to Y")

@@ -13,6 +13,7 @@ family needs; ``tests/test_hashing.py`` checks it against a pure-Python referenc
 
 from __future__ import annotations
 
+import numba
 import torch
 from torch import Tensor
 
@@ -95,6 +96,12 @@ def hash_signs(ids: Tensor, coefficients: Tensor, dtype: torch.dtype = torch.flo
     """
     # the arithmetic shift leaves 0 or -1; or-ing 1 turns them into +1 or -1
     return _mix(ids, coefficients).bitwise_right_shift_(63).bitwise_or_(1).to(dtype)
+
+
+@numba.njit(inline="always")
+def bucket_of(mixed: int, num_buckets: int) -> int:
+    """In compiled kernels: the bucket of ``mixed = a * x + b`` (int64, wrapped), exactly as :func:`hash_ids`."""
+    return ((mixed >> 32) & 0xFFFFFFFF) * num_buckets >> 32
 
 
 def reference_hash(key: int, a: int, b: int, num_buckets: int) -> int:

@@ -1,25 +1,42 @@
-"""The method registry: ``@register("name")`` on each class, ``make_embedding`` to build any of them."""
+"""The method registry: ``@register("name")`` on each class, ``make_embedding`` to build any of them.
+
+A method's options are the keyword-only arguments of its ``__init__`` (a subclass that passes ``**options`` on
+adds its own to its parent's): :func:`method_options` lists them with their types, and :func:`check_options`
+refuses an unknown or mistyped one with a ValueError naming the option, the method and the options it has.
+
+This module imports no method: they import it to register, so it can be imported first, in any order.
+"""
 
 from __future__ import annotations
 
 import difflib
+import inspect
+import json
+import types
+import typing
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar, Union
 
 import torch
 
 from compemb.budget import MemoryReport, full_table_bytes, nearest_size
-from compemb.embeddings.base import CompressedEmbedding
+
+if TYPE_CHECKING:
+    from compemb.embeddings.base import CompressedEmbedding
 
 METHODS: dict[str, type[CompressedEmbedding]] = {}
+# what every method takes from the caller rather than from its options: the table and the budget
+TABLE_ARGUMENTS = ("num_embeddings", "embedding_dim", "compression", "num_params", "seed")
 
-_Method = TypeVar("_Method", bound=type[CompressedEmbedding])
+_Method = TypeVar("_Method", bound="type[CompressedEmbedding]")
 
 
 def register(name: str) -> Callable[[_Method], _Method]:
     """Class decorator: make a CompressedEmbedding subclass buildable as ``make_embedding(name, ...)``."""
 
     def add(cls: _Method) -> _Method:
+        from compemb.embeddings.base import CompressedEmbedding  # loaded already: cls subclasses it
+
         if name in METHODS:
             raise ValueError(f"method {name!r} is already registered by {METHODS[name].__qualname__}")
         if not issubclass(cls, CompressedEmbedding):
@@ -41,6 +58,104 @@ def get_method(name: str) -> type[CompressedEmbedding]:
         raise ValueError(f"unknown method {name!r}; {hint}available: {', '.join(METHODS)}") from None
 
 
+@dataclass(frozen=True)
+class MethodOption:
+    """One option of a method: its name, its type (the annotation) and its default."""
+
+    name: str
+    annotation: Any
+    default: Any
+
+
+def method_options(method: str | type) -> dict[str, MethodOption]:
+    """The options a method (a registered name, or its class) takes: keyword-only ``__init__`` arguments, through
+    the ``**options`` of subclasses.
+
+        >>> method_options("cce")["cluster_every"]
+        MethodOption(name='cluster_every', annotation=<class 'int'>, default=0)
+    """
+    cls = get_method(method) if isinstance(method, str) else method
+    found: dict[str, MethodOption] = {}
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        hints = typing.get_type_hints(init)
+        parameters = inspect.signature(init).parameters.values()
+        for parameter in parameters:
+            if parameter.kind is parameter.KEYWORD_ONLY and parameter.name not in found:
+                found[parameter.name] = MethodOption(parameter.name, hints.get(parameter.name, Any), parameter.default)
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            break
+    return {name: option for name, option in found.items() if name not in TABLE_ARGUMENTS}
+
+
+def _accepts(annotation: Any, value: Any) -> bool:
+    """Whether ``value`` is of the type ``annotation`` says (an int is a float; a bool is not an int)."""
+    if annotation is Any:
+        return True
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        return any(_accepts(member, value) for member in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    origin = typing.get_origin(annotation) or annotation
+    return not isinstance(origin, type) or isinstance(value, origin)
+
+
+def _type_name(annotation: Any) -> str:
+    text = str(annotation) if not isinstance(annotation, type) else annotation.__name__
+    return text.replace("typing.", "").replace("torch.", "").replace("NoneType", "None")
+
+
+def check_options(method: str, options: dict[str, Any]) -> None:
+    """Raise ValueError for an option ``method`` does not have (naming the closest) or a value of the wrong type.
+
+    Example::
+
+        >>> try:
+        ...     check_options("cce", {"cluster_evry": 5})
+        ... except ValueError as error:
+        ...     print(str(error).split(";")[0])
+        cce has no option 'cluster_evry' (did you mean 'cluster_every'?)
+    """
+    known = method_options(method)
+    for key, value in options.items():
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"{method} has no option {key!r}{hint}; its options: {', '.join(known)}")
+        if not _accepts(known[key].annotation, value):
+            raise ValueError(f"{method}: option {key} must be {_type_name(known[key].annotation)}, "
+                             f"got {type(value).__name__} {value!r}")
+
+
+def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"cce:accounting=paper:cluster_every=200"`` -> ``("cce", {"accounting": "paper", "cluster_every": 200})``.
+
+    A sweep names one method several times with different options this way; values are read as JSON when
+    they parse (numbers, true/false), else as strings.
+
+        >>> parse_method_spec("cce:accounting=paper:cluster_every=200")
+        ('cce', {'accounting': 'paper', 'cluster_every': 200})
+    """
+    name, _, rest = spec.partition(":")
+    options: dict[str, Any] = {}
+    for item in filter(None, rest.split(":")):
+        key, equals, text = item.partition("=")
+        if not equals or not key:
+            raise ValueError(f"method option {item!r} in {spec!r} is not KEY=VALUE")
+        try:
+            options[key] = json.loads(text)
+        except json.JSONDecodeError:
+            options[key] = text
+    check_options(name, options)  # an unknown method or option, or a mistyped value, raises naming it
+    return name, options
+
+
 def make_embedding(
     method: str,
     num_embeddings: int | None,
@@ -60,6 +175,7 @@ def make_embedding(
         640016
     """
     cls = get_method(method)
+    check_options(method, options)
     return cls(num_embeddings, embedding_dim, compression=compression, num_params=num_params, seed=seed, **options)
 
 
@@ -76,26 +192,17 @@ class MethodSummary:
     sizes: str = ""  # the sizes the budget chose, where the formula does not say them (CCE's k and pointers)
 
 
-def summarize_methods(
-    num_embeddings: int, embedding_dim: int, compression: float, variants: bool = False
-) -> list[MethodSummary]:
+def summarize_methods(num_embeddings: int, embedding_dim: int, compression: float) -> list[MethodSummary]:
     """Every registered method built (on the meta device: nothing allocated) for one table and budget.
 
     The full table is shown at its own size (compression 1); a method whose per-id bookkeeping alone exceeds
     the budget (AdaEmbed at high compression) at its smallest size, so its ratio shows what it can reach.
-    ``variants`` adds each method's ``variants`` rows after its own (CCE's paper accounting): shown, not registered.
     """
-    entries: list[tuple[str, type[CompressedEmbedding], dict]] = []
-    for name, cls in METHODS.items():
-        entries.append((name, cls, {}))
-        if variants:
-            entries += [(label, cls, dict(options)) for label, options in cls.variants]
     rows = []
-    for name, cls, variant in entries:
+    for name, cls in METHODS.items():
         ratio = compression if cls.compresses else 1
         # methods built from per-id counts are sized by the budget alone: counts on the meta device plan them
         options = {"frequencies": torch.empty(num_embeddings, device="meta")} if cls.needs_frequencies else {}
-        options.update(variant)
         if cls.per_id_bytes * num_embeddings >= full_table_bytes(num_embeddings, embedding_dim) / ratio:
             with nearest_size():  # its per-id state alone exceeds the budget: shown at its smallest size
                 module = cls(num_embeddings, embedding_dim, compression=ratio, device="meta", **options)

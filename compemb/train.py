@@ -9,7 +9,6 @@ Bayes-optimal BCE. Every evaluation is appended to ``metrics.jsonl`` in the run 
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import time
@@ -30,7 +29,7 @@ from compemb.embeddings.base import INITS, CompressedEmbedding
 from compemb.io import atomic_write_bytes, atomic_write_text
 from compemb.metrics import auc, bce
 from compemb.models import DCNv2, DLRM
-from compemb.registry import get_method
+from compemb.registry import get_method, method_options
 
 OPTIMIZERS = ("sgd", "adagrad", "adam")
 # method options that set a schedule (``--cluster-every``): dropped for methods that do not take them
@@ -261,7 +260,7 @@ def _method_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
 
     A sweep gives every method the same options; ``cluster_every`` only means something to methods that cluster.
     """
-    takes = inspect.signature(get_method(method).__init__).parameters
+    takes = method_options(get_method(method))
     return {key: value for key, value in options.items() if key not in SCHEDULE_OPTIONS or key in takes}
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from compemb.budget import full_table_bytes
 from compemb.io import atomic_write_bytes, atomic_write_text
-from compemb.registry import METHODS
+from compemb.registry import METHODS, parse_method_spec
 from compemb.train import TrainConfig, Trainer
 
 COLUMNS = ("method", "ratio_asked", "ratio_reached", "params", "seed", "val_bce", "test_bce", "test_auc",
@@ -46,32 +46,6 @@ class SweepRow:
     gap_to_bayes: float | None = None
     samples_per_s: float | None = None
     note: str = ""
-
-
-def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"cce:accounting=paper:cluster_every=200"`` -> ``("cce", {"accounting": "paper", "cluster_every": 200})``.
-
-    A sweep names one method several times with different options this way; values are read as JSON when
-    they parse (numbers, true/false), else as strings.
-
-        >>> parse_method_spec("cce:accounting=paper:cluster_every=200")
-        ('cce', {'accounting': 'paper', 'cluster_every': 200})
-    """
-    name, _, rest = spec.partition(":")
-    options: dict[str, Any] = {}
-    for item in filter(None, rest.split(":")):
-        key, equals, text = item.partition("=")
-        if not equals or not key:
-            raise ValueError(f"method option {item!r} in {spec!r} is not KEY=VALUE")
-        try:
-            options[key] = json.loads(text)
-        except json.JSONDecodeError:
-            options[key] = text
-    if name not in METHODS:
-        from compemb.registry import get_method
-
-        get_method(name)  # raises, naming the closest registered names
-    return name, options
 
 
 def _compresses(spec: str) -> bool:

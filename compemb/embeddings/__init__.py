@@ -8,13 +8,11 @@ from compemb.embeddings.qr import QREmbedding
 from compemb.embeddings.robe import HashedNetsEmbedding, ROBEEmbedding
 
 # after the baselines, so listings (compemb methods, sweeps over all methods) show them first
-from compemb.embeddings.cafe import (  # noqa: E402
-    AdaEmbed,
-    CAFEEmbedding,
-    MultiLevelCAFEEmbedding,
-    OfflineFrequencyEmbedding,
-)
-from compemb.embeddings.cce import CCEmbedding, ClusterReport, ClusterSchedule  # noqa: E402
+from compemb.embeddings.cafe import CAFEEmbedding, MultiLevelCAFEEmbedding  # noqa: E402, I001
+from compemb.embeddings.offline import OfflineFrequencyEmbedding  # noqa: E402
+from compemb.embeddings.adaembed import AdaEmbed  # noqa: E402
+from compemb.embeddings.cce import CCEmbedding  # noqa: E402
+from compemb.embeddings.cce_schedule import ClusterReport, ClusterSchedule  # noqa: E402
 
 __all__ = [
     "AdaEmbed",

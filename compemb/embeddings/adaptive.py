@@ -1,9 +1,18 @@
-"""What the adaptive methods share: fresh optimizer state for rows that change owner.
+"""What the adaptive methods (CAFE, CAFE-ML, AdaEmbed, CCE) share: importance recorded from the output gradient,
+updates applied after the optimizer step, and fresh optimizer state for rows that change owner.
 
-CAFE promotes an id to a hot row, CCE replaces its tables at every clustering: the row then serves a new owner
-and must forget what the optimizer learned of the old one. Zeroing the row's state is enough for SGD (a zero
-momentum buffer restarts as torch starts one: the first gradient) and Adagrad (a zero sum gives the first
-update ``lr * g / |g|``, as for a new parameter). Adam is different: its bias correction divides by
+**Importance.** :class:`AdaptiveEmbedding` puts a hook on its own lookup output: an occurrence scores the L2 norm
+of its output gradient, normalised to mean 1 over the batch (or 1, with ``importance="frequency"``). The hook only
+records; the method's ``_update`` (sketch inserts, promotions, reallocation) runs in ``on_step_end(step,
+optimizer)``, which the Trainer calls after ``optimizer.step()``, or else at the start of the next training
+forward, so a plain loop needs no change. Reads have no side effects: a forward in eval mode leaves what is
+pending where it is, and ``state_dict()`` returns the state with it applied to a copy: a checkpoint taken after
+a plain loop's step holds what the next forward would apply, and the module trains on exactly as without the read.
+
+**Optimizer rows.** CAFE promotes an id to a hot row, CCE replaces its tables at every clustering: the row then
+serves a new owner and must forget what the optimizer learned of the old one. Zeroing the row's state is enough
+for SGD (a zero momentum buffer restarts as torch starts one: the first gradient) and Adagrad (a zero sum gives the
+first update ``lr * g / |g|``, as for a new parameter). Adam is different: its bias correction divides by
 ``1 - beta^t`` with the *shared* step count ``t``, so a zeroed row at a late step gets ``m = 0.1 g`` and
 ``sqrt(v) = 0.032 |g|`` uncorrected: a first update of ~3.2 x lr instead of lr.
 
@@ -18,9 +27,17 @@ moments) is not corrected: its own fresh parameters already see the shared step.
 
 from __future__ import annotations
 
+import copy
+import math
+from typing import Any
+
 import torch
 from torch import Tensor
 
+from compemb.budget import MemoryReport
+from compemb.embeddings.base import CompressedEmbedding
+
+IMPORTANCE = ("gradient", "frequency")
 ROW_STEP_KEY = "row_reset_step"  # per-row step at which the row's Adam state was reset; -1: never / aged out
 _SETTLED = 1e-7  # beta^age below this: the shared bias correction is the row's own
 
@@ -114,3 +131,92 @@ def _correct_reset_rows(optimizer: torch.optim.Optimizer, args: object, kwargs: 
             settled = (beta1**age < _SETTLED) & (beta2**age < _SETTLED)
             reset_at[rows[settled.to(rows.device)]] = -1.0
 
+
+def memory_report(module: torch.nn.Module, sketch: tuple[str, ...] = (), floats: tuple[str, ...] = ()) -> MemoryReport:
+    """Every parameter and buffer once: parameters (and ``floats`` buffers) as floats, ``sketch`` prefixes as sketch."""
+    counts = {"float": 0, "index": 0, "sketch": 0}
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        kind = "float" if isinstance(tensor, torch.nn.Parameter) or name in floats else "index"
+        kind = "sketch" if name.startswith(sketch) and sketch else kind
+        counts[kind] += tensor.numel() * tensor.element_size()
+    return MemoryReport(float_bytes=counts["float"], index_bytes=counts["index"], sketch_bytes=counts["sketch"])
+
+
+def _join(parts: list[Tensor]) -> Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+class AdaptiveEmbedding(CompressedEmbedding):
+    """Records per-occurrence importance from a hook on the lookup's output; applies it after the optimizer step.
+
+    A subclass calls ``_start_recording(importance)`` in ``__init__`` and implements ``_vectors(ids)`` (the lookup)
+    and ``_update(ids, scores, optimizer)`` (what the recorded importance changes; ``scores`` is None for
+    frequency). See the module docstring for when updates run.
+    """
+
+    weight: torch.nn.Parameter
+
+    def _start_recording(self, importance: str) -> None:
+        if importance not in IMPORTANCE:
+            raise ValueError(f"{self.method_name}: importance must be one of {IMPORTANCE}, got {importance!r}")
+        self.importance = importance
+        self._pending: list[tuple[Tensor, Tensor | None]] = []
+
+    def _vectors(self, ids: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _update(self, ids: Tensor, scores: Tensor | None, optimizer: torch.optim.Optimizer | None) -> None:
+        raise NotImplementedError
+
+    def lookup(self, ids: Tensor) -> Tensor:
+        if self.training:  # a plain loop never calls on_step_end: what the last backward recorded applies now
+            self._flush()
+        vectors = self._vectors(ids)
+        if self.training and vectors.requires_grad:
+            vectors.register_hook(lambda grad: self._record(ids, grad))
+        return vectors
+
+    def _record(self, ids: Tensor, grad: Tensor | None) -> None:
+        # only remember (one kernel: the norms): tables must not change during backward, nor before the step
+        if grad is None or ids.numel() == 0:  # None: autograd passes an undefined gradient
+            return
+        norms = None if self.importance == "frequency" else torch.linalg.vector_norm(grad.detach(), dim=-1)
+        self._pending.append((ids, norms))
+
+    def on_step_end(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Apply the importance recorded since the last call; ``optimizer`` lets moved rows forget their state."""
+        self._flush(optimizer)
+
+    @torch.no_grad()
+    def _flush(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        id_parts, score_parts = [], []
+        for ids, norms in pending:
+            if norms is not None:  # each backward's norms, normalised to mean 1
+                mean = float(norms.mean())
+                if not (math.isfinite(mean) and mean > 0):  # no gradient, or a diverged one: no signal
+                    continue
+                score_parts.append(norms.float() / mean)
+            id_parts.append(ids)
+        if id_parts:
+            scores = None if self.importance == "frequency" else _join(score_parts)
+            self._update(_join(id_parts), scores, optimizer)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """The module's state with what is pending applied, as the next training forward would apply it.
+
+        Reading changes nothing: pending updates are applied to a copy, whose state is returned (so with
+        ``keep_vars=True`` the tensors are the copy's). Without pending updates (the Trainer applies them after
+        every step) this is ``nn.Module.state_dict``.
+        """
+        if not self._pending:
+            return super().state_dict(*args, **kwargs)
+        ahead = copy.deepcopy(self)
+        ahead._flush()
+        return ahead.state_dict(*args, **kwargs)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        self._pending = []  # recorded against the state being replaced
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -54,14 +54,11 @@ class CompressedEmbedding(torch.nn.Module, ABC):
     title: ClassVar[str] = ""  # a few words, for `compemb methods`
     formula: ClassVar[str] = ""  # the parameter count as a formula, for `compemb methods`
     # True: built from per-id counts of the training split, given as ``frequencies=`` (EmbeddingCollection and
-    # the Trainer pass them; see compemb.embeddings.cafe.OfflineFrequencyEmbedding)
+    # the Trainer pass them; see compemb.embeddings.offline.OfflineFrequencyEmbedding)
     needs_frequencies: ClassVar[bool] = False
     # bytes stored for every id of the vocabulary (AdaEmbed's importance scores): budgets under
     # num_embeddings * per_id_bytes cannot be met and are refused with a BudgetError
     per_id_bytes: ClassVar[int] = 0
-    # extra rows for `compemb methods`: (row name, options) of settings worth showing beside the default
-    # (CCE's paper accounting, say); they are shown, not registered
-    variants: ClassVar[tuple[tuple[str, dict], ...]] = ()
 
     def __init__(
         self,

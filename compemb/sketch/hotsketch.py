@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from compemb.budget import MemoryReport
-from compemb.hashing import MAX_BUCKETS, coefficient_bytes, hash_coefficients
+from compemb.hashing import MAX_BUCKETS, bucket_of, coefficient_bytes, hash_coefficients
 
 SKETCH_STREAM = 0x48534B  # "HSK": a stream of its own, independent of a parent's hashes of the same seed
 DECAY_PERIOD = 10  # decay once per DECAY_PERIOD * threshold * num_buckets of inserted score mass (the paper's rule)
@@ -49,12 +49,6 @@ _BUFFERS = {
 
 
 # --- compiled kernels ----------------------------------------------------------------------------------
-
-
-@numba.njit(inline="always")
-def _bucket(mixed: int, num_buckets: int) -> int:
-    # compemb.hashing's multiply-high of the top 32 bits: identical to hash_ids
-    return ((mixed >> 32) & 0xFFFFFFFF) * num_buckets >> 32
 
 
 @numba.njit(cache=True, nogil=True)
@@ -107,7 +101,7 @@ def _insert_kernel(ids, scores, unit, keys, table, rows, occupied, mass, coeffic
     for k in range(count):
         x = unique_ids[k]
         s = unique_scores[k]
-        bucket = _bucket(unique_mixed[k], num_buckets)
+        bucket = bucket_of(unique_mixed[k], num_buckets)
         empty = -1
         lowest = -1
         found = False
@@ -162,7 +156,7 @@ def _query_kernel(ids, keys, table, rows, occupied, coefficients, out_scores, ou
     a, b = coefficients[0, 0], coefficients[0, 1]
     for i in range(ids.shape[0]):
         x = np.int64(ids[i])
-        bucket = _bucket(a * x + b, num_buckets)
+        bucket = bucket_of(a * x + b, num_buckets)
         score = np.float32(0.0)
         row = np.int32(-1)
         for j in range(num_slots):
@@ -182,7 +176,7 @@ def _locate(ids, keys, occupied, coefficients):
     where = np.empty(ids.shape[0], dtype=np.int64)
     for i in range(ids.shape[0]):
         x = np.int64(ids[i])
-        bucket = _bucket(a * x + b, num_buckets)
+        bucket = bucket_of(a * x + b, num_buckets)
         where[i] = -1
         for j in range(num_slots):
             if occupied[bucket, j] and keys[bucket, j] == x:

@@ -84,3 +84,57 @@ def test_row_steps_survive_an_optimizer_checkpoint():
             weight.grad = grad.clone()
             optimizer.step()
     torch.testing.assert_close(weights[0], weights[1])
+
+
+# --- reads without side effects ------------------------------------------------------------------------------
+
+
+def _plain_steps(module, batches, read):
+    """A plain loop (no on_step_end); ``read(module)`` runs between backward and step, and after the step."""
+    optimizer = torch.optim.Adam(module.parameters(), lr=0.01)
+    head = torch.linspace(-1, 1, module.embedding_dim)
+    for ids in batches:
+        loss = (module(ids) @ head - 1).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        read(module)
+        optimizer.step()
+        read(module)
+    return module
+
+
+def _state_reads(module):
+    module.state_dict()
+    module.eval()
+    module(torch.arange(50))  # an eval-mode forward must not apply what is pending either
+    module.train()
+
+
+@pytest.mark.parametrize("name, options", [
+    ("cafe", dict(threshold=2)), ("cafe-ml", dict(threshold=2)), ("adaembed", dict(interval=3)),
+    ("cce", dict(importance="gradient", cluster_every=4)),
+])
+def test_state_dict_and_eval_forwards_change_nothing(name, options):
+    from compemb import make_embedding
+
+    generator = torch.Generator().manual_seed(3)
+    batches = [torch.randint(0, 2000, (256,), generator=generator) ** 2 % 2000 for _ in range(12)]
+    built = [make_embedding(name, 2000, 8, compression=4, seed=1, **options) for _ in range(2)]
+    quiet = _plain_steps(built[0], batches, lambda m: None)
+    read = _plain_steps(built[1], batches, _state_reads)
+    for (key, a), b in zip(quiet.state_dict().items(), read.state_dict().values()):
+        assert torch.equal(a, b), key
+    assert torch.equal(quiet(batches[0]), read(batches[0]))
+
+
+def test_a_state_dict_with_updates_pending_holds_them_and_leaves_them_pending():
+    from compemb import make_embedding
+
+    module = make_embedding("cafe", 2000, 8, compression=4, seed=1, threshold=1, importance="frequency")
+    head = torch.linspace(-1, 1, 8)
+    (module(torch.tensor([7] * 64)) @ head).sum().backward()  # id 7 becomes hot when this is applied
+    saved = module.state_dict()
+    assert not bool(module.owned.any())  # the read applied nothing to the module itself
+    assert bool(saved["owned"].any())  # the checkpoint holds what the next forward will apply
+    module(torch.tensor([1]))  # the next training forward applies it
+    assert torch.equal(module.owned, saved["owned"])

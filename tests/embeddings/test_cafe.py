@@ -7,8 +7,8 @@ import torch
 
 from compemb import BudgetError, make_embedding
 from compemb.embeddings.adaptive import reset_optimizer_rows
-from compemb.embeddings.cafe import (SMALL_BUDGET_ROWS, SMALL_BUDGET_SETTINGS, _search_rows_torch, paper_defaults,
-                                     search_rows)
+from compemb.embeddings.cafe_settings import SMALL_BUDGET_ROWS, SMALL_BUDGET_SETTINGS, paper_defaults
+from compemb.embeddings.id_map import search_rows, search_rows_torch
 
 N = 100_000
 
@@ -257,7 +257,7 @@ def test_search_rows_compiled_equals_torch():
     ids = torch.tensor([-(2**63), -5, -4, 3, 8, 9, 2**40, 2**62, 2**63 - 1])
     for rows in (None, torch.tensor([4, 0, 3, 1, 2], dtype=torch.int32)):
         compiled = search_rows(ids, sorted_ids, rows, hash_module, 5)
-        assert torch.equal(compiled, _search_rows_torch(ids, sorted_ids, rows, hash_module, 5))
+        assert torch.equal(compiled, search_rows_torch(ids, sorted_ids, rows, hash_module, 5))
         found = compiled < 5
         assert found.tolist() == [False, True, False, True, True, False, True, True, False]
         assert torch.equal(compiled[~found], hash_module(ids[~found]).squeeze(-1) + 5)

@@ -9,7 +9,7 @@ import torch
 
 import compemb.embeddings.cce as cce_module
 from compemb import BudgetError, CCEmbedding, ClusterSchedule, make_embedding
-from compemb.embeddings.cce import pointer_dtype
+from compemb.embeddings.cce_plan import pointer_dtype
 from compemb.hashing import hash_ids
 from compemb.sketch.hotsketch import SLOT_BYTES
 
