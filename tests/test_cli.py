@@ -121,3 +121,17 @@ def test_a_mistyped_method_option_gets_one_line_naming_it(tmp_path, capsys, spec
     assert code == 2 and error.count("\n") == 1 and error.startswith("compemb: error: ")
     assert expected in error
     assert not (tmp_path / "run").exists()  # refused before anything was built or written
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["train", "--data", "d", "--out", "o", "--cluster-evry", "5"],
+     "compemb: error: unrecognized arguments: --cluster-evry 5 (did you mean --cluster-every?); see compemb train"),
+    (["train", "--data", "d", "--out", "o", "--batch-size", "abc"],
+     "compemb: error: argument --batch-size: invalid int value: 'abc'; see compemb train --help"),
+    (["bench", "quality", "--out", "o"], "compemb: error: the following arguments are required: --data"),
+])
+def test_a_mistyped_flag_gets_one_line_and_exit_2(capsys, argv, expected):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    error = capsys.readouterr().err
+    assert stop.value.code == 2 and error.count("\n") == 1 and error.startswith(expected)
