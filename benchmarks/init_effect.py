@@ -6,7 +6,8 @@ Issue 9, item 1: every method starts an id's vector at the scale the full table 
 with both inits over ``--seeds`` seeds and reports, per method, the mean val and test BCE of each init, their
 difference and whether it is larger than the seed spread. Resumable: finished runs are read back.
 
-    python benchmarks/init_effect.py --out RUNS [--data DATA] [--seeds 3]   # no --data: make run's set, made in RUNS
+    python benchmarks/init_effect.py --out RUNS [--data DATA] [--seeds 3] [--train dlrm|uniform_dim]
+    # no --data: make run's set, generated in RUNS first
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ def main() -> None:
     parser.add_argument("--data", default=None, help="a compemb data set (default: make run's, generated in --out)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--output", default=str(RESULTS / "init_effect"))
+    parser.add_argument("--train", default=",".join(INITS),
+                        help="the inits to train here (to share the sweep between processes); the table reads both")
     args = parser.parse_args()
     out = Path(args.out)
     data = args.data
@@ -84,7 +87,8 @@ def main() -> None:
     rows: dict[str, list[SweepRow]] = {}
     for init in INITS:
         base = base_config(data, str(out / init), init)
-        run_sweep(base, METHODS, [RATIO], args.seeds, str(out / init))
+        if init in args.train.split(","):
+            run_sweep(base, METHODS, [RATIO], args.seeds, str(out / init))
         rows[init] = collect_rows(base, out / init, first=METHODS)
     text = "\n\n".join([
         f"Setting: make run's (shared table at {RATIO}x, Adagrad 0.05, batch 2048, one epoch, best of 3 validation "

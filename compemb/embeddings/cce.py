@@ -52,7 +52,7 @@ from compemb.embeddings.cce_plan import (
     reserved_bytes,
     smallest_bytes,
 )
-from compemb.embeddings.cce_schedule import ClusterReport, ClusterSchedule
+from compemb.embeddings.cce_schedule import ClusterReport, ClusterSchedule, cluster_sample, top_holders
 from compemb.embeddings.id_map import NO_ID  # free holder_ids entries sort last
 from compemb.hashing import UniversalHash, hash_coefficients, hash_ids
 from compemb.registry import register
@@ -363,41 +363,6 @@ class CCEmbedding(AdaptiveEmbedding):
         rows = self._route(ids.to(self.pointer_table.device))[:, column].to(self.weight.device)
         return self.weight[rows[:, 0]] + self.weight[rows[:, 1]]
 
-    def _sample(self, generator: torch.Generator) -> Tensor:
-        """At most ``max_points_per_centroid x k`` distinct ids to cluster, sorted (uniform when none recorded)."""
-        n, limit = self.num_embeddings, self.max_points_per_centroid * self.holder_rows
-        ids = torch.empty(0, dtype=torch.int64)
-        if self.sample == "seen":
-            bits = (self.seen.cpu().unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1  # type: ignore[union-attr]
-            ids = bits.view(-1).nonzero().squeeze(-1)
-            ids = ids[ids < n]
-            if ids.numel() > limit:
-                ids = ids[torch.randperm(ids.numel(), generator=generator)[:limit]]
-        elif self.sample == "frequency":
-            ids, scores, _ = self.sketch.items()  # type: ignore[union-attr]
-            ids, scores = ids[scores > 0], scores[scores > 0]
-            if ids.numel() > limit:
-                ids = ids[torch.multinomial(scores.double(), limit, replacement=False, generator=generator)]
-        if ids.numel() == 0:  # uniform, or nothing recorded yet
-            if n <= limit:
-                ids = torch.arange(n)
-            else:  # distinct ids without an n-long permutation (10M ids would take 80 MB)
-                ids = torch.empty(0, dtype=torch.int64)
-                while ids.numel() < limit:
-                    ids = torch.unique(torch.cat([ids, torch.randint(n, (limit + limit // 4,), generator=generator)]))
-                ids = ids[torch.randperm(ids.numel(), generator=generator)[:limit]]
-        return torch.sort(ids).values
-
-    def _holders(self) -> Tensor:
-        """The ids that will hold stored pointers: every id, or the sketch's top ``m`` (score, then smaller id)."""
-        if self.all_ids:
-            return torch.arange(self.num_embeddings)
-        ids, scores, _ = self.sketch.items()  # type: ignore[union-attr]
-        by_id = torch.argsort(ids, stable=True)
-        order = by_id[torch.argsort(scores[by_id], descending=True, stable=True)]
-        return torch.sort(ids[order[: self.pointer_table.shape[0]]]).values  # sorted: holder_ids is searched
-
-
     @torch.no_grad()
     def cluster(self, optimizer: torch.optim.Optimizer | None = None) -> ClusterReport:
         """Re-cluster every column now (see the class docstring); returns a :class:`ClusterReport`."""
@@ -408,7 +373,10 @@ class CCEmbedding(AdaptiveEmbedding):
         seed, rounds = (int(v) for v in self.cluster_state.tolist())
         c, k, kh, device = self.columns, self.rows, self.holder_rows, self.weight.device
         generator = torch.Generator().manual_seed((seed * 1_000_003 + rounds) % 2**63)
-        sample, holders = self._sample(generator), self._holders()
+        sample = cluster_sample(self.sample, self.num_embeddings, self.max_points_per_centroid * self.holder_rows,
+                                generator, seen=self.seen, sketch=self.sketch)
+        holders = torch.arange(self.num_embeddings) if self.all_ids else top_holders(self.sketch,
+                                                                                     self.pointer_table.shape[0])
         # everything is computed from the old state and installed at the end; the hashed region is kept as it is
         h1 = hash_coefficients(seed + (rounds + 1) * _GOLDEN, c, H1_STREAM)
         weight = self.weight.detach().float().cpu().clone()

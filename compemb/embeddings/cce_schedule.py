@@ -1,10 +1,14 @@
-"""When CCE clusters (:class:`ClusterSchedule`) and what one clustering did (:class:`ClusterReport`)."""
+"""When CCE clusters (:class:`ClusterSchedule`), which ids a clustering runs on and hands pointers to
+(:func:`cluster_sample`, :func:`top_holders`), and what one clustering did (:class:`ClusterReport`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
+
+from compemb.sketch.hotsketch import HotSketch
 
 
 @dataclass(frozen=True)
@@ -51,3 +55,39 @@ class ClusterReport:
     inertia: tuple[float, ...]  # per column: sum of squared distances of the sample to its nearest centroid
     num_pointers: int  # ids now holding stored pointers
     seconds: float
+
+
+def cluster_sample(sample: str, num_embeddings: int, limit: int, generator: torch.Generator,
+                   seen: Tensor | None = None, sketch: HotSketch | None = None) -> Tensor:
+    """At most ``limit`` distinct ids to run k-means on, sorted: ``"seen"`` ids of the bitmap, ``"frequency"``
+    sketch items drawn by score, else (or when nothing is recorded yet) ``"uniform"`` over the vocabulary."""
+    n = num_embeddings
+    ids = torch.empty(0, dtype=torch.int64)
+    if sample == "seen" and seen is not None:
+        bits = (seen.cpu().unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1
+        ids = bits.view(-1).nonzero().squeeze(-1)
+        ids = ids[ids < n]
+        if ids.numel() > limit:
+            ids = ids[torch.randperm(ids.numel(), generator=generator)[:limit]]
+    elif sample == "frequency" and sketch is not None:
+        ids, scores, _ = sketch.items()
+        ids, scores = ids[scores > 0], scores[scores > 0]
+        if ids.numel() > limit:
+            ids = ids[torch.multinomial(scores.double(), limit, replacement=False, generator=generator)]
+    if ids.numel() == 0:  # uniform, or nothing recorded yet
+        if n <= limit:
+            ids = torch.arange(n)
+        else:  # distinct ids without an n-long permutation (10M ids would take 80 MB)
+            ids = torch.empty(0, dtype=torch.int64)
+            while ids.numel() < limit:
+                ids = torch.unique(torch.cat([ids, torch.randint(n, (limit + limit // 4,), generator=generator)]))
+            ids = ids[torch.randperm(ids.numel(), generator=generator)[:limit]]
+    return torch.sort(ids).values
+
+
+def top_holders(sketch: HotSketch, count: int) -> Tensor:
+    """The ``count`` ids of highest sketch score (ties to the smaller id), sorted: who holds stored pointers."""
+    ids, scores, _ = sketch.items()
+    by_id = torch.argsort(ids, stable=True)
+    order = by_id[torch.argsort(scores[by_id], descending=True, stable=True)]
+    return torch.sort(ids[order[:count]]).values  # sorted: holder_ids is searched
