@@ -141,8 +141,30 @@ def cce_claim(rows: list[SweepRow]) -> str:
     verdict = "met" if share <= 0.5 else "not met"
     also = ", ".join(f"{m}: {needed[m]:,.0f}" for m in needed if m.startswith("cce") and m != "cce")
     return text + (f"\n\nCCE's claim: cce matches the full table with {needed['cce']:,.0f} params, the next best "
-                   f"({best}) with {best_value:,.0f}: {share:.2f}x its params, **{verdict}** (the claim: <= 0.5x)."
-                   + (f" With paper accounting: {also}." if also else ""))
+                   f"({best}) with {best_value:,.0f}: {share:.2f}x its params, **{verdict} at the means** (the claim: "
+                   "<= 0.5x)." + (f" With paper accounting: {also}." if also else "")
+                   + "\n\n" + crossing_spread(rows, ["cce", best]))
+
+
+def crossing_spread(rows: list[SweepRow], methods: list[str]) -> str:
+    """Whether each method's val BCE at its first size reaching the full table's is apart from it beyond the seeds'
+    spread: the params-to-match figure is only as sure as that crossing."""
+    full = _stats(rows, "full", 1.0, "val_bce")
+    lines = []
+    for method in methods:
+        points = sorted({r.ratio_asked for r in rows if r.method == method}, reverse=True)
+        for ratio in points:
+            mine = _stats(rows, method, ratio, "val_bce")
+            if mine is not None and full is not None and mine[0] <= full[0]:
+                sds = [v for v in (mine[1], full[1]) if not math.isnan(v)]
+                spread = max(sds) if sds else math.nan
+                apart = not math.isnan(spread) and full[0] - mine[0] > spread
+                lines.append(f"{method} at {ratio:g}x: val BCE {mine[0]:.4f} ± {mine[1]:.4f} ({mine[2]} seeds) against "
+                             f"the full table's {full[0]:.4f} ± {full[1]:.4f}: "
+                             + ("below it beyond the spread." if apart else "within the spread, so the crossing (and "
+                                "the params it gives) is not sure."))
+                break
+    return " ".join(lines)
 
 
 def deciding_runs(rows: list[SweepRow]) -> list[tuple[str, list[float]]]:
