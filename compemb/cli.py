@@ -43,7 +43,7 @@ def cmd_bench_lookup(args: argparse.Namespace) -> int:
 
     result = run_lookup_benchmark(
         methods=args.methods, rounds=args.rounds, steps=args.steps, num_features=args.features,
-        num_embeddings=args.num_embeddings, seed=args.seed,
+        num_embeddings=args.num_embeddings, seed=args.seed, compression=args.compression,
     )
     print(result.table())
     if args.output:
@@ -316,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     lookup.add_argument("--steps", type=int, default=20, help="lookups per method per round")
     lookup.add_argument("--features", type=int, default=26, help="tables looked up per step")
     lookup.add_argument("--num-embeddings", type=int, default=1_000_000, help="ids per table")
+    lookup.add_argument("--compression", type=float, default=100, help="the ratio of every compressed method")
     lookup.add_argument("--seed", type=int, default=0, help="seeds the tables and the ids")
     lookup.add_argument("--output", default=None, help="write OUTPUT.md and OUTPUT.json")
     lookup.set_defaults(run=cmd_bench_lookup)

@@ -6,6 +6,7 @@ from compemb.embeddings.hash_embedding import HashEmbeddings
 from compemb.embeddings.hashing import BloomEmbedding, CompositionalEmbedding, HashingTrickEmbedding
 from compemb.embeddings.qr import QREmbedding
 from compemb.embeddings.robe import HashedNetsEmbedding, ROBEEmbedding
+from compemb.embeddings.lowrank import LowRankEmbedding
 
 # after the baselines, so listings (compemb methods, sweeps over all methods) show them first
 from compemb.embeddings.cafe import CAFEEmbedding, MultiLevelCAFEEmbedding  # noqa: E402, I001
@@ -27,6 +28,7 @@ __all__ = [
     "HashEmbeddings",
     "HashedNetsEmbedding",
     "HashingTrickEmbedding",
+    "LowRankEmbedding",
     "MultiLevelCAFEEmbedding",
     "OfflineFrequencyEmbedding",
     "QREmbedding",
