@@ -7,6 +7,7 @@ from compemb.embeddings.hashing import BloomEmbedding, CompositionalEmbedding, H
 from compemb.embeddings.qr import QREmbedding
 from compemb.embeddings.robe import HashedNetsEmbedding, ROBEEmbedding
 from compemb.embeddings.lowrank import LowRankEmbedding
+from compemb.embeddings.dhe import DeepHashEmbedding
 
 # after the baselines, so listings (compemb methods, sweeps over all methods) show them first
 from compemb.embeddings.cafe import CAFEEmbedding, MultiLevelCAFEEmbedding  # noqa: E402, I001
@@ -24,6 +25,7 @@ __all__ = [
     "ClusterSchedule",
     "CompositionalEmbedding",
     "CompressedEmbedding",
+    "DeepHashEmbedding",
     "FullEmbedding",
     "HashEmbeddings",
     "HashedNetsEmbedding",

@@ -51,6 +51,7 @@ class CompressedEmbedding(torch.nn.Module, ABC):
     method_name: ClassVar[str] = ""
     open_vocabulary: ClassVar[bool] = False  # True: any int64 id is hashed, no range check
     compresses: ClassVar[bool] = True  # False only for the full table
+    stores_rows: ClassVar[bool] = True  # False: no table (DHE), every parameter serves every id
     title: ClassVar[str] = ""  # a few words, for `compemb methods`
     formula: ClassVar[str] = ""  # the parameter count as a formula, for `compemb methods`
     # True: built from per-id counts of the training split, given as ``frequencies=`` (EmbeddingCollection and

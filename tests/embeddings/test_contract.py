@@ -114,6 +114,9 @@ def test_untouched_parameters_get_no_gradient(name):
     module(torch.tensor([5, 77])).square().sum().backward()
     for param in module.parameters():
         touched = int((param.grad != 0).sum())
+        if not METHODS[name].stores_rows:  # no table (DHE): every parameter serves every id
+            assert touched > 0, param.shape
+            continue
         assert 0 < touched < param.numel() or param.numel() <= 16, (param.shape, touched)
 
 
