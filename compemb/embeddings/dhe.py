@@ -97,8 +97,9 @@ class DeepHashEmbedding(CompressedEmbedding):
         self.first = torch.nn.Linear(self.num_hashes, self.hidden, device=device)
         self.last = torch.nn.Linear(self.hidden, self.embedding_dim, device=device)
         d = self.embedding_dim
-        smallest = math.ceil((coefficient_bytes(2) / FLOAT_BYTES)) + 2 * d + 4 * d + d
-        self._finish(budget, seed, smallest, 200 * (MAX_HASHES + 1 + d))
+        # the smallest network: 2 hashes, 1 hidden unit (k*h + h + h*d + d floats) and the hashes' coefficients
+        smallest = math.ceil(coefficient_bytes(2) / FLOAT_BYTES) + (2 + 1 + d) + d
+        self._finish(budget, seed, smallest)
 
     def encode(self, ids: Tensor) -> Tensor:
         """The dense encoding ``(N, k)`` of ``ids``: uniform in [-1, 1], or standard Gaussian."""
