@@ -16,12 +16,15 @@ from compemb.embeddings import (
     HashEmbeddings,
     HashingTrickEmbedding,
     LowRankEmbedding,
+    MixedDimEmbedding,
     MultiLevelCAFEEmbedding,
     OfflineFrequencyEmbedding,
     QREmbedding,
     ROBEEmbedding,
+    TTEmbedding,
 )
 from compemb.hashing import UniversalHash
+from compemb.quantize import QuantizedEmbedding, quantize
 from compemb.registry import METHODS, get_method, make_embedding, register
 
 __version__ = "0.1.0"
@@ -45,13 +48,17 @@ __all__ = [
     "HashingTrickEmbedding",
     "LowRankEmbedding",
     "MemoryReport",
+    "MixedDimEmbedding",
     "MultiLevelCAFEEmbedding",
     "OfflineFrequencyEmbedding",
     "QREmbedding",
+    "QuantizedEmbedding",
     "ROBEEmbedding",
+    "TTEmbedding",
     "UniversalHash",
     "get_method",
     "make_embedding",
+    "quantize",
     "register",
     "resolve_budget",
 ]

@@ -93,6 +93,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write a run's model as one file for inference; print its size beside the tables' memory()."""
+    from compemb.export import export_run
+
+    report = export_run(args.run_dir, args.out, scheme=args.quantize, checkpoint=args.checkpoint)
+    print(f"wrote {args.out}: {report['file_bytes']:,} bytes")
+    print(f"  embedding tables: memory() {report['embedding_memory_bytes']:,} bytes, stored "
+          f"{report['stored_embedding_bytes']:,} (training-only state left out: {len(report['dropped'])} tensors)")
+    print(f"  MLPs: {report['mlp_bytes']:,} bytes; vocabulary: {report['vocabulary_bytes']:,} bytes")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Score a raw Criteo TSV with an exported model: one probability per input line."""
+    from compemb.export import predict_file
+
+    counts = predict_file(args.model, args.input, args.out, labeled=args.labeled)
+    rejected = f", {counts['rejected']:,} rejected {counts['rejected_by_reason']} (written as nan)" \
+        if counts["rejected"] else ""
+    print(f"wrote {args.out}: {counts['rows_scored']:,} of {counts['rows_read']:,} lines scored{rejected}")
+    return 0
+
+
 def _train_config(args: argparse.Namespace, out: str) -> TrainConfig:
     """The TrainConfig the training arguments describe (``--method`` and ``--compression`` where present)."""
     # NAME:KEY=VALUE options of --method (train) are checked against the method's own options here
@@ -110,11 +133,11 @@ def _train_config(args: argparse.Namespace, out: str) -> TrainConfig:
 
 def cmd_bench_quality(args: argparse.Namespace) -> int:
     """Sweep methods x compression ratios x seeds; print the table and where the plots went."""
-    from compemb.bench.quality import collect_rows, markdown_table, parse_method_spec, run_sweep
+    from compemb.bench.quality import collect_rows, markdown_table, parse_sweep_spec, run_sweep
 
     methods = list(METHODS) if args.methods == "all" else args.methods.split(",")
     for method in methods:
-        parse_method_spec(method)  # an unknown name or a malformed option fails before any training
+        parse_sweep_spec(method)  # an unknown name or a malformed option fails before any training
     compressions = [float(ratio) for ratio in args.compression.split(",")]
     base = _train_config(args, args.out)
     run_sweep(base, methods, compressions, args.seeds, args.out)
@@ -308,6 +331,22 @@ def build_parser() -> argparse.ArgumentParser:
                           help="the best validation checkpoint or the last one")
     evaluate.set_defaults(run=cmd_eval)
 
+    export = commands.add_parser("export", help="write a run's model as one compact file for inference")
+    export.add_argument("--run", dest="run_dir", required=True, help="the run directory")
+    export.add_argument("--out", required=True, help="the model file to write (e.g. model.compemb)")
+    export.add_argument("--quantize", choices=("int8", "int4", "pq"), default=None,
+                        help="quantize the tables first (post-training)")
+    export.add_argument("--checkpoint", choices=("best", "last"), default="best",
+                        help="the best validation checkpoint or the last one")
+    export.set_defaults(run=cmd_export)
+
+    predict = commands.add_parser("predict", help="score a raw Criteo TSV with an exported model")
+    predict.add_argument("--model", required=True, help="a file written by compemb export")
+    predict.add_argument("--input", required=True, help="raw Criteo TSV (plain or gzip)")
+    predict.add_argument("--out", required=True, help="one click probability per input line (nan: rejected line)")
+    predict.add_argument("--labeled", action="store_true", help="the rows start with a label column (train.txt)")
+    predict.set_defaults(run=cmd_predict)
+
     bench = commands.add_parser("bench", help="benchmarks")
     benches = bench.add_subparsers(dest="bench", required=True)
     lookup = benches.add_parser("lookup", help="forward+backward time as a ratio to the sparse full table")
@@ -334,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     speed.set_defaults(run=cmd_bench_train)
     quality = benches.add_parser("quality", help="train every method at every ratio; table and plots")
     _add_training_arguments(quality)
-    quality.add_argument("--methods", default="all", help="comma-separated names, or 'all'; options as NAME:KEY=VALUE:KEY=VALUE (e.g. cce:accounting=paper)")
+    quality.add_argument("--methods", default="all", help="comma-separated names, or 'all'; options as NAME:KEY=VALUE:KEY=VALUE (e.g. cce:accounting=paper); NAME+int8 / +int4 / +pq: trained, then quantized")
     quality.add_argument("--compression", default="10,100", help="comma-separated ratios")
     quality.add_argument("--seeds", type=int, default=1, help="seeds 0 .. N-1 of every (method, ratio)")
     quality.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -362,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except ValueError as error:  # bad user input: one clear line, not a traceback
+    except (ValueError, FileNotFoundError) as error:  # bad user input: one clear line, not a traceback
         print(f"compemb: error: {error}", file=sys.stderr)
         return 2
 

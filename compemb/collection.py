@@ -3,16 +3,17 @@
 Two ways to spend the budget (``sharing=``):
 
 - ``"per_feature"`` (default): one table per feature, the budget split in proportion to the features' full
-  sizes. A feature whose share would be at least its full size, whose full table is no bigger than an even
-  share of what is left, or whose nearest compressed size is no smaller than its full table, stays full, and
-  what that leaves goes to the others (a 10-id feature compressed into one shared row would be erased for
-  almost no memory; keeping it costs the large features next to nothing). Small tables take their nearest
-  size and the larger ones absorb the rounding, so the total meets the budget within 1%. At high ratios
-  every feature's share falls below a few rows and most methods cannot be built: use ``"shared"``.
+  sizes (or by the method's ``split_budget``: MDE's power rule). A feature whose share would be at least its full
+  size, whose full table is no bigger than an even share of what is left, or whose nearest compressed size is no
+  smaller than its full table, stays full, and what that leaves goes to the others (a 10-id feature compressed into
+  one shared row would be erased for almost no memory; keeping it costs the large features next to nothing). Small
+  tables take their nearest size and the larger ones absorb the rounding, so the total meets the budget within 1%.
+  At high ratios every feature's share falls below a few rows and most methods cannot be built: use ``"shared"``.
 - ``"shared"``: one table (one method instance) over every feature's ids, feature f's id x read as
   ``offset_f + x`` in a vocabulary of all the features' ids together, as CAFE's code and the VLDB 2024
   compression benchmark do. The whole budget goes to the one table, so every ratio up to 10,000x of Criteo
-  Kaggle (33.8M ids x 16: 54k params) is buildable; the method decides which ids share. Its init scale is
+  Kaggle (33.8M ids x 16: 54k params) is buildable; the method decides which ids share (MDE is given the
+  features as blocks, each with a dim of its own). Its init scale is
   that of the one full table of all ids (``init="dlrm"``: sqrt(1/sum n)). The full table is built shared too
   when asked: it holds the same rows either way, but one table starts every id at sqrt(1/sum n) where per-feature
   tables start a feature of n ids at sqrt(1/n), and that moves its BCE (on the Kaggle-shape set: val BCE 0.4314
@@ -134,6 +135,8 @@ class EmbeddingCollection(torch.nn.Module):
             if get_method(method).needs_frequencies:  # every feature's counts, end to end as the ids are
                 missing = [f.name for f in features if f.name not in (frequencies or {})]
                 common["frequencies"] = None if missing else torch.cat([frequencies[f.name] for f in features])
+            if get_method(method).takes_feature_blocks:  # MDE: each feature a block with a dim of its own
+                common["blocks"] = [f.num_embeddings for f in features]
             table = make_embedding(method, total, embedding_dim, num_params=max(1, round(self.budget.num_params)),
                                    **common, **options)
             self.embeddings = torch.nn.ModuleDict({"shared": table})
@@ -166,15 +169,21 @@ class EmbeddingCollection(torch.nn.Module):
         # would reach its full size) at its nearest size; larger tables absorb the smaller ones' rounding,
         # and the total is checked against the budget at the end
         full = [full_table_bytes(f.num_embeddings, embedding_dim) for f in features]
+        # what the method would give each feature (in proportion to its full table, or MDE's power rule)
+        cls = get_method(method)
+        wanted = cls.split_budget([f.num_embeddings for f in features], embedding_dim, self.budget.num_bytes,
+                                  **options)
+        # a proportional split keeps small features full itself (below); a method's own split already decides
+        proportional = cls.split_budget.__func__ is CompressedEmbedding.split_budget.__func__  # type: ignore[attr-defined]
         order = sorted(range(len(features)), key=lambda index: full[index])
         tables: dict[int, CompressedEmbedding] = {}
-        left_bytes, left_full = self.budget.num_bytes, sum(full)
+        left_bytes, left_wanted = self.budget.num_bytes, sum(wanted)
         for position, index in enumerate(order):
-            share = left_bytes * full[index] / left_full
+            share = left_bytes * wanted[index] / left_wanted
             even_share = left_bytes / (len(order) - position)
             # a table no bigger than an even share of what is left stays full: compressing a 10-id feature
             # into one shared row would erase it for almost no memory
-            if not get_method(method).compresses or share >= full[index] or full[index] <= even_share:
+            if not cls.compresses or share >= full[index] or (proportional and full[index] <= even_share):
                 table = build(index, None)
             elif left_bytes < FLOAT_BYTES:
                 raise BudgetError(
@@ -187,7 +196,7 @@ class EmbeddingCollection(torch.nn.Module):
                     table = build(index, None)
             tables[index] = table
             left_bytes -= table.budgeted_bytes()
-            left_full -= full[index]
+            left_wanted -= wanted[index]
         stored = sum(table.budgeted_bytes() for table in tables.values())  # as each method accounts
         miss = (stored - self.budget.num_bytes) / self.budget.num_bytes
         every_table_full = all(not table.compresses for table in tables.values())

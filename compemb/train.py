@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
+from torch import Tensor
 from tqdm import tqdm
 
 from compemb.collection import SHARING, EmbeddingCollection, Feature
@@ -93,22 +94,12 @@ class Trainer:
         torch.manual_seed(config.seed)
         # sparse gradients are built by torch's own kernels: opt out of re-checking them, explicitly (the default)
         torch.sparse.check_sparse_tensor_invariants.disable()
-        features = [Feature(f"C{i + 1}", n) for i, n in enumerate(self.manifest["cardinalities"])]
-        # sparse gradients where the optimizer takes them (SGD, Adagrad), as the papers train
-        options = {"sparse": config.optimizer != "adam", "init": config.init,
-                   **_method_options(config.method, config.method_options)}
         frequencies = None
         if get_method(config.method).needs_frequencies:  # offline methods: ids counted in the train split
             counts = id_counts(self.splits["train"], self.manifest["cardinalities"])
-            frequencies = {feature.name: torch.from_numpy(c) for feature, c in zip(features, counts)}
-        embeddings = EmbeddingCollection(features, config.embedding_dim, config.method,
-                                         compression=config.compression, seed=config.seed, frequencies=frequencies,
-                                         sharing=config.sharing, **options)
-        num_dense = self.splits["train"].dense.shape[1]
-        if config.model == "dlrm":
-            self.model: torch.nn.Module = DLRM(embeddings, num_dense, config.bottom, config.top)
-        else:
-            self.model = DCNv2(embeddings, num_dense, deep=config.top)
+            frequencies = {f"C{i + 1}": torch.from_numpy(c) for i, c in enumerate(counts)}
+        self.model = build_model(config, self.manifest["cardinalities"], self.splits["train"].dense.shape[1],
+                                 frequencies)
         self.optimizer = _make_optimizer(config.optimizer, self.model, config.lr)
         self.step = 0
         self.best: dict[str, Any] | None = None
@@ -240,6 +231,27 @@ class Trainer:
         self.optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer_groups"]})
         torch.set_rng_state(tensors["rng.torch"])
         self.step, self.best = meta["step"], meta["best"]
+
+
+def build_model(config: TrainConfig, cardinalities: list[int], num_dense: int,
+                frequencies: dict[str, Tensor] | None = None) -> torch.nn.Module:
+    """The model a config describes (DLRM or DCN over an EmbeddingCollection of ``C1..Cn``), freshly seeded.
+
+    ``frequencies`` (per-feature id counts) are needed by methods built from them (``needs_frequencies``); an
+    exported model rebuilds without them (its state then loads over whatever they chose).
+    """
+    torch.manual_seed(config.seed)
+    features = [Feature(f"C{i + 1}", n) for i, n in enumerate(cardinalities)]
+    # sparse gradients where the optimizer takes them (SGD, Adagrad), as the papers train
+    options = {"sparse": config.optimizer != "adam", "init": config.init,
+               **_method_options(config.method, config.method_options)}
+    if get_method(config.method).needs_frequencies and frequencies is None:
+        frequencies = {f.name: torch.zeros(f.num_embeddings, dtype=torch.int64) for f in features}
+    embeddings = EmbeddingCollection(features, config.embedding_dim, config.method, compression=config.compression,
+                                     seed=config.seed, frequencies=frequencies, sharing=config.sharing, **options)
+    if config.model == "dlrm":
+        return DLRM(embeddings, num_dense, config.bottom, config.top)
+    return DCNv2(embeddings, num_dense, deep=config.top)
 
 
 def id_counts(split: Split, cardinalities: list[int], chunk_rows: int = 1 << 20) -> list[np.ndarray]:

@@ -109,7 +109,7 @@ def kaggle_features():
 
 # QR needs 2 sqrt(n) rows of d, AdaEmbed a score per id and lowrank a coordinate per id: none fits 54k params of a
 # 33.8M-id vocabulary
-UNREACHABLE_AT_10000 = {"qr", "adaembed", "lowrank"}
+UNREACHABLE_AT_10000 = {"qr", "adaembed", "lowrank", "mde"}  # qr: 2 sqrt(n) rows; the others: one float per id
 
 
 @pytest.mark.parametrize("name", sorted(m for m in METHODS if METHODS[m].compresses))

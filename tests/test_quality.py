@@ -100,3 +100,28 @@ def test_files_gather_every_invocation_made_with_the_same_settings(data, tmp_pat
     # a run made with another learning rate in the same directory is not part of this table
     run_sweep(replace(base, lr=0.05), ["ce"], [4], seeds=1, out=str(tmp_path))
     assert all(r.method != "ce" for r in collect_rows(base, tmp_path))
+
+
+def test_quantized_rows_test_the_trained_runs_tables_after_quantization(data, tmp_path):
+    from compemb.bench.quality import parse_sweep_spec
+
+    assert parse_sweep_spec("cce:columns=2+int8") == ("cce", {"columns": 2}, "int8")
+    assert parse_sweep_spec("hash") == ("hash", {}, None)
+    base = TrainConfig(data=data, out="", embedding_dim=8, bottom=(8,), top=(8,), optimizer="adagrad", lr=0.02,
+                       batch_size=512)
+    rows = {row.method: row for row in run_sweep(base, ["full", "full+int8", "hash+int4"], [10], seeds=1,
+                                                 out=str(tmp_path))}
+    # the trained run is shared: full+int8 quantizes full's run (trained once), hash+int4 trained hash itself
+    assert (tmp_path / "runs" / "full-1x-s0" / "result.json").exists()
+    assert (tmp_path / "runs" / "hash-10x-s0" / "checkpoints" / "best.json").exists()
+    full, int8 = rows["full"], rows["full+int8"]
+    assert int8.ratio_reached == pytest.approx(4 * 8 / (8 + 4), rel=1e-6)  # codes + fp16 scale and bias per row
+    assert abs(int8.test_bce - full.test_bce) < 0.01 * full.test_bce and int8.test_bce != full.test_bce
+    assert rows["hash+int4"].ratio_reached > 10 * 2 and rows["hash+int4"].test_bce > 0
+    refused = run_sweep(base, ["qr+int8"], [1000], seeds=1, out=str(tmp_path))[0]
+    assert refused.test_bce is None and "budget" in refused.note  # qr cannot reach 1000x: the row says why
+    assert "| full+int8 |" in (tmp_path / "results.md").read_text()
+    # read back, not recomputed
+    result = tmp_path / "runs" / "full+int8-1x-s0" / "result.json"
+    result.write_text(json.dumps(json.loads(result.read_text()) | {"note": "from disk"}))
+    assert run_sweep(base, ["full+int8"], [10], seeds=1, out=str(tmp_path))[0].note == "from disk"

@@ -5,7 +5,9 @@ config); a run whose result exists with the same config is read back, so an inte
 where it stopped, and one made with other settings is trained again. A method that cannot meet a ratio
 gets a row saying why. ``OUT/results.csv`` and ``OUT/results.md`` hold every row; ``OUT/bce.png`` and
 ``OUT/auc.png`` plot test BCE and AUC against the compression reached, one line per method, with the
-Bayes-optimal value as a line where the data set knows it.
+Bayes-optimal value as a line where the data set knows it. A method spec ``NAME+int8`` (``+int4``, ``+pq``) is
+the post-training baseline: NAME's run (trained first if missing), its best checkpoint's tables quantized
+(:func:`compemb.quantize`) and tested, as its own row at the compression the quantized tables reach.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 
 from compemb.budget import full_table_bytes
 from compemb.io import atomic_write_bytes, atomic_write_text
+from compemb.quantize import SCHEMES, quantize
 from compemb.registry import METHODS, parse_method_spec
 from compemb.train import TrainConfig, Trainer
 
@@ -48,8 +51,25 @@ class SweepRow:
     note: str = ""
 
 
+def split_quantized(spec: str) -> tuple[str, str | None]:
+    """``"cce+int8"`` -> ``("cce", "int8")``: a method trained as usual, then its tables quantized after training
+    (:func:`compemb.quantize`) and tested; a spec without a ``+scheme`` suffix -> ``(spec, None)``."""
+    base, plus, scheme = spec.rpartition("+")
+    if plus and scheme in SCHEMES:
+        return base, scheme
+    return spec, None
+
+
+def parse_sweep_spec(spec: str) -> tuple[str, dict[str, Any], str | None]:
+    """A sweep's method spec: the registry name, its options, and the post-training quantization scheme if any."""
+    base, scheme = split_quantized(spec)
+    name, options = parse_method_spec(base)
+    return name, options, scheme
+
+
 def _compresses(spec: str) -> bool:
-    return METHODS[parse_method_spec(spec)[0]].compresses
+    base, scheme = split_quantized(spec)
+    return scheme is not None or METHODS[parse_method_spec(base)[0]].compresses
 
 
 def run_sweep(base: TrainConfig, methods: list[str], compressions: list[float], seeds: int, out: str) -> list[SweepRow]:
@@ -59,7 +79,7 @@ def run_sweep(base: TrainConfig, methods: list[str], compressions: list[float], 
     """
     rows = []
     for method in methods:
-        ratios = compressions if _compresses(method) else [1.0]
+        ratios = compressions if _compresses(split_quantized(method)[0]) else [1.0]  # full+int8: full's one run
         for ratio in ratios:
             for seed in range(seeds):
                 rows.append(_run_one(base, method, ratio, seed, Path(out)))
@@ -89,6 +109,9 @@ def collect_rows(base: TrainConfig, out: Path, first: Sequence[str] = ()) -> lis
 
 
 def _run_one(base: TrainConfig, method: str, ratio: float, seed: int, out: Path) -> SweepRow:
+    trained, scheme = split_quantized(method)
+    if scheme is not None:
+        return _run_quantized(base, trained, scheme, ratio, seed, out)
     name, options = parse_method_spec(method)
     label = method.replace(":", "-").replace("=", "-")
     run = out / "runs" / f"{label}-{ratio:g}x-s{seed}"
@@ -118,6 +141,39 @@ def _run_one(base: TrainConfig, method: str, ratio: float, seed: int, out: Path)
     row.bayes_bce, row.gap_to_bayes = test.get("bayes_bce"), test.get("gap_to_bayes")
     row.samples_per_s = last.get("samples_per_s")
     atomic_write_text(run / "result.json", json.dumps({**asdict(row), "config": asdict(config)}, indent=2) + "\n")
+    return row
+
+
+def _run_quantized(base: TrainConfig, trained: str, scheme: str, ratio: float, seed: int, out: Path) -> SweepRow:
+    """The run of ``trained`` (trained first if it is not done), its best checkpoint quantized and tested."""
+    source = _run_one(base, trained, ratio, seed, out)
+    method = f"{trained}+{scheme}"
+    label = method.replace(":", "-").replace("=", "-")
+    run = out / "runs" / f"{label}-{ratio:g}x-s{seed}"
+    name, options = parse_method_spec(trained)
+    source_run = out / "runs" / f"{trained.replace(':', '-').replace('=', '-')}-{ratio:g}x-s{seed}"
+    config = replace(base, method=name, compression=None if ratio == 1 else ratio, seed=seed, out=str(source_run),
+                     method_options={**base.method_options, **options})
+    saved_config = json.loads(json.dumps(asdict(config)))
+    if (run / "result.json").exists():
+        saved = json.loads((run / "result.json").read_text())
+        if saved.pop("config", None) == saved_config:
+            return SweepRow(**saved)
+    row = SweepRow(method, ratio, seed, note=source.note)
+    if source.test_bce is not None:  # the method could be built and trained: quantize what it learnt
+        trainer = Trainer(config)
+        trainer.load(source_run / "checkpoints" / "best")
+        trainer.model = quantize(trainer.model, scheme)
+        test = trainer.evaluate("test")
+        memory = trainer.model.embeddings.memory().total  # type: ignore[union-attr]
+        full = sum(full_table_bytes(f.num_embeddings, config.embedding_dim)
+                   for f in trainer.model.embeddings.features)  # type: ignore[union-attr]
+        row.ratio_reached, row.params = full / memory.total, memory.total // 4
+        row.val_bce = trainer.evaluate(config.eval_split)["bce"]
+        row.test_bce, row.test_auc = test["bce"], test["auc"]
+        row.bayes_bce, row.gap_to_bayes = test.get("bayes_bce"), test.get("gap_to_bayes")
+        row.note = f"{trained} trained, tables {scheme} after training"
+    atomic_write_text(run / "result.json", json.dumps({**asdict(row), "config": saved_config}, indent=2) + "\n")
     return row
 
 

@@ -4,7 +4,9 @@ A row is a label, 13 integer features and 26 categorical features written as hex
 fields are missing (``test.txt`` has no label). Dense values: missing -> 0, negative -> 0, then
 log(x + 1). Categorical values: hex -> 32-bit integer, then either categorified (a first pass counts every
 value; values seen fewer than ``min_count`` times share one id per feature, missing gets its own id) or
-taken ``mod hash_mod`` (DLRM's max-ind-range; missing gets id ``hash_mod``).
+taken ``mod hash_mod`` (DLRM's max-ind-range; missing gets id ``hash_mod``). A categorified data set keeps its
+vocabulary (each feature's kept values) in ``vocabulary.safetensors``, so an exported model maps raw rows as
+preprocessing did.
 
 Bad rows (wrong column count, a label other than 0/1, a non-integer dense value, a non-hex or >32-bit
 categorical value) are rejected and counted by reason with their first 100 line numbers, never fixed;
@@ -25,9 +27,11 @@ from pathlib import Path
 
 import numba
 import numpy as np
+from safetensors.numpy import save as save_arrays
 from tqdm import tqdm
 
 from compemb.data.dataset import DatasetWriter
+from compemb.io import atomic_write_bytes
 
 NUM_DENSE, NUM_SPARSE = 13, 26
 MISSING = -1  # a missing categorical value before its id is assigned
@@ -297,6 +301,9 @@ class ValueCounts:
         return self.values, self.counts
 
 
+VOCABULARY = "vocabulary.safetensors"  # a categorified data set's kept values, one sorted int64 array per feature
+
+
 class Categorifier:
     """Maps each feature's raw values to ids: 0 missing, 1 rare (seen < min_count), then kept values in order."""
 
@@ -305,6 +312,17 @@ class Categorifier:
         for feature in counts:
             values, value_counts = feature.result()
             self.kept.append(values[(value_counts >= min_count) & (values != MISSING)])
+
+    @classmethod
+    def from_kept(cls, kept: Sequence[np.ndarray]) -> Categorifier:
+        """The categorifier of a saved vocabulary: each feature's kept values, sorted."""
+        categorifier = cls([], 0)
+        categorifier.kept = [np.asarray(values, dtype=np.int64) for values in kept]
+        return categorifier
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the kept values (``C1`` ... ``C26``, int64) as safetensors, so ids can be mapped again later."""
+        atomic_write_bytes(path, save_arrays({f"C{i + 1}": kept for i, kept in enumerate(self.kept)}))
 
     @property
     def cardinalities(self) -> list[int]:
@@ -403,6 +421,8 @@ def preprocess_criteo(
         # first line numbers by reason; with several input files, by file then reason
         first_lines = (rejections[inputs[0][0]].lines if len(inputs) == 1 else
                        {str(path): rejected.lines for path, rejected in rejections.items() if rejected.lines})
+        if hash_mod is None:  # the raw values behind the ids: what maps a raw row at prediction time
+            categorify.save(writer.temporary / VOCABULARY)
         writer.facts.update({
             "source": "criteo-kaggle" if len(sources) == 1 else "criteo-terabyte",
             "input": [str(path) for path, _ in inputs] if len(inputs) > 1 else str(sources[0]),

@@ -6,6 +6,7 @@ A data set is a directory::
     <split>/dense.npy      float32 (rows, num_dense), already transformed (log(x + 1) for Criteo)
     <split>/sparse.npy     int32 or int64 (rows, num_sparse), ids in [0, cardinality) per column
     <split>/labels.npy     uint8 (rows,), 0 or 1 (absent for an unlabeled split, e.g. Criteo Kaggle's test.txt)
+    vocabulary.safetensors the raw values behind the ids, per feature (categorified Criteo only)
 
 Writers fill the arrays chunk by chunk through memory maps in a temporary directory that is renamed into
 place when complete, so a reader never sees a half-written data set.

@@ -8,6 +8,8 @@ from compemb.embeddings.qr import QREmbedding
 from compemb.embeddings.robe import HashedNetsEmbedding, ROBEEmbedding
 from compemb.embeddings.lowrank import LowRankEmbedding
 from compemb.embeddings.dhe import DeepHashEmbedding
+from compemb.embeddings.tt import TTEmbedding
+from compemb.embeddings.mixed_dim import MixedDimEmbedding
 
 # after the baselines, so listings (compemb methods, sweeps over all methods) show them first
 from compemb.embeddings.cafe import CAFEEmbedding, MultiLevelCAFEEmbedding  # noqa: E402, I001
@@ -31,8 +33,10 @@ __all__ = [
     "HashedNetsEmbedding",
     "HashingTrickEmbedding",
     "LowRankEmbedding",
+    "MixedDimEmbedding",
     "MultiLevelCAFEEmbedding",
     "OfflineFrequencyEmbedding",
     "QREmbedding",
     "ROBEEmbedding",
+    "TTEmbedding",
 ]

@@ -51,6 +51,8 @@ class AdaEmbed(AdaptiveEmbedding):
         (12631, 3750, 400008)
     """
 
+    training_only_state = ("scores", "scale", "steps")  # the per-id importance scores and their decay
+
     per_id_bytes = 4
     title = "AdaEmbed: rows follow importance"
     formula = "R * d + fallback * d + n scores"

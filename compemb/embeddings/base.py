@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numbers
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
@@ -60,6 +61,11 @@ class CompressedEmbedding(torch.nn.Module, ABC):
     # bytes stored for every id of the vocabulary (AdaEmbed's importance scores): budgets under
     # num_embeddings * per_id_bytes cannot be met and are refused with a BudgetError
     per_id_bytes: ClassVar[int] = 0
+    # state_dict entries only training reads (decayed sketch mass, importance scores): an exported model leaves them
+    # out and its lookups do not need them (compemb.export)
+    training_only_state: ClassVar[tuple[str, ...]] = ()
+    # True: a shared EmbeddingCollection passes its features' sizes as ``blocks=`` (MDE gives each its own dim)
+    takes_feature_blocks: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -89,6 +95,16 @@ class CompressedEmbedding(torch.nn.Module, ABC):
         self.mode = mode
         self.sparse = bool(sparse)
         self.name = name
+
+    @classmethod
+    def split_budget(
+        cls, sizes: Sequence[int], embedding_dim: int, budget_bytes: int, **options: object
+    ) -> list[float]:
+        """How an EmbeddingCollection of one table per feature shares ``budget_bytes`` among features of ``sizes``
+        ids: in proportion to their full tables (the collection then keeps small ones full and absorbs rounding).
+        A method that allocates across features (MDE's power rule) overrides it."""
+        total = sum(sizes)
+        return [budget_bytes * n / total for n in sizes]
 
     # --- what each method implements -------------------------------------------------------
 
@@ -183,7 +199,7 @@ class CompressedEmbedding(torch.nn.Module, ABC):
                     f"{tuple(ids.shape)}, got {per_sample_weights.dtype} {tuple(per_sample_weights.shape)}"
                 )
             # the tables' dtype, as nn.EmbeddingBag requires, whichever path the bags take
-            per_sample_weights = per_sample_weights.to(next(self.parameters()).dtype)
+            per_sample_weights = per_sample_weights.to(self._tables_dtype())
         closed = not self.open_vocabulary and ids.numel() > 0
         if offsets.numel() == 0:
             if closed:
@@ -202,6 +218,10 @@ class CompressedEmbedding(torch.nn.Module, ABC):
             self._check_range(ids, low, high)
         # n bags over n ids with none empty: every bag holds exactly one id
         return ids, offsets, per_sample_weights, offsets.numel() == ids.numel() and smallest >= 1
+
+    def _tables_dtype(self) -> torch.dtype:
+        """The floating dtype the tables compute in (per-sample weights are cast to it)."""
+        return next(self.parameters()).dtype
 
     def memory(self) -> MemoryReport:
         """What the module stores: parameters as float bytes, persistent buffers (hashes, pointers) as index bytes."""
@@ -285,6 +305,17 @@ def init_uniform_(tensor: Tensor, bound: float, generator: torch.Generator) -> N
         tensor.uniform_(-bound, bound, generator=generator)
     else:
         tensor.copy_(torch.empty(tensor.shape, dtype=tensor.dtype).uniform_(-bound, bound, generator=generator))
+
+
+@torch.no_grad()
+def init_normal_(tensor: Tensor, std: float, generator: torch.Generator) -> None:
+    """Fill ``tensor`` with N(0, std^2) from a CPU ``generator``: the same values on every device."""
+    if tensor.is_meta:
+        return
+    if tensor.device.type == "cpu":
+        tensor.normal_(0.0, std, generator=generator)
+    else:
+        tensor.copy_(torch.empty(tensor.shape, dtype=tensor.dtype).normal_(0.0, std, generator=generator))
 
 
 class _GatherScalars(torch.autograd.Function):

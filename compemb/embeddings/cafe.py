@@ -55,6 +55,7 @@ class _CAFE(AdaptiveEmbedding):
     """The CAFE family: ``H`` hot rows owned through a HotSketch, then one or two hashed tables."""
 
     open_vocabulary = True
+    training_only_state = ("sketch.mass",)  # how much score was inserted since the last decay
 
     def __init__(
         self,

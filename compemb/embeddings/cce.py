@@ -123,6 +123,8 @@ class CCEmbedding(AdaptiveEmbedding):
         (1, 10000, torch.Size([2, 16]))
     """
 
+    training_only_state = ("sketch.mass", "cluster_state")  # score inserted since the last decay; clusterings done
+
     title = "CCE: clustered compositional"
     formula = "2 * k * d + pointers + sketch"
     pointer_table: Tensor

@@ -88,6 +88,7 @@ class OfflineFrequencyEmbedding(CompressedEmbedding):
         hot_bytes = (1 - self.hash_rate) * budget.num_bytes
         # ids never counted get no row (their rows go to the hashed table); meta counts plan for every id
         wanted = counted if counts.is_meta else max(1, int((counts > 0).sum()))
+        self.counted_ids = (counted, wanted)  # all the sizes depend on: an exported model is rebuilt from it
         by_search = max(1, min(wanted, int(hot_bytes // (d * FLOAT_BYTES + 8))))
         by_map = max(1, min(wanted, int((hot_bytes - 4 * counted) // (d * FLOAT_BYTES))))
         # the map that leaves more rows is the smaller one (for as many rows, the one of fewer bytes)
