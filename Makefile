@@ -17,7 +17,8 @@ $(STAMP): pyproject.toml
 # the main job: a synthetic Criteo-like set (101k ids, 3 training rows per id), then every method at 100x of one
 # shared table, 3 seeds, Adagrad, one epoch, the test metrics of the best of 3 validation checkpoints (minutes).
 # Every method but dhe: its MLP makes one run take 3 minutes here (three seeds would more than double the job).
-METHODS := full,hemb,hash,ce,bloom,qr,robe,hashednets,lowrank,cafe,cafe-ml,offline,adaembed,cce,cce-paper
+# NAME+int8 / NAME+pq: NAME's trained tables quantized after training (the post-training baseline), tested as a row.
+METHODS := full,full+int8,full+pq,hemb,hash,ce,bloom,qr,robe,hashednets,lowrank,mde,tt,cafe,cafe-ml,offline,adaembed,cce,cce+int8,cce-paper
 DEMO := runs/demo
 run: $(STAMP)
 	$(BIN)/compemb methods

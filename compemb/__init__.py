@@ -23,6 +23,7 @@ from compemb.embeddings import (
     ROBEEmbedding,
     TTEmbedding,
 )
+from compemb.export import load_model
 from compemb.hashing import UniversalHash
 from compemb.quantize import QuantizedEmbedding, quantize
 from compemb.registry import METHODS, get_method, make_embedding, register
@@ -57,6 +58,7 @@ __all__ = [
     "TTEmbedding",
     "UniversalHash",
     "get_method",
+    "load_model",
     "make_embedding",
     "quantize",
     "register",

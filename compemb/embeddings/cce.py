@@ -123,7 +123,7 @@ class CCEmbedding(AdaptiveEmbedding):
         (1, 10000, torch.Size([2, 16]))
     """
 
-    training_only_state = ("sketch.mass", "cluster_state")  # score inserted since the last decay; clusterings done
+    training_only_state = ("sketch.mass",)  # score inserted since the last decay (h1's seed, in cluster_state, stays)
 
     title = "CCE: clustered compositional"
     formula = "2 * k * d + pointers + sketch"

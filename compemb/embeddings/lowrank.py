@@ -37,7 +37,7 @@ class LowRankEmbedding(CompressedEmbedding):
         (1.5968, 5968, 64000)
     """
 
-    title = "low rank: n x r table, r x d projection"
+    title = "low rank: n x r times r x d"
     formula = "n * r + r * d"
     per_id_bytes = FLOAT_BYTES  # one coordinate per id at least
 

@@ -87,7 +87,7 @@ class MixedDimEmbedding(CompressedEmbedding):
         [16, 7.0, 1.948456]
     """
 
-    title = "MDE: mixed dims per block by a power rule, projected to d"
+    title = "MDE: power-rule dims per block"
     formula = "sum_b n_b r_b + r_b d"
     per_id_bytes = FLOAT_BYTES  # one coordinate per id at least
     takes_feature_blocks = True

@@ -109,7 +109,7 @@ class TTEmbedding(CompressedEmbedding):
         ((101, 99, 101), (4, 2, 2), (27, 27))
     """
 
-    title = "TT-Rec: tensor-train cores, ids and dim factorised"
+    title = "TT-Rec: tensor-train cores"
     formula = "n1 d1 R1 + R1 n2 d2 R2 + R2 n3 d3"
 
     def __init__(
