@@ -6,6 +6,7 @@ import argparse
 import difflib
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -76,9 +77,29 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Train one model on a preprocessed data set; print the last evaluation."""
     from compemb.train import Trainer
 
-    result = Trainer(_train_config(args, args.out), resume=args.resume).fit()
-    print(json.dumps(result, indent=2))
+    overrides = dict(_override(text) for text in args.override)
+    config = replace(_train_config(args, args.out), **overrides)
+    resume = args.resume or args.resume_or_start or args.resume_from != "last"
+    if overrides and not resume:
+        raise ValueError("--override changes a setting of the run being resumed: give it with --resume")
+    trainer = Trainer(config, resume=resume, start_if_missing=args.resume_or_start, resume_from=args.resume_from,
+                      allow_changes=tuple(overrides))
+    print(json.dumps(trainer.fit(), indent=2))
     return 0
+
+
+def _override(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` of ``--override``, the value typed as the TrainConfig field is (int, float or text)."""
+    from compemb.train import OVERRIDABLE
+
+    key, equals, value = text.partition("=")
+    if not equals or key not in OVERRIDABLE:
+        raise ValueError(f"--override takes KEY=VALUE with KEY one of {', '.join(OVERRIDABLE)}; got {text!r}")
+    kind = type(getattr(TrainConfig(data="", out=""), key))
+    try:
+        return key, kind(value)
+    except ValueError:
+        raise ValueError(f"--override {key}: {value!r} is not {kind.__name__}") from None
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -86,6 +107,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from compemb.train import TrainConfig, Trainer
 
     stem = Path(args.run_dir) / "checkpoints" / args.checkpoint
+    if not Path(f"{stem}.json").is_file():
+        raise ValueError(f"{args.run_dir} is not a compemb run with a checkpoint: no checkpoints/{args.checkpoint}.json")
     meta = json.loads(Path(f"{stem}.json").read_text())
     trainer = Trainer(TrainConfig(**meta["config"]))
     trainer.load(stem)
@@ -116,18 +139,23 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_config(args: argparse.Namespace, out: str) -> TrainConfig:
-    """The TrainConfig the training arguments describe (``--method`` and ``--compression`` where present)."""
+def _train_config(args: argparse.Namespace, out: str, compression: float | None = None) -> TrainConfig:
+    """The TrainConfig the training arguments describe (``--method`` and a one-number ``--compression`` where
+    present; sweeps set the compression per run)."""
     # NAME:KEY=VALUE options of --method (train) are checked against the method's own options here
+    if compression is None:  # a command's --compression, where it is one number (sweeps take a list)
+        given = getattr(args, "compression", None)
+        compression = given if isinstance(given, (int, float)) else None
     method, options = parse_method_spec(getattr(args, "method", "full"))
     if getattr(args, "cluster_every", None):  # methods that cluster take it; the Trainer drops it for the others
         options.setdefault("cluster_every", args.cluster_every)
     return TrainConfig(
-        data=args.data, out=out, method=method, compression=getattr(args, "compression", None),
+        data=args.data, out=out, method=method, compression=compression,
         model=args.model, embedding_dim=args.dim, bottom=_widths(args.bottom), top=_widths(args.top),
         optimizer=args.optimizer, lr=args.lr, batch_size=args.batch_size, epochs=args.epochs,
         eval_every=args.eval_every, evals_per_epoch=args.evals_per_epoch, seed=args.seed, init=args.init,
-        sharing=args.sharing, shuffle=args.shuffle, method_options=options,
+        sharing=args.sharing, shuffle=args.shuffle, method_options=options, checkpoint_every=args.checkpoint_every,
+        checkpoint_minutes=args.checkpoint_minutes,
     )
 
 
@@ -193,6 +221,10 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
                              "(high ratios)")
     parser.add_argument("--shuffle", action="store_true",
                         help="train on a seeded permutation of the rows, a new one each epoch (else in file order)")
+    parser.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                        help="also a checkpoint every N steps (0: at evaluations, epoch ends and by time)")
+    parser.add_argument("--checkpoint-minutes", type=float, default=5.0, metavar="M",
+                        help="also a checkpoint when M minutes passed since the last (0: never by time)")
 
 
 def _add_cluster_every(parser: argparse.ArgumentParser) -> None:
@@ -320,7 +352,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a method of `compemb methods`; options as NAME:KEY=VALUE:... (e.g. cce:cluster_every=200)")
     train.add_argument("--compression", type=float, default=None, help="the ratio to compress every table by")
     train.add_argument("--seed", type=int, default=0, help="seeds the tables, the hashes, the MLPs and --shuffle")
-    train.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from the run's last checkpoint (an error if it has none, or other settings)")
+    train.add_argument("--resume-or-start", action="store_true",
+                       help="as --resume, but start fresh (saying so) where the run has no checkpoint")
+    train.add_argument("--resume-from", choices=("last", "previous"), default="last",
+                       help="resume from the checkpoint before the last (when the last is damaged)")
+    train.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                       help="with --resume: change a setting the run may change (lr, epochs, eval_every, ...)")
     _add_cluster_every(train)
     train.set_defaults(run=cmd_train)
 

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import Tensor
@@ -35,6 +39,20 @@ from compemb.registry import get_method, method_options
 OPTIMIZERS = ("sgd", "adagrad", "adam")
 # method options that set a schedule (``--cluster-every``): dropped for methods that do not take them
 SCHEDULE_OPTIONS = ("cluster_every", "cluster_until")
+# what a resumed run may change from its checkpoint's config when asked to (``allow_changes``, ``--override``)
+OVERRIDABLE = ("data", "lr", "epochs", "eval_every", "evals_per_epoch", "eval_batch_size", "checkpoint_every",
+               "checkpoint_minutes")
+# settings that change no result (where files go, how often checkpoints are written, the eval batching)
+RESULT_NEUTRAL = ("out", "eval_batch_size", "checkpoint_every", "checkpoint_minutes")
+CHECKPOINTS = "checkpoints"
+# tests: a process whose checkpoint of this step is being written kills itself between its two files
+KILL_WHILE_WRITING = "COMPEMB_TEST_KILL_WHILE_WRITING_STEP"
+# checkpoints/<name>.{safetensors,json}: the newest, one being written, the one before, the best validation one
+LAST, NEXT, PREVIOUS, BEST = "last", "next", "previous", "best"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from (missing, damaged, or of another config); the message says why."""
 
 
 @dataclass
@@ -62,8 +80,24 @@ class TrainConfig:
     init: str = "dlrm"  # the tables' init scale: "dlrm" (U(+-sqrt(1/n))) or "uniform_dim" (U(+-1/sqrt(d)))
     sharing: str = "per_feature"  # "per_feature" tables or one "shared" table over every feature's ids
     shuffle: bool = False  # train on a seeded permutation of the rows, a new one each epoch (else in file order)
+    checkpoint_every: int = 0  # > 0: also a checkpoint every this many steps (checkpoints change no result)
+    checkpoint_minutes: float = 5.0  # > 0: also a checkpoint when this much time has passed since the last one
 
     def __post_init__(self) -> None:
+        positive = {"embedding_dim": self.embedding_dim, "batch_size": self.batch_size, "epochs": self.epochs,
+                    "eval_batch_size": self.eval_batch_size}
+        for name, value in positive.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if self.compression is not None and not (isinstance(self.compression, (int, float))
+                                                 and math.isfinite(self.compression) and self.compression > 0):
+            raise ValueError(f"compression must be a positive number, got {self.compression!r}")
+        if any(not isinstance(w, int) or w < 1 for w in (*self.bottom, *self.top)):
+            raise ValueError(f"MLP widths must be positive integers, got bottom {self.bottom}, top {self.top}")
+        if self.checkpoint_every < 0 or not (math.isfinite(self.checkpoint_minutes) and self.checkpoint_minutes >= 0):
+            raise ValueError("checkpoint_every and checkpoint_minutes must be >= 0")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.model not in ("dlrm", "dcn"):
@@ -87,7 +121,14 @@ class Trainer:
         {'step': 977, 'split': 'val', 'bce': 0.4012, 'auc': 0.8312, ...}
     """
 
-    def __init__(self, config: TrainConfig, resume: bool = False) -> None:
+    def __init__(self, config: TrainConfig, resume: bool = False, *, start_if_missing: bool = False,
+                 resume_from: str = LAST, allow_changes: tuple[str, ...] = ()) -> None:
+        """``resume``: continue from the run's newest complete checkpoint (``resume_from="previous"``: the one
+        before); with none, CheckpointError unless ``start_if_missing``. The config must equal the checkpoint's
+        but for ``allow_changes`` (a subset of :data:`OVERRIDABLE`) and the settings that change no result."""
+        bad = [name for name in allow_changes if name not in OVERRIDABLE]
+        if bad:
+            raise ValueError(f"cannot change {bad} when resuming; the settings that may change: {', '.join(OVERRIDABLE)}")
         self.config = config
         self.out = Path(config.out)
         self.manifest, self.splits = open_dataset(config.data)
@@ -108,8 +149,20 @@ class Trainer:
         self.eval_every = max(1, self.steps_per_epoch // config.evals_per_epoch) if config.evals_per_epoch else \
             config.eval_every
         self._order: tuple[int, np.ndarray] | None = None  # (epoch, its row permutation) when shuffling
-        if resume and (self.out / "checkpoints" / "last.json").exists():
-            self.load(self.out / "checkpoints" / "last")
+        self.running_loss = 0.0
+        self._last_checkpoint = (0, time.monotonic())  # (step, when) of the last checkpoint written or loaded
+        if resume:
+            stem = find_checkpoint(self.out, resume_from)
+            if stem is None:
+                if not start_if_missing:
+                    raise CheckpointError(f"{self.out}: no checkpoint to resume from (checkpoints/{resume_from}.*); "
+                                          f"to start a fresh run there, resume-or-start (--resume-or-start)")
+                print(f"compemb: no checkpoint in {self.out}: starting fresh", file=sys.stderr)
+            else:
+                self._check_config(stem, allow_changes)
+                self.load(stem)
+                for group in self.optimizer.param_groups:  # an allowed new lr wins over the checkpoint's
+                    group["lr"] = config.lr
 
     def fit(self, stop_at: int | None = None) -> dict[str, Any]:
         """Train to the end (or to step ``stop_at``, as an interruption would); return the last evaluation."""
@@ -120,7 +173,7 @@ class Trainer:
             module.on_train_begin(self.total_steps)
         result: dict[str, Any] = {}
         bar = tqdm(total=stop, initial=self.step, desc=f"train {config.method}", unit="step")
-        running_loss, started, samples = 0.0, time.perf_counter(), 0
+        started, samples = time.perf_counter(), 0
         while self.step < stop:
             # batch -> forward/backward -> step -> methods' own hooks -> log -> evaluate/checkpoint
             dense, sparse, labels = self._train_batch(self.step)
@@ -133,17 +186,42 @@ class Trainer:
             self.step += 1
             samples += len(labels)
             loss_value = float(loss.detach())
-            running_loss = 0.98 * running_loss + 0.02 * loss_value if self.step > 1 else loss_value
-            bar.set_postfix(loss=f"{running_loss:.4f}", samples_s=f"{samples / (time.perf_counter() - started):,.0f}")
+            self.running_loss = 0.98 * self.running_loss + 0.02 * loss_value if self.step > 1 else loss_value
+            bar.set_postfix(loss=f"{self.running_loss:.4f}",
+                            samples_s=f"{samples / (time.perf_counter() - started):,.0f}")
             bar.update(1)
             if self.step == self.total_steps or (self.eval_every and self.step % self.eval_every == 0):
                 result = self.evaluate(config.eval_split)
-                result["train_loss"] = running_loss
+                result["train_loss"] = self.running_loss
                 result["samples_per_s"] = samples / (time.perf_counter() - started)
                 self._log(result)
                 self._checkpoint(result)
+            elif self._checkpoint_due():
+                self._write_last()
         bar.close()
         return result
+
+    def _checkpoint_due(self) -> bool:
+        """A checkpoint between evaluations: every ``checkpoint_every`` steps, after ``checkpoint_minutes``, and at
+        the end of each epoch."""
+        config, (step, when) = self.config, self._last_checkpoint
+        if self.step % self.steps_per_epoch == 0:
+            return True
+        if config.checkpoint_every and self.step - step >= config.checkpoint_every:
+            return True
+        return bool(config.checkpoint_minutes) and time.monotonic() - when >= 60 * config.checkpoint_minutes
+
+    def _check_config(self, stem: Path, allow_changes: tuple[str, ...]) -> None:
+        """CheckpointError naming every setting of this run that differs from the checkpoint's (and may not)."""
+        saved = _read_meta(stem)["config"]
+        now = json.loads(json.dumps(asdict(self.config)))
+        differ = [name for name in now if name not in RESULT_NEUTRAL and name not in allow_changes
+                  and saved.get(name) != now[name]]
+        if differ:
+            listed = "; ".join(f"{name}: checkpoint {saved.get(name)!r}, now {now[name]!r}" for name in differ)
+            allowed = [name for name in differ if name in OVERRIDABLE]
+            hint = f" (--override {allowed[0]}=VALUE allows a change of {', '.join(allowed)})" if allowed else ""
+            raise CheckpointError(f"{stem}: this run's settings differ from its checkpoint's: {listed}{hint}")
 
     def _train_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The batch of 0-based ``step``: rows in file order, or in the epoch's seeded permutation (``shuffle``)."""
@@ -158,7 +236,7 @@ class Trainer:
 
     def test_of_best(self, split: str = "test") -> dict[str, Any]:
         """Load the best validation checkpoint and evaluate it on ``split``, as the papers report test metrics."""
-        best = self.out / "checkpoints" / "best"
+        best = self.out / CHECKPOINTS / BEST
         if Path(f"{best}.json").exists():
             self.load(best)
         return self.evaluate(split)
@@ -194,9 +272,21 @@ class Trainer:
         improved = self.best is None or result["bce"] < self.best["bce"]
         if improved:
             self.best = result
-        self.save(self.out / "checkpoints" / "last")
+        self._write_last()
         if improved:
-            self.save(self.out / "checkpoints" / "best")
+            self.save(self.out / CHECKPOINTS / BEST)
+
+    def _write_last(self) -> None:
+        """The newest checkpoint, written so that a crash at any point leaves a complete one to resume from: the
+        new one is written whole as ``next``, then ``last`` becomes ``previous`` and ``next`` becomes ``last``."""
+        directory = self.out / CHECKPOINTS
+        self.save(directory / NEXT)
+        if _complete(directory / LAST):
+            for suffix in (".safetensors", ".json"):
+                os.replace(directory / f"{LAST}{suffix}", directory / f"{PREVIOUS}{suffix}")
+        for suffix in (".safetensors", ".json"):
+            os.replace(directory / f"{NEXT}{suffix}", directory / f"{LAST}{suffix}")
+        self._last_checkpoint = (self.step, time.monotonic())
 
     def save(self, stem: Path) -> None:
         """Write ``stem.safetensors`` (tensors) and ``stem.json`` (the rest), each atomically."""
@@ -210,16 +300,18 @@ class Trainer:
                 else:
                     scalars.setdefault(str(index), {})[key] = value
         tensors["rng.torch"] = torch.get_rng_state()
-        meta = {"config": asdict(self.config), "step": self.step, "best": self.best,
+        meta = {"config": asdict(self.config), "step": self.step, "best": self.best, "running_loss": self.running_loss,
                 "optimizer_groups": optimizer_state["param_groups"], "optimizer_scalars": scalars}
         stem.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(f"{stem}.safetensors", save_tensors(tensors))
+        # the step in both files: a pair from two different checkpoints is refused on load
+        atomic_write_bytes(f"{stem}.safetensors", save_tensors(tensors, metadata={"step": str(self.step)}))
+        if os.environ.get(KILL_WHILE_WRITING) == str(self.step):  # the crash test's hook: die mid-checkpoint
+            os.kill(os.getpid(), signal.SIGKILL)
         atomic_write_text(f"{stem}.json", json.dumps(meta, indent=2) + "\n")
 
     def load(self, stem: Path) -> None:
-        """Restore model, optimizer, step, best result and RNG state from ``stem``."""
-        tensors = load_tensors(Path(f"{stem}.safetensors").read_bytes())
-        meta = json.loads(Path(f"{stem}.json").read_text())
+        """Restore model, optimizer, step, best result and RNG state from ``stem`` (CheckpointError if damaged)."""
+        tensors, meta = _read_checkpoint(stem)
         self.model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
         state: dict[int, dict[str, Any]] = {}
         for key, value in tensors.items():
@@ -231,6 +323,78 @@ class Trainer:
         self.optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer_groups"]})
         torch.set_rng_state(tensors["rng.torch"])
         self.step, self.best = meta["step"], meta["best"]
+        self.running_loss = meta.get("running_loss", 0.0)
+        self._last_checkpoint = (self.step, time.monotonic())
+
+
+def _complete(stem: Path) -> bool:
+    return Path(f"{stem}.safetensors").is_file() and Path(f"{stem}.json").is_file()
+
+
+def _read_meta(stem: Path) -> dict[str, Any]:
+    try:
+        return json.loads(Path(f"{stem}.json").read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"checkpoint {stem}.json is damaged ({error}){_previous_offer(stem)}") from None
+
+
+def _read_checkpoint(stem: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The tensors and meta of a checkpoint; CheckpointError naming the file if either is damaged or they do not
+    belong together."""
+    meta = _read_meta(stem)
+    path = Path(f"{stem}.safetensors")
+    try:
+        data = path.read_bytes()
+        tensors = load_tensors(data)
+        step = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")]).get("__metadata__", {}).get("step")
+    except (OSError, ValueError, SafetensorError) as error:
+        raise CheckpointError(f"checkpoint {path} is damaged ({error}){_previous_offer(stem)}") from None
+    if step is not None and int(step) != meta["step"]:
+        raise CheckpointError(f"checkpoint {stem}: its tensors are of step {step} and its json of step {meta['step']}"
+                              f"{_previous_offer(stem)}")
+    return tensors, meta
+
+
+def _previous_offer(stem: Path) -> str:
+    previous = stem.parent / PREVIOUS
+    if stem.name != PREVIOUS and _complete(previous):
+        try:
+            step = json.loads(Path(f"{previous}.json").read_text())["step"]
+        except (OSError, ValueError, KeyError):
+            return ""
+        return f"; the previous checkpoint (step {step}) is intact: resume from it with --resume-from previous"
+    return ""
+
+
+def _step_of(stem: Path) -> int | None:
+    """The step both files of a checkpoint record, or None if either is unreadable or they differ."""
+    try:
+        with open(f"{stem}.safetensors", "rb") as file:
+            header = json.loads(file.read(int.from_bytes(file.read(8), "little")))
+        tensors_step = int(header["__metadata__"]["step"])
+        json_step = json.loads(Path(f"{stem}.json").read_text())["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return tensors_step if tensors_step == json_step else None
+
+
+def find_checkpoint(run: str | os.PathLike, which: str = LAST) -> Path | None:
+    """The stem of a run's checkpoint to resume from; None when the run has none.
+
+    ``which="last"``: the newest complete one: ``last``, or ``next`` where a crash stopped a write after it was
+    complete, or ``previous`` where it stopped between the two renames; a ``last`` that is damaged is returned as
+    it is (loading it names the damage and offers ``previous``). ``which="previous"``: the one before.
+    """
+    directory = Path(run) / CHECKPOINTS
+    if which != LAST:
+        return directory / which if _complete(directory / which) else None
+    steps = [(step, directory / name) for name in (LAST, NEXT) if (step := _step_of(directory / name)) is not None]
+    if steps:
+        return max(steps)[1]
+    for name in (LAST, PREVIOUS):
+        if _complete(directory / name):
+            return directory / name
+    return None
 
 
 def build_model(config: TrainConfig, cardinalities: list[int], num_dense: int,

@@ -27,7 +27,7 @@ from compemb.budget import full_table_bytes
 from compemb.io import atomic_write_bytes, atomic_write_text
 from compemb.quantize import SCHEMES, quantize
 from compemb.registry import METHODS, parse_method_spec
-from compemb.train import TrainConfig, Trainer
+from compemb.train import RESULT_NEUTRAL, TrainConfig, Trainer
 
 COLUMNS = ("method", "ratio_asked", "ratio_reached", "params", "seed", "val_bce", "test_bce", "test_auc",
            "bayes_bce", "gap_to_bayes", "samples_per_s", "note")
@@ -91,17 +91,25 @@ def run_sweep(base: TrainConfig, methods: list[str], compressions: list[float], 
 _PER_RUN = ("method", "compression", "seed", "out", "method_options")
 
 
+def _same_settings(saved: dict[str, Any], config: TrainConfig) -> bool:
+    """Whether a finished run's saved config is ``config`` in everything that changes a result."""
+    now = json.loads(json.dumps(asdict(config)))
+    return all(saved.get(k) == v for k, v in now.items() if k not in RESULT_NEUTRAL) and \
+        all(k in now for k in saved)
+
+
 def collect_rows(base: TrainConfig, out: Path, first: Sequence[str] = ()) -> list[SweepRow]:
     """Every finished run under ``out/runs`` made with ``base``'s shared settings, as rows.
 
     Ordered by method (``first``'s order, then the rest by name), then ratio asked, then seed.
     """
-    shared = {k: v for k, v in json.loads(json.dumps(asdict(base))).items() if k not in _PER_RUN}
+    shared = {k: v for k, v in json.loads(json.dumps(asdict(base))).items()
+              if k not in _PER_RUN and k not in RESULT_NEUTRAL}
     rows = []
     for result in sorted((out / "runs").glob("*/result.json")):
         saved = json.loads(result.read_text())
         config = saved.pop("config", {})
-        if {k: v for k, v in config.items() if k not in _PER_RUN} == shared:
+        if {k: v for k, v in config.items() if k not in _PER_RUN and k not in RESULT_NEUTRAL} == shared:
             rows.append(SweepRow(**saved))
     order = {method: index for index, method in enumerate(first)}
     rows.sort(key=lambda r: (order.get(r.method, len(order)), r.method, r.ratio_asked, r.seed))
@@ -119,7 +127,7 @@ def _run_one(base: TrainConfig, method: str, ratio: float, seed: int, out: Path)
                      method_options={**base.method_options, **options})
     if (run / "result.json").exists():
         saved = json.loads((run / "result.json").read_text())
-        if saved.pop("config", None) == json.loads(json.dumps(asdict(config))):
+        if _same_settings(saved.pop("config", {}), config):
             return SweepRow(**saved)
         shutil.rmtree(run)  # made with other settings: train again rather than report a stale result
     row = SweepRow(method, ratio, seed)
@@ -157,7 +165,7 @@ def _run_quantized(base: TrainConfig, trained: str, scheme: str, ratio: float, s
     saved_config = json.loads(json.dumps(asdict(config)))
     if (run / "result.json").exists():
         saved = json.loads((run / "result.json").read_text())
-        if saved.pop("config", None) == saved_config:
+        if _same_settings(saved.pop("config", {}), config):
             return SweepRow(**saved)
     row = SweepRow(method, ratio, seed, note=source.note)
     if source.test_bce is not None:  # the method could be built and trained: quantize what it learnt

@@ -138,16 +138,68 @@ class DatasetWriter:
             shutil.rmtree(self.temporary, ignore_errors=True)
 
 
+class DatasetError(ValueError):
+    """A data set whose files do not match its manifest; the message names the file and what is wrong."""
+
+
+# what each array must be: its dtype kind ("f" float, "iu" integer, "u" unsigned) and its width's name
+_KINDS = {"dense": ("f", "float32"), "sparse": ("iu", "an integer dtype"), "labels": ("u", "uint8")}
+
+
+def _npy_header(file: Path) -> tuple[tuple[int, ...], np.dtype, int]:
+    """Shape, dtype and data offset of a .npy file, from its header alone."""
+    if not file.is_file():
+        raise DatasetError(f"{file}: missing (the manifest lists this split)")
+    try:
+        with open(file, "rb") as handle:
+            major, _ = np.lib.format.read_magic(handle)
+            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(handle)
+            return tuple(shape), dtype, handle.tell()
+    except (ValueError, OSError) as error:
+        raise DatasetError(f"{file}: not a readable .npy file ({error})") from None
+
+
+def _open_array(file: Path, name: str, rows: int, width: int | None) -> np.ndarray:
+    """Memory-map one array after checking its header against the manifest and its size against its header."""
+    shape, dtype, offset = _npy_header(file)
+    expected = offset + int(np.prod(shape)) * dtype.itemsize
+    actual = file.stat().st_size
+    if actual < expected:
+        raise DatasetError(f"{file}: truncated: its header says {shape} {dtype} ({expected:,} bytes), "
+                           f"the file has {actual:,} bytes")
+    kinds, wanted = _KINDS[name]
+    if dtype.kind not in kinds:
+        raise DatasetError(f"{file}: dtype {dtype}, expected {wanted}")
+    expected_shape = (rows,) if width is None else (rows, width)
+    if tuple(shape) != expected_shape:
+        raise DatasetError(f"{file}: shape {tuple(shape)}, the manifest says {expected_shape}")
+    return np.load(file, mmap_mode="r")
+
+
 def open_dataset(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Split]]:
-    """The manifest and every split of a preprocessed data set, memory-mapped (nothing is read yet)."""
+    """The manifest and every split of a preprocessed data set, memory-mapped (nothing is read yet).
+
+    Every array is checked against the manifest when opened (present, its shape and dtype, a file as long as its
+    header says): DatasetError names the file and what differs.
+    """
     path = Path(path)
     if not (path / MANIFEST).is_file():
         raise FileNotFoundError(f"{path} is not a compemb data set: no {MANIFEST}")
-    manifest = json.loads((path / MANIFEST).read_text())
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        rows, cardinalities = dict(manifest["rows"]), list(manifest["cardinalities"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise DatasetError(f"{path / MANIFEST}: not a compemb manifest ({error!r})") from None
     unlabeled = set(manifest.get("unlabeled", ()))
-    splits = {
-        split: Split(*(None if name == "labels" and split in unlabeled else
-                       np.load(path / split / f"{name}.npy", mmap_mode="r") for name in ARRAYS))
-        for split in manifest["rows"]
-    }
+    splits, dense_width = {}, None
+    for split, count in rows.items():
+        folder = path / split
+        if dense_width is None:  # the first split's dense width; every other split must have it too
+            shape = _npy_header(folder / "dense.npy")[0]
+            dense_width = shape[1] if len(shape) == 2 else -1
+        arrays = {"dense": _open_array(folder / "dense.npy", "dense", count, dense_width),
+                  "sparse": _open_array(folder / "sparse.npy", "sparse", count, len(cardinalities)),
+                  "labels": None if split in unlabeled else _open_array(folder / "labels.npy", "labels", count, None)}
+        splits[split] = Split(arrays["dense"], arrays["sparse"], arrays["labels"])
     return manifest, splits

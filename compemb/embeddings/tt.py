@@ -38,6 +38,7 @@ ROW_FACTOR_SPREAD = 4  # vocabulary factors tried on each side of the cube root
 # the pair path (G2 G3 for all n2 n3 pairs at once) from n2 n3 <= this x the ids of a batch; measured on the lookup
 # benchmark (26 x 2,048 ids, 1M ids, 100x: n2 n3 = 10k) 1.5x faster than per-id products
 PAIRS_PER_ID = 8
+BROADCAST_LIMIT = 1024  # d1 R1 d2 d3 floats per id up to which G1's product is a broadcast (above: bmm)
 
 
 def dim_factors(embedding_dim: int) -> tuple[int, int, int]:
@@ -166,8 +167,9 @@ class TTEmbedding(CompressedEmbedding):
             g2 = F.embedding(middle, self.core2).view(count, r1 * d2, r2)
             g3 = F.embedding(low, self.core3).view(count, r2, d3)
             right = torch.bmm(g2, g3).view(count, r1, d2 * d3)
-        # G1 times that: a broadcast product (d1 x R1 x d2 d3 per id) beats bmm's per-matrix loop on CPU
-        return (g1.unsqueeze(-1) * right.unsqueeze(1)).sum(2).view(count, d1 * d2 * d3)
+        if d1 * r1 * d2 * d3 <= BROADCAST_LIMIT:  # G1 times that: for small ranks a broadcast product beats bmm's
+            return (g1.unsqueeze(-1) * right.unsqueeze(1)).sum(2).view(count, d1 * d2 * d3)  # per-matrix CPU loop
+        return torch.bmm(g1, right).view(count, d1 * d2 * d3)  # large ranks: the broadcast's temporary is too big
 
     def describe_sizes(self) -> str:
         """The factors and ranks the budget chose, in a line (for ``compemb methods``)."""

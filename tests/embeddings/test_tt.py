@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from compemb import BudgetError, make_embedding
-from compemb.embeddings.tt import PAIRS_PER_ID, dim_factors, tt_sizes
+from compemb.embeddings.tt import BROADCAST_LIMIT, PAIRS_PER_ID, dim_factors, tt_sizes
 
 
 def _contracted_table(emb):
@@ -17,10 +17,13 @@ def _contracted_table(emb):
     return table.reshape(n1 * n2 * n3, d1 * d2 * d3)
 
 
-@pytest.mark.parametrize("n, d, compression", [(1000, 8, 3), (4096, 16, 20), (777, 12, 5)])
+@pytest.mark.parametrize("n, d, compression", [(1000, 8, 3), (4096, 16, 20), (777, 12, 5), (4096, 64, 4)])
 def test_lookup_equals_the_contracted_train_for_every_id(n, d, compression):
     emb = make_embedding("tt", n, d, compression=compression, seed=3)
     n1, n2, n3 = emb.row_factors
+    (d1, d2, d3), (r1, _) = emb.dim_factors, emb.ranks
+    if d == 64:  # ranks large enough for G1's product to run as bmm rather than a broadcast
+        assert d1 * r1 * d2 * d3 > BROADCAST_LIMIT
     assert n1 * n2 * n3 >= n and min(emb.ranks) >= 1
     ids = torch.arange(n)
     table = _contracted_table(emb)

@@ -1,0 +1,205 @@
+"""What a user gets for each mistake: one line ``compemb: error: ...`` and exit 2, never a traceback; and resumes
+that are strict about what they resume."""
+
+import json
+
+import numpy as np
+import pytest
+
+from compemb.cli import main
+from compemb.data.dataset import DatasetError, open_dataset
+from compemb.data.synthetic import SyntheticConfig, generate_synthetic
+from compemb.train import CheckpointError, TrainConfig, Trainer
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bad") / "synth"
+    generate_synthetic(out, SyntheticConfig(rows={"train": 2048, "val": 512}, scale=1e-4, seed=3), progress=False)
+    return out
+
+
+def _train_args(data, out, *extra):
+    return ["train", "--data", str(data), "--out", str(out), "--method", "hash", "--compression", "4", "--dim", "8",
+            "--bottom", "16", "--top", "16", "--batch-size", "256", "--optimizer", "adagrad", "--lr", "0.05",
+            "--eval-every", "4", "--checkpoint-minutes", "0", *extra]
+
+
+def _one_line_error(capsys, code):
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("compemb: error: "), err
+    assert "Traceback" not in err[0]
+    return err[0]
+
+
+@pytest.mark.parametrize("flag, value, name", [("--batch-size", "0", "batch_size"), ("--epochs", "0", "epochs"),
+                                               ("--lr", "-1", "lr"), ("--dim", "0", "embedding_dim"),
+                                               ("--bottom", "16,0", "widths"), ("--compression", "0", "compression")])
+def test_bad_values_are_one_line_naming_the_setting(data, tmp_path, capsys, flag, value, name):
+    line = _one_line_error(capsys, main(_train_args(data, tmp_path / "r", flag, value)))
+    assert name in line
+    with pytest.raises(ValueError, match=name):  # the library raises the same, from the config itself
+        TrainConfig(data=str(data), out="", **({"bottom": (16, 0)} if name == "widths" else
+                                              {name: float(value) if name in ("lr", "compression") else int(value)}))
+
+
+def test_missing_paths_and_runs_that_are_not_runs_are_one_line(tmp_path, capsys):
+    assert "no manifest.json" in _one_line_error(capsys, main(_train_args(tmp_path / "nowhere", tmp_path / "r")))
+    line = _one_line_error(capsys, main(["eval", "--run", str(tmp_path / "nowhere")]))
+    assert "is not a compemb run" in line
+
+
+def test_resume_without_a_checkpoint_is_an_error_unless_asked_to_start(data, tmp_path, capsys):
+    line = _one_line_error(capsys, main(_train_args(data, tmp_path / "r", "--resume")))
+    assert "no checkpoint to resume from" in line and "--resume-or-start" in line
+    assert main(_train_args(data, tmp_path / "r", "--resume-or-start")) == 0
+    assert "starting fresh" in capsys.readouterr().err
+    assert json.loads((tmp_path / "r" / "checkpoints" / "last.json").read_text())["step"] == 8
+
+
+def test_resume_with_other_settings_names_each_field_and_override_allows_the_changeable(data, tmp_path, capsys):
+    Trainer(TrainConfig(data=str(data), out=str(tmp_path / "r"), method="hash", compression=4, embedding_dim=8,
+                        bottom=(16,), top=(16,), batch_size=256, optimizer="adagrad", lr=0.05, eval_every=4,
+                        epochs=2, checkpoint_minutes=0)).fit(stop_at=6)  # last checkpoint: step 4
+    capsys.readouterr()
+    line = _one_line_error(capsys, main(_train_args(data, tmp_path / "r", "--resume", "--epochs", "2",
+                                                    "--batch-size", "128", "--lr", "0.01")))
+    assert "batch_size: checkpoint 256, now 128" in line and "lr: checkpoint 0.05, now 0.01" in line
+    # lr may change when asked; batch_size may not
+    line = _one_line_error(capsys, main(_train_args(data, tmp_path / "r", "--resume", "--epochs", "2",
+                                                    "--batch-size", "128", "--override", "lr=0.01")))
+    assert "batch_size" in line and "lr:" not in line
+    assert main(_train_args(data, tmp_path / "r", "--resume", "--epochs", "2", "--override", "lr=0.01")) == 0
+    capsys.readouterr()
+    assert "--override" in _one_line_error(capsys, main(_train_args(data, tmp_path / "q", "--override", "seed=3")))
+
+
+def test_a_damaged_checkpoint_is_named_and_the_previous_one_resumes(data, tmp_path, capsys):
+    assert main(_train_args(data, tmp_path / "r")) == 0  # 8 steps, checkpoints at 4 and 8
+    last = tmp_path / "r" / "checkpoints" / "last.safetensors"
+    last.write_bytes(last.read_bytes()[:100])
+    capsys.readouterr()
+    line = _one_line_error(capsys, main(_train_args(data, tmp_path / "r", "--resume")))
+    assert str(last) in line and "damaged" in line and "previous checkpoint (step 4)" in line
+    assert main(_train_args(data, tmp_path / "r", "--resume-from", "previous")) == 0
+    assert json.loads((tmp_path / "r" / "checkpoints" / "last.json").read_text())["step"] == 8
+
+
+def test_checkpoints_every_n_steps_apart_from_evaluation_and_a_mid_epoch_resume_is_exact(data, tmp_path):
+    def config(out):
+        return TrainConfig(data=str(data), out=str(out), method="cafe", compression=4, embedding_dim=8, bottom=(16,),
+                           top=(16,), batch_size=256, optimizer="adam", lr=0.01, epochs=2, checkpoint_every=3,
+                           checkpoint_minutes=0, method_options={"threshold": 2.0})
+
+    straight = Trainer(config(tmp_path / "a")).fit()  # no evaluation until the end (eval_every 0)
+    Trainer(config(tmp_path / "b")).fit(stop_at=13)  # checkpoints at 3, 6, 8 (the epoch's end) and 11
+    assert json.loads((tmp_path / "b" / "checkpoints" / "last.json").read_text())["step"] == 11
+    assert json.loads((tmp_path / "b" / "checkpoints" / "previous.json").read_text())["step"] == 8
+    resumed = Trainer(config(tmp_path / "b"), resume=True)
+    assert resumed.step == 11  # mid-epoch: the sketch, the optimizer and the batch order pick up from there
+    result = resumed.fit()
+    assert result["bce"] == straight["bce"] and result["auc"] == straight["auc"]
+    assert result["train_loss"] == straight["train_loss"]
+
+
+def test_a_crash_between_the_renames_resumes_from_the_newest_complete_checkpoint(data, tmp_path):
+    from compemb.train import find_checkpoint
+
+    config = TrainConfig(data=str(data), out=str(tmp_path / "r"), method="hash", compression=4, embedding_dim=8,
+                         bottom=(16,), top=(16,), batch_size=256, optimizer="adagrad", lr=0.05, eval_every=4,
+                         checkpoint_minutes=0)
+    Trainer(config).fit()
+    folder = tmp_path / "r" / "checkpoints"
+    # as if killed after "last" became "previous" and before "next" became "last": only previous is whole
+    (folder / "last.json").rename(folder / "next.json")
+    (folder / "last.safetensors").unlink()
+    assert find_checkpoint(tmp_path / "r") == folder / "previous"
+    assert Trainer(config, resume=True).step == 4
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        Trainer(TrainConfig(**{**config.__dict__, "out": str(tmp_path / "empty")}), resume=True)
+
+
+def test_a_truncated_array_names_the_file_and_both_sizes(data, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    sparse = copy / "train" / "sparse.npy"
+    size = sparse.stat().st_size
+    sparse.write_bytes(sparse.read_bytes()[: size // 2])
+    with pytest.raises(DatasetError, match=rf"sparse.npy: truncated: .* \({size:,} bytes\), the file has {size // 2:,}"):
+        open_dataset(copy)
+    line = _one_line_error(capsys, main(_train_args(copy, tmp_path / "r")))
+    assert "sparse.npy: truncated" in line
+
+
+def test_an_array_of_the_wrong_shape_or_dtype_is_named(data, tmp_path):
+    import shutil
+
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    labels = np.load(copy / "val" / "labels.npy")
+    np.save(copy / "val" / "labels.npy", labels[:-1])
+    with pytest.raises(DatasetError, match=r"val/labels.npy: shape \(511,\), the manifest says \(512,\)"):
+        open_dataset(copy)
+    np.save(copy / "val" / "labels.npy", labels.astype(np.float32))
+    with pytest.raises(DatasetError, match="labels.npy: dtype float32, expected uint8"):
+        open_dataset(copy)
+
+
+def _kill_config(data, out, optimizer, method):
+    options = {"threshold": 2.0} if method == "cafe" else {"cluster_every": 5} if method == "cce" else {}
+    return TrainConfig(data=str(data), out=str(out), method=method, compression=4, embedding_dim=8, bottom=(16,),
+                       top=(16,), batch_size=128, optimizer=optimizer, lr=0.02, epochs=2, eval_every=10,
+                       checkpoint_every=3, checkpoint_minutes=0, method_options=options)
+
+
+def _train_in_a_process(config, env=None):
+    import os
+    import subprocess
+    import sys
+
+    code = ("import json, sys; from compemb.train import TrainConfig, Trainer; "
+            "Trainer(TrainConfig(**json.loads(sys.argv[1]))).fit()")
+    from dataclasses import asdict
+
+    return subprocess.Popen([sys.executable, "-c", code, json.dumps(asdict(config))],
+                            env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("optimizer, method", [("sgd", "hash"), ("adagrad", "hash"), ("adam", "hash"),
+                                               ("adam", "cafe"), ("adagrad", "cce")])
+def test_killed_with_sigkill_after_a_checkpoint_the_resumed_run_ends_as_the_uninterrupted_one(
+        data, tmp_path, optimizer, method):
+    import signal
+    import time
+
+    straight = Trainer(_kill_config(data, tmp_path / "a", optimizer, method)).fit()
+    config = _kill_config(data, tmp_path / "b", optimizer, method)
+    process = _train_in_a_process(config)
+    last = tmp_path / "b" / "checkpoints" / "last.json"
+    while process.poll() is None and not last.exists():  # killed at whatever step it has reached by then
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    resumed = Trainer(config, resume=True)
+    assert 0 < resumed.step < 32 or process.returncode == 0  # it was killed mid-run (or had already finished)
+    result = resumed.fit()
+    assert result["step"] == straight["step"] == 32
+    assert result["bce"] == pytest.approx(straight["bce"], abs=1e-6) and result["auc"] == straight["auc"]
+
+
+def test_killed_while_a_checkpoint_is_written_it_resumes_from_the_one_before(data, tmp_path):
+    from compemb.train import KILL_WHILE_WRITING
+
+    straight = Trainer(_kill_config(data, tmp_path / "a", "adam", "cafe")).fit()
+    config = _kill_config(data, tmp_path / "b", "adam", "cafe")
+    process = _train_in_a_process(config, {KILL_WHILE_WRITING: "9"})
+    assert process.wait() == -9  # SIGKILL, with step 9's tensors written and its json not
+    folder = tmp_path / "b" / "checkpoints"
+    assert (folder / "next.safetensors").exists() and not (folder / "next.json").exists()
+    resumed = Trainer(config, resume=True)
+    assert resumed.step == 6  # the checkpoint before the one being written
+    result = resumed.fit()
+    assert result["bce"] == pytest.approx(straight["bce"], abs=1e-6) and result["auc"] == straight["auc"]
