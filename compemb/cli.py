@@ -440,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError) as error:  # bad user input: one clear line, not a traceback
+    except (ValueError, OSError) as error:  # bad input, a missing file, a full disk: one clear line, not a traceback
         print(f"compemb: error: {error}", file=sys.stderr)
         return 2
 

@@ -172,33 +172,33 @@ class Trainer:
         for module in adaptive:  # schedules given as a fraction of the run (CCE's cluster_until) need its length
             module.on_train_begin(self.total_steps)
         result: dict[str, Any] = {}
-        bar = tqdm(total=stop, initial=self.step, desc=f"train {config.method}", unit="step")
-        started, samples = time.perf_counter(), 0
-        while self.step < stop:
-            # batch -> forward/backward -> step -> methods' own hooks -> log -> evaluate/checkpoint
-            dense, sparse, labels = self._train_batch(self.step)
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(self.model(dense, sparse), labels)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            for module in adaptive:
-                module.on_step_end(self.step, self.optimizer)
-            self.step += 1
-            samples += len(labels)
-            loss_value = float(loss.detach())
-            self.running_loss = 0.98 * self.running_loss + 0.02 * loss_value if self.step > 1 else loss_value
-            bar.set_postfix(loss=f"{self.running_loss:.4f}",
-                            samples_s=f"{samples / (time.perf_counter() - started):,.0f}")
-            bar.update(1)
-            if self.step == self.total_steps or (self.eval_every and self.step % self.eval_every == 0):
-                result = self.evaluate(config.eval_split)
-                result["train_loss"] = self.running_loss
-                result["samples_per_s"] = samples / (time.perf_counter() - started)
-                self._log(result)
-                self._checkpoint(result)
-            elif self._checkpoint_due():
-                self._write_last()
-        bar.close()
+        # a context: the bar is closed before an error propagates, so the error is the last line printed
+        with tqdm(total=stop, initial=self.step, desc=f"train {config.method}", unit="step") as bar:
+            started, samples = time.perf_counter(), 0
+            while self.step < stop:
+                # batch -> forward/backward -> step -> methods' own hooks -> log -> evaluate/checkpoint
+                dense, sparse, labels = self._train_batch(self.step)
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(self.model(dense, sparse), labels)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                for module in adaptive:
+                    module.on_step_end(self.step, self.optimizer)
+                self.step += 1
+                samples += len(labels)
+                loss_value = float(loss.detach())
+                self.running_loss = 0.98 * self.running_loss + 0.02 * loss_value if self.step > 1 else loss_value
+                bar.set_postfix(loss=f"{self.running_loss:.4f}",
+                                samples_s=f"{samples / (time.perf_counter() - started):,.0f}")
+                bar.update(1)
+                if self.step == self.total_steps or (self.eval_every and self.step % self.eval_every == 0):
+                    result = self.evaluate(config.eval_split)
+                    result["train_loss"] = self.running_loss
+                    result["samples_per_s"] = samples / (time.perf_counter() - started)
+                    self._log(result)
+                    self._checkpoint(result)
+                elif self._checkpoint_due():
+                    self._write_last()
         return result
 
     def _checkpoint_due(self) -> bool:
@@ -280,7 +280,13 @@ class Trainer:
         """The newest checkpoint, written so that a crash at any point leaves a complete one to resume from: the
         new one is written whole as ``next``, then ``last`` becomes ``previous`` and ``next`` becomes ``last``."""
         directory = self.out / CHECKPOINTS
-        self.save(directory / NEXT)
+        try:
+            self.save(directory / NEXT)
+        except OSError as error:  # a full disk, say: what was written before is untouched
+            kept = find_checkpoint(self.out)
+            intact = f"the checkpoint {kept} (step {_read_meta(kept)['step']}) is intact" if kept else "none was kept"
+            raise CheckpointError(f"could not write the checkpoint of step {self.step} in {directory} ({error}); "
+                                  f"{intact}") from None
         if _complete(directory / LAST):
             for suffix in (".safetensors", ".json"):
                 os.replace(directory / f"{LAST}{suffix}", directory / f"{PREVIOUS}{suffix}")

@@ -203,3 +203,65 @@ def test_killed_while_a_checkpoint_is_written_it_resumes_from_the_one_before(dat
     assert resumed.step == 6  # the checkpoint before the one being written
     result = resumed.fit()
     assert result["bce"] == pytest.approx(straight["bce"], abs=1e-6) and result["auc"] == straight["auc"]
+
+
+class _FullDisk:
+    """Files opened through os.fdopen (compemb's atomic writes) whose writes fail with ENOSPC, as on a full disk."""
+
+    def __init__(self, real_fdopen):
+        self.real_fdopen = real_fdopen
+
+    def __call__(self, *args, **kwargs):
+        import errno
+
+        file = self.real_fdopen(*args, **kwargs)
+
+        def write(data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        file.write = write
+        return file
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_last_checkpoint_and_says_so(data, tmp_path, monkeypatch, capsys):
+    import os
+
+    assert main(_train_args(data, tmp_path / "r")) == 0  # 8 steps: checkpoints at 4 and 8
+    folder = tmp_path / "r" / "checkpoints"
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    capsys.readouterr()
+    monkeypatch.setattr(os, "fdopen", _FullDisk(os.fdopen))
+    code = main(_train_args(data, tmp_path / "r", "--resume", "--override", "epochs=2"))
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    line = err.strip().splitlines()[-1]  # after the progress bar of the steps it trained
+    assert line.startswith("compemb: error: ")
+    assert "could not write the checkpoint of step 12" in line and "No space left on device" in line
+    assert "last (step 8) is intact" in line
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # nothing half-written left behind
+    assert Trainer(TrainConfig(**json.loads((folder / "last.json").read_text())["config"]), resume=True).step == 8
+
+
+def test_a_full_disk_while_writing_a_data_set_leaves_the_old_one_and_says_so(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from compemb.data.synthetic import SyntheticConfig, generate_synthetic
+
+    out = tmp_path / "data"
+    generate_synthetic(out, SyntheticConfig(rows={"train": 512, "val": 128}, scale=1e-4, seed=1), progress=False)
+    before = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    real, calls = np.lib.format.open_memmap, []
+
+    def open_memmap(*args, **kwargs):  # the third array finds no room
+        calls.append(args)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(np.lib.format, "open_memmap", open_memmap)
+    code = main(["synth", "--out", str(out), "--train-rows", "4096", "--eval-rows", "512", "--scale", "1e-4"])
+    monkeypatch.undo()
+    assert "No space left on device" in _one_line_error(capsys, code)
+    assert {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert not list(tmp_path.glob(".data.partial*"))  # the half-made copy is removed

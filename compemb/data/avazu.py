@@ -4,7 +4,7 @@ Columns: id, click, hour (YYMMDDHH), then 21 categorical fields. ``hour`` become
 day and the weekday, so a row has 23 sparse features and no dense ones. Values are categorified as Criteo's
 are (a first pass counts them; values seen fewer than ``min_count`` times share id 1, an empty value gets id
 0, kept values follow in sorted order). Bad rows (wrong column count, a click other than 0/1, an hour that
-is not a YYMMDDHH date) are rejected and counted by reason with their first line numbers; ``strict`` stops
+is not a YYMMDDHH date, a line that is not UTF-8 or not CSV) are rejected and counted by reason with their first line numbers; ``strict`` stops
 at the first. Rows are split in file order: the first 80% train, then 10% val, then 10% test.
 """
 
@@ -16,6 +16,7 @@ import os
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -43,20 +44,42 @@ def _header(path: Path) -> list[str]:
 
 
 def _rows(path: Path, rejections: Rejections, strict: bool) -> Iterator[tuple[int, list[str]]]:
-    with open(path, newline="", encoding="utf-8") as file:
-        reader = csv.reader(file)
+    line = [0]  # the file line the reader has reached
+
+    def text_lines(file: Any) -> Iterator[str]:
+        # each line decoded alone: a line that is not UTF-8 is rejected ("encoding"), never the whole file
+        for raw in file:
+            line[0] += 1
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                if strict or line[0] == 1:
+                    raise ValueError(f"{path}:{line[0]}: bad row (encoding): not UTF-8 ({error.reason})") from None
+                rejections.add("encoding", line[0])
+
+    with open(path, "rb") as file:
+        reader = csv.reader(text_lines(file))
         header = next(reader, None)
         if header is None:
             raise ValueError(f"{path} is empty")
         if tuple(header[:3]) != HEADER_START:
             raise ValueError(f"{path}: the header must start with id,click,hour; got {header[:3]}")
-        for line_number, row in enumerate(reader, start=2):
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as error:  # e.g. a lone carriage return inside a field: the line is rejected
+                if strict:
+                    raise ValueError(f"{path}:{line[0]}: bad row (format): {error}") from None
+                rejections.add("format", line[0])
+                continue
             try:
                 yield _parse(row, len(header))
             except RowError as error:
                 if strict:
-                    raise ValueError(f"{path}:{line_number}: bad row ({error.reason}): {error}") from None
-                rejections.add(error.reason, line_number)
+                    raise ValueError(f"{path}:{line[0]}: bad row ({error.reason}): {error}") from None
+                rejections.add(error.reason, line[0])
 
 
 def preprocess_avazu(source: str | os.PathLike, out: str | os.PathLike, min_count: int = 3,

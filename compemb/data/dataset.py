@@ -72,14 +72,18 @@ class DatasetWriter:
         self.arrays: dict[str, dict[str, np.ndarray]] = {}
         shapes = {"dense": ((num_dense,), np.float32), "sparse": ((len(cardinalities),), sparse_dtype(cardinalities)),
                   "labels": ((), np.uint8)}
-        for split, count in rows.items():
-            (self.temporary / split).mkdir(parents=True)
-            self.arrays[split] = {
-                name: np.lib.format.open_memmap(self.temporary / split / f"{name}.npy", mode="w+", dtype=dtype,
-                                                shape=(count, *width))
-                for name, (width, dtype) in shapes.items()
-                if not (name == "labels" and split in self.unlabeled)
-            }
+        try:
+            for split, count in rows.items():
+                (self.temporary / split).mkdir(parents=True)
+                self.arrays[split] = {
+                    name: np.lib.format.open_memmap(self.temporary / split / f"{name}.npy", mode="w+", dtype=dtype,
+                                                    shape=(count, *width))
+                    for name, (width, dtype) in shapes.items()
+                    if not (name == "labels" and split in self.unlabeled)
+                }
+        except BaseException:  # e.g. no room for the arrays: nothing half-made is left beside the data set
+            shutil.rmtree(self.temporary, ignore_errors=True)
+            raise
 
     def write(self, split: str, dense: np.ndarray, sparse: np.ndarray, labels: np.ndarray | None) -> None:
         """Append a chunk of rows to ``split`` (ids are checked against the cardinalities)."""
