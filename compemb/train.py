@@ -156,7 +156,7 @@ class Trainer:
             if stem is None:
                 if not start_if_missing:
                     raise CheckpointError(f"{self.out}: no checkpoint to resume from (checkpoints/{resume_from}.*); "
-                                          f"to start a fresh run there, resume-or-start (--resume-or-start)")
+                                          f"--resume-or-start starts a fresh run where there is none")
                 print(f"compemb: no checkpoint in {self.out}: starting fresh", file=sys.stderr)
             else:
                 self._check_config(stem, allow_changes)
@@ -369,7 +369,7 @@ def _previous_offer(stem: Path) -> str:
         except (OSError, ValueError, KeyError):
             return ""
         return f"; the previous checkpoint (step {step}) is intact: resume from it with --resume-from previous"
-    return ""
+    return "; no earlier checkpoint is kept" if stem.name != PREVIOUS else ""
 
 
 def _step_of(stem: Path) -> int | None:

@@ -73,6 +73,13 @@ def test_resume_with_other_settings_names_each_field_and_override_allows_the_cha
     assert main(_train_args(data, tmp_path / "r", "--resume", "--epochs", "2", "--override", "lr=0.01")) == 0
     capsys.readouterr()
     assert "--override" in _one_line_error(capsys, main(_train_args(data, tmp_path / "q", "--override", "seed=3")))
+    # the allowed new lr is the one the optimizer steps with, not the checkpoint's
+    config = TrainConfig(**{**json.loads((tmp_path / "r" / "checkpoints" / "previous.json").read_text())["config"],
+                            "lr": 0.003})
+    resumed = Trainer(config, resume=True, resume_from="previous", allow_changes=("lr",))
+    assert {group["lr"] for group in resumed.optimizer.param_groups} == {0.003}
+    with pytest.raises(ValueError, match="cannot change"):
+        Trainer(config, resume=True, allow_changes=("batch_size",))
 
 
 def test_a_damaged_checkpoint_is_named_and_the_previous_one_resumes(data, tmp_path, capsys):

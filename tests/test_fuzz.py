@@ -135,7 +135,7 @@ def test_random_budgets_build_within_one_percent_or_name_the_smallest(name, n, d
     except BudgetError as error:
         assert "can meet" in str(error)
         return
-    except ValueError as error:  # a size the method cannot be built at all (e.g. d = 1 for a split method)
-        assert str(error)
+    except ValueError as error:  # not the budget: a dim its default split cannot divide (ce, cce, robe at d = 1, 3)
+        assert "divide embedding_dim" in str(error)
         return
     assert abs(module.budgeted_bytes() - 4 * params) <= 0.01 * 4 * params
