@@ -188,6 +188,16 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_trainer(args: argparse.Namespace) -> int:
+    """The trainer's samples/s against a minimal hand-written loop of the same model, measured in alternation."""
+    from compemb.bench.trainer import measure_trainer_overhead, write_overhead
+
+    result = measure_trainer_overhead(_train_config(args, args.out), rounds=args.rounds, steps=args.steps)
+    print(write_overhead(result, args.output))
+    print(f"written: {args.output}.md and {args.output}.json")
+    return 0
+
+
 def cmd_lstsq(args: argparse.Namespace) -> int:
     """Dense and sparse CCE for least squares against hashing and the Theorem 3.1 bound; table, plot, md/json."""
     from compemb.lstsq import lstsq_table, run_lstsq
@@ -410,6 +420,16 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--out", default="runs/train-speed", help="run directories")
     speed.add_argument("--output", default="benchmarks/results/train_speed", help="results file stem")
     speed.set_defaults(run=cmd_bench_train)
+    overhead = benches.add_parser("trainer", help="compemb train's samples/s against a minimal loop of the same model")
+    _add_training_arguments(overhead)
+    overhead.add_argument("--method", default="full", help="the method (NAME:KEY=VALUE options as for train)")
+    overhead.add_argument("--compression", type=float, default=None, help="the method's ratio (none for full)")
+    overhead.add_argument("--seed", type=int, default=0, help="seeds the model")
+    overhead.add_argument("--rounds", type=int, default=7, help="alternating rounds; the median is reported")
+    overhead.add_argument("--steps", type=int, default=30, help="steps per loop per round")
+    overhead.add_argument("--out", default="runs/bench-trainer", help="the trainer's run directory")
+    overhead.add_argument("--output", default="benchmarks/results/trainer", help="results file stem")
+    overhead.set_defaults(run=cmd_bench_trainer)
     quality = benches.add_parser("quality", help="train every method at every ratio; table and plots")
     _add_training_arguments(quality)
     quality.add_argument("--methods", default="all", help="comma-separated names, or 'all'; options as NAME:KEY=VALUE:KEY=VALUE (e.g. cce:accounting=paper); NAME+int8 / +int4 / +pq: trained, then quantized")

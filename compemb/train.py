@@ -41,9 +41,9 @@ OPTIMIZERS = ("sgd", "adagrad", "adam")
 SCHEDULE_OPTIONS = ("cluster_every", "cluster_until")
 # what a resumed run may change from its checkpoint's config when asked to (``allow_changes``, ``--override``)
 OVERRIDABLE = ("data", "lr", "epochs", "eval_every", "evals_per_epoch", "eval_batch_size", "checkpoint_every",
-               "checkpoint_minutes")
+               "checkpoint_minutes", "checkpoint_epochs")
 # settings that change no result (where files go, how often checkpoints are written, the eval batching)
-RESULT_NEUTRAL = ("out", "eval_batch_size", "checkpoint_every", "checkpoint_minutes")
+RESULT_NEUTRAL = ("out", "eval_batch_size", "checkpoint_every", "checkpoint_minutes", "checkpoint_epochs")
 CHECKPOINTS = "checkpoints"
 # tests: a process whose checkpoint of this step is being written kills itself between its two files
 KILL_WHILE_WRITING = "COMPEMB_TEST_KILL_WHILE_WRITING_STEP"
@@ -82,6 +82,7 @@ class TrainConfig:
     shuffle: bool = False  # train on a seeded permutation of the rows, a new one each epoch (else in file order)
     checkpoint_every: int = 0  # > 0: also a checkpoint every this many steps (checkpoints change no result)
     checkpoint_minutes: float = 5.0  # > 0: also a checkpoint when this much time has passed since the last one
+    checkpoint_epochs: bool = True  # also a checkpoint at the end of every epoch (speed benchmarks turn it off)
 
     def __post_init__(self) -> None:
         positive = {"embedding_dim": self.embedding_dim, "batch_size": self.batch_size, "epochs": self.epochs,
@@ -205,7 +206,7 @@ class Trainer:
         """A checkpoint between evaluations: every ``checkpoint_every`` steps, after ``checkpoint_minutes``, and at
         the end of each epoch."""
         config, (step, when) = self.config, self._last_checkpoint
-        if self.step % self.steps_per_epoch == 0:
+        if config.checkpoint_epochs and self.step % self.steps_per_epoch == 0:
             return True
         if config.checkpoint_every and self.step - step >= config.checkpoint_every:
             return True

@@ -16,7 +16,9 @@ from .embeddings.conftest import make
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "criteo-kaggle-sample" / "train.txt"
 AVAZU = Path(__file__).resolve().parents[2] / "shared" / "data" / "avazu-sample" / "train.csv"
-FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# derandomized: CI sees the same examples every run (a failure reproduces; run with a seed to explore more)
+FUZZ = settings(max_examples=60, deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 def _criteo_lines():
@@ -83,7 +85,7 @@ def test_mutated_real_lines_through_the_criteo_reader(tmp_path, picks):
 @pytest.mark.skipif(not AVAZU.exists(), reason=f"the shared Avazu sample is not at {AVAZU}")
 @FUZZ
 @given(picks=st.lists(st.tuples(st.integers(0, 99), st.integers(0, 300), st.sampled_from(
-    [b"", b",", b"x", b"\x00", b"\r", b"\"", b"\xff", b"99"])), min_size=1, max_size=6))
+    [b"", b",", b"x", b"\x00", b"\r", b"\xff", b"99"])), min_size=1, max_size=6))
 def test_mutated_real_lines_through_the_avazu_reader(tmp_path, picks):
     from compemb.data.avazu import _rows
 
@@ -101,13 +103,13 @@ def test_mutated_real_lines_through_the_avazu_reader(tmp_path, picks):
     except ValueError as error:  # documented refusals only: the file as a whole cannot be read as CSV text
         assert "header" in str(error) or "empty" in str(error)
         return
-    assert len(kept) + rejections.total >= len(out) - 1 - sum(line.count(b'"') for line in out)  # quoted lines join
+    assert len(kept) + rejections.total == len(out) - 1  # every line after the header: kept or rejected
     for label, fields in kept:
         assert label in (0, 1) and len(fields) == 23 + 0  # hour -> hour of day, weekday, then the 21 fields
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None, derandomize=True)
 @given(data=st.data())
 def test_random_ids_offsets_and_weights_through_every_method(name, data):
     module = make(name, 1000, 8, compression=1 if not METHODS[name].compresses else 4, seed=1)
@@ -127,7 +129,7 @@ def test_random_ids_offsets_and_weights_through_every_method(name, data):
 
 
 @pytest.mark.parametrize("name", sorted(m for m in METHODS if METHODS[m].compresses))
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=15, deadline=None, derandomize=True)
 @given(n=st.integers(1, 200_000), d=st.sampled_from([1, 3, 8, 16]), params=st.integers(1, 3_000_000))
 def test_random_budgets_build_within_one_percent_or_name_the_smallest(name, n, d, params):
     try:
@@ -139,3 +141,16 @@ def test_random_budgets_build_within_one_percent_or_name_the_smallest(name, n, d
         assert "divide embedding_dim" in str(error)
         return
     assert abs(module.budgeted_bytes() - 4 * params) <= 0.01 * 4 * params
+
+
+@pytest.mark.skipif(not AVAZU.exists(), reason=f"the shared Avazu sample is not at {AVAZU}")
+def test_an_unclosed_quote_joins_the_lines_after_it_into_one_rejected_record(tmp_path):
+    from compemb.data.avazu import _rows
+
+    header, *rows = AVAZU.read_bytes().split(b"\n")[:5]
+    path = tmp_path / "quote.csv"
+    path.write_bytes(b"\n".join([header, rows[0], b'"' + rows[1], rows[2], rows[3]]) + b"\n")
+    rejections = Rejections()
+    kept = list(_rows(path, rejections, strict=False))
+    # CSV reads a quote as opening a field that runs to the end of the file: one record, of the wrong width
+    assert len(kept) == 1 and rejections.total == 1 and rejections.lines["columns"] == [5]  # where it ends

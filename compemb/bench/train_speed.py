@@ -42,7 +42,8 @@ def measure_training_speed(
     names = [baseline, *[m for m in methods if m != baseline]]
     trainers = {
         name: Trainer(dataclasses.replace(base, method=name, out=f"{base.out}/{name}", epochs=10**6,
-                                          compression=base.compression if get_method(name).compresses else None))
+                                          compression=base.compression if get_method(name).compresses else None,
+                                          checkpoint_minutes=0, checkpoint_epochs=False))  # timing steps only
         for name in names
     }
     for trainer in trainers.values():  # warm up: first steps allocate optimizer state and compile kernels
