@@ -427,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     overhead.add_argument("--seed", type=int, default=0, help="seeds the model")
     overhead.add_argument("--rounds", type=int, default=7, help="alternating rounds; the median is reported")
     overhead.add_argument("--steps", type=int, default=30, help="steps per loop per round")
-    overhead.add_argument("--out", default="runs/bench-trainer", help="the trainer's run directory")
+    overhead.add_argument("--out", default="runs/trainer_overhead", help="the trainer's run directory")
     overhead.add_argument("--output", default="benchmarks/results/trainer", help="results file stem")
     overhead.set_defaults(run=cmd_bench_trainer)
     quality = benches.add_parser("quality", help="train every method at every ratio; table and plots")
