@@ -216,8 +216,9 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dim", type=int, default=16, help="embedding dim of every feature")
     parser.add_argument("--bottom", default="512,256,64", help="bottom MLP widths (it ends in --dim)")
     parser.add_argument("--top", default="512,256", help="top (DLRM) or deep (DCN) MLP widths")
-    parser.add_argument("--optimizer", choices=("sgd", "adagrad", "adam"), default="sgd",
-                        help="SGD and Adagrad train the tables with sparse gradients; Adam with dense ones")
+    parser.add_argument("--optimizer", choices=("sgd", "adagrad", "adam", "adam_dense"), default="sgd",
+                        help="sparse table gradients for all; adam updates only the rows a batch touched "
+                             "(compemb.optim.RowAdam), adam_dense every row every step (torch's Adam)")
     parser.add_argument("--lr", type=float, default=0.1, help="learning rate of every parameter")
     parser.add_argument("--batch-size", type=int, default=2048, help="training rows per step")
     parser.add_argument("--epochs", type=int, default=1, help="passes over the training split")

@@ -34,9 +34,10 @@ from compemb.embeddings.base import INITS, CompressedEmbedding
 from compemb.io import atomic_write_bytes, atomic_write_text
 from compemb.metrics import auc, bce
 from compemb.models import DCNv2, DLRM
+from compemb.optim import RowAdam
 from compemb.registry import get_method, method_options
 
-OPTIMIZERS = ("sgd", "adagrad", "adam")
+OPTIMIZERS = ("sgd", "adagrad", "adam", "adam_dense")  # adam: row-wise for tables (compemb.optim); adam_dense: torch's
 # method options that set a schedule (``--cluster-every``): dropped for methods that do not take them
 SCHEDULE_OPTIONS = ("cluster_every", "cluster_until")
 # what a resumed run may change from its checkpoint's config when asked to (``allow_changes``, ``--override``)
@@ -415,8 +416,8 @@ def build_model(config: TrainConfig, cardinalities: list[int], num_dense: int,
     """
     torch.manual_seed(config.seed)
     features = [Feature(f"C{i + 1}", n) for i, n in enumerate(cardinalities)]
-    # sparse gradients where the optimizer takes them (SGD, Adagrad), as the papers train
-    options = {"sparse": config.optimizer != "adam", "init": config.init,
+    # sparse table gradients wherever the optimizer takes them (all but adam_dense), as the papers train
+    options = {"sparse": config.optimizer != "adam_dense", "init": config.init,
                **_method_options(config.method, config.method_options)}
     if get_method(config.method).needs_frequencies and frequencies is None:
         frequencies = {f.name: torch.zeros(f.num_embeddings, dtype=torch.int64) for f in features}
@@ -454,7 +455,9 @@ def _make_optimizer(name: str, model: torch.nn.Module, lr: float) -> torch.optim
         return torch.optim.SGD(model.parameters(), lr=lr)
     if name == "adagrad":
         return torch.optim.Adagrad(model.parameters(), lr=lr)
-    adam = torch.optim.Adam(model.parameters(), lr=lr)
+    if name == "adam":  # tables (sparse gradients) update only the rows a batch touched
+        return RowAdam(model.parameters(), lr=lr)
+    adam = torch.optim.Adam(model.parameters(), lr=lr)  # "adam_dense": every row of every table, every step
     track_row_steps(adam)  # rows that change owner (CAFE, CCE) keep their own Adam step, across resumes too
     return adam
 

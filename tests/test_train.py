@@ -24,7 +24,7 @@ def _config(data, out, **overrides):
     return TrainConfig(**settings)
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "adam"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "adam", "adam_dense"])
 def test_a_resumed_run_ends_with_the_uninterrupted_runs_metrics(data, tmp_path, optimizer):
     straight = Trainer(_config(data, tmp_path / "a", optimizer=optimizer)).fit()
     Trainer(_config(data, tmp_path / "b", optimizer=optimizer)).fit(stop_at=13)  # last checkpoint: step 8
@@ -48,11 +48,14 @@ def test_training_learns_logs_every_evaluation_and_keeps_the_best(data, tmp_path
     assert best["config"]["method"] == "full"
 
 
-def test_sparse_gradients_for_sgd_and_adagrad_dense_for_adam(data, tmp_path):
-    for optimizer, sparse in [("sgd", True), ("adagrad", True), ("adam", False)]:
+def test_sparse_table_gradients_for_every_optimizer_but_adam_dense(data, tmp_path):
+    from compemb.optim import RowAdam
+
+    for optimizer, sparse in [("sgd", True), ("adagrad", True), ("adam", True), ("adam_dense", False)]:
         trainer = Trainer(_config(data, tmp_path / optimizer, optimizer=optimizer))
         tables = list(trainer.model.embeddings.embeddings.values())
         assert all(table.sparse == sparse for table in tables if table.compresses)
+        assert isinstance(trainer.optimizer, RowAdam) == (optimizer == "adam")
 
 
 def test_bad_settings_are_named(data, tmp_path):

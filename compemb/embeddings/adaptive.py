@@ -22,7 +22,8 @@ update torch applied to those rows with the one Adam would apply at the row's ow
 ``lr * (m / (1 - b1^a)) / (sqrt(v / (1 - b2^a)) + eps)``. Moments are unchanged (they do not depend on the step),
 so the row then trains exactly as a parameter created at its reset. Rows drop out of the correction once both
 bias corrections agree with the shared ones (``b^a < 1e-7``). SparseAdam (lazy: untouched rows keep their
-moments) is not corrected: its own fresh parameters already see the shared step.
+moments) is not corrected: its own fresh parameters already see the shared step. compemb's RowAdam (the Trainer's
+``adam``) counts steps per row, so a reset zeroes the row's count with its moments and needs no hook.
 """
 
 from __future__ import annotations
@@ -84,6 +85,8 @@ def reset_optimizer_rows(optimizer: torch.optim.Optimizer | None, param: Tensor,
                 state[key] = (state[key] + torch.sparse_coo_tensor(index.unsqueeze(0), filled, value.shape)).coalesce()
         else:
             value.index_fill_(0, index, fill)
+    if "row_steps" in state:  # compemb.optim.RowAdam: the rows' own update counts restart too
+        state["row_steps"].index_fill_(0, rows.to(state["row_steps"].device, torch.long), 0.0)
     if _is_adam(optimizer) and "step" in state and param.dim() >= 1:
         track_row_steps(optimizer)
         if ROW_STEP_KEY not in state:

@@ -1,0 +1,79 @@
+"""RowAdam: torch's Adam where every row is touched, untouched rows left alone, a reset row starts afresh."""
+
+import pytest
+import torch
+
+from compemb.embeddings.adaptive import reset_optimizer_rows
+from compemb.optim import RowAdam
+
+
+def _pair(rows=50, dim=4, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    start = torch.randn(rows, dim, generator=generator)
+    dense = torch.nn.Parameter(start.clone())
+    lazy = torch.nn.Parameter(start.clone())
+    return dense, lazy, generator
+
+
+def test_rows_touched_every_step_move_exactly_as_torch_adam_moves_them():
+    dense, lazy, generator = _pair()
+    mlp_torch, mlp_mine = torch.nn.Parameter(torch.ones(3, 3)), torch.nn.Parameter(torch.ones(3, 3))
+    reference = torch.optim.Adam([dense, mlp_torch], lr=0.01)
+    mine = RowAdam([lazy, mlp_mine], lr=0.01)
+    for _ in range(30):
+        grad = torch.randn(50, 4, generator=generator)
+        mlp_grad = torch.randn(3, 3, generator=generator)
+        dense.grad, mlp_torch.grad = grad.clone(), mlp_grad.clone()
+        # the same gradient as a sparse one naming every row (some twice: their halves are summed)
+        index = torch.cat([torch.arange(50), torch.tensor([7, 7])])
+        values = torch.cat([grad, torch.zeros(2, 4)])
+        values[7] = grad[7] / 2
+        values[50], values[51] = grad[7] / 4, grad[7] / 4
+        lazy.grad = torch.sparse_coo_tensor(index.unsqueeze(0), values, (50, 4))
+        mlp_mine.grad = mlp_grad.clone()
+        reference.step()
+        mine.step()
+    torch.testing.assert_close(lazy.detach(), dense.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mlp_mine.detach(), mlp_torch.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_untouched_rows_and_their_state_stay_as_they_were():
+    table = torch.nn.Embedding(100, 4, sparse=True)
+    optimizer = RowAdam(table.parameters(), lr=0.1)
+    for _ in range(5):
+        table(torch.tensor([1, 2, 3])).square().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    before = table.weight.detach().clone()
+    state = {k: v.clone() for k, v in optimizer.state[table.weight].items()}
+    table(torch.tensor([50])).sum().backward()
+    optimizer.step()
+    moved = (table.weight.detach() != before).any(1)
+    assert moved.nonzero().flatten().tolist() == [50]  # dense Adam would move rows 1-3 on their momentum
+    after = optimizer.state[table.weight]
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(after[key][[1, 2, 3]], state[key][[1, 2, 3]])
+    assert after["row_steps"][[1, 50, 60]].tolist() == [5.0, 1.0, 0.0]
+
+
+def test_a_row_first_seen_late_or_reset_takes_a_first_step_of_lr():
+    table = torch.nn.Embedding(10, 2, sparse=True)
+    optimizer = RowAdam(table.parameters(), lr=0.01)
+    for _ in range(200):
+        optimizer.zero_grad()
+        table(torch.tensor([0])).sum().backward()
+        optimizer.step()
+    for row in (5, 0):  # row 5: never seen; row 0: reset after 200 updates (a new owner)
+        if row == 0:
+            reset_optimizer_rows(optimizer, table.weight, torch.tensor([0]))
+        before = table.weight.detach()[row].clone()
+        optimizer.zero_grad()
+        table(torch.tensor([row])).sum().backward()
+        optimizer.step()
+        step = (before - table.weight.detach()[row]).abs()
+        torch.testing.assert_close(step, torch.full((2,), 0.01), rtol=1e-4, atol=1e-7)  # |m / sqrt(v)| = 1
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="lr > 0"):
+        RowAdam([torch.nn.Parameter(torch.ones(2))], lr=0)
