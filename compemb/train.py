@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import Tensor
@@ -354,12 +354,11 @@ def _read_checkpoint(stem: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     meta = _read_meta(stem)
     path = Path(f"{stem}.safetensors")
     try:
-        data = path.read_bytes()
-        tensors = load_tensors(data)
-        step = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")]).get("__metadata__", {}).get("step")
-    except (OSError, ValueError, SafetensorError) as error:
+        tensors = load_tensors(path.read_bytes())
+        step = _tensors_step(path)
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
         raise CheckpointError(f"checkpoint {path} is damaged ({error}){_previous_offer(stem)}") from None
-    if step is not None and int(step) != meta["step"]:
+    if step is not None and step != meta["step"]:
         raise CheckpointError(f"checkpoint {stem}: its tensors are of step {step} and its json of step {meta['step']}"
                               f"{_previous_offer(stem)}")
     return tensors, meta
@@ -376,14 +375,20 @@ def _previous_offer(stem: Path) -> str:
     return "; no earlier checkpoint is kept" if stem.name != PREVIOUS else ""
 
 
+def _tensors_step(path: str | os.PathLike) -> int | None:
+    """The step a checkpoint's safetensors file records in its metadata (its header alone is read); None for a
+    checkpoint written before compemb recorded it."""
+    with safe_open(str(path), framework="pt") as opened:
+        step = (opened.metadata() or {}).get("step")
+    return None if step is None else int(step)
+
+
 def _step_of(stem: Path) -> int | None:
     """The step both files of a checkpoint record, or None if either is unreadable or they differ."""
     try:
-        with open(f"{stem}.safetensors", "rb") as file:
-            header = json.loads(file.read(int.from_bytes(file.read(8), "little")))
-        tensors_step = int(header["__metadata__"]["step"])
+        tensors_step = _tensors_step(f"{stem}.safetensors")  # None (an older checkpoint): not comparable
         json_step = json.loads(Path(f"{stem}.json").read_text())["step"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError):
         return None
     return tensors_step if tensors_step == json_step else None
 

@@ -116,13 +116,17 @@ def collect_rows(base: TrainConfig, out: Path, first: Sequence[str] = ()) -> lis
     return rows
 
 
+def _run_dir(out: Path, method: str, ratio: float, seed: int) -> Path:
+    """Where the run of one (method spec, ratio, seed) lives."""
+    return out / "runs" / f"{method.replace(':', '-').replace('=', '-')}-{ratio:g}x-s{seed}"
+
+
 def _run_one(base: TrainConfig, method: str, ratio: float, seed: int, out: Path) -> SweepRow:
     trained, scheme = split_quantized(method)
     if scheme is not None:
         return _run_quantized(base, trained, scheme, ratio, seed, out)
     name, options = parse_method_spec(method)
-    label = method.replace(":", "-").replace("=", "-")
-    run = out / "runs" / f"{label}-{ratio:g}x-s{seed}"
+    run = _run_dir(out, method, ratio, seed)
     config = replace(base, method=name, compression=None if ratio == 1 else ratio, seed=seed, out=str(run),
                      method_options={**base.method_options, **options})
     if (run / "result.json").exists():
@@ -156,10 +160,8 @@ def _run_quantized(base: TrainConfig, trained: str, scheme: str, ratio: float, s
     """The run of ``trained`` (trained first if it is not done), its best checkpoint quantized and tested."""
     source = _run_one(base, trained, ratio, seed, out)
     method = f"{trained}+{scheme}"
-    label = method.replace(":", "-").replace("=", "-")
-    run = out / "runs" / f"{label}-{ratio:g}x-s{seed}"
+    run, source_run = _run_dir(out, method, ratio, seed), _run_dir(out, trained, ratio, seed)
     name, options = parse_method_spec(trained)
-    source_run = out / "runs" / f"{trained.replace(':', '-').replace('=', '-')}-{ratio:g}x-s{seed}"
     config = replace(base, method=name, compression=None if ratio == 1 else ratio, seed=seed, out=str(source_run),
                      method_options={**base.method_options, **options})
     saved_config = json.loads(json.dumps(asdict(config)))
