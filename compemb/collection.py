@@ -42,6 +42,7 @@ from compemb.budget import (
 )
 from compemb.embeddings.base import CompressedEmbedding
 from compemb.registry import get_method, make_embedding
+from compemb.table_batch import TableBatch, batch_groups
 
 
 SHARING = ("per_feature", "shared")
@@ -82,6 +83,10 @@ class EmbeddingCollection(torch.nn.Module):
         frequencies: per-feature id counts ``{name: counts}``, for methods built from them
             (``needs_frequencies``, as ``offline``): each table gets its feature's counts as ``frequencies=``.
             Ignored by other methods.
+        batch_tables: look up the per-feature tables of a method that can in one pass (``table_batch``: one
+            vectorised index computation and one gather over their weights, as TorchRec's table-batched
+            embeddings; see :mod:`compemb.table_batch`); ``False``: one lookup per table. Both give the same
+            vectors and gradients.
         options: passed to every compressed table (``sparse=True``, ``columns=4``, ...).
 
     Shape:
@@ -109,9 +114,13 @@ class EmbeddingCollection(torch.nn.Module):
         device: torch.device | str | None = None,
         frequencies: Mapping[str, Tensor] | None = None,
         sharing: str = "per_feature",
+        batch_tables: bool = True,
         **options: Any,
     ) -> None:
         super().__init__()
+        self.batch_tables = batch_tables
+        self._groups: list[tuple[list[int], TableBatch | None]] = []
+        self._groups_key: tuple[int, ...] = ()
         if sharing not in SHARING:
             raise ValueError(f"sharing must be one of {SHARING}, got {sharing!r}")
         if not features:
@@ -226,7 +235,28 @@ class EmbeddingCollection(torch.nn.Module):
             shifted = ids + self.offsets
             return self.embeddings["shared"](shifted.reshape(-1)).view(*ids.shape, self.embedding_dim)
         tables: list[CompressedEmbedding] = list(self.embeddings.values())  # type: ignore[arg-type]
-        return torch.stack([table(ids[:, column]) for column, table in enumerate(tables)], dim=1)
+        if not self.batch_tables:
+            return torch.stack([table(ids[:, column]) for column, table in enumerate(tables)], dim=1)
+        ids = tables[0]._as_int64(ids, "ids")
+        groups = self._table_groups(tables)
+        if len(groups) == 1 and groups[0][1] is not None:  # one method everywhere: one batch, columns in order
+            return groups[0][1](ids)
+        parts = [
+            batch(ids[:, positions]) if batch is not None else tables[positions[0]](ids[:, positions[0]]).unsqueeze(1)
+            for positions, batch in groups
+        ]
+        order = [position for positions, _ in groups for position in positions]
+        vectors = torch.cat(parts, dim=1)
+        if order == sorted(order):
+            return vectors
+        return vectors.index_select(1, torch.tensor(order, device=ids.device).argsort())
+
+    def _table_groups(self, tables: list[CompressedEmbedding]) -> list[tuple[list[int], TableBatch | None]]:
+        """The table batches (compemb.table_batch), made again whenever a table has been replaced."""
+        key = tuple(map(id, tables))
+        if self._groups_key != key:
+            self._groups, self._groups_key = batch_groups(tables), key
+        return self._groups
 
     def memory(self) -> CollectionMemory:
         """Every table's MemoryReport (per feature, or the one ``"shared"``), and their total (``.total``)."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,9 @@ from torch import Tensor
 from compemb.budget import Budget, MemoryReport, check_budget
 from compemb.checks import id_range, scan_bags
 from compemb.hashing import UniversalHash
+
+if TYPE_CHECKING:
+    from compemb.table_batch import TableBatch
 
 MODES = ("sum", "mean")
 # "dlrm": the DLRM reference, U(-sqrt(1/n), sqrt(1/n)) for a table of n ids; "uniform_dim": U(-1/sqrt(d), 1/sqrt(d))
@@ -105,6 +108,14 @@ class CompressedEmbedding(torch.nn.Module, ABC):
         A method that allocates across features (MDE's power rule) overrides it."""
         total = sum(sizes)
         return [budget_bytes * n / total for n in sizes]
+
+    @classmethod
+    def table_batch(cls, tables: Sequence[CompressedEmbedding]) -> TableBatch | None:
+        """A lookup of one id per table for all of ``tables`` (this class, one ``sparse``) in one pass, or ``None``:
+        an EmbeddingCollection then looks each table up on its own. Methods whose lookup is a gather override it
+        (see :mod:`compemb.table_batch`); the batch must give exactly the vectors and gradients of the tables'
+        own lookups."""
+        return None
 
     # --- what each method implements -------------------------------------------------------
 

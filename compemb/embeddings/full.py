@@ -6,9 +6,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from collections.abc import Sequence
+
 from compemb.budget import FLOAT_BYTES, Budget, full_table_bytes, resolve_budget
 from compemb.embeddings.base import CompressedEmbedding, init_uniform_
 from compemb.registry import register
+from compemb.table_batch import PackedWeights, check_id_ranges
 
 
 @register("full")
@@ -63,9 +66,30 @@ class FullEmbedding(CompressedEmbedding):
     def lookup(self, ids: Tensor) -> Tensor:
         return F.embedding(ids, self.weight, sparse=self.sparse)
 
+    @classmethod
+    def table_batch(cls, tables: Sequence[CompressedEmbedding]) -> _FullTablesBatch:
+        """Full tables side by side: id x of table j reads row ``start_j + x`` of their packed weights."""
+        return _FullTablesBatch(tables)
+
     def lookup_bags(
         self, ids: Tensor, offsets: Tensor, per_sample_weights: Tensor | None, one_id_per_bag: bool = False
     ) -> Tensor:
         return F.embedding_bag(
             ids, self.weight, offsets, mode=self.mode, per_sample_weights=per_sample_weights, sparse=self.sparse
         )
+
+
+class _FullTablesBatch:
+    """One gather for one id per full table (see :mod:`compemb.table_batch`)."""
+
+    def __init__(self, tables: Sequence[CompressedEmbedding]) -> None:
+        self.tables = list(tables)
+        self.pack = PackedWeights(self.tables, "weight", sparse=tables[0].sparse)
+        self.sizes = torch.tensor([t.num_embeddings for t in tables], device=self.pack.row_offsets.device)
+
+    def __call__(self, ids: Tensor) -> Tensor:
+        if self.sizes.device != ids.device:
+            self.sizes = self.sizes.to(ids.device)
+        check_id_ranges(self.tables, ids, self.sizes)
+        rows = self.pack.gather((ids + self.pack.row_offsets).unsqueeze(-1))
+        return rows.squeeze(-2)

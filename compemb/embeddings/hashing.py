@@ -12,6 +12,8 @@ All three accept any int64 id (an open vocabulary) and hash all functions in one
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -20,6 +22,7 @@ from compemb.budget import FLOAT_BYTES, every_budget_from, resolve_budget, rows_
 from compemb.embeddings.base import CompressedEmbedding, init_uniform_
 from compemb.hashing import UniversalHash, coefficient_bytes
 from compemb.registry import register
+from compemb.table_batch import PackedWeights
 
 
 class _HashedTable(CompressedEmbedding):
@@ -56,6 +59,46 @@ class _HashedTable(CompressedEmbedding):
 
     def reset_tables(self) -> None:
         init_uniform_(self.weight, self.init_bound, self._generator())
+
+    @staticmethod
+    def _combine_rows(rows: Tensor) -> Tensor:
+        """An id's vector from its gathered rows ``(..., num_hashes, row_dim)`` (a table batch's last step)."""
+        raise NotImplementedError
+
+    @classmethod
+    def table_batch(cls, tables: Sequence[CompressedEmbedding]) -> _HashedTablesBatch | None:
+        """Tables of one hash count: every feature's hashes in one pass, one gather over their packed weights."""
+        if len({t.hash.num_functions for t in tables}) != 1:  # type: ignore[attr-defined]
+            return None
+        return _HashedTablesBatch(tables, cls._combine_rows, stacked_columns=cls is CompositionalEmbedding)  # type: ignore[arg-type]
+
+
+class _HashedTablesBatch:
+    """One vectorised hash of every feature's ids and one gather (see :mod:`compemb.table_batch`).
+
+    Table j's hash i of id x is exactly its own lookup's: bucket ``((a*x + b) >> 32) * rows_j >> 32``; a
+    compositional table's column i lies ``i * rows_j`` rows into its weight (``stacked_columns``).
+    """
+
+    def __init__(self, tables: Sequence[_HashedTable], combine: Callable[[Tensor], Tensor], stacked_columns: bool) -> None:
+        self.tables = list(tables)
+        self.combine = combine
+        self.pack = PackedWeights(self.tables, "weight", sparse=tables[0].sparse)
+        device = self.pack.row_offsets.device
+        num_hashes = tables[0].hash.num_functions
+        self.rows = torch.tensor([t.rows for t in tables], device=device).view(-1, 1)
+        column_starts = torch.arange(num_hashes, device=device) * self.rows if stacked_columns else 0
+        self.starts = self.pack.row_offsets.view(-1, 1) + column_starts  # (tables, num_hashes)
+
+    def __call__(self, ids: Tensor) -> Tensor:
+        if self.rows.device != ids.device:
+            self.rows, self.starts = self.rows.to(ids.device), self.starts.to(ids.device)
+        # (tables, num_hashes, 2): the hash coefficients are buffers, read afresh so a redraw is seen
+        coefficients = torch.stack([t.hash.coefficients for t in self.tables])
+        mixed = ids.unsqueeze(-1) * coefficients[:, :, 0]
+        buckets = mixed.add_(coefficients[:, :, 1]).bitwise_right_shift_(32).bitwise_and_(0xFFFFFFFF)
+        buckets = buckets.mul_(self.rows).bitwise_right_shift_(32).add_(self.starts)
+        return self.combine(self.pack.gather(buckets))
 
 
 @register("hash")
@@ -95,6 +138,10 @@ class HashingTrickEmbedding(_HashedTable):
     def lookup(self, ids: Tensor) -> Tensor:
         return F.embedding(self.hash(ids).squeeze(-1), self.weight, sparse=self.sparse)
 
+    @staticmethod
+    def _combine_rows(rows: Tensor) -> Tensor:
+        return rows.squeeze(-2)
+
     def lookup_bags(
         self, ids: Tensor, offsets: Tensor, per_sample_weights: Tensor | None, one_id_per_bag: bool = False
     ) -> Tensor:
@@ -120,7 +167,6 @@ class CompositionalEmbedding(_HashedTable):
 
     title = "compositional, c hashed columns"
     formula = "c * rows * (d / c)"
-    column_offsets: Tensor
 
     def __init__(
         self,
@@ -151,6 +197,10 @@ class CompositionalEmbedding(_HashedTable):
         offsets = torch.arange(self.columns, device=ids.device) * self.rows
         rows = self.hash(ids) + offsets
         return F.embedding(rows, self.weight, sparse=self.sparse).reshape(ids.numel(), self.embedding_dim)
+
+    @staticmethod
+    def _combine_rows(rows: Tensor) -> Tensor:  # the columns side by side
+        return rows.flatten(-2)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", columns={self.columns}"
@@ -204,6 +254,10 @@ class BloomEmbedding(_HashedTable):
     def lookup(self, ids: Tensor) -> Tensor:
         # the mean as a sum times 1/c: the same values, and the sum's backward is the faster kernel
         return F.embedding_bag(self.hash(ids), self.weight, mode="sum", sparse=self.sparse) * (1 / self.num_hashes)
+
+    @staticmethod
+    def _combine_rows(rows: Tensor) -> Tensor:
+        return rows.sum(-2) * (1 / rows.shape[-2])
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", num_hashes={self.num_hashes}"

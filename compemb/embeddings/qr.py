@@ -13,6 +13,7 @@ reads the remainder rows as the hashing trick would.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,7 @@ from torch import Tensor
 from compemb.budget import FLOAT_BYTES, Budget, every_budget_from, resolve_budget
 from compemb.embeddings.base import CompressedEmbedding, init_uniform_
 from compemb.registry import register
+from compemb.table_batch import PackedWeights, check_id_ranges
 
 OPERATIONS = ("mult", "add", "concat")
 
@@ -132,5 +134,38 @@ class QREmbedding(CompressedEmbedding):
             return remainder + quotient
         return torch.cat([quotient, remainder], dim=-1)
 
+    @classmethod
+    def table_batch(cls, tables: Sequence[CompressedEmbedding]) -> _QRTablesBatch | None:
+        """QR tables of one operation: one gather of every remainder row and one of every quotient row."""
+        if len({t.operation for t in tables}) != 1:  # type: ignore[attr-defined]
+            return None
+        return _QRTablesBatch(tables)  # type: ignore[arg-type]
+
     def extra_repr(self) -> str:
         return super().extra_repr() + f", m={self.modulus}, operation={self.operation!r}"
+
+
+class _QRTablesBatch:
+    """One gather over the remainder tables and one over the quotient tables (see :mod:`compemb.table_batch`)."""
+
+    def __init__(self, tables: Sequence[QREmbedding]) -> None:
+        self.tables = list(tables)
+        self.operation = tables[0].operation
+        self.remainders = PackedWeights(self.tables, "remainder", sparse=tables[0].sparse)
+        self.quotients = PackedWeights(self.tables, "quotient", sparse=tables[0].sparse)
+        device = self.remainders.row_offsets.device
+        self.sizes = torch.tensor([t.num_embeddings for t in tables], device=device)
+        self.moduli = torch.tensor([t.modulus for t in tables], device=device)
+
+    def __call__(self, ids: Tensor) -> Tensor:
+        if self.sizes.device != ids.device:
+            self.sizes, self.moduli = self.sizes.to(ids.device), self.moduli.to(ids.device)
+        check_id_ranges(self.tables, ids, self.sizes)
+        remainder = self.remainders.gather((ids % self.moduli + self.remainders.row_offsets).unsqueeze(-1))
+        quotient = self.quotients.gather((ids // self.moduli + self.quotients.row_offsets).unsqueeze(-1))
+        remainder, quotient = remainder.squeeze(-2), quotient.squeeze(-2)
+        if self.operation == "mult":
+            return remainder * quotient
+        if self.operation == "add":
+            return remainder + quotient
+        return torch.cat([quotient, remainder], dim=-1)

@@ -1,0 +1,171 @@
+"""Table-batched lookups: one gather over many features' tables, as TorchRec's table-batched embeddings do.
+
+A per-feature collection of Criteo's 26 features would otherwise make 26 lookups per step, each a handful of
+small kernels with Python around them; for the hash family that overhead is most of the step. A method that can
+(``CompressedEmbedding.table_batch``) computes every feature's row indices in one vectorised pass and reads them
+with one ``index_select`` over its tables' weights, kept side by side in one buffer.
+
+The tables stay what they are: every weight is still its table's own ``Parameter`` (``state_dict``, optimizers,
+export and quantization see no difference); only its storage is a slice of the shared buffer (:class:`PackedWeights`).
+Whatever moves a weight out of the buffer (``.to(device)``, ``param.data = ...``, a deep copy) is noticed on the
+next lookup, which packs the weights again; in-place updates (optimizer steps, ``load_state_dict``) keep them packed.
+The backward pass hands each weight its own gradient (sparse or dense, as the table's ``sparse``), so the
+optimizer's work and state are exactly those of the per-table lookups.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+
+class TableBatch(Protocol):
+    """Every feature's vectors from several tables of one method in one pass."""
+
+    def __call__(self, ids: Tensor) -> Tensor:
+        """``(batch, tables)`` int64 ids, column j for table j -> ``(batch, tables, embedding_dim)``."""
+        ...
+
+
+class PackedWeights:
+    """Weights of one row width whose storage is one contiguous buffer, in order, so one gather reads any row.
+
+    The weights are read from their modules on every lookup (``getattr(module, name)``), so a parameter
+    replaced in its module (``load_state_dict(assign=True)``) is the one packed and trained.
+
+    Args:
+        modules: the tables, in the order their weights are packed.
+        name: the attribute that holds each table's weight (``"weight"``, ``"remainder"``, ...).
+        sparse: whether each weight's gradient is a sparse COO tensor (as ``F.embedding(sparse=True)`` gives).
+
+    Example::
+
+        >>> a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 4)  # weights (2, 3) and (4, 3)
+        >>> pack = PackedWeights([a, b], "weight")
+        >>> pack.row_offsets.tolist()
+        [0, 2]
+        >>> rows = torch.tensor([[[1], [3]]])  # (batch, weights, k): a's row 1, b's row 3
+        >>> torch.equal(pack.gather(rows + pack.row_offsets.view(1, -1, 1))[0, 1, 0], b.weight[3])
+        True
+    """
+
+    def __init__(self, modules: Sequence[torch.nn.Module], name: str, sparse: bool = False) -> None:
+        if not modules:
+            raise ValueError("PackedWeights needs at least one weight")
+        self.modules, self.name = list(modules), name
+        weights = self.weights
+        first = weights[0]
+        for weight in weights:
+            if weight.dim() != 2 or weight.shape[1] != first.shape[1]:
+                raise ValueError(f"packed weights must be 2-D of one row width, got {[tuple(w.shape) for w in weights]}")
+            if weight.dtype != first.dtype or weight.device != first.device:
+                raise ValueError("packed weights must share one dtype and device")
+        self.sparse = sparse
+        self.num_rows = [int(w.shape[0]) for w in weights]
+        starts = [0]
+        for rows in self.num_rows[:-1]:
+            starts.append(starts[-1] + rows)
+        self.starts = starts
+        self.row_offsets = torch.tensor(starts, dtype=torch.int64, device=first.device)
+        self.buffer = first.new_empty(0)
+        self.pack()
+
+    @property
+    def weights(self) -> list[torch.nn.Parameter]:
+        """The modules' current weights."""
+        return [getattr(module, self.name) for module in self.modules]
+
+    @torch.no_grad()
+    def pack(self) -> None:
+        """Copy the weights into one new buffer and make each weight's data its slice of it."""
+        weights = self.weights
+        first = weights[0]
+        buffer = torch.empty(sum(self.num_rows), first.shape[1], dtype=first.dtype, device=first.device)
+        for weight, start, rows in zip(weights, self.starts, self.num_rows):
+            buffer[start : start + rows].copy_(weight)
+            weight.data = buffer[start : start + rows]
+        self.buffer = buffer
+        if self.row_offsets.device != first.device:
+            self.row_offsets = self.row_offsets.to(first.device)
+
+    def is_packed(self, weights: Sequence[Tensor]) -> bool:
+        """Whether every one of ``weights`` still lies at its place in the buffer."""
+        base, row_bytes = self.buffer.data_ptr(), self.buffer.shape[1] * self.buffer.element_size()
+        buffer_storage = self.buffer.untyped_storage().data_ptr()
+        for weight, start in zip(weights, self.starts):
+            if weight.data_ptr() != base + start * row_bytes or weight.untyped_storage().data_ptr() != buffer_storage:
+                return False
+        return True
+
+    def gather(self, rows: Tensor) -> Tensor:
+        """Rows of the buffer: ``rows`` ``(batch, weights, k)``, where ``rows[:, j]`` lies in weight j's range
+        (its start in ``row_offsets`` added) -> ``(batch, weights, k, row_dim)``, differentiable to every weight."""
+        weights = self.weights
+        if not self.is_packed(weights):  # moved or replaced since the last lookup
+            self.pack()
+        return _GatherPacked.apply(self.buffer, rows, self, *weights)
+
+
+class _GatherPacked(torch.autograd.Function):
+    """``buffer[rows]`` whose backward returns each packed weight its own gradient."""
+
+    @staticmethod
+    def forward(ctx, buffer: Tensor, rows: Tensor, pack: PackedWeights, *weights: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(rows)
+        ctx.pack = pack
+        return buffer.index_select(0, rows.reshape(-1)).view(*rows.shape, buffer.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        (rows,) = ctx.saved_tensors
+        pack: PackedWeights = ctx.pack
+        row_dim = grad.shape[-1]
+        if not pack.sparse:  # one scatter into a buffer-shaped gradient; each weight's gradient is its slice
+            flat = grad.new_zeros(sum(pack.num_rows), row_dim)
+            flat.index_add_(0, rows.reshape(-1), grad.reshape(-1, row_dim))
+            grads = [flat[start : start + size] for start, size in zip(pack.starts, pack.num_rows)]
+            return (None, None, None, *grads)
+        # weight-major once, so each weight's rows and gradients are one contiguous slice
+        local = (rows - pack.row_offsets.view(1, -1, 1)).transpose(0, 1).reshape(len(pack.num_rows), -1)
+        values = grad.transpose(0, 1).reshape(len(pack.num_rows), -1, row_dim)
+        sparse_grads = [
+            torch.sparse_coo_tensor(local[j : j + 1], values[j], (size, row_dim), check_invariants=False)
+            for j, size in enumerate(pack.num_rows)
+        ]
+        return (None, None, None, *sparse_grads)
+
+
+def batch_groups(tables: Sequence[torch.nn.Module]) -> list[tuple[list[int], TableBatch | None]]:
+    """Group tables (by position) into batches their method can look up together; ``None``: one at a time.
+
+    Tables group when they are of one class, with one ``sparse``, and the class's ``table_batch`` accepts them.
+    """
+    from compemb.embeddings.base import CompressedEmbedding
+
+    keys: dict[tuple, list[int]] = {}
+    for position, table in enumerate(tables):
+        batchable = isinstance(table, CompressedEmbedding)
+        keys.setdefault((type(table), table.sparse) if batchable else ("alone", position), []).append(position)
+    groups: list[tuple[list[int], TableBatch | None]] = []
+    for positions in keys.values():
+        members = [tables[p] for p in positions]
+        first = members[0]
+        batch = type(first).table_batch(members) if isinstance(first, CompressedEmbedding) else None
+        if batch is None:
+            groups.extend(([p], None) for p in positions)
+        else:
+            groups.append((positions, batch))
+    return groups
+
+
+def check_id_ranges(tables: Sequence[torch.nn.Module], ids: Tensor, sizes: Tensor) -> None:
+    """Raise the table's own ValueError when an id of column j is outside ``[0, sizes[j])`` (closed vocabularies:
+    a wrapped or shifted id would silently read another table's rows)."""
+    bad = (ids < 0) | (ids >= sizes)
+    if bool(bad.any()):
+        row, column = (int(v) for v in bad.nonzero()[0])
+        table = tables[column]
+        raise ValueError(f"{table._who()}: id {int(ids[row, column])} is outside [0, {table.num_embeddings})")

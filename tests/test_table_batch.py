@@ -1,0 +1,143 @@
+"""Table-batched lookups (compemb.table_batch): the same vectors and gradients as one lookup per table."""
+
+import copy
+
+import pytest
+import torch
+
+from compemb.collection import EmbeddingCollection, Feature
+from compemb.embeddings.full import FullEmbedding
+from compemb.optim import RowAdam
+from compemb.quantize import quantize
+from compemb.table_batch import PackedWeights, batch_groups
+
+FEATURES = [Feature("C1", 100_000), Feature("C2", 5_000), Feature("C3", 3), Feature("C4", 50_000), Feature("C5", 20)]
+BATCHED = ["full", "hash", "ce", "bloom", "qr"]
+
+
+def _collections(method: str, sparse: bool, **options):
+    budget = {} if method == "full" else {"compression": 10}
+    batched = EmbeddingCollection(FEATURES, 16, method, seed=3, sparse=sparse, **budget, **options)
+    one_at_a_time = copy.deepcopy(batched)
+    one_at_a_time.batch_tables = False
+    return batched, one_at_a_time
+
+
+def _ids(batch: int = 96, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randint(0, f.num_embeddings, (batch,), generator=generator) for f in FEATURES], 1)
+
+
+def _dense(grad: torch.Tensor) -> torch.Tensor:
+    return grad.to_dense() if grad.is_sparse else grad
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+@pytest.mark.parametrize("method,options", [(m, {}) for m in BATCHED] + [("qr", {"operation": "concat"}),
+                                            ("qr", {"operation": "add"}), ("bloom", {"num_hashes": 3})])
+def test_batched_lookup_equals_per_table_lookups(method, options, sparse):
+    batched, one_at_a_time = _collections(method, sparse, **options)
+    groups = batch_groups(list(batched.embeddings.values()))
+    assert any(batch is not None for _, batch in groups), "the method should batch its tables"
+    ids = _ids()
+    upstream = torch.randn(ids.shape[0], len(FEATURES), 16, generator=torch.Generator().manual_seed(1))
+    out_batched, out_single = batched(ids), one_at_a_time(ids)
+    assert out_batched.is_contiguous()
+    # bloom's mean of 3 rows may sum in another order: within rounding; everything else bit for bit
+    if method == "bloom":
+        torch.testing.assert_close(out_batched, out_single, rtol=1e-6, atol=1e-7)
+    else:
+        assert torch.equal(out_batched, out_single)
+    (out_batched * upstream).sum().backward()
+    (out_single * upstream).sum().backward()
+    single = dict(one_at_a_time.named_parameters())
+    for name, param in batched.named_parameters():
+        assert param.grad is not None and param.grad.is_sparse == sparse, name
+        torch.testing.assert_close(_dense(param.grad), _dense(single[name].grad), rtol=1e-6, atol=1e-7)
+
+
+def test_state_dict_and_parameters_are_those_of_the_tables():
+    batched, one_at_a_time = _collections("ce", sparse=True)
+    batched(_ids())  # packs
+    assert list(batched.state_dict()) == list(one_at_a_time.state_dict())
+    assert [n for n, _ in batched.named_parameters()] == [n for n, _ in one_at_a_time.named_parameters()]
+    for name, value in batched.state_dict().items():
+        assert torch.equal(value, one_at_a_time.state_dict()[name]), name
+
+
+def test_training_steps_match_one_lookup_per_table():
+    """RowAdam on the batched collection takes exactly the per-table collection's steps."""
+    batched, one_at_a_time = _collections("hash", sparse=True)
+    optimizers = [RowAdam(c.parameters(), lr=0.05) for c in (batched, one_at_a_time)]
+    for step in range(5):
+        ids = _ids(seed=step)
+        for collection, optimizer in zip((batched, one_at_a_time), optimizers):
+            optimizer.zero_grad(set_to_none=True)
+            collection(ids).pow(2).sum().backward()
+            optimizer.step()
+    for (name, a), (_, b) in zip(batched.named_parameters(), one_at_a_time.named_parameters()):
+        assert torch.equal(a, b), name
+    assert not all(torch.equal(a, b) for a, b in zip(batched.parameters(), _collections("hash", True)[0].parameters()))
+
+
+def test_weights_moved_out_of_the_buffer_are_packed_again():
+    batched, one_at_a_time = _collections("qr", sparse=False)
+    ids = _ids()
+    batched(ids)
+    table = batched.embeddings["C1"]
+    with torch.no_grad():  # replace one weight's storage, as .to(device) or a deep copy would
+        table.remainder.data = table.remainder.data.clone() + 1.0
+        one_at_a_time.embeddings["C1"].remainder.add_(1.0)
+    assert torch.equal(batched(ids), one_at_a_time(ids))
+    (_, batch), *_ = [g for g in batch_groups(list(batched.embeddings.values())) if g[1] is not None]
+    assert batch.remainders.is_packed(batch.remainders.weights)  # type: ignore[attr-defined]
+
+
+def test_replaced_parameters_are_the_ones_looked_up():
+    """load_state_dict(assign=True) swaps the Parameter objects: the batch reads the new ones."""
+    batched, _ = _collections("hash", sparse=True)
+    ids = _ids()
+    before = batched(ids).detach()
+    state = {k: v + 1.0 if v.is_floating_point() else v for k, v in batched.state_dict().items()}
+    batched.load_state_dict(state, assign=True)
+    after = batched(ids)
+    assert torch.allclose(after, before + 1.0)
+    after.sum().backward()
+    assert all(p.grad is not None for p in batched.parameters())
+
+
+def test_out_of_range_id_names_the_feature():
+    batched, _ = _collections("qr", sparse=True)
+    ids = _ids()
+    ids[5, 2] = 3  # C3 has 3 ids
+    with pytest.raises(ValueError, match=r"C3.*id 3 is outside \[0, 3\)"):
+        batched(ids)
+    ids[5, 2] = -1
+    with pytest.raises(ValueError, match=r"C3.*id -1 is outside"):
+        batched(ids)
+
+
+def test_mixed_groups_keep_the_feature_order():
+    """A quantized table cannot batch: it is looked up alone and its column stays where it was."""
+    batched, one_at_a_time = _collections("hash", sparse=False)
+    for collection in (batched, one_at_a_time):
+        collection.embeddings["C4"] = quantize(collection.embeddings["C4"], "int8")
+    ids = _ids()
+    groups = batch_groups(list(batched.embeddings.values()))
+    assert [positions for positions, batch in groups if batch is None] == [[3]]
+    assert torch.equal(batched(ids), one_at_a_time(ids))
+
+
+def test_packed_weights_share_one_buffer():
+    tables = [FullEmbedding(n, 4, seed=n) for n in (3, 5, 2)]
+    before = [t.weight.detach().clone() for t in tables]
+    pack = PackedWeights(tables, "weight")
+    assert pack.buffer.shape == (10, 4)
+    for table, start, old in zip(tables, (0, 3, 8), before):
+        assert torch.equal(table.weight, old)  # packing keeps the values
+        assert table.weight.data_ptr() == pack.buffer[start].data_ptr()
+    with torch.no_grad():
+        tables[1].weight[0] = 7.0  # an in-place update lands in the buffer
+    assert torch.equal(pack.buffer[3], torch.full((4,), 7.0))
+    with pytest.raises(ValueError, match="one row width"):
+        PackedWeights([FullEmbedding(3, 4), FullEmbedding(3, 8)], "weight")
