@@ -11,6 +11,11 @@ speed. :class:`RowAdam` takes each parameter as its gradient comes:
   step instead, so a row first seen late starts with ~3x the step of a new parameter);
 - a **dense** gradient (the MLPs): torch's Adam update (no amsgrad, no weight decay).
 
+Tables whose weights lie side by side in one buffer (a table batch, :mod:`compemb.table_batch`) are updated
+together, as FBGEMM's fused optimizers update a table-batched embedding: their states are kept side by side too,
+and one step coalesces, gathers and scatters the rows of all of them at once (the same arithmetic per row; a row
+named twice in a batch may sum its gradients in another order, a difference of float rounding).
+
 A row that changes owner (CAFE promotion, CCE clustering) is reset by
 :func:`compemb.embeddings.adaptive.reset_optimizer_rows`: its moments and its count go to zero, so its next update
 is a first update, as a new parameter's.
@@ -56,24 +61,86 @@ class RowAdam(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             (beta1, beta2), lr, eps = group["betas"], group["lr"], group["eps"]
+            shared: dict[tuple, list[Tensor]] = {}  # sparse tables by the buffer their weights are slices of
             for param in group["params"]:
                 if param.grad is None:
+                    continue
+                if param.grad.is_sparse and param.dim() == 2 and param.is_contiguous():
+                    key = (param.untyped_storage().data_ptr(), param.dtype, param.shape[1])
+                    shared.setdefault(key, []).append(param)
                     continue
                 state = self.state[param]
                 if not state:
                     state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
                 if param.grad.is_sparse:
-                    self._rows(param, state, beta1, beta2, lr, eps)
+                    self._rows(param, param.grad, state, beta1, beta2, lr, eps)
                 else:
                     self._dense(param, state, beta1, beta2, lr, eps)
+            for params in shared.values():
+                if len(params) == 1:
+                    state = self.state[params[0]]
+                    if not state:
+                        state["exp_avg"] = torch.zeros_like(params[0])
+                        state["exp_avg_sq"] = torch.zeros_like(params[0])
+                    self._rows(params[0], params[0].grad, state, beta1, beta2, lr, eps)
+                else:
+                    self._packed_rows(params, beta1, beta2, lr, eps)
         return loss
 
+    def _packed_rows(self, params: list[Tensor], beta1: float, beta2: float, lr: float, eps: float) -> None:
+        """One row-wise update of tables that are slices of one buffer, through the whole buffer and its states."""
+        first = params[0]
+        row_dim = first.shape[1]
+        starts = [param.storage_offset() // row_dim for param in params]
+        total_rows = first.untyped_storage().nbytes() // (row_dim * first.element_size())
+        weight = first.new_empty(0).set_(first.untyped_storage(), 0, (total_rows, row_dim))  # the whole buffer
+        indices = torch.cat([param.grad._indices()[0] + start for param, start in zip(params, starts)])  # type: ignore[union-attr]
+        values = torch.cat([param.grad._values() for param in params])  # type: ignore[union-attr]
+        grad = torch.sparse_coo_tensor(indices.unsqueeze(0), values, weight.shape, check_invariants=False)
+        self._rows(weight, grad, self._packed_state(params, starts, total_rows), beta1, beta2, lr, eps)
+
+    def _packed_state(self, params: list[Tensor], starts: list[int], total_rows: int) -> dict[str, Tensor]:
+        """The tables' states as whole buffers whose slices are each table's state. Made again (keeping the values
+        the tables had, from a checkpoint say) when they are not such slices."""
+        first = params[0]
+        widths = {"exp_avg": first.shape[1], "exp_avg_sq": first.shape[1], ROW_STEPS: 1}
+        head = self.state[first]
+
+        def packed(name: str) -> bool:
+            if name not in head or head[name].untyped_storage().nbytes() != total_rows * widths[name] * 4:
+                return False
+            storage = head[name].untyped_storage().data_ptr()
+            return all(
+                name in self.state[param] and self.state[param][name].untyped_storage().data_ptr() == storage
+                and self.state[param][name].storage_offset() == start * widths[name]
+                for param, start in zip(params, starts)
+            )
+
+        if first.dtype == torch.float32 and all(packed(name) for name in widths):
+            return {name: head[name].new_empty(0).set_(head[name].untyped_storage(), 0,
+                                                       (total_rows, widths[name]) if name != ROW_STEPS else (total_rows,))
+                    for name in widths}
+        buffers = {
+            "exp_avg": first.new_zeros(total_rows, widths["exp_avg"]),
+            "exp_avg_sq": first.new_zeros(total_rows, widths["exp_avg"]),
+            ROW_STEPS: torch.zeros(total_rows, dtype=torch.float32, device=first.device),
+        }
+        for param, start in zip(params, starts):
+            state = self.state[param]
+            for name, buffer in buffers.items():
+                view = buffer[start : start + param.shape[0]]
+                if name in state:
+                    view.copy_(state[name])
+                state[name] = view
+        return buffers
+
     @staticmethod
-    def _rows(param: Tensor, state: dict[str, Any], beta1: float, beta2: float, lr: float, eps: float) -> None:
+    def _rows(param: Tensor, grad: Tensor, state: dict[str, Any], beta1: float, beta2: float, lr: float,
+              eps: float) -> None:
         if ROW_STEPS not in state:
             state[ROW_STEPS] = torch.zeros(param.shape[0], dtype=torch.float32, device=param.device)
-        grad = param.grad.coalesce()  # type: ignore[union-attr]  # a row named twice: its gradients summed
+        grad = grad.coalesce()  # a row named twice: its gradients summed
         rows, values = grad.indices()[0], grad.values()
         if rows.numel() == 0:
             return

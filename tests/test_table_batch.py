@@ -141,3 +141,32 @@ def test_packed_weights_share_one_buffer():
     assert torch.equal(pack.buffer[3], torch.full((4,), 7.0))
     with pytest.raises(ValueError, match="one row width"):
         PackedWeights([FullEmbedding(3, 4), FullEmbedding(3, 8)], "weight")
+
+
+def test_row_adam_updates_packed_tables_together_and_resumes():
+    """Tables in one buffer share one optimizer state buffer; a state loaded from a checkpoint is packed again with
+    its values, and training on from it equals training on without the round trip."""
+    batched, _ = _collections("ce", sparse=True)
+    optimizer = RowAdam(batched.parameters(), lr=0.05)
+
+    def train(collection, optimizer, steps):
+        for step in steps:
+            optimizer.zero_grad(set_to_none=True)
+            collection(_ids(seed=step)).pow(2).sum().backward()
+            optimizer.step()
+
+    train(batched, optimizer, range(3))
+    hashed = [t.weight for t in batched.embeddings.values() if type(t).__name__ == "CompositionalEmbedding"]
+    storages = {optimizer.state[w]["exp_avg"].untyped_storage().data_ptr() for w in hashed}
+    assert len(hashed) > 1 and len(storages) == 1
+    saved_model = copy.deepcopy(batched.state_dict())
+    saved_optimizer = copy.deepcopy(optimizer.state_dict())
+    train(batched, optimizer, range(3, 6))
+
+    resumed = copy.deepcopy(_collections("ce", sparse=True)[0])
+    resumed.load_state_dict(saved_model)
+    resumed_optimizer = RowAdam(resumed.parameters(), lr=0.05)
+    resumed_optimizer.load_state_dict(saved_optimizer)
+    train(resumed, resumed_optimizer, range(3, 6))
+    for (name, a), b in zip(batched.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name

@@ -46,13 +46,36 @@ class DLRM(torch.nn.Module):
         self.num_interactions = vectors * (vectors - 1) // 2
         self.top = mlp(dim + self.num_interactions, [*top, 1], final_activation=False)
         rows, columns = torch.triu_indices(vectors, vectors, offset=1)
-        self.register_buffer("pair_rows", rows, persistent=False)
-        self.register_buffer("pair_columns", columns, persistent=False)
+        # pair (i, j) as a position in the flattened (F + 1) x (F + 1) products
+        self.register_buffer("pair_index", rows * vectors + columns, persistent=False)
 
     def forward(self, dense: Tensor, sparse: Tensor) -> Tensor:
         """Click logits for a batch (apply a sigmoid for probabilities)."""
         dense_vector = self.bottom(dense)
         vectors = torch.cat([dense_vector.unsqueeze(1), self.embeddings(sparse)], dim=1)  # (B, F + 1, d)
-        products = torch.bmm(vectors, vectors.transpose(1, 2))  # (B, F + 1, F + 1)
-        pairs = products[:, self.pair_rows, self.pair_columns]  # each unordered pair once
+        pairs = pairwise_dots(vectors, self.pair_index)  # each unordered pair once
         return self.top(torch.cat([dense_vector, pairs], dim=1)).squeeze(-1)
+
+
+def pairwise_dots(vectors: Tensor, pair_index: Tensor) -> Tensor:
+    """Dot products of the pairs of ``vectors`` ``(B, V, d)`` at ``pair_index`` (flat positions ``i * V + j``) of
+    their ``(V, V)`` products: ``(B, pairs)``. The same values as ``bmm(x, x^T)`` indexed; its backward is one
+    batched matmul, ``(G + G^T) x``, where autograd's takes two."""
+    return _PairwiseDots.apply(vectors, pair_index)
+
+
+class _PairwiseDots(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, vectors: Tensor, pair_index: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(vectors, pair_index)
+        products = torch.bmm(vectors, vectors.transpose(1, 2))
+        return products.flatten(1).index_select(1, pair_index)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        vectors, pair_index = ctx.saved_tensors
+        count = vectors.shape[1]
+        products_grad = grad.new_zeros(grad.shape[0], count * count).index_copy_(1, pair_index, grad)
+        products_grad = products_grad.view(-1, count, count)
+        # d(x x^T) = G x + G^T x
+        return torch.bmm(products_grad + products_grad.transpose(1, 2), vectors), None

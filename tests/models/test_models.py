@@ -81,3 +81,14 @@ def test_models_learn_a_planted_rule(model_class):
         loss.backward()
         optimizer.step()
     assert float(loss.detach()) < 0.1
+
+
+def test_pairwise_dots_equal_bmm_and_its_gradient():
+    """DLRM's interaction: the pairs of bmm(x, x^T) exactly, and a gradient that passes gradcheck."""
+    from compemb.models.dlrm import pairwise_dots
+
+    x = torch.randn(3, 6, 4, dtype=torch.float64, requires_grad=True, generator=torch.Generator().manual_seed(0))
+    rows, columns = torch.triu_indices(6, 6, offset=1)
+    index = rows * 6 + columns
+    assert torch.equal(pairwise_dots(x, index), torch.bmm(x, x.transpose(1, 2))[:, rows, columns])
+    assert torch.autograd.gradcheck(lambda v: pairwise_dots(v, index), (x,))
