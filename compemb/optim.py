@@ -33,6 +33,16 @@ from torch import Tensor
 ROW_STEPS = "row_steps"  # per-row update counts of a parameter with sparse gradients
 
 
+def unique_rows(grad: Tensor) -> tuple[Tensor, Tensor]:
+    """The rows a sparse 2-D gradient names, ascending, and each one's summed gradient (``coalesce()``'s result,
+    several times faster on CPU: the sort runs on int32 row numbers where they fit)."""
+    indices, values = grad._indices()[0], grad._values()
+    narrow = indices.int() if grad.shape[0] < 2**31 else indices
+    rows, inverse = torch.unique(narrow, return_inverse=True)
+    summed = values.new_zeros(rows.numel(), *values.shape[1:]).index_add_(0, inverse, values)
+    return rows.long(), summed
+
+
 class RowAdam(torch.optim.Optimizer):
     """Adam with row-wise lazy updates for parameters whose gradients are sparse; see the module docstring.
 
@@ -140,8 +150,7 @@ class RowAdam(torch.optim.Optimizer):
               eps: float) -> None:
         if ROW_STEPS not in state:
             state[ROW_STEPS] = torch.zeros(param.shape[0], dtype=torch.float32, device=param.device)
-        grad = grad.coalesce()  # a row named twice: its gradients summed
-        rows, values = grad.indices()[0], grad.values()
+        rows, values = unique_rows(grad)
         if rows.numel() == 0:
             return
         steps = state[ROW_STEPS][rows] + 1

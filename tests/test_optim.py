@@ -77,3 +77,16 @@ def test_a_row_first_seen_late_or_reset_takes_a_first_step_of_lr():
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="lr > 0"):
         RowAdam([torch.nn.Parameter(torch.ones(2))], lr=0)
+
+
+def test_unique_rows_equals_coalesce():
+    from compemb.optim import unique_rows
+
+    generator = torch.Generator().manual_seed(0)
+    indices = torch.randint(0, 50, (1, 400), generator=generator)  # many repeats
+    values = torch.randn(400, 3, generator=generator)
+    grad = torch.sparse_coo_tensor(indices, values, (50, 3))
+    rows, summed = unique_rows(grad)
+    expected = grad.coalesce()
+    assert torch.equal(rows, expected.indices()[0])
+    torch.testing.assert_close(summed, expected.values())
