@@ -155,7 +155,7 @@ def _train_config(args: argparse.Namespace, out: str, compression: float | None 
         optimizer=args.optimizer, lr=args.lr, batch_size=args.batch_size, epochs=args.epochs,
         eval_every=args.eval_every, evals_per_epoch=args.evals_per_epoch, seed=args.seed, init=args.init,
         sharing=args.sharing, shuffle=args.shuffle, method_options=options, checkpoint_every=args.checkpoint_every,
-        checkpoint_minutes=args.checkpoint_minutes,
+        checkpoint_minutes=args.checkpoint_minutes, compile=args.compile,
     )
 
 
@@ -236,6 +236,8 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also a checkpoint every N steps (0: at evaluations, epoch ends and by time)")
     parser.add_argument("--checkpoint-minutes", type=float, default=5.0, metavar="M",
                         help="also a checkpoint when M minutes passed since the last (0: never by time)")
+    parser.add_argument("--compile", action="store_true",
+                        help="train through torch.compile (MLPs and interaction compiled; needs a C++ compiler)")
 
 
 def _add_cluster_every(parser: argparse.ArgumentParser) -> None:

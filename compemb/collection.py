@@ -218,6 +218,9 @@ class EmbeddingCollection(torch.nn.Module):
             )
         self.embeddings = torch.nn.ModuleDict({features[i].name: tables[i] for i in range(len(features))})
 
+    # torch.compile compiles the model around the lookups and runs them as they are: their id checks, packed-weight
+    # checks, compiled kernels and sparse gradients are not traceable, and graph breaks inside would cost more
+    @torch.compiler.disable
     def forward(self, ids: Tensor) -> Tensor:
         """Vectors of one id per feature: ``(batch, num_features)`` -> ``(batch, num_features, dim)``."""
         if ids.dim() != 2 or ids.shape[1] != len(self.features):

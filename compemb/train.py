@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +85,9 @@ class TrainConfig:
     checkpoint_every: int = 0  # > 0: also a checkpoint every this many steps (checkpoints change no result)
     checkpoint_minutes: float = 5.0  # > 0: also a checkpoint when this much time has passed since the last one
     checkpoint_epochs: bool = True  # also a checkpoint at the end of every epoch (speed benchmarks turn it off)
+    # train through torch.compile(model): the MLPs and interaction compiled, the lookups run as they are (see
+    # EmbeddingCollection.forward); floats may round differently from eager, so it is part of the config
+    compile: bool = False
 
     def __post_init__(self) -> None:
         positive = {"embedding_dim": self.embedding_dim, "batch_size": self.batch_size, "epochs": self.epochs,
@@ -112,6 +115,12 @@ class TrainConfig:
         if self.evals_per_epoch < 0 or self.eval_every < 0:
             raise ValueError("eval_every and evals_per_epoch must be >= 0")
         self.bottom, self.top = tuple(self.bottom), tuple(self.top)
+
+
+def with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """A config as a run saved it (JSON), with any setting added since at its default: what that run used."""
+    defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+    return {**json.loads(json.dumps(defaults)), **saved}
 
 
 class Trainer:
@@ -145,6 +154,8 @@ class Trainer:
         self.model = build_model(config, self.manifest["cardinalities"], self.splits["train"].dense.shape[1],
                                  frequencies)
         self.optimizer = _make_optimizer(config.optimizer, self.model, config.lr)
+        # the compiled module shares the model's parameters; checkpoints save the model itself (no _orig_mod keys)
+        self.train_model = torch.compile(self.model) if config.compile else self.model
         self.step = 0
         self.best: dict[str, Any] | None = None
         self.steps_per_epoch = math.ceil(len(self.splits["train"]) / config.batch_size)
@@ -181,7 +192,7 @@ class Trainer:
             while self.step < stop:
                 # batch -> forward/backward -> step -> methods' own hooks -> log -> evaluate/checkpoint
                 dense, sparse, labels = self._train_batch(self.step)
-                loss = torch.nn.functional.binary_cross_entropy_with_logits(self.model(dense, sparse), labels)
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(self.train_model(dense, sparse), labels)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
@@ -217,7 +228,7 @@ class Trainer:
 
     def _check_config(self, stem: Path, allow_changes: tuple[str, ...]) -> None:
         """CheckpointError naming every setting of this run that differs from the checkpoint's (and may not)."""
-        saved = _read_meta(stem)["config"]
+        saved = with_defaults(_read_meta(stem)["config"])
         now = json.loads(json.dumps(asdict(self.config)))
         differ = [name for name in now if name not in RESULT_NEUTRAL and name not in allow_changes
                   and saved.get(name) != now[name]]

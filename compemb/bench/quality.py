@@ -27,7 +27,7 @@ from compemb.budget import full_table_bytes
 from compemb.io import atomic_write_bytes, atomic_write_text
 from compemb.quantize import SCHEMES, quantize
 from compemb.registry import METHODS, parse_method_spec
-from compemb.train import RESULT_NEUTRAL, TrainConfig, Trainer
+from compemb.train import RESULT_NEUTRAL, TrainConfig, Trainer, with_defaults
 
 COLUMNS = ("method", "ratio_asked", "ratio_reached", "params", "seed", "val_bce", "test_bce", "test_auc",
            "bayes_bce", "gap_to_bayes", "samples_per_s", "note")
@@ -93,7 +93,7 @@ _PER_RUN = ("method", "compression", "seed", "out", "method_options")
 
 def _same_settings(saved: dict[str, Any], config: TrainConfig) -> bool:
     """Whether a finished run's saved config is ``config`` in everything that changes a result."""
-    now = json.loads(json.dumps(asdict(config)))
+    now, saved = json.loads(json.dumps(asdict(config))), with_defaults(saved)
     return all(saved.get(k) == v for k, v in now.items() if k not in RESULT_NEUTRAL) and \
         all(k in now for k in saved)
 
@@ -108,7 +108,7 @@ def collect_rows(base: TrainConfig, out: Path, first: Sequence[str] = ()) -> lis
     rows = []
     for result in sorted((out / "runs").glob("*/result.json")):
         saved = json.loads(result.read_text())
-        config = saved.pop("config", {})
+        config = with_defaults(saved.pop("config", {}))
         if {k: v for k, v in config.items() if k not in _PER_RUN and k not in RESULT_NEUTRAL} == shared:
             rows.append(SweepRow(**saved))
     order = {method: index for index, method in enumerate(first)}

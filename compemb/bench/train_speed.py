@@ -4,6 +4,9 @@ Every method gets a Trainer on the same data and settings; they take turns (ABBA
 ``steps`` steps from where they left off, and each method's block time is divided by the baseline's block
 beside it. The median of those ratios is reported (a ratio below 1 is slower than the baseline: samples/s of
 the method / samples/s of the baseline), so load from elsewhere on the shared machine cancels out.
+
+``NAME+compile`` trains NAME through ``torch.compile`` (``TrainConfig.compile``): beside NAME it shows whether
+compiling helps; its row's warm-up seconds include the compilation.
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ class SpeedRow:
     samples_per_s: float
     ratio: float  # samples/s of the method / samples/s of the baseline, median over rounds
     target: float | None
+    warmup_s: float = 0.0  # the first 3 steps (optimizer state, compiled kernels, torch.compile)
+
+COMPILED = "+compile"
 
 
 def measure_training_speed(
@@ -40,14 +46,18 @@ def measure_training_speed(
     """Train every method and the baseline in alternation; return the baseline row first, then each method's."""
     os.environ.setdefault("TQDM_DISABLE", "1")
     names = [baseline, *[m for m in methods if m != baseline]]
-    trainers = {
-        name: Trainer(dataclasses.replace(base, method=name, out=f"{base.out}/{name}", epochs=10**6,
-                                          compression=base.compression if get_method(name).compresses else None,
-                                          checkpoint_minutes=0, checkpoint_epochs=False))  # timing steps only
-        for name in names
-    }
-    for trainer in trainers.values():  # warm up: first steps allocate optimizer state and compile kernels
+    trainers = {}
+    for name in names:
+        method = name.removesuffix(COMPILED)
+        trainers[name] = Trainer(dataclasses.replace(
+            base, method=method, out=f"{base.out}/{name}", epochs=10**6, compile=name.endswith(COMPILED),
+            compression=base.compression if get_method(method).compresses else None,
+            checkpoint_minutes=0, checkpoint_epochs=False))  # timing steps only
+    warmup: dict[str, float] = {}
+    for name, trainer in trainers.items():  # warm up: first steps allocate optimizer state and compile kernels
+        started = time.perf_counter()
         trainer.fit(stop_at=trainer.step + 3)
+        warmup[name] = time.perf_counter() - started
     seconds: dict[str, list[float]] = {name: [] for name in names}
     for round_index in range(rounds):
         order = names if round_index % 2 == 0 else names[::-1]
@@ -61,16 +71,18 @@ def measure_training_speed(
     for name in names:
         ratios = [b / m for b, m in zip(seconds[baseline], seconds[name])]
         rows.append(SpeedRow(name, samples / statistics.median(seconds[name]), statistics.median(ratios),
-                             (targets or {}).get(name)))
+                             (targets or {}).get(name), warmup[name]))
     return rows
 
 
 def speed_table(rows: list[SpeedRow], baseline: str) -> str:
     """The rows as a markdown table."""
-    lines = [f"| method | samples/s | x {baseline} | target |", "|---|---:|---:|---:|"]
+    lines = [f"| method | samples/s | x {baseline} | target | met | first 3 steps (s) |", "|---|---:|---:|---:|---|---:|"]
     for row in rows:
         target = f">= {row.target:g}" if row.target else ""
-        lines.append(f"| {row.method} | {row.samples_per_s:,.0f} | {row.ratio:.2f} | {target} |")
+        met = "" if not row.target else ("yes" if row.ratio >= row.target else "NO")
+        lines.append(f"| {row.method} | {row.samples_per_s:,.0f} | {row.ratio:.2f} | {target} | {met} | "
+                     f"{row.warmup_s:.1f} |")
     return "\n".join(lines)
 
 
