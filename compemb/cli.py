@@ -250,7 +250,7 @@ def cmd_preprocess_criteo(args: argparse.Namespace) -> int:
     from compemb.data.criteo import preprocess_criteo
 
     facts = preprocess_criteo(args.source, args.out, min_count=args.min_count, hash_mod=args.hash_mod,
-                              strict=args.strict, unlabeled=args.unlabeled)
+                              strict=args.strict, unlabeled=args.unlabeled, processes=args.processes)
     _print_preprocessed(facts, args.out)
     return 0
 
@@ -348,7 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     criteo.add_argument("--out", required=True, help="output directory")
     criteo.add_argument("--min-count", type=int, default=3, help="rarer values share one id per feature")
     criteo.add_argument("--hash-mod", type=int, default=None, help="ids = value mod M instead of categorifying")
-    criteo.add_argument("--strict", action="store_true", help="stop at the first bad row")
+    criteo.add_argument("--strict", action="store_true", help="stop at the first bad row (reads in one process)")
+    criteo.add_argument("--processes", type=int, default=None,
+                        help="worker processes for both passes (default: the cores, at most 8)")
     criteo.set_defaults(run=cmd_preprocess_criteo)
 
     avazu = sources.add_parser("avazu", help="Avazu CSV with its header")

@@ -18,6 +18,7 @@ in chunks (never whole in memory), plain or gzip.
 from __future__ import annotations
 
 import gzip
+import multiprocessing
 import os
 import re
 from collections import Counter
@@ -206,19 +207,29 @@ class Block:
 
 
 def read_rows(
-    path: str | os.PathLike, has_label: bool, rejections: Rejections, strict: bool, block_bytes: int = 1 << 25
+    path: str | os.PathLike, has_label: bool, rejections: Rejections, strict: bool, block_bytes: int = 1 << 25,
+    start: int = 0, end: int | None = None,
 ) -> Iterator[Block]:
     """Stream a Criteo TSV file (plain or gzip) in blocks of about ``block_bytes``; parse each with compiled code.
 
     Bad rows go to ``rejections`` (or raise with their line number when ``strict``). An empty or truncated
-    (gzip) input raises ValueError.
+    (gzip) input raises ValueError. ``start``/``end`` (plain files): only the lines whose first byte lies in
+    ``[start, end)``, numbered from 1 at the first of them, so byte ranges that tile a file read each line once.
     """
     path = Path(path)
     carry, line_number, read_any = b"", 0, False
     with _open_binary(path) as file:
+        if start > 0:  # the line holding byte start - 1 belongs to the range before
+            file.seek(start - 1)
+            file.readline()
+        position = file.tell()
         while True:
             try:
-                data = file.read(block_bytes)
+                size = block_bytes if end is None else min(block_bytes, end - position)
+                data = file.read(size) if size > 0 else b""
+                position += len(data)
+                if end is not None and data and position >= end and not data.endswith(b"\n"):
+                    data += file.readline()  # the range's last line runs past its end: it is still this range's
             except EOFError:
                 raise ValueError(f"{path} is truncated: the gzip stream ends after line {line_number}") from None
             if not data:  # end of file: a last line without its newline still counts
@@ -233,7 +244,7 @@ def read_rows(
                 block = _parse_block(path, data, has_label, line_number, rejections, strict)
                 line_number += len(block.status)
                 yield block
-    if not read_any:
+    if not read_any and start == 0:
         raise ValueError(f"{path} is empty")
 
 
@@ -284,6 +295,13 @@ class ValueCounts:
         self._pending.append((values, counts))
         self._pending_size += len(values)
         if self._pending_size > max(len(self.values), 1 << 20):  # merge rarely: amortised O(n log n)
+            self._merge()
+
+    def add_counted(self, values: np.ndarray, counts: np.ndarray) -> None:
+        """Add distinct values already counted elsewhere (another process's :meth:`result`)."""
+        self._pending.append((values, counts))
+        self._pending_size += len(values)
+        if self._pending_size > max(len(self.values), 1 << 20):
             self._merge()
 
     def _merge(self) -> None:
@@ -353,6 +371,110 @@ def terabyte_split_rows(day_rows: list[int]) -> dict[str, int]:
     return {"train": sum(day_rows[:-1]), "test": last // 2, "val": last - last // 2}
 
 
+PIECE_BYTES = 64 << 20  # a plain file is read by several processes in ranges of about this size
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A range of one input file that one process reads: the lines whose first byte is in ``[start, end)``."""
+
+    path: Path
+    has_label: bool
+    start: int = 0
+    end: int | None = None  # None: to the end (gzip files are one piece: they cannot be entered midway)
+
+
+def split_pieces(path: Path, has_label: bool, piece_bytes: int) -> list[Piece]:
+    """A plain file in ranges of about ``piece_bytes``; a gzip (or empty) file whole."""
+    size = path.stat().st_size
+    with open(path, "rb") as probe:
+        gzipped = probe.read(2) == b"\x1f\x8b"
+    count = 1 if gzipped or size == 0 else max(1, -(-size // piece_bytes))
+    if count == 1:
+        return [Piece(path, has_label)]
+    bounds = [size * k // count for k in range(count + 1)]
+    return [Piece(path, has_label, bounds[k], bounds[k + 1]) for k in range(count)]
+
+
+@dataclass
+class PieceCount:
+    """What the count pass learned from one piece: its lines, good rows, rejections and (to categorify) values."""
+
+    lines: int
+    kept: int
+    rejections: Rejections
+    values: list[tuple[np.ndarray, np.ndarray]]  # per feature: distinct values and their counts
+
+
+def _count_piece(piece: Piece, count_values: bool, strict: bool) -> PieceCount:
+    rejections, counts = Rejections(), [ValueCounts() for _ in range(NUM_SPARSE)]
+    lines = kept = 0
+    for block in read_rows(piece.path, piece.has_label, rejections, strict, start=piece.start, end=piece.end):
+        lines += len(block.status)
+        kept += len(block.labels)
+        if count_values:
+            for column in range(NUM_SPARSE):
+                counts[column].add(block.sparse[:, column])
+    return PieceCount(lines, kept, rejections, [c.result() for c in counts] if count_values else [])
+
+
+# the write pass's shared settings, set before the worker processes fork (they inherit it: no pickling of the
+# vocabulary, which is large for Terabyte)
+_WRITE: dict = {}
+
+
+def _write_piece(piece: Piece, split_starts: dict[str, int], position: int) -> int:
+    """Transform one piece's good rows and write them at row ``position`` of the splits (in their order)."""
+    categorify, hash_mod, directory, rows = _WRITE["categorify"], _WRITE["hash_mod"], _WRITE["directory"], _WRITE["rows"]
+    arrays: dict[str, dict[str, np.ndarray]] = {}
+    written = 0
+    for block in read_rows(piece.path, piece.has_label, Rejections(), strict=False, start=piece.start, end=piece.end):
+        raw = block.sparse
+        ids = categorify(raw) if hash_mod is None else np.where(raw == MISSING, hash_mod, raw % hash_mod)
+        dense, labels = transform_dense(block.dense), block.labels if piece.has_label else None
+        if ids.size and (ids.min() < 0 or (ids >= _WRITE["cardinalities"]).any()):
+            raise ValueError(f"{piece.path}: an id is outside its feature's cardinality {_WRITE['cardinalities']}")
+        done = 0
+        for split, first in split_starts.items():  # the block's rows that fall in each split
+            low, high = max(position, first), min(position + len(ids), first + rows[split])
+            if low >= high:
+                continue
+            if split not in arrays:
+                arrays[split] = {name: np.load(directory / split / f"{name}.npy", mmap_mode="r+")
+                                 for name in ("dense", "sparse", "labels") if (directory / split / f"{name}.npy").exists()}
+            part, at = slice(low - position, high - position), slice(low - first, high - first)
+            arrays[split]["dense"][at] = dense[part]
+            arrays[split]["sparse"][at] = ids[part]
+            if labels is not None:
+                arrays[split]["labels"][at] = labels[part]
+            done += high - low
+        if done != len(ids):
+            raise ValueError(f"{piece.path}: {len(ids) - done} rows fall outside the splits {rows}")
+        position += len(ids)
+        written += len(ids)
+    for split_arrays in arrays.values():
+        for array in split_arrays.values():
+            array.flush()
+    return written
+
+
+def _run(function, tasks: list[tuple], processes: int, bar: tqdm, advance) -> list:
+    """``function(*task)`` for every task, in ``processes`` forked processes (here when 1); results in task order."""
+    if processes <= 1 or len(tasks) <= 1:
+        results = []
+        for task in tasks:
+            results.append(function(*task))
+            bar.update(advance(results[-1]))
+        return results
+    with multiprocessing.get_context("fork").Pool(min(processes, len(tasks))) as pool:
+        pending = [pool.apply_async(function, task) for task in tasks]
+        results = []
+        for job in pending:  # in order: the first error is the earliest piece's
+            results.append(job.get())
+            bar.update(advance(results[-1]))
+        return results
+
+
 def preprocess_criteo(
     source: str | os.PathLike | Sequence[str | os.PathLike],
     out: str | os.PathLike,
@@ -361,6 +483,8 @@ def preprocess_criteo(
     strict: bool = False,
     unlabeled: str | os.PathLike | None = None,
     progress: bool = True,
+    processes: int | None = None,
+    piece_bytes: int = PIECE_BYTES,
 ) -> dict:
     """Preprocess Criteo TSV into ``out``; return the manifest facts.
 
@@ -370,32 +494,57 @@ def preprocess_criteo(
             several files as Terabyte (all but the last day train, the last day halved into test then val).
         min_count: values seen fewer times (over every input, as DLRM counts) share the rare id.
         hash_mod: take values mod this instead of categorifying (missing gets id ``hash_mod``).
-        strict: stop at the first bad row, naming its file and line.
+        strict: stop at the first bad row, naming its file and line (read in one process, in order).
         unlabeled: Kaggle's ``test.txt`` (no label column): written as the split ``unlabeled`` with no labels,
             its ids mapped with the vocabulary of ``source`` (its values are not counted).
+        processes: worker processes for both passes (default: the machine's cores, at most 8). Plain files are
+            read in byte ranges of about ``piece_bytes``, gzip files one per process; the count pass merges the
+            processes' sorted counts, the write pass writes each range's rows at their place. The result is the
+            same for any number of processes.
     """
     if hash_mod is not None and hash_mod < 1:
         raise ValueError(f"hash_mod must be >= 1, got {hash_mod}")
     sources = [Path(source)] if isinstance(source, (str, os.PathLike)) else [Path(s) for s in source]
     if not sources:
         raise ValueError("no input files")
+    processes = min(os.cpu_count() or 1, 8) if processes is None else processes
+    if processes < 1:
+        raise ValueError(f"processes must be >= 1, got {processes}")
+    if strict:  # the first bad row by file order and its line number need one reader in order
+        processes = 1
     inputs = [(path, True) for path in sources] + ([(Path(unlabeled), False)] if unlabeled is not None else [])
+    for path, _ in inputs:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file")
+    pieces = [piece for path, has_label in inputs
+              for piece in split_pieces(path, has_label, piece_bytes if processes > 1 else 1 << 62)]
     # pass 1: validate, count rows and (to categorify) every feature's values
+    bar = tqdm(desc="count", unit="rows", unit_scale=True, disable=not progress)
+    counted: list[PieceCount] = _run(
+        _count_piece, [(piece, hash_mod is None and piece.has_label, strict) for piece in pieces], processes, bar,
+        lambda result: result.lines)
+    bar.close()
     rejections = {path: Rejections() for path, _ in inputs}
     kept = {path: 0 for path, _ in inputs}
+    lines_before = {path: 0 for path, _ in inputs}
     counts = [ValueCounts() for _ in range(NUM_SPARSE)]
-    bar = tqdm(desc="count", unit="rows", unit_scale=True, disable=not progress)
-    for path, has_label in inputs:
-        for block in read_rows(path, has_label, rejections[path], strict):
-            kept[path] += len(block.labels)
-            if hash_mod is None and has_label:
-                for column in range(NUM_SPARSE):
-                    counts[column].add(block.sparse[:, column])
-            bar.update(len(block.status))
+    for piece, result in zip(pieces, counted):  # in file order: line numbers continue from the pieces before
+        merged = rejections[piece.path]
+        for reason, count in result.rejections.counts.items():
+            merged.counts[reason] += count
+        for reason, numbers in result.rejections.lines.items():
+            first = merged.lines.setdefault(reason, [])
+            first.extend(lines_before[piece.path] + n for n in numbers[: KEPT_LINE_NUMBERS - len(first)])
+        lines_before[piece.path] += result.lines
+        kept[piece.path] += result.kept
+        for column, (values, value_counts) in enumerate(result.values):
+            counts[column].add_counted(values, value_counts)
+    for path, _ in inputs:
+        if lines_before[path] == 0:
+            raise ValueError(f"{path} is empty")
         if kept[path] == 0:
             raise ValueError(f"{path}: no good rows ({rejections[path].total} rejected: "
                              f"{dict(rejections[path].counts)})")
-    bar.close()
     if hash_mod is None:
         categorify = Categorifier(counts, min_count)
         cardinalities = categorify.cardinalities
@@ -405,16 +554,25 @@ def preprocess_criteo(
     rows = kaggle_split_rows(labeled_rows[0]) if len(sources) == 1 else terabyte_split_rows(labeled_rows)
     if unlabeled is not None:
         rows["unlabeled"] = kept[Path(unlabeled)]
-    # pass 2: transform and write in file order (the splits fill one after another)
+    # pass 2: transform and write; each piece's rows go where file order puts them (the splits fill in order)
     with DatasetWriter(out, rows, NUM_DENSE, cardinalities, unlabeled=("unlabeled",) if unlabeled else ()) as writer:
+        labeled_starts, start = {}, 0
+        for split in (name for name in rows if name != "unlabeled"):
+            labeled_starts[split], start = start, start + rows[split]
+        tasks, position = [], {True: 0, False: 0}
+        for piece, result in zip(pieces, counted):
+            tasks.append((piece, labeled_starts if piece.has_label else {"unlabeled": 0}, position[piece.has_label]))
+            position[piece.has_label] += result.kept
+        _WRITE.update(categorify=categorify if hash_mod is None else None, hash_mod=hash_mod,
+                      directory=writer.temporary, rows=rows, cardinalities=np.array(cardinalities))
         bar = tqdm(total=sum(rows.values()), desc="write", unit="rows", unit_scale=True, disable=not progress)
-        for path, has_label in inputs:
-            for block in read_rows(path, has_label, Rejections(), strict=False):
-                raw = block.sparse
-                ids = categorify(raw) if hash_mod is None else np.where(raw == MISSING, hash_mod, raw % hash_mod)
-                writer.append(transform_dense(block.dense), ids, block.labels if has_label else None)
-                bar.update(len(block.labels))
+        try:
+            _run(_write_piece, tasks, processes, bar, lambda written: written)
+        finally:
+            _WRITE.clear()
         bar.close()
+        for split, count in rows.items():
+            writer.mark_written(split, count)
         total = Rejections()
         for rejected in rejections.values():
             total.counts.update(rejected.counts)

@@ -102,6 +102,15 @@ class DatasetWriter:
             arrays["labels"][start : start + count] = labels
         self.filled[split] = start + count
 
+    def mark_written(self, split: str, count: int) -> None:
+        """Record that ``count`` rows of ``split`` were written into its arrays (``temporary/split/*.npy``) by other
+        processes (parallel preprocessing), so :meth:`close` accepts the split as filled."""
+        if not 0 <= count <= self.rows[split]:
+            raise ValueError(f"split {split!r} holds {self.rows[split]} rows, not {count}")
+        for array in self.arrays[split].values():  # the other processes' writes reach the files through this map too
+            array.flush()
+        self.filled[split] = count
+
     def append(self, dense: np.ndarray, sparse: np.ndarray, labels: np.ndarray | None) -> None:
         """Append rows in file order: they fill the splits one after another, in the order ``rows`` lists them."""
         done = 0

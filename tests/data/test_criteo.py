@@ -188,3 +188,49 @@ def test_kaggle_test_txt_has_no_labels_and_uses_the_training_vocabulary(tmp_path
     assert ids[0].tolist() == splits["train"].sparse[0].tolist() and ids[3, 0] == 1  # unseen -> the rare id
     with pytest.raises(ValueError, match="columns"):  # a labelled file given as test.txt
         preprocess_criteo(train, tmp_path / "bad", unlabeled=train, strict=True, progress=False)
+
+
+def _mixed_rows(count, seed):
+    """Good rows of varied values and lengths with a bad row of every kind among them."""
+    generator = np.random.default_rng(seed)
+    lines = []
+    for index in range(count):
+        if index % 97 == 13:
+            lines.append(list(BAD_ROWS.values())[index % len(BAD_ROWS)])
+            continue
+        dense = [str(v) if v >= 0 else "" for v in generator.integers(-1, 50, 13)]
+        sparse = [format(int(v), "x") if v % 7 else "" for v in generator.integers(0, 300, 26)]
+        lines.append(f"{index % 2}\t" + "\t".join(dense) + "\t" + "\t".join(sparse) + "\n")
+    return "".join(lines)
+
+
+def test_byte_ranges_tile_a_file_and_read_every_line_once(tmp_path):
+    path = _write(tmp_path / "train.txt", _mixed_rows(300, 0))
+    size = path.stat().st_size
+    whole = np.concatenate([b.sparse for b in read_rows(path, True, Rejections(), False)])
+    for bounds in ([0, 1, size], [0, 500, 501, 9000, size], list(range(0, size, 777)) + [size]):
+        parts = [b.sparse for start, end in zip(bounds, bounds[1:])
+                 for b in read_rows(path, True, Rejections(), False, start=start, end=end)]
+        assert np.array_equal(np.concatenate(parts), whole), bounds
+
+
+@pytest.mark.parametrize("hash_mod", [None, 50])
+def test_parallel_preprocessing_equals_one_process(tmp_path, hash_mod):
+    """Many small ranges over 2 processes, plain and gzip days, an unlabeled file: the same data set, rejections
+    and line numbers as one process reading in order."""
+    days = [_write(tmp_path / "day_0", _mixed_rows(700, 1)), _write(tmp_path / "day_1.gz", _mixed_rows(400, 2), True),
+            _write(tmp_path / "day_2", _mixed_rows(500, 3))]
+    unlabeled = _write(tmp_path / "test.txt", "".join(line.split("\t", 1)[1] for line in
+                                                      _mixed_rows(200, 4).splitlines(keepends=True) if "\t" in line))
+    results = {}
+    for processes in (1, 2):
+        out = tmp_path / f"out{processes}"
+        facts = preprocess_criteo(days, out, hash_mod=hash_mod, unlabeled=unlabeled, progress=False,
+                                  processes=processes, piece_bytes=4096)
+        results[processes] = (facts, *open_dataset(out))
+    (facts_1, manifest_1, splits_1), (facts_2, manifest_2, splits_2) = results[1], results[2]
+    assert facts_1["rejected"]["total"] > 0 and facts_1["rejected"] == facts_2["rejected"]
+    assert manifest_1 == manifest_2
+    for name, split in splits_1.items():
+        for array in ("dense", "sparse", "labels"):
+            assert np.array_equal(getattr(split, array), getattr(splits_2[name], array)), (name, array)
