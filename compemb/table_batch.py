@@ -161,6 +161,29 @@ def batch_groups(tables: Sequence[torch.nn.Module]) -> list[tuple[list[int], Tab
     return groups
 
 
+def hash_columns(ids: Tensor, hashes: Sequence[torch.nn.Module], buckets: Tensor) -> Tensor:
+    """Every table's hashes of its column of ids in one pass: ``ids`` ``(batch, tables)``, ``hashes[j]`` table j's
+    :class:`~compemb.hashing.UniversalHash` (k functions each), ``buckets`` ``(tables, 1)`` their ranges ->
+    ``(batch, tables, k)``, exactly ``hashes[j](ids[:, j])`` in column j (the coefficients are read afresh, so a
+    redrawn hash is seen)."""
+    coefficients = torch.stack([h.coefficients for h in hashes])  # (tables, k, 2)
+    mixed = ids.unsqueeze(-1) * coefficients[:, :, 0]
+    high = mixed.add_(coefficients[:, :, 1]).bitwise_right_shift_(32).bitwise_and_(0xFFFFFFFF)
+    return high.mul_(buckets).bitwise_right_shift_(32)
+
+
+def sign_columns(ids: Tensor, hashes: Sequence[torch.nn.Module], dtype: torch.dtype) -> Tensor:
+    """Every table's hashed signs of its column of ids, as ``hashes[j].signs(ids[:, j])``: ``(batch, tables, k)``."""
+    coefficients = torch.stack([h.coefficients for h in hashes])
+    mixed = ids.unsqueeze(-1) * coefficients[:, :, 0]
+    return mixed.add_(coefficients[:, :, 1]).bitwise_right_shift_(63).bitwise_or_(1).to(dtype)
+
+
+def column_sizes(values: Sequence[int], device: torch.device) -> Tensor:
+    """Per-table sizes as a ``(tables, 1)`` int64 tensor, to broadcast against ``(batch, tables, k)``."""
+    return torch.tensor(list(values), dtype=torch.int64, device=device).view(-1, 1)
+
+
 def check_id_ranges(tables: Sequence[torch.nn.Module], ids: Tensor, sizes: Tensor) -> None:
     """Raise the table's own ValueError when an id of column j is outside ``[0, sizes[j])`` (closed vocabularies:
     a wrapped or shifted id would silently read another table's rows)."""

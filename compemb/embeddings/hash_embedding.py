@@ -13,6 +13,7 @@ U(-sqrt(3/k), sqrt(3/k)) so the output starts with the spread of every other met
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,7 @@ from compemb.budget import FLOAT_BYTES, Budget, every_budget_from, resolve_budge
 from compemb.embeddings.base import CompressedEmbedding, init_uniform_
 from compemb.hashing import UniversalHash, coefficient_bytes
 from compemb.registry import register
+from compemb.table_batch import PackedWeights, column_sizes, hash_columns
 
 
 @register("hemb")
@@ -91,5 +93,33 @@ class HashEmbeddings(CompressedEmbedding):
             sparse=self.sparse,
         )
 
+    @classmethod
+    def table_batch(cls, tables: Sequence[CompressedEmbedding]) -> _HashEmbeddingsBatch | None:
+        """Tables of one ``num_hashes``: one gather of every importance weight and one of every component."""
+        if len({t.num_hashes for t in tables}) != 1:  # type: ignore[attr-defined]
+            return None
+        return _HashEmbeddingsBatch(tables)  # type: ignore[arg-type]
+
     def extra_repr(self) -> str:
         return super().extra_repr() + f", num_hashes={self.num_hashes}"
+
+
+class _HashEmbeddingsBatch:
+    """Hash embeddings of many features: vectorised hashes, two gathers (see :mod:`compemb.table_batch`)."""
+
+    def __init__(self, tables: Sequence[HashEmbeddings]) -> None:
+        self.tables = list(tables)
+        self.pools = PackedWeights(self.tables, "pool", sparse=tables[0].sparse)
+        self.importances = PackedWeights(self.tables, "importance", sparse=tables[0].sparse)
+        device = self.pools.row_offsets.device
+        self.pool_rows = column_sizes([t.pool.shape[0] for t in tables], device)
+        self.importance_rows = column_sizes([t.importance.shape[0] for t in tables], device)
+
+    def __call__(self, ids: Tensor) -> Tensor:
+        if self.pool_rows.device != ids.device:
+            self.pool_rows, self.importance_rows = self.pool_rows.to(ids.device), self.importance_rows.to(ids.device)
+        components = hash_columns(ids, [t.component_hash for t in self.tables], self.pool_rows)
+        places = hash_columns(ids, [t.importance_hash for t in self.tables], self.importance_rows)
+        weights = self.importances.gather(places.add_(self.importances.row_offsets.view(-1, 1))).squeeze(-2)
+        vectors = self.pools.gather(components.add_(self.pools.row_offsets.view(-1, 1)))  # (batch, tables, k, d)
+        return (vectors * weights.unsqueeze(-1)).sum(-2)

@@ -22,7 +22,7 @@ from compemb.budget import FLOAT_BYTES, every_budget_from, resolve_budget, rows_
 from compemb.embeddings.base import CompressedEmbedding, init_uniform_
 from compemb.hashing import UniversalHash, coefficient_bytes
 from compemb.registry import register
-from compemb.table_batch import PackedWeights
+from compemb.table_batch import PackedWeights, column_sizes, hash_columns
 
 
 class _HashedTable(CompressedEmbedding):
@@ -76,7 +76,7 @@ class _HashedTable(CompressedEmbedding):
 class _HashedTablesBatch:
     """One vectorised hash of every feature's ids and one gather (see :mod:`compemb.table_batch`).
 
-    Table j's hash i of id x is exactly its own lookup's: bucket ``((a*x + b) >> 32) * rows_j >> 32``; a
+    Table j's hash i of id x is exactly its own lookup's (:func:`~compemb.table_batch.hash_columns`); a
     compositional table's column i lies ``i * rows_j`` rows into its weight (``stacked_columns``).
     """
 
@@ -86,18 +86,14 @@ class _HashedTablesBatch:
         self.pack = PackedWeights(self.tables, "weight", sparse=tables[0].sparse)
         device = self.pack.row_offsets.device
         num_hashes = tables[0].hash.num_functions
-        self.rows = torch.tensor([t.rows for t in tables], device=device).view(-1, 1)
+        self.rows = column_sizes([t.rows for t in tables], device)
         column_starts = torch.arange(num_hashes, device=device) * self.rows if stacked_columns else 0
         self.starts = self.pack.row_offsets.view(-1, 1) + column_starts  # (tables, num_hashes)
 
     def __call__(self, ids: Tensor) -> Tensor:
         if self.rows.device != ids.device:
             self.rows, self.starts = self.rows.to(ids.device), self.starts.to(ids.device)
-        # (tables, num_hashes, 2): the hash coefficients are buffers, read afresh so a redraw is seen
-        coefficients = torch.stack([t.hash.coefficients for t in self.tables])
-        mixed = ids.unsqueeze(-1) * coefficients[:, :, 0]
-        buckets = mixed.add_(coefficients[:, :, 1]).bitwise_right_shift_(32).bitwise_and_(0xFFFFFFFF)
-        buckets = buckets.mul_(self.rows).bitwise_right_shift_(32).add_(self.starts)
+        buckets = hash_columns(ids, [t.hash for t in self.tables], self.rows).add_(self.starts)
         return self.combine(self.pack.gather(buckets))
 
 

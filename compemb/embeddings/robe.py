@@ -12,6 +12,8 @@ The array is stored as an ``(size, 1)`` parameter so that lookups are ordinary (
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -19,6 +21,7 @@ from compemb.budget import FLOAT_BYTES, every_budget_from, resolve_budget
 from compemb.embeddings.base import CompressedEmbedding, gather_scalars, init_uniform_
 from compemb.hashing import UniversalHash, coefficient_bytes
 from compemb.registry import register
+from compemb.table_batch import PackedWeights, column_sizes, hash_columns, sign_columns
 
 
 class _FlatArray(CompressedEmbedding):
@@ -57,8 +60,42 @@ class _FlatArray(CompressedEmbedding):
     def reset_tables(self) -> None:
         init_uniform_(self.weight, self.init_bound, self._generator())
 
+    @classmethod
+    def table_batch(cls, tables: Sequence[CompressedEmbedding]) -> _FlatArraysBatch | None:
+        """Flat arrays of one layout (chunks, signs): every feature's places hashed at once, one gather."""
+        if len({(t.hash.num_functions, t.signed, getattr(t, "chunk_size", 1)) for t in tables}) != 1:  # type: ignore[attr-defined]
+            return None
+        return _FlatArraysBatch(tables)  # type: ignore[arg-type]
+
     def extra_repr(self) -> str:
         return super().extra_repr() + f", size={self.size}" + ("" if self.signed else ", signed=False")
+
+
+class _FlatArraysBatch:
+    """ROBE or HashedNets arrays of many features (see :mod:`compemb.table_batch`): ROBE reads ``chunk_size``
+    consecutive values (circularly) from each hashed start, HashedNets one value per hash (``chunk_size`` 1)."""
+
+    def __init__(self, tables: Sequence[_FlatArray]) -> None:
+        self.tables = list(tables)
+        self.pack = PackedWeights(self.tables, "weight", sparse=tables[0].sparse)
+        self.chunk_size = getattr(tables[0], "chunk_size", 1)
+        self.signed = tables[0].signed
+        self.sizes = column_sizes([t.size for t in tables], self.pack.row_offsets.device)
+
+    def __call__(self, ids: Tensor) -> Tensor:
+        if self.sizes.device != ids.device:
+            self.sizes = self.sizes.to(ids.device)
+        batch, count = ids.shape
+        starts = hash_columns(ids, [t.hash for t in self.tables], self.sizes)  # (batch, tables, c)
+        if self.chunk_size > 1:  # each start reads chunk_size consecutive places, wrapping past the end
+            places = starts.unsqueeze(-1) + torch.arange(self.chunk_size, device=ids.device)
+            sizes = self.sizes.view(-1, 1, 1)
+            starts = torch.where(places >= sizes, places - sizes, places).view(batch, count, -1)
+        values = self.pack.gather(starts.add_(self.pack.row_offsets.view(-1, 1))).squeeze(-1)  # (batch, tables, d)
+        if self.signed:
+            signs = sign_columns(ids, [t.sign_hash for t in self.tables], values.dtype)  # (batch, tables, c)
+            values = (values.view(batch, count, signs.shape[-1], -1) * signs.unsqueeze(-1)).view(batch, count, -1)
+        return values
 
 
 @register("robe")
