@@ -58,3 +58,12 @@ def id_range(ids: Tensor) -> tuple[int, int]:
         return int(low), int(high)
     low, high = torch.stack(torch.aminmax(ids)).tolist()
     return low, high
+
+
+def assert_ids_in_range(ids: Tensor, sizes: Tensor | int, what: str) -> None:
+    """Where ids live on an accelerator: fail unless ``0 <= ids < sizes`` (``sizes`` broadcasts against ``ids``),
+    as a device-side assert, so the check queues with the lookup instead of making the host wait for it. The error
+    surfaces at the next synchronisation (on CPU at once) and names ``what``, not the id: finding the id would be
+    the wait the assert avoids."""
+    inside = ((ids >= 0) & (ids < sizes)).all()
+    torch._assert_async(inside, f"compemb: an id of {what} is outside its range [0, n)")

@@ -44,7 +44,7 @@ def cmd_bench_lookup(args: argparse.Namespace) -> int:
 
     result = run_lookup_benchmark(
         methods=args.methods, rounds=args.rounds, steps=args.steps, num_features=args.features,
-        num_embeddings=args.num_embeddings, seed=args.seed, compression=args.compression,
+        num_embeddings=args.num_embeddings, seed=args.seed, compression=args.compression, device=args.device,
     )
     print(result.table())
     if args.output:
@@ -155,7 +155,7 @@ def _train_config(args: argparse.Namespace, out: str, compression: float | None 
         optimizer=args.optimizer, lr=args.lr, batch_size=args.batch_size, epochs=args.epochs,
         eval_every=args.eval_every, evals_per_epoch=args.evals_per_epoch, seed=args.seed, init=args.init,
         sharing=args.sharing, shuffle=args.shuffle, method_options=options, checkpoint_every=args.checkpoint_every,
-        checkpoint_minutes=args.checkpoint_minutes, compile=args.compile,
+        checkpoint_minutes=args.checkpoint_minutes, compile=args.compile, device=args.device,
     )
 
 
@@ -236,6 +236,7 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also a checkpoint every N steps (0: at evaluations, epoch ends and by time)")
     parser.add_argument("--checkpoint-minutes", type=float, default=5.0, metavar="M",
                         help="also a checkpoint when M minutes passed since the last (0: never by time)")
+    parser.add_argument("--device", default="cpu", help="where to train: cpu, cuda, cuda:1 (default: cpu)")
     parser.add_argument("--compile", action="store_true",
                         help="train through torch.compile (MLPs and interaction compiled; needs a C++ compiler)")
 
@@ -411,6 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     lookup.add_argument("--num-embeddings", type=int, default=1_000_000, help="ids per table")
     lookup.add_argument("--compression", type=float, default=100, help="the ratio of every compressed method")
     lookup.add_argument("--seed", type=int, default=0, help="seeds the tables and the ids")
+    lookup.add_argument("--device", default="cpu", help="where the tables and ids are (cpu, cuda)")
     lookup.add_argument("--output", default=None, help="write OUTPUT.md and OUTPUT.json")
     lookup.set_defaults(run=cmd_bench_lookup)
     speed = benches.add_parser("train", help="DLRM training samples/s as a ratio to a baseline method")

@@ -40,6 +40,7 @@ from compemb.budget import (
     nearest_size,
     resolve_budget,
 )
+from compemb.checks import assert_ids_in_range
 from compemb.embeddings.base import CompressedEmbedding
 from compemb.registry import get_method, make_embedding
 from compemb.table_batch import TableBatch, batch_groups
@@ -229,8 +230,9 @@ class EmbeddingCollection(torch.nn.Module):
                 f"got {tuple(ids.shape)}"
             )
         if self.sharing == "shared":
-            bad = (ids < 0) | (ids >= self.cardinalities)
-            if bool(bad.any()):  # an id past its feature's range would read the next feature's rows silently
+            if ids.is_cuda:  # no host round trip per lookup: a device-side assert
+                assert_ids_in_range(ids, self.cardinalities, "the shared table's features")
+            elif bool((bad := (ids < 0) | (ids >= self.cardinalities)).any()):  # an id past its feature's range would read the next feature's rows silently
                 row, column = (int(v) for v in bad.nonzero()[0])
                 feature = self.features[column]
                 raise ValueError(f"feature {feature.name!r}: id {int(ids[row, column])} is outside "

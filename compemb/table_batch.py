@@ -21,6 +21,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from compemb.checks import assert_ids_in_range
+
 
 class TableBatch(Protocol):
     """Every feature's vectors from several tables of one method in one pass."""
@@ -187,6 +189,9 @@ def column_sizes(values: Sequence[int], device: torch.device) -> Tensor:
 def check_id_ranges(tables: Sequence[torch.nn.Module], ids: Tensor, sizes: Tensor) -> None:
     """Raise the table's own ValueError when an id of column j is outside ``[0, sizes[j])`` (closed vocabularies:
     a wrapped or shifted id would silently read another table's rows)."""
+    if ids.is_cuda:  # no host round trip per lookup: a device-side assert
+        assert_ids_in_range(ids, sizes, "a table batch of " + ", ".join(t._who() for t in tables))
+        return
     bad = (ids < 0) | (ids >= sizes)
     if bool(bad.any()):
         row, column = (int(v) for v in bad.nonzero()[0])

@@ -42,7 +42,7 @@ OPTIMIZERS = ("sgd", "adagrad", "adam", "adam_dense")  # adam: row-wise for tabl
 SCHEDULE_OPTIONS = ("cluster_every", "cluster_until")
 # what a resumed run may change from its checkpoint's config when asked to (``allow_changes``, ``--override``)
 OVERRIDABLE = ("data", "lr", "epochs", "eval_every", "evals_per_epoch", "eval_batch_size", "checkpoint_every",
-               "checkpoint_minutes", "checkpoint_epochs")
+               "checkpoint_minutes", "checkpoint_epochs", "device")
 # settings that change no result (where files go, how often checkpoints are written, the eval batching)
 RESULT_NEUTRAL = ("out", "eval_batch_size", "checkpoint_every", "checkpoint_minutes", "checkpoint_epochs")
 POSTFIX_EVERY = 25  # steps between updates of the progress bar's loss and samples/s
@@ -88,6 +88,7 @@ class TrainConfig:
     # train through torch.compile(model): the MLPs and interaction compiled, the lookups run as they are (see
     # EmbeddingCollection.forward); floats may round differently from eager, so it is part of the config
     compile: bool = False
+    device: str = "cpu"  # where the model trains ("cuda", "cuda:1"): batches are copied there from pinned memory
 
     def __post_init__(self) -> None:
         positive = {"embedding_dim": self.embedding_dim, "batch_size": self.batch_size, "epochs": self.epochs,
@@ -114,6 +115,12 @@ class TrainConfig:
             raise ValueError(f"sharing must be one of {SHARING}, got {self.sharing!r}")
         if self.evals_per_epoch < 0 or self.eval_every < 0:
             raise ValueError("eval_every and evals_per_epoch must be >= 0")
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device must name a torch device ('cpu', 'cuda', 'cuda:1'), got {self.device!r}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r}: this machine has no CUDA device")
         self.bottom, self.top = tuple(self.bottom), tuple(self.top)
 
 
@@ -151,8 +158,9 @@ class Trainer:
         if get_method(config.method).needs_frequencies:  # offline methods: ids counted in the train split
             counts = id_counts(self.splits["train"], self.manifest["cardinalities"])
             frequencies = {f"C{i + 1}": torch.from_numpy(c) for i, c in enumerate(counts)}
+        self.device = torch.device(config.device)
         self.model = build_model(config, self.manifest["cardinalities"], self.splits["train"].dense.shape[1],
-                                 frequencies)
+                                 frequencies).to(self.device)
         self.optimizer = _make_optimizer(config.optimizer, self.model, config.lr)
         # the compiled module shares the model's parameters; checkpoints save the model itself (no _orig_mod keys)
         self.train_model = torch.compile(self.model) if config.compile else self.model
@@ -163,7 +171,8 @@ class Trainer:
         self.eval_every = max(1, self.steps_per_epoch // config.evals_per_epoch) if config.evals_per_epoch else \
             config.eval_every
         self._order: tuple[int, np.ndarray] | None = None  # (epoch, its row permutation) when shuffling
-        self.running_loss = 0.0
+        # the loss's moving average stays on the device: reading a CUDA loss every step would wait for the step
+        self._running_loss = torch.zeros((), dtype=torch.float64, device=self.device)
         self._last_checkpoint = (0, time.monotonic())  # (step, when) of the last checkpoint written or loaded
         if resume:
             stem = find_checkpoint(self.out, resume_from)
@@ -191,7 +200,7 @@ class Trainer:
             started, samples = time.perf_counter(), 0
             while self.step < stop:
                 # batch -> forward/backward -> step -> methods' own hooks -> log -> evaluate/checkpoint
-                dense, sparse, labels = self._train_batch(self.step)
+                dense, sparse, labels = self._to_device(self._train_batch(self.step))
                 loss = torch.nn.functional.binary_cross_entropy_with_logits(self.train_model(dense, sparse), labels)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -200,8 +209,10 @@ class Trainer:
                     module.on_step_end(self.step, self.optimizer)
                 self.step += 1
                 samples += len(labels)
-                loss_value = float(loss.detach())
-                self.running_loss = 0.98 * self.running_loss + 0.02 * loss_value if self.step > 1 else loss_value
+                if self.step > 1:
+                    self._running_loss.mul_(0.98).add_(loss.detach(), alpha=0.02)
+                else:
+                    self._running_loss.copy_(loss.detach())
                 if self.step % POSTFIX_EVERY == 0:  # formatting the postfix every step costs ~1% of a step
                     bar.set_postfix(loss=f"{self.running_loss:.4f}", refresh=False,
                                     samples_s=f"{samples / (time.perf_counter() - started):,.0f}")
@@ -256,6 +267,21 @@ class Trainer:
             self.load(best)
         return self.evaluate(split)
 
+    @property
+    def running_loss(self) -> float:
+        """The training loss's moving average (0.98 per step)."""
+        return float(self._running_loss)
+
+    @running_loss.setter
+    def running_loss(self, value: float) -> None:
+        self._running_loss.fill_(value)
+
+    def _to_device(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """A batch on the model's device; to CUDA from pinned memory, without waiting for the copy."""
+        if self.device.type == "cpu":
+            return batch
+        return tuple(t.pin_memory().to(self.device, non_blocking=True) for t in batch)
+
     @torch.no_grad()
     def evaluate(self, split: str) -> dict[str, Any]:
         """BCE and exact AUC of the model on ``split`` (and the gap to the Bayes BCE where it is known)."""
@@ -266,9 +292,9 @@ class Trainer:
             raise ValueError(f"split {split!r} of {self.config.data} has no labels to evaluate against")
         self.model.eval()
         logits = torch.cat([
-            self.model(*_batch(data, index, self.config.eval_batch_size)[:2])
+            self.model(*self._to_device(_batch(data, index, self.config.eval_batch_size)[:2]))
             for index in range(math.ceil(len(data) / self.config.eval_batch_size))
-        ])
+        ]).cpu()
         self.model.train()
         labels = torch.from_numpy(np.asarray(data.labels, dtype=np.float32))
         result = {"step": self.step, "split": split, "bce": bce(logits, labels), "auc": auc(logits, labels)}

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from compemb.cli import main
 from compemb.data.dataset import DatasetError, open_dataset
@@ -272,3 +273,11 @@ def test_a_full_disk_while_writing_a_data_set_leaves_the_old_one_and_says_so(tmp
     assert "No space left on device" in _one_line_error(capsys, code)
     assert {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert not list(tmp_path.glob(".data.partial*"))  # the half-made copy is removed
+
+
+def test_a_device_that_is_not_one_or_is_absent_is_one_line(data, tmp_path, capsys):
+    line = _one_line_error(capsys, main(_train_args(data, tmp_path / "r", "--device", "gpu0")))
+    assert "device" in line and "'gpu0'" in line
+    if not torch.cuda.is_available():
+        line = _one_line_error(capsys, main(_train_args(data, tmp_path / "r", "--device", "cuda")))
+        assert "no CUDA device" in line

@@ -1,5 +1,6 @@
 """The compiled input scan equals the tensor-op one and the plain definition."""
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -26,3 +27,13 @@ def test_id_range_of_any_shape_and_strides():
     ids = torch.tensor([[5, -3, 9], [2, 2**62, 0]])
     assert id_range(ids) == (-3, 2**62)
     assert id_range(ids[:, 1]) == (-3, 2**62)  # a strided column
+
+
+def test_the_device_side_range_assert_passes_good_ids_and_fails_bad_ones():
+    """The assert CUDA lookups use, run on CPU (where it fails at once)."""
+    from compemb.checks import assert_ids_in_range
+
+    assert_ids_in_range(torch.tensor([[0, 4], [2, 9]]), torch.tensor([3, 10]), "C1")
+    for bad in ([[3, 4]], [[0, 10]], [[-1, 0]]):
+        with pytest.raises(RuntimeError, match="compemb: an id of C1 is outside"):
+            assert_ids_in_range(torch.tensor(bad), torch.tensor([3, 10]), "C1")

@@ -66,7 +66,7 @@ class LookupResult:
             f"Forward+backward per step, {s['batch_size']:,} samples x {s['num_features']} features of "
             f"{s['num_embeddings']:,} ids, dim {s['embedding_dim']}, compression {s['compression']:g}; "
             f"median of per-step ratios over {s['rounds']} rounds of {s['steps']} alternating steps; torch {s['torch']}, "
-            f"{s['threads']} threads, {s['date']}.",
+            f"{s['threads']} threads, {s.get('device', 'cpu')}, {s['date']}.",
             "",
             f"Baseline (nn.EmbeddingBag, sparse=True, one per feature; {BASELINE_SETS} sets of tables in turn): "
             f"{self.baseline_milliseconds:.2f} ms/step. The control is one more such set: its distance from 1.00x "
@@ -84,9 +84,12 @@ class LookupResult:
         return "\n".join(lines)
 
 
-def _time_pairs(baseline: Callable[[], None], step: Callable[[], None], steps: int) -> list[tuple[float, float]]:
-    """``steps`` pairs of (baseline seconds, step seconds), each pair run back to back (ABBA order)."""
+def _time_pairs(baseline: Callable[[], None], step: Callable[[], None], steps: int,
+                sync: Callable[[], None] = lambda: None) -> list[tuple[float, float]]:
+    """``steps`` pairs of (baseline seconds, step seconds), each pair run back to back (ABBA order); ``sync`` waits
+    for a device's queued work (CUDA), so each time is the step's own."""
     baseline(), step()  # warm-up: first-call allocations stay out of the timing
+    sync()
     pairs = []
     for index in range(steps):
         order = ((0, baseline), (1, step)) if index % 2 == 0 else ((1, step), (0, baseline))  # no order bias
@@ -94,6 +97,7 @@ def _time_pairs(baseline: Callable[[], None], step: Callable[[], None], steps: i
         for which, run in order:
             start = time.perf_counter()
             run()
+            sync()
             spent[which] = time.perf_counter() - start
         pairs.append((spent[0], spent[1]))
     return pairs
@@ -109,16 +113,19 @@ def run_lookup_benchmark(
     batch_size: int = 2048,
     compression: float = 100,
     seed: int = 0,
+    device: str = "cpu",
 ) -> LookupResult:
-    """Time every method (sparse and dense gradients) against per-feature sparse nn.EmbeddingBag tables."""
+    """Time every method (sparse and dense gradients) against per-feature sparse nn.EmbeddingBag tables, on
+    ``device`` (tables, ids and gradients all there)."""
     generator = torch.Generator().manual_seed(seed)
     # a fresh batch every step, as in training: re-reading one fixed batch keeps its rows in cache, which
     # flatters tables with one read per id
-    batches = torch.randint(0, num_embeddings, (NUM_BATCHES, num_features, batch_size), generator=generator)
-    offsets = torch.arange(batch_size)
+    batches = torch.randint(0, num_embeddings, (NUM_BATCHES, num_features, batch_size), generator=generator).to(device)
+    offsets = torch.arange(batch_size, device=device)
 
     # a dense upstream gradient, as a model's interaction layer sends back (sum() would send a stride-0 one)
-    upstream = torch.randn(batch_size, num_features, embedding_dim, generator=generator)
+    upstream = torch.randn(batch_size, num_features, embedding_dim, generator=generator).to(device)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
 
     def make_step(tables: list[torch.nn.Module]) -> Callable[[], None]:
         batch_numbers = itertools.cycle(range(NUM_BATCHES))
@@ -148,7 +155,8 @@ def run_lookup_benchmark(
     features = [Feature(f"C{f + 1}", num_embeddings) for f in range(num_features)]
 
     def full_tables() -> list[torch.nn.Module]:
-        return [torch.nn.EmbeddingBag(num_embeddings, embedding_dim, mode="sum", sparse=True) for _ in range(num_features)]
+        return [torch.nn.EmbeddingBag(num_embeddings, embedding_dim, mode="sum", sparse=True, device=device)
+                for _ in range(num_features)]
 
     # Random reads of 1.7 GB of tables run up to ~25% faster or slower depending on where the VM placed
     # the memory (measured here: identical nn.EmbeddingBag sets, read by the same kernel, differ that much).
@@ -166,7 +174,7 @@ def run_lookup_benchmark(
             try:
                 collection = EmbeddingCollection(
                     features, embedding_dim, name, compression=ratio, seed=seed, sparse=gradients == "sparse",
-                    frequencies=_counts(name, batches, num_embeddings, features),
+                    frequencies=_counts(name, batches, num_embeddings, features), device=device,
                 )
             except BudgetError as error:  # AdaEmbed's per-id state can exceed the budget: say so, time the rest
                 warnings.warn(f"lookup benchmark: {name} skipped: {error}", stacklevel=2)
@@ -176,7 +184,7 @@ def run_lookup_benchmark(
             if gradients == "sparse" and any(batch is not None for _, batch in batch_groups(tables)):
                 one_at_a_time = EmbeddingCollection(
                     features, embedding_dim, name, compression=ratio, seed=seed, sparse=True, batch_tables=False,
-                    frequencies=_counts(name, batches, num_embeddings, features),
+                    frequencies=_counts(name, batches, num_embeddings, features), device=device,
                 )
                 configs[(name, PER_TABLE)] = make_collection_step(one_at_a_time)
 
@@ -185,7 +193,7 @@ def run_lookup_benchmark(
     ratios: dict[tuple[str, str], list[float]] = {key: [] for key in configs}
     for _ in range(rounds):
         for key, step in configs.items():
-            for base, spent in _time_pairs(baseline_step, step, steps):
+            for base, spent in _time_pairs(baseline_step, step, steps, sync):
                 # the median of per-pair ratios: a burst of load from elsewhere spoils a few pairs, not the result
                 baseline_seconds.append(base)
                 seconds[key].append(spent)
@@ -202,7 +210,7 @@ def run_lookup_benchmark(
     settings = dict(
         rounds=rounds, steps=steps, num_features=num_features, num_embeddings=num_embeddings,
         embedding_dim=embedding_dim, batch_size=batch_size, compression=compression, seed=seed,
-        torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.machine(),
+        torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.machine(), device=device,
         date=datetime.date.today().isoformat(),
     )
     return LookupResult(rows, statistics.median(baseline_seconds) * 1e3, settings)
@@ -214,7 +222,8 @@ def _counts(
     """``frequencies=`` for methods built from per-id counts: each feature's counts in the timed batches."""
     if not METHODS[method].needs_frequencies:
         return None
-    return {f.name: torch.bincount(batches[:, j].reshape(-1), minlength=num_embeddings) for j, f in enumerate(features)}
+    return {f.name: torch.bincount(batches[:, j].reshape(-1).cpu(), minlength=num_embeddings)
+            for j, f in enumerate(features)}
 
 
 def _compresses(method: str) -> bool:

@@ -53,10 +53,13 @@ def measure_training_speed(
             base, method=method, out=f"{base.out}/{name}", epochs=10**6, compile=name.endswith(COMPILED),
             compression=base.compression if get_method(method).compresses else None,
             checkpoint_minutes=0, checkpoint_epochs=False))  # timing steps only
+    # CUDA runs ahead of Python: wait for a block's queued work before reading the clock
+    sync = torch.cuda.synchronize if torch.device(base.device).type == "cuda" else (lambda: None)
     warmup: dict[str, float] = {}
     for name, trainer in trainers.items():  # warm up: first steps allocate optimizer state and compile kernels
         started = time.perf_counter()
         trainer.fit(stop_at=trainer.step + 3)
+        sync()
         warmup[name] = time.perf_counter() - started
     seconds: dict[str, list[float]] = {name: [] for name in names}
     for round_index in range(rounds):
@@ -65,6 +68,7 @@ def measure_training_speed(
             trainer = trainers[name]
             started = time.perf_counter()
             trainer.fit(stop_at=trainer.step + steps)
+            sync()
             seconds[name].append(time.perf_counter() - started)
     samples = steps * base.batch_size
     rows = []
@@ -92,10 +96,11 @@ def write_speed(rows: list[SpeedRow], base: TrainConfig, baseline: str, rounds: 
     settings = {"data": base.data, "dim": base.embedding_dim, "bottom": base.bottom, "top": base.top,
                 "optimizer": base.optimizer, "batch_size": base.batch_size, "compression": base.compression,
                 "rounds": rounds, "steps": steps, "threads": torch.get_num_threads(), "torch": torch.__version__,
+                "device": base.device,
                 "date": datetime.date.today().isoformat()}
     text = (f"DLRM training speed against `{baseline}` (median of per-block ratios, {rounds} rounds of {steps} "
             f"alternating steps, batch {base.batch_size}, {base.optimizer}, compression {base.compression:g}, "
-            f"dim {base.embedding_dim}; torch {settings['torch']}, {settings['threads']} threads, "
+            f"dim {base.embedding_dim}; torch {settings['torch']}, {settings['threads']} threads, {base.device}, "
             f"{settings['date']}).\n\n" + speed_table(rows, baseline) + "\n")
     atomic_write_text(f"{output}.md", text)
     atomic_write_text(f"{output}.json", json.dumps({"settings": settings, "baseline": baseline,

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from compemb.budget import Budget, MemoryReport, check_budget
-from compemb.checks import id_range, scan_bags
+from compemb.checks import assert_ids_in_range, id_range, scan_bags
 from compemb.hashing import UniversalHash
 
 if TYPE_CHECKING:
@@ -174,7 +174,10 @@ class CompressedEmbedding(torch.nn.Module, ABC):
         """Return ``ids`` as int64, or raise TypeError (not integers) / ValueError (out of range)."""
         ids = self._as_int64(ids, "ids")
         if not self.open_vocabulary and ids.numel() > 0:
-            self._check_range(ids, *id_range(ids))
+            if ids.is_cuda:  # no host round trip per lookup: a device-side assert
+                assert_ids_in_range(ids, self.num_embeddings, self._who())
+            else:
+                self._check_range(ids, *id_range(ids))
         return ids
 
     def _as_int64(self, tensor: Tensor, what: str) -> Tensor:
