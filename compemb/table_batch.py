@@ -105,10 +105,36 @@ class PackedWeights:
     def gather(self, rows: Tensor) -> Tensor:
         """Rows of the buffer: ``rows`` ``(batch, weights, k)``, where ``rows[:, j]`` lies in weight j's range
         (its start in ``row_offsets`` added) -> ``(batch, weights, k, row_dim)``, differentiable to every weight."""
-        weights = self.weights
-        if not self.is_packed(weights):  # moved or replaced since the last lookup
-            self.pack()
+        weights = self.ensure_packed()
         return _GatherPacked.apply(self.buffer, rows, self, *weights)
+
+    def ensure_packed(self) -> list[torch.nn.Parameter]:
+        """The weights, packed again first if anything moved or replaced one since the last lookup."""
+        weights = self.weights
+        if not self.is_packed(weights):
+            self.pack()
+            weights = self.weights
+        return weights
+
+
+class SeparateLookups:
+    """Tables looked up one at a time, each by its own lookup (adaptive bookkeeping and hooks included), with their
+    weights packed side by side: a row-wise optimizer (:class:`compemb.optim.RowAdam`) then updates all of them in
+    one pass. For methods whose lookup is a compiled kernel of their own (CCE, CAFE).
+
+    Args:
+        tables: the tables, in column order.
+        names: the attributes holding the weights to pack (one buffer per name).
+    """
+
+    def __init__(self, tables: Sequence[torch.nn.Module], names: Sequence[str]) -> None:
+        self.tables = list(tables)
+        self.packs = [PackedWeights(self.tables, name, sparse=tables[0].sparse) for name in names]  # type: ignore[arg-type]
+
+    def __call__(self, ids: Tensor) -> Tensor:
+        for pack in self.packs:
+            pack.ensure_packed()
+        return torch.stack([table(ids[:, column]) for column, table in enumerate(self.tables)], dim=1)
 
 
 class _GatherPacked(torch.autograd.Function):

@@ -12,7 +12,7 @@ from compemb.quantize import quantize
 from compemb.table_batch import PackedWeights, batch_groups
 
 FEATURES = [Feature("C1", 100_000), Feature("C2", 5_000), Feature("C3", 3), Feature("C4", 50_000), Feature("C5", 20)]
-BATCHED = ["full", "hash", "ce", "bloom", "qr", "hemb", "robe", "hashednets"]
+BATCHED = ["full", "hash", "ce", "bloom", "qr", "hemb", "robe", "hashednets", "cce", "cafe", "cafe-ml"]
 
 
 def _collections(method: str, sparse: bool, **options):

@@ -30,6 +30,7 @@ Choices where the papers leave room (each class's docstring says more):
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -39,11 +40,12 @@ from torch import Tensor
 
 from compemb.budget import FLOAT_BYTES, MemoryReport, every_budget_from, resolve_budget, rows_for
 from compemb.embeddings.adaptive import AdaptiveEmbedding, memory_report, reset_optimizer_rows
-from compemb.embeddings.base import init_uniform_
+from compemb.embeddings.base import CompressedEmbedding, init_uniform_
 from compemb.embeddings.cafe_kernels import cafe_rows, hot_candidates
 from compemb.embeddings.cafe_settings import budget_ratio, default_settings
 from compemb.hashing import UniversalHash, coefficient_bytes, hash_ids
 from compemb.registry import register
+from compemb.table_batch import SeparateLookups
 from compemb.sketch.hotsketch import SLOT_BYTES, HotSketch
 
 SKETCH_SLOTS = 4  # slots per HotSketch bucket, as in the paper
@@ -257,6 +259,11 @@ class _CAFE(AdaptiveEmbedding):
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._mirror, self._mass_seen = None, None
+
+    @classmethod
+    def table_batch(cls, tables: Sequence[CompressedEmbedding]) -> SeparateLookups:
+        """CAFE tables keep their own compiled lookups; their weights are packed, so RowAdam updates them in one pass."""
+        return SeparateLookups(tables, ["weight"])
 
     def extra_repr(self) -> str:
         text = super().extra_repr() + f", hot_rows={self.hot_rows}, hashed_rows={self.hashed_rows}"

@@ -35,6 +35,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -43,7 +44,7 @@ from torch import Tensor
 
 from compemb.budget import FLOAT_BYTES, MemoryReport, check_budget, every_budget_from, resolve_budget
 from compemb.embeddings.adaptive import AdaptiveEmbedding, memory_report, reset_optimizer_rows
-from compemb.embeddings.base import init_uniform_
+from compemb.embeddings.base import CompressedEmbedding, init_uniform_
 from compemb.embeddings.cce_kernels import NO_HOLDERS, PairGather, mark_seen, route_rows
 from compemb.embeddings.cce_plan import (
     SKETCH_SLOTS,
@@ -56,6 +57,7 @@ from compemb.embeddings.cce_schedule import ClusterReport, ClusterSchedule, clus
 from compemb.embeddings.id_map import NO_ID  # free holder_ids entries sort last
 from compemb.hashing import UniversalHash, hash_coefficients, hash_ids
 from compemb.registry import register
+from compemb.table_batch import SeparateLookups
 from compemb.sketch.hotsketch import HotSketch
 
 log = logging.getLogger(__name__)
@@ -423,6 +425,11 @@ class CCEmbedding(AdaptiveEmbedding):
                  sample.numel(), report.num_pointers, report.seconds)
         self.last_cluster = report
         return report
+
+    @classmethod
+    def table_batch(cls, tables: Sequence[CompressedEmbedding]) -> SeparateLookups:
+        """CCE tables keep their own compiled lookups; their weights are packed, so RowAdam updates them in one pass."""
+        return SeparateLookups(tables, ["weight"])
 
     def extra_repr(self) -> str:
         text = super().extra_repr() + f", columns={self.columns}, rows={self.rows}"
