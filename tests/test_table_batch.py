@@ -171,3 +171,30 @@ def test_row_adam_updates_packed_tables_together_and_resumes():
     train(resumed, resumed_optimizer, range(3, 6))
     for (name, a), b in zip(batched.named_parameters(), resumed.parameters()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("method,options", [("cce", {"cluster_every": 3}), ("cce", {"importance": "frequency",
+                                            "cluster_every": 3}), ("cafe", {})])
+def test_adaptive_tables_train_batched_as_one_at_a_time(method, options):
+    """Sketches, hooks, clustering and RowAdam over batched CCE / CAFE tables: the per-table run's state, step by step."""
+    batched, one_at_a_time = _collections(method, sparse=True, **options)
+    runs = [(c, RowAdam(c.parameters(), lr=0.05)) for c in (batched, one_at_a_time)]
+    for collection, _ in runs:
+        collection.train()
+        for module in collection.modules():
+            if hasattr(module, "on_train_begin") and module is not collection:
+                module.on_train_begin(12)
+    target = torch.randn(96, len(FEATURES), 16, generator=torch.Generator().manual_seed(5))
+    for step in range(10):
+        ids = _ids(seed=step)
+        for collection, optimizer in runs:
+            optimizer.zero_grad(set_to_none=True)
+            (collection(ids) - target).pow(2).sum().backward()
+            optimizer.step()
+            for table in collection.embeddings.values():
+                table.on_step_end(step, optimizer)
+        ahead, behind = batched.state_dict(), one_at_a_time.state_dict()
+        for name, value in ahead.items():
+            torch.testing.assert_close(value, behind[name], rtol=1e-6, atol=1e-7, msg=f"step {step}: {name}")
+    clustered = [t for t in batched.embeddings.values() if hasattr(t, "cluster_state")]
+    assert not clustered or any(int(t.cluster_state[1]) > 0 for t in clustered), "no clustering ran"
