@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -164,6 +165,7 @@ class Trainer:
         self.optimizer = _make_optimizer(config.optimizer, self.model, config.lr)
         # the compiled module shares the model's parameters; checkpoints save the model itself (no _orig_mod keys)
         self.train_model = torch.compile(self.model) if config.compile else self.model
+        self.prefetch = self.device.type != "cpu"  # read the next batch on a thread (see fit)
         self.step = 0
         self.best: dict[str, Any] | None = None
         self.steps_per_epoch = math.ceil(len(self.splits["train"]) / config.batch_size)
@@ -196,11 +198,20 @@ class Trainer:
             module.on_train_begin(self.total_steps)
         result: dict[str, Any] = {}
         # a context: the bar is closed before an error propagates, so the error is the last line printed
-        with tqdm(total=stop, initial=self.step, desc=f"train {config.method}", unit="step") as bar:
+        # on an accelerator one background thread reads and pins the next batch while the device trains; only it then
+        # calls _train_batch, in step order, so the batches are exactly those of a loop without it. On CPU the
+        # thread would compete with torch's own for the cores: measured 0.935x the minimal loop against 1.012x
+        prefetch = self.prefetch
+        with tqdm(total=stop, initial=self.step, desc=f"train {config.method}", unit="step") as bar, \
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="compemb-batches") as reader:
             started, samples = time.perf_counter(), 0
+            upcoming = reader.submit(self._prepared_batch, self.step) if prefetch and self.step < stop else None
             while self.step < stop:
                 # batch -> forward/backward -> step -> methods' own hooks -> log -> evaluate/checkpoint
-                dense, sparse, labels = self._to_device(self._train_batch(self.step))
+                batch = upcoming.result() if upcoming is not None else self._prepared_batch(self.step)
+                if prefetch and self.step + 1 < stop:
+                    upcoming = reader.submit(self._prepared_batch, self.step + 1)
+                dense, sparse, labels = self._to_device(batch)
                 loss = torch.nn.functional.binary_cross_entropy_with_logits(self.train_model(dense, sparse), labels)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -276,11 +287,16 @@ class Trainer:
     def running_loss(self, value: float) -> None:
         self._running_loss.fill_(value)
 
+    def _prepared_batch(self, step: int) -> tuple[torch.Tensor, ...]:
+        """Step ``step``'s batch, in pinned memory when it goes to CUDA (run on the reader thread)."""
+        batch = self._train_batch(step)
+        return tuple(t.pin_memory() for t in batch) if self.device.type == "cuda" else batch
+
     def _to_device(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         """A batch on the model's device; to CUDA from pinned memory, without waiting for the copy."""
         if self.device.type == "cpu":
             return batch
-        return tuple(t.pin_memory().to(self.device, non_blocking=True) for t in batch)
+        return tuple(t.to(self.device, non_blocking=True) for t in batch)
 
     @torch.no_grad()
     def evaluate(self, split: str) -> dict[str, Any]:

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from compemb.data.synthetic import SyntheticConfig, generate_synthetic
 from compemb.train import TrainConfig, Trainer
@@ -131,3 +132,19 @@ def test_test_metrics_come_from_the_best_validation_checkpoint(data, tmp_path):
                                lr=0.05, evals_per_epoch=4))
     test = reloaded.test_of_best("val")  # on val it must give back the best evaluation exactly
     assert test["step"] == best_step and test["bce"] == pytest.approx(best_val, rel=1e-6)
+
+
+def test_prefetching_batches_on_a_thread_trains_the_same_weights(data, tmp_path):
+    """The reader thread (on by default on accelerators) gives the batches a loop without it reads, in order."""
+    states = []
+    for prefetch in (False, True):
+        config = TrainConfig(data=str(data), out=str(tmp_path / str(prefetch)), method="hash", compression=4,
+                             embedding_dim=8, bottom=(8,), top=(8,), optimizer="adam", lr=0.01, batch_size=128,
+                             shuffle=True, epochs=2, checkpoint_minutes=0, checkpoint_epochs=False)
+        trainer = Trainer(config)
+        trainer.prefetch = prefetch
+        trainer.fit(stop_at=5)
+        trainer.fit(stop_at=trainer.steps_per_epoch + 3)  # past an epoch's end: a new permutation
+        states.append(trainer.model.state_dict())
+    for name, value in states[0].items():
+        assert torch.equal(value, states[1][name]), name
