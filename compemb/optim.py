@@ -1,4 +1,4 @@
-"""Row-wise Adam: embedding tables update only the rows a batch touched, so a step costs O(batch), not O(table).
+"""Row-wise Adam and Adagrad: embedding tables update only the rows a batch touched, so a step costs O(batch).
 
 torch's Adam needs dense gradients, so every step touches every row of every table (its moments decay even where
 the gradient is zero): O(vocabulary) work per step, which is what stops a 33.8M-row table from training at
@@ -10,6 +10,9 @@ speed. :class:`RowAdam` takes each parameter as its gradient comes:
   unseen (the "lazy Adam" of TensorFlow's LazyAdam and torch's SparseAdam, whose bias correction uses the global
   step instead, so a row first seen late starts with ~3x the step of a new parameter);
 - a **dense** gradient (the MLPs): torch's Adam update (no amsgrad, no weight decay).
+
+:class:`RowAdagrad` is torch's Adagrad (whose sparse update is already row-wise; no lr decay, no weight decay) with
+the same packing below: the Trainer's ``adagrad``.
 
 Tables whose weights lie side by side in one buffer (a table batch, :mod:`compemb.table_batch`) are updated
 together, as FBGEMM's fused optimizers update a table-batched embedding: their states are kept side by side too,
@@ -43,24 +46,27 @@ def unique_rows(grad: Tensor) -> tuple[Tensor, Tensor]:
     return rows.long(), summed
 
 
-class RowAdam(torch.optim.Optimizer):
-    """Adam with row-wise lazy updates for parameters whose gradients are sparse; see the module docstring.
+class _RowWise(torch.optim.Optimizer):
+    """What the row-wise optimizers share: sparse parameters whose weights are slices of one buffer are updated
+    together, through the whole buffer and state buffers sliced the same way (``row_state``)."""
 
-    Example::
+    row_state: dict[str, str] = {}  # state name -> "row" (a value per row) or "param" (the parameter's shape)
 
-        >>> table = torch.nn.Embedding(1000, 4, sparse=True)
-        >>> optimizer = RowAdam(table.parameters(), lr=0.1)
-        >>> before = table.weight.detach().clone()
-        >>> table(torch.tensor([3, 3, 7])).sum().backward(); optimizer.step()
-        >>> int((table.weight != before).any(1).sum()), optimizer.state[table.weight]["row_steps"][[3, 7, 8]].tolist()
-        (2, [1.0, 1.0, 0.0])
-    """
+    def _sparse(self, param: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        raise NotImplementedError
 
-    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float = 1e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
-        if not lr > 0 or not 0 <= betas[0] < 1 or not 0 <= betas[1] < 1 or not eps > 0:
-            raise ValueError(f"RowAdam needs lr > 0, betas in [0, 1), eps > 0; got {lr}, {betas}, {eps}")
-        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+    def _dense(self, param: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _initial(self, name: str, group: dict[str, Any]) -> float:
+        """The value a state starts at (Adagrad's accumulator may start above zero)."""
+        return 0.0
+
+    def _new_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
+        return {name: (param.new_full(param.shape, self._initial(name, group)) if kind == "param" else
+                       torch.full((param.shape[0],), self._initial(name, group), dtype=torch.float32,
+                                  device=param.device))
+                for name, kind in self.row_state.items()}
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -70,7 +76,6 @@ class RowAdam(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            (beta1, beta2), lr, eps = group["betas"], group["lr"], group["eps"]
             shared: dict[tuple, list[Tensor]] = {}  # sparse tables by the buffer their weights are slices of
             for param in group["params"]:
                 if param.grad is None:
@@ -80,25 +85,23 @@ class RowAdam(torch.optim.Optimizer):
                     shared.setdefault(key, []).append(param)
                     continue
                 state = self.state[param]
-                if not state:
-                    state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
                 if param.grad.is_sparse:
-                    self._rows(param, param.grad, state, beta1, beta2, lr, eps)
+                    if not state:
+                        state.update(self._new_state(param, group))
+                    self._sparse(param, param.grad, state, group)
                 else:
-                    self._dense(param, state, beta1, beta2, lr, eps)
+                    self._dense(param, state, group)
             for params in shared.values():
                 if len(params) == 1:
                     state = self.state[params[0]]
                     if not state:
-                        state["exp_avg"] = torch.zeros_like(params[0])
-                        state["exp_avg_sq"] = torch.zeros_like(params[0])
-                    self._rows(params[0], params[0].grad, state, beta1, beta2, lr, eps)
+                        state.update(self._new_state(params[0], group))
+                    self._sparse(params[0], params[0].grad, state, group)
                 else:
-                    self._packed_rows(params, beta1, beta2, lr, eps)
+                    self._packed(params, group)
         return loss
 
-    def _packed_rows(self, params: list[Tensor], beta1: float, beta2: float, lr: float, eps: float) -> None:
+    def _packed(self, params: list[Tensor], group: dict[str, Any]) -> None:
         """One row-wise update of tables that are slices of one buffer, through the whole buffer and its states."""
         first = params[0]
         row_dim = first.shape[1]
@@ -108,13 +111,17 @@ class RowAdam(torch.optim.Optimizer):
         indices = torch.cat([param.grad._indices()[0] + start for param, start in zip(params, starts)])  # type: ignore[union-attr]
         values = torch.cat([param.grad._values() for param in params])  # type: ignore[union-attr]
         grad = torch.sparse_coo_tensor(indices.unsqueeze(0), values, weight.shape, check_invariants=False)
-        self._rows(weight, grad, self._packed_state(params, starts, total_rows), beta1, beta2, lr, eps)
+        self._sparse(weight, grad, self._packed_state(params, starts, total_rows, group), group)
+        for param in params:  # the per-table counts torch's optimizers keep
+            if "step" in self.state[param]:
+                self.state[param]["step"] += 1
 
-    def _packed_state(self, params: list[Tensor], starts: list[int], total_rows: int) -> dict[str, Tensor]:
+    def _packed_state(self, params: list[Tensor], starts: list[int], total_rows: int,
+                      group: dict[str, Any]) -> dict[str, Tensor]:
         """The tables' states as whole buffers whose slices are each table's state. Made again (keeping the values
         the tables had, from a checkpoint say) when they are not such slices."""
         first = params[0]
-        widths = {"exp_avg": first.shape[1], "exp_avg_sq": first.shape[1], ROW_STEPS: 1}
+        widths = {name: first.shape[1] if kind == "param" else 1 for name, kind in self.row_state.items()}
         head = self.state[first]
 
         def packed(name: str) -> bool:
@@ -127,15 +134,14 @@ class RowAdam(torch.optim.Optimizer):
                 for param, start in zip(params, starts)
             )
 
+        def shape(name: str) -> tuple[int, ...]:
+            return (total_rows, widths[name]) if self.row_state[name] == "param" else (total_rows,)
+
         if first.dtype == torch.float32 and all(packed(name) for name in widths):
-            return {name: head[name].new_empty(0).set_(head[name].untyped_storage(), 0,
-                                                       (total_rows, widths[name]) if name != ROW_STEPS else (total_rows,))
-                    for name in widths}
-        buffers = {
-            "exp_avg": first.new_zeros(total_rows, widths["exp_avg"]),
-            "exp_avg_sq": first.new_zeros(total_rows, widths["exp_avg"]),
-            ROW_STEPS: torch.zeros(total_rows, dtype=torch.float32, device=first.device),
-        }
+            return {name: head[name].new_empty(0).set_(head[name].untyped_storage(), 0, shape(name)) for name in widths}
+        buffers = {name: torch.full(shape(name), self._initial(name, group), device=first.device,
+                                    dtype=first.dtype if self.row_state[name] == "param" else torch.float32)
+                   for name in widths}
         for param, start in zip(params, starts):
             state = self.state[param]
             for name, buffer in buffers.items():
@@ -143,11 +149,36 @@ class RowAdam(torch.optim.Optimizer):
                 if name in state:
                     view.copy_(state[name])
                 state[name] = view
+            self._new_param_scalars(state)
         return buffers
 
-    @staticmethod
-    def _rows(param: Tensor, grad: Tensor, state: dict[str, Any], beta1: float, beta2: float, lr: float,
-              eps: float) -> None:
+    def _new_param_scalars(self, state: dict[str, Any]) -> None:
+        """Per-parameter scalars a packed table's state needs beside its rows (Adagrad's step)."""
+
+
+class RowAdam(_RowWise):
+    """Adam with row-wise lazy updates for parameters whose gradients are sparse; see the module docstring.
+
+    Example::
+
+        >>> table = torch.nn.Embedding(1000, 4, sparse=True)
+        >>> optimizer = RowAdam(table.parameters(), lr=0.1)
+        >>> before = table.weight.detach().clone()
+        >>> table(torch.tensor([3, 3, 7])).sum().backward(); optimizer.step()
+        >>> int((table.weight != before).any(1).sum()), optimizer.state[table.weight]["row_steps"][[3, 7, 8]].tolist()
+        (2, [1.0, 1.0, 0.0])
+    """
+
+    row_state = {"exp_avg": "param", "exp_avg_sq": "param", ROW_STEPS: "row"}
+
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        if not lr > 0 or not 0 <= betas[0] < 1 or not 0 <= betas[1] < 1 or not eps > 0:
+            raise ValueError(f"RowAdam needs lr > 0, betas in [0, 1), eps > 0; got {lr}, {betas}, {eps}")
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+
+    def _sparse(self, param: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        (beta1, beta2), lr, eps = group["betas"], group["lr"], group["eps"]
         if ROW_STEPS not in state:
             state[ROW_STEPS] = torch.zeros(param.shape[0], dtype=torch.float32, device=param.device)
         rows, values = unique_rows(grad)
@@ -165,8 +196,11 @@ class RowAdam(torch.optim.Optimizer):
         update = (exp_avg / correction1) / (exp_avg_sq.sqrt() / correction2 + eps)
         param.index_add_(0, rows, update, alpha=-lr)
 
-    @staticmethod
-    def _dense(param: Tensor, state: dict[str, Any], beta1: float, beta2: float, lr: float, eps: float) -> None:
+    def _dense(self, param: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        (beta1, beta2), lr, eps = group["betas"], group["lr"], group["eps"]
+        if not state:
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
         if "step" not in state:
             state["step"] = torch.zeros((), dtype=torch.float32)
         state["step"] += 1
@@ -175,3 +209,54 @@ class RowAdam(torch.optim.Optimizer):
         state["exp_avg_sq"].mul_(beta2).addcmul_(param.grad, param.grad, value=1 - beta2)
         denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
         param.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1**step))
+
+
+class RowAdagrad(_RowWise):
+    """torch's Adagrad (``sum += g^2``, ``param -= lr * g / (sqrt(sum) + eps)``, rows of sparse gradients only), with
+    tables packed in one buffer updated together; its state (``sum``, ``step``) is torch's, so checkpoints of either
+    load into the other. No lr decay and no weight decay (the Trainer uses neither).
+
+    Example::
+
+        >>> table = torch.nn.Embedding(10, 2, sparse=True)
+        >>> optimizer = RowAdagrad(table.parameters(), lr=0.5)
+        >>> table(torch.tensor([4])).sum().backward(); optimizer.step()
+        >>> optimizer.state[table.weight]["sum"][[4, 5]].tolist()
+        [[1.0, 1.0], [0.0, 0.0]]
+    """
+
+    row_state = {"sum": "param"}
+
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float = 1e-2,
+                 initial_accumulator_value: float = 0.0, eps: float = 1e-10) -> None:
+        if not lr > 0 or not initial_accumulator_value >= 0 or not eps > 0:
+            raise ValueError(f"RowAdagrad needs lr > 0, initial_accumulator_value >= 0, eps > 0; got {lr}, "
+                             f"{initial_accumulator_value}, {eps}")
+        super().__init__(params, {"lr": lr, "initial_accumulator_value": initial_accumulator_value, "eps": eps,
+                                  "lr_decay": 0.0, "weight_decay": 0.0})
+
+    def _initial(self, name: str, group: dict[str, Any]) -> float:
+        return group["initial_accumulator_value"]
+
+    def _new_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
+        return {**super()._new_state(param, group), "step": torch.zeros((), dtype=torch.float32)}
+
+    def _new_param_scalars(self, state: dict[str, Any]) -> None:
+        state.setdefault("step", torch.zeros((), dtype=torch.float32))
+
+    def _sparse(self, param: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        if "step" in state:  # a table's own count (packed tables count theirs in _packed)
+            state["step"] += 1
+        rows, values = unique_rows(grad)
+        if rows.numel() == 0:
+            return
+        sums = state["sum"][rows].addcmul_(values, values)
+        state["sum"].index_copy_(0, rows, sums)
+        param.index_add_(0, rows, values / sums.sqrt().add_(group["eps"]), alpha=-group["lr"])
+
+    def _dense(self, param: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        if not state:
+            state.update(self._new_state(param, group))
+        state["step"] += 1
+        state["sum"].addcmul_(param.grad, param.grad, value=1)
+        param.addcdiv_(param.grad, state["sum"].sqrt().add_(group["eps"]), value=-group["lr"])

@@ -35,7 +35,7 @@ from compemb.embeddings.base import INITS, CompressedEmbedding
 from compemb.io import atomic_write_bytes, atomic_write_text
 from compemb.metrics import auc, bce
 from compemb.models import DCNv2, DLRM
-from compemb.optim import RowAdam
+from compemb.optim import RowAdagrad, RowAdam
 from compemb.registry import get_method, method_options
 
 OPTIMIZERS = ("sgd", "adagrad", "adam", "adam_dense")  # adam: row-wise for tables (compemb.optim); adam_dense: torch's
@@ -512,7 +512,7 @@ def _make_optimizer(name: str, model: torch.nn.Module, lr: float) -> torch.optim
     if name == "sgd":
         return torch.optim.SGD(model.parameters(), lr=lr)
     if name == "adagrad":
-        return torch.optim.Adagrad(model.parameters(), lr=lr)
+        return RowAdagrad(model.parameters(), lr=lr)
     if name == "adam":  # tables (sparse gradients) update only the rows a batch touched
         return RowAdam(model.parameters(), lr=lr)
     adam = torch.optim.Adam(model.parameters(), lr=lr)  # "adam_dense": every row of every table, every step

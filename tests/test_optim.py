@@ -90,3 +90,30 @@ def test_unique_rows_equals_coalesce():
     expected = grad.coalesce()
     assert torch.equal(rows, expected.indices()[0])
     torch.testing.assert_close(summed, expected.values())
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_row_adagrad_equals_torch_adagrad(sparse):
+    """Sparse and dense gradients, a row named twice, rows left alone: torch's Adagrad's values (to rounding)."""
+    from compemb.optim import RowAdagrad
+
+    generator = torch.Generator().manual_seed(0)
+    tables = [torch.nn.Embedding(30, 4, sparse=sparse) for _ in range(2)]
+    tables[1].load_state_dict(tables[0].state_dict())
+    linear = [torch.nn.Linear(4, 1) for _ in range(2)]
+    linear[1].load_state_dict(linear[0].state_dict())
+    optimizers = [RowAdagrad([*tables[0].parameters(), *linear[0].parameters()], lr=0.3, initial_accumulator_value=0.1),
+                  torch.optim.Adagrad([*tables[1].parameters(), *linear[1].parameters()], lr=0.3,
+                                      initial_accumulator_value=0.1)]
+    for _ in range(6):
+        ids = torch.randint(0, 20, (16,), generator=generator)
+        for table, layer, optimizer in zip(tables, linear, optimizers):
+            optimizer.zero_grad()
+            layer(table(ids)).pow(2).sum().backward()
+            optimizer.step()
+    torch.testing.assert_close(tables[0].weight, tables[1].weight, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(linear[0].weight, linear[1].weight, rtol=1e-6, atol=1e-7)
+    assert torch.equal(tables[0].weight[20:], tables[1].weight[20:])  # never looked up: untouched
+    mine, theirs = optimizers[0].state[tables[0].weight], optimizers[1].state[tables[1].weight]
+    torch.testing.assert_close(mine["sum"], theirs["sum"])
+    assert float(mine["step"]) == float(theirs["step"]) == 6

@@ -7,7 +7,7 @@ import torch
 
 from compemb.collection import EmbeddingCollection, Feature
 from compemb.embeddings.full import FullEmbedding
-from compemb.optim import RowAdam
+from compemb.optim import RowAdagrad, RowAdam
 from compemb.quantize import quantize
 from compemb.table_batch import PackedWeights, batch_groups
 
@@ -66,10 +66,12 @@ def test_state_dict_and_parameters_are_those_of_the_tables():
         assert torch.equal(value, one_at_a_time.state_dict()[name]), name
 
 
-def test_training_steps_match_one_lookup_per_table():
-    """RowAdam on the batched collection takes exactly the per-table collection's steps."""
+@pytest.mark.parametrize("optimizer_class", [RowAdam, RowAdagrad])
+def test_training_steps_match_one_lookup_per_table(optimizer_class):
+    """RowAdam and RowAdagrad on the batched collection (its tables updated together) take exactly the per-table
+    collection's steps."""
     batched, one_at_a_time = _collections("hash", sparse=True)
-    optimizers = [RowAdam(c.parameters(), lr=0.05) for c in (batched, one_at_a_time)]
+    optimizers = [optimizer_class(c.parameters(), lr=0.05) for c in (batched, one_at_a_time)]
     for step in range(5):
         ids = _ids(seed=step)
         for collection, optimizer in zip((batched, one_at_a_time), optimizers):
