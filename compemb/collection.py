@@ -232,7 +232,8 @@ class EmbeddingCollection(torch.nn.Module):
         if self.sharing == "shared":
             if ids.is_cuda:  # no host round trip per lookup: a device-side assert
                 assert_ids_in_range(ids, self.cardinalities, "the shared table's features")
-            elif bool((bad := (ids < 0) | (ids >= self.cardinalities)).any()):  # an id past its feature's range would read the next feature's rows silently
+            # an id past its feature's range would read the next feature's rows silently
+            elif bool((bad := (ids < 0) | (ids >= self.cardinalities)).any()):
                 row, column = (int(v) for v in bad.nonzero()[0])
                 feature = self.features[column]
                 raise ValueError(f"feature {feature.name!r}: id {int(ids[row, column])} is outside "

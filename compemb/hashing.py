@@ -63,9 +63,10 @@ def _check_buckets(num_buckets: int) -> None:
 
 
 def _mix(ids: Tensor, coefficients: Tensor) -> Tensor:
-    # a * x + b for every function at once; int64 arithmetic wraps modulo 2^64
-    mixed = ids.unsqueeze(-1) * coefficients[:, 0]
-    return mixed.add_(coefficients[:, 1])
+    # a * x + b for every function at once; int64 arithmetic wraps modulo 2^64. Coefficients (F, 2) hash every id
+    # with all F functions; stacked (T, F, 2) ones hash column t of ids (..., T) with table t's (table batches)
+    mixed = ids.unsqueeze(-1) * coefficients[..., 0]
+    return mixed.add_(coefficients[..., 1])
 
 
 def hash_ids(ids: Tensor, coefficients: Tensor, num_buckets: int) -> Tensor:

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from compemb.checks import assert_ids_in_range
+from compemb.hashing import hash_high32, hash_signs
 
 
 class TableBatch(Protocol):
@@ -194,17 +195,16 @@ def hash_columns(ids: Tensor, hashes: Sequence[torch.nn.Module], buckets: Tensor
     :class:`~compemb.hashing.UniversalHash` (k functions each), ``buckets`` ``(tables, 1)`` their ranges ->
     ``(batch, tables, k)``, exactly ``hashes[j](ids[:, j])`` in column j (the coefficients are read afresh, so a
     redrawn hash is seen)."""
-    coefficients = torch.stack([h.coefficients for h in hashes])  # (tables, k, 2)
-    mixed = ids.unsqueeze(-1) * coefficients[:, :, 0]
-    high = mixed.add_(coefficients[:, :, 1]).bitwise_right_shift_(32).bitwise_and_(0xFFFFFFFF)
-    return high.mul_(buckets).bitwise_right_shift_(32)
+    return hash_high32(ids, _stacked(hashes)).mul_(buckets).bitwise_right_shift_(32)
 
 
 def sign_columns(ids: Tensor, hashes: Sequence[torch.nn.Module], dtype: torch.dtype) -> Tensor:
     """Every table's hashed signs of its column of ids, as ``hashes[j].signs(ids[:, j])``: ``(batch, tables, k)``."""
-    coefficients = torch.stack([h.coefficients for h in hashes])
-    mixed = ids.unsqueeze(-1) * coefficients[:, :, 0]
-    return mixed.add_(coefficients[:, :, 1]).bitwise_right_shift_(63).bitwise_or_(1).to(dtype)
+    return hash_signs(ids, _stacked(hashes), dtype)
+
+
+def _stacked(hashes: Sequence[torch.nn.Module]) -> Tensor:
+    return torch.stack([h.coefficients for h in hashes])  # (tables, k, 2)
 
 
 def column_sizes(values: Sequence[int], device: torch.device) -> Tensor:

@@ -189,10 +189,13 @@ def _parse_lines(buffer, has_label, labels, dense, sparse, status):  # pragma: n
     return line
 
 
-def _open_binary(path: Path):
+def _is_gzip(path: Path) -> bool:
     with open(path, "rb") as probe:
-        gzipped = probe.read(2) == b"\x1f\x8b"
-    return gzip.open(path, "rb") if gzipped else open(path, "rb")
+        return probe.read(2) == b"\x1f\x8b"
+
+
+def _open_binary(path: Path):
+    return gzip.open(path, "rb") if _is_gzip(path) else open(path, "rb")
 
 
 @dataclass
@@ -387,9 +390,7 @@ class Piece:
 def split_pieces(path: Path, has_label: bool, piece_bytes: int) -> list[Piece]:
     """A plain file in ranges of about ``piece_bytes``; a gzip (or empty) file whole."""
     size = path.stat().st_size
-    with open(path, "rb") as probe:
-        gzipped = probe.read(2) == b"\x1f\x8b"
-    count = 1 if gzipped or size == 0 else max(1, -(-size // piece_bytes))
+    count = 1 if size == 0 or _is_gzip(path) else max(1, -(-size // piece_bytes))
     if count == 1:
         return [Piece(path, has_label)]
     bounds = [size * k // count for k in range(count + 1)]
