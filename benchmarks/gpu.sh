@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The lookup and DLRM training benchmarks on CUDA; writes benchmarks/results/gpu_lookup.{md,json} and
-# gpu_train.{md,json} (under 10 minutes on an H100/H200). Run from the repository root on a machine with a GPU:
+# The lookup, DLRM training and HotSketch benchmarks on CUDA; writes benchmarks/results/gpu_lookup.{md,json},
+# gpu_train.{md,json} and hotsketch_torch_cuda.{md,json} (under 10 minutes on an H100/H200). Run from the
+# repository root on a machine with a GPU:
 #   bash benchmarks/gpu.sh            # builds .venv when missing; DEVICE=cuda:1 picks another GPU
 # The CUDA build of torch is the machine's own: set PYTHON to an interpreter that has it (default: python3),
 # compemb is installed into it in editable mode when it is missing.
@@ -17,8 +18,10 @@ DATA=${DATA:-/tmp/compemb-gpu-data}
     --scale 3e-2 --seed 0
 # lookups: 26 tables of 1M ids at 100x, batch 2,048 (as the CPU table), every method the GPU path supports
 "$PYTHON" -m compemb bench lookup --device "$DEVICE" --rounds 5 --steps 20 \
-    --methods full hash ce bloom qr hemb robe hashednets cce cafe --output "$OUT/gpu_lookup"
+    --methods full hash ce bloom qr hemb robe hashednets cce cafe cafe-ml --output "$OUT/gpu_lookup"
 # DLRM training (the model: dim 16, bottom 256-64, top 256-64, Adam 1e-3, batch 2,048) against hash
-"$PYTHON" -m compemb bench train --device "$DEVICE" --data "$DATA" --methods full,ce,qr,bloom,cce,cafe \
+"$PYTHON" -m compemb bench train --device "$DEVICE" --data "$DATA" --methods full,ce,qr,bloom,cce,cafe,cafe-ml \
     --baseline hash --optimizer adam --lr 0.001 --bottom 256,64 --top 256,64 --batch-size 2048 --rounds 5 \
     --steps 50 --out /tmp/compemb-gpu-runs --output "$OUT/gpu_train"
+# the sketch alone: its torch ops on the device (the CPU table, benchmarks/results/hotsketch.md, is the compiled one)
+"$PYTHON" benchmarks/hotsketch.py --backend torch --device "$DEVICE" --output "$OUT/hotsketch_torch_cuda"

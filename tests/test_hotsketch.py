@@ -87,6 +87,12 @@ class ReferenceSketch:
         return [slot[0] for bucket in self.buckets for slot in bucket if slot is not None and slot[2] >= 0]
 
 
+@pytest.fixture(scope="module", params=["auto", "torch"])
+def backend(request) -> str:
+    """Both implementations: the compiled CPU kernels and the torch ops an accelerator runs."""
+    return request.param
+
+
 def assert_same(sketch: HotSketch, reference: ReferenceSketch) -> None:
     """Every slot identical: occupancy, ID, score bit for bit, hot row; and the decay mass."""
     occupied = sketch.occupied.tolist()
@@ -138,8 +144,8 @@ def _random_stream(seed, sketch, reference, batches=40, frequency=False, id_dtyp
 
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("slots", [1, 4])
-def test_batched_inserts_equal_the_reference_exactly(seed, slots):
-    sketch = HotSketch(13, slots, threshold=0.05 * (seed + 1), decay_factor=0.9, seed=seed)
+def test_batched_inserts_equal_the_reference_exactly(seed, slots, backend):
+    sketch = HotSketch(13, slots, threshold=0.05 * (seed + 1), decay_factor=0.9, seed=seed, backend=backend)
     reference = ReferenceSketch(sketch)
     decays = _random_stream(seed, sketch, reference)
     assert decays > 0  # the decay rule was exercised
@@ -151,8 +157,8 @@ def test_batched_inserts_equal_the_reference_exactly(seed, slots):
 
 
 @pytest.mark.parametrize("id_dtype", [torch.int64, torch.int32])
-def test_frequency_mode_and_int32_ids_equal_the_reference(id_dtype):
-    sketch = HotSketch(7, 3, threshold=0.5, seed=3)
+def test_frequency_mode_and_int32_ids_equal_the_reference(id_dtype, backend):
+    sketch = HotSketch(7, 3, threshold=0.5, seed=3, backend=backend)
     reference = ReferenceSketch(sketch)
     assert _random_stream(11, sketch, reference, frequency=True, id_dtype=id_dtype) > 0
 
@@ -165,8 +171,8 @@ def test_frequency_mode_and_int32_ids_equal_the_reference(id_dtype):
     ),
     seed=st.integers(0, 3),
 )
-def test_any_small_stream_equals_the_reference(batches, seed):
-    sketch = HotSketch(3, 2, threshold=0.2, decay_factor=0.5, seed=seed)
+def test_any_small_stream_equals_the_reference(batches, seed, backend):
+    sketch = HotSketch(3, 2, threshold=0.2, decay_factor=0.5, seed=seed, backend=backend)
     reference = ReferenceSketch(sketch)
     for batch in batches:
         ids = [x for x, _ in batch]
@@ -179,9 +185,9 @@ def test_any_small_stream_equals_the_reference(batches, seed):
     assert_same(sketch, reference)
 
 
-def test_duplicates_are_summed_then_applied_in_order_of_first_occurrence():
+def test_duplicates_are_summed_then_applied_in_order_of_first_occurrence(backend):
     # one bucket of two slots: 5 takes the empty slot, 6 the other; 7 then finds 6 lowest and takes it over
-    sketch = HotSketch(1, 2, threshold=1e6)
+    sketch = HotSketch(1, 2, threshold=1e6, backend=backend)
     sketch.insert(torch.tensor([5, 6, 5, 7, 6]), torch.tensor([1.0, 2.0, 4.0, 0.5, 1.0]))
     assert sketch.keys.tolist() == [[5, 7]]
     assert sketch.scores.tolist() == [[5.0, 3.5]]
@@ -224,8 +230,8 @@ def test_top_k_recall_when_frequent_ids_are_scattered(zipf_stream):
     assert recall >= 0.8 and held >= 0.95, (recall, held)
 
 
-def test_frequency_counts_are_exact_below_capacity():
-    sketch = HotSketch(200, 4, decay_factor=1.0)
+def test_frequency_counts_are_exact_below_capacity(backend):
+    sketch = HotSketch(200, 4, decay_factor=1.0, backend=backend)
     rng = np.random.default_rng(1)
     candidates = torch.from_numpy(rng.integers(-(2**63), 2**63 - 1, 2000, dtype=np.int64))
     buckets = hash_ids(candidates, sketch.coefficients, sketch.num_buckets).squeeze(-1).tolist()
@@ -247,8 +253,8 @@ def test_frequency_counts_are_exact_below_capacity():
     assert rows.tolist() == [-1] * len(chosen)
 
 
-def test_a_hot_slot_is_never_taken_over():
-    sketch = HotSketch(1, 4, threshold=1e9)
+def test_a_hot_slot_is_never_taken_over(backend):
+    sketch = HotSketch(1, 4, threshold=1e9, backend=backend)
     sketch.insert(torch.tensor([1, 2, 3, 4]), torch.tensor([5.0, 1.0, 7.0, 9.0]))
     sketch.set_hot(torch.tensor([2]), torch.tensor([0]))  # the lowest slot
     for x in range(100, 200):
@@ -262,8 +268,8 @@ def test_a_hot_slot_is_never_taken_over():
     assert sketch.query(torch.tensor([500, 2]))[0].tolist() == [3.0, 0.0]
 
 
-def test_hot_management():
-    sketch = HotSketch(64, 4, threshold=2.0)
+def test_hot_management(backend):
+    sketch = HotSketch(64, 4, threshold=2.0, backend=backend)
     sketch.insert(torch.tensor([10, 20, 30]), torch.tensor([1.0, 3.0, 5.0]))
     sketch.set_hot(torch.tensor([[10, 20], [30, 30]]), torch.tensor([[4, 5], [6, 7]]))  # a repeat keeps its last row
     assert sketch.hot_count() == 3
@@ -283,11 +289,12 @@ def test_hot_management():
         sketch.set_hot(torch.tensor([20]), torch.tensor([1, 2]))
 
 
-def test_decay_rule_and_decay_call():
-    sketch = HotSketch(10, 4, threshold=0.1, decay_factor=0.5)  # a period of 10 * 0.1 * 10 = 10
-    sketch.insert(torch.tensor([1]), torch.tensor([10.0]))  # exactly one period: not exceeded yet
+def test_decay_rule_and_decay_call(backend):
+    # a period of 10 * 0.1 * 10 = 10
+    sketch = HotSketch(10, 4, threshold=0.1, decay_factor=0.5, backend=backend)
+    assert sketch.insert(torch.tensor([1]), torch.tensor([10.0])) == 0  # exactly one period: not exceeded yet
     assert sketch.query(torch.tensor([1]))[0].item() == 10.0
-    sketch.insert(torch.tensor([2]), torch.tensor([15.0]))  # 25 inserted: two whole periods, 5 left
+    assert sketch.insert(torch.tensor([2]), torch.tensor([15.0])) == 2  # 25 inserted: two whole periods, 5 left
     assert sketch.query(torch.tensor([1, 2]))[0].tolist() == [2.5, 3.75]
     assert sketch.mass.item() == 5.0
     sketch.decay()
@@ -295,8 +302,8 @@ def test_decay_rule_and_decay_call():
     assert sketch.mass.item() == 0.0
 
 
-def test_query_shapes_dtypes_and_absent_ids():
-    sketch = HotSketch(16)
+def test_query_shapes_dtypes_and_absent_ids(backend):
+    sketch = HotSketch(16, backend=backend)
     sketch.insert(torch.tensor([[3, 4], [3, 5]], dtype=torch.int32), torch.ones(2, 2, dtype=torch.float16))
     scores, rows = sketch.query(torch.tensor([[3, 4, 6]]))
     assert scores.shape == rows.shape == (1, 3)
@@ -309,11 +316,11 @@ def test_query_shapes_dtypes_and_absent_ids():
     assert sketch.query(torch.tensor([9]))[0].item() == 2.0
 
 
-def test_bucket_hash_equals_compemb_hashing():
+def test_bucket_hash_equals_compemb_hashing(backend):
     rng = np.random.default_rng(2)
     ids = torch.cat([torch.tensor(EDGE_IDS), torch.from_numpy(rng.integers(-(2**63), 2**63 - 1, 300, dtype=np.int64))])
     for buckets, slots in [(1_000_003, 4), (7, 400), (1, 400)]:
-        sketch = HotSketch(buckets, slots, seed=buckets)
+        sketch = HotSketch(buckets, slots, seed=buckets, backend=backend)
         sketch.insert(ids)
         expected = hash_ids(ids, sketch.coefficients, buckets).squeeze(-1)
         a, b = sketch.coefficients[0].tolist()
@@ -323,8 +330,8 @@ def test_bucket_hash_equals_compemb_hashing():
         assert int(sketch.occupied.sum()) == len(ids)
 
 
-def test_bad_inputs_raise_and_leave_the_sketch_unchanged():
-    sketch = HotSketch(8)
+def test_bad_inputs_raise_and_leave_the_sketch_unchanged(backend):
+    sketch = HotSketch(8, backend=backend)
     sketch.insert(torch.tensor([1, 2]), torch.tensor([1.0, 2.0]))
     before = copy.deepcopy(sketch.state_dict())
     for scores, message in [
@@ -352,17 +359,18 @@ def test_bad_inputs_raise_and_leave_the_sketch_unchanged():
             HotSketch(**kwargs)
 
 
-def test_state_dict_round_trip_and_copies():
-    sketch = HotSketch(32, 4, threshold=0.3, seed=5)
+def test_state_dict_round_trip_and_copies(backend):
+    sketch = HotSketch(32, 4, threshold=0.3, seed=5, backend=backend)
     rng = np.random.default_rng(4)
     for _ in range(10):
         sketch.insert(torch.from_numpy(rng.integers(0, 400, 100)), torch.from_numpy(rng.random(100)))
     sketch.set_hot(sketch.items()[0][:5], torch.arange(5))
     state = sketch.state_dict()
     assert set(state) == {"keys", "scores", "hot_rows", "occupied", "mass", "coefficients"}
-    restored = HotSketch(32, 4, threshold=0.3, seed=99)  # another seed: the coefficients come from the state
+    # another seed: the coefficients come from the state
+    restored = HotSketch(32, 4, threshold=0.3, seed=99, backend=backend)
     restored.load_state_dict(state)
-    assigned = HotSketch(32, 4, threshold=0.3)
+    assigned = HotSketch(32, 4, threshold=0.3, backend=backend)
     assigned.load_state_dict(copy.deepcopy(state), assign=True)
     twin = copy.deepcopy(sketch)
     batch, scores = torch.from_numpy(rng.integers(0, 400, 300)), torch.from_numpy(rng.random(300))
@@ -375,7 +383,7 @@ def test_state_dict_round_trip_and_copies():
     assert sketch.query(torch.tensor([7]))[0].item() != twin.query(torch.tensor([7]))[0].item()
 
 
-def test_buffers_stay_on_cpu_in_their_dtypes_when_the_parent_moves():
+def test_buffers_keep_their_dtypes_when_the_parent_is_cast():
     parent = torch.nn.Module()
     parent.sketch = HotSketch(8)
     parent.weight = torch.nn.Parameter(torch.zeros(3))
@@ -390,15 +398,69 @@ def test_buffers_stay_on_cpu_in_their_dtypes_when_the_parent_moves():
     assert parent.sketch.query(torch.tensor([1]))[0].item() == 0.25
 
 
+def test_torch_ops_equal_the_compiled_kernels_on_a_long_stream():
+    # batches of 4,096 Zipf ids into 300 buckets: up to ~30 distinct ids per bucket per batch, so many rounds,
+    # takeovers, decays (scores are gradient-norm-like floats) and hot slots on the way
+    rng = np.random.default_rng(7)
+    weights = np.arange(1, 50_001, dtype=np.float64) ** -1.1
+    compiled = HotSketch(300, 4, threshold=0.5, decay_factor=0.9, seed=2)
+    ops = HotSketch(300, 4, threshold=0.5, decay_factor=0.9, seed=2, backend="torch")
+    decays = 0
+    for step in range(30):
+        ids = torch.from_numpy(rng.permutation(50_000)[rng.choice(50_000, 4096, p=weights / weights.sum())])
+        scores = torch.from_numpy(rng.exponential(1.0, 4096).astype(np.float32))
+        frequency = step % 5 == 4
+        applied = compiled.insert(ids, None if frequency else scores)
+        assert ops.insert(ids, None if frequency else scores) == applied
+        decays += applied
+        if step % 3 == 0:  # promote the best not-hot ids, as CAFE does
+            held, held_scores, held_rows = compiled.items()
+            best = held[(held_rows < 0)][torch.argsort(held_scores[held_rows < 0], descending=True)[:20]]
+            rows = torch.arange(step * 20, step * 20 + best.numel())
+            compiled.set_hot(best, rows)
+            ops.set_hot(best, rows)
+        if step % 7 == 6:
+            gone, _ = compiled.hot_below(50.0)
+            assert torch.equal(compiled.clear_hot(gone), ops.clear_hot(gone))
+        for name, value in compiled.state_dict().items():
+            assert torch.equal(ops.state_dict()[name], value), (step, name)
+    assert decays > 0 and compiled.hot_count() == ops.hot_count() > 0
+    probe = torch.arange(-10, 60_000)
+    for a, b in zip(compiled.query(probe), ops.query(probe)):
+        assert torch.equal(a, b)
+    for a, b in zip(compiled.hot_below(100.0), ops.hot_below(100.0)):
+        assert torch.equal(a, b)
+
+
+def test_a_sketch_moved_with_its_parent_runs_where_it_lives():
+    parent = torch.nn.Module()
+    parent.sketch = HotSketch(8)
+    parent.to_empty(device="cpu")  # to_empty keeps the device: the state is uninitialised until reset
+    parent.sketch.reset()
+    assert parent.sketch._compiled
+    planned = HotSketch(8, device="meta")
+    assert planned.keys.is_meta
+    planned.to_empty(device="cpu")
+    planned.reset()
+    planned.insert(torch.tensor([3, 3]))
+    assert planned.query(torch.tensor([3]))[0].tolist() == [2.0] and planned.mass_since_decay() == 2.0
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_inputs_on_cuda_give_results_on_cuda():
-    sketch = torch.nn.Sequential(HotSketch(8)).cuda()[0]
-    ids = torch.tensor([1, 2, 1], device="cuda")
-    sketch.insert(ids, torch.ones(3, device="cuda"))
-    scores, rows = sketch.query(ids)
+def test_on_cuda_the_sketch_lives_there_and_equals_the_cpu_one():
+    cpu = HotSketch(64, 4, threshold=0.2)
+    sketch = torch.nn.Sequential(HotSketch(64, 4, threshold=0.2)).cuda()[0]
+    assert sketch.keys.device.type == "cuda" and not sketch._compiled
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        ids = torch.from_numpy(rng.integers(0, 1000, 512))
+        scores = torch.from_numpy((rng.integers(1, 64, 512) / 8).astype(np.float32))  # sums are exact: any order
+        assert sketch.insert(ids.cuda(), scores.cuda()) == cpu.insert(ids, scores)
+    for name, value in cpu.state_dict().items():
+        assert torch.equal(sketch.state_dict()[name].cpu(), value), name
+    scores, rows = sketch.query(torch.tensor([1, 2, 1], device="cuda"))
     assert scores.device.type == rows.device.type == "cuda"
-    assert scores.tolist() == [2.0, 1.0, 2.0]
-    assert sketch.keys.device.type == "cpu"
+    assert sketch.query(torch.tensor([1, 2]))[0].device.type == "cpu"  # results on the ids' device
 
 
 def test_memory_counts_every_stored_byte():

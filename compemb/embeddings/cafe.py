@@ -43,7 +43,7 @@ from compemb.embeddings.adaptive import AdaptiveEmbedding, memory_report, reset_
 from compemb.embeddings.base import CompressedEmbedding, init_uniform_
 from compemb.embeddings.cafe_kernels import cafe_rows, hot_candidates
 from compemb.embeddings.cafe_settings import budget_ratio, default_settings
-from compemb.hashing import UniversalHash, coefficient_bytes, hash_ids
+from compemb.hashing import UniversalHash, coefficient_bytes
 from compemb.registry import register
 from compemb.table_batch import SeparateLookups
 from compemb.sketch.hotsketch import SLOT_BYTES, HotSketch
@@ -51,6 +51,19 @@ from compemb.sketch.hotsketch import SLOT_BYTES, HotSketch
 SKETCH_SLOTS = 4  # slots per HotSketch bucket, as in the paper
 OWNER_BYTES = 8 + 1  # per hot row: its owner id (int64) and whether it has one (bool)
 _NO_WEIGHTS = np.empty((0, 2), dtype=np.float32)
+
+
+def _hot_candidates_torch(ids: Tensor, scores: Tensor, hot: Tensor, threshold: float, limit: int) -> Tensor:
+    """:func:`~compemb.embeddings.cafe_kernels.hot_candidates` in torch ops (the same positions), for any device."""
+    eligible = ((scores >= threshold) & (hot < 0)).nonzero().squeeze(-1)
+    if eligible.numel() == 0 or limit == 0:
+        return eligible[:limit]
+    positions = eligible[torch.argsort(ids[eligible], stable=True)]  # equal ids keep their batch order
+    sorted_ids = ids[positions]
+    first = torch.ones_like(sorted_ids, dtype=torch.bool)
+    first[1:] = sorted_ids[1:] != sorted_ids[:-1]
+    distinct = positions[first]  # each id's first position
+    return distinct[torch.argsort(-scores[distinct], stable=True)[:limit]]  # equal scores stay in id order
 
 
 class _CAFE(AdaptiveEmbedding):
@@ -123,7 +136,7 @@ class _CAFE(AdaptiveEmbedding):
             UniversalHash(rows, seed=seed, stream=level, device=device) for level, rows in enumerate(self.hashed_rows)
         )
         self.sketch = HotSketch(buckets, SKETCH_SLOTS, threshold=self.threshold, decay_factor=self.decay, seed=seed,
-                                device="meta" if torch.device(device or "cpu").type == "meta" else None)
+                                device=device)
         total_rows = self.hot_rows + sum(self.hashed_rows)
         self._offsets = (self.hot_rows, self.hot_rows + self.hashed_rows[0])  # where each hashed table starts
         self.weight = torch.nn.Parameter(torch.empty(total_rows, d, device=device))
@@ -131,7 +144,6 @@ class _CAFE(AdaptiveEmbedding):
         self.register_buffer("owned", torch.empty(self.hot_rows, dtype=torch.bool, device=device))
         if self.merge_on_demote:
             self.register_buffer("start", torch.empty(self.hot_rows, d, device=device))
-        self._mirror: tuple[Tensor, ...] | None = None
         self._mass_seen: float | None = None  # the sketch's decay mass after the last update
         smallest = row_bytes + HotSketch.bytes_for(1) + hash_bytes + levels * d * FLOAT_BYTES
         self._finish(budget, seed, math.ceil(smallest / FLOAT_BYTES), every_budget_from(d, smallest))
@@ -146,7 +158,7 @@ class _CAFE(AdaptiveEmbedding):
         self.owned.zero_()
         if self.merge_on_demote:
             self.start.zero_()
-        self._pending, self._mirror, self._mass_seen = [], None, None
+        self._pending, self._mass_seen = [], None
 
     def memory(self) -> MemoryReport:
         """Hot and hashed rows (and start values) as floats, owners and hashes as index bytes, the sketch apart."""
@@ -156,7 +168,7 @@ class _CAFE(AdaptiveEmbedding):
 
     def _route(self, ids: Tensor) -> tuple[Tensor, Tensor | None]:
         """Rows ``(N, levels)`` of each id, and with two levels their weights ``(N, 2)``: 1, and 1 if medium."""
-        if not ids.is_cpu:
+        if not (ids.is_cpu and self.sketch._compiled):
             return self._route_torch(ids)
         # on CPU one compiled pass over the sketch and the hashes (5x faster than the torch ops)
         rows = torch.empty(ids.numel(), self.levels, dtype=torch.int64)
@@ -169,16 +181,9 @@ class _CAFE(AdaptiveEmbedding):
         return rows, weights
 
     def _route_torch(self, ids: Tensor) -> tuple[Tensor, Tensor | None]:
-        """:meth:`_route` in torch ops on a copy of the sketch on the ids' device (a GPU needs no trip to the CPU)."""
-        if self._mirror is None or self._mirror[0].device != ids.device:
-            sketch = self.sketch
-            self._mirror = tuple(t.to(ids.device) for t in (sketch.keys, sketch.scores, sketch.hot_rows,
-                                                            sketch.occupied, sketch.coefficients))
-        keys, scores, hot_rows, occupied, coefficients = self._mirror
-        bucket = hash_ids(ids, coefficients, self.sketch.num_buckets).squeeze(-1)
-        match = (keys[bucket] == ids.unsqueeze(-1)) & occupied[bucket]
-        score = torch.where(match, scores[bucket], 0).amax(-1)
-        hot = torch.where(match, hot_rows[bucket].long(), -1).amax(-1)
+        """:meth:`_route` in torch ops, reading the sketch where it lives (with the weights: no trip to the host)."""
+        score, hot = self.sketch.query(ids)
+        hot = hot.long()
         first = torch.where(hot >= 0, hot, self.hashes[0](ids).squeeze(-1) + self._offsets[0])
         if self.levels == 1:
             return first.unsqueeze(-1), None
@@ -199,24 +204,25 @@ class _CAFE(AdaptiveEmbedding):
     @torch.no_grad()
     def _update(self, ids: Tensor, scores: Tensor | None, optimizer: torch.optim.Optimizer | None) -> None:
         sketch = self.sketch
-        ids, scores = ids.cpu(), None if scores is None else scores.cpu()
+        # the sketch lives with the weights: on a GPU nothing is copied to the host but a few counts
+        ids, scores = ids.to(sketch.keys.device), None if scores is None else scores.to(sketch.keys.device)
         # the level each id was read at (cafe-ml): where a row it gets now starts
         before = sketch.query(ids)[0] if self.levels == 2 else None
-        mass = float(sketch.mass)
-        # scores only fall when they decay: during this insert (the mass it adds is used up), or since the last
-        # update (decay() or a load restarts the mass)
-        decayed = mass != self._mass_seen
-        sketch.insert(ids, scores)
-        self._mirror = None
-        inserted = ids.numel() if scores is None else float(scores.sum())
-        self._mass_seen = float(sketch.mass)
-        if decayed or self._mass_seen < mass + inserted - sketch.decay_period / 2:
+        # scores only fall when they decay: since the last update (decay() or a load restarts the mass), or
+        # during this insert
+        decayed = sketch.mass_since_decay() != self._mass_seen
+        decayed = sketch.insert(ids, scores) > 0 or decayed
+        self._mass_seen = sketch.mass_since_decay()
+        if decayed:
             self._demote()
         free = (~self.owned).nonzero().squeeze(-1)
         if free.numel():  # promotions: the best candidates of this batch take the free rows
             now, hot = sketch.query(ids)
-            picked = torch.from_numpy(hot_candidates(ids.numpy(), now.numpy(), hot.numpy(), self.threshold,
+            if sketch._compiled:
+                picked = torch.from_numpy(hot_candidates(ids.numpy(), now.numpy(), hot.numpy(), self.threshold,
                                                          free.numel()))
+            else:
+                picked = _hot_candidates_torch(ids, now, hot, self.threshold, free.numel())
             if picked.numel():
                 medium = None if before is None else before[picked] >= self.medium_fraction * self.threshold
                 self._promote(ids[picked], free[: picked.numel()], medium, optimizer)
@@ -246,7 +252,7 @@ class _CAFE(AdaptiveEmbedding):
         self.weight.index_copy_(0, rows, start)
         if self.merge_on_demote:
             self.start.index_copy_(0, rows, start)
-        self.sketch.set_hot(ids, rows.cpu().int())
+        self.sketch.set_hot(ids, rows.int())
         self.owner[rows] = on_device
         self.owned[rows] = True
         reset_optimizer_rows(optimizer, self.weight, rows)
@@ -258,7 +264,7 @@ class _CAFE(AdaptiveEmbedding):
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._mirror, self._mass_seen = None, None
+        self._mass_seen = None
 
     @classmethod
     def table_batch(cls, tables: Sequence[CompressedEmbedding]) -> SeparateLookups:
@@ -289,8 +295,9 @@ class CAFEEmbedding(_CAFE):
     Training: after ``optimizer.step()`` call ``module.on_step_end(step, optimizer)`` (the Trainer does): the
     updates run then, and a row given to a new owner has its optimizer state zeroed (Adam's moments, Adagrad's
     sum back to its initial value; dense or sparse state). A plain loop may skip the call: the updates then run at
-    the start of the next forward, with no optimizer to reset. On CUDA the sketch stays on the CPU (ids and
-    scores are copied there once per step) and lookups read a device copy of it.
+    the start of the next forward, with no optimizer to reset. The sketch lives with the weights: on CUDA its
+    inserts, queries and promotions run in torch ops on the device (:mod:`compemb.sketch.torch_ops`), reading back
+    a few counts per step and no ids.
 
     Args:
         hash_rate: the share of the budget for hashed rows; the rest holds the hot rows and the sketch.

@@ -194,7 +194,7 @@ class CCEmbedding(AdaptiveEmbedding):
         plan = plan_tables(shape, budget, pointers, sample)
         self.sample = sample or ("uniform" if plan.all_ids else "frequency")
         self.rows, self.all_ids, self.holder_rows = plan.rows, plan.all_ids, plan.holder_rows
-        c, k, meta = columns, plan.rows, torch.device(device or "cpu").type == "meta"
+        c, k = columns, plan.rows
         # ids without stored pointers read the hashed region: rows [cold_offset, k) of each table (all of it when
         # every id will hold pointers); holders read centroids and residuals in rows [0, holder_rows)
         self.cold_offset = 0 if plan.all_ids else plan.holder_rows
@@ -212,8 +212,7 @@ class CCEmbedding(AdaptiveEmbedding):
                              torch.empty(plan.pointers, dtype=torch.int64, device=device))
         self.register_buffer("cluster_state", torch.empty(2, dtype=torch.int64, device=device))
         self.sketch = None if not plan.sketch_buckets else HotSketch(
-            plan.sketch_buckets, SKETCH_SLOTS, threshold=1.0, decay_factor=decay, seed=seed,
-            device="meta" if meta else None)
+            plan.sketch_buckets, SKETCH_SLOTS, threshold=1.0, decay_factor=decay, seed=seed, device=device)
         self.register_buffer("seen", torch.empty(plan.bitmap_bytes, dtype=torch.uint8, device=device)
                              if plan.bitmap_bytes else None)
         smallest = math.ceil(smallest_bytes(columns, embedding_dim, plan.bitmap_bytes) / FLOAT_BYTES)
@@ -333,9 +332,10 @@ class CCEmbedding(AdaptiveEmbedding):
         if self.sketch is not None and ids.numel():
             stride = self.sketch_stride
             if stride > 1:  # a strided sample, starting where the sketch's saved mass says: it moves every batch
-                start = int(self.sketch.mass[0]) % stride
+                start = int(self.sketch.mass_since_decay()) % stride  # a host float: no read from the device
                 sample = ids[start::stride]
-                scores = torch.full(sample.shape, float(stride)) if scores is None else scores[start::stride] * stride
+                scores = (torch.full(sample.shape, float(stride), device=ids.device) if scores is None
+                          else scores[start::stride] * stride)
                 self.sketch.insert(sample, scores)
             else:
                 self.sketch.insert(ids, scores)

@@ -70,7 +70,7 @@ def cluster_sample(sample: str, num_embeddings: int, limit: int, generator: torc
         if ids.numel() > limit:
             ids = ids[torch.randperm(ids.numel(), generator=generator)[:limit]]
     elif sample == "frequency" and sketch is not None:
-        ids, scores, _ = sketch.items()
+        ids, scores = (t.cpu() for t in sketch.items()[:2])  # the sketch may live on an accelerator
         ids, scores = ids[scores > 0], scores[scores > 0]
         if ids.numel() > limit:
             ids = ids[torch.multinomial(scores.double(), limit, replacement=False, generator=generator)]
@@ -87,7 +87,7 @@ def cluster_sample(sample: str, num_embeddings: int, limit: int, generator: torc
 
 def top_holders(sketch: HotSketch, count: int) -> Tensor:
     """The ``count`` ids of highest sketch score (ties to the smaller id), sorted: who holds stored pointers."""
-    ids, scores, _ = sketch.items()
+    ids, scores = (t.cpu() for t in sketch.items()[:2])
     by_id = torch.argsort(ids, stable=True)
     order = by_id[torch.argsort(scores[by_id], descending=True, stable=True)]
     return torch.sort(ids[order[:count]]).values  # sorted: holder_ids is searched

@@ -13,8 +13,10 @@ Deviations from the paper, all for batches:
 - Decay (all scores times ``decay_factor``) is checked once per ``insert`` call, after the batch is applied.
 - An occupancy flag per slot (1 byte) marks empty slots, since every int64 is a valid ID; it counts in the bytes.
 
-The state lives in CPU buffers that compiled numba kernels read and write through numpy views (which
-share memory with the tensors), so a whole batch costs one call into compiled code.
+On CPU the state is read and written by compiled numba kernels through numpy views (which share memory with
+the tensors), so a whole batch costs one call into compiled code. A sketch whose parent moved it to an
+accelerator keeps its state there and runs the same operations in torch ops (:mod:`compemb.sketch.torch_ops`),
+so training on a GPU copies no IDs to the host and uploads no sketch.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from torch import Tensor
 
 from compemb.budget import MemoryReport
 from compemb.hashing import MAX_BUCKETS, bucket_of, coefficient_bytes, hash_coefficients
+from compemb.sketch import torch_ops
 
 SKETCH_STREAM = 0x48534B  # "HSK": a stream of its own, independent of a parent's hashes of the same seed
 DECAY_PERIOD = 10  # decay once per DECAY_PERIOD * threshold * num_buckets of inserted score mass (the paper's rule)
@@ -37,6 +40,7 @@ STATE_BYTES = 8  # the float64 mass inserted since the last decay
 
 _NO_SCORES = np.empty(0, dtype=np.float32)  # the kernel's scores argument in frequency mode
 _MAX_ROW = 2**31 - 1
+BACKENDS = ("auto", "torch")  # auto: compiled kernels on CPU, torch ops elsewhere; torch: torch ops everywhere
 # the state, in the order the kernels take it
 _BUFFERS = {
     "keys": torch.int64,
@@ -53,7 +57,7 @@ _BUFFERS = {
 
 @numba.njit(cache=True, nogil=True)
 def _insert_kernel(ids, scores, unit, keys, table, rows, occupied, mass, coefficients, limit, factor):
-    """Apply a batch; returns the index of the first bad score (nothing changed then), or -1."""
+    """Apply a batch; returns the index of the first bad score (nothing changed then) or -1, and the decays."""
     n = ids.shape[0]
     num_buckets, num_slots = keys.shape
     a, b = coefficients[0, 0], coefficients[0, 1]
@@ -65,7 +69,7 @@ def _insert_kernel(ids, scores, unit, keys, table, rows, occupied, mass, coeffic
         for i in range(n):
             s = scores[i]
             if not (s >= 0.0 and s < np.inf):  # NaN fails every comparison
-                return i
+                return i, 0
             total += s
     # sum duplicates in an open-addressing table (at most half full), remembering first occurrences in order
     bits = 1
@@ -128,17 +132,19 @@ def _insert_kernel(ids, scores, unit, keys, table, rows, occupied, mass, coeffic
         # else: the lowest slot holds a hot ID, which keeps its place; the new ID is dropped
     # decay once for every whole period of mass inserted
     mass[0] += total
+    periods = 0
     if mass[0] > limit:
         scale = 1.0
         if factor < 1.0:
             while mass[0] > limit and scale > 0.0:
                 mass[0] -= limit
                 scale *= factor
+                periods += 1
         if scale == 0.0 or factor >= 1.0:
             mass[0] = 0.0  # nothing is left to decay (or nothing decays): start counting afresh
         if scale != 1.0:
             _scale(table, scale)
-    return -1
+    return -1, periods
 
 
 @numba.njit(cache=True, nogil=True)
@@ -262,6 +268,15 @@ def _id_array(ids: Any, what: str = "ids") -> tuple[Tensor, np.ndarray]:
     return flat, flat.numpy()
 
 
+def _id_tensor(ids: Any, device: torch.device, what: str = "ids") -> Tensor:
+    """``ids`` as a flat int64 tensor on ``device`` (the torch path)."""
+    if not isinstance(ids, Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(ids).__name__}")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype is torch.bool:
+        raise TypeError(f"{what} must be an integer tensor (int64 or int32), got {ids.dtype}")
+    return ids.reshape(-1).to(device, torch.int64)
+
+
 # --- the module ------------------------------------------------------------------------------------------
 
 
@@ -281,13 +296,16 @@ class HotSketch(torch.nn.Module):
             mass inserted (checked once per :meth:`insert` call, after the batch), or on :meth:`decay`.
             In ``(0, 1]``; 1 never decays.
         seed: seeds the bucket hash; ``stream`` separates it from other functions of the same seed.
-        device: ``None`` or ``"cpu"``; ``"meta"`` plans a sketch without allocating it (a parent built on the
-            meta device), which ``to_empty`` later materialises on CPU, uninitialised until :meth:`reset`.
+        device: where the state lives (default CPU); ``"meta"`` plans a sketch without allocating it (a parent
+            built on the meta device), which ``to_empty`` later materialises, uninitialised until :meth:`reset`.
+        backend: ``"auto"`` (compiled kernels on CPU, torch ops elsewhere) or ``"torch"`` (torch ops everywhere;
+            the same results, for checking one against the other).
 
     The state (``keys``, ``scores``, ``hot_rows``, ``occupied``, ``mass``, ``coefficients``) is made of
     buffers, so ``state_dict`` saves and restores it exactly. Change it only through the methods. The
-    buffers stay on CPU in their dtypes when a parent module is moved or cast, since compiled CPU code
-    reads and writes them; IDs on another device are copied to CPU, and results return on their device.
+    buffers follow a parent module to another device but keep their dtypes (``.half()`` on the parent leaves
+    them alone: half-precision scores would stop counting past 2048). IDs on another device than the sketch are
+    copied to it, and results return on the IDs' device.
 
     Shape:
         ``insert(ids (*), scores (*))``; ``query(ids (*))`` -> ``(*)`` float32 scores, ``(*)`` int32 rows.
@@ -296,6 +314,7 @@ class HotSketch(torch.nn.Module):
 
         >>> sketch = HotSketch(1000, threshold=5.0)
         >>> sketch.insert(torch.tensor([7, 7, 42]), torch.tensor([1.0, 2.0, 0.5]))
+        0
         >>> sketch.query(torch.tensor([7, 42, 99]))
         (tensor([3.0000, 0.5000, 0.0000]), tensor([-1, -1, -1], dtype=torch.int32))
         >>> sketch.set_hot(torch.tensor([7]), torch.tensor([0]))
@@ -320,11 +339,9 @@ class HotSketch(torch.nn.Module):
         seed: int = 0,
         stream: int = SKETCH_STREAM,
         device: torch.device | str | None = None,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
-        meta = device is not None and torch.device(device).type == "meta"
-        if device is not None and not meta and torch.device(device).type != "cpu":
-            raise ValueError(f"a HotSketch lives on CPU (or the meta device, as a plan), not {device!r}")
         if isinstance(num_buckets, bool) or not isinstance(num_buckets, int) or not 1 <= num_buckets <= MAX_BUCKETS:
             raise ValueError(f"num_buckets must be an int in [1, {MAX_BUCKETS}], got {num_buckets!r}")
         if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
@@ -333,10 +350,12 @@ class HotSketch(torch.nn.Module):
             raise ValueError(f"threshold must be a positive finite number, got {threshold!r}")
         if not 0 < decay_factor <= 1:
             raise ValueError(f"decay_factor must be in (0, 1], got {decay_factor!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.num_buckets, self.slots = num_buckets, slots
         self.threshold, self.decay_factor = float(threshold), float(decay_factor)
-        self.seed, self.stream = int(seed), int(stream)
-        shape, where = (num_buckets, slots), "meta" if meta else "cpu"
+        self.seed, self.stream, self.backend = int(seed), int(stream), backend
+        shape, where = (num_buckets, slots), torch.device(device or "cpu")
         self.register_buffer("keys", torch.zeros(shape, dtype=torch.int64, device=where))
         self.register_buffer("scores", torch.zeros(shape, dtype=torch.float32, device=where))
         self.register_buffer("hot_rows", torch.full(shape, -1, dtype=torch.int32, device=where))
@@ -344,6 +363,7 @@ class HotSketch(torch.nn.Module):
         self.register_buffer("mass", torch.zeros(1, dtype=torch.float64, device=where))
         self.register_buffer("coefficients", hash_coefficients(self.seed, 1, self.stream).to(where))
         self._cache: tuple | None = None
+        self._known_mass: float | None = 0.0  # ``mass`` as a host float while it is known: no device read
 
     # --- sizes ---------------------------------------------------------------------------------------
 
@@ -372,7 +392,18 @@ class HotSketch(torch.nn.Module):
         """Its bytes, all counted as sketch bytes."""
         return MemoryReport(float_bytes=0, sketch_bytes=self.bytes_for(self.num_buckets, self.slots))
 
+    def mass_since_decay(self) -> float:
+        """The score mass inserted since the last decay (a host float; read from the device only after a load)."""
+        if self._known_mass is None:
+            self._known_mass = float(self.mass[0])
+        return self._known_mass
+
     # --- state ----------------------------------------------------------------------------------------
+
+    @property
+    def _compiled(self) -> bool:
+        """Whether the compiled CPU kernels run this sketch (else torch ops)."""
+        return self.backend == "auto" and self.keys.is_cpu
 
     @torch.no_grad()
     def reset(self) -> None:
@@ -383,6 +414,7 @@ class HotSketch(torch.nn.Module):
         self.occupied.zero_()
         self.mass.zero_()
         self.coefficients.copy_(hash_coefficients(self.seed, 1, self.stream))
+        self._known_mass = 0.0
 
     def _arrays(self) -> tuple[np.ndarray, ...]:
         # numpy views of the buffers, made once: tensor.numpy() costs ~1 us, a visible share of a batch's
@@ -402,24 +434,30 @@ class HotSketch(torch.nn.Module):
         return cache[6:]
 
     def _apply(self, fn: Any, recurse: bool = True) -> HotSketch:
-        # The buffers stay on CPU in their dtypes whatever a parent module does (.to('cuda'), .half(), ...):
-        # compiled CPU kernels read and write them, and half-precision scores would stop counting past 2048.
-        # Only a meta plan moves: to_empty materialises it on CPU (fn raises for a copy out of meta, as torch does).
-        if self.keys.is_meta:
-            for name, dtype in _BUFFERS.items():
-                if not fn(self._buffers[name]).is_meta:
-                    self._buffers[name] = torch.empty(self._buffers[name].shape, dtype=dtype)
-            self._cache = None
+        # The buffers go where a parent module sends them (.to('cuda'), .cpu(), to_empty) but keep their dtypes
+        # (.half(), .double(), ...): the kernels need them, and half-precision scores would stop counting past
+        # 2048. fn is applied only to learn the device (it raises for a copy out of meta, as torch does).
+        for name, dtype in _BUFFERS.items():
+            tensor = self._buffers[name]
+            device = fn(tensor).device
+            if tensor.is_meta and device.type != "meta":
+                self._buffers[name] = torch.empty(tensor.shape, dtype=dtype, device=device)
+                self._known_mass = None
+            elif device != tensor.device:
+                self._buffers[name] = tensor.to(device)
+        self._cache = None
         return self
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        device = self.keys.device
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        # load_state_dict(assign=True) puts the given tensors in place: bring them back to CPU and their dtypes
+        # load_state_dict(assign=True) puts the given tensors in place: bring them back to the sketch's device
+        # and their dtypes
         for name, dtype in _BUFFERS.items():
             tensor = self._buffers[name]
-            if tensor.device.type != "cpu" or tensor.dtype != dtype or not tensor.is_contiguous():
-                self._buffers[name] = tensor.to("cpu", dtype).contiguous()
-        self._cache = None
+            if tensor.device != device or tensor.dtype != dtype or not tensor.is_contiguous():
+                self._buffers[name] = tensor.to(device, dtype).contiguous()
+        self._cache, self._known_mass = None, None
 
     def __getstate__(self) -> dict:
         # numpy views would be copied apart from their tensors by pickle/deepcopy: drop them
@@ -427,11 +465,17 @@ class HotSketch(torch.nn.Module):
         state["_cache"] = None
         return state
 
+    def __setstate__(self, state: dict) -> None:
+        state.setdefault("backend", "auto")  # sketches pickled before there was a choice
+        state.setdefault("_known_mass", None)
+        self.__dict__.update(state)
+
     # --- scores --------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def insert(self, ids: Tensor, scores: Tensor | None = None) -> None:
-        """Add ``scores`` to ``ids`` (frequency mode when ``scores`` is None: 1 per occurrence).
+    def insert(self, ids: Tensor, scores: Tensor | None = None) -> int:
+        """Add ``scores`` to ``ids`` (frequency mode when ``scores`` is None: 1 per occurrence); returns how many
+        decays the batch set off (0 almost always).
 
         The batch is applied as a whole: the scores of a repeated ID are summed (in float32, in batch order),
         then the distinct IDs are applied one after another in order of their first occurrence. Afterwards,
@@ -446,51 +490,87 @@ class HotSketch(torch.nn.Module):
             ValueError: shapes differ, or a score is negative, NaN or infinite (the sketch is left unchanged).
             TypeError: ids that are not integers, or scores that are not floats.
         """
-        _, id_array = _id_array(ids)
-        if scores is None:
-            score_array, unit = _NO_SCORES, True
+        if self._compiled:
+            _, id_array = _id_array(ids)
         else:
+            flat_ids = _id_tensor(ids, self.keys.device)
+        if scores is not None:
             if not isinstance(scores, Tensor):
                 raise TypeError(f"scores must be a torch.Tensor or None, got {type(scores).__name__}")
             if scores.shape != ids.shape:
                 raise ValueError(f"scores must have the shape of ids {tuple(ids.shape)}, got {tuple(scores.shape)}")
-            if scores.dtype is not torch.float32:
-                if not scores.dtype.is_floating_point:
-                    raise TypeError(f"scores must be a floating-point tensor, got {scores.dtype}")
-                scores = scores.float()
-            if scores.requires_grad:
-                scores = scores.detach()
-            if not scores.is_cpu:
-                scores = scores.cpu()
-            scores = scores.reshape(-1)
-            score_array, unit = scores.numpy(), False
+            if not scores.dtype.is_floating_point:
+                raise TypeError(f"scores must be a floating-point tensor, got {scores.dtype}")
+            scores = scores.detach().reshape(-1).to(self.keys.device, torch.float32)
+        if not self._compiled:
+            return self._insert_torch(flat_ids, scores)
+        score_array, unit = (_NO_SCORES, True) if scores is None else (scores.numpy(), False)
         keys, table, rows, occupied, mass, coefficients = self._arrays()
-        bad = _insert_kernel(id_array, score_array, unit, keys, table, rows, occupied, mass, coefficients,
-                             self.decay_period, self.decay_factor)
+        bad, periods = _insert_kernel(id_array, score_array, unit, keys, table, rows, occupied, mass, coefficients,
+                                      self.decay_period, self.decay_factor)
         if bad >= 0:
             raise ValueError(f"scores must be finite and >= 0, got {float(score_array[bad])} at flat index {bad}")
+        self._known_mass = float(mass[0])
+        return int(periods)
+
+    def _insert_torch(self, ids: Tensor, scores: Tensor | None) -> int:
+        """:meth:`insert` in torch ops: one small read back to the host, then one set of ops per round."""
+        unique_ids, unique_scores, buckets, by_round, readback = torch_ops.plan_insert(
+            ids, scores, self.num_buckets, self.coefficients, self.mass)
+        bad, _, mass, *per_round = readback.tolist()
+        if bad >= 0:
+            value = float(scores[int(bad)])  # type: ignore[index]
+            raise ValueError(f"scores must be finite and >= 0, got {value} at flat index {int(bad)}")
+        start = 0
+        for count in per_round:
+            chosen = by_round[start : start + int(count)]
+            start += int(count)
+            torch_ops.apply_round(unique_ids[chosen], unique_scores[chosen], buckets[chosen], self.keys,
+                                  self.scores, self.hot_rows, self.occupied)
+        # decay, exactly as the compiled kernel does it
+        limit, factor, periods, scale = self.decay_period, self.decay_factor, 0, 1.0
+        if mass > limit:
+            if factor < 1.0:
+                while mass > limit and scale > 0.0:
+                    mass -= limit
+                    scale *= factor
+                    periods += 1
+            if scale == 0.0 or factor >= 1.0:
+                mass = 0.0
+            if scale != 1.0:
+                self.scores.copy_((self.scores.double() * scale).float())
+        self.mass.fill_(mass)
+        self._known_mass = mass
+        return periods
 
     @torch.no_grad()
     def query(self, ids: Tensor) -> tuple[Tensor, Tensor]:
         """Scores (float32) and hot rows (int32) of ``ids``, with their shape and device; 0 and -1 when absent."""
-        _, id_array = _id_array(ids)
-        keys, table, rows, occupied, _, coefficients = self._arrays()
-        scores = np.empty(id_array.shape[0], dtype=np.float32)
-        hot = np.empty(id_array.shape[0], dtype=np.int32)
-        _query_kernel(id_array, keys, table, rows, occupied, coefficients, scores, hot)
-        score_tensor, row_tensor = torch.from_numpy(scores), torch.from_numpy(hot)
-        if ids.dim() != 1:
-            score_tensor, row_tensor = score_tensor.view(ids.shape), row_tensor.view(ids.shape)
-        if not ids.is_cpu:
-            score_tensor, row_tensor = score_tensor.to(ids.device), row_tensor.to(ids.device)
-        return score_tensor, row_tensor
+        if not self._compiled:
+            flat = _id_tensor(ids, self.keys.device)
+            score_tensor, row_tensor = torch_ops.query(flat, self.keys, self.scores, self.hot_rows, self.occupied,
+                                                       self.coefficients)
+        else:
+            _, id_array = _id_array(ids)
+            keys, table, rows, occupied, _, coefficients = self._arrays()
+            scores = np.empty(id_array.shape[0], dtype=np.float32)
+            hot = np.empty(id_array.shape[0], dtype=np.int32)
+            _query_kernel(id_array, keys, table, rows, occupied, coefficients, scores, hot)
+            score_tensor, row_tensor = torch.from_numpy(scores), torch.from_numpy(hot)
+        score_tensor, row_tensor = score_tensor.view(ids.shape), row_tensor.view(ids.shape)
+        return score_tensor.to(ids.device), row_tensor.to(ids.device)
 
     @torch.no_grad()
     def decay(self) -> None:
         """Multiply every score by ``decay_factor`` now, and restart the count of mass towards the next decay."""
-        _, table, _, _, mass, _ = self._arrays()
-        _scale(table, self.decay_factor)
-        mass[0] = 0.0
+        if not self._compiled:
+            self.scores.copy_((self.scores.double() * self.decay_factor).float())
+            self.mass.zero_()
+        else:
+            _, table, _, _, mass, _ = self._arrays()
+            _scale(table, self.decay_factor)
+            mass[0] = 0.0
+        self._known_mass = 0.0
 
     # --- hot rows ------------------------------------------------------------------------------------
 
@@ -498,13 +578,18 @@ class HotSketch(torch.nn.Module):
     def set_hot(self, ids: Tensor, rows: Tensor) -> None:
         """Give each of ``ids`` (present in the sketch) its hot row from ``rows`` (same shape, in [0, 2^31)).
 
+        A repeated ID keeps its last row (on CPU; pass distinct IDs on an accelerator).
+
         Raises:
             ValueError: shapes differ, a row is out of range, or an ID is not in the sketch (nothing changes then).
         """
+        if isinstance(ids, Tensor) and isinstance(rows, Tensor) and rows.shape != ids.shape:
+            raise ValueError(f"rows must have the shape of ids {tuple(ids.shape)}, got {tuple(rows.shape)}")
+        if not self._compiled:
+            self._set_hot_torch(_id_tensor(ids, self.keys.device), _id_tensor(rows, self.keys.device, "rows"))
+            return
         _, id_array = _id_array(ids)
         _, row_array = _id_array(rows, "rows")
-        if rows.shape != ids.shape:
-            raise ValueError(f"rows must have the shape of ids {tuple(ids.shape)}, got {tuple(rows.shape)}")
         keys, _, hot, occupied, _, coefficients = self._arrays()
         problem, index = _set_hot_kernel(id_array, row_array, keys, hot, occupied, coefficients)
         if problem == 1:
@@ -512,23 +597,48 @@ class HotSketch(torch.nn.Module):
         if problem == 2:
             raise ValueError(f"id {int(id_array[index])} is not in the sketch: only present IDs can be made hot")
 
+    def _set_hot_torch(self, ids: Tensor, rows: Tensor) -> None:
+        where = torch_ops.locate(ids, self.keys, self.occupied, self.coefficients)
+        bad_row = (rows < 0) | (rows > _MAX_ROW)
+        absent = where < 0
+        first_bad, first_absent = (int(i) for i in torch.stack([
+            torch.where(bad_row.any(), bad_row.to(torch.uint8).argmax(), -1) if rows.numel() else rows.new_tensor(-1),
+            torch.where(absent.any(), absent.to(torch.uint8).argmax(), -1) if ids.numel() else ids.new_tensor(-1),
+        ]).tolist())
+        if first_bad >= 0:
+            raise ValueError(f"rows must be in [0, {_MAX_ROW}], got {int(rows[first_bad])}")
+        if first_absent >= 0:
+            raise ValueError(f"id {int(ids[first_absent])} is not in the sketch: only present IDs can be made hot")
+        self.hot_rows.view(-1)[where] = rows.to(torch.int32)
+
     @torch.no_grad()
     def clear_hot(self, ids: Tensor) -> Tensor:
         """Take their rows from ``ids``; returns the rows taken (int32, ids' shape, -1 where there was none)."""
-        _, id_array = _id_array(ids)
-        keys, _, hot, occupied, _, coefficients = self._arrays()
-        released = torch.from_numpy(_clear_hot_kernel(id_array, keys, hot, occupied, coefficients))
+        if not self._compiled:
+            where = torch_ops.locate(_id_tensor(ids, self.keys.device), self.keys, self.occupied, self.coefficients)
+            flat_rows, found = self.hot_rows.view(-1), where >= 0
+            released = torch.where(found, flat_rows[where.clamp_min(0)], -1)
+            flat_rows[where[found]] = -1
+        else:
+            _, id_array = _id_array(ids)
+            keys, _, hot, occupied, _, coefficients = self._arrays()
+            released = torch.from_numpy(_clear_hot_kernel(id_array, keys, hot, occupied, coefficients))
         return released.view(ids.shape).to(ids.device)
 
     def hot_below(self, threshold: float | None = None) -> tuple[Tensor, Tensor]:
-        """IDs (int64) and rows (int32), on CPU, of hot slots scoring below ``threshold`` (default: the sketch's)."""
+        """IDs (int64) and rows (int32), on the sketch's device, of hot slots scoring below ``threshold``
+        (default: the sketch's), in slot order."""
+        threshold = self.threshold if threshold is None else float(threshold)
+        if not self._compiled:
+            return torch_ops.hot_below(self.keys, self.scores, self.hot_rows, self.occupied, threshold)
         keys, table, hot, occupied, _, _ = self._arrays()
-        found_ids, found_rows = _hot_below_kernel(keys, table, hot, occupied,
-                                                  self.threshold if threshold is None else float(threshold))
+        found_ids, found_rows = _hot_below_kernel(keys, table, hot, occupied, threshold)
         return torch.from_numpy(found_ids), torch.from_numpy(found_rows)
 
     def hot_count(self) -> int:
         """How many slots hold a hot ID."""
+        if not self._compiled:
+            return int((self.occupied & (self.hot_rows >= 0)).sum())
         _, _, hot, occupied, _, _ = self._arrays()
         return int(_hot_count_kernel(hot, occupied))
 
@@ -541,4 +651,6 @@ class HotSketch(torch.nn.Module):
         text = f"num_buckets={self.num_buckets}, slots={self.slots}, threshold={self.threshold:g}"
         if self.decay_factor != 0.99:
             text += f", decay_factor={self.decay_factor:g}"
-        return text + f", seed={self.seed}"
+        text += f", seed={self.seed}"
+        return text + (f", backend={self.backend!r}" if self.backend != "auto" else "")
+

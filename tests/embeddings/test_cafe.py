@@ -7,6 +7,8 @@ import torch
 
 from compemb import BudgetError, make_embedding
 from compemb.embeddings.adaptive import reset_optimizer_rows
+from compemb.embeddings.cafe import _hot_candidates_torch
+from compemb.embeddings.cafe_kernels import hot_candidates
 from compemb.embeddings.cafe_settings import SMALL_BUDGET_ROWS, SMALL_BUDGET_SETTINGS, paper_defaults
 from compemb.embeddings.id_map import search_rows, search_rows_torch
 
@@ -249,6 +251,34 @@ def test_the_torch_route_equals_the_compiled_one(name):
     torch_rows, torch_weights = module._route_torch(ids)
     assert torch.equal(rows, torch_rows) and (weights is None or torch.equal(weights, torch_weights))
     assert bool((rows[:, 0] < module.hot_rows).any())  # hot rows are among them
+
+
+@pytest.mark.parametrize("name", ["cafe", "cafe-ml"])
+def test_training_with_the_torch_sketch_equals_the_compiled_one_exactly(name):
+    """The device path (torch ops for routing, inserts, candidates, promotions) run on CPU: the same training."""
+    compiled = make_embedding(name, N, 8, compression=20, seed=18)
+    torch_ops = make_embedding(name, N, 8, compression=20, seed=18)
+    torch_ops.sketch.backend = "torch"
+    assert compiled.sketch._compiled and not torch_ops.sketch._compiled
+    batches = zipf_batches(25, 1024, seed=19)
+    train(compiled, batches, torch.optim.Adam(compiled.parameters(), lr=0.01))
+    train(torch_ops, batches, torch.optim.Adam(torch_ops.parameters(), lr=0.01))
+    assert len(hot_map(compiled)) > 0 and hot_map(compiled) == hot_map(torch_ops)
+    for (key, a), b in zip(compiled.state_dict().items(), torch_ops.state_dict().values()):
+        assert torch.equal(a, b), key
+
+
+def test_torch_hot_candidates_equal_the_compiled_ones():
+    generator = torch.Generator().manual_seed(20)
+    for trial in range(30):
+        n = int(torch.randint(1, 400, (), generator=generator))
+        ids = torch.randint(0, 50, (n,), generator=generator) * (2**40 if trial % 3 == 0 else 1)
+        scores = torch.randint(0, 8, (n,), generator=generator).float()  # many ties
+        scores = scores[torch.searchsorted(ids.unique(), ids)] if trial % 2 else scores  # an id's score, or not
+        hot = torch.where(torch.rand(n, generator=generator) < 0.2, 1, -1).int()
+        for limit in (0, 1, 5, n):
+            expected = torch.from_numpy(hot_candidates(ids.numpy(), scores.numpy(), hot.numpy(), 3.0, limit))
+            assert torch.equal(_hot_candidates_torch(ids, scores, hot, 3.0, limit), expected), (trial, limit)
 
 
 def test_search_rows_compiled_equals_torch():

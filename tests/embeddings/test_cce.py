@@ -237,6 +237,21 @@ def test_compiled_routing_equals_the_torch_ops(options):
         module.cluster()
 
 
+@pytest.mark.parametrize("importance", ["frequency", "gradient"])
+def test_training_with_the_torch_sketch_equals_the_compiled_one_exactly(importance):
+    """The sketch's device path (torch ops) run on CPU: the same scores, holders, pointers and tables."""
+    compiled, torch_ops = (make_embedding("cce", 20_000, 8, compression=10, importance=importance, seed=4)
+                           for _ in range(2))
+    torch_ops.sketch.backend = "torch"
+    for module in (compiled, torch_ops):
+        for _ in range(2):
+            _train_a_little(module, steps=6, batch=1024)
+            module.cluster()
+    assert compiled.rounds == 2 and not compiled.all_ids
+    for (key, a), b in zip(compiled.state_dict().items(), torch_ops.state_dict().values()):
+        assert torch.equal(a, b), key
+
+
 def test_seen_sample_clusters_only_ids_seen_in_training():
     module = make_embedding("cce", 5000, 8, compression=2, sample="seen")
     assert module.memory().sketch_bytes >= 5000 // 8
