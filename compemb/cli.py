@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -77,15 +78,39 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Train one model on a preprocessed data set; print the last evaluation."""
     from compemb.train import Trainer
 
+    from compemb import distributed
+
     overrides = dict(_override(text) for text in args.override)
     config = replace(_train_config(args, args.out), **overrides)
     resume = args.resume or args.resume_or_start or args.resume_from != "last"
     if overrides and not resume:
         raise ValueError("--override changes a setting of the run being resumed: give it with --resume")
+    if args.nproc < 1:
+        raise ValueError(f"--nproc must be a positive number of processes, got {args.nproc}")
+    if args.nproc > 1 and not distributed.launched():  # torchrun starts the ranks, each running this command
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+                   "-m", "compemb", *_without_nproc(args.argv)]
+        return subprocess.run(command).returncode
     trainer = Trainer(config, resume=resume, start_if_missing=args.resume_or_start, resume_from=args.resume_from,
                       allow_changes=tuple(overrides))
-    print(json.dumps(trainer.fit(), indent=2))
+    result = trainer.fit()
+    if distributed.rank() == 0:
+        print(json.dumps(result, indent=2))
+    distributed.shutdown()
     return 0
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """The command line less its ``--nproc N`` (or ``--nproc=N``): what each rank torchrun starts runs."""
+    kept, skip = [], False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word == "--nproc":
+            skip = True
+        elif not word.startswith("--nproc="):
+            kept.append(word)
+    return kept
 
 
 def _override(text: str) -> tuple[str, Any]:
@@ -376,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="resume from the checkpoint before the last (when the last is damaged)")
     train.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                        help="with --resume: change a setting the run may change (lr, epochs, eval_every, ...)")
+    train.add_argument("--nproc", type=int, default=1, metavar="N",
+                       help="train on N processes (torchrun, DistributedDataParallel; gloo on CPU, nccl on CUDA)")
     _add_cluster_every(train)
     train.set_defaults(run=cmd_train)
 
@@ -464,7 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``compemb`` console command."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # train --nproc hands the command line to torchrun
     try:
         return args.run(args)
     except (ValueError, OSError) as error:  # bad input, a missing file, a full disk: one clear line, not a traceback

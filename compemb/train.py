@@ -28,6 +28,7 @@ from safetensors.torch import save as save_tensors
 from torch import Tensor
 from tqdm import tqdm
 
+from compemb import distributed
 from compemb.collection import SHARING, EmbeddingCollection, Feature
 from compemb.data.dataset import Split, open_dataset
 from compemb.embeddings.adaptive import track_row_steps
@@ -155,16 +156,34 @@ class Trainer:
         torch.manual_seed(config.seed)
         # sparse gradients are built by torch's own kernels: opt out of re-checking them, explicitly (the default)
         torch.sparse.check_sparse_tensor_invariants.disable()
+        # under torchrun (WORLD_SIZE > 1): join the process group; each rank trains on its slice of every batch
+        self.device = distributed.init(config.device) if distributed.launched() else torch.device(config.device)
+        self.rank, self.world = distributed.rank(), distributed.world_size()
         frequencies = None
         if get_method(config.method).needs_frequencies:  # offline methods: ids counted in the train split
-            counts = id_counts(self.splits["train"], self.manifest["cardinalities"])
-            frequencies = {f"C{i + 1}": torch.from_numpy(c) for i, c in enumerate(counts)}
-        self.device = torch.device(config.device)
+            frequencies = {f"C{i + 1}": torch.from_numpy(c) for i, c in
+                           enumerate(_counted_by_every_rank(self.splits["train"], self.manifest["cardinalities"]))}
+        # nccl reduces no sparse gradients: under torchrun on CUDA the (small) tables take dense ones
+        sparse = None if self.world == 1 or self.device.type == "cpu" else False
         self.model = build_model(config, self.manifest["cardinalities"], self.splits["train"].dense.shape[1],
-                                 frequencies).to(self.device)
+                                 frequencies, sparse=sparse).to(self.device)
         self.optimizer = _make_optimizer(config.optimizer, self.model, config.lr)
+        self.train_model: torch.nn.Module = self.model
+        # under torchrun the MLPs' gradients are DDP's; the tables' (sparse: DDP buckets sparse gradients only from
+        # nn.Embedding) are averaged after backward (distributed.average_gradients); sketches, pointers and other
+        # buffers stay identical because every rank applies the same gathered updates (compemb.distributed)
+        self._table_parameters = [p for m in self.model.modules() if isinstance(m, CompressedEmbedding)
+                                  for p in m.parameters(recurse=False)]
+        if self.world > 1:
+            tables = {name for name, m in self.model.named_modules() if isinstance(m, CompressedEmbedding)}
+            ignored = [f"{module}.{name}" for module in tables
+                       for name, _ in [*self.model.get_submodule(module).named_parameters(recurse=False),
+                                       *self.model.get_submodule(module).named_buffers(recurse=False)]]
+            torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.model, ignored)
+            self.train_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device] if self.device.type == "cuda" else None, forward_sync_buffers=False)
         # the compiled module shares the model's parameters; checkpoints save the model itself (no _orig_mod keys)
-        self.train_model = torch.compile(self.model) if config.compile else self.model
+        self.train_model = torch.compile(self.train_model) if config.compile else self.train_model
         self.prefetch = self.device.type != "cpu"  # read the next batch on a thread (see fit)
         self.step = 0
         self.best: dict[str, Any] | None = None
@@ -201,7 +220,8 @@ class Trainer:
         # on an accelerator one background thread reads and pins the next batch while the device trains; only it then
         # calls _train_batch, in step order, so the batches are exactly those of a loop without it. On CPU the
         # thread would compete with torch's own for the cores: measured 0.935x the minimal loop against 1.012x
-        with tqdm(total=stop, initial=self.step, desc=f"train {config.method}", unit="step") as bar, \
+        with tqdm(total=stop, initial=self.step, desc=f"train {config.method}", unit="step",
+                  disable=self.rank != 0) as bar, \
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix="compemb-batches") as reader:
             started, samples = time.perf_counter(), 0
             upcoming = reader.submit(self._prepared_batch, self.step) if self.prefetch and self.step < stop else None
@@ -212,13 +232,17 @@ class Trainer:
                     upcoming = reader.submit(self._prepared_batch, self.step + 1)
                 dense, sparse, labels = self._to_device(batch)
                 loss = torch.nn.functional.binary_cross_entropy_with_logits(self.train_model(dense, sparse), labels)
+                global_rows = self._global_rows(self.step)
+                if self.world > 1:  # DDP averages over ranks: each rank's mean weighted by its share of the batch
+                    loss = loss * (len(labels) * self.world / global_rows)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                distributed.average_gradients(self._table_parameters)  # (one process: nothing to do)
                 self.optimizer.step()
                 for module in adaptive:
                     module.on_step_end(self.step, self.optimizer)
                 self.step += 1
-                samples += len(labels)
+                samples += global_rows
                 if self.step > 1:
                     self._running_loss.mul_(0.98).add_(loss.detach(), alpha=0.02)
                 else:
@@ -229,12 +253,13 @@ class Trainer:
                 bar.update(1)
                 if self.step == self.total_steps or (self.eval_every and self.step % self.eval_every == 0):
                     result = self.evaluate(config.eval_split)
-                    result["train_loss"] = self.running_loss
+                    result["train_loss"] = self._mean_over_ranks(self.running_loss)
                     result["samples_per_s"] = samples / (time.perf_counter() - started)
                     self._log(result)
                     self._checkpoint(result)
                 elif self._checkpoint_due():
                     self._write_last()
+        distributed.barrier()  # rank 0's checkpoints are written when any rank returns
         return result
 
     def _checkpoint_due(self) -> bool:
@@ -263,16 +288,31 @@ class Trainer:
         """The batch of 0-based ``step``: rows in file order, or in the epoch's seeded permutation (``shuffle``)."""
         train, size = self.splits["train"], self.config.batch_size
         epoch, index = divmod(step, self.steps_per_epoch)
+        start, stop = index * size, min((index + 1) * size, len(train))
+        low, high = distributed.shard(start, stop)  # under torchrun: this rank's contiguous part of the batch
         if not self.config.shuffle:
-            return _batch(train, index, size)
+            return _rows(train, slice(low, high))
         if self._order is None or self._order[0] != epoch:  # a function of (seed, epoch) alone: resumes see the same
             self._order = (epoch, np.random.default_rng([self.config.seed, epoch]).permutation(len(train)))
         # sorted within the batch: the same rows (the loss is their mean), read in file order from the memory map
-        return _rows(train, np.sort(self._order[1][index * size : (index + 1) * size]))
+        return _rows(train, np.sort(self._order[1][start:stop])[low - start : high - start])
+
+    def _global_rows(self, step: int) -> int:
+        """How many rows the batch of 0-based ``step`` has over all ranks."""
+        index = step % self.steps_per_epoch
+        return min(self.config.batch_size, len(self.splits["train"]) - index * self.config.batch_size)
+
+    def _mean_over_ranks(self, value: float) -> float:
+        """``value`` averaged over the ranks (itself in one process)."""
+        if self.world == 1:
+            return value
+        total = distributed.all_reduce_sum(torch.tensor([value], dtype=torch.float64, device=self.device))
+        return float(total) / self.world
 
     def test_of_best(self, split: str = "test") -> dict[str, Any]:
         """Load the best validation checkpoint and evaluate it on ``split``, as the papers report test metrics."""
         best = self.out / CHECKPOINTS / BEST
+        distributed.barrier()  # rank 0 has written it
         if Path(f"{best}.json").exists():
             self.load(best)
         return self.evaluate(split)
@@ -306,10 +346,12 @@ class Trainer:
         if data.labels is None:
             raise ValueError(f"split {split!r} of {self.config.data} has no labels to evaluate against")
         self.model.eval()
-        logits = torch.cat([
-            self.model(*self._to_device(_batch(data, index, self.config.eval_batch_size)[:2]))
-            for index in range(math.ceil(len(data) / self.config.eval_batch_size))
-        ]).cpu()
+        low, high = distributed.shard(0, len(data))  # under torchrun each rank scores its part; all see every logit
+        size = self.config.eval_batch_size
+        logits = distributed.gather_rows(torch.cat([
+            self.model(*self._to_device(_rows(data, slice(start, min(start + size, high)))[:2]))
+            for start in range(low, max(high, low + 1), size)  # one (possibly empty) batch at least: cat needs one
+        ])).cpu()
         self.model.train()
         labels = torch.from_numpy(np.asarray(data.labels, dtype=np.float32))
         result = {"step": self.step, "split": split, "bce": bce(logits, labels), "auc": auc(logits, labels)}
@@ -320,6 +362,8 @@ class Trainer:
         return result
 
     def _log(self, result: dict[str, Any]) -> None:
+        if self.rank != 0:  # every rank has the result; rank 0 writes it
+            return
         self.out.mkdir(parents=True, exist_ok=True)
         with open(self.out / "metrics.jsonl", "a") as log:
             log.write(json.dumps(result) + "\n")
@@ -329,13 +373,16 @@ class Trainer:
         if improved:
             self.best = result
         self._write_last()
-        if improved:
+        if improved and self.rank == 0:
             self.save(self.out / CHECKPOINTS / BEST)
 
     def _write_last(self) -> None:
         """The newest checkpoint, written so that a crash at any point leaves a complete one to resume from: the
         new one is written whole as ``next``, then ``last`` becomes ``previous`` and ``next`` becomes ``last``."""
         directory = self.out / CHECKPOINTS
+        self._last_checkpoint = (self.step, time.monotonic())
+        if self.rank != 0:  # the ranks' states are identical: rank 0 writes it, every rank resumes from it
+            return
         try:
             self.save(directory / NEXT)
         except OSError as error:  # a full disk, say: what was written before is untouched
@@ -465,16 +512,17 @@ def find_checkpoint(run: str | os.PathLike, which: str = LAST) -> Path | None:
 
 
 def build_model(config: TrainConfig, cardinalities: list[int], num_dense: int,
-                frequencies: dict[str, Tensor] | None = None) -> torch.nn.Module:
+                frequencies: dict[str, Tensor] | None = None, sparse: bool | None = None) -> torch.nn.Module:
     """The model a config describes (DLRM or DCN over an EmbeddingCollection of ``C1..Cn``), freshly seeded.
 
     ``frequencies`` (per-feature id counts) are needed by methods built from them (``needs_frequencies``); an
-    exported model rebuilds without them (its state then loads over whatever they chose).
+    exported model rebuilds without them (its state then loads over whatever they chose). ``sparse``: whether the
+    tables' gradients are sparse (default: for every optimizer but ``adam_dense``).
     """
     torch.manual_seed(config.seed)
     features = [Feature(f"C{i + 1}", n) for i, n in enumerate(cardinalities)]
     # sparse table gradients wherever the optimizer takes them (all but adam_dense), as the papers train
-    options = {"sparse": config.optimizer != "adam_dense", "init": config.init,
+    options = {"sparse": config.optimizer != "adam_dense" if sparse is None else sparse, "init": config.init,
                **_method_options(config.method, config.method_options)}
     if get_method(config.method).needs_frequencies and frequencies is None:
         frequencies = {f.name: torch.zeros(f.num_embeddings, dtype=torch.int64) for f in features}
@@ -485,17 +533,29 @@ def build_model(config: TrainConfig, cardinalities: list[int], num_dense: int,
     return DCNv2(embeddings, num_dense, deep=config.top)
 
 
-def id_counts(split: Split, cardinalities: list[int], chunk_rows: int = 1 << 20) -> list[np.ndarray]:
-    """How often each id occurs in each sparse column of ``split``: one int64 array per feature.
+def id_counts(split: Split, cardinalities: list[int], chunk_rows: int = 1 << 20,
+              rows: tuple[int, int] | None = None) -> list[np.ndarray]:
+    """How often each id occurs in each sparse column of ``split`` (or of its rows ``[low, high)``): one int64
+    array per feature.
 
     Reads the memory-mapped ids ``chunk_rows`` rows at a time, so a split of any size needs one chunk of memory.
     """
+    low, high = rows if rows is not None else (0, len(split))
     counts = [np.zeros(n, dtype=np.int64) for n in cardinalities]
-    for start in range(0, len(split), chunk_rows):
-        chunk = np.asarray(split.sparse[start : start + chunk_rows])
+    for start in range(low, high, chunk_rows):
+        chunk = np.asarray(split.sparse[start : min(start + chunk_rows, high)])
         for column, n in enumerate(cardinalities):
             counts[column] += np.bincount(chunk[:, column], minlength=n)[:n]
     return counts
+
+
+def _counted_by_every_rank(split: Split, cardinalities: list[int]) -> list[np.ndarray]:
+    """:func:`id_counts` of the whole split; under torchrun each rank counts its part and the counts are summed."""
+    counts = id_counts(split, cardinalities, rows=distributed.shard(0, len(split)))
+    if distributed.world_size() == 1:
+        return counts
+    total = distributed.all_reduce_sum(torch.from_numpy(np.concatenate(counts)))  # one collective for all features
+    return [part.numpy() for part in torch.split(total, cardinalities)]
 
 
 def _method_options(method: str, options: dict[str, Any]) -> dict[str, Any]:

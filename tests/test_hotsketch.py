@@ -302,6 +302,18 @@ def test_decay_rule_and_decay_call(backend):
     assert sketch.mass.item() == 0.0
 
 
+def test_a_given_mass_drives_the_decay_instead_of_the_score_sum(backend):
+    sketch = HotSketch(10, 4, threshold=0.1, decay_factor=0.5, backend=backend)  # a period of 10
+    # scores that sum to 10.000001 by rounding: counted as the 10 occurrences they stand for, no decay yet
+    scores = torch.full((10,), 1.0000001)
+    assert sketch.insert(torch.arange(10), scores, mass=10.0) == 0 and sketch.mass.item() == 10.0
+    assert sketch.insert(torch.tensor([3]), torch.tensor([0.5]), mass=1.0) == 1  # 11 counted: one period
+    assert sketch.mass.item() == 1.0
+    assert sketch.query(torch.tensor([3]))[0].item() == pytest.approx(0.75)  # (1 + 0.5) * 0.5
+    with pytest.raises(ValueError, match="mass must be finite"):
+        sketch.insert(torch.tensor([1]), torch.tensor([1.0]), mass=-1.0)
+
+
 def test_query_shapes_dtypes_and_absent_ids(backend):
     sketch = HotSketch(16, backend=backend)
     sketch.insert(torch.tensor([[3, 4], [3, 5]], dtype=torch.int32), torch.ones(2, 2, dtype=torch.float16))

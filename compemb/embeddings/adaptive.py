@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from compemb import distributed
 from compemb.budget import MemoryReport
 from compemb.embeddings.base import CompressedEmbedding
 
@@ -180,8 +181,9 @@ class AdaptiveEmbedding(CompressedEmbedding):
         return vectors
 
     def _record(self, ids: Tensor, grad: Tensor | None) -> None:
-        # only remember (one kernel: the norms): tables must not change during backward, nor before the step
-        if grad is None or ids.numel() == 0:  # None: autograd passes an undefined gradient
+        # only remember (one kernel: the norms): tables must not change during backward, nor before the step.
+        # An empty batch is remembered too: under torchrun every rank must gather as often as the others
+        if grad is None:  # None: autograd passes an undefined gradient
             return
         norms = None if self.importance == "frequency" else torch.linalg.vector_norm(grad.detach(), dim=-1)
         self._pending.append((ids, norms))
@@ -197,6 +199,11 @@ class AdaptiveEmbedding(CompressedEmbedding):
         pending, self._pending = self._pending, []
         id_parts, score_parts = [], []
         for ids, norms in pending:
+            # under torchrun: every rank's occurrences, in rank order, so every rank applies the same updates (the
+            # ones one process would apply to the whole batch) and the norms are normalised over the whole batch
+            ids, norms = distributed.gather_scored(ids, norms)
+            if ids.numel() == 0:
+                continue
             if norms is not None:  # each backward's norms, normalised to mean 1
                 mean = float(norms.mean())
                 if not (math.isfinite(mean) and mean > 0):  # no gradient, or a diverged one: no signal
@@ -212,7 +219,8 @@ class AdaptiveEmbedding(CompressedEmbedding):
 
         Reading changes nothing: pending updates are applied to a copy, whose state is returned (so with
         ``keep_vars=True`` the tensors are the copy's). Without pending updates (the Trainer applies them after
-        every step) this is ``nn.Module.state_dict``.
+        every step) this is ``nn.Module.state_dict``. Under torchrun, read it with nothing pending (after
+        ``on_step_end``): applying pending updates gathers from every rank, which a read on one rank cannot.
         """
         if not self._pending:
             return super().state_dict(*args, **kwargs)

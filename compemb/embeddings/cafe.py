@@ -211,7 +211,8 @@ class _CAFE(AdaptiveEmbedding):
         # scores only fall when they decay: since the last update (decay() or a load restarts the mass), or
         # during this insert
         decayed = sketch.mass_since_decay() != self._mass_seen
-        decayed = sketch.insert(ids, scores) > 0 or decayed
+        # scores of mean 1 per batch sum to the number of occurrences: count exactly that towards the decay
+        decayed = sketch.insert(ids, scores, mass=None if scores is None else float(ids.numel())) > 0 or decayed
         self._mass_seen = sketch.mass_since_decay()
         if decayed:
             self._demote()

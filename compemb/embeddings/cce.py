@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from compemb import distributed
 from compemb.budget import FLOAT_BYTES, MemoryReport, check_budget, every_budget_from, resolve_budget
 from compemb.embeddings.adaptive import AdaptiveEmbedding, memory_report, reset_optimizer_rows
 from compemb.embeddings.base import CompressedEmbedding, init_uniform_
@@ -324,7 +325,8 @@ class CCEmbedding(AdaptiveEmbedding):
             return super().lookup(ids)
         vectors = self._vectors(ids)
         if self.training and vectors.requires_grad:  # frequency needs no gradient: count the ids now
-            self._update(ids, None, None)  # inserts never move a pointer, so this batch's rows stay right
+            # (under torchrun every rank's ids, in rank order); inserts never move a pointer: this batch's rows stay
+            self._update(distributed.gather_scored(ids, None)[0], None, None)
         return vectors
 
     @torch.no_grad()
@@ -336,9 +338,10 @@ class CCEmbedding(AdaptiveEmbedding):
                 sample = ids[start::stride]
                 scores = (torch.full(sample.shape, float(stride), device=ids.device) if scores is None
                           else scores[start::stride] * stride)
-                self.sketch.insert(sample, scores)
+                # (scores of mean 1 per batch: the decay counts occurrences, exactly; see HotSketch.insert's mass)
+                self.sketch.insert(sample, scores, mass=float(sample.numel() * stride))
             else:
-                self.sketch.insert(ids, scores)
+                self.sketch.insert(ids, scores, mass=float(ids.numel()))
         if self.seen is not None and self.seen.is_cpu:
             mark_seen(ids.cpu().numpy(), self.seen.numpy())
         elif self.seen is not None:
@@ -420,6 +423,9 @@ class CCEmbedding(AdaptiveEmbedding):
         region = torch.arange(kh)
         rows = torch.cat([region + block * k for block in range(2 * c)])
         reset_optimizer_rows(optimizer, self.weight, rows)
+        # every rank clustered the same state with the same seeds; rank 0's result wins, so no difference in
+        # floating-point order between processes can grow into different pointers
+        distributed.broadcast_state(self)
         report = ClusterReport(rounds + 1, sample, tuple(inertia), holders.numel(), time.perf_counter() - started)
         log.info("%s: clustered round %d, %d ids sampled, %d pointers, %.2fs", self._who(), report.round,
                  sample.numel(), report.num_pointers, report.seconds)

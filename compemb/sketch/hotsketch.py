@@ -56,8 +56,9 @@ _BUFFERS = {
 
 
 @numba.njit(cache=True, nogil=True)
-def _insert_kernel(ids, scores, unit, keys, table, rows, occupied, mass, coefficients, limit, factor):
-    """Apply a batch; returns the index of the first bad score (nothing changed then) or -1, and the decays."""
+def _insert_kernel(ids, scores, unit, keys, table, rows, occupied, mass, coefficients, limit, factor, counted):
+    """Apply a batch; returns the index of the first bad score (nothing changed then) or -1, and the decays.
+    ``counted`` >= 0: the mass the batch counts towards the decay (else the sum of its scores)."""
     n = ids.shape[0]
     num_buckets, num_slots = keys.shape
     a, b = coefficients[0, 0], coefficients[0, 1]
@@ -131,7 +132,7 @@ def _insert_kernel(ids, scores, unit, keys, table, rows, occupied, mass, coeffic
             table[bucket, lowest] += s  # the newcomer inherits the count it displaces (Space-Saving)
         # else: the lowest slot holds a hot ID, which keeps its place; the new ID is dropped
     # decay once for every whole period of mass inserted
-    mass[0] += total
+    mass[0] += total if counted < 0.0 else counted
     periods = 0
     if mass[0] > limit:
         scale = 1.0
@@ -473,7 +474,7 @@ class HotSketch(torch.nn.Module):
     # --- scores --------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def insert(self, ids: Tensor, scores: Tensor | None = None) -> int:
+    def insert(self, ids: Tensor, scores: Tensor | None = None, mass: float | None = None) -> int:
         """Add ``scores`` to ``ids`` (frequency mode when ``scores`` is None: 1 per occurrence); returns how many
         decays the batch set off (0 almost always).
 
@@ -485,6 +486,10 @@ class HotSketch(torch.nn.Module):
         Args:
             ids: int64 (or int32) IDs, any shape, any device.
             scores: finite, non-negative floats of the same shape (cast to float32), or None.
+            mass: what the batch counts towards the decay (default: the sum of its scores). Scores normalised to
+                mean 1 (CAFE's) pass the number of occurrences, which they sum to: a float sum lands on either
+                side of a period's end by rounding, and the decay would then depend on the order of additions
+                (one process or several, CPU or GPU).
 
         Raises:
             ValueError: shapes differ, or a score is negative, NaN or infinite (the sketch is left unchanged).
@@ -502,22 +507,25 @@ class HotSketch(torch.nn.Module):
             if not scores.dtype.is_floating_point:
                 raise TypeError(f"scores must be a floating-point tensor, got {scores.dtype}")
             scores = scores.detach().reshape(-1).to(self.keys.device, torch.float32)
+        if mass is not None and not (math.isfinite(mass) and mass >= 0):
+            raise ValueError(f"mass must be finite and >= 0, got {mass!r}")
         if not self._compiled:
-            return self._insert_torch(flat_ids, scores)
+            return self._insert_torch(flat_ids, scores, mass)
         score_array, unit = (_NO_SCORES, True) if scores is None else (scores.numpy(), False)
-        keys, table, rows, occupied, mass, coefficients = self._arrays()
-        bad, periods = _insert_kernel(id_array, score_array, unit, keys, table, rows, occupied, mass, coefficients,
-                                      self.decay_period, self.decay_factor)
+        keys, table, rows, occupied, mass_array, coefficients = self._arrays()
+        bad, periods = _insert_kernel(id_array, score_array, unit, keys, table, rows, occupied, mass_array, coefficients,
+                                      self.decay_period, self.decay_factor, -1.0 if mass is None else float(mass))
         if bad >= 0:
             raise ValueError(f"scores must be finite and >= 0, got {float(score_array[bad])} at flat index {bad}")
-        self._known_mass = float(mass[0])
+        self._known_mass = float(mass_array[0])
         return int(periods)
 
-    def _insert_torch(self, ids: Tensor, scores: Tensor | None) -> int:
+    def _insert_torch(self, ids: Tensor, scores: Tensor | None, counted: float | None = None) -> int:
         """:meth:`insert` in torch ops: one small read back to the host, then one set of ops per round."""
         unique_ids, unique_scores, buckets, by_round, readback = torch_ops.plan_insert(
             ids, scores, self.num_buckets, self.coefficients, self.mass)
-        bad, _, mass, *per_round = readback.tolist()
+        bad, before, mass, *per_round = readback.tolist()
+        mass = mass if counted is None else before + float(counted)
         if bad >= 0:
             value = float(scores[int(bad)])  # type: ignore[index]
             raise ValueError(f"scores must be finite and >= 0, got {value} at flat index {int(bad)}")
