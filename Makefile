@@ -4,15 +4,21 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench clean
+.PHONY: run test bench clean torchrec
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# CPU torch first, from this machine's disk: an unpinned torch can pull a multi-GB CUDA build
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,torchrec]'
+	$(MAKE) torchrec
 	touch $(STAMP)
+
+# the TorchRec adapter's extra: torchrec and the CPU fbgemm without their declared deps (torchrec names the CUDA
+# fbgemm-gpu); its own deps come with '.[torchrec]'
+torchrec:
+	$(BIN)/python -m pip install --quiet --no-deps fbgemm-gpu-cpu==1.8.0 torchrec==1.9.2
 
 # the main job: a synthetic Criteo-like set (101k ids, 3 training rows per id), then every method at 100x of one
 # shared table, 3 seeds, Adagrad, one epoch, the test metrics of the best of 3 validation checkpoints (minutes).

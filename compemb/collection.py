@@ -49,12 +49,45 @@ from compemb.table_batch import TableBatch, batch_groups
 SHARING = ("per_feature", "shared")
 
 
+POOLINGS = ("sum", "mean")
+
+
 @dataclass(frozen=True)
 class Feature:
-    """A categorical feature: its name and how many ids it has."""
+    """A categorical feature: its name, how many ids it has, and how a row's ids are pooled.
+
+    ``pooling=None`` (one-hot, as Criteo's): one id per row, a column of the collection's ``ids``.
+    ``"sum"`` / ``"mean"`` (multi-hot, e.g. a user's last k items): a bag of ids per row, given as :class:`Bags`
+    and reduced to one vector (an empty bag gives zeros).
+    """
 
     name: str
     num_embeddings: int
+    pooling: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.pooling is not None and self.pooling not in POOLINGS:
+            raise ValueError(f"feature {self.name!r}: pooling must be None or one of {POOLINGS}, got {self.pooling!r}")
+
+
+@dataclass(frozen=True)
+class Bags:
+    """A multi-hot feature's ids for a batch, laid out as a KeyedJaggedTensor carries one feature.
+
+    Row b's bag is ``values[offsets[b]:offsets[b + 1]]``: ``offsets`` has ``batch + 1`` entries, from 0 to
+    ``len(values)``. ``weights`` (optional, the shape of ``values``) scale each id's vector (sum pooling only).
+    """
+
+    values: Tensor
+    offsets: Tensor
+    weights: Tensor | None = None
+
+    @classmethod
+    def from_lengths(cls, values: Tensor, lengths: Tensor, weights: Tensor | None = None) -> Bags:
+        """Bags from per-row lengths (as KJTs also carry them) instead of offsets."""
+        offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64, device=lengths.device)
+        torch.cumsum(lengths.long(), 0, out=offsets[1:])
+        return cls(values, offsets, weights)
 
 
 @dataclass(frozen=True)
@@ -91,7 +124,9 @@ class EmbeddingCollection(torch.nn.Module):
         options: passed to every compressed table (``sparse=True``, ``columns=4``, ...).
 
     Shape:
-        ids ``(batch, num_features)``, one id per feature -> ``(batch, num_features, embedding_dim)``.
+        ids ``(batch, num_features)``, one id per feature -> ``(batch, num_features, embedding_dim)``. With
+        multi-hot features (``Feature(..., pooling="sum")``), ``ids`` holds the one-hot features' columns in
+        order and ``bags`` each multi-hot feature's :class:`Bags`; the output has every feature in order.
 
     Example::
 
@@ -130,6 +165,10 @@ class EmbeddingCollection(torch.nn.Module):
         if len(set(names)) != len(names):
             raise ValueError(f"feature names must be unique, got {names}")
         self.features = list(features)
+        self.one_hot = [i for i, f in enumerate(features) if f.pooling is None]
+        self.multi_hot = [i for i, f in enumerate(features) if f.pooling is not None]
+        # output position of each feature when one-hot vectors come first and pooled bags after them
+        self._order = torch.tensor(self.one_hot + self.multi_hot).argsort().tolist()
         self.embedding_dim = embedding_dim
         self.method = method
         total = sum(f.num_embeddings for f in features)
@@ -140,6 +179,9 @@ class EmbeddingCollection(torch.nn.Module):
         cardinalities = torch.tensor([f.num_embeddings for f in features], dtype=torch.int64, device=device)
         self.register_buffer("cardinalities", cardinalities, persistent=False)
         self.register_buffer("offsets", torch.cumsum(cardinalities, 0) - cardinalities, persistent=False)
+        one_hot = torch.tensor(self.one_hot, dtype=torch.int64, device=device)
+        self.register_buffer("one_hot_cardinalities", cardinalities[one_hot], persistent=False)
+        self.register_buffer("one_hot_offsets", self.offsets[one_hot], persistent=False)
         if self.sharing == "shared":
             common: dict[str, Any] = dict(seed=seed, device=device, name="shared")
             if get_method(method).needs_frequencies:  # every feature's counts, end to end as the ids are
@@ -222,25 +264,94 @@ class EmbeddingCollection(torch.nn.Module):
     # torch.compile compiles the model around the lookups and runs them as they are: their id checks, packed-weight
     # checks, compiled kernels and sparse gradients are not traceable, and graph breaks inside would cost more
     @torch.compiler.disable
-    def forward(self, ids: Tensor) -> Tensor:
-        """Vectors of one id per feature: ``(batch, num_features)`` -> ``(batch, num_features, dim)``."""
-        if ids.dim() != 2 or ids.shape[1] != len(self.features):
-            raise ValueError(
-                f"ids must have shape (batch, {len(self.features)}) for features {[f.name for f in self.features]}, "
-                f"got {tuple(ids.shape)}"
-            )
+    def forward(self, ids: Tensor | None, bags: Mapping[str, Bags] | None = None) -> Tensor:
+        """Vectors of every feature: ``(batch, num_features, dim)``.
+
+        ``ids`` ``(batch, number of one-hot features)`` (``None`` when there are none); ``bags`` ``{name: Bags}``
+        for the multi-hot features (see the class docstring).
+        """
+        if not self.multi_hot:
+            if bags:
+                raise ValueError(f"bags given for {sorted(bags)}, but no feature is multi-hot")
+            return self._one_hot_vectors(ids)
+        names = [self.features[i].name for i in self.multi_hot]
+        if bags is None or set(bags) != set(names):
+            raise ValueError(f"bags must be given for the multi-hot features {names}, got "
+                             f"{sorted(bags or {})}")
+        batch = None if ids is None else ids.shape[0]
+        pooled = [self.pool(self.features[i].name, bags[self.features[i].name], batch=batch) for i in self.multi_hot]
+        parts = [torch.stack(pooled, dim=1)]
+        if self.one_hot:
+            parts.insert(0, self._one_hot_vectors(ids))
+        vectors = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        if self._order == sorted(self._order):
+            return vectors
+        return vectors.index_select(1, torch.tensor(self._order, device=vectors.device))
+
+    def pool(self, name: str, bags: Bags, batch: int | None = None, pooling: str | None = None) -> Tensor:
+        """One vector per row of the feature ``name``'s bags, pooled by its ``pooling``: ``(batch, dim)``.
+
+        A one-hot feature may be read this way too (pooled by sum, or by ``pooling`` when given), as TorchRec
+        feeds every feature as bags. ``batch``, when given, is the number of rows the bags must have.
+        """
+        index = self._index_of(name)
+        feature = self.features[index]
+        pooling = pooling or feature.pooling or "sum"
+        if pooling not in POOLINGS:
+            raise ValueError(f"feature {name!r}: pooling must be one of {POOLINGS}, got {pooling!r}")
+        values, offsets, weights = bags.values, bags.offsets, bags.weights
+        where = f"feature {name!r}"
+        for what, tensor in (("values", values), ("offsets", offsets)):
+            if not isinstance(tensor, Tensor) or tensor.dim() != 1 or tensor.is_floating_point():
+                raise ValueError(f"{where}: bag {what} must be a 1-D integer tensor")
+        if len(offsets) == 0 or (batch is not None and len(offsets) != batch + 1):
+            rows = "at least 1" if batch is None else batch + 1
+            raise ValueError(f"{where}: bag offsets must have batch + 1 = {rows} entries, got {len(offsets)}")
+        if not offsets.is_cuda and int(offsets[-1]) != values.numel():  # the table checks the rest
+            raise ValueError(f"{where}: offsets[-1] = {int(offsets[-1])} is not the number of values "
+                             f"{values.numel()}")
+        if weights is not None and pooling != "sum":
+            raise ValueError(f"{where}: per-id weights need sum pooling, not {pooling!r}")
+        values = values.long()
+        if self.sharing == "shared":
+            if values.is_cuda:
+                assert_ids_in_range(values, feature.num_embeddings, where)
+            elif values.numel() and bool((bad := (values < 0) | (values >= feature.num_embeddings)).any()):
+                raise ValueError(f"{where}: id {int(values[bad][0])} is outside [0, {feature.num_embeddings})")
+            table = self.embeddings["shared"]
+            values = values + self.offsets[index]
+        else:
+            table = self.embeddings[name]
+        vectors = table(values, offsets[:-1], weights)
+        if table.mode != pooling:  # the table reduces by its own mode; convert sum <-> mean by the bag sizes
+            sizes = (offsets[1:] - offsets[:-1]).clamp(min=1).unsqueeze(1).to(vectors.dtype)
+            vectors = vectors / sizes if pooling == "mean" else vectors * sizes
+        return vectors
+
+    def _index_of(self, name: str) -> int:
+        for index, feature in enumerate(self.features):
+            if feature.name == name:
+                return index
+        raise KeyError(f"no feature {name!r} in {[f.name for f in self.features]}")
+
+    def _one_hot_vectors(self, ids: Tensor | None) -> Tensor:
+        """The one-hot features' vectors: ``(batch, len(self.one_hot))`` -> ``(batch, len(self.one_hot), dim)``."""
+        columns = [self.features[i].name for i in self.one_hot]
+        if ids is None or ids.dim() != 2 or ids.shape[1] != len(columns):
+            shape = None if ids is None else tuple(ids.shape)
+            raise ValueError(f"ids must have shape (batch, {len(columns)}) for features {columns}, got {shape}")
         if self.sharing == "shared":
             if ids.is_cuda:  # no host round trip per lookup: a device-side assert
-                assert_ids_in_range(ids, self.cardinalities, "the shared table's features")
+                assert_ids_in_range(ids, self.one_hot_cardinalities, "the shared table's features")
             # an id past its feature's range would read the next feature's rows silently
-            elif bool((bad := (ids < 0) | (ids >= self.cardinalities)).any()):
+            elif bool((bad := (ids < 0) | (ids >= self.one_hot_cardinalities)).any()):
                 row, column = (int(v) for v in bad.nonzero()[0])
-                feature = self.features[column]
+                feature = self.features[self.one_hot[column]]
                 raise ValueError(f"feature {feature.name!r}: id {int(ids[row, column])} is outside "
                                  f"[0, {feature.num_embeddings})")
-            shifted = ids + self.offsets
+            shifted = ids + self.one_hot_offsets
             return self.embeddings["shared"](shifted.reshape(-1)).view(*ids.shape, self.embedding_dim)
-        tables: list[CompressedEmbedding] = list(self.embeddings.values())  # type: ignore[arg-type]
+        tables: list[CompressedEmbedding] = [self.embeddings[name] for name in columns]  # type: ignore[misc]
         if not self.batch_tables:
             return torch.stack([table(ids[:, column]) for column, table in enumerate(tables)], dim=1)
         ids = tables[0]._as_int64(ids, "ids")

@@ -104,24 +104,51 @@ def broadcast_state(module: torch.nn.Module, source: int = 0) -> None:
             dist.broadcast(tensor.data, source)
 
 
+# sparse table gradients of up to this many floats in all are summed densely, in the one all-reduce of the dense
+# ones: a compressed table is small, and one collective costs less than one sparse all-reduce per table (measured:
+# 26 per-feature tables at 100x, 216 ms a step in gloo's sparse all-reduces against a few ms for one dense one)
+DENSE_REDUCE_FLOATS = 1 << 23
+
+
 def average_gradients(parameters: list[Tensor]) -> None:
-    """Replace each parameter's gradient by its mean over the ranks: a sparse one by gloo's sparse all-reduce,
-    the dense ones flattened into one all-reduce. For the tables DDP cannot bucket (it expects sparse gradients
-    only from ``nn.Embedding``); every rank ends with the same, coalesced gradient."""
+    """Replace each parameter's gradient by its mean over the ranks, in one all-reduce where the tables are small.
+
+    For the tables DDP cannot bucket (it expects sparse gradients only from ``nn.Embedding``). A sparse gradient
+    stays sparse: it comes back coalesced, over the rows any rank touched (a per-row count travels with the sums,
+    so a row touched with a zero gradient is still touched, as row-wise optimizers need). Sparse tables larger
+    than ``DENSE_REDUCE_FLOATS`` in all go through gloo's sparse all-reduce, one per table. Every rank ends with
+    the same gradients.
+    """
     if not active():
         return
     world = world_size()
-    dense = [p.grad for p in parameters if p.grad is not None and not p.grad.is_sparse]
-    for param in parameters:
-        if param.grad is not None and param.grad.is_sparse:
+    with_grad = [p for p in parameters if p.grad is not None]
+    sparse = [p for p in with_grad if p.grad.is_sparse]
+    dense = [p for p in with_grad if not p.grad.is_sparse]
+    if sum(p.numel() + p.shape[0] for p in sparse) > DENSE_REDUCE_FLOATS:
+        for param in sparse:
             dist.all_reduce(param.grad)  # gloo: every rank's rows, summed and coalesced, in place
             param.grad.mul_(1.0 / world)
-    if dense:
-        flat = torch.cat([grad.reshape(-1) for grad in dense])
-        dist.all_reduce(flat)
-        flat.mul_(1.0 / world)
-        for grad, part in zip(dense, flat.split([grad.numel() for grad in dense])):
-            grad.copy_(part.view_as(grad))
+        sparse = []
+    parts = [p.grad.reshape(-1) for p in dense]
+    for param in sparse:
+        grad = param.grad
+        touched = torch.zeros(param.shape[0], dtype=grad.dtype, device=grad.device)
+        touched[grad._indices()[0]] = 1.0
+        parts += [grad.to_dense().reshape(-1), touched]
+    if not parts:
+        return
+    flat = torch.cat(parts)
+    dist.all_reduce(flat)
+    flat.mul_(1.0 / world)
+    pieces = iter(flat.split([part.numel() for part in parts]))
+    for param in dense:
+        param.grad.copy_(next(pieces).view_as(param.grad))
+    for param in sparse:
+        summed, touched = next(pieces).view_as(param), next(pieces)
+        rows = touched.nonzero().squeeze(1)
+        param.grad = torch.sparse_coo_tensor(rows.unsqueeze(0), summed.index_select(0, rows), param.shape,
+                                             is_coalesced=True)
 
 
 def all_reduce_sum(tensor: Tensor) -> Tensor:

@@ -223,7 +223,7 @@ class Trainer:
         with tqdm(total=stop, initial=self.step, desc=f"train {config.method}", unit="step",
                   disable=self.rank != 0) as bar, \
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix="compemb-batches") as reader:
-            started, samples = time.perf_counter(), 0
+            started, samples, pausing_s = time.perf_counter(), 0, 0.0
             upcoming = reader.submit(self._prepared_batch, self.step) if self.prefetch and self.step < stop else None
             while self.step < stop:
                 # batch -> forward/backward -> step -> methods' own hooks -> log -> evaluate/checkpoint
@@ -249,14 +249,18 @@ class Trainer:
                     self._running_loss.copy_(loss.detach())
                 if self.step % POSTFIX_EVERY == 0:  # formatting the postfix every step costs ~1% of a step
                     bar.set_postfix(loss=f"{self.running_loss:.4f}", refresh=False,
-                                    samples_s=f"{samples / (time.perf_counter() - started):,.0f}")
+                                    samples_s=f"{samples / (time.perf_counter() - started - pausing_s):,.0f}")
                 bar.update(1)
                 if self.step == self.total_steps or (self.eval_every and self.step % self.eval_every == 0):
+                    # training throughput: the time spent evaluating and checkpointing is not training
+                    training_s = time.perf_counter() - started - pausing_s
+                    paused = time.perf_counter()
                     result = self.evaluate(config.eval_split)
                     result["train_loss"] = self._mean_over_ranks(self.running_loss)
-                    result["samples_per_s"] = samples / (time.perf_counter() - started)
+                    result["samples_per_s"] = samples / training_s
                     self._log(result)
                     self._checkpoint(result)
+                    pausing_s += time.perf_counter() - paused
                 elif self._checkpoint_due():
                     self._write_last()
         distributed.barrier()  # rank 0's checkpoints are written when any rank returns

@@ -48,3 +48,21 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def average_gradients_worker(rank: int, world: int, address: str, threshold: int, out: str) -> None:
+    """Spawned by the test: each rank averages its own sparse and dense gradients; rank 0 saves what it got."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=address, rank=rank, world_size=world)
+    distributed.DENSE_REDUCE_FLOATS = threshold
+    table, vector = torch.nn.Parameter(torch.zeros(6, 3)), torch.nn.Parameter(torch.zeros(4))
+    rows = [torch.tensor([0, 2, 2]), torch.tensor([2, 5])][rank]  # row 5 is touched with a zero gradient
+    values = [torch.ones(3, 3), torch.stack([torch.full((3,), 4.0), torch.zeros(3)])][rank]
+    table.grad = torch.sparse_coo_tensor(rows.unsqueeze(0), values, (6, 3))
+    vector.grad = torch.full((4,), float(rank + 1))
+    distributed.average_gradients([table, vector])
+    if rank == 0:
+        grad = table.grad.coalesce()
+        torch.save({"rows": grad.indices()[0], "values": grad.values(), "vector": vector.grad}, out)
+    dist.destroy_process_group()

@@ -94,3 +94,38 @@ def test_one_process_collectives_are_the_identity():
     ids, scores = torch.tensor([3, 1]), torch.tensor([0.5, 2.0])
     assert distributed.gather_scored(ids, scores) == (ids, scores)
     assert distributed.gather_rows(ids) is ids and distributed.shard(0, 7) == (0, 7)
+
+
+@pytest.mark.parametrize("threshold", [1 << 23, 0], ids=["one-dense-all-reduce", "sparse-all-reduce"])
+def test_average_gradients_keeps_sparse_rows_touched_on_any_rank(tmp_path, threshold):
+    import socket
+
+    import torch.multiprocessing
+
+    from tests.distributed_worker import average_gradients_worker
+
+    with socket.socket() as probe:  # a free port for the two ranks' rendezvous
+        probe.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+    torch.multiprocessing.spawn(average_gradients_worker, args=(2, address, threshold, str(tmp_path / "g.pt")),
+                                nprocs=2)
+    got = torch.load(tmp_path / "g.pt")
+    assert got["rows"].tolist() == [0, 2, 5]  # the union, row 5 kept though its gradient is zero
+    # rank 0: row 0 += 1, row 2 += 2; rank 1: row 2 += 4; the mean over 2 ranks
+    torch.testing.assert_close(got["values"], torch.tensor([[0.5] * 3, [3.0] * 3, [0.0] * 3]))
+    torch.testing.assert_close(got["vector"], torch.full((4,), 1.5))
+
+
+def test_the_readme_commands_train_on_two_processes_as_written(tmp_path):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Training on many processes", 1)[1]
+    commands = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    assert "--nproc 2" in commands
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1",
+           "PATH": f"{Path(sys.executable).parent}:{__import__('os').environ['PATH']}"}
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", commands], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = [json.loads(line) for line in (tmp_path / "runs/two/cafe/metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["step"] == 2 * 20  # 20,000 rows in batches of 1,024 (the last one partial), two epochs
+    assert metrics[-1]["bce"] < metrics[0]["bce"]

@@ -5,10 +5,12 @@ import sys
 from pathlib import Path
 
 FRESH_IMPORTS = """
-import importlib, pkgutil, sys
+import importlib, importlib.util, pkgutil, sys
 import torch  # loaded once; every compemb module below is imported from nothing
 import compemb
 names = sorted(m.name for m in pkgutil.walk_packages(compemb.__path__, "compemb."))
+if importlib.util.find_spec("torchrec") is None:  # an optional extra: its adapter cannot import without it
+    names.remove("compemb.integrations.torchrec")
 for name in names:
     for key in [k for k in sys.modules if k == "compemb" or k.startswith("compemb.")]:
         del sys.modules[key]

@@ -1,0 +1,1 @@
+"""Adapters that put compemb's compressed tables into other libraries' models (each an optional extra)."""

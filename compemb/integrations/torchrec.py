@@ -1,0 +1,170 @@
+"""compemb's compressed tables behind TorchRec's ``EmbeddingBagCollectionInterface``.
+
+``CompressedEmbeddingBagCollection`` takes the ``EmbeddingBagConfig`` list an ``EmbeddingBagCollection`` would,
+reads a ``KeyedJaggedTensor`` and returns the ``KeyedTensor`` of pooled vectors that one would, so it drops into
+TorchRec models (``torchrec.models.dlrm.DLRM``'s ``embedding_bag_collection=``) and training loops unchanged. Its
+tables are one :class:`compemb.collection.EmbeddingCollection` (one table per config, one budget for all), so
+the vectors equal compemb's own collection's for the same ids and seed.
+
+Under ``DistributedModelParallel`` it has no sharder (compressed tables are small), so DMP replicates it with
+DistributedDataParallel like any dense module; the adaptive methods (CAFE, CCE) gather what changes their state
+across the process group themselves (:mod:`compemb.distributed`), so every replica stays the same.
+
+Needs the ``torchrec`` extra (``pip install 'compemb[torchrec]'``; see the README for the ``--no-deps`` step).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+try:
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+    from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface, get_embedding_names_by_table
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+except ImportError as error:  # one line that says what to install
+    raise ImportError(
+        "compemb.integrations.torchrec needs TorchRec: pip install 'compemb[torchrec]' (torchrec==1.9.2 and "
+        "fbgemm-gpu-cpu==1.8.0 with --no-deps; `make torchrec` does it)"
+    ) from error
+
+from compemb.collection import Bags, EmbeddingCollection, Feature
+from compemb.embeddings.base import CompressedEmbedding
+
+_POOLINGS = {PoolingType.SUM: "sum", PoolingType.MEAN: "mean"}
+
+
+class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
+    """A drop-in ``EmbeddingBagCollection`` whose tables are compressed by ``method``.
+
+    Args:
+        tables: TorchRec's table configs (one table each; a table may serve several features, as in TorchRec).
+            Every table must have the same ``embedding_dim`` and SUM or MEAN pooling.
+        method: a compemb method name (``compemb.METHODS``), e.g. ``"cce"``, ``"cafe"``, ``"hash"``.
+        compression, num_params: the budget for all tables together (one of the two; neither for ``"full"``).
+        sharing: ``"per_feature"`` (a table per config) or ``"shared"`` (one table over every config's ids).
+        is_weighted: the input KJTs carry per-id weights (sum pooling only).
+        seed: table i is built with ``seed + i``.
+        options: passed to every compressed table (``sparse=True``, ``columns=4``, ...).
+
+    Example::
+
+        >>> from torchrec.modules.embedding_configs import EmbeddingBagConfig
+        >>> from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+        >>> tables = [EmbeddingBagConfig(name="t1", embedding_dim=8, num_embeddings=1000, feature_names=["f1"]),
+        ...           EmbeddingBagConfig(name="t2", embedding_dim=8, num_embeddings=500, feature_names=["f2"])]
+        >>> ebc = CompressedEmbeddingBagCollection(tables, "hash", compression=10)
+        >>> kjt = KeyedJaggedTensor.from_lengths_sync(["f1", "f2"], torch.tensor([1, 2, 3, 4]), torch.tensor([1, 1, 2, 0]))
+        >>> pooled = ebc(kjt)
+        >>> pooled.values().shape, pooled.keys()
+        (torch.Size([2, 16]), ['f1', 'f2'])
+    """
+
+    def __init__(
+        self,
+        tables: list[EmbeddingBagConfig],
+        method: str,
+        *,
+        compression: float | None = None,
+        num_params: int | None = None,
+        sharing: str = "per_feature",
+        is_weighted: bool = False,
+        seed: int = 0,
+        device: torch.device | str | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__()
+        if not tables:
+            raise ValueError("CompressedEmbeddingBagCollection needs at least one table config")
+        dims = sorted({table.embedding_dim for table in tables})
+        if len(dims) != 1:
+            raise ValueError(f"every table must have the same embedding_dim (compemb's collections do), got {dims}")
+        for table in tables:
+            if table.pooling not in _POOLINGS:
+                raise ValueError(f"table {table.name!r}: pooling must be SUM or MEAN, got {table.pooling}")
+            if not table.feature_names:  # as EmbeddingBagCollection does: the table's own name is its feature
+                table.feature_names = [table.name]
+        if is_weighted and any(table.pooling != PoolingType.SUM for table in tables):
+            raise ValueError("weighted KJTs need SUM pooling in every table (as nn.EmbeddingBag's per_sample_weights)")
+        self._configs = tables
+        self._is_weighted = is_weighted
+        self._poolings = [_POOLINGS[table.pooling] for table in tables]
+        # the collection's features are the tables; one-hot from its view, pooled here by each table's pooling
+        self.collection = EmbeddingCollection(
+            [Feature(table.name, table.num_embeddings) for table in tables], dims[0], method,
+            compression=compression, num_params=num_params, seed=seed, device=device, sharing=sharing, **options,
+        )
+        self._embedding_names = [name for names in get_embedding_names_by_table(tables) for name in names]
+        self._lengths_per_key = [dims[0]] * len(self._embedding_names)
+        # one feature per table: a KJT of one id per row can go through the collection's batched one-hot lookup
+        self._one_feature_per_table = all(len(table.feature_names) == 1 for table in tables)
+        self._columns: dict[tuple[str, ...], Tensor] = {}
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        """Pooled vectors of every table's features, keyed as ``EmbeddingBagCollection`` keys them."""
+        vectors = self._one_id_per_row(features)
+        if vectors is None:
+            lookup = features.to_dict()
+            pooled = []
+            for table, pooling in zip(self._configs, self._poolings):
+                for name in table.feature_names:
+                    if name not in lookup:
+                        raise KeyError(f"the KeyedJaggedTensor has no feature {name!r} (table {table.name!r}); "
+                                       f"it has {features.keys()}")
+                    bag = lookup[name]
+                    weights = bag.weights() if self._is_weighted else None
+                    pooled.append(self.collection.pool(table.name, Bags(bag.values(), bag.offsets(), weights),
+                                                       pooling=pooling))
+            vectors = torch.cat(pooled, dim=1)
+        return KeyedTensor(keys=self._embedding_names, length_per_key=self._lengths_per_key, values=vectors)
+
+    def _one_id_per_row(self, features: KeyedJaggedTensor) -> Tensor | None:
+        """The batched one-hot lookup when every row holds exactly one id of each feature, else None."""
+        if not self._one_feature_per_table or features.variable_stride_per_key():
+            return None
+        batch, lengths = features.stride(), features.lengths()
+        keys = tuple(features.keys())
+        if lengths.numel() != batch * len(keys) or not bool((lengths == 1).all()):
+            return None
+        columns = self._columns.get(keys)
+        if columns is None:
+            where = {name: position for position, name in enumerate(keys)}
+            missing = [t.feature_names[0] for t in self._configs if t.feature_names[0] not in where]
+            if missing:
+                raise KeyError(f"the KeyedJaggedTensor has no feature {missing[0]!r}; it has {list(keys)}")
+            columns = self._columns[keys] = torch.tensor([where[t.feature_names[0]] for t in self._configs])
+        # a KJT holds feature after feature: with one id per row its values are a (features, batch) matrix
+        ids = features.values().view(len(keys), batch).index_select(0, columns.to(lengths.device)).t()
+        vectors = self.collection(ids).flatten(1)  # (batch, tables * dim): each row one id, so sum = mean
+        if self._is_weighted:
+            weights = features.weights().view(len(keys), batch).index_select(0, columns.to(lengths.device)).t()
+            vectors = (vectors.view(batch, len(self._configs), -1) * weights.unsqueeze(-1).to(vectors.dtype)).flatten(1)
+        return vectors
+
+    def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
+        """The table configs it was built from."""
+        return self._configs
+
+    def is_weighted(self) -> bool:
+        """Whether the input KJTs carry per-id weights."""
+        return self._is_weighted
+
+    def on_train_begin(self, total_steps: int) -> None:
+        """Tell the adaptive tables the run's length (CCE's ``cluster_until`` is a fraction of it)."""
+        for module in self.modules():
+            if isinstance(module, CompressedEmbedding):
+                module.on_train_begin(total_steps)
+
+    def on_step_end(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Call after every optimizer step: CAFE's and CCE's sketches and clustering run here, as in compemb's
+        Trainer (``optimizer`` lets a table reset the optimizer state of rows it gives to new ids)."""
+        for module in self.modules():
+            if isinstance(module, CompressedEmbedding):
+                module.on_step_end(step, optimizer)
+
+    @property
+    def device(self) -> torch.device:
+        """The device the tables are on."""
+        return next(self.parameters()).device

@@ -1,0 +1,152 @@
+"""Multi-hot features: a bag of one id equals the one-hot path, jagged arrays round-trip through the on-disk format,
+the synthetic generator plants bags the teacher reads, and a mixed one-hot + multi-hot DLRM trains end to end."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from compemb.collection import Bags, EmbeddingCollection, Feature
+from compemb.data.dataset import DatasetError, DatasetWriter, open_dataset
+from compemb.data.synthetic import SyntheticConfig, Teacher, generate_synthetic
+from compemb.train import TrainConfig, Trainer, bag_rows
+
+SIZES = [4000, 300, 900]
+
+
+@pytest.mark.parametrize("sharing", ["per_feature", "shared"])
+@pytest.mark.parametrize("method", ["full", "hash", "qr", "cce", "cafe", "offline"])
+def test_a_bag_of_one_id_equals_the_one_hot_path(method, sharing):
+    counts = {f"f{i}": torch.arange(n, 0, -1) for i, n in enumerate(SIZES)}
+    budget = {} if method == "full" else {"compression": 4}
+    bagged = EmbeddingCollection([Feature("f0", SIZES[0]), Feature("f1", SIZES[1], "sum"),
+                                  Feature("f2", SIZES[2], "mean")], 8, method, seed=2, sharing=sharing,
+                                 frequencies=counts, **budget)
+    one_hot = EmbeddingCollection([Feature(f"f{i}", n) for i, n in enumerate(SIZES)], 8, method, seed=2,
+                                  sharing=sharing, frequencies=counts, **budget)
+    ids = torch.stack([torch.randint(0, n, (50,), generator=torch.Generator().manual_seed(i))
+                       for i, n in enumerate(SIZES)], dim=1)
+    rows = torch.arange(51)
+    got = bagged(ids[:, :1], {"f1": Bags(ids[:, 1], rows), "f2": Bags(ids[:, 2], rows)})
+    torch.testing.assert_close(got, one_hot(ids), rtol=0, atol=0)
+
+
+def test_bags_pool_by_sum_mean_and_weights_as_a_loop_does():
+    collection = EmbeddingCollection([Feature("a", 500, "sum"), Feature("b", 500, "mean"), Feature("c", 10)], 4,
+                                     "hash", compression=2, seed=0)
+    values, offsets = torch.tensor([3, 9, 9, 1, 7]), torch.tensor([0, 2, 2, 5])  # rows [3, 9], [], [9, 1, 7]
+    weights = torch.tensor([0.5, 2.0, 1.0, -1.0, 3.0])
+    out = collection(torch.tensor([[1], [2], [3]]), {"a": Bags(values, offsets, weights), "b": Bags(values, offsets)})
+    for name, column, weighted in (("a", 0, True), ("b", 1, False)):
+        table = collection.embeddings[name]
+        for row in range(3):
+            ids = values[offsets[row] : offsets[row + 1]]
+            vectors = table(ids)
+            if weighted:
+                expected = (vectors * weights[offsets[row] : offsets[row + 1], None]).sum(0)
+            else:
+                expected = vectors.mean(0) if len(ids) else torch.zeros(4)
+            torch.testing.assert_close(out[row, column], expected)
+    torch.testing.assert_close(out[:, 2], collection.embeddings["c"](torch.tensor([1, 2, 3])))
+
+
+def test_bad_bags_say_what_is_wrong():
+    collection = EmbeddingCollection([Feature("a", 50), Feature("b", 50, "mean")], 4, "full", seed=0)
+    ids = torch.tensor([[1], [2]])
+    with pytest.raises(ValueError, match="bags must be given for the multi-hot features"):
+        collection(ids)
+    with pytest.raises(ValueError, match="batch \\+ 1 = 3 entries"):
+        collection(ids, {"b": Bags(torch.tensor([1, 2]), torch.tensor([0, 2]))})
+    with pytest.raises(ValueError, match="offsets\\[-1\\] = 1 is not the number of values 2"):
+        collection(ids, {"b": Bags(torch.tensor([1, 2]), torch.tensor([0, 1, 1]))})
+    with pytest.raises(ValueError, match="per-id weights need sum pooling"):
+        collection(ids, {"b": Bags(torch.tensor([1, 2]), torch.tensor([0, 1, 2]), torch.ones(2))})
+    with pytest.raises(ValueError, match="id 50 is outside"):
+        collection(ids, {"b": Bags(torch.tensor([1, 50]), torch.tensor([0, 1, 2]))})
+    with pytest.raises(ValueError, match="pooling must be None or one of"):
+        Feature("x", 5, "max")
+
+
+def test_bag_rows_of_a_slice_and_of_indices_equal_a_loop():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(0, 4, 40)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    values = rng.integers(0, 100, offsets[-1])
+    for rows in (slice(5, 17), np.sort(rng.choice(40, 11, replace=False)), slice(39, 40), np.array([], dtype=int)):
+        picked, picked_offsets = bag_rows(values, offsets, rows)
+        indices = np.arange(40)[rows]
+        expected = [values[offsets[r] : offsets[r + 1]] for r in indices]
+        assert picked_offsets.tolist() == np.concatenate([[0], np.cumsum([len(e) for e in expected])]).tolist()
+        assert picked.tolist() == (np.concatenate(expected).tolist() if expected else [])
+
+
+def test_jagged_features_round_trip_through_the_format(tmp_path):
+    bags = [{"name": "B1", "cardinality": 30, "pooling": "sum"}]
+    with DatasetWriter(tmp_path / "d", {"train": 3}, num_dense=1, cardinalities=[5], bags=bags) as writer:
+        writer.write("train", np.zeros((2, 1), np.float32), np.array([[1], [4]]), np.array([0, 1]),
+                     {"B1": (np.array([7, 8, 29]), np.array([2, 1]))})
+        writer.write("train", np.zeros((1, 1), np.float32), np.array([[0]]), np.array([1]),
+                     {"B1": (np.array([], dtype=np.int64), np.array([0]))})
+    manifest, splits = open_dataset(tmp_path / "d")
+    assert manifest["bags"] == bags
+    values, offsets = splits["train"].bags["B1"]
+    assert values.tolist() == [7, 8, 29] and offsets.tolist() == [0, 2, 3, 3]
+    assert isinstance(values, np.memmap) and isinstance(offsets, np.memmap)
+    with pytest.raises(ValueError, match="an id is outside \\[0, 30\\)"):
+        with DatasetWriter(tmp_path / "e", {"train": 1}, num_dense=1, cardinalities=[5], bags=bags) as writer:
+            writer.write("train", np.zeros((1, 1), np.float32), np.array([[1]]), np.array([0]),
+                         {"B1": (np.array([30]), np.array([1]))})
+    with pytest.raises(ValueError, match="bags given for \\[\\]"):
+        with DatasetWriter(tmp_path / "e", {"train": 1}, num_dense=1, cardinalities=[5], bags=bags) as writer:
+            writer.write("train", np.zeros((1, 1), np.float32), np.array([[1]]), np.array([0]))
+    # offsets that do not end at the number of values are refused when the set is opened
+    np.save(tmp_path / "d" / "train" / "bags" / "B1.offsets.npy", np.array([0, 2, 3, 4]))
+    with pytest.raises(DatasetError, match="B1.offsets.npy: offsets run from 0 to 4"):
+        open_dataset(tmp_path / "d")
+
+
+def test_synthetic_bags_are_read_by_the_teacher_and_leave_the_one_hot_rows_alone(tmp_path):
+    plain = SyntheticConfig(rows={"train": 3000}, scale=1e-4, seed=4)
+    bagged = SyntheticConfig(rows={"train": 3000}, scale=1e-4, seed=4, bag_features=2, bag_size=3,
+                             bag_cardinality=700)
+    generate_synthetic(tmp_path / "plain", plain, progress=False)
+    facts = generate_synthetic(tmp_path / "bagged", bagged, progress=False)
+    _, without = open_dataset(tmp_path / "plain")
+    manifest, with_bags = open_dataset(tmp_path / "bagged")
+    assert [b["name"] for b in manifest["bags"]] == ["B1", "B2"]
+    np.testing.assert_array_equal(without["train"].sparse, with_bags["train"].sparse)  # same one-hot draws
+    values, offsets = with_bags["train"].bags["B1"]
+    lengths = np.diff(offsets)
+    assert lengths.min() == 0 and lengths.max() == 3 and values.max() < 700
+    # the planted probability moves with the bags: the same rows with other bags get other probabilities
+    teacher = Teacher(bagged)
+    dense, sparse = teacher.sample_features(np.random.default_rng(1), 500)
+    bags = teacher.sample_bags(np.random.default_rng(2), 500)
+    other = teacher.sample_bags(np.random.default_rng(3), 500)
+    assert np.abs(teacher.probabilities(dense, sparse, bags) - teacher.probabilities(dense, sparse, other)).mean() > 0.01
+    assert 0 < facts["bayes"]["train"]["bce"] < 0.6
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_a_mixed_one_hot_and_multi_hot_dlrm_trains_end_to_end(tmp_path, shuffle):
+    config = SyntheticConfig(rows={"train": 12_000, "val": 3000}, scale=1e-4, seed=1, bag_features=1, bag_size=4,
+                             bag_cardinality=500, first_order=0.9)
+    facts = generate_synthetic(tmp_path / "data", config, progress=False)
+    train = TrainConfig(data=str(tmp_path / "data"), out=str(tmp_path / "run"), method="hash", compression=2,
+                        embedding_dim=8, bottom=(32,), top=(32,), optimizer="adagrad", lr=0.05, batch_size=512,
+                        epochs=3, shuffle=shuffle, eval_every=12, seed=0)
+    trainer = Trainer(train)
+    assert [f.name for f in trainer.model.embeddings.features][-1] == "B1"
+    table = trainer.model.embeddings.embeddings["B1"]
+    before = table.weight.detach().clone() if hasattr(table, "weight") else None
+    result = trainer.fit()
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    click_rate = facts["bayes"]["val"]["click_rate"]
+    constant = -(click_rate * np.log(click_rate) + (1 - click_rate) * np.log(1 - click_rate))
+    assert result["bce"] < constant - 0.02 and metrics[-1]["bce"] < metrics[0]["bce"]
+    if before is not None:  # the bag feature's table learned
+        assert not torch.equal(before, table.weight.detach())
+    # resumed from a checkpoint, the run goes on with its bags
+    again = Trainer(train, resume=True)
+    assert again.step == trainer.step
