@@ -60,10 +60,11 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
     config = SyntheticConfig(
         rows={"train": args.train_rows, "val": args.eval_rows, "test": args.eval_rows}, scale=args.scale,
-        zipf=args.zipf, signal=args.signal, seed=args.seed,
+        zipf=args.zipf, signal=args.signal, seed=args.seed, bag_features=args.bags, bag_size=args.bag_size,
     )
     facts = generate_synthetic(args.out, config, tsv=args.tsv)
-    print(f"wrote {args.out}: {sum(config.cardinalities()):,} ids over 26 features")
+    bags = f" and {args.bags} multi-hot features" if args.bags else ""
+    print(f"wrote {args.out}: {sum(config.cardinalities()):,} ids over 26 features{bags}")
     print(f"{'split':<6} {'rows':>10} {'click rate':>11} {'Bayes BCE':>10} {'Bayes AUC':>10}")
     for split, bayes in facts["bayes"].items():
         print(f"{split:<6} {config.rows[split]:>10,} {bayes['click_rate']:>11.4f} {bayes['bce']:>10.4f} {bayes['auc']:>10.4f}")
@@ -363,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0, help="seeds the teacher and the rows")
     synth.add_argument("--tsv", default=None,
                        help="also write the rows as Criteo TSV to this file (.gz: gzip), splits in order train, val, test")
+    synth.add_argument("--bags", type=int, default=0,
+                       help="multi-hot features B1.. (each row a bag of 0..--bag-size ids, pooled by mean)")
+    synth.add_argument("--bag-size", type=int, default=5, help="the most ids a row's bag holds")
     synth.set_defaults(run=cmd_synth)
 
     preprocess = commands.add_parser("preprocess", help="raw click logs to the preprocessed format")

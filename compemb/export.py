@@ -122,6 +122,9 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, scheme: str | Non
     meta = json.loads(Path(f"{stem}.json").read_text())
     config = TrainConfig(**meta["config"])
     manifest, splits = open_dataset(config.data)
+    if manifest.get("bags"):  # the file format and compemb predict (Criteo TSV) carry one id per feature
+        raise ValueError(f"{run}: its data set has multi-hot features ({[b['name'] for b in manifest['bags']]}); "
+                         "export does not carry them yet")
     num_dense = int(splits["train"].dense.shape[1])
     frequencies = None
     if get_method(config.method).needs_frequencies:  # sized by the training split's counts, as training built it

@@ -29,7 +29,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from compemb import distributed
-from compemb.collection import SHARING, EmbeddingCollection, Feature
+from compemb.collection import SHARING, Bags, EmbeddingCollection, Feature
 from compemb.data.dataset import Split, open_dataset
 from compemb.embeddings.adaptive import track_row_steps
 from compemb.embeddings.base import INITS, CompressedEmbedding
@@ -159,14 +159,16 @@ class Trainer:
         # under torchrun (WORLD_SIZE > 1): join the process group; each rank trains on its slice of every batch
         self.device = distributed.init(config.device) if distributed.launched() else torch.device(config.device)
         self.rank, self.world = distributed.rank(), distributed.world_size()
+        self.bags = list(self.manifest.get("bags", ()))  # the multi-hot features, if the data set has any
         frequencies = None
         if get_method(config.method).needs_frequencies:  # offline methods: ids counted in the train split
             frequencies = {f"C{i + 1}": torch.from_numpy(c) for i, c in
                            enumerate(_counted_by_every_rank(self.splits["train"], self.manifest["cardinalities"]))}
+            frequencies.update(bag_counts(self.splits["train"], self.bags))
         # nccl reduces no sparse gradients: under torchrun on CUDA the (small) tables take dense ones
         sparse = None if self.world == 1 or self.device.type == "cpu" else False
         self.model = build_model(config, self.manifest["cardinalities"], self.splits["train"].dense.shape[1],
-                                 frequencies, sparse=sparse).to(self.device)
+                                 frequencies, sparse=sparse, bags=self.bags).to(self.device)
         self.optimizer = _make_optimizer(config.optimizer, self.model, config.lr)
         self.train_model: torch.nn.Module = self.model
         # under torchrun the MLPs' gradients are DDP's; the tables' (sparse: DDP buckets sparse gradients only from
@@ -230,8 +232,9 @@ class Trainer:
                 batch = upcoming.result() if upcoming is not None else self._prepared_batch(self.step)
                 if self.prefetch and self.step + 1 < stop:
                     upcoming = reader.submit(self._prepared_batch, self.step + 1)
-                dense, sparse, labels = self._to_device(batch)
-                loss = torch.nn.functional.binary_cross_entropy_with_logits(self.train_model(dense, sparse), labels)
+                dense, sparse, labels, bags = _unpack(self._to_device(batch), self.bags)
+                logits = self.train_model(dense, sparse, bags)
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
                 global_rows = self._global_rows(self.step)
                 if self.world > 1:  # DDP averages over ranks: each rank's mean weighted by its share of the batch
                     loss = loss * (len(labels) * self.world / global_rows)
@@ -353,7 +356,7 @@ class Trainer:
         low, high = distributed.shard(0, len(data))  # under torchrun each rank scores its part; all see every logit
         size = self.config.eval_batch_size
         logits = distributed.gather_rows(torch.cat([
-            self.model(*self._to_device(_rows(data, slice(start, min(start + size, high)))[:2]))
+            self._logits(_rows(data, slice(start, min(start + size, high))))
             for start in range(low, max(high, low + 1), size)  # one (possibly empty) batch at least: cat needs one
         ])).cpu()
         self.model.train()
@@ -364,6 +367,11 @@ class Trainer:
             result["bayes_bce"] = bayes["bce"]
             result["gap_to_bayes"] = result["bce"] / bayes["bce"] - 1
         return result
+
+    def _logits(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The model's logits for a batch of ``_rows`` (on the model's device)."""
+        dense, sparse, _, bags = _unpack(self._to_device(batch), self.bags)
+        return self.model(dense, sparse, bags)
 
     def _log(self, result: dict[str, Any]) -> None:
         if self.rank != 0:  # every rank has the result; rank 0 writes it
@@ -516,15 +524,18 @@ def find_checkpoint(run: str | os.PathLike, which: str = LAST) -> Path | None:
 
 
 def build_model(config: TrainConfig, cardinalities: list[int], num_dense: int,
-                frequencies: dict[str, Tensor] | None = None, sparse: bool | None = None) -> torch.nn.Module:
+                frequencies: dict[str, Tensor] | None = None, sparse: bool | None = None,
+                bags: list[dict[str, Any]] | None = None) -> torch.nn.Module:
     """The model a config describes (DLRM or DCN over an EmbeddingCollection of ``C1..Cn``), freshly seeded.
 
     ``frequencies`` (per-feature id counts) are needed by methods built from them (``needs_frequencies``); an
     exported model rebuilds without them (its state then loads over whatever they chose). ``sparse``: whether the
-    tables' gradients are sparse (default: for every optimizer but ``adam_dense``).
+    tables' gradients are sparse (default: for every optimizer but ``adam_dense``). ``bags``: the data set's
+    multi-hot features (its manifest's ``"bags"``), after the one-hot ones.
     """
     torch.manual_seed(config.seed)
     features = [Feature(f"C{i + 1}", n) for i, n in enumerate(cardinalities)]
+    features += [Feature(bag["name"], int(bag["cardinality"]), bag["pooling"]) for bag in bags or ()]
     # sparse table gradients wherever the optimizer takes them (all but adam_dense), as the papers train
     options = {"sparse": config.optimizer != "adam_dense" if sparse is None else sparse, "init": config.init,
                **_method_options(config.method, config.method_options)}
@@ -550,6 +561,18 @@ def id_counts(split: Split, cardinalities: list[int], chunk_rows: int = 1 << 20,
         chunk = np.asarray(split.sparse[start : min(start + chunk_rows, high)])
         for column, n in enumerate(cardinalities):
             counts[column] += np.bincount(chunk[:, column], minlength=n)[:n]
+    return counts
+
+
+def bag_counts(split: Split, bags: list[dict[str, Any]]) -> dict[str, Tensor]:
+    """How often each id occurs in each multi-hot feature of ``split`` (every rank counts all of it: one pass)."""
+    counts = {}
+    for bag in bags:
+        values, n = split.bags[bag["name"]][0], int(bag["cardinality"])
+        total = np.zeros(n, dtype=np.int64)
+        for start in range(0, len(values), 1 << 22):
+            total += np.bincount(np.asarray(values[start : start + (1 << 22)]), minlength=n)[:n]
+        counts[bag["name"]] = torch.from_numpy(total)
     return counts
 
 
@@ -587,8 +610,39 @@ def _batch(split: Split, index: int, batch_size: int) -> tuple[torch.Tensor, tor
     return _rows(split, slice(index * batch_size, (index + 1) * batch_size))
 
 
-def _rows(split: Split, rows: slice | np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _rows(split: Split, rows: slice | np.ndarray) -> tuple[torch.Tensor, ...]:
+    """Dense, sparse and labels of ``rows`` (a slice or sorted indices), then each multi-hot feature's values and
+    offsets (``batch + 1``, from 0) for those rows."""
     dense = torch.from_numpy(np.array(split.dense[rows], dtype=np.float32))
     sparse = torch.from_numpy(np.array(split.sparse[rows], dtype=np.int64))
     labels = torch.from_numpy(np.array(split.labels[rows], dtype=np.float32))
-    return dense, sparse, labels
+    bags = []
+    for values, offsets in split.bags.values():
+        picked, picked_offsets = bag_rows(values, offsets, rows)
+        bags += [torch.from_numpy(picked), torch.from_numpy(picked_offsets)]
+    return dense, sparse, labels, *bags
+
+
+def bag_rows(values: np.ndarray, offsets: np.ndarray, rows: slice | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The bags of ``rows`` (a slice with step 1, or row indices) of a jagged feature: their ids (int64) and their
+    offsets from 0 (``len(rows) + 1``)."""
+    if isinstance(rows, slice):
+        start, stop, _ = rows.indices(len(offsets) - 1)
+        bounds = np.asarray(offsets[start : max(start, stop) + 1], dtype=np.int64)
+        return np.array(values[bounds[0] : bounds[-1]], dtype=np.int64), bounds - bounds[0]
+    starts = np.asarray(offsets[rows], dtype=np.int64)
+    lengths = np.asarray(offsets[rows + 1], dtype=np.int64) - starts
+    new_offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=new_offsets[1:])
+    # position i of the output is values[starts[row] + (i - new_offsets[row])] for the row it falls in
+    positions = np.arange(new_offsets[-1]) + np.repeat(starts - new_offsets[:-1], lengths)
+    return np.array(values[positions], dtype=np.int64), new_offsets
+
+
+def _unpack(batch: tuple[torch.Tensor, ...], bags: list[dict[str, Any]]
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Bags] | None]:
+    """``_rows``' tensors as the model takes them: dense, sparse, labels and the multi-hot features' Bags."""
+    dense, sparse, labels, *jagged = batch
+    if not bags:
+        return dense, sparse, labels, None
+    return dense, sparse, labels, {bag["name"]: Bags(jagged[2 * i], jagged[2 * i + 1]) for i, bag in enumerate(bags)}

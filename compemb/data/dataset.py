@@ -6,6 +6,8 @@ A data set is a directory::
     <split>/dense.npy      float32 (rows, num_dense), already transformed (log(x + 1) for Criteo)
     <split>/sparse.npy     int32 or int64 (rows, num_sparse), ids in [0, cardinality) per column
     <split>/labels.npy     uint8 (rows,), 0 or 1 (absent for an unlabeled split, e.g. Criteo Kaggle's test.txt)
+    <split>/bags/<name>.values.npy   a multi-hot feature's ids, row after row (optional; the manifest's "bags")
+    <split>/bags/<name>.offsets.npy  int64 (rows + 1,): row r's ids are values[offsets[r]:offsets[r + 1]]
     vocabulary.safetensors the raw values behind the ids, per feature (categorified Criteo only)
 
 Writers fill the arrays chunk by chunk through memory maps in a temporary directory that is renamed into
@@ -17,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,7 @@ class Split:
     dense: np.ndarray
     sparse: np.ndarray
     labels: np.ndarray | None  # None: the split has no labels
+    bags: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # name -> (values, offsets)
 
     def __len__(self) -> int:
         return len(self.sparse)
@@ -60,8 +63,16 @@ class DatasetWriter:
     """
 
     def __init__(self, path: str | os.PathLike, rows: dict[str, int], num_dense: int, cardinalities: list[int],
-                 unlabeled: tuple[str, ...] = ()) -> None:
+                 unlabeled: tuple[str, ...] = (), bags: list[dict[str, Any]] = ()) -> None:
         self.path = Path(path)
+        # multi-hot features: {"name", "cardinality", "pooling"} each; their ids are kept per chunk and written whole
+        # at close (a split's number of ids is not known before its rows are)
+        self.bags = [dict(bag) for bag in bags]
+        for bag in self.bags:
+            if bag.get("pooling") not in ("sum", "mean") or int(bag.get("cardinality", 0)) < 1 or not bag.get("name"):
+                raise ValueError(f"a bag feature needs a name, a cardinality >= 1 and pooling sum or mean, got {bag}")
+        self._bag_chunks: dict[str, dict[str, list[tuple[np.ndarray, np.ndarray]]]] = {
+            split: {bag["name"]: [] for bag in self.bags} for split in rows}
         self.unlabeled = tuple(unlabeled)
         self.temporary = self.path.with_name(f".{self.path.name}.partial")
         shutil.rmtree(self.temporary, ignore_errors=True)
@@ -85,8 +96,12 @@ class DatasetWriter:
             shutil.rmtree(self.temporary, ignore_errors=True)
             raise
 
-    def write(self, split: str, dense: np.ndarray, sparse: np.ndarray, labels: np.ndarray | None) -> None:
-        """Append a chunk of rows to ``split`` (ids are checked against the cardinalities)."""
+    def write(self, split: str, dense: np.ndarray, sparse: np.ndarray, labels: np.ndarray | None,
+              bags: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> None:
+        """Append a chunk of rows to ``split`` (ids are checked against the cardinalities).
+
+        ``bags``: each multi-hot feature's ``(values, lengths)`` for these rows (required when the writer has bags).
+        """
         if (labels is None) != (split in self.unlabeled):
             raise ValueError(f"split {split!r} is {'un' if split in self.unlabeled else ''}labeled; "
                              f"labels {'were' if labels is not None else 'were not'} given")
@@ -95,6 +110,20 @@ class DatasetWriter:
             raise ValueError(f"split {split!r} holds {self.rows[split]} rows; this chunk would make {start + count}")
         if sparse.size and (sparse.min() < 0 or (sparse >= np.array(self.cardinalities)).any()):
             raise ValueError(f"split {split!r}: an id is outside its feature's cardinality {self.cardinalities}")
+        given = set(bags or {})
+        if given != {bag["name"] for bag in self.bags}:
+            raise ValueError(f"split {split!r}: bags given for {sorted(given)}, the data set has "
+                             f"{[bag['name'] for bag in self.bags]}")
+        for bag in self.bags:
+            values, lengths = (np.asarray(a) for a in bags[bag["name"]])
+            if lengths.shape != (count,) or lengths.dtype.kind not in "iu" or (lengths < 0).any():
+                raise ValueError(f"split {split!r}, bag {bag['name']!r}: lengths must be {count} non-negative integers")
+            if values.ndim != 1 or len(values) != int(lengths.sum()) or values.dtype.kind not in "iu":
+                raise ValueError(f"split {split!r}, bag {bag['name']!r}: {len(values)} values for lengths summing to "
+                                 f"{int(lengths.sum())}")
+            if values.size and (values.min() < 0 or values.max() >= bag["cardinality"]):
+                raise ValueError(f"split {split!r}, bag {bag['name']!r}: an id is outside [0, {bag['cardinality']})")
+            self._bag_chunks[split][bag["name"]].append((values, lengths))
         arrays = self.arrays[split]
         arrays["dense"][start : start + count] = dense
         arrays["sparse"][start : start + count] = sparse
@@ -133,7 +162,20 @@ class DatasetWriter:
         for arrays in self.arrays.values():
             for array in arrays.values():
                 array.flush()
+        for split, chunks in self._bag_chunks.items():
+            for bag in self.bags:
+                parts = chunks[bag["name"]]
+                values = np.concatenate([v for v, _ in parts]) if parts else np.zeros(0, np.int64)
+                lengths = np.concatenate([n for _, n in parts]) if parts else np.zeros(0, np.int64)
+                offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+                np.cumsum(lengths, out=offsets[1:])
+                folder = self.temporary / split / "bags"
+                folder.mkdir(exist_ok=True)
+                np.save(folder / f"{bag['name']}.values.npy", values.astype(sparse_dtype([bag["cardinality"]])))
+                np.save(folder / f"{bag['name']}.offsets.npy", offsets)
         manifest = {"rows": self.rows, "cardinalities": self.cardinalities, **self.facts}
+        if self.bags:
+            manifest["bags"] = self.bags
         if self.unlabeled:
             manifest["unlabeled"] = list(self.unlabeled)
         atomic_write_text(self.temporary / MANIFEST, json.dumps(manifest, indent=2) + "\n")
@@ -156,7 +198,8 @@ class DatasetError(ValueError):
 
 
 # what each array must be: its dtype kind ("f" float, "iu" integer, "u" unsigned) and its width's name
-_KINDS = {"dense": ("f", "float32"), "sparse": ("iu", "an integer dtype"), "labels": ("u", "uint8")}
+_KINDS = {"dense": ("f", "float32"), "sparse": ("iu", "an integer dtype"), "labels": ("u", "uint8"),
+          "values": ("iu", "an integer dtype"), "offsets": ("i", "int64")}
 
 
 def _npy_header(file: Path) -> tuple[tuple[int, ...], np.dtype, int]:
@@ -205,6 +248,7 @@ def open_dataset(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Spl
     except (ValueError, KeyError, TypeError) as error:
         raise DatasetError(f"{path / MANIFEST}: not a compemb manifest ({error!r})") from None
     unlabeled = set(manifest.get("unlabeled", ()))
+    bags = list(manifest.get("bags", ()))
     splits, dense_width = {}, None
     for split, count in rows.items():
         folder = path / split
@@ -214,5 +258,17 @@ def open_dataset(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Spl
         arrays = {"dense": _open_array(folder / "dense.npy", "dense", count, dense_width),
                   "sparse": _open_array(folder / "sparse.npy", "sparse", count, len(cardinalities)),
                   "labels": None if split in unlabeled else _open_array(folder / "labels.npy", "labels", count, None)}
-        splits[split] = Split(arrays["dense"], arrays["sparse"], arrays["labels"])
+        splits[split] = Split(arrays["dense"], arrays["sparse"], arrays["labels"],
+                              {bag["name"]: _open_bag(folder / "bags", bag["name"], count) for bag in bags})
     return manifest, splits
+
+
+def _open_bag(folder: Path, name: str, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """A multi-hot feature's values and offsets, memory-mapped, checked against each other and the row count."""
+    offsets = _open_array(folder / f"{name}.offsets.npy", "offsets", rows + 1, None)
+    num_values = _npy_header(folder / f"{name}.values.npy")[0]
+    values = _open_array(folder / f"{name}.values.npy", "values", num_values[0] if num_values else -1, None)
+    if offsets[0] != 0 or offsets[-1] != len(values):
+        raise DatasetError(f"{folder / name}.offsets.npy: offsets run from {offsets[0]} to {offsets[-1]}, expected 0 "
+                           f"to the {len(values):,} values")
+    return values, offsets

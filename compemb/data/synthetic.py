@@ -10,6 +10,12 @@ of its feature), as real click data does. The two parts are normalised and mixed
 the first-order part's share of the variance; ``scale`` sets the logit's spread to ``signal`` and ``bias``
 the click rate to ``click_rate``. Labels are Bernoulli(sigmoid(logit)).
 
+``bag_features=B`` adds B multi-hot features ``B1..BB`` (a user's last k items, say): each row holds 0 to
+``bag_size`` ids drawn from the same kind of Zipf law over ``bag_cardinality`` ids (default: the largest one-hot
+feature's), and the teacher sees the mean of their teacher vectors as one more vector (interactions and a
+first-order effect alike), so a model must pool the bag to reach the Bayes BCE. They are written as jagged arrays
+(values + offsets) and pooled by mean.
+
 Because the true click probabilities are known, every split reports its **Bayes-optimal BCE and AUC**: no
 model can do better than scoring with the truth. Rows are generated in chunks, each from its own seeded
 stream, so any size streams to disk deterministically.
@@ -54,6 +60,14 @@ class SyntheticConfig:
     click_rate: float = 0.25
     chunk_rows: int = 100_000
     seed: int = 0
+    bag_features: int = 0  # multi-hot features B1.. (0: none, the Criteo-like set alone)
+    bag_size: int = 5  # each row's bag holds 0..bag_size ids, uniformly
+    bag_cardinality: int = 0  # ids of each bag feature (0: the largest one-hot feature's cardinality)
+
+    def bags(self) -> list[dict]:
+        """The multi-hot features as the data set's manifest lists them."""
+        size = self.bag_cardinality or max(self.cardinalities())
+        return [{"name": f"B{i + 1}", "cardinality": size, "pooling": "mean"} for i in range(self.bag_features)]
 
     def cardinalities(self) -> list[int]:
         """The sparse features' cardinalities: the override, else Criteo Kaggle's 26 scaled."""
@@ -84,6 +98,20 @@ class Teacher:
         self.dense_weights = generator.normal(size=NUM_DENSE) / math.sqrt(NUM_DENSE)
         self.gamma_shape = generator.uniform(0.3, 2.0, NUM_DENSE)
         self.first_order_directions = generator.normal(size=(len(self.cardinalities), k)) / math.sqrt(k)
+        # bag features from a stream of their own: a set without them is the same as before they existed
+        bag_generator = np.random.default_rng([config.seed, 3])
+        self.bag_vectors, self.bag_cumulative, self.bag_popular_ids, bag_directions = [], [], [], []
+        for bag in config.bags():
+            n = bag["cardinality"]
+            means = bag_generator.normal(size=(config.clusters, k))
+            component = bag_generator.integers(0, config.clusters, n)
+            self.bag_vectors.append(means[component] + config.cluster_spread * bag_generator.normal(size=(n, k)))
+            weights = 1.0 / np.arange(1, n + 1) ** config.zipf
+            self.bag_cumulative.append(np.cumsum(weights) / weights.sum())
+            self.bag_popular_ids.append(bag_generator.permutation(n))
+            bag_directions.append(bag_generator.normal(size=k) / math.sqrt(k))
+        if bag_directions:
+            self.first_order_directions = np.vstack([self.first_order_directions, bag_directions])
         self.interaction_sd = self.first_order_sd = 1.0
         self.scale, self.bias = 1.0, 0.0
         self._calibrate(np.random.default_rng([config.seed, 1]))
@@ -91,9 +119,10 @@ class Teacher:
     def _calibrate(self, generator: np.random.Generator) -> None:
         # a sample fixes the logit's spread, then bisection fixes the bias for the click rate
         dense, sparse = self.sample_features(generator, 50_000)
-        interactions, first_order = self._parts(dense, sparse)
+        bags = self.sample_bags(generator, 50_000)
+        interactions, first_order = self._parts(dense, sparse, bags)
         self.interaction_sd, self.first_order_sd = interactions.std(), first_order.std()
-        raw = self.raw_logits(dense, sparse)
+        raw = self.raw_logits(dense, sparse, bags)
         self.scale = self.config.signal / raw.std()
         logits = raw * self.scale
         low, high = -20.0, 20.0
@@ -119,11 +148,31 @@ class Teacher:
             sparse[:, column] = ids[np.minimum(ranks, len(ids) - 1)]
         return counts, sparse
 
-    def _parts(self, dense: np.ndarray, sparse: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def sample_bags(self, generator: np.random.Generator, rows: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Every bag feature's ``(values, lengths)`` for ``rows`` rows: 0..bag_size Zipf-distributed ids a row."""
+        bags = []
+        for cumulative, ids in zip(self.bag_cumulative, self.bag_popular_ids):
+            lengths = generator.integers(0, self.config.bag_size + 1, rows)
+            ranks = np.searchsorted(cumulative, generator.random(int(lengths.sum())), side="right")
+            bags.append((ids[np.minimum(ranks, len(ids) - 1)], lengths))
+        return bags
+
+    def _bag_means(self, bags: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+        """Each row's mean teacher vector of its bag (zeros for an empty bag), per bag feature."""
+        means = []
+        for (values, lengths), table in zip(bags, self.bag_vectors):
+            total = np.zeros((len(lengths), table.shape[1]))
+            np.add.at(total, np.repeat(np.arange(len(lengths)), lengths), table[values])
+            means.append(total / np.maximum(lengths, 1)[:, None])
+        return means
+
+    def _parts(self, dense: np.ndarray, sparse: np.ndarray,
+               bags: list[tuple[np.ndarray, np.ndarray]] | None = None) -> tuple[np.ndarray, np.ndarray]:
         # pairwise interactions (with the dense effect), and the ids' first-order effects
         centred = dense - 2.0
         vectors = [centred @ self.dense_projection]
         vectors += [table[sparse[:, column]] for column, table in enumerate(self.vectors)]
+        vectors += self._bag_means(bags or [])
         total = np.sum(vectors, axis=0)
         # sum over pairs i < j of <v_i, v_j> = (|sum v|^2 - sum |v|^2) / 2
         pairs = ((total**2).sum(1) - sum((v**2).sum(1) for v in vectors)) / 2
@@ -131,16 +180,20 @@ class Teacher:
         first_order = sum(v @ u for v, u in zip(vectors[1:], self.first_order_directions))
         return interactions, first_order
 
-    def raw_logits(self, dense: np.ndarray, sparse: np.ndarray) -> np.ndarray:
+    def raw_logits(self, dense: np.ndarray, sparse: np.ndarray,
+                   bags: list[tuple[np.ndarray, np.ndarray]] | None = None) -> np.ndarray:
         """The unscaled logit: normalised interactions and first-order effects, mixed by ``first_order``."""
-        interactions, first_order = self._parts(dense, sparse)
+        interactions, first_order = self._parts(dense, sparse, bags)
         share = self.config.first_order
         return (math.sqrt(1 - share) * interactions / self.interaction_sd
                 + math.sqrt(share) * first_order / self.first_order_sd)
 
-    def probabilities(self, dense: np.ndarray, sparse: np.ndarray) -> np.ndarray:
-        """The true click probability of every row."""
-        return _sigmoid(self.raw_logits(dense, sparse) * self.scale + self.bias)
+    def probabilities(self, dense: np.ndarray, sparse: np.ndarray,
+                      bags: list[tuple[np.ndarray, np.ndarray]] | None = None) -> np.ndarray:
+        """The true click probability of every row (``bags``: the bag features' ``(values, lengths)``)."""
+        if len(bags or []) != len(self.bag_vectors):
+            raise ValueError(f"the teacher has {len(self.bag_vectors)} bag features, {len(bags or [])} were given")
+        return _sigmoid(self.raw_logits(dense, sparse, bags) * self.scale + self.bias)
 
 
 def criteo_lines(labels: np.ndarray, counts: np.ndarray, ids: np.ndarray) -> bytes:
@@ -173,11 +226,14 @@ def generate_synthetic(path: str | os.PathLike, config: SyntheticConfig = Synthe
     DLRM's Kaggle proportions, ``preprocess_criteo(tsv, hash_mod=M)`` (M at least every cardinality) gives
     back identical arrays.
     """
+    if tsv is not None and config.bag_features:
+        raise ValueError("bag features cannot be written as Criteo TSV (it has one id per feature): drop tsv")
     teacher = Teacher(config)
     facts: dict = {"source": "synthetic", "config": asdict(config), "bayes": {}}
     chunk_index = 0
     text = _open_tsv(tsv) if tsv is not None else contextlib.nullcontext()
-    with DatasetWriter(path, config.rows, NUM_DENSE, teacher.cardinalities) as writer, text as tsv_file:
+    with DatasetWriter(path, config.rows, NUM_DENSE, teacher.cardinalities, bags=config.bags()) as writer, \
+            text as tsv_file:
         for split, rows in config.rows.items():
             probabilities, labels_seen = [], []
             bar = tqdm(total=rows, desc=f"synth {split}", unit="rows", unit_scale=True, disable=not progress)
@@ -185,12 +241,15 @@ def generate_synthetic(path: str | os.PathLike, config: SyntheticConfig = Synthe
                 count = min(config.chunk_rows, rows - start)
                 # every chunk has a stream of its own: chunks can be made in any order, with the same result
                 generator = np.random.default_rng([config.seed, 2, chunk_index])
+                # the bags' own stream: the one-hot rows and labels' draws are those of a set without bags
+                bags = teacher.sample_bags(np.random.default_rng([config.seed, 3, chunk_index]), count)
                 chunk_index += 1
                 counts, sparse = teacher.sample_raw(generator, count)
                 dense = transform_dense(counts)
-                probability = teacher.probabilities(dense, sparse)
+                probability = teacher.probabilities(dense, sparse, bags)
                 labels = (generator.random(count) < probability).astype(np.uint8)
-                writer.write(split, dense, sparse, labels)
+                writer.write(split, dense, sparse, labels,
+                             {bag["name"]: part for bag, part in zip(config.bags(), bags)})
                 if tsv_file is not None:
                     tsv_file.write(criteo_lines(labels, counts, sparse))
                 probabilities.append(probability)

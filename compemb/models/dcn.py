@@ -9,12 +9,12 @@ layer makes the logit.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-from compemb.collection import EmbeddingCollection
+from compemb.collection import Bags, EmbeddingCollection
 from compemb.models.mlp import mlp
 
 
@@ -63,9 +63,9 @@ class DCNv2(torch.nn.Module):
         head_inputs = deep[-1] if deep else width
         self.head = torch.nn.Linear(head_inputs + (width if structure == "parallel" else 0), 1)
 
-    def forward(self, dense: Tensor, sparse: Tensor) -> Tensor:
-        """Click logits for a batch (apply a sigmoid for probabilities)."""
-        x0 = torch.cat([dense, self.embeddings(sparse).flatten(1)], dim=1)
+    def forward(self, dense: Tensor, sparse: Tensor, bags: Mapping[str, Bags] | None = None) -> Tensor:
+        """Click logits for a batch (apply a sigmoid for probabilities); ``bags``: the multi-hot features' ids."""
+        x0 = torch.cat([dense, self.embeddings(sparse, bags).flatten(1)], dim=1)
         crossed = x0
         for layer in self.cross:
             crossed = layer(x0, crossed)

@@ -9,12 +9,12 @@ vector go through the top MLP to one logit. Defaults are the Criteo Kaggle refer
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-from compemb.collection import EmbeddingCollection
+from compemb.collection import Bags, EmbeddingCollection
 from compemb.models.mlp import mlp
 
 
@@ -49,10 +49,10 @@ class DLRM(torch.nn.Module):
         # pair (i, j) as a position in the flattened (F + 1) x (F + 1) products
         self.register_buffer("pair_index", rows * vectors + columns, persistent=False)
 
-    def forward(self, dense: Tensor, sparse: Tensor) -> Tensor:
-        """Click logits for a batch (apply a sigmoid for probabilities)."""
+    def forward(self, dense: Tensor, sparse: Tensor, bags: Mapping[str, Bags] | None = None) -> Tensor:
+        """Click logits for a batch (apply a sigmoid for probabilities); ``bags``: the multi-hot features' ids."""
         dense_vector = self.bottom(dense)
-        vectors = torch.cat([dense_vector.unsqueeze(1), self.embeddings(sparse)], dim=1)  # (B, F + 1, d)
+        vectors = torch.cat([dense_vector.unsqueeze(1), self.embeddings(sparse, bags)], dim=1)  # (B, F + 1, d)
         pairs = pairwise_dots(vectors, self.pair_index)  # each unordered pair once
         return self.top(torch.cat([dense_vector, pairs], dim=1)).squeeze(-1)
 
