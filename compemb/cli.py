@@ -97,7 +97,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = trainer.fit()
     if distributed.rank() == 0:
         print(json.dumps(result, indent=2))
-    distributed.shutdown()
+    if distributed.launched():  # see exit_rank: a rank's teardown can deadlock in gloo
+        distributed.exit_rank(0)
     return 0
 
 

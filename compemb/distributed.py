@@ -17,6 +17,7 @@ In one process (no process group) every function here is the identity, so the si
 from __future__ import annotations
 
 import os
+import sys
 from datetime import timedelta
 
 import torch
@@ -167,4 +168,19 @@ def barrier() -> None:
 def shutdown() -> None:
     """Leave the process group (when one is running)."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no rank leaves while another still waits on a collective
         dist.destroy_process_group()
+
+
+def exit_rank(code: int = 0) -> None:
+    """Leave the process group and end this rank's process at once, without Python's teardown.
+
+    Under torchrun, freeing a DistributedDataParallel reducer at exit can deadlock with gloo (torch 2.13): its
+    process group's destructor joins the gloo worker threads while holding the GIL, and a worker thread that is
+    releasing its last finished collective waits for the GIL (seen with py-spy: ``~ProcessGroupGloo`` in
+    ``std::thread::join`` beside ``~AsyncAllgatherWork`` in ``gil_scoped_acquire``). Output is flushed first.
+    """
+    shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

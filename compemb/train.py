@@ -31,7 +31,7 @@ from tqdm import tqdm
 from compemb import distributed
 from compemb.collection import SHARING, Bags, EmbeddingCollection, Feature
 from compemb.data.dataset import Split, open_dataset
-from compemb.embeddings.adaptive import track_row_steps
+from compemb.embeddings.adaptive import gather_pending, track_row_steps
 from compemb.embeddings.base import INITS, CompressedEmbedding
 from compemb.io import atomic_write_bytes, atomic_write_text
 from compemb.metrics import auc, bce
@@ -242,6 +242,7 @@ class Trainer:
                 loss.backward()
                 distributed.average_gradients(self._table_parameters)  # (one process: nothing to do)
                 self.optimizer.step()
+                gather_pending(adaptive)  # under torchrun: every table's recorded importance in one collective
                 for module in adaptive:
                     module.on_step_end(self.step, self.optimizer)
                 self.step += 1

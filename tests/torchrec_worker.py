@@ -15,6 +15,7 @@ from torchrec.models.dlrm import DLRM
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from compemb import distributed
 from compemb.integrations.torchrec import CompressedEmbeddingBagCollection
 
 STEPS, BATCH, DIM = 30, 64, 8
@@ -85,7 +86,7 @@ def main() -> None:
             losses.append(float(total) / world)
         if rank == 0:
             torch.save({"losses": losses, "state": collection.state_dict()}, f"{out}/{method}.pt")
-    dist.destroy_process_group()
+    distributed.exit_rank(0)  # without the teardown of DMP's DDP, which can deadlock in gloo
 
 
 if __name__ == "__main__":

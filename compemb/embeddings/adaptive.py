@@ -165,6 +165,7 @@ class AdaptiveEmbedding(CompressedEmbedding):
             raise ValueError(f"{self.method_name}: importance must be one of {IMPORTANCE}, got {importance!r}")
         self.importance = importance
         self._pending: list[tuple[Tensor, Tensor | None]] = []
+        self._pending_gathered = False  # gather_pending has put every rank's occurrences in _pending already
 
     def _vectors(self, ids: Tensor) -> Tensor:
         raise NotImplementedError
@@ -197,11 +198,13 @@ class AdaptiveEmbedding(CompressedEmbedding):
         if not self._pending:
             return
         pending, self._pending = self._pending, []
+        gathered, self._pending_gathered = self._pending_gathered, False
         id_parts, score_parts = [], []
         for ids, norms in pending:
             # under torchrun: every rank's occurrences, in rank order, so every rank applies the same updates (the
             # ones one process would apply to the whole batch) and the norms are normalised over the whole batch
-            ids, norms = distributed.gather_scored(ids, norms)
+            if not gathered:
+                ids, norms = distributed.gather_scored(ids, norms)
             if ids.numel() == 0:
                 continue
             if norms is not None:  # each backward's norms, normalised to mean 1
@@ -229,5 +232,37 @@ class AdaptiveEmbedding(CompressedEmbedding):
         return ahead.state_dict(*args, **kwargs)
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
-        self._pending = []  # recorded against the state being replaced
+        self._pending, self._pending_gathered = [], False  # recorded against the state being replaced
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+@torch.no_grad()
+def gather_pending(modules: list[torch.nn.Module]) -> None:
+    """Under torchrun: every adaptive module's pending importance from every rank, in one collective for all.
+
+    Each module's ``_flush`` would otherwise gather each of its pending parts on its own (2 collectives each: 26
+    per-feature CAFE tables, 52 a step). The gathered parts are the same rows in the same order (rank order, then
+    each rank's order), so the updates are exactly those of per-part gathers. Call after backward, before
+    ``on_step_end``; in one process it does nothing.
+    """
+    if not distributed.active():
+        return
+    adaptive = [m for m in modules if isinstance(m, AdaptiveEmbedding) and m._pending and not m._pending_gathered]
+    parts = [(m, ids, norms) for m in adaptive for ids, norms in m._pending]
+    if not parts:
+        return
+    device = parts[0][1].device
+    rows = []
+    for tag, (_, ids, norms) in enumerate(parts):  # (id, the score's float32 bits, which part) per occurrence
+        bits = torch.zeros_like(ids, dtype=torch.int64) if norms is None else \
+            norms.reshape(-1).float().view(torch.int32).to(torch.int64)
+        rows.append(torch.stack([ids.reshape(-1).to(torch.int64), bits, torch.full_like(bits, tag)], dim=1))
+    every = distributed.gather_rows(torch.cat(rows).to(device))
+    order = torch.argsort(every[:, 2], stable=True)  # by part, keeping rank order within each
+    sizes = torch.bincount(every[:, 2], minlength=len(parts)).tolist()
+    pieces = every.index_select(0, order).split(sizes)
+    for module in adaptive:
+        module._pending, module._pending_gathered = [], True
+    for (module, _, norms), piece in zip(parts, pieces):
+        scores = None if norms is None else piece[:, 1].to(torch.int32).view(torch.float32)
+        module._pending.append((piece[:, 0], scores))

@@ -31,6 +31,7 @@ except ImportError as error:  # one line that says what to install
     ) from error
 
 from compemb.collection import Bags, EmbeddingCollection, Feature
+from compemb.embeddings.adaptive import gather_pending
 from compemb.embeddings.base import CompressedEmbedding
 
 _POOLINGS = {PoolingType.SUM: "sum", PoolingType.MEAN: "mean"}
@@ -160,9 +161,10 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     def on_step_end(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Call after every optimizer step: CAFE's and CCE's sketches and clustering run here, as in compemb's
         Trainer (``optimizer`` lets a table reset the optimizer state of rows it gives to new ids)."""
-        for module in self.modules():
-            if isinstance(module, CompressedEmbedding):
-                module.on_step_end(step, optimizer)
+        tables = [module for module in self.modules() if isinstance(module, CompressedEmbedding)]
+        gather_pending(tables)  # under a process group: every table's recorded importance in one collective
+        for module in tables:
+            module.on_step_end(step, optimizer)
 
     @property
     def device(self) -> torch.device:
