@@ -177,3 +177,13 @@ def test_the_cli_makes_and_trains_a_set_with_bag_features_and_export_says_it_can
     assert result["step"] == 6 and np.isfinite(result["bce"])
     assert main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "m.compemb")]) == 2
     assert "multi-hot features" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", [["--bags", "-1"], ["--bags", "1", "--bag-size", "0"]])
+def test_bad_bag_options_stop_with_one_line(tmp_path, capsys, option):
+    from compemb.cli import main
+
+    assert main(["synth", "--out", str(tmp_path / "d"), "--train-rows", "100", "--eval-rows", "10", *option]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("compemb: error: bag features need") and err.count("\n") == 1
+    assert not (tmp_path / "d").exists()

@@ -64,6 +64,12 @@ class SyntheticConfig:
     bag_size: int = 5  # each row's bag holds 0..bag_size ids, uniformly
     bag_cardinality: int = 0  # ids of each bag feature (0: the largest one-hot feature's cardinality)
 
+    def __post_init__(self) -> None:
+        if self.bag_features < 0 or self.bag_size < 1 or self.bag_cardinality < 0:
+            raise ValueError(f"bag features need bag_features >= 0, bag_size >= 1 and bag_cardinality >= 0 (0: the "
+                             f"largest one-hot feature's), got {self.bag_features}, {self.bag_size}, "
+                             f"{self.bag_cardinality}")
+
     def bags(self) -> list[dict]:
         """The multi-hot features as the data set's manifest lists them."""
         size = self.bag_cardinality or max(self.cardinalities())
