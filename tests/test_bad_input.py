@@ -281,3 +281,63 @@ def test_a_device_that_is_not_one_or_is_absent_is_one_line(data, tmp_path, capsy
     if not torch.cuda.is_available():
         line = _one_line_error(capsys, main(_train_args(data, tmp_path / "r", "--device", "cuda")))
         assert "no CUDA device" in line
+
+
+# --- outputs that hold what compemb did not write -----------------------------------------------------------
+
+
+def _synth_args(out, *extra):
+    return ["synth", "--out", str(out), "--train-rows", "300", "--eval-rows", "100", "--scale", "1e-4", *extra]
+
+
+def test_synth_refuses_an_out_that_holds_a_users_files(tmp_path, capsys):
+    out = tmp_path / "mine"
+    (out / "sub").mkdir(parents=True)
+    (out / "notes.txt").write_text("keep me")
+    line = _one_line_error(capsys, main(_synth_args(out)))
+    assert str(out) in line and "not a compemb data set" in line
+    assert (out / "notes.txt").read_text() == "keep me" and (out / "sub").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no temporary left beside it
+
+
+def test_synth_replaces_its_own_data_set_and_fills_an_empty_directory(tmp_path, capsys):
+    out = tmp_path / "set"
+    out.mkdir()
+    assert main(_synth_args(out, "--seed", "1")) == 0
+    first = np.load(out / "train" / "sparse.npy")
+    assert main(_synth_args(out, "--seed", "2")) == 0  # a compemb data set: replaced when the new one is complete
+    assert not np.array_equal(np.load(out / "train" / "sparse.npy"), first)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]
+    (out / "train" / "notes.txt").write_text("mine")  # a user's file inside a split: no longer only a data set
+    capsys.readouterr()
+    _one_line_error(capsys, main(_synth_args(out)))
+    assert (out / "train" / "notes.txt").exists()
+
+
+def test_synth_refuses_a_tsv_inside_its_out(tmp_path, capsys):
+    line = _one_line_error(capsys, main(_synth_args(tmp_path / "set", "--tsv", str(tmp_path / "set" / "rows.tsv"))))
+    assert "would hold the input" in line and not (tmp_path / "set").exists()
+
+
+def test_preprocess_never_writes_over_its_own_input(tmp_path, capsys):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    source = victim / "train.txt"
+    source.write_text("1\t" + "\t".join(["1"] * 13) + "\t" + "\t".join(["a1"] * 26) + "\n")
+    before = source.read_bytes()
+    line = _one_line_error(capsys, main(["preprocess", "criteo", str(source), "--out", str(victim)]))
+    assert str(victim) in line
+    assert source.read_bytes() == before and sorted(p.name for p in victim.iterdir()) == ["train.txt"]
+
+
+def test_two_writers_of_one_output_have_temporaries_of_their_own(tmp_path):
+    from compemb.data.dataset import DatasetWriter
+
+    first = DatasetWriter(tmp_path / "set", {"train": 1}, num_dense=1, cardinalities=[3])
+    second = DatasetWriter(tmp_path / "set", {"train": 1}, num_dense=1, cardinalities=[3])
+    assert first.temporary != second.temporary and first.temporary.is_dir() and second.temporary.is_dir()
+    for writer, value in ((first, 1), (second, 2)):
+        writer.write("train", np.zeros((1, 1), np.float32), np.array([[value]]), np.array([1]))
+        writer.close()  # each publishes a complete set; the last one wins
+    assert open_dataset(tmp_path / "set")[1]["train"].sparse.tolist() == [[2]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]

@@ -41,12 +41,34 @@ def two_ranks(data, tmp_path_factory):
     return out
 
 
+def slots_in_key_order(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each HotSketch bucket's slots sorted by (empty last, id): what a bucket means, without where its ids sit.
+
+    Why slot order is not compared: two processes compute each sample's gradient in batches of another shape, so
+    gradient scores differ from one process's in their last bits (weights agree to ~1e-6). When two slots of a bucket
+    hold scores within that rounding and a new id takes over the lowest, either may be taken; Space-Saving then gives
+    the same ids the same scores (within rounding) in swapped slots (seen: ``[560, 519, 510, 807]`` vs
+    ``[560, 510, 519, 807]``, scores equal to 1e-7). Lookups and promotions read an id's slot by key, never by place.
+    What a bucket holds (ids, hot rows, occupancy) is still compared exactly, and its scores to the float tolerance.
+    """
+    out = dict(state)
+    for name in [key for key in state if key.endswith("sketch.keys")]:
+        prefix = name.removesuffix("keys")
+        keys, occupied = state[name], state[prefix + "occupied"]
+        # empty slots' keys are meaningless: rank them after every occupied slot, in place order
+        rank = torch.where(occupied, keys, torch.iinfo(torch.int64).max)
+        order = torch.sort(rank, dim=1, stable=True).indices
+        for field in ("keys", "scores", "hot_rows", "occupied"):
+            out[prefix + field] = torch.gather(state[prefix + field], 1, order)
+    return out
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_two_ranks_end_where_one_process_ends(data, two_ranks, tmp_path, method):
     one = Trainer(config(data, str(tmp_path / "one"), method))
     one.fit()
-    single = load_file(tmp_path / "one" / "checkpoints" / "last.safetensors")
-    both = load_file(two_ranks / method / "checkpoints" / "last.safetensors")
+    single = slots_in_key_order(load_file(tmp_path / "one" / "checkpoints" / "last.safetensors"))
+    both = slots_in_key_order(load_file(two_ranks / method / "checkpoints" / "last.safetensors"))
     assert single.keys() == both.keys()
     compared = 0
     for key, value in single.items():

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from compemb.data.criteo import MISSING_ID, RARE_ID, Rejections, RowError
-from compemb.data.dataset import DatasetWriter
+from compemb.data.dataset import DatasetWriter, check_output
 
 HEADER_START = ("id", "click", "hour")
 
@@ -86,6 +86,7 @@ def preprocess_avazu(source: str | os.PathLike, out: str | os.PathLike, min_coun
                      strict: bool = False, chunk_rows: int = 100_000) -> dict:
     """Preprocess an Avazu CSV into ``out``; return the manifest facts."""
     source = Path(source)
+    check_output(out, (source,))  # before the long read, and never over its own input
     rejections = Rejections()
     counts: list[Counter] | None = None
     kept = 0

@@ -31,7 +31,7 @@ import numpy as np
 from safetensors.numpy import save as save_arrays
 from tqdm import tqdm
 
-from compemb.data.dataset import DatasetWriter
+from compemb.data.dataset import VOCABULARY_FILE, DatasetWriter, check_output
 from compemb.io import atomic_write_bytes
 
 NUM_DENSE, NUM_SPARSE = 13, 26
@@ -322,7 +322,7 @@ class ValueCounts:
         return self.values, self.counts
 
 
-VOCABULARY = "vocabulary.safetensors"  # a categorified data set's kept values, one sorted int64 array per feature
+VOCABULARY = VOCABULARY_FILE  # a categorified data set's kept values, one sorted int64 array per feature
 
 
 class Categorifier:
@@ -517,6 +517,7 @@ def preprocess_criteo(
     for path, _ in inputs:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such file")
+    check_output(out, tuple(path for path, _ in inputs))  # before the long read, and never over its own input
     pieces = [piece for path, has_label in inputs
               for piece in split_pieces(path, has_label, piece_bytes if processes > 1 else 1 << 62)]
     # pass 1: validate, count rows and (to categorify) every feature's values

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,43 @@ from compemb.io import atomic_write_text
 
 MANIFEST = "manifest.json"
 ARRAYS = ("dense", "sparse", "labels")
+VOCABULARY_FILE = "vocabulary.safetensors"  # a categorified Criteo set's kept values (compemb.data.criteo writes it)
+SPLIT_ENTRIES = {f"{name}.npy" for name in ARRAYS} | {"bags"}
+
+
+def _is_dataset(path: Path) -> bool:
+    """Whether ``path`` holds a compemb data set and nothing else (so replacing it loses nothing of the user's)."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        splits = set(manifest["rows"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    for entry in path.iterdir():
+        if entry.name in (MANIFEST, VOCABULARY_FILE):
+            continue
+        if entry.name not in splits or not entry.is_dir() or not {e.name for e in entry.iterdir()} <= SPLIT_ENTRIES:
+            return False
+    return True
+
+
+def check_output(path: str | os.PathLike, inputs: tuple[str | os.PathLike, ...] = ()) -> None:
+    """Refuse an output directory whose replacement would delete what compemb did not write.
+
+    ``path`` may be missing, an empty directory or a compemb data set (which the new one replaces when complete);
+    anything else, or a directory holding one of ``inputs``, raises ``ValueError`` naming it.
+    """
+    path = Path(path)
+    resolved = path.resolve()
+    for given in inputs:
+        if resolved in Path(given).resolve().parents:
+            raise ValueError(f"output {path} would hold the input {given}: choose another --out")
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise ValueError(f"output {path} exists and is not a directory: choose another --out")
+    if any(path.iterdir()) and not _is_dataset(path):
+        raise ValueError(f"output {path} exists and is not a compemb data set (it would be replaced): "
+                         "choose a new or empty directory, or remove it yourself")
 
 
 @dataclass
@@ -74,8 +112,10 @@ class DatasetWriter:
         self._bag_chunks: dict[str, dict[str, list[tuple[np.ndarray, np.ndarray]]]] = {
             split: {bag["name"]: [] for bag in self.bags} for split in rows}
         self.unlabeled = tuple(unlabeled)
-        self.temporary = self.path.with_name(f".{self.path.name}.partial")
-        shutil.rmtree(self.temporary, ignore_errors=True)
+        check_output(self.path)
+        # a name of its own: two writers of the same output never share (or delete) each other's files
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.temporary = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".partial", dir=self.path.parent))
         self.rows = dict(rows)
         self.cardinalities = list(cardinalities)
         self.filled = {split: 0 for split in rows}
@@ -85,7 +125,7 @@ class DatasetWriter:
                   "labels": ((), np.uint8)}
         try:
             for split, count in rows.items():
-                (self.temporary / split).mkdir(parents=True)
+                (self.temporary / split).mkdir()
                 self.arrays[split] = {
                     name: np.lib.format.open_memmap(self.temporary / split / f"{name}.npy", mode="w+", dtype=dtype,
                                                     shape=(count, *width))
@@ -179,9 +219,14 @@ class DatasetWriter:
         if self.unlabeled:
             manifest["unlabeled"] = list(self.unlabeled)
         atomic_write_text(self.temporary / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-        if self.path.exists():
-            shutil.rmtree(self.path)
-        os.replace(self.temporary, self.path)
+        check_output(self.path)  # again: something may have been put there while the set was written
+        if self.path.exists():  # an empty directory or an older data set: moved aside, replaced, then removed
+            previous = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".old", dir=self.path.parent))
+            os.replace(self.path, previous / "set")
+            os.replace(self.temporary, self.path)
+            shutil.rmtree(previous)
+        else:
+            os.replace(self.temporary, self.path)
 
     def __enter__(self) -> DatasetWriter:
         return self

@@ -32,7 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from compemb.data.criteo import transform_dense
-from compemb.data.dataset import DatasetWriter
+from compemb.data.dataset import DatasetWriter, check_output
 from compemb.io import atomic_binary_writer
 from compemb.metrics import auc
 
@@ -234,6 +234,7 @@ def generate_synthetic(path: str | os.PathLike, config: SyntheticConfig = Synthe
     """
     if tsv is not None and config.bag_features:
         raise ValueError("bag features cannot be written as Criteo TSV (it has one id per feature): drop tsv")
+    check_output(path, () if tsv is None else (tsv,))  # the TSV beside the set must not be inside it
     teacher = Teacher(config)
     facts: dict = {"source": "synthetic", "config": asdict(config), "bayes": {}}
     chunk_index = 0
