@@ -21,7 +21,8 @@ named twice in a batch may sum its gradients in another order, a difference of f
 
 A row that changes owner (CAFE promotion, CCE clustering) is reset by
 :func:`compemb.embeddings.adaptive.reset_optimizer_rows`: its moments and its count go to zero, so its next update
-is a first update, as a new parameter's.
+is a first update, as a new parameter's. With dense gradients (no per-row count) the reset records the step in
+``row_reset_step`` and the row's bias correction uses its age since then.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import torch
 from torch import Tensor
 
 ROW_STEPS = "row_steps"  # per-row update counts of a parameter with sparse gradients
+ROW_STEP_KEY = "row_reset_step"  # dense Adam: the step at which each row's state was reset; -1: never reset
 
 
 def unique_rows(grad: Tensor) -> tuple[Tensor, Tensor]:
@@ -207,8 +209,18 @@ class RowAdam(_RowWise):
         step = float(state["step"])
         state["exp_avg"].lerp_(param.grad, 1 - beta1)
         state["exp_avg_sq"].mul_(beta2).addcmul_(param.grad, param.grad, value=1 - beta2)
-        denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
-        param.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1**step))
+        reset_at = state.get(ROW_STEP_KEY)
+        if reset_at is None:
+            denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
+            param.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1**step))
+            return
+        # rows whose state was reset (a new owner) are corrected for their own age, as a parameter made then: with
+        # the shared step their zeroed moments would give a first update of ~3x lr
+        age = torch.where(reset_at >= 0, step - reset_at, step).double().view((-1,) + (1,) * (param.dim() - 1))
+        correction1 = (1 - beta1**age).to(param.dtype)
+        correction2 = (1 - beta2**age).sqrt().to(param.dtype)
+        denom = (state["exp_avg_sq"].sqrt() / correction2).add_(eps)
+        param.addcdiv_(state["exp_avg"] / correction1, denom, value=-lr)
 
 
 class RowAdagrad(_RowWise):

@@ -23,7 +23,8 @@ update torch applied to those rows with the one Adam would apply at the row's ow
 so the row then trains exactly as a parameter created at its reset. Rows drop out of the correction once both
 bias corrections agree with the shared ones (``b^a < 1e-7``). SparseAdam (lazy: untouched rows keep their
 moments) is not corrected: its own fresh parameters already see the shared step. compemb's RowAdam (the Trainer's
-``adam``) counts steps per row, so a reset zeroes the row's count with its moments and needs no hook.
+``adam``) counts steps per row for sparse gradients, so a reset zeroes the row's count with its moments; for dense
+gradients it reads ``row_reset_step`` itself and corrects the rows in its own update (no hook).
 """
 
 from __future__ import annotations
@@ -38,9 +39,9 @@ from torch import Tensor
 from compemb import distributed
 from compemb.budget import MemoryReport
 from compemb.embeddings.base import CompressedEmbedding
+from compemb.optim import ROW_STEP_KEY, RowAdam  # ROW_STEP_KEY: per-row step a row's Adam state was reset at
 
 IMPORTANCE = ("gradient", "frequency")
-ROW_STEP_KEY = "row_reset_step"  # per-row step at which the row's Adam state was reset; -1: never / aged out
 _SETTLED = 1e-7  # beta^age below this: the shared bias correction is the row's own
 
 
@@ -88,8 +89,8 @@ def reset_optimizer_rows(optimizer: torch.optim.Optimizer | None, param: Tensor,
             value.index_fill_(0, index, fill)
     if "row_steps" in state:  # compemb.optim.RowAdam: the rows' own update counts restart too
         state["row_steps"].index_fill_(0, rows.to(state["row_steps"].device, torch.long), 0.0)
-    if _is_adam(optimizer) and "step" in state and param.dim() >= 1:
-        track_row_steps(optimizer)
+    if (_is_adam(optimizer) or isinstance(optimizer, RowAdam)) and "step" in state and param.dim() >= 1:
+        track_row_steps(optimizer)  # torch's Adam: a hook corrects the rows; RowAdam's dense update reads them itself
         if ROW_STEP_KEY not in state:
             state[ROW_STEP_KEY] = torch.full((param.shape[0],), -1.0, device=param.device)
         state[ROW_STEP_KEY].index_fill_(0, rows.to(param.device, torch.long), float(state["step"]))

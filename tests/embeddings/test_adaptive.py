@@ -4,14 +4,29 @@ import pytest
 import torch
 
 from compemb.embeddings.adaptive import ROW_STEP_KEY, reset_optimizer_rows, track_row_steps
+from compemb.optim import RowAdagrad, RowAdam
 
+# the Trainer's optimizers are sgd (torch's SGD), adagrad (RowAdagrad), adam (RowAdam) and adam_dense (torch's Adam)
 OPTIMIZERS = {
     "adam": lambda params: torch.optim.Adam(params, lr=0.01),
     "adamw": lambda params: torch.optim.AdamW(params, lr=0.01, weight_decay=0.1),
     "amsgrad": lambda params: torch.optim.Adam(params, lr=0.01, amsgrad=True),
     "adagrad": lambda params: torch.optim.Adagrad(params, lr=0.05),
     "sgd": lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9),
+    "sgd-plain": lambda params: torch.optim.SGD(params, lr=0.05),
+    "row-adam": lambda params: RowAdam(params, lr=0.01),
+    "row-adagrad": lambda params: RowAdagrad(params, lr=0.05),
 }
+# every optimizer takes dense gradients; these also take sparse ones (torch's Adam and momentum SGD refuse them)
+SPARSE = ("adagrad", "sgd-plain", "row-adam", "row-adagrad")
+CASES = [(name, "dense") for name in sorted(OPTIMIZERS)] + [(name, "sparse") for name in SPARSE]
+
+
+def as_gradient(grad, kind):
+    """``grad`` as it comes to a table: dense, or sparse naming every row (an embedding with sparse=True)."""
+    if kind == "dense":
+        return grad.clone()
+    return torch.sparse_coo_tensor(torch.arange(grad.shape[0]).unsqueeze(0), grad.clone(), grad.shape)
 
 
 def gradients(steps, rows, dim, seed):
@@ -20,14 +35,14 @@ def gradients(steps, rows, dim, seed):
     return [torch.randn(rows, dim, generator=generator) * 0.1 + 1.0 for _ in range(steps)]
 
 
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-def test_reset_row_trains_as_a_fresh_parameter(name):
+@pytest.mark.parametrize("name, kind", CASES)
+def test_reset_row_trains_as_a_fresh_parameter(name, kind):
     rows, dim, reset = 6, 3, torch.tensor([1, 4])
     weight = torch.nn.Parameter(torch.randn(rows, dim, generator=torch.Generator().manual_seed(0)))
     optimizer = OPTIMIZERS[name]([weight])
     before, after = gradients(300, rows, dim, seed=1), gradients(30, rows, dim, seed=2)
     for grad in before:
-        weight.grad = grad.clone()
+        weight.grad = as_gradient(grad, kind)
         optimizer.step()
     reset_optimizer_rows(optimizer, weight, reset)
     # the slow reference: the reset rows as a new parameter with a new optimizer from the reset on
@@ -35,9 +50,9 @@ def test_reset_row_trains_as_a_fresh_parameter(name):
     reference = OPTIMIZERS[name]([fresh])
     start = weight.detach()[reset].clone()
     for step, grad in enumerate(after):
-        weight.grad = grad.clone()
+        weight.grad = as_gradient(grad, kind)
         optimizer.step()
-        fresh.grad = grad[reset].clone()
+        fresh.grad = as_gradient(grad[reset], kind)
         reference.step()
         if step == 0:  # the first update: no larger than a new parameter's at the same learning rate
             moved = (weight.detach()[reset] - start).abs().max()

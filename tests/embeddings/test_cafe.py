@@ -307,6 +307,28 @@ def test_optimizer_state_of_rows_that_change_owner_is_reset():
     assert bool((state["exp_avg_sq"][others] > 0).all())  # every other row kept its state
 
 
+@pytest.mark.parametrize("optimizer, sparse", [("row-adam", True), ("row-adam", False), ("adam", False)])
+def test_a_promoted_row_takes_a_first_step_of_lr_after_a_long_run(optimizer, sparse):
+    """The issue's repro: 3,000 steps of other ids, then id 5 is promoted; its row's first update is Adam's first
+    (|m / sqrt(v)| = 1 per coordinate: lr), not the 3.08 x lr a zeroed row at a late shared step took."""
+    from compemb.optim import RowAdam
+    from compemb.train import _make_optimizer
+
+    module = make_embedding("cafe", 1000, 4, num_params=3000, threshold=4, importance="frequency", seed=15,
+                            sparse=sparse)
+    holder = torch.nn.Module()
+    holder.table = module
+    adam = RowAdam(module.parameters(), lr=0.01) if optimizer == "row-adam" else _make_optimizer("adam_dense", holder,
+                                                                                                 0.01)
+    train(module, [torch.tensor([1, 2, 3])] * 3000, adam)
+    train(module, [torch.tensor([5] * 4)], adam)  # 5 reaches the threshold and takes a hot row
+    assert 5 in hot_map(module)
+    before = module(torch.tensor([5])).detach()
+    train(module, [torch.tensor([5] * 4)], adam)
+    moved = (module(torch.tensor([5])).detach() - before).abs().max()
+    assert moved <= 0.01 * (1 + 1e-4), float(moved)
+
+
 def test_reset_optimizer_rows_handles_adagrad_and_sparse_state():
     weight = torch.nn.Parameter(torch.zeros(5, 2))
     adagrad = torch.optim.Adagrad([weight], lr=0.1, initial_accumulator_value=0.5)
