@@ -37,6 +37,11 @@ def nearest_size() -> Iterator[None]:
         _tolerance.reset(token)
 
 
+def budget_tolerance() -> float:
+    """How far a method may miss its budget now: 1%, or infinite inside :func:`nearest_size`."""
+    return _tolerance.get()
+
+
 class BudgetError(ValueError):
     """A method cannot meet the budget it was given; the message names what it can meet."""
 

@@ -174,7 +174,7 @@ def _train_config(args: argparse.Namespace, out: str, compression: float | None 
         given = getattr(args, "compression", None)
         compression = given if isinstance(given, (int, float)) else None
     method, options = parse_method_spec(getattr(args, "method", "full"))
-    if getattr(args, "cluster_every", None):  # methods that cluster take it; the Trainer drops it for the others
+    if getattr(args, "cluster_every", None) is not None:  # methods that cluster take it; the others drop it
         options.setdefault("cluster_every", args.cluster_every)
     return TrainConfig(
         data=args.data, out=out, method=method, compression=compression,
@@ -270,7 +270,8 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_cluster_every(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cluster-every", type=int, default=None, metavar="N",
-                        help="methods that cluster (cce): cluster every N steps, up to 3/4 of the run")
+                        help="methods that cluster (cce): cluster every N steps up to 3/4 of the run; 0: never "
+                             "(default: derived from the run, every epoch and at least every 1/6 of the run)")
 
 
 def cmd_preprocess_criteo(args: argparse.Namespace) -> int:

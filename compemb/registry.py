@@ -71,8 +71,8 @@ def method_options(method: str | type) -> dict[str, MethodOption]:
     """The options a method (a registered name, or its class) takes: keyword-only ``__init__`` arguments, through
     the ``**options`` of subclasses.
 
-        >>> method_options("cce")["cluster_every"]
-        MethodOption(name='cluster_every', annotation=<class 'int'>, default=0)
+        >>> method_options("cce")["cluster_every"].default is None  # None: a schedule derived from the run
+        True
     """
     cls = get_method(method) if isinstance(method, str) else method
     found: dict[str, MethodOption] = {}

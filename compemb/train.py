@@ -216,7 +216,7 @@ class Trainer:
         stop = self.total_steps if stop_at is None else min(stop_at, self.total_steps)
         adaptive = [m for m in self.model.modules() if isinstance(m, CompressedEmbedding)]
         for module in adaptive:  # schedules given as a fraction of the run (CCE's cluster_until) need its length
-            module.on_train_begin(self.total_steps)
+            module.on_train_begin(self.total_steps, self.steps_per_epoch)
         result: dict[str, Any] = {}
         # a context: the bar is closed before an error propagates, so the error is the last line printed
         # on an accelerator one background thread reads and pins the next batch while the device trains; only it then
@@ -261,6 +261,9 @@ class Trainer:
                     paused = time.perf_counter()
                     result = self.evaluate(config.eval_split)
                     result["train_loss"] = self._mean_over_ranks(self.running_loss)
+                    for module in adaptive:  # the methods' own counters (CCE: clusterings), the most of any table
+                        for key, count in module.progress().items():
+                            result[key] = max(result.get(key, 0), count)
                     result["samples_per_s"] = samples / training_s
                     self._log(result)
                     self._checkpoint(result)

@@ -16,7 +16,7 @@ from compemb.train import TrainConfig, Trainer
 def config(data: str, out: str, method: str) -> TrainConfig:
     """The run both the test and this worker train (the test imports it)."""
     name, _, option = method.partition(":")
-    options = {"cluster_every": 5} if name == "cce" else {}
+    options = {"cluster_every": 5} if name.startswith("cce") else {}
     if option:
         key, value = option.split("=")
         options[key] = value

@@ -17,7 +17,7 @@ from compemb.train import Trainer
 from tests.distributed_worker import config
 
 WORKER = Path(__file__).parent / "distributed_worker.py"
-METHODS = ["hash", "cafe", "cafe-ml", "cce", "cce:importance=gradient", "offline"]
+METHODS = ["hash", "cafe", "cafe-ml", "cce", "cce-hybrid", "cce-hybrid:importance=gradient", "offline"]
 
 
 def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:

@@ -148,8 +148,13 @@ class CompressedEmbedding(torch.nn.Module, ABC):
         positions = torch.arange(ids.numel(), device=ids.device)
         return F.embedding_bag(positions, vectors, offsets, mode=self.mode, per_sample_weights=per_sample_weights)
 
-    def on_train_begin(self, total_steps: int) -> None:
-        """Called by the trainer once before training, with the run's total steps (schedules that end early use it)."""
+    def on_train_begin(self, total_steps: int, steps_per_epoch: int | None = None) -> None:
+        """Called by the trainer once before training, with the run's total steps and its epochs' length
+        (schedules derived from the run use them: CCE's clusterings)."""
+
+    def progress(self) -> dict[str, int]:
+        """Counters of the method's own training events the trainer logs at every evaluation (CCE: clusterings)."""
+        return {}
 
     def on_step_end(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Called by the trainer after every optimizer step; adaptive methods (clustering, sketches) override it.

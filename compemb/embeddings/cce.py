@@ -5,22 +5,30 @@ x ``d/c``. Before the first clustering both pointers are seeded hashes (CE with 
 runs k-means per column on the ids' current sub-vectors, points ``h0`` at each id's nearest centroid, sets ``T0`` to
 the centroids, draws a fresh hash ``h1`` and resets ``T1``. Table sizes never change.
 
+Three registered variants share this module:
+
+- ``cce``: the paper's algorithm with honest memory (``accounting="honest"``): every id stores its c ``h0``
+  pointers in the smallest integer dtype holding k (a wider one only where a budget falls between two dtypes'
+  ranges), ``h1`` is hashed and not stored, and everything counts in the budget. c pointers per id cost c bytes or
+  more before any float, so at d=16 and c=4 it cannot pass 16x (8x with int16 pointers): a budget out of reach
+  raises BudgetError naming the ratios it reaches and the highest.
+- ``cce-paper``: the same algorithm sized as the paper's figures are: the floats alone meet the budget; the
+  pointers are reported by ``memory()``, not counted.
+- ``cce-hybrid`` (compemb's own CCE/CAFE hybrid): only the ``m`` ids a HotSketch scores highest hold stored
+  pointers (their ids in a sorted ``holder_ids`` array, 8 bytes each, counted); every other id reads hashed rows.
+
 Deviations and choices (the class docstring says more):
 
-- Honest memory (``accounting="honest"``, the default): stored pointers, the HotSketch and the seen-bitmap all count
-  in the budget. Pointers for every id cost ``n x c`` small ints (10M ids x 4 x 2 bytes = 80 MB, more than a 100x
-  table), so by default only the ``m`` ids a HotSketch scores highest hold stored pointers (their ids in a sorted
-  ``holder_ids`` array, 8 bytes each, counted); every other id reads hashed rows. ``accounting="paper"`` sizes the
-  float tables to the whole budget, as the paper's figures do, and stores pointers for every id (reported, not
-  counted).
 - With top-m holders, each table is split in two regions: rows ``[0, holder_rows)`` hold the holders' centroids (T0)
   and residuals (T1); rows ``[holder_rows, k)`` are a hashed region that every other id reads through fixed hashes
   and that clustering never writes. Why: overwriting T0 with centroids while an id without a pointer still read
   ``T0[h0(x)]`` handed that id an unrelated centroid at every round (measured on 20k ids at 20x, 300 holders: the
   non-holders' traffic-weighted MSE went 1.15 -> 1.87 at each clustering, worse than predicting zeros). Now an id
   that holds no pointer before and after a clustering reads exactly the same vector (tested); an id that drops out
-  of the top m returns to its hashed rows. The cost: before the first clustering the holder region is idle, and the
-  hashed region has ``1 - holder_share`` of the rows (default half).
+  of the top m returns to its hashed rows. The cost: before the first clustering the holder region is idle (the
+  default schedule clusters within the first 1/6 of a run). The holder region has ``holder_share`` of the rows
+  (default half), fewer when k-means would have under ``MIN_POINTS_PER_CENTROID`` (39, faiss's threshold) sampled
+  ids per centroid; the hashed region has the rest.
 - Holders are re-chosen at every clustering from the sketch's current scores; the sketch never pins them (hot slots
   that were never evicted kept stale holders after the stream shifted: 34% of the new top-500 covered vs 53% fresh).
 - Clustering picks at most ``max_points_per_centroid x k`` ids (``sample``): uniform over the vocabulary (the paper's
@@ -43,7 +51,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from compemb import distributed
-from compemb.budget import FLOAT_BYTES, MemoryReport, check_budget, every_budget_from, resolve_budget
+from compemb.budget import (
+    FLOAT_BYTES,
+    MemoryReport,
+    budget_tolerance,
+    check_budget,
+    every_budget_from,
+    resolve_budget,
+)
 from compemb.embeddings.adaptive import AdaptiveEmbedding, memory_report, reset_optimizer_rows
 from compemb.embeddings.base import CompressedEmbedding, init_uniform_
 from compemb.embeddings.cce_kernels import NO_HOLDERS, PairGather, mark_seen, route_rows
@@ -113,7 +128,8 @@ class CCEmbedding(AdaptiveEmbedding):
             subsample, weighted ``sketch_stride``; default 4): Space-Saving finds the heavy hitters from a sample,
             and each inserted id costs ~25 ns, as much as the rest of a lookup. 1 counts every occurrence. The
             seen-bitmap always sees every id.
-        cluster_every, cluster_until: the :class:`ClusterSchedule` (default: never; cluster() by hand).
+        cluster_every, cluster_until: the :class:`ClusterSchedule` (default: derived from the run, every epoch
+            and at least every 1/6 of it, until 3/4; ``cluster_every=0``: never, cluster() by hand).
         niter, max_points_per_centroid: k-means settings (the paper's 50 and 256).
 
     Example::
@@ -129,7 +145,9 @@ class CCEmbedding(AdaptiveEmbedding):
     training_only_state = ("sketch.mass",)  # score inserted since the last decay (h1's seed, in cluster_state, stays)
 
     title = "CCE: clustered compositional"
-    formula = "2 * k * d + pointers + sketch"
+    formula = "2 * k * d + n * c pointers"
+    hybrid = False  # cce-hybrid: stored pointers for the sketch's top ids only
+    per_id_bytes = 4  # every id's c pointers, one byte each at least (uint8, k <= 256; c = 4 by default)
     pointer_table: Tensor
     cluster_state: Tensor
     seen: Tensor | None
@@ -152,7 +170,7 @@ class CCEmbedding(AdaptiveEmbedding):
         holder_share: float = 0.5,
         sketch_stride: int = 4,
         decay: float = 0.99,
-        cluster_every: int = 0,
+        cluster_every: int | None = None,
         cluster_until: float = 0.75,
         niter: int = 50,
         max_points_per_centroid: int = 256,
@@ -188,11 +206,15 @@ class CCEmbedding(AdaptiveEmbedding):
         self.sketch_stride = sketch_stride
         self.schedule = ClusterSchedule(cluster_every, cluster_until)
         self._total_steps: int | None = None
+        self._steps_per_epoch: int | None = None
         self.last_cluster: ClusterReport | None = None
         budget = resolve_budget(num_embeddings, embedding_dim, compression=compression, num_params=num_params)
+        if not self.hybrid and pointers is not None and pointers < self.num_embeddings:
+            raise ValueError(f"{self._who()}: every id holds pointers (the paper's algorithm); pointers={pointers} "
+                             "for the top ids only is cce-hybrid's option")
         shape = CCEShape(self.num_embeddings, self.embedding_dim, columns, accounting == "honest", self.pointer_share,
-                         self.holder_share, self.sketch_slots_per_pointer)
-        plan = plan_tables(shape, budget, pointers, sample)
+                         self.holder_share, self.sketch_slots_per_pointer, self.hybrid)
+        plan = plan_tables(shape, budget, pointers, sample, budget_tolerance())
         self.sample = sample or ("uniform" if plan.all_ids else "frequency")
         self.rows, self.all_ids, self.holder_rows = plan.rows, plan.all_ids, plan.holder_rows
         c, k = columns, plan.rows
@@ -353,16 +375,21 @@ class CCEmbedding(AdaptiveEmbedding):
 
     # --- clustering --------------------------------------------------------------------------------------
 
-    def on_train_begin(self, total_steps: int) -> None:
-        """Remember the run's length, which ``cluster_until`` is a fraction of."""
+    def on_train_begin(self, total_steps: int, steps_per_epoch: int | None = None) -> None:
+        """Remember the run's length: the schedule's interval and ``cluster_until`` are derived from it."""
         self._total_steps = int(total_steps)
+        self._steps_per_epoch = None if steps_per_epoch is None else int(steps_per_epoch)
+
+    def progress(self) -> dict[str, int]:
+        """How many clusterings have run (every evaluation line of a CCE run carries it)."""
+        return {"clusterings": self.rounds}
 
     def on_step_end(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Apply recorded scores; cluster when the schedule says (its optimizer state is reset then)."""
         super().on_step_end(step, optimizer)
-        if self.schedule.due(step, self._total_steps):
+        if self.schedule.due(step, self._total_steps, self._steps_per_epoch):
             self.cluster(optimizer)
-        if self.schedule.over(step, self._total_steps):  # no clustering left to choose ids for: stop counting
+        if self.schedule.over(step, self._total_steps, self._steps_per_epoch):  # no clustering left to choose ids for: stop counting
             self._records = False
 
     def _column(self, ids: Tensor, column: int) -> Tensor:
@@ -442,7 +469,7 @@ class CCEmbedding(AdaptiveEmbedding):
         text += f", pointers={'all' if self.all_ids else self.pointer_table.shape[0]}, sample={self.sample!r}"
         text += f", accounting={self.accounting!r}" if self.accounting != "honest" else ""
         text += f", residual={self.residual!r}" if self.residual != "zeros" else ""
-        return text + (f", cluster_every={self.schedule.every}" if self.schedule.every else "")
+        return text + (f", cluster_every={self.schedule.every}" if self.schedule.every is not None else "")
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -459,6 +486,26 @@ class PaperAccountedCCEmbedding(CCEmbedding):
     """
 
     title = "CCE, paper accounting"
+    formula = "2 * k * d (pointers not counted)"
+    per_id_bytes = 0  # its pointers are reported, not counted
 
     def __init__(self, num_embeddings: int, embedding_dim: int, *, accounting: str = "paper", **options: Any) -> None:
         super().__init__(num_embeddings, embedding_dim, accounting=accounting, **options)
+
+
+@register("cce-hybrid")
+class HybridCCEmbedding(CCEmbedding):
+    """CCE/CAFE hybrid (compemb's own): stored pointers only for the ids a HotSketch ranks highest.
+
+    The ``m`` top ids (as many as ``pointer_share`` of the budget holds, with their 8-byte ids and
+    ``sketch_slots_per_pointer`` sketch slots each) read clustered centroids and residuals in a holder region of
+    each table; every other id reads a hashed region that clustering never touches. The holder region has at most
+    one centroid per ``MIN_POINTS_PER_CENTROID`` (39, faiss's threshold) ids k-means samples (the sketch's slots),
+    so its centroids are means of real clusters; the rest of the rows go to the hashed region. Reaches any ratio,
+    since pointers are bounded by the budget rather than by the vocabulary.
+    """
+
+    title = "CCE hybrid: pointers for top ids"
+    formula = "2 * k * d + m pointers + sketch"
+    hybrid = True
+    per_id_bytes = 0

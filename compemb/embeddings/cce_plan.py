@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from compemb.budget import FLOAT_BYTES, Budget
+from compemb.budget import BUDGET_TOLERANCE, FLOAT_BYTES, Budget, BudgetError
 from compemb.hashing import coefficient_bytes
 from compemb.sketch.hotsketch import SLOT_BYTES, HotSketch
 
@@ -53,6 +53,7 @@ class CCEShape:
     pointer_share: float
     holder_share: float
     sketch_slots_per_pointer: float
+    hybrid: bool = False  # cce-hybrid: stored pointers for the sketch's top ids only (else for every id)
 
 
 def fixed_bytes(columns: int) -> int:
@@ -77,7 +78,50 @@ def smallest_bytes(columns: int, embedding_dim: int, bitmap_bytes: int) -> int:
             + bitmap_bytes)
 
 
-def plan_tables(shape: CCEShape, budget: Budget, pointers: int | None, sample: str | None) -> CCEPlan:
+MIN_POINTS_PER_CENTROID = 39  # faiss's min_points_per_centroid: below it k-means warns that centroids are noise
+
+
+def _every_id_plan(shape: CCEShape, budget: Budget, sample: str | None, tolerance: float) -> CCEPlan:
+    """The paper's CCE: every id stores c pointers, in the smallest dtype holding k; the floats take the rest.
+
+    Honest accounting cannot go below the pointers: ``n x c`` bytes (uint8, k <= 256) before any float. A budget
+    it cannot meet within ``tolerance`` raises BudgetError naming the ratios it reaches and the highest.
+    """
+    n, d, c, B = shape.num_embeddings, shape.embedding_dim, shape.columns, budget.num_bytes
+    row_bytes = 2 * d * FLOAT_BYTES
+    bitmap = -(-n // 8) if sample == "seen" else 0
+    ranges, candidates = [], []
+    for limit, dtype in POINTER_DTYPES:
+        buckets = 0
+        if sample == "frequency":  # the sketch (for sampling only) takes what the pointer share leaves
+            stored = n * c * torch.empty(0, dtype=dtype).element_size()
+            free = shape.pointer_share * B - bitmap - (stored if shape.honest else 0)
+            buckets = max(1, math.ceil(max(0.0, free - HotSketch.bytes_for(0)) / SLOT_BYTES / SKETCH_SLOTS))
+        plan = CCEPlan(0, 0, True, n, dtype, buckets, bitmap)
+        reserved = reserved_bytes(plan, c) if shape.honest else 0
+        # any k this dtype holds: a wider dtype than k needs spends the bytes a budget between two ranges leaves
+        k = min(max(round((B - reserved) / row_bytes), 1), limit)
+        miss = abs(reserved + k * row_bytes - B) / B
+        plan = CCEPlan(k, k, True, n, dtype, buckets, bitmap)
+        if miss <= min(tolerance, BUDGET_TOLERANCE):  # the smallest dtype that meets the budget
+            return plan
+        candidates.append((miss, len(candidates), plan))
+        ranges.append((str(dtype).removeprefix("torch."), 1, limit, reserved))
+    if not shape.honest or tolerance == math.inf:  # the nearest size (the caller accounts the bytes itself)
+        return min(candidates)[2]
+    full = n * d * FLOAT_BYTES
+    reach = ", ".join(f"{full / (reserved + high * row_bytes):.2f}x-{full / (reserved + lo * row_bytes):.2f}x with "
+                      f"{name} pointers (k {lo:,}-{high:,})" for name, lo, high, reserved in ranges[:2])
+    smallest = math.ceil((ranges[0][3] + row_bytes) / FLOAT_BYTES)
+    raise BudgetError(
+        f"cce cannot meet a budget of {B / FLOAT_BYTES:,.0f} params ({full / B:.2f}x): every id stores {c} pointers "
+        f"({n:,} x {c} bytes or more before any float), so it reaches {reach}; the highest ratio it can reach is "
+        f"{full / (ranges[0][3] + row_bytes):.2f}x (the smallest budget it can meet is {smallest:,} params). "
+        "cce-hybrid stores pointers for the top ids only; cce-paper counts the floats only")
+
+
+def plan_tables(shape: CCEShape, budget: Budget, pointers: int | None, sample: str | None,
+                tolerance: float = BUDGET_TOLERANCE) -> CCEPlan:
     """Table rows k, which ids hold stored pointers and their dtype, sketch and bitmap sizes (see CCEmbedding)."""
     n, d, c, B = shape.num_embeddings, shape.embedding_dim, shape.columns, budget.num_bytes
     row_bytes = 2 * d * FLOAT_BYTES  # one row of T0 and T1 in every column
@@ -89,7 +133,10 @@ def plan_tables(shape: CCEShape, budget: Budget, pointers: int | None, sample: s
         return max(smallest, round(((B - reserved) if honest else B) / row_bytes))
 
     def holder_rows(k: int) -> int:  # rows for holders; the rest (at least one) is the hashed region
-        return max(1, min(k - 1, round(shape.holder_share * k)))
+        # no more centroids than k-means has points for: MIN_POINTS_PER_CENTROID of the ids it samples each
+        # (the sketch's slots by default; the vocabulary when sampling uniformly or seen ids)
+        points = n if sample in ("uniform", "seen") else (pointers or 1) * shape.sketch_slots_per_pointer
+        return max(1, min(k - 1, round(shape.holder_share * k), int(points // MIN_POINTS_PER_CENTROID)))
 
     def sketch_buckets(slots: float) -> int:
         return max(1, math.ceil(slots / SKETCH_SLOTS))
@@ -110,17 +157,19 @@ def plan_tables(shape: CCEShape, budget: Budget, pointers: int | None, sample: s
                 return CCEPlan(k, k, True, n, dtype, buckets, bitmap)
         raise AssertionError("unreachable: int32 holds every k")
 
-    if (pointers is None and not honest) or (pointers is not None and pointers >= n):
-        return plan_all(need_fit=False)  # type: ignore[return-value]
+    if not shape.hybrid or (pointers is not None and pointers >= n):
+        return _every_id_plan(shape, budget, sample, tolerance)
     if pointers is None:
         fitted = plan_all(need_fit=True)
         if fitted is not None:
             return fitted
-        # as many as the share holds, at the dtype of the k the rest of the budget buys
-        dtype = pointer_dtype(holder_rows(k_for(share, 2)))
-        size = torch.empty(0, dtype=dtype).element_size()
-        per_pointer = c * size + ID_BYTES + shape.sketch_slots_per_pointer * SLOT_BYTES
-        pointers = int(max(1, min(n, (share - bitmap - HotSketch.bytes_for(0)) // per_pointer)))
+        # as many as the share holds, at the smallest dtype holding the holder rows the rest of the budget buys
+        for limit, dtype in POINTER_DTYPES:
+            size = torch.empty(0, dtype=dtype).element_size()
+            per_pointer = c * size + ID_BYTES + shape.sketch_slots_per_pointer * SLOT_BYTES
+            pointers = int(max(1, min(n, (share - bitmap - HotSketch.bytes_for(0)) // per_pointer)))
+            if holder_rows(k_for(share, 2)) <= limit:
+                break
     for limit, dtype in POINTER_DTYPES:
         plan = CCEPlan(0, 0, False, pointers, dtype, sketch_buckets(pointers * shape.sketch_slots_per_pointer), bitmap)
         k = k_for(reserved_bytes(plan, c), 2)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -11,39 +12,61 @@ from torch import Tensor
 from compemb.sketch.hotsketch import HotSketch
 
 
+AUTO_PER_RUN = 6  # the automatic schedule clusters at least every 1/AUTO_PER_RUN of a run (4 times up to 3/4)
+AUTO_WITHOUT_TOTAL = 1000  # ... and every this many steps when the run's length is not known
+
+
 @dataclass(frozen=True)
 class ClusterSchedule:
     """When the trainer clusters: after every ``every`` steps, up to ``until`` x the run's total steps.
 
-    ``every=0`` never clusters (call :meth:`CCEmbedding.cluster` yourself). Without a known total (a loop that
-    never calls ``on_train_begin``) ``until`` is not applied.
+    ``every=None`` (the default) derives the interval from the run, as the paper clusters after each epoch until
+    3/4 of training: every epoch, but at least every ``1/AUTO_PER_RUN`` of the run, so a one-epoch run clusters
+    at 1/6, 2/6, 3/6 and 4/6 of it (:meth:`interval`). ``every=0`` never clusters (call
+    :meth:`CCEmbedding.cluster` yourself). Without a known total (a loop that never calls ``on_train_begin``)
+    ``until`` is not applied and ``None`` means every ``AUTO_WITHOUT_TOTAL`` steps.
 
     Example::
 
         >>> [s for s in range(1000) if ClusterSchedule(every=200, until=0.75).due(s, total_steps=1000)]
         [199, 399, 599]
+        >>> [s + 1 for s in range(1200) if ClusterSchedule().due(s, total_steps=1200)]  # one epoch of 1,200 steps
+        [200, 400, 600, 800]
+        >>> ClusterSchedule().interval(total_steps=10_000, steps_per_epoch=1_000)  # ten epochs: after each
+        1000
     """
 
-    every: int = 0
+    every: int | None = None
     until: float = 0.75
 
     def __post_init__(self) -> None:
-        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 0:
-            raise ValueError(f"cluster_every must be an int >= 0, got {self.every!r}")
+        if self.every is not None and (isinstance(self.every, bool) or not isinstance(self.every, int)
+                                       or self.every < 0):
+            raise ValueError(f"cluster_every must be an int >= 0 or None (automatic), got {self.every!r}")
         if not 0 < self.until <= 1:
             raise ValueError(f"cluster_until must be in (0, 1], got {self.until!r}")
 
-    def due(self, step: int, total_steps: int | None = None) -> bool:
+    def interval(self, total_steps: int | None = None, steps_per_epoch: int | None = None) -> int:
+        """Steps between clusterings (0: never) for a run of ``total_steps`` with epochs of ``steps_per_epoch``."""
+        if self.every is not None:
+            return self.every
+        if total_steps is None:
+            return AUTO_WITHOUT_TOTAL
+        per_run = max(1, math.ceil(total_steps / AUTO_PER_RUN))
+        return per_run if steps_per_epoch is None else max(1, min(steps_per_epoch, per_run))
+
+    def due(self, step: int, total_steps: int | None = None, steps_per_epoch: int | None = None) -> bool:
         """Whether to cluster after 0-based ``step`` (that is, once ``step + 1`` steps are done)."""
-        done = step + 1
-        if self.every == 0 or done % self.every:
+        done, every = step + 1, self.interval(total_steps, steps_per_epoch)
+        if every == 0 or done % every:
             return False
         return total_steps is None or done <= self.until * total_steps
 
-    def over(self, step: int, total_steps: int | None = None) -> bool:
+    def over(self, step: int, total_steps: int | None = None, steps_per_epoch: int | None = None) -> bool:
         """Whether no clustering is due after ``step`` any more (never without a schedule or a known total)."""
-        following = ((step + 1) // self.every + 1) * self.every if self.every else 0  # the next due step count
-        return self.every > 0 and total_steps is not None and following > self.until * total_steps
+        every = self.interval(total_steps, steps_per_epoch)
+        following = ((step + 1) // every + 1) * every if every else 0  # the next due step count
+        return every > 0 and total_steps is not None and following > self.until * total_steps
 
 
 @dataclass(frozen=True)

@@ -152,11 +152,11 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         """Whether the input KJTs carry per-id weights."""
         return self._is_weighted
 
-    def on_train_begin(self, total_steps: int) -> None:
-        """Tell the adaptive tables the run's length (CCE's ``cluster_until`` is a fraction of it)."""
+    def on_train_begin(self, total_steps: int, steps_per_epoch: int | None = None) -> None:
+        """Tell the adaptive tables the run's length (CCE's clustering schedule is derived from it)."""
         for module in self.modules():
             if isinstance(module, CompressedEmbedding):
-                module.on_train_begin(total_steps)
+                module.on_train_begin(total_steps, steps_per_epoch)
 
     def on_step_end(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Call after every optimizer step: CAFE's and CCE's sketches and clustering run here, as in compemb's

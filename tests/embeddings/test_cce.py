@@ -115,12 +115,13 @@ def test_more_rows_than_ids_gives_no_nan(residual):
 def test_pointers_use_the_smallest_dtype_that_holds_k():
     assert [pointer_dtype(k) for k in (1, 256, 257, 32_768, 32_769)] == [
         torch.uint8, torch.uint8, torch.int16, torch.int16, torch.int32]
-    for compression, dtype in ((160, torch.uint8), (4, torch.int16)):
+    for compression, dtype in ((15, torch.uint8), (4, torch.int16)):  # every id's pointers, k rows
         module = make_embedding("cce", 100_000, 16, compression=compression, device="meta")
-        assert module.pointer_table.dtype == dtype == pointer_dtype(module.holder_rows)
-    big = make_embedding("cce", 10_000_000, 16, compression=100, device="meta")
-    # pointers index the holders' rows only: half of k=37,498 fits int16
-    assert big.holder_rows <= 32_768 < big.rows and big.pointer_table.dtype == torch.int16
+        assert module.all_ids and module.pointer_table.dtype == dtype == pointer_dtype(module.rows)
+    big = make_embedding("cce-hybrid", 10_000_000, 16, compression=100, device="meta")
+    # pointers index the holders' rows only: one centroid per 39 ids k-means samples (2 sketch slots per holder)
+    assert big.holder_rows == big.pointer_table.shape[0] * 2 // 39 < big.rows // 10
+    assert big.pointer_table.dtype == torch.int16 == pointer_dtype(big.holder_rows)
     every = make_embedding("cce", 10_000_000, 16, compression=100, accounting="paper", device="meta")
     assert every.all_ids and every.holder_rows == every.rows > 32_768 and every.pointer_table.dtype == torch.int32
 
@@ -139,7 +140,7 @@ def test_assignment_in_small_batches_equals_one_batch(monkeypatch):
 
 def test_top_m_ids_by_sketch_score_hold_the_stored_pointers_within_budget():
     n, m = 20_000, 300
-    module = make_embedding("cce", n, 16, compression=20, pointers=m, seed=2)
+    module = make_embedding("cce-hybrid", n, 16, compression=20, pointers=m, seed=2)
     budget = n * 16 * 4 / 20
     assert abs(module.memory().total - budget) <= 0.01 * budget
     assert module.pointer_table.shape == (m, 4) and module.memory().sketch_bytes > 0
@@ -162,22 +163,22 @@ def test_top_m_ids_by_sketch_score_hold_the_stored_pointers_within_budget():
 
 
 def test_honest_budget_chooses_how_many_ids_hold_pointers():
-    small = make_embedding("cce", 2000, 16, compression=2)  # 2,000 x 4 bytes fit in a quarter of 64 KB
+    small = make_embedding("cce-hybrid", 2000, 16, compression=2)  # 2,000 x 4 bytes fit in a quarter of 64 KB
     assert small.all_ids and small.pointer_table.shape == (2000, 4)
-    large = make_embedding("cce", 1_000_000, 16, compression=100, device="meta")
+    large = make_embedding("cce-hybrid", 1_000_000, 16, compression=100, device="meta")
     report, budget = large.memory(), 1_000_000 * 16 * 4 / 100
     assert not large.all_ids and 0 < large.pointer_table.shape[0] < 1_000_000
     assert abs(report.total - budget) <= 0.01 * budget
     # the share, plus three hashes and the cluster state, and a sketch bucket of rounding
     assert report.index_bytes + report.sketch_bytes <= 0.25 * budget + 208 + 4 * SLOT_BYTES
     with pytest.raises(BudgetError, match="smallest budget it can meet"):
-        make_embedding("cce", 1_000_000, 16, compression=100, pointers=200_000, device="meta")
+        make_embedding("cce-hybrid", 1_000_000, 16, compression=100, pointers=200_000, device="meta")
 
 
 def test_paper_accounting_sizes_the_floats_to_the_budget_and_still_reports_the_pointers():
     n, budget = 100_000, 100_000 * 16 * 4 / 50
     paper = make_embedding("cce", n, 16, compression=50, accounting="paper", device="meta")
-    honest = make_embedding("cce", n, 16, compression=50, device="meta")
+    honest = make_embedding("cce-hybrid", n, 16, compression=50, device="meta")
     assert abs(paper.memory().float_bytes - budget) <= 0.01 * budget
     assert paper.all_ids and paper.memory().index_bytes >= n * 4 * paper.pointer_table.element_size()
     assert paper.memory().total > 2 * budget
@@ -226,9 +227,9 @@ def test_save_and_load_after_clustering_reproduce_the_outputs(options):
     assert torch.equal(source(ids), target(ids))
 
 
-@pytest.mark.parametrize("options", [dict(pointers=2000, sample="uniform"), dict(pointers=50)])
-def test_compiled_routing_equals_the_torch_ops(options):
-    module = make_embedding("cce", 2000, 8, compression=2, **options)
+@pytest.mark.parametrize("method, options", [("cce", dict(sample="uniform")), ("cce-hybrid", dict(pointers=50))])
+def test_compiled_routing_equals_the_torch_ops(method, options):
+    module = make_embedding(method, 2000, 8, compression=2, **options)
     ids = torch.arange(2000)
     for _ in range(2):  # hashed, then clustered
         assert torch.equal(module._route(ids), module._route_torch(ids, 0 if module.rounds == 0 else
@@ -240,7 +241,7 @@ def test_compiled_routing_equals_the_torch_ops(options):
 @pytest.mark.parametrize("importance", ["frequency", "gradient"])
 def test_training_with_the_torch_sketch_equals_the_compiled_one_exactly(importance):
     """The sketch's device path (torch ops) run on CPU: the same scores, holders, pointers and tables."""
-    compiled, torch_ops = (make_embedding("cce", 20_000, 8, compression=10, importance=importance, seed=4)
+    compiled, torch_ops = (make_embedding("cce-hybrid", 20_000, 8, compression=10, importance=importance, seed=4)
                            for _ in range(2))
     torch_ops.sketch.backend = "torch"
     for module in (compiled, torch_ops):
@@ -278,7 +279,7 @@ def test_schedule_clusters_every_n_steps_until_the_fraction():
     schedule = ClusterSchedule(every=3, until=0.5)
     assert [s for s in range(20) if schedule.due(s, 20)] == [2, 5, 8]
     assert [s for s in range(10) if schedule.due(s)] == [2, 5, 8]  # no total: no end
-    assert not any(ClusterSchedule().due(s, 20) for s in range(20))
+    assert not any(ClusterSchedule(every=0).due(s, 20) for s in range(20))  # 0: never
     with pytest.raises(ValueError, match="cluster_every"):
         ClusterSchedule(every=-1)
     with pytest.raises(ValueError, match="cluster_until"):
@@ -347,7 +348,7 @@ def test_a_resumed_run_clusters_and_ends_as_the_uninterrupted_one(data, tmp_path
 
 @pytest.mark.parametrize("stride", [1, 4])
 def test_the_sketch_counts_training_occurrences_strided(stride):
-    module = make_embedding("cce", 100_000, 8, compression=10, sketch_stride=stride)
+    module = make_embedding("cce-hybrid", 100_000, 8, compression=10, sketch_stride=stride)
     assert not module.all_ids  # the sketch chooses who holds pointers
     ids = torch.tensor([5, 7, 5, 5, 9, 5, 7, 5] * 64)
     module(ids).sum().backward()
@@ -361,7 +362,7 @@ def test_the_sketch_counts_training_occurrences_strided(stride):
 
 
 def test_gradient_importance_scores_from_the_output_gradient():
-    module = make_embedding("cce", 20_000, 8, compression=10, importance="gradient", sketch_stride=1)
+    module = make_embedding("cce-hybrid", 20_000, 8, compression=10, importance="gradient", sketch_stride=1)
     ids = torch.tensor([1, 2, 3])
     weights = torch.tensor([[1.0] * 8, [3.0] * 8, [0.0] * 8])
     (module(ids) * weights).sum().backward()
@@ -386,7 +387,7 @@ def test_clustering_leaves_ids_without_pointers_no_worse_off():
     permutation = torch.randperm(n, generator=generator)
     targets = torch.randn(n, d, generator=generator)
     traffic = torch.bincount(_stream(n, 200_000, torch.Generator().manual_seed(9), permutation), minlength=n)
-    module = make_embedding("cce", n, d, compression=20, pointers=300, seed=1)
+    module = make_embedding("cce-hybrid", n, d, compression=20, pointers=300, seed=1)
     optimizer = torch.optim.Adam(module.parameters(), lr=0.01)
     step = 0
     for round_ in range(1, 3):
@@ -429,12 +430,88 @@ def test_holders_follow_a_shifted_stream_as_a_fresh_sketch_would():
             module(_stream(n, 2048, generator, permutation))  # frequency scores need no backward
         return module
 
-    shifted = count(make_embedding("cce", n, 16, compression=20, pointers=m, seed=4), old, 200)
+    shifted = count(make_embedding("cce-hybrid", n, 16, compression=20, pointers=m, seed=4), old, 200)
     shifted.cluster()
     count(shifted, new, 200).cluster()
-    fresh = count(make_embedding("cce", n, 16, compression=20, pointers=m, seed=4), new, 200)
+    fresh = count(make_embedding("cce-hybrid", n, 16, compression=20, pointers=m, seed=4), new, 200)
     fresh.cluster()
     top = set(new[:m].tolist())  # the new stream's m most popular ids
     covered = len(top & set(shifted.pointer_ids().tolist())) / m
     covered_fresh = len(top & set(fresh.pointer_ids().tolist())) / m
     assert covered >= 0.9 * covered_fresh and covered_fresh > 0.3, (covered, covered_fresh)
+
+
+# --- the three variants, and clustering by default ------------------------------------------------------------
+
+
+def test_cce_refuses_a_budget_below_its_pointers_naming_the_highest_ratio():
+    n, d = 100_000, 16
+    full = n * d * 4
+    # independently: 4 uint8 pointers per id, the hashes and state (2 x 4 columns x 2 coefficients x 8 bytes + 16),
+    # and one row of T0 and T1 in every column (2 x 16 floats): the smallest cce there is
+    smallest = n * 4 + 2 * 4 * 2 * 8 + 16 + 2 * d * 4
+    highest = full / smallest
+    with pytest.raises(BudgetError, match=f"the highest ratio it can reach is {highest:.2f}x"):
+        make_embedding("cce", n, d, compression=highest * 1.05, device="meta")
+    reached = make_embedding("cce", n, d, compression=15, device="meta")
+    assert reached.all_ids and reached.pointer_table.dtype == torch.uint8
+    assert reached.memory().index_bytes >= n * 4 and reached.budgeted_bytes() == reached.memory().total
+    # cce-paper and cce-hybrid reach any ratio: the paper's pointers are not counted, the hybrid's are few
+    paper = make_embedding("cce-paper", n, d, compression=100, device="meta")
+    assert paper.all_ids and paper.memory().total > 4 * paper.budgeted_bytes()
+    hybrid = make_embedding("cce-hybrid", n, d, compression=100, device="meta")
+    assert not hybrid.all_ids and hybrid.memory().total == pytest.approx(full / 100, rel=0.01)
+    with pytest.raises(ValueError, match="cce-hybrid's option"):
+        make_embedding("cce", n, d, compression=4, pointers=100, device="meta")
+
+
+def test_hybrid_has_at_least_39_sampled_ids_per_centroid():
+    for n, compression in ((100_000, 100), (1_000_000, 100), (200_000, 20)):
+        module = make_embedding("cce-hybrid", n, 16, compression=compression, device="meta")
+        slots = module.sketch.num_buckets * module.sketch.slots  # the ids k-means may sample
+        assert 1 <= module.holder_rows <= slots / 39 and module.holder_rows < module.rows
+
+
+def test_schedule_derived_from_the_run():
+    auto = ClusterSchedule()
+    # one epoch of 1,200 steps: every 1/6 of it, up to 3/4 -> four clusterings
+    assert [s + 1 for s in range(1200) if auto.due(s, 1200, 1200)] == [200, 400, 600, 800]
+    # eight epochs of 100 steps: after each epoch, up to 3/4 of the run
+    assert [s + 1 for s in range(800) if auto.due(s, 800, 100)] == [100, 200, 300, 400, 500, 600]
+    # a loop that never said how long it runs: every 1,000 steps, no end
+    assert [s + 1 for s in range(3000) if auto.due(s)] == [1000, 2000, 3000]
+
+
+@pytest.mark.parametrize("method", ["cce", "cce-hybrid"])
+def test_by_default_the_trainer_clusters_logs_clusterings_and_leaves_no_row_idle(data, tmp_path, method):
+    from compemb.train import TrainConfig, Trainer
+
+    config = TrainConfig(data=str(data), out=str(tmp_path / "run"), method=method, compression=3, sharing="shared",
+                         embedding_dim=8, bottom=(8,), top=(8,), optimizer="adagrad", lr=0.05, batch_size=128,
+                         evals_per_epoch=4)
+    trainer = Trainer(config)
+    (table,) = trainer.model.embeddings.embeddings.values()
+    start = table.weight.detach().clone()
+    trainer.fit()
+    # 16 steps: every ceil(16 / 6) = 3 steps up to 12 -> 4 clusterings
+    assert table.rounds == 4
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["clusterings"] for line in lines] == [1, 2, 4, 4]  # evaluations after steps 4, 8, 12 and 16
+    changed = (table.weight.detach() != start).any(1)
+    if method == "cce":  # every row of both tables of every column was trained or clustered into
+        assert bool(changed.all())
+    else:  # the holder region (idle until the first clustering) was clustered into, in every block
+        k, c, kh = table.rows, table.columns, table.holder_rows
+        region = torch.cat([torch.arange(kh) + block * k for block in range(2 * c)])
+        assert bool(changed[region].all())
+
+
+def test_cluster_every_zero_never_clusters(data, tmp_path):
+    from compemb.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--out", str(out), "--method", "cce", "--compression", "3",
+                 "--sharing", "shared", "--dim", "8", "--bottom", "8", "--top", "8", "--batch-size", "256",
+                 "--cluster-every", "0"]) == 0
+    (line,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert line["clusterings"] == 0
