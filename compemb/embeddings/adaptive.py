@@ -174,6 +174,13 @@ class AdaptiveEmbedding(CompressedEmbedding):
     def _update(self, ids: Tensor, scores: Tensor | None, optimizer: torch.optim.Optimizer | None) -> None:
         raise NotImplementedError
 
+    def _normalise(self, ids: Tensor, norms: Tensor) -> Tensor | None:
+        """One backward's gradient norms as scores of mean 1 over the batch (None: no signal in it)."""
+        mean = float(norms.mean())
+        if not (math.isfinite(mean) and mean > 0):
+            return None
+        return norms.float() / mean
+
     def lookup(self, ids: Tensor) -> Tensor:
         if self.training:  # a plain loop never calls on_step_end: what the last backward recorded applies now
             self._flush()
@@ -209,10 +216,10 @@ class AdaptiveEmbedding(CompressedEmbedding):
             if ids.numel() == 0:
                 continue
             if norms is not None:  # each backward's norms, normalised to mean 1
-                mean = float(norms.mean())
-                if not (math.isfinite(mean) and mean > 0):  # no gradient, or a diverged one: no signal
+                scores = self._normalise(ids, norms)
+                if scores is None:  # no gradient, or a diverged one: no signal
                     continue
-                score_parts.append(norms.float() / mean)
+                score_parts.append(scores)
             id_parts.append(ids)
         if id_parts:
             scores = None if self.importance == "frequency" else _join(score_parts)

@@ -9,13 +9,26 @@
 CAFE's two baselines live beside it: ``offline`` (:mod:`compemb.embeddings.offline`) and ``adaembed``
 (:mod:`compemb.embeddings.adaembed`).
 
+Across fields (``blocks``: an ``EmbeddingCollection`` with ``sharing="shared"`` passes its features' sizes) the
+layout is the authors' (HugoZHL/CAFE, ``embeddings/init_embed.py``, ``sk_embedding_bag.py``): one HotSketch and one
+hot table shared by every field (the sketch keys ids by their offset in the collection), a hashed table per field
+whose rows are the field's share of the hashed budget in proportion to its ids (the authors: ``ceil(rate x
+hash_rate x n_f)``), importance normalised per field per batch (``grad_norm x N / sum(grad_norm)`` over the field's
+N occurrences), and a field of n ids with ``n x ratio <= 2000`` left uncompressed (rows of its own; its ids never
+enter the sketch). Remaining deviations: the budget is honest (full fields, sketch, owners, hashes and the field
+table all count; the authors size the hot table as ``rate x (1 - hash_rate) x sum n x 4d / (4d + 48)`` and the
+full fields come on top); full fields are kept smallest first while they take at most half the budget; the
+hashed row is a seeded universal hash of the id (the authors: ``id mod rows``); every table starts at the shared
+full table's scale (the authors: per field, ``sqrt(1/n_f)``, and ``sqrt(1/max n)`` for the hot table).
+A table of one vocabulary (a per-feature collection, or a standalone table) is one field.
+
 Choices where the papers leave room (each class's docstring says more):
 
 - Importance is recorded by a hook on the module's own output and applied after the optimizer step
   (:class:`~compemb.embeddings.adaptive.AdaptiveEmbedding`): an occurrence scores the L2 norm of its output
-  gradient, normalised to mean 1 over the batch (or 1, with ``importance="frequency"``).
-- Thresholds are in compemb's units: an occurrence at its batch's mean gradient norm scores 1, so ``threshold``
-  is "this many average occurrences of evidence". The sketch decays once per ``10 x threshold x buckets`` of
+  gradient, normalised to mean 1 over its field's occurrences in the batch (or 1, with ``importance="frequency"``).
+- Thresholds are in the authors' units, which are compemb's: an occurrence at its field's mean gradient norm in
+  the batch scores 1, so ``threshold`` is "this many average occurrences of evidence". The sketch decays once per ``10 x threshold x buckets`` of
   inserted score, so an id with a share p of the score settles near ``1000 p x threshold x buckets`` and stays hot
   while p >= ~1 / (1000 buckets), whatever the threshold: the threshold only sets how much evidence an id gathers
   before it takes a free row (lower: rows fill sooner, from noisier ranks). The defaults per budget are in
@@ -23,6 +36,9 @@ Choices where the papers leave room (each class's docstring says more):
 - Hot, hashed and fallback rows are one stored table (hot rows first): one gather per lookup, one gradient.
 - The HotSketch holds ``sketch_slots_per_row`` = 4 slots per hot row (H buckets of 4 slots), room for the hot ids
   and three candidates per hot row; its bytes count in the budget as sketch bytes.
+- A small table is not starved of its sketch: with the default ``hash_rate`` it keeps at least
+  ``min(MIN_HOT_ROWS, as many as a quarter of its budget holds)`` hot rows with their slots (a 4,278-id feature at
+  100x: 4 rather than 1); ``hash_rate`` then reports the share the hashed rows are left.
 - A row that changes owner has its optimizer state reset (:func:`~compemb.embeddings.adaptive.reset_optimizer_rows`)
   when ``on_step_end`` is given the optimizer; updates applied at the next forward have no optimizer to reset.
 """
@@ -43,14 +59,29 @@ from compemb.embeddings.adaptive import AdaptiveEmbedding, memory_report, reset_
 from compemb.embeddings.base import CompressedEmbedding, init_uniform_
 from compemb.embeddings.cafe_kernels import cafe_rows, hot_candidates
 from compemb.embeddings.cafe_settings import budget_ratio, default_settings
-from compemb.hashing import UniversalHash, coefficient_bytes
+from compemb.hashing import UniversalHash, coefficient_bytes, hash_high32
 from compemb.registry import register
 from compemb.table_batch import SeparateLookups
 from compemb.sketch.hotsketch import SLOT_BYTES, HotSketch
 
 SKETCH_SLOTS = 4  # slots per HotSketch bucket, as in the paper
 OWNER_BYTES = 8 + 1  # per hot row: its owner id (int64) and whether it has one (bool)
+FULL_FIELD_IDS = 2000  # the authors' rule: a field of n ids with n x ratio <= 2000 stays uncompressed
+MIN_HOT_ROWS = 16  # a table's default hot rows: at least this many, while they and their sketch fit in a quarter
+_LOWEST_ID = -(2**63)  # the first field of one vocabulary starts here: any int64 id is in it
 _NO_WEIGHTS = np.empty((0, 2), dtype=np.float32)
+
+
+def _split(total: int, sizes: list[int]) -> list[int]:
+    """``total`` rows shared out in proportion to ``sizes`` (largest remainders), at least one each."""
+    if len(sizes) <= 1:  # one vocabulary (of any size, open too): all of it
+        return [total] * len(sizes)
+    exact = [total * n / sum(sizes) for n in sizes]
+    shares = [max(1, math.floor(x)) for x in exact]
+    by_remainder = sorted(range(len(sizes)), key=lambda i: (-(exact[i] - math.floor(exact[i])), i))
+    for i in by_remainder[: max(0, total - sum(shares))]:
+        shares[i] += 1
+    return shares
 
 
 def _hot_candidates_torch(ids: Tensor, scores: Tensor, hot: Tensor, threshold: float, limit: int) -> Tensor:
@@ -67,9 +98,11 @@ def _hot_candidates_torch(ids: Tensor, scores: Tensor, hot: Tensor, threshold: f
 
 
 class _CAFE(AdaptiveEmbedding):
-    """The CAFE family: ``H`` hot rows owned through a HotSketch, then one or two hashed tables."""
+    """The CAFE family: ``H`` hot rows owned through a HotSketch, then one or two hashed tables (per field, with
+    ``blocks``)."""
 
     open_vocabulary = True
+    takes_feature_blocks = True  # a shared collection passes its features' sizes: the authors' per-field layout
     training_only_state = ("sketch.mass",)  # how much score was inserted since the last decay
 
     def __init__(
@@ -89,6 +122,7 @@ class _CAFE(AdaptiveEmbedding):
         merge_on_demote: bool,
         medium_fraction: float = 0.2,
         hash_split: float = 0.7,
+        blocks: Sequence[int] | None = None,
         seed: int,
         mode: str,
         sparse: bool,
@@ -120,14 +154,24 @@ class _CAFE(AdaptiveEmbedding):
         self.medium_fraction, self.hash_split = float(medium_fraction), float(hash_split)
         self.sketch_slots_per_row, self.decay = float(sketch_slots_per_row), float(decay)
         d = self.embedding_dim
+        fields = self._plan_fields(blocks, ratio, budget.num_bytes)
+        self.blocks = None if blocks is None else [int(n) for n in blocks]
+        field_bytes = 0 if blocks is None else (len(fields) + 1) * 8 + len(fields) + 2 * levels * len(fields) * 8
+        full_ids = sum(n for n, full in fields if full)
         row_bytes = d * FLOAT_BYTES * (2 if self.merge_on_demote else 1) + OWNER_BYTES  # + its start value
         hash_bytes = coefficient_bytes(levels)
         sketch_fixed = HotSketch.bytes_for(0)
-        # hot rows and the sketch share (1 - hash_rate) of the budget, sized together
+        fixed = hash_bytes + field_bytes + full_ids * d * FLOAT_BYTES
+        # hot rows and the sketch share (1 - hash_rate) of the budget (after the fields kept full), sized together
         per_row = row_bytes + self.sketch_slots_per_row * SLOT_BYTES
-        self.hot_rows = max(1, int(((1 - self.hash_rate) * budget.num_bytes - sketch_fixed) // per_row))
+        self.hot_rows = max(1, int(((1 - self.hash_rate) * (budget.num_bytes - fixed) - sketch_fixed) // per_row))
+        if hash_rate is None:  # a small table keeps a sketch worth the name (C26 at 100x: 1 hot row before)
+            least = min(MIN_HOT_ROWS, int((budget.num_bytes - fixed) / 4 // per_row))
+            if least > self.hot_rows:  # hash_rate is then the share the hashed rows are left
+                self.hot_rows = least
+                self.hash_rate = 1 - (self.hot_rows * per_row + sketch_fixed) / (budget.num_bytes - fixed)
         buckets = max(1, math.ceil(self.hot_rows * self.sketch_slots_per_row / SKETCH_SLOTS))
-        reserved = self.hot_rows * row_bytes + HotSketch.bytes_for(buckets) + hash_bytes
+        reserved = self.hot_rows * row_bytes + HotSketch.bytes_for(buckets) + fixed
         # the hashed tables take the rest, so the total lands within half a row of the budget
         hashed = rows_for(budget, d, reserved)
         first = hashed if levels == 1 else max(1, min(hashed - 1, round(hashed * self.hash_split)))
@@ -137,18 +181,67 @@ class _CAFE(AdaptiveEmbedding):
         )
         self.sketch = HotSketch(buckets, SKETCH_SLOTS, threshold=self.threshold, decay_factor=self.decay, seed=seed,
                                 device=device)
-        total_rows = self.hot_rows + sum(self.hashed_rows)
-        self._offsets = (self.hot_rows, self.hot_rows + self.hashed_rows[0])  # where each hashed table starts
+        total_rows = self._lay_out_fields(fields, device)
         self.weight = torch.nn.Parameter(torch.empty(total_rows, d, device=device))
         self.register_buffer("owner", torch.empty(self.hot_rows, dtype=torch.int64, device=device))
         self.register_buffer("owned", torch.empty(self.hot_rows, dtype=torch.bool, device=device))
         if self.merge_on_demote:
             self.register_buffer("start", torch.empty(self.hot_rows, d, device=device))
         self._mass_seen: float | None = None  # the sketch's decay mass after the last update
-        smallest = row_bytes + HotSketch.bytes_for(1) + hash_bytes + levels * d * FLOAT_BYTES
+        smallest = row_bytes + HotSketch.bytes_for(1) + fixed + levels * d * FLOAT_BYTES
         self._finish(budget, seed, math.ceil(smallest / FLOAT_BYTES), every_budget_from(d, smallest))
 
+    def _plan_fields(self, blocks: Sequence[int] | None, ratio: float | None, budget_bytes: int
+                     ) -> list[tuple[int, bool]]:
+        """``(ids, kept full)`` per field: one field without ``blocks``; with them the authors' rule (n x ratio <=
+        2000 stays full), smallest first while the full fields take at most half the budget (the authors' rule
+        alone can spend all of a small set's budget on them); the largest field is always compressed."""
+        if blocks is None:
+            return [(self.num_embeddings or 0, False)]
+        sizes = [int(n) for n in blocks]
+        if self.num_embeddings is None or sum(sizes) != self.num_embeddings or min(sizes, default=0) < 1:
+            raise ValueError(f"{self.method_name}: blocks must be positive field sizes summing to num_embeddings="
+                             f"{self.num_embeddings}, got {list(blocks)!r}")
+        full, spent = [False] * len(sizes), 0
+        largest = sizes.index(max(sizes))
+        for f in sorted(range(len(sizes)), key=lambda f: (sizes[f], f)):
+            cost = sizes[f] * self.embedding_dim * FLOAT_BYTES
+            if f != largest and sizes[f] * (ratio or math.inf) <= FULL_FIELD_IDS and spent + cost <= budget_bytes / 2:
+                full[f], spent = True, spent + cost
+        return list(zip(sizes, full))
+
+    def _lay_out_fields(self, fields: list[tuple[int, bool]], device: torch.device | str | None) -> int:
+        """Rows of ``weight``: hot rows, then each field's level-1 rows (hashed, or its own when kept full), then
+        each compressed field's level-2 rows (cafe-ml). The field tables say where; returns the total rows."""
+        levels, compressed = self.levels, [n for n, full in fields if not full]
+        shares = [_split(rows, compressed) for rows in self.hashed_rows]  # each compressed field's rows per level
+        rows = torch.zeros(levels, len(fields), dtype=torch.int64)
+        offsets = torch.zeros(levels, len(fields), dtype=torch.int64)
+        at, taken = self.hot_rows, [0] * levels
+        for level in range(levels):
+            for f, (n, full) in enumerate(fields):
+                if full and level == 1:  # a full field's ids are never medium: level 2 repeats level 1, weight 0
+                    rows[1, f], offsets[1, f] = rows[0, f], offsets[0, f]
+                    continue
+                rows[level, f] = n if full else shares[level][taken[level]]
+                taken[level] += 0 if full else 1
+                offsets[level, f], at = at, at + int(rows[level, f])
+        # one vocabulary: one field over every int64 id; with blocks field f starts at the sum of those before it
+        starts = torch.tensor([_LOWEST_ID, 2**63 - 1]) if self.blocks is None else \
+            torch.tensor([0, *np.cumsum([n for n, _ in fields]).tolist()])
+        # derived from the sizes alone, so not saved; kept on the CPU too, to be written again after a meta build
+        self._field_layout = {"field_starts": starts, "field_direct": torch.tensor([full for _, full in fields]),
+                              "field_rows": rows, "field_offsets": offsets}
+        for name, value in self._field_layout.items():
+            self.register_buffer(name, value.to(device, copy=True), persistent=False)
+        # where level 1 and level 2 begin (reset_tables zeroes level 2)
+        self._offsets = (self.hot_rows, self.hot_rows + int(rows[0].sum()))
+        self._has_full_fields = any(full for _, full in fields)
+        return at
+
     def reset_tables(self) -> None:
+        for name, value in self._field_layout.items():  # (materialised from meta: written afresh)
+            getattr(self, name).copy_(value)
         init_uniform_(self.weight, self.init_bound, self._generator())
         if self.levels == 2:  # only medium ids add a second-level row: from zero, so becoming medium is no jump
             with torch.no_grad():
@@ -161,8 +254,13 @@ class _CAFE(AdaptiveEmbedding):
         self._pending, self._mass_seen = [], None
 
     def memory(self) -> MemoryReport:
-        """Hot and hashed rows (and start values) as floats, owners and hashes as index bytes, the sketch apart."""
-        return memory_report(self, sketch=("sketch.",), floats=("start",))
+        """Hot and hashed rows (and start values) as floats, owners, hashes and field tables as index bytes, the
+        sketch apart. One vocabulary's field table only restates the sizes (as Python ints do): not counted."""
+        report = memory_report(self, sketch=("sketch.",), floats=("start",))
+        if self.blocks is None:
+            metadata = sum(t.numel() * t.element_size() for name, t in self.named_buffers() if name.startswith("field_"))
+            report = MemoryReport(report.float_bytes, report.index_bytes - metadata, report.sketch_bytes)
+        return report
 
     # --- routing -----------------------------------------------------------------------------------------
 
@@ -175,19 +273,32 @@ class _CAFE(AdaptiveEmbedding):
         weights = torch.empty(ids.numel(), 2) if self.levels == 2 else None
         keys, scores, hot, occupied, _, sketch_coefficients = self.sketch._arrays()
         cafe_rows(ids.numpy(), keys, scores, hot, occupied, sketch_coefficients,
-                  np.concatenate([h.coefficients.numpy() for h in self.hashes]),
-                  np.array(self.hashed_rows, dtype=np.int64), np.array(self._offsets, dtype=np.int64),
+                  np.concatenate([h.coefficients.numpy() for h in self.hashes]), self.field_starts.numpy(),
+                  self.field_direct.numpy(), self.field_rows.numpy(), self.field_offsets.numpy(),
                   self.medium_fraction * self.threshold, rows.numpy(), _NO_WEIGHTS if weights is None else weights.numpy())
         return rows, weights
+
+    def _fields(self, ids: Tensor) -> Tensor:
+        """Each id's field (0 for every id of one vocabulary)."""
+        return torch.searchsorted(self.field_starts[1:-1], ids, right=True)
+
+    def _shared_row(self, ids: Tensor, level: int) -> Tensor:
+        """The row ``ids`` read at ``level`` when not hot: their field's hashed row, or their own in a full field."""
+        field = self._fields(ids)
+        rows, start = self.field_rows[level, field], self.field_offsets[level, field]
+        bucket = hash_high32(ids, self.hashes[level].coefficients).squeeze(-1).mul_(rows).bitwise_right_shift_(32)
+        if not self._has_full_fields:
+            return start + bucket
+        return start + torch.where(self.field_direct[field], ids - self.field_starts[field], bucket)
 
     def _route_torch(self, ids: Tensor) -> tuple[Tensor, Tensor | None]:
         """:meth:`_route` in torch ops, reading the sketch where it lives (with the weights: no trip to the host)."""
         score, hot = self.sketch.query(ids)
         hot = hot.long()
-        first = torch.where(hot >= 0, hot, self.hashes[0](ids).squeeze(-1) + self._offsets[0])
+        first = torch.where(hot >= 0, hot, self._shared_row(ids, 0))
         if self.levels == 1:
             return first.unsqueeze(-1), None
-        second = self.hashes[1](ids).squeeze(-1) + self._offsets[1]
+        second = self._shared_row(ids, 1)
         medium = (hot < 0) & (score >= self.medium_fraction * self.threshold)
         return torch.stack([first, second], -1), torch.stack([torch.ones_like(score), medium.to(score.dtype)], -1)
 
@@ -201,9 +312,28 @@ class _CAFE(AdaptiveEmbedding):
 
     # --- updates ----------------------------------------------------------------------------------------
 
+    def _normalise(self, ids: Tensor, norms: Tensor) -> Tensor | None:
+        """Scores of mean 1 per field over the batch, as the authors' ``grad_norm * N / sum(grad_norm)`` per field
+        (one field: over the batch); a field whose norms sum to zero or diverged scores 0."""
+        if self.blocks is None:
+            return super()._normalise(ids, norms)
+        field, norms = self._fields(ids.to(self.field_starts.device)), norms.float().to(self.field_starts.device)
+        count = self.field_starts.numel() - 1
+        sums = torch.zeros(count, dtype=torch.float64, device=norms.device).index_add_(0, field, norms.double())
+        occurrences = torch.bincount(field, minlength=count).double()
+        mean = sums / occurrences.clamp_min(1)
+        usable = torch.isfinite(mean) & (mean > 0)
+        return torch.where(usable[field], norms / torch.where(usable, mean, 1.0)[field].float(),
+                           torch.zeros_like(norms))
+
     @torch.no_grad()
     def _update(self, ids: Tensor, scores: Tensor | None, optimizer: torch.optim.Optimizer | None) -> None:
         sketch = self.sketch
+        if self._has_full_fields:  # a field kept full has rows of its own: its ids never enter the sketch
+            scored = ~self.field_direct[self._fields(ids.to(self.field_starts.device))].to(ids.device)
+            ids, scores = ids[scored], None if scores is None else scores[scored.to(scores.device)]
+            if ids.numel() == 0:
+                return
         # the sketch lives with the weights: on a GPU nothing is copied to the host but a few counts
         ids, scores = ids.to(sketch.keys.device), None if scores is None else scores.to(sketch.keys.device)
         # the level each id was read at (cafe-ml): where a row it gets now starts
@@ -236,7 +366,7 @@ class _CAFE(AdaptiveEmbedding):
         self.sketch.clear_hot(gone_ids)
         rows = gone_rows.to(self.weight.device, torch.long)
         if self.merge_on_demote:  # what the id learned while hot goes back into its first hashed row
-            first = self.hashes[0](gone_ids.to(self.weight.device)).squeeze(-1) + self._offsets[0]
+            first = self._shared_row(gone_ids.to(self.weight.device), 0)
             self.weight.index_add_(0, first, self.weight[rows] - self.start[rows])
         self.owned[rows] = False
 
@@ -246,9 +376,9 @@ class _CAFE(AdaptiveEmbedding):
         """Give ``rows`` to ``ids`` (distinct, not hot), each starting as the vector the id was reading."""
         device = self.weight.device
         on_device = ids.to(device)
-        start = self.weight[self.hashes[0](on_device).squeeze(-1) + self._offsets[0]]
+        start = self.weight[self._shared_row(on_device, 0)]
         if medium is not None:  # a medium id was reading its second row too
-            second = self.hashes[1](on_device).squeeze(-1) + self._offsets[1]
+            second = self._shared_row(on_device, 1)
             start += self.weight[second] * medium.to(device, start.dtype).unsqueeze(-1)
         self.weight.index_copy_(0, rows, start)
         if self.merge_on_demote:
@@ -310,6 +440,8 @@ class CAFEEmbedding(_CAFE):
         decay: the sketch's decay factor (scores x0.99 once per ``10 x threshold x buckets`` of score inserted).
         sketch_slots_per_row: sketch slots per hot row (default 4: the hot ids and three times as many candidates).
         merge_on_demote: fold a demoted id's learned change back into its hashed row (default False: dropped).
+        blocks: the sizes of the fields whose ids lie one after another in the vocabulary (the authors' layout
+            across fields, see the module docstring); None: one field.
 
     Example::
 
@@ -337,6 +469,7 @@ class CAFEEmbedding(_CAFE):
         decay: float = 0.99,
         sketch_slots_per_row: float = 4,
         merge_on_demote: bool = False,
+        blocks: Sequence[int] | None = None,
         seed: int = 0,
         mode: str = "sum",
         sparse: bool = False,
@@ -347,8 +480,8 @@ class CAFEEmbedding(_CAFE):
         super().__init__(
             num_embeddings, embedding_dim, levels=1, compression=compression, num_params=num_params,
             hash_rate=hash_rate, threshold=threshold, tuning=tuning, importance=importance, decay=decay,
-            sketch_slots_per_row=sketch_slots_per_row, merge_on_demote=merge_on_demote, seed=seed, mode=mode,
-            sparse=sparse, name=name, init=init, device=device,
+            sketch_slots_per_row=sketch_slots_per_row, merge_on_demote=merge_on_demote, blocks=blocks, seed=seed,
+            mode=mode, sparse=sparse, name=name, init=init, device=device,
         )
 
 
@@ -391,6 +524,7 @@ class MultiLevelCAFEEmbedding(_CAFE):
         decay: float = 0.99,
         sketch_slots_per_row: float = 4,
         merge_on_demote: bool = False,
+        blocks: Sequence[int] | None = None,
         seed: int = 0,
         mode: str = "sum",
         sparse: bool = False,
@@ -402,6 +536,6 @@ class MultiLevelCAFEEmbedding(_CAFE):
             num_embeddings, embedding_dim, levels=2, compression=compression, num_params=num_params,
             hash_rate=hash_rate, threshold=threshold, tuning=tuning, importance=importance, decay=decay,
             sketch_slots_per_row=sketch_slots_per_row, merge_on_demote=merge_on_demote,
-            medium_fraction=medium_fraction, hash_split=hash_split, seed=seed, mode=mode, sparse=sparse, name=name, init=init,
-            device=device,
+            medium_fraction=medium_fraction, hash_split=hash_split, blocks=blocks, seed=seed, mode=mode,
+            sparse=sparse, name=name, init=init, device=device,
         )

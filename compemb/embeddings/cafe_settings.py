@@ -1,10 +1,13 @@
 """CAFE's default settings per budget: the paper's Criteo table, and compemb's rule in its own units.
 
-compemb scores an occurrence by its gradient norm over the batch's mean, so a threshold counts average
-occurrences (see :mod:`compemb.embeddings.cafe`). Measured in these units (``benchmarks/results/cafe_tuning.md``),
-the paper's table (:data:`PAPER_DEFAULTS`, raw gradient norms there) was as good as anything tried while the
-budget buys 1,000 rows or more; below that a high hash_rate and a low threshold win. ``tuning="compemb"`` (the
-default) follows that rule; ``tuning="paper"`` is the table alone.
+compemb scores an occurrence by its gradient norm over its field's mean in the batch, so a threshold counts average
+occurrences (see :mod:`compemb.embeddings.cafe`). These are the authors' units too: their code normalises
+``grad_norm * N / sum(grad_norm)`` per field per batch (HugoZHL/CAFE ``sk_embedding_bag.py``), so the paper's
+thresholds (:data:`PAPER_DEFAULTS`) apply as they are. (An earlier version of this note and of
+``benchmarks/results/cafe_tuning.md`` called them raw gradient norms: wrong; the measurements stand, their premise
+did not.) Measured (``benchmarks/results/cafe_tuning.md``, with the earlier single-table layout), the paper's
+table was as good as anything tried while the budget buys 1,000 rows or more; below that a high hash_rate and a
+low threshold won. ``tuning="compemb"`` (the default) follows that rule; ``tuning="paper"`` is the table alone.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 from compemb.budget import Budget, full_table_bytes
 
 # (ratio, hash_rate, threshold); a ratio takes the largest entry <= it.
-# The CAFE paper's Criteo tuning: its thresholds are in its own units (raw gradient norms), not compemb's.
+# The CAFE paper's Criteo tuning (the authors' tasks/criteo.json), in the same per-field mean-1 units as compemb's.
 PAPER_DEFAULTS = ((2, 0.7, 10), (5, 0.5, 10), (10, 0.5, 20), (20, 0.5, 30), (50, 0.3, 50), (100, 0.3, 100),
                   (200, 0.2, 200), (500, 0.2, 500), (1000, 0.2, 500), (2000, 0.1, 500))
 # compemb's tuning (benchmarks/results/cafe_tuning.md): what the measurements turn on is the number of rows a budget

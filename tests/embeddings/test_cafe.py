@@ -9,7 +9,8 @@ from compemb import BudgetError, make_embedding
 from compemb.embeddings.adaptive import reset_optimizer_rows
 from compemb.embeddings.cafe import _hot_candidates_torch
 from compemb.embeddings.cafe_kernels import hot_candidates
-from compemb.embeddings.cafe_settings import SMALL_BUDGET_ROWS, SMALL_BUDGET_SETTINGS, paper_defaults
+from compemb.embeddings.cafe import MIN_HOT_ROWS
+from compemb.embeddings.cafe_settings import SMALL_BUDGET_ROWS, SMALL_BUDGET_SETTINGS, default_settings, paper_defaults
 from compemb.embeddings.id_map import search_rows, search_rows_torch
 
 N = 100_000
@@ -71,7 +72,9 @@ def test_tunings_pick_their_tables_and_an_unknown_one_names_itself():
         paper = make_embedding("cafe", 1_000_000, 16, compression=ratio, tuning="paper", device="meta")
         assert (paper.hash_rate, paper.threshold) == paper_defaults(ratio)
         small = 1_000_000 / ratio < SMALL_BUDGET_ROWS
-        assert (ours.hash_rate, ours.threshold) == (SMALL_BUDGET_SETTINGS if small else paper_defaults(ratio))
+        rate, threshold = SMALL_BUDGET_SETTINGS if small else paper_defaults(ratio)
+        assert ours.threshold == threshold  # the rate, unless it would leave under MIN_HOT_ROWS hot rows
+        assert ours.hash_rate == rate or (ours.hot_rows <= MIN_HOT_ROWS and ours.hash_rate < rate)
     # budgets are whole bytes: 337,712 x 16 asked at 100x computes as 99.9999x, at 2000x as 1999.96x
     assert make_embedding("cafe", 337_712, 16, compression=100, tuning="paper").threshold == 100
     assert make_embedding("cafe", 337_712, 16, compression=2000, tuning="paper").hash_rate == 0.1
@@ -110,6 +113,10 @@ def test_memory_meets_the_budget_with_the_sketch_counted(name, compression):
     assert module.sketch.num_buckets * module.sketch.slots == 4 * module.hot_rows  # 4 sketch slots per hot row
     hashed_floats = sum(module.hashed_rows) * 16 * 4
     assert hashed_floats == pytest.approx(module.hash_rate * budget, rel=0.02, abs=64)  # hash_rate of the budget
+    # the settings' hash_rate, unless it would leave fewer than MIN_HOT_ROWS hot rows (then that many, and the
+    # hashed rows take what they leave)
+    settings_rate = default_settings(compression, rows=budget / 64)[0]
+    assert module.hash_rate == settings_rate or (module.hot_rows <= MIN_HOT_ROWS and module.hash_rate < settings_rate)
     merged = make_embedding(name, 1_000_000, 16, compression=compression, merge_on_demote=True, device="meta")
     assert abs(merged.memory().total - budget) <= 0.01 * budget
     assert merged.memory().float_bytes == merged.weight.numel() * 4 + merged.start.numel() * 4
@@ -437,3 +444,80 @@ def test_adaembed_memory_counts_its_bookkeeping_and_refuses_budgets_below_it():
     assert report.index_bytes == 12 * module.rows + 16 + 8  # the owners' ids and rows, the hash, the step count
     with pytest.raises(BudgetError, match="smallest budget it can meet is"):
         make_embedding("adaembed", N, 16, compression=20)  # 3.2 bytes per id < its 4
+
+
+# --- the authors' layout across fields (sharing="shared") ------------------------------------------------------
+
+
+def _shared_cafe(name="cafe", compression=100, **options):
+    from compemb.collection import EmbeddingCollection, Feature
+
+    features = [Feature("big", 100_000), Feature("mid", 20_000), Feature("tiny", 15), Feature("small", 3_000)]
+    collection = EmbeddingCollection(features, 16, name, compression=compression, sharing="shared", seed=2, **options)
+    return collection, collection.embeddings["shared"], features
+
+
+@pytest.mark.parametrize("name", ["cafe", "cafe-ml"])
+def test_shared_cafe_keeps_a_hashed_table_per_field_and_small_fields_full(name):
+    collection, table, features = _shared_cafe(name)
+    sizes = [f.num_embeddings for f in features]
+    assert table.blocks == sizes
+    # the authors' rule: a field of n ids with n x 100 <= 2000 (here the 15-id field) keeps rows of its own
+    assert table.field_direct.tolist() == [False, False, True, False]
+    budget = sum(sizes) * 16 * 4 / 100
+    assert abs(collection.memory().total.total - budget) <= 0.01 * budget
+    starts = [0, 100_000, 120_000, 120_015]
+    regions = []
+    for level in range(table.levels):
+        rows, _ = table._route(torch.arange(sum(sizes)))  # nothing is hot yet: every id reads its field's rows
+        for f, (start, n) in enumerate(zip(starts, sizes)):
+            got = rows[start : start + n, level]
+            low, count = int(table.field_offsets[level, f]), int(table.field_rows[level, f])
+            assert bool(((got >= low) & (got < low + count)).all())  # inside the field's own region
+            if f == 2:  # the full field: one row per id
+                assert sorted(got.tolist()) == list(range(low, low + n))
+            elif level == 0 or not table.field_direct[f]:
+                regions.append(range(low, low + count))
+    # no two fields' hashed regions overlap, and they follow the hot rows
+    ends = sorted((r.start, r.stop) for r in regions)
+    assert ends[0][0] >= table.hot_rows and all(a[1] <= b[0] for a, b in zip(ends, ends[1:]))
+    # each compressed field's hashed rows in proportion to its ids (largest remainders, +-1)
+    level0 = [int(table.field_rows[0, f]) for f in (0, 1, 3)]
+    for rows, n in zip(level0, (100_000, 20_000, 3_000)):
+        assert abs(rows - sum(level0) * n / 123_000) <= 1
+
+
+def test_shared_cafe_normalises_importance_per_field_and_never_scores_a_full_field():
+    collection, table, features = _shared_cafe(importance="gradient", threshold=1e9)  # nothing becomes hot
+    ids = torch.tensor([[7, 11, 3, 5]] * 8)  # one id per field, 8 rows
+    weights = torch.tensor([100.0, 1.0, 1.0, 0.5]).view(1, 4, 1)  # gradients 100x larger for the first field
+    (collection(ids) * weights).sum().backward()
+    table.on_step_end(0)
+    offsets = [0, 100_000, 120_000, 120_015]
+    scores = table.sketch.query(torch.tensor([7 + offsets[0], 11 + offsets[1], 3 + offsets[2], 5 + offsets[3]]))[0]
+    # each field's occurrences score their norm over that field's mean: 1 each, 8 occurrences -> 8 (the full
+    # field's id is never inserted); over the whole batch they would have scored ~15.7, ~0.16, -, ~0.08 x 8
+    torch.testing.assert_close(scores, torch.tensor([8.0, 8.0, 0.0, 8.0]))
+
+
+def test_shared_cafe_routes_the_same_with_the_compiled_kernel_and_torch_ops():
+    for name in ("cafe", "cafe-ml"):
+        collection, table, features = _shared_cafe(name, importance="frequency", threshold=2)
+        ids = torch.stack([torch.randint(f.num_embeddings, (512,), generator=torch.Generator().manual_seed(i))
+                           % max(1, f.num_embeddings // 50) for i, f in enumerate(features)], 1)
+        for step in range(3):
+            collection(ids).sum().backward()
+            table.on_step_end(step)
+        assert bool(table.owned.any())  # some ids own hot rows, from more than one field
+        every = torch.arange(sum(f.num_embeddings for f in features))
+        compiled, torch_ops = table._route(every), table._route_torch(every)
+        assert torch.equal(compiled[0], torch_ops[0])
+        assert compiled[1] is None or torch.equal(compiled[1], torch_ops[1])
+
+
+def test_a_small_per_feature_cafe_keeps_a_sketch():
+    """At 100x a 4,278-id feature's budget buys 42 rows: the tuning alone left it one hot row and one bucket."""
+    table = make_embedding("cafe", 4_278, 16, compression=100)
+    per_row = 16 * 4 + 9 + 4 * 17  # a hot row, its owner and its 4 sketch slots
+    assert table.hot_rows == min(MIN_HOT_ROWS, int(4_278 * 64 / 100 / 4 // per_row)) > 1
+    assert table.sketch.num_buckets == table.hot_rows
