@@ -61,6 +61,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     config = SyntheticConfig(
         rows={"train": args.train_rows, "val": args.eval_rows, "test": args.eval_rows}, scale=args.scale,
         zipf=args.zipf, signal=args.signal, seed=args.seed, bag_features=args.bags, bag_size=args.bag_size,
+        drift=args.drift,
     )
     facts = generate_synthetic(args.out, config, tsv=args.tsv)
     bags = f" and {args.bags} multi-hot features" if args.bags else ""
@@ -271,7 +272,7 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
 def _add_cluster_every(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cluster-every", type=int, default=None, metavar="N",
                         help="methods that cluster (cce): cluster every N steps up to 3/4 of the run; 0: never "
-                             "(default: derived from the run, every epoch and at least every 1/6 of the run)")
+                             "(default: derived from the run, every epoch and at least every 1/3 of the run)")
 
 
 def cmd_preprocess_criteo(args: argparse.Namespace) -> int:
@@ -369,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--bags", type=int, default=0,
                        help="multi-hot features B1.. (each row a bag of 0..--bag-size ids, pooled by mean)")
     synth.add_argument("--bag-size", type=int, default=5, help="the most ids a row's bag holds")
+    synth.add_argument("--drift", type=float, default=0.0, metavar="F",
+                       help="popularity drifts along the stream (train, val, test): by its end a share F of each "
+                            "feature's top-1%% ids has changed (0: stationary)")
     synth.set_defaults(run=cmd_synth)
 
     preprocess = commands.add_parser("preprocess", help="raw click logs to the preprocessed format")

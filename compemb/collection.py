@@ -43,7 +43,7 @@ from compemb.budget import (
 from compemb.checks import assert_ids_in_range
 from compemb.embeddings.base import CompressedEmbedding
 from compemb.registry import get_method, make_embedding
-from compemb.table_batch import TableBatch, batch_groups
+from compemb.table_batch import TableBatch
 
 
 SHARING = ("per_feature", "shared")
@@ -384,3 +384,24 @@ class EmbeddingCollection(torch.nn.Module):
         full = sum(full_table_bytes(f.num_embeddings, self.embedding_dim) for f in self.features)
         sharing = ", sharing='shared'" if self.sharing == "shared" else ""
         return f"method={self.method!r}, features={len(self.features)}{sharing}, compression={full / total.total:.1f}x"
+
+
+def batch_groups(tables: Sequence[torch.nn.Module]) -> list[tuple[list[int], TableBatch | None]]:
+    """Group tables (by position) into batches their method can look up together; ``None``: one at a time.
+
+    Tables group when they are of one class, with one ``sparse``, and the class's ``table_batch`` accepts them.
+    """
+    keys: dict[tuple, list[int]] = {}
+    for position, table in enumerate(tables):
+        batchable = isinstance(table, CompressedEmbedding)
+        keys.setdefault((type(table), table.sparse) if batchable else ("alone", position), []).append(position)
+    groups: list[tuple[list[int], TableBatch | None]] = []
+    for positions in keys.values():
+        members = [tables[p] for p in positions]
+        first = members[0]
+        batch = type(first).table_batch(members) if isinstance(first, CompressedEmbedding) else None
+        if batch is None:
+            groups.extend(([p], None) for p in positions)
+        else:
+            groups.append((positions, batch))
+    return groups

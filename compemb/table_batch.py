@@ -167,29 +167,6 @@ class _GatherPacked(torch.autograd.Function):
         return (None, None, None, *sparse_grads)
 
 
-def batch_groups(tables: Sequence[torch.nn.Module]) -> list[tuple[list[int], TableBatch | None]]:
-    """Group tables (by position) into batches their method can look up together; ``None``: one at a time.
-
-    Tables group when they are of one class, with one ``sparse``, and the class's ``table_batch`` accepts them.
-    """
-    from compemb.embeddings.base import CompressedEmbedding
-
-    keys: dict[tuple, list[int]] = {}
-    for position, table in enumerate(tables):
-        batchable = isinstance(table, CompressedEmbedding)
-        keys.setdefault((type(table), table.sparse) if batchable else ("alone", position), []).append(position)
-    groups: list[tuple[list[int], TableBatch | None]] = []
-    for positions in keys.values():
-        members = [tables[p] for p in positions]
-        first = members[0]
-        batch = type(first).table_batch(members) if isinstance(first, CompressedEmbedding) else None
-        if batch is None:
-            groups.extend(([p], None) for p in positions)
-        else:
-            groups.append((positions, batch))
-    return groups
-
-
 def hash_columns(ids: Tensor, hashes: Sequence[torch.nn.Module], buckets: Tensor) -> Tensor:
     """Every table's hashes of its column of ids in one pass: ``ids`` ``(batch, tables)``, ``hashes[j]`` table j's
     :class:`~compemb.hashing.UniversalHash` (k functions each), ``buckets`` ``(tables, 1)`` their ranges ->

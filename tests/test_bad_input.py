@@ -341,3 +341,8 @@ def test_two_writers_of_one_output_have_temporaries_of_their_own(tmp_path):
         writer.close()  # each publishes a complete set; the last one wins
     assert open_dataset(tmp_path / "set")[1]["train"].sparse.tolist() == [[2]]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]
+
+
+def test_synth_drift_outside_zero_one_is_one_line(tmp_path, capsys):
+    line = _one_line_error(capsys, main(_synth_args(tmp_path / "set", "--drift", "1.5")))
+    assert "drift must be in [0, 1]" in line and not (tmp_path / "set").exists()

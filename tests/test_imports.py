@@ -29,3 +29,45 @@ def test_every_module_imports_first_in_a_fresh_process():
     assert "FAILED" not in done.stdout, done.stdout
     assert int(done.stdout.split()[-2]) > 30  # the walk found the package's modules
 
+
+
+def _import_graph(root: Path) -> dict[str, set[str]]:
+    """compemb's modules and the compemb modules each imports, at any level (inside functions and TYPE_CHECKING
+    too): ``from pkg import name`` counts as ``pkg.name`` where that is a module."""
+    import ast
+
+    modules = {}
+    for path in (root / "compemb").rglob("*.py"):
+        name = ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+        modules[name] = path
+    edges: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("compemb"):
+                for alias in node.names:
+                    target = f"{node.module}.{alias.name}"
+                    edges[name].add(target if target in modules else node.module)
+            elif isinstance(node, ast.Import):
+                edges[name].update(a.name for a in node.names if a.name.startswith("compemb"))
+    return {name: {t for t in targets if t in modules} for name, targets in edges.items()}
+
+
+def test_no_module_imports_one_that_imports_it_back():
+    """No import circle, lazy or not (issue 24: embeddings/base.py and table_batch.py imported each other)."""
+    edges = _import_graph(Path(__file__).resolve().parents[1])
+    assert "compemb.table_batch" in edges["compemb.embeddings.base"]  # the walk sees TYPE_CHECKING imports too
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def cycle_from(module: str, path: list[str]) -> list[str] | None:
+        state[module] = 1
+        for target in sorted(edges[module]):
+            if state.get(target) == 1:
+                return path + [module, target]
+            if target not in state and (found := cycle_from(target, path + [module])):
+                return found
+        state[module] = 2
+        return None
+
+    for module in sorted(edges):
+        if module not in state:
+            assert (found := cycle_from(module, [])) is None, " -> ".join(found)

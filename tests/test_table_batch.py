@@ -9,7 +9,8 @@ from compemb.collection import EmbeddingCollection, Feature
 from compemb.embeddings.full import FullEmbedding
 from compemb.optim import RowAdagrad, RowAdam
 from compemb.quantize import quantize
-from compemb.table_batch import PackedWeights, batch_groups
+from compemb.collection import batch_groups
+from compemb.table_batch import PackedWeights
 
 FEATURES = [Feature("C1", 100_000), Feature("C2", 5_000), Feature("C3", 3), Feature("C4", 50_000), Feature("C5", 20)]
 BATCHED = ["full", "hash", "ce", "bloom", "qr", "hemb", "robe", "hashednets", "cce", "cce-hybrid", "cafe", "cafe-ml"]

@@ -16,6 +16,13 @@ feature's), and the teacher sees the mean of their teacher vectors as one more v
 first-order effect alike), so a model must pool the bag to reach the Bayes BCE. They are written as jagged arrays
 (values + offsets) and pooled by mean.
 
+``drift=F`` makes the stream non-stationary: the splits are one stream in time (train, then val, then test), and
+each one-hot feature's popularity order rotates along it by ``S = round(F x m)`` ranks in all, ``m`` being the
+feature's top 1% (at least one id): at position t of the stream (0 to 1) rank r draws the id that held rank
+``r + floor(t x S)`` at the start, so by the end a fraction F of the first top-1% ids has left the top 1% (the next
+ones moved up). The teacher (vectors, logit) does not change, so each row's true probability and every split's
+Bayes limits are as exact as without drift. Bag features do not drift.
+
 Because the true click probabilities are known, every split reports its **Bayes-optimal BCE and AUC**: no
 model can do better than scoring with the truth. Rows are generated in chunks, each from its own seeded
 stream, so any size streams to disk deterministically.
@@ -63,8 +70,11 @@ class SyntheticConfig:
     bag_features: int = 0  # multi-hot features B1.. (0: none, the Criteo-like set alone)
     bag_size: int = 5  # each row's bag holds 0..bag_size ids, uniformly
     bag_cardinality: int = 0  # ids of each bag feature (0: the largest one-hot feature's cardinality)
+    drift: float = 0.0  # the share of each feature's top-1% ids replaced over the whole stream (see the module)
 
     def __post_init__(self) -> None:
+        if not 0 <= self.drift <= 1:
+            raise ValueError(f"drift must be in [0, 1] (the share of the top-1% ids that changes), got {self.drift}")
         if self.bag_features < 0 or self.bag_size < 1 or self.bag_cardinality < 0:
             raise ValueError(f"bag features need bag_features >= 0, bag_size >= 1 and bag_cardinality >= 0 (0: the "
                              f"largest one-hot feature's), got {self.bag_features}, {self.bag_size}, "
@@ -145,13 +155,22 @@ class Teacher:
         counts, sparse = self.sample_raw(generator, rows)
         return transform_dense(counts), sparse
 
-    def sample_raw(self, generator: np.random.Generator, rows: int) -> tuple[np.ndarray, np.ndarray]:
-        """Raw integer dense counts (as Criteo's TSV holds them) and Zipf-distributed sparse ids."""
+    def drift_ranks(self) -> list[int]:
+        """Per feature, how many ranks its popularity order rotates over the whole stream: ``round(drift x m)``,
+        ``m`` its top 1% (at least one id)."""
+        return [round(self.config.drift * max(1, math.ceil(0.01 * n))) for n in self.cardinalities]
+
+    def sample_raw(self, generator: np.random.Generator, rows: int,
+                   positions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Raw integer dense counts (as Criteo's TSV holds them) and Zipf-distributed sparse ids; ``positions``
+        (each row's place in the stream, 0 to 1) rotate the popularity order when the config drifts."""
         counts = np.floor(generator.gamma(self.gamma_shape, 10.0, size=(rows, NUM_DENSE))).astype(np.int64)
         sparse = np.empty((rows, len(self.cardinalities)), dtype=np.int64)
-        for column, (cumulative, ids) in enumerate(zip(self.cumulative, self.popular_ids)):
-            ranks = np.searchsorted(cumulative, generator.random(rows), side="right")
-            sparse[:, column] = ids[np.minimum(ranks, len(ids) - 1)]
+        for column, (cumulative, ids, total) in enumerate(zip(self.cumulative, self.popular_ids, self.drift_ranks())):
+            ranks = np.minimum(np.searchsorted(cumulative, generator.random(rows), side="right"), len(ids) - 1)
+            if positions is not None and total:
+                ranks = (ranks + np.floor(positions * total).astype(np.int64)) % len(ids)
+            sparse[:, column] = ids[ranks]
         return counts, sparse
 
     def sample_bags(self, generator: np.random.Generator, rows: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -237,7 +256,7 @@ def generate_synthetic(path: str | os.PathLike, config: SyntheticConfig = Synthe
     check_output(path, () if tsv is None else (tsv,))  # the TSV beside the set must not be inside it
     teacher = Teacher(config)
     facts: dict = {"source": "synthetic", "config": asdict(config), "bayes": {}}
-    chunk_index = 0
+    chunk_index, streamed, stream_rows = 0, 0, sum(config.rows.values())
     text = _open_tsv(tsv) if tsv is not None else contextlib.nullcontext()
     with DatasetWriter(path, config.rows, NUM_DENSE, teacher.cardinalities, bags=config.bags()) as writer, \
             text as tsv_file:
@@ -251,7 +270,10 @@ def generate_synthetic(path: str | os.PathLike, config: SyntheticConfig = Synthe
                 # the bags' own stream: the one-hot rows and labels' draws are those of a set without bags
                 bags = teacher.sample_bags(np.random.default_rng([config.seed, 3, chunk_index]), count)
                 chunk_index += 1
-                counts, sparse = teacher.sample_raw(generator, count)
+                # each row's place in the stream (splits in time order): where the popularity has drifted to
+                positions = (streamed + np.arange(count)) / stream_rows if config.drift else None
+                streamed += count
+                counts, sparse = teacher.sample_raw(generator, count, positions)
                 dense = transform_dense(counts)
                 probability = teacher.probabilities(dense, sparse, bags)
                 labels = (generator.random(count) < probability).astype(np.uint8)

@@ -15,8 +15,8 @@ from compemb.embeddings.mixed_dim import MixedDimEmbedding
 from compemb.embeddings.cafe import CAFEEmbedding, MultiLevelCAFEEmbedding  # noqa: E402, I001
 from compemb.embeddings.offline import OfflineFrequencyEmbedding  # noqa: E402
 from compemb.embeddings.adaembed import AdaEmbed  # noqa: E402
-from compemb.embeddings.cce import CCEmbedding  # noqa: E402
-from compemb.embeddings.cce_schedule import ClusterReport, ClusterSchedule  # noqa: E402
+from compemb.embeddings.cce import CCEmbedding, HybridCCEmbedding, PaperAccountedCCEmbedding  # noqa: E402
+from compemb.embeddings.cce import ClusterReport, ClusterSchedule  # noqa: E402
 
 __all__ = [
     "AdaEmbed",

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from compemb.budget import FLOAT_BYTES, every_budget_from, resolve_budget, rows_for
 from compemb.embeddings.base import CompressedEmbedding, init_uniform_
-from compemb.embeddings.cafe_settings import budget_ratio, paper_defaults
+from compemb.embeddings.cafe.settings import budget_ratio, paper_defaults
 from compemb.embeddings.id_map import search_rows
 from compemb.hashing import UniversalHash, coefficient_bytes
 from compemb.registry import register

@@ -78,3 +78,29 @@ def test_first_order_share_mixes_the_two_normalised_parts():
         expected = first_order / teacher.first_order_sd if share else interactions / teacher.interaction_sd
         np.testing.assert_allclose(teacher.raw_logits(dense, sparse), expected)
         assert teacher.raw_logits(dense, sparse).std() == pytest.approx(1.0, rel=0.05)
+
+
+def test_drift_rotates_popularity_along_the_stream_and_keeps_the_bayes_limits(tmp_path):
+    rows = {"train": 16_000, "val": 2_000, "test": 2_000}
+    config = SyntheticConfig(rows=rows, cardinalities_override=(1_000,), drift=1.0, seed=5, chunk_rows=4_000)
+    facts = generate_synthetic(tmp_path / "drift", config, progress=False)
+    teacher = Teacher(config)
+    first = teacher.popular_ids[0]  # the planted order at the start: rank r -> id first[r]
+    assert teacher.drift_ranks() == [10]  # the top 1% of 1,000 ids, all of it by the end (drift 1)
+    _, splits = open_dataset(tmp_path / "drift")
+    early = np.asarray(splits["train"].sparse[:2_000, 0])
+    late = np.asarray(splits["test"].sparse[:, 0])
+    top, gone = set(first[:10].tolist()), set(first[:9].tolist())
+    share = lambda ids, chosen: float(np.isin(ids, list(chosen)).mean())  # noqa: E731
+    # early the start's top 1% draws its Zipf share of the rows; in the test split (the stream's last tenth, rotated
+    # by 9 ranks) nine of those ten ids have left the top 1% for the bottom of the order, and the ids that held
+    # ranks 9..19 at the start have moved up
+    assert share(early, top) > 0.3 and share(late, gone) < 0.01
+    assert np.bincount(late, minlength=1_000).argmax() in first[9:11].tolist()
+    for split in rows:  # the truth is still known
+        assert 0 < facts["bayes"][split]["bce"] < 0.7
+    # no drift: the start's top 1% keeps its share to the end
+    still = SyntheticConfig(rows=rows, cardinalities_override=(1_000,), seed=5, chunk_rows=4_000)
+    generate_synthetic(tmp_path / "still", still, progress=False)
+    _, steady = open_dataset(tmp_path / "still")
+    assert share(np.asarray(steady["test"].sparse[:, 0]), top) > 0.3

@@ -7,10 +7,9 @@ import torch
 
 from compemb import BudgetError, make_embedding
 from compemb.embeddings.adaptive import reset_optimizer_rows
-from compemb.embeddings.cafe import _hot_candidates_torch
-from compemb.embeddings.cafe_kernels import hot_candidates
-from compemb.embeddings.cafe import MIN_HOT_ROWS
-from compemb.embeddings.cafe_settings import SMALL_BUDGET_ROWS, SMALL_BUDGET_SETTINGS, default_settings, paper_defaults
+from compemb.embeddings.cafe.embedding import MIN_HOT_ROWS, _hot_candidates_torch
+from compemb.embeddings.cafe.kernels import hot_candidates
+from compemb.embeddings.cafe.settings import SMALL_BUDGET_ROWS, SMALL_BUDGET_SETTINGS, default_settings, paper_defaults
 from compemb.embeddings.id_map import search_rows, search_rows_torch
 
 N = 100_000

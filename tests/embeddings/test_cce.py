@@ -7,9 +7,9 @@ import sys
 import pytest
 import torch
 
-import compemb.embeddings.cce as cce_module
+import compemb.embeddings.cce.embedding as cce_module
 from compemb import BudgetError, CCEmbedding, ClusterSchedule, make_embedding
-from compemb.embeddings.cce_plan import pointer_dtype
+from compemb.embeddings.cce.plan import pointer_dtype
 from compemb.hashing import hash_ids
 from compemb.sketch.hotsketch import SLOT_BYTES
 
@@ -474,8 +474,8 @@ def test_hybrid_has_at_least_39_sampled_ids_per_centroid():
 
 def test_schedule_derived_from_the_run():
     auto = ClusterSchedule()
-    # one epoch of 1,200 steps: every 1/6 of it, up to 3/4 -> four clusterings
-    assert [s + 1 for s in range(1200) if auto.due(s, 1200, 1200)] == [200, 400, 600, 800]
+    # one epoch of 1,200 steps: every 1/3 of it, up to 3/4 -> two clusterings
+    assert [s + 1 for s in range(1200) if auto.due(s, 1200, 1200)] == [400, 800]
     # eight epochs of 100 steps: after each epoch, up to 3/4 of the run
     assert [s + 1 for s in range(800) if auto.due(s, 800, 100)] == [100, 200, 300, 400, 500, 600]
     # a loop that never said how long it runs: every 1,000 steps, no end
@@ -493,10 +493,10 @@ def test_by_default_the_trainer_clusters_logs_clusterings_and_leaves_no_row_idle
     (table,) = trainer.model.embeddings.embeddings.values()
     start = table.weight.detach().clone()
     trainer.fit()
-    # 16 steps: every ceil(16 / 6) = 3 steps up to 12 -> 4 clusterings
-    assert table.rounds == 4
+    # 16 steps: every ceil(16 / 3) = 6 steps up to 12 -> 2 clusterings
+    assert table.rounds == 2
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [line["clusterings"] for line in lines] == [1, 2, 4, 4]  # evaluations after steps 4, 8, 12 and 16
+    assert [line["clusterings"] for line in lines] == [0, 1, 2, 2]  # evaluations after steps 4, 8, 12 and 16
     changed = (table.weight.detach() != start).any(1)
     if method == "cce":  # every row of both tables of every column was trained or clustered into
         assert bool(changed.all())

@@ -1,7 +1,7 @@
 """CAFE's default settings per budget: the paper's Criteo table, and compemb's rule in its own units.
 
 compemb scores an occurrence by its gradient norm over its field's mean in the batch, so a threshold counts average
-occurrences (see :mod:`compemb.embeddings.cafe`). These are the authors' units too: their code normalises
+occurrences (see :mod:`compemb.embeddings.cafe.embedding`). These are the authors' units too: their code normalises
 ``grad_norm * N / sum(grad_norm)`` per field per batch (HugoZHL/CAFE ``sk_embedding_bag.py``), so the paper's
 thresholds (:data:`PAPER_DEFAULTS`) apply as they are. (An earlier version of this note and of
 ``benchmarks/results/cafe_tuning.md`` called them raw gradient norms: wrong; the measurements stand, their premise

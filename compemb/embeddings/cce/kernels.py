@@ -1,7 +1,7 @@
 """CCE's compiled CPU path: routing ids to T0/T1 rows, the gather of their sums, and its backward.
 
 On CPU a lookup is one compiled call (route, then gather T0 + T1 per column, sweeping small tables into cache
-first) and its backward another (:class:`PairGather`); :class:`~compemb.embeddings.cce.CCEmbedding` uses torch ops
+first) and its backward another (:class:`PairGather`); :class:`~compemb.embeddings.cce.embedding.CCEmbedding` uses torch ops
 (the same rows) elsewhere.
 """
 

@@ -1,6 +1,6 @@
 """CCE's sizes from a budget: table rows k, who holds stored pointers and in what dtype, sketch and bitmap.
 
-:class:`~compemb.embeddings.cce.CCEmbedding`'s class docstring states the rule; this module computes it, so the
+:class:`~compemb.embeddings.cce.embedding.CCEmbedding`'s class docstring states the rule; this module computes it, so the
 method reads top to bottom without its arithmetic. With honest accounting every byte but the float tables
 (:func:`reserved_bytes`) is taken out of the budget first and the floats get the rest; with paper accounting the
 floats alone are sized to the budget.

@@ -12,7 +12,9 @@ from torch import Tensor
 from compemb.sketch.hotsketch import HotSketch
 
 
-AUTO_PER_RUN = 6  # the automatic schedule clusters at least every 1/AUTO_PER_RUN of a run (4 times up to 3/4)
+# the automatic schedule clusters at least every 1/AUTO_PER_RUN of a run (twice up to 3/4 of a one-epoch run): of
+# every 1/12, 1/6 and 1/3 of a one-epoch run (benchmarks/results/cce_schedule.md) the fewest clusterings did best
+AUTO_PER_RUN = 3
 AUTO_WITHOUT_TOTAL = 1000  # ... and every this many steps when the run's length is not known
 
 
@@ -22,7 +24,7 @@ class ClusterSchedule:
 
     ``every=None`` (the default) derives the interval from the run, as the paper clusters after each epoch until
     3/4 of training: every epoch, but at least every ``1/AUTO_PER_RUN`` of the run, so a one-epoch run clusters
-    at 1/6, 2/6, 3/6 and 4/6 of it (:meth:`interval`). ``every=0`` never clusters (call
+    at 1/3 and 2/3 of it and a run of three epochs or more after each epoch (:meth:`interval`). ``every=0`` never clusters (call
     :meth:`CCEmbedding.cluster` yourself). Without a known total (a loop that never calls ``on_train_begin``)
     ``until`` is not applied and ``None`` means every ``AUTO_WITHOUT_TOTAL`` steps.
 
@@ -31,7 +33,7 @@ class ClusterSchedule:
         >>> [s for s in range(1000) if ClusterSchedule(every=200, until=0.75).due(s, total_steps=1000)]
         [199, 399, 599]
         >>> [s + 1 for s in range(1200) if ClusterSchedule().due(s, total_steps=1200)]  # one epoch of 1,200 steps
-        [200, 400, 600, 800]
+        [400, 800]
         >>> ClusterSchedule().interval(total_steps=10_000, steps_per_epoch=1_000)  # ten epochs: after each
         1000
     """

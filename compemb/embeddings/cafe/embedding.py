@@ -32,7 +32,7 @@ Choices where the papers leave room (each class's docstring says more):
   inserted score, so an id with a share p of the score settles near ``1000 p x threshold x buckets`` and stays hot
   while p >= ~1 / (1000 buckets), whatever the threshold: the threshold only sets how much evidence an id gathers
   before it takes a free row (lower: rows fill sooner, from noisier ranks). The defaults per budget are in
-  :mod:`compemb.embeddings.cafe_settings`.
+  :mod:`compemb.embeddings.cafe.settings`.
 - Hot, hashed and fallback rows are one stored table (hot rows first): one gather per lookup, one gradient.
 - The HotSketch holds ``sketch_slots_per_row`` = 4 slots per hot row (H buckets of 4 slots), room for the hot ids
   and three candidates per hot row; its bytes count in the budget as sketch bytes.
@@ -57,8 +57,8 @@ from torch import Tensor
 from compemb.budget import FLOAT_BYTES, MemoryReport, every_budget_from, resolve_budget, rows_for
 from compemb.embeddings.adaptive import AdaptiveEmbedding, memory_report, reset_optimizer_rows
 from compemb.embeddings.base import CompressedEmbedding, init_uniform_
-from compemb.embeddings.cafe_kernels import cafe_rows, hot_candidates
-from compemb.embeddings.cafe_settings import budget_ratio, default_settings
+from compemb.embeddings.cafe.kernels import cafe_rows, hot_candidates
+from compemb.embeddings.cafe.settings import budget_ratio, default_settings
 from compemb.hashing import UniversalHash, coefficient_bytes, hash_high32
 from compemb.registry import register
 from compemb.table_batch import SeparateLookups
@@ -85,7 +85,7 @@ def _split(total: int, sizes: list[int]) -> list[int]:
 
 
 def _hot_candidates_torch(ids: Tensor, scores: Tensor, hot: Tensor, threshold: float, limit: int) -> Tensor:
-    """:func:`~compemb.embeddings.cafe_kernels.hot_candidates` in torch ops (the same positions), for any device."""
+    """:func:`~compemb.embeddings.cafe.kernels.hot_candidates` in torch ops (the same positions), for any device."""
     eligible = ((scores >= threshold) & (hot < 0)).nonzero().squeeze(-1)
     if eligible.numel() == 0 or limit == 0:
         return eligible[:limit]

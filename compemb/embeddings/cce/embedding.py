@@ -26,7 +26,7 @@ Deviations and choices (the class docstring says more):
   non-holders' traffic-weighted MSE went 1.15 -> 1.87 at each clustering, worse than predicting zeros). Now an id
   that holds no pointer before and after a clustering reads exactly the same vector (tested); an id that drops out
   of the top m returns to its hashed rows. The cost: before the first clustering the holder region is idle (the
-  default schedule clusters within the first 1/6 of a run). The holder region has ``holder_share`` of the rows
+  default schedule clusters within the first 1/3 of a run). The holder region has ``holder_share`` of the rows
   (default half), fewer when k-means would have under ``MIN_POINTS_PER_CENTROID`` (39, faiss's threshold) sampled
   ids per centroid; the hashed region has the rest.
 - Holders are re-chosen at every clustering from the sketch's current scores; the sketch never pins them (hot slots
@@ -61,15 +61,15 @@ from compemb.budget import (
 )
 from compemb.embeddings.adaptive import AdaptiveEmbedding, memory_report, reset_optimizer_rows
 from compemb.embeddings.base import CompressedEmbedding, init_uniform_
-from compemb.embeddings.cce_kernels import NO_HOLDERS, PairGather, mark_seen, route_rows
-from compemb.embeddings.cce_plan import (
+from compemb.embeddings.cce.kernels import NO_HOLDERS, PairGather, mark_seen, route_rows
+from compemb.embeddings.cce.plan import (
     SKETCH_SLOTS,
     CCEShape,
     plan_tables,
     reserved_bytes,
     smallest_bytes,
 )
-from compemb.embeddings.cce_schedule import ClusterReport, ClusterSchedule, cluster_sample, top_holders
+from compemb.embeddings.cce.schedule import ClusterReport, ClusterSchedule, cluster_sample, top_holders
 from compemb.embeddings.id_map import NO_ID  # free holder_ids entries sort last
 from compemb.hashing import UniversalHash, hash_coefficients, hash_ids
 from compemb.registry import register
@@ -129,7 +129,7 @@ class CCEmbedding(AdaptiveEmbedding):
             and each inserted id costs ~25 ns, as much as the rest of a lookup. 1 counts every occurrence. The
             seen-bitmap always sees every id.
         cluster_every, cluster_until: the :class:`ClusterSchedule` (default: derived from the run, every epoch
-            and at least every 1/6 of it, until 3/4; ``cluster_every=0``: never, cluster() by hand).
+            and at least every 1/3 of it, until 3/4; ``cluster_every=0``: never, cluster() by hand).
         niter, max_points_per_centroid: k-means settings (the paper's 50 and 256).
 
     Example::

@@ -1,6 +1,6 @@
 """CAFE's compiled CPU kernels: routing ids to rows in one pass, and choosing the ids that take free hot rows.
 
-:class:`~compemb.embeddings.cafe.CAFEEmbedding` falls back to torch ops (the same rows) off the CPU.
+:class:`~compemb.embeddings.cafe.embedding.CAFEEmbedding` falls back to torch ops (the same rows) off the CPU.
 """
 
 from __future__ import annotations
