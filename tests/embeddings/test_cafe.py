@@ -480,10 +480,23 @@ def test_shared_cafe_keeps_a_hashed_table_per_field_and_small_fields_full(name):
     # no two fields' hashed regions overlap, and they follow the hot rows
     ends = sorted((r.start, r.stop) for r in regions)
     assert ends[0][0] >= table.hot_rows and all(a[1] <= b[0] for a, b in zip(ends, ends[1:]))
-    # each compressed field's hashed rows in proportion to its ids (largest remainders, +-1)
+    # each compressed field's hashed rows: one, and the rest in proportion to its ids (largest remainders, +-1)
     level0 = [int(table.field_rows[0, f]) for f in (0, 1, 3)]
+    assert sum(level0) == table.hashed_rows[0]
     for rows, n in zip(level0, (100_000, 20_000, 3_000)):
-        assert abs(rows - sum(level0) * n / 123_000) <= 1
+        assert abs(rows - 1 - (sum(level0) - 3) * n / 123_000) <= 1
+
+
+def test_shared_cafe_meets_10000x_of_kaggle_with_every_field_hashed():
+    """The Kaggle-shape set's 26 fields at 10,000x: 5,402 params, so most fields get the one row each must have."""
+    from compemb.data.synthetic import SyntheticConfig
+
+    sizes = SyntheticConfig(scale=0.1).cardinalities()
+    for name in ("cafe", "cafe-ml"):
+        table = make_embedding(name, sum(sizes), 16, num_params=5_402, blocks=sizes)
+        assert abs(table.memory().total - 5_402 * 4) <= 0.01 * 5_402 * 4
+        assert not bool(table.field_direct.any()) and bool((table.field_rows >= 1).all())
+        assert [int(table.field_rows[level].sum()) for level in range(table.levels)] == list(table.hashed_rows)
 
 
 def test_shared_cafe_normalises_importance_per_field_and_never_scores_a_full_field():

@@ -73,13 +73,15 @@ _NO_WEIGHTS = np.empty((0, 2), dtype=np.float32)
 
 
 def _split(total: int, sizes: list[int]) -> list[int]:
-    """``total`` rows shared out in proportion to ``sizes`` (largest remainders), at least one each."""
+    """``total`` rows shared out as one each, the rest in proportion to ``sizes`` (largest remainders): they sum to
+    ``total`` (to one per size when ``total`` is smaller)."""
     if len(sizes) <= 1:  # one vocabulary (of any size, open too): all of it
         return [total] * len(sizes)
-    exact = [total * n / sum(sizes) for n in sizes]
-    shares = [max(1, math.floor(x)) for x in exact]
+    spare = max(0, total - len(sizes))
+    exact = [spare * n / sum(sizes) for n in sizes]
+    shares = [1 + math.floor(x) for x in exact]
     by_remainder = sorted(range(len(sizes)), key=lambda i: (-(exact[i] - math.floor(exact[i])), i))
-    for i in by_remainder[: max(0, total - sum(shares))]:
+    for i in by_remainder[: max(0, max(total, len(sizes)) - sum(shares))]:
         shares[i] += 1
     return shares
 
