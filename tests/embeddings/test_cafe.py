@@ -533,3 +533,19 @@ def test_a_small_per_feature_cafe_keeps_a_sketch():
     per_row = 16 * 4 + 9 + 4 * 17  # a hot row, its owner and its 4 sketch slots
     assert table.hot_rows == min(MIN_HOT_ROWS, int(4_278 * 64 / 100 / 4 // per_row)) > 1
     assert table.sketch.num_buckets == table.hot_rows
+
+
+@pytest.mark.parametrize("name", ["cafe", "cafe-ml"])
+def test_shared_cafe_with_one_hashed_table_for_every_field(name):
+    collection, table, features = _shared_cafe(name, field_tables=False)
+    sizes = [f.num_embeddings for f in features]
+    assert not bool(table.field_direct.any())  # no field kept full
+    for level in range(table.levels):  # every field reads the one table of its level
+        assert table.field_offsets[level].unique().numel() == 1
+        assert table.field_rows[level].tolist() == [table.hashed_rows[level]] * len(sizes)
+    budget = sum(sizes) * 16 * 4 / 100
+    assert abs(collection.memory().total.total - budget) <= 0.01 * budget
+    rows, _ = table._route(torch.arange(sum(sizes)))
+    low = int(table.field_offsets[0, 0])
+    assert int(rows[:, 0].min()) >= low and int(rows[:, 0].max()) < low + table.hashed_rows[0]
+    assert torch.equal(table._route(torch.arange(sum(sizes)))[0], table._route_torch(torch.arange(sum(sizes)))[0])

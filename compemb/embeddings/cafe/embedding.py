@@ -125,6 +125,7 @@ class _CAFE(AdaptiveEmbedding):
         medium_fraction: float = 0.2,
         hash_split: float = 0.7,
         blocks: Sequence[int] | None = None,
+        field_tables: bool = True,
         seed: int,
         mode: str,
         sparse: bool,
@@ -156,6 +157,9 @@ class _CAFE(AdaptiveEmbedding):
         self.medium_fraction, self.hash_split = float(medium_fraction), float(hash_split)
         self.sketch_slots_per_row, self.decay = float(sketch_slots_per_row), float(decay)
         d = self.embedding_dim
+        if not isinstance(field_tables, bool):
+            raise ValueError(f"{self.method_name}: field_tables must be True or False, got {field_tables!r}")
+        self.field_tables = field_tables
         fields = self._plan_fields(blocks, ratio, budget.num_bytes)
         self.blocks = None if blocks is None else [int(n) for n in blocks]
         field_bytes = 0 if blocks is None else (len(fields) + 1) * 8 + len(fields) + 2 * levels * len(fields) * 8
@@ -205,6 +209,8 @@ class _CAFE(AdaptiveEmbedding):
             raise ValueError(f"{self.method_name}: blocks must be positive field sizes summing to num_embeddings="
                              f"{self.num_embeddings}, got {list(blocks)!r}")
         full, spent = [False] * len(sizes), 0
+        if not self.field_tables:  # one hashed table for every field: none kept full
+            return list(zip(sizes, full))
         largest = sizes.index(max(sizes))
         for f in sorted(range(len(sizes)), key=lambda f: (sizes[f], f)):
             cost = sizes[f] * self.embedding_dim * FLOAT_BYTES
@@ -219,8 +225,12 @@ class _CAFE(AdaptiveEmbedding):
         shares = [_split(rows, compressed) for rows in self.hashed_rows]  # each compressed field's rows per level
         rows = torch.zeros(levels, len(fields), dtype=torch.int64)
         offsets = torch.zeros(levels, len(fields), dtype=torch.int64)
-        at, taken = self.hot_rows, [0] * levels
+        at, taken, level_starts = self.hot_rows, [0] * levels, []
         for level in range(levels):
+            level_starts.append(at)
+            if not self.field_tables:  # every field reads the same hashed table, keyed by its ids' offsets
+                rows[level], offsets[level], at = self.hashed_rows[level], at, at + self.hashed_rows[level]
+                continue
             for f, (n, full) in enumerate(fields):
                 if full and level == 1:  # a full field's ids are never medium: level 2 repeats level 1, weight 0
                     rows[1, f], offsets[1, f] = rows[0, f], offsets[0, f]
@@ -237,7 +247,7 @@ class _CAFE(AdaptiveEmbedding):
         for name, value in self._field_layout.items():
             self.register_buffer(name, value.to(device, copy=True), persistent=False)
         # where level 1 and level 2 begin (reset_tables zeroes level 2)
-        self._offsets = (self.hot_rows, self.hot_rows + int(rows[0].sum()))
+        self._offsets = (self.hot_rows, level_starts[-1])
         self._has_full_fields = any(full for _, full in fields)
         return at
 
@@ -444,6 +454,8 @@ class CAFEEmbedding(_CAFE):
         merge_on_demote: fold a demoted id's learned change back into its hashed row (default False: dropped).
         blocks: the sizes of the fields whose ids lie one after another in the vocabulary (the authors' layout
             across fields, see the module docstring); None: one field.
+        field_tables: with ``blocks``, a hashed table per field (True, the authors') or one hashed table shared by
+            every field (False; importance is still normalised per field, no field is kept full).
 
     Example::
 
@@ -472,6 +484,7 @@ class CAFEEmbedding(_CAFE):
         sketch_slots_per_row: float = 4,
         merge_on_demote: bool = False,
         blocks: Sequence[int] | None = None,
+        field_tables: bool = True,
         seed: int = 0,
         mode: str = "sum",
         sparse: bool = False,
@@ -482,7 +495,7 @@ class CAFEEmbedding(_CAFE):
         super().__init__(
             num_embeddings, embedding_dim, levels=1, compression=compression, num_params=num_params,
             hash_rate=hash_rate, threshold=threshold, tuning=tuning, importance=importance, decay=decay,
-            sketch_slots_per_row=sketch_slots_per_row, merge_on_demote=merge_on_demote, blocks=blocks, seed=seed,
+            sketch_slots_per_row=sketch_slots_per_row, merge_on_demote=merge_on_demote, blocks=blocks, field_tables=field_tables, seed=seed,
             mode=mode, sparse=sparse, name=name, init=init, device=device,
         )
 
@@ -527,6 +540,7 @@ class MultiLevelCAFEEmbedding(_CAFE):
         sketch_slots_per_row: float = 4,
         merge_on_demote: bool = False,
         blocks: Sequence[int] | None = None,
+        field_tables: bool = True,
         seed: int = 0,
         mode: str = "sum",
         sparse: bool = False,
@@ -538,6 +552,6 @@ class MultiLevelCAFEEmbedding(_CAFE):
             num_embeddings, embedding_dim, levels=2, compression=compression, num_params=num_params,
             hash_rate=hash_rate, threshold=threshold, tuning=tuning, importance=importance, decay=decay,
             sketch_slots_per_row=sketch_slots_per_row, merge_on_demote=merge_on_demote,
-            medium_fraction=medium_fraction, hash_split=hash_split, blocks=blocks, seed=seed, mode=mode,
-            sparse=sparse, name=name, init=init, device=device,
+            medium_fraction=medium_fraction, hash_split=hash_split, blocks=blocks, field_tables=field_tables, seed=seed,
+            mode=mode, sparse=sparse, name=name, init=init, device=device,
         )
