@@ -294,9 +294,10 @@ class _CAFE(AdaptiveEmbedding):
         """Each id's field (0 for every id of one vocabulary)."""
         return torch.searchsorted(self.field_starts[1:-1], ids, right=True)
 
-    def _shared_row(self, ids: Tensor, level: int) -> Tensor:
-        """The row ``ids`` read at ``level`` when not hot: their field's hashed row, or their own in a full field."""
-        field = self._fields(ids)
+    def _shared_row(self, ids: Tensor, level: int, field: Tensor | None = None) -> Tensor:
+        """The row ``ids`` read at ``level`` when not hot: their field's hashed row, or their own in a full field
+        (``field``: the ids' fields, when already known)."""
+        field = self._fields(ids) if field is None else field
         rows, start = self.field_rows[level, field], self.field_offsets[level, field]
         bucket = hash_high32(ids, self.hashes[level].coefficients).squeeze(-1).mul_(rows).bitwise_right_shift_(32)
         if not self._has_full_fields:
@@ -307,10 +308,11 @@ class _CAFE(AdaptiveEmbedding):
         """:meth:`_route` in torch ops, reading the sketch where it lives (with the weights: no trip to the host)."""
         score, hot = self.sketch.query(ids)
         hot = hot.long()
-        first = torch.where(hot >= 0, hot, self._shared_row(ids, 0))
+        field = self._fields(ids)
+        first = torch.where(hot >= 0, hot, self._shared_row(ids, 0, field))
         if self.levels == 1:
             return first.unsqueeze(-1), None
-        second = self._shared_row(ids, 1)
+        second = self._shared_row(ids, 1, field)
         medium = (hot < 0) & (score >= self.medium_fraction * self.threshold)
         return torch.stack([first, second], -1), torch.stack([torch.ones_like(score), medium.to(score.dtype)], -1)
 
