@@ -9,7 +9,8 @@ from compemb import BudgetError, make_embedding
 from compemb.embeddings.adaptive import reset_optimizer_rows
 from compemb.embeddings.cafe.embedding import MIN_HOT_ROWS, _hot_candidates_torch
 from compemb.embeddings.cafe.kernels import hot_candidates
-from compemb.embeddings.cafe.settings import SMALL_BUDGET_ROWS, SMALL_BUDGET_SETTINGS, default_settings, paper_defaults
+from compemb.embeddings.cafe.settings import (PER_FIELD_SMALL_BUDGET_SETTINGS, SMALL_BUDGET_ROWS, SMALL_BUDGET_SETTINGS,
+                                              default_settings, paper_defaults)
 from compemb.embeddings.id_map import search_rows, search_rows_torch
 
 N = 100_000
@@ -496,6 +497,29 @@ def test_shared_cafe_meets_10000x_of_kaggle_with_every_field_hashed():
         table = make_embedding(name, sum(sizes), 16, num_params=5_402, blocks=sizes)
         assert abs(table.memory().total - 5_402 * 4) <= 0.01 * 5_402 * 4
         assert not bool(table.field_direct.any()) and bool((table.field_rows >= 1).all())
+        assert [int(table.field_rows[level].sum()) for level in range(table.levels)] == list(table.hashed_rows)
+
+
+def test_shared_cafe_defaults_follow_the_per_field_rule_and_leave_every_field_a_row():
+    """Below SMALL_BUDGET_ROWS the authors' layout takes its own settings, one hashed table the other rule; a budget
+    too small for the per-field rate still gives every field a hashed row per level and meets the budget."""
+    from compemb.data.synthetic import SyntheticConfig
+
+    sizes = SyntheticConfig(scale=0.1).cardinalities()
+    total = sum(sizes)
+    per_field = make_embedding("cafe", total, 16, compression=10_000, blocks=sizes)  # 337 rows
+    assert (per_field.hash_rate, per_field.threshold) == PER_FIELD_SMALL_BUDGET_SETTINGS
+    one_table = make_embedding("cafe", total, 16, compression=10_000, blocks=sizes, field_tables=False)
+    assert one_table.threshold == SMALL_BUDGET_SETTINGS[1]  # the rate, less what MIN_HOT_ROWS hot rows take
+    assert one_table.hot_rows == MIN_HOT_ROWS and 0.85 < one_table.hash_rate < SMALL_BUDGET_SETTINGS[0]
+    large = make_embedding("cafe", total, 16, compression=1_000, blocks=sizes)  # 3,376 rows: the paper's entry
+    assert (large.hash_rate, large.threshold) == paper_defaults(1_000)
+    # 169 or 112 rows: 0.1 of them is fewer rows than fields (cafe-ml: on two levels)
+    for name, compression in (("cafe", 20_000), ("cafe", 30_000), ("cafe-ml", 20_000)):
+        table = make_embedding(name, total, 16, compression=compression, blocks=sizes)
+        budget = total * 16 * 4 / compression
+        assert abs(table.memory().total - budget) <= 0.01 * budget
+        assert bool((table.field_rows >= 1).all()) and table.hash_rate > PER_FIELD_SMALL_BUDGET_SETTINGS[0]
         assert [int(table.field_rows[level].sum()) for level in range(table.levels)] == list(table.hashed_rows)
 
 

@@ -137,9 +137,12 @@ class _CAFE(AdaptiveEmbedding):
         self._start_recording(importance)
         budget = resolve_budget(num_embeddings, embedding_dim, compression=compression, num_params=num_params)
         ratio = budget_ratio(budget, self.num_embeddings, self.embedding_dim)
+        if not isinstance(field_tables, bool):
+            raise ValueError(f"{self.method_name}: field_tables must be True or False, got {field_tables!r}")
         try:
             default_rate, default_threshold = default_settings(
-                ratio, tuning, rows=budget.num_bytes / (self.embedding_dim * FLOAT_BYTES))
+                ratio, tuning, rows=budget.num_bytes / (self.embedding_dim * FLOAT_BYTES),
+                per_field=blocks is not None and field_tables)
         except ValueError as error:
             raise ValueError(f"{self.method_name}: {error}") from None
         self.tuning = tuning
@@ -157,8 +160,6 @@ class _CAFE(AdaptiveEmbedding):
         self.medium_fraction, self.hash_split = float(medium_fraction), float(hash_split)
         self.sketch_slots_per_row, self.decay = float(sketch_slots_per_row), float(decay)
         d = self.embedding_dim
-        if not isinstance(field_tables, bool):
-            raise ValueError(f"{self.method_name}: field_tables must be True or False, got {field_tables!r}")
         self.field_tables = field_tables
         fields = self._plan_fields(blocks, ratio, budget.num_bytes)
         self.blocks = None if blocks is None else [int(n) for n in blocks]
@@ -168,6 +169,12 @@ class _CAFE(AdaptiveEmbedding):
         hash_bytes = coefficient_bytes(levels)
         sketch_fixed = HotSketch.bytes_for(0)
         fixed = hash_bytes + field_bytes + full_ids * d * FLOAT_BYTES
+        # every hashed table needs a row per level (cafe-ml's second level holds 1 - hash_split of the hashed rows)
+        tables = sum(not full for _, full in fields) if self.field_tables else 1
+        least_hashed = tables if levels == 1 else math.ceil(tables / min(self.hash_split, 1 - self.hash_split))
+        if hash_rate is None:  # the default rate leaves every hashed table at least one row per level
+            needed = (least_hashed + 1) * d * FLOAT_BYTES / max(1, budget.num_bytes - fixed)
+            self.hash_rate = max(self.hash_rate, min(needed, 0.99))
         # hot rows and the sketch share (1 - hash_rate) of the budget (after the fields kept full), sized together
         per_row = row_bytes + self.sketch_slots_per_row * SLOT_BYTES
         self.hot_rows = max(1, int(((1 - self.hash_rate) * (budget.num_bytes - fixed) - sketch_fixed) // per_row))
@@ -194,7 +201,7 @@ class _CAFE(AdaptiveEmbedding):
         if self.merge_on_demote:
             self.register_buffer("start", torch.empty(self.hot_rows, d, device=device))
         self._mass_seen: float | None = None  # the sketch's decay mass after the last update
-        smallest = row_bytes + HotSketch.bytes_for(1) + fixed + levels * d * FLOAT_BYTES
+        smallest = row_bytes + HotSketch.bytes_for(1) + fixed + max(levels, least_hashed) * d * FLOAT_BYTES
         self._finish(budget, seed, math.ceil(smallest / FLOAT_BYTES), every_budget_from(d, smallest))
 
     def _plan_fields(self, blocks: Sequence[int] | None, ratio: float | None, budget_bytes: int
