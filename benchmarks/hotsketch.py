@@ -4,10 +4,11 @@ Batches of 4,096 IDs drawn from Zipf(1.1) over 1M IDs (relabelled at random, so 
 integers) go into a sketch of 100k buckets x 4 slots: ``insert`` with float scores (CAFE's gradient norms),
 ``insert`` in frequency mode (no scores), and ``query``. Each round times one pass over all batches; the rate is
 the median over rounds, after a warm-up pass (numba compilation and first-touch page faults stay out of it).
-``--backend torch`` times the torch ops (the device path) instead of the compiled kernels, and ``--device cuda``
+``--backend merge`` times the vectorised merge (the device path's insert), ``--backend torch`` the sequential torch
+ops (its reference) instead of the compiled kernels, and ``--device cuda``
 runs them on a GPU (the output then gains the backend and device in its name).
 
-    python benchmarks/hotsketch.py [--rounds 7] [--batches 128] [--backend auto|torch] [--device cpu|cuda]
+    python benchmarks/hotsketch.py [--rounds 7] [--batches 128] [--backend auto|torch|merge] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -67,7 +68,9 @@ def run(rounds: int, num_batches: int, batch_size: int, num_ids: int, num_bucket
         "settings": {
             "rounds": rounds, "batches": num_batches, "batch_size": batch_size, "num_ids": num_ids,
             "num_buckets": num_buckets, "slots": 4, "zipf": 1.1, "seed": seed, "sketch_bytes": sketch.memory().total,
-            "backend": "compiled" if sketch._compiled else "torch ops", "device": str(sketch.keys.device),
+            "backend": "compiled" if sketch._compiled else ("vectorised merge" if sketch._merges else
+                                                             "torch ops, sequential rounds"),
+            "device": str(sketch.keys.device),
             "torch": torch.__version__, "numba": numba.__version__, "threads": torch.get_num_threads(),
             "machine": platform.machine(), "date": datetime.date.today().isoformat(),
         },
@@ -103,7 +106,7 @@ def main() -> None:
     parser.add_argument("--num-ids", type=int, default=1_000_000)
     parser.add_argument("--buckets", type=int, default=100_000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--backend", choices=["auto", "torch"], default="auto")
+    parser.add_argument("--backend", choices=["auto", "torch", "merge"], default="auto")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from compemb.kernels import on_host
+
 
 @numba.njit(nogil=True, cache=True)
 def _scan(offsets: np.ndarray, num_ids: int, ids: np.ndarray, want_range: bool) -> tuple[int, int, int, int]:
@@ -34,7 +36,7 @@ def scan_bags(ids: Tensor, offsets: Tensor, want_range: bool) -> tuple[int, int,
     The smallest bag size is negative when offsets decrease or the last one is beyond the ids. ``ids`` and
     ``offsets`` are 1-D int64 and ``offsets`` is not empty.
     """
-    if ids.device.type == "cpu" and offsets.device.type == "cpu":
+    if on_host(ids, offsets):
         first, smallest, low, high = _scan(offsets.numpy(), ids.numel(), ids.numpy(), want_range)
         return int(first), int(smallest), int(low), int(high)
     return scan_bags_torch(ids, offsets, want_range)
@@ -52,7 +54,7 @@ def scan_bags_torch(ids: Tensor, offsets: Tensor, want_range: bool) -> tuple[int
 
 def id_range(ids: Tensor) -> tuple[int, int]:
     """The smallest and largest of non-empty int64 ``ids`` (any shape)."""
-    if ids.device.type == "cpu":
+    if on_host(ids):
         flat = ids.reshape(-1)
         _, _, low, high = _scan(np.zeros(1, dtype=np.int64), 0, flat.numpy(), True)
         return int(low), int(high)
@@ -66,4 +68,16 @@ def assert_ids_in_range(ids: Tensor, sizes: Tensor | int, what: str) -> None:
     surfaces at the next synchronisation (on CPU at once) and names ``what``, not the id: finding the id would be
     the wait the assert avoids."""
     inside = ((ids >= 0) & (ids < sizes)).all()
-    torch._assert_async(inside, f"compemb: an id of {what} is outside its range [0, n)")
+    torch._assert_async(inside, device_assert_message(f"compemb: an id of {what} is outside its range [0, n)"))
+
+
+# CUDA refuses a device-side assert whose message has 255 characters or more (a RuntimeError at the call)
+MAX_DEVICE_MESSAGE = 254
+
+
+def device_assert_message(message: str) -> str:
+    """``message`` cut to what a device-side assert accepts (:data:`MAX_DEVICE_MESSAGE` characters), ``...`` marking
+    the cut: whatever names it holds (26 features' tables, say), the assert itself never fails."""
+    if len(message) <= MAX_DEVICE_MESSAGE:
+        return message
+    return message[: MAX_DEVICE_MESSAGE - 3] + "..."

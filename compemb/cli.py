@@ -184,6 +184,7 @@ def _train_config(args: argparse.Namespace, out: str, compression: float | None 
         eval_every=args.eval_every, evals_per_epoch=args.evals_per_epoch, seed=args.seed, init=args.init,
         sharing=args.sharing, shuffle=args.shuffle, method_options=options, checkpoint_every=args.checkpoint_every,
         checkpoint_minutes=args.checkpoint_minutes, compile=args.compile, device=args.device,
+        kernels=args.kernels,
     )
 
 
@@ -223,6 +224,25 @@ def cmd_bench_trainer(args: argparse.Namespace) -> int:
     result = measure_trainer_overhead(_train_config(args, args.out), rounds=args.rounds, steps=args.steps)
     print(write_overhead(result, args.output))
     print(f"written: {args.output}.md and {args.output}.json")
+    return 0
+
+
+def cmd_bench_syncs(args: argparse.Namespace) -> int:
+    """Host waits per training step of each method on the device code path (and on CUDA the real syncs)."""
+    from compemb import METHODS
+    from compemb.bench.syncs import format_syncs, measure_syncs
+    from compemb.io import atomic_write_text
+
+    methods = list(METHODS) if args.methods == "all" else args.methods.split(",")
+    rows = measure_syncs(_train_config(args, "unused"), methods, warmup=args.warmup, steps=args.steps)
+    where = "CUDA" if args.device.startswith("cuda") else "CPU with kernels='torch' (the CUDA code path)"
+    text = (f"Host waits per training step ({where}; {args.steps} steps after {args.warmup}, steps that cluster or "
+            f"reallocate left out; batch {args.batch_size:,}, ratio {args.compression:g}, sharing {args.sharing}; "
+            f"command: compemb bench syncs).\n\n" + format_syncs(rows))
+    print(text)
+    if args.output:
+        atomic_write_text(f"{args.output}.md", text)
+        print(f"written: {args.output}.md")
     return 0
 
 
@@ -267,6 +287,8 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="where to train: cpu, cuda, cuda:1 (default: cpu)")
     parser.add_argument("--compile", action="store_true",
                         help="train through torch.compile (MLPs and interaction compiled; needs a C++ compiler)")
+    parser.add_argument("--kernels", choices=("auto", "torch"), default="auto",
+                        help="auto: compiled kernels on CPU, torch ops on a GPU; torch: the GPU's code path on CPU too")
 
 
 def _add_cluster_every(parser: argparse.ArgumentParser) -> None:
@@ -474,6 +496,15 @@ def build_parser() -> argparse.ArgumentParser:
     overhead.add_argument("--out", default="runs/trainer_overhead", help="the trainer's run directory")
     overhead.add_argument("--output", default="benchmarks/results/trainer", help="results file stem")
     overhead.set_defaults(run=cmd_bench_trainer)
+    syncs = benches.add_parser("syncs", help="host waits per training step of every method (the device code path)")
+    _add_training_arguments(syncs)
+    syncs.add_argument("--methods", default="all", help="comma-separated registry names, or 'all'")
+    syncs.add_argument("--compression", type=float, default=100, help="the ratio of every compressed method")
+    syncs.add_argument("--seed", type=int, default=0, help="seeds the model")
+    syncs.add_argument("--warmup", type=int, default=5, help="steps before counting")
+    syncs.add_argument("--steps", type=int, default=30, help="steps counted")
+    syncs.add_argument("--output", default=None, help="write OUTPUT.md")
+    syncs.set_defaults(run=cmd_bench_syncs)
     quality = benches.add_parser("quality", help="train every method at every ratio; table and plots")
     _add_training_arguments(quality)
     quality.add_argument("--methods", default="all", help="comma-separated names, or 'all'; options as NAME:KEY=VALUE:KEY=VALUE (e.g. cce:accounting=paper); NAME+int8 / +int4 / +pq: trained, then quantized")

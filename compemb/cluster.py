@@ -415,3 +415,66 @@ def _accumulate(x, labels, sums, squares, counts):  # noqa: ANN001, ANN202
             v = np.float64(x[i, a])
             sums[j, a] += v
             squares[j] += v * v
+
+
+# --- on the points' own device (a GPU run's clustering) -----------------------------------------------------
+
+
+def nearest_torch(points: Tensor, centroids: Tensor, block: int = TORCH_BLOCK) -> tuple[Tensor, Tensor]:
+    """Exact nearest centroid of each point, in torch ops on the points' device: (labels int64, squared distances
+    float32), at most ``block`` distances at a time. Distances are |x - c|^2 computed exactly for the winner."""
+    k = centroids.shape[0]
+    c_sq = centroids.square().sum(1)
+    step = max(1, block // k)
+    labels = torch.cat([torch.addmm(c_sq, points[start : start + step], centroids.T, alpha=-2).argmin(1)
+                        for start in range(0, points.shape[0], step)])
+    distances = (points - centroids[labels]).square().sum(1)
+    return labels, distances
+
+
+def kmeans_torch(points: Tensor, k: int, *, niter: int = 50, max_points_per_centroid: int = 256,
+                 seed: int = 0) -> KMeansResult:
+    """Exact Lloyd's k-means in torch ops on ``points``' device: CCE's clustering where the tables live on a GPU
+    (faiss-gpu is not installable everywhere; the graph search of :func:`kmeans` is a CPU kernel).
+
+    The same sample rule and seeding as :func:`kmeans` (``max_points_per_centroid * k`` uniform points, k of them as
+    the first centroids, a CPU generator seeded by ``seed``), every assignment exact; empty clusters are refilled by
+    splitting the largest clusters (one each, perturbed by faiss's relative epsilon). Stops once no label changes.
+    Not bit-identical to :func:`kmeans` (another search and summation order).
+    """
+    if points.dim() != 2 or points.shape[0] == 0:
+        raise ValueError(f"points must be a non-empty 2-D (n, d) tensor, got shape {tuple(points.shape)}")
+    if not bool(torch.isfinite(points).all()):
+        raise ValueError("points hold non-finite values")
+    x = points.detach().float()
+    n, device = x.shape[0], x.device
+    if n <= k:  # nothing to cluster: every point is its own centroid
+        return KMeansResult(x[torch.arange(k, device=device) % n].clone(), torch.arange(n, device=device), None, 0.0)
+    generator = torch.Generator().manual_seed(seed)
+    sample = None
+    if n > max_points_per_centroid * k:
+        sample = torch.randperm(n, generator=generator)[: max_points_per_centroid * k].sort().values.to(device)
+        x = x[sample]
+    centroids = x[torch.randperm(x.shape[0], generator=generator)[:k].to(device)].clone()
+    labels, distances = nearest_torch(x, centroids)
+    objective = [float(distances.double().mean())]
+    iterations = 0
+    for _ in range(niter):
+        iterations += 1
+        counts = torch.zeros(k, dtype=torch.int64, device=device).index_add_(0, labels, torch.ones_like(labels))
+        sums = torch.zeros(k, x.shape[1], dtype=torch.float64, device=device).index_add_(0, labels, x.double())
+        full = counts > 0
+        centroids = torch.where(full.unsqueeze(1), (sums / counts.clamp_min(1).unsqueeze(1)).float(), centroids)
+        empty = (~full).nonzero().squeeze(1)
+        if empty.numel():  # each empty cluster takes half of one of the largest (faiss's split, deterministic)
+            donors = torch.argsort(counts, descending=True, stable=True)[: empty.numel()]
+            sign = torch.where(torch.arange(x.shape[1], device=device) % 2 == 0, 1.0, -1.0)
+            delta = SPLIT_EPS * sign * (centroids[donors].abs() + 1e-12)
+            centroids[empty], centroids[donors] = centroids[donors] + delta, centroids[donors] - delta
+        new_labels, distances = nearest_torch(x, centroids)
+        objective.append(float(distances.double().mean()))
+        changed = bool((new_labels != labels).any())
+        labels = new_labels
+        if not changed and not empty.numel():
+            break
+    return KMeansResult(centroids, labels, sample, objective[-1], objective[1:], iterations)

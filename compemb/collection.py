@@ -42,6 +42,7 @@ from compemb.budget import (
 )
 from compemb.checks import assert_ids_in_range
 from compemb.embeddings.base import CompressedEmbedding
+from compemb.kernels import device_path
 from compemb.registry import get_method, make_embedding
 from compemb.table_batch import TableBatch
 
@@ -157,6 +158,7 @@ class EmbeddingCollection(torch.nn.Module):
         self.batch_tables = batch_tables
         self._groups: list[tuple[list[int], TableBatch | None]] = []
         self._groups_key: tuple[int, ...] = ()
+        self._group_tensors: tuple[Any, list[Tensor], Tensor | None] = (None, [], None)
         if sharing not in SHARING:
             raise ValueError(f"sharing must be one of {SHARING}, got {sharing!r}")
         if not features:
@@ -169,6 +171,7 @@ class EmbeddingCollection(torch.nn.Module):
         self.multi_hot = [i for i, f in enumerate(features) if f.pooling is not None]
         # output position of each feature when one-hot vectors come first and pooled bags after them
         self._order = torch.tensor(self.one_hot + self.multi_hot).argsort().tolist()
+        self._order_tensor: Tensor | None = None
         self.embedding_dim = embedding_dim
         self.method = method
         total = sum(f.num_embeddings for f in features)
@@ -286,7 +289,9 @@ class EmbeddingCollection(torch.nn.Module):
         vectors = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
         if self._order == sorted(self._order):
             return vectors
-        return vectors.index_select(1, torch.tensor(self._order, device=vectors.device))
+        if self._order_tensor is None or self._order_tensor.device != vectors.device:  # made once, not every step
+            self._order_tensor = torch.tensor(self._order, device=vectors.device)
+        return vectors.index_select(1, self._order_tensor)
 
     def pool(self, name: str, bags: Bags, batch: int | None = None, pooling: str | None = None) -> Tensor:
         """One vector per row of the feature ``name``'s bags, pooled by its ``pooling``: ``(batch, dim)``.
@@ -307,14 +312,14 @@ class EmbeddingCollection(torch.nn.Module):
         if len(offsets) == 0 or (batch is not None and len(offsets) != batch + 1):
             rows = "at least 1" if batch is None else batch + 1
             raise ValueError(f"{where}: bag offsets must have batch + 1 = {rows} entries, got {len(offsets)}")
-        if not offsets.is_cuda and int(offsets[-1]) != values.numel():  # the table checks the rest
+        if not device_path(offsets) and int(offsets[-1]) != values.numel():  # the table checks the rest
             raise ValueError(f"{where}: offsets[-1] = {int(offsets[-1])} is not the number of values "
                              f"{values.numel()}")
         if weights is not None and pooling != "sum":
             raise ValueError(f"{where}: per-id weights need sum pooling, not {pooling!r}")
         values = values.long()
         if self.sharing == "shared":
-            if values.is_cuda:
+            if device_path(values):
                 assert_ids_in_range(values, feature.num_embeddings, where)
             elif values.numel() and bool((bad := (values < 0) | (values >= feature.num_embeddings)).any()):
                 raise ValueError(f"{where}: id {int(values[bad][0])} is outside [0, {feature.num_embeddings})")
@@ -341,7 +346,7 @@ class EmbeddingCollection(torch.nn.Module):
             shape = None if ids is None else tuple(ids.shape)
             raise ValueError(f"ids must have shape (batch, {len(columns)}) for features {columns}, got {shape}")
         if self.sharing == "shared":
-            if ids.is_cuda:  # no host round trip per lookup: a device-side assert
+            if device_path(ids):  # no host round trip per lookup: a device-side assert
                 assert_ids_in_range(ids, self.one_hot_cardinalities, "the shared table's features")
             # an id past its feature's range would read the next feature's rows silently
             elif bool((bad := (ids < 0) | (ids >= self.one_hot_cardinalities)).any()):
@@ -358,15 +363,27 @@ class EmbeddingCollection(torch.nn.Module):
         groups = self._table_groups(tables)
         if len(groups) == 1 and groups[0][1] is not None:  # one method everywhere: one batch, columns in order
             return groups[0][1](ids)
+        columns, inverse = self._group_indices(groups, ids.device)
         parts = [
-            batch(ids[:, positions]) if batch is not None else tables[positions[0]](ids[:, positions[0]]).unsqueeze(1)
-            for positions, batch in groups
+            batch(ids.index_select(1, chosen)) if batch is not None
+            else tables[positions[0]](ids[:, positions[0]]).unsqueeze(1)
+            for (positions, batch), chosen in zip(groups, columns)
         ]
-        order = [position for positions, _ in groups for position in positions]
         vectors = torch.cat(parts, dim=1)
-        if order == sorted(order):
-            return vectors
-        return vectors.index_select(1, torch.tensor(order, device=ids.device).argsort())
+        return vectors if inverse is None else vectors.index_select(1, inverse)
+
+    def _group_indices(self, groups: list[tuple[list[int], TableBatch | None]],
+                       device: torch.device) -> tuple[list[Tensor], Tensor | None]:
+        """Each group's columns, and the permutation back to column order (None: already in order), as index
+        tensors on ``device``, made once per grouping: made from Python lists every step they would be a copy
+        from the host in every step."""
+        key = (self._groups_key, device)
+        if self._group_tensors[0] != key:
+            columns = [torch.tensor(positions, dtype=torch.int64, device=device) for positions, _ in groups]
+            order = [position for positions, _ in groups for position in positions]
+            inverse = None if order == sorted(order) else torch.tensor(order, device=device).argsort()
+            self._group_tensors = (key, columns, inverse)
+        return self._group_tensors[1], self._group_tensors[2]
 
     def _table_groups(self, tables: list[CompressedEmbedding]) -> list[tuple[list[int], TableBatch | None]]:
         """The table batches (compemb.table_batch), made again whenever a table has been replaced."""

@@ -34,18 +34,57 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from compemb.kernels import device_path
+
 ROW_STEPS = "row_steps"  # per-row update counts of a parameter with sparse gradients
 ROW_STEP_KEY = "row_reset_step"  # dense Adam: the step at which each row's state was reset; -1: never reset
 
 
 def unique_rows(grad: Tensor) -> tuple[Tensor, Tensor]:
     """The rows a sparse 2-D gradient names, ascending, and each one's summed gradient (``coalesce()``'s result,
-    several times faster on CPU: the sort runs on int32 row numbers where they fit)."""
+    several times faster on CPU: the sort runs on int32 row numbers where they fit).
+
+    On the device code path (:mod:`compemb.kernels`) the result has a fixed size instead, one slot per entry of
+    the gradient, so the host never waits to learn how many rows there are (see :func:`segment_rows`).
+    """
     indices, values = grad._indices()[0], grad._values()
+    if device_path(indices):
+        return segment_rows(indices, values)
     narrow = indices.int() if grad.shape[0] < 2**31 else indices
     rows, inverse = torch.unique(narrow, return_inverse=True)
     summed = values.new_zeros(rows.numel(), *values.shape[1:]).index_add_(0, inverse, values)
     return rows.long(), summed
+
+
+def segment_rows(indices: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`unique_rows` in fixed shapes: ``len(indices)`` slots, the distinct rows ascending in the first ones
+    with their summed values (summed in the entries' order, as ``unique_rows`` sums), every later slot a copy of
+    the last distinct one.
+
+    The copies make a row-wise update safe without knowing the count: a slot that repeats the last row computes
+    exactly its new values, so writing them back with ``index_copy_`` writes the same value twice (what fused
+    table-batched optimizers do with a padding row, without one). Sort, segment boundaries, a cumulative sum and
+    scatters: no op whose output size depends on the data.
+    """
+    if indices.numel() == 0:
+        return indices.long(), values
+    sorted_rows, order = torch.sort(indices, stable=True)  # stable: equal rows keep the entries' order
+    starts = torch.ones_like(sorted_rows, dtype=torch.bool)
+    starts[1:] = sorted_rows[1:] != sorted_rows[:-1]
+    segment = torch.cumsum(starts, 0) - 1  # each entry's slot
+    summed = values.new_zeros(values.shape).index_add_(0, segment, values.index_select(0, order))
+    rows = torch.empty_like(sorted_rows).scatter_(0, segment, sorted_rows)
+    slot = torch.minimum(torch.arange(segment.numel(), device=segment.device), segment[-1])  # past the last: the last
+    return rows.index_select(0, slot).long(), summed.index_select(0, slot)
+
+
+def _add_to_rows(param: Tensor, rows: Tensor, update: Tensor, alpha: float) -> None:
+    """``param[rows] += alpha * update``. Rows from :func:`segment_rows` may repeat the last one (with the same
+    update): those are written, not added, so the repeats change nothing."""
+    if device_path(rows):
+        param.index_copy_(0, rows, param.index_select(0, rows).add_(update, alpha=alpha))
+    else:
+        param.index_add_(0, rows, update, alpha=alpha)
 
 
 class _RowWise(torch.optim.Optimizer):
@@ -157,6 +196,15 @@ class _RowWise(torch.optim.Optimizer):
     def _new_param_scalars(self, state: dict[str, Any]) -> None:
         """Per-parameter scalars a packed table's state needs beside its rows (Adagrad's step)."""
 
+    def _next_step(self, param: Tensor, step: Tensor) -> float:
+        """Count a step in ``step`` (the state's tensor, as torch's optimizers keep it) and return the new count
+        from a host copy: read from the tensor only when it is not the one last counted (a load replaced it)."""
+        known = self.__dict__.setdefault("_host_steps", {}).get(param)
+        count = known[1] + 1 if known is not None and known[0] is step else float(step) + 1
+        step.fill_(count)
+        self._host_steps[param] = (step, count)
+        return count
+
 
 class RowAdam(_RowWise):
     """Adam with row-wise lazy updates for parameters whose gradients are sparse; see the module docstring.
@@ -196,7 +244,7 @@ class RowAdam(_RowWise):
         correction1 = (1 - beta1 ** steps.double()).to(param.dtype).view(shape)
         correction2 = (1 - beta2 ** steps.double()).sqrt().to(param.dtype).view(shape)
         update = (exp_avg / correction1) / (exp_avg_sq.sqrt() / correction2 + eps)
-        param.index_add_(0, rows, update, alpha=-lr)
+        _add_to_rows(param, rows, update, -lr)
 
     def _dense(self, param: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         (beta1, beta2), lr, eps = group["betas"], group["lr"], group["eps"]
@@ -205,8 +253,7 @@ class RowAdam(_RowWise):
             state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
         if "step" not in state:
             state["step"] = torch.zeros((), dtype=torch.float32)
-        state["step"] += 1
-        step = float(state["step"])
+        step = self._next_step(param, state["step"])
         state["exp_avg"].lerp_(param.grad, 1 - beta1)
         state["exp_avg_sq"].mul_(beta2).addcmul_(param.grad, param.grad, value=1 - beta2)
         reset_at = state.get(ROW_STEP_KEY)
@@ -264,7 +311,7 @@ class RowAdagrad(_RowWise):
             return
         sums = state["sum"][rows].addcmul_(values, values)
         state["sum"].index_copy_(0, rows, sums)
-        param.index_add_(0, rows, values / sums.sqrt().add_(group["eps"]), alpha=-group["lr"])
+        _add_to_rows(param, rows, values / sums.sqrt().add_(group["eps"]), -group["lr"])
 
     def _dense(self, param: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         if not state:

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from compemb.checks import assert_ids_in_range
 from compemb.hashing import hash_high32, hash_signs
+from compemb.kernels import device_path
 
 
 class TableBatch(Protocol):
@@ -192,8 +193,10 @@ def column_sizes(values: Sequence[int], device: torch.device) -> Tensor:
 def check_id_ranges(tables: Sequence[torch.nn.Module], ids: Tensor, sizes: Tensor) -> None:
     """Raise the table's own ValueError when an id of column j is outside ``[0, sizes[j])`` (closed vocabularies:
     a wrapped or shifted id would silently read another table's rows)."""
-    if ids.is_cuda:  # no host round trip per lookup: a device-side assert
-        assert_ids_in_range(ids, sizes, "a table batch of " + ", ".join(t._who() for t in tables))
+    if device_path(ids):  # no host round trip per lookup: a device-side assert
+        names = [t.name or str(position) for position, t in enumerate(tables)]
+        assert_ids_in_range(ids, sizes, f"a table batch of {len(tables)} {tables[0].method_name} tables "
+                                        f"({', '.join(names)})")
         return
     bad = (ids < 0) | (ids >= sizes)
     if bool(bad.any()):

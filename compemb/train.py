@@ -34,6 +34,7 @@ from compemb.data.dataset import Split, open_dataset
 from compemb.embeddings.adaptive import gather_pending, track_row_steps
 from compemb.embeddings.base import INITS, CompressedEmbedding
 from compemb.io import atomic_write_bytes, atomic_write_text
+from compemb.kernels import KERNELS, use_kernels
 from compemb.metrics import auc, bce
 from compemb.models import DCNv2, DLRM
 from compemb.optim import RowAdagrad, RowAdam
@@ -91,6 +92,9 @@ class TrainConfig:
     # EmbeddingCollection.forward); floats may round differently from eager, so it is part of the config
     compile: bool = False
     device: str = "cpu"  # where the model trains ("cuda", "cuda:1"): batches are copied there from pinned memory
+    # "auto": compiled kernels on CPU, torch ops on an accelerator; "torch": the accelerator's code path on CPU too
+    # (compemb.kernels; a sketch merges batches in its own order there, so it is part of the config)
+    kernels: str = "auto"
 
     def __post_init__(self) -> None:
         positive = {"embedding_dim": self.embedding_dim, "batch_size": self.batch_size, "epochs": self.epochs,
@@ -115,6 +119,8 @@ class TrainConfig:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if self.sharing not in SHARING:
             raise ValueError(f"sharing must be one of {SHARING}, got {self.sharing!r}")
+        if self.kernels not in KERNELS:
+            raise ValueError(f"kernels must be one of {KERNELS}, got {self.kernels!r}")
         if self.evals_per_epoch < 0 or self.eval_every < 0:
             raise ValueError("eval_every and evals_per_epoch must be >= 0")
         try:
@@ -212,7 +218,7 @@ class Trainer:
 
     def fit(self, stop_at: int | None = None) -> dict[str, Any]:
         """Train to the end (or to step ``stop_at``, as an interruption would); return the last evaluation."""
-        config, train = self.config, self.splits["train"]
+        config = self.config
         stop = self.total_steps if stop_at is None else min(stop_at, self.total_steps)
         adaptive = [m for m in self.model.modules() if isinstance(m, CompressedEmbedding)]
         for module in adaptive:  # schedules given as a fraction of the run (CCE's cluster_until) need its length
@@ -223,7 +229,7 @@ class Trainer:
         # calls _train_batch, in step order, so the batches are exactly those of a loop without it. On CPU the
         # thread would compete with torch's own for the cores: measured 0.935x the minimal loop against 1.012x
         with tqdm(total=stop, initial=self.step, desc=f"train {config.method}", unit="step",
-                  disable=self.rank != 0) as bar, \
+                  disable=self.rank != 0) as bar, use_kernels(config.kernels), \
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix="compemb-batches") as reader:
             started, samples, pausing_s = time.perf_counter(), 0, 0.0
             upcoming = reader.submit(self._prepared_batch, self.step) if self.prefetch and self.step < stop else None
@@ -232,25 +238,9 @@ class Trainer:
                 batch = upcoming.result() if upcoming is not None else self._prepared_batch(self.step)
                 if self.prefetch and self.step + 1 < stop:
                     upcoming = reader.submit(self._prepared_batch, self.step + 1)
-                dense, sparse, labels, bags = _unpack(self._to_device(batch), self.bags)
-                logits = self.train_model(dense, sparse, bags)
-                loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
                 global_rows = self._global_rows(self.step)
-                if self.world > 1:  # DDP averages over ranks: each rank's mean weighted by its share of the batch
-                    loss = loss * (len(labels) * self.world / global_rows)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                distributed.average_gradients(self._table_parameters)  # (one process: nothing to do)
-                self.optimizer.step()
-                gather_pending(adaptive)  # under torchrun: every table's recorded importance in one collective
-                for module in adaptive:
-                    module.on_step_end(self.step, self.optimizer)
-                self.step += 1
+                self.train_step(batch, adaptive)
                 samples += global_rows
-                if self.step > 1:
-                    self._running_loss.mul_(0.98).add_(loss.detach(), alpha=0.02)
-                else:
-                    self._running_loss.copy_(loss.detach())
                 if self.step % POSTFIX_EVERY == 0:  # formatting the postfix every step costs ~1% of a step
                     bar.set_postfix(loss=f"{self.running_loss:.4f}", refresh=False,
                                     samples_s=f"{samples / (time.perf_counter() - started - pausing_s):,.0f}")
@@ -272,6 +262,28 @@ class Trainer:
                     self._write_last()
         distributed.barrier()  # rank 0's checkpoints are written when any rank returns
         return result
+
+    def train_step(self, batch: tuple[torch.Tensor, ...], adaptive: list[CompressedEmbedding]) -> None:
+        """One step on a batch as :meth:`_prepared_batch` gives it: forward, backward, the optimizer's step, the
+        methods' own hooks (``adaptive``: the model's tables), the running loss. Nothing in it reads the device
+        back unless a method's algorithm must (``compemb bench syncs`` counts what does)."""
+        dense, sparse, labels, bags = _unpack(self._to_device(batch), self.bags)
+        logits = self.train_model(dense, sparse, bags)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
+        if self.world > 1:  # DDP averages over ranks: each rank's mean weighted by its share of the batch
+            loss = loss * (len(labels) * self.world / self._global_rows(self.step))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        distributed.average_gradients(self._table_parameters)  # (one process: nothing to do)
+        self.optimizer.step()
+        gather_pending(adaptive)  # under torchrun: every table's recorded importance in one collective
+        for module in adaptive:
+            module.on_step_end(self.step, self.optimizer)
+        self.step += 1
+        if self.step > 1:
+            self._running_loss.mul_(0.98).add_(loss.detach(), alpha=0.02)
+        else:
+            self._running_loss.copy_(loss.detach())
 
     def _checkpoint_due(self) -> bool:
         """A checkpoint between evaluations: every ``checkpoint_every`` steps, after ``checkpoint_minutes``, and at

@@ -486,3 +486,128 @@ def test_memory_counts_every_stored_byte():
     assert HotSketch(3, 2).memory().total == HotSketch.bytes_for(3, 2)
     with pytest.raises(ValueError, match="at least"):
         HotSketch.buckets_for(30, 4)
+
+
+# --- the vectorised merge (the device code path's insert) ----------------------------------------------------
+
+
+def reference_merge(sketch: HotSketch, ids: list[int], scores: list[float]) -> list[list[tuple]]:
+    """merge_insert's rule in plain loops: each bucket's slots afterwards as (id, np.float32 score, row) of the
+    occupied ones, best first where newcomers arrived. Scores are summed per id in batch order."""
+    a, b = sketch.coefficients[0].tolist()
+    summed: dict[int, np.float32] = {}
+    for x, s in zip(ids, scores):
+        summed[x] = np.float32(summed[x] + np.float32(s)) if x in summed else np.float32(s)
+    keys, table = sketch.keys.tolist(), sketch.scores.numpy().copy()
+    rows, used = sketch.hot_rows.tolist(), sketch.occupied.tolist()
+    result = []
+    for w in range(sketch.num_buckets):
+        residents = [[keys[w][j], table[w][j], rows[w][j], used[w][j]] for j in range(sketch.slots)]
+        newcomers = []
+        for x in sorted(summed):
+            if reference_hash(x, a, b, sketch.num_buckets) != w:
+                continue
+            slot = next((r for r in residents if r[3] and r[0] == x), None)
+            if slot is not None:
+                slot[1] = np.float32(slot[1] + summed[x])
+            else:
+                newcomers.append((x, summed[x]))
+        if not newcomers:  # a bucket no newcomer reaches keeps its slots where they are
+            result.append([(r[0], r[1], r[2]) for r in residents if r[3]])
+            continue
+        newcomers = sorted(newcomers, key=lambda item: -item[1])[: sketch.slots]  # stable: ties in id order
+        full = all(r[3] for r in residents)
+        occupied_scores = [r[1] for r in residents if r[3]]
+        lowest = min(range(sketch.slots), key=lambda j: residents[j][1] if residents[j][3] else np.inf)
+        closed = full and residents[lowest][2] >= 0
+        base = min(occupied_scores) if full else np.float32(0)
+        entries = [((np.inf if r[2] >= 0 else r[1]) if r[3] else -np.inf, (r[0], r[1], r[2]) if r[3] else None)
+                   for r in residents]
+        if not closed:
+            entries += [(np.float32(base + s), (x, np.float32(base + s), -1)) for x, s in newcomers]
+        kept = sorted(entries, key=lambda entry: -entry[0])[: sketch.slots]  # stable: residents win ties
+        result.append([slot for _, slot in kept if slot is not None])
+    return result
+
+
+def merged_buckets(sketch: HotSketch) -> list[list[tuple]]:
+    keys, table, rows, used = (sketch.keys.tolist(), sketch.scores.numpy(), sketch.hot_rows.tolist(),
+                               sketch.occupied.tolist())
+    return [[(keys[w][j], table[w][j], rows[w][j]) for j in range(sketch.slots) if used[w][j]]
+            for w in range(sketch.num_buckets)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.tuples(st.integers(0, 40), st.floats(0, 8, width=32)), min_size=1, max_size=30),
+                min_size=1, max_size=6), st.integers(0, 3))
+def test_the_merge_follows_its_rule_in_plain_loops(batches, seed):
+    """Every batch, every bucket, slot by slot: ids, float32 scores bit for bit, hot rows (some made hot)."""
+    sketch = HotSketch(3, 2, threshold=1e9, decay_factor=1.0, seed=seed, backend="merge")
+    for index, batch in enumerate(batches):
+        ids, scores = [x for x, _ in batch], [s for _, s in batch]
+        expected = reference_merge(sketch, ids, scores)
+        sketch.insert(torch.tensor(ids), torch.tensor(scores, dtype=torch.float32))
+        assert merged_buckets(sketch) == expected
+        if index == 1:  # make the best id of the sketch hot: it must never leave
+            best = sketch.keys.view(-1)[torch.where(sketch.occupied.view(-1), sketch.scores.view(-1), -1).argmax()]
+            sketch.set_hot(best.view(1), torch.tensor([7]))
+
+
+def test_the_merge_equals_the_sequential_sketch_where_no_bucket_overflows():
+    """With room in every bucket the order of entry cannot matter: the same ids and scores per bucket."""
+    generator = torch.Generator().manual_seed(0)
+    exact, merged = HotSketch(4096, decay_factor=1.0), HotSketch(4096, decay_factor=1.0, backend="merge")
+    for _ in range(5):
+        ids = torch.randint(0, 2000, (300,), generator=generator)
+        scores = torch.rand(300, generator=generator)
+        exact.insert(ids, scores)
+        merged.insert(ids, scores)
+    assert [sorted(b) for b in merged_buckets(exact)] == [sorted(b) for b in merged_buckets(merged)]
+    assert float(exact.mass) == float(merged.mass)
+
+
+@pytest.mark.parametrize("exponent", [1.1, 1.3])
+@pytest.mark.parametrize("num_buckets", [1, 8, 64, 512])
+def test_the_merge_finds_the_top_ids_as_well_as_the_exact_sketch(num_buckets, exponent):
+    """Recall of the true top ids on Zipf streams (as many ids as buckets): at least the exact sequential
+    sketch's minus 0.05 (measured: equal or better in every case here)."""
+    rng = np.random.default_rng(int(num_buckets * 10 + exponent * 10))
+    universe = 50_000
+    permutation = rng.permutation(universe)
+    counts = np.zeros(universe)
+    exact = HotSketch(num_buckets, threshold=1e9, decay_factor=1.0)
+    merged = HotSketch(num_buckets, threshold=1e9, decay_factor=1.0, backend="merge")
+    for _ in range(150):
+        draws = rng.zipf(exponent, 1024)
+        ids = permutation[draws[draws <= universe] - 1]
+        np.add.at(counts, ids, 1)
+        exact.insert(torch.from_numpy(ids))
+        merged.insert(torch.from_numpy(ids))
+    top = set(np.argsort(-counts, kind="stable")[:num_buckets].tolist())
+
+    def recall(sketch):
+        return len(top & set(sketch.keys[sketch.occupied].tolist())) / len(top)
+
+    assert recall(merged) >= recall(exact) - 0.05
+
+
+def test_the_merge_leaves_out_unkept_entries_and_fails_bad_scores_on_the_device():
+    sketch = HotSketch(16, backend="merge")
+    ids = torch.tensor([1, 2, 3, 2])
+    sketch.insert(ids, torch.ones(4), keep=torch.tensor([True, False, True, False]))
+    assert sorted(sketch.keys[sketch.occupied].tolist()) == [1, 3]
+    assert sketch.mass_since_decay() == 2.0
+    with pytest.raises(RuntimeError, match="negative, NaN or infinite"):
+        sketch.insert(torch.tensor([5]), torch.tensor([float("nan")]))
+
+
+def test_the_device_decay_matches_the_host_rule():
+    """A mass that stays on the device (a count of kept occurrences) decays the scores as the host rule would."""
+    host, device = HotSketch(2, threshold=1.0, decay_factor=0.5, backend="merge"), \
+        HotSketch(2, threshold=1.0, decay_factor=0.5, backend="merge")
+    ids = torch.arange(6)
+    for mass in (7.0, 30.0, 0.5, 45.0):
+        assert host.insert(ids, torch.ones(6), mass=mass) >= 0
+        assert device.insert(ids, torch.ones(6), mass=torch.tensor(mass, dtype=torch.float64)) == -1
+        torch.testing.assert_close(device.scores, host.scores)
+        assert float(device.mass) == pytest.approx(host.mass_since_decay())

@@ -117,3 +117,46 @@ def test_row_adagrad_equals_torch_adagrad(sparse):
     mine, theirs = optimizers[0].state[tables[0].weight], optimizers[1].state[tables[1].weight]
     torch.testing.assert_close(mine["sum"], theirs["sum"])
     assert float(mine["step"]) == float(theirs["step"]) == 6
+
+
+def test_segment_rows_holds_unique_rows_in_its_first_slots_and_repeats_the_last():
+    """The device path's fixed-size rows: the distinct rows and sums of ``unique_rows`` bit for bit, then copies."""
+    from compemb.optim import segment_rows, unique_rows
+
+    generator = torch.Generator().manual_seed(3)
+    indices = torch.randint(0, 40, (300,), generator=generator)
+    values = torch.randn(300, 5, generator=generator)
+    grad = torch.sparse_coo_tensor(indices.unsqueeze(0), values, (40, 5))
+    rows, summed = unique_rows(grad)
+    fixed_rows, fixed_summed = segment_rows(indices, values)
+    count = rows.numel()
+    assert fixed_rows.shape == (300,) and fixed_summed.shape == (300, 5)
+    assert torch.equal(fixed_rows[:count], rows) and torch.equal(fixed_summed[:count], summed)
+    assert torch.equal(fixed_rows[count:], rows[-1].expand(300 - count))
+    assert torch.equal(fixed_summed[count:], summed[-1].expand(300 - count, 5))
+
+
+@pytest.mark.parametrize("name", ["adam", "adagrad"])
+def test_the_device_code_path_updates_rows_exactly_as_the_cpu_path(name):
+    """kernels="torch" (fixed-size rows, written not added): the same weights and states, bit for bit."""
+    from compemb.kernels import use_kernels
+    from compemb.optim import RowAdagrad
+
+    make = (lambda params: RowAdam(params, lr=0.05)) if name == "adam" else (lambda params: RowAdagrad(params, lr=0.2))
+    results = []
+    for kernels in ("auto", "torch"):
+        torch.manual_seed(0)
+        table, layer = torch.nn.Embedding(30, 4, sparse=True), torch.nn.Linear(4, 1)
+        optimizer = make([*table.parameters(), *layer.parameters()])
+        generator = torch.Generator().manual_seed(1)
+        with use_kernels(kernels):
+            for _ in range(8):
+                ids = torch.randint(0, 12, (40,), generator=generator)  # many repeats
+                optimizer.zero_grad()
+                layer(table(ids)).pow(2).sum().backward()
+                optimizer.step()
+        results.append((table.weight.detach().clone(), layer.weight.detach().clone(),
+                        {k: v.clone() for k, v in optimizer.state[table.weight].items()}))
+    (table_a, layer_a, state_a), (table_b, layer_b, state_b) = results
+    assert torch.equal(table_a, table_b) and torch.equal(layer_a, layer_b)
+    assert state_a.keys() == state_b.keys() and all(torch.equal(state_a[k], state_b[k]) for k in state_a)

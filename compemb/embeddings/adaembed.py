@@ -8,6 +8,7 @@ ids without a row read a small hashed fallback table instead of one shared row (
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -111,6 +112,16 @@ class AdaEmbed(AdaptiveEmbedding):
         self.sorted_ids.fill_(NO_ID)
         self.sorted_rows.copy_(torch.arange(self.rows, dtype=torch.int32))
         self._pending = []
+        self._host_counts: tuple[int, float] | None = (0, 1.0)
+        self.reallocations = 0
+
+    def progress(self) -> dict[str, int]:
+        """How many reallocations this process has run."""
+        return {"reallocations": self.reallocations}
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._host_counts = None
 
     def memory(self) -> MemoryReport:
         """Rows as floats, the map and hash as index bytes, the per-id scores (and their scale) as sketch bytes."""
@@ -122,15 +133,23 @@ class AdaEmbed(AdaptiveEmbedding):
 
     @torch.no_grad()
     def _update(self, ids: Tensor, scores: Tensor | None, optimizer: torch.optim.Optimizer | None) -> None:
+        # the step count and scale are known on the host too (read from the buffers only after a load): deciding
+        # on them from the buffers would make a GPU host wait every step
+        if self._host_counts is None:
+            self._host_counts = (int(self.steps), float(self.scale))
+        steps, scale = self._host_counts[0] + 1, self._host_counts[1] / self.decay
         self.steps += 1
         self.scale /= self.decay  # decaying every score = scaling every new one up
         added = torch.ones(ids.shape, dtype=torch.float64, device=ids.device) if scores is None else scores.double()
         self.scores.index_add_(0, ids.to(self.scores.device), (added * self.scale).to(self.scores.dtype))
-        if float(self.scale) > 1e30:  # renormalise long before float32 overflows
-            self.scores.mul_(float(1 / self.scale))
+        if scale > 1e30:  # renormalise long before float32 overflows
+            self.scores.mul_(1 / scale)
             self.scale.fill_(1)
-        if int(self.steps) % self.interval == 0:
+            scale = 1.0
+        self._host_counts = (steps, scale)
+        if steps % self.interval == 0:
             self.reallocate(optimizer)
+            self.reallocations += 1
 
     @torch.no_grad()
     def reallocate(self, optimizer: torch.optim.Optimizer | None = None) -> None:

@@ -39,6 +39,7 @@ from torch import Tensor
 from compemb import distributed
 from compemb.budget import MemoryReport
 from compemb.embeddings.base import CompressedEmbedding
+from compemb.kernels import device_path
 from compemb.optim import ROW_STEP_KEY, RowAdam  # ROW_STEP_KEY: per-row step a row's Adam state was reset at
 
 IMPORTANCE = ("gradient", "frequency")
@@ -50,8 +51,12 @@ def _is_adam(optimizer: torch.optim.Optimizer) -> bool:
 
 
 @torch.no_grad()
-def reset_optimizer_rows(optimizer: torch.optim.Optimizer | None, param: Tensor, rows: Tensor) -> None:
+def reset_optimizer_rows(optimizer: torch.optim.Optimizer | None, param: Tensor, rows: Tensor,
+                         where: Tensor | None = None) -> None:
     """Give ``rows`` of ``param`` the optimizer state of a row that was never trained.
+
+    ``where`` (optional bools, ``rows``' shape): reset only those of ``rows`` (then ``rows`` must be distinct), in
+    fixed shapes, without reading anything back (the device code path's promotions).
 
     Every state tensor shaped like ``param`` (Adam's ``exp_avg``/``exp_avg_sq``/``max_exp_avg_sq``, Adagrad's
     ``sum``, momentum buffers), dense or sparse, gets those rows set to their initial value: zero, or Adagrad's
@@ -71,6 +76,8 @@ def reset_optimizer_rows(optimizer: torch.optim.Optimizer | None, param: Tensor,
     """
     if optimizer is None or rows.numel() == 0 or param not in optimizer.state:
         return
+    if where is not None and any(isinstance(v, Tensor) and v.is_sparse for v in optimizer.state[param].values()):
+        rows, where = rows[where], None  # sparse states (torch's SparseAdam) are rebuilt from the chosen rows
     state = optimizer.state[param]
     group = next(g for g in optimizer.param_groups if any(p is param for p in g["params"]))
     for key, value in list(state.items()):
@@ -86,14 +93,23 @@ def reset_optimizer_rows(optimizer: torch.optim.Optimizer | None, param: Tensor,
                 filled = torch.zeros(index.numel(), *value.shape[1:], dtype=value.dtype, device=value.device) + fill
                 state[key] = (state[key] + torch.sparse_coo_tensor(index.unsqueeze(0), filled, value.shape)).coalesce()
         else:
-            value.index_fill_(0, index, fill)
+            _fill_rows(value, index, fill, where)
     if "row_steps" in state:  # compemb.optim.RowAdam: the rows' own update counts restart too
-        state["row_steps"].index_fill_(0, rows.to(state["row_steps"].device, torch.long), 0.0)
+        _fill_rows(state["row_steps"], rows.to(state["row_steps"].device, torch.long), 0.0, where)
     if (_is_adam(optimizer) or isinstance(optimizer, RowAdam)) and "step" in state and param.dim() >= 1:
         track_row_steps(optimizer)  # torch's Adam: a hook corrects the rows; RowAdam's dense update reads them itself
         if ROW_STEP_KEY not in state:
             state[ROW_STEP_KEY] = torch.full((param.shape[0],), -1.0, device=param.device)
-        state[ROW_STEP_KEY].index_fill_(0, rows.to(param.device, torch.long), float(state["step"]))
+        _fill_rows(state[ROW_STEP_KEY], rows.to(param.device, torch.long), float(state["step"]), where)
+
+
+def _fill_rows(value: Tensor, index: Tensor, fill: float, where: Tensor | None) -> None:
+    """``value[index] = fill``, or only where ``where`` says (distinct ``index``: the others are written unchanged)."""
+    if where is None:
+        value.index_fill_(0, index, fill)
+        return
+    keep = where.to(value.device).view((-1,) + (1,) * (value.dim() - 1))
+    value.index_copy_(0, index, torch.where(keep, torch.full_like(value[:1], fill), value.index_select(0, index)))
 
 
 def track_row_steps(optimizer: torch.optim.Optimizer) -> None:
@@ -175,7 +191,16 @@ class AdaptiveEmbedding(CompressedEmbedding):
         raise NotImplementedError
 
     def _normalise(self, ids: Tensor, norms: Tensor) -> Tensor | None:
-        """One backward's gradient norms as scores of mean 1 over the batch (None: no signal in it)."""
+        """One backward's gradient norms as scores of mean 1 over the batch (None: no signal in it).
+
+        On the device code path the mean stays on the device: a batch without signal (zero or diverged norms)
+        scores 0 everywhere instead of being skipped: it adds to no score (in a sketch its new ids may still take
+        empty slots, at score 0).
+        """
+        if device_path(norms):
+            mean = norms.float().mean()
+            usable = torch.isfinite(mean) & (mean > 0)
+            return torch.where(usable, norms.float() / torch.where(usable, mean, 1.0), 0.0)
         mean = float(norms.mean())
         if not (math.isfinite(mean) and mean > 0):
             return None

@@ -22,6 +22,7 @@ from torch import Tensor
 from compemb.budget import Budget, MemoryReport, check_budget
 from compemb.checks import assert_ids_in_range, id_range, scan_bags
 from compemb.hashing import UniversalHash
+from compemb.kernels import device_path
 
 if TYPE_CHECKING:
     from compemb.table_batch import TableBatch
@@ -179,7 +180,7 @@ class CompressedEmbedding(torch.nn.Module, ABC):
         """Return ``ids`` as int64, or raise TypeError (not integers) / ValueError (out of range)."""
         ids = self._as_int64(ids, "ids")
         if not self.open_vocabulary and ids.numel() > 0:
-            if ids.is_cuda:  # no host round trip per lookup: a device-side assert
+            if device_path(ids):  # no host round trip per lookup: a device-side assert
                 assert_ids_in_range(ids, self.num_embeddings, self._who())
             else:
                 self._check_range(ids, *id_range(ids))

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from compemb.hashing import UniversalHash, bucket_of
+from compemb.kernels import on_host
 
 NO_ID = torch.iinfo(torch.int64).max  # free map entries: sorts after every id in [0, n)
 _NO_ROWS = np.empty(0, dtype=np.int32)
@@ -48,7 +49,7 @@ def _search_rows_kernel(ids, sorted_ids, sorted_rows, a, b, num_buckets, offset,
 def search_rows(ids: Tensor, sorted_ids: Tensor, sorted_rows: Tensor | None, hash_module: UniversalHash,
                 offset: int) -> Tensor:
     """Rows of ``ids``: found in ``sorted_ids`` -> ``sorted_rows`` (or the position), else ``offset + hash(id)``."""
-    if ids.is_cpu and not sorted_ids.is_meta:
+    if on_host(ids) and not sorted_ids.is_meta:
         out = torch.empty(ids.shape, dtype=torch.int64)
         a, b = (int(v) for v in hash_module.coefficients[0].tolist())
         _search_rows_kernel(ids.numpy(), sorted_ids.numpy(), _NO_ROWS if sorted_rows is None else sorted_rows.numpy(),

@@ -169,7 +169,9 @@ class MixedDimEmbedding(CompressedEmbedding):
         # route the ids block by block: one stable sort, a contiguous slice per block, then back to input order
         block = torch.bucketize(ids, self.block_starts, right=True) - 1
         order = torch.argsort(block, stable=True)
-        counts = torch.bincount(block, minlength=len(self.tables)).tolist()
+        # the one value the host needs: how many ids each block's table reads (one read back; bincount would be two)
+        counts = torch.zeros(len(self.tables), dtype=torch.int64, device=ids.device).index_add_(
+            0, block, torch.ones_like(block)).tolist()
         local = (ids - self.block_starts[block])[order]
         pieces = [table.lookup(part) for table, part in zip(self.tables, local.split(counts)) if part.numel()]
         if not pieces:

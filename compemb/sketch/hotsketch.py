@@ -31,6 +31,7 @@ from torch import Tensor
 
 from compemb.budget import MemoryReport
 from compemb.hashing import MAX_BUCKETS, bucket_of, coefficient_bytes, hash_coefficients
+from compemb.kernels import on_host
 from compemb.sketch import torch_ops
 
 SKETCH_STREAM = 0x48534B  # "HSK": a stream of its own, independent of a parent's hashes of the same seed
@@ -40,7 +41,9 @@ STATE_BYTES = 8  # the float64 mass inserted since the last decay
 
 _NO_SCORES = np.empty(0, dtype=np.float32)  # the kernel's scores argument in frequency mode
 _MAX_ROW = 2**31 - 1
-BACKENDS = ("auto", "torch")  # auto: compiled kernels on CPU, torch ops elsewhere; torch: torch ops everywhere
+# auto: compiled kernels on the host, the vectorised merge on the device path (compemb.kernels); torch: the sequential
+# algorithm in torch ops anywhere (the compiled kernels' reference on a device); merge: the vectorised merge anywhere
+BACKENDS = ("auto", "torch", "merge")
 # the state, in the order the kernels take it
 _BUFFERS = {
     "keys": torch.int64,
@@ -404,7 +407,12 @@ class HotSketch(torch.nn.Module):
     @property
     def _compiled(self) -> bool:
         """Whether the compiled CPU kernels run this sketch (else torch ops)."""
-        return self.backend == "auto" and self.keys.is_cpu
+        return self.backend == "auto" and on_host(self.keys)
+
+    @property
+    def _merges(self) -> bool:
+        """Whether inserts are the vectorised merge (:func:`compemb.sketch.torch_ops.merge_insert`)."""
+        return self.backend == "merge" or (self.backend == "auto" and not on_host(self.keys))
 
     @torch.no_grad()
     def reset(self) -> None:
@@ -474,9 +482,10 @@ class HotSketch(torch.nn.Module):
     # --- scores --------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def insert(self, ids: Tensor, scores: Tensor | None = None, mass: float | None = None) -> int:
+    def insert(self, ids: Tensor, scores: Tensor | None = None, mass: float | Tensor | None = None,
+               keep: Tensor | None = None) -> int:
         """Add ``scores`` to ``ids`` (frequency mode when ``scores`` is None: 1 per occurrence); returns how many
-        decays the batch set off (0 almost always).
+        decays the batch set off (0 almost always), or -1 where the host does not know (see below).
 
         The batch is applied as a whole: the scores of a repeated ID are summed (in float32, in batch order),
         then the distinct IDs are applied one after another in order of their first occurrence. Afterwards,
@@ -489,7 +498,15 @@ class HotSketch(torch.nn.Module):
             mass: what the batch counts towards the decay (default: the sum of its scores). Scores normalised to
                 mean 1 (CAFE's) pass the number of occurrences, which they sum to: a float sum lands on either
                 side of a period's end by rounding, and the decay would then depend on the order of additions
-                (one process or several, CPU or GPU).
+                (one process or several, CPU or GPU). A 0-dim tensor (a count that stays on the device) is
+                allowed with the vectorised merge: the decay is then decided on the device and -1 returned.
+            keep: optional bools of ``ids``' shape; entries where it is False are left out (a kept id must be
+                kept in all its occurrences).
+
+        With the vectorised merge (an accelerator, ``kernels="torch"``, ``backend="merge"``) the batch is merged
+        into each bucket at once (:func:`compemb.sketch.torch_ops.merge_insert`, which says how that differs
+        from applying the IDs one by one); bad scores fail a device-side assert (a RuntimeError when the device
+        next synchronises), and with ``mass`` given as a float, or frequency scores, nothing is read back.
 
         Raises:
             ValueError: shapes differ, or a score is negative, NaN or infinite (the sketch is left unchanged).
@@ -507,8 +524,25 @@ class HotSketch(torch.nn.Module):
             if not scores.dtype.is_floating_point:
                 raise TypeError(f"scores must be a floating-point tensor, got {scores.dtype}")
             scores = scores.detach().reshape(-1).to(self.keys.device, torch.float32)
-        if mass is not None and not (math.isfinite(mass) and mass >= 0):
+        if isinstance(mass, Tensor) and not self._merges:
+            mass = float(mass)
+        if mass is not None and not isinstance(mass, Tensor) and not (math.isfinite(mass) and mass >= 0):
             raise ValueError(f"mass must be finite and >= 0, got {mass!r}")
+        if keep is not None:
+            if not isinstance(keep, Tensor) or keep.shape != ids.shape or keep.dtype != torch.bool:
+                raise ValueError(f"keep must be a bool tensor of the shape of ids {tuple(ids.shape)}")
+            keep = keep.reshape(-1).to(self.keys.device)
+            if not self._merges:  # the exact paths take the kept entries only
+                flat_ids = ids.reshape(-1)[keep.to(ids.device)]
+                ids = flat_ids
+                scores = None if scores is None else scores[keep]
+                if self._compiled:
+                    _, id_array = _id_array(flat_ids)
+                else:
+                    flat_ids = _id_tensor(flat_ids, self.keys.device)
+                keep = None
+        if self._merges:
+            return self._insert_merge(flat_ids, scores, mass, keep)
         if not self._compiled:
             return self._insert_torch(flat_ids, scores, mass)
         score_array, unit = (_NO_SCORES, True) if scores is None else (scores.numpy(), False)
@@ -519,6 +553,59 @@ class HotSketch(torch.nn.Module):
             raise ValueError(f"scores must be finite and >= 0, got {float(score_array[bad])} at flat index {bad}")
         self._known_mass = float(mass_array[0])
         return int(periods)
+
+    def _insert_merge(self, ids: Tensor, scores: Tensor | None, counted: float | Tensor | None,
+                      keep: Tensor | None) -> int:
+        """:meth:`insert` as one vectorised merge; the decay mass is followed on the host while it is known."""
+        if scores is None:
+            values = torch.ones(ids.numel(), dtype=torch.float32, device=ids.device)
+            total: float | Tensor = float(ids.numel()) if keep is None else keep.sum(dtype=torch.float64)
+        else:
+            good = ((scores >= 0) & (scores < math.inf)).all()  # NaN fails both
+            torch._assert_async(good, "compemb: HotSketch.insert: a score is negative, NaN or infinite")
+            values = scores if keep is None else torch.where(keep, scores, 0.0)
+            total = values.double().sum()
+        torch_ops.merge_insert(ids, values, keep, self.keys, self.scores, self.hot_rows, self.occupied,
+                               self.coefficients)
+        counted = total if counted is None else counted
+        if isinstance(counted, Tensor):
+            return self._decay_on_device(counted)
+        before = self.mass_since_decay()  # read from the device only after a load
+        return self._decay_by(before + float(counted))
+
+    def _decay_on_device(self, counted: Tensor) -> int:
+        """The decay rule with the mass on the device (nothing read back); -1: the host does not know."""
+        limit, factor = self.decay_period, self.decay_factor
+        mass = self.mass[0] + counted.to(self.mass.dtype)
+        over = mass > limit
+        if factor < 1.0:
+            periods = torch.where(over, torch.ceil(mass / limit) - 1, 0.0)
+            scale = torch.pow(torch.tensor(factor, dtype=torch.float64, device=mass.device), periods)
+            self.scores.copy_((self.scores.double() * scale).float())
+            mass = torch.where(scale == 0, 0.0, mass - periods * limit)
+        else:
+            mass = torch.where(over, 0.0, mass)
+        self.mass.copy_(mass.reshape(1))
+        self._known_mass = None
+        return -1
+
+    def _decay_by(self, mass: float) -> int:
+        """The decay rule on the host, given the mass inserted since the last decay: scale the scores once for the
+        whole periods in it (exactly as the compiled kernel), store the rest; returns the number of periods."""
+        limit, factor, periods, scale = self.decay_period, self.decay_factor, 0, 1.0
+        if mass > limit:
+            if factor < 1.0:
+                while mass > limit and scale > 0.0:
+                    mass -= limit
+                    scale *= factor
+                    periods += 1
+            if scale == 0.0 or factor >= 1.0:
+                mass = 0.0
+            if scale != 1.0:
+                self.scores.copy_((self.scores.double() * scale).float())
+        self.mass.fill_(mass)
+        self._known_mass = mass
+        return periods
 
     def _insert_torch(self, ids: Tensor, scores: Tensor | None, counted: float | None = None) -> int:
         """:meth:`insert` in torch ops: one small read back to the host, then one set of ops per round."""
@@ -535,21 +622,7 @@ class HotSketch(torch.nn.Module):
             start += int(count)
             torch_ops.apply_round(unique_ids[chosen], unique_scores[chosen], buckets[chosen], self.keys,
                                   self.scores, self.hot_rows, self.occupied)
-        # decay, exactly as the compiled kernel does it
-        limit, factor, periods, scale = self.decay_period, self.decay_factor, 0, 1.0
-        if mass > limit:
-            if factor < 1.0:
-                while mass > limit and scale > 0.0:
-                    mass -= limit
-                    scale *= factor
-                    periods += 1
-            if scale == 0.0 or factor >= 1.0:
-                mass = 0.0
-            if scale != 1.0:
-                self.scores.copy_((self.scores.double() * scale).float())
-        self.mass.fill_(mass)
-        self._known_mass = mass
-        return periods
+        return self._decay_by(mass)  # exactly as the compiled kernel decays
 
     @torch.no_grad()
     def query(self, ids: Tensor) -> tuple[Tensor, Tensor]:
@@ -618,6 +691,17 @@ class HotSketch(torch.nn.Module):
         if first_absent >= 0:
             raise ValueError(f"id {int(ids[first_absent])} is not in the sketch: only present IDs can be made hot")
         self.hot_rows.view(-1)[where] = rows.to(torch.int32)
+
+    @torch.no_grad()
+    def set_hot_where(self, ids: Tensor, rows: Tensor, where: Tensor) -> None:
+        """:meth:`set_hot` for the ``where`` entries only, in fixed shapes (nothing read back): those ids must be
+        present, distinct and not hot; the others are left alone."""
+        at = torch_ops.locate(_id_tensor(ids, self.keys.device), self.keys, self.occupied, self.coefficients)
+        chosen = where.to(self.keys.device) & (at >= 0)
+        flat = self.hot_rows.view(-1)
+        # adding 0 where nothing is chosen leaves any slot (repeated or not) as it was
+        step = torch.where(chosen, rows.to(self.keys.device, torch.int32) - flat[at.clamp_min(0)], 0)
+        flat.index_put_((at.clamp_min(0),), step.to(torch.int32), accumulate=True)
 
     @torch.no_grad()
     def clear_hot(self, ids: Tensor) -> Tensor:

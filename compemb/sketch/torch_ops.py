@@ -113,3 +113,102 @@ def hot_below(keys: Tensor, table: Tensor, rows: Tensor, occupied: Tensor, thres
     """IDs (int64) and rows (int32) of the hot slots scoring below ``threshold``, in slot order."""
     chosen = (occupied & (rows >= 0) & (table < threshold)).view(-1)
     return keys.view(-1)[chosen], rows.view(-1)[chosen]
+
+
+def distinct_sums(ids: Tensor, values: Tensor, keep: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The distinct ``ids`` (ascending) with their summed ``values``, in fixed shapes: ``len(ids)`` slots, the
+    distinct ones first, then slots flagged invalid. Duplicates are summed in batch order (a stable sort), as the
+    compiled kernel sums them. ``keep`` (optional, ``ids``' shape): an id none of whose occurrences is kept is
+    flagged invalid too. Returns ``(distinct_ids, sums, valid)``; nothing is read back to the host."""
+    n = ids.numel()
+    sorted_ids, order = torch.sort(ids, stable=True)
+    starts = torch.ones_like(sorted_ids, dtype=torch.bool)
+    starts[1:] = sorted_ids[1:] != sorted_ids[:-1]
+    segment = torch.cumsum(starts, 0) - 1
+    sums = values.new_zeros(n).index_add_(0, segment, values.index_select(0, order))
+    distinct = torch.zeros_like(sorted_ids).scatter_(0, segment, sorted_ids)
+    valid = torch.arange(n, device=ids.device) <= segment[-1]
+    if keep is not None:
+        kept = torch.zeros(n, dtype=torch.int32, device=ids.device).index_add_(
+            0, segment, keep.reshape(-1).index_select(0, order).to(torch.int32))
+        valid &= kept > 0
+    return distinct, sums, valid
+
+
+def merge_insert(ids: Tensor, scores: Tensor, keep: Tensor | None, keys: Tensor, table: Tensor, rows: Tensor,
+                 occupied: Tensor, coefficients: Tensor) -> None:
+    """A batch into the sketch in a constant number of vectorised passes (in place), whatever the load per bucket.
+
+    A mergeable Space-Saving: the batch's distinct IDs and summed scores are a summary merged into each bucket's
+    ``c`` slots at once. A resident ID adds its score. The ``c`` best newcomers of a bucket (by score, ties by
+    ID) compete with its residents: a newcomer's estimate is its score plus the bucket's lowest score when the
+    bucket is full (it inherits the minimum, as in Space-Saving), its score alone while a slot is empty; the ``c``
+    highest of residents and newcomers stay (residents win ties, hot residents always stay, empty slots go first)
+    and a newcomer that stays scores its estimate. A bucket whose lowest slot is hot takes no newcomer, as in the
+    sequential sketch.
+
+    Where it differs from sequential Space-Saving (the compiled kernel): there, the newcomers of one bucket enter
+    one after another, each displacing the current minimum, so several small newcomers churn one slot, which ends
+    with their summed score under the last one's ID; here the best of them takes that slot with its own score
+    plus the minimum, and a strong newcomer may displace a resident above the minimum. ``keep`` (optional, the
+    shape of ``ids``) leaves out the entries where it is False. Scores must be finite and >= 0 (not checked here).
+    """
+    num_buckets, slots = keys.shape
+    n = ids.numel()
+    if n == 0:
+        return
+    device = ids.device
+    distinct, sums, valid = distinct_sums(ids, scores, keep)
+    bucket = buckets_of(distinct, coefficients, num_buckets)
+    # residents: add the batch's scores to the IDs already there (an add of 0 elsewhere changes nothing)
+    match = occupied[bucket] & (keys[bucket] == distinct.unsqueeze(-1)) & valid.unsqueeze(-1)
+    found = match.any(-1)
+    flat = bucket * slots + match.to(torch.uint8).argmax(-1)
+    table.view(-1).index_add_(0, flat, torch.where(found, sums, 0.0))
+    # newcomers: grouped by bucket, best first; the first `slots` of each bucket are its candidates
+    newcomer = valid & ~found
+    by_score = torch.argsort(-sums, stable=True)
+    grouping = torch.where(newcomer, bucket, num_buckets)[by_score]
+    by_bucket = torch.argsort(grouping, stable=True)
+    order = by_score[by_bucket]
+    sorted_bucket = grouping[by_bucket]
+    rank = torch.arange(n, device=device) - torch.searchsorted(sorted_bucket, sorted_bucket)
+    candidate = (rank < slots) & (sorted_bucket < num_buckets)
+    first = candidate & (rank == 0)
+    group = torch.cumsum(first, 0) - 1  # each bucket's row among the touched ones
+    groups = group[-1] + 1  # how many buckets take newcomers (stays on the device)
+    # one row per touched bucket, a padding row (n) for everything else
+    row = torch.where(candidate, group, n)
+    column = torch.where(candidate, rank, 0)
+    new_ids = torch.zeros(n + 1, slots, dtype=keys.dtype, device=device)
+    new_scores = torch.full((n + 1, slots), -_INF, dtype=table.dtype, device=device)
+    new_ids[row, column] = distinct[order]
+    new_scores[row, column] = torch.where(candidate, sums[order], -_INF)
+    target = torch.zeros(n + 1, dtype=torch.int64, device=device)
+    target[torch.where(first, group, n)] = sorted_bucket
+    # rows past the last touched bucket repeat it: they compute and write exactly its values
+    at = torch.minimum(torch.arange(n, device=device), (groups - 1).clamp_min(0))
+    new_ids, new_scores, target = new_ids[at], new_scores[at], target[at]
+    resident_keys, resident_scores = keys[target], table[target]
+    resident_rows, resident_used = rows[target], occupied[target]
+    full = resident_used.all(-1)
+    lowest_score, lowest = torch.where(resident_used, resident_scores, _INF).min(-1)
+    hot = resident_rows >= 0
+    closed = full & hot.gather(-1, lowest.unsqueeze(-1)).squeeze(-1)  # the lowest is hot: no newcomer enters
+    estimate = new_scores + torch.where(full, lowest_score, 0.0).unsqueeze(-1)
+    estimate = torch.where(closed.unsqueeze(-1) | (new_scores == -_INF), -_INF, estimate)
+    resident_rank = torch.where(resident_used, torch.where(hot, _INF, resident_scores), -_INF)
+    chosen = torch.sort(torch.cat([resident_rank, estimate], -1), dim=-1, descending=True, stable=True)[1][:, :slots]
+    entrant = chosen >= slots
+    from_resident = chosen.clamp_max(slots - 1)
+    from_newcomer = (chosen - slots).clamp_min(0)
+    pick = lambda resident, newcomer: torch.where(  # noqa: E731
+        entrant, newcomer.gather(-1, from_newcomer), resident.gather(-1, from_resident))
+    merged_keys = pick(resident_keys, new_ids)
+    merged_scores = pick(resident_scores, estimate)
+    merged_rows = torch.where(entrant, -1, resident_rows.gather(-1, from_resident))
+    merged_used = entrant | resident_used.gather(-1, from_resident)
+    keys.index_copy_(0, target, merged_keys)
+    table.index_copy_(0, target, merged_scores)
+    rows.index_copy_(0, target, merged_rows.to(rows.dtype))
+    occupied.index_copy_(0, target, merged_used)

@@ -573,3 +573,41 @@ def test_shared_cafe_with_one_hashed_table_for_every_field(name):
     low = int(table.field_offsets[0, 0])
     assert int(rows[:, 0].min()) >= low and int(rows[:, 0].max()) < low + table.hashed_rows[0]
     assert torch.equal(table._route(torch.arange(sum(sizes)))[0], table._route_torch(torch.arange(sum(sizes)))[0])
+
+
+# --- the device code path: the merged sketch, fixed-shape promotions and demotions ---------------------------
+
+
+@pytest.mark.parametrize("name", ["cafe", "cafe-ml"])
+def test_the_device_code_path_promotes_the_ids_the_host_path_promotes(name):
+    """kernels="torch" (what a GPU runs: the merged sketch, promotions and demotions in fixed shapes, nothing read
+    back) on a Zipf stream: the same hot ids in the same rows as the compiled path; for cafe the same weights bit
+    for bit (cafe-ml's medium ids read the merged sketch's scores, which may differ where a bucket overflowed)."""
+    from compemb.kernels import use_kernels
+
+    host = make_embedding(name, N, 8, compression=20, seed=18)
+    device = make_embedding(name, N, 8, compression=20, seed=18)
+    batches = zipf_batches(25, 1024, seed=19)
+    train(host, batches, torch.optim.Adam(host.parameters(), lr=0.01))
+    with use_kernels("torch"):
+        assert device.sketch._merges
+        train(device, batches, torch.optim.Adam(device.parameters(), lr=0.01))
+    assert len(hot_map(host)) > 20 and hot_map(host) == hot_map(device)
+    if name == "cafe":
+        assert torch.equal(host.weight, device.weight)
+
+
+@pytest.mark.parametrize("name", ["cafe", "cafe-ml"])
+def test_the_device_code_path_demotes_and_never_shares_a_row(name):
+    from compemb.kernels import use_kernels
+
+    module = make_embedding(name, N, 8, compression=50, decay=0.5, importance="frequency", seed=6, tuning="paper")
+    first, later = zipf_batches(40, 2048, seed=7), zipf_batches(80, 2048, seed=7, shift=5000)
+    with use_kernels("torch"):
+        train(module, first)
+        early = set(hot_map(module))
+        train(module, later)
+    late = hot_map(module)  # the owner map and the sketch agree (asserted inside)
+    assert len(set(late.values())) == len(late) and module.owned.sum() == len(late)
+    heavy_now = (true_counts(later[-20:]) >= 3 * module.threshold).nonzero().squeeze(-1).tolist()
+    assert set(heavy_now) <= set(late) and early - set(late)

@@ -515,3 +515,26 @@ def test_cluster_every_zero_never_clusters(data, tmp_path):
                  "--cluster-every", "0"]) == 0
     (line,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert line["clusterings"] == 0
+
+
+def test_clustering_on_the_device_code_path_runs_in_torch_and_matches_the_host_quality():
+    """kernels="torch": CCE's k-means runs where the tables are (torch ops); its inertia is within 10% of the host's."""
+    from compemb import make_embedding
+    from compemb.kernels import use_kernels
+
+    reports = []
+    for kernels in ("auto", "torch"):
+        module = make_embedding("cce-paper", 20_000, 16, compression=8, seed=3)
+        generator = torch.Generator().manual_seed(4)
+        optimizer = torch.optim.SGD(module.parameters(), lr=0.5)
+        with use_kernels(kernels):
+            for _ in range(20):
+                ids = torch.randint(0, 20_000, (512,), generator=generator)
+                loss = module(ids).sum(1).sub(1).square().mean()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            reports.append(module.cluster(optimizer))
+            assert module.rounds == 1 and torch.isfinite(module(torch.arange(100))).all()
+    host, device = reports
+    assert sum(device.inertia) <= 1.10 * sum(host.inertia)

@@ -60,6 +60,7 @@ from compemb.embeddings.base import CompressedEmbedding, init_uniform_
 from compemb.embeddings.cafe.kernels import cafe_rows, hot_candidates
 from compemb.embeddings.cafe.settings import budget_ratio, default_settings
 from compemb.hashing import UniversalHash, coefficient_bytes, hash_high32
+from compemb.kernels import on_host
 from compemb.registry import register
 from compemb.table_batch import SeparateLookups
 from compemb.sketch.hotsketch import SLOT_BYTES, HotSketch
@@ -285,7 +286,7 @@ class _CAFE(AdaptiveEmbedding):
 
     def _route(self, ids: Tensor) -> tuple[Tensor, Tensor | None]:
         """Rows ``(N, levels)`` of each id, and with two levels their weights ``(N, 2)``: 1, and 1 if medium."""
-        if not (ids.is_cpu and self.sketch._compiled):
+        if not (on_host(ids) and self.sketch._compiled):
             return self._route_torch(ids)
         # on CPU one compiled pass over the sketch and the hashes (5x faster than the torch ops)
         rows = torch.empty(ids.numel(), self.levels, dtype=torch.int64)
@@ -341,7 +342,8 @@ class _CAFE(AdaptiveEmbedding):
         field, norms = self._fields(ids.to(self.field_starts.device)), norms.float().to(self.field_starts.device)
         count = self.field_starts.numel() - 1
         sums = torch.zeros(count, dtype=torch.float64, device=norms.device).index_add_(0, field, norms.double())
-        occurrences = torch.bincount(field, minlength=count).double()
+        occurrences = torch.zeros(count, dtype=torch.float64, device=norms.device).index_add_(
+            0, field, torch.ones_like(norms, dtype=torch.float64))  # (bincount would make a GPU host wait)
         mean = sums / occurrences.clamp_min(1)
         usable = torch.isfinite(mean) & (mean > 0)
         return torch.where(usable[field], norms / torch.where(usable, mean, 1.0)[field].float(),
@@ -350,6 +352,9 @@ class _CAFE(AdaptiveEmbedding):
     @torch.no_grad()
     def _update(self, ids: Tensor, scores: Tensor | None, optimizer: torch.optim.Optimizer | None) -> None:
         sketch = self.sketch
+        if sketch._merges:
+            self._update_fixed(ids, scores, optimizer)
+            return
         if self._has_full_fields:  # a field kept full has rows of its own: its ids never enter the sketch
             scored = ~self.field_direct[self._fields(ids.to(self.field_starts.device))].to(ids.device)
             ids, scores = ids[scored], None if scores is None else scores[scored.to(scores.device)]
@@ -378,6 +383,76 @@ class _CAFE(AdaptiveEmbedding):
             if picked.numel():
                 medium = None if before is None else before[picked] >= self.medium_fraction * self.threshold
                 self._promote(ids[picked], free[: picked.numel()], medium, optimizer)
+
+    def _update_fixed(self, ids: Tensor, scores: Tensor | None, optimizer: torch.optim.Optimizer | None) -> None:
+        """:meth:`_update` on the device code path, in fixed shapes (nothing read back): the batch merged into the
+        sketch, hot ids below the threshold demoted (checked every step: a hot id's score only falls when the
+        scores decay), then the best new candidates promoted into free rows, as the host path picks them."""
+        sketch = self.sketch
+        ids = ids.to(sketch.keys.device)
+        scores = None if scores is None else scores.to(sketch.keys.device)
+        # a field kept full has rows of its own: its ids never enter the sketch
+        keep = ~self.field_direct[self._fields(ids)] if self._has_full_fields else None
+        before = sketch.query(ids)[0] if self.levels == 2 else None
+        mass: float | Tensor | None = None
+        if scores is not None:  # scores of mean 1 sum to the number of occurrences: count exactly that
+            mass = float(ids.numel()) if keep is None else keep.sum(dtype=torch.float64)
+        sketch.insert(ids, scores, mass=mass, keep=keep)
+        self._mass_seen = None
+        self._demote_fixed()
+        now, hot = sketch.query(ids)
+        eligible = (now >= self.threshold) & (hot < 0)
+        if keep is not None:
+            eligible &= keep
+        # each eligible id once (in id order), then the best first: the host path's candidates, in its order
+        limit = min(ids.numel(), self.hot_rows)
+        by_id = torch.sort(torch.where(eligible, ids, torch.iinfo(torch.int64).max), stable=True)
+        sorted_ids, position = by_id
+        first = eligible[position].clone()
+        first[1:] &= sorted_ids[1:] != sorted_ids[:-1]
+        ranked = torch.sort(torch.where(first, now[position], -math.inf), descending=True, stable=True)
+        chosen = position[ranked.indices[:limit]]
+        wanted = ranked.values[:limit] > -math.inf
+        free = torch.sort(self.owned.to(torch.uint8), stable=True).indices[:limit]  # free rows first, ascending
+        valid = wanted & ~self.owned[free]
+        new_ids = ids[chosen]
+        medium = None if before is None else before[chosen] >= self.medium_fraction * self.threshold
+        self._promote_fixed(new_ids, free, valid, medium, optimizer)
+
+    def _demote_fixed(self) -> None:
+        """Hot ids scoring below the threshold give their rows back, in fixed shapes."""
+        sketch = self.sketch
+        gone = (sketch.occupied & (sketch.hot_rows >= 0) & (sketch.scores < self.threshold)).view(-1)
+        rows = sketch.hot_rows.view(-1).long().to(self.weight.device)
+        gone_here = gone.to(self.weight.device)
+        if self.merge_on_demote:  # what the id learned while hot goes back into its first hashed row
+            held = rows.clamp_min(0)
+            first = self._shared_row(sketch.keys.view(-1).to(self.weight.device), 0)
+            learned = (self.weight[held] - self.start[held]) * gone_here.unsqueeze(-1).to(self.weight.dtype)
+            self.weight.index_add_(0, first, learned)
+        # a padding row at the end takes the writes of slots that give nothing back
+        owned = torch.cat([self.owned, self.owned.new_zeros(1)])
+        owned.index_fill_(0, torch.where(gone_here, rows, self.owned.numel()), False)
+        self.owned.copy_(owned[:-1])
+        sketch.hot_rows.masked_fill_(gone.view_as(sketch.hot_rows), -1)
+
+    def _promote_fixed(self, ids: Tensor, rows: Tensor, valid: Tensor, medium: Tensor | None,
+                       optimizer: torch.optim.Optimizer | None) -> None:
+        """:meth:`_promote` where only ``valid`` pairs promote; ``rows`` are distinct, so every other pair writes
+        its row's own values back."""
+        device = self.weight.device
+        on_device, valid = ids.to(device), valid.to(device)
+        start = self.weight[self._shared_row(on_device, 0)]
+        if medium is not None:
+            start += self.weight[self._shared_row(on_device, 1)] * medium.to(device, start.dtype).unsqueeze(-1)
+        column = valid.unsqueeze(-1)
+        self.weight.index_copy_(0, rows, torch.where(column, start, self.weight[rows]))
+        if self.merge_on_demote:
+            self.start.index_copy_(0, rows, torch.where(column, start, self.start[rows]))
+        self.sketch.set_hot_where(ids, rows.int(), valid)
+        self.owner.index_copy_(0, rows, torch.where(valid, on_device, self.owner[rows]))
+        self.owned.index_copy_(0, rows, self.owned[rows] | valid)
+        reset_optimizer_rows(optimizer, self.weight, rows, where=valid)
 
     def _demote(self) -> None:
         """Hot ids whose score fell below the threshold give their rows back."""

@@ -72,6 +72,7 @@ from compemb.embeddings.cce.plan import (
 from compemb.embeddings.cce.schedule import ClusterReport, ClusterSchedule, cluster_sample, top_holders
 from compemb.embeddings.id_map import NO_ID  # free holder_ids entries sort last
 from compemb.hashing import UniversalHash, hash_coefficients, hash_ids
+from compemb.kernels import device_path, on_host
 from compemb.registry import register
 from compemb.table_batch import SeparateLookups
 from compemb.sketch.hotsketch import HotSketch
@@ -272,6 +273,7 @@ class CCEmbedding(AdaptiveEmbedding):
         if self.holder_ids is not None:
             self.holder_ids.fill_(NO_ID)
         self.cluster_state.copy_(torch.tensor([self.seed, 0]))
+        self._rounds: int | None = 0
         self.h1.reset(seed=self.seed)  # round 0's h1
         if self.sketch is not None:
             self.sketch.reset()
@@ -283,7 +285,10 @@ class CCEmbedding(AdaptiveEmbedding):
     @property
     def rounds(self) -> int:
         """How many times the tables have been clustered."""
-        return int(self.cluster_state[1])
+        # a host copy, kept with the buffer: every lookup asks, and reading the buffer would make a GPU host wait
+        if getattr(self, "_rounds", None) is None:
+            self._rounds = int(self.cluster_state[1])
+        return self._rounds
 
     def pointer_ids(self) -> Tensor:
         """The ids holding stored pointers now (int64, CPU, in pointer-row order); none before clustering."""
@@ -310,7 +315,7 @@ class CCEmbedding(AdaptiveEmbedding):
 
     def _route(self, ids: Tensor) -> Tensor:
         """Rows ``(N, c, 2)`` of ``weight`` each id reads: T0's and T1's, per column."""
-        if ids.is_cpu and self.pointer_table.is_cpu:  # one compiled pass (the torch ops below give the same)
+        if on_host(ids, self.pointer_table):  # one compiled pass (the torch ops below give the same)
             out = torch.empty(ids.numel(), self.columns, 2, dtype=torch.int64)
             route_rows(ids.numpy(), *self._routing(), out.numpy())
             return out
@@ -333,7 +338,7 @@ class CCEmbedding(AdaptiveEmbedding):
         return torch.stack([first + offsets, second + offsets + c * k], dim=-1)
 
     def _vectors(self, ids: Tensor) -> Tensor:
-        if ids.is_cpu and self.weight.is_cpu and self.pointer_table.is_cpu:
+        if on_host(ids, self.weight, self.pointer_table):
             return PairGather.apply(self.weight, ids, self._routing(), self.sparse)
         # elsewhere each (id, column) is a bag of two rows, T0's and T1's: one fused gather
         rows = self._route(ids).to(self.weight.device)
@@ -364,7 +369,7 @@ class CCEmbedding(AdaptiveEmbedding):
                 self.sketch.insert(sample, scores, mass=float(sample.numel() * stride))
             else:
                 self.sketch.insert(ids, scores, mass=float(ids.numel()))
-        if self.seen is not None and self.seen.is_cpu:
+        if self.seen is not None and on_host(self.seen):
             mark_seen(ids.cpu().numpy(), self.seen.numpy())
         elif self.seen is not None:
             ids = ids.to(self.seen.device)
@@ -400,7 +405,7 @@ class CCEmbedding(AdaptiveEmbedding):
     @torch.no_grad()
     def cluster(self, optimizer: torch.optim.Optimizer | None = None) -> ClusterReport:
         """Re-cluster every column now (see the class docstring); returns a :class:`ClusterReport`."""
-        from compemb.cluster import assign, kmeans  # faiss is loaded only by methods that cluster
+        from compemb.cluster import assign, kmeans, kmeans_torch, nearest_torch  # faiss: only methods that cluster
 
         started = time.perf_counter()
         self._flush(optimizer)  # scores recorded so far choose the ids
@@ -413,29 +418,41 @@ class CCEmbedding(AdaptiveEmbedding):
                                                                                      self.pointer_table.shape[0])
         # everything is computed from the old state and installed at the end; the hashed region is kept as it is
         h1 = hash_coefficients(seed + (rounds + 1) * _GOLDEN, c, H1_STREAM)
-        weight = self.weight.detach().float().cpu().clone()
-        pointers = torch.empty(holders.numel(), c, dtype=self.pointer_table.dtype)
+        # on the device code path the k-means runs where the tables are (torch ops; a GPU's clustering), else on
+        # the host with the k-NN-graph Lloyd steps and faiss's exact search
+        on_device = device_path(self.weight)
+        work = device if on_device else torch.device("cpu")
+
+        def nearest(vectors: Tensor, centroids: Tensor) -> tuple[Tensor, Tensor]:
+            return nearest_torch(vectors, centroids) if on_device else assign(vectors, centroids,
+                                                                                batch_size=ASSIGN_BATCH)
+
+        weight = self.weight.detach().float().to(work).clone()
+        pointers = torch.empty(holders.numel(), c, dtype=self.pointer_table.dtype, device=work)
         inertia = []
         for j in range(c):
-            points = self._column(sample, j).float().cpu()
+            points = self._column(sample, j).float().to(work)
             if not bool(torch.isfinite(points).all()):  # k-means would abort the process on them
                 raise ValueError(f"{self._who()}: column {j} holds non-finite values (training diverged?)")
             # the fast path (k-NN-graph Lloyd steps); with no more points than rows, the points themselves, cycled
-            centroids = kmeans(points, kh, niter=self.niter, max_points_per_centroid=self.max_points_per_centroid,
-                               seed=(seed * 7919 + rounds * 131 + j) % 2**31).centroids
+            column_seed = (seed * 7919 + rounds * 131 + j) % 2**31
+            centroids = (kmeans_torch(points, kh, niter=self.niter, max_points_per_centroid=self.max_points_per_centroid,
+                                      seed=column_seed) if on_device else
+                         kmeans(points, kh, niter=self.niter, max_points_per_centroid=self.max_points_per_centroid,
+                                seed=column_seed)).centroids
             # the report's inertia is exact: each sampled id's squared distance to its nearest centroid
-            inertia.append(float(assign(points, centroids, batch_size=ASSIGN_BATCH)[1].double().sum()))
-            sums = torch.zeros(kh, centroids.shape[1], dtype=torch.float64)
-            counts = torch.zeros(kh, dtype=torch.float64)
+            inertia.append(float(nearest(points, centroids)[1].double().sum()))
+            sums = torch.zeros(kh, centroids.shape[1], dtype=torch.float64, device=work)
+            counts = torch.zeros(kh, dtype=torch.float64, device=work)
             for start in range(0, holders.numel(), ASSIGN_BATCH):  # memory-bounded: ASSIGN_BATCH ids at a time
                 chunk = holders[start : start + ASSIGN_BATCH]
-                vectors = self._column(chunk, j).float().cpu()
-                labels = assign(vectors, centroids, batch_size=ASSIGN_BATCH)[0]
+                vectors = self._column(chunk, j).float().to(work)
+                labels = nearest(vectors, centroids)[0]
                 pointers[start : start + chunk.numel(), j] = labels.to(pointers.dtype)
                 if self.residual == "mean":
-                    bucket = hash_ids(chunk, h1[j : j + 1], kh).squeeze(-1)
+                    bucket = hash_ids(chunk, h1[j : j + 1], kh).squeeze(-1).to(work)
                     sums.index_add_(0, bucket, (vectors - centroids[labels]).double())
-                    counts.index_add_(0, bucket, torch.ones(chunk.numel(), dtype=torch.float64))
+                    counts.index_add_(0, bucket, torch.ones(chunk.numel(), dtype=torch.float64, device=work))
             weight[j * k : j * k + kh] = centroids
             weight[(c + j) * k : (c + j) * k + kh] = (sums / counts.clamp_min(1).unsqueeze(-1)).float()
         # install: the holder region of the tables, pointers and who holds them, h1, the round
@@ -446,6 +463,7 @@ class CCEmbedding(AdaptiveEmbedding):
             self.holder_ids[: holders.numel()] = holders.to(self.holder_ids.device)
         self.h1.coefficients.copy_(h1.to(self.h1.coefficients.device))
         self.cluster_state[1] += 1
+        self._rounds = rounds + 1
         # the holder region changed owner (all of each table when every id holds pointers); the hashed region did not
         region = torch.arange(kh)
         rows = torch.cat([region + block * k for block in range(2 * c)])
@@ -473,7 +491,7 @@ class CCEmbedding(AdaptiveEmbedding):
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self.last_cluster = None
+        self.last_cluster, self._rounds = None, None
 
 
 @register("cce-paper")
