@@ -15,7 +15,8 @@ from compemb.kernels import device_path, use_kernels
 from compemb.train import TrainConfig
 
 NO_WAIT = ["full", "hash", "qr", "ce", "bloom", "robe", "hashednets", "hemb", "tt", "lowrank", "mde", "dhe"]
-AT_MOST_ONE = ["cce", "cce-paper", "cce-hybrid", "cafe", "cafe-ml", "offline", "adaembed"]
+# the issue allows these one wait per step outside clustering steps; they take none
+ADAPTIVE = ["cce", "cce-paper", "cce-hybrid", "cafe", "cafe-ml", "offline", "adaembed"]
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,7 @@ def data(tmp_path_factory):
 
 
 def test_every_method_is_listed():
-    assert sorted(NO_WAIT + AT_MOST_ONE) == sorted(METHODS)
+    assert sorted(NO_WAIT + ADAPTIVE) == sorted(METHODS)
 
 
 def _config(data, method, sharing):
@@ -37,11 +38,11 @@ def _config(data, method, sharing):
 
 
 @pytest.mark.parametrize("sharing", ["per_feature", "shared"])
-@pytest.mark.parametrize("method", NO_WAIT + AT_MOST_ONE)
+@pytest.mark.parametrize("method", NO_WAIT + ADAPTIVE)
 def test_a_training_step_waits_for_the_host_no_more_than_its_method_must(data, method, sharing):
     result = count_step_syncs(_config(data, method, sharing), warmup=2, steps=9)
     # a shared MDE table reads back how many ids each feature's block holds: its blocks' tables differ in width
-    allowed = 0 if method in NO_WAIT and not (method == "mde" and sharing == "shared") else 1
+    allowed = 1 if method == "mde" and sharing == "shared" else 0
     assert result["steps"] >= 5, result  # clustering steps are left out, the others counted
     assert result["most"] <= allowed, format_syncs([result])
     if method.startswith("cce"):

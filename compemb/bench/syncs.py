@@ -204,13 +204,19 @@ def count_cuda_syncs(config: Any, warmup: int = 10, steps: int = 50) -> float:
 
 def measure_syncs(base: Any, methods: Sequence[str], warmup: int = 5, steps: int = 30) -> list[dict[str, Any]]:
     """:func:`count_step_syncs` for each of ``methods`` on ``base``'s data and model (and on CUDA the real count)."""
+    from compemb.budget import BudgetError
     from compemb.registry import get_method
 
     rows = []
     for method in methods:
         compression = base.compression if get_method(method.split(":")[0]).compresses else None
         config = dataclasses.replace(base, method=method, compression=compression)
-        row = count_step_syncs(config, warmup, steps)
+        try:
+            row = count_step_syncs(config, warmup, steps)
+        except BudgetError as error:  # a method that cannot be built at this budget is a row that says so
+            rows.append({"method": method, "steps": 0, "per_step": float("nan"), "most": 0, "excluded": 0,
+                         "kinds": {}, "places": {}, "note": str(error)})
+            continue
         if torch.device(base.device).type == "cuda":
             row["cuda_per_step"] = count_cuda_syncs(config)
         rows.append(row)
@@ -223,7 +229,8 @@ def format_syncs(rows: Sequence[dict[str, Any]]) -> str:
     head = "| method | waits/step | most in a step | steps (left out) |" + (" CUDA syncs/step |" if cuda else "")
     lines = [head + " where |", "|---|---:|---:|---:|" + ("---:|" if cuda else "") + "---|"]
     for row in rows:
-        where = "; ".join(f"{place} x{count:g}" for place, count in list(row["places"].items())[:4]) or "—"
+        where = "; ".join(f"{place} x{count:g}" for place, count in list(row["places"].items())[:4]) or \
+            row.get("note", "—")
         cells = [row["method"], f"{row['per_step']:.2f}", str(row["most"]), f"{row['steps']} ({row['excluded']})"]
         if cuda:
             cells.append(f"{row.get('cuda_per_step', float('nan')):.2f}")

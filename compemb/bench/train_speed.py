@@ -6,7 +6,8 @@ beside it. The median of those ratios is reported (a ratio below 1 is slower tha
 the method / samples/s of the baseline), so load from elsewhere on the shared machine cancels out.
 
 ``NAME+compile`` trains NAME through ``torch.compile`` (``TrainConfig.compile``): beside NAME it shows whether
-compiling helps; its row's warm-up seconds include the compilation.
+compiling helps; its row's warm-up seconds include the compilation. ``NAME+torch`` trains NAME on the device code
+path (``kernels="torch"``: torch ops where the CPU has compiled kernels), to compare the two on one machine.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class SpeedRow:
     warmup_s: float = 0.0  # the first 3 steps (optimizer state, compiled kernels, torch.compile)
 
 COMPILED = "+compile"
+TORCH_KERNELS = "+torch"
 
 
 def measure_training_speed(
@@ -48,9 +50,11 @@ def measure_training_speed(
     names = [baseline, *[m for m in methods if m != baseline]]
     trainers = {}
     for name in names:
-        method = name.removesuffix(COMPILED)
+        method = name.removesuffix(COMPILED).removesuffix(TORCH_KERNELS)
+        kernels = "torch" if name.endswith(TORCH_KERNELS) else base.kernels
         trainers[name] = Trainer(dataclasses.replace(
             base, method=method, out=f"{base.out}/{name}", epochs=10**6, compile=name.endswith(COMPILED),
+            kernels=kernels,
             compression=base.compression if get_method(method).compresses else None,
             checkpoint_minutes=0, checkpoint_epochs=False))  # timing steps only
     # CUDA runs ahead of Python: wait for a block's queued work before reading the clock

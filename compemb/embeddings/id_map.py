@@ -61,7 +61,7 @@ def search_rows(ids: Tensor, sorted_ids: Tensor, sorted_rows: Tensor | None, has
 def search_rows_torch(ids: Tensor, sorted_ids: Tensor, sorted_rows: Tensor | None, hash_module: UniversalHash,
                       offset: int) -> Tensor:
     """:func:`search_rows` in torch ops, for any device."""
-    position = torch.searchsorted(sorted_ids, ids).clamp_max_(sorted_ids.numel() - 1)
+    position = torch.searchsorted(sorted_ids, ids.contiguous()).clamp_max_(sorted_ids.numel() - 1)
     found = sorted_ids[position] == ids
     row = position if sorted_rows is None else sorted_rows[position].long()
     return torch.where(found, row, hash_module(ids).squeeze(-1) + offset)

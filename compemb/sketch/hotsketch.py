@@ -580,7 +580,7 @@ class HotSketch(torch.nn.Module):
         over = mass > limit
         if factor < 1.0:
             periods = torch.where(over, torch.ceil(mass / limit) - 1, 0.0)
-            scale = torch.pow(torch.tensor(factor, dtype=torch.float64, device=mass.device), periods)
+            scale = torch.pow(factor, periods)  # float64, as the periods
             self.scores.copy_((self.scores.double() * scale).float())
             mass = torch.where(scale == 0, 0.0, mass - periods * limit)
         else:

@@ -300,7 +300,7 @@ class _CAFE(AdaptiveEmbedding):
 
     def _fields(self, ids: Tensor) -> Tensor:
         """Each id's field (0 for every id of one vocabulary)."""
-        return torch.searchsorted(self.field_starts[1:-1], ids, right=True)
+        return torch.searchsorted(self.field_starts[1:-1], ids.contiguous(), right=True)  # (a column: strided)
 
     def _shared_row(self, ids: Tensor, level: int, field: Tensor | None = None) -> Tensor:
         """The row ``ids`` read at ``level`` when not hot: their field's hashed row, or their own in a full field

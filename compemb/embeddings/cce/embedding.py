@@ -330,7 +330,7 @@ class CCEmbedding(AdaptiveEmbedding):
             first, second = self.pointer_table[ids].long(), self.h1(ids)
         elif mode == 2:
             holders = self.holder_ids
-            position = torch.searchsorted(holders, ids).clamp_max_(holders.numel() - 1)  # type: ignore[union-attr]
+            position = torch.searchsorted(holders, ids.contiguous()).clamp_max_(holders.numel() - 1)  # type: ignore[union-attr]
             found = (holders[position] == ids).unsqueeze(-1)  # type: ignore[index]
             first = torch.where(found, self.pointer_table[position].long(), first)
             second = torch.where(found, self.h1(ids), second)
