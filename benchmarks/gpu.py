@@ -133,10 +133,13 @@ def sketch_rates(device: str, quick: bool) -> dict:
 
 
 def table(rows: list[dict], reference: dict[str, float]) -> str:
-    lines = ["| method | samples/s | x full | x hash | syncs/step | peak GiB | stored MB | build s | clusterings etc. |",
+    lines = ["| method | samples/s | x full | x hash | syncs/step | peak GiB | stored MB | build s "
+             "| clusterings etc. |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
-        ratio = lambda name: f"{row['samples_per_s'] / reference[name]:.2f}" if name in reference else "—"  # noqa: E731
+        def ratio(name: str) -> str:
+            return f"{row['samples_per_s'] / reference[name]:.2f}" if name in reference else "—"
+
         syncs = "—" if row["syncs_per_step"] is None else f"{row['syncs_per_step']:.2f}"
         peak = "—" if row["peak_gib"] is None else f"{row['peak_gib']:.2f}"
         lines.append(f"| {row['method']} | {row['samples_per_s']:,.0f} | {ratio('full')} | {ratio('hash')} | {syncs} | "
@@ -151,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--methods", default="all", help="comma-separated, or all")
     parser.add_argument("--batch-size", type=int, default=4096)
+    parser.add_argument("--compression", type=float, default=100, help="per feature, every compressed method")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--sync-steps", type=int, default=20)
@@ -163,13 +167,14 @@ def main(argv: list[str] | None = None) -> int:
     methods = ["full", "hash", *[m for m in methods if m not in ("full", "hash")]]
     kernels = "torch" if device.type == "cpu" else "auto"
     with tempfile.TemporaryDirectory(prefix="compemb-gpu-") as out:
-        base = TrainConfig(data=args.data, out=out, method="hash", compression=100, embedding_dim=16, bottom=(256, 64),
+        base = TrainConfig(data=args.data, out=out, method="hash", compression=args.compression, embedding_dim=16,
+                           bottom=(256, 64),
                            top=(256, 64), optimizer="adam", lr=1e-3, batch_size=args.batch_size, epochs=10**6,
                            checkpoint_minutes=0, checkpoint_epochs=False, device=args.device, kernels=kernels)
         rows = [time_plain(base, args.warmup, args.steps)]
         for method in methods:
             config = dataclasses.replace(base, method=method, out=f"{out}/{method}",
-                                         compression=100 if METHODS[method].compresses else None)
+                                         compression=args.compression if METHODS[method].compresses else None)
             try:
                 rows.append(time_method(config, args.warmup, args.steps, args.sync_steps))
             except Exception as error:  # noqa: BLE001  (a method that fails is a row that says so)
@@ -189,8 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (kernels='torch')"
     date = datetime.date.today().isoformat()
     text = (f"# compemb on {name} ({date}, torch {torch.__version__})\n\nDLRM dim 16, bottom 256-64, top 256-64, Adam "
-            f"1e-3, batch {args.batch_size:,}, 100x per feature, `{args.data}`; {args.steps} timed steps after "
-            f"{args.warmup}; syncs over {args.sync_steps} more. Command: `benchmarks/gpu.sh`.\n\n"
+            f"1e-3, batch {args.batch_size:,}, {args.compression:g}x per feature, `{args.data}`; {args.steps} timed "
+            f"steps after {args.warmup}; syncs over {args.sync_steps} more. Command: `benchmarks/gpu.sh`.\n\n"
             + table(rows, reference))
     failed = [row for row in rows if "error" in row]
     if failed:

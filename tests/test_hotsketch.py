@@ -611,3 +611,13 @@ def test_the_device_decay_matches_the_host_rule():
         assert device.insert(ids, torch.ones(6), mass=torch.tensor(mass, dtype=torch.float64)) == -1
         torch.testing.assert_close(device.scores, host.scores)
         assert float(device.mass) == pytest.approx(host.mass_since_decay())
+
+
+def test_a_batch_without_newcomers_leaves_every_slot_where_it_was():
+    """Found by hypothesis: with no newcomer anywhere, the merge's padding rows must not reorder bucket 0."""
+    sketch = HotSketch(3, 2, threshold=1e9, decay_factor=1.0, seed=3, backend="merge")
+    sketch.insert(torch.tensor([1, 11]), torch.tensor([0.0, 1.0]))
+    before = merged_buckets(sketch)
+    sketch.insert(torch.tensor([1]), torch.tensor([2.0]))
+    after = merged_buckets(sketch)
+    assert [[slot[0] for slot in bucket] for bucket in after] == [[slot[0] for slot in bucket] for bucket in before]

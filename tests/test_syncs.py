@@ -106,7 +106,8 @@ def test_device_assert_messages_fit_cudas_limit_whatever_the_features(monkeypatc
             name = long_name + "x" * 300
             bags = Bags(torch.tensor([1, 2, 3]), torch.tensor([0, 1, 3]))
             for sharing in ("per_feature", "shared"):
-                EmbeddingCollection([Feature(name, 400, "sum")], 4, "qr", compression=2, sharing=sharing).pool(name, bags)
+                collection = EmbeddingCollection([Feature(name, 400, "sum")], 4, "qr", compression=2, sharing=sharing)
+                collection.pool(name, bags)
     assert len(messages) >= 6 and max(map(len, messages)) <= MAX_DEVICE_MESSAGE
     assert any(message.endswith("...") for message in messages)  # the long ones were cut, not dropped
     assert device_assert_message("short") == "short"
@@ -120,3 +121,25 @@ def test_a_bad_id_still_fails_on_the_device_path():
         collection(torch.tensor([[1, 100]]))
     with use_kernels("torch"), pytest.raises(RuntimeError, match="outside its range"):
         EmbeddingCollection([Feature("a", 10)], 4, "hash", compression=2, sharing="shared")(torch.tensor([[-1]]))
+
+
+def test_the_gpu_benchmark_script_runs_its_device_path_on_cpu(data, tmp_path):
+    """benchmarks/gpu.py with --device cpu (kernels='torch'): every row and the sketch line are written."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
+    spec = importlib.util.spec_from_file_location("gpu_benchmark", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    output = tmp_path / "gpu"
+    assert module.main(["--data", data, "--device", "cpu", "--methods", "hash,qr", "--batch-size", "256",
+                        "--compression", "4", "--warmup", "2", "--steps", "3", "--sync-steps", "2", "--quick",
+                        "--output", str(output)]) == 0
+    result = json.loads(output.with_suffix(".json").read_text())
+    assert [row["method"] for row in result["rows"]] == ["plain loop", "full", "hash", "qr"]
+    assert all(row["samples_per_s"] > 0 for row in result["rows"])
+    assert all(row["syncs_per_step"] == 0 for row in result["rows"][1:])
+    assert set(result["sketch"]) == {"insert", "insert (frequency)", "query"}
+    assert "| hash |" in output.with_suffix(".md").read_text()

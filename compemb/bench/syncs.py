@@ -110,7 +110,8 @@ class SyncCounter:
         frames = [f for f in traceback.extract_stack()[:-1] if f.filename != _HERE and "/torch/" not in f.filename]
         ours = [f for f in frames if "/compemb/" in f.filename]
         frame = (ours or frames or [None])[-1]
-        where = "?" if frame is None else f"{Path(frame.filename).parent.name}/{Path(frame.filename).name}:{frame.lineno}"
+        where = "?" if frame is None else \
+            f"{Path(frame.filename).parent.name}/{Path(frame.filename).name}:{frame.lineno}"
         self.places[f"{where} ({kind})"] += 1
 
     def __enter__(self) -> SyncCounter:

@@ -547,8 +547,9 @@ class HotSketch(torch.nn.Module):
             return self._insert_torch(flat_ids, scores, mass)
         score_array, unit = (_NO_SCORES, True) if scores is None else (scores.numpy(), False)
         keys, table, rows, occupied, mass_array, coefficients = self._arrays()
-        bad, periods = _insert_kernel(id_array, score_array, unit, keys, table, rows, occupied, mass_array, coefficients,
-                                      self.decay_period, self.decay_factor, -1.0 if mass is None else float(mass))
+        bad, periods = _insert_kernel(id_array, score_array, unit, keys, table, rows, occupied, mass_array,
+                                      coefficients, self.decay_period, self.decay_factor,
+                                      -1.0 if mass is None else float(mass))
         if bad >= 0:
             raise ValueError(f"scores must be finite and >= 0, got {float(score_array[bad])} at flat index {bad}")
         self._known_mass = float(mass_array[0])

@@ -208,6 +208,12 @@ def merge_insert(ids: Tensor, scores: Tensor, keep: Tensor | None, keys: Tensor,
     merged_scores = pick(resident_scores, estimate)
     merged_rows = torch.where(entrant, -1, resident_rows.gather(-1, from_resident))
     merged_used = entrant | resident_used.gather(-1, from_resident)
+    # no newcomer anywhere: every row stands for bucket 0, which must keep its slots as they are
+    touched = groups > 0
+    merged_keys = torch.where(touched, merged_keys, resident_keys)
+    merged_scores = torch.where(touched, merged_scores, resident_scores)
+    merged_rows = torch.where(touched, merged_rows, resident_rows)
+    merged_used = torch.where(touched, merged_used, resident_used)
     keys.index_copy_(0, target, merged_keys)
     table.index_copy_(0, target, merged_scores)
     rows.index_copy_(0, target, merged_rows.to(rows.dtype))
