@@ -397,9 +397,13 @@ class _CAFE(AdaptiveEmbedding):
         mass: float | Tensor | None = None
         if scores is not None:  # scores of mean 1 sum to the number of occurrences: count exactly that
             mass = float(ids.numel()) if keep is None else keep.sum(dtype=torch.float64)
-        sketch.insert(ids, scores, mass=mass, keep=keep)
-        self._mass_seen = None
-        self._demote_fixed()
+        # scores only fall when they decay: demote when the host knows they did (or cannot know), as the host path
+        known = sketch._known_mass is not None and self._mass_seen is not None
+        decayed = not known or sketch._known_mass != self._mass_seen
+        decayed = sketch.insert(ids, scores, mass=mass, keep=keep) != 0 or decayed
+        self._mass_seen = sketch._known_mass
+        if decayed:
+            self._demote_fixed()
         now, hot = sketch.query(ids)
         eligible = (now >= self.threshold) & (hot < 0)
         if keep is not None:
