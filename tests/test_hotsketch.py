@@ -621,3 +621,31 @@ def test_a_batch_without_newcomers_leaves_every_slot_where_it_was():
     sketch.insert(torch.tensor([1]), torch.tensor([2.0]))
     after = merged_buckets(sketch)
     assert [[slot[0] for slot in bucket] for bucket in after] == [[slot[0] for slot in bucket] for bucket in before]
+
+
+def test_sketches_laid_end_to_end_merge_in_one_pass_exactly_as_each_alone():
+    """Flat buckets with per-table offsets (the layout of one sketch for many tables): one merge of every table's
+    batch gives each table's slots bit for bit as its own merge, the same id in two tables kept apart."""
+    from compemb.sketch import torch_ops
+
+    generator = torch.Generator().manual_seed(5)
+    alone = [HotSketch(w, 3, threshold=1e9, decay_factor=1.0, seed=seed, backend="merge")
+             for w, seed in ((5, 1), (1, 2), (9, 3))]
+    starts = [0, 5, 6]
+    flat = {name: torch.cat([getattr(s, name) for s in alone]).clone() for name in ("keys", "scores", "hot_rows",
+                                                                                    "occupied")}
+    for step in range(8):
+        batches = [torch.randint(0, 30, (40,), generator=generator) for _ in alone]  # ids shared by the tables
+        scores = [torch.rand(40, generator=generator) for _ in alone]
+        buckets = torch.cat([torch_ops.buckets_of(ids, s.coefficients, s.num_buckets) + start
+                             for ids, s, start in zip(batches, alone, starts)])
+        torch_ops.merge_insert(torch.cat(batches), torch.cat(scores), None, flat["keys"], flat["scores"],
+                               flat["hot_rows"], flat["occupied"], None, buckets=buckets)
+        for sketch, ids, score in zip(alone, batches, scores):
+            sketch.insert(ids, score)
+        if step == 3:  # a hot id in the middle table, in both layouts
+            key = alone[1].keys[0, 0].view(1)
+            alone[1].set_hot(key, torch.tensor([2]))
+            flat["hot_rows"][5, 0] = 2
+        for name in flat:
+            assert torch.equal(flat[name], torch.cat([getattr(s, name) for s in alone])), (step, name)

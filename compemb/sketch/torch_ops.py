@@ -115,28 +115,40 @@ def hot_below(keys: Tensor, table: Tensor, rows: Tensor, occupied: Tensor, thres
     return keys.view(-1)[chosen], rows.view(-1)[chosen]
 
 
-def distinct_sums(ids: Tensor, values: Tensor, keep: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def distinct_sums(ids: Tensor, values: Tensor, keep: Tensor | None = None,
+                  groups: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """The distinct ``ids`` (ascending) with their summed ``values``, in fixed shapes: ``len(ids)`` slots, the
     distinct ones first, then slots flagged invalid. Duplicates are summed in batch order (a stable sort), as the
     compiled kernel sums them. ``keep`` (optional, ``ids``' shape): an id none of whose occurrences is kept is
-    flagged invalid too. Returns ``(distinct_ids, sums, valid)``; nothing is read back to the host."""
+    flagged invalid too. ``groups`` (optional, ``ids``' shape): distinct (group, id) pairs instead, ordered by group
+    then id (a flat sketch's buckets: the same id in two tables is two entries). Returns ``(distinct_ids, sums,
+    valid, their groups or None)``; nothing is read back to the host."""
     n = ids.numel()
     sorted_ids, order = torch.sort(ids, stable=True)
     starts = torch.ones_like(sorted_ids, dtype=torch.bool)
-    starts[1:] = sorted_ids[1:] != sorted_ids[:-1]
+    sorted_groups = None
+    if groups is not None:  # then by group, keeping the id order (and the batch order of equal pairs)
+        by_group = torch.sort(groups.reshape(-1)[order], stable=True)
+        sorted_groups, order = by_group.values, order[by_group.indices]
+        sorted_ids = ids[order]
+        starts[1:] = (sorted_ids[1:] != sorted_ids[:-1]) | (sorted_groups[1:] != sorted_groups[:-1])
+    else:
+        starts[1:] = sorted_ids[1:] != sorted_ids[:-1]
     segment = torch.cumsum(starts, 0) - 1
     sums = values.new_zeros(n).index_add_(0, segment, values.index_select(0, order))
     distinct = torch.zeros_like(sorted_ids).scatter_(0, segment, sorted_ids)
+    distinct_groups = None if sorted_groups is None else torch.zeros_like(sorted_groups).scatter_(
+        0, segment, sorted_groups)
     valid = torch.arange(n, device=ids.device) <= segment[-1]
     if keep is not None:
         kept = torch.zeros(n, dtype=torch.int32, device=ids.device).index_add_(
             0, segment, keep.reshape(-1).index_select(0, order).to(torch.int32))
         valid &= kept > 0
-    return distinct, sums, valid
+    return distinct, sums, valid, distinct_groups
 
 
 def merge_insert(ids: Tensor, scores: Tensor, keep: Tensor | None, keys: Tensor, table: Tensor, rows: Tensor,
-                 occupied: Tensor, coefficients: Tensor) -> None:
+                 occupied: Tensor, coefficients: Tensor | None, buckets: Tensor | None = None) -> None:
     """A batch into the sketch in a constant number of vectorised passes (in place), whatever the load per bucket.
 
     A mergeable Space-Saving: the batch's distinct IDs and summed scores are a summary merged into each bucket's
@@ -152,14 +164,21 @@ def merge_insert(ids: Tensor, scores: Tensor, keep: Tensor | None, keys: Tensor,
     with their summed score under the last one's ID; here the best of them takes that slot with its own score
     plus the minimum, and a strong newcomer may displace a resident above the minimum. ``keep`` (optional, the
     shape of ``ids``) leaves out the entries where it is False. Scores must be finite and >= 0 (not checked here).
+
+    ``buckets`` (optional, ``ids``' shape): each entry's bucket, given instead of hashed with ``coefficients``: several
+    tables' sketches laid end to end in one set of buffers (table t's buckets offset by the buckets before it) take
+    all their batches in one merge, exactly as each would alone (the same id in two tables is two entries).
     """
     num_buckets, slots = keys.shape
     n = ids.numel()
     if n == 0:
         return
     device = ids.device
-    distinct, sums, valid = distinct_sums(ids, scores, keep)
-    bucket = buckets_of(distinct, coefficients, num_buckets)
+    if buckets is None:
+        distinct, sums, valid, _ = distinct_sums(ids, scores, keep)
+        bucket = buckets_of(distinct, coefficients, num_buckets)
+    else:
+        distinct, sums, valid, bucket = distinct_sums(ids, scores, keep, groups=buckets)
     # residents: add the batch's scores to the IDs already there (an add of 0 elsewhere changes nothing)
     match = occupied[bucket] & (keys[bucket] == distinct.unsqueeze(-1)) & valid.unsqueeze(-1)
     found = match.any(-1)
