@@ -649,3 +649,35 @@ def test_sketches_laid_end_to_end_merge_in_one_pass_exactly_as_each_alone():
             flat["hot_rows"][5, 0] = 2
         for name in flat:
             assert torch.equal(flat[name], torch.cat([getattr(s, name) for s in alone])), (step, name)
+
+
+def test_packed_sketches_take_every_tables_batch_in_one_merge_as_each_would_alone():
+    """PackedSketches: the same slots bit for bit, the same decays, each sketch still answers for itself and
+    follows a move to another buffer (packed again)."""
+    from compemb.sketch import PackedSketches
+
+    def build():
+        return [HotSketch(w, 4, threshold=0.3, decay_factor=0.5, seed=seed, backend="merge")
+                for w, seed in ((6, 1), (1, 2), (11, 3))]
+
+    alone, packed_sketches = build(), build()
+    packed = PackedSketches(packed_sketches)
+    generator = torch.Generator().manual_seed(8)
+    for step in range(10):
+        ids = torch.randint(0, 40, (32, 3), generator=generator)
+        scores = torch.rand(32, 3, generator=generator)
+        decays = packed.insert(ids, scores, masses=[32.0] * 3)
+        assert decays == [s.insert(ids[:, t].contiguous(), scores[:, t].contiguous(), mass=32.0)
+                          for t, s in enumerate(alone)]
+        if step == 4:
+            present = alone[2].keys[alone[2].occupied][:1]
+            alone[2].set_hot(present, torch.tensor([3]))
+            packed_sketches[2].set_hot(present, torch.tensor([3]))
+        if step == 6:  # a state_dict round trip keeps the views; a fresh buffer is noticed and packed again
+            packed_sketches[0].load_state_dict(alone[0].state_dict())
+            packed_sketches[1].keys = packed_sketches[1].keys.clone()
+        for a, b in zip(alone, packed_sketches):
+            for name in ("keys", "scores", "hot_rows", "occupied", "mass"):
+                assert torch.equal(getattr(a, name), getattr(b, name)), (step, name)
+    assert sum(decays) >= 0 and any(float(s.mass) < s.decay_period for s in alone)
+    assert packed.is_packed()

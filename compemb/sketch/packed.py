@@ -1,0 +1,108 @@
+"""Many tables' HotSketches in one flat set of buffers, so one vectorised merge takes every table's batch.
+
+A per-feature collection of CAFE tables has a sketch per table; on a device each insert is a few dozen kernels, so
+26 tables cost 26 times that. :class:`PackedSketches` lays the sketches' buckets end to end (table t's buckets
+offset by those before it, as table-batched embeddings lay out rows) and makes each sketch's buffers views of the
+flat ones: every sketch stays what it is (its ``state_dict``, queries and hot rows), and :meth:`PackedSketches.insert`
+hashes every column at once and runs one :func:`~compemb.sketch.torch_ops.merge_insert` over the flat buckets, which
+gives each sketch exactly what its own merge would (tested bit for bit). The decay stays per sketch, decided on the
+host from the mass each batch counts (nothing is read back).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from compemb.hashing import hash_high32
+from compemb.sketch import torch_ops
+from compemb.sketch.hotsketch import HotSketch
+
+_PACKED = ("keys", "scores", "hot_rows", "occupied")
+
+
+class PackedSketches:
+    """HotSketches of one slot count on one device, their buckets end to end in one set of buffers.
+
+    Args:
+        sketches: the tables' sketches, in column order (their buffers become views of the packed ones).
+
+    Example::
+
+        >>> sketches = [HotSketch(8, threshold=2.0, seed=s, backend="merge") for s in range(3)]
+        >>> packed = PackedSketches(sketches)
+        >>> packed.insert(torch.tensor([[1, 1, 7], [1, 2, 7]]), masses=[2.0, 2.0, 2.0])
+        [0, 0, 0]
+        >>> sketches[0].query(torch.tensor([1]))[0], sketches[2].query(torch.tensor([7]))[0]
+        (tensor([2.]), tensor([2.]))
+    """
+
+    def __init__(self, sketches: Sequence[HotSketch]) -> None:
+        if not sketches:
+            raise ValueError("PackedSketches needs at least one sketch")
+        first = sketches[0]
+        if any(s.slots != first.slots or s.keys.device != first.keys.device for s in sketches):
+            raise ValueError("packed sketches must have one slot count and live on one device")
+        self.sketches = list(sketches)
+        starts, total = [], 0
+        for sketch in self.sketches:
+            starts.append(total)
+            total += sketch.num_buckets
+        self.starts = starts
+        self.buffers: dict[str, Tensor] = {}
+        self.pack()
+
+    def pack(self) -> None:
+        """Copy the sketches' buffers into flat ones and make each sketch's buffers its slices of them."""
+        device = self.sketches[0].keys.device
+        for name in _PACKED:
+            flat = torch.cat([getattr(s, name) for s in self.sketches]).to(device)
+            for sketch, start in zip(self.sketches, self.starts):
+                sketch._buffers[name] = flat[start : start + sketch.num_buckets]
+                sketch._cache = None
+            self.buffers[name] = flat
+        self.offsets = torch.tensor(self.starts, dtype=torch.int64, device=device).view(1, -1)
+        self.sizes = torch.tensor([s.num_buckets for s in self.sketches], dtype=torch.int64, device=device).view(-1, 1)
+
+    def is_packed(self) -> bool:
+        """Whether every sketch's buffers still lie at their places in the flat ones."""
+        for name in _PACKED:
+            flat = self.buffers[name]
+            row = flat.shape[1] * flat.element_size()
+            for sketch, start in zip(self.sketches, self.starts):
+                tensor = sketch._buffers[name]
+                if tensor.data_ptr() != flat.data_ptr() + start * row or tensor.device != flat.device:
+                    return False
+        return True
+
+    @torch.no_grad()
+    def insert(self, ids: Tensor, scores: Tensor | None = None, masses: Sequence[float] | None = None,
+               keep: Tensor | None = None) -> list[int]:
+        """Column t of ``ids`` ``(batch, tables)`` into sketch t, all in one merge; returns each sketch's decays.
+
+        ``scores`` (the shape of ``ids``, or None: 1 per occurrence) and ``keep`` as :meth:`HotSketch.insert`;
+        ``masses[t]``: what column t counts towards sketch t's decay (default: its number of kept entries, which
+        must then be known: ``keep`` None). Scores are not checked here (finite, >= 0).
+        """
+        if not self.is_packed():
+            self.pack()
+        if ids.dim() != 2 or ids.shape[1] != len(self.sketches):
+            raise ValueError(f"ids must have shape (batch, {len(self.sketches)}), got {tuple(ids.shape)}")
+        if masses is None:
+            if keep is not None:
+                raise ValueError("with keep, give each sketch's mass (how many of its entries are kept)")
+            masses = [float(ids.shape[0])] * len(self.sketches)
+        device = self.buffers["keys"].device
+        ids = ids.to(device, torch.int64)
+        coefficients = torch.stack([s.coefficients for s in self.sketches])  # (tables, 1, 2)
+        buckets = hash_high32(ids, coefficients).squeeze(-1).mul_(self.sizes.view(1, -1)).bitwise_right_shift_(32)
+        buckets += self.offsets
+        values = torch.ones(ids.shape, dtype=torch.float32, device=device) if scores is None else \
+            scores.to(device, torch.float32)
+        torch_ops.merge_insert(ids.reshape(-1), values.reshape(-1), None if keep is None else keep.reshape(-1),
+                               self.buffers["keys"], self.buffers["scores"], self.buffers["hot_rows"],
+                               self.buffers["occupied"], None, buckets=buckets.reshape(-1))
+        return [sketch._decay_by(sketch.mass_since_decay() + float(mass))
+                for sketch, mass in zip(self.sketches, masses)]
