@@ -135,6 +135,19 @@ def _progress(model: torch.nn.Module) -> dict[str, int]:
     return counts
 
 
+def _stepping_trainer(config: Any, out: str, **changes: Any) -> tuple[Any, list[CompressedEmbedding]]:
+    """A Trainer of ``config`` that only steps (no evaluation, no checkpoint; run directory ``out``) and its tables,
+    told the run's length as ``fit`` tells them."""
+    from compemb.train import Trainer
+
+    trainer = Trainer(dataclasses.replace(config, out=out, epochs=10**6, eval_every=0, evals_per_epoch=0,
+                                          checkpoint_minutes=0, checkpoint_epochs=False, **changes))
+    adaptive = [m for m in trainer.model.modules() if isinstance(m, CompressedEmbedding)]
+    for module in adaptive:
+        module.on_train_begin(trainer.total_steps, trainer.steps_per_epoch)
+    return trainer, adaptive
+
+
 def count_step_syncs(config: Any, warmup: int = 5, steps: int = 30) -> dict[str, Any]:
     """Train ``config`` (a :class:`~compemb.train.TrainConfig`, run with ``kernels="torch"`` on CPU) ``warmup``
     steps, then count the waiting ops of each of ``steps`` more.
@@ -144,16 +157,11 @@ def count_step_syncs(config: Any, warmup: int = 5, steps: int = 30) -> dict[str,
     step), "excluded", "kinds", "places"}``.
     """
     from compemb.kernels import use_kernels
-    from compemb.train import Trainer
 
     with tempfile.TemporaryDirectory(prefix="compemb-syncs-") as out:
         kernels = "torch" if torch.device(config.device).type == "cpu" else "auto"
-        config = dataclasses.replace(config, out=out, kernels=kernels, epochs=10**6, eval_every=0,
-                                     evals_per_epoch=0, checkpoint_minutes=0, checkpoint_epochs=False)
-        trainer = Trainer(config)
-        adaptive = [m for m in trainer.model.modules() if isinstance(m, CompressedEmbedding)]
-        for module in adaptive:
-            module.on_train_begin(trainer.total_steps, trainer.steps_per_epoch)
+        trainer, adaptive = _stepping_trainer(config, out, kernels=kernels)
+        config = trainer.config
         counts, excluded = [], 0
         kinds: collections.Counter[str] = collections.Counter()
         places: collections.Counter[str] = collections.Counter()
@@ -179,15 +187,8 @@ def count_step_syncs(config: Any, warmup: int = 5, steps: int = 30) -> dict[str,
 
 def count_cuda_syncs(config: Any, warmup: int = 10, steps: int = 50) -> float:
     """The real synchronisations per step on CUDA (``torch.cuda.set_sync_debug_mode("warn")``)."""
-    from compemb.train import Trainer
-
     with tempfile.TemporaryDirectory(prefix="compemb-syncs-") as out:
-        config = dataclasses.replace(config, out=out, epochs=10**6, eval_every=0, evals_per_epoch=0,
-                                     checkpoint_minutes=0, checkpoint_epochs=False)
-        trainer = Trainer(config)
-        adaptive = [m for m in trainer.model.modules() if isinstance(m, CompressedEmbedding)]
-        for module in adaptive:
-            module.on_train_begin(trainer.total_steps, trainer.steps_per_epoch)
+        trainer, adaptive = _stepping_trainer(config, out)
         for _ in range(warmup):
             trainer.train_step(trainer._prepared_batch(trainer.step), adaptive)
         torch.cuda.synchronize()

@@ -386,8 +386,8 @@ class _CAFE(AdaptiveEmbedding):
 
     def _update_fixed(self, ids: Tensor, scores: Tensor | None, optimizer: torch.optim.Optimizer | None) -> None:
         """:meth:`_update` on the device code path, in fixed shapes (nothing read back): the batch merged into the
-        sketch, hot ids below the threshold demoted (checked every step: a hot id's score only falls when the
-        scores decay), then the best new candidates promoted into free rows, as the host path picks them."""
+        sketch, hot ids below the threshold demoted after a decay (every step where the decay was decided on the
+        device), then the best new candidates promoted into free rows, as the host path picks them."""
         sketch = self.sketch
         ids = ids.to(sketch.keys.device)
         scores = None if scores is None else scores.to(sketch.keys.device)
