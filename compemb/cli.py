@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import shlex
 import subprocess
 import sys
 from dataclasses import replace
@@ -238,7 +239,8 @@ def cmd_bench_syncs(args: argparse.Namespace) -> int:
     where = "CUDA" if args.device.startswith("cuda") else "CPU with kernels='torch' (the CUDA code path)"
     text = (f"Host waits per training step ({where}; {args.steps} steps after {args.warmup}, steps that cluster or "
             f"reallocate left out; batch {args.batch_size:,}, ratio {args.compression:g}, sharing {args.sharing}; "
-            f"command: compemb bench syncs).\n\n" + format_syncs(rows))
+            f"model {args.model} dim {args.dim}, bottom {args.bottom}, top {args.top}, {args.optimizer}).\n\n"
+            f"Command: `compemb {shlex.join(args.argv)}`\n\n" + format_syncs(rows))
     print(text)
     if args.output:
         atomic_write_text(f"{args.output}.md", text)

@@ -392,6 +392,11 @@ class EmbeddingCollection(torch.nn.Module):
             self._groups, self._groups_key = batch_groups(tables), key
         return self._groups
 
+    def table_batches(self) -> list[TableBatch]:
+        """The table batches of the last lookup (those with ``apply_pending`` update their tables together after
+        the optimizer step: :func:`compemb.embeddings.adaptive.end_step`)."""
+        return [batch for _, batch in self._groups if batch is not None]
+
     def memory(self) -> CollectionMemory:
         """Every table's MemoryReport (per feature, or the one ``"shared"``), and their total (``.total``)."""
         return CollectionMemory({name: table.memory() for name, table in self.embeddings.items()})

@@ -119,6 +119,69 @@ class PackedWeights:
         return weights
 
 
+class PackedBuffers:
+    """One buffer of several modules (one trailing shape, dtype and device), each module's tensor a slice of one
+    flat tensor, in order, so one op reads or writes every module's rows; ``padding`` rows past the last module's
+    (zeros) give fixed-shape writes a place to send the slots they do not use.
+
+    The modules keep their buffers (``state_dict``, ``load_state_dict`` in place and queries see no difference);
+    whatever replaces one (``.to(device)``, an assigning load) is noticed by :meth:`flat`, which packs them again.
+
+    Example::
+
+        >>> a, b = torch.nn.Module(), torch.nn.Module()
+        >>> a.register_buffer("seen", torch.zeros(2)); b.register_buffer("seen", torch.zeros(3))
+        >>> packed = PackedBuffers([a, b], "seen", padding=1)
+        >>> packed.flat().index_fill_(0, torch.tensor([1, 2, 5]), 1.0)  # a's row 1, b's row 0, the padding row
+        tensor([0., 1., 1., 0., 0., 1.])
+        >>> a.seen.tolist(), b.seen.tolist()
+        ([0.0, 1.0], [1.0, 0.0, 0.0])
+    """
+
+    def __init__(self, modules: Sequence[torch.nn.Module], name: str, padding: int = 0) -> None:
+        if not modules:
+            raise ValueError("PackedBuffers needs at least one module")
+        self.modules, self.name, self.padding = list(modules), name, int(padding)
+        self.num_rows: list[int] = []
+        self.starts: list[int] = []  # where each module's rows begin in the flat tensor
+        self.buffer = torch.empty(0)
+        self.pack()
+
+    def pack(self) -> None:
+        """Copy the modules' buffers into one new flat tensor and make each module's buffer its slice of it."""
+        tensors: list[Tensor] = [module._buffers[self.name] for module in self.modules]  # type: ignore[misc]
+        first = tensors[0]
+        if any(t.shape[1:] != first.shape[1:] or t.dtype != first.dtype or t.device != first.device for t in tensors):
+            raise ValueError(f"packed buffers {self.name!r} must share a trailing shape, dtype and device")
+        self.num_rows = [int(t.shape[0]) for t in tensors]
+        self.starts = [sum(self.num_rows[:i]) for i in range(len(tensors))]
+        padding = first.new_zeros((self.padding, *first.shape[1:]))
+        self.buffer = torch.cat([*tensors, padding])
+        for module, start, rows in zip(self.modules, self.starts, self.num_rows):
+            module._buffers[self.name] = self.buffer[start : start + rows]
+
+    def is_packed(self) -> bool:
+        """Whether every module's buffer still lies at its place in the flat tensor."""
+        flat = self.buffer
+        row = flat[0].numel() * flat.element_size() if flat.numel() else 0
+        for module, start in zip(self.modules, self.starts):
+            tensor = module._buffers[self.name]
+            if tensor is None or tensor.device != flat.device:
+                return False
+            if tensor.numel() == 0:  # an empty slice holds nothing to keep in place (its pointer is arbitrary)
+                continue
+            if tensor.data_ptr() != flat.data_ptr() + start * row \
+                    or tensor.untyped_storage().data_ptr() != flat.untyped_storage().data_ptr():
+                return False
+        return True
+
+    def flat(self) -> Tensor:
+        """The flat tensor (padding rows last), packed again first if any module's buffer moved or was replaced."""
+        if not self.is_packed():
+            self.pack()
+        return self.buffer
+
+
 class SeparateLookups:
     """Tables looked up one at a time, each by its own lookup (adaptive bookkeeping and hooks included), with their
     weights packed side by side: a row-wise optimizer (:class:`compemb.optim.RowAdam`) then updates all of them in

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from compemb import distributed
 from compemb.collection import SHARING, Bags, EmbeddingCollection, Feature
 from compemb.data.dataset import Split, open_dataset
-from compemb.embeddings.adaptive import gather_pending, track_row_steps
+from compemb.embeddings.adaptive import end_step, track_row_steps
 from compemb.embeddings.base import INITS, CompressedEmbedding
 from compemb.io import atomic_write_bytes, atomic_write_text
 from compemb.kernels import KERNELS, use_kernels
@@ -276,9 +276,11 @@ class Trainer:
         loss.backward()
         distributed.average_gradients(self._table_parameters)  # (one process: nothing to do)
         self.optimizer.step()
-        gather_pending(adaptive)  # under torchrun: every table's recorded importance in one collective
-        for module in adaptive:
-            module.on_step_end(self.step, self.optimizer)
+        # the methods' updates: under torchrun every table's recorded importance gathered in one collective, the
+        # tables that update together (per-feature CAFE on a device) at once, then each table's own hook
+        batches = [batch for m in self.model.modules() if isinstance(m, EmbeddingCollection)
+                   for batch in m.table_batches()]
+        end_step(adaptive, self.step, self.optimizer, batches)
         self.step += 1
         if self.step > 1:
             self._running_loss.mul_(0.98).add_(loss.detach(), alpha=0.02)

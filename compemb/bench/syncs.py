@@ -47,6 +47,9 @@ WAITING_OPS = {
     _aten.lift_fresh.default: "tensor from host data",
 }
 _INDEX_OPS = {_aten.index.Tensor, _aten.index_put.default, _aten.index_put_.default, _aten._index_put_impl_.default}
+# ops that launch nothing on a device (views are left out too): the rest approximates the kernels a step launches
+_NO_KERNEL = {_aten.empty.memory_format, _aten.empty_strided.default, _aten.detach.default, _aten.alias.default,
+              _aten.lift_fresh.default, _aten._local_scalar_dense.default}
 _HOST_METHODS = {"tolist": "tolist", "numpy": "numpy", "cpu": "cpu"}
 _HERE = str(Path(__file__).resolve())
 
@@ -67,6 +70,8 @@ class _Dispatch(TorchDispatchMode):
             name = "repeat_interleave"
         if name is not None:
             self.counter.record(name)
+        if not func.is_view and func not in _NO_KERNEL:
+            self.counter.ops += 1
         return func(*args, **kwargs)
 
 
@@ -97,6 +102,7 @@ class SyncCounter:
     def __init__(self) -> None:
         self.kinds: collections.Counter[str] = collections.Counter()
         self.places: collections.Counter[str] = collections.Counter()
+        self.ops = 0  # every op that would launch a kernel on a device (views and allocations left out)
         self._modes: list[Any] = []
 
     @property
@@ -154,7 +160,8 @@ def count_step_syncs(config: Any, warmup: int = 5, steps: int = 30) -> dict[str,
 
     Steps in which a method's own counters moved (CCE's clusterings: a planned host-side job) are reported apart
     and left out of the per-step figures. Returns ``{"method", "steps", "per_step" (mean), "most" (the largest
-    step), "excluded", "kinds", "places"}``.
+    step), "excluded", "ops_per_step" (ops that would launch a kernel: views and allocations left out), "kinds",
+    "places"}``.
     """
     from compemb.kernels import use_kernels
 
@@ -162,7 +169,7 @@ def count_step_syncs(config: Any, warmup: int = 5, steps: int = 30) -> dict[str,
         kernels = "torch" if torch.device(config.device).type == "cpu" else "auto"
         trainer, adaptive = _stepping_trainer(config, out, kernels=kernels)
         config = trainer.config
-        counts, excluded = [], 0
+        counts, ops, excluded = [], [], 0
         kinds: collections.Counter[str] = collections.Counter()
         places: collections.Counter[str] = collections.Counter()
         with use_kernels(config.kernels):
@@ -177,11 +184,13 @@ def count_step_syncs(config: Any, warmup: int = 5, steps: int = 30) -> dict[str,
                     excluded += 1
                     continue
                 counts.append(counter.total)
+                ops.append(counter.ops)
                 kinds.update(counter.kinds)
                 places.update(counter.places)
         measured = max(1, len(counts))
         return {"method": config.method, "steps": len(counts), "per_step": sum(counts) / measured,
-                "most": max(counts, default=0), "excluded": excluded, "kinds": dict(kinds),
+                "most": max(counts, default=0), "excluded": excluded,
+                "ops_per_step": sum(ops) / measured, "kinds": dict(kinds),
                 "places": {place: count / measured for place, count in places.most_common()}}
 
 
@@ -217,6 +226,7 @@ def measure_syncs(base: Any, methods: Sequence[str], warmup: int = 5, steps: int
             row = count_step_syncs(config, warmup, steps)
         except BudgetError as error:  # a method that cannot be built at this budget is a row that says so
             rows.append({"method": method, "steps": 0, "per_step": float("nan"), "most": 0, "excluded": 0,
+                         "ops_per_step": float("nan"),
                          "kinds": {}, "places": {}, "note": str(error)})
             continue
         if torch.device(base.device).type == "cuda":
@@ -228,12 +238,13 @@ def measure_syncs(base: Any, methods: Sequence[str], warmup: int = 5, steps: int
 def format_syncs(rows: Sequence[dict[str, Any]]) -> str:
     """A markdown table of :func:`measure_syncs`'s rows: ops per step and the lines that ask."""
     cuda = any("cuda_per_step" in row for row in rows)
-    head = "| method | waits/step | most in a step | steps (left out) |" + (" CUDA syncs/step |" if cuda else "")
-    lines = [head + " where |", "|---|---:|---:|---:|" + ("---:|" if cuda else "") + "---|"]
+    head = "| method | waits/step | most in a step | steps (left out) | ops/step |" + (" CUDA syncs/step |" if cuda else "")
+    lines = [head + " where |", "|---|---:|---:|---:|---:|" + ("---:|" if cuda else "") + "---|"]
     for row in rows:
         where = "; ".join(f"{place} x{count:g}" for place, count in list(row["places"].items())[:4]) or \
             row.get("note", "—")
-        cells = [row["method"], f"{row['per_step']:.2f}", str(row["most"]), f"{row['steps']} ({row['excluded']})"]
+        cells = [row["method"], f"{row['per_step']:.2f}", str(row["most"]), f"{row['steps']} ({row['excluded']})",
+                 f"{row.get('ops_per_step', float('nan')):,.0f}"]
         if cuda:
             cells.append(f"{row.get('cuda_per_step', float('nan')):.2f}")
         lines.append("| " + " | ".join(cells + [where]) + " |")

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -299,3 +300,17 @@ def gather_pending(modules: list[torch.nn.Module]) -> None:
     for (module, _, norms), piece in zip(parts, pieces):
         scores = None if norms is None else piece[:, 1].to(torch.int32).view(torch.float32)
         module._pending.append((piece[:, 0], scores))
+
+
+def end_step(modules: Sequence[torch.nn.Module], step: int, optimizer: torch.optim.Optimizer | None = None,
+             batches: Sequence[object] = ()) -> None:
+    """What follows the optimizer step: under torchrun every table's recorded importance gathered in one
+    collective, the table batches that update their tables together (``apply_pending``: per-feature CAFE tables
+    on a device, :mod:`compemb.embeddings.cafe.batch`) applied, then every module's ``on_step_end``."""
+    gather_pending(list(modules))
+    for batch in batches:
+        apply = getattr(batch, "apply_pending", None)
+        if apply is not None:
+            apply(optimizer)
+    for module in modules:
+        module.on_step_end(step, optimizer)  # type: ignore[operator]

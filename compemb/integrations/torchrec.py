@@ -31,7 +31,7 @@ except ImportError as error:  # one line that says what to install
     ) from error
 
 from compemb.collection import Bags, EmbeddingCollection, Feature
-from compemb.embeddings.adaptive import gather_pending
+from compemb.embeddings.adaptive import end_step
 from compemb.embeddings.base import CompressedEmbedding
 
 _POOLINGS = {PoolingType.SUM: "sum", PoolingType.MEAN: "mean"}
@@ -162,9 +162,9 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         """Call after every optimizer step: CAFE's and CCE's sketches and clustering run here, as in compemb's
         Trainer (``optimizer`` lets a table reset the optimizer state of rows it gives to new ids)."""
         tables = [module for module in self.modules() if isinstance(module, CompressedEmbedding)]
-        gather_pending(tables)  # under a process group: every table's recorded importance in one collective
-        for module in tables:
-            module.on_step_end(step, optimizer)
+        # under a process group every table's recorded importance in one collective; tables that update together
+        # (per-feature CAFE on a device) at once
+        end_step(tables, step, optimizer, self.collection.table_batches())
 
     @property
     def device(self) -> torch.device:

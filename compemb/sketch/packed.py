@@ -19,6 +19,7 @@ from torch import Tensor
 from compemb.hashing import hash_high32
 from compemb.sketch import torch_ops
 from compemb.sketch.hotsketch import HotSketch
+from compemb.table_batch import PackedBuffers
 
 _PACKED = ("keys", "scores", "hot_rows", "occupied")
 
@@ -46,36 +47,59 @@ class PackedSketches:
         if any(s.slots != first.slots or s.keys.device != first.keys.device for s in sketches):
             raise ValueError("packed sketches must have one slot count and live on one device")
         self.sketches = list(sketches)
-        starts, total = [], 0
-        for sketch in self.sketches:
-            starts.append(total)
-            total += sketch.num_buckets
-        self.starts = starts
-        self.buffers: dict[str, Tensor] = {}
-        self.pack()
+        self.packs = {name: PackedBuffers(self.sketches, name) for name in _PACKED}
+        self._packed()
 
     def pack(self) -> None:
         """Copy the sketches' buffers into flat ones and make each sketch's buffers its slices of them."""
-        device = self.sketches[0].keys.device
-        for name in _PACKED:
-            flat = torch.cat([getattr(s, name) for s in self.sketches]).to(device)
-            for sketch, start in zip(self.sketches, self.starts):
-                sketch._buffers[name] = flat[start : start + sketch.num_buckets]
-                sketch._cache = None
-            self.buffers[name] = flat
+        for pack in self.packs.values():
+            pack.pack()
+        self._packed()
+
+    def _packed(self) -> None:
+        self.starts = self.packs["keys"].starts
+        for sketch in self.sketches:
+            sketch._cache = None
+        self.buffers: dict[str, Tensor] = {name: pack.buffer for name, pack in self.packs.items()}
+        device = self.buffers["keys"].device
         self.offsets = torch.tensor(self.starts, dtype=torch.int64, device=device).view(1, -1)
         self.sizes = torch.tensor([s.num_buckets for s in self.sketches], dtype=torch.int64, device=device).view(-1, 1)
 
     def is_packed(self) -> bool:
         """Whether every sketch's buffers still lie at their places in the flat ones."""
-        for name in _PACKED:
-            flat = self.buffers[name]
-            row = flat.shape[1] * flat.element_size()
-            for sketch, start in zip(self.sketches, self.starts):
-                tensor = sketch._buffers[name]
-                if tensor.data_ptr() != flat.data_ptr() + start * row or tensor.device != flat.device:
-                    return False
-        return True
+        return all(pack.is_packed() for pack in self.packs.values())
+
+    def ensure_packed(self) -> None:
+        """Pack again if any sketch's buffer moved or was replaced since."""
+        if not self.is_packed():
+            self.pack()
+
+    def buckets(self, ids: Tensor) -> Tensor:
+        """The flat bucket of every entry of ``ids`` ``(batch, tables)``: column t hashed by sketch t, offset by
+        the buckets before it."""
+        coefficients = torch.stack([s.coefficients for s in self.sketches])  # (tables, 1, 2)
+        buckets = hash_high32(ids, coefficients).squeeze(-1).mul_(self.sizes.view(1, -1)).bitwise_right_shift_(32)
+        return buckets.add_(self.offsets)
+
+    def locate(self, ids: Tensor) -> Tensor:
+        """The flat slot (bucket x slots + slot) of every entry of ``ids`` ``(batch, tables)`` in its column's
+        sketch, -1 where absent."""
+        self.ensure_packed()
+        keys, occupied = self.buffers["keys"], self.buffers["occupied"]
+        bucket = self.buckets(ids)
+        match = (keys[bucket] == ids.unsqueeze(-1)) & occupied[bucket]
+        slot = match.to(torch.uint8).argmax(-1)  # the first match; there is at most one
+        return torch.where(match.any(-1), bucket * keys.shape[1] + slot, -1)
+
+    @torch.no_grad()
+    def query(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """Scores (float32) and hot rows (int32) of ``ids`` ``(batch, tables)``, column t in sketch t: exactly
+        each sketch's :meth:`HotSketch.query` of its column (0 and -1 where absent)."""
+        where = self.locate(ids)
+        found, at = where >= 0, where.clamp_min(0)
+        scores = torch.where(found, self.buffers["scores"].view(-1)[at], 0.0)
+        hot = torch.where(found, self.buffers["hot_rows"].view(-1)[at], -1)
+        return scores, hot
 
     @torch.no_grad()
     def insert(self, ids: Tensor, scores: Tensor | None = None, masses: Sequence[float] | None = None,
@@ -86,8 +110,7 @@ class PackedSketches:
         ``masses[t]``: what column t counts towards sketch t's decay (default: its number of kept entries, which
         must then be known: ``keep`` None). Scores are not checked here (finite, >= 0).
         """
-        if not self.is_packed():
-            self.pack()
+        self.ensure_packed()
         if ids.dim() != 2 or ids.shape[1] != len(self.sketches):
             raise ValueError(f"ids must have shape (batch, {len(self.sketches)}), got {tuple(ids.shape)}")
         if masses is None:
@@ -96,9 +119,7 @@ class PackedSketches:
             masses = [float(ids.shape[0])] * len(self.sketches)
         device = self.buffers["keys"].device
         ids = ids.to(device, torch.int64)
-        coefficients = torch.stack([s.coefficients for s in self.sketches])  # (tables, 1, 2)
-        buckets = hash_high32(ids, coefficients).squeeze(-1).mul_(self.sizes.view(1, -1)).bitwise_right_shift_(32)
-        buckets += self.offsets
+        buckets = self.buckets(ids)
         values = torch.ones(ids.shape, dtype=torch.float32, device=device) if scores is None else \
             scores.to(device, torch.float32)
         torch_ops.merge_insert(ids.reshape(-1), values.reshape(-1), None if keep is None else keep.reshape(-1),

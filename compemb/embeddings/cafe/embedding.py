@@ -57,12 +57,12 @@ from torch import Tensor
 from compemb.budget import FLOAT_BYTES, MemoryReport, every_budget_from, resolve_budget, rows_for
 from compemb.embeddings.adaptive import AdaptiveEmbedding, memory_report, reset_optimizer_rows
 from compemb.embeddings.base import CompressedEmbedding, init_uniform_
+from compemb.embeddings.cafe.batch import CAFETables
 from compemb.embeddings.cafe.kernels import cafe_rows, hot_candidates
 from compemb.embeddings.cafe.settings import budget_ratio, default_settings
 from compemb.hashing import UniversalHash, coefficient_bytes, hash_high32
 from compemb.kernels import on_host
 from compemb.registry import register
-from compemb.table_batch import SeparateLookups
 from compemb.sketch.hotsketch import SLOT_BYTES, HotSketch
 
 SKETCH_SLOTS = 4  # slots per HotSketch bucket, as in the paper
@@ -498,9 +498,11 @@ class _CAFE(AdaptiveEmbedding):
         self._mass_seen = None
 
     @classmethod
-    def table_batch(cls, tables: Sequence[CompressedEmbedding]) -> SeparateLookups:
-        """CAFE tables keep their own compiled lookups; their weights are packed, so RowAdam updates them in one pass."""
-        return SeparateLookups(tables, ["weight"])
+    def table_batch(cls, tables: Sequence[CompressedEmbedding]) -> CAFETables:
+        """On the device code path one flat sketch and one packed table for all of ``tables``
+        (:mod:`compemb.embeddings.cafe.batch`); on a CPU with the compiled kernels each table's own lookup, their
+        weights packed, so RowAdam updates them in one pass."""
+        return CAFETables(tables)  # type: ignore[arg-type]
 
     def extra_repr(self) -> str:
         text = super().extra_repr() + f", hot_rows={self.hot_rows}, hashed_rows={self.hashed_rows}"
