@@ -181,7 +181,8 @@ def _train_config(args: argparse.Namespace, out: str, compression: float | None 
     return TrainConfig(
         data=args.data, out=out, method=method, compression=compression,
         model=args.model, embedding_dim=args.dim, bottom=_widths(args.bottom), top=_widths(args.top),
-        optimizer=args.optimizer, lr=args.lr, batch_size=args.batch_size, epochs=args.epochs,
+        optimizer=args.optimizer, lr=args.lr, table_optimizer=args.table_optimizer, table_lr=args.table_lr,
+        batch_size=args.batch_size, epochs=args.epochs,
         eval_every=args.eval_every, evals_per_epoch=args.evals_per_epoch, seed=args.seed, init=args.init,
         sharing=args.sharing, shuffle=args.shuffle, method_options=options, checkpoint_every=args.checkpoint_every,
         checkpoint_minutes=args.checkpoint_minutes, compile=args.compile, device=args.device,
@@ -267,9 +268,15 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bottom", default="512,256,64", help="bottom MLP widths (it ends in --dim)")
     parser.add_argument("--top", default="512,256", help="top (DLRM) or deep (DCN) MLP widths")
     parser.add_argument("--optimizer", choices=("sgd", "adagrad", "adam", "adam_dense"), default="sgd",
-                        help="sparse table gradients for all; adam updates only the rows a batch touched "
+                        help="the MLPs' optimizer, and the tables' unless --table-optimizer is given; sparse table "
+                             "gradients for all; adam updates only the rows a batch touched "
                              "(compemb.optim.RowAdam), adam_dense every row every step (torch's Adam)")
-    parser.add_argument("--lr", type=float, default=0.1, help="learning rate of every parameter")
+    parser.add_argument("--lr", type=float, default=0.1,
+                        help="the MLPs' learning rate, and the tables' unless --table-lr is given")
+    parser.add_argument("--table-optimizer", choices=("sgd", "adagrad", "rowwise_adagrad", "adam", "adam_dense"),
+                        default=None, help="the tables' own optimizer (rowwise_adagrad: one accumulator per row, "
+                                           "TorchRec's default) (default: --optimizer's)")
+    parser.add_argument("--table-lr", type=float, default=None, help="the tables' learning rate (default: --lr)")
     parser.add_argument("--batch-size", type=int, default=2048, help="training rows per step")
     parser.add_argument("--epochs", type=int, default=1, help="passes over the training split")
     parser.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: at the end)")

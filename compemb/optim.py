@@ -28,7 +28,7 @@ is a first update, as a new parameter's. With dense gradients (no per-row count)
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -319,3 +319,130 @@ class RowAdagrad(_RowWise):
         state["step"] += 1
         state["sum"].addcmul_(param.grad, param.grad, value=1)
         param.addcdiv_(param.grad, state["sum"].sqrt().add_(group["eps"]), value=-group["lr"])
+
+
+class RowwiseAdagrad(_RowWise):
+    """Row-wise Adagrad (FBGEMM's ``EXACT_ROWWISE_ADAGRAD``, TorchRec's default for tables): one accumulator per
+    row, ``sum_r += mean(g_r^2)``, ``param_r -= lr * g_r / (sqrt(sum_r) + eps)``: a 4-byte state per row instead of
+    a row-sized one. Sparse gradients update only the rows they name; a dense gradient updates every row (dim 0;
+    a 1-D parameter's entries are its rows). No lr decay, no weight decay.
+
+    Example::
+
+        >>> table = torch.nn.Embedding(10, 2, sparse=True)
+        >>> optimizer = RowwiseAdagrad(table.parameters(), lr=0.5)
+        >>> table(torch.tensor([4])).sum().backward(); optimizer.step()
+        >>> optimizer.state[table.weight]["sum"][[4, 5]].tolist()  # the mean of the row's squared gradient
+        [1.0, 0.0]
+    """
+
+    row_state = {"sum": "row"}
+
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float = 1e-2,
+                 initial_accumulator_value: float = 0.0, eps: float = 1e-10) -> None:
+        if not lr > 0 or not initial_accumulator_value >= 0 or not eps > 0:
+            raise ValueError(f"RowwiseAdagrad needs lr > 0, initial_accumulator_value >= 0, eps > 0; got {lr}, "
+                             f"{initial_accumulator_value}, {eps}")
+        super().__init__(params, {"lr": lr, "initial_accumulator_value": initial_accumulator_value, "eps": eps})
+
+    def _initial(self, name: str, group: dict[str, Any]) -> float:
+        return group["initial_accumulator_value"]
+
+    def _sparse(self, param: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        rows, values = unique_rows(grad)
+        if rows.numel() == 0:
+            return
+        sums = state["sum"][rows] + values.float().pow(2).mean(1)
+        state["sum"].index_copy_(0, rows, sums)
+        scale = (sums.sqrt() + group["eps"]).to(values.dtype).unsqueeze(1)
+        _add_to_rows(param, rows, values / scale, -group["lr"])
+
+    def _dense(self, param: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        if not state:
+            state.update(self._new_state(param, group))
+        grad = param.grad.reshape(param.shape[0], -1) if param.dim() else param.grad.reshape(1, 1)
+        state["sum"].add_(grad.float().pow(2).mean(1))
+        shape = (-1,) + (1,) * max(param.dim() - 1, 0)
+        param.addcdiv_(param.grad, (state["sum"].sqrt() + group["eps"]).to(param.dtype).view(shape),
+                       value=-group["lr"])
+
+
+class CombinedOptimizer(torch.optim.Optimizer):
+    """Several optimizers, each over its own parameters, stepped as one (the MLPs' and the tables' own optimizers,
+    as TorchRec's ``CombinedOptimizer`` combines them). ``param_groups`` are the children's groups in order and
+    ``state_dict`` numbers their parameters one after another, so it saves and loads as one optimizer does.
+
+    Example::
+
+        >>> mlp, table = torch.nn.Linear(2, 1), torch.nn.Embedding(5, 2, sparse=True)
+        >>> both = CombinedOptimizer([RowAdam(mlp.parameters(), lr=1e-3), RowwiseAdagrad(table.parameters(), lr=0.1)])
+        >>> [group["lr"] for group in both.param_groups]
+        [0.001, 0.1]
+    """
+
+    def __init__(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        self.optimizers = list(optimizers)
+        if not self.optimizers:
+            raise ValueError("CombinedOptimizer needs at least one optimizer")
+        # not torch.optim.Optimizer.__init__: the children hold the parameters, groups and state
+        self.defaults = {}
+        self._optimizer_step_pre_hooks: dict = {}
+        self._optimizer_step_post_hooks: dict = {}
+        self._optimizer_state_dict_pre_hooks: dict = {}
+        self._optimizer_state_dict_post_hooks: dict = {}
+        self._optimizer_load_state_dict_pre_hooks: dict = {}
+        self._optimizer_load_state_dict_post_hooks: dict = {}
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return [group for optimizer in self.optimizers for group in optimizer.param_groups]
+
+    @property
+    def state(self) -> dict[Tensor, Any]:  # type: ignore[override]
+        return {param: value for optimizer in self.optimizers for param, value in optimizer.state.items()}
+
+    def owner(self, param: Tensor) -> torch.optim.Optimizer:
+        """The child optimizer that updates ``param``."""
+        for optimizer in self.optimizers:
+            if any(p is param for group in optimizer.param_groups for p in group["params"]):
+                return optimizer
+        raise KeyError("the parameter is not in any of the combined optimizers")
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """One step of every child (``closure`` is evaluated once, by the first)."""
+        loss = None
+        for index, optimizer in enumerate(self.optimizers):
+            result = optimizer.step(closure if index == 0 else None)
+            loss = result if index == 0 else loss
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """The children's state dicts as one: their parameters numbered one after another."""
+        state, groups, offset = {}, [], 0
+        for optimizer in self.optimizers:
+            child = optimizer.state_dict()
+            state.update({offset + index: value for index, value in child["state"].items()})
+            groups += [{**group, "params": [offset + i for i in group["params"]]} for group in child["param_groups"]]
+            offset += sum(len(group["params"]) for group in child["param_groups"])
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        """Load what :meth:`state_dict` gave, each child its groups (as many as it has) and their parameters."""
+        groups, offset, at = state_dict["param_groups"], 0, 0
+        for optimizer in self.optimizers:
+            count = len(optimizer.param_groups)
+            mine = groups[at : at + count]
+            if len(mine) != count:
+                raise ValueError("the state dict has fewer parameter groups than the combined optimizers")
+            size = sum(len(group["params"]) for group in mine)
+            optimizer.load_state_dict({
+                "state": {index - offset: value for index, value in state_dict["state"].items()
+                          if offset <= int(index) < offset + size},
+                "param_groups": [{**group, "params": [i - offset for i in group["params"]]} for group in mine]})
+            at, offset = at + count, offset + size
+        if at != len(groups):
+            raise ValueError("the state dict has more parameter groups than the combined optimizers")

@@ -37,14 +37,16 @@ from compemb.io import atomic_write_bytes, atomic_write_text
 from compemb.kernels import KERNELS, use_kernels
 from compemb.metrics import auc, bce
 from compemb.models import DCNv2, DLRM
-from compemb.optim import RowAdagrad, RowAdam
+from compemb.optim import CombinedOptimizer, RowAdagrad, RowAdam, RowwiseAdagrad
 from compemb.registry import get_method, method_options
 
 OPTIMIZERS = ("sgd", "adagrad", "adam", "adam_dense")  # adam: row-wise for tables (compemb.optim); adam_dense: torch's
+# the tables' own optimizer may also be row-wise Adagrad (one accumulator per row: TorchRec's default for tables)
+TABLE_OPTIMIZERS = (*OPTIMIZERS, "rowwise_adagrad")
 # method options that set a schedule (``--cluster-every``): dropped for methods that do not take them
 SCHEDULE_OPTIONS = ("cluster_every", "cluster_until")
 # what a resumed run may change from its checkpoint's config when asked to (``allow_changes``, ``--override``)
-OVERRIDABLE = ("data", "lr", "epochs", "eval_every", "evals_per_epoch", "eval_batch_size", "checkpoint_every",
+OVERRIDABLE = ("data", "lr", "table_lr", "epochs", "eval_every", "evals_per_epoch", "eval_batch_size", "checkpoint_every",
                "checkpoint_minutes", "checkpoint_epochs", "device")
 # settings that change no result (where files go, how often checkpoints are written, the eval batching)
 RESULT_NEUTRAL = ("out", "eval_batch_size", "checkpoint_every", "checkpoint_minutes", "checkpoint_epochs")
@@ -73,8 +75,10 @@ class TrainConfig:
     embedding_dim: int = 16
     bottom: tuple[int, ...] = (512, 256, 64)
     top: tuple[int, ...] = (512, 256)
-    optimizer: str = "sgd"
+    optimizer: str = "sgd"  # the MLPs' optimizer (and the tables', unless table_optimizer says otherwise)
     lr: float = 0.1
+    table_optimizer: str | None = None  # the tables' own optimizer (TABLE_OPTIMIZERS); None: optimizer's
+    table_lr: float | None = None  # the tables' learning rate; None: lr
     batch_size: int = 2048
     epochs: int = 1
     eval_every: int = 0  # steps between evaluations; 0: only at the end (see evals_per_epoch)
@@ -113,6 +117,12 @@ class TrainConfig:
             raise ValueError("checkpoint_every and checkpoint_minutes must be >= 0")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.table_optimizer is not None and self.table_optimizer not in TABLE_OPTIMIZERS:
+            raise ValueError(f"table_optimizer must be one of {TABLE_OPTIMIZERS}, got {self.table_optimizer!r}")
+        for name in ("lr", "table_lr"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
         if self.model not in ("dlrm", "dcn"):
             raise ValueError(f"model must be 'dlrm' or 'dcn', got {self.model!r}")
         if self.init not in INITS:
@@ -175,7 +185,7 @@ class Trainer:
         sparse = None if self.world == 1 or self.device.type == "cpu" else False
         self.model = build_model(config, self.manifest["cardinalities"], self.splits["train"].dense.shape[1],
                                  frequencies, sparse=sparse, bags=self.bags).to(self.device)
-        self.optimizer = _make_optimizer(config.optimizer, self.model, config.lr)
+        self.optimizer = _make_optimizer(config, self.model)
         self.train_model: torch.nn.Module = self.model
         # under torchrun the MLPs' gradients are DDP's; the tables' (sparse: DDP buckets sparse gradients only from
         # nn.Embedding) are averaged after backward (distributed.average_gradients); sketches, pointers and other
@@ -213,8 +223,7 @@ class Trainer:
             else:
                 self._check_config(stem, allow_changes)
                 self.load(stem)
-                for group in self.optimizer.param_groups:  # an allowed new lr wins over the checkpoint's
-                    group["lr"] = config.lr
+                _set_learning_rates(self.optimizer, config)  # an allowed new lr wins over the checkpoint's
 
     def fit(self, stop_at: int | None = None) -> dict[str, Any]:
         """Train to the end (or to step ``stop_at``, as an interruption would); return the last evaluation."""
@@ -555,7 +564,8 @@ def build_model(config: TrainConfig, cardinalities: list[int], num_dense: int,
     features = [Feature(f"C{i + 1}", n) for i, n in enumerate(cardinalities)]
     features += [Feature(bag["name"], int(bag["cardinality"]), bag["pooling"]) for bag in bags or ()]
     # sparse table gradients wherever the optimizer takes them (all but adam_dense), as the papers train
-    options = {"sparse": config.optimizer != "adam_dense" if sparse is None else sparse, "init": config.init,
+    table_optimizer = config.table_optimizer or config.optimizer
+    options = {"sparse": table_optimizer != "adam_dense" if sparse is None else sparse, "init": config.init,
                **_method_options(config.method, config.method_options)}
     if get_method(config.method).needs_frequencies and frequencies is None:
         frequencies = {f.name: torch.zeros(f.num_embeddings, dtype=torch.int64) for f in features}
@@ -612,14 +622,38 @@ def _method_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in options.items() if key not in SCHEDULE_OPTIONS or key in takes}
 
 
-def _make_optimizer(name: str, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+def _make_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The config's optimizer: one for every parameter, or (``table_optimizer``/``table_lr`` differing from
+    ``optimizer``/``lr``) the MLPs' and the tables' own, combined (:class:`compemb.optim.CombinedOptimizer`)."""
+    table_name = config.table_optimizer or config.optimizer
+    table_lr = config.lr if config.table_lr is None else config.table_lr
+    if table_name == config.optimizer and table_lr == config.lr:
+        return _one_optimizer(config.optimizer, list(model.parameters()), config.lr)
+    tables = {id(p) for m in model.modules() if isinstance(m, CompressedEmbedding) for p in m.parameters()}
+    dense = [p for p in model.parameters() if id(p) not in tables]
+    table_parameters = [p for p in model.parameters() if id(p) in tables]
+    return CombinedOptimizer([_one_optimizer(config.optimizer, dense, config.lr),
+                              _one_optimizer(table_name, table_parameters, table_lr)])
+
+
+def _set_learning_rates(optimizer: torch.optim.Optimizer, config: TrainConfig) -> None:
+    """Every group's lr as the config says (the tables' groups ``table_lr`` under a combined optimizer)."""
+    children = optimizer.optimizers if isinstance(optimizer, CombinedOptimizer) else [optimizer]
+    for child, lr in zip(children, (config.lr, config.lr if config.table_lr is None else config.table_lr)):
+        for group in child.param_groups:
+            group["lr"] = lr
+
+
+def _one_optimizer(name: str, parameters: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
     if name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=lr)
+        return torch.optim.SGD(parameters, lr=lr)
     if name == "adagrad":
-        return RowAdagrad(model.parameters(), lr=lr)
+        return RowAdagrad(parameters, lr=lr)
+    if name == "rowwise_adagrad":
+        return RowwiseAdagrad(parameters, lr=lr)
     if name == "adam":  # tables (sparse gradients) update only the rows a batch touched
-        return RowAdam(model.parameters(), lr=lr)
-    adam = torch.optim.Adam(model.parameters(), lr=lr)  # "adam_dense": every row of every table, every step
+        return RowAdam(parameters, lr=lr)
+    adam = torch.optim.Adam(parameters, lr=lr)  # "adam_dense": every row of every table, every step
     track_row_steps(adam)  # rows that change owner (CAFE, CCE) keep their own Adam step, across resumes too
     return adam
 

@@ -1,5 +1,7 @@
 """RowAdam: torch's Adam where every row is touched, untouched rows left alone, a reset row starts afresh."""
 
+import copy
+
 import pytest
 import torch
 
@@ -160,3 +162,92 @@ def test_the_device_code_path_updates_rows_exactly_as_the_cpu_path(name):
     (table_a, layer_a, state_a), (table_b, layer_b, state_b) = results
     assert torch.equal(table_a, table_b) and torch.equal(layer_a, layer_b)
     assert state_a.keys() == state_b.keys() and all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+
+
+def _rowwise_adagrad_reference(weight, grads, lr, eps=1e-10):
+    """Row-wise Adagrad in plain Python loops: per row, sum += mean(g^2); row -= lr * g / (sqrt(sum) + eps)."""
+    weight, sums = weight.clone().double(), torch.zeros(weight.shape[0], dtype=torch.float64)
+    for grad in grads:  # dense (rows, dim) gradients; a row with an all-zero gradient is not updated (sparse rule)
+        for row in range(weight.shape[0]):
+            g = grad[row].double()
+            if torch.count_nonzero(g) == 0:
+                continue
+            sums[row] += float((g * g).mean())
+            weight[row] -= lr * g / (sums[row].sqrt() + eps)
+    return weight, sums
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_rowwise_adagrad_keeps_one_accumulator_per_row_as_the_reference(packed):
+    from compemb.optim import RowwiseAdagrad
+    from compemb.table_batch import PackedWeights
+
+    torch.manual_seed(0)
+    tables = [torch.nn.Embedding(12, 3, sparse=True), torch.nn.Embedding(7, 3, sparse=True)]
+    if packed:  # side by side in one buffer, updated in one pass
+        PackedWeights(tables, "weight", sparse=True)
+    start = [t.weight.detach().clone() for t in tables]
+    optimizer = RowwiseAdagrad([p for t in tables for p in t.parameters()], lr=0.3)
+    generator = torch.Generator().manual_seed(1)
+    dense_grads: list[list[torch.Tensor]] = [[], []]
+    for _ in range(6):
+        optimizer.zero_grad()
+        loss = 0
+        for table, grads in zip(tables, dense_grads):
+            ids = torch.randint(0, table.num_embeddings, (9,), generator=generator)
+            loss = loss + table(ids).pow(2).sum() + table(ids[:3]).sum()
+        loss.backward()
+        for table, grads in zip(tables, dense_grads):
+            grads.append(table.weight.grad.to_dense().clone())
+        optimizer.step()
+    for table, begin, grads in zip(tables, start, dense_grads):
+        expected_weight, expected_sums = _rowwise_adagrad_reference(begin, grads, lr=0.3)
+        torch.testing.assert_close(table.weight.detach().double(), expected_weight, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(optimizer.state[table.weight]["sum"].double(), expected_sums, rtol=1e-5, atol=0)
+        assert optimizer.state[table.weight]["sum"].shape == (table.num_embeddings,)  # a float per row
+
+
+def test_a_reset_row_of_rowwise_adagrad_starts_its_accumulator_again():
+    from compemb.optim import CombinedOptimizer, RowwiseAdagrad
+
+    table, layer = torch.nn.Embedding(6, 2, sparse=True), torch.nn.Linear(2, 1)
+    optimizer = CombinedOptimizer([RowAdam(layer.parameters(), lr=1e-3),
+                                   RowwiseAdagrad(table.parameters(), lr=0.1, initial_accumulator_value=0.5)])
+    for _ in range(3):
+        optimizer.zero_grad()
+        layer(table(torch.tensor([1, 2, 3]))).sum().backward()
+        optimizer.step()
+    sums = optimizer.state[table.weight]["sum"]
+    assert float(sums[2]) > 0.5
+    reset_optimizer_rows(optimizer, table.weight, torch.tensor([2]))  # found through the combined optimizer
+    assert float(sums[2]) == 0.5 and float(sums[1]) > 0.5 and float(sums[0]) == 0.5
+
+
+def test_a_combined_optimizers_state_dict_loads_into_a_fresh_one_and_steps_the_same():
+    from compemb.optim import CombinedOptimizer, RowwiseAdagrad
+
+    def build(seed):
+        torch.manual_seed(seed)
+        table, layer = torch.nn.Embedding(8, 3, sparse=True), torch.nn.Linear(3, 1)
+        optimizer = CombinedOptimizer([RowAdam(layer.parameters(), lr=1e-2),
+                                       RowwiseAdagrad(table.parameters(), lr=0.2)])
+        return table, layer, optimizer
+
+    def step(table, layer, optimizer, ids):
+        optimizer.zero_grad()
+        layer(table(ids)).pow(2).sum().backward()
+        optimizer.step()
+
+    a = build(0)
+    for i in range(3):
+        step(*a, torch.tensor([i, i + 1, 5]))
+    saved = a[2].state_dict()
+    assert [g["lr"] for g in saved["param_groups"]] == [1e-2, 0.2]
+    assert sorted(saved["state"]) == [0, 1, 2]  # layer weight, layer bias, then the table: numbered on
+    b = build(1)
+    b[0].load_state_dict(a[0].state_dict())
+    b[1].load_state_dict(a[1].state_dict())
+    b[2].load_state_dict(copy.deepcopy(saved))  # (torch's load keeps the given tensors: a's steps would reach them)
+    for model in (a, b):
+        step(*model, torch.tensor([2, 7]))
+    assert torch.equal(a[0].weight, b[0].weight) and torch.equal(a[1].weight, b[1].weight)

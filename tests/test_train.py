@@ -25,11 +25,14 @@ def _config(data, out, **overrides):
     return TrainConfig(**settings)
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "adam", "adam_dense"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "adam", "adam_dense", "adam+rowwise_adagrad",
+                                       "adam+adagrad"])
 def test_a_resumed_run_ends_with_the_uninterrupted_runs_metrics(data, tmp_path, optimizer):
-    straight = Trainer(_config(data, tmp_path / "a", optimizer=optimizer)).fit()
-    Trainer(_config(data, tmp_path / "b", optimizer=optimizer)).fit(stop_at=13)  # last checkpoint: step 8
-    resumed_trainer = Trainer(_config(data, tmp_path / "b", optimizer=optimizer), resume=True)
+    dense, _, tables = optimizer.partition("+")  # MLPs + tables: their own optimizers, combined
+    options = dict(optimizer=dense, table_optimizer=tables or None, table_lr=0.1 if tables else None)
+    straight = Trainer(_config(data, tmp_path / "a", **options)).fit()
+    Trainer(_config(data, tmp_path / "b", **options)).fit(stop_at=13)  # last checkpoint: step 8
+    resumed_trainer = Trainer(_config(data, tmp_path / "b", **options), resume=True)
     assert resumed_trainer.step == 8
     resumed = resumed_trainer.fit()
     assert resumed["step"] == straight["step"] == 32
@@ -57,6 +60,33 @@ def test_sparse_table_gradients_for_every_optimizer_but_adam_dense(data, tmp_pat
         tables = list(trainer.model.embeddings.embeddings.values())
         assert all(table.sparse == sparse for table in tables if table.compresses)
         assert isinstance(trainer.optimizer, RowAdam) == (optimizer == "adam")
+
+
+def test_tables_and_mlps_take_their_own_optimizers_and_learning_rates(data, tmp_path):
+    from compemb.embeddings.base import CompressedEmbedding
+    from compemb.optim import CombinedOptimizer, RowAdam, RowwiseAdagrad
+
+    trainer = Trainer(_config(data, tmp_path / "split", optimizer="adam", lr=1e-3,
+                              table_optimizer="rowwise_adagrad", table_lr=0.2))
+    mlps, tables = trainer.optimizer.optimizers
+    assert isinstance(trainer.optimizer, CombinedOptimizer)
+    assert isinstance(mlps, RowAdam) and isinstance(tables, RowwiseAdagrad)
+    table_ids = {id(p) for m in trainer.model.modules() if isinstance(m, CompressedEmbedding) for p in m.parameters()}
+    assert {id(p) for g in tables.param_groups for p in g["params"]} == table_ids
+    assert {id(p) for g in mlps.param_groups for p in g["params"]} == \
+        {id(p) for p in trainer.model.parameters()} - table_ids
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == [1e-3, 0.2]
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    trainer.fit(stop_at=4)
+    moved = [name for name, p in trainer.model.named_parameters() if not torch.equal(before[name], p)]
+    assert any("embeddings" in name for name in moved) and any("bottom" in name for name in moved)
+    # the same optimizer and lr named twice is the one optimizer of before
+    same = Trainer(_config(data, tmp_path / "same", optimizer="adam", table_optimizer="adam", table_lr=0.05, lr=0.05))
+    assert isinstance(same.optimizer, RowAdam)
+    with pytest.raises(ValueError, match="table_optimizer must be one of"):
+        _config(data, tmp_path / "bad", table_optimizer="lamb")
+    with pytest.raises(ValueError, match="table_lr must be a positive"):
+        _config(data, tmp_path / "bad", table_lr=-1.0)
 
 
 def test_bad_settings_are_named(data, tmp_path):

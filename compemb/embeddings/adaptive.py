@@ -41,7 +41,8 @@ from compemb import distributed
 from compemb.budget import MemoryReport
 from compemb.embeddings.base import CompressedEmbedding
 from compemb.kernels import device_path
-from compemb.optim import ROW_STEP_KEY, RowAdam  # ROW_STEP_KEY: per-row step a row's Adam state was reset at
+# ROW_STEP_KEY: per-row step a row's Adam state was reset at
+from compemb.optim import ROW_STEP_KEY, CombinedOptimizer, RowAdam, RowwiseAdagrad
 
 IMPORTANCE = ("gradient", "frequency")
 _SETTLED = 1e-7  # beta^age below this: the shared bias correction is the row's own
@@ -60,9 +61,11 @@ def reset_optimizer_rows(optimizer: torch.optim.Optimizer | None, param: Tensor,
     fixed shapes, without reading anything back (the device code path's promotions).
 
     Every state tensor shaped like ``param`` (Adam's ``exp_avg``/``exp_avg_sq``/``max_exp_avg_sq``, Adagrad's
-    ``sum``, momentum buffers), dense or sparse, gets those rows set to their initial value: zero, or Adagrad's
-    ``initial_accumulator_value`` for ``sum``. For Adam and AdamW the rows also restart their own step count
-    (see the module docstring), so their next update is a first update, no larger than a new parameter's.
+    ``sum``, momentum buffers), dense or sparse, and row-wise Adagrad's per-row ``sum``, gets those rows set to
+    their initial value: zero, or Adagrad's ``initial_accumulator_value`` for ``sum``. Under a
+    :class:`~compemb.optim.CombinedOptimizer` the optimizer that holds ``param`` does it. For Adam and AdamW the
+    rows also restart their own step count (see the module docstring), so their next update is a first update, no
+    larger than a new parameter's.
 
     Example::
 
@@ -75,6 +78,11 @@ def reset_optimizer_rows(optimizer: torch.optim.Optimizer | None, param: Tensor,
         >>> round(float(before[0, 0] - weight.detach()[0, 0]), 4)  # the reset row moves by lr, as on a first step
         0.1
     """
+    if isinstance(optimizer, CombinedOptimizer):  # the tables' own optimizer beside the MLPs'
+        try:
+            optimizer = optimizer.owner(param)
+        except KeyError:
+            return
     if optimizer is None or rows.numel() == 0 or param not in optimizer.state:
         return
     if where is not None and any(isinstance(v, Tensor) and v.is_sparse for v in optimizer.state[param].values()):
@@ -82,7 +90,9 @@ def reset_optimizer_rows(optimizer: torch.optim.Optimizer | None, param: Tensor,
     state = optimizer.state[param]
     group = next(g for g in optimizer.param_groups if any(p is param for p in g["params"]))
     for key, value in list(state.items()):
-        if key == ROW_STEP_KEY or not isinstance(value, Tensor) or value.dim() == 0 or value.shape != param.shape:
+        per_row = isinstance(optimizer, RowwiseAdagrad) and key == "sum"  # one value per row
+        if key == ROW_STEP_KEY or not isinstance(value, Tensor) or value.dim() == 0 or \
+                (value.shape != param.shape and not per_row):
             continue
         fill = float(group.get("initial_accumulator_value", 0.0)) if key == "sum" else 0.0
         index = rows.to(value.device, torch.long)
