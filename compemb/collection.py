@@ -84,6 +84,28 @@ class Bags:
     weights: Tensor | None = None
 
     @classmethod
+    def from_offsets(cls, values: Tensor, offsets: Tensor, weights: Tensor | None = None, *,
+                     include_last_offset: bool = False) -> Bags:
+        """Bags from nn.EmbeddingBag's offsets: one per bag (``include_last_offset=False``, the bags then end at
+        ``len(values)``), or one per bag and a last one that must be ``len(values)``.
+
+        Example::
+
+            >>> Bags.from_offsets(torch.arange(5), torch.tensor([0, 2])).offsets.tolist()
+            [0, 2, 5]
+        """
+        if not isinstance(offsets, Tensor) or offsets.dim() != 1 or offsets.is_floating_point():
+            raise ValueError("bag offsets must be a 1-D integer tensor")
+        if include_last_offset:
+            if len(offsets) == 0 or int(offsets[-1]) != len(values):
+                last = int(offsets[-1]) if len(offsets) else None
+                raise ValueError(f"with include_last_offset, offsets[-1] must be len(values) = {len(values)}, got "
+                                 f"{last}")
+            return cls(values, offsets.long(), weights)
+        end = torch.tensor([len(values)], dtype=torch.int64, device=offsets.device)
+        return cls(values, torch.cat([offsets.long(), end]), weights)
+
+    @classmethod
     def from_lengths(cls, values: Tensor, lengths: Tensor, weights: Tensor | None = None) -> Bags:
         """Bags from per-row lengths (as KJTs also carry them) instead of offsets."""
         offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64, device=lengths.device)
@@ -196,7 +218,8 @@ class EmbeddingCollection(torch.nn.Module):
                                    **common, **options)
             self.embeddings = torch.nn.ModuleDict({"shared": table})
             return
-        full_options = {key: value for key, value in options.items() if key in ("sparse", "mode", "init")}
+        full_options = {key: value for key, value in options.items()
+                        if key in ("sparse", "mode", "init", "include_last_offset")}
 
         def build(index: int, budget_bytes: int | None, last: bool = False) -> CompressedEmbedding:
             feature = features[index]
@@ -327,7 +350,8 @@ class EmbeddingCollection(torch.nn.Module):
             values = values + self.offsets[index]
         else:
             table = self.embeddings[name]
-        vectors = table(values, offsets[:-1], weights)
+        # the table takes nn.EmbeddingBag's offsets: batch of them, or batch + 1 if it was built include_last_offset
+        vectors = table(values, offsets if table.include_last_offset else offsets[:-1], weights)
         if table.mode != pooling:  # the table reduces by its own mode; convert sum <-> mean by the bag sizes
             sizes = (offsets[1:] - offsets[:-1]).clamp(min=1).unsqueeze(1).to(vectors.dtype)
             vectors = vectors / sizes if pooling == "mean" else vectors * sizes

@@ -51,6 +51,25 @@ def test_bags_pool_by_sum_mean_and_weights_as_a_loop_does():
     torch.testing.assert_close(out[:, 2], collection.embeddings["c"](torch.tensor([1, 2, 3])))
 
 
+@pytest.mark.parametrize("method", ["full", "hash", "cafe"])
+def test_embedding_bag_style_offsets_make_the_same_bags_in_a_collection_whose_tables_take_either(method):
+    features = [Feature("a", 500, "sum"), Feature("c", 10)]
+    values, ids = torch.tensor([3, 9, 9, 1, 7]), torch.tensor([[1], [2], [3]])
+    bags = Bags(values, torch.tensor([0, 2, 2, 5]))
+    assert torch.equal(Bags.from_offsets(values, torch.tensor([0, 2, 2])).offsets, bags.offsets)
+    assert torch.equal(Bags.from_offsets(values, bags.offsets, include_last_offset=True).offsets, bags.offsets)
+    with pytest.raises(ValueError, match="offsets\\[-1\\] must be len\\(values\\) = 5, got 2"):
+        Bags.from_offsets(values, torch.tensor([0, 2, 2]), include_last_offset=True)  # B given, B + 1 declared
+    outputs = []
+    for last in (False, True):  # tables built either way pool the collection's B + 1 offsets alike
+        collection = EmbeddingCollection(features, 4, method, compression=None if method == "full" else 2, seed=0,
+                                         include_last_offset=last)
+        assert collection.embeddings["a"].include_last_offset == last
+        outputs.append(collection(ids, {"a": bags}))
+    torch.testing.assert_close(outputs[0], outputs[1])
+    assert outputs[0].shape == (3, 2, 4)
+
+
 def test_bad_bags_say_what_is_wrong():
     collection = EmbeddingCollection([Feature("a", 50), Feature("b", 50, "mean")], 4, "full", seed=0)
     ids = torch.tensor([[1], [2]])

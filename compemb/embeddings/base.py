@@ -45,11 +45,14 @@ class CompressedEmbedding(torch.nn.Module, ABC):
         name: the feature's name, used in error messages.
         init: the scale an id's untrained vector starts at (see :attr:`init_bound`): ``"dlrm"`` (default) the
             DLRM reference's U(-sqrt(1/n), sqrt(1/n)) for n ids, ``"uniform_dim"`` U(-1/sqrt(d), 1/sqrt(d)).
+        include_last_offset: as nn.EmbeddingBag's: ``offsets`` has one entry more than there are bags, the last
+            being ``len(ids)`` (the KeyedJaggedTensor layout); one that is not is an error, not an empty bag.
 
     Shape:
         - ``forward(ids)``: ids ``(*)`` -> ``(*, embedding_dim)``, like nn.Embedding.
-        - ``forward(ids, offsets)``: ids ``(N,)``, offsets ``(B,)`` -> ``(B, embedding_dim)``, like
-          nn.EmbeddingBag: bag b holds ``ids[offsets[b]:offsets[b+1]]``; an empty bag gives zeros;
+        - ``forward(ids, offsets)``: ids ``(N,)``, offsets ``(B,)`` (``(B + 1,)`` with ``include_last_offset``)
+          -> ``(B, embedding_dim)``, like nn.EmbeddingBag: bag b holds ``ids[offsets[b]:offsets[b+1]]``; an
+          empty bag gives zeros;
           ``per_sample_weights`` ``(N,)`` scales each id's vector (mode ``"sum"`` only).
     """
 
@@ -80,6 +83,7 @@ class CompressedEmbedding(torch.nn.Module, ABC):
         sparse: bool = False,
         name: str | None = None,
         init: str = "dlrm",
+        include_last_offset: bool = False,
     ) -> None:
         super().__init__()
         if num_embeddings is None:
@@ -98,6 +102,7 @@ class CompressedEmbedding(torch.nn.Module, ABC):
         self.embedding_dim = int(embedding_dim)
         self.mode = mode
         self.sparse = bool(sparse)
+        self.include_last_offset = bool(include_last_offset)
         self.name = name
 
     @classmethod
@@ -173,6 +178,15 @@ class CompressedEmbedding(torch.nn.Module, ABC):
                 raise ValueError("per_sample_weights needs offsets (it weighs ids inside bags)")
             ids = self.check_ids(ids)
             return self.lookup(ids.reshape(-1)).view(*ids.shape, self.embedding_dim)
+        if self.include_last_offset:  # B + 1 offsets, the last one len(ids): it closes bag B - 1, it opens none
+            offsets = self._as_int64(offsets, "offsets")
+            if offsets.dim() != 1 or offsets.numel() == 0:
+                raise ValueError(f"{self._who()}: with include_last_offset, offsets must be 1-D with batch + 1 >= 1 "
+                                 f"entries, got shape {tuple(offsets.shape)}")
+            if not device_path(offsets) and int(offsets[-1]) != ids.numel():
+                raise ValueError(f"{self._who()}: with include_last_offset, offsets[-1] must be the number of ids "
+                                 f"{ids.numel()}, got {int(offsets[-1])}")
+            offsets = offsets[:-1]
         ids, offsets, per_sample_weights, one_id_per_bag = self._check_bags(ids, offsets, per_sample_weights)
         return self.lookup_bags(ids, offsets, per_sample_weights, one_id_per_bag)
 

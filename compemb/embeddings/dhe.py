@@ -85,9 +85,10 @@ class DeepHashEmbedding(CompressedEmbedding):
         sparse: bool = False,
         name: str | None = None,
         init: str = "dlrm",
+        include_last_offset: bool = False,
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name, init=init)
+        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name, init=init, include_last_offset=include_last_offset)
         if encoding not in ENCODINGS:
             raise ValueError(f"{self._who()}: encoding must be one of {ENCODINGS}, got {encoding!r}")
         self.encoding = encoding

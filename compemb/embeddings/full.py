@@ -43,9 +43,10 @@ class FullEmbedding(CompressedEmbedding):
         sparse: bool = False,
         name: str | None = None,
         init: str = "dlrm",
+        include_last_offset: bool = False,
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name, init=init)
+        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name, init=init, include_last_offset=include_last_offset)
         if compression is None and num_params is None:
             budget = Budget(full_table_bytes(num_embeddings, embedding_dim))
         else:

@@ -45,9 +45,10 @@ class _HashedTable(CompressedEmbedding):
         sparse: bool,
         name: str | None,
         init: str,
+        include_last_offset: bool,
         device: torch.device | str | None,
     ) -> None:
-        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name, init=init)
+        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name, init=init, include_last_offset=include_last_offset)
         budget = resolve_budget(num_embeddings, embedding_dim, compression=compression, num_params=num_params)
         # tables * row_dim == embedding_dim, so the budget buys `rows` rows in every table
         hash_bytes = coefficient_bytes(num_hashes)
@@ -123,11 +124,12 @@ class HashingTrickEmbedding(_HashedTable):
         sparse: bool = False,
         name: str | None = None,
         init: str = "dlrm",
+        include_last_offset: bool = False,
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__(
             num_embeddings, embedding_dim, row_dim=embedding_dim, tables=1, num_hashes=1,
-            compression=compression, num_params=num_params, seed=seed, mode=mode, sparse=sparse, name=name, init=init,
+            compression=compression, num_params=num_params, seed=seed, mode=mode, sparse=sparse, name=name, init=init, include_last_offset=include_last_offset,
             device=device,
         )
 
@@ -177,6 +179,7 @@ class CompositionalEmbedding(_HashedTable):
         sparse: bool = False,
         name: str | None = None,
         init: str = "dlrm",
+        include_last_offset: bool = False,
         device: torch.device | str | None = None,
     ) -> None:
         if columns < 1 or embedding_dim % columns:
@@ -185,7 +188,7 @@ class CompositionalEmbedding(_HashedTable):
         super().__init__(
             num_embeddings, embedding_dim, row_dim=embedding_dim // columns, tables=columns,
             num_hashes=columns, compression=compression, num_params=num_params, seed=seed, mode=mode,
-            sparse=sparse, name=name, init=init, device=device,
+            sparse=sparse, name=name, init=init, include_last_offset=include_last_offset, device=device,
         )
 
     def lookup(self, ids: Tensor) -> Tensor:
@@ -232,6 +235,7 @@ class BloomEmbedding(_HashedTable):
         sparse: bool = False,
         name: str | None = None,
         init: str = "dlrm",
+        include_last_offset: bool = False,
         device: torch.device | str | None = None,
     ) -> None:
         if num_hashes < 1:
@@ -239,7 +243,7 @@ class BloomEmbedding(_HashedTable):
         self.num_hashes = num_hashes
         super().__init__(
             num_embeddings, embedding_dim, row_dim=embedding_dim, tables=1, num_hashes=num_hashes,
-            compression=compression, num_params=num_params, seed=seed, mode=mode, sparse=sparse, name=name, init=init,
+            compression=compression, num_params=num_params, seed=seed, mode=mode, sparse=sparse, name=name, init=init, include_last_offset=include_last_offset,
             device=device,
         )
 

@@ -53,9 +53,10 @@ class LowRankEmbedding(CompressedEmbedding):
         sparse: bool = False,
         name: str | None = None,
         init: str = "dlrm",
+        include_last_offset: bool = False,
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name, init=init)
+        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name, init=init, include_last_offset=include_last_offset)
         budget = resolve_budget(num_embeddings, embedding_dim, compression=compression, num_params=num_params)
         n, d, floats = self.num_embeddings, self.embedding_dim, budget.num_bytes / FLOAT_BYTES
         largest = n * d  # beyond the full table's size the full table is the better choice

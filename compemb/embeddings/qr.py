@@ -95,9 +95,10 @@ class QREmbedding(CompressedEmbedding):
         sparse: bool = False,
         name: str | None = None,
         init: str = "dlrm",
+        include_last_offset: bool = False,
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name, init=init)
+        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name, init=init, include_last_offset=include_last_offset)
         if operation not in OPERATIONS:
             raise ValueError(f"qr: operation must be one of {OPERATIONS}, got {operation!r}")
         if operation == "concat" and embedding_dim < 2:

@@ -44,9 +44,10 @@ class _FlatArray(CompressedEmbedding):
         sparse: bool,
         name: str | None,
         init: str,
+        include_last_offset: bool,
         device: torch.device | str | None,
     ) -> None:
-        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name, init=init)
+        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name, init=init, include_last_offset=include_last_offset)
         budget = resolve_budget(num_embeddings, embedding_dim, compression=compression, num_params=num_params)
         hash_bytes = coefficient_bytes(num_hashes * (2 if signed else 1))
         self.size = max(min_size, round((budget.num_bytes - hash_bytes) / FLOAT_BYTES))
@@ -130,6 +131,7 @@ class ROBEEmbedding(_FlatArray):
         sparse: bool = False,
         name: str | None = None,
         init: str = "dlrm",
+        include_last_offset: bool = False,
         device: torch.device | str | None = None,
     ) -> None:
         if chunks < 1 or embedding_dim % chunks:
@@ -138,7 +140,7 @@ class ROBEEmbedding(_FlatArray):
         self.chunk_size = embedding_dim // chunks
         super().__init__(
             num_embeddings, embedding_dim, num_hashes=chunks, min_size=self.chunk_size, signed=signed,
-            compression=compression, num_params=num_params, seed=seed, mode=mode, sparse=sparse, name=name, init=init,
+            compression=compression, num_params=num_params, seed=seed, mode=mode, sparse=sparse, name=name, init=init, include_last_offset=include_last_offset,
             device=device,
         )
 
@@ -185,11 +187,12 @@ class HashedNetsEmbedding(_FlatArray):
         sparse: bool = False,
         name: str | None = None,
         init: str = "dlrm",
+        include_last_offset: bool = False,
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__(
             num_embeddings, embedding_dim, num_hashes=embedding_dim, min_size=1, signed=signed,
-            compression=compression, num_params=num_params, seed=seed, mode=mode, sparse=sparse, name=name, init=init,
+            compression=compression, num_params=num_params, seed=seed, mode=mode, sparse=sparse, name=name, init=init, include_last_offset=include_last_offset,
             device=device,
         )
 

@@ -42,6 +42,29 @@ def test_bags_equal_reduced_members_and_empty_bags_are_zero(name, mode):
 
 
 @pytest.mark.parametrize("name", ALL_METHODS)
+def test_include_last_offset_takes_batch_plus_one_offsets_as_embedding_bag_does(name):
+    last = build(name, include_last_offset=True)
+    ids = torch.randint(0, 1000, (12,))
+    offsets = torch.tensor([0, 0, 3, 7, 12])  # four bags, the last offset closing the last one
+    expected = reference_bags(last, ids, offsets[:-1])
+    torch.testing.assert_close(last(ids, offsets).double(), expected, rtol=1e-5, atol=1e-6)
+    assert last(ids, offsets).shape == (4, 8)
+    with pytest.raises(ValueError, match=r"offsets\[-1\] must be the number of ids 12, got 7"):
+        last(ids, offsets[:-1])  # B offsets given where B + 1 were declared: an error, not a bag too few
+    with pytest.raises(ValueError, match="batch \\+ 1 >= 1"):
+        last(ids, torch.zeros(0, dtype=torch.long))
+
+
+def test_include_last_offset_agrees_with_torch_embedding_bag():
+    reference = torch.nn.EmbeddingBag(50, 4, mode="sum", include_last_offset=True)
+    table = build("full", num_embeddings=50, embedding_dim=4, include_last_offset=True)
+    with torch.no_grad():
+        table.weight.copy_(reference.weight)
+    ids, offsets = torch.randint(0, 50, (9,)), torch.tensor([0, 2, 2, 9])
+    torch.testing.assert_close(table(ids, offsets), reference(ids, offsets))
+
+
+@pytest.mark.parametrize("name", ALL_METHODS)
 def test_per_sample_weights_scale_members(name):
     module = build(name)
     ids = torch.randint(0, 1000, (9,))
