@@ -59,7 +59,7 @@ def worker(data: str, out: str, method: str) -> None:
     config = TrainConfig(data=data, out=out, method=method, compression=100, embedding_dim=16, bottom=(64,),
                          top=(64,), optimizer="adagrad", lr=0.05, batch_size=2048, epochs=1, seed=0,
                          checkpoint_minutes=0, method_options={"cluster_every": 40} if method == "cce" else {})
-    trainer = Trainer(config)
+    trainer = Trainer(config, overwrite=True)
     result = trainer.fit()
     if distributed.rank() == 0:
         steps = trainer.total_steps

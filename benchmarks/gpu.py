@@ -62,7 +62,7 @@ def time_method(config: TrainConfig, warmup: int, steps: int, sync_steps: int) -
     device = torch.device(config.device)
     _peak_reset(device)
     started = time.perf_counter()
-    trainer = Trainer(config)
+    trainer = Trainer(config, overwrite=True)
     built = time.perf_counter() - started
     rounds = lambda: sum(sum(m.progress().values()) for m in trainer.model.modules()  # noqa: E731
                          if isinstance(m, CompressedEmbedding))

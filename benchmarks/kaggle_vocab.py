@@ -36,7 +36,7 @@ METHOD_OPTIONS = {"cce": {"cluster_every": 400}}
 
 def child(config: TrainConfig, result_path: Path) -> None:
     """Train ``config`` in this process and write what it measured to ``result_path``."""
-    trainer = Trainer(config)
+    trainer = Trainer(config, overwrite=True)
     last = trainer.fit()
     memory = trainer.model.embeddings.memory().total  # type: ignore[union-attr]  # all features together
     test = trainer.evaluate("test")

@@ -33,7 +33,7 @@ def train_compemb(plain: PlainConfig, out: str) -> dict[str, float]:
     config = TrainConfig(data=plain.data, out=out, method="full", embedding_dim=plain.embedding_dim,
                          bottom=plain.bottom, top=plain.top, optimizer=plain.optimizer, lr=plain.lr,
                          batch_size=plain.batch_size, epochs=plain.epochs, seed=plain.seed, init=plain.init)
-    trainer = Trainer(config)
+    trainer = Trainer(config, overwrite=True)
     last = trainer.fit()
     test = trainer.evaluate("test")
     return {"test_bce": test["bce"], "test_auc": test["auc"], "samples_per_s": last["samples_per_s"]}

@@ -88,6 +88,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     resume = args.resume or args.resume_or_start or args.resume_from != "last"
     if overrides and not resume:
         raise ValueError("--override changes a setting of the run being resumed: give it with --resume")
+    if args.overwrite and resume:
+        raise ValueError("--overwrite replaces the run in --out, --resume continues it: give one of them")
     if args.nproc < 1:
         raise ValueError(f"--nproc must be a positive number of processes, got {args.nproc}")
     if args.nproc > 1 and not distributed.launched():  # torchrun starts the ranks, each running this command
@@ -95,7 +97,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                    "-m", "compemb", *_without_nproc(args.argv)]
         return subprocess.run(command).returncode
     trainer = Trainer(config, resume=resume, start_if_missing=args.resume_or_start, resume_from=args.resume_from,
-                      allow_changes=tuple(overrides))
+                      allow_changes=tuple(overrides), overwrite=args.overwrite)
     result = trainer.fit()
     if distributed.rank() == 0:
         print(json.dumps(result, indent=2))
@@ -436,6 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0, help="seeds the tables, the hashes, the MLPs and --shuffle")
     train.add_argument("--resume", action="store_true",
                        help="continue from the run's last checkpoint (an error if it has none, or other settings)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace the run --out holds (its checkpoints and metrics.jsonl; nothing else there)")
     train.add_argument("--resume-or-start", action="store_true",
                        help="as --resume, but start fresh (saying so) where the run has no checkpoint")
     train.add_argument("--resume-from", choices=("last", "previous"), default="last",

@@ -58,6 +58,19 @@ KILL_WHILE_WRITING = "COMPEMB_TEST_KILL_WHILE_WRITING_STEP"
 LAST, NEXT, PREVIOUS, BEST = "last", "next", "previous", "best"
 
 
+class RunExistsError(ValueError):
+    """A fresh run asked to write into a directory that holds another run's checkpoints or metrics."""
+
+
+def run_files(run: str | os.PathLike) -> list[Path]:
+    """The files of a run compemb wrote in ``run`` (its metrics and checkpoints, finished or half-written)."""
+    directory = Path(run)
+    stems = [directory / CHECKPOINTS / name for name in (LAST, NEXT, PREVIOUS, BEST)]
+    candidates = [directory / "metrics.jsonl", *(Path(f"{stem}{suffix}") for stem in stems
+                                                 for suffix in (".safetensors", ".json"))]
+    return [path for path in candidates if path.is_file()]
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed from (missing, damaged, or of another config); the message says why."""
 
@@ -159,10 +172,15 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig, resume: bool = False, *, start_if_missing: bool = False,
-                 resume_from: str = LAST, allow_changes: tuple[str, ...] = ()) -> None:
+                 resume_from: str = LAST, allow_changes: tuple[str, ...] = (), overwrite: bool = False) -> None:
         """``resume``: continue from the run's newest complete checkpoint (``resume_from="previous"``: the one
         before); with none, CheckpointError unless ``start_if_missing``. The config must equal the checkpoint's
-        but for ``allow_changes`` (a subset of :data:`OVERRIDABLE`) and the settings that change no result."""
+        but for ``allow_changes`` (a subset of :data:`OVERRIDABLE`) and the settings that change no result.
+
+        A fresh run (not resumed) whose ``out`` already holds a run (checkpoints or ``metrics.jsonl``) is refused
+        by :meth:`fit` with a RunExistsError, touching nothing, unless ``overwrite``: then the old run's files
+        (only those: its checkpoints and metrics) are removed when training starts. Building a Trainer to load
+        and evaluate a checkpoint writes nothing."""
         bad = [name for name in allow_changes if name not in OVERRIDABLE]
         if bad:
             raise ValueError(f"cannot change {bad} when resuming; the settings that may change: {', '.join(OVERRIDABLE)}")
@@ -213,6 +231,8 @@ class Trainer:
         # the loss's moving average stays on the device: reading a CUDA loss every step would wait for the step
         self._running_loss = torch.zeros((), dtype=torch.float64, device=self.device)
         self._last_checkpoint = (0, time.monotonic())  # (step, when) of the last checkpoint written or loaded
+        # --resume-or-start with nothing to resume starts afresh: what a run left before its first checkpoint goes
+        self.overwrite, self._resumed = overwrite or (resume and start_if_missing), False
         if resume:
             stem = find_checkpoint(self.out, resume_from)
             if stem is None:
@@ -223,11 +243,14 @@ class Trainer:
             else:
                 self._check_config(stem, allow_changes)
                 self.load(stem)
+                self._resumed = True
                 _set_learning_rates(self.optimizer, config)  # an allowed new lr wins over the checkpoint's
 
     def fit(self, stop_at: int | None = None) -> dict[str, Any]:
         """Train to the end (or to step ``stop_at``, as an interruption would); return the last evaluation."""
         config = self.config
+        if not self._resumed and self.step == 0:
+            self._claim_run_directory()
         stop = self.total_steps if stop_at is None else min(stop_at, self.total_steps)
         adaptive = [m for m in self.model.modules() if isinstance(m, CompressedEmbedding)]
         for module in adaptive:  # schedules given as a fraction of the run (CCE's cluster_until) need its length
@@ -271,6 +294,21 @@ class Trainer:
                     self._write_last()
         distributed.barrier()  # rank 0's checkpoints are written when any rank returns
         return result
+
+    def _claim_run_directory(self) -> None:
+        """Before a fresh run writes anything: refuse an ``out`` that holds another run, or (``overwrite``) remove
+        that run's files, and only them."""
+        files = run_files(self.out)
+        distributed.barrier()  # every rank has looked before rank 0 removes anything
+        if files and not self.overwrite:
+            raise RunExistsError(f"{self.out} holds a run ({', '.join(str(f.relative_to(self.out)) for f in files[:3])}"
+                                 f"{', ...' if len(files) > 3 else ''}): --resume continues it, --overwrite replaces "
+                                 f"it (Trainer(overwrite=True)), or give another --out")
+        if files and self.rank == 0:
+            for path in files:
+                path.unlink(missing_ok=True)
+        distributed.barrier()
+        self._last_checkpoint = (0, time.monotonic())
 
     def train_step(self, batch: tuple[torch.Tensor, ...], adaptive: list[CompressedEmbedding]) -> None:
         """One step on a batch as :meth:`_prepared_batch` gives it: forward, backward, the optimizer's step, the

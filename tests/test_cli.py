@@ -62,6 +62,30 @@ def test_train_then_eval_a_checkpoint(tmp_path, capsys):
     assert evaluated["bce"] == pytest.approx(trained["bce"]) and evaluated["step"] == trained["step"] == 4
 
 
+def test_a_second_train_into_a_run_directory_is_refused_unless_told_to_resume_or_overwrite(tmp_path, capsys):
+    data = tmp_path / "synth"
+    assert main(["synth", "--out", str(data), "--train-rows", "1024", "--eval-rows", "256", "--scale", "1e-4"]) == 0
+    run = tmp_path / "run"
+    common = ["--data", str(data), "--dim", "8", "--bottom", "8", "--top", "8", "--batch-size", "256", "--out", str(run)]
+    assert main(["train", *common, "--method", "hash", "--compression", "4"]) == 0
+    (run / "notes.txt").write_text("mine")
+    before = {path: path.read_bytes() for path in run.rglob("*") if path.is_file()}
+    capsys.readouterr()
+    assert main(["train", *common, "--method", "cafe", "--compression", "4"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"compemb: error: {run} holds a run") and "--overwrite" in error
+    assert error.count("\n") == 1  # one line, no traceback
+    assert {path: path.read_bytes() for path in run.rglob("*") if path.is_file()} == before  # nothing touched
+    assert main(["train", *common, "--method", "cafe", "--compression", "4", "--overwrite", "--resume"]) == 2
+    assert "give one of them" in capsys.readouterr().err
+    assert main(["train", *common, "--method", "cafe", "--compression", "4", "--overwrite"]) == 0
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and '"step": 4' in lines[0]  # the new run's evaluation only
+    assert (run / "notes.txt").read_text() == "mine"  # what compemb did not write stays
+    best = (run / "checkpoints" / "best.json").read_text()
+    assert '"method": "cafe"' in best
+
+
 def test_preprocess_criteo_prints_counts_that_reconcile(tmp_path, capsys):
     good = "0\t" + "\t".join(["1"] * 13) + "\t" + "\t".join(["abc"] * 26) + "\n"
     (tmp_path / "in.txt").write_text(good * 5 + "x\n" + good)

@@ -178,3 +178,29 @@ def test_prefetching_batches_on_a_thread_trains_the_same_weights(data, tmp_path)
         states.append(trainer.model.state_dict())
     for name, value in states[0].items():
         assert torch.equal(value, states[1][name]), name
+
+
+def test_a_fresh_trainer_refuses_a_directory_holding_a_run_and_an_evaluating_one_writes_nothing(data, tmp_path):
+    from compemb.train import RunExistsError
+
+    run = tmp_path / "run"
+    Trainer(_config(data, run, epochs=1)).fit()
+    files = {path: path.read_bytes() for path in run.rglob("*") if path.is_file()}
+    with pytest.raises(RunExistsError, match="holds a run"):
+        Trainer(_config(data, run, epochs=1, method="full", compression=None)).fit()
+    evaluating = Trainer(_config(data, run, epochs=1))  # built to load a checkpoint: allowed, writes nothing
+    evaluating.load(run / "checkpoints" / "best")
+    evaluating.evaluate("val")
+    assert {path: path.read_bytes() for path in run.rglob("*") if path.is_file()} == files
+    replaced = Trainer(_config(data, run, epochs=1, method="full", compression=None), overwrite=True).fit()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["bce"] == replaced["bce"] and len(records) == 2  # the new run's two evaluations only
+
+
+def test_resume_or_start_without_a_checkpoint_starts_afresh_over_what_a_run_left(data, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 8, "bce": 0.7}\n')  # a run killed before its first checkpoint
+    result = Trainer(_config(data, run, epochs=1), resume=True, start_if_missing=True).fit()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [8, 16] and records[-1]["bce"] == result["bce"]

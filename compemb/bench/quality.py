@@ -136,7 +136,7 @@ def _run_one(base: TrainConfig, method: str, ratio: float, seed: int, out: Path)
         shutil.rmtree(run)  # made with other settings: train again rather than report a stale result
     row = SweepRow(method, ratio, seed)
     try:
-        trainer = Trainer(config)
+        trainer = Trainer(config, overwrite=True)  # a run an interrupted sweep left unfinished starts again
     except ValueError as error:  # the method cannot meet this budget: say why (kept, so it is not retried), go on
         row.note = str(error)
         atomic_write_text(run / "result.json", json.dumps({**asdict(row), "config": asdict(config)}, indent=2) + "\n")

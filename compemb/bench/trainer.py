@@ -57,7 +57,7 @@ def measure_trainer_overhead(base: TrainConfig, rounds: int = 7, steps: int = 30
     os.environ.setdefault("TQDM_DISABLE", "1")
     config = dataclasses.replace(base, epochs=10**6, eval_every=0, evals_per_epoch=0, checkpoint_minutes=0,
                                  checkpoint_epochs=False)  # steps only: no evaluation or checkpoint in the blocks
-    trainer = Trainer(config)
+    trainer = Trainer(config, overwrite=True)
     minimal = MinimalLoop(trainer)
     trainer.fit(stop_at=3)  # warm up both: the first steps allocate optimizer state
     minimal.run(3)
