@@ -266,3 +266,21 @@ def check_id_ranges(tables: Sequence[torch.nn.Module], ids: Tensor, sizes: Tenso
         row, column = (int(v) for v in bad.nonzero()[0])
         table = tables[column]
         raise ValueError(f"{table._who()}: id {int(ids[row, column])} is outside [0, {table.num_embeddings})")
+
+
+class IdRanges:
+    """A table batch's range rule: ids of column j must lie in ``[0, num_embeddings_j)`` when every table has a
+    closed vocabulary (``num_embeddings`` given), as each table's own lookup requires; nothing with an open one."""
+
+    def __init__(self, tables: Sequence[torch.nn.Module]) -> None:
+        self.tables = list(tables)
+        closed = all(getattr(t, "num_embeddings", None) is not None for t in self.tables)
+        self.sizes = torch.tensor([t.num_embeddings for t in self.tables]) if closed else None
+
+    def check(self, ids: Tensor) -> None:
+        """Raise the column's table's ValueError for an id outside its range (a device-side assert on a device)."""
+        if self.sizes is None or ids.numel() == 0:
+            return
+        if self.sizes.device != ids.device:
+            self.sizes = self.sizes.to(ids.device)
+        check_id_ranges(self.tables, ids, self.sizes)

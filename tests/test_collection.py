@@ -76,6 +76,22 @@ def test_features_get_different_seeds_and_errors_name_the_feature():
         collection(torch.tensor([1, 2]))
 
 
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_refuses_an_id_outside_its_features_range_naming_the_feature(name):
+    options = {"frequencies": {"a": torch.ones(3000, dtype=torch.long), "b": torch.ones(3000, dtype=torch.long)}} \
+        if METHODS[name].needs_frequencies else {}
+    collection = EmbeddingCollection([Feature("a", 3000), Feature("b", 3000)], 8, name,
+                                     compression=None if name == "full" else 2, **options)
+    collection(torch.tensor([[0, 2999]]))
+    for bad in (3000, -1):
+        with pytest.raises(ValueError, match=f"'b': id {bad} is outside \\[0, 3000\\)"):
+            collection(torch.tensor([[1, bad]]))
+    table = collection.embeddings["a"]  # alone too, with ids of any shape and as bags
+    for call in (lambda: table(torch.tensor([[3000]])), lambda: table(torch.tensor([1, 3000]), torch.tensor([0]))):
+        with pytest.raises(ValueError, match="'a': id 3000 is outside \\[0, 3000\\)"):
+            call()
+
+
 def test_the_full_method_needs_no_budget():
     collection = EmbeddingCollection(FEATURES, 4, "full")
     assert collection.memory().total.total == FULL_BYTES // 4

@@ -115,10 +115,11 @@ def test_device_assert_messages_fit_cudas_limit_whatever_the_features(monkeypatc
     assert len(cut) == MAX_DEVICE_MESSAGE and cut.endswith("...")
 
 
-def test_a_bad_id_still_fails_on_the_device_path():
-    collection = EmbeddingCollection([Feature("a", 100), Feature("b", 100)], 4, "qr", compression=2)
+@pytest.mark.parametrize("method", ["qr", "hash", "robe", "hemb", "cafe", "dhe"])
+def test_a_bad_id_still_fails_on_the_device_path(method):
+    collection = EmbeddingCollection([Feature("a", 3000), Feature("b", 3000)], 4, method, compression=2)
     with use_kernels("torch"), pytest.raises(RuntimeError, match="outside its range"):
-        collection(torch.tensor([[1, 100]]))
+        collection(torch.tensor([[1, 3000]]))
     with use_kernels("torch"), pytest.raises(RuntimeError, match="outside its range"):
         EmbeddingCollection([Feature("a", 10)], 4, "hash", compression=2, sharing="shared")(torch.tensor([[-1]]))
 

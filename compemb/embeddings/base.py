@@ -57,7 +57,9 @@ class CompressedEmbedding(torch.nn.Module, ABC):
     """
 
     method_name: ClassVar[str] = ""
-    open_vocabulary: ClassVar[bool] = False  # True: any int64 id is hashed, no range check
+    # True: may be built with num_embeddings=None and then hashes any int64 id; built with a vocabulary, every
+    # method refuses ids outside [0, num_embeddings)
+    open_vocabulary: ClassVar[bool] = False
     compresses: ClassVar[bool] = True  # False only for the full table
     stores_rows: ClassVar[bool] = True  # False: no table (DHE), every parameter serves every id
     title: ClassVar[str] = ""  # a few words, for `compemb methods`
@@ -193,7 +195,7 @@ class CompressedEmbedding(torch.nn.Module, ABC):
     def check_ids(self, ids: Tensor) -> Tensor:
         """Return ``ids`` as int64, or raise TypeError (not integers) / ValueError (out of range)."""
         ids = self._as_int64(ids, "ids")
-        if not self.open_vocabulary and ids.numel() > 0:
+        if self.num_embeddings is not None and ids.numel() > 0:  # one rule for every method built with a vocabulary
             if device_path(ids):  # no host round trip per lookup: a device-side assert
                 assert_ids_in_range(ids, self.num_embeddings, self._who())
             else:
@@ -234,7 +236,7 @@ class CompressedEmbedding(torch.nn.Module, ABC):
                 )
             # the tables' dtype, as nn.EmbeddingBag requires, whichever path the bags take
             per_sample_weights = per_sample_weights.to(self._tables_dtype())
-        closed = not self.open_vocabulary and ids.numel() > 0
+        closed = self.num_embeddings is not None and ids.numel() > 0
         if offsets.numel() == 0:
             if closed:
                 self._check_range(ids, *id_range(ids))

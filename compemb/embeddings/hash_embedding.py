@@ -23,7 +23,7 @@ from compemb.budget import FLOAT_BYTES, Budget, every_budget_from, resolve_budge
 from compemb.embeddings.base import CompressedEmbedding, init_uniform_
 from compemb.hashing import UniversalHash, coefficient_bytes
 from compemb.registry import register
-from compemb.table_batch import PackedWeights, column_sizes, hash_columns
+from compemb.table_batch import IdRanges, PackedWeights, column_sizes, hash_columns
 
 
 @register("hemb")
@@ -115,8 +115,10 @@ class _HashEmbeddingsBatch:
         device = self.pools.row_offsets.device
         self.pool_rows = column_sizes([t.pool.shape[0] for t in tables], device)
         self.importance_rows = column_sizes([t.importance.shape[0] for t in tables], device)
+        self.ranges = IdRanges(self.tables)
 
     def __call__(self, ids: Tensor) -> Tensor:
+        self.ranges.check(ids)
         if self.pool_rows.device != ids.device:
             self.pool_rows, self.importance_rows = self.pool_rows.to(ids.device), self.importance_rows.to(ids.device)
         components = hash_columns(ids, [t.component_hash for t in self.tables], self.pool_rows)

@@ -22,7 +22,7 @@ from compemb.budget import FLOAT_BYTES, every_budget_from, resolve_budget, rows_
 from compemb.embeddings.base import CompressedEmbedding, init_uniform_
 from compemb.hashing import UniversalHash, coefficient_bytes
 from compemb.registry import register
-from compemb.table_batch import PackedWeights, column_sizes, hash_columns
+from compemb.table_batch import IdRanges, PackedWeights, column_sizes, hash_columns
 
 
 class _HashedTable(CompressedEmbedding):
@@ -90,8 +90,10 @@ class _HashedTablesBatch:
         self.rows = column_sizes([t.rows for t in tables], device)
         column_starts = torch.arange(num_hashes, device=device) * self.rows if stacked_columns else 0
         self.starts = self.pack.row_offsets.view(-1, 1) + column_starts  # (tables, num_hashes)
+        self.ranges = IdRanges(self.tables)
 
     def __call__(self, ids: Tensor) -> Tensor:
+        self.ranges.check(ids)
         if self.rows.device != ids.device:
             self.rows, self.starts = self.rows.to(ids.device), self.starts.to(ids.device)
         buckets = hash_columns(ids, [t.hash for t in self.tables], self.rows).add_(self.starts)

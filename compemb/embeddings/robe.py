@@ -21,7 +21,7 @@ from compemb.budget import FLOAT_BYTES, every_budget_from, resolve_budget
 from compemb.embeddings.base import CompressedEmbedding, gather_scalars, init_uniform_
 from compemb.hashing import UniversalHash, coefficient_bytes
 from compemb.registry import register
-from compemb.table_batch import PackedWeights, column_sizes, hash_columns, sign_columns
+from compemb.table_batch import IdRanges, PackedWeights, column_sizes, hash_columns, sign_columns
 
 
 class _FlatArray(CompressedEmbedding):
@@ -82,8 +82,10 @@ class _FlatArraysBatch:
         self.chunk_size = getattr(tables[0], "chunk_size", 1)
         self.signed = tables[0].signed
         self.sizes = column_sizes([t.size for t in tables], self.pack.row_offsets.device)
+        self.ranges = IdRanges(self.tables)
 
     def __call__(self, ids: Tensor) -> Tensor:
+        self.ranges.check(ids)
         if self.sizes.device != ids.device:
             self.sizes = self.sizes.to(ids.device)
         batch, count = ids.shape

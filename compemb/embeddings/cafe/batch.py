@@ -35,7 +35,7 @@ from torch import Tensor
 from compemb.embeddings.adaptive import gather_pending, reset_optimizer_rows
 from compemb.kernels import device_path
 from compemb.sketch.packed import PackedSketches
-from compemb.table_batch import PackedBuffers, SeparateLookups, hash_columns
+from compemb.table_batch import IdRanges, PackedBuffers, SeparateLookups, hash_columns
 
 _LARGEST = torch.iinfo(torch.int64).max
 
@@ -55,6 +55,7 @@ class CAFETables:
         self._sketches: PackedSketches | None = None
         self._owners: tuple[PackedBuffers, PackedBuffers] | None = None
         self._constants: tuple[tuple, dict[str, Tensor]] | None = None
+        self.ranges = IdRanges(self.tables)
 
     # --- when the tables go together --------------------------------------------------------------------
 
@@ -133,6 +134,7 @@ class CAFETables:
         """``(batch, tables)`` int64 ids, column j for table j -> ``(batch, tables, embedding_dim)``."""
         if not self.together(ids):
             return self.separate(ids)
+        self.ranges.check(ids)
         first = self.tables[0]
         if first.training:  # a plain loop never calls apply_pending: what the last backward recorded applies now
             self.apply_pending()

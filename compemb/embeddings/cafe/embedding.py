@@ -553,7 +553,7 @@ class CAFEEmbedding(_CAFE):
         >>> emb = CAFEEmbedding(100_000, 16, compression=10, tuning="paper")  # hash_rate 0.5, threshold 20 at 10x
         >>> emb.hot_rows, emb.hashed_rows, emb.sketch.num_buckets * emb.sketch.slots, emb.memory().sketch_bytes
         (2269, (5000,), 9076, 154316)
-        >>> emb(torch.tensor([5, 2**40])).shape
+        >>> emb(torch.tensor([5, 99_999])).shape
         torch.Size([2, 16])
     """
 
