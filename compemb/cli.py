@@ -313,7 +313,8 @@ def cmd_preprocess_criteo(args: argparse.Namespace) -> int:
     from compemb.data.criteo import preprocess_criteo
 
     facts = preprocess_criteo(args.source, args.out, min_count=args.min_count, hash_mod=args.hash_mod,
-                              strict=args.strict, unlabeled=args.unlabeled, processes=args.processes)
+                              strict=args.strict, unlabeled=args.unlabeled, processes=args.processes,
+                              val=args.val, test=args.test, days=args.days)
     _print_preprocessed(facts, args.out)
     return 0
 
@@ -330,6 +331,11 @@ def _print_preprocessed(facts: dict, out: str) -> None:
     rejected = facts["rejected"]
     print(f"read {facts['rows_read']:,} rows: kept {facts['rows_kept']:,}, rejected {rejected['total']:,}"
           + (f" {rejected['by_reason']} (first lines: {rejected['first_lines']})" if rejected["total"] else ""))
+    if len(facts.get("files", {})) > 1:  # each input's own count
+        for path, counts in facts["files"].items():
+            print(f"  {path}: kept {counts['kept']:,}, rejected {counts['rejected']:,}")
+    if "rows" in facts:
+        print("splits: " + ", ".join(f"{split} {rows:,}" for split, rows in facts["rows"].items()))
     print(f"wrote {out}")
 
 
@@ -412,7 +418,12 @@ def build_parser() -> argparse.ArgumentParser:
     sources = preprocess.add_subparsers(dest="source_kind", required=True)
     criteo = sources.add_parser("criteo", help="Criteo Kaggle train.txt or Terabyte day_0 ... day_23 (plain or gzip)")
     criteo.add_argument("source", nargs="+",
-                        help="train.txt (split as DLRM splits Kaggle), or the days in order (last day: test + val)")
+                        help="train.txt (split as DLRM splits Kaggle); with --days the Terabyte days in order (last "
+                             "day: test + val); with --val/--test the training files")
+    criteo.add_argument("--val", default=None, help="your own validation file (with --test): written as it is")
+    criteo.add_argument("--test", default=None, help="your own test file (with --val): written as it is")
+    criteo.add_argument("--days", action="store_true",
+                        help="the files are Terabyte days: all but the last train, the last halved into test and val"),
     criteo.add_argument("--unlabeled", default=None, help="Kaggle test.txt (no labels): the split 'unlabeled'")
     criteo.add_argument("--out", required=True, help="output directory")
     criteo.add_argument("--min-count", type=int, default=3, help="rarer values share one id per feature")

@@ -486,13 +486,21 @@ def preprocess_criteo(
     progress: bool = True,
     processes: int | None = None,
     piece_bytes: int = PIECE_BYTES,
+    *,
+    val: str | os.PathLike | None = None,
+    test: str | os.PathLike | None = None,
+    days: bool = False,
 ) -> dict:
     """Preprocess Criteo TSV into ``out``; return the manifest facts.
 
     Args:
         source: Kaggle ``train.txt``, or the Terabyte days in order (``day_0`` ... ``day_23``, plain or gzip).
             One file is split as DLRM splits Kaggle (seven chunks: 0-5 train, 6 halved into test then val);
-            several files as Terabyte (all but the last day train, the last day halved into test then val).
+            with ``days=True`` the files are Terabyte days (all but the last day train, the last day halved into
+            test then val); with ``val`` and ``test`` every file is training data.
+        val, test: the user's own validation and test files (both or neither): written as they are, their ids
+            mapped with the vocabulary counted over the training files alone.
+        days: the files are Terabyte days (several files need it, or ``val``/``test``: never guessed).
         min_count: values seen fewer times (over every input, as DLRM counts) share the rare id.
         hash_mod: take values mod this instead of categorifying (missing gets id ``hash_mod``).
         strict: stop at the first bad row, naming its file and line (read in one process, in order).
@@ -508,12 +516,25 @@ def preprocess_criteo(
     sources = [Path(source)] if isinstance(source, (str, os.PathLike)) else [Path(s) for s in source]
     if not sources:
         raise ValueError("no input files")
+    if (val is None) != (test is None):
+        raise ValueError("give both --val and --test (the user's own splits), or neither")
+    own_splits = val is not None
+    if own_splits and days:
+        raise ValueError("--days splits the last day into test and val: not with --val/--test")
+    if len(sources) > 1 and not (days or own_splits):
+        raise ValueError(f"{len(sources)} input files: give --days (Terabyte days in order: the last day halved into "
+                         f"test and val) or --val FILE --test FILE (every input is training data)")
+    held_out = [(Path(val), True), (Path(test), True)] if own_splits else []  # type: ignore[arg-type]
     processes = min(os.cpu_count() or 1, 8) if processes is None else processes
     if processes < 1:
         raise ValueError(f"processes must be >= 1, got {processes}")
     if strict:  # the first bad row by file order and its line number need one reader in order
         processes = 1
-    inputs = [(path, True) for path in sources] + ([(Path(unlabeled), False)] if unlabeled is not None else [])
+    inputs = [(path, True) for path in sources] + held_out + \
+        ([(Path(unlabeled), False)] if unlabeled is not None else [])
+    if len({path.resolve() for path, _ in inputs}) != len(inputs):
+        raise ValueError("an input file is given twice (train, --val, --test and --unlabeled must differ)")
+    counted_paths = set(sources)  # the vocabulary is counted over the training files (all inputs but held-out ones)
     for path, _ in inputs:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such file")
@@ -523,7 +544,9 @@ def preprocess_criteo(
     # pass 1: validate, count rows and (to categorify) every feature's values
     bar = tqdm(desc="count", unit="rows", unit_scale=True, disable=not progress)
     counted: list[PieceCount] = _run(
-        _count_piece, [(piece, hash_mod is None and piece.has_label, strict) for piece in pieces], processes, bar,
+        _count_piece, [(piece, hash_mod is None and piece.has_label and (piece.path in counted_paths
+                                                                          or not own_splits), strict)
+                       for piece in pieces], processes, bar,
         lambda result: result.lines)
     bar.close()
     rejections = {path: Rejections() for path, _ in inputs}
@@ -553,7 +576,12 @@ def preprocess_criteo(
     else:
         cardinalities = [hash_mod + 1] * NUM_SPARSE
     labeled_rows = [kept[path] for path in sources]
-    rows = kaggle_split_rows(labeled_rows[0]) if len(sources) == 1 else terabyte_split_rows(labeled_rows)
+    if own_splits:  # in input order: the training files, then val, then test
+        rows = {"train": sum(labeled_rows), "val": kept[Path(val)], "test": kept[Path(test)]}  # type: ignore[arg-type]
+    elif days:
+        rows = terabyte_split_rows(labeled_rows)
+    else:
+        rows = kaggle_split_rows(labeled_rows[0])
     if unlabeled is not None:
         rows["unlabeled"] = kept[Path(unlabeled)]
     # pass 2: transform and write; each piece's rows go where file order puts them (the splits fill in order)
@@ -584,12 +612,15 @@ def preprocess_criteo(
         if hash_mod is None:  # the raw values behind the ids: what maps a raw row at prediction time
             categorify.save(writer.temporary / VOCABULARY)
         writer.facts.update({
-            "source": "criteo-kaggle" if len(sources) == 1 else "criteo-terabyte",
+            "source": "criteo-own-splits" if own_splits else "criteo-terabyte" if days else "criteo-kaggle",
+            "files": {str(path): {"kept": kept[path], "rejected": rejections[path].total} for path, _ in inputs},
+            "rows": dict(rows),
             "input": [str(path) for path, _ in inputs] if len(inputs) > 1 else str(sources[0]),
             "rows_read": sum(kept.values()) + total.total, "rows_kept": sum(kept.values()),
             "rejected": {"total": total.total, "by_reason": dict(total.counts), "first_lines": first_lines},
-            "options": {"min_count": min_count, "hash_mod": hash_mod, "strict": strict,
-                        "unlabeled": None if unlabeled is None else str(unlabeled)},
+            "options": {"min_count": min_count, "hash_mod": hash_mod, "strict": strict, "days": days,
+                        "unlabeled": None if unlabeled is None else str(unlabeled),
+                        "val": None if val is None else str(val), "test": None if test is None else str(test)},
         })
         facts = dict(writer.facts)
     return facts

@@ -169,7 +169,7 @@ def test_a_synthetic_set_written_as_tsv_preprocesses_back_to_identical_arrays(tm
 
 def test_terabyte_days_split_by_day_and_rejections_are_kept_per_file(tmp_path):
     days = [_write(tmp_path / f"day_{d}", GOOD * (10 + d) + ("2" + GOOD[1:] if d == 1 else "")) for d in range(3)]
-    facts = preprocess_criteo(days, tmp_path / "out", min_count=1, progress=False)
+    facts = preprocess_criteo(days, tmp_path / "out", min_count=1, progress=False, days=True)
     manifest, splits = open_dataset(tmp_path / "out")
     assert manifest["rows"] == {"train": 10 + 11, "test": 6, "val": 6}
     assert facts["source"] == "criteo-terabyte" and facts["rows_read"] == 10 + (11 + 1) + 12
@@ -187,7 +187,10 @@ def test_kaggle_test_txt_has_no_labels_and_uses_the_training_vocabulary(tmp_path
     ids = splits["unlabeled"].sparse
     assert ids[0].tolist() == splits["train"].sparse[0].tolist() and ids[3, 0] == 1  # unseen -> the rare id
     with pytest.raises(ValueError, match="columns"):  # a labelled file given as test.txt
-        preprocess_criteo(train, tmp_path / "bad", unlabeled=train, strict=True, progress=False)
+        preprocess_criteo(train, tmp_path / "bad", unlabeled=_write(tmp_path / "labelled.txt", GOOD * 2), strict=True,
+                          progress=False)
+    with pytest.raises(ValueError, match="given twice"):
+        preprocess_criteo(train, tmp_path / "bad", unlabeled=train, progress=False)
 
 
 def _mixed_rows(count, seed):
@@ -225,7 +228,7 @@ def test_parallel_preprocessing_equals_one_process(tmp_path, hash_mod):
     results = {}
     for processes in (1, 2):
         out = tmp_path / f"out{processes}"
-        facts = preprocess_criteo(days, out, hash_mod=hash_mod, unlabeled=unlabeled, progress=False,
+        facts = preprocess_criteo(days, out, hash_mod=hash_mod, unlabeled=unlabeled, progress=False, days=True,
                                   processes=processes, piece_bytes=4096)
         results[processes] = (facts, *open_dataset(out))
     (facts_1, manifest_1, splits_1), (facts_2, manifest_2, splits_2) = results[1], results[2]
@@ -234,3 +237,25 @@ def test_parallel_preprocessing_equals_one_process(tmp_path, hash_mod):
     for name, split in splits_1.items():
         for array in ("dense", "sparse", "labels"):
             assert np.array_equal(getattr(split, array), getattr(splits_2[name], array)), (name, array)
+
+
+def test_the_users_own_validation_and_test_files_are_written_as_they_are(tmp_path, capsys):
+    from compemb.cli import main
+
+    train = [_write(tmp_path / "a.txt", GOOD * 9), _write(tmp_path / "b.txt", GOOD * 5 + "x\n")]
+    unseen = GOOD.replace("0a1b2c3d", "ffff", 1)  # a value only the test file holds
+    val, test = _write(tmp_path / "val.txt", GOOD * 3), _write(tmp_path / "test.txt", GOOD + unseen * 2)
+    facts = preprocess_criteo(train, tmp_path / "out", min_count=1, val=val, test=test, progress=False)
+    manifest, splits = open_dataset(tmp_path / "out")
+    assert manifest["rows"] == {"train": 14, "val": 3, "test": 3} and facts["source"] == "criteo-own-splits"
+    assert facts["files"][str(train[1])] == {"kept": 5, "rejected": 1} and facts["files"][str(test)]["kept"] == 3
+    assert splits["test"].sparse[1, 0] == 1 and splits["test"].sparse[0, 0] == splits["train"].sparse[0, 0]
+    # the CLI: each file's rows reported; several files without --days or --val/--test are refused, not guessed
+    assert main(["preprocess", "criteo", *map(str, train), "--val", str(val), "--test", str(test),
+                 "--out", str(tmp_path / "cli")]) == 0
+    out = capsys.readouterr().out
+    assert f"  {train[1]}: kept 5, rejected 1" in out and "splits: train 14, val 3, test 3" in out
+    assert main(["preprocess", "criteo", *map(str, train), "--out", str(tmp_path / "guess")]) == 2
+    assert "give --days" in capsys.readouterr().err and not (tmp_path / "guess").exists()
+    assert main(["preprocess", "criteo", str(train[0]), "--val", str(val), "--out", str(tmp_path / "half")]) == 2
+    assert "both --val and --test" in capsys.readouterr().err
