@@ -163,10 +163,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     """Score a raw Criteo TSV with an exported model: one probability per input line."""
     from compemb.export import predict_file
 
-    counts = predict_file(args.model, args.input, args.out, labeled=args.labeled)
+    counts = predict_file(args.model, args.input, args.out, labeled=True if args.labeled else None)
+    if counts["labeled"] and not args.labeled:
+        print(f"{args.input}: its lines start with a label column (40 fields): scored as labelled (--labeled)")
     rejected = f", {counts['rejected']:,} rejected {counts['rejected_by_reason']} (written as nan)" \
         if counts["rejected"] else ""
     print(f"wrote {args.out}: {counts['rows_scored']:,} of {counts['rows_read']:,} lines scored{rejected}")
+    if "log_loss" in counts:
+        print(f"against the labels: log loss {counts['log_loss']:.4f}, AUC {counts['auc']:.4f}")
     return 0
 
 
@@ -482,7 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--model", required=True, help="a file written by compemb export")
     predict.add_argument("--input", required=True, help="raw Criteo TSV (plain or gzip)")
     predict.add_argument("--out", required=True, help="one click probability per input line (nan: rejected line)")
-    predict.add_argument("--labeled", action="store_true", help="the rows start with a label column (train.txt)")
+    predict.add_argument("--labeled", action="store_true",
+                         help="the rows start with a label column (train.txt); without it, told by the first line's "
+                              "field count; with labels, log loss and AUC are printed")
     predict.set_defaults(run=cmd_predict)
 
     bench = commands.add_parser("bench", help="benchmarks")

@@ -29,10 +29,11 @@ from safetensors.torch import save as save_tensors
 from torch import Tensor
 
 from compemb.data.criteo import MISSING, NUM_DENSE, NUM_SPARSE, VOCABULARY, Categorifier, Rejections, read_rows
-from compemb.data.criteo import transform_dense
+from compemb.data.criteo import _open_binary, transform_dense
 from compemb.data.dataset import open_dataset
 from compemb.embeddings.base import CompressedEmbedding
 from compemb.io import atomic_write_bytes, atomic_write_text
+from compemb.metrics import auc
 from compemb.quantize import QuantizedEmbedding, quantize
 from compemb.registry import get_method
 from compemb.train import TrainConfig, build_model, id_counts
@@ -223,21 +224,53 @@ def load_model(path: str | os.PathLike) -> ServedModel:
 
 
 @torch.no_grad()
+def has_label_column(input_path: str | os.PathLike) -> bool:
+    """Whether a raw Criteo TSV's first line has a label column (1 + 13 + 26 = 40 fields; test.txt has 39)."""
+    with _open_binary(Path(input_path)) as stream:
+        for raw in stream:
+            line = raw.rstrip(b"\r\n")
+            if line:
+                fields = line.count(b"\t") + 1
+                if fields == 1 + NUM_DENSE + NUM_SPARSE:
+                    return True
+                if fields == NUM_DENSE + NUM_SPARSE:
+                    return False
+                raise ModelFileError(f"{input_path}: its first line has {fields} tab-separated fields; Criteo rows "
+                                     f"have 40 (label first) or 39 (no label)")
+    raise ModelFileError(f"{input_path} has no lines to score")
+
+
 def predict_file(model_path: str | os.PathLike, input_path: str | os.PathLike, out: str | os.PathLike,
-                 labeled: bool = False) -> dict[str, Any]:
+                 labeled: bool | None = None) -> dict[str, Any]:
     """Score every line of a raw Criteo TSV: one click probability per line in ``out`` (``nan`` for a rejected line,
-    so line i of ``out`` is line i of the input); return the counts of rows scored and rejected, by reason."""
+    so line i of ``out`` is line i of the input); return the counts of rows scored and rejected, by reason.
+
+    ``labeled`` None: told by the first line's field count (:func:`has_label_column`). With labels the result
+    also holds the scored rows' ``log_loss`` and ``auc`` (``labeled`` says which it was)."""
     served = load_model(model_path)
     if served.header["num_dense"] != NUM_DENSE or len(served.header["cardinalities"]) != NUM_SPARSE:
         raise ModelFileError(f"{model_path} was not trained on Criteo-shaped data: it cannot read a Criteo TSV")
+    if labeled is None:
+        labeled = has_label_column(input_path)
     rejections, lines, scored = Rejections(), [], 0
+    labels, probabilities = [], []
     for block in read_rows(input_path, labeled, rejections, strict=False):
         scores = np.full(len(block.status), np.nan)
         if len(block.labels):
             dense, ids = served.encode(block.dense, block.sparse)
-            scores[block.status == 0] = torch.sigmoid(served(dense, ids)).double().numpy()
+            with torch.inference_mode():  # scoring only: no autograd graph
+                good = torch.sigmoid(served(dense, ids)).double().numpy()
+            scores[block.status == 0] = good
             scored += len(block.labels)
+            if labeled:
+                labels.append(block.labels.astype(np.float64))
+                probabilities.append(good)
         lines.extend("nan" if np.isnan(score) else f"{score:.9f}" for score in scores)
     atomic_write_text(out, "\n".join(lines) + "\n")
-    return {"rows_read": len(lines), "rows_scored": scored, "rejected": rejections.total,
-            "rejected_by_reason": dict(rejections.counts)}
+    result: dict[str, Any] = {"rows_read": len(lines), "rows_scored": scored, "rejected": rejections.total,
+                              "rejected_by_reason": dict(rejections.counts), "labeled": labeled}
+    if labeled and scored:
+        truth, p = np.concatenate(labels), np.clip(np.concatenate(probabilities), 1e-15, 1 - 1e-15)
+        result["log_loss"] = float(-np.mean(truth * np.log(p) + (1 - truth) * np.log1p(-p)))
+        result["auc"] = auc(p, truth) if 0 < truth.sum() < len(truth) else float("nan")
+    return result

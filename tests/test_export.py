@@ -109,6 +109,34 @@ def test_predict_scores_raw_lines_as_the_model_scores_their_preprocessed_rows(da
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
 
 
+def test_predict_tells_a_labelled_file_itself_and_reports_log_loss_and_auc(data, full_run, tmp_path, capsys):
+    from compemb.metrics import auc
+
+    _, run = full_run
+    export_run(run, tmp_path / "model.compemb")
+    capsys.readouterr()
+    assert main(["predict", "--model", str(tmp_path / "model.compemb"), "--input", str(SAMPLE),
+                 "--out", str(tmp_path / "scores.txt")]) == 0  # no --labeled: the 40 fields say so
+    out = capsys.readouterr().out
+    assert "start with a label column (40 fields)" in out
+    scores = np.array([float(v) for v in (tmp_path / "scores.txt").read_text().split()])
+    labels = np.array([float(line.split("\t", 1)[0]) for line in SAMPLE.read_text().splitlines()])
+    assert not np.isnan(scores).any() and len(scores) == len(labels)
+    p = np.clip(scores, 1e-15, 1 - 1e-15)
+    log_loss = -np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p))
+    assert f"log loss {log_loss:.4f}, AUC {auc(scores, labels):.4f}" in out
+    unlabeled = tmp_path / "test.txt"  # Kaggle's test.txt shape: no label column, no metrics
+    unlabeled.write_text("".join(line.split("\t", 1)[1] + "\n" for line in SAMPLE.read_text().splitlines()[:5]))
+    assert main(["predict", "--model", str(tmp_path / "model.compemb"), "--input", str(unlabeled),
+                 "--out", str(tmp_path / "u.txt")]) == 0
+    out = capsys.readouterr().out
+    assert "5 of 5 lines scored" in out and "log loss" not in out and "label column" not in out
+    (tmp_path / "odd.txt").write_text("1\t2\t3\n")
+    assert main(["predict", "--model", str(tmp_path / "model.compemb"), "--input", str(tmp_path / "odd.txt"),
+                 "--out", str(tmp_path / "o.txt")]) == 2
+    assert "has 3 tab-separated fields" in capsys.readouterr().err
+
+
 def test_a_bad_line_scores_nan_and_is_counted_and_unseen_values_map_as_preprocessing_maps_them(full_run, tmp_path):
     _, run = full_run
     export_run(run, tmp_path / "model.compemb")
