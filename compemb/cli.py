@@ -185,7 +185,7 @@ def _train_config(args: argparse.Namespace, out: str, compression: float | None 
     if getattr(args, "cluster_every", None) is not None:  # methods that cluster take it; the others drop it
         options.setdefault("cluster_every", args.cluster_every)
     return TrainConfig(
-        data=args.data, out=out, method=method, compression=compression,
+        data=args.data, out=out, method=method, compression=compression, num_params=getattr(args, "num_params", None),
         model=args.model, embedding_dim=args.dim, bottom=_widths(args.bottom), top=_widths(args.top),
         optimizer=args.optimizer, lr=args.lr, table_optimizer=args.table_optimizer, table_lr=args.table_lr,
         batch_size=args.batch_size, epochs=args.epochs,
@@ -299,7 +299,7 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also a checkpoint every N steps (0: at evaluations, epoch ends and by time)")
     parser.add_argument("--checkpoint-minutes", type=float, default=5.0, metavar="M",
                         help="also a checkpoint when M minutes passed since the last (0: never by time)")
-    parser.add_argument("--device", default="cpu", help="where to train: cpu, cuda, cuda:1 (default: cpu)")
+    parser.add_argument("--device", default="cpu", help="where to train: cpu, cuda, cuda:1")
     parser.add_argument("--compile", action="store_true",
                         help="train through torch.compile (MLPs and interaction compiled; needs a C++ compiler)")
     parser.add_argument("--kernels", choices=("auto", "torch"), default="auto",
@@ -349,7 +349,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         help_text = action.help or ""
         default = action.default
-        if action.required or default is None or default is False or default is argparse.SUPPRESS:
+        if action.required or default is None or default is False or default is argparse.SUPPRESS \
+                or "(default:" in help_text:  # the help says its default itself
             return help_text
         return help_text + " (default: %(default)s)"
 
@@ -450,6 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--method", default="full",
                        help="a method of `compemb methods`; options as NAME:KEY=VALUE:... (e.g. cce:cluster_every=200)")
     train.add_argument("--compression", type=float, default=None, help="the ratio to compress every table by")
+    train.add_argument("--num-params", type=int, default=None,
+                       help="the tables' budget in 4-byte floats instead of a ratio (what a budget error names)")
     train.add_argument("--seed", type=int, default=0, help="seeds the tables, the hashes, the MLPs and --shuffle")
     train.add_argument("--resume", action="store_true",
                        help="continue from the run's last checkpoint (an error if it has none, or other settings)")

@@ -158,16 +158,19 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, scheme: str | Non
 
 
 class ServedModel(torch.nn.Module):
-    """An exported model, in eval mode: ``forward(dense, ids)`` gives logits; :meth:`encode` maps raw Criteo values."""
+    """An exported model, for inference: ``forward(dense, ids)`` gives logits (in eval mode, with no autograd graph:
+    its parameters do not require gradients); :meth:`encode` maps raw Criteo values."""
 
     def __init__(self, model: torch.nn.Module, header: dict[str, Any], vocabulary: Categorifier | None) -> None:
         super().__init__()
         self.model, self.header, self.vocabulary = model, header, vocabulary
+        self.requires_grad_(False)
         self.eval()
 
     def forward(self, dense: Tensor, ids: Tensor) -> Tensor:
         """Logits of rows: transformed dense features ``(B, num_dense)`` and ids ``(B, num_features)``."""
-        return self.model(dense, ids)
+        with torch.no_grad():  # the lookups' own hooks (adaptive methods) must not record either
+            return self.model(dense, ids)
 
     def encode(self, dense_raw: np.ndarray, sparse_raw: np.ndarray) -> tuple[Tensor, Tensor]:
         """Raw Criteo values (as the parser gives them) -> the model's inputs, as preprocessing mapped them."""

@@ -21,6 +21,8 @@ def atomic_binary_writer(path: str | os.PathLike, gzipped: bool = False) -> Iter
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        # mkstemp makes the file 0600; a result file gets the mode any new file gets (0644 under the usual umask)
+        os.fchmod(handle, 0o666 & ~_umask())
         with os.fdopen(handle, "wb") as file:
             if gzipped:
                 with gzip.GzipFile(fileobj=file, mode="wb") as compressed:
@@ -33,6 +35,16 @@ def atomic_binary_writer(path: str | os.PathLike, gzipped: bool = False) -> Iter
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux says it (os.umask can only set it)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/self/status") as status:
+            return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -83,6 +83,7 @@ class TrainConfig:
     out: str
     method: str = "full"
     compression: float | None = None
+    num_params: int | None = None  # the tables' budget in floats (4-byte units) instead of a ratio
     method_options: dict[str, Any] = field(default_factory=dict)
     model: str = "dlrm"
     embedding_dim: int = 16
@@ -124,6 +125,11 @@ class TrainConfig:
         if self.compression is not None and not (isinstance(self.compression, (int, float))
                                                  and math.isfinite(self.compression) and self.compression > 0):
             raise ValueError(f"compression must be a positive number, got {self.compression!r}")
+        if self.num_params is not None:
+            if isinstance(self.num_params, bool) or not isinstance(self.num_params, int) or self.num_params < 1:
+                raise ValueError(f"num_params must be a positive int, got {self.num_params!r}")
+            if self.compression is not None:
+                raise ValueError("give compression or num_params, not both")
         if any(not isinstance(w, int) or w < 1 for w in (*self.bottom, *self.top)):
             raise ValueError(f"MLP widths must be positive integers, got bottom {self.bottom}, top {self.top}")
         if self.checkpoint_every < 0 or not (math.isfinite(self.checkpoint_minutes) and self.checkpoint_minutes >= 0):
@@ -608,6 +614,7 @@ def build_model(config: TrainConfig, cardinalities: list[int], num_dense: int,
     if get_method(config.method).needs_frequencies and frequencies is None:
         frequencies = {f.name: torch.zeros(f.num_embeddings, dtype=torch.int64) for f in features}
     embeddings = EmbeddingCollection(features, config.embedding_dim, config.method, compression=config.compression,
+                                     num_params=config.num_params,
                                      seed=config.seed, frequencies=frequencies, sharing=config.sharing, **options)
     if config.model == "dlrm":
         return DLRM(embeddings, num_dense, config.bottom, config.top)

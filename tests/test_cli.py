@@ -159,3 +159,36 @@ def test_a_mistyped_flag_gets_one_line_and_exit_2(capsys, argv, expected):
         main(argv)
     error = capsys.readouterr().err
     assert stop.value.code == 2 and error.count("\n") == 1 and error.startswith(expected)
+
+
+def test_no_option_states_its_default_twice():
+    import re
+
+    parser = build_parser()
+    commands = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+    helps = [parser.format_help()]
+    stack = [sub for action in commands for sub in action.choices.values()]
+    while stack:
+        sub = stack.pop()
+        helps.append(sub.format_help())
+        stack += [c for a in sub._actions if isinstance(a, argparse._SubParsersAction) for c in a.choices.values()]
+    assert len(helps) > 10
+    for text in helps:
+        flat = " ".join(text.split())
+        assert not re.search(r"\(default:[^)]*\)\s*\(default:", flat), flat[:200]
+
+
+def test_train_takes_a_budget_in_params_as_the_budget_error_names_it(tmp_path, capsys):
+    import json
+
+    data = tmp_path / "synth"
+    assert main(["synth", "--out", str(data), "--train-rows", "1024", "--eval-rows", "256", "--scale", "1e-4"]) == 0
+    common = ["train", "--data", str(data), "--dim", "8", "--bottom", "8", "--top", "8", "--method", "hash"]
+    assert main([*common, "--out", str(tmp_path / "tiny"), "--num-params", "10"]) == 2
+    error = capsys.readouterr().err
+    assert "a budget of 10 params" in error
+    assert main([*common, "--out", str(tmp_path / "r"), "--num-params", "4000"]) == 0
+    config = json.loads((tmp_path / "r" / "checkpoints" / "best.json").read_text())["config"]
+    assert config["num_params"] == 4000 and config["compression"] is None
+    assert main([*common, "--out", str(tmp_path / "both"), "--num-params", "4000", "--compression", "4"]) == 2
+    assert "not both" in capsys.readouterr().err

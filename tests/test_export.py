@@ -106,6 +106,8 @@ def test_predict_scores_raw_lines_as_the_model_scores_their_preprocessed_rows(da
     with torch.no_grad():
         expected = torch.sigmoid(trainer.model(dense, ids)).double()
     got = torch.tensor(scores[train_rows : train_rows + test_rows], dtype=torch.float64)
+    served = load_model(tmp_path / "model.compemb")  # in inference: no autograd graph behind its output
+    assert served(dense, ids).grad_fn is None and not any(p.requires_grad for p in served.parameters())
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
 
 
