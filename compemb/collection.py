@@ -286,10 +286,10 @@ class EmbeddingCollection(torch.nn.Module):
                 f"of {self.budget.num_bytes:,} bytes"
             )
         self.embeddings = torch.nn.ModuleDict({features[i].name: tables[i] for i in range(len(features))})
+        _run_lookups_eagerly()
 
-    # torch.compile compiles the model around the lookups and runs them as they are: their id checks, packed-weight
-    # checks, compiled kernels and sparse gradients are not traceable, and graph breaks inside would cost more
-    @torch.compiler.disable
+    # torch.compile compiles the model around the lookups and runs them as they are (torch.compiler.disable, applied
+    # when the first collection is built: _run_lookups_eagerly)
     def forward(self, ids: Tensor | None, bags: Mapping[str, Bags] | None = None) -> Tensor:
         """Vectors of every feature: ``(batch, num_features, dim)``.
 
@@ -430,6 +430,18 @@ class EmbeddingCollection(torch.nn.Module):
         full = sum(full_table_bytes(f.num_embeddings, self.embedding_dim) for f in self.features)
         sharing = ", sharing='shared'" if self.sharing == "shared" else ""
         return f"method={self.method!r}, features={len(self.features)}{sharing}, compression={full / total.total:.1f}x"
+
+
+def _run_lookups_eagerly() -> None:
+    """Mark ``EmbeddingCollection.forward`` ``torch.compiler.disable``, once: torch.compile then compiles the model
+    around the lookups and runs them as they are (their id checks, packed-weight checks, compiled kernels and sparse
+    gradients are not traceable, and graph breaks inside would cost more). Done when the first collection is built,
+    not at import: importing torch._dynamo for it costs ~2 s, which ``compemb --help`` should not pay."""
+    forward = EmbeddingCollection.__dict__["forward"]
+    if not getattr(forward, "_runs_eagerly", False):
+        eager = torch.compiler.disable(forward)
+        eager._runs_eagerly = True  # type: ignore[attr-defined]
+        EmbeddingCollection.forward = eager  # type: ignore[method-assign]
 
 
 def batch_groups(tables: Sequence[torch.nn.Module]) -> list[tuple[list[int], TableBatch | None]]:

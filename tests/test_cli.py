@@ -192,3 +192,14 @@ def test_train_takes_a_budget_in_params_as_the_budget_error_names_it(tmp_path, c
     assert config["num_params"] == 4000 and config["compression"] is None
     assert main([*common, "--out", str(tmp_path / "both"), "--num-params", "4000", "--compression", "4"]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_importing_compemb_leaves_torch_dynamo_unimported_until_a_collection_is_built():
+    import subprocess
+    import sys
+
+    code = ("import sys, compemb, torch; print('torch._dynamo' in sys.modules); "
+            "from compemb.collection import EmbeddingCollection, Feature; "
+            "EmbeddingCollection([Feature('a', 10)], 4, 'full'); print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "True"]  # `compemb --help` pays no ~2 s for it; a built collection is compile-safe

@@ -34,7 +34,7 @@ class MinimalLoop:
         self.split, self.batch_size = trainer.splits["train"], config.batch_size
         self.steps_per_epoch = trainer.steps_per_epoch
         self.model = build_model(config, trainer.manifest["cardinalities"], self.split.dense.shape[1])
-        self.optimizer = _make_optimizer(config.optimizer, self.model, config.lr)
+        self.optimizer = _make_optimizer(config, self.model)
         self.hooked = [m for m in self.model.modules() if isinstance(m, CompressedEmbedding)
                        and type(m).on_step_end is not CompressedEmbedding.on_step_end]
         self.step = 0
