@@ -97,10 +97,15 @@ def cmd_train(args: argparse.Namespace) -> int:
                    "-m", "compemb", *_without_nproc(args.argv)]
         return subprocess.run(command).returncode
     trainer = Trainer(config, resume=resume, start_if_missing=args.resume_or_start, resume_from=args.resume_from,
-                      allow_changes=tuple(overrides), overwrite=args.overwrite)
+                      allow_changes=tuple(overrides), overwrite=args.overwrite, quiet=args.quiet,
+                      log_every=args.log_every)
     result = trainer.fit()
     if distributed.rank() == 0:
-        print(json.dumps(result, indent=2))
+        from compemb.run_plot import plot_run
+
+        curves = plot_run(config.out)
+        print(json.dumps(result, indent=2) if args.json else
+              _summary(result, trainer, config.eval_split) + f"\ncurves: {curves}")
     if distributed.launched():  # see exit_rank: a rank's teardown can deadlock in gloo
         distributed.exit_rank(0)
     return 0
@@ -143,8 +148,42 @@ def cmd_eval(args: argparse.Namespace) -> int:
     meta = json.loads(Path(f"{stem}.json").read_text())
     trainer = Trainer(TrainConfig(**meta["config"]))
     trainer.load(stem)
-    print(json.dumps(trainer.evaluate(args.split), indent=2))
+    result = {"step": trainer.step, **trainer.evaluate(args.split)}
+    print(json.dumps(result, indent=2) if args.json else _summary(result, trainer, args.split))
     return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    """Draw a run's train loss and validation BCE against the step."""
+    from compemb.run_plot import plot_run
+
+    print(f"wrote {plot_run(args.run_dir, args.out)}")
+    return 0
+
+
+def _summary(result: dict, trainer: Any, split: str) -> str:
+    """A run's evaluation as a person reads it: the metrics, then what the tables cost."""
+    from compemb.budget import full_table_bytes
+
+    metrics = f"{split} at step {result.get('step', trainer.step):,}: BCE {result['bce']:.4f}"
+    if result.get("bayes_bce") is not None:
+        metrics += f" (Bayes {result['bayes_bce']:.4f}, gap {result['gap_to_bayes']:+.2%})"
+    metrics += f", AUC {result['auc']:.4f}"
+    if "train_loss" in result:
+        metrics += f"; train loss {result['train_loss']:.4f}"
+    collection, config = trainer.model.embeddings, trainer.config
+    stored = collection.memory().total.total
+    full = sum(full_table_bytes(f.num_embeddings, collection.embedding_dim) for f in collection.features)
+    asked = f" ({config.compression:g}x asked)" if config.compression else ""
+    cost = (f"{config.method}: tables {_megabytes(stored)} ({stored // 4:,} params), {full / stored:.1f}x smaller than "
+            f"the full tables{asked}")
+    if result.get("samples_per_s"):
+        cost += f"; {result['samples_per_s']:,.0f} samples/s"
+    return f"{metrics}\n{cost}; run in {config.out}"
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:,.2f} MB"
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -456,6 +495,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0, help="seeds the tables, the hashes, the MLPs and --shuffle")
     train.add_argument("--resume", action="store_true",
                        help="continue from the run's last checkpoint (an error if it has none, or other settings)")
+    train.add_argument("--json", action="store_true", help="print the last evaluation as JSON instead of a summary")
+    train.add_argument("--quiet", action="store_true", help="no progress bar or progress lines")
+    train.add_argument("--log-every", type=int, default=100, metavar="N",
+                       help="where stderr is not a terminal: a plain progress line every N steps instead of a bar "
+                            "(0: none)")
     train.add_argument("--overwrite", action="store_true",
                        help="replace the run --out holds (its checkpoints and metrics.jsonl; nothing else there)")
     train.add_argument("--resume-or-start", action="store_true",
@@ -469,9 +513,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cluster_every(train)
     train.set_defaults(run=cmd_train)
 
+    plot = commands.add_parser("plot", help="draw a run's loss and validation curves to a PNG")
+    plot.add_argument("--run", dest="run_dir", required=True, help="the run directory")
+    plot.add_argument("--out", default=None, help="the PNG to write (default: RUN/curves.png)")
+    plot.set_defaults(run=cmd_plot)
+
     evaluate = commands.add_parser("eval", help="evaluate a run's checkpoint on a split")
     evaluate.add_argument("--run", dest="run_dir", required=True, help="the run directory")
     evaluate.add_argument("--split", default="test", help="the split to evaluate on (train, val, test)")
+    evaluate.add_argument("--json", action="store_true", help="print the evaluation as JSON instead of a summary")
     evaluate.add_argument("--checkpoint", choices=("best", "last"), default="best",
                           help="the best validation checkpoint or the last one")
     evaluate.set_defaults(run=cmd_eval)

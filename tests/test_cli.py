@@ -55,9 +55,9 @@ def test_train_then_eval_a_checkpoint(tmp_path, capsys):
     common = ["--data", str(data), "--dim", "8", "--bottom", "8", "--top", "8", "--batch-size", "256"]
     capsys.readouterr()
     assert main(["train", *common, "--out", str(run), "--method", "hash", "--compression", "4", "--optimizer",
-                 "adagrad", "--lr", "0.02"]) == 0
+                 "adagrad", "--lr", "0.02", "--json"]) == 0
     trained = json.loads(capsys.readouterr().out)
-    assert main(["eval", "--run", str(run), "--split", "val"]) == 0
+    assert main(["eval", "--run", str(run), "--split", "val", "--json"]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["bce"] == pytest.approx(trained["bce"]) and evaluated["step"] == trained["step"] == 4
 
@@ -203,3 +203,52 @@ def test_importing_compemb_leaves_torch_dynamo_unimported_until_a_collection_is_
             "EmbeddingCollection([Feature('a', 10)], 4, 'full'); print('torch._dynamo' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "True"]  # `compemb --help` pays no ~2 s for it; a built collection is compile-safe
+
+
+def test_train_reports_to_a_person_and_a_log_file_alike(tmp_path, capsys, monkeypatch):
+    data = tmp_path / "synth"
+    assert main(["synth", "--out", str(data), "--train-rows", "2048", "--eval-rows", "256", "--scale", "1e-4"]) == 0
+    common = ["train", "--data", str(data), "--dim", "8", "--bottom", "8", "--top", "8", "--batch-size", "256",
+              "--method", "hash", "--compression", "4", "--evals-per-epoch", "2"]
+    capsys.readouterr()
+    assert main([*common, "--out", str(tmp_path / "a"), "--log-every", "3"]) == 0
+    captured = capsys.readouterr()  # stderr is no terminal here: plain lines, no bar
+    lines = captured.err.splitlines()
+    assert "\r" not in captured.err and [line.split(",")[0] for line in lines] == \
+        ["train hash: step 3/8", "train hash: step 6/8", "train hash: step 8/8"]
+    summary = captured.out.splitlines()
+    assert summary[0].startswith("val at step 8: BCE ") and "gap " in summary[0] and "AUC " in summary[0]
+    assert "x smaller than the full tables (4x asked)" in summary[1] and "samples/s" in summary[1]
+    assert summary[2] == f"curves: {tmp_path / 'a' / 'curves.png'}"
+    assert (tmp_path / "a" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main([*common, "--out", str(tmp_path / "b"), "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+    assert main(["plot", "--run", str(tmp_path / "a"), "--out", str(tmp_path / "again.png")]) == 0
+    assert (tmp_path / "again.png").read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
+    assert main(["plot", "--run", str(tmp_path / "nothing")]) == 2
+    assert "no metrics.jsonl" in capsys.readouterr().err
+    assert main(["eval", "--run", str(tmp_path / "a"), "--split", "val"]) == 0
+    assert capsys.readouterr().out.startswith("val at step 8: BCE ")
+
+
+def test_a_bar_only_on_a_terminal_and_never_with_tqdm_disable(monkeypatch):
+    import sys
+
+    from compemb.progress import bar_disabled, plain_lines
+
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    assert bar_disabled() is None and not plain_lines()  # tqdm draws a bar where the stream is a terminal
+    assert bar_disabled(False) is True and not plain_lines(False)  # quiet: neither
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    assert bar_disabled() is True and plain_lines()
+    monkeypatch.delenv("TQDM_DISABLE")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    assert plain_lines()
+
+
+def test_a_one_ratio_sweep_plots_on_a_linear_axis():
+    from compemb.bench.quality import x_scale
+
+    assert x_scale([99.2, 100.0, 100.6]) == "linear" and x_scale([10.1, 99.8, 1003.0]) == "log"

@@ -92,7 +92,7 @@ def test_two_ranks_end_where_one_process_ends(data, two_ranks, tmp_path, method)
 def test_compemb_train_nproc_launches_torchrun_and_resumes(data, tmp_path):
     command = [sys.executable, "-m", "compemb", "train", "--data", data, "--out", str(tmp_path / "run"),
                "--method", "cafe", "--compression", "4", "--dim", "8", "--bottom", "16", "--top", "16",
-               "--batch-size", "512", "--optimizer", "adam", "--lr", "0.01", "--nproc", "2"]
+               "--batch-size", "512", "--optimizer", "adam", "--lr", "0.01", "--nproc", "2", "--json"]
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -191,7 +191,7 @@ def test_the_cli_makes_and_trains_a_set_with_bag_features_and_export_says_it_can
                  "1e-4", "--bags", "2", "--bag-size", "3"]) == 0
     assert "and 2 multi-hot features" in capsys.readouterr().out
     assert main(["train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "run"), "--method", "cce",
-                 "--compression", "4", "--dim", "8", "--bottom", "16", "--top", "16", "--batch-size", "512"]) == 0
+                 "--compression", "4", "--dim", "8", "--bottom", "16", "--top", "16", "--batch-size", "512", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["step"] == 6 and np.isfinite(result["bce"])
     assert main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "m.compemb")]) == 2

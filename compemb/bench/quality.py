@@ -303,8 +303,17 @@ def _figure():
     return plt, *plt.subplots(figsize=(7, 4.5))
 
 
-def _save(plt, figure, axes, xlabel: str, ylabel: str, path: Path) -> None:
-    axes.set_xscale("log")
+def x_scale(values: list[float]) -> str:
+    """The x axis for these ratios: log where they span 3x or more; linear for a one-ratio sweep (its points lie
+    within a few percent of one value, where a log axis stacks unreadable minor tick labels)."""
+    return "log" if values and max(values) >= 3 * min(values) else "linear"
+
+
+def _save(plt, figure, axes, xlabel: str, ylabel: str, path: Path, xs: list[float]) -> None:
+    if x_scale(xs) == "log":
+        axes.set_xscale("log")
+    else:
+        axes.ticklabel_format(axis="x", style="plain", useOffset=False)
     axes.set_xlabel(xlabel)
     axes.set_ylabel(ylabel)
     axes.legend(fontsize=8)
@@ -329,7 +338,8 @@ def _plot(rows: list[SweepRow], key: str, label: str, path: Path) -> None:
     bayes = _mean([r.bayes_bce for r in rows]) if key == "test_bce" else None
     if bayes is not None:
         axes.axhline(bayes, color="black", linestyle="--", label="Bayes-optimal")
-    _save(plt, figure, axes, "compression reached (full table bytes / stored bytes)", label, path)
+    xs = [x for points in by_method.values() for x, _ in points]
+    _save(plt, figure, axes, "compression reached (full table bytes / stored bytes)", label, path, xs)
 
 
 def _plot_params(rows: list[SweepRow], path: Path) -> None:
@@ -345,4 +355,5 @@ def _plot_params(rows: list[SweepRow], path: Path) -> None:
     full = _full_val_bce(rows)
     if full is not None:
         axes.axhline(full, color="gray", linestyle=":", label="full table")
-    _save(plt, figure, axes, "parameters (stored bytes / 4)", "validation BCE", path)
+    xs = [x for points in by_method.values() for x, _ in points]
+    _save(plt, figure, axes, "parameters (stored bytes / 4)", "validation BCE", path, xs)

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from compemb.data.dataset import VOCABULARY_FILE, DatasetWriter, check_output
 from compemb.io import atomic_write_bytes
+from compemb.progress import bar_disabled
 
 NUM_DENSE, NUM_SPARSE = 13, 26
 MISSING = -1  # a missing categorical value before its id is assigned
@@ -542,7 +543,7 @@ def preprocess_criteo(
     pieces = [piece for path, has_label in inputs
               for piece in split_pieces(path, has_label, piece_bytes if processes > 1 else 1 << 62)]
     # pass 1: validate, count rows and (to categorify) every feature's values
-    bar = tqdm(desc="count", unit="rows", unit_scale=True, disable=not progress)
+    bar = tqdm(desc="count", unit="rows", unit_scale=True, disable=bar_disabled(progress))
     counted: list[PieceCount] = _run(
         _count_piece, [(piece, hash_mod is None and piece.has_label and (piece.path in counted_paths
                                                                           or not own_splits), strict)
@@ -595,7 +596,7 @@ def preprocess_criteo(
             position[piece.has_label] += result.kept
         _WRITE.update(categorify=categorify if hash_mod is None else None, hash_mod=hash_mod,
                       directory=writer.temporary, rows=rows, cardinalities=np.array(cardinalities))
-        bar = tqdm(total=sum(rows.values()), desc="write", unit="rows", unit_scale=True, disable=not progress)
+        bar = tqdm(total=sum(rows.values()), desc="write", unit="rows", unit_scale=True, disable=bar_disabled(progress))
         try:
             _run(_write_piece, tasks, processes, bar, lambda written: written)
         finally:

@@ -42,6 +42,7 @@ from compemb.data.criteo import transform_dense
 from compemb.data.dataset import DatasetWriter, check_output
 from compemb.io import atomic_binary_writer
 from compemb.metrics import auc
+from compemb.progress import bar_disabled
 
 # Criteo Kaggle's 26 categorical cardinalities (33.8M ids in all), as DLRM counts them
 CRITEO_KAGGLE_CARDINALITIES = (
@@ -262,7 +263,7 @@ def generate_synthetic(path: str | os.PathLike, config: SyntheticConfig = Synthe
             text as tsv_file:
         for split, rows in config.rows.items():
             probabilities, labels_seen = [], []
-            bar = tqdm(total=rows, desc=f"synth {split}", unit="rows", unit_scale=True, disable=not progress)
+            bar = tqdm(total=rows, desc=f"synth {split}", unit="rows", unit_scale=True, disable=bar_disabled(progress))
             for start in range(0, rows, config.chunk_rows):
                 count = min(config.chunk_rows, rows - start)
                 # every chunk has a stream of its own: chunks can be made in any order, with the same result
