@@ -81,7 +81,7 @@ def time_method(config: TrainConfig, warmup: int, steps: int, sync_steps: int) -
         syncs = count_step_syncs(config, warmup=2, steps=sync_steps)["per_step"]
     return {"method": config.method, "samples_per_s": steps * config.batch_size / seconds, "syncs_per_step": syncs,
             "peak_gib": peak, "build_s": built, "events_while_timed": events,
-            "stored_mb": trainer.model.embeddings.memory().total.total / 1e6}
+            "stored_mb": trainer.model.embeddings.memory().total / 1e6}
 
 
 def time_plain(config: TrainConfig, warmup: int, steps: int) -> dict:

@@ -38,7 +38,7 @@ def child(config: TrainConfig, result_path: Path) -> None:
     """Train ``config`` in this process and write what it measured to ``result_path``."""
     trainer = Trainer(config, overwrite=True)
     last = trainer.fit()
-    memory = trainer.model.embeddings.memory().total  # type: ignore[union-attr]  # all features together
+    memory = trainer.model.embeddings.memory()  # type: ignore[union-attr]  # all features together
     test = trainer.evaluate("test")
     atomic_write_text(result_path, json.dumps({
         "config": asdict(config), "steps": trainer.step, "samples_per_s": last["samples_per_s"],

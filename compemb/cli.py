@@ -26,13 +26,16 @@ def cmd_methods(args: argparse.Namespace) -> int:
     rows = summarize_methods(args.num_embeddings, args.dim, args.compression)
     print(f"Methods for a {args.num_embeddings:,} x {args.dim} table at compression {args.compression:g}")
     print(f"(full fp32 table: {_megabytes(args.num_embeddings * args.dim * 4)}; full is shown uncompressed)\n")
-    header = f"{'method':<11} {'what':<32} {'parameters':<44} {'params':>12} {'index':>8} {'memory':>12} {'ratio':>7}"
+    header = (f"{'method':<11} {'what':<32} {'parameters':<44} {'floats':>12} {'index':>11} {'memory':>12} "
+              f"{'ratio':>7}  note")
     print(header)
     print("-" * len(header))
     for row in rows:
+        # floats: the parameters; index: hashes, pointers, id maps, sketches and per-id state (all in memory)
         print(
             f"{row.name:<11} {row.title:<32} {row.formula:<44} {row.num_params:>12,} "
-            f"{row.memory.index_bytes:>7,}B {_megabytes(row.memory.total):>12} {row.compression:>6.1f}x"
+            f"{_megabytes(row.memory.total - row.memory.float_bytes):>11} {_megabytes(row.memory.total):>12} "
+            f"{row.compression:>6.1f}x  {row.note}".rstrip()
         )
     notes = [f"  {row.name}: {row.sizes}" for row in rows if row.sizes]
     if notes:
@@ -172,7 +175,7 @@ def _summary(result: dict, trainer: Any, split: str) -> str:
     if "train_loss" in result:
         metrics += f"; train loss {result['train_loss']:.4f}"
     collection, config = trainer.model.embeddings, trainer.config
-    stored = collection.memory().total.total
+    stored = collection.memory().total
     full = sum(full_table_bytes(f.num_embeddings, collection.embedding_dim) for f in collection.features)
     asked = f" ({config.compression:g}x asked)" if config.compression else ""
     cost = (f"{config.method}: tables {_megabytes(stored)} ({stored // 4:,} params), {full / stored:.1f}x smaller than "

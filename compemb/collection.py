@@ -25,7 +25,7 @@ Two ways to spend the budget (``sharing=``):
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -114,16 +114,17 @@ class Bags:
 
 
 @dataclass(frozen=True)
-class CollectionMemory:
-    """Bytes stored by every feature's table, and their sum."""
+class CollectionMemory(MemoryReport):
+    """Bytes stored by every feature's table: their sum, by kind, as one table's :class:`MemoryReport` says them
+    (``.total`` is all bytes, an int, for a table and a collection alike), and each feature's (``per_feature``)."""
 
-    per_feature: dict[str, MemoryReport]
+    per_feature: dict[str, MemoryReport] = field(default_factory=dict)
 
-    @property
-    def total(self) -> MemoryReport:
-        """All features together."""
-        reports = list(self.per_feature.values())
-        return sum(reports[1:], reports[0])
+    @classmethod
+    def of(cls, per_feature: dict[str, MemoryReport]) -> CollectionMemory:
+        """The sum of ``per_feature``'s reports, keeping them."""
+        return cls(sum(r.float_bytes for r in per_feature.values()), sum(r.index_bytes for r in per_feature.values()),
+                   sum(r.sketch_bytes for r in per_feature.values()), per_feature)
 
 
 class EmbeddingCollection(torch.nn.Module):
@@ -423,13 +424,13 @@ class EmbeddingCollection(torch.nn.Module):
 
     def memory(self) -> CollectionMemory:
         """Every table's MemoryReport (per feature, or the one ``"shared"``), and their total (``.total``)."""
-        return CollectionMemory({name: table.memory() for name, table in self.embeddings.items()})
+        return CollectionMemory.of({name: table.memory() for name, table in self.embeddings.items()})
 
     def extra_repr(self) -> str:
         total = self.memory().total
         full = sum(full_table_bytes(f.num_embeddings, self.embedding_dim) for f in self.features)
         sharing = ", sharing='shared'" if self.sharing == "shared" else ""
-        return f"method={self.method!r}, features={len(self.features)}{sharing}, compression={full / total.total:.1f}x"
+        return f"method={self.method!r}, features={len(self.features)}{sharing}, compression={full / total:.1f}x"
 
 
 def _run_lookups_eagerly() -> None:

@@ -148,7 +148,7 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, scheme: str | Non
     }
     payload = save_tensors(everything, metadata={HEADER_KEY: json.dumps(header)})
     atomic_write_bytes(out, payload)
-    embeddings = model.embeddings.memory().total.total  # type: ignore[union-attr]
+    embeddings = model.embeddings.memory().total  # type: ignore[union-attr]
     mlp = sum(v.numel() * v.element_size() for k, v in state.items() if not k.startswith("embeddings."))
     return {"file_bytes": len(payload), "embedding_memory_bytes": embeddings, "mlp_bytes": mlp,
             "vocabulary_bytes": sum(v.numel() * v.element_size() for v in vocabulary.values()),

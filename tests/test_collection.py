@@ -14,7 +14,7 @@ def _budgeted(collection):
     """The bytes counted against the budget: everything stored, but only the floats under paper accounting."""
     budgeted = sum(table.budgeted_bytes() for table in collection.embeddings.values())
     if all(getattr(table, "accounting", "honest") == "honest" for table in collection.embeddings.values()):
-        assert budgeted == collection.memory().total.total
+        assert budgeted == collection.memory().total
     return budgeted
 
 
@@ -94,7 +94,7 @@ def test_every_method_refuses_an_id_outside_its_features_range_naming_the_featur
 
 def test_the_full_method_needs_no_budget():
     collection = EmbeddingCollection(FEATURES, 4, "full")
-    assert collection.memory().total.total == FULL_BYTES // 4
+    assert collection.memory().total == FULL_BYTES // 4
 
 
 def test_tables_no_bigger_than_an_even_share_stay_full():
@@ -104,13 +104,13 @@ def test_tables_no_bigger_than_an_even_share_stay_full():
     assert type(collection.embeddings["ten"]).__name__ == "FullEmbedding"
     assert type(collection.embeddings["hundred"]).__name__ == "FullEmbedding"
     assert type(collection.embeddings["huge"]).__name__ == "HashingTrickEmbedding"
-    assert collection.memory().total.total == pytest.approx(100_110 * 16 * 4 / 50, rel=0.01)
+    assert collection.memory().total == pytest.approx(100_110 * 16 * 4 / 50, rel=0.01)
 
 
 def test_paper_accounting_cce_meets_the_budget_with_floats_while_memory_reports_its_pointers():
     features = [Feature("C1", 20_000), Feature("C2", 5_000), Feature("C3", 300)]
     collection = EmbeddingCollection(features, 16, "cce", compression=20, accounting="paper")
-    memory = collection.memory().total
+    memory = collection.memory()
     budget = collection.budget.num_bytes
     assert abs(sum(t.budgeted_bytes() for t in collection.embeddings.values()) - budget) <= 0.01 * budget
     assert memory.float_bytes <= 1.01 * budget and memory.index_bytes > 0.05 * budget  # pointers: reported
@@ -173,7 +173,7 @@ def test_a_shared_full_table_holds_the_same_rows_at_the_init_of_one_table():
     shared = EmbeddingCollection(features, 4, "full", sharing="shared")
     per_feature = EmbeddingCollection(features, 4, "full")
     assert list(shared.embeddings) == ["shared"] and shared.embeddings["shared"].num_embeddings == total
-    assert shared.memory().total.total == per_feature.memory().total.total == total * 4 * 4
+    assert shared.memory().total == per_feature.memory().total == total * 4 * 4
     # DLRM's init per table: one bound sqrt(1 / sum n) shared, sqrt(1 / n) per feature
     shared_bound = float(shared.embeddings["shared"].weight.detach().abs().max())
     largest_feature_bound = float(per_feature.embeddings[features[0].name].weight.detach().abs().max())
@@ -183,3 +183,14 @@ def test_a_shared_full_table_holds_the_same_rows_at_the_init_of_one_table():
 def test_unknown_sharing_is_refused():
     with pytest.raises(ValueError, match="sharing must be one of"):
         EmbeddingCollection(FEATURES, 8, "hash", compression=20, sharing="pooled")
+
+
+def test_a_collections_memory_has_a_tables_shape():
+    from compemb.budget import MemoryReport
+
+    collection = EmbeddingCollection(FEATURES, 8, "cafe", compression=20)
+    memory, table = collection.memory(), collection.embeddings["big"].memory()
+    assert isinstance(memory, MemoryReport) and isinstance(memory.total, int) and isinstance(table.total, int)
+    assert memory.total == sum(r.total for r in memory.per_feature.values())
+    assert memory.sketch_bytes == sum(r.sketch_bytes for r in memory.per_feature.values()) > 0
+    assert memory.per_feature["big"] == table

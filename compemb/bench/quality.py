@@ -143,7 +143,7 @@ def _run_one(base: TrainConfig, method: str, ratio: float, seed: int, out: Path)
         return row
     last = trainer.fit()
     test = trainer.test_of_best("test")  # the test metrics of the best validation checkpoint, as the papers report
-    memory = trainer.model.embeddings.memory().total  # type: ignore[union-attr]
+    memory = trainer.model.embeddings.memory()  # type: ignore[union-attr]
     full = sum(full_table_bytes(f.num_embeddings, config.embedding_dim)
                for f in trainer.model.embeddings.features)  # type: ignore[union-attr]
     row.ratio_reached = full / memory.total
@@ -175,7 +175,7 @@ def _run_quantized(base: TrainConfig, trained: str, scheme: str, ratio: float, s
         trainer.load(source_run / "checkpoints" / "best")
         trainer.model = quantize(trainer.model, scheme)
         test = trainer.evaluate("test")
-        memory = trainer.model.embeddings.memory().total  # type: ignore[union-attr]
+        memory = trainer.model.embeddings.memory()  # type: ignore[union-attr]
         full = sum(full_table_bytes(f.num_embeddings, config.embedding_dim)
                    for f in trainer.model.embeddings.features)  # type: ignore[union-attr]
         row.ratio_reached, row.params = full / memory.total, memory.total // 4
