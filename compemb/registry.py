@@ -164,19 +164,28 @@ def make_embedding(
     compression: float | None = None,
     num_params: int | None = None,
     seed: int = 0,
+    dtype: torch.dtype | None = None,
     **options: Any,
 ) -> CompressedEmbedding:
     """Build the registered ``method`` for a ``num_embeddings x embedding_dim`` table within a budget.
+
+    ``dtype`` (as nn.Embedding's): the floating dtype its tables store and compute in (float16, bfloat16, ...);
+    the budget sizes the tables in float32, so a narrower dtype stores fewer bytes (``memory()`` counts them).
 
     Example::
 
         >>> emb = make_embedding("hash", 1_000_000, 16, compression=100, seed=0)
         >>> emb.memory().total  # bytes, within 1% of 1_000_000 * 16 * 4 / 100
         640016
+        >>> make_embedding("cce", 1_000, 16, compression=4, dtype=torch.bfloat16)(torch.tensor([3])).dtype
+        torch.bfloat16
     """
     cls = get_method(method)
     check_options(method, options)
-    return cls(num_embeddings, embedding_dim, compression=compression, num_params=num_params, seed=seed, **options)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    module = cls(num_embeddings, embedding_dim, compression=compression, num_params=num_params, seed=seed, **options)
+    return module if dtype is None else module.to(dtype)
 
 
 @dataclass(frozen=True)

@@ -104,9 +104,11 @@ class DeepHashEmbedding(CompressedEmbedding):
 
     def encode(self, ids: Tensor) -> Tensor:
         """The dense encoding ``(N, k)`` of ``ids``: uniform in [-1, 1], or standard Gaussian."""
-        unit = (self.hash(ids).to(self.first.weight.dtype) + 0.5) / HASH_RANGE  # in (0, 1)
+        # in float32 whatever the layers' dtype: hash values up to 10^6 overflow float16 (its largest is 65,504)
+        unit = (self.hash(ids).float() + 0.5) / HASH_RANGE  # in (0, 1)
+        dtype = self.first.weight.dtype
         if self.encoding == "uniform":
-            return unit * 2 - 1
+            return (unit * 2 - 1).to(dtype)
         pairs = unit.view(*unit.shape[:-1], -1, 2) if self.num_hashes % 2 == 0 else None
         if pairs is None:  # an odd k: the last hash pairs with the first
             unit = torch.cat([unit, unit[..., :1]], -1)
@@ -114,7 +116,7 @@ class DeepHashEmbedding(CompressedEmbedding):
         radius = torch.sqrt(-2 * torch.log(pairs[..., 0]))
         angle = 2 * math.pi * pairs[..., 1]
         return torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], -1).flatten(-2)[
-            ..., : self.num_hashes]
+            ..., : self.num_hashes].to(dtype)
 
     def lookup(self, ids: Tensor) -> Tensor:
         return self.last(F.mish(self.first(self.encode(ids))))

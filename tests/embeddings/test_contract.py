@@ -65,6 +65,25 @@ def test_include_last_offset_agrees_with_torch_embedding_bag():
 
 
 @pytest.mark.parametrize("name", ALL_METHODS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_every_method_looks_up_trains_and_pools_in_half_precision(name, dtype):
+    module = build(name, dtype=dtype)
+    assert all(p.dtype == dtype for p in module.parameters())
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    for step in range(3):  # training steps, the methods' own hooks included
+        out = module(torch.randint(0, 1000, (32,)))
+        assert out.dtype == dtype and bool(torch.isfinite(out).all())
+        optimizer.zero_grad()
+        out.float().pow(2).sum().backward()
+        optimizer.step()
+        module.on_step_end(step, optimizer)
+    pooled = module(torch.tensor([1, 2, 3]), torch.tensor([0, 1]), torch.ones(3, dtype=dtype))
+    assert pooled.dtype == dtype and pooled.shape == (2, 8)
+    full = build(name)  # the same seed in float32: half precision stores fewer bytes
+    assert module.memory().float_bytes == full.memory().float_bytes // 2
+
+
+@pytest.mark.parametrize("name", ALL_METHODS)
 def test_per_sample_weights_scale_members(name):
     module = build(name)
     ids = torch.randint(0, 1000, (9,))

@@ -339,7 +339,8 @@ class CCEmbedding(AdaptiveEmbedding):
         return torch.stack([first + offsets, second + offsets + c * k], dim=-1)
 
     def _vectors(self, ids: Tensor) -> Tensor:
-        if on_host(ids, self.weight, self.pointer_table):
+        # the compiled kernel reads float32/float64 tables (numba has no float16 or bfloat16): others take torch ops
+        if on_host(ids, self.weight, self.pointer_table) and self.weight.dtype in (torch.float32, torch.float64):
             return PairGather.apply(self.weight, ids, self._routing(), self.sparse)
         # elsewhere each (id, column) is a bag of two rows, T0's and T1's: one fused gather
         rows = self._route(ids).to(self.weight.device)
