@@ -220,7 +220,7 @@ class EmbeddingCollection(torch.nn.Module):
             self.embeddings = torch.nn.ModuleDict({"shared": table})
             return
         full_options = {key: value for key, value in options.items()
-                        if key in ("sparse", "mode", "init", "include_last_offset")}
+                        if key in ("sparse", "mode", "init", "include_last_offset", "padding_idx")}
 
         def build(index: int, budget_bytes: int | None, last: bool = False) -> CompressedEmbedding:
             feature = features[index]
@@ -458,7 +458,9 @@ def batch_groups(tables: Sequence[torch.nn.Module]) -> list[tuple[list[int], Tab
     for positions in keys.values():
         members = [tables[p] for p in positions]
         first = members[0]
-        batch = type(first).table_batch(members) if isinstance(first, CompressedEmbedding) else None
+        # a padding id or max pooling needs each table's own forward (the batches gather and sum)
+        plain = all(getattr(t, "padding_idx", None) is None and getattr(t, "mode", "sum") != "max" for t in members)
+        batch = type(first).table_batch(members) if isinstance(first, CompressedEmbedding) and plain else None
         if batch is None:
             groups.extend(([p], None) for p in positions)
         else:

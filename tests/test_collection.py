@@ -194,3 +194,11 @@ def test_a_collections_memory_has_a_tables_shape():
     assert memory.total == sum(r.total for r in memory.per_feature.values())
     assert memory.sketch_bytes == sum(r.sketch_bytes for r in memory.per_feature.values()) > 0
     assert memory.per_feature["big"] == table
+
+
+@pytest.mark.parametrize("name", ["hash", "full", "cafe"])
+def test_a_padding_id_reads_zeros_through_a_collection_too(name):
+    collection = EmbeddingCollection([Feature("a", 3000), Feature("b", 3000)], 8, name,
+                                     compression=None if name == "full" else 2, padding_idx=0)
+    out = collection(torch.tensor([[0, 5], [4, 0]]))
+    assert out[0, 0].abs().sum() == 0 and out[1, 1].abs().sum() == 0 and out[0, 1].abs().sum() > 0

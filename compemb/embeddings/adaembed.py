@@ -75,9 +75,11 @@ class AdaEmbed(AdaptiveEmbedding):
         name: str | None = None,
         init: str = "dlrm",
         include_last_offset: bool = False,
+        padding_idx: int | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name, init=init, include_last_offset=include_last_offset)
+        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name, init=init,
+                include_last_offset=include_last_offset, padding_idx=padding_idx)
         self._start_recording(importance)
         if not 0 < fallback_share < 1:
             raise ValueError(f"{self._who()}: fallback_share must be in (0, 1), got {fallback_share!r}")

@@ -27,7 +27,7 @@ from compemb.kernels import device_path
 if TYPE_CHECKING:
     from compemb.table_batch import TableBatch
 
-MODES = ("sum", "mean")
+MODES = ("sum", "mean", "max")
 # "dlrm": the DLRM reference, U(-sqrt(1/n), sqrt(1/n)) for a table of n ids; "uniform_dim": U(-1/sqrt(d), 1/sqrt(d))
 INITS = ("dlrm", "uniform_dim")
 
@@ -39,7 +39,8 @@ class CompressedEmbedding(torch.nn.Module, ABC):
         num_embeddings: vocabulary size; ``None`` for an open vocabulary (hash-based methods only,
             which then accept any int64 id, negative included).
         embedding_dim: size of each output vector.
-        mode: how bags are reduced when ``offsets`` is given: ``"sum"`` or ``"mean"``.
+        mode: how bags are reduced when ``offsets`` is given: ``"sum"``, ``"mean"`` or ``"max"`` (per coordinate;
+            no per-sample weights).
         sparse: produce sparse gradients for the tables (as nn.Embedding); use an optimizer that
             accepts them (SGD, Adagrad, SparseAdam).
         name: the feature's name, used in error messages.
@@ -47,6 +48,8 @@ class CompressedEmbedding(torch.nn.Module, ABC):
             DLRM reference's U(-sqrt(1/n), sqrt(1/n)) for n ids, ``"uniform_dim"`` U(-1/sqrt(d), 1/sqrt(d)).
         include_last_offset: as nn.EmbeddingBag's: ``offsets`` has one entry more than there are bags, the last
             being ``len(ids)`` (the KeyedJaggedTensor layout); one that is not is an error, not an empty bag.
+        padding_idx: as nn.Embedding's: this id reads a vector of zeros and sends no gradient to the tables (in
+            bags it is left out, of the mean's count too), whatever rows the method would share with it.
 
     Shape:
         - ``forward(ids)``: ids ``(*)`` -> ``(*, embedding_dim)``, like nn.Embedding.
@@ -86,6 +89,7 @@ class CompressedEmbedding(torch.nn.Module, ABC):
         name: str | None = None,
         init: str = "dlrm",
         include_last_offset: bool = False,
+        padding_idx: int | None = None,
     ) -> None:
         super().__init__()
         if num_embeddings is None:
@@ -105,6 +109,15 @@ class CompressedEmbedding(torch.nn.Module, ABC):
         self.mode = mode
         self.sparse = bool(sparse)
         self.include_last_offset = bool(include_last_offset)
+        if padding_idx is not None:  # as nn.Embedding's: a negative index counts from the end of the vocabulary
+            if isinstance(padding_idx, bool) or not isinstance(padding_idx, int):
+                raise ValueError(f"padding_idx must be an int or None, got {padding_idx!r}")
+            if num_embeddings is not None:
+                if not -num_embeddings <= padding_idx < num_embeddings:
+                    raise ValueError(f"padding_idx must be within [-{num_embeddings}, {num_embeddings}), got "
+                                     f"{padding_idx}")
+                padding_idx %= num_embeddings
+        self.padding_idx = padding_idx
         self.name = name
 
     @classmethod
@@ -179,7 +192,11 @@ class CompressedEmbedding(torch.nn.Module, ABC):
             if per_sample_weights is not None:
                 raise ValueError("per_sample_weights needs offsets (it weighs ids inside bags)")
             ids = self.check_ids(ids)
-            return self.lookup(ids.reshape(-1)).view(*ids.shape, self.embedding_dim)
+            flat = ids.reshape(-1)
+            vectors = self.lookup(flat)
+            if self.padding_idx is not None:  # zeros, and (multiplied by 0) no gradient to the rows it shares
+                vectors = vectors * (flat != self.padding_idx).unsqueeze(-1).to(vectors.dtype)
+            return vectors.view(*ids.shape, self.embedding_dim)
         if self.include_last_offset:  # B + 1 offsets, the last one len(ids): it closes bag B - 1, it opens none
             offsets = self._as_int64(offsets, "offsets")
             if offsets.dim() != 1 or offsets.numel() == 0:
@@ -190,7 +207,21 @@ class CompressedEmbedding(torch.nn.Module, ABC):
                                  f"{ids.numel()}, got {int(offsets[-1])}")
             offsets = offsets[:-1]
         ids, offsets, per_sample_weights, one_id_per_bag = self._check_bags(ids, offsets, per_sample_weights)
+        if self.mode == "max" or self.padding_idx is not None:  # the methods' fused bag kernels sum or average
+            return self._reduce_bags(ids, offsets, per_sample_weights)
         return self.lookup_bags(ids, offsets, per_sample_weights, one_id_per_bag)
+
+    def _reduce_bags(self, ids: Tensor, offsets: Tensor, per_sample_weights: Tensor | None) -> Tensor:
+        """Bags reduced as nn.EmbeddingBag reduces them (any mode, ``padding_idx`` left out), over the looked-up
+        vectors."""
+        vectors = self.lookup(ids)
+        positions, padding = torch.arange(ids.numel(), device=ids.device), None
+        if self.padding_idx is not None:  # padded ids point at an extra row that embedding_bag leaves out
+            vectors = torch.cat([vectors, vectors.new_zeros(1, vectors.shape[1])])
+            padding = ids.numel()
+            positions = torch.where(ids == self.padding_idx, padding, positions)
+        return F.embedding_bag(positions, vectors, offsets, mode=self.mode, per_sample_weights=per_sample_weights,
+                               padding_idx=padding)
 
     def check_ids(self, ids: Tensor) -> Tensor:
         """Return ``ids`` as int64, or raise TypeError (not integers) / ValueError (out of range)."""

@@ -86,9 +86,11 @@ class DeepHashEmbedding(CompressedEmbedding):
         name: str | None = None,
         init: str = "dlrm",
         include_last_offset: bool = False,
+        padding_idx: int | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name, init=init, include_last_offset=include_last_offset)
+        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name, init=init,
+                include_last_offset=include_last_offset, padding_idx=padding_idx)
         if encoding not in ENCODINGS:
             raise ValueError(f"{self._who()}: encoding must be one of {ENCODINGS}, got {encoding!r}")
         self.encoding = encoding

@@ -60,9 +60,11 @@ class HashEmbeddings(CompressedEmbedding):
         name: str | None = None,
         init: str = "dlrm",
         include_last_offset: bool = False,
+        padding_idx: int | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name, init=init, include_last_offset=include_last_offset)
+        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name, init=init,
+                include_last_offset=include_last_offset, padding_idx=padding_idx)
         if num_hashes < 1:
             raise ValueError(f"hemb: num_hashes must be >= 1, got {num_hashes}")
         if not 0 < importance_share < 1:

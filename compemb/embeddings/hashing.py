@@ -46,9 +46,11 @@ class _HashedTable(CompressedEmbedding):
         name: str | None,
         init: str,
         include_last_offset: bool,
+        padding_idx: int | None,
         device: torch.device | str | None,
     ) -> None:
-        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name, init=init, include_last_offset=include_last_offset)
+        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name, init=init,
+                include_last_offset=include_last_offset, padding_idx=padding_idx)
         budget = resolve_budget(num_embeddings, embedding_dim, compression=compression, num_params=num_params)
         # tables * row_dim == embedding_dim, so the budget buys `rows` rows in every table
         hash_bytes = coefficient_bytes(num_hashes)
@@ -127,11 +129,13 @@ class HashingTrickEmbedding(_HashedTable):
         name: str | None = None,
         init: str = "dlrm",
         include_last_offset: bool = False,
+        padding_idx: int | None = None,
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__(
             num_embeddings, embedding_dim, row_dim=embedding_dim, tables=1, num_hashes=1,
-            compression=compression, num_params=num_params, seed=seed, mode=mode, sparse=sparse, name=name, init=init, include_last_offset=include_last_offset,
+            compression=compression, num_params=num_params, seed=seed, mode=mode, sparse=sparse, name=name, init=init,
+            include_last_offset=include_last_offset, padding_idx=padding_idx,
             device=device,
         )
 
@@ -182,6 +186,7 @@ class CompositionalEmbedding(_HashedTable):
         name: str | None = None,
         init: str = "dlrm",
         include_last_offset: bool = False,
+        padding_idx: int | None = None,
         device: torch.device | str | None = None,
     ) -> None:
         if columns < 1 or embedding_dim % columns:
@@ -190,7 +195,8 @@ class CompositionalEmbedding(_HashedTable):
         super().__init__(
             num_embeddings, embedding_dim, row_dim=embedding_dim // columns, tables=columns,
             num_hashes=columns, compression=compression, num_params=num_params, seed=seed, mode=mode,
-            sparse=sparse, name=name, init=init, include_last_offset=include_last_offset, device=device,
+            sparse=sparse, name=name, init=init,
+            include_last_offset=include_last_offset, padding_idx=padding_idx, device=device,
         )
 
     def lookup(self, ids: Tensor) -> Tensor:
@@ -238,6 +244,7 @@ class BloomEmbedding(_HashedTable):
         name: str | None = None,
         init: str = "dlrm",
         include_last_offset: bool = False,
+        padding_idx: int | None = None,
         device: torch.device | str | None = None,
     ) -> None:
         if num_hashes < 1:
@@ -245,7 +252,8 @@ class BloomEmbedding(_HashedTable):
         self.num_hashes = num_hashes
         super().__init__(
             num_embeddings, embedding_dim, row_dim=embedding_dim, tables=1, num_hashes=num_hashes,
-            compression=compression, num_params=num_params, seed=seed, mode=mode, sparse=sparse, name=name, init=init, include_last_offset=include_last_offset,
+            compression=compression, num_params=num_params, seed=seed, mode=mode, sparse=sparse, name=name, init=init,
+            include_last_offset=include_last_offset, padding_idx=padding_idx,
             device=device,
         )
 

@@ -54,9 +54,11 @@ class LowRankEmbedding(CompressedEmbedding):
         name: str | None = None,
         init: str = "dlrm",
         include_last_offset: bool = False,
+        padding_idx: int | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name, init=init, include_last_offset=include_last_offset)
+        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name, init=init,
+                include_last_offset=include_last_offset, padding_idx=padding_idx)
         budget = resolve_budget(num_embeddings, embedding_dim, compression=compression, num_params=num_params)
         n, d, floats = self.num_embeddings, self.embedding_dim, budget.num_bytes / FLOAT_BYTES
         largest = n * d  # beyond the full table's size the full table is the better choice

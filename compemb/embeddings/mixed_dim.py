@@ -107,9 +107,11 @@ class MixedDimEmbedding(CompressedEmbedding):
         name: str | None = None,
         init: str = "dlrm",
         include_last_offset: bool = False,
+        padding_idx: int | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name, init=init, include_last_offset=include_last_offset)
+        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name, init=init,
+                include_last_offset=include_last_offset, padding_idx=padding_idx)
         budget = resolve_budget(num_embeddings, embedding_dim, compression=compression, num_params=num_params)
         sizes = [self.num_embeddings] if blocks is None else [int(size) for size in blocks]
         if any(size < 1 for size in sizes) or sum(sizes) != self.num_embeddings:

@@ -96,9 +96,11 @@ class QREmbedding(CompressedEmbedding):
         name: str | None = None,
         init: str = "dlrm",
         include_last_offset: bool = False,
+        padding_idx: int | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name, init=init, include_last_offset=include_last_offset)
+        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name, init=init,
+                include_last_offset=include_last_offset, padding_idx=padding_idx)
         if operation not in OPERATIONS:
             raise ValueError(f"qr: operation must be one of {OPERATIONS}, got {operation!r}")
         if operation == "concat" and embedding_dim < 2:

@@ -45,9 +45,11 @@ class _FlatArray(CompressedEmbedding):
         name: str | None,
         init: str,
         include_last_offset: bool,
+        padding_idx: int | None,
         device: torch.device | str | None,
     ) -> None:
-        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name, init=init, include_last_offset=include_last_offset)
+        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name, init=init,
+                include_last_offset=include_last_offset, padding_idx=padding_idx)
         budget = resolve_budget(num_embeddings, embedding_dim, compression=compression, num_params=num_params)
         hash_bytes = coefficient_bytes(num_hashes * (2 if signed else 1))
         self.size = max(min_size, round((budget.num_bytes - hash_bytes) / FLOAT_BYTES))
@@ -134,6 +136,7 @@ class ROBEEmbedding(_FlatArray):
         name: str | None = None,
         init: str = "dlrm",
         include_last_offset: bool = False,
+        padding_idx: int | None = None,
         device: torch.device | str | None = None,
     ) -> None:
         if chunks < 1 or embedding_dim % chunks:
@@ -142,7 +145,8 @@ class ROBEEmbedding(_FlatArray):
         self.chunk_size = embedding_dim // chunks
         super().__init__(
             num_embeddings, embedding_dim, num_hashes=chunks, min_size=self.chunk_size, signed=signed,
-            compression=compression, num_params=num_params, seed=seed, mode=mode, sparse=sparse, name=name, init=init, include_last_offset=include_last_offset,
+            compression=compression, num_params=num_params, seed=seed, mode=mode, sparse=sparse, name=name, init=init,
+            include_last_offset=include_last_offset, padding_idx=padding_idx,
             device=device,
         )
 
@@ -190,11 +194,13 @@ class HashedNetsEmbedding(_FlatArray):
         name: str | None = None,
         init: str = "dlrm",
         include_last_offset: bool = False,
+        padding_idx: int | None = None,
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__(
             num_embeddings, embedding_dim, num_hashes=embedding_dim, min_size=1, signed=signed,
-            compression=compression, num_params=num_params, seed=seed, mode=mode, sparse=sparse, name=name, init=init, include_last_offset=include_last_offset,
+            compression=compression, num_params=num_params, seed=seed, mode=mode, sparse=sparse, name=name, init=init,
+            include_last_offset=include_last_offset, padding_idx=padding_idx,
             device=device,
         )
 

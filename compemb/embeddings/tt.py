@@ -126,9 +126,11 @@ class TTEmbedding(CompressedEmbedding):
         name: str | None = None,
         init: str = "dlrm",
         include_last_offset: bool = False,
+        padding_idx: int | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name, init=init, include_last_offset=include_last_offset)
+        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name, init=init,
+                include_last_offset=include_last_offset, padding_idx=padding_idx)
         budget = resolve_budget(num_embeddings, embedding_dim, compression=compression, num_params=num_params)
         n, d = self.num_embeddings, self.embedding_dim
         self.dim_factors = dim_factors(d)

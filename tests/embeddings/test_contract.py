@@ -84,6 +84,55 @@ def test_every_method_looks_up_trains_and_pools_in_half_precision(name, dtype):
 
 
 @pytest.mark.parametrize("name", ALL_METHODS)
+def test_a_padding_id_reads_zeros_is_left_out_of_bags_and_trains_nothing(name):
+    module = build(name, padding_idx=7, mode="mean")
+    plain = build(name, mode="mean")  # the same seed: the same tables
+    ids = torch.tensor([7, 3, 7, 5, 9])
+    out = module(ids)
+    assert out[0].abs().sum() == 0 and out[2].abs().sum() == 0 and torch.equal(out[1], plain(ids)[1])
+    bags = module(ids, torch.tensor([0, 2, 3]))  # [7, 3], [7], [5, 9]: the mean of [3], an empty bag, both
+    torch.testing.assert_close(bags[0], plain(ids[1:2])[0])
+    assert bags[1].abs().sum() == 0
+    torch.testing.assert_close(bags[2], plain(ids[3:]).mean(0))
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    optimizer = torch.optim.SGD(module.parameters(), lr=1.0)
+    optimizer.zero_grad()
+    (module(torch.tensor([7, 7])) + 1).pow(2).sum().backward()  # a loss that would move any row the id reads
+    optimizer.step()
+    module.on_step_end(0, optimizer)
+    after = module.state_dict()
+    params = {name for name, _ in module.named_parameters()}
+    assert all(torch.equal(before[k], after[k]) for k in params)
+    with pytest.raises(ValueError, match="padding_idx must be within"):
+        build(name, padding_idx=1000)
+
+
+@pytest.mark.parametrize("name", ALL_METHODS)
+def test_max_pooled_bags_take_each_coordinates_largest_member(name):
+    module = build(name, mode="max")
+    ids, offsets = torch.randint(0, 1000, (10,)), torch.tensor([0, 4, 4, 9])
+    out = module(ids, offsets)
+    singles = module(ids)
+    expected = torch.stack([singles[0:4].max(0).values, torch.zeros(8), singles[4:9].max(0).values,
+                            singles[9:].max(0).values])
+    torch.testing.assert_close(out, expected)
+    with pytest.raises(ValueError, match="per_sample_weights needs mode 'sum'"):
+        module(ids, offsets, torch.ones(10))
+
+
+def test_a_full_table_from_pretrained_weights_reads_them():
+    from compemb.embeddings.full import FullEmbedding
+
+    weights = torch.randn(20, 4)
+    table = FullEmbedding.from_pretrained(weights, freeze=False, padding_idx=3)
+    ids = torch.tensor([1, 3, 19])
+    assert torch.equal(table(ids)[0], weights[1]) and table(ids)[1].abs().sum() == 0
+    assert table.weight.requires_grad and table.memory().total == weights.numel() * 4
+    reference = torch.nn.EmbeddingBag.from_pretrained(weights, mode="sum", padding_idx=3)
+    torch.testing.assert_close(table(ids, torch.tensor([0, 2])), reference(ids, torch.tensor([0, 2])))
+
+
+@pytest.mark.parametrize("name", ALL_METHODS)
 def test_per_sample_weights_scale_members(name):
     module = build(name)
     ids = torch.randint(0, 1000, (9,))

@@ -133,9 +133,11 @@ class _CAFE(AdaptiveEmbedding):
         name: str | None,
         init: str,
         include_last_offset: bool,
+        padding_idx: int | None,
         device: torch.device | str | None,
     ) -> None:
-        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name, init=init, include_last_offset=include_last_offset)
+        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name, init=init,
+                include_last_offset=include_last_offset, padding_idx=padding_idx)
         self._start_recording(importance)
         budget = resolve_budget(num_embeddings, embedding_dim, compression=compression, num_params=num_params)
         ratio = budget_ratio(budget, self.num_embeddings, self.embedding_dim)
@@ -582,13 +584,15 @@ class CAFEEmbedding(_CAFE):
         name: str | None = None,
         init: str = "dlrm",
         include_last_offset: bool = False,
+        padding_idx: int | None = None,
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__(
             num_embeddings, embedding_dim, levels=1, compression=compression, num_params=num_params,
             hash_rate=hash_rate, threshold=threshold, tuning=tuning, importance=importance, decay=decay,
             sketch_slots_per_row=sketch_slots_per_row, merge_on_demote=merge_on_demote, blocks=blocks, field_tables=field_tables, seed=seed,
-            mode=mode, sparse=sparse, name=name, init=init, include_last_offset=include_last_offset, device=device,
+            mode=mode, sparse=sparse, name=name, init=init,
+            include_last_offset=include_last_offset, padding_idx=padding_idx, device=device,
         )
 
 
@@ -639,6 +643,7 @@ class MultiLevelCAFEEmbedding(_CAFE):
         name: str | None = None,
         init: str = "dlrm",
         include_last_offset: bool = False,
+        padding_idx: int | None = None,
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__(
@@ -646,5 +651,6 @@ class MultiLevelCAFEEmbedding(_CAFE):
             hash_rate=hash_rate, threshold=threshold, tuning=tuning, importance=importance, decay=decay,
             sketch_slots_per_row=sketch_slots_per_row, merge_on_demote=merge_on_demote,
             medium_fraction=medium_fraction, hash_split=hash_split, blocks=blocks, field_tables=field_tables, seed=seed,
-            mode=mode, sparse=sparse, name=name, init=init, include_last_offset=include_last_offset, device=device,
+            mode=mode, sparse=sparse, name=name, init=init,
+            include_last_offset=include_last_offset, padding_idx=padding_idx, device=device,
         )

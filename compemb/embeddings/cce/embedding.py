@@ -181,9 +181,11 @@ class CCEmbedding(AdaptiveEmbedding):
         name: str | None = None,
         init: str = "dlrm",
         include_last_offset: bool = False,
+        padding_idx: int | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name, init=init, include_last_offset=include_last_offset)
+        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name, init=init,
+                include_last_offset=include_last_offset, padding_idx=padding_idx)
         self._start_recording(importance)
         if columns < 1 or embedding_dim % columns:
             raise ValueError(f"cce: columns={columns} must be >= 1 and divide embedding_dim={embedding_dim}")
