@@ -23,6 +23,7 @@ from compemb.embeddings import (
     ROBEEmbedding,
     TTEmbedding,
 )
+from compemb.compress import compress
 from compemb.export import load_model
 from compemb.hashing import UniversalHash
 from compemb.quantize import QuantizedEmbedding, quantize
@@ -57,6 +58,7 @@ __all__ = [
     "ROBEEmbedding",
     "TTEmbedding",
     "UniversalHash",
+    "compress",
     "get_method",
     "load_model",
     "make_embedding",
