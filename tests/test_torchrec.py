@@ -12,7 +12,7 @@ import torch
 torchrec = pytest.importorskip("torchrec", reason="the torchrec extra is not installed (make torchrec)")
 
 from torchrec.models.dlrm import DLRM  # noqa: E402
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType  # noqa: E402
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType  # noqa: E402
 from torchrec.modules.embedding_modules import EmbeddingBagCollection  # noqa: E402
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor  # noqa: E402
 
@@ -97,8 +97,12 @@ def test_full_table_equals_torchrec_embedding_bag_collection(pooling, weighted):
 def test_bad_configs_and_inputs_say_what_is_wrong():
     mixed = configs()
     mixed[1] = EmbeddingBagConfig(name="t1", embedding_dim=4, num_embeddings=700, feature_names=["f1"])
-    with pytest.raises(ValueError, match="same embedding_dim"):
-        CompressedEmbeddingBagCollection(mixed, "hash", compression=4)
+    with pytest.raises(ValueError, match="one shared table serves one embedding_dim"):
+        CompressedEmbeddingBagCollection(mixed, "hash", compression=4, sharing="shared")
+    two_dims = CompressedEmbeddingBagCollection(mixed, "hash", compression=4)
+    assert list(two_dims.collections) == ["dim8", "dim4"]
+    with pytest.raises(AttributeError):  # one collection per dim: see .collections
+        two_dims.collection
     with pytest.raises(ValueError, match="weighted KJTs need SUM"):
         CompressedEmbeddingBagCollection(configs(PoolingType.MEAN), "hash", compression=4, is_weighted=True)
     adapter = CompressedEmbeddingBagCollection(configs(), "hash", compression=4)
@@ -158,3 +162,49 @@ def test_the_readme_torchrec_example_runs():
     assert blocks, "the README has no TorchRec example"
     for block in blocks:
         exec(compile(block.split("```", 1)[0], "README.md", "exec"), {})
+
+
+def _drop_in_configs(data_type=DataType.FP32):
+    """Tables of two dims, interleaved, one of two features: what an EmbeddingBagCollection takes."""
+    return [EmbeddingBagConfig(name="t0", embedding_dim=8, num_embeddings=5000, feature_names=["f0"],
+                               data_type=data_type),
+            EmbeddingBagConfig(name="t1", embedding_dim=4, num_embeddings=700, feature_names=["f1", "f3"],
+                               data_type=data_type),
+            EmbeddingBagConfig(name="t2", embedding_dim=8, num_embeddings=40, feature_names=["f2"],
+                               data_type=data_type)]
+
+
+def _drop_in_kjt(seed, one_per_row=False):
+    generator = torch.Generator().manual_seed(seed)
+    sizes = [5000, 700, 40, 700]
+    lengths = torch.ones(4, 6, dtype=torch.int64) if one_per_row else torch.randint(0, 4, (4, 6), generator=generator)
+    values = torch.cat([torch.randint(0, n, (int(lengths[i].sum()),), generator=generator) for i, n in enumerate(sizes)])
+    return KeyedJaggedTensor.from_lengths_sync(["f0", "f1", "f2", "f3"], values, lengths.reshape(-1))
+
+
+@pytest.mark.parametrize("data_type", [DataType.FP32, DataType.FP16, DataType.BF16])
+def test_an_embedding_bag_collections_checkpoint_loads_and_pools_alike_whatever_dims_and_dtypes(data_type):
+    reference = EmbeddingBagCollection(_drop_in_configs(data_type))
+    with torch.no_grad():
+        for bag in reference.embedding_bags.values():
+            bag.weight.copy_(torch.randn(bag.weight.shape))
+    adapter = CompressedEmbeddingBagCollection(_drop_in_configs(data_type), "full")
+    state = reference.state_dict()
+    assert list(adapter.state_dict()) == list(state)  # EmbeddingBagCollection's keys
+    adapter.load_state_dict(state)  # strict: every key matched
+    dtype = {DataType.FP32: torch.float32, DataType.FP16: torch.float16, DataType.BF16: torch.bfloat16}[data_type]
+    assert all(p.dtype == dtype for p in adapter.parameters())
+    for kjt in (_drop_in_kjt(0), _drop_in_kjt(1), _drop_in_kjt(2, one_per_row=True)):
+        got, expected = adapter(kjt), reference(kjt)
+        assert got.keys() == expected.keys() and got.length_per_key() == expected.length_per_key()
+        assert got.values().dtype == expected.values().dtype == torch.float32
+        torch.testing.assert_close(got.values(), expected.values(), rtol=1e-2 if dtype != torch.float32 else 1e-6,
+                                   atol=1e-2 if dtype != torch.float32 else 1e-6)
+
+
+def test_compressed_tables_of_two_dims_share_one_budget():
+    adapter = CompressedEmbeddingBagCollection(_drop_in_configs(), "hash", num_params=2_000)
+    stored = sum(c.memory().total for c in adapter.collections.values())
+    assert abs(stored / 4 - 2_000) <= 0.02 * 2_000
+    out = adapter(_drop_in_kjt(3))
+    assert out.values().shape == (6, 8 + 4 + 8 + 4) and out.keys() == ["f0", "f1", "f3", "f2"]
