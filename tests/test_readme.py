@@ -46,3 +46,40 @@ def test_the_readmes_train_recipe_keeps_its_logged_loss_below_one_on_the_default
     old = ["train", "--data", str(data), "--method", "hash", "--compression", "100", "--optimizer", "adagrad",
            "--lr", "0.05"]
     assert max(_train_losses(tmp_path, old)) > 1.0
+
+
+def _readme_commands():
+    """Every ``compemb ...`` line of the README's bash blocks (continuations joined), with ``...`` expanded to the
+    arguments of the last full command of the same subcommand above it."""
+    import shlex
+
+    text = README.read_text()
+    lines = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.DOTALL):
+        joined = block.replace("\\\n", " ")
+        lines += [line.split(" #")[0].strip() for line in joined.splitlines() if line.startswith("compemb ")]
+    commands, last = [], {}
+    for line in lines:
+        words = shlex.split(line.replace("[--quantize int8|int4|pq]", "--quantize int8"))[1:]
+        head = tuple(words[:2]) if words[:1] == ["bench"] else tuple(words[:1])
+        if "..." in words:
+            at = words.index("...")
+            words = words[:at] + last.get(head, []) + words[at + 1 :]
+        else:
+            last[head] = words[len(head):]
+        commands.append((line, words))
+    return commands
+
+
+def test_every_readme_command_line_is_one_the_cli_takes():
+    from compemb.cli import build_parser
+
+    commands = _readme_commands()
+    assert len(commands) > 30
+    for line, words in commands:
+        if "--help" in words:
+            continue
+        try:
+            build_parser().parse_args(words)
+        except SystemExit as error:  # argparse's way of refusing
+            raise AssertionError(f"the README's `{line}` is not a valid command ({words})") from error
