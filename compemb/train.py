@@ -40,6 +40,7 @@ from compemb.models import DCNv2, DLRM
 from compemb.optim import CombinedOptimizer, RowAdagrad, RowAdam, RowwiseAdagrad
 from compemb.progress import bar_disabled, plain_lines
 from compemb.registry import get_method, method_options
+from compemb.run_lock import RunLock, RunLockedError
 
 OPTIMIZERS = ("sgd", "adagrad", "adam", "adam_dense")  # adam: row-wise for tables (compemb.optim); adam_dense: torch's
 # the tables' own optimizer may also be row-wise Adagrad (one accumulator per row: TorchRec's default for tables)
@@ -261,7 +262,29 @@ class Trainer:
                 _set_learning_rates(self.optimizer, config)  # an allowed new lr wins over the checkpoint's
 
     def fit(self, stop_at: int | None = None) -> dict[str, Any]:
-        """Train to the end (or to step ``stop_at``, as an interruption would); return the last evaluation."""
+        """Train to the end (or to step ``stop_at``, as an interruption would); return the last evaluation.
+
+        The run directory is locked meanwhile (:class:`compemb.run_lock.RunLock`, held by rank 0): a second
+        trainer into it is refused at once with a RunLockedError."""
+        lock = RunLock(self.out)
+        refused = ""
+        if self.rank == 0:
+            try:
+                lock.acquire()
+            except RunLockedError as error:
+                refused = str(error)
+        if distributed.active():  # every rank learns whether rank 0 got the lock (else they would wait for it)
+            flag = torch.tensor([1 if refused else 0], device=self.device if self.device.type == "cuda" else "cpu")
+            refused = refused or (f"{self.out} is being trained by another process"
+                                  if distributed.all_reduce_sum(flag).item() else "")
+        if refused:
+            raise RunLockedError(refused)
+        try:
+            return self._fit(stop_at)
+        finally:
+            lock.release()
+
+    def _fit(self, stop_at: int | None) -> dict[str, Any]:
         config = self.config
         if not self._resumed and self.step == 0:
             self._claim_run_directory()

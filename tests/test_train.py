@@ -204,3 +204,20 @@ def test_resume_or_start_without_a_checkpoint_starts_afresh_over_what_a_run_left
     result = Trainer(_config(data, run, epochs=1), resume=True, start_if_missing=True).fit()
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [8, 16] and records[-1]["bce"] == result["bce"]
+
+
+def test_a_second_trainer_into_a_locked_run_directory_is_refused_at_once(data, tmp_path):
+    from compemb.run_lock import RunLock, RunLockedError
+
+    run = tmp_path / "run"
+    holder = RunLock(run)  # as another trainer holds it (a lock of another open file: flock refuses it)
+    holder.acquire()
+    try:
+        with pytest.raises(RunLockedError, match=f"pid {__import__('os').getpid()}"):
+            Trainer(_config(data, run, epochs=1)).fit()
+        assert not (run / "metrics.jsonl").exists() and not (run / "checkpoints").exists()
+    finally:
+        holder.release()
+    result = Trainer(_config(data, run, epochs=1)).fit()  # released: the run goes ahead, and gives it back
+    assert result["step"] == 16
+    RunLock(run).acquire()
