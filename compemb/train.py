@@ -9,6 +9,7 @@ Bayes-optimal BCE. Every evaluation is appended to ``metrics.jsonl`` in the run 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -259,6 +260,7 @@ class Trainer:
                 self._check_config(stem, allow_changes)
                 self.load(stem)
                 self._resumed = True
+                self._repair_best()
                 _set_learning_rates(self.optimizer, config)  # an allowed new lr wins over the checkpoint's
 
     def fit(self, stop_at: int | None = None) -> dict[str, Any]:
@@ -279,6 +281,8 @@ class Trainer:
                                   if distributed.all_reduce_sum(flag).item() else "")
         if refused:
             raise RunLockedError(refused)
+        if self.rank == 0:  # under the lock no write is under way: what a killed write left is stale
+            _remove_stale_temporaries(self.out / CHECKPOINTS)
         try:
             return self._fit(stop_at)
         finally:
@@ -337,6 +341,15 @@ class Trainer:
                     self._write_last()
         distributed.barrier()  # rank 0's checkpoints are written when any rank returns
         return result
+
+    def _repair_best(self) -> None:
+        """After a resume: where the state just loaded is the best one and ``best`` lags behind it (a run killed
+        between writing last and best, before compemb wrote best first), write it as best again."""
+        best = self.out / CHECKPOINTS / BEST
+        if self.rank != 0 or not self.best or self.best.get("step") != self.step:
+            return
+        if not _complete(best) or _read_meta(best).get("step", -1) < self.step:
+            self.save(best)
 
     def _claim_run_directory(self) -> None:
         """Before a fresh run writes anything: refuse an ``out`` that holds another run, or (``overwrite``) remove
@@ -492,9 +505,9 @@ class Trainer:
         improved = self.best is None or result["bce"] < self.best["bce"]
         if improved:
             self.best = result
+            if self.rank == 0:  # before last: a kill between the two never leaves best behind last
+                self.save(self.out / CHECKPOINTS / BEST)
         self._write_last()
-        if improved and self.rank == 0:
-            self.save(self.out / CHECKPOINTS / BEST)
 
     def _write_last(self) -> None:
         """The newest checkpoint, written so that a crash at any point leaves a complete one to resume from: the
@@ -532,8 +545,11 @@ class Trainer:
         meta = {"config": asdict(self.config), "step": self.step, "best": self.best, "running_loss": self.running_loss,
                 "optimizer_groups": optimizer_state["param_groups"], "optimizer_scalars": scalars}
         stem.parent.mkdir(parents=True, exist_ok=True)
-        # the step in both files: a pair from two different checkpoints is refused on load
-        atomic_write_bytes(f"{stem}.safetensors", save_tensors(tensors, metadata={"step": str(self.step)}))
+        # the step in both files: a pair from two different checkpoints is refused on load; the tensors' file's
+        # SHA-256 in the json: damaged bytes are refused too, instead of resuming into whatever they decode to
+        data = save_tensors(tensors, metadata={"step": str(self.step)})
+        meta["sha256"] = hashlib.sha256(data).hexdigest()
+        atomic_write_bytes(f"{stem}.safetensors", data)
         if os.environ.get(KILL_WHILE_WRITING) == str(self.step):  # the crash test's hook: die mid-checkpoint
             os.kill(os.getpid(), signal.SIGKILL)
         atomic_write_text(f"{stem}.json", json.dumps(meta, indent=2) + "\n")
@@ -560,6 +576,16 @@ def _complete(stem: Path) -> bool:
     return Path(f"{stem}.safetensors").is_file() and Path(f"{stem}.json").is_file()
 
 
+def _remove_stale_temporaries(directory: Path) -> None:
+    """The temporary files (``.NAME.XXXX``, see :mod:`compemb.io`) of checkpoint writes that a kill interrupted."""
+    if not directory.is_dir():
+        return
+    names = [f"{stem}{suffix}" for stem in (LAST, NEXT, PREVIOUS, BEST) for suffix in (".safetensors", ".json")]
+    for path in directory.iterdir():
+        if path.is_file() and any(path.name.startswith(f".{name}.") for name in names):
+            path.unlink(missing_ok=True)
+
+
 def _read_meta(stem: Path) -> dict[str, Any]:
     try:
         return json.loads(Path(f"{stem}.json").read_text())
@@ -573,7 +599,10 @@ def _read_checkpoint(stem: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     meta = _read_meta(stem)
     path = Path(f"{stem}.safetensors")
     try:
-        tensors = load_tensors(path.read_bytes())
+        data = path.read_bytes()
+        if "sha256" in meta and hashlib.sha256(data).hexdigest() != meta["sha256"]:  # (older checkpoints: none)
+            raise ValueError(f"its bytes do not match the SHA-256 recorded in {stem.name}.json")
+        tensors = load_tensors(data)
         step = _tensors_step(path)
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
         raise CheckpointError(f"checkpoint {path} is damaged ({error}){_previous_offer(stem)}") from None

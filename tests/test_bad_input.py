@@ -346,3 +346,55 @@ def test_two_writers_of_one_output_have_temporaries_of_their_own(tmp_path):
 def test_synth_drift_outside_zero_one_is_one_line(tmp_path, capsys):
     line = _one_line_error(capsys, main(_synth_args(tmp_path / "set", "--drift", "1.5")))
     assert "drift must be in [0, 1]" in line and not (tmp_path / "set").exists()
+
+
+def test_damaged_bytes_inside_a_checkpoints_tensors_are_refused_by_its_checksum(data, tmp_path, capsys):
+    assert main(_train_args(data, tmp_path / "r")) == 0
+    last = tmp_path / "r" / "checkpoints" / "last.safetensors"
+    data_bytes = bytearray(last.read_bytes())
+    data_bytes[-64:-32] = b"\xff" * 32  # inside the tensor data: it would decode, to NaN
+    last.write_bytes(bytes(data_bytes))
+    capsys.readouterr()
+    line = _one_line_error(capsys, main(_train_args(data, tmp_path / "r", "--resume")))
+    assert str(last) in line and "SHA-256" in line and "--resume-from previous" in line
+
+
+def test_best_is_never_left_behind_last_and_a_lagging_best_is_repaired_on_resume(data, tmp_path, monkeypatch):
+    config = TrainConfig(data=str(data), out=str(tmp_path / "r"), method="hash", compression=4, embedding_dim=8,
+                         bottom=(16,), top=(16,), batch_size=256, optimizer="adagrad", lr=0.05, eval_every=4,
+                         checkpoint_minutes=0, epochs=2)
+    checkpoints = tmp_path / "r" / "checkpoints"
+    original = Trainer._write_last
+
+    def killed_at_step_8(self):  # the process dies after best is written, before last is
+        if self.step == 8:
+            raise KeyboardInterrupt
+        original(self)
+
+    monkeypatch.setattr(Trainer, "_write_last", killed_at_step_8)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(config).fit()
+    monkeypatch.setattr(Trainer, "_write_last", original)
+    best, last = (json.loads((checkpoints / f"{n}.json").read_text()) for n in ("best", "last"))
+    assert last["step"] == 4 and best["step"] >= last["step"]  # best (step 8, or 4 if 8 did not improve)
+    # a best lagging behind last, as a kill between the two left it before best was written first: repaired
+    Trainer(config, resume=True).fit(stop_at=12)
+    for suffix in (".safetensors", ".json"):
+        (checkpoints / f"best{suffix}").write_bytes((checkpoints / f"previous{suffix}").read_bytes())
+    resumed = Trainer(config, resume=True)
+    assert resumed.best["step"] == resumed.step == 12  # (this run improves at every evaluation)
+    assert json.loads((checkpoints / "best.json").read_text())["step"] == 12
+    from safetensors.torch import load
+
+    best_tensors, last_tensors = (load((checkpoints / f"{n}.safetensors").read_bytes()) for n in ("best", "last"))
+    assert all(torch.equal(best_tensors[k], last_tensors[k]) for k in last_tensors if k.startswith("model."))
+
+
+def test_what_a_killed_checkpoint_write_left_is_removed_when_training_starts(data, tmp_path):
+    assert main(_train_args(data, tmp_path / "r")) == 0
+    stale = tmp_path / "r" / "checkpoints" / ".next.safetensors.x1y2z3"
+    stale.write_bytes(b"half a checkpoint")
+    mine = tmp_path / "r" / "checkpoints" / "notes.txt"
+    mine.write_text("kept")
+    assert main(_train_args(data, tmp_path / "r", "--resume", "--override", "epochs=2")) == 0
+    assert not stale.exists() and mine.read_text() == "kept"
