@@ -342,6 +342,16 @@ class Trainer:
         distributed.barrier()  # rank 0's checkpoints are written when any rank returns
         return result
 
+    def _save_or_say_why(self, stem: Path) -> None:
+        """:meth:`save`, or a CheckpointError saying what could not be written and which checkpoint is intact."""
+        try:
+            self.save(stem)
+        except OSError as error:  # a full disk, say: what was written before is untouched (atomic writes)
+            kept = find_checkpoint(self.out)
+            intact = f"the checkpoint {kept} (step {_read_meta(kept)['step']}) is intact" if kept else "none was kept"
+            raise CheckpointError(f"could not write the checkpoint of step {self.step} in {stem.parent} ({error}); "
+                                  f"{intact}") from None
+
     def _repair_best(self) -> None:
         """After a resume: where the state just loaded is the best one and ``best`` lags behind it (a run killed
         between writing last and best, before compemb wrote best first), write it as best again."""
@@ -506,7 +516,7 @@ class Trainer:
         if improved:
             self.best = result
             if self.rank == 0:  # before last: a kill between the two never leaves best behind last
-                self.save(self.out / CHECKPOINTS / BEST)
+                self._save_or_say_why(self.out / CHECKPOINTS / BEST)
         self._write_last()
 
     def _write_last(self) -> None:
@@ -516,13 +526,7 @@ class Trainer:
         self._last_checkpoint = (self.step, time.monotonic())
         if self.rank != 0:  # the ranks' states are identical: rank 0 writes it, every rank resumes from it
             return
-        try:
-            self.save(directory / NEXT)
-        except OSError as error:  # a full disk, say: what was written before is untouched
-            kept = find_checkpoint(self.out)
-            intact = f"the checkpoint {kept} (step {_read_meta(kept)['step']}) is intact" if kept else "none was kept"
-            raise CheckpointError(f"could not write the checkpoint of step {self.step} in {directory} ({error}); "
-                                  f"{intact}") from None
+        self._save_or_say_why(directory / NEXT)
         if _complete(directory / LAST):
             for suffix in (".safetensors", ".json"):
                 os.replace(directory / f"{LAST}{suffix}", directory / f"{PREVIOUS}{suffix}")
