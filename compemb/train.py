@@ -35,7 +35,7 @@ from compemb.data.dataset import Split, open_dataset
 from compemb.embeddings.adaptive import end_step, track_row_steps
 from compemb.embeddings.base import INITS, CompressedEmbedding
 from compemb.io import atomic_write_bytes, atomic_write_text
-from compemb.kernels import KERNELS, use_kernels
+from compemb.kernels import KERNELS, on_host, use_kernels
 from compemb.metrics import auc, bce
 from compemb.models import DCNv2, DLRM
 from compemb.optim import CombinedOptimizer, RowAdagrad, RowAdam, RowwiseAdagrad
@@ -59,6 +59,10 @@ CHECKPOINTS = "checkpoints"
 KILL_WHILE_WRITING = "COMPEMB_TEST_KILL_WHILE_WRITING_STEP"
 # checkpoints/<name>.{safetensors,json}: the newest, one being written, the one before, the best validation one
 LAST, NEXT, PREVIOUS, BEST = "last", "next", "previous", "best"
+
+
+class NonFiniteLossError(ValueError):
+    """A training step's loss was NaN or infinite: training stops before anything of it is saved."""
 
 
 class RunExistsError(ValueError):
@@ -243,6 +247,9 @@ class Trainer:
         self._order: tuple[int, np.ndarray] | None = None  # (epoch, its row permutation) when shuffling
         # the loss's moving average stays on the device: reading a CUDA loss every step would wait for the step
         self._running_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        # the first step whose loss was not finite (-1: none), kept on the device on the device code path (reading
+        # the loss every step would make a GPU wait); on the host the loss is checked at once, before backward
+        self._first_bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)
         self._last_checkpoint = (0, time.monotonic())  # (step, when) of the last checkpoint written or loaded
         # --resume-or-start with nothing to resume starts afresh: what a run left before its first checkpoint goes
         self.overwrite, self._resumed = overwrite or (resume and start_if_missing), False
@@ -321,6 +328,7 @@ class Trainer:
                                     samples_s=f"{samples / (time.perf_counter() - started - pausing_s):,.0f}")
                 bar.update(1)
                 if lines and (self.step % self.log_every == 0 or self.step == stop):
+                    self._stop_if_not_finite()  # the line reads the loss anyway
                     rate = samples / max(time.perf_counter() - started - pausing_s, 1e-9)
                     print(f"train {config.method}: step {self.step:,}/{stop:,}, loss {self.running_loss:.4f}, "
                           f"{rate:,.0f} samples/s", file=sys.stderr, flush=True)
@@ -328,6 +336,7 @@ class Trainer:
                     # training throughput: the time spent evaluating and checkpointing is not training
                     training_s = time.perf_counter() - started - pausing_s
                     paused = time.perf_counter()
+                    self._stop_if_not_finite()  # (on the device path: the one read of the flag)
                     result = self.evaluate(config.eval_split)
                     result["train_loss"] = self._mean_over_ranks(self.running_loss)
                     for module in adaptive:  # the methods' own counters (CCE: clusterings), the most of any table
@@ -339,11 +348,27 @@ class Trainer:
                     pausing_s += time.perf_counter() - paused
                 elif self._checkpoint_due():
                     self._write_last()
+        self._stop_if_not_finite()
         distributed.barrier()  # rank 0's checkpoints are written when any rank returns
         return result
 
+    def _stop_if_not_finite(self, loss: float | None = None) -> None:
+        """Raise NonFiniteLossError if a step's loss was not finite (checked before every evaluation, log line and
+        checkpoint: a diverged state is never saved)."""
+        bad = int(self._first_bad_step)
+        if bad < 0:
+            return
+        kept = find_checkpoint(self.out)
+        last = f"the last good checkpoint is {kept} (step {_read_meta(kept)['step']})" if kept else \
+            "no checkpoint was written before it"
+        value = "" if loss is None else f" ({loss})"
+        raise NonFiniteLossError(f"the training loss was not finite{value} at step {bad + 1}: training stopped, "
+                                 f"nothing of it saved; {last}. Check the data (non-finite dense values?) and the "
+                                 f"learning rates")
+
     def _save_or_say_why(self, stem: Path) -> None:
         """:meth:`save`, or a CheckpointError saying what could not be written and which checkpoint is intact."""
+        self._stop_if_not_finite()
         try:
             self.save(stem)
         except OSError as error:  # a full disk, say: what was written before is untouched (atomic writes)
@@ -383,6 +408,13 @@ class Trainer:
         dense, sparse, labels, bags = _unpack(self._to_device(batch), self.bags)
         logits = self.train_model(dense, sparse, bags)
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
+        if on_host(loss):
+            if not math.isfinite(float(loss)):  # before backward: nothing of this step reaches the weights
+                self._first_bad_step.fill_(self.step)
+                self._stop_if_not_finite(float(loss))
+        else:
+            self._first_bad_step.copy_(torch.where((self._first_bad_step < 0) & ~torch.isfinite(loss),
+                                                   self.step, self._first_bad_step))
         if self.world > 1:  # DDP averages over ranks: each rank's mean weighted by its share of the batch
             loss = loss * (len(labels) * self.world / self._global_rows(self.step))
         self.optimizer.zero_grad(set_to_none=True)

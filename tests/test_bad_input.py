@@ -398,3 +398,21 @@ def test_what_a_killed_checkpoint_write_left_is_removed_when_training_starts(dat
     mine.write_text("kept")
     assert main(_train_args(data, tmp_path / "r", "--resume", "--override", "epochs=2")) == 0
     assert not stale.exists() and mine.read_text() == "kept"
+
+
+@pytest.mark.parametrize("kernels", ["auto", "torch"])
+def test_a_non_finite_loss_stops_training_at_once_and_saves_nothing_of_it(tmp_path, capsys, kernels):
+    out = tmp_path / "nan"
+    generate_synthetic(out, SyntheticConfig(rows={"train": 2048, "val": 512}, scale=1e-4, seed=3), progress=False)
+    dense = np.load(out / "train" / "dense.npy", mmap_mode="r+")
+    dense[1300, 2] = np.nan  # in the batch of step 6 (256 rows a batch)
+    dense.flush()
+    del dense
+    capsys.readouterr()
+    line = _one_line_error(capsys, main(_train_args(out, tmp_path / "r", "--kernels", kernels)))
+    assert "not finite" in line and "at step 6" in line and "checkpoints/last (step 4)" in line
+    last = json.loads((tmp_path / "r" / "checkpoints" / "last.json").read_text())
+    assert last["step"] == 4  # the step-8 checkpoint was never written
+    tensors = __import__("safetensors.torch", fromlist=["load"]).load(
+        (tmp_path / "r" / "checkpoints" / "last.safetensors").read_bytes())
+    assert all(bool(torch.isfinite(v).all()) for k, v in tensors.items() if v.is_floating_point())
