@@ -32,6 +32,7 @@ from tqdm import tqdm
 from compemb import distributed
 from compemb.collection import SHARING, Bags, EmbeddingCollection, Feature
 from compemb.data.dataset import Split, open_dataset
+from compemb.data.validate import validate_dataset
 from compemb.embeddings.adaptive import end_step, track_row_steps
 from compemb.embeddings.base import INITS, CompressedEmbedding
 from compemb.io import atomic_write_bytes, atomic_write_text
@@ -204,6 +205,8 @@ class Trainer:
         self.config = config
         self.out = Path(config.out)
         self.manifest, self.splits = open_dataset(config.data)
+        # every id, label and dense value checked before training (once per data set: the pass is remembered)
+        validate_dataset(config.data, self.manifest, self.splits)
         torch.manual_seed(config.seed)
         # sparse gradients are built by torch's own kernels: opt out of re-checking them, explicitly (the default)
         torch.sparse.check_sparse_tensor_invariants.disable()

@@ -401,18 +401,35 @@ def test_what_a_killed_checkpoint_write_left_is_removed_when_training_starts(dat
 
 
 @pytest.mark.parametrize("kernels", ["auto", "torch"])
-def test_a_non_finite_loss_stops_training_at_once_and_saves_nothing_of_it(tmp_path, capsys, kernels):
-    out = tmp_path / "nan"
+def test_a_non_finite_loss_stops_training_at_once_and_saves_nothing_of_it(data, tmp_path, capsys, kernels):
+    capsys.readouterr()  # SGD at lr 1e30: the weights overflow after a few steps, the loss follows
+    args = _train_args(data, tmp_path / "r", "--kernels", kernels, "--optimizer", "sgd", "--lr", "1e30")
+    line = _one_line_error(capsys, main(args))
+    assert "the training loss was not finite" in line and "at step " in line
+    checkpoints = tmp_path / "r" / "checkpoints"
+    if (checkpoints / "last.json").exists():  # whatever was saved was saved before the loss diverged
+        tensors = __import__("safetensors.torch", fromlist=["load"]).load((checkpoints / "last.safetensors").read_bytes())
+        assert all(bool(torch.isfinite(v).all()) for v in tensors.values() if v.is_floating_point())
+    else:
+        assert "no checkpoint was written before it" in line
+
+
+@pytest.mark.parametrize("split, file, change, expected", [
+    ("train", "dense.npy", lambda a: a.__setitem__((1300, 2), np.nan), "train/dense.npy row 1300, column 2: nan"),
+    ("val", "sparse.npy", lambda a: a.__setitem__((7, 3), 10**6), "val/sparse.npy row 7, feature C4: id 1000000"),
+    ("train", "labels.npy", lambda a: a.__setitem__(5, 2), "train/labels.npy row 5: label 2 is not 0 or 1"),
+])
+def test_bad_values_in_any_split_are_found_before_training_naming_split_file_row_and_value(
+        tmp_path, capsys, split, file, change, expected):
+    out = tmp_path / "d"
     generate_synthetic(out, SyntheticConfig(rows={"train": 2048, "val": 512}, scale=1e-4, seed=3), progress=False)
-    dense = np.load(out / "train" / "dense.npy", mmap_mode="r+")
-    dense[1300, 2] = np.nan  # in the batch of step 6 (256 rows a batch)
-    dense.flush()
-    del dense
+    assert Trainer(TrainConfig(data=str(out), out=str(tmp_path / "ok"))).step == 0  # clean: validated, remembered
+    assert (out / "validated.json").exists()
+    array = np.load(out / split / file, mmap_mode="r+")
+    change(array)
+    array.flush()
+    del array
     capsys.readouterr()
-    line = _one_line_error(capsys, main(_train_args(out, tmp_path / "r", "--kernels", kernels)))
-    assert "not finite" in line and "at step 6" in line and "checkpoints/last (step 4)" in line
-    last = json.loads((tmp_path / "r" / "checkpoints" / "last.json").read_text())
-    assert last["step"] == 4  # the step-8 checkpoint was never written
-    tensors = __import__("safetensors.torch", fromlist=["load"]).load(
-        (tmp_path / "r" / "checkpoints" / "last.safetensors").read_bytes())
-    assert all(bool(torch.isfinite(v).all()) for k, v in tensors.items() if v.is_floating_point())
+    line = _one_line_error(capsys, main(_train_args(out, tmp_path / "r")))
+    assert expected in line
+    assert not (tmp_path / "r").exists()  # refused before anything was written
