@@ -30,7 +30,7 @@ METHODS := full,full+int8,full+pq,hemb,hash,ce,bloom,qr,robe,hashednets,lowrank,
 DEMO := runs/demo
 run: $(STAMP)
 	$(BIN)/compemb methods
-	$(BIN)/compemb synth --out $(DEMO)/data --train-rows 300000 --eval-rows 30000 --scale 3e-3 --seed 0
+	$(BIN)/compemb synth --out $(DEMO)/data --train-rows 300000 --eval-rows 30000 --scale 3e-3 --seed 0 --overwrite
 	$(BIN)/compemb bench quality --data $(DEMO)/data --out $(DEMO)/sweep --methods $(METHODS) --compression 100 --seeds 3 \
 		--sharing shared --dim 16 --bottom 64 --top 64 --optimizer adagrad --lr 0.05 --batch-size 2048 --epochs 1 \
 		--evals-per-epoch 3

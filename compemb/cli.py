@@ -67,7 +67,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
         zipf=args.zipf, signal=args.signal, seed=args.seed, bag_features=args.bags, bag_size=args.bag_size,
         drift=args.drift,
     )
-    facts = generate_synthetic(args.out, config, tsv=args.tsv)
+    facts = generate_synthetic(args.out, config, tsv=args.tsv, overwrite=args.overwrite)
     bags = f" and {args.bags} multi-hot features" if args.bags else ""
     print(f"wrote {args.out}: {sum(config.cardinalities()):,} ids over 26 features{bags}")
     print(f"{'split':<6} {'rows':>10} {'click rate':>11} {'Bayes BCE':>10} {'Bayes AUC':>10}")
@@ -360,7 +360,7 @@ def cmd_preprocess_criteo(args: argparse.Namespace) -> int:
 
     facts = preprocess_criteo(args.source, args.out, min_count=args.min_count, hash_mod=args.hash_mod,
                               strict=args.strict, unlabeled=args.unlabeled, processes=args.processes,
-                              val=args.val, test=args.test, days=args.days)
+                              val=args.val, test=args.test, days=args.days, overwrite=args.overwrite)
     _print_preprocessed(facts, args.out)
     return 0
 
@@ -369,7 +369,8 @@ def cmd_preprocess_avazu(args: argparse.Namespace) -> int:
     """Preprocess an Avazu CSV; print kept and rejected counts."""
     from compemb.data.avazu import preprocess_avazu
 
-    _print_preprocessed(preprocess_avazu(args.source, args.out, min_count=args.min_count, strict=args.strict), args.out)
+    _print_preprocessed(preprocess_avazu(args.source, args.out, min_count=args.min_count, strict=args.strict,
+                                         overwrite=args.overwrite), args.out)
     return 0
 
 
@@ -445,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     synth = commands.add_parser("synth", help="generate synthetic Criteo-like data with a known best loss")
     synth.add_argument("--out", required=True, help="output directory")
+    synth.add_argument("--overwrite", action="store_true", help="replace the compemb data set --out holds")
     synth.add_argument("--train-rows", type=int, default=2_000_000, help="rows of the train split")
     synth.add_argument("--eval-rows", type=int, default=100_000, help="rows of the val and of the test split")
     synth.add_argument("--scale", type=float, default=1e-3, help="Criteo Kaggle cardinalities x this")
@@ -473,6 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the files are Terabyte days: all but the last train, the last halved into test and val"),
     criteo.add_argument("--unlabeled", default=None, help="Kaggle test.txt (no labels): the split 'unlabeled'")
     criteo.add_argument("--out", required=True, help="output directory")
+    criteo.add_argument("--overwrite", action="store_true", help="replace the compemb data set --out holds")
     criteo.add_argument("--min-count", type=int, default=3, help="rarer values share one id per feature")
     criteo.add_argument("--hash-mod", type=int, default=None, help="ids = value mod M instead of categorifying")
     criteo.add_argument("--strict", action="store_true", help="stop at the first bad row (reads in one process)")
@@ -483,6 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     avazu = sources.add_parser("avazu", help="Avazu CSV with its header")
     avazu.add_argument("source", help="the CSV file")
     avazu.add_argument("--out", required=True, help="output directory")
+    avazu.add_argument("--overwrite", action="store_true", help="replace the compemb data set --out holds")
     avazu.add_argument("--min-count", type=int, default=3, help="rarer values share one id per feature")
     avazu.add_argument("--strict", action="store_true", help="stop at the first bad row")
     avazu.set_defaults(run=cmd_preprocess_avazu)

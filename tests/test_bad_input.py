@@ -268,7 +268,8 @@ def test_a_full_disk_while_writing_a_data_set_leaves_the_old_one_and_says_so(tmp
         return real(*args, **kwargs)
 
     monkeypatch.setattr(np.lib.format, "open_memmap", open_memmap)
-    code = main(["synth", "--out", str(out), "--train-rows", "4096", "--eval-rows", "512", "--scale", "1e-4"])
+    code = main(["synth", "--out", str(out), "--train-rows", "4096", "--eval-rows", "512", "--scale", "1e-4",
+                 "--overwrite"])
     monkeypatch.undo()
     assert "No space left on device" in _one_line_error(capsys, code)
     assert {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
@@ -305,12 +306,15 @@ def test_synth_replaces_its_own_data_set_and_fills_an_empty_directory(tmp_path, 
     out.mkdir()
     assert main(_synth_args(out, "--seed", "1")) == 0
     first = np.load(out / "train" / "sparse.npy")
-    assert main(_synth_args(out, "--seed", "2")) == 0  # a compemb data set: replaced when the new one is complete
+    capsys.readouterr()  # a compemb data set: replaced only when asked, when the new one is complete
+    assert "--overwrite replaces it" in _one_line_error(capsys, main(_synth_args(out, "--seed", "2")))
+    assert np.array_equal(np.load(out / "train" / "sparse.npy"), first)
+    assert main(_synth_args(out, "--seed", "2", "--overwrite")) == 0
     assert not np.array_equal(np.load(out / "train" / "sparse.npy"), first)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]
     (out / "train" / "notes.txt").write_text("mine")  # a user's file inside a split: no longer only a data set
     capsys.readouterr()
-    _one_line_error(capsys, main(_synth_args(out)))
+    _one_line_error(capsys, main(_synth_args(out, "--overwrite")))
     assert (out / "train" / "notes.txt").exists()
 
 
@@ -338,8 +342,10 @@ def test_two_writers_of_one_output_have_temporaries_of_their_own(tmp_path):
     assert first.temporary != second.temporary and first.temporary.is_dir() and second.temporary.is_dir()
     for writer, value in ((first, 1), (second, 2)):
         writer.write("train", np.zeros((1, 1), np.float32), np.array([[value]]), np.array([1]))
-        writer.close()  # each publishes a complete set; the last one wins
-    assert open_dataset(tmp_path / "set")[1]["train"].sparse.tolist() == [[2]]
+    first.close()  # the first to publish wins whole; the other fails clearly, leaving the winner's set
+    with pytest.raises(ValueError, match="holds a compemb data set"):
+        second.__exit__(None)
+    assert open_dataset(tmp_path / "set")[1]["train"].sparse.tolist() == [[1]]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]
 
 
@@ -433,3 +439,5 @@ def test_bad_values_in_any_split_are_found_before_training_naming_split_file_row
     line = _one_line_error(capsys, main(_train_args(out, tmp_path / "r")))
     assert expected in line
     assert not (tmp_path / "r").exists()  # refused before anything was written
+    assert main(["synth", "--out", str(out), "--train-rows", "256", "--eval-rows", "64", "--scale", "1e-4",
+                 "--overwrite"]) == 0  # its record of the clean pass is compemb's own: the set is still replaceable

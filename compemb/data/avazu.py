@@ -83,10 +83,10 @@ def _rows(path: Path, rejections: Rejections, strict: bool) -> Iterator[tuple[in
 
 
 def preprocess_avazu(source: str | os.PathLike, out: str | os.PathLike, min_count: int = 3,
-                     strict: bool = False, chunk_rows: int = 100_000) -> dict:
+                     strict: bool = False, chunk_rows: int = 100_000, overwrite: bool = False) -> dict:
     """Preprocess an Avazu CSV into ``out``; return the manifest facts."""
     source = Path(source)
-    check_output(out, (source,))  # before the long read, and never over its own input
+    check_output(out, (source,), overwrite=overwrite)  # before the long read, and never over its own input
     rejections = Rejections()
     counts: list[Counter] | None = None
     kept = 0
@@ -103,7 +103,7 @@ def preprocess_avazu(source: str | os.PathLike, out: str | os.PathLike, min_coun
     ]
     train, val = kept * 8 // 10, kept // 10
     rows = {"train": train, "val": val, "test": kept - train - val}
-    with DatasetWriter(out, rows, 0, [len(v) + 2 for v in vocabularies]) as writer:
+    with DatasetWriter(out, rows, 0, [len(v) + 2 for v in vocabularies], overwrite=overwrite) as writer:
         labels, ids = [], []
 
         def flush() -> None:  # rows fill train, then val, then test, in file order

@@ -491,6 +491,7 @@ def preprocess_criteo(
     val: str | os.PathLike | None = None,
     test: str | os.PathLike | None = None,
     days: bool = False,
+    overwrite: bool = False,
 ) -> dict:
     """Preprocess Criteo TSV into ``out``; return the manifest facts.
 
@@ -539,7 +540,7 @@ def preprocess_criteo(
     for path, _ in inputs:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such file")
-    check_output(out, tuple(path for path, _ in inputs))  # before the long read, and never over its own input
+    check_output(out, tuple(path for path, _ in inputs), overwrite=overwrite)  # before the long read, and never over its own input
     pieces = [piece for path, has_label in inputs
               for piece in split_pieces(path, has_label, piece_bytes if processes > 1 else 1 << 62)]
     # pass 1: validate, count rows and (to categorify) every feature's values
@@ -586,7 +587,8 @@ def preprocess_criteo(
     if unlabeled is not None:
         rows["unlabeled"] = kept[Path(unlabeled)]
     # pass 2: transform and write; each piece's rows go where file order puts them (the splits fill in order)
-    with DatasetWriter(out, rows, NUM_DENSE, cardinalities, unlabeled=("unlabeled",) if unlabeled else ()) as writer:
+    with DatasetWriter(out, rows, NUM_DENSE, cardinalities, unlabeled=("unlabeled",) if unlabeled else (),
+                       overwrite=overwrite) as writer:
         labeled_starts, start = {}, 0
         for split in (name for name in rows if name != "unlabeled"):
             labeled_starts[split], start = start, start + rows[split]

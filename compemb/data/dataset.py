@@ -34,6 +34,9 @@ VOCABULARY_FILE = "vocabulary.safetensors"  # a categorified Criteo set's kept v
 SPLIT_ENTRIES = {f"{name}.npy" for name in ARRAYS} | {"bags"}
 
 
+VALIDATED_FILE = "validated.json"  # compemb.data.validate's record of a clean pass over the arrays
+
+
 def _is_dataset(path: Path) -> bool:
     """Whether ``path`` holds a compemb data set and nothing else (so replacing it loses nothing of the user's)."""
     try:
@@ -42,18 +45,18 @@ def _is_dataset(path: Path) -> bool:
     except (OSError, ValueError, KeyError, TypeError):
         return False
     for entry in path.iterdir():
-        if entry.name in (MANIFEST, VOCABULARY_FILE):
+        if entry.name in (MANIFEST, VOCABULARY_FILE, VALIDATED_FILE):
             continue
         if entry.name not in splits or not entry.is_dir() or not {e.name for e in entry.iterdir()} <= SPLIT_ENTRIES:
             return False
     return True
 
 
-def check_output(path: str | os.PathLike, inputs: tuple[str | os.PathLike, ...] = ()) -> None:
-    """Refuse an output directory whose replacement would delete what compemb did not write.
+def check_output(path: str | os.PathLike, inputs: tuple[str | os.PathLike, ...] = (), overwrite: bool = False) -> None:
+    """Refuse an output directory whose replacement would delete what compemb did not write, or a data set.
 
-    ``path`` may be missing, an empty directory or a compemb data set (which the new one replaces when complete);
-    anything else, or a directory holding one of ``inputs``, raises ``ValueError`` naming it.
+    ``path`` may be missing, an empty directory, or (with ``overwrite``) a compemb data set, which the new one
+    replaces when complete; anything else, or a directory holding one of ``inputs``, raises ``ValueError`` naming it.
     """
     path = Path(path)
     resolved = path.resolve()
@@ -67,6 +70,8 @@ def check_output(path: str | os.PathLike, inputs: tuple[str | os.PathLike, ...] 
     if any(path.iterdir()) and not _is_dataset(path):
         raise ValueError(f"output {path} exists and is not a compemb data set (it would be replaced): "
                          "choose a new or empty directory, or remove it yourself")
+    if _is_dataset(path) and not overwrite:
+        raise ValueError(f"output {path} holds a compemb data set: --overwrite replaces it (or choose another --out)")
 
 
 @dataclass
@@ -101,8 +106,9 @@ class DatasetWriter:
     """
 
     def __init__(self, path: str | os.PathLike, rows: dict[str, int], num_dense: int, cardinalities: list[int],
-                 unlabeled: tuple[str, ...] = (), bags: list[dict[str, Any]] = ()) -> None:
+                 unlabeled: tuple[str, ...] = (), bags: list[dict[str, Any]] = (), overwrite: bool = False) -> None:
         self.path = Path(path)
+        self.overwrite = overwrite  # an existing compemb data set at path may be replaced
         # multi-hot features: {"name", "cardinality", "pooling"} each; their ids are kept per chunk and written whole
         # at close (a split's number of ids is not known before its rows are)
         self.bags = [dict(bag) for bag in bags]
@@ -112,7 +118,7 @@ class DatasetWriter:
         self._bag_chunks: dict[str, dict[str, list[tuple[np.ndarray, np.ndarray]]]] = {
             split: {bag["name"]: [] for bag in self.bags} for split in rows}
         self.unlabeled = tuple(unlabeled)
-        check_output(self.path)
+        check_output(self.path, overwrite=overwrite)
         # a name of its own: two writers of the same output never share (or delete) each other's files
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.temporary = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".partial", dir=self.path.parent))
@@ -219,14 +225,24 @@ class DatasetWriter:
         if self.unlabeled:
             manifest["unlabeled"] = list(self.unlabeled)
         atomic_write_text(self.temporary / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-        check_output(self.path)  # again: something may have been put there while the set was written
-        if self.path.exists():  # an empty directory or an older data set: moved aside, replaced, then removed
-            previous = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".old", dir=self.path.parent))
-            os.replace(self.path, previous / "set")
-            os.replace(self.temporary, self.path)
-            shutil.rmtree(previous)
-        else:
-            os.replace(self.temporary, self.path)
+        # again: something may have been put there while the set was written (another writer's set, say)
+        try:
+            check_output(self.path, overwrite=self.overwrite)
+        except ValueError:
+            shutil.rmtree(self.temporary, ignore_errors=True)  # this set is not published: nothing of it stays
+            raise
+        try:
+            if self.path.exists():  # an empty directory or an older data set: moved aside, replaced, then removed
+                previous = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".old", dir=self.path.parent))
+                os.replace(self.path, previous / "set")
+                os.replace(self.temporary, self.path)
+                shutil.rmtree(previous)
+            else:
+                os.replace(self.temporary, self.path)
+        except OSError as error:  # another writer published there between the check and the rename
+            shutil.rmtree(self.temporary, ignore_errors=True)
+            raise ValueError(f"output {self.path} was written by another process meanwhile: this data set was not "
+                             f"published ({error.strerror})") from None
 
     def __enter__(self) -> DatasetWriter:
         return self

@@ -243,7 +243,7 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 def generate_synthetic(path: str | os.PathLike, config: SyntheticConfig = SyntheticConfig(), progress: bool = True,
-                       tsv: str | os.PathLike | None = None) -> dict:
+                       tsv: str | os.PathLike | None = None, overwrite: bool = False) -> dict:
     """Write a synthetic data set to ``path`` in the preprocessed format; return its manifest facts.
 
     The manifest records the config and, per split, the Bayes-optimal BCE and AUC and the click rate. With
@@ -254,12 +254,13 @@ def generate_synthetic(path: str | os.PathLike, config: SyntheticConfig = Synthe
     """
     if tsv is not None and config.bag_features:
         raise ValueError("bag features cannot be written as Criteo TSV (it has one id per feature): drop tsv")
-    check_output(path, () if tsv is None else (tsv,))  # the TSV beside the set must not be inside it
+    check_output(path, () if tsv is None else (tsv,), overwrite=overwrite)  # the TSV beside the set must not be inside it
     teacher = Teacher(config)
     facts: dict = {"source": "synthetic", "config": asdict(config), "bayes": {}}
     chunk_index, streamed, stream_rows = 0, 0, sum(config.rows.values())
     text = _open_tsv(tsv) if tsv is not None else contextlib.nullcontext()
-    with DatasetWriter(path, config.rows, NUM_DENSE, teacher.cardinalities, bags=config.bags()) as writer, \
+    with DatasetWriter(path, config.rows, NUM_DENSE, teacher.cardinalities, bags=config.bags(),
+                       overwrite=overwrite) as writer, \
             text as tsv_file:
         for split, rows in config.rows.items():
             probabilities, labels_seen = [], []

@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from compemb.data.dataset import DatasetError, Split
+from compemb.data.dataset import VALIDATED_FILE, DatasetError, Split
 from compemb.io import atomic_write_text
 
-VALIDATED = "validated.json"
+VALIDATED = VALIDATED_FILE
 CHUNK_ROWS = 1 << 18  # rows per read: a few tens of MB at Criteo's width
 
 

@@ -27,7 +27,7 @@ def test_a_failed_write_leaves_nothing_and_an_old_set_untouched(tmp_path):
     with DatasetWriter(out, {"train": 1}, 1, [4]) as writer:
         writer.write("train", np.zeros((1, 1), np.float32), np.array([[3]]), np.array([1]))
     with pytest.raises(ValueError, match="outside its feature's cardinality"):
-        with DatasetWriter(out, {"train": 1}, 1, [4]) as writer:
+        with DatasetWriter(out, {"train": 1}, 1, [4], overwrite=True) as writer:
             writer.write("train", np.zeros((1, 1), np.float32), np.array([[4]]), np.array([1]))
     assert open_dataset(out)[1]["train"].sparse.tolist() == [[3]]
     assert [p.name for p in tmp_path.iterdir()] == ["data"]
