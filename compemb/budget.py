@@ -106,6 +106,9 @@ def resolve_budget(
     if compression is not None:
         if not (isinstance(compression, numbers.Real) and math.isfinite(compression) and compression > 0):
             raise ValueError(f"compression must be a positive number, got {compression!r}")
+        if compression < 1:  # more bytes than the full table: no method compresses that, it would train full tables
+            raise ValueError(f"compression must be >= 1 (full table bytes / stored bytes; 1 is the full table), got "
+                             f"{compression:g}")
         if num_embeddings is None:
             raise ValueError("compression=R needs num_embeddings; with an open vocabulary give num_params=P")
         budget = Budget(round(full_table_bytes(num_embeddings, embedding_dim) / float(compression)))

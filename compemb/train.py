@@ -133,6 +133,8 @@ class TrainConfig:
         if self.compression is not None and not (isinstance(self.compression, (int, float))
                                                  and math.isfinite(self.compression) and self.compression > 0):
             raise ValueError(f"compression must be a positive number, got {self.compression!r}")
+        if self.compression is not None and self.compression < 1:
+            raise ValueError(f"compression must be >= 1 (full table bytes / stored bytes), got {self.compression:g}")
         if self.num_params is not None:
             if isinstance(self.num_params, bool) or not isinstance(self.num_params, int) or self.num_params < 1:
                 raise ValueError(f"num_params must be a positive int, got {self.num_params!r}")

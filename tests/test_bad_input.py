@@ -36,7 +36,9 @@ def _one_line_error(capsys, code):
 
 @pytest.mark.parametrize("flag, value, name", [("--batch-size", "0", "batch_size"), ("--epochs", "0", "epochs"),
                                                ("--lr", "-1", "lr"), ("--dim", "0", "embedding_dim"),
-                                               ("--bottom", "16,0", "widths"), ("--compression", "0", "compression")])
+                                               ("--bottom", "16,0", "widths"), ("--compression", "0", "compression"),
+                                               ("--compression", "0.5", "compression"),
+                                               ("--compression", "1e-300", "compression")])
 def test_bad_values_are_one_line_naming_the_setting(data, tmp_path, capsys, flag, value, name):
     line = _one_line_error(capsys, main(_train_args(data, tmp_path / "r", flag, value)))
     assert name in line

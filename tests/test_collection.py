@@ -47,8 +47,10 @@ def test_shares_follow_full_sizes_and_small_features_stay_full_when_that_is_smal
 
 
 def test_a_share_past_the_full_size_keeps_the_table_full():
-    collection = EmbeddingCollection(FEATURES, 16, "hash", compression=0.5)
+    collection = EmbeddingCollection(FEATURES, 16, "hash", num_params=2 * FULL_BYTES // 4)  # twice the full size
     assert all(type(table).__name__ == "FullEmbedding" for table in collection.embeddings.values())
+    with pytest.raises(ValueError, match="compression must be >= 1"):  # a ratio under 1 is refused, not made full
+        EmbeddingCollection(FEATURES, 16, "hash", compression=0.5)
 
 
 def test_a_budget_the_small_tables_use_up_is_refused():
