@@ -355,7 +355,18 @@ class Trainer:
                     self._write_last()
         self._stop_if_not_finite()
         distributed.barrier()  # rank 0's checkpoints are written when any rank returns
+        if not result:  # nothing left to train (a finished run resumed): its last evaluation, as it logged it
+            result = self._last_logged() or {"step": self.step, **self.evaluate(config.eval_split)}
         return result
+
+    def _last_logged(self) -> dict[str, Any] | None:
+        """The last evaluation in the run's metrics.jsonl, if it is of this step."""
+        try:
+            lines = (self.out / "metrics.jsonl").read_text().splitlines()
+            last = json.loads(lines[-1]) if lines else None
+        except (OSError, ValueError):
+            return None
+        return last if last is not None and last.get("step") == self.step else None
 
     def _stop_if_not_finite(self, loss: float | None = None) -> None:
         """Raise NonFiniteLossError if a step's loss was not finite (checked before every evaluation, log line and

@@ -443,3 +443,11 @@ def test_bad_values_in_any_split_are_found_before_training_naming_split_file_row
     assert not (tmp_path / "r").exists()  # refused before anything was written
     assert main(["synth", "--out", str(out), "--train-rows", "256", "--eval-rows", "64", "--scale", "1e-4",
                  "--overwrite"]) == 0  # its record of the clean pass is compemb's own: the set is still replaceable
+
+
+def test_synth_scale_zero_and_a_finished_runs_resume_say_what_they_are(data, tmp_path, capsys):
+    assert "scale must be in (0, 1]" in _one_line_error(capsys, main(_synth_args(tmp_path / "s", "--scale", "0")))
+    assert main(_train_args(data, tmp_path / "r", "--json")) == 0
+    finished = json.loads(capsys.readouterr().out)
+    assert main(_train_args(data, tmp_path / "r", "--resume", "--json")) == 0  # nothing left to train
+    assert json.loads(capsys.readouterr().out) == finished  # its last evaluation, not {}

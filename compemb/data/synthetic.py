@@ -74,6 +74,11 @@ class SyntheticConfig:
     drift: float = 0.0  # the share of each feature's top-1% ids replaced over the whole stream (see the module)
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.scale) and 0 < self.scale <= 1):
+            raise ValueError(f"scale must be in (0, 1] (a share of Criteo Kaggle's cardinalities), got {self.scale}")
+        if any(not (isinstance(n, int) and n >= 1) for n in self.rows.values()) or "train" not in self.rows:
+            raise ValueError(f"rows must give a positive number of rows for train (and each other split), got "
+                             f"{self.rows}")
         if not 0 <= self.drift <= 1:
             raise ValueError(f"drift must be in [0, 1] (the share of the top-1% ids that changes), got {self.drift}")
         if self.bag_features < 0 or self.bag_size < 1 or self.bag_cardinality < 0:
