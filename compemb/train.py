@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from compemb import distributed
 from compemb.collection import SHARING, Bags, EmbeddingCollection, Feature
-from compemb.data.dataset import Split, open_dataset
+from compemb.data.dataset import DatasetError, Split, open_dataset
 from compemb.data.validate import validate_dataset
 from compemb.embeddings.adaptive import end_step, track_row_steps
 from compemb.embeddings.base import INITS, CompressedEmbedding
@@ -207,6 +207,10 @@ class Trainer:
         self.config = config
         self.out = Path(config.out)
         self.manifest, self.splits = open_dataset(config.data)
+        for split in ("train", config.eval_split):
+            if split not in self.splits:
+                raise DatasetError(f"{config.data} has no split {split!r} to train or evaluate on (it has "
+                                   f"{', '.join(self.splits)})")
         # every id, label and dense value checked before training (once per data set: the pass is remembered)
         validate_dataset(config.data, self.manifest, self.splits)
         torch.manual_seed(config.seed)

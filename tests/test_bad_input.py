@@ -451,3 +451,14 @@ def test_synth_scale_zero_and_a_finished_runs_resume_say_what_they_are(data, tmp
     finished = json.loads(capsys.readouterr().out)
     assert main(_train_args(data, tmp_path / "r", "--resume", "--json")) == 0  # nothing left to train
     assert json.loads(capsys.readouterr().out) == finished  # its last evaluation, not {}
+
+
+def test_a_manifest_with_strings_for_numbers_or_no_train_split_is_one_line(tmp_path, capsys):
+    out = tmp_path / "d"
+    generate_synthetic(out, SyntheticConfig(rows={"train": 512, "val": 128}, scale=1e-4, seed=3), progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**manifest, "cardinalities": ["100", *manifest["cardinalities"][1:]]}))
+    assert "cardinalities[0] = '100'" in _one_line_error(capsys, main(_train_args(out, tmp_path / "r")))
+    manifest["rows"] = {"val": manifest["rows"]["val"]}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert "has no split 'train'" in _one_line_error(capsys, main(_train_args(out, tmp_path / "r")))

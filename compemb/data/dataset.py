@@ -308,6 +308,12 @@ def open_dataset(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Spl
         rows, cardinalities = dict(manifest["rows"]), list(manifest["cardinalities"])
     except (ValueError, KeyError, TypeError) as error:
         raise DatasetError(f"{path / MANIFEST}: not a compemb manifest ({error!r})") from None
+    integer = lambda value, low: isinstance(value, int) and not isinstance(value, bool) and value >= low  # noqa: E731
+    bad = [f"rows[{k!r}] = {v!r}" for k, v in rows.items() if not integer(v, 0)] + \
+        [f"cardinalities[{i}] = {v!r}" for i, v in enumerate(cardinalities) if not integer(v, 1)]
+    if bad:
+        raise DatasetError(f"{path / MANIFEST}: rows must be integers >= 0 and cardinalities integers >= 1, got "
+                           f"{', '.join(bad[:3])}")
     unlabeled = set(manifest.get("unlabeled", ()))
     bags = list(manifest.get("bags", ()))
     splits, dense_width = {}, None
