@@ -152,6 +152,12 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, TypeError) as error:
+            raise ValueError(f"device {self.device!r} is not a torch device ({error})") from None
+        if device.type == "meta":
+            raise ValueError("device 'meta' holds no data: train on cpu or cuda")
         if self.model not in ("dlrm", "dcn"):
             raise ValueError(f"model must be 'dlrm' or 'dcn', got {self.model!r}")
         if self.init not in INITS:
@@ -225,6 +231,9 @@ class Trainer:
             frequencies = {f"C{i + 1}": torch.from_numpy(c) for i, c in
                            enumerate(_counted_by_every_rank(self.splits["train"], self.manifest["cardinalities"]))}
             frequencies.update(bag_counts(self.splits["train"], self.bags))
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {config.device!r}: this torch sees no CUDA device")
+        _refuse_what_memory_cannot_hold(config, self.manifest["cardinalities"], self.splits["train"].dense.shape[1])
         # nccl reduces no sparse gradients: under torchrun on CUDA the (small) tables take dense ones
         sparse = None if self.world == 1 or self.device.type == "cpu" else False
         self.model = build_model(config, self.manifest["cardinalities"], self.splits["train"].dense.shape[1],
@@ -787,6 +796,28 @@ def _method_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
     """
     takes = method_options(get_method(method))
     return {key: value for key, value in options.items() if key not in SCHEDULE_OPTIONS or key in takes}
+
+
+def _refuse_what_memory_cannot_hold(config: TrainConfig, cardinalities: list[int], num_dense: int) -> None:
+    """ValueError, before anything is allocated, where the model's parameters alone (tables at their budget, MLPs)
+    would not fit in this machine's memory: a full 1e9-row table would otherwise allocate for many seconds, then die."""
+    full = sum(cardinalities) * config.embedding_dim * 4
+    tables = full if config.compression is None and config.num_params is None else \
+        config.num_params * 4 if config.num_params is not None else full / config.compression
+    widths = [num_dense, *config.bottom]
+    mlp = sum((a + 1) * b for a, b in zip(widths, widths[1:])) * 4
+    interactions = len(cardinalities) + 1
+    top_in = config.bottom[-1] + interactions * (interactions - 1) // 2
+    tops = [top_in, *config.top, 1]
+    mlp += sum((a + 1) * b for a, b in zip(tops, tops[1:])) * 4
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not known here: nothing to compare with
+        return
+    needed = tables + mlp
+    if needed > memory:
+        raise ValueError(f"the model's parameters alone need {needed / 1e9:,.1f} GB (tables {tables / 1e9:,.1f} GB) "
+                         f"and this machine has {memory / 1e9:,.1f} GB: compress more or use smaller widths")
 
 
 def _make_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:

@@ -462,3 +462,11 @@ def test_a_manifest_with_strings_for_numbers_or_no_train_split_is_one_line(tmp_p
     manifest["rows"] = {"val": manifest["rows"]["val"]}
     (out / "manifest.json").write_text(json.dumps(manifest))
     assert "has no split 'train'" in _one_line_error(capsys, main(_train_args(out, tmp_path / "r")))
+
+
+def test_a_device_without_data_and_a_model_larger_than_memory_are_refused_at_once(data, tmp_path, capsys):
+    assert "holds no data" in _one_line_error(capsys, main(_train_args(data, tmp_path / "r", "--device", "meta")))
+    assert "not a torch device" in _one_line_error(capsys, main(_train_args(data, tmp_path / "r", "--device", "gpu")))
+    line = _one_line_error(capsys, main(_train_args(data, tmp_path / "r", "--dim", "1000000000", "--compression",
+                                                    "1")))
+    assert "GB" in line and "this machine has" in line and not (tmp_path / "r").exists()
