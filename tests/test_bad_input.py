@@ -470,3 +470,12 @@ def test_a_device_without_data_and_a_model_larger_than_memory_are_refused_at_onc
     line = _one_line_error(capsys, main(_train_args(data, tmp_path / "r", "--dim", "1000000000", "--compression",
                                                     "1")))
     assert "GB" in line and "this machine has" in line and not (tmp_path / "r").exists()
+
+
+def test_a_garbage_array_header_is_one_line_naming_the_file(tmp_path, capsys):
+    out = tmp_path / "d"
+    generate_synthetic(out, SyntheticConfig(rows={"train": 512, "val": 128}, scale=1e-4, seed=3), progress=False)
+    array = out / "val" / "dense.npy"
+    array.write_bytes(b"\x93NUMPY\x01\x00\x10\x00{'descr': ???}   " + array.read_bytes()[64:])
+    line = _one_line_error(capsys, main(_train_args(out, tmp_path / "r")))
+    assert str(array) in line and "not a readable .npy file" in line
