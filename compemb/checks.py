@@ -7,6 +7,8 @@ pass over the offsets and ids replaces them; other devices use the torch path, w
 
 from __future__ import annotations
 
+import os
+
 import numba
 import numpy as np
 import torch
@@ -81,3 +83,11 @@ def device_assert_message(message: str) -> str:
     if len(message) <= MAX_DEVICE_MESSAGE:
         return message
     return message[: MAX_DEVICE_MESSAGE - 3] + "..."
+
+
+def machine_memory_bytes() -> int | None:
+    """This machine's physical memory in bytes (None where the OS does not say): what a refusal compares with."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None

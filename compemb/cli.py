@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -74,6 +75,15 @@ def cmd_synth(args: argparse.Namespace) -> int:
     for split, bayes in facts["bayes"].items():
         print(f"{split:<6} {config.rows[split]:>10,} {bayes['click_rate']:>11.4f} {bayes['bce']:>10.4f} {bayes['auc']:>10.4f}")
     return 0
+
+
+def _byte_size(text: str) -> int:
+    """``"8G"``, ``"512M"``, ``"100000"`` -> bytes (K, M, G, T: powers of 1,024)."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, flags=re.IGNORECASE)
+    if match is None or float(match[1]) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: give bytes, or a number with K, M, G or T")
+    return int(float(match[1]) * units[match[2].upper()])
 
 
 def _widths(text: str) -> tuple[int, ...]:
@@ -205,7 +215,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     """Score a raw Criteo TSV with an exported model: one probability per input line."""
     from compemb.export import predict_file
 
-    counts = predict_file(args.model, args.input, args.out, labeled=True if args.labeled else None)
+    counts = predict_file(args.model, args.input, args.out, labeled=True if args.labeled else None,
+                          max_memory=args.max_memory)
     if counts["labeled"] and not args.labeled:
         print(f"{args.input}: its lines start with a label column (40 fields): scored as labelled (--labeled)")
     rejected = f", {counts['rejected']:,} rejected {counts['rejected_by_reason']} (written as nan)" \
@@ -549,6 +560,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--labeled", action="store_true",
                          help="the rows start with a label column (train.txt); without it, told by the first line's "
                               "field count; with labels, log loss and AUC are printed")
+    predict.add_argument("--max-memory", type=_byte_size, default=None, metavar="SIZE",
+                         help="refuse a model needing more to load (8G, 512M; default: this machine's memory)")
     predict.set_defaults(run=cmd_predict)
 
     bench = commands.add_parser("bench", help="benchmarks")

@@ -7,19 +7,25 @@ importance scores, the sketches' decayed mass, CCE's clustering progress); and, 
 the vocabulary (``vocabulary.C1`` ...: each feature's kept raw values, int64). Its safetensors metadata holds one
 JSON header under ``"compemb"``: the format and version, the run's config, the features' cardinalities and the
 dense width, how raw values map to ids, the quantization spec of each quantized table, the names left out, and a
-SHA-256 of every tensor's bytes, so a truncated or altered file is refused rather than served.
+SHA-256 over the rest of the header and every tensor's name, dtype, shape and bytes, so a truncated or altered file
+(its header included) is refused rather than served.
 
-Loading rebuilds the model from the config (as training built it, without the data), wraps the quantized tables
-as their spec says, and loads the state: the predictions equal the trained model's.
+Loading trusts nothing before it is checked, and allocates nothing the file has not earned: it reads the
+safetensors index (bounded), checks the header's fields, builds the model the header describes on the ``meta``
+device (shapes only) and refuses a file whose tensors are not exactly that model's (less its training-only state)
+or whose model would not fit in ``max_memory``; then it hashes the file in chunks, and only then builds the model,
+wraps the quantized tables as their spec says and loads the state: the predictions equal the trained model's.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -28,45 +34,94 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import Tensor
 
-from compemb.data.criteo import MISSING, NUM_DENSE, NUM_SPARSE, VOCABULARY, Categorifier, Rejections, read_rows
-from compemb.data.criteo import _open_binary, transform_dense
+from compemb.checks import machine_memory_bytes
+from compemb.data.criteo import MAX_LINE_BYTES, MISSING, NUM_DENSE, NUM_SPARSE, VOCABULARY, Categorifier, Rejections
+from compemb.data.criteo import _open_binary, read_rows, transform_dense
 from compemb.data.dataset import open_dataset
 from compemb.embeddings.base import CompressedEmbedding
-from compemb.io import atomic_write_bytes, atomic_write_text
-from compemb.metrics import auc
+from compemb.io import atomic_binary_writer, atomic_write_bytes
+from compemb.metrics import BinnedAUC
 from compemb.quantize import QuantizedEmbedding, quantize
 from compemb.registry import get_method
 from compemb.train import TrainConfig, build_model, id_counts
 
-FORMAT, VERSION = "compemb-model", 1
+FORMAT, VERSION = "compemb-model", 2  # version 2: the checksum covers the header too
 HEADER_KEY = "compemb"
+MAX_INDEX_BYTES = 100_000_000  # safetensors' own bound on its JSON index
+HASH_CHUNK_BYTES = 1 << 22
+# safetensors' dtype names, to compare a file's index with the model its header describes
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
 
 
 class ModelFileError(ValueError):
     """A model file that cannot be served: not one, damaged, altered, or of another version; the message says which."""
 
 
-def _digest(tensors: dict[str, Tensor]) -> str:
-    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order."""
+def _read_index(file: BinaryIO, size: int, where: object) -> tuple[dict[str, Any], int]:
+    """A safetensors file's index (each tensor's ``dtype``, ``shape``, ``data_offsets``; ``__metadata__``) and
+    where its data starts: the format is 8 bytes of little-endian length, then that many bytes of JSON."""
+    file.seek(0)
+    head = file.read(8)
+    length = int.from_bytes(head, "little") if len(head) == 8 else -1
+    if not 0 <= length <= min(MAX_INDEX_BYTES, size - 8):
+        raise ModelFileError(f"{where} is damaged or not a compemb model file (no safetensors index fits its size)")
+    try:
+        index = json.loads(file.read(length))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ModelFileError(f"{where} is damaged or not a compemb model file (its index is not JSON)") from None
+    return index, 8 + length
+
+
+def _digest(file: BinaryIO, index: dict[str, Any], data_start: int, header: dict[str, Any]) -> str:
+    """SHA-256 over the header (less its ``sha256``, as sorted JSON), then every tensor's name, dtype, shape and
+    bytes in name order, read from ``file`` in chunks (a file of any size hashes in bounded memory)."""
     digest = hashlib.sha256()
-    for name in sorted(tensors):
-        tensor = tensors[name].contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    described = {key: value for key, value in header.items() if key != "sha256"}
+    digest.update(json.dumps(described, sort_keys=True, separators=(",", ":")).encode())
+    for name in sorted(key for key in index if key != "__metadata__"):
+        entry = index[name]
+        begin, end = entry["data_offsets"]
+        digest.update(f"\n{name}|{entry['dtype']}|{list(entry['shape'])}|".encode())
+        file.seek(data_start + begin)
+        left = end - begin
+        while left > 0:
+            chunk = file.read(min(HASH_CHUNK_BYTES, left))
+            if not chunk:
+                raise ModelFileError(f"a tensor of {name!r} runs past the end of the file: it is truncated")
+            digest.update(chunk)
+            left -= len(chunk)
     return digest.hexdigest()
 
 
-def _inference_state(model: torch.nn.Module) -> tuple[dict[str, Tensor], list[str]]:
-    """The model's state without what only training uses (each method's ``training_only_state``); the names left out."""
-    state = {name: value.detach().cpu().contiguous() for name, value in model.state_dict().items()}
-    dropped = []
+def _signed_payload(tensors: dict[str, Tensor], header: dict[str, Any]) -> bytes:
+    """The model file's bytes: ``tensors`` and ``header`` with the SHA-256 of both (:func:`_digest`) added."""
+    described = json.loads(json.dumps(header))  # as a reader will parse it back
+    unsigned = save_tensors(tensors, metadata={HEADER_KEY: json.dumps(described)})
+    stream = io.BytesIO(unsigned)
+    index, data_start = _read_index(stream, len(unsigned), "the model being written")
+    described["sha256"] = _digest(stream, index, data_start, described)
+    del unsigned, stream
+    return save_tensors(tensors, metadata={HEADER_KEY: json.dumps(described)})
+
+
+def _training_only_keys(model: torch.nn.Module) -> list[str]:
+    """The names in ``model``'s state of what only training uses (each method's ``training_only_state``)."""
+    keys, found = set(model.state_dict()), []
     for prefix, module in model.named_modules():  # a quantized table's method is its ``inner``: found here too
         if isinstance(module, CompressedEmbedding):
-            for name in module.training_only_state:
-                key = f"{prefix}.{name}" if prefix else name
-                if state.pop(key, None) is not None:
-                    dropped.append(key)
-    return state, sorted(dropped)
+            found += [key for name in module.training_only_state
+                      if (key := f"{prefix}.{name}" if prefix else name) in keys]
+    return sorted(found)
+
+
+def _inference_state(model: torch.nn.Module) -> tuple[dict[str, Tensor], list[str]]:
+    """The model's state without what only training uses; the names left out."""
+    dropped = _training_only_keys(model)
+    state = {name: value.detach().cpu().contiguous() for name, value in model.state_dict().items()
+             if name not in dropped}
+    return state, dropped
 
 
 def _planning_counts(model: torch.nn.Module) -> dict[str, int] | None:
@@ -144,9 +199,9 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, scheme: str | Non
     header = {
         "format": FORMAT, "version": VERSION, "config": meta["config"], "step": meta.get("step"),
         "cardinalities": manifest["cardinalities"], "num_dense": num_dense, "ids": ids, "quantized": specs,
-        "dropped": dropped, "planning_counts": _planning_counts(model), "sha256": _digest(everything),
+        "dropped": dropped, "planning_counts": _planning_counts(model),
     }
-    payload = save_tensors(everything, metadata={HEADER_KEY: json.dumps(header)})
+    payload = _signed_payload(everything, header)
     atomic_write_bytes(out, payload)
     embeddings = model.embeddings.memory().total  # type: ignore[union-attr]
     mlp = sum(v.numel() * v.element_size() for k, v in state.items() if not k.startswith("embeddings."))
@@ -186,39 +241,136 @@ class ServedModel(torch.nn.Module):
         return torch.from_numpy(transform_dense(dense_raw)), torch.from_numpy(ids.astype(np.int64))
 
 
-def load_model(path: str | os.PathLike) -> ServedModel:
-    """Load a model file written by :func:`export_run`; refuses (ModelFileError) a damaged or altered one."""
+def _check_fields(path: Path, header: dict[str, Any]) -> None:
+    """ModelFileError naming the first of the header's fields that is not what an exported model holds."""
+    def refuse(what: str) -> None:
+        raise ModelFileError(f"{path}: its header's {what}; the file is damaged or was not written by compemb export")
+
+    cardinalities = header.get("cardinalities")
+    if not isinstance(cardinalities, list) or not cardinalities or \
+            not all(type(n) is int and n >= 1 for n in cardinalities):
+        refuse("cardinalities are not a list of positive integers")
+    if type(header.get("num_dense")) is not int or header["num_dense"] < 0:
+        refuse("num_dense is not an integer >= 0")
+    if not isinstance(header.get("config"), dict) or not isinstance(header.get("quantized"), dict) or \
+            not all(isinstance(spec, dict) for spec in header["quantized"].values()):
+        refuse("config or quantized is not an object")
+    if not isinstance(header.get("dropped"), list) or not all(isinstance(name, str) for name in header["dropped"]):
+        refuse("dropped is not a list of names")
+    if not isinstance(header.get("sha256"), str):
+        refuse("sha256 is missing")
+    ids = header.get("ids")
+    if not isinstance(ids, dict) or ids.get("rule") not in ("ids", "hash_mod", "vocabulary"):
+        refuse("ids rule is not one of ids, hash_mod, vocabulary")
+    if ids["rule"] == "hash_mod" and (type(ids.get("hash_mod")) is not int or ids["hash_mod"] < 1 or
+                                      min(cardinalities) < ids["hash_mod"] + 1):
+        refuse("hash_mod is not an integer >= 1 below every cardinality")
+    planned = header.get("planning_counts")
+    if planned is not None and (not isinstance(planned, dict) or any(
+            type(planned.get(f"C{i + 1}")) is not int or not 0 <= planned[f"C{i + 1}"] <= n
+            for i, n in enumerate(cardinalities))):
+        refuse("planning_counts are not a count of ids of every feature")
+
+
+def _build(header: dict[str, Any], config: TrainConfig, device: str | None = None) -> torch.nn.Module:
+    """The model the header describes, its quantized tables wrapped as their specs say (``device="meta"``: shapes
+    only, nothing allocated)."""
+    model = build_model(config, header["cardinalities"], header["num_dense"],
+                        _frequencies(header["cardinalities"], header.get("planning_counts")), device=device)
+    for name, spec in header["quantized"].items():  # wrap the tables as they were quantized
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        parent._modules[child] = QuantizedEmbedding.from_spec(parent._modules[child], spec)  # type: ignore[arg-type]
+    return model
+
+
+def _tensor_bytes(entries: dict[str, tuple[str, tuple[int, ...]]]) -> int:
+    """Bytes of tensors given as (safetensors dtype name, shape)."""
+    itemsize = {name: dtype.itemsize for dtype, name in SAFETENSORS_DTYPES.items()}
+    return sum(itemsize.get(dtype, 8) * math.prod(shape) for dtype, shape in entries.values())
+
+
+def _expected_entries(path: Path, header: dict[str, Any], config: TrainConfig,
+                      max_memory: int | None) -> tuple[dict[str, tuple[str, tuple[int, ...]]], list[str], int]:
+    """What the file must hold (name -> (dtype, shape)) for the model its header describes, the names of its
+    training-only state, and the bytes loading will allocate; refuses (ModelFileError) a model that does not fit
+    ``max_memory`` (default: this machine's memory). Built on the meta device: nothing is allocated but the counts
+    an ``offline`` table is planned from (bounded first)."""
+    limit = max_memory if max_memory is not None else machine_memory_bytes()
+    where = "--max-memory" if max_memory is not None else "this machine's memory"
+    planning = 17 * sum(header["cardinalities"]) if get_method(config.method).needs_frequencies else 0
+    if limit is not None and planning > limit:
+        raise ModelFileError(f"{path}: its model is planned from counts of {sum(header['cardinalities']):,} ids "
+                             f"({planning / 1e9:,.2f} GB), more than {where} ({limit / 1e9:,.2f} GB)")
+    try:
+        meta = _build(header, config, device="meta")
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, RuntimeError) as error:
+        raise ModelFileError(f"{path}: its header describes no model this compemb can build ({error})") from None
+    dropped = _training_only_keys(meta)
+    expected = {f"model.{name}": (SAFETENSORS_DTYPES.get(value.dtype, str(value.dtype)), tuple(value.shape))
+                for name, value in meta.state_dict().items() if name not in dropped}
+    if header["ids"]["rule"] == "vocabulary":  # each feature's kept values: its ids less the two reserved ones
+        expected.update({f"vocabulary.C{i + 1}": ("I64", (n - 2,)) for i, n in enumerate(header["cardinalities"])})
+    unique = {id(t): t for t in [*meta.parameters(), *meta.buffers()]}.values()
+    allocated = sum(t.numel() * t.element_size() for t in unique) + planning
+    needed = allocated + _tensor_bytes(expected)  # the model, and the file's tensors read to be copied into it
+    if limit is not None and needed > limit:
+        raise ModelFileError(f"{path}: its model needs {needed / 1e9:,.2f} GB to load (the model "
+                             f"{allocated / 1e9:,.2f} GB, its tensors read from the file beside it), more than "
+                             f"{where} ({limit / 1e9:,.2f} GB)")
+    return expected, dropped, needed
+
+
+def load_model(path: str | os.PathLike, max_memory: int | None = None) -> ServedModel:
+    """Load a model file written by :func:`export_run`; refuses (ModelFileError) a damaged, altered or forged one,
+    and one whose model needs more than ``max_memory`` bytes (default: this machine's memory), before allocating."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such model file")
-    data = path.read_bytes()
     try:
-        tensors = load_tensors(data)
-        with safe_open(str(path), framework="pt") as opened:
+        with safe_open(str(path), framework="pt") as opened:  # maps the file and checks its index; reads no data
             metadata = opened.metadata() or {}
+            entries = {name: (opened.get_slice(name).get_dtype(), tuple(opened.get_slice(name).get_shape()))
+                       for name in opened.keys()}
     except (SafetensorError, ValueError, OSError) as error:
         raise ModelFileError(f"{path} is damaged or not a compemb model file ({error})") from None
     try:
         header = json.loads(metadata[HEADER_KEY])
     except (KeyError, json.JSONDecodeError):
         raise ModelFileError(f"{path} is a safetensors file but not a compemb model: no {HEADER_KEY!r} header") from None
-    if header.get("format") != FORMAT or header.get("version") != VERSION:
-        raise ModelFileError(f"{path}: format {header.get('format')!r} version {header.get('version')!r}; this "
-                             f"compemb reads {FORMAT!r} version {VERSION}")
-    if _digest(tensors) != header.get("sha256"):
-        raise ModelFileError(f"{path} was altered after it was written: its tensors do not match its checksum")
-    config = TrainConfig(**header["config"])
-    model = build_model(config, header["cardinalities"], header["num_dense"],
-                        _frequencies(header["cardinalities"], header.get("planning_counts")))
-    for name, spec in header["quantized"].items():  # wrap the tables as they were quantized
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        parent._modules[child] = QuantizedEmbedding.from_spec(parent._modules[child], spec)  # type: ignore[arg-type]
+    if not isinstance(header, dict) or header.get("format") != FORMAT or header.get("version") != VERSION:
+        found = (header.get("format"), header.get("version")) if isinstance(header, dict) else (None, None)
+        again = " (version 1's checksum left the header out: export the run again)" if found == (FORMAT, 1) else ""
+        raise ModelFileError(f"{path}: format {found[0]!r} version {found[1]!r}; this compemb reads {FORMAT!r} "
+                             f"version {VERSION}{again}")
+    _check_fields(path, header)
+    try:
+        config = TrainConfig(**header["config"])
+    except (TypeError, ValueError) as error:
+        raise ModelFileError(f"{path}: its header's config is not one compemb trains ({error})") from None
+    expected, dropped, _ = _expected_entries(path, header, config, max_memory)
+    missing = sorted(set(expected) - set(entries))
+    unexpected = sorted(set(entries) - set(expected))
+    differing = sorted(name for name in set(expected) & set(entries) if expected[name] != entries[name])
+    if missing or unexpected or differing or sorted(header["dropped"]) != dropped:
+        raise ModelFileError(
+            f"{path} does not hold the model its header describes: " + "; ".join(part for part in (
+                f"missing {missing[:3]}" if missing else "", f"unexpected {unexpected[:3]}" if unexpected else "",
+                f"{differing[0]} is {entries[differing[0]]}, the model's is {expected[differing[0]]}"
+                if differing else "",
+                f"'dropped' lists {sorted(set(header['dropped']) ^ set(dropped))[:3]}, which the model "
+                f"{'needs' if set(header['dropped']) - set(dropped) else 'drops'}"
+                if sorted(header["dropped"]) != dropped else "") if part))
+    with open(path, "rb") as file:
+        index, data_start = _read_index(file, path.stat().st_size, path)
+        if _digest(file, index, data_start, header) != header["sha256"]:
+            raise ModelFileError(f"{path} was altered after it was written: its header and tensors do not match "
+                                 f"its checksum")
+    model = _build(header, config)
+    with safe_open(str(path), framework="pt") as opened:
+        tensors = {name: opened.get_tensor(name) for name in opened.keys()}
     state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or set(missing) - set(header["dropped"]):
-        raise ModelFileError(f"{path} does not fit the model its header describes (missing "
-                             f"{sorted(set(missing) - set(header['dropped']))[:3]}, unexpected {unexpected[:3]})")
+    model.load_state_dict(state, strict=False)  # exactly the model's state less ``dropped``: checked above
     vocabulary = None
     if header["ids"]["rule"] == "vocabulary":
         vocabulary = Categorifier.from_kept([tensors[f"vocabulary.C{i + 1}"].numpy()
@@ -226,11 +378,17 @@ def load_model(path: str | os.PathLike) -> ServedModel:
     return ServedModel(model, header, vocabulary)
 
 
-@torch.no_grad()
-def has_label_column(input_path: str | os.PathLike) -> bool:
-    """Whether a raw Criteo TSV's first line has a label column (1 + 13 + 26 = 40 fields; test.txt has 39)."""
+def has_label_column(input_path: str | os.PathLike, max_line_bytes: int = MAX_LINE_BYTES) -> bool:
+    """Whether a raw Criteo TSV's first line has a label column (1 + 13 + 26 = 40 fields; test.txt has 39).
+
+    It reads at most ``max_line_bytes`` of each line: an input without newlines (``/dev/zero``) is refused."""
     with _open_binary(Path(input_path)) as stream:
-        for raw in stream:
+        number = 0
+        while raw := stream.readline(max_line_bytes + 1):
+            number += 1
+            if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
+                raise ModelFileError(f"{input_path}:{number}: a line longer than {max_line_bytes:,} bytes: "
+                                     f"not a Criteo TSV")
             line = raw.rstrip(b"\r\n")
             if line:
                 fields = line.count(b"\t") + 1
@@ -244,36 +402,42 @@ def has_label_column(input_path: str | os.PathLike) -> bool:
 
 
 def predict_file(model_path: str | os.PathLike, input_path: str | os.PathLike, out: str | os.PathLike,
-                 labeled: bool | None = None) -> dict[str, Any]:
+                 labeled: bool | None = None, max_memory: int | None = None, block_bytes: int = 1 << 25,
+                 max_line_bytes: int = MAX_LINE_BYTES) -> dict[str, Any]:
     """Score every line of a raw Criteo TSV: one click probability per line in ``out`` (``nan`` for a rejected line,
     so line i of ``out`` is line i of the input); return the counts of rows scored and rejected, by reason.
 
     ``labeled`` None: told by the first line's field count (:func:`has_label_column`). With labels the result
-    also holds the scored rows' ``log_loss`` and ``auc`` (``labeled`` says which it was)."""
-    served = load_model(model_path)
+    also holds the scored rows' ``log_loss`` and ``auc`` (``labeled`` says which it was; AUC from
+    :class:`compemb.metrics.BinnedAUC`). The input is streamed in blocks of ``block_bytes`` and scores are written
+    as they come (``out`` appears whole when done), so memory stays bounded however long the input is; a line over
+    ``max_line_bytes`` is refused. ``max_memory``: see :func:`load_model`."""
+    served = load_model(model_path, max_memory=max_memory)
     if served.header["num_dense"] != NUM_DENSE or len(served.header["cardinalities"]) != NUM_SPARSE:
         raise ModelFileError(f"{model_path} was not trained on Criteo-shaped data: it cannot read a Criteo TSV")
     if labeled is None:
-        labeled = has_label_column(input_path)
-    rejections, lines, scored = Rejections(), [], 0
-    labels, probabilities = [], []
-    for block in read_rows(input_path, labeled, rejections, strict=False):
-        scores = np.full(len(block.status), np.nan)
-        if len(block.labels):
-            dense, ids = served.encode(block.dense, block.sparse)
-            with torch.inference_mode():  # scoring only: no autograd graph
-                good = torch.sigmoid(served(dense, ids)).double().numpy()
-            scores[block.status == 0] = good
-            scored += len(block.labels)
-            if labeled:
-                labels.append(block.labels.astype(np.float64))
-                probabilities.append(good)
-        lines.extend("nan" if np.isnan(score) else f"{score:.9f}" for score in scores)
-    atomic_write_text(out, "\n".join(lines) + "\n")
-    result: dict[str, Any] = {"rows_read": len(lines), "rows_scored": scored, "rejected": rejections.total,
+        labeled = has_label_column(input_path, max_line_bytes)
+    rejections, rows_read, scored = Rejections(), 0, 0
+    ranking, log_loss_sum = BinnedAUC(), 0.0
+    with atomic_binary_writer(out) as written:
+        for block in read_rows(input_path, labeled, rejections, strict=False, block_bytes=block_bytes,
+                               max_line_bytes=max_line_bytes):
+            scores = np.full(len(block.status), np.nan)
+            if len(block.labels):
+                dense, ids = served.encode(block.dense, block.sparse)
+                with torch.inference_mode():  # scoring only: no autograd graph
+                    good = torch.sigmoid(served(dense, ids)).double().numpy()
+                scores[block.status == 0] = good
+                scored += len(block.labels)
+                if labeled:
+                    truth, p = block.labels.astype(np.float64), np.clip(good, 1e-15, 1 - 1e-15)
+                    log_loss_sum -= float(np.sum(truth * np.log(p) + (1 - truth) * np.log1p(-p)))
+                    ranking.update(good, block.labels)
+            rows_read += len(scores)
+            written.write("".join("nan\n" if np.isnan(score) else f"{score:.9f}\n" for score in scores).encode())
+    result: dict[str, Any] = {"rows_read": rows_read, "rows_scored": scored, "rejected": rejections.total,
                               "rejected_by_reason": dict(rejections.counts), "labeled": labeled}
     if labeled and scored:
-        truth, p = np.concatenate(labels), np.clip(np.concatenate(probabilities), 1e-15, 1 - 1e-15)
-        result["log_loss"] = float(-np.mean(truth * np.log(p) + (1 - truth) * np.log1p(-p)))
-        result["auc"] = auc(p, truth) if 0 < truth.sum() < len(truth) else float("nan")
+        result["log_loss"] = log_loss_sum / scored
+        result["auc"] = ranking.value() if ranking.has_both_classes else float("nan")
     return result

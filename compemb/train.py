@@ -9,6 +9,7 @@ Bayes-optimal BCE. Every evaluation is appended to ``metrics.jsonl`` in the run 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -30,6 +31,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from compemb import distributed
+from compemb.checks import machine_memory_bytes
 from compemb.collection import SHARING, Bags, EmbeddingCollection, Feature
 from compemb.data.dataset import DatasetError, Split, open_dataset
 from compemb.data.validate import validate_dataset
@@ -438,7 +440,7 @@ class Trainer:
         logits = self.train_model(dense, sparse, bags)
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
         if on_host(loss):
-            if not math.isfinite(float(loss)):  # before backward: nothing of this step reaches the weights
+            if not math.isfinite(float(loss.detach())):  # before backward: nothing of this step reaches the weights
                 self._first_bad_step.fill_(self.step)
                 self._stop_if_not_finite(float(loss))
         else:
@@ -727,13 +729,14 @@ def find_checkpoint(run: str | os.PathLike, which: str = LAST) -> Path | None:
 
 def build_model(config: TrainConfig, cardinalities: list[int], num_dense: int,
                 frequencies: dict[str, Tensor] | None = None, sparse: bool | None = None,
-                bags: list[dict[str, Any]] | None = None) -> torch.nn.Module:
+                bags: list[dict[str, Any]] | None = None, device: str | None = None) -> torch.nn.Module:
     """The model a config describes (DLRM or DCN over an EmbeddingCollection of ``C1..Cn``), freshly seeded.
 
     ``frequencies`` (per-feature id counts) are needed by methods built from them (``needs_frequencies``); an
     exported model rebuilds without them (its state then loads over whatever they chose). ``sparse``: whether the
     tables' gradients are sparse (default: for every optimizer but ``adam_dense``). ``bags``: the data set's
-    multi-hot features (its manifest's ``"bags"``), after the one-hot ones.
+    multi-hot features (its manifest's ``"bags"``), after the one-hot ones. ``device="meta"`` builds the shapes
+    alone (nothing allocated): what a model file's header would make is measured before it is made.
     """
     torch.manual_seed(config.seed)
     features = [Feature(f"C{i + 1}", n) for i, n in enumerate(cardinalities)]
@@ -746,10 +749,12 @@ def build_model(config: TrainConfig, cardinalities: list[int], num_dense: int,
         frequencies = {f.name: torch.zeros(f.num_embeddings, dtype=torch.int64) for f in features}
     embeddings = EmbeddingCollection(features, config.embedding_dim, config.method, compression=config.compression,
                                      num_params=config.num_params,
-                                     seed=config.seed, frequencies=frequencies, sharing=config.sharing, **options)
-    if config.model == "dlrm":
-        return DLRM(embeddings, num_dense, config.bottom, config.top)
-    return DCNv2(embeddings, num_dense, deep=config.top)
+                                     seed=config.seed, frequencies=frequencies, sharing=config.sharing, device=device,
+                                     **options)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        if config.model == "dlrm":
+            return DLRM(embeddings, num_dense, config.bottom, config.top)
+        return DCNv2(embeddings, num_dense, deep=config.top)
 
 
 def id_counts(split: Split, cardinalities: list[int], chunk_rows: int = 1 << 20,
@@ -810,9 +815,8 @@ def _refuse_what_memory_cannot_hold(config: TrainConfig, cardinalities: list[int
     top_in = config.bottom[-1] + interactions * (interactions - 1) // 2
     tops = [top_in, *config.top, 1]
     mlp += sum((a + 1) * b for a, b in zip(tops, tops[1:])) * 4
-    try:
-        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # not known here: nothing to compare with
+    memory = machine_memory_bytes()
+    if memory is None:  # not known here: nothing to compare with
         return
     needed = tables + mlp
     if needed > memory:

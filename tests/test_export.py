@@ -201,3 +201,167 @@ def test_header_holds_config_and_quantization_spec(full_run, tmp_path):
     assert header["quantized"]["embeddings.embeddings.shared"]["scheme"] == "int8"
     with safe_open(str(tmp_path / "q.compemb"), framework="pt") as opened:
         assert not any(key.startswith("optimizer") for key in opened.keys())
+
+
+def _rewrite(source: Path, target: Path, edit, resign: bool) -> None:
+    """A copy of a model file whose tensors and header ``edit(tensors, header)`` changed; re-signed (a forger who
+    knows the checksum's rule) or keeping the old checksum."""
+    from safetensors import safe_open
+    from safetensors.torch import save
+
+    from compemb.export import _signed_payload
+
+    with safe_open(str(source), framework="pt") as opened:
+        tensors = {name: opened.get_tensor(name) for name in opened.keys()}
+        header = json.loads(opened.metadata()["compemb"])
+    edit(tensors, header)
+    if resign:
+        header.pop("sha256")
+        target.write_bytes(_signed_payload(tensors, header))
+    else:
+        target.write_bytes(save(tensors, metadata={"compemb": json.dumps(header)}))
+
+
+def test_the_checksum_covers_the_header_an_edited_id_rule_or_config_is_refused(full_run, tmp_path):
+    _, run = full_run
+    good = tmp_path / "model.compemb"
+    export_run(run, good)
+    assert load_model(good).header["ids"]["rule"] == "vocabulary"
+
+    def hash_mod_rule(tensors, header):  # the file as a hash_mod model would be: only the checksum tells
+        header.update(ids={"rule": "hash_mod", "hash_mod": 2})
+        for name in [k for k in tensors if k.startswith("vocabulary.")]:
+            del tensors[name]
+
+    edits = {
+        "rule": hash_mod_rule,
+        "seed": lambda t, h: h["config"].update(seed=h["config"]["seed"] + 1),
+        "step": lambda t, h: h.update(step=h["step"] + 1),
+    }
+    for name, edit in edits.items():
+        _rewrite(good, tmp_path / f"{name}.compemb", edit, resign=False)
+        with pytest.raises(ModelFileError, match="altered after it was written"):
+            load_model(tmp_path / f"{name}.compemb")
+    _rewrite(good, tmp_path / "same.compemb", lambda t, h: None, resign=False)  # only re-serialized: still served
+    assert load_model(tmp_path / "same.compemb").header["sha256"] == load_model(good).header["sha256"]
+
+
+def test_a_file_without_the_tensors_its_lookups_need_is_refused_even_when_re_signed(data, tmp_path):
+    trainer = _train(data, tmp_path / "run", "adaembed", 4)
+    good = tmp_path / "model.compemb"
+    report = export_run(tmp_path / "run", good)
+    assert report["dropped"]  # its importance scores: training-only, left out, and the model still serves
+    load_model(good)
+
+    def drop_everything(tensors, header):
+        header["dropped"] = sorted(k[len("model."):] for k in tensors if k.startswith("model."))
+        for key in [k for k in tensors if k.startswith("model.")]:
+            del tensors[key]
+
+    _rewrite(good, tmp_path / "empty.compemb", drop_everything, resign=True)
+    with pytest.raises(ModelFileError, match=r"does not hold the model its header describes: missing \['model\."):
+        load_model(tmp_path / "empty.compemb")
+
+    def drop_a_table(tensors, header):  # one tensor the lookups read, listed as training-only
+        name = next(k for k in sorted(tensors) if k.startswith("model.embeddings.") and k.endswith("weight"))
+        header["dropped"] = sorted([*header["dropped"], name[len("model."):]])
+        del tensors[name]
+
+    _rewrite(good, tmp_path / "table.compemb", drop_a_table, resign=True)
+    with pytest.raises(ModelFileError, match="which the model needs"):
+        load_model(tmp_path / "table.compemb")
+    assert trainer.model is not None
+
+
+def test_a_forged_header_of_huge_sizes_is_refused_before_anything_is_allocated(full_run, tmp_path, capsys):
+    import resource
+
+    _, run = full_run
+    good = tmp_path / "model.compemb"
+    export_run(run, good)
+    forgeries = {
+        "cardinalities": lambda t, h: h.update(cardinalities=[10 ** 12] * len(h["cardinalities"])),
+        "dim": lambda t, h: h["config"].update(embedding_dim=10 ** 9),
+        "width": lambda t, h: h["config"].update(top=[10 ** 7, 10 ** 7]),
+    }
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for name, forge in forgeries.items():
+        _rewrite(good, tmp_path / f"{name}.compemb", forge, resign=True)
+        with pytest.raises(ModelFileError, match="more than this machine's memory|does not hold the model"):
+            load_model(tmp_path / f"{name}.compemb")
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before  # KiB
+    assert grown < 200_000, f"refusing the forgeries grew the peak memory by {grown:,} KiB"
+    # the honest model under a --max-memory it does not fit: refused in one line, naming what it needs
+    assert main(["predict", "--model", str(good), "--input", str(SAMPLE), "--out", str(tmp_path / "s.txt"),
+                 "--max-memory", "64K"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs" in err[0] and "more than --max-memory" in err[0]
+    with pytest.raises(SystemExit) as exited:  # argparse's own exit
+        main(["predict", "--model", str(good), "--input", str(SAMPLE), "--out", str(tmp_path / "s.txt"),
+              "--max-memory", "lots"])
+    assert exited.value.code == 2
+    assert "'lots' is not a size" in capsys.readouterr().err
+    assert main(["predict", "--model", str(good), "--input", str(SAMPLE), "--out", str(tmp_path / "s.txt"),
+                 "--max-memory", "1G"]) == 0
+
+
+def test_a_flipped_byte_anywhere_in_a_model_file_is_refused(full_run, tmp_path):
+    _, run = full_run
+    good = tmp_path / "model.compemb"
+    export_run(run, good)
+    payload = good.read_bytes()
+    index_end = 8 + int.from_bytes(payload[:8], "little")
+    header_at = payload.index(b'compemb-model')  # inside the compemb header (the safetensors metadata)
+    rng = np.random.default_rng(0)
+    positions = [0, 3, header_at + 2, *rng.integers(8, index_end, 6), *rng.integers(index_end, len(payload), 12)]
+    for position in positions:
+        broken = bytearray(payload)
+        broken[position] ^= 0x5A
+        (tmp_path / "broken.compemb").write_bytes(bytes(broken))
+        with pytest.raises(ModelFileError):
+            load_model(tmp_path / "broken.compemb")
+
+
+def test_a_version_1_model_file_is_refused_with_how_to_get_a_version_2(full_run, tmp_path):
+    _, run = full_run
+    export_run(run, tmp_path / "model.compemb")
+    _rewrite(tmp_path / "model.compemb", tmp_path / "v1.compemb", lambda t, h: h.update(version=1), resign=False)
+    with pytest.raises(ModelFileError, match="version 1's checksum left the header out: export the run again"):
+        load_model(tmp_path / "v1.compemb")
+
+
+def test_predict_on_an_input_without_newlines_stops_at_the_line_bound(full_run, tmp_path, capsys):
+    _, run = full_run
+    export_run(run, tmp_path / "model.compemb")
+    for labeled in ([], ["--labeled"]):  # both the field-count probe and the block reader are bounded
+        assert main(["predict", "--model", str(tmp_path / "model.compemb"), "--input", "/dev/zero",
+                     "--out", str(tmp_path / "z.txt"), *labeled]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "/dev/zero:1: a line longer than 1,048,576 bytes" in err[0], err
+        assert not (tmp_path / "z.txt").exists()
+
+
+def test_predict_memory_does_not_grow_with_the_input(full_run, tmp_path):
+    import tracemalloc
+
+    from compemb.export import predict_file
+    from compemb.metrics import auc
+
+    _, run = full_run
+    export_run(run, tmp_path / "model.compemb")
+    lines = SAMPLE.read_bytes().splitlines(keepends=True)
+    peaks, results = {}, {}
+    for copies in (2, 16):
+        (tmp_path / "in.txt").write_bytes(b"".join(lines) * copies)
+        tracemalloc.start()
+        results[copies] = predict_file(tmp_path / "model.compemb", tmp_path / "in.txt", tmp_path / "out.txt",
+                                       labeled=True, block_bytes=1 << 16)
+        peaks[copies] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert results[copies]["rows_read"] == len(lines) * copies
+    # 8x the rows, (about) the same peak: the scores go to the file as they come, the AUC is counted in bins
+    assert peaks[16] < 1.25 * peaks[2], peaks
+    scores = np.array([float(v) for v in (tmp_path / "out.txt").read_text().split()])
+    labels = np.array([float(line.split(b"\t", 1)[0]) for line in lines] * 16)
+    assert abs(results[16]["auc"] - auc(scores, labels)) < 1e-5
+    assert results[16]["log_loss"] == pytest.approx(results[2]["log_loss"], rel=1e-9)

@@ -46,3 +46,38 @@ def test_bce_equals_scikit_learn_log_loss():
     labels = torch.randint(0, 2, (1000,), generator=generator)
     expected = log_loss(labels.numpy(), torch.sigmoid(logits.double()).numpy())
     assert bce(logits, labels) == pytest.approx(expected, rel=1e-9)
+
+
+def test_binned_auc_streamed_in_blocks_is_within_its_bound_of_the_exact_auc():
+    from compemb.metrics import BinnedAUC
+
+    generator = np.random.default_rng(3)
+    labels = generator.integers(0, 2, 200_000)
+    scores = 1 / (1 + np.exp(-(labels * 0.8 + generator.normal(size=labels.size))))
+    binned = BinnedAUC()
+    for block in np.array_split(np.arange(labels.size), 7):
+        binned.update(scores[block], labels[block])
+    exact = roc_auc_score(labels, scores)
+    assert abs(binned.value() - exact) <= binned.error_bound + 1e-12
+    assert binned.error_bound < 1e-4
+    coarse = BinnedAUC(bins=4)  # four bins: most pairs tie, the bound says how far off it may be
+    coarse.update(scores, labels)
+    assert abs(coarse.value() - exact) <= coarse.error_bound and coarse.error_bound > 0.05
+    distinct = BinnedAUC(bins=8)  # one score per bin: exact
+    distinct.update(np.array([0.01, 0.2, 0.3, 0.6, 0.99]), np.array([0, 1, 0, 1, 1]))
+    exact = roc_auc_score([0, 1, 0, 1, 1], [0.01, 0.2, 0.3, 0.6, 0.99])
+    assert distinct.value() == pytest.approx(exact, abs=1e-15) and distinct.error_bound == 0
+
+
+@pytest.mark.parametrize("scores, labels, match", [
+    ([0.1, 1.5], [0, 1], r"in \[0, 1\]"), ([0.1, float("nan")], [0, 1], r"in \[0, 1\]"), ([0.1, 0.2], [0, 2], "0 or 1"),
+])
+def test_binned_auc_refuses_what_is_not_a_probability_or_a_label(scores, labels, match):
+    from compemb.metrics import BinnedAUC
+
+    with pytest.raises(ValueError, match=match):
+        BinnedAUC().update(np.array(scores), np.array(labels))
+    with pytest.raises(ValueError, match="both classes"):
+        empty = BinnedAUC()
+        empty.update(np.array([0.3]), np.array([1]))
+        empty.value()

@@ -25,6 +25,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numba
 import numpy as np
@@ -37,6 +38,7 @@ from compemb.progress import bar_disabled
 
 NUM_DENSE, NUM_SPARSE = 13, 26
 MISSING = -1  # a missing categorical value before its id is assigned
+MAX_LINE_BYTES = 1 << 20  # Criteo and Avazu lines are under 1 KB: a longer one is not a row of theirs
 REASONS = ("columns", "label", "dense", "categorical")
 KEPT_LINE_NUMBERS = 100
 MISSING_ID, RARE_ID = 0, 1  # categorify: the ids every feature reserves
@@ -210,22 +212,33 @@ class Block:
     sparse: np.ndarray  # int64 (good rows, 26), raw 32-bit values, -1 missing
 
 
+def _rest_of_line(file: BinaryIO, max_line_bytes: int, path: Path) -> bytes:
+    """The bytes up to and with the next newline; ValueError where there are more than ``max_line_bytes``."""
+    rest = file.readline(max_line_bytes + 1)
+    if len(rest) > max_line_bytes and not rest.endswith(b"\n"):
+        raise ValueError(f"{path}: a line longer than {max_line_bytes:,} bytes at byte {file.tell() - len(rest):,}: "
+                         f"not a Criteo row (is this the right file?)")
+    return rest
+
+
 def read_rows(
     path: str | os.PathLike, has_label: bool, rejections: Rejections, strict: bool, block_bytes: int = 1 << 25,
-    start: int = 0, end: int | None = None,
+    start: int = 0, end: int | None = None, max_line_bytes: int = MAX_LINE_BYTES,
 ) -> Iterator[Block]:
     """Stream a Criteo TSV file (plain or gzip) in blocks of about ``block_bytes``; parse each with compiled code.
 
     Bad rows go to ``rejections`` (or raise with their line number when ``strict``). An empty or truncated
     (gzip) input raises ValueError. ``start``/``end`` (plain files): only the lines whose first byte lies in
     ``[start, end)``, numbered from 1 at the first of them, so byte ranges that tile a file read each line once.
+    A line longer than ``max_line_bytes`` raises ValueError naming it: memory stays within a block and a line
+    whatever the input (``/dev/zero`` has no newline at all).
     """
     path = Path(path)
     carry, line_number, read_any = b"", 0, False
     with _open_binary(path) as file:
         if start > 0:  # the line holding byte start - 1 belongs to the range before
             file.seek(start - 1)
-            file.readline()
+            _rest_of_line(file, max_line_bytes, path)
         position = file.tell()
         while True:
             try:
@@ -233,7 +246,7 @@ def read_rows(
                 data = file.read(size) if size > 0 else b""
                 position += len(data)
                 if end is not None and data and position >= end and not data.endswith(b"\n"):
-                    data += file.readline()  # the range's last line runs past its end: it is still this range's
+                    data += _rest_of_line(file, max_line_bytes, path)  # the range's last line: still this range's
             except EOFError:
                 raise ValueError(f"{path} is truncated: the gzip stream ends after line {line_number}") from None
             if not data:  # end of file: a last line without its newline still counts
@@ -244,6 +257,10 @@ def read_rows(
             data = carry + data
             cut = data.rfind(b"\n") + 1
             carry, data = data[cut:], data[:cut]
+            if len(carry) > max_line_bytes:
+                number = line_number + data.count(b"\n") + 1
+                raise ValueError(f"{path}:{number}: a line longer than "
+                                 f"{max_line_bytes:,} bytes: not a Criteo row (is this the right file?)")
             if data:
                 block = _parse_block(path, data, has_label, line_number, rejections, strict)
                 line_number += len(block.status)

@@ -58,3 +58,14 @@ def test_dlrm_trains_on_avazu_without_dense_features(tmp_path):
     train = splits["train"]
     logits = model(torch.from_numpy(train.dense[:64].copy()), torch.from_numpy(train.sparse[:64].astype("int64")))
     assert logits.shape == (64,) and bool(torch.isfinite(logits).all())
+
+
+def test_a_line_longer_than_the_bound_is_refused_naming_it(tmp_path):
+    from compemb.data.criteo import MAX_LINE_BYTES
+
+    (tmp_path / "in.csv").write_text(HEADER + GOOD * 3 + "7,1,14102113," + "a" * MAX_LINE_BYTES + "\n")
+    with pytest.raises(ValueError, match=r"in.csv:5: a line longer than 1,048,576 bytes"):
+        preprocess_avazu(tmp_path / "in.csv", tmp_path / "out")
+    (tmp_path / "header.csv").write_text("id,click,hour," + "x" * MAX_LINE_BYTES + "\n" + GOOD)
+    with pytest.raises(ValueError, match=r"header.csv:1: a line longer than"):
+        preprocess_avazu(tmp_path / "header.csv", tmp_path / "out2")

@@ -259,3 +259,20 @@ def test_the_users_own_validation_and_test_files_are_written_as_they_are(tmp_pat
     assert "give --days" in capsys.readouterr().err and not (tmp_path / "guess").exists()
     assert main(["preprocess", "criteo", str(train[0]), "--val", str(val), "--out", str(tmp_path / "half")]) == 2
     assert "both --val and --test" in capsys.readouterr().err
+
+
+def test_a_line_longer_than_the_bound_is_refused_naming_it_and_memory_stays_bounded(tmp_path):
+    from compemb.data.criteo import Rejections, read_rows
+
+    text = GOOD * 3 + "1\t" + "7" * 5000 + "\n" + GOOD
+    source = _write(tmp_path / "long.txt", text)
+    blocks = read_rows(source, True, Rejections(), strict=False, block_bytes=1024, max_line_bytes=4096)
+    with pytest.raises(ValueError, match=r"long.txt:4: a line longer than 4,096 bytes"):
+        list(blocks)
+    rows = list(read_rows(source, True, Rejections(), strict=False, block_bytes=1024, max_line_bytes=8192))
+    assert sum(len(block.status) for block in rows) == 5  # under a larger bound it is one (rejected) line
+    # a byte range whose boundary falls inside the long line reads its rest with the same bound
+    with pytest.raises(ValueError, match="a line longer than 4,096 bytes"):
+        list(read_rows(source, True, Rejections(), strict=False, start=len(GOOD) * 3 + 10, max_line_bytes=4096))
+    with pytest.raises(ValueError, match=r"zero:1: a line longer than 1,048,576 bytes"):
+        next(read_rows("/dev/zero", True, Rejections(), strict=False))  # no newline, ever: one block, then refused
