@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -12,29 +13,49 @@ from typing import BinaryIO
 
 
 @contextlib.contextmanager
-def atomic_binary_writer(path: str | os.PathLike, gzipped: bool = False) -> Iterator[BinaryIO]:
-    """A file to stream bytes into (gzip-compressed when ``gzipped``); it replaces ``path`` only when complete.
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary file name beside ``path`` for a writer that takes a name (safetensors' ``save_file``, which
+    writes tensors from their memory without a copy); it replaces ``path`` only when the block completes.
 
-    It is written under a temporary name beside ``path`` and renamed over it on success; on error it is removed.
+    On success the file is flushed to disk and renamed over ``path``; on error it is removed.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        # mkstemp makes the file 0600; a result file gets the mode any new file gets (0644 under the usual umask)
-        os.fchmod(handle, 0o666 & ~_umask())
-        with os.fdopen(handle, "wb") as file:
+        os.close(handle)
+        yield Path(temporary)
+        with open(temporary, "rb+") as written:
+            # mkstemp makes the file 0600 (and a writer may make it anew): a result file gets the mode any new
+            # file gets (0644 under the usual umask)
+            os.fchmod(written.fileno(), 0o666 & ~_umask())
+            os.fsync(written.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_binary_writer(path: str | os.PathLike, gzipped: bool = False) -> Iterator[BinaryIO]:
+    """A file to stream bytes into (gzip-compressed when ``gzipped``); it replaces ``path`` only when complete
+    (:func:`atomic_path`)."""
+    with atomic_path(path) as temporary:
+        with os.fdopen(os.open(temporary, os.O_WRONLY), "wb") as file:
             if gzipped:
                 with gzip.GzipFile(fileobj=file, mode="wb") as compressed:
                     yield compressed  # type: ignore[misc]
             else:
                 yield file
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+
+
+def sha256_of_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
+    """The SHA-256 of a file's bytes, read in chunks (bounded memory for a file of any size)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _umask() -> int:

@@ -10,7 +10,6 @@ Bayes-optimal BCE. Every evaluation is appended to ``metrics.jsonl`` in the run 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -25,8 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load as load_tensors
-from safetensors.torch import save as save_tensors
+from safetensors.torch import save_file
 from torch import Tensor
 from tqdm import tqdm
 
@@ -37,7 +35,7 @@ from compemb.data.dataset import DatasetError, Split, open_dataset
 from compemb.data.validate import validate_dataset
 from compemb.embeddings.adaptive import end_step, track_row_steps
 from compemb.embeddings.base import INITS, CompressedEmbedding
-from compemb.io import atomic_write_bytes, atomic_write_text
+from compemb.io import atomic_path, atomic_write_text, sha256_of_file
 from compemb.kernels import KERNELS, on_host, use_kernels
 from compemb.metrics import auc, bce
 from compemb.models import DCNv2, DLRM
@@ -402,7 +400,7 @@ class Trainer:
         self._stop_if_not_finite()
         try:
             self.save(stem)
-        except OSError as error:  # a full disk, say: what was written before is untouched (atomic writes)
+        except (OSError, SafetensorError) as error:  # a full disk, say: what was written before is untouched
             kept = find_checkpoint(self.out)
             intact = f"the checkpoint {kept} (step {_read_meta(kept)['step']}) is intact" if kept else "none was kept"
             raise CheckpointError(f"could not write the checkpoint of step {self.step} in {stem.parent} ({error}); "
@@ -614,12 +612,15 @@ class Trainer:
         stem.parent.mkdir(parents=True, exist_ok=True)
         # the step in both files: a pair from two different checkpoints is refused on load; the tensors' file's
         # SHA-256 in the json: damaged bytes are refused too, instead of resuming into whatever they decode to
-        data = save_tensors(tensors, metadata={"step": str(self.step)})
-        meta["sha256"] = hashlib.sha256(data).hexdigest()
-        atomic_write_bytes(f"{stem}.safetensors", data)
-        if os.environ.get(KILL_WHILE_WRITING) == str(self.step):  # the crash test's hook: die mid-checkpoint
-            os.kill(os.getpid(), signal.SIGKILL)
-        atomic_write_text(f"{stem}.json", json.dumps(meta, indent=2) + "\n")
+        # written from the tensors' own memory (no serialized copy: a full table's checkpoint costs no second
+        # table), hashed in chunks; the json is published first and the tensors last, so a failed json write
+        # leaves neither (a kill between the two renames gives a pair of two steps, refused on load)
+        with atomic_path(f"{stem}.safetensors") as temporary:
+            save_file(tensors, str(temporary), metadata={"step": str(self.step)})
+            meta["sha256"] = sha256_of_file(temporary)
+            if os.environ.get(KILL_WHILE_WRITING) == str(self.step):  # the crash test's hook: die mid-checkpoint
+                os.kill(os.getpid(), signal.SIGKILL)
+            atomic_write_text(f"{stem}.json", json.dumps(meta, indent=2) + "\n")
 
     def load(self, stem: Path) -> None:
         """Restore model, optimizer, step, best result and RNG state from ``stem`` (CheckpointError if damaged)."""
@@ -666,10 +667,10 @@ def _read_checkpoint(stem: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     meta = _read_meta(stem)
     path = Path(f"{stem}.safetensors")
     try:
-        data = path.read_bytes()
-        if "sha256" in meta and hashlib.sha256(data).hexdigest() != meta["sha256"]:  # (older checkpoints: none)
+        if "sha256" in meta and sha256_of_file(path) != meta["sha256"]:  # (older checkpoints: none)
             raise ValueError(f"its bytes do not match the SHA-256 recorded in {stem.name}.json")
-        tensors = load_tensors(data)
+        with safe_open(str(path), framework="pt") as opened:  # tensor by tensor from the mapped file: no bytes copy
+            tensors = {name: opened.get_tensor(name) for name in opened.keys()}
         step = _tensors_step(path)
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
         raise CheckpointError(f"checkpoint {path} is damaged ({error}){_previous_offer(stem)}") from None

@@ -206,12 +206,14 @@ def test_killed_while_a_checkpoint_is_written_it_resumes_from_the_one_before(dat
     straight = Trainer(_kill_config(data, tmp_path / "a", "adam", "cafe")).fit()
     config = _kill_config(data, tmp_path / "b", "adam", "cafe")
     process = _train_in_a_process(config, {KILL_WHILE_WRITING: "9"})
-    assert process.wait() == -9  # SIGKILL, with step 9's tensors written and its json not
+    assert process.wait() == -9  # SIGKILL, with step 9's tensors written (under a temporary name) and its json not
     folder = tmp_path / "b" / "checkpoints"
-    assert (folder / "next.safetensors").exists() and not (folder / "next.json").exists()
+    assert [p.name for p in folder.iterdir() if p.name.startswith(".next.safetensors.")]
+    assert not (folder / "next.safetensors").exists() and not (folder / "next.json").exists()
     resumed = Trainer(config, resume=True)
     assert resumed.step == 6  # the checkpoint before the one being written
     result = resumed.fit()
+    assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]  # the killed write's temporary removed
     assert result["bce"] == pytest.approx(straight["bce"], abs=1e-6) and result["auc"] == straight["auc"]
 
 

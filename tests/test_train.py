@@ -221,3 +221,31 @@ def test_a_second_trainer_into_a_locked_run_directory_is_refused_at_once(data, t
     result = Trainer(_config(data, run, epochs=1)).fit()  # released: the run goes ahead, and gives it back
     assert result["step"] == 16
     RunLock(run).acquire()
+
+
+def test_a_checkpoint_is_written_and_read_back_without_a_serialized_copy_of_the_tables(tmp_path):
+    """A full table's checkpoint once cost a second table (the safetensors bytes built in memory, then the file read
+    whole to load): written now from the tensors' memory and hashed in chunks; read tensor by tensor."""
+    import tracemalloc
+
+    from compemb.train import _read_checkpoint
+
+    out = tmp_path / "synth"
+    generate_synthetic(out, SyntheticConfig(rows={"train": 512, "val": 256}, scale=5e-2, seed=1), progress=False)
+    trainer = Trainer(_config(str(out), tmp_path / "run", method="full", compression=None, optimizer="sgd"))
+    table_bytes = trainer.model.embeddings.memory().total
+    assert table_bytes > 50e6
+    tracemalloc.start()
+    trainer.save(tmp_path / "ckpt")
+    written_peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.reset_peak()
+    tensors, meta = _read_checkpoint(tmp_path / "ckpt")
+    read_peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    # what is left: the hash's two 4 MiB chunks (a serialized copy was the whole table)
+    assert written_peak < 0.25 * table_bytes and read_peak < 0.25 * table_bytes, (written_peak, read_peak)
+    state = trainer.model.state_dict()
+    assert all(torch.equal(tensors[f"model.{name}"], value) for name, value in state.items())
+    import hashlib
+
+    assert meta["sha256"] == hashlib.sha256((tmp_path / "ckpt.safetensors").read_bytes()).hexdigest()

@@ -17,10 +17,14 @@ in chunks (never whole in memory), plain or gzip.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import gzip
 import multiprocessing
 import os
 import re
+import signal
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -477,6 +481,16 @@ def _write_piece(piece: Piece, split_starts: dict[str, int], position: int) -> i
     return written
 
 
+def _die_with_parent(parent: int) -> None:
+    """In a pool worker: be killed when the process that started it dies (Linux's PR_SET_PDEATHSIG), so a killed
+    preprocess leaves no worker writing on; elsewhere workers end when they next find the parent gone."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it died before the line above: the signal will never come
+        os._exit(1)
+
+
 def _run(function, tasks: list[tuple], processes: int, bar: tqdm, advance) -> list:
     """``function(*task)`` for every task, in ``processes`` forked processes (here when 1); results in task order."""
     if processes <= 1 or len(tasks) <= 1:
@@ -485,7 +499,8 @@ def _run(function, tasks: list[tuple], processes: int, bar: tqdm, advance) -> li
             results.append(function(*task))
             bar.update(advance(results[-1]))
         return results
-    with multiprocessing.get_context("fork").Pool(min(processes, len(tasks))) as pool:
+    with multiprocessing.get_context("fork").Pool(min(processes, len(tasks)), _die_with_parent,
+                                                  (os.getpid(),)) as pool:
         pending = [pool.apply_async(function, task) for task in tasks]
         results = []
         for job in pending:  # in order: the first error is the earliest piece's

@@ -1,5 +1,6 @@
 """Criteo preprocessing: the shared sample, every kind of bad row, gzip, hashing and the Kaggle split."""
 
+import contextlib
 import gzip
 from collections import Counter
 from pathlib import Path
@@ -276,3 +277,48 @@ def test_a_line_longer_than_the_bound_is_refused_naming_it_and_memory_stays_boun
         list(read_rows(source, True, Rejections(), strict=False, start=len(GOOD) * 3 + 10, max_line_bytes=4096))
     with pytest.raises(ValueError, match=r"zero:1: a line longer than 1,048,576 bytes"):
         next(read_rows("/dev/zero", True, Rejections(), strict=False))  # no newline, ever: one block, then refused
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process runs (a zombie, dead but not reaped by its new parent, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads worker pids from Linux's /proc")
+def test_preprocess_workers_are_stopped_when_their_parent_is_killed():
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    # the parent runs two pool workers that would sleep 120 s each: killed, it must take them with it
+    script = ("from tqdm import tqdm; import time; from compemb.data.criteo import _run; "
+              "_run(time.sleep, [(120,), (120,)], 2, tqdm(disable=True), lambda result: 0)")
+    parent = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        workers: list[int] = []
+        for _ in range(600):  # until both workers are up (a fresh interpreter imports torch first)
+            children = Path(f"/proc/{parent.pid}/task/{parent.pid}/children")
+            workers = [int(pid) for pid in children.read_text().split()] if children.exists() else []
+            if len(workers) == 2:
+                break
+            time.sleep(0.1)
+        assert len(workers) == 2, "the pool never started"
+        time.sleep(0.5)  # past the workers' initializer
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        for _ in range(200):  # they die at once; 20 s leaves any machine time to deliver the signal
+            if not any(_alive(pid) for pid in workers):
+                break
+            time.sleep(0.1)
+        assert not any(_alive(pid) for pid in workers), "a worker outlived its killed parent"
+    finally:
+        parent.kill()
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
