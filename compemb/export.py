@@ -36,7 +36,7 @@ from torch import Tensor
 
 from compemb.checks import machine_memory_bytes
 from compemb.data.criteo import MAX_LINE_BYTES, MISSING, NUM_DENSE, NUM_SPARSE, VOCABULARY, Categorifier, Rejections
-from compemb.data.criteo import _open_binary, read_rows, transform_dense
+from compemb.data.criteo import _open_binary, read_line, read_rows, transform_dense
 from compemb.data.dataset import open_dataset
 from compemb.embeddings.base import CompressedEmbedding
 from compemb.io import atomic_binary_writer, atomic_write_bytes
@@ -291,9 +291,9 @@ def _tensor_bytes(entries: dict[str, tuple[str, tuple[int, ...]]]) -> int:
 
 
 def _expected_entries(path: Path, header: dict[str, Any], config: TrainConfig,
-                      max_memory: int | None) -> tuple[dict[str, tuple[str, tuple[int, ...]]], list[str], int]:
+                      max_memory: int | None) -> tuple[dict[str, tuple[str, tuple[int, ...]]], list[str]]:
     """What the file must hold (name -> (dtype, shape)) for the model its header describes, the names of its
-    training-only state, and the bytes loading will allocate; refuses (ModelFileError) a model that does not fit
+    training-only state; refuses (ModelFileError) a model that does not fit
     ``max_memory`` (default: this machine's memory). Built on the meta device: nothing is allocated but the counts
     an ``offline`` table is planned from (bounded first)."""
     limit = max_memory if max_memory is not None else machine_memory_bytes()
@@ -318,7 +318,7 @@ def _expected_entries(path: Path, header: dict[str, Any], config: TrainConfig,
         raise ModelFileError(f"{path}: its model needs {needed / 1e9:,.2f} GB to load (the model "
                              f"{allocated / 1e9:,.2f} GB, its tensors read from the file beside it), more than "
                              f"{where} ({limit / 1e9:,.2f} GB)")
-    return expected, dropped, needed
+    return expected, dropped
 
 
 def load_model(path: str | os.PathLike, max_memory: int | None = None) -> ServedModel:
@@ -348,7 +348,7 @@ def load_model(path: str | os.PathLike, max_memory: int | None = None) -> Served
         config = TrainConfig(**header["config"])
     except (TypeError, ValueError) as error:
         raise ModelFileError(f"{path}: its header's config is not one compemb trains ({error})") from None
-    expected, dropped, _ = _expected_entries(path, header, config, max_memory)
+    expected, dropped = _expected_entries(path, header, config, max_memory)
     missing = sorted(set(expected) - set(entries))
     unexpected = sorted(set(entries) - set(expected))
     differing = sorted(name for name in set(expected) & set(entries) if expected[name] != entries[name])
@@ -383,12 +383,9 @@ def has_label_column(input_path: str | os.PathLike, max_line_bytes: int = MAX_LI
 
     It reads at most ``max_line_bytes`` of each line: an input without newlines (``/dev/zero``) is refused."""
     with _open_binary(Path(input_path)) as stream:
-        number = 0
-        while raw := stream.readline(max_line_bytes + 1):
+        number = 1
+        while raw := read_line(stream, max_line_bytes, f"{input_path}:{number}"):
             number += 1
-            if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
-                raise ModelFileError(f"{input_path}:{number}: a line longer than {max_line_bytes:,} bytes: "
-                                     f"not a Criteo TSV")
             line = raw.rstrip(b"\r\n")
             if line:
                 fields = line.count(b"\t") + 1

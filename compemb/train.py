@@ -440,7 +440,7 @@ class Trainer:
         if on_host(loss):
             if not math.isfinite(float(loss.detach())):  # before backward: nothing of this step reaches the weights
                 self._first_bad_step.fill_(self.step)
-                self._stop_if_not_finite(float(loss))
+                self._stop_if_not_finite(float(loss.detach()))
         else:
             self._first_bad_step.copy_(torch.where((self._first_bad_step < 0) & ~torch.isfinite(loss),
                                                    self.step, self._first_bad_step))

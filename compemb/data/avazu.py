@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from compemb.data.criteo import MAX_LINE_BYTES, MISSING_ID, RARE_ID, Rejections, RowError
+from compemb.data.criteo import MAX_LINE_BYTES, MISSING_ID, RARE_ID, Rejections, RowError, read_line
 from compemb.data.dataset import DatasetWriter, check_output
 
 HEADER_START = ("id", "click", "hour")
@@ -40,9 +40,7 @@ def _parse(row: list[str], width: int) -> tuple[int, list[str]]:
 
 def _header(path: Path) -> list[str]:
     with open(path, "rb") as file:
-        first = file.readline(MAX_LINE_BYTES + 1)
-    if len(first) > MAX_LINE_BYTES:
-        raise ValueError(f"{path}:1: a line longer than {MAX_LINE_BYTES:,} bytes: not an Avazu CSV")
+        first = read_line(file, MAX_LINE_BYTES, f"{path}:1")
     return next(csv.reader([first.decode("utf-8", errors="replace")]), [])
 
 
@@ -51,10 +49,8 @@ def _rows(path: Path, rejections: Rejections, strict: bool) -> Iterator[tuple[in
 
     def text_lines(file: Any) -> Iterator[str]:
         # each line decoded alone: a line that is not UTF-8 is rejected ("encoding"), never the whole file
-        while raw := file.readline(MAX_LINE_BYTES + 1):  # bounded: an input without newlines is refused
+        while raw := read_line(file, MAX_LINE_BYTES, f"{path}:{line[0] + 1}"):  # an input without newlines: refused
             line[0] += 1
-            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
-                raise ValueError(f"{path}:{line[0]}: a line longer than {MAX_LINE_BYTES:,} bytes: not an Avazu row")
             try:
                 yield raw.decode("utf-8")
             except UnicodeDecodeError as error:

@@ -216,13 +216,14 @@ class Block:
     sparse: np.ndarray  # int64 (good rows, 26), raw 32-bit values, -1 missing
 
 
-def _rest_of_line(file: BinaryIO, max_line_bytes: int, path: Path) -> bytes:
-    """The bytes up to and with the next newline; ValueError where there are more than ``max_line_bytes``."""
-    rest = file.readline(max_line_bytes + 1)
-    if len(rest) > max_line_bytes and not rest.endswith(b"\n"):
-        raise ValueError(f"{path}: a line longer than {max_line_bytes:,} bytes at byte {file.tell() - len(rest):,}: "
-                         f"not a Criteo row (is this the right file?)")
-    return rest
+def read_line(file: BinaryIO, max_line_bytes: int, where: object) -> bytes:
+    """The next line of a binary file, its newline kept (b"" at the end); ValueError naming ``where`` (a path, or
+    ``path:line``) where it is longer than ``max_line_bytes``: a file without newlines is refused, not read whole."""
+    line = file.readline(max_line_bytes + 1)
+    if len(line) > max_line_bytes and not line.endswith(b"\n"):
+        raise ValueError(f"{where}: a line longer than {max_line_bytes:,} bytes: not a row of this format "
+                         f"(is this the right file?)")
+    return line
 
 
 def read_rows(
@@ -242,7 +243,7 @@ def read_rows(
     with _open_binary(path) as file:
         if start > 0:  # the line holding byte start - 1 belongs to the range before
             file.seek(start - 1)
-            _rest_of_line(file, max_line_bytes, path)
+            read_line(file, max_line_bytes, path)
         position = file.tell()
         while True:
             try:
@@ -250,7 +251,7 @@ def read_rows(
                 data = file.read(size) if size > 0 else b""
                 position += len(data)
                 if end is not None and data and position >= end and not data.endswith(b"\n"):
-                    data += _rest_of_line(file, max_line_bytes, path)  # the range's last line: still this range's
+                    data += read_line(file, max_line_bytes, path)  # the range's last line: still this range's
             except EOFError:
                 raise ValueError(f"{path} is truncated: the gzip stream ends after line {line_number}") from None
             if not data:  # end of file: a last line without its newline still counts
@@ -263,8 +264,8 @@ def read_rows(
             carry, data = data[cut:], data[:cut]
             if len(carry) > max_line_bytes:
                 number = line_number + data.count(b"\n") + 1
-                raise ValueError(f"{path}:{number}: a line longer than "
-                                 f"{max_line_bytes:,} bytes: not a Criteo row (is this the right file?)")
+                raise ValueError(f"{path}:{number}: a line longer than {max_line_bytes:,} bytes: not a row of this "
+                                 f"format (is this the right file?)")
             if data:
                 block = _parse_block(path, data, has_label, line_number, rejections, strict)
                 line_number += len(block.status)
