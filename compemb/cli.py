@@ -252,15 +252,23 @@ def _train_config(args: argparse.Namespace, out: str, compression: float | None 
 def cmd_bench_quality(args: argparse.Namespace) -> int:
     """Sweep methods x compression ratios x seeds; print the table and where the plots went."""
     from compemb.bench.quality import collect_rows, markdown_table, parse_sweep_spec, run_sweep
+    from compemb.bench.verdicts import comparison_table, default_baseline
 
     methods = list(METHODS) if args.methods == "all" else args.methods.split(",")
     for method in methods:
         parse_sweep_spec(method)  # an unknown name or a malformed option fails before any training
     compressions = [float(ratio) for ratio in args.compression.split(",")]
     base = _train_config(args, args.out)
-    run_sweep(base, methods, compressions, args.seeds, args.out)
-    print(markdown_table(collect_rows(base, Path(args.out), first=methods)))  # with earlier invocations' runs
-    print(f"\nwritten: {args.out}/results.csv, {args.out}/results.md, {args.out}/bce.png, {args.out}/auc.png")
+    baseline = args.baseline or default_baseline(methods)
+    if baseline not in methods:
+        raise ValueError(f"--baseline {baseline!r} is not among --methods ({','.join(methods)})")
+    run_sweep(base, methods, compressions, args.seeds, args.out, baseline=baseline, test=args.test)
+    rows = collect_rows(base, Path(args.out), first=methods)  # with earlier invocations' runs
+    print(markdown_table(rows))
+    print()
+    print(comparison_table(rows, baseline, args.test))
+    print(f"\nwritten: {args.out}/results.csv, {args.out}/results.md, {args.out}/comparison.md, {args.out}/bce.png, "
+          f"{args.out}/auc.png")
     return 0
 
 
@@ -614,6 +622,10 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument("--compression", default="10,100", help="comma-separated ratios")
     quality.add_argument("--seeds", type=int, default=1, help="seeds 0 .. N-1 of every (method, ratio)")
     quality.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    quality.add_argument("--baseline", default=None,
+                         help="the method spec every verdict compares against (default: hash if swept, else the first)")
+    quality.add_argument("--test", choices=("welch", "paired"), default="welch",
+                         help="Welch's t-test over seeds, or a paired t-test seed by seed")
     quality.add_argument("--out", required=True, help="the sweep's directory (finished runs are read back)")
     _add_cluster_every(quality)
     quality.set_defaults(run=cmd_bench_quality)

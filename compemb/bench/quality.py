@@ -5,7 +5,9 @@ config); a run whose result exists with the same config is read back, so an inte
 where it stopped, and one made with other settings is trained again. A method that cannot meet a ratio
 gets a row saying why. ``OUT/results.csv`` and ``OUT/results.md`` hold every row; ``OUT/bce.png`` and
 ``OUT/auc.png`` plot test BCE and AUC against the compression reached, one line per method, with the
-Bayes-optimal value as a line where the data set knows it. A method spec ``NAME+int8`` (``+int4``, ``+pq``) is
+Bayes-optimal value as a line where the data set knows it. ``OUT/comparison.md`` holds the verdicts: every method
+against a baseline (``hash`` where it ran) at each ratio, with 95% intervals and p-values
+(:mod:`compemb.bench.verdicts`). A method spec ``NAME+int8`` (``+int4``, ``+pq``) is
 the post-training baseline: NAME's run (trained first if missing), its best checkpoint's tables quantized
 (:func:`compemb.quantize`) and tested, as its own row at the compression the quantized tables reach.
 """
@@ -25,6 +27,7 @@ from typing import Any
 
 from compemb.budget import full_table_bytes
 from compemb.io import atomic_write_bytes, atomic_write_text
+from compemb.bench.verdicts import comparison_table, default_baseline
 from compemb.quantize import SCHEMES, quantize
 from compemb.registry import METHODS, parse_method_spec
 from compemb.train import RESULT_NEUTRAL, TrainConfig, Trainer, with_defaults
@@ -72,10 +75,12 @@ def _compresses(spec: str) -> bool:
     return scheme is not None or METHODS[parse_method_spec(base)[0]].compresses
 
 
-def run_sweep(base: TrainConfig, methods: list[str], compressions: list[float], seeds: int, out: str) -> list[SweepRow]:
-    """Train every (method, compression, seed) not already done under ``out``; write the table and plots.
+def run_sweep(base: TrainConfig, methods: list[str], compressions: list[float], seeds: int, out: str,
+              baseline: str | None = None, test: str = "welch") -> list[SweepRow]:
+    """Train every (method, compression, seed) not already done under ``out``; write the tables and plots.
 
-    ``methods`` are registry names, optionally with options (see :func:`parse_method_spec`).
+    ``methods`` are registry names, optionally with options (see :func:`parse_method_spec`); the verdicts compare
+    each with ``baseline`` (default: :func:`~compemb.bench.verdicts.default_baseline`) by ``test``.
     """
     rows = []
     for method in methods:
@@ -83,7 +88,7 @@ def run_sweep(base: TrainConfig, methods: list[str], compressions: list[float], 
         for ratio in ratios:
             for seed in range(seeds):
                 rows.append(_run_one(base, method, ratio, seed, Path(out)))
-    write_results(collect_rows(base, Path(out), first=methods), Path(out))
+    write_results(collect_rows(base, Path(out), first=methods), Path(out), baseline or default_baseline(methods), test)
     return rows
 
 
@@ -187,8 +192,9 @@ def _run_quantized(base: TrainConfig, trained: str, scheme: str, ratio: float, s
     return row
 
 
-def write_results(rows: list[SweepRow], out: Path) -> None:
-    """``results.csv``, ``results.md`` (means over seeds) and the two plots."""
+def write_results(rows: list[SweepRow], out: Path, baseline: str | None = None, test: str = "welch") -> None:
+    """``results.csv``, ``results.md`` (means over seeds), ``comparison.md`` (against ``baseline``, default: see
+    :func:`~compemb.bench.verdicts.default_baseline`) and the two plots."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
     writer.writeheader()
@@ -196,6 +202,9 @@ def write_results(rows: list[SweepRow], out: Path) -> None:
         writer.writerow({key: value for key, value in asdict(row).items() if key in COLUMNS})
     atomic_write_text(out / "results.csv", buffer.getvalue())
     atomic_write_text(out / "results.md", markdown_table(rows) + "\n")
+    if rows:
+        baseline = baseline or default_baseline([r.method for r in rows])
+        atomic_write_text(out / "comparison.md", comparison_table(rows, baseline, test) + "\n")
     _plot(rows, "test_bce", "test BCE", out / "bce.png")
     _plot(rows, "test_auc", "test AUC", out / "auc.png")
     if any(not _compresses(r.method) and r.val_bce is not None for r in rows):
