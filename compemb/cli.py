@@ -66,7 +66,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     config = SyntheticConfig(
         rows={"train": args.train_rows, "val": args.eval_rows, "test": args.eval_rows}, scale=args.scale,
         zipf=args.zipf, signal=args.signal, seed=args.seed, bag_features=args.bags, bag_size=args.bag_size,
-        drift=args.drift,
+        drift=args.drift, premise=args.premise, hot_ids=args.hot_ids, clusters=args.clusters,
     )
     facts = generate_synthetic(args.out, config, tsv=args.tsv, overwrite=args.overwrite)
     bags = f" and {args.bags} multi-hot features" if args.bags else ""
@@ -480,6 +480,13 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--drift", type=float, default=0.0, metavar="F",
                        help="popularity drifts along the stream (train, val, test): by its end a share F of each "
                             "feature's top-1%% ids has changed (0: stationary)")
+    synth.add_argument("--premise", choices=("none", "hot", "clusters"), default="none",
+                       help="plant a founding method's premise: hot (a few popular ids per feature with strong, "
+                            "distinct effects, a weak tail: CAFE's) or clusters (ids in tight clusters of identical "
+                            "behaviour: CCE's)")
+    synth.add_argument("--hot-ids", type=int, default=8, help="--premise hot: strong ids per feature (its most popular)")
+    synth.add_argument("--clusters", type=int, default=16,
+                       help="clusters of ids per feature (their behaviour; with --premise clusters, exactly)")
     synth.set_defaults(run=cmd_synth)
 
     preprocess = commands.add_parser("preprocess", help="raw click logs to the preprocessed format")

@@ -23,6 +23,14 @@ feature's top 1% (at least one id): at position t of the stream (0 to 1) rank r 
 ones moved up). The teacher (vectors, logit) does not change, so each row's true probability and every split's
 Bayes limits are as exact as without drift. Bag features do not drift.
 
+``premise`` plants what one founding method exploits, so that it can be shown working where its premise holds:
+
+- ``"hot"`` (CAFE's): per feature the ``hot_ids`` most popular ids carry strong, distinct vectors (independent
+  standard normals, no shared component), and every other id a weak one (the mixture's vector x ``tail_scale``). A
+  hashed table that puts two hot ids in one row cannot tell them apart; a row of its own for each hot id can.
+- ``"clusters"`` (CCE's): every id sits exactly on one of its feature's ``clusters`` component means (no spread),
+  so ids of one cluster behave identically; a table with a row per cluster and the right pointers is exact.
+
 Because the true click probabilities are known, every split reports its **Bayes-optimal BCE and AUC**: no
 model can do better than scoring with the truth. Rows are generated in chunks, each from its own seeded
 stream, so any size streams to disk deterministically.
@@ -50,6 +58,7 @@ CRITEO_KAGGLE_CARDINALITIES = (
     27, 14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572,
 )
 NUM_DENSE = 13
+PREMISES = ("none", "hot", "clusters")
 
 
 @dataclass(frozen=True)
@@ -72,6 +81,9 @@ class SyntheticConfig:
     bag_size: int = 5  # each row's bag holds 0..bag_size ids, uniformly
     bag_cardinality: int = 0  # ids of each bag feature (0: the largest one-hot feature's cardinality)
     drift: float = 0.0  # the share of each feature's top-1% ids replaced over the whole stream (see the module)
+    premise: str = "none"  # "hot" (CAFE's) or "clusters" (CCE's): what the teacher plants (see the module)
+    hot_ids: int = 8  # premise "hot": the most popular ids of each feature with strong, distinct vectors
+    tail_scale: float = 0.1  # premise "hot": the other ids' vectors, as a share of their usual size
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.scale) and 0 < self.scale <= 1):
@@ -81,6 +93,11 @@ class SyntheticConfig:
                              f"{self.rows}")
         if not 0 <= self.drift <= 1:
             raise ValueError(f"drift must be in [0, 1] (the share of the top-1% ids that changes), got {self.drift}")
+        if self.premise not in PREMISES:
+            raise ValueError(f"premise must be one of {', '.join(PREMISES)}, got {self.premise!r}")
+        if self.hot_ids < 1 or not 0 <= self.tail_scale <= 1 or self.clusters < 1:
+            raise ValueError(f"premise settings need hot_ids >= 1, tail_scale in [0, 1] and clusters >= 1, got "
+                             f"{self.hot_ids}, {self.tail_scale}, {self.clusters}")
         if self.bag_features < 0 or self.bag_size < 1 or self.bag_cardinality < 0:
             raise ValueError(f"bag features need bag_features >= 0, bag_size >= 1 and bag_cardinality >= 0 (0: the "
                              f"largest one-hot feature's), got {self.bag_features}, {self.bag_size}, "
@@ -112,10 +129,16 @@ class Teacher:
         for n in self.cardinalities:
             means = generator.normal(size=(config.clusters, k))
             component = generator.integers(0, config.clusters, n)
-            self.vectors.append(means[component] + config.cluster_spread * generator.normal(size=(n, k)))
+            spread = 0.0 if config.premise == "clusters" else config.cluster_spread
+            vectors = means[component] + spread * generator.normal(size=(n, k))
             weights = 1.0 / np.arange(1, n + 1) ** config.zipf
             self.cumulative.append(np.cumsum(weights) / weights.sum())
             self.popular_ids.append(generator.permutation(n))  # popularity rank -> id
+            if config.premise == "hot":  # drawn after the rest: the popularity is that of the plain set
+                hot = self.popular_ids[-1][:config.hot_ids]
+                vectors *= config.tail_scale
+                vectors[hot] = generator.normal(size=(len(hot), k))
+            self.vectors.append(vectors)
         self.dense_projection = generator.normal(size=(NUM_DENSE, k)) / math.sqrt(NUM_DENSE)
         self.dense_weights = generator.normal(size=NUM_DENSE) / math.sqrt(NUM_DENSE)
         self.gamma_shape = generator.uniform(0.3, 2.0, NUM_DENSE)
@@ -160,6 +183,12 @@ class Teacher:
         """Dense features (already log(1 + x)) and Zipf-distributed sparse ids for ``rows`` samples."""
         counts, sparse = self.sample_raw(generator, rows)
         return transform_dense(counts), sparse
+
+    def hot_ids(self) -> list[np.ndarray]:
+        """Per feature, the ids premise ``"hot"`` made strong (its ``hot_ids`` most popular; none otherwise)."""
+        if self.config.premise != "hot":
+            return [np.empty(0, dtype=np.int64) for _ in self.cardinalities]
+        return [ids[:self.config.hot_ids].copy() for ids in self.popular_ids]
 
     def drift_ranks(self) -> list[int]:
         """Per feature, how many ranks its popularity order rotates over the whole stream: ``round(drift x m)``,

@@ -21,8 +21,10 @@ optimizer's state of the parameter, so checkpoints keep it), and a hook after ea
 update torch applied to those rows with the one Adam would apply at the row's own age ``a = t - reset``:
 ``lr * (m / (1 - b1^a)) / (sqrt(v / (1 - b2^a)) + eps)``. Moments are unchanged (they do not depend on the step),
 so the row then trains exactly as a parameter created at its reset. Rows drop out of the correction once both
-bias corrections agree with the shared ones (``b^a < 1e-7``). SparseAdam (lazy: untouched rows keep their
-moments) is not corrected: its own fresh parameters already see the shared step. compemb's RowAdam (the Trainer's
+bias corrections agree with the shared ones (``b^a < 1e-7``). torch's SparseAdam is lazy (a row's moments move
+only when it has a gradient), so a fresh SparseAdam parameter counts only the steps it took part in: its reset rows
+count their own updates (``row_updates_since_reset``), and a hook after each step gives the rows the step touched the
+update at that count (measured before: a first update of 3.08 x lr; now lr, as a new parameter's). compemb's RowAdam (the Trainer's
 ``adam``) counts steps per row for sparse gradients, so a reset zeroes the row's count with its moments; for dense
 gradients it reads ``row_reset_step`` itself and corrects the rows in its own update (no hook).
 """
@@ -46,6 +48,9 @@ from compemb.optim import ROW_STEP_KEY, CombinedOptimizer, RowAdam, RowwiseAdagr
 
 IMPORTANCE = ("gradient", "frequency")
 _SETTLED = 1e-7  # beta^age below this: the shared bias correction is the row's own
+
+
+ROW_UPDATES_KEY = "row_updates_since_reset"  # SparseAdam: each reset row's own updates since its reset; -1: settled
 
 
 def _is_adam(optimizer: torch.optim.Optimizer) -> bool:
@@ -91,7 +96,7 @@ def reset_optimizer_rows(optimizer: torch.optim.Optimizer | None, param: Tensor,
     group = next(g for g in optimizer.param_groups if any(p is param for p in g["params"]))
     for key, value in list(state.items()):
         per_row = isinstance(optimizer, RowwiseAdagrad) and key == "sum"  # one value per row
-        if key == ROW_STEP_KEY or not isinstance(value, Tensor) or value.dim() == 0 or \
+        if key in (ROW_STEP_KEY, ROW_UPDATES_KEY) or not isinstance(value, Tensor) or value.dim() == 0 or \
                 (value.shape != param.shape and not per_row):
             continue
         fill = float(group.get("initial_accumulator_value", 0.0)) if key == "sum" else 0.0
@@ -112,6 +117,11 @@ def reset_optimizer_rows(optimizer: torch.optim.Optimizer | None, param: Tensor,
         if ROW_STEP_KEY not in state:
             state[ROW_STEP_KEY] = torch.full((param.shape[0],), -1.0, device=param.device)
         _fill_rows(state[ROW_STEP_KEY], rows.to(param.device, torch.long), float(state["step"]), where)
+    if isinstance(optimizer, torch.optim.SparseAdam) and "step" in state:
+        track_row_steps(optimizer)
+        if ROW_UPDATES_KEY not in state:
+            state[ROW_UPDATES_KEY] = torch.full((param.shape[0],), -1.0, device=param.device)
+        _fill_rows(state[ROW_UPDATES_KEY], rows.to(param.device, torch.long), 0.0, where)
 
 
 def _fill_rows(value: Tensor, index: Tensor, fill: float, where: Tensor | None) -> None:
@@ -127,11 +137,48 @@ def track_row_steps(optimizer: torch.optim.Optimizer) -> None:
     """Install (once) the hook that gives reset rows of an Adam/AdamW ``optimizer`` their own step count.
 
     :func:`reset_optimizer_rows` installs it; call it yourself on an optimizer rebuilt from a checkpoint whose
-    state holds reset rows (the Trainer does). Other optimizers need no hook and are left alone.
+    state holds reset rows (the Trainer does). SparseAdam gets its own hook (each row's own update count); other
+    optimizers need no hook and are left alone.
     """
-    if _is_adam(optimizer) and not getattr(optimizer, "_compemb_row_steps", False):
+    if getattr(optimizer, "_compemb_row_steps", False):
+        return
+    if _is_adam(optimizer):
         optimizer.register_step_post_hook(_correct_reset_rows)
-        optimizer._compemb_row_steps = True  # type: ignore[attr-defined]
+    elif isinstance(optimizer, torch.optim.SparseAdam):
+        optimizer.register_step_post_hook(_correct_sparse_adam_rows)
+    else:
+        return
+    optimizer._compemb_row_steps = True  # type: ignore[attr-defined]
+
+
+@torch.no_grad()
+def _correct_sparse_adam_rows(optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+    """After a SparseAdam step: the reset rows it touched get the update at their own count of updates.
+
+    SparseAdam moves a touched row by ``lr sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) + eps)`` at the shared step t;
+    a row reset a updates ago gets the same with ``a`` for ``t``, as a parameter created at its reset.
+    """
+    for group in optimizer.param_groups:
+        beta1, beta2 = (float(b) for b in group["betas"])
+        lr, eps = float(group["lr"]), float(group["eps"])
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            counts = state.get(ROW_UPDATES_KEY)
+            if counts is None or param.grad is None or not param.grad.is_sparse:
+                continue
+            touched = param.grad.coalesce().indices()[0]
+            rows = touched[counts[touched] >= 0]
+            if rows.numel() == 0:
+                continue
+            counts[rows] += 1
+            step, age = float(state["step"]), counts[rows].double()
+            shape = (-1,) + (1,) * (param.dim() - 1)
+            direction = state["exp_avg"][rows].double() / (state["exp_avg_sq"][rows].double().sqrt() + eps)
+            applied = lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+            own = (lr * torch.sqrt(1 - beta2**age) / (1 - beta1**age)).view(shape)
+            param.index_add_(0, rows, ((applied - own) * direction).to(param.dtype))
+            settled = (beta1**age < _SETTLED) & (beta2**age < _SETTLED)
+            counts[rows[settled.to(rows.device)]] = -1.0
 
 
 @torch.no_grad()

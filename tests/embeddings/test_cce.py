@@ -448,8 +448,8 @@ def test_cce_refuses_a_budget_below_its_pointers_naming_the_highest_ratio():
     n, d = 100_000, 16
     full = n * d * 4
     # independently: 4 uint8 pointers per id, the hashes and state (2 x 4 columns x 2 coefficients x 8 bytes + 16),
-    # and one row of T0 and T1 in every column (2 x 16 floats): the smallest cce there is
-    smallest = n * 4 + 2 * 4 * 2 * 8 + 16 + 2 * d * 4
+    # and the stated minimum of 16 rows of T0 and T1 in every column (16 x 2 x 16 floats): the smallest cce there is
+    smallest = n * 4 + 2 * 4 * 2 * 8 + 16 + 16 * 2 * d * 4
     highest = full / smallest
     with pytest.raises(BudgetError, match=f"the highest ratio it can reach is {highest:.2f}x"):
         make_embedding("cce", n, d, compression=highest * 1.05, device="meta")
@@ -538,3 +538,42 @@ def test_clustering_on_the_device_code_path_runs_in_torch_and_matches_the_host_q
             assert module.rounds == 1 and torch.isfinite(module(torch.arange(100))).all()
     host, device = reports
     assert sum(device.inertia) <= 1.10 * sum(host.inertia)
+
+
+def test_honest_cce_never_builds_below_its_minimum_rows_and_names_both_bands():
+    from compemb.embeddings.cce.plan import MIN_ROWS
+
+    n, d = 101_393, 16
+    full = n * d * 4
+    fixed = 2 * 4 * 2 * 8 + 16
+    # at the edge of what the pointers leave (16x, 8x) a budget bought k = 1 before; now the minimum or a refusal
+    for ratio in (16, 8):
+        try:
+            module = make_embedding("cce", n, d, compression=ratio, device="meta")
+        except BudgetError:
+            continue
+        assert module.rows >= MIN_ROWS == 16
+    # 10x falls between the bands: uint8 pointers (k 16-256) and int16 pointers (k 16 up to a full table's bytes)
+    uint8 = (full / (n * 4 + fixed + 256 * 128), full / (n * 4 + fixed + 16 * 128))
+    int16 = (full / (n * 8 + fixed + 32_768 * 128), full / (n * 8 + fixed + 16 * 128))  # int16 holds k <= 32,768
+    with pytest.raises(BudgetError) as refused:
+        make_embedding("cce", n, d, compression=10, device="meta")
+    message = str(refused.value)
+    assert f"{uint8[0]:.2f}x-{uint8[1]:.2f}x with uint8 pointers (k 16-256)" in message
+    assert f"{int16[0]:.2f}x-{int16[1]:.2f}x with int16 pointers (k 16-32,768)" in message
+    # on a smaller table int16's band stops where the table would outgrow the full one (1.00x), not below it
+    with pytest.raises(BudgetError, match=r"1\.00x-[\d.]+x with int16 pointers"):
+        make_embedding("cce", 2_000, d, compression=20, device="meta")
+    assert f"the highest ratio it can reach is {uint8[1]:.2f}x" in message
+
+
+def test_per_feature_cce_gives_the_same_budget_message_naming_the_feature():
+    from compemb.collection import EmbeddingCollection, Feature
+
+    features = [Feature("small", 40), Feature("mid", 5_000), Feature("big", 30_000)]
+    for ratio in (10, 100):
+        with pytest.raises(BudgetError, match=r"feature '\w+' \([\d,]+ ids\) at the collection's ratio: cce cannot meet"
+                           r".* with uint8 pointers \(k 16-256\)"):
+            EmbeddingCollection(features, 16, "cce", compression=ratio, device="meta")
+    built = EmbeddingCollection(features, 16, "cce", compression=4, device="meta")
+    assert built.memory().total == pytest.approx(sum(f.num_embeddings for f in features) * 64 / 4, rel=0.01)
