@@ -66,7 +66,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     config = SyntheticConfig(
         rows={"train": args.train_rows, "val": args.eval_rows, "test": args.eval_rows}, scale=args.scale,
         zipf=args.zipf, signal=args.signal, seed=args.seed, bag_features=args.bags, bag_size=args.bag_size,
-        drift=args.drift, premise=args.premise, hot_ids=args.hot_ids, clusters=args.clusters,
+        drift=args.drift, new_ids=args.new_ids, premise=args.premise, hot_ids=args.hot_ids, clusters=args.clusters,
     )
     facts = generate_synthetic(args.out, config, tsv=args.tsv, overwrite=args.overwrite)
     bags = f" and {args.bags} multi-hot features" if args.bags else ""
@@ -478,8 +478,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="multi-hot features B1.. (each row a bag of 0..--bag-size ids, pooled by mean)")
     synth.add_argument("--bag-size", type=int, default=5, help="the most ids a row's bag holds")
     synth.add_argument("--drift", type=float, default=0.0, metavar="F",
-                       help="popularity drifts along the stream (train, val, test): by its end a share F of each "
-                            "feature's top-1%% ids has changed (0: stationary)")
+                       help="popularity drifts gradually along the stream (train, val, test): by its end at least a "
+                            "share F of every feature's top-1%% ids (one id at least) has left the top 1%% (0: none)")
+    synth.add_argument("--new-ids", type=float, default=0.0, metavar="N",
+                       help="a share N of every feature's ids arrive along the stream, never drawn before their "
+                            "arrival (those arriving after the train split are never seen in training)")
     synth.add_argument("--premise", choices=("none", "hot", "clusters"), default="none",
                        help="plant a founding method's premise: hot (a few popular ids per feature with strong, "
                             "distinct effects, a weak tail: CAFE's) or clusters (ids in tight clusters of identical "

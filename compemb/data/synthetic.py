@@ -16,12 +16,13 @@ feature's), and the teacher sees the mean of their teacher vectors as one more v
 first-order effect alike), so a model must pool the bag to reach the Bayes BCE. They are written as jagged arrays
 (values + offsets) and pooled by mean.
 
-``drift=F`` makes the stream non-stationary: the splits are one stream in time (train, then val, then test), and
-each one-hot feature's popularity order rotates along it by ``S = round(F x m)`` ranks in all, ``m`` being the
-feature's top 1% (at least one id): at position t of the stream (0 to 1) rank r draws the id that held rank
-``r + floor(t x S)`` at the start, so by the end a fraction F of the first top-1% ids has left the top 1% (the next
-ones moved up). The teacher (vectors, logit) does not change, so each row's true probability and every split's
-Bayes limits are as exact as without drift. Bag features do not drift.
+``drift=F`` and ``new_ids=N`` make the stream non-stationary (:mod:`compemb.data.drift`): the splits are one
+stream in time (train, then val, then test), every one-hot feature's popularity moves gradually from a start order
+to an end order in which at least a share F of its start's top 1% has left the top 1%, and a share N of its ids
+arrive along the stream (never drawn before their arrival; those arriving after the train split are never seen in
+training). The teacher does not change, so each row's true probability and every split's Bayes limits are as exact
+as without drift. The manifest records per feature the share of the top 1% replaced and the ids arriving, and per
+split the share of rows (one-hot occurrences) whose id training never saw. Bag features do not drift.
 
 ``premise`` plants what one founding method exploits, so that it can be shown working where its premise holds:
 
@@ -47,6 +48,7 @@ import numpy as np
 from tqdm import tqdm
 
 from compemb.data.criteo import transform_dense
+from compemb.data.drift import FeatureDrift
 from compemb.data.dataset import DatasetWriter, check_output
 from compemb.io import atomic_binary_writer
 from compemb.metrics import auc
@@ -80,7 +82,8 @@ class SyntheticConfig:
     bag_features: int = 0  # multi-hot features B1.. (0: none, the Criteo-like set alone)
     bag_size: int = 5  # each row's bag holds 0..bag_size ids, uniformly
     bag_cardinality: int = 0  # ids of each bag feature (0: the largest one-hot feature's cardinality)
-    drift: float = 0.0  # the share of each feature's top-1% ids replaced over the whole stream (see the module)
+    drift: float = 0.0  # the least share of each feature's top-1% ids replaced by the end of the stream
+    new_ids: float = 0.0  # the share of each feature's ids that arrive along the stream (compemb.data.drift)
     premise: str = "none"  # "hot" (CAFE's) or "clusters" (CCE's): what the teacher plants (see the module)
     hot_ids: int = 8  # premise "hot": the most popular ids of each feature with strong, distinct vectors
     tail_scale: float = 0.1  # premise "hot": the other ids' vectors, as a share of their usual size
@@ -93,6 +96,9 @@ class SyntheticConfig:
                              f"{self.rows}")
         if not 0 <= self.drift <= 1:
             raise ValueError(f"drift must be in [0, 1] (the share of the top-1% ids that changes), got {self.drift}")
+        if not 0 <= self.new_ids < 1:
+            raise ValueError(f"new_ids must be in [0, 1) (the share of each feature's ids that arrive along the "
+                             f"stream), got {self.new_ids}")
         if self.premise not in PREMISES:
             raise ValueError(f"premise must be one of {', '.join(PREMISES)}, got {self.premise!r}")
         if self.hot_ids < 1 or not 0 <= self.tail_scale <= 1 or self.clusters < 1:
@@ -157,6 +163,10 @@ class Teacher:
             bag_directions.append(bag_generator.normal(size=k) / math.sqrt(k))
         if bag_directions:
             self.first_order_directions = np.vstack([self.first_order_directions, bag_directions])
+        # drift from a stream of its own: a set without it draws the same teacher
+        drift_generator = np.random.default_rng([config.seed, 4])
+        self.drifts = [FeatureDrift(n, config.zipf, config.drift, config.new_ids, ids, drift_generator)
+                       for n, ids in zip(self.cardinalities, self.popular_ids)] if self.drifting else []
         self.interaction_sd = self.first_order_sd = 1.0
         self.scale, self.bias = 1.0, 0.0
         self._calibrate(np.random.default_rng([config.seed, 1]))
@@ -190,22 +200,23 @@ class Teacher:
             return [np.empty(0, dtype=np.int64) for _ in self.cardinalities]
         return [ids[:self.config.hot_ids].copy() for ids in self.popular_ids]
 
-    def drift_ranks(self) -> list[int]:
-        """Per feature, how many ranks its popularity order rotates over the whole stream: ``round(drift x m)``,
-        ``m`` its top 1% (at least one id)."""
-        return [round(self.config.drift * max(1, math.ceil(0.01 * n))) for n in self.cardinalities]
+    @property
+    def drifting(self) -> bool:
+        """Whether the stream is non-stationary (drift or arriving ids)."""
+        return self.config.drift > 0 or self.config.new_ids > 0
 
     def sample_raw(self, generator: np.random.Generator, rows: int,
                    positions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Raw integer dense counts (as Criteo's TSV holds them) and Zipf-distributed sparse ids; ``positions``
-        (each row's place in the stream, 0 to 1) rotate the popularity order when the config drifts."""
+        (each row's place in the stream, 0 to 1) say where the popularity has drifted to, when the config drifts."""
         counts = np.floor(generator.gamma(self.gamma_shape, 10.0, size=(rows, NUM_DENSE))).astype(np.int64)
         sparse = np.empty((rows, len(self.cardinalities)), dtype=np.int64)
-        for column, (cumulative, ids, total) in enumerate(zip(self.cumulative, self.popular_ids, self.drift_ranks())):
-            ranks = np.minimum(np.searchsorted(cumulative, generator.random(rows), side="right"), len(ids) - 1)
-            if positions is not None and total:
-                ranks = (ranks + np.floor(positions * total).astype(np.int64)) % len(ids)
-            sparse[:, column] = ids[ranks]
+        for column, (cumulative, ids) in enumerate(zip(self.cumulative, self.popular_ids)):
+            if positions is not None and self.drifts:
+                sparse[:, column] = self.drifts[column].sample(generator, positions)
+            else:
+                ranks = np.minimum(np.searchsorted(cumulative, generator.random(rows), side="right"), len(ids) - 1)
+                sparse[:, column] = ids[ranks]
         return counts, sparse
 
     def sample_bags(self, generator: np.random.Generator, rows: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -267,6 +278,17 @@ def criteo_lines(labels: np.ndarray, counts: np.ndarray, ids: np.ndarray) -> byt
     return ("\n".join(lines.tolist()) + "\n").encode()
 
 
+def _count_unseen(seen: list[np.ndarray], sparse: np.ndarray, train: bool) -> int:
+    """Occurrences in ``sparse`` of ids not in ``seen``; for the train split (``train``), mark its ids seen instead."""
+    total = 0
+    for column, marks in enumerate(seen):
+        if train:
+            marks[sparse[:, column]] = True
+        else:
+            total += int((~marks[sparse[:, column]]).sum())
+    return total
+
+
 def _open_tsv(path: str | os.PathLike):
     # written under a temporary name and renamed when complete, like every output
     return atomic_binary_writer(path, gzipped=str(path).endswith(".gz"))
@@ -291,13 +313,17 @@ def generate_synthetic(path: str | os.PathLike, config: SyntheticConfig = Synthe
     check_output(path, () if tsv is None else (tsv,), overwrite=overwrite)  # the TSV beside the set must not be inside it
     teacher = Teacher(config)
     facts: dict = {"source": "synthetic", "config": asdict(config), "bayes": {}}
-    chunk_index, streamed, stream_rows = 0, 0, sum(config.rows.values())
+    if teacher.drifting:
+        facts["drift"] = {"top_replaced_share": [d.replaced_share() for d in teacher.drifts],
+                          "arriving_ids": [int((d.arrival > 0).sum()) for d in teacher.drifts]}
+    seen = [np.zeros(n, dtype=bool) for n in teacher.cardinalities]  # ids the train split holds
+    chunk_index, streamed, stream_rows, seen_train = 0, 0, sum(config.rows.values()), False
     text = _open_tsv(tsv) if tsv is not None else contextlib.nullcontext()
     with DatasetWriter(path, config.rows, NUM_DENSE, teacher.cardinalities, bags=config.bags(),
                        overwrite=overwrite) as writer, \
             text as tsv_file:
         for split, rows in config.rows.items():
-            probabilities, labels_seen = [], []
+            probabilities, labels_seen, unseen = [], [], 0
             bar = tqdm(total=rows, desc=f"synth {split}", unit="rows", unit_scale=True, disable=bar_disabled(progress))
             for start in range(0, rows, config.chunk_rows):
                 count = min(config.chunk_rows, rows - start)
@@ -307,7 +333,7 @@ def generate_synthetic(path: str | os.PathLike, config: SyntheticConfig = Synthe
                 bags = teacher.sample_bags(np.random.default_rng([config.seed, 3, chunk_index]), count)
                 chunk_index += 1
                 # each row's place in the stream (splits in time order): where the popularity has drifted to
-                positions = (streamed + np.arange(count)) / stream_rows if config.drift else None
+                positions = (streamed + np.arange(count)) / stream_rows if teacher.drifting else None
                 streamed += count
                 counts, sparse = teacher.sample_raw(generator, count, positions)
                 dense = transform_dense(counts)
@@ -319,6 +345,7 @@ def generate_synthetic(path: str | os.PathLike, config: SyntheticConfig = Synthe
                     tsv_file.write(criteo_lines(labels, counts, sparse))
                 probabilities.append(probability)
                 labels_seen.append(labels)
+                unseen += _count_unseen(seen, sparse, train=split == "train")
                 bar.update(count)
             bar.close()
             p, y = np.concatenate(probabilities), np.concatenate(labels_seen)
@@ -328,5 +355,8 @@ def generate_synthetic(path: str | os.PathLike, config: SyntheticConfig = Synthe
                 "auc": auc(p, y),
                 "click_rate": float(y.mean()),
             }
+            if seen_train:  # one-hot occurrences whose id the train split does not hold (splits after train)
+                facts.setdefault("unseen_share", {})[split] = unseen / (rows * len(teacher.cardinalities))
+            seen_train = seen_train or split == "train"
         writer.facts.update(facts)
     return facts

@@ -1,5 +1,7 @@
 """Synthetic Criteo-like data: determinism, the planted teacher, and the Bayes limit it reports."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -80,27 +82,82 @@ def test_first_order_share_mixes_the_two_normalised_parts():
         assert teacher.raw_logits(dense, sparse).std() == pytest.approx(1.0, rel=0.05)
 
 
-def test_drift_rotates_popularity_along_the_stream_and_keeps_the_bayes_limits(tmp_path):
-    rows = {"train": 16_000, "val": 2_000, "test": 2_000}
-    config = SyntheticConfig(rows=rows, cardinalities_override=(1_000,), drift=1.0, seed=5, chunk_rows=4_000)
+@pytest.mark.parametrize("n", [3, 10, 150, 1_000, 20_000])
+@pytest.mark.parametrize("drift", [0.3, 1.0])
+def test_every_feature_drifts_small_ones_included(n, drift):
+    from compemb.data.drift import FeatureDrift
+
+    feature = FeatureDrift(n, 1.1, drift, 0.0, np.random.default_rng(0).permutation(n), np.random.default_rng(1))
+    m = max(1, -(-n // 100))  # the top 1%, at least one id
+    start_top, end_top = set(feature.start_order[:m].tolist()), set(feature.end_order[:m].tolist())
+    # at least ceil(drift x m) of the start's top m have left the end's top m: a 3-id feature's top id too
+    assert len(start_top - end_top) >= -(-drift * m // 1) >= 1
+    assert feature.replaced_share() == len(start_top - end_top) / m
+    assert sorted(feature.end_order.tolist()) == list(range(n))  # the end order ranks every id once
+
+
+def test_popularity_moves_gradually_not_as_a_conveyor():
+    from compemb.data.drift import FeatureDrift
+
+    n, rows = 1_000, 200_000
+    feature = FeatureDrift(n, 1.1, 1.0, 0.0, np.random.default_rng(0).permutation(n), np.random.default_rng(1))
+    top = feature.start_order[0]
+    start_share = 1 / np.sum(1.0 / np.arange(1, n + 1) ** 1.1)  # the Zipf share of rank 1
+    end_rank = int(np.flatnonzero(feature.end_order == top)[0])
+    end_share = (1 / (end_rank + 1) ** 1.1) * start_share
+    generator = np.random.default_rng(2)
+    for t in (0.0, 0.3, 0.5, 0.9, 1.0):
+        drawn = feature.sample(generator, np.full(rows, t))
+        # the top id's traffic moves linearly from its start share to its end share
+        expected = (1 - t) * start_share + t * end_share
+        assert np.mean(drawn == top) == pytest.approx(expected, abs=4 * np.sqrt(expected / rows) + 1e-4)
+
+
+def test_arriving_ids_are_never_drawn_before_they_arrive():
+    from compemb.data.drift import FeatureDrift
+
+    n = 2_000
+    feature = FeatureDrift(n, 1.1, 1.0, 0.2, np.random.default_rng(0).permutation(n), np.random.default_rng(1))
+    arriving = np.flatnonzero(feature.arrival > 0)
+    assert len(arriving) == 400 and not np.isin(feature.start_order, arriving).any()
+    # the start's top 1% is replaced by arriving ids first
+    m = feature.top
+    assert np.isin(np.setdiff1d(feature.end_order[:m], feature.start_order[:m]), arriving).all()
+    generator = np.random.default_rng(3)
+    for t in (0.05, 0.5, 0.95):
+        drawn = feature.sample(generator, np.full(50_000, t))
+        assert (feature.arrival[drawn] <= t).all()  # nothing before its arrival
+        assert (feature.arrival[drawn] > 0).any()  # arrived ids are drawn
+
+
+def test_drift_statistics_of_a_generated_stream_and_exact_bayes_limits(tmp_path):
+    rows = {"train": 40_000, "val": 5_000, "test": 5_000}
+    config = SyntheticConfig(rows=rows, cardinalities_override=(1_000, 300, 5), drift=1.0, new_ids=0.1, seed=5,
+                             chunk_rows=5_000)
     facts = generate_synthetic(tmp_path / "drift", config, progress=False)
     teacher = Teacher(config)
-    first = teacher.popular_ids[0]  # the planted order at the start: rank r -> id first[r]
-    assert teacher.drift_ranks() == [10]  # the top 1% of 1,000 ids, all of it by the end (drift 1)
+    assert facts["drift"]["top_replaced_share"] == [1.0, 1.0, 1.0]
+    assert facts["drift"]["arriving_ids"] == [100, 30, 1]
     _, splits = open_dataset(tmp_path / "drift")
-    early = np.asarray(splits["train"].sparse[:2_000, 0])
-    late = np.asarray(splits["test"].sparse[:, 0])
-    top, gone = set(first[:10].tolist()), set(first[:9].tolist())
-    share = lambda ids, chosen: float(np.isin(ids, list(chosen)).mean())  # noqa: E731
-    # early the start's top 1% draws its Zipf share of the rows; in the test split (the stream's last tenth, rotated
-    # by 9 ranks) nine of those ten ids have left the top 1% for the bottom of the order, and the ids that held
-    # ranks 9..19 at the start have moved up
-    assert share(early, top) > 0.3 and share(late, gone) < 0.01
-    assert np.bincount(late, minlength=1_000).argmax() in first[9:11].tolist()
-    for split in rows:  # the truth is still known
-        assert 0 < facts["bayes"][split]["bce"] < 0.7
-    # no drift: the start's top 1% keeps its share to the end
-    still = SyntheticConfig(rows=rows, cardinalities_override=(1_000,), seed=5, chunk_rows=4_000)
-    generate_synthetic(tmp_path / "still", still, progress=False)
-    _, steady = open_dataset(tmp_path / "still")
-    assert share(np.asarray(steady["test"].sparse[:, 0]), top) > 0.3
+    # measured on the rows: the start's top 1% of the 1,000-id feature is not the test split's top 1%
+    early = np.bincount(np.asarray(splits["train"].sparse[:4_000, 0]), minlength=1_000)
+    late = np.bincount(np.asarray(splits["test"].sparse[:, 0]), minlength=1_000)
+    start_top, test_top = set(np.argsort(-early)[:10].tolist()), set(np.argsort(-late)[:10].tolist())
+    assert len(start_top - test_top) >= 8
+    # ids training never saw: their share of the rows, counted here independently
+    train_ids = [set(np.asarray(splits["train"].sparse[:, f]).tolist()) for f in range(3)]
+    for split in ("val", "test"):
+        ids = np.asarray(splits[split].sparse)
+        unseen = sum(int((~np.isin(ids[:, f], list(train_ids[f]))).sum()) for f in range(3)) / ids.size
+        assert facts["unseen_share"][split] == pytest.approx(unseen) and unseen > 0
+    assert facts["unseen_share"]["test"] > facts["unseen_share"]["val"]  # arrivals accumulate along the stream
+    # the truth is still the truth: the Bayes BCE is the mean log loss of the teacher's probabilities
+    for split in rows:
+        data = splits[split]
+        p = teacher.probabilities(np.asarray(data.dense), np.asarray(data.sparse))
+        y = np.asarray(data.labels)
+        assert facts["bayes"][split]["bce"] == pytest.approx(float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean()),
+                                                             rel=1e-4)
+    # without drift or arrivals nothing is recorded and training sees (almost) every id
+    still = generate_synthetic(tmp_path / "still", replace(config, drift=0.0, new_ids=0.0), progress=False)
+    assert "drift" not in still and still["unseen_share"]["test"] < facts["unseen_share"]["test"]
