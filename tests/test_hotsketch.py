@@ -50,15 +50,10 @@ class ReferenceSketch:
                     bucket[lowest][1] = np.float32(bucket[lowest][1] + s)
         for s in scores:
             self.mass += float(s)
-        if self.mass > self.period:
-            scale = 1.0
+        if self.mass > self.period:  # at most one decay a call, then the count starts afresh
+            self.mass = 0.0
             if self.factor < 1:
-                while self.mass > self.period and scale > 0:
-                    self.mass -= self.period
-                    scale *= self.factor
-            if scale == 0 or self.factor >= 1:
-                self.mass = 0.0
-            self._scale(scale)
+                self._scale(self.factor)
 
     def _scale(self, scale):
         for bucket in self.buckets:
@@ -294,11 +289,12 @@ def test_decay_rule_and_decay_call(backend):
     sketch = HotSketch(10, 4, threshold=0.1, decay_factor=0.5, backend=backend)
     assert sketch.insert(torch.tensor([1]), torch.tensor([10.0])) == 0  # exactly one period: not exceeded yet
     assert sketch.query(torch.tensor([1]))[0].item() == 10.0
-    assert sketch.insert(torch.tensor([2]), torch.tensor([15.0])) == 2  # 25 inserted: two whole periods, 5 left
-    assert sketch.query(torch.tensor([1, 2]))[0].tolist() == [2.5, 3.75]
-    assert sketch.mass.item() == 5.0
+    # 25 inserted, two periods' worth: one decay all the same (at most one a call, as the authors'), counted afresh
+    assert sketch.insert(torch.tensor([2]), torch.tensor([15.0])) == 1
+    assert sketch.query(torch.tensor([1, 2]))[0].tolist() == [5.0, 7.5]
+    assert sketch.mass.item() == 0.0
     sketch.decay()
-    assert sketch.query(torch.tensor([1, 2]))[0].tolist() == [1.25, 1.875]
+    assert sketch.query(torch.tensor([1, 2]))[0].tolist() == [2.5, 3.75]
     assert sketch.mass.item() == 0.0
 
 
@@ -307,8 +303,8 @@ def test_a_given_mass_drives_the_decay_instead_of_the_score_sum(backend):
     # scores that sum to 10.000001 by rounding: counted as the 10 occurrences they stand for, no decay yet
     scores = torch.full((10,), 1.0000001)
     assert sketch.insert(torch.arange(10), scores, mass=10.0) == 0 and sketch.mass.item() == 10.0
-    assert sketch.insert(torch.tensor([3]), torch.tensor([0.5]), mass=1.0) == 1  # 11 counted: one period
-    assert sketch.mass.item() == 1.0
+    assert sketch.insert(torch.tensor([3]), torch.tensor([0.5]), mass=1.0) == 1  # 11 counted: past one period
+    assert sketch.mass.item() == 0.0
     assert sketch.query(torch.tensor([3]))[0].item() == pytest.approx(0.75)  # (1 + 0.5) * 0.5
     with pytest.raises(ValueError, match="mass must be finite"):
         sketch.insert(torch.tensor([1]), torch.tensor([1.0]), mass=-1.0)

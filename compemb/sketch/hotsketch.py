@@ -10,7 +10,9 @@ a lowest slot that holds a hot ID is never taken over, and the new ID is dropped
 Deviations from the paper, all for batches:
 
 - ``insert`` takes a whole batch: duplicate IDs are summed first, then applied in order of first occurrence.
-- Decay (all scores times ``decay_factor``) is checked once per ``insert`` call, after the batch is applied.
+- Decay (all scores times ``decay_factor``) is checked once per ``insert`` call, after the batch is applied, and
+  happens at most once a call however much score mass the batch brought, as the authors' ``batch_insert`` does
+  (until 2026-12: once per whole period of mass, ~4 decays a batch of 2,048 for a 16-bucket sketch at threshold 3).
 - An occupancy flag per slot (1 byte) marks empty slots, since every int64 is a valid ID; it counts in the bytes.
 
 On CPU the state is read and written by compiled numba kernels through numpy views (which share memory with
@@ -134,20 +136,14 @@ def _insert_kernel(ids, scores, unit, keys, table, rows, occupied, mass, coeffic
             keys[bucket, lowest] = x
             table[bucket, lowest] += s  # the newcomer inherits the count it displaces (Space-Saving)
         # else: the lowest slot holds a hot ID, which keeps its place; the new ID is dropped
-    # decay once for every whole period of mass inserted
+    # past a period of mass: decay once (at most once a call, as the authors' batch_insert) and count afresh
     mass[0] += total if counted < 0.0 else counted
     periods = 0
     if mass[0] > limit:
-        scale = 1.0
+        mass[0] = 0.0
         if factor < 1.0:
-            while mass[0] > limit and scale > 0.0:
-                mass[0] -= limit
-                scale *= factor
-                periods += 1
-        if scale == 0.0 or factor >= 1.0:
-            mass[0] = 0.0  # nothing is left to decay (or nothing decays): start counting afresh
-        if scale != 1.0:
-            _scale(table, scale)
+            periods = 1
+            _scale(table, factor)
     return -1, periods
 
 
@@ -296,8 +292,9 @@ class HotSketch(torch.nn.Module):
         slots: ``c``, slots per bucket (the paper uses 4).
         threshold: the hot threshold of the embedding that owns the sketch; it sets the decay period and is
             :meth:`hot_below`'s default.
-        decay_factor: all scores are multiplied by it once per ``10 * threshold * num_buckets`` of score
-            mass inserted (checked once per :meth:`insert` call, after the batch), or on :meth:`decay`.
+        decay_factor: all scores are multiplied by it once the score mass inserted since the last decay passes
+            ``10 * threshold * num_buckets`` (checked once per :meth:`insert` call, after the batch: at most one
+            decay a call), or on :meth:`decay`.
             In ``(0, 1]``; 1 never decays.
         seed: seeds the bucket hash; ``stream`` separates it from other functions of the same seed.
         device: where the state lives (default CPU); ``"meta"`` plans a sketch without allocating it (a parent
@@ -490,7 +487,8 @@ class HotSketch(torch.nn.Module):
         The batch is applied as a whole: the scores of a repeated ID are summed (in float32, in batch order),
         then the distinct IDs are applied one after another in order of their first occurrence. Afterwards,
         if the score mass inserted since the last decay exceeds :attr:`decay_period`, every score is multiplied
-        by ``decay_factor`` once per whole period in it (one float32 rounding) and that mass is used up.
+        by ``decay_factor`` once (at most once a call, as the authors' ``batch_insert``; one float32 rounding)
+        and the mass starts again from 0.
 
         Args:
             ids: int64 (or int32) IDs, any shape, any device.
@@ -580,30 +578,22 @@ class HotSketch(torch.nn.Module):
         mass = self.mass[0] + counted.to(self.mass.dtype)
         over = mass > limit
         if factor < 1.0:
-            periods = torch.where(over, torch.ceil(mass / limit) - 1, 0.0)
-            scale = torch.pow(factor, periods)  # float64, as the periods
+            scale = torch.where(over, factor, 1.0).to(torch.float64)
             self.scores.copy_((self.scores.double() * scale).float())
-            mass = torch.where(scale == 0, 0.0, mass - periods * limit)
-        else:
-            mass = torch.where(over, 0.0, mass)
+        mass = torch.where(over, 0.0, mass)
         self.mass.copy_(mass.reshape(1))
         self._known_mass = None
         return -1
 
     def _decay_by(self, mass: float) -> int:
-        """The decay rule on the host, given the mass inserted since the last decay: scale the scores once for the
-        whole periods in it (exactly as the compiled kernel), store the rest; returns the number of periods."""
-        limit, factor, periods, scale = self.decay_period, self.decay_factor, 0, 1.0
-        if mass > limit:
-            if factor < 1.0:
-                while mass > limit and scale > 0.0:
-                    mass -= limit
-                    scale *= factor
-                    periods += 1
-            if scale == 0.0 or factor >= 1.0:
-                mass = 0.0
-            if scale != 1.0:
-                self.scores.copy_((self.scores.double() * scale).float())
+        """The decay rule on the host, given the mass inserted since the last decay: past a period, scale the
+        scores once and count afresh (exactly as the compiled kernel); returns the decays (0 or 1)."""
+        periods = 0
+        if mass > self.decay_period:
+            mass = 0.0
+            if self.decay_factor < 1.0:
+                periods = 1
+                self.scores.copy_((self.scores.double() * self.decay_factor).float())
         self.mass.fill_(mass)
         self._known_mass = mass
         return periods

@@ -28,10 +28,11 @@ Choices where the papers leave room (each class's docstring says more):
   (:class:`~compemb.embeddings.adaptive.AdaptiveEmbedding`): an occurrence scores the L2 norm of its output
   gradient, normalised to mean 1 over its field's occurrences in the batch (or 1, with ``importance="frequency"``).
 - Thresholds are in the authors' units, which are compemb's: an occurrence at its field's mean gradient norm in
-  the batch scores 1, so ``threshold`` is "this many average occurrences of evidence". The sketch decays once per ``10 x threshold x buckets`` of
-  inserted score, so an id with a share p of the score settles near ``1000 p x threshold x buckets`` and stays hot
-  while p >= ~1 / (1000 buckets), whatever the threshold: the threshold only sets how much evidence an id gathers
-  before it takes a free row (lower: rows fill sooner, from noisier ranks). The defaults per budget are in
+  the batch scores 1, so ``threshold`` is "this many average occurrences of evidence". The sketch decays once the
+  score inserted since its last decay passes ``P = 10 x threshold x buckets``, at most once per batch (as the
+  authors' ``batch_insert``), so once per ``max(P, a batch's score)``: an id with a share p of the score settles near
+  ``100 p max(P, batch)`` and stays hot while that is >= threshold. (Until 2026-12 compemb decayed once per whole P
+  in a batch: ~4 times a batch of 2,048 for a 16-bucket sketch at threshold 3.) The defaults per budget are in
   :mod:`compemb.embeddings.cafe.settings`.
 - Hot, hashed and fallback rows are one stored table (hot rows first): one gather per lookup, one gradient.
 - The HotSketch holds ``sketch_slots_per_row`` = 4 slots per hot row (H buckets of 4 slots), room for the hot ids
@@ -39,6 +40,11 @@ Choices where the papers leave room (each class's docstring says more):
 - A small table is not starved of its sketch: with the default ``hash_rate`` it keeps at least
   ``min(MIN_HOT_ROWS, as many as a quarter of its budget holds)`` hot rows with their slots (a 4,278-id feature at
   100x: 4 rather than 1); ``hash_rate`` then reports the share the hashed rows are left.
+- Where compemb differs from the authors' code and keeps its own way (not measured against theirs): importance is
+  inserted after the optimizer step (the authors': before it, ``main.py``), so a promoted id's row starts from its
+  shared row as this step left it; a newcomer to a full bucket takes the lowest-scoring slot that holds no hot id
+  (Space-Saving, as the paper's text; the authors' code replaces slot 3); CAFE-ML's second hashed level is a table
+  per field, as its first level (a design choice of compemb's, so that the levels share one layout).
 - A row that changes owner has its optimizer state reset (:func:`~compemb.embeddings.adaptive.reset_optimizer_rows`)
   when ``on_step_end`` is given the optimizer; updates applied at the next forward have no optimizer to reset.
 """
