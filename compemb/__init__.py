@@ -11,6 +11,7 @@ from compemb.embeddings import (
     CompositionalEmbedding,
     CompressedEmbedding,
     DeepHashEmbedding,
+    FieldHashEmbedding,
     FullEmbedding,
     HashedNetsEmbedding,
     HashEmbeddings,

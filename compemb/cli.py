@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from compemb import __version__
+from compemb.protocols import PROTOCOLS
 from compemb.registry import METHODS, parse_method_spec, summarize_methods
 from compemb.train import TrainConfig
 
@@ -259,7 +260,8 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
         parse_sweep_spec(method)  # an unknown name or a malformed option fails before any training
     compressions = [float(ratio) for ratio in args.compression.split(",")]
     base = _train_config(args, args.out)
-    baseline = args.baseline or default_baseline(methods)
+    protocol_baseline = PROTOCOLS[args.protocol].baseline if args.protocol else None
+    baseline = args.baseline or (protocol_baseline if protocol_baseline in methods else default_baseline(methods))
     if baseline not in methods:
         raise ValueError(f"--baseline {baseline!r} is not among --methods ({','.join(methods)})")
     run_sweep(base, methods, compressions, args.seeds, args.out, baseline=baseline, test=args.test)
@@ -330,6 +332,11 @@ def cmd_lstsq(args: argparse.Namespace) -> int:
 
 def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="a preprocessed data set (compemb synth / preprocess)")
+    parser.set_defaults(training_parser=parser)  # where --protocol sets its defaults
+    parser.add_argument("--protocol", choices=tuple(PROTOCOLS), default=None,
+                        help="a founding paper's settings as the defaults (flags beside it win): cafe-paper (SGD 0.1, "
+                             "batch 128, one epoch, one shared table; baseline hash-fields) or cce-paper (DLRM's SGD "
+                             "0.1, batch 128, one epoch, validation every 1/6 epoch; baseline ce)")
     parser.add_argument("--model", choices=("dlrm", "dcn"), default="dlrm", help="DLRM or DCN-v2")
     parser.add_argument("--dim", type=int, default=16, help="embedding dim of every feature")
     parser.add_argument("--bottom", default="512,256,64", help="bottom MLP widths (it ends in --dim)")
@@ -658,7 +665,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``compemb`` console command."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "protocol", None):  # a paper's settings as the defaults; flags given beside it still win
+        from compemb.protocols import cli_defaults
+
+        args.training_parser.set_defaults(**cli_defaults(args.protocol))
+        args = parser.parse_args(argv)
     args.argv = argv  # train --nproc hands the command line to torchrun
     try:
         return args.run(args)

@@ -13,6 +13,7 @@ from compemb.embeddings.mixed_dim import MixedDimEmbedding
 
 # after the baselines, so listings (compemb methods, sweeps over all methods) show them first
 from compemb.embeddings.cafe import CAFEEmbedding, MultiLevelCAFEEmbedding  # noqa: E402, I001
+from compemb.embeddings.field_hash import FieldHashEmbedding  # noqa: E402
 from compemb.embeddings.offline import OfflineFrequencyEmbedding  # noqa: E402
 from compemb.embeddings.adaembed import AdaEmbed  # noqa: E402
 from compemb.embeddings.cce import CCEmbedding, HybridCCEmbedding, PaperAccountedCCEmbedding  # noqa: E402
@@ -28,6 +29,7 @@ __all__ = [
     "CompositionalEmbedding",
     "CompressedEmbedding",
     "DeepHashEmbedding",
+    "FieldHashEmbedding",
     "FullEmbedding",
     "HashEmbeddings",
     "HashedNetsEmbedding",

@@ -65,6 +65,7 @@ from compemb.embeddings.adaptive import AdaptiveEmbedding, memory_report, reset_
 from compemb.embeddings.base import CompressedEmbedding, init_uniform_
 from compemb.embeddings.cafe.batch import CAFETables
 from compemb.embeddings.cafe.kernels import cafe_rows, hot_candidates
+from compemb.embeddings.fields import plan_fields, split_rows
 from compemb.embeddings.cafe.settings import budget_ratio, default_settings
 from compemb.hashing import UniversalHash, coefficient_bytes, hash_high32
 from compemb.kernels import on_host
@@ -73,24 +74,9 @@ from compemb.sketch.hotsketch import SLOT_BYTES, HotSketch
 
 SKETCH_SLOTS = 4  # slots per HotSketch bucket, as in the paper
 OWNER_BYTES = 8 + 1  # per hot row: its owner id (int64) and whether it has one (bool)
-FULL_FIELD_IDS = 2000  # the authors' rule: a field of n ids with n x ratio <= 2000 stays uncompressed
 MIN_HOT_ROWS = 16  # a table's default hot rows: at least this many, while they and their sketch fit in a quarter
 _LOWEST_ID = -(2**63)  # the first field of one vocabulary starts here: any int64 id is in it
 _NO_WEIGHTS = np.empty((0, 2), dtype=np.float32)
-
-
-def _split(total: int, sizes: list[int]) -> list[int]:
-    """``total`` rows shared out as one each, the rest in proportion to ``sizes`` (largest remainders): they sum to
-    ``total`` (to one per size when ``total`` is smaller)."""
-    if len(sizes) <= 1:  # one vocabulary (of any size, open too): all of it
-        return [total] * len(sizes)
-    spare = max(0, total - len(sizes))
-    exact = [spare * n / sum(sizes) for n in sizes]
-    shares = [1 + math.floor(x) for x in exact]
-    by_remainder = sorted(range(len(sizes)), key=lambda i: (-(exact[i] - math.floor(exact[i])), i))
-    for i in by_remainder[: max(0, max(total, len(sizes)) - sum(shares))]:
-        shares[i] += 1
-    return shares
 
 
 def _hot_candidates_torch(ids: Tensor, scores: Tensor, hot: Tensor, threshold: float, limit: int) -> Tensor:
@@ -225,21 +211,15 @@ class _CAFE(AdaptiveEmbedding):
         if self.num_embeddings is None or sum(sizes) != self.num_embeddings or min(sizes, default=0) < 1:
             raise ValueError(f"{self.method_name}: blocks must be positive field sizes summing to num_embeddings="
                              f"{self.num_embeddings}, got {list(blocks)!r}")
-        full, spent = [False] * len(sizes), 0
         if not self.field_tables:  # one hashed table for every field: none kept full
-            return list(zip(sizes, full))
-        largest = sizes.index(max(sizes))
-        for f in sorted(range(len(sizes)), key=lambda f: (sizes[f], f)):
-            cost = sizes[f] * self.embedding_dim * FLOAT_BYTES
-            if f != largest and sizes[f] * (ratio or math.inf) <= FULL_FIELD_IDS and spent + cost <= budget_bytes / 2:
-                full[f], spent = True, spent + cost
-        return list(zip(sizes, full))
+            return [(n, False) for n in sizes]
+        return list(zip(sizes, plan_fields(sizes, self.embedding_dim, ratio, budget_bytes)))
 
     def _lay_out_fields(self, fields: list[tuple[int, bool]], device: torch.device | str | None) -> int:
         """Rows of ``weight``: hot rows, then each field's level-1 rows (hashed, or its own when kept full), then
         each compressed field's level-2 rows (cafe-ml). The field tables say where; returns the total rows."""
         levels, compressed = self.levels, [n for n, full in fields if not full]
-        shares = [_split(rows, compressed) for rows in self.hashed_rows]  # each compressed field's rows per level
+        shares = [split_rows(rows, compressed) for rows in self.hashed_rows]  # each compressed field's rows per level
         rows = torch.zeros(levels, len(fields), dtype=torch.int64)
         offsets = torch.zeros(levels, len(fields), dtype=torch.int64)
         at, taken, level_starts = self.hot_rows, [0] * levels, []
