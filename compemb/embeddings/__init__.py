@@ -15,6 +15,7 @@ from compemb.embeddings.mixed_dim import MixedDimEmbedding
 from compemb.embeddings.cafe import CAFEEmbedding, MultiLevelCAFEEmbedding  # noqa: E402, I001
 from compemb.embeddings.field_hash import FieldHashEmbedding  # noqa: E402
 from compemb.embeddings.offline import OfflineFrequencyEmbedding  # noqa: E402
+from compemb.embeddings.mch import ManagedCollisionEmbedding  # noqa: E402
 from compemb.embeddings.adaembed import AdaEmbed  # noqa: E402
 from compemb.embeddings.cce import CCEmbedding, HybridCCEmbedding, PaperAccountedCCEmbedding  # noqa: E402
 from compemb.embeddings.cce import ClusterReport, ClusterSchedule  # noqa: E402
@@ -35,6 +36,7 @@ __all__ = [
     "HashedNetsEmbedding",
     "HashingTrickEmbedding",
     "LowRankEmbedding",
+    "ManagedCollisionEmbedding",
     "MixedDimEmbedding",
     "MultiLevelCAFEEmbedding",
     "OfflineFrequencyEmbedding",
