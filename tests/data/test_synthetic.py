@@ -161,3 +161,30 @@ def test_drift_statistics_of_a_generated_stream_and_exact_bayes_limits(tmp_path)
     # without drift or arrivals nothing is recorded and training sees (almost) every id
     still = generate_synthetic(tmp_path / "still", replace(config, drift=0.0, new_ids=0.0), progress=False)
     assert "drift" not in still and still["unseen_share"]["test"] < facts["unseen_share"]["test"]
+
+
+def test_premise_hot_plants_strong_distinct_popular_ids_over_a_weak_tail():
+    config = SyntheticConfig(rows={"train": 10}, cardinalities_override=(5_000, 300, 6), premise="hot", hot_ids=4,
+                             tail_scale=0.1, seed=1)
+    teacher, plain = Teacher(config), Teacher(replace(config, premise="none"))
+    for f, hot in enumerate(teacher.hot_ids()):
+        assert np.array_equal(hot, teacher.popular_ids[f][:4])  # the most popular ids of the feature
+        norms = np.linalg.norm(teacher.vectors[f], axis=1)
+        tail = np.setdiff1d(np.arange(len(norms)), hot)
+        # the tail is the plain set's mixture vectors scaled by 0.1; the hot ids are unit normals, all different
+        np.testing.assert_allclose(teacher.vectors[f][tail], 0.1 * plain.vectors[f][tail])
+        assert norms[hot].mean() > 5 * norms[tail].mean()
+        assert len(np.unique(teacher.vectors[f][hot], axis=0)) == len(hot)
+    assert [len(h) for h in plain.hot_ids()] == [0, 0, 0]
+
+
+def test_premise_clusters_puts_every_id_on_one_of_its_features_cluster_means():
+    config = SyntheticConfig(rows={"train": 10}, cardinalities_override=(5_000, 40), premise="clusters", clusters=4,
+                             seed=1)
+    teacher = Teacher(config)
+    for vectors in teacher.vectors:
+        assert len(np.unique(vectors, axis=0)) <= 4
+    spread = Teacher(replace(config, premise="none"))
+    assert len(np.unique(spread.vectors[0], axis=0)) == 5_000  # without the premise every id differs
+    with pytest.raises(ValueError, match="premise must be one of"):
+        SyntheticConfig(premise="hotter")
