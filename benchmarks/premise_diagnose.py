@@ -1,0 +1,87 @@
+"""Why a founding method does or does not win on its planted set (issue 34 item 1): one seed each.
+
+- CCE on the clusters set: after training, how well each column's pointers recover the planted clusters (per
+  feature, the traffic-weighted share of ids whose pointer's heaviest planted cluster is their own: 1 is perfect).
+- CAFE on the hot set: how many of the planted hot ids of the compressed fields own a hot row at steps 50, 200 and
+  the end, and how many hot rows there are.
+
+    python benchmarks/premise_diagnose.py runs/premise   (the sets of benchmarks/premise.sh; ~2 minutes)
+
+Model and recipe as premise.sh's Adagrad runs (100x, one shared table, seed 0).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from compemb.data.synthetic import SyntheticConfig, Teacher
+from compemb.train import TrainConfig, Trainer
+
+
+def teacher_of(data: Path) -> Teacher:
+    """The planted teacher of a synthetic data set, rebuilt from its manifest."""
+    config = json.loads((data / "manifest.json").read_text())["config"]
+    return Teacher(SyntheticConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}))
+
+
+def trainer_for(data: Path, method: str, out: Path) -> Trainer:
+    config = TrainConfig(data=str(data), out=str(out), method=method, compression=100, sharing="shared",
+                         embedding_dim=16, bottom=(64,), top=(64,), optimizer="adagrad", lr=0.05, batch_size=2048,
+                         evals_per_epoch=3)
+    return Trainer(config, overwrite=True)
+
+
+def traffic(teacher: Teacher, feature: int) -> np.ndarray:
+    """Each id's share of its feature's rows."""
+    shares = np.diff(np.concatenate([[0.0], teacher.cumulative[feature]]))
+    weights = np.zeros(len(shares))
+    weights[teacher.popular_ids[feature]] = shares
+    return weights
+
+
+def cce_purity(root: Path) -> list[float]:
+    data = root / "data-clusters"
+    teacher, trainer = teacher_of(data), trainer_for(data, "cce-paper", root / "diagnose-cce")
+    trainer.fit()
+    pointers = trainer.model.embeddings.embeddings["shared"].pointer_table.long().numpy()
+    offsets = np.concatenate([[0], np.cumsum(teacher.cardinalities)])
+    purities = []
+    for column in range(pointers.shape[1]):
+        per_feature = []
+        for f in range(len(teacher.cardinalities)):
+            planted = np.unique(teacher.vectors[f], axis=0, return_inverse=True)[1].ravel()
+            chosen, weights = pointers[offsets[f]:offsets[f + 1], column], traffic(teacher, f)
+            per_feature.append(sum(np.bincount(planted[chosen == p], weights=weights[chosen == p]).max()
+                                   for p in np.unique(chosen)))
+        purities.append(float(np.mean(per_feature)))
+    return purities
+
+
+def cafe_hot_rows(root: Path) -> dict[str, int]:
+    data = root / "data-hot"
+    teacher, trainer = teacher_of(data), trainer_for(data, "cafe", root / "diagnose-cafe")
+    table = trainer.model.embeddings.embeddings["shared"]
+    offsets = np.concatenate([[0], np.cumsum(teacher.cardinalities)])
+    compressed = ~table.field_direct.numpy()
+    hot = np.concatenate([ids + offsets[f] for f, ids in enumerate(teacher.hot_ids()) if compressed[f]])
+    found = {"planted hot ids (compressed fields)": len(hot), "hot rows": table.hot_rows}
+    for stop in (50, 200, None):
+        trainer.fit(stop_at=stop)
+        score, row = table.sketch.query(torch.from_numpy(hot))
+        found[f"owned at step {stop or 'end'}"] = int((row >= 0).sum())
+    found["never in the sketch at the end"] = int((score == 0).sum())
+    return found
+
+
+if __name__ == "__main__":
+    root = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/premise")
+    purity = cce_purity(root)
+    print("CCE (cce-paper, 100x): traffic-weighted purity of each column's pointers:",
+          ", ".join(f"{p:.3f}" for p in purity))
+    for key, value in cafe_hot_rows(root).items():
+        print(f"CAFE (100x): {key}: {value}")
