@@ -40,8 +40,8 @@ class FieldHashEmbedding(CompressedEmbedding):
         ([True, False], [10, 89])
     """
 
-    title = "hash per field, small fields full (CAFE's baseline)"
-    formula = "sum of fields' rows * d"
+    title = "hash per field, small ones full"
+    formula = "sum_f rows_f * d"
     takes_feature_blocks = True
     field_full: Tensor
     field_rows: Tensor
@@ -111,9 +111,10 @@ class FieldHashEmbedding(CompressedEmbedding):
 
     def describe_sizes(self) -> str:
         """How many fields stay full and the hashed rows of the others, in a line (for ``compemb methods``)."""
-        full = int(self.field_full.sum())
-        hashed = int(self.field_rows[~self.field_full].sum())
+        full_fields, rows = self._layout["field_full"], self._layout["field_rows"]  # CPU copies (meta builds too)
+        full, hashed = int(full_fields.sum()), int(rows[~full_fields].sum())
         return f"{full} of {len(self.field_full)} fields full; {hashed:,} hashed rows for the others"
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", fields={len(self.field_full)}, full_fields={int(self.field_full.sum())}"
+        full_fields = self._layout["field_full"]
+        return super().extra_repr() + f", fields={len(full_fields)}, full_fields={int(full_fields.sum())}"

@@ -53,7 +53,7 @@ class ManagedCollisionEmbedding(AdaptiveEmbedding):
         (727, torch.Size([2, 16]))
     """
 
-    title = "TorchRec managed collisions (LFU)"
+    title = "TorchRec MCH: LFU-owned rows"
     formula = "zch_size * (d + 6)"
 
     def __init__(
