@@ -44,7 +44,7 @@ def _test_rows(data: Path):
 
 
 @pytest.mark.parametrize("method, compression, options", [
-    ("full", None, {}), ("hash", 20, {}), ("cce", 8, {"cluster_every": 4}), ("cafe-ml", 8, {}), ("adaembed", 4, {}),
+    ("full", None, {}), ("hash", 20, {}), ("cce", 6, {"cluster_every": 4}), ("cafe-ml", 8, {}), ("adaembed", 4, {}),
     ("offline", 8, {}), ("tt", 20, {}), ("mde", 4, {}), ("dhe", 20, {}),
 ])
 def test_loaded_model_predicts_exactly_as_the_trained_one(data, tmp_path, method, compression, options):

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Any
 
 from compemb.bench.stats import Comparison, compare, holm
 
-if TYPE_CHECKING:
-    from compemb.bench.quality import SweepRow
+# rows are compemb.bench.quality.SweepRow (method, ratio_asked, seed, test_bce, test_auc); not imported: quality
+# imports this module
+SweepRow = Any
 
 
 def _by_seed(rows: Sequence[SweepRow], method: str, ratio: float, metric: str) -> dict[int, float]:

@@ -11,7 +11,8 @@ changes owner (:func:`~compemb.embeddings.adaptive.reset_optimizer_rows`).
 Memory is honest: the rows, and per slot TorchRec's three int64 buffers (the sorted raw ids, their slots, the LFU
 counts), plus its iteration counter. Its output segments (1,025 int64 bounds for up to 1,024 row-wise shards) follow
 from the table's size: they are rebuilt, not saved, and not counted. Needs TorchRec (``make torchrec``; the CI installs it).
-TorchRec sizes its history buffer from the first batch it profiles (1.25 batches an eviction interval) and drops what
+On a device a step waits for the host (TorchRec's remap indexes with boolean masks, its eviction counts with
+``unique``): a baseline, not held to compemb's no-wait rule. TorchRec sizes its history buffer from the first batch it profiles (1.25 batches an eviction interval) and drops what
 does not fit. Deviation: ids are profiled after the optimizer step (from the ids the backward saw, as compemb's other adaptive
 methods), where TorchRec's ``ManagedCollisionEmbeddingBagCollection`` profiles in its forward.
 """

@@ -195,9 +195,10 @@ def test_bag_gradients_match_finite_differences(name):
 
 
 def _reachable(name, compression, dim):
-    """``compression``, or less where per-id bookkeeping (AdaEmbed's scores) would leave under half the budget."""
+    """``compression``, or less where per-id bookkeeping (AdaEmbed's scores, cce's pointers) would leave under a fifth
+    of the budget (cce at d=8 reaches 5.66x-7.77x with uint8 pointers and at least 16 rows: 6.4x)."""
     per_id = METHODS[name].per_id_bytes
-    return compression if not per_id else min(compression, dim * 4 / (2 * per_id))
+    return compression if not per_id else min(compression, dim * 4 / (1.25 * per_id))
 
 
 @pytest.mark.parametrize("name", ALL_METHODS)
