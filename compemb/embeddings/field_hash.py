@@ -100,7 +100,7 @@ class FieldHashEmbedding(CompressedEmbedding):
 
     def rows_of(self, ids: Tensor) -> Tensor:
         """The row of ``weight`` each id reads: its own in a full field, else its field's hashed row."""
-        field = torch.searchsorted(self.field_starts, ids, right=True) - 1
+        field = torch.searchsorted(self.field_starts, ids.contiguous(), right=True) - 1
         bucket = hash_high32(ids, self.hash.coefficients).squeeze(-1).mul_(self.field_rows[field])
         bucket = bucket.bitwise_right_shift_(32)
         own = ids - self.field_starts[field]
