@@ -30,6 +30,9 @@ def test_sweep_rows_files_and_resume(data, tmp_path):
     for name in ("results.csv", "results.md", "bce.png", "auc.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert "| hash | 4 |" in (tmp_path / "results.md").read_text()
+    # the verdicts against hash (the default baseline): one seed a side cannot be tested, and the table says so
+    comparison = (tmp_path / "comparison.md").read_text()
+    assert "against `hash`" in comparison and "| qr | 4 | 1 / 1 |" in comparison and "too few seeds" in comparison
     # a second sweep reads the finished runs instead of training again
     result = tmp_path / "runs" / "hash-4x-s0" / "result.json"
     marked = json.loads(result.read_text()) | {"note": "from disk"}
