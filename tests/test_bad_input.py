@@ -481,3 +481,13 @@ def test_a_garbage_array_header_is_one_line_naming_the_file(tmp_path, capsys):
     array.write_bytes(b"\x93NUMPY\x01\x00\x10\x00{'descr': ???}   " + array.read_bytes()[64:])
     line = _one_line_error(capsys, main(_train_args(out, tmp_path / "r")))
     assert str(array) in line and "not a readable .npy file" in line
+
+
+def test_a_sweep_baseline_outside_its_methods_and_an_unknown_protocol_are_one_line(tmp_path, capsys):
+    line = _one_line_error(capsys, main(["bench", "quality", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o"),
+                                         "--methods", "hash,ce", "--baseline", "robe"]))
+    assert "--baseline 'robe' is not among --methods (hash,ce)" in line and not (tmp_path / "o").exists()
+    with pytest.raises(SystemExit) as stopped:
+        main(["train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "r"), "--protocol", "cafe"])
+    assert stopped.value.code == 2
+    assert "invalid choice: 'cafe' (choose from 'cafe-paper', 'cce-paper')" in capsys.readouterr().err
