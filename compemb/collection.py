@@ -265,7 +265,7 @@ class EmbeddingCollection(torch.nn.Module):
             if not cls.compresses or share >= full[index] or (proportional and full[index] <= even_share):
                 table = build(index, None)
             elif left_bytes < FLOAT_BYTES:
-                self._explain_budget(method, features, full, options)
+                self._explain_budget(method, features, full, options, [i for i in order if i not in tables])
                 raise BudgetError(
                     f"a budget of {self.budget.num_params:,.0f} params is used up before feature "
                     f"{features[index].name!r}: the smaller features' tables took it"
@@ -283,7 +283,7 @@ class EmbeddingCollection(torch.nn.Module):
         # tables grow by whole rows: a tiny budget may stay under by up to a row per feature
         under_tolerance = max(BUDGET_TOLERANCE, len(features) * embedding_dim * FLOAT_BYTES / self.budget.num_bytes)
         if miss > BUDGET_TOLERANCE or (miss < -under_tolerance and not every_table_full):
-            self._explain_budget(method, features, full, options)
+            self._explain_budget(method, features, full, options, [i for i in order if tables[i].compresses])
             raise BudgetError(
                 f"EmbeddingCollection of {method!r}: its tables store {stored:,} bytes, {miss:+.1%} from the budget "
                 f"of {self.budget.num_bytes:,} bytes"
@@ -291,21 +291,18 @@ class EmbeddingCollection(torch.nn.Module):
         self.embeddings = torch.nn.ModuleDict({features[i].name: tables[i] for i in range(len(features))})
         _run_lookups_eagerly()
 
-    def _explain_budget(self, method: str, features: Sequence[Feature], full: list[int],
-                        options: dict[str, Any]) -> None:
+    def _explain_budget(self, method: str, features: Sequence[Feature], full: list[int], options: dict[str, Any],
+                        compressed: list[int]) -> None:
         """Raise the method's own BudgetError where one is the reason a per-feature split missed the budget.
 
         A method with per-id bytes (honest ``cce``: c pointers per id) reaches only bands of ratios, which depend on
-        a table's size; every compressed feature gets about the collection's ratio, so each feature's table at that
-        ratio, built strictly (largest first), says which one cannot and which bands it reaches.
+        a table's size; every compressed feature gets about the collection's ratio, so each ``compressed`` feature's
+        table at that ratio, built strictly (largest first), says which one cannot and which bands it reaches.
         """
         if get_method(method).per_id_bytes == 0:
             return
-        total = sum(full)
-        for index in sorted(range(len(features)), key=lambda index: -full[index]):
-            share = self.budget.num_bytes * full[index] / total
-            if full[index] <= share or full[index] <= self.budget.num_bytes / len(features):
-                continue  # kept full by the split
+        for index in sorted(compressed, key=lambda index: -full[index]):
+            share = self.budget.num_bytes * full[index] / sum(full)
             try:
                 make_embedding(method, features[index].num_embeddings, self.embedding_dim,
                                num_params=max(1, round(share / FLOAT_BYTES)), device="meta", **options)

@@ -10,11 +10,13 @@ changes owner (:func:`~compemb.embeddings.adaptive.reset_optimizer_rows`).
 
 Memory is honest: the rows, and per slot TorchRec's three int64 buffers (the sorted raw ids, their slots, the LFU
 counts), plus its iteration counter. Its output segments (1,025 int64 bounds for up to 1,024 row-wise shards) follow
-from the table's size: they are rebuilt, not saved, and not counted. Needs TorchRec (``make torchrec``; the CI installs it).
+from the table's size: they are rebuilt, not saved, and not counted. Needs TorchRec (``make torchrec``; CI has it).
+
 On a device a step waits for the host (TorchRec's remap indexes with boolean masks, its eviction counts with
-``unique``): a baseline, not held to compemb's no-wait rule. TorchRec sizes its history buffer from the first batch it profiles (1.25 batches an eviction interval) and drops what
-does not fit. Deviation: ids are profiled after the optimizer step (from the ids the backward saw, as compemb's other adaptive
-methods), where TorchRec's ``ManagedCollisionEmbeddingBagCollection`` profiles in its forward.
+``unique``): a baseline, not held to compemb's no-wait rule. TorchRec sizes its history buffer from the first batch
+it profiles (1.25 batches an eviction interval) and drops what does not fit. Deviation: ids are profiled after the
+optimizer step (the ids the backward saw, as compemb's other adaptive methods), where TorchRec's
+``ManagedCollisionEmbeddingBagCollection`` profiles in its forward.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ class ManagedCollisionEmbedding(AdaptiveEmbedding):
 
     def __init__(
         self,
-        num_embeddings: int | None,
+        num_embeddings: int,
         embedding_dim: int,
         *,
         compression: float | None = None,
@@ -95,7 +97,7 @@ class ManagedCollisionEmbedding(AdaptiveEmbedding):
         # padding here) follow from zch_size: rebuilt by the constructor, so not saved and not counted
         self.mch._non_persistent_buffers_set.add("_output_segments_tensor")
         self.weight = torch.nn.Parameter(torch.empty(self.zch_size, d, device=device))
-        self._evictions = 0
+        self._slots_assigned = 0
         smallest = 2 * per_row + fixed
         self._finish(budget, seed, -(-smallest // FLOAT_BYTES), every_budget_from(per_row // FLOAT_BYTES, fixed))
 
@@ -127,9 +129,9 @@ class ManagedCollisionEmbedding(AdaptiveEmbedding):
         if evicted is None or evicted.numel() == 0:
             return
         rows = evicted.to(torch.long).unique()
-        self._evictions += int(rows.numel())
+        self._slots_assigned += int(rows.numel())
         fresh = torch.empty(rows.numel(), self.embedding_dim, dtype=self.weight.dtype)
-        init_uniform_(fresh, self.init_bound, self._generator(1 + self._evictions))
+        init_uniform_(fresh, self.init_bound, self._generator(1 + self._slots_assigned))
         self.weight.data[rows] = fresh.to(self.weight.device)  # a new owner starts as a new row
         reset_optimizer_rows(optimizer, self.weight, rows)
 

@@ -26,7 +26,8 @@ def test_welch_matches_the_hand_worked_example():
     se = math.sqrt(2 / 3)
     assert c.difference == -3.0
     # t(0.975, 4) = 2.776445 from any printed table
-    assert c.low == pytest.approx(-3 - 2.776445 * se, abs=1e-5) and c.high == pytest.approx(-3 + 2.776445 * se, abs=1e-5)
+    assert c.low == pytest.approx(-3 - 2.776445 * se, abs=1e-5)
+    assert c.high == pytest.approx(-3 + 2.776445 * se, abs=1e-5)
     assert c.p == pytest.approx(_two_sided_p_by_integration(-3 / se, 4), rel=1e-6)
     assert c.shown
 
