@@ -22,6 +22,7 @@ class ReferenceSketch:
         self.w, self.c = sketch.num_buckets, sketch.slots
         self.a, self.b = sketch.coefficients[0].tolist()
         self.period, self.factor = sketch.decay_period, sketch.decay_factor
+        self.skip_hot = sketch.skip_hot
         self.buckets = [[None] * self.c for _ in range(self.w)]  # a slot: [id, np.float32 score, row] or None
         self.mass = 0.0
 
@@ -44,8 +45,10 @@ class ReferenceSketch:
             elif None in bucket:
                 bucket[bucket.index(None)] = [x, s, -1]
             else:
-                lowest = min(range(self.c), key=lambda j: bucket[j][1])  # the first of equal lowest scores
-                if bucket[lowest][2] < 0:
+                # the first of equal lowest scores (skip_hot: among the slots holding no hot id)
+                takeable = [j for j in range(self.c) if not (self.skip_hot and bucket[j][2] >= 0)]
+                lowest = min(takeable, key=lambda j: bucket[j][1]) if takeable else None
+                if lowest is not None and bucket[lowest][2] < 0:
                     bucket[lowest][0] = x
                     bucket[lowest][1] = np.float32(bucket[lowest][1] + s)
         for s in scores:
@@ -139,8 +142,10 @@ def _random_stream(seed, sketch, reference, batches=40, frequency=False, id_dtyp
 
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("slots", [1, 4])
-def test_batched_inserts_equal_the_reference_exactly(seed, slots, backend):
-    sketch = HotSketch(13, slots, threshold=0.05 * (seed + 1), decay_factor=0.9, seed=seed, backend=backend)
+@pytest.mark.parametrize("skip_hot", [False, True])
+def test_batched_inserts_equal_the_reference_exactly(seed, slots, skip_hot, backend):
+    sketch = HotSketch(13, slots, threshold=0.05 * (seed + 1), decay_factor=0.9, seed=seed, backend=backend,
+                       skip_hot=skip_hot)
     reference = ReferenceSketch(sketch)
     decays = _random_stream(seed, sketch, reference)
     assert decays > 0  # the decay rule was exercised
@@ -165,9 +170,10 @@ def test_frequency_mode_and_int32_ids_equal_the_reference(id_dtype, backend):
         max_size=8,
     ),
     seed=st.integers(0, 3),
+    skip_hot=st.booleans(),
 )
-def test_any_small_stream_equals_the_reference(batches, seed, backend):
-    sketch = HotSketch(3, 2, threshold=0.2, decay_factor=0.5, seed=seed, backend=backend)
+def test_any_small_stream_equals_the_reference(batches, seed, skip_hot, backend):
+    sketch = HotSketch(3, 2, threshold=0.2, decay_factor=0.5, seed=seed, backend=backend, skip_hot=skip_hot)
     reference = ReferenceSketch(sketch)
     for batch in batches:
         ids = [x for x, _ in batch]
@@ -261,6 +267,18 @@ def test_a_hot_slot_is_never_taken_over(backend):
     assert sketch.clear_hot(torch.tensor([2, 99])).tolist() == [0, -1]
     sketch.insert(torch.tensor([500]), torch.tensor([2.0]))
     assert sketch.query(torch.tensor([500, 2]))[0].tolist() == [3.0, 0.0]
+
+
+def test_with_skip_hot_a_newcomer_takes_the_lowest_slot_that_is_not_hot(backend):
+    sketch = HotSketch(1, 4, threshold=1e9, backend=backend, skip_hot=True)
+    sketch.insert(torch.tensor([1, 2, 3, 4]), torch.tensor([5.0, 1.0, 7.0, 9.0]))
+    sketch.set_hot(torch.tensor([2]), torch.tensor([0]))  # the lowest slot is hot: 1 (score 5) is the lowest free
+    sketch.insert(torch.tensor([100]), torch.tensor([0.5]))
+    assert sketch.keys.tolist() == [[100, 2, 3, 4]]
+    assert sketch.query(torch.tensor([100, 2]))[0].tolist() == [5.5, 1.0]  # inherits 5, the hot id keeps its slot
+    sketch.set_hot(torch.tensor([100, 3, 4]), torch.tensor([1, 2, 3]))  # every slot hot: a newcomer is dropped
+    sketch.insert(torch.tensor([200]), torch.tensor([50.0]))
+    assert sketch.keys.tolist() == [[100, 2, 3, 4]] and sketch.hot_count() == 4
 
 
 def test_hot_management(backend):
@@ -514,9 +532,14 @@ def reference_merge(sketch: HotSketch, ids: list[int], scores: list[float]) -> l
         newcomers = sorted(newcomers, key=lambda item: -item[1])[: sketch.slots]  # stable: ties in id order
         full = all(r[3] for r in residents)
         occupied_scores = [r[1] for r in residents if r[3]]
-        lowest = min(range(sketch.slots), key=lambda j: residents[j][1] if residents[j][3] else np.inf)
-        closed = full and residents[lowest][2] >= 0
-        base = min(occupied_scores) if full else np.float32(0)
+        if sketch.skip_hot:  # the minimum over the slots a newcomer may take; none: closed
+            takeable = [r[1] for r in residents if r[3] and r[2] < 0]
+            closed = full and not takeable
+            base = (min(takeable) if takeable else np.float32(0)) if full else np.float32(0)
+        else:
+            lowest = min(range(sketch.slots), key=lambda j: residents[j][1] if residents[j][3] else np.inf)
+            closed = full and residents[lowest][2] >= 0
+            base = min(occupied_scores) if full else np.float32(0)
         entries = [((np.inf if r[2] >= 0 else r[1]) if r[3] else -np.inf, (r[0], r[1], r[2]) if r[3] else None)
                    for r in residents]
         if not closed:
@@ -535,10 +558,10 @@ def merged_buckets(sketch: HotSketch) -> list[list[tuple]]:
 
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.lists(st.tuples(st.integers(0, 40), st.floats(0, 8, width=32)), min_size=1, max_size=30),
-                min_size=1, max_size=6), st.integers(0, 3))
-def test_the_merge_follows_its_rule_in_plain_loops(batches, seed):
+                min_size=1, max_size=6), st.integers(0, 3), st.booleans())
+def test_the_merge_follows_its_rule_in_plain_loops(batches, seed, skip_hot):
     """Every batch, every bucket, slot by slot: ids, float32 scores bit for bit, hot rows (some made hot)."""
-    sketch = HotSketch(3, 2, threshold=1e9, decay_factor=1.0, seed=seed, backend="merge")
+    sketch = HotSketch(3, 2, threshold=1e9, decay_factor=1.0, seed=seed, backend="merge", skip_hot=skip_hot)
     for index, batch in enumerate(batches):
         ids, scores = [x for x, _ in batch], [s for _, s in batch]
         expected = reference_merge(sketch, ids, scores)
@@ -647,13 +670,14 @@ def test_sketches_laid_end_to_end_merge_in_one_pass_exactly_as_each_alone():
             assert torch.equal(flat[name], torch.cat([getattr(s, name) for s in alone])), (step, name)
 
 
-def test_packed_sketches_take_every_tables_batch_in_one_merge_as_each_would_alone():
+@pytest.mark.parametrize("skip_hot", [False, True])
+def test_packed_sketches_take_every_tables_batch_in_one_merge_as_each_would_alone(skip_hot):
     """PackedSketches: the same slots bit for bit, the same decays, each sketch still answers for itself and
     follows a move to another buffer (packed again)."""
     from compemb.sketch import PackedSketches
 
     def build():
-        return [HotSketch(w, 4, threshold=0.3, decay_factor=0.5, seed=seed, backend="merge")
+        return [HotSketch(w, 4, threshold=0.3, decay_factor=0.5, seed=seed, backend="merge", skip_hot=skip_hot)
                 for w, seed in ((6, 1), (1, 2), (11, 3))]
 
     alone, packed_sketches = build(), build()

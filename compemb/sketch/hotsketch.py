@@ -5,7 +5,8 @@ Zhang et al., SIGMOD 2024 (arXiv 2312.03256), Section 4.
 -1 when the ID has no row of its own). An ID lives in bucket ``h(id)``, one multiply-add-shift function of
 :mod:`compemb.hashing`. Inside a bucket the update is Space-Saving's: a present ID adds its score; a new ID
 takes an empty slot, else takes over the lowest-scoring slot and adds its score to the one it found there;
-a lowest slot that holds a hot ID is never taken over, and the new ID is dropped instead.
+a lowest slot that holds a hot ID is never taken over, and the new ID is dropped instead (the paper's rule; with
+``skip_hot`` it takes over the lowest-scoring slot that holds no hot ID, and is dropped only when every slot does).
 
 Deviations from the paper, all for batches:
 
@@ -61,9 +62,11 @@ _BUFFERS = {
 
 
 @numba.njit(cache=True, nogil=True)
-def _insert_kernel(ids, scores, unit, keys, table, rows, occupied, mass, coefficients, limit, factor, counted):
+def _insert_kernel(ids, scores, unit, keys, table, rows, occupied, mass, coefficients, limit, factor, counted,
+                   skip_hot):
     """Apply a batch; returns the index of the first bad score (nothing changed then) or -1, and the decays.
-    ``counted`` >= 0: the mass the batch counts towards the decay (else the sum of its scores)."""
+    ``counted`` >= 0: the mass the batch counts towards the decay (else the sum of its scores); ``skip_hot``: a
+    newcomer to a full bucket looks for the lowest slot among those holding no hot ID."""
     n = ids.shape[0]
     num_buckets, num_slots = keys.shape
     a, b = coefficients[0, 0], coefficients[0, 1]
@@ -121,6 +124,8 @@ def _insert_kernel(ids, scores, unit, keys, table, rows, occupied, mass, coeffic
                     table[bucket, j] += s
                     found = True
                     break
+                if skip_hot and rows[bucket, j] >= 0:
+                    continue
                 if lowest < 0 or table[bucket, j] < table[bucket, lowest]:  # ties: the lowest slot index
                     lowest = j
             elif empty < 0:
@@ -132,10 +137,10 @@ def _insert_kernel(ids, scores, unit, keys, table, rows, occupied, mass, coeffic
             keys[bucket, empty] = x
             table[bucket, empty] = s
             rows[bucket, empty] = -1
-        elif rows[bucket, lowest] < 0:
+        elif lowest >= 0 and rows[bucket, lowest] < 0:
             keys[bucket, lowest] = x
             table[bucket, lowest] += s  # the newcomer inherits the count it displaces (Space-Saving)
-        # else: the lowest slot holds a hot ID, which keeps its place; the new ID is dropped
+        # else: the lowest slot (with skip_hot: every slot) holds a hot ID, which keeps its place; the new ID is dropped
     # past a period of mass: decay once (at most once a call, as the authors' batch_insert) and count afresh
     mass[0] += total if counted < 0.0 else counted
     periods = 0
@@ -301,6 +306,9 @@ class HotSketch(torch.nn.Module):
             built on the meta device), which ``to_empty`` later materialises, uninitialised until :meth:`reset`.
         backend: ``"auto"`` (compiled kernels on CPU, torch ops elsewhere) or ``"torch"`` (torch ops everywhere;
             the same results, for checking one against the other).
+        skip_hot: a newcomer to a full bucket whose lowest slot is hot takes over the lowest slot that is not hot
+            (False, the paper's rule: it is dropped). With a hot table whose rows are taken by the highest scores
+            (CAFE's ``hot_policy="top"``) a bucket of hot IDs then still counts its candidates.
 
     The state (``keys``, ``scores``, ``hot_rows``, ``occupied``, ``mass``, ``coefficients``) is made of
     buffers, so ``state_dict`` saves and restores it exactly. Change it only through the methods. The
@@ -341,6 +349,7 @@ class HotSketch(torch.nn.Module):
         stream: int = SKETCH_STREAM,
         device: torch.device | str | None = None,
         backend: str = "auto",
+        skip_hot: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(num_buckets, bool) or not isinstance(num_buckets, int) or not 1 <= num_buckets <= MAX_BUCKETS:
@@ -356,6 +365,7 @@ class HotSketch(torch.nn.Module):
         self.num_buckets, self.slots = num_buckets, slots
         self.threshold, self.decay_factor = float(threshold), float(decay_factor)
         self.seed, self.stream, self.backend = int(seed), int(stream), backend
+        self.skip_hot = bool(skip_hot)
         shape, where = (num_buckets, slots), torch.device(device or "cpu")
         self.register_buffer("keys", torch.zeros(shape, dtype=torch.int64, device=where))
         self.register_buffer("scores", torch.zeros(shape, dtype=torch.float32, device=where))
@@ -474,6 +484,7 @@ class HotSketch(torch.nn.Module):
     def __setstate__(self, state: dict) -> None:
         state.setdefault("backend", "auto")  # sketches pickled before there was a choice
         state.setdefault("_known_mass", None)
+        state.setdefault("skip_hot", False)
         self.__dict__.update(state)
 
     # --- scores --------------------------------------------------------------------------------------
@@ -547,7 +558,7 @@ class HotSketch(torch.nn.Module):
         keys, table, rows, occupied, mass_array, coefficients = self._arrays()
         bad, periods = _insert_kernel(id_array, score_array, unit, keys, table, rows, occupied, mass_array,
                                       coefficients, self.decay_period, self.decay_factor,
-                                      -1.0 if mass is None else float(mass))
+                                      -1.0 if mass is None else float(mass), self.skip_hot)
         if bad >= 0:
             raise ValueError(f"scores must be finite and >= 0, got {float(score_array[bad])} at flat index {bad}")
         self._known_mass = float(mass_array[0])
@@ -565,7 +576,7 @@ class HotSketch(torch.nn.Module):
             values = scores if keep is None else torch.where(keep, scores, 0.0)
             total = values.double().sum()
         torch_ops.merge_insert(ids, values, keep, self.keys, self.scores, self.hot_rows, self.occupied,
-                               self.coefficients)
+                               self.coefficients, skip_hot=self.skip_hot)
         counted = total if counted is None else counted
         if isinstance(counted, Tensor):
             return self._decay_on_device(counted)
@@ -612,7 +623,7 @@ class HotSketch(torch.nn.Module):
             chosen = by_round[start : start + int(count)]
             start += int(count)
             torch_ops.apply_round(unique_ids[chosen], unique_scores[chosen], buckets[chosen], self.keys,
-                                  self.scores, self.hot_rows, self.occupied)
+                                  self.scores, self.hot_rows, self.occupied, skip_hot=self.skip_hot)
         return self._decay_by(mass)  # exactly as the compiled kernel decays
 
     @torch.no_grad()
@@ -735,5 +746,6 @@ class HotSketch(torch.nn.Module):
         if self.decay_factor != 0.99:
             text += f", decay_factor={self.decay_factor:g}"
         text += f", seed={self.seed}"
+        text += ", skip_hot=True" if self.skip_hot else ""
         return text + (f", backend={self.backend!r}" if self.backend != "auto" else "")
 

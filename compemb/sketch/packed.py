@@ -44,8 +44,9 @@ class PackedSketches:
         if not sketches:
             raise ValueError("PackedSketches needs at least one sketch")
         first = sketches[0]
-        if any(s.slots != first.slots or s.keys.device != first.keys.device for s in sketches):
-            raise ValueError("packed sketches must have one slot count and live on one device")
+        if any(s.slots != first.slots or s.keys.device != first.keys.device or s.skip_hot != first.skip_hot
+               for s in sketches):
+            raise ValueError("packed sketches must have one slot count and newcomer rule and live on one device")
         self.sketches = list(sketches)
         self.packs = {name: PackedBuffers(self.sketches, name) for name in _PACKED}
         self._packed()
@@ -124,6 +125,7 @@ class PackedSketches:
             scores.to(device, torch.float32)
         torch_ops.merge_insert(ids.reshape(-1), values.reshape(-1), None if keep is None else keep.reshape(-1),
                                self.buffers["keys"], self.buffers["scores"], self.buffers["hot_rows"],
-                               self.buffers["occupied"], None, buckets=buckets.reshape(-1))
+                               self.buffers["occupied"], None, buckets=buckets.reshape(-1),
+                               skip_hot=self.sketches[0].skip_hot)
         return [sketch._decay_by(sketch.mass_since_decay() + float(mass))
                 for sketch, mass in zip(self.sketches, masses)]

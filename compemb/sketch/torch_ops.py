@@ -84,8 +84,9 @@ def plan_insert(ids: Tensor, scores: Tensor | None, num_buckets: int, coefficien
 
 
 def apply_round(ids: Tensor, scores: Tensor, buckets: Tensor, keys: Tensor, table: Tensor, rows: Tensor,
-                occupied: Tensor) -> None:
-    """Space-Saving for distinct IDs in distinct buckets, all at once (in place)."""
+                occupied: Tensor, skip_hot: bool = False) -> None:
+    """Space-Saving for distinct IDs in distinct buckets, all at once (in place); ``skip_hot``: a newcomer to a
+    full bucket takes the lowest slot among those holding no hot ID."""
     num_slots = keys.shape[1]
     bucket_keys, bucket_used, bucket_scores = keys[buckets], occupied[buckets], table[buckets]
     match = bucket_used & (bucket_keys == ids.unsqueeze(-1))
@@ -93,7 +94,8 @@ def apply_round(ids: Tensor, scores: Tensor, buckets: Tensor, keys: Tensor, tabl
     empty = ~bucket_used
     has_empty = empty.any(-1)
     # torch's argmin/argmax return the first of equal values: ties go to the lowest slot, as on CPU
-    lowest = torch.where(bucket_used, bucket_scores, _INF).argmin(-1)
+    candidates = bucket_used & (rows[buckets] < 0) if skip_hot else bucket_used
+    lowest = torch.where(candidates, bucket_scores, _INF).argmin(-1)  # every slot hot (skip_hot): slot 0, hot
     slot = torch.where(found, match.to(torch.uint8).argmax(-1),
                        torch.where(has_empty, empty.to(torch.uint8).argmax(-1), lowest))
     flat = buckets * num_slots + slot
@@ -148,7 +150,8 @@ def distinct_sums(ids: Tensor, values: Tensor, keep: Tensor | None = None,
 
 
 def merge_insert(ids: Tensor, scores: Tensor, keep: Tensor | None, keys: Tensor, table: Tensor, rows: Tensor,
-                 occupied: Tensor, coefficients: Tensor | None, buckets: Tensor | None = None) -> None:
+                 occupied: Tensor, coefficients: Tensor | None, buckets: Tensor | None = None,
+                 skip_hot: bool = False) -> None:
     """A batch into the sketch in a constant number of vectorised passes (in place), whatever the load per bucket.
 
     A mergeable Space-Saving: the batch's distinct IDs and summed scores are a summary merged into each bucket's
@@ -157,7 +160,8 @@ def merge_insert(ids: Tensor, scores: Tensor, keep: Tensor | None, keys: Tensor,
     bucket is full (it inherits the minimum, as in Space-Saving), its score alone while a slot is empty; the ``c``
     highest of residents and newcomers stay (residents win ties, hot residents always stay, empty slots go first)
     and a newcomer that stays scores its estimate. A bucket whose lowest slot is hot takes no newcomer, as in the
-    sequential sketch.
+    sequential sketch; with ``skip_hot`` the minimum is the lowest score of the slots holding no hot ID, and only a
+    bucket of hot IDs alone takes none.
 
     Where it differs from sequential Space-Saving (the compiled kernel): there, the newcomers of one bucket enter
     one after another, each displacing the current minimum, so several small newcomers churn one slot, which ends
@@ -211,9 +215,13 @@ def merge_insert(ids: Tensor, scores: Tensor, keep: Tensor | None, keys: Tensor,
     resident_keys, resident_scores = keys[target], table[target]
     resident_rows, resident_used = rows[target], occupied[target]
     full = resident_used.all(-1)
-    lowest_score, lowest = torch.where(resident_used, resident_scores, _INF).min(-1)
     hot = resident_rows >= 0
-    closed = full & hot.gather(-1, lowest.unsqueeze(-1)).squeeze(-1)  # the lowest is hot: no newcomer enters
+    if skip_hot:  # the minimum of the slots a newcomer may take; none: no newcomer enters
+        lowest_score = torch.where(resident_used & ~hot, resident_scores, _INF).min(-1).values
+        closed = full & hot.all(-1)
+    else:
+        lowest_score, lowest = torch.where(resident_used, resident_scores, _INF).min(-1)
+        closed = full & hot.gather(-1, lowest.unsqueeze(-1)).squeeze(-1)  # the lowest is hot: no newcomer enters
     estimate = new_scores + torch.where(full, lowest_score, 0.0).unsqueeze(-1)
     estimate = torch.where(closed.unsqueeze(-1) | (new_scores == -_INF), -_INF, estimate)
     resident_rank = torch.where(resident_used, torch.where(hot, _INF, resident_scores), -_INF)

@@ -66,6 +66,11 @@ def test_paper_defaults_follow_the_ratio_asked_or_computed():
     assert open_vocabulary.threshold == 20  # no ratio: 10x
 
 
+def test_an_unknown_hot_policy_names_itself():
+    with pytest.raises(ValueError, match="hot_policy must be one of threshold, top, got 'best'"):
+        make_embedding("cafe", N, 8, compression=10, hot_policy="best")
+
+
 def test_tunings_pick_their_tables_and_an_unknown_one_names_itself():
     for ratio in (3, 10, 100, 1000, 2000, 10_000):  # 1M x 16: 1,000 rows of 16 floats at 1000x, 100 at 10,000x
         ours = make_embedding("cafe", 1_000_000, 16, compression=ratio, device="meta")
@@ -195,6 +200,32 @@ def test_demoted_ids_free_their_rows_and_no_row_is_shared(name):
     assert len(set(late.values())) == len(late)  # each row has one owner
     heavy_now = (true_counts(later[-20:]) >= 3 * module.threshold).nonzero().squeeze(-1).tolist()
     assert set(heavy_now) <= set(late) and early - set(late)  # the new heavy ids took rows, old ones left
+
+
+@pytest.mark.parametrize("kernels", ["auto", "torch"])
+@pytest.mark.parametrize("name", ["cafe", "cafe-ml"])
+def test_with_the_top_policy_better_candidates_displace_the_lowest_owners(name, kernels):
+    """Early ids fill every hot row and never decay (decay 1); ids scoring 20 times as much arrive later. The
+    paper's policy keeps the early owners; "top" gives the newcomers rows taken from the lowest early owners,
+    each row with one owner."""
+    from compemb.kernels import use_kernels
+
+    held = {}
+    for policy in ("threshold", "top"):
+        module = make_embedding(name, N, 8, compression=200, threshold=5, importance="frequency", decay=1.0,
+                                seed=3, hot_policy=policy)
+        rows = module.hot_rows
+        early, heavy = torch.arange(rows), torch.arange(50_000, 50_000 + rows // 2)
+        generator = torch.Generator().manual_seed(4)
+        # early ids score 8, one of them 9 (the top policy displaces the lowest owners: the 9 stays)
+        batches = [torch.cat([early.repeat(8), early[:1]])]
+        batches += [torch.cat([heavy.repeat(20), torch.randint(0, N, (30,), generator=generator)]) for _ in range(5)]
+        with use_kernels(kernels):
+            train(module, batches)
+        held[policy] = hot_map(module)  # one owner per row, agreeing with the sketch (asserted inside)
+        assert module.owned.sum() == rows
+    assert set(held["threshold"]) == set(early.tolist())
+    assert set(heavy.tolist()) <= set(held["top"]) and 0 in held["top"]
 
 
 def test_merge_on_demote_folds_what_the_id_learned_into_its_hashed_row():
@@ -583,15 +614,16 @@ def test_shared_cafe_with_one_hashed_table_for_every_field(name):
 # --- the device code path: the merged sketch, fixed-shape promotions and demotions ---------------------------
 
 
+@pytest.mark.parametrize("hot_policy", ["threshold", "top"])
 @pytest.mark.parametrize("name", ["cafe", "cafe-ml"])
-def test_the_device_code_path_promotes_the_ids_the_host_path_promotes(name):
+def test_the_device_code_path_promotes_the_ids_the_host_path_promotes(name, hot_policy):
     """kernels="torch" (what a GPU runs: the merged sketch, promotions and demotions in fixed shapes, nothing read
     back) on a Zipf stream: the same hot ids in the same rows as the compiled path; for cafe the same weights bit
     for bit (cafe-ml's medium ids read the merged sketch's scores, which may differ where a bucket overflowed)."""
     from compemb.kernels import use_kernels
 
-    host = make_embedding(name, N, 8, compression=20, seed=18)
-    device = make_embedding(name, N, 8, compression=20, seed=18)
+    host = make_embedding(name, N, 8, compression=20, seed=18, hot_policy=hot_policy)
+    device = make_embedding(name, N, 8, compression=20, seed=18, hot_policy=hot_policy)
     batches = zipf_batches(25, 1024, seed=19)
     train(host, batches, torch.optim.Adam(host.parameters(), lr=0.01))
     with use_kernels("torch"):
@@ -602,11 +634,13 @@ def test_the_device_code_path_promotes_the_ids_the_host_path_promotes(name):
         assert torch.equal(host.weight, device.weight)
 
 
+@pytest.mark.parametrize("hot_policy", ["threshold", "top"])
 @pytest.mark.parametrize("name", ["cafe", "cafe-ml"])
-def test_the_device_code_path_demotes_and_never_shares_a_row(name):
+def test_the_device_code_path_demotes_and_never_shares_a_row(name, hot_policy):
     from compemb.kernels import use_kernels
 
-    module = make_embedding(name, N, 8, compression=50, decay=0.5, importance="frequency", seed=6, tuning="paper")
+    module = make_embedding(name, N, 8, compression=50, decay=0.5, importance="frequency", seed=6, tuning="paper",
+                            hot_policy=hot_policy)
     first, later = zipf_batches(40, 2048, seed=7), zipf_batches(80, 2048, seed=7, shift=5000)
     with use_kernels("torch"):
         train(module, first)

@@ -18,8 +18,9 @@ Criteo's 26 features has a CAFE table for each large one, and their launches add
 It computes exactly what each table's own device path (``_CAFE._update_fixed``) computes (tested value for value),
 except that hot ids are demoted in every table when any table's sketch decays (a table whose sketch did not decay
 holds no hot id below its threshold: promotion needs the threshold and scores fall only by decay, so nothing
-changes there). With the compiled CPU kernels (``kernels="auto"`` on a CPU), with ``merge_on_demote`` or with
-tables that differ in levels, importance or slots, each table looks itself up and updates itself
+changes there). With the compiled CPU kernels (``kernels="auto"`` on a CPU), with ``merge_on_demote``, with
+``hot_policy="top"`` (owners displaced by better candidates: not batched yet) or with tables that differ in levels,
+importance or slots, each table looks itself up and updates itself
 (:class:`~compemb.table_batch.SeparateLookups`).
 """
 
@@ -64,7 +65,7 @@ class CAFETables:
         first = self.tables[0]
         return len(self.tables) > 1 and device_path(ids) and all(
             table.sketch._merges and table.blocks is None and not table.merge_on_demote
-            and not table._has_full_fields and table.levels == first.levels and table.importance == first.importance
+            and table.hot_policy == "threshold" and not table._has_full_fields and table.levels == first.levels and table.importance == first.importance
             and table.sketch.slots == first.sketch.slots and table.sketch.keys.device == table.weight.device
             for table in self.tables)
 

@@ -75,6 +75,12 @@ from compemb.sketch.hotsketch import SLOT_BYTES, HotSketch
 SKETCH_SLOTS = 4  # slots per HotSketch bucket, as in the paper
 OWNER_BYTES = 8 + 1  # per hot row: its owner id (int64) and whether it has one (bool)
 MIN_HOT_ROWS = 16  # a table's default hot rows: at least this many, while they and their sketch fit in a quarter
+# "threshold": the paper's (a free row goes to an id reaching the threshold; an owner keeps it until its score decays
+# below); "top": the rows go to the highest scores above the threshold (an owner is displaced by a better candidate)
+HOT_POLICIES = ("threshold", "top")
+# with "top", a candidate displaces an owner only when it scores this many times the owner's score: two ids of
+# near-equal score would otherwise trade a row back and forth, each trade restarting it from the shared row
+SWAP_GAIN = 1.5
 _LOWEST_ID = -(2**63)  # the first field of one vocabulary starts here: any int64 id is in it
 _NO_WEIGHTS = np.empty((0, 2), dtype=np.float32)
 
@@ -115,6 +121,7 @@ class _CAFE(AdaptiveEmbedding):
         decay: float,
         sketch_slots_per_row: float,
         merge_on_demote: bool,
+        hot_policy: str = "threshold",
         medium_fraction: float = 0.2,
         hash_split: float = 0.7,
         blocks: Sequence[int] | None = None,
@@ -150,6 +157,10 @@ class _CAFE(AdaptiveEmbedding):
                 raise ValueError(f"{self.method_name}: {option} must be in (0, 1), got {value!r}")
         if not (math.isfinite(self.threshold) and self.threshold > 0):
             raise ValueError(f"{self.method_name}: threshold must be positive, got {threshold!r}")
+        if hot_policy not in HOT_POLICIES:
+            raise ValueError(f"{self.method_name}: hot_policy must be one of {', '.join(HOT_POLICIES)}, "
+                             f"got {hot_policy!r}")
+        self.hot_policy = hot_policy
         if not sketch_slots_per_row > 0:
             raise ValueError(f"{self.method_name}: sketch_slots_per_row must be positive, got {sketch_slots_per_row!r}")
         self.levels, self.merge_on_demote = levels, bool(merge_on_demote)
@@ -189,7 +200,7 @@ class _CAFE(AdaptiveEmbedding):
             UniversalHash(rows, seed=seed, stream=level, device=device) for level, rows in enumerate(self.hashed_rows)
         )
         self.sketch = HotSketch(buckets, SKETCH_SLOTS, threshold=self.threshold, decay_factor=self.decay, seed=seed,
-                                device=device)
+                                device=device, skip_hot=hot_policy == "top")
         total_rows = self._lay_out_fields(fields, device)
         self.weight = torch.nn.Parameter(torch.empty(total_rows, d, device=device))
         self.register_buffer("owner", torch.empty(self.hot_rows, dtype=torch.int64, device=device))
@@ -362,16 +373,33 @@ class _CAFE(AdaptiveEmbedding):
         if decayed:
             self._demote()
         free = (~self.owned).nonzero().squeeze(-1)
-        if free.numel():  # promotions: the best candidates of this batch take the free rows
+        top = self.hot_policy == "top"
+        if free.numel() or top:  # promotions: the best candidates of this batch take the free rows
             now, hot = sketch.query(ids)
+            limit = self.hot_rows if top else free.numel()  # "top": every row may change hands
             if sketch._compiled:
                 picked = torch.from_numpy(hot_candidates(ids.numpy(), now.numpy(), hot.numpy(), self.threshold,
-                                                         free.numel()))
+                                                         limit))
             else:
-                picked = _hot_candidates_torch(ids, now, hot, self.threshold, free.numel())
+                picked = _hot_candidates_torch(ids, now, hot, self.threshold, limit)
+            if picked.numel() > free.numel():  # "top": the candidates past the free rows against the owners
+                displaced = self._displaced(now[picked[free.numel():]])
+                self._release(self.owner[displaced], displaced)
+                free = torch.cat([free, displaced])
+                picked = picked[: free.numel()]
             if picked.numel():
                 medium = None if before is None else before[picked] >= self.medium_fraction * self.threshold
                 self._promote(ids[picked], free[: picked.numel()], medium, optimizer)
+
+    def _displaced(self, candidates: Tensor) -> Tensor:
+        """Rows whose owners the best of ``candidates`` (scores, best first) displace: the i-th best against the
+        i-th lowest-scoring owner, while it scores :data:`SWAP_GAIN` times as much (a prefix: the candidates fall,
+        the owners rise)."""
+        rows = self.owned.nonzero().squeeze(-1)
+        scores = self.sketch.query(self.owner[rows].to(self.sketch.keys.device))[0].to(rows.device)
+        lowest = torch.argsort(scores, stable=True)[: candidates.numel()]
+        beats = candidates[: lowest.numel()].to(rows.device) > SWAP_GAIN * scores[lowest]
+        return rows[lowest[: int(beats.sum())]]
 
     def _update_fixed(self, ids: Tensor, scores: Tensor | None, optimizer: torch.optim.Optimizer | None) -> None:
         """:meth:`_update` on the device code path, in fixed shapes (nothing read back): the batch merged into the
@@ -406,16 +434,28 @@ class _CAFE(AdaptiveEmbedding):
         ranked = torch.sort(torch.where(first, now[position], -math.inf), descending=True, stable=True)
         chosen = position[ranked.indices[:limit]]
         wanted = ranked.values[:limit] > -math.inf
-        free = torch.sort(self.owned.to(torch.uint8), stable=True).indices[:limit]  # free rows first, ascending
-        valid = wanted & ~self.owned[free]
+        # free rows first (ascending), then the owned ones from the lowest owner score up (the host path's order)
+        owner_scores = sketch.query(self.owner.to(sketch.keys.device))[0].to(self.owned.device)
+        order = torch.sort(torch.where(self.owned, owner_scores, -math.inf), stable=True).indices[:limit]
+        valid = wanted.to(order.device) & ~self.owned[order]
+        if self.hot_policy == "top":  # an owner is displaced by the candidate of its rank that beats it
+            displace = wanted.to(order.device) & self.owned[order] & (
+                ranked.values[:limit].to(order.device) > SWAP_GAIN * owner_scores[order])
+            self._demote_fixed(torch.zeros_like(self.owned).index_put_((order,), displace))  # distinct rows
+            valid |= displace
         new_ids = ids[chosen]
         medium = None if before is None else before[chosen] >= self.medium_fraction * self.threshold
-        self._promote_fixed(new_ids, free, valid, medium, optimizer)
+        self._promote_fixed(new_ids, order, valid, medium, optimizer)
 
-    def _demote_fixed(self) -> None:
-        """Hot ids scoring below the threshold give their rows back, in fixed shapes."""
+    def _demote_fixed(self, displaced: Tensor | None = None) -> None:
+        """Hot ids scoring below the threshold (and the owners of ``displaced`` rows, a bool per hot row) give
+        their rows back, in fixed shapes."""
         sketch = self.sketch
-        gone = (sketch.occupied & (sketch.hot_rows >= 0) & (sketch.scores < self.threshold)).view(-1)
+        gone = sketch.occupied & (sketch.hot_rows >= 0) & (sketch.scores < self.threshold)
+        if displaced is not None:
+            gone |= sketch.occupied & displaced.to(gone.device)[sketch.hot_rows.long().clamp_min(0)] & (
+                sketch.hot_rows >= 0)
+        gone = gone.view(-1)
         rows = sketch.hot_rows.view(-1).long().to(self.weight.device)
         gone_here = gone.to(self.weight.device)
         if self.merge_on_demote:  # what the id learned while hot goes back into its first hashed row
@@ -450,12 +490,17 @@ class _CAFE(AdaptiveEmbedding):
     def _demote(self) -> None:
         """Hot ids whose score fell below the threshold give their rows back."""
         gone_ids, gone_rows = self.sketch.hot_below()
-        if gone_ids.numel() == 0:
+        if gone_ids.numel():
+            self._release(gone_ids, gone_rows.to(self.weight.device, torch.long))
+
+    def _release(self, ids: Tensor, rows: Tensor) -> None:
+        """Hot ``ids`` give their ``rows`` back (what they learned folded into their hashed rows with
+        ``merge_on_demote``)."""
+        if ids.numel() == 0:
             return
-        self.sketch.clear_hot(gone_ids)
-        rows = gone_rows.to(self.weight.device, torch.long)
+        self.sketch.clear_hot(ids)
         if self.merge_on_demote:  # what the id learned while hot goes back into its first hashed row
-            first = self._shared_row(gone_ids.to(self.weight.device), 0)
+            first = self._shared_row(ids.to(self.weight.device), 0)
             self.weight.index_add_(0, first, self.weight[rows] - self.start[rows])
         self.owned[rows] = False
 
@@ -497,6 +542,7 @@ class _CAFE(AdaptiveEmbedding):
         text = super().extra_repr() + f", hot_rows={self.hot_rows}, hashed_rows={self.hashed_rows}"
         text += f", sketch_buckets={self.sketch.num_buckets}, threshold={self.threshold:g}"
         text += f", importance={self.importance!r}" if self.importance != "gradient" else ""
+        text += f", hot_policy={self.hot_policy!r}" if self.hot_policy != "threshold" else ""
         return text + (", merge_on_demote=True" if self.merge_on_demote else "")
 
 
@@ -531,6 +577,11 @@ class CAFEEmbedding(_CAFE):
         decay: the sketch's decay factor (scores x0.99 once per ``10 x threshold x buckets`` of score inserted).
         sketch_slots_per_row: sketch slots per hot row (default 4: the hot ids and three times as many candidates).
         merge_on_demote: fold a demoted id's learned change back into its hashed row (default False: dropped).
+        hot_policy: ``"threshold"`` (default, the paper's: a free row goes to an id that reaches the threshold and
+            stays with it until its score decays below) or ``"top"``: the rows go to the highest scores above the
+            threshold; when none is free, a candidate scoring ``SWAP_GAIN`` (1.5) times the lowest owner's score
+            takes that owner's row, and a newcomer to a sketch bucket takes its lowest slot without a hot id (the
+            paper's drops it when that slot is hot).
         blocks: the sizes of the fields whose ids lie one after another in the vocabulary (the authors' layout
             across fields, see the module docstring); None: one field.
         field_tables: with ``blocks``, a hashed table per field (True, the authors') or one hashed table shared by
@@ -562,6 +613,7 @@ class CAFEEmbedding(_CAFE):
         decay: float = 0.99,
         sketch_slots_per_row: float = 4,
         merge_on_demote: bool = False,
+        hot_policy: str = "threshold",
         blocks: Sequence[int] | None = None,
         field_tables: bool = True,
         seed: int = 0,
@@ -576,7 +628,8 @@ class CAFEEmbedding(_CAFE):
         super().__init__(
             num_embeddings, embedding_dim, levels=1, compression=compression, num_params=num_params,
             hash_rate=hash_rate, threshold=threshold, tuning=tuning, importance=importance, decay=decay,
-            sketch_slots_per_row=sketch_slots_per_row, merge_on_demote=merge_on_demote, blocks=blocks, field_tables=field_tables, seed=seed,
+            sketch_slots_per_row=sketch_slots_per_row, merge_on_demote=merge_on_demote, hot_policy=hot_policy,
+            blocks=blocks, field_tables=field_tables, seed=seed,
             mode=mode, sparse=sparse, name=name, init=init,
             include_last_offset=include_last_offset, padding_idx=padding_idx, device=device,
         )
@@ -621,6 +674,7 @@ class MultiLevelCAFEEmbedding(_CAFE):
         decay: float = 0.99,
         sketch_slots_per_row: float = 4,
         merge_on_demote: bool = False,
+        hot_policy: str = "threshold",
         blocks: Sequence[int] | None = None,
         field_tables: bool = True,
         seed: int = 0,
@@ -635,7 +689,7 @@ class MultiLevelCAFEEmbedding(_CAFE):
         super().__init__(
             num_embeddings, embedding_dim, levels=2, compression=compression, num_params=num_params,
             hash_rate=hash_rate, threshold=threshold, tuning=tuning, importance=importance, decay=decay,
-            sketch_slots_per_row=sketch_slots_per_row, merge_on_demote=merge_on_demote,
+            sketch_slots_per_row=sketch_slots_per_row, merge_on_demote=merge_on_demote, hot_policy=hot_policy,
             medium_fraction=medium_fraction, hash_split=hash_split, blocks=blocks, field_tables=field_tables, seed=seed,
             mode=mode, sparse=sparse, name=name, init=init,
             include_last_offset=include_last_offset, padding_idx=padding_idx, device=device,
