@@ -17,7 +17,8 @@ for recipe in adagrad adam; do
   if [ $recipe = adagrad ]; then R=$ADAGRAD; S=""; else R=$ADAM; S=""; fi
   # CAFE's premise: 8 hot ids a feature (64 in the 8 features of more than 20 ids) against 339 hashed rows at 100x
   $COMPEMB bench quality --data "$OUT/data-hot" --out "$OUT/hot-$recipe" \
-    --methods full,hash,cafe,cafe-ml,offline,mch,ce,robe --baseline hash --compression 100 $R
+    --methods full,hash,cafe,cafe-ml,cafe:hot_policy=top,cafe-ml:hot_policy=top,offline,mch,ce,robe --baseline hash \
+    --compression 100 $R
   # CCE's premise: 4 clusters a feature (104 in all); cce-paper's k = 170 rows a column at 100x (the paper's
   # accounting: floats only) against ce at the same floats
   $COMPEMB bench quality --data "$OUT/data-clusters" --out "$OUT/clusters-$recipe" \

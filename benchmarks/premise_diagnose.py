@@ -3,7 +3,7 @@
 - CCE on the clusters set: after training, how well each column's pointers recover the planted clusters (per
   feature, the traffic-weighted share of ids whose pointer's heaviest planted cluster is their own: 1 is perfect).
 - CAFE on the hot set: how many of the planted hot ids of the compressed fields own a hot row at steps 50, 200 and
-  the end, and how many hot rows there are.
+  the end, and how many hot rows there are, under the paper's hot policy and under "top".
 
     python benchmarks/premise_diagnose.py runs/premise   (the sets of benchmarks/premise.sh; ~2 minutes)
 
@@ -29,8 +29,9 @@ def teacher_of(data: Path) -> Teacher:
     return Teacher(SyntheticConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}))
 
 
-def trainer_for(data: Path, method: str, out: Path) -> Trainer:
-    config = TrainConfig(data=str(data), out=str(out), method=method, compression=100, sharing="shared",
+def trainer_for(data: Path, method: str, out: Path, options: dict | None = None) -> Trainer:
+    config = TrainConfig(data=str(data), out=str(out), method=method, method_options=options or {},
+                         compression=100, sharing="shared",
                          embedding_dim=16, bottom=(64,), top=(64,), optimizer="adagrad", lr=0.05, batch_size=2048,
                          evals_per_epoch=3)
     return Trainer(config, overwrite=True)
@@ -62,14 +63,22 @@ def cce_purity(root: Path) -> list[float]:
     return purities
 
 
-def cafe_hot_rows(root: Path) -> dict[str, int]:
+def cafe_hot_rows(root: Path, hot_policy: str = "threshold") -> dict[str, int]:
     data = root / "data-hot"
-    teacher, trainer = teacher_of(data), trainer_for(data, "cafe", root / "diagnose-cafe")
+    teacher = teacher_of(data)
+    trainer = trainer_for(data, "cafe", root / f"diagnose-cafe-{hot_policy}", {"hot_policy": hot_policy})
     table = trainer.model.embeddings.embeddings["shared"]
     offsets = np.concatenate([[0], np.cumsum(teacher.cardinalities)])
     compressed = ~table.field_direct.numpy()
     hot = np.concatenate([ids + offsets[f] for f, ids in enumerate(teacher.hot_ids()) if compressed[f]])
     found = {"planted hot ids (compressed fields)": len(hot), "hot rows": table.hot_rows}
+    # Space-Saving's bound: with m of a batch's score mass spread over s slots, an id whose share of it is below
+    # about 1/s cannot be told from the churn of newcomers (each inherits the bucket's minimum)
+    fields = [f for f in range(len(teacher.cardinalities)) if compressed[f]]
+    shares = np.concatenate([traffic(teacher, f)[teacher.hot_ids()[f]] / len(fields) for f in fields])
+    slots = table.sketch.num_buckets * table.sketch.slots
+    found["sketch slots"] = slots
+    found["planted hot ids with a share of the scored occurrences below 1/slots"] = int((shares < 1 / slots).sum())
     for stop in (50, 200, None):
         trainer.fit(stop_at=stop)
         score, row = table.sketch.query(torch.from_numpy(hot))
@@ -83,5 +92,6 @@ if __name__ == "__main__":
     purity = cce_purity(root)
     print("CCE (cce-paper, 100x): traffic-weighted purity of each column's pointers:",
           ", ".join(f"{p:.3f}" for p in purity))
-    for key, value in cafe_hot_rows(root).items():
-        print(f"CAFE (100x): {key}: {value}")
+    for policy in ("threshold", "top"):
+        for key, value in cafe_hot_rows(root, policy).items():
+            print(f"CAFE (100x, hot_policy={policy}): {key}: {value}")

@@ -45,6 +45,12 @@ Choices where the papers leave room (each class's docstring says more):
   shared row as this step left it; a newcomer to a full bucket takes the lowest-scoring slot that holds no hot id
   (Space-Saving, as the paper's text; the authors' code replaces slot 3); CAFE-ML's second hashed level is a table
   per field, as its first level (a design choice of compemb's, so that the levels share one layout).
+- ``hot_policy="top"`` (compemb's, off by default): on the planted hot set (``benchmarks/premise.sh``) the paper's
+  rule hands the hot rows out first come and never takes them back, since an owner's score settles far above the
+  threshold, and drops a sketch newcomer whose bucket's lowest slot is hot (15 of 72 planted hot ids never entered
+  the sketch). With "top" the rows go to the highest scores above the threshold: a candidate scoring
+  :data:`SWAP_GAIN` times the lowest owner's score takes that owner's row (the owner demoted as by a decay), and a
+  newcomer takes its bucket's lowest slot without a hot id. Measured in ``benchmarks/results/premise.md``.
 - A row that changes owner has its optimizer state reset (:func:`~compemb.embeddings.adaptive.reset_optimizer_rows`)
   when ``on_step_end`` is given the optimizer; updates applied at the next forward have no optimizer to reset.
 """

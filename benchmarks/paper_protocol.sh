@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The papers' own protocol at full Criteo Kaggle cardinalities (issue 34 item 2): 33.8M ids (synth --scale 1), SGD at
+# lr 0.1, batch 128, one epoch, DLRM's MLPs (--protocol cafe-paper), each method against the paper's baseline
+# (hash-fields: a hashed table per field, small fields full) at CAFE's budgets, 5 seeds.
+# Resumable: the data set is made once, finished runs are read back; one budget per call if time is short:
+#   bash benchmarks/paper_protocol.sh [OUT] [BUDGETS]   (default runs/paper "10000 1000")
+# About 2.5 minutes a run on 2 cores (3M train rows at ~20k samples/s): ~55 minutes a budget.
+set -euo pipefail
+OUT=${1:-runs/paper}
+BUDGETS=${2:-"10000 1000"}
+COMPEMB=${COMPEMB:-.venv/bin/compemb}
+[ -f "$OUT/data/manifest.json" ] || \
+  $COMPEMB synth --out "$OUT/data" --train-rows 3000000 --eval-rows 100000 --scale 1 --seed 0
+for budget in $BUDGETS; do
+  $COMPEMB bench quality --protocol cafe-paper --data "$OUT/data" --out "$OUT/cafe-${budget}x" \
+    --methods hash-fields,cafe,cafe:hot_policy=top,hash,ce,robe --compression "$budget" --seeds 5
+done
