@@ -1,8 +1,10 @@
 """The CAFE authors' per-field layout, shared by ``cafe``/``cafe-ml`` and ``hash-fields`` (their hash baseline).
 
 In one shared collection (``blocks``: the features' sizes, in id order) each field gets a hashed table of its own,
-its rows in proportion to its ids, and a field of n ids with ``n x ratio <= FULL_FIELD_IDS`` keeps a row per id
-(HugoZHL/CAFE ``embeddings/init_embed.py``). compemb's deviations: full fields are kept smallest first while they
+its rows in proportion to its ids, and a small field keeps a row per id: n ids with ``n <= 400 / (1 + log2(ratio))``
+(HugoZHL/CAFE ``embeddings/init_embed.py``: ``compress_threshold = 400 / (1 - log2(compress_rate))``; 28 ids at
+10,000x, 36 at 1,000x, 52 at 100x, 92 at 10x). Until 2026-12-06 compemb read the rule as ``n x ratio <= 2000``,
+which keeps no field full at 1,000x and above. compemb's deviations: full fields are kept smallest first while they
 take at most half the budget (the authors' rule alone can spend all of a small set's budget on them), and the
 largest field is always compressed.
 """
@@ -14,18 +16,26 @@ from collections.abc import Sequence
 
 from compemb.budget import FLOAT_BYTES
 
-FULL_FIELD_IDS = 2000  # the authors' rule: a field of n ids with n x ratio <= 2000 stays uncompressed
+FULL_FIELD_SCALE = 400  # the authors' rule: a field of n <= 400 / (1 + log2(ratio)) ids stays uncompressed
+
+
+def full_field_ids(ratio: float | None) -> float:
+    """The most ids a field may have and stay uncompressed at ``ratio`` (the authors' rule; None: none stays)."""
+    if ratio is None or not math.isfinite(ratio):
+        return 0.0
+    return FULL_FIELD_SCALE / (1 + math.log2(max(ratio, 1.0)))
 
 
 def plan_fields(sizes: Sequence[int], embedding_dim: int, ratio: float | None, budget_bytes: int) -> list[bool]:
     """Which fields stay full: the authors' rule, smallest first while the full ones take at most half the budget;
     never the largest."""
     sizes = [int(n) for n in sizes]
+    most = full_field_ids(ratio)
     full, spent = [False] * len(sizes), 0
     largest = sizes.index(max(sizes))
     for f in sorted(range(len(sizes)), key=lambda f: (sizes[f], f)):
         cost = sizes[f] * embedding_dim * FLOAT_BYTES
-        if f != largest and sizes[f] * (ratio or math.inf) <= FULL_FIELD_IDS and spent + cost <= budget_bytes / 2:
+        if f != largest and sizes[f] <= most and spent + cost <= budget_bytes / 2:
             full[f], spent = True, spent + cost
     return full
 

@@ -14,7 +14,7 @@ layout is the authors' (HugoZHL/CAFE, ``embeddings/init_embed.py``, ``sk_embeddi
 hot table shared by every field (the sketch keys ids by their offset in the collection), a hashed table per field
 whose rows are the field's share of the hashed budget in proportion to its ids (the authors: ``ceil(rate x
 hash_rate x n_f)``), importance normalised per field per batch (``grad_norm x N / sum(grad_norm)`` over the field's
-N occurrences), and a field of n ids with ``n x ratio <= 2000`` left uncompressed (rows of its own; its ids never
+N occurrences), and a field of n ids with ``n <= 400 / (1 + log2(ratio))`` left uncompressed (rows of its own; its ids never
 enter the sketch). Remaining deviations: the budget is honest (full fields, sketch, owners, hashes and the field
 table all count; the authors size the hot table as ``rate x (1 - hash_rate) x sum n x 4d / (4d + 48)`` and the
 full fields come on top); full fields are kept smallest first while they take at most half the budget; the
@@ -219,9 +219,9 @@ class _CAFE(AdaptiveEmbedding):
 
     def _plan_fields(self, blocks: Sequence[int] | None, ratio: float | None, budget_bytes: int
                      ) -> list[tuple[int, bool]]:
-        """``(ids, kept full)`` per field: one field without ``blocks``; with them the authors' rule (n x ratio <=
-        2000 stays full), smallest first while the full fields take at most half the budget (the authors' rule
-        alone can spend all of a small set's budget on them); the largest field is always compressed."""
+        """``(ids, kept full)`` per field: one field without ``blocks``; with them the authors' rule (a field of n <=
+        400 / (1 + log2(ratio)) ids stays full), smallest first while the full fields take at most half the budget
+        (the authors' rule alone can spend all of a small set's budget on them); the largest field is always compressed."""
         if blocks is None:
             return [(self.num_embeddings or 0, False)]
         sizes = [int(n) for n in blocks]
