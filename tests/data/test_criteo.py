@@ -302,7 +302,8 @@ def test_preprocess_workers_are_stopped_when_their_parent_is_killed():
     parent = subprocess.Popen([sys.executable, "-c", script])
     try:
         workers: list[int] = []
-        for _ in range(600):  # until both workers are up (a fresh interpreter imports torch first)
+        for _ in range(3000):  # until both workers are up (a fresh interpreter imports torch first: on a loaded
+            # machine that alone took over a minute)
             children = Path(f"/proc/{parent.pid}/task/{parent.pid}/children")
             workers = [int(pid) for pid in children.read_text().split()] if children.exists() else []
             if len(workers) == 2:
