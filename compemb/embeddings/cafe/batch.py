@@ -65,7 +65,8 @@ class CAFETables:
         first = self.tables[0]
         return len(self.tables) > 1 and device_path(ids) and all(
             table.sketch._merges and table.blocks is None and not table.merge_on_demote
-            and table.hot_policy == "threshold" and not table._has_full_fields and table.levels == first.levels and table.importance == first.importance
+            and table.hot_policy == "threshold" and not table._has_full_fields and table.levels == first.levels
+            and table.importance == first.importance
             and table.sketch.slots == first.sketch.slots and table.sketch.keys.device == table.weight.device
             for table in self.tables)
 

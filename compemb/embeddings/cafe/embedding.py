@@ -14,9 +14,9 @@ layout is the authors' (HugoZHL/CAFE, ``embeddings/init_embed.py``, ``sk_embeddi
 hot table shared by every field (the sketch keys ids by their offset in the collection), a hashed table per field
 whose rows are the field's share of the hashed budget in proportion to its ids (the authors: ``ceil(rate x
 hash_rate x n_f)``), importance normalised per field per batch (``grad_norm x N / sum(grad_norm)`` over the field's
-N occurrences), and a field of n ids with ``n <= 400 / (1 + log2(ratio))`` left uncompressed (rows of its own; its ids never
-enter the sketch). Remaining deviations: the budget is honest (full fields, sketch, owners, hashes and the field
-table all count; the authors size the hot table as ``rate x (1 - hash_rate) x sum n x 4d / (4d + 48)`` and the
+N occurrences), and a field of n ids with ``n <= 400 / (1 + log2(ratio))`` left uncompressed (rows of its own; its
+ids never enter the sketch). Remaining deviations: the budget is honest (full fields, sketch, owners, hashes and the
+field table all count; the authors size the hot table as ``rate x (1 - hash_rate) x sum n x 4d / (4d + 48)`` and the
 full fields come on top); full fields are kept smallest first while they take at most half the budget; the
 hashed row is a seeded universal hash of the id (the authors: ``id mod rows``); every table starts at the shared
 full table's scale (the authors: per field, ``sqrt(1/n_f)``, and ``sqrt(1/max n)`` for the hot table).
@@ -42,9 +42,10 @@ Choices where the papers leave room (each class's docstring says more):
   100x: 4 rather than 1); ``hash_rate`` then reports the share the hashed rows are left.
 - Where compemb differs from the authors' code and keeps its own way (not measured against theirs): importance is
   inserted after the optimizer step (the authors': before it, ``main.py``), so a promoted id's row starts from its
-  shared row as this step left it; a newcomer to a full bucket takes the lowest-scoring slot that holds no hot id
-  (Space-Saving, as the paper's text; the authors' code replaces slot 3); CAFE-ML's second hashed level is a table
-  per field, as its first level (a design choice of compemb's, so that the levels share one layout).
+  shared row as this step left it; a newcomer to a full bucket takes the lowest-scoring slot unless a hot id holds
+  it, and is then dropped (Space-Saving, as the paper's text; the authors' code replaces slot 3); CAFE-ML's second
+  hashed level is a table per field, as its first level (a design choice of compemb's, so that the levels share one
+  layout).
 - ``hot_policy="top"`` (compemb's, off by default): on the planted hot set (``benchmarks/premise.sh``) the paper's
   rule hands the hot rows out first come and never takes them back, since an owner's score settles far above the
   threshold, and drops a sketch newcomer whose bucket's lowest slot is hot (15 of 72 planted hot ids never entered
@@ -221,7 +222,8 @@ class _CAFE(AdaptiveEmbedding):
                      ) -> list[tuple[int, bool]]:
         """``(ids, kept full)`` per field: one field without ``blocks``; with them the authors' rule (a field of n <=
         400 / (1 + log2(ratio)) ids stays full), smallest first while the full fields take at most half the budget
-        (the authors' rule alone can spend all of a small set's budget on them); the largest field is always compressed."""
+        (the authors' rule alone can spend all of a small set's budget on them); the largest field is always
+        compressed."""
         if blocks is None:
             return [(self.num_embeddings or 0, False)]
         sizes = [int(n) for n in blocks]
@@ -440,15 +442,17 @@ class _CAFE(AdaptiveEmbedding):
         ranked = torch.sort(torch.where(first, now[position], -math.inf), descending=True, stable=True)
         chosen = position[ranked.indices[:limit]]
         wanted = ranked.values[:limit] > -math.inf
-        # free rows first (ascending), then the owned ones from the lowest owner score up (the host path's order)
-        owner_scores = sketch.query(self.owner.to(sketch.keys.device))[0].to(self.owned.device)
-        order = torch.sort(torch.where(self.owned, owner_scores, -math.inf), stable=True).indices[:limit]
-        valid = wanted.to(order.device) & ~self.owned[order]
-        if self.hot_policy == "top":  # an owner is displaced by the candidate of its rank that beats it
+        if self.hot_policy == "top":  # free rows first, then owned ones from the lowest score up (as the host path)
+            owner_scores = sketch.query(self.owner.to(sketch.keys.device))[0].to(self.owned.device)
+            order = torch.sort(torch.where(self.owned, owner_scores, -math.inf), stable=True).indices[:limit]
+            # an owner is displaced by the candidate of its rank that beats it
             displace = wanted.to(order.device) & self.owned[order] & (
                 ranked.values[:limit].to(order.device) > SWAP_GAIN * owner_scores[order])
+            valid = wanted.to(order.device) & ~self.owned[order] | displace
             self._demote_fixed(torch.zeros_like(self.owned).index_put_((order,), displace))  # distinct rows
-            valid |= displace
+        else:
+            order = torch.sort(self.owned.to(torch.uint8), stable=True).indices[:limit]  # free rows first, ascending
+            valid = wanted & ~self.owned[order]
         new_ids = ids[chosen]
         medium = None if before is None else before[chosen] >= self.medium_fraction * self.threshold
         self._promote_fixed(new_ids, order, valid, medium, optimizer)
@@ -457,11 +461,10 @@ class _CAFE(AdaptiveEmbedding):
         """Hot ids scoring below the threshold (and the owners of ``displaced`` rows, a bool per hot row) give
         their rows back, in fixed shapes."""
         sketch = self.sketch
-        gone = sketch.occupied & (sketch.hot_rows >= 0) & (sketch.scores < self.threshold)
+        gone = sketch.scores < self.threshold
         if displaced is not None:
-            gone |= sketch.occupied & displaced.to(gone.device)[sketch.hot_rows.long().clamp_min(0)] & (
-                sketch.hot_rows >= 0)
-        gone = gone.view(-1)
+            gone |= displaced.to(gone.device)[sketch.hot_rows.long().clamp_min(0)]
+        gone = (gone & sketch.occupied & (sketch.hot_rows >= 0)).view(-1)
         rows = sketch.hot_rows.view(-1).long().to(self.weight.device)
         gone_here = gone.to(self.weight.device)
         if self.merge_on_demote:  # what the id learned while hot goes back into its first hashed row
