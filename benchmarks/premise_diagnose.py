@@ -6,6 +6,7 @@
   the end, and how many hot rows there are, under the paper's hot policy and under "top".
 
     python benchmarks/premise_diagnose.py runs/premise   (the sets of benchmarks/premise.sh; ~2 minutes)
+    python benchmarks/premise_diagnose.py runs/premise data-hot4   (CAFE alone, on another hot set)
 
 Model and recipe as premise.sh's Adagrad runs (100x, one shared table, seed 0).
 """
@@ -63,10 +64,10 @@ def cce_purity(root: Path) -> list[float]:
     return purities
 
 
-def cafe_hot_rows(root: Path, hot_policy: str = "threshold") -> dict[str, int]:
-    data = root / "data-hot"
+def cafe_hot_rows(root: Path, hot_policy: str = "threshold", hot_set: str = "data-hot") -> dict[str, int]:
+    data = root / hot_set
     teacher = teacher_of(data)
-    trainer = trainer_for(data, "cafe", root / f"diagnose-cafe-{hot_policy}", {"hot_policy": hot_policy})
+    trainer = trainer_for(data, "cafe", root / f"diagnose-cafe-{hot_set}-{hot_policy}", {"hot_policy": hot_policy})
     table = trainer.model.embeddings.embeddings["shared"]
     offsets = np.concatenate([[0], np.cumsum(teacher.cardinalities)])
     compressed = ~table.field_direct.numpy()
@@ -89,9 +90,11 @@ def cafe_hot_rows(root: Path, hot_policy: str = "threshold") -> dict[str, int]:
 
 if __name__ == "__main__":
     root = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/premise")
-    purity = cce_purity(root)
-    print("CCE (cce-paper, 100x): traffic-weighted purity of each column's pointers:",
-          ", ".join(f"{p:.3f}" for p in purity))
+    hot_set = sys.argv[2] if len(sys.argv) > 2 else "data-hot"
+    if len(sys.argv) <= 2:
+        purity = cce_purity(root)
+        print("CCE (cce-paper, 100x): traffic-weighted purity of each column's pointers:",
+              ", ".join(f"{p:.3f}" for p in purity))
     for policy in ("threshold", "top"):
-        for key, value in cafe_hot_rows(root, policy).items():
-            print(f"CAFE (100x, hot_policy={policy}): {key}: {value}")
+        for key, value in cafe_hot_rows(root, policy, hot_set).items():
+            print(f"CAFE ({hot_set}, 100x, hot_policy={policy}): {key}: {value}")
