@@ -19,6 +19,6 @@ $SWEEP --methods full --seeds 1
 # baselines beside them
 $SWEEP --methods ce,cce-paper,cce-hybrid,robe,hash --compression 1000 --seeds 5
 # the curve the claim is read from: one seed a size. cce-paper at 100x is left out: its clustering of C3 (10.1M ids
-# into 43,605 centroids a column) did not end in 9 minutes on a core here (a GPU's job)
+# into 43,605 centroids a column) did not end in 7 minutes on a core here (a GPU's job)
 $SWEEP --methods ce,cce-hybrid,hash,robe --compression 10000,100 --seeds 1
 $SWEEP --methods cce-paper --compression 10000 --seeds 1

@@ -12,17 +12,17 @@ ADAGRAD="$MODEL --optimizer adagrad --lr 0.05 --epochs 1 --evals-per-epoch 3"
 # the README's recipe: Adam 0.001 (tables 0.01), two epochs, the best of 6 validation checkpoints
 ADAM="$MODEL --optimizer adam --lr 0.001 --table-optimizer adam --table-lr 0.01 --epochs 2 --evals-per-epoch 3"
 [ -f "$OUT/data-hot/manifest.json" ] || $COMPEMB synth --out "$OUT/data-hot" $ROWS --premise hot --hot-ids 8
-# the hot set with 4 strong ids a feature: every one of them has more than 1/272 of the scored traffic, so CAFE's
-# sketch can see them (with 8, 27 of the 64 in the compressed fields cannot be told from the churn)
+# the hot set with 4 strong ids a feature: 35 of the 36 in the fields CAFE compresses have more than 1/272 of the
+# scored traffic, so its sketch can see them (with 8, 30 of the 72 cannot be told from the churn)
 [ -f "$OUT/data-hot4/manifest.json" ] || $COMPEMB synth --out "$OUT/data-hot4" $ROWS --premise hot --hot-ids 4
 [ -f "$OUT/data-clusters/manifest.json" ] || $COMPEMB synth --out "$OUT/data-clusters" $ROWS --premise clusters --clusters 4
 for recipe in adagrad adam; do
   if [ $recipe = adagrad ]; then R=$ADAGRAD; else R=$ADAM; fi
-  # CAFE's premise: 8 hot ids a feature (64 in the 8 features of more than 20 ids) against 339 hashed rows at 100x
+  # CAFE's premise: 8 hot ids a feature (72 in the 9 fields CAFE compresses) against 339 hashed rows at 100x
   $COMPEMB bench quality --data "$OUT/data-hot" --out "$OUT/hot-$recipe" \
     --methods full,hash,cafe,cafe-ml,cafe:hot_policy=top,cafe-ml:hot_policy=top,offline,mch,ce,robe --baseline hash \
     --compression 100 $R
-  # the same with 4 strong ids a feature, all of them above 1/272 of the scored traffic: CAFE's sketch can see them
+  # the same with 4 strong ids a feature (hot4): CAFE's sketch can see them
   $COMPEMB bench quality --data "$OUT/data-hot4" --out "$OUT/hot4-$recipe" \
     --methods hash,cafe,cafe:hot_policy=top,offline,ce,robe,cafe-ml,mch --baseline hash --compression 100 $R
   # CCE's premise: 4 clusters a feature (104 in all); cce-paper's k = 170 rows a column at 100x (the paper's
