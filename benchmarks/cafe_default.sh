@@ -8,5 +8,5 @@ COMPEMB=${COMPEMB:-.venv/bin/compemb}
 [ -f "$OUT/data/manifest.json" ] || $COMPEMB synth --out "$OUT/data" --train-rows 4500000 --eval-rows 200000 --scale 0.1 --seed 0
 $COMPEMB bench quality --data "$OUT/data" --out "$OUT/cafe-default" \
   --methods cafe:hash_rate=0.1:threshold=30,cafe:hash_rate=0.1:threshold=500 --baseline cafe:hash_rate=0.1:threshold=30 \
-  --compression 10000 --seeds 5 --sharing shared --dim 16 --bottom 256,64 --top 256,64 --optimizer adagrad --lr 0.05 \
+  --compression 10000 --seeds 5 --sharing shared --dim 16 --bottom 256,64 --top 256,64 --optimizer adagrad --lr 0.05 --table-optimizer adagrad --table-lr 0.05 \
   --batch-size 2048 --epochs 1 --evals-per-epoch 6

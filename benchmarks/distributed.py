@@ -57,7 +57,8 @@ def worker(data: str, out: str, method: str) -> None:
         setattr(distributed, name, timed(name, getattr(distributed, name)))
     train.gather_pending = timed("gather_pending", train.gather_pending)  # every adaptive table's, once a step
     config = TrainConfig(data=data, out=out, method=method, compression=100, embedding_dim=16, bottom=(64,),
-                         top=(64,), optimizer="adagrad", lr=0.05, batch_size=2048, epochs=1, seed=0,
+                         top=(64,), optimizer="adagrad", lr=0.05,
+                         table_optimizer=None, table_lr=None, batch_size=2048, epochs=1, seed=0,
                          checkpoint_minutes=0, method_options={"cluster_every": 40} if method == "cce" else {})
     trainer = Trainer(config, overwrite=True)
     result = trainer.fit()

@@ -30,7 +30,8 @@ RATIO = 100
 
 def base_config(data: str, out: str, init: str) -> TrainConfig:
     """make run's settings (see the Makefile), with the init under test."""
-    return TrainConfig(data=data, out=out, sharing="shared", optimizer="adagrad", lr=0.05, batch_size=2048,
+    return TrainConfig(data=data, out=out, sharing="shared", optimizer="adagrad", lr=0.05,
+                       table_optimizer=None, table_lr=None, batch_size=2048,
                        bottom=(64,), top=(64,), epochs=1, evals_per_epoch=3, init=init,
                        method_options={"cluster_every": 40})
 

@@ -58,7 +58,8 @@ BELOW_TEN = (["hash", "qr", "ce", "cce", "cafe"], [2, 5])
 
 def base_config(data: str, out: str) -> TrainConfig:
     """The settings every run of the experiment shares."""
-    return TrainConfig(data=data, out=out, sharing="shared", optimizer="adagrad", lr=0.05, batch_size=2048,
+    return TrainConfig(data=data, out=out, sharing="shared", optimizer="adagrad", lr=0.05,
+                       table_optimizer=None, table_lr=None, batch_size=2048,
                        bottom=(256, 64), top=(256, 64), evals_per_epoch=6)  # CCE: its default schedule
 
 

@@ -5,7 +5,7 @@
 # Resumable: the data set is made once, finished runs are read back; one budget per call if time is short:
 #   bash benchmarks/paper_protocol.sh [OUT] [BUDGETS]   (default runs/paper "10000 1000")
 # 2.5-4 minutes a run on 2 cores (3M train rows at 12k-20k samples/s): ~2 hours a budget with every method.
-# Measured so far (benchmarks/results/paper_protocol.md): 10,000x, every method.
+# Measured (benchmarks/results/paper_protocol.md): 10,000x and 1,000x, every method, 5 seeds.
 set -euo pipefail
 OUT=${1:-runs/paper}
 BUDGETS=${2:-"10000 1000"}

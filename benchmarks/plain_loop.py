@@ -32,6 +32,7 @@ def train_compemb(plain: PlainConfig, out: str) -> dict[str, float]:
     """The same run through compemb's Trainer (full table, one evaluation at the end)."""
     config = TrainConfig(data=plain.data, out=out, method="full", embedding_dim=plain.embedding_dim,
                          bottom=plain.bottom, top=plain.top, optimizer=plain.optimizer, lr=plain.lr,
+                         table_optimizer=None, table_lr=None,
                          batch_size=plain.batch_size, epochs=plain.epochs, seed=plain.seed, init=plain.init)
     trainer = Trainer(config, overwrite=True)
     last = trainer.fit()

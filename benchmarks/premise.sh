@@ -8,7 +8,7 @@ COMPEMB=${COMPEMB:-.venv/bin/compemb}
 ROWS="--train-rows 1000000 --eval-rows 50000 --scale 1e-3 --seed 0"
 MODEL="--sharing shared --dim 16 --bottom 64 --top 64 --batch-size 2048 --seeds 5"
 # make run's recipe: Adagrad 0.05, one epoch, the best of 3 validation checkpoints
-ADAGRAD="$MODEL --optimizer adagrad --lr 0.05 --epochs 1 --evals-per-epoch 3"
+ADAGRAD="$MODEL --optimizer adagrad --lr 0.05 --table-optimizer adagrad --table-lr 0.05 --epochs 1 --evals-per-epoch 3"
 # the README's recipe: Adam 0.001 (tables 0.01), two epochs, the best of 6 validation checkpoints
 ADAM="$MODEL --optimizer adam --lr 0.001 --table-optimizer adam --table-lr 0.01 --epochs 2 --evals-per-epoch 3"
 [ -f "$OUT/data-hot/manifest.json" ] || $COMPEMB synth --out "$OUT/data-hot" $ROWS --premise hot --hot-ids 8

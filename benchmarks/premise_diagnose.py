@@ -33,7 +33,8 @@ def teacher_of(data: Path) -> Teacher:
 def trainer_for(data: Path, method: str, out: Path, options: dict | None = None) -> Trainer:
     config = TrainConfig(data=str(data), out=str(out), method=method, method_options=options or {},
                          compression=100, sharing="shared",
-                         embedding_dim=16, bottom=(64,), top=(64,), optimizer="adagrad", lr=0.05, batch_size=2048,
+                         embedding_dim=16, bottom=(64,), top=(64,), optimizer="adagrad", lr=0.05,
+                         table_optimizer=None, table_lr=None, batch_size=2048,
                          evals_per_epoch=3)
     return Trainer(config, overwrite=True)
 

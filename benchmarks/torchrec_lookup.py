@@ -42,7 +42,7 @@ def measure(method: str, num_ids: int, rounds: int, steps: int) -> dict:
     """Seconds per forward+backward of each, and the median ratio."""
     configs = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=DIM, num_embeddings=num_ids, feature_names=[f"f{i}"])
                for i in range(FEATURES)]
-    adapter = CompressedEmbeddingBagCollection(configs, method, compression=100, seed=0, sparse=True)
+    adapter = CompressedEmbeddingBagCollection(configs, method=method, compression=100, seed=0, sparse=True)
     own = EmbeddingCollection([Feature(f"t{i}", num_ids) for i in range(FEATURES)], DIM, method, compression=100,
                               seed=0, sparse=True)
     generator = torch.Generator().manual_seed(0)

@@ -15,8 +15,12 @@ from typing import Any
 
 from compemb import __version__
 from compemb.protocols import PROTOCOLS
+from compemb.feature_methods import any_method, is_per_feature
 from compemb.registry import METHODS, parse_method_spec, summarize_methods
 from compemb.train import TrainConfig
+
+# TrainConfig's settings no flag sets: a --config file or a resumed checkpoint may still give them
+NOT_ON_THE_COMMAND_LINE = ("eval_split", "eval_batch_size", "checkpoint_epochs")
 
 
 def _megabytes(num_bytes: int) -> str:
@@ -24,7 +28,10 @@ def _megabytes(num_bytes: int) -> str:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    """Print every method with its parameter formula and its size for one table at one compression."""
+    """Print every method with its parameter formula and its size for one table at one compression; with
+    ``--data``, each feature of that data set: its method (``--method``), its table's bytes and ratio."""
+    if args.data is not None:
+        return _feature_methods(args)
     rows = summarize_methods(args.num_embeddings, args.dim, args.compression)
     print(f"Methods for a {args.num_embeddings:,} x {args.dim} table at compression {args.compression:g}")
     print(f"(full fp32 table: {_megabytes(args.num_embeddings * args.dim * 4)}; full is shown uncompressed)\n")
@@ -42,6 +49,36 @@ def cmd_methods(args: argparse.Namespace) -> int:
     notes = [f"  {row.name}: {row.sizes}" for row in rows if row.sizes]
     if notes:
         print("\nSizes the budget chose:", *notes, sep="\n")
+    return 0
+
+
+def _feature_methods(args: argparse.Namespace) -> int:
+    """``compemb methods --data D --method SPEC --compression R``: the tables a run would build, feature by feature
+    (sized on the meta device: nothing allocated, so a full Terabyte-sized set is shown in a moment)."""
+    from compemb.budget import full_table_bytes
+    from compemb.collection import EmbeddingCollection, Feature
+    from compemb.data.dataset import open_dataset
+
+    manifest, _ = open_dataset(args.data)
+    features = [Feature(f"C{i + 1}", n) for i, n in enumerate(manifest["cardinalities"])]
+    features += [Feature(bag["name"], int(bag["cardinality"]), bag["pooling"]) for bag in manifest.get("bags", ())]
+    budget = {"compression": args.compression} if any_method(args.method, "compresses") else {}
+    collection = EmbeddingCollection(features, args.dim, args.method, sharing=args.sharing, device="meta", **budget)
+    memory = collection.memory()
+    full = {f.name: full_table_bytes(f.num_embeddings, args.dim) for f in features}
+    print(f"{args.method} over {args.data} at dim {args.dim}, {args.sharing}: tables {_megabytes(memory.total)}, "
+          f"{sum(full.values()) / memory.total:.1f}x smaller than the full tables ({_megabytes(sum(full.values()))})\n")
+    header = f"{'feature':<10} {'ids':>13} {'method':<28} {'bytes stored':>14} {'ratio':>8}"
+    print(header)
+    print("-" * len(header))
+    for name, table in collection.embeddings.items():
+        report = memory.per_feature.get(name, table.memory())
+        ids = table.num_embeddings or 0
+        whole = full.get(name, sum(full.values()))
+        asked = collection.methods.get(name, collection.method)
+        # a small feature the budget keeps full whatever its method (see EmbeddingCollection)
+        kind = asked if table.compresses or asked == "full" else f"full (kept; {asked} asked)"
+        print(f"{name:<10} {ids:>13,} {kind:<28} {report.total:>14,} {whole / report.total:>7.1f}x")
     return 0
 
 
@@ -99,6 +136,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     overrides = dict(_override(text) for text in args.override)
     config = replace(_train_config(args, args.out), **overrides)
+    if args.print_config:  # the settings this command would train with, as a --config file holds them
+        from compemb.run_config import config_text
+
+        print(config_text(config), end="")
+        return 0
     resume = args.resume or args.resume_or_start or args.resume_from != "last"
     if overrides and not resume:
         raise ValueError("--override changes a setting of the run being resumed: give it with --resume")
@@ -112,14 +154,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         return subprocess.run(command).returncode
     trainer = Trainer(config, resume=resume, start_if_missing=args.resume_or_start, resume_from=args.resume_from,
                       allow_changes=tuple(overrides), overwrite=args.overwrite, quiet=args.quiet,
-                      log_every=args.log_every)
+                      log_every=args.log_every, tensorboard=args.tensorboard)
     result = trainer.fit()
     if distributed.rank() == 0:
         from compemb.run_plot import plot_run
 
         curves = plot_run(config.out)
-        print(json.dumps(result, indent=2) if args.json else
-              _summary(result, trainer, config.eval_split) + f"\ncurves: {curves}")
+        best = trainer.best or result
+        print(json.dumps({**result, **_costs(trainer)}, indent=2) if args.json else
+              _summary(result, trainer, config.eval_split) + f"\nbest: {config.eval_split} BCE {best['bce']:.4f}, AUC "
+              f"{best['auc']:.4f} at step {best['step']:,} (checkpoints/best: what eval, export and --test use)"
+              f"\ncurves: {curves}")
     if distributed.launched():  # see exit_rank: a rank's teardown can deadlock in gloo
         distributed.exit_rank(0)
     return 0
@@ -163,7 +208,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     trainer = Trainer(TrainConfig(**meta["config"]))
     trainer.load(stem)
     result = {"step": trainer.step, **trainer.evaluate(args.split)}
-    print(json.dumps(result, indent=2) if args.json else _summary(result, trainer, args.split))
+    print(json.dumps({**result, **_costs(trainer)}, indent=2) if args.json else _summary(result, trainer, args.split))
     return 0
 
 
@@ -177,23 +222,32 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def _summary(result: dict, trainer: Any, split: str) -> str:
     """A run's evaluation as a person reads it: the metrics, then what the tables cost."""
-    from compemb.budget import full_table_bytes
-
     metrics = f"{split} at step {result.get('step', trainer.step):,}: BCE {result['bce']:.4f}"
     if result.get("bayes_bce") is not None:
         metrics += f" (Bayes {result['bayes_bce']:.4f}, gap {result['gap_to_bayes']:+.2%})"
     metrics += f", AUC {result['auc']:.4f}"
     if "train_loss" in result:
         metrics += f"; train loss {result['train_loss']:.4f}"
-    collection, config = trainer.model.embeddings, trainer.config
-    stored = collection.memory().total
-    full = sum(full_table_bytes(f.num_embeddings, collection.embedding_dim) for f in collection.features)
+    costs, config = _costs(trainer), trainer.config
+    stored = costs["table_bytes"]
     asked = f" ({config.compression:g}x asked)" if config.compression else ""
-    cost = (f"{config.method}: tables {_megabytes(stored)} ({stored // 4:,} params), {full / stored:.1f}x smaller than "
-            f"the full tables{asked}")
+    compressed = f"{costs['ratio']:.1f}x smaller than the full tables{asked}" \
+        if any_method(config.method, "compresses") else "the full tables, uncompressed"
+    cost = f"{config.method}: tables {_megabytes(stored)} ({costs['params']:,} params), {compressed}"
     if result.get("samples_per_s"):
         cost += f"; {result['samples_per_s']:,.0f} samples/s"
     return f"{metrics}\n{cost}; run in {config.out}"
+
+
+def _costs(trainer: Any) -> dict[str, Any]:
+    """What a run's tables cost: method, the ratio asked and reached, params, stored and full bytes."""
+    from compemb.budget import full_table_bytes
+
+    collection, config = trainer.model.embeddings, trainer.config
+    stored = collection.memory().total
+    full = sum(full_table_bytes(f.num_embeddings, collection.embedding_dim) for f in collection.features)
+    return {"method": config.method, "compression_asked": config.compression, "params": stored // 4,
+            "table_bytes": stored, "full_table_bytes": full, "ratio": full / stored}
 
 
 def _megabytes(size: int) -> str:
@@ -209,6 +263,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"  embedding tables: memory() {report['embedding_memory_bytes']:,} bytes, stored "
           f"{report['stored_embedding_bytes']:,} (training-only state left out: {len(report['dropped'])} tensors)")
     print(f"  MLPs: {report['mlp_bytes']:,} bytes; vocabulary: {report['vocabulary_bytes']:,} bytes")
+    print(f"  it scores {report['reads']}")
     return 0
 
 
@@ -218,13 +273,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     counts = predict_file(args.model, args.input, args.out, labeled=True if args.labeled else None,
                           max_memory=args.max_memory)
+    report = sys.stderr if args.out == "-" else sys.stdout  # "-": the scores are standard output, the report not
     if counts["labeled"] and not args.labeled:
-        print(f"{args.input}: its lines start with a label column (40 fields): scored as labelled (--labeled)")
+        print(f"{args.input}: its lines start with a label column (40 fields): scored as labelled (--labeled)",
+              file=report)
     rejected = f", {counts['rejected']:,} rejected {counts['rejected_by_reason']} (written as nan)" \
         if counts["rejected"] else ""
-    print(f"wrote {args.out}: {counts['rows_scored']:,} of {counts['rows_read']:,} lines scored{rejected}")
+    where = "standard output" if args.out == "-" else args.out
+    print(f"wrote {where}: {counts['rows_scored']:,} of {counts['rows_read']:,} lines scored{rejected}", file=report)
     if "log_loss" in counts:
-        print(f"against the labels: log loss {counts['log_loss']:.4f}, AUC {counts['auc']:.4f}")
+        print(f"against the labels: log loss {counts['log_loss']:.4f}, AUC {counts['auc']:.4f}", file=report)
     return 0
 
 
@@ -235,11 +293,27 @@ def _train_config(args: argparse.Namespace, out: str, compression: float | None 
     if compression is None:  # a command's --compression, where it is one number (sweeps take a list)
         given = getattr(args, "compression", None)
         compression = given if isinstance(given, (int, float)) else None
-    method, options = parse_method_spec(getattr(args, "method", "full"))
-    if getattr(args, "cluster_every", None) is not None:  # methods that cluster take it; the others drop it
+    if args.data is None:
+        resume = ", or --resume a run" if getattr(args, "run", None) is cmd_train else ""
+        raise ValueError(f"give --data (a data set of compemb synth or preprocess) or a --config file that names "
+                         f"it{resume}")
+    if out is None:
+        raise ValueError("give --out (the run directory), or a --config file that names it")
+    spec = getattr(args, "method", "full")
+    if is_per_feature(spec):  # "C1,C2=full;*=hash": each part carries its options
+        method, options = spec, {}
+        if getattr(args, "cluster_every", None) is not None:
+            raise ValueError("--cluster-every with a method per feature: give it in the part that clusters (e.g. "
+                             "'C3=cce:cluster_every=200;*=hash')")
+    else:
+        method, options = parse_method_spec(spec)
+    if getattr(args, "cluster_every", None) is not None and not is_per_feature(spec):  # methods that cluster take it
         options.setdefault("cluster_every", args.cluster_every)
+    # a config file's or a resumed checkpoint's settings that no flag sets (eval_split, eval_batch_size, ...)
+    settings = {key: value for key, value in getattr(args, "settings", {}).items()
+                if key in NOT_ON_THE_COMMAND_LINE}
     return TrainConfig(
-        data=args.data, out=out, method=method, compression=compression, num_params=getattr(args, "num_params", None),
+        **settings, data=args.data, out=out, method=method, compression=compression, num_params=getattr(args, "num_params", None),
         model=args.model, embedding_dim=args.dim, bottom=_widths(args.bottom), top=_widths(args.top),
         optimizer=args.optimizer, lr=args.lr, table_optimizer=args.table_optimizer, table_lr=args.table_lr,
         batch_size=args.batch_size, epochs=args.epochs,
@@ -331,31 +405,38 @@ def cmd_lstsq(args: argparse.Namespace) -> int:
 
 
 def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, help="a preprocessed data set (compemb synth / preprocess)")
-    parser.set_defaults(training_parser=parser)  # where --protocol sets its defaults
+    parser.add_argument("--data", default=None, help="a preprocessed data set (compemb synth / preprocess)")
+    parser.set_defaults(training_parser=parser)  # where --protocol, --config and --resume set their defaults
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="the settings from a TOML (or YAML) file of TrainConfig's fields, as --print-config and "
+                             "a run's config.toml hold them; flags given beside it win")
     parser.add_argument("--protocol", choices=tuple(PROTOCOLS), default=None,
-                        help="a founding paper's settings as the defaults (flags beside it win): cafe-paper (SGD 0.1, "
-                             "batch 128, one epoch, one shared table; baseline hash-fields) or cce-paper (DLRM's SGD "
-                             "0.1, batch 128, one epoch, validation every 1/6 epoch; baseline ce)")
+                        help="a paper's settings as the defaults (flags beside it win): dlrm (DLRM's SGD 0.1 for MLPs "
+                             "and tables, batch 2048, evaluated at the end: compemb's defaults before 2026-12-06), "
+                             "cafe-paper (SGD 0.1, batch 128, one epoch, one shared table; baseline hash-fields) or "
+                             "cce-paper (DLRM's SGD 0.1, batch 128, one epoch, validation every 1/6 epoch; baseline ce)")
     parser.add_argument("--model", choices=("dlrm", "dcn"), default="dlrm", help="DLRM or DCN-v2")
     parser.add_argument("--dim", type=int, default=16, help="embedding dim of every feature")
     parser.add_argument("--bottom", default="512,256,64", help="bottom MLP widths (it ends in --dim)")
     parser.add_argument("--top", default="512,256", help="top (DLRM) or deep (DCN) MLP widths")
-    parser.add_argument("--optimizer", choices=("sgd", "adagrad", "adam", "adam_dense"), default="sgd",
-                        help="the MLPs' optimizer, and the tables' unless --table-optimizer is given; sparse table "
-                             "gradients for all; adam updates only the rows a batch touched "
-                             "(compemb.optim.RowAdam), adam_dense every row every step (torch's Adam)")
-    parser.add_argument("--lr", type=float, default=0.1,
-                        help="the MLPs' learning rate, and the tables' unless --table-lr is given")
+    parser.add_argument("--optimizer", choices=("sgd", "adagrad", "adam", "adam_dense"), default="adam",
+                        help="the MLPs' optimizer (the default recipe, Adam 1e-3 for the MLPs and row-wise Adam 1e-2 "
+                             "for the tables, is the best of benchmarks/results/default_recipe.md; --protocol dlrm: "
+                             "SGD 0.1 for all)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="the MLPs' learning rate")
     parser.add_argument("--table-optimizer", choices=("sgd", "adagrad", "rowwise_adagrad", "adam", "adam_dense"),
-                        default=None, help="the tables' own optimizer (rowwise_adagrad: one accumulator per row, "
-                                           "TorchRec's default) (default: --optimizer's)")
-    parser.add_argument("--table-lr", type=float, default=None, help="the tables' learning rate (default: --lr)")
+                        default="adam", help="the tables' own optimizer; sparse gradients for all but adam_dense: adam "
+                                             "updates only the rows a batch touched (compemb.optim.RowAdam), "
+                                             "adam_dense every row every step (torch's Adam); rowwise_adagrad: one "
+                                             "accumulator per row, TorchRec's default")
+    parser.add_argument("--table-lr", type=float, default=1e-2, help="the tables' learning rate")
     parser.add_argument("--batch-size", type=int, default=2048, help="training rows per step")
     parser.add_argument("--epochs", type=int, default=1, help="passes over the training split")
-    parser.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: at the end)")
-    parser.add_argument("--evals-per-epoch", type=int, default=0,
-                        help="evaluate this many times per epoch, evenly (the CCE paper: 6); overrides --eval-every")
+    parser.add_argument("--eval-every", type=int, default=0,
+                        help="evaluate every N steps and at the end (0: as --evals-per-epoch says)")
+    parser.add_argument("--evals-per-epoch", type=int, default=1,
+                        help="evaluate exactly N times per epoch, evenly, the last at its end (the CCE paper: 6; 0: "
+                             "only at the end of the run); the best of them is checkpoints/best")
     parser.add_argument("--init", choices=("dlrm", "uniform_dim"), default="dlrm",
                         help="table init: DLRM's U(+-sqrt(1/n)) per table of n ids, or U(+-1/sqrt(dim))")
     parser.add_argument("--sharing", choices=("per_feature", "shared"), default="per_feature",
@@ -468,6 +549,12 @@ def build_parser() -> argparse.ArgumentParser:
     methods.add_argument("--num-embeddings", type=int, default=10_000_000, help="ids of the table the sizes are for")
     methods.add_argument("--dim", type=int, default=16, help="embedding dim")
     methods.add_argument("--compression", type=float, default=100, help="the ratio asked of every method")
+    methods.add_argument("--data", default=None,
+                         help="instead: the tables a run on this data set would build, each feature's method and bytes")
+    methods.add_argument("--method", default="hash",
+                         help="with --data: a method, or one per feature ('C1,C2=full;C3=cce-hybrid;*=hash')")
+    methods.add_argument("--sharing", choices=("per_feature", "shared"), default="per_feature",
+                         help="with --data: a table per feature, or one shared table")
     methods.set_defaults(run=cmd_methods)
 
     synth = commands.add_parser("synth", help="generate synthetic Criteo-like data with a known best loss")
@@ -529,7 +616,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a model on a preprocessed data set")
     _add_training_arguments(train)
-    train.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl)")
+    train.add_argument("--out", default=None, help="run directory (checkpoints, metrics.jsonl, train.log, config.toml)")
+    train.add_argument("--print-config", action="store_true",
+                       help="print the settings as a --config file (TOML) and exit without training")
     train.add_argument("--method", default="full",
                        help="a method of `compemb methods`; options as NAME:KEY=VALUE:... (e.g. cce:cluster_every=200)")
     train.add_argument("--compression", type=float, default=None, help="the ratio to compress every table by")
@@ -537,14 +626,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the tables' budget in 4-byte floats instead of a ratio (what a budget error names)")
     train.add_argument("--seed", type=int, default=0, help="seeds the tables, the hashes, the MLPs and --shuffle")
     train.add_argument("--resume", action="store_true",
-                       help="continue from the run's last checkpoint (an error if it has none, or other settings)")
+                       help="continue the run in --out from its last checkpoint, with its settings (a flag that "
+                            "differs is refused; --override changes what may change)")
     train.add_argument("--json", action="store_true", help="print the last evaluation as JSON instead of a summary")
     train.add_argument("--quiet", action="store_true", help="no progress bar or progress lines")
     train.add_argument("--log-every", type=int, default=100, metavar="N",
                        help="where stderr is not a terminal: a plain progress line every N steps instead of a bar "
                             "(0: none)")
     train.add_argument("--overwrite", action="store_true",
-                       help="replace the run --out holds (its checkpoints and metrics.jsonl; nothing else there)")
+                       help="replace the run --out holds (its checkpoints, metrics.jsonl, train.log and config.toml; "
+                            "nothing else there)")
+    train.add_argument("--tensorboard", default=None, metavar="DIR",
+                       help="also write TensorBoard event files there (train loss, every evaluation); needs the "
+                            "tensorboard package")
     train.add_argument("--resume-or-start", action="store_true",
                        help="as --resume, but start fresh (saying so) where the run has no checkpoint")
     train.add_argument("--resume-from", choices=("last", "previous"), default="last",
@@ -581,7 +675,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict = commands.add_parser("predict", help="score a raw Criteo TSV with an exported model")
     predict.add_argument("--model", required=True, help="a file written by compemb export")
     predict.add_argument("--input", required=True, help="raw Criteo TSV (plain or gzip)")
-    predict.add_argument("--out", required=True, help="one click probability per input line (nan: rejected line)")
+    predict.add_argument("--out", required=True,
+                         help="one click probability per input line (nan: rejected line); '-': standard output")
     predict.add_argument("--labeled", action="store_true",
                          help="the rows start with a label column (train.txt); without it, told by the first line's "
                               "field count; with labels, log loss and AUC are printed")
@@ -657,9 +752,54 @@ def build_parser() -> argparse.ArgumentParser:
     lstsq.add_argument("--signal", type=float, default=0.0,
                        help="sd of X T_true's entries (default 0: Y is pure noise, the paper's setup)")
     lstsq.add_argument("--noise", type=float, default=1.0, help="sd of the noise added to Y")
-    lstsq.add_argument("--out", default="benchmarks/results/lstsq", help="write OUT.md, OUT.json, OUT.png ('': none)")
+    lstsq.add_argument("--out", default="", metavar="STEM",
+                       help="also write STEM.md, STEM.json and STEM.png (e.g. benchmarks/results/lstsq); default: "
+                            "the table on the terminal only")
     lstsq.set_defaults(run=cmd_lstsq)
     return parser
+
+
+def _layered(parser: argparse.ArgumentParser, argv: list[str], args: argparse.Namespace) -> argparse.Namespace:
+    """The arguments with the settings' layers as defaults (compemb.run_config): a ``--protocol``, a ``--config``
+    file, then (``train --resume``) the checkpoint's config; the flags given win over all of them."""
+    from compemb.run_config import cli_defaults, read_config_file
+
+    training = getattr(args, "training_parser", None)
+    if training is None:
+        return args
+    settings: dict[str, Any] = {}
+    if args.protocol:
+        from compemb.protocols import get_protocol
+
+        settings.update(get_protocol(args.protocol).settings)
+    if args.config:
+        settings.update(read_config_file(args.config, TrainConfig))
+    if settings:
+        training.set_defaults(**cli_defaults(settings))
+        args = parser.parse_args(argv)
+    resumed = _resumed_settings(args)
+    if resumed:
+        settings.update(resumed)
+        training.set_defaults(**cli_defaults(settings))
+        args = parser.parse_args(argv)
+    args.settings = settings
+    return args
+
+
+def _resumed_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """``train --resume``: the config of the checkpoint it resumes from (but ``out``); {} for a fresh run."""
+    from compemb.train import CheckpointError, find_checkpoint, read_config
+
+    if args.run is not cmd_train or args.out is None or not (args.resume or args.resume_or_start or
+                                                             args.resume_from != "last"):
+        return {}
+    stem = find_checkpoint(args.out, args.resume_from)
+    if stem is None:
+        if args.resume_or_start:
+            return {}
+        raise CheckpointError(f"{args.out}: no checkpoint to resume from (checkpoints/{args.resume_from}.*); "
+                              f"--resume-or-start starts a fresh run where there is none")
+    return {key: value for key, value in read_config(stem).items() if key != "out"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -667,13 +807,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "protocol", None):  # a paper's settings as the defaults; flags given beside it still win
-        from compemb.protocols import cli_defaults
-
-        args.training_parser.set_defaults(**cli_defaults(args.protocol))
-        args = parser.parse_args(argv)
-    args.argv = argv  # train --nproc hands the command line to torchrun
     try:
+        args = _layered(parser, argv, args)
+        args.argv = argv  # train --nproc hands the command line to torchrun
         return args.run(args)
     except (ValueError, OSError) as error:  # bad input, a missing file, a full disk: one clear line, not a traceback
         print(f"compemb: error: {error}", file=sys.stderr)

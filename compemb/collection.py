@@ -42,6 +42,7 @@ from compemb.budget import (
 )
 from compemb.checks import assert_ids_in_range
 from compemb.embeddings.base import CompressedEmbedding
+from compemb.feature_methods import assign_methods, format_feature_methods, is_per_feature
 from compemb.kernels import device_path
 from compemb.registry import get_method, make_embedding
 from compemb.table_batch import TableBatch
@@ -133,7 +134,11 @@ class EmbeddingCollection(torch.nn.Module):
     Args:
         features: the features, in the order of the id columns.
         embedding_dim: the vectors' size, the same for every feature.
-        method: a registered method name (``compemb.METHODS``).
+        method: a registered method name (``compemb.METHODS``) for every feature, or a method per feature
+            (:mod:`compemb.feature_methods`: ``{"C1": "full", "C3": "cce-hybrid", "*": "hash"}`` or
+            ``"C1=full;C3=cce-hybrid;*=hash"``; per_feature sharing). The features whose method is ``full`` take
+            their full size from the budget first; the others share the rest in proportion to their full sizes,
+            each built by its own method (a small one kept full by the rules below).
         compression, num_params: the budget for all features together (one of the two).
         seed: feature i's table is built with ``seed + i``.
         sharing: ``"per_feature"`` (a table per feature) or ``"shared"`` (one table over all ids); see the module
@@ -145,7 +150,8 @@ class EmbeddingCollection(torch.nn.Module):
             vectorised index computation and one gather over their weights, as TorchRec's table-batched
             embeddings; see :mod:`compemb.table_batch`); ``False``: one lookup per table. Both give the same
             vectors and gradients.
-        options: passed to every compressed table (``sparse=True``, ``columns=4``, ...).
+        options: passed to every compressed table (``sparse=True``, ``columns=4``, ...); ``sparse=True`` gives the
+            tables of methods without rows (dhe, tt) dense gradients, the small features' full tables sparse ones.
 
     Shape:
         ids ``(batch, num_features)``, one id per feature -> ``(batch, num_features, embedding_dim)``. With
@@ -166,7 +172,7 @@ class EmbeddingCollection(torch.nn.Module):
         self,
         features: Sequence[Feature],
         embedding_dim: int,
-        method: str,
+        method: str | Mapping[str, str],
         *,
         compression: float | None = None,
         num_params: int | None = None,
@@ -196,9 +202,24 @@ class EmbeddingCollection(torch.nn.Module):
         self._order = torch.tensor(self.one_hot + self.multi_hot).argsort().tolist()
         self._order_tensor: Tensor | None = None
         self.embedding_dim = embedding_dim
-        self.method = method
+        # one method for every feature, or each its own (compemb.feature_methods): names, options per feature
+        self.method = method if isinstance(method, str) else format_feature_methods(method)
+        if is_per_feature(method):
+            if sharing == "shared":
+                raise ValueError("a method per feature needs sharing='per_feature': one shared table has one method")
+            assigned = assign_methods(method, names)
+        else:
+            get_method(method)  # an unknown name raises, listing the methods
+            assigned = {name: (method, {}) for name in names}
+        self.methods = {name: name_and_options[0] for name, name_and_options in assigned.items()}
+        classes = [get_method(self.methods[f.name]) for f in features]
+        # sparse=True: sparse gradients for every table with rows (the small features' full ones too); dhe's MLP and
+        # tt's cores take dense ones
+        full_sparse = options.get("sparse", False)
+        table_options = [{**options, **assigned[f.name][1], **({"sparse": False} if not cls.sparse_gradients else {})}
+                         for f, cls in zip(features, classes)]
         total = sum(f.num_embeddings for f in features)
-        if compression is None and num_params is None and not get_method(method).compresses:
+        if compression is None and num_params is None and not any(cls.compresses for cls in classes):
             compression = 1
         self.budget = resolve_budget(total, embedding_dim, compression=compression, num_params=num_params)
         self.sharing = sharing
@@ -209,6 +230,7 @@ class EmbeddingCollection(torch.nn.Module):
         self.register_buffer("one_hot_cardinalities", cardinalities[one_hot], persistent=False)
         self.register_buffer("one_hot_offsets", self.offsets[one_hot], persistent=False)
         if self.sharing == "shared":
+            options = table_options[0]
             common: dict[str, Any] = dict(seed=seed, device=device, name="shared")
             if get_method(method).needs_frequencies:  # every feature's counts, end to end as the ids are
                 missing = [f.name for f in features if f.name not in (frequencies or {})]
@@ -220,14 +242,15 @@ class EmbeddingCollection(torch.nn.Module):
             self.embeddings = torch.nn.ModuleDict({"shared": table})
             return
         full_options = {key: value for key, value in options.items()
-                        if key in ("sparse", "mode", "init", "include_last_offset", "padding_idx")}
+                        if key in ("mode", "init", "include_last_offset", "padding_idx")}
+        full_options["sparse"] = full_sparse
 
         def build(index: int, budget_bytes: int | None, last: bool = False) -> CompressedEmbedding:
-            feature = features[index]
+            feature, method, options = features[index], self.methods[features[index].name], table_options[index]
             common: dict[str, Any] = dict(seed=seed + index, device=device, name=feature.name)
             if budget_bytes is None:
                 return make_embedding("full", feature.num_embeddings, embedding_dim, **common, **full_options)
-            if get_method(method).needs_frequencies:  # None when missing: the method says what it needs
+            if classes[index].needs_frequencies:  # None when missing: the method says what it needs
                 common["frequencies"] = (frequencies or {}).get(feature.name)
             params = max(1, budget_bytes // FLOAT_BYTES)
             if last:  # the largest table absorbs the others' rounding: at its nearest size that fits what is left
@@ -248,24 +271,36 @@ class EmbeddingCollection(torch.nn.Module):
         # would reach its full size) at its nearest size; larger tables absorb the smaller ones' rounding,
         # and the total is checked against the budget at the end
         full = [full_table_bytes(f.num_embeddings, embedding_dim) for f in features]
-        # what the method would give each feature (in proportion to its full table, or MDE's power rule)
-        cls = get_method(method)
-        wanted = cls.split_budget([f.num_embeddings for f in features], embedding_dim, self.budget.num_bytes,
-                                  **options)
-        # a proportional split keeps small features full itself (below); a method's own split already decides
-        proportional = cls.split_budget.__func__ is CompressedEmbedding.split_budget.__func__  # type: ignore[attr-defined]
-        order = sorted(range(len(features)), key=lambda index: full[index])
         tables: dict[int, CompressedEmbedding] = {}
-        left_bytes, left_wanted = self.budget.num_bytes, sum(wanted)
+        # the features whose method stores full tables (a method per feature: "C1=full") take their size first
+        for index, cls in enumerate(classes):
+            if not cls.compresses:
+                tables[index] = build(index, None)
+        left_bytes = self.budget.num_bytes - sum(table.budgeted_bytes() for table in tables.values())
+        if tables and len(tables) < len(features) and left_bytes < FLOAT_BYTES:
+            kept = ", ".join(repr(features[i].name) for i in tables)
+            raise BudgetError(f"the features kept full ({kept}) store {self.budget.num_bytes - left_bytes:,} bytes: "
+                              f"more than the budget of {self.budget.num_bytes:,} bytes for every table")
+        # what the method would give each feature (in proportion to its full table, or MDE's power rule); a mix of
+        # methods shares in proportion to the full tables
+        single = len(set(self.methods.values())) == 1
+        cls = classes[0]
+        wanted = cls.split_budget([f.num_embeddings for f in features], embedding_dim, self.budget.num_bytes,
+                                  **table_options[0]) if single else full
+        # a proportional split keeps small features full itself (below); a method's own split already decides
+        proportional = not single or \
+            cls.split_budget.__func__ is CompressedEmbedding.split_budget.__func__  # type: ignore[attr-defined]
+        order = sorted((i for i in range(len(features)) if i not in tables), key=lambda index: full[index])
+        left_wanted = sum(wanted[i] for i in order)
         for position, index in enumerate(order):
             share = left_bytes * wanted[index] / left_wanted
             even_share = left_bytes / (len(order) - position)
             # a table no bigger than an even share of what is left stays full: compressing a 10-id feature
             # into one shared row would erase it for almost no memory
-            if not cls.compresses or share >= full[index] or (proportional and full[index] <= even_share):
+            if share >= full[index] or (proportional and full[index] <= even_share):
                 table = build(index, None)
             elif left_bytes < FLOAT_BYTES:
-                self._explain_budget(method, features, full, options, [i for i in order if i not in tables])
+                self._explain_budget(features, full, table_options, [i for i in order if i not in tables])
                 raise BudgetError(
                     f"a budget of {self.budget.num_params:,.0f} params is used up before feature "
                     f"{features[index].name!r}: the smaller features' tables took it"
@@ -283,15 +318,15 @@ class EmbeddingCollection(torch.nn.Module):
         # tables grow by whole rows: a tiny budget may stay under by up to a row per feature
         under_tolerance = max(BUDGET_TOLERANCE, len(features) * embedding_dim * FLOAT_BYTES / self.budget.num_bytes)
         if miss > BUDGET_TOLERANCE or (miss < -under_tolerance and not every_table_full):
-            self._explain_budget(method, features, full, options, [i for i in order if tables[i].compresses])
+            self._explain_budget(features, full, table_options, [i for i in order if tables[i].compresses])
             raise BudgetError(
-                f"EmbeddingCollection of {method!r}: its tables store {stored:,} bytes, {miss:+.1%} from the budget "
+                f"EmbeddingCollection of {self.method!r}: its tables store {stored:,} bytes, {miss:+.1%} from the budget "
                 f"of {self.budget.num_bytes:,} bytes"
             )
         self.embeddings = torch.nn.ModuleDict({features[i].name: tables[i] for i in range(len(features))})
         _run_lookups_eagerly()
 
-    def _explain_budget(self, method: str, features: Sequence[Feature], full: list[int], options: dict[str, Any],
+    def _explain_budget(self, features: Sequence[Feature], full: list[int], options: list[dict[str, Any]],
                         compressed: list[int]) -> None:
         """Raise the method's own BudgetError where one is the reason a per-feature split missed the budget.
 
@@ -299,13 +334,14 @@ class EmbeddingCollection(torch.nn.Module):
         a table's size; every compressed feature gets about the collection's ratio, so each ``compressed`` feature's
         table at that ratio, built strictly (largest first), says which one cannot and which bands it reaches.
         """
-        if get_method(method).per_id_bytes == 0:
-            return
         for index in sorted(compressed, key=lambda index: -full[index]):
+            method = self.methods[features[index].name]
+            if get_method(method).per_id_bytes == 0:
+                continue
             share = self.budget.num_bytes * full[index] / sum(full)
             try:
                 make_embedding(method, features[index].num_embeddings, self.embedding_dim,
-                               num_params=max(1, round(share / FLOAT_BYTES)), device="meta", **options)
+                               num_params=max(1, round(share / FLOAT_BYTES)), device="meta", **options[index])
             except BudgetError as error:
                 raise BudgetError(f"feature {features[index].name!r} ({features[index].num_embeddings:,} ids) at "
                                   f"the collection's ratio: {error}") from None
@@ -374,6 +410,9 @@ class EmbeddingCollection(torch.nn.Module):
             table = self.embeddings[name]
         # the table takes nn.EmbeddingBag's offsets: batch of them, or batch + 1 if it was built include_last_offset
         vectors = table(values, offsets if table.include_last_offset else offsets[:-1], weights)
+        if table.mode == "max":  # no sum or mean can be had from a bag's maximum
+            raise ValueError(f"{where}: its table reduces bags by max (mode='max'); pooling {pooling!r} needs a table "
+                             f"built with mode 'sum' or 'mean'")
         if table.mode != pooling:  # the table reduces by its own mode; convert sum <-> mean by the bag sizes
             sizes = (offsets[1:] - offsets[:-1]).clamp(min=1).unsqueeze(1).to(vectors.dtype)
             vectors = vectors / sizes if pooling == "mean" else vectors * sizes

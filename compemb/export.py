@@ -19,11 +19,13 @@ wraps the quantized tables as their spec says and loads the state: the predictio
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -39,10 +41,10 @@ from compemb.data.criteo import MAX_LINE_BYTES, MISSING, NUM_DENSE, NUM_SPARSE, 
 from compemb.data.criteo import _open_binary, read_line, read_rows, transform_dense
 from compemb.data.dataset import open_dataset
 from compemb.embeddings.base import CompressedEmbedding
+from compemb.feature_methods import any_method
 from compemb.io import atomic_binary_writer, atomic_write_bytes
 from compemb.metrics import BinnedAUC
 from compemb.quantize import QuantizedEmbedding, quantize
-from compemb.registry import get_method
 from compemb.train import TrainConfig, build_model, id_counts
 
 FORMAT, VERSION = "compemb-model", 2  # version 2: the checksum covers the header too
@@ -130,7 +132,7 @@ def _planning_counts(model: torch.nn.Module) -> dict[str, int] | None:
     Its sizes depend only on how many ids have a count (and the budget), so counts of 1 for that many ids rebuild
     the same shapes, and the saved state then holds the real hot ids."""
     collection = model.embeddings  # type: ignore[union-attr]
-    if not get_method(collection.method).needs_frequencies:
+    if not any_method(collection.method, "needs_frequencies"):
         return None
     if collection.sharing == "shared":
         counted = collection.embeddings["shared"].counted_ids[1]
@@ -183,7 +185,7 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, scheme: str | Non
                          "export does not carry them yet")
     num_dense = int(splits["train"].dense.shape[1])
     frequencies = None
-    if get_method(config.method).needs_frequencies:  # sized by the training split's counts, as training built it
+    if any_method(config.method, "needs_frequencies"):  # sized by the training split's counts, as training built it
         counts = id_counts(splits["train"], manifest["cardinalities"])
         frequencies = {f"C{i + 1}": torch.from_numpy(c) for i, c in enumerate(counts)}
     model = build_model(config, manifest["cardinalities"], num_dense, frequencies)
@@ -209,7 +211,16 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, scheme: str | Non
             "vocabulary_bytes": sum(v.numel() * v.element_size() for v in vocabulary.values()),
             "stored_embedding_bytes": sum(v.numel() * v.element_size() for k, v in state.items()
                                           if k.startswith("embeddings.")),
-            "dropped": dropped, "scheme": scheme}
+            "dropped": dropped, "scheme": scheme, "reads": _what_it_reads(ids, num_dense, manifest["cardinalities"])}
+
+
+def _what_it_reads(ids: dict[str, Any], num_dense: int, cardinalities: list[int]) -> str:
+    """What an exported model scores: raw Criteo rows (``compemb predict``) or preprocessed ids (``load_model``)."""
+    if ids["rule"] != "ids" and num_dense == NUM_DENSE and len(cardinalities) == NUM_SPARSE:
+        return "raw Criteo TSV rows (compemb predict) and preprocessed ids (load_model)"
+    source = ids.get("source") or "this data set"
+    return (f"preprocessed ids (load_model); compemb predict reads raw Criteo TSV rows only, and {source}'s raw "
+            f"values are not kept to map them")
 
 
 class ServedModel(torch.nn.Module):
@@ -298,7 +309,7 @@ def _expected_entries(path: Path, header: dict[str, Any], config: TrainConfig,
     an ``offline`` table is planned from (bounded first)."""
     limit = max_memory if max_memory is not None else machine_memory_bytes()
     where = "--max-memory" if max_memory is not None else "this machine's memory"
-    planning = 17 * sum(header["cardinalities"]) if get_method(config.method).needs_frequencies else 0
+    planning = 17 * sum(header["cardinalities"]) if any_method(config.method, "needs_frequencies") else 0
     if limit is not None and planning > limit:
         raise ModelFileError(f"{path}: its model is planned from counts of {sum(header['cardinalities']):,} ids "
                              f"({planning / 1e9:,.2f} GB), more than {where} ({limit / 1e9:,.2f} GB)")
@@ -402,21 +413,32 @@ def predict_file(model_path: str | os.PathLike, input_path: str | os.PathLike, o
                  labeled: bool | None = None, max_memory: int | None = None, block_bytes: int = 1 << 25,
                  max_line_bytes: int = MAX_LINE_BYTES) -> dict[str, Any]:
     """Score every line of a raw Criteo TSV: one click probability per line in ``out`` (``nan`` for a rejected line,
-    so line i of ``out`` is line i of the input); return the counts of rows scored and rejected, by reason.
+    so line i of ``out`` is line i of the input; ``"-"``: standard output); return the counts of rows scored and rejected, by reason.
 
     ``labeled`` None: told by the first line's field count (:func:`has_label_column`). With labels the result
     also holds the scored rows' ``log_loss`` and ``auc`` (``labeled`` says which it was; AUC from
     :class:`compemb.metrics.BinnedAUC`). The input is streamed in blocks of ``block_bytes`` and scores are written
     as they come (``out`` appears whole when done), so memory stays bounded however long the input is; a line over
     ``max_line_bytes`` is refused. ``max_memory``: see :func:`load_model`."""
+    if str(input_path) == "-":
+        raise ValueError("predict reads a file (it looks at the first line before scoring): '-' (standard input) is "
+                         "not read; give the TSV's path (plain or gzip)")
     served = load_model(model_path, max_memory=max_memory)
-    if served.header["num_dense"] != NUM_DENSE or len(served.header["cardinalities"]) != NUM_SPARSE:
-        raise ModelFileError(f"{model_path} was not trained on Criteo-shaped data: it cannot read a Criteo TSV")
-    if labeled is None:
-        labeled = has_label_column(input_path, max_line_bytes)
+    if served.header["ids"]["rule"] == "ids" or served.header["num_dense"] != NUM_DENSE or \
+            len(served.header["cardinalities"]) != NUM_SPARSE:
+        source = served.header["ids"].get("source") or "non-Criteo"
+        raise ModelFileError(f"{model_path} was trained on {source} data: compemb predict reads raw Criteo TSV rows; "
+                             f"score preprocessed ids with compemb.export.load_model")
+    detected = has_label_column(input_path, max_line_bytes)
+    if labeled and not detected:  # every line would be rejected as one field short
+        raise ValueError(f"{input_path}: scored as labelled (--labeled), but its first line has no label column "
+                         f"({NUM_DENSE + NUM_SPARSE} fields, not {1 + NUM_DENSE + NUM_SPARSE}): leave --labeled out")
+    labeled = detected if labeled is None else labeled
     rejections, rows_read, scored = Rejections(), 0, 0
     ranking, log_loss_sum = BinnedAUC(), 0.0
-    with atomic_binary_writer(out) as written:
+    # "-": the scores go to standard output as they come; any other path appears whole when done
+    writer = contextlib.nullcontext(sys.stdout.buffer) if str(out) == "-" else atomic_binary_writer(out)
+    with writer as written:
         for block in read_rows(input_path, labeled, rejections, strict=False, block_bytes=block_bytes,
                                max_line_bytes=max_line_bytes):
             scores = np.full(len(block.status), np.nan)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import json
+import reprlib
 import types
 import typing
 from dataclasses import dataclass
@@ -130,7 +131,14 @@ def check_options(method: str, options: dict[str, Any]) -> None:
             raise ValueError(f"{method} has no option {key!r}{hint}; its options: {', '.join(known)}")
         if not _accepts(known[key].annotation, value):
             raise ValueError(f"{method}: option {key} must be {_type_name(known[key].annotation)}, "
-                             f"got {type(value).__name__} {value!r}")
+                             f"got {type(value).__name__} {_short_repr(value)}")
+
+
+def _short_repr(value: Any) -> str:
+    """``repr(value)``, cut to a line: a list of a million counts is named by its length, not printed."""
+    if isinstance(value, (list, tuple, dict, set)) and len(value) > 8:
+        return f"of {len(value):,} items"
+    return reprlib.repr(value)
 
 
 def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:

@@ -42,6 +42,8 @@ from compemb.models import DCNv2, DLRM
 from compemb.optim import CombinedOptimizer, RowAdagrad, RowAdam, RowwiseAdagrad
 from compemb.progress import bar_disabled, plain_lines
 from compemb.registry import get_method, method_options
+from compemb.feature_methods import any_method, is_per_feature
+from compemb.run_config import CONFIG_FILE, is_run_config, write_run_config
 from compemb.run_lock import RunLock, RunLockedError
 
 OPTIMIZERS = ("sgd", "adagrad", "adam", "adam_dense")  # adam: row-wise for tables (compemb.optim); adam_dense: torch's
@@ -54,8 +56,10 @@ OVERRIDABLE = ("data", "lr", "table_lr", "epochs", "eval_every", "evals_per_epoc
                "checkpoint_minutes", "checkpoint_epochs", "device")
 # settings that change no result (where files go, how often checkpoints are written, the eval batching)
 RESULT_NEUTRAL = ("out", "eval_batch_size", "checkpoint_every", "checkpoint_minutes", "checkpoint_epochs")
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 POSTFIX_EVERY = 25  # steps between updates of the progress bar's loss and samples/s
 CHECKPOINTS = "checkpoints"
+LOG_FILE = "train.log"  # the run's progress and evaluation lines, as printed, with the time
 # tests: a process whose checkpoint of this step is being written kills itself between its two files
 KILL_WHILE_WRITING = "COMPEMB_TEST_KILL_WHILE_WRITING_STEP"
 # checkpoints/<name>.{safetensors,json}: the newest, one being written, the one before, the best validation one
@@ -74,7 +78,8 @@ def run_files(run: str | os.PathLike) -> list[Path]:
     """The files of a run compemb wrote in ``run`` (its metrics and checkpoints, finished or half-written)."""
     directory = Path(run)
     stems = [directory / CHECKPOINTS / name for name in (LAST, NEXT, PREVIOUS, BEST)]
-    candidates = [directory / "metrics.jsonl", *(Path(f"{stem}{suffix}") for stem in stems
+    candidates = [directory / "metrics.jsonl", directory / LOG_FILE,
+                  *([directory / CONFIG_FILE] if is_run_config(directory / CONFIG_FILE) else []), *(Path(f"{stem}{suffix}") for stem in stems
                                                  for suffix in (".safetensors", ".json"))]
     return [path for path in candidates if path.is_file()]
 
@@ -97,14 +102,18 @@ class TrainConfig:
     embedding_dim: int = 16
     bottom: tuple[int, ...] = (512, 256, 64)
     top: tuple[int, ...] = (512, 256)
-    optimizer: str = "sgd"  # the MLPs' optimizer (and the tables', unless table_optimizer says otherwise)
-    lr: float = 0.1
-    table_optimizer: str | None = None  # the tables' own optimizer (TABLE_OPTIMIZERS); None: optimizer's
-    table_lr: float | None = None  # the tables' learning rate; None: lr
+    # the default recipe: the best of a recorded sweep on the default model (benchmarks/default_recipe.py); the
+    # DLRM reference's SGD 0.1 for all is --protocol dlrm
+    optimizer: str = "adam"  # the MLPs' optimizer
+    lr: float = 1e-3  # the MLPs' learning rate
+    table_optimizer: str | None = "adam"  # the tables' own optimizer (TABLE_OPTIMIZERS); None: the MLPs'
+    table_lr: float | None = 1e-2  # the tables' learning rate; None: the MLPs' lr
     batch_size: int = 2048
     epochs: int = 1
-    eval_every: int = 0  # steps between evaluations; 0: only at the end (see evals_per_epoch)
-    evals_per_epoch: int = 0  # > 0: evaluate this many times per epoch, evenly (the CCE paper: 6); overrides eval_every
+    # evaluations: exactly evals_per_epoch per epoch, evenly, the last at the epoch's end (the CCE paper: 6; 0: only
+    # at the end of the run); eval_every > 0 instead evaluates every that many steps and at the end of the run
+    eval_every: int = 0
+    evals_per_epoch: int = 1
     eval_split: str = "val"
     eval_batch_size: int = 16_384
     seed: int = 0
@@ -152,6 +161,18 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+            if value is not None and value > FLOAT32_MAX:  # the tables and their steps are float32
+                raise ValueError(f"{name} {value:g} is more than a float32 holds ({FLOAT32_MAX:.3g})")
+        compresses = any_method(self.method, "compresses")  # an unknown method or option: the error names it
+        if is_per_feature(self.method):
+            if self.method_options:
+                raise ValueError(f"method options go in the parts of a method per feature (e.g. 'C3=cce:cluster_every"
+                                 f"=200;*=hash'), not in method_options {self.method_options}")
+            if self.sharing == "shared":
+                raise ValueError("a method per feature needs sharing 'per_feature': one shared table has one method")
+        if compresses and self.compression is None and self.num_params is None:
+            raise ValueError(f"method {self.method!r} compresses the tables: give it a budget, compression (a ratio; "
+                             f"--compression R) or num_params (floats; --num-params P)")
         try:
             device = torch.device(self.device)
         except (RuntimeError, TypeError) as error:
@@ -166,8 +187,13 @@ class TrainConfig:
             raise ValueError(f"sharing must be one of {SHARING}, got {self.sharing!r}")
         if self.kernels not in KERNELS:
             raise ValueError(f"kernels must be one of {KERNELS}, got {self.kernels!r}")
-        if self.evals_per_epoch < 0 or self.eval_every < 0:
-            raise ValueError("eval_every and evals_per_epoch must be >= 0")
+        for name in ("eval_every", "evals_per_epoch"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        if self.eval_every and self.evals_per_epoch > 1:
+            raise ValueError(f"give eval_every ({self.eval_every}) or evals_per_epoch ({self.evals_per_epoch}), not "
+                             f"both")
         try:
             device = torch.device(self.device)
         except (RuntimeError, TypeError):
@@ -177,10 +203,73 @@ class TrainConfig:
         self.bottom, self.top = tuple(self.bottom), tuple(self.top)
 
 
+@dataclass(frozen=True)
+class EvaluationSteps:
+    """The steps (1-based, counted over the run) after which a run evaluates: ``step in EvaluationSteps(...)``."""
+
+    steps_per_epoch: int
+    epochs: int
+    evals_per_epoch: int = 1
+    eval_every: int = 0
+
+    def __post_init__(self) -> None:
+        if self.eval_every == 0 and self.evals_per_epoch > self.steps_per_epoch:
+            raise ValueError(f"evals_per_epoch {self.evals_per_epoch} is more than the {self.steps_per_epoch} steps of "
+                             f"an epoch: give at most {self.steps_per_epoch} (or eval_every)")
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.epochs
+
+    def __contains__(self, step: object) -> bool:
+        if not isinstance(step, int) or not 1 <= step <= self.total_steps:
+            return False
+        if step == self.total_steps:
+            return True
+        if self.eval_every:
+            return step % self.eval_every == 0
+        if not self.evals_per_epoch:
+            return False
+        # the i-th of N evaluations of an epoch of S steps comes after its ceil(i S / N)-th step (i = 1..N): evenly
+        # spread, the last at the epoch's end, N distinct steps for any N <= S
+        within, count = (step - 1) % self.steps_per_epoch + 1, self.evals_per_epoch
+        i = (within - 1) * count // self.steps_per_epoch + 1  # the first i whose step is not before this one
+        return within == math.ceil(i * self.steps_per_epoch / count)
+
+    def __iter__(self):
+        return (step for step in range(1, self.total_steps + 1) if step in self)
+
+
+def evaluation_steps(steps_per_epoch: int, epochs: int, evals_per_epoch: int = 1, eval_every: int = 0
+                     ) -> EvaluationSteps:
+    """When a run of ``epochs`` x ``steps_per_epoch`` steps evaluates: ``evals_per_epoch`` times an epoch (the
+    last at its end; 0: only at the end of the run), or every ``eval_every`` steps and at the end when that is > 0.
+    A ValueError where an epoch has fewer steps than evaluations asked."""
+    return EvaluationSteps(steps_per_epoch, epochs, evals_per_epoch, eval_every)
+
+
 def with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
     """A config as a run saved it (JSON), with any setting added since at its default: what that run used."""
     defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
     return {**json.loads(json.dumps(defaults)), **saved}
+
+
+def _resolved(values: dict[str, Any]) -> dict[str, Any]:
+    """A config's settings (as JSON values) with the tables' optimizer and lr spelled out (``None``: the MLPs')."""
+    resolved = dict(values)
+    if resolved.get("table_optimizer") is None:
+        resolved["table_optimizer"] = resolved.get("optimizer")
+    if resolved.get("table_lr") is None:
+        resolved["table_lr"] = resolved.get("lr")
+    return resolved
+
+
+def settings_that_differ(saved: dict[str, Any], now: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
+    """The settings (JSON values, every key of either) in which two configs train differently: a table optimizer
+    or lr of ``None`` ("as the MLPs'") and the MLPs' own, spelled out, are the same training."""
+    plain_saved, plain_now = _resolved(saved), _resolved(now)
+    return [name for name in dict.fromkeys([*now, *saved]) if name not in ignore and saved.get(name) != now.get(name)
+            and plain_saved.get(name) != plain_now.get(name)]
 
 
 class Trainer:
@@ -195,7 +284,7 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, resume: bool = False, *, start_if_missing: bool = False,
                  resume_from: str = LAST, allow_changes: tuple[str, ...] = (), overwrite: bool = False,
-                 quiet: bool = False, log_every: int = 100) -> None:
+                 quiet: bool = False, log_every: int = 100, tensorboard: str | os.PathLike | None = None) -> None:
         """``resume``: continue from the run's newest complete checkpoint (``resume_from="previous"``: the one
         before); with none, CheckpointError unless ``start_if_missing``. The config must equal the checkpoint's
         but for ``allow_changes`` (a subset of :data:`OVERRIDABLE`) and the settings that change no result.
@@ -206,7 +295,9 @@ class Trainer:
         and evaluate a checkpoint writes nothing.
 
         Progress (rank 0): a bar on a terminal; where stderr is a file or a pipe (or ``TQDM_DISABLE`` is set) a plain
-        line every ``log_every`` steps (0: none); nothing with ``quiet``."""
+        line every ``log_every`` steps (0: none); nothing with ``quiet``. Every line also goes to the run's
+        ``train.log``. ``tensorboard``: a directory for TensorBoard event files (the logged train loss and every
+        evaluation's metrics); a ValueError with the install line where the tensorboard package is missing."""
         bad = [name for name in allow_changes if name not in OVERRIDABLE]
         if bad:
             raise ValueError(f"cannot change {bad} when resuming; the settings that may change: {', '.join(OVERRIDABLE)}")
@@ -227,7 +318,7 @@ class Trainer:
         self.rank, self.world = distributed.rank(), distributed.world_size()
         self.bags = list(self.manifest.get("bags", ()))  # the multi-hot features, if the data set has any
         frequencies = None
-        if get_method(config.method).needs_frequencies:  # offline methods: ids counted in the train split
+        if any_method(config.method, "needs_frequencies"):  # offline methods: ids counted in the train split
             frequencies = {f"C{i + 1}": torch.from_numpy(c) for i, c in
                            enumerate(_counted_by_every_rank(self.splits["train"], self.manifest["cardinalities"]))}
             frequencies.update(bag_counts(self.splits["train"], self.bags))
@@ -260,8 +351,8 @@ class Trainer:
         self.best: dict[str, Any] | None = None
         self.steps_per_epoch = math.ceil(len(self.splits["train"]) / config.batch_size)
         self.total_steps = self.steps_per_epoch * config.epochs
-        self.eval_every = max(1, self.steps_per_epoch // config.evals_per_epoch) if config.evals_per_epoch else \
-            config.eval_every
+        self.evaluation_steps = evaluation_steps(self.steps_per_epoch, config.epochs, config.evals_per_epoch,
+                                                 config.eval_every)
         self._order: tuple[int, np.ndarray] | None = None  # (epoch, its row permutation) when shuffling
         # the loss's moving average stays on the device: reading a CUDA loss every step would wait for the step
         self._running_loss = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -274,6 +365,12 @@ class Trainer:
         if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 0:
             raise ValueError(f"log_every must be an int >= 0, got {log_every!r}")
         self.quiet, self.log_every = quiet, log_every
+        self._tensorboard_dir, self._tensorboard = tensorboard, None
+        if tensorboard is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # noqa: F401 (checked now, opened when training)
+            except ImportError:
+                raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
         if resume:
             stem = find_checkpoint(self.out, resume_from)
             if stem is None:
@@ -309,14 +406,23 @@ class Trainer:
         if self.rank == 0:  # under the lock no write is under way: what a killed write left is stale
             _remove_stale_temporaries(self.out / CHECKPOINTS)
         try:
+            if self._tensorboard_dir is not None and self.rank == 0:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tensorboard = SummaryWriter(str(self._tensorboard_dir))
             return self._fit(stop_at)
         finally:
+            if self._tensorboard is not None:
+                self._tensorboard.close()
+                self._tensorboard = None
             lock.release()
 
     def _fit(self, stop_at: int | None) -> dict[str, Any]:
         config = self.config
         if not self._resumed and self.step == 0:
             self._claim_run_directory()
+        if self.rank == 0:  # the settings it trains with (a resumed run's may have changed), as --config reads them
+            write_run_config(self.out, config)
         stop = self.total_steps if stop_at is None else min(stop_at, self.total_steps)
         adaptive = [m for m in self.model.modules() if isinstance(m, CompressedEmbedding)]
         for module in adaptive:  # schedules given as a fraction of the run (CCE's cluster_until) need its length
@@ -345,12 +451,17 @@ class Trainer:
                     bar.set_postfix(loss=f"{self.running_loss:.4f}", refresh=False,
                                     samples_s=f"{samples / (time.perf_counter() - started - pausing_s):,.0f}")
                 bar.update(1)
-                if lines and (self.step % self.log_every == 0 or self.step == stop):
+                if self.log_every and (self.step % self.log_every == 0 or self.step == stop):
                     self._stop_if_not_finite()  # the line reads the loss anyway
+                    # every rank: the line gives the loss over all ranks, as the evaluations' train_loss does
+                    loss = self._mean_over_ranks(self.running_loss)
                     rate = samples / max(time.perf_counter() - started - pausing_s, 1e-9)
-                    print(f"train {config.method}: step {self.step:,}/{stop:,}, loss {self.running_loss:.4f}, "
-                          f"{rate:,.0f} samples/s", file=sys.stderr, flush=True)
-                if self.step == self.total_steps or (self.eval_every and self.step % self.eval_every == 0):
+                    self._say(f"train {config.method}: step {self.step:,}/{stop:,}, loss {loss:.4f}, "
+                              f"{rate:,.0f} samples/s", terminal=lines)
+                    if self._tensorboard is not None:
+                        self._tensorboard.add_scalar("train/loss", loss, self.step)
+                        self._tensorboard.add_scalar("train/samples_per_s", rate, self.step)
+                if self.step in self.evaluation_steps:
                     # training throughput: the time spent evaluating and checkpointing is not training
                     training_s = time.perf_counter() - started - pausing_s
                     paused = time.perf_counter()
@@ -363,6 +474,7 @@ class Trainer:
                     result["samples_per_s"] = samples / training_s
                     self._log(result)
                     self._checkpoint(result)
+                    self._say(self._evaluation_line(result), terminal=shown)
                     pausing_s += time.perf_counter() - paused
                 elif self._checkpoint_due():
                     self._write_last()
@@ -473,12 +585,10 @@ class Trainer:
 
     def _check_config(self, stem: Path, allow_changes: tuple[str, ...]) -> None:
         """CheckpointError naming every setting of this run that differs from the checkpoint's (and may not)."""
-        saved = with_defaults(_read_meta(stem)["config"])
-        now = json.loads(json.dumps(asdict(self.config)))
-        differ = [name for name in now if name not in RESULT_NEUTRAL and name not in allow_changes
-                  and saved.get(name) != now[name]]
+        saved, now = read_config(stem), json.loads(json.dumps(asdict(self.config)))
+        differ = settings_that_differ(saved, now, ignore=(*RESULT_NEUTRAL, *allow_changes))
         if differ:
-            listed = "; ".join(f"{name}: checkpoint {saved.get(name)!r}, now {now[name]!r}" for name in differ)
+            listed = "; ".join(f"{name}: checkpoint {saved.get(name)!r}, now {now.get(name)!r}" for name in differ)
             allowed = [name for name in differ if name in OVERRIDABLE]
             hint = f" (--override {allowed[0]}=VALUE allows a change of {', '.join(allowed)})" if allowed else ""
             raise CheckpointError(f"{stem}: this run's settings differ from its checkpoint's: {listed}{hint}")
@@ -565,12 +675,42 @@ class Trainer:
         dense, sparse, _, bags = _unpack(self._to_device(batch), self.bags)
         return self.model(dense, sparse, bags)
 
+    def _evaluation_line(self, result: dict[str, Any]) -> str:
+        """One evaluation as a person reads it, with the best so far (the checkpoint ``best`` holds)."""
+        line = (f"eval {result['split']} at step {result['step']:,}/{self.total_steps:,} (epoch "
+                f"{result['step'] / self.steps_per_epoch:.2f}): BCE {result['bce']:.4f}")
+        if result.get("gap_to_bayes") is not None:
+            line += f" ({result['gap_to_bayes']:+.2%} from Bayes)"
+        line += f", AUC {result['auc']:.4f}"
+        if self.best is not None:
+            line += f"; best BCE {self.best['bce']:.4f} at step {self.best['step']:,}"
+        return line
+
+    def _say(self, line: str, terminal: bool) -> None:
+        """Append ``line`` to the run's log file (rank 0), and print it to stderr where ``terminal`` (above the
+        progress bar, if one is drawn)."""
+        if self.rank != 0:
+            return
+        if terminal:
+            tqdm.write(line, file=sys.stderr)
+            sys.stderr.flush()
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / LOG_FILE, "a") as log:
+            log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+
     def _log(self, result: dict[str, Any]) -> None:
         if self.rank != 0:  # every rank has the result; rank 0 writes it
             return
         self.out.mkdir(parents=True, exist_ok=True)
         with open(self.out / "metrics.jsonl", "a") as log:
             log.write(json.dumps(result) + "\n")
+        if self._tensorboard is not None:
+            split = result["split"]
+            for key in ("bce", "auc", "gap_to_bayes"):
+                if result.get(key) is not None:
+                    self._tensorboard.add_scalar(f"{split}/{key}", result[key], result["step"])
+            self._tensorboard.add_scalar("train/loss", result["train_loss"], result["step"])
+            self._tensorboard.flush()
 
     def _checkpoint(self, result: dict[str, Any]) -> None:
         improved = self.best is None or result["bce"] < self.best["bce"]
@@ -709,6 +849,12 @@ def _step_of(stem: Path) -> int | None:
     return tensors_step if tensors_step == json_step else None
 
 
+def read_config(stem: str | os.PathLike) -> dict[str, Any]:
+    """The config a checkpoint (its stem, as :func:`find_checkpoint` gives it) was saved with, with any setting
+    added since at its default; CheckpointError where its JSON is damaged."""
+    return with_defaults(_read_meta(Path(stem))["config"])
+
+
 def find_checkpoint(run: str | os.PathLike, which: str = LAST) -> Path | None:
     """The stem of a run's checkpoint to resume from; None when the run has none.
 
@@ -746,7 +892,7 @@ def build_model(config: TrainConfig, cardinalities: list[int], num_dense: int,
     table_optimizer = config.table_optimizer or config.optimizer
     options = {"sparse": table_optimizer != "adam_dense" if sparse is None else sparse, "init": config.init,
                **_method_options(config.method, config.method_options)}
-    if get_method(config.method).needs_frequencies and frequencies is None:
+    if any_method(config.method, "needs_frequencies") and frequencies is None:
         frequencies = {f.name: torch.zeros(f.num_embeddings, dtype=torch.int64) for f in features}
     embeddings = EmbeddingCollection(features, config.embedding_dim, config.method, compression=config.compression,
                                      num_params=config.num_params,
@@ -800,6 +946,8 @@ def _method_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
 
     A sweep gives every method the same options; ``cluster_every`` only means something to methods that cluster.
     """
+    if is_per_feature(method):  # each part carries its own options
+        return {}
     takes = method_options(get_method(method))
     return {key: value for key, value in options.items() if key not in SCHEDULE_OPTIONS or key in takes}
 

@@ -2,6 +2,7 @@
 that are strict about what they resume."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -63,8 +64,8 @@ def test_resume_without_a_checkpoint_is_an_error_unless_asked_to_start(data, tmp
 
 def test_resume_with_other_settings_names_each_field_and_override_allows_the_changeable(data, tmp_path, capsys):
     Trainer(TrainConfig(data=str(data), out=str(tmp_path / "r"), method="hash", compression=4, embedding_dim=8,
-                        bottom=(16,), top=(16,), batch_size=256, optimizer="adagrad", lr=0.05, eval_every=4,
-                        epochs=2, checkpoint_minutes=0)).fit(stop_at=6)  # last checkpoint: step 4
+                        bottom=(16,), top=(16,), batch_size=256, optimizer="adagrad", lr=0.05, table_optimizer=None,
+                        table_lr=None, eval_every=4, epochs=2, checkpoint_minutes=0)).fit(stop_at=6)  # checkpoint: step 4
     capsys.readouterr()
     line = _one_line_error(capsys, main(_train_args(data, tmp_path / "r", "--resume", "--epochs", "2",
                                                     "--batch-size", "128", "--lr", "0.01")))
@@ -220,13 +221,16 @@ def test_killed_while_a_checkpoint_is_written_it_resumes_from_the_one_before(dat
 class _FullDisk:
     """Files opened through os.fdopen (compemb's atomic writes) whose writes fail with ENOSPC, as on a full disk."""
 
-    def __init__(self, real_fdopen):
-        self.real_fdopen = real_fdopen
+    def __init__(self, real_fdopen, spared: int = 0):
+        self.real_fdopen, self.spared = real_fdopen, spared  # the first ``spared`` files are written whole
 
     def __call__(self, *args, **kwargs):
         import errno
 
         file = self.real_fdopen(*args, **kwargs)
+        if self.spared > 0:
+            self.spared -= 1
+            return file
 
         def write(data):
             raise OSError(errno.ENOSPC, "No space left on device")
@@ -242,7 +246,18 @@ def test_a_full_disk_while_checkpointing_keeps_the_last_checkpoint_and_says_so(d
     folder = tmp_path / "r" / "checkpoints"
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     capsys.readouterr()
+    config = (tmp_path / "r" / "config.toml").read_bytes()
+    # the disk is full from the start: the run's config (epochs now 2) cannot be written, nothing else is touched
     monkeypatch.setattr(os, "fdopen", _FullDisk(os.fdopen))
+    assert main(_train_args(data, tmp_path / "r", "--resume", "--override", "epochs=2")) == 2
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert err.startswith("compemb: error: could not write the run's settings") and err.count("\n") == 1
+    assert "config.toml" in err and "No space left on device" in err
+    assert (tmp_path / "r" / "config.toml").read_bytes() == config
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    # it fills up after the config was written: the checkpoint of step 12 cannot be
+    monkeypatch.setattr(os, "fdopen", _FullDisk(os.fdopen, spared=1))
     code = main(_train_args(data, tmp_path / "r", "--resume", "--override", "epochs=2"))
     monkeypatch.undo()
     err = capsys.readouterr().err
@@ -490,4 +505,46 @@ def test_a_sweep_baseline_outside_its_methods_and_an_unknown_protocol_are_one_li
     with pytest.raises(SystemExit) as stopped:
         main(["train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "r"), "--protocol", "cafe"])
     assert stopped.value.code == 2
-    assert "invalid choice: 'cafe' (choose from 'cafe-paper', 'cce-paper')" in capsys.readouterr().err
+    assert "invalid choice: 'cafe' (choose from 'dlrm', 'cafe-paper', 'cce-paper')" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["dhe", "tt"])
+def test_sparse_gradients_asked_of_a_method_without_rows_are_refused(method):
+    from compemb import make_embedding
+
+    with pytest.raises(ValueError, match=f"{method} has no table rows to give sparse gradients"):
+        make_embedding(method, 5000, 8, compression=10, sparse=True)
+    table = make_embedding(method, 5000, 8, compression=10)
+    table(torch.arange(64)).sum().backward()
+    assert all(p.grad is not None and not p.grad.is_sparse for p in table.parameters())
+
+
+def test_a_collection_asked_for_sparse_gradients_gives_them_where_there_are_rows():
+    from compemb.collection import EmbeddingCollection, Feature
+
+    collection = EmbeddingCollection([Feature("small", 10), Feature("big", 50_000)], 8, "dhe", compression=10,
+                                     sparse=True)
+    collection(torch.tensor([[1, 2], [3, 40_000]])).sum().backward()
+    small = collection.embeddings["small"].weight.grad  # the small feature's full table: sparse, as asked
+    assert small.is_sparse
+    assert not any(p.grad.is_sparse for p in collection.embeddings["big"].parameters())
+
+
+@pytest.mark.parametrize("changes, expected", [
+    (dict(lr=1e308), "lr 1e+308 is more than a float32 holds"),
+    (dict(table_lr=1e39), "table_lr 1e+39 is more than a float32 holds"),
+    (dict(method="hash", compression=None), "method 'hash' compresses the tables: give it a budget, compression"),
+    (dict(method="hsh"), "unknown method 'hsh'; did you mean 'hash'?"),
+])
+def test_a_config_that_cannot_train_is_refused_naming_why(changes, expected):
+    settings = {"data": "d", "out": "r", "method": "hash", "compression": 4, "lr": 0.1, **changes}
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        TrainConfig(**settings)
+
+
+def test_a_long_option_value_is_named_by_its_length_not_printed():
+    from compemb import make_embedding
+
+    with pytest.raises(ValueError) as error:
+        make_embedding("offline", 1000, 8, compression=10, frequencies=[1.0] * 1000)
+    assert str(error.value) == "offline: option frequencies must be Tensor | None, got list of 1,000 items"

@@ -204,3 +204,11 @@ def test_a_padding_id_reads_zeros_through_a_collection_too(name):
                                      compression=None if name == "full" else 2, padding_idx=0)
     out = collection(torch.tensor([[0, 5], [4, 0]]))
     assert out[0, 0].abs().sum() == 0 and out[1, 1].abs().sum() == 0 and out[0, 1].abs().sum() > 0
+
+
+def test_bags_are_not_pooled_from_tables_that_reduce_by_max():
+    from compemb.collection import Bags
+
+    collection = EmbeddingCollection([Feature("clicked", 100, pooling="sum")], 4, "hash", compression=2, mode="max")
+    with pytest.raises(ValueError, match="its table reduces bags by max"):
+        collection.pool("clicked", Bags(torch.tensor([1, 2, 3]), torch.tensor([0, 2, 3])))

@@ -98,6 +98,9 @@ def test_compemb_train_nproc_launches_torchrun_and_resumes(data, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)  # printed once, by rank 0
     assert result["step"] == 8 and np.isfinite(result["bce"])
+    # the progress line's loss is over both ranks, as the summary's train loss is
+    last_line = [line for line in done.stderr.splitlines() if line.startswith("train cafe: step 8/8")]
+    assert len(last_line) == 1 and f"loss {result['train_loss']:.4f}," in last_line[0]
     again = subprocess.run([*command, "--resume", "--override", "epochs=2"], capture_output=True, text=True, env=env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads(again.stdout)["step"] == 16  # every rank resumed from rank 0's checkpoint of step 8

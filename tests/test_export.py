@@ -365,3 +365,52 @@ def test_predict_memory_does_not_grow_with_the_input(full_run, tmp_path):
     labels = np.array([float(line.split(b"\t", 1)[0]) for line in lines] * 16)
     assert abs(results[16]["auc"] - auc(scores, labels)) < 1e-5
     assert results[16]["log_loss"] == pytest.approx(results[2]["log_loss"], rel=1e-9)
+
+
+def test_predict_refuses_labels_a_file_lacks_and_pipes_scores_to_standard_output(full_run, tmp_path, capsys):
+    _, run = full_run
+    model = tmp_path / "model.compemb"
+    export_run(run, model)
+    unlabeled = tmp_path / "test.txt"
+    unlabeled.write_text("".join(line.split("\t", 1)[1] + "\n" for line in SAMPLE.read_text().splitlines()[:7]))
+    capsys.readouterr()
+    assert main(["predict", "--model", str(model), "--input", str(unlabeled), "--labeled",
+                 "--out", str(tmp_path / "u.txt")]) == 2
+    error = capsys.readouterr().err
+    assert "(--labeled), but its first line has no label column (39 fields, not 40)" in error
+    assert error.count("\n") == 1 and not (tmp_path / "u.txt").exists()
+    assert main(["predict", "--model", str(model), "--input", str(unlabeled), "--out", str(tmp_path / "u.txt")]) == 0
+    written = (tmp_path / "u.txt").read_text()
+    capsys.readouterr()
+    assert main(["predict", "--model", str(model), "--input", str(unlabeled), "--out", "-"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == written and len(written.split()) == 7  # the scores, and nothing else, on stdout
+    assert "wrote standard output: 7 of 7 lines scored" in captured.err
+    assert not Path("-").exists()
+    assert main(["predict", "--model", str(model), "--input", "-", "--out", str(tmp_path / "v.txt")]) == 2
+    assert "'-' (standard input) is not read" in capsys.readouterr().err
+
+
+AVAZU = SAMPLE.parents[1] / "avazu-sample" / "train.csv"
+
+
+@pytest.mark.skipif(not AVAZU.exists(), reason=f"the shared Avazu sample is not at {AVAZU}")
+def test_an_avazu_model_says_at_export_what_it_scores_and_predict_says_how_to_serve_it(tmp_path, capsys):
+    from compemb.data.avazu import preprocess_avazu
+
+    preprocess_avazu(AVAZU, tmp_path / "avazu")
+    assert main(["train", "--data", str(tmp_path / "avazu"), "--out", str(tmp_path / "run"), "--method", "hash",
+                 "--compression", "4", "--dim", "4", "--bottom", "4", "--top", "4", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "m.compemb")]) == 0
+    assert "it scores preprocessed ids (load_model); compemb predict reads raw Criteo TSV rows only, and avazu's " \
+           "raw values are not kept" in capsys.readouterr().out
+    assert main(["predict", "--model", str(tmp_path / "m.compemb"), "--input", str(AVAZU),
+                 "--out", str(tmp_path / "s.txt")]) == 2
+    error = capsys.readouterr().err
+    assert "was trained on avazu data: compemb predict reads raw Criteo TSV rows; score preprocessed ids with " \
+           "compemb.export.load_model" in error and error.count("\n") == 1
+    served = load_model(tmp_path / "m.compemb")  # what it does serve: ids
+    _, splits = open_dataset(tmp_path / "avazu")
+    ids = torch.from_numpy(np.array(splits["test"].sparse[:5], dtype=np.int64))
+    assert served(torch.zeros(5, 0), ids).shape == (5,)

@@ -71,3 +71,12 @@ def test_no_module_imports_one_that_imports_it_back():
     for module in sorted(edges):
         if module not in state:
             assert (found := cycle_from(module, [])) is None, " -> ".join(found)
+
+
+def test_the_package_says_its_type_hints_are_for_type_checkers():
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    assert (root / "compemb" / "py.typed").is_file()
+    project = tomllib.loads((root / "pyproject.toml").read_text())
+    assert "py.typed" in project["tool"]["setuptools"]["package-data"]["compemb"]  # shipped in the wheel

@@ -122,3 +122,10 @@ def test_cli_writes_table_json_and_plot(tmp_path, capsys):
 def test_cli_rejects_bad_input_with_one_line(capsys):
     assert main(["lstsq", "--n", "100", "--d1", "10", "--k", "0", "--d2", "2", "--iterations", "2", "--out", ""]) == 2
     assert "k must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_cli_writes_nothing_unless_told_where(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["lstsq", "--n", "200", "--d1", "20", "--k", "4", "--d2", "2", "--iterations", "2", "--seed", "1"]) == 0
+    assert "| iteration | dense CCE |" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []  # no benchmarks/results/ in the directory it was run from

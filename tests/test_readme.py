@@ -44,7 +44,7 @@ def test_the_readmes_train_recipe_keeps_its_logged_loss_below_one_on_the_default
     assert len(losses) == 4 and max(losses) < 1.0, losses
     # one Adagrad at lr 0.05 for MLPs and tables alike (the old recipe) does blow up there: the check can fail
     old = ["train", "--data", str(data), "--method", "hash", "--compression", "100", "--optimizer", "adagrad",
-           "--lr", "0.05"]
+           "--lr", "0.05", "--table-optimizer", "adagrad", "--table-lr", "0.05"]
     assert max(_train_losses(tmp_path, old)) > 1.0
 
 

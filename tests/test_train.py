@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from compemb.data.synthetic import SyntheticConfig, generate_synthetic
-from compemb.train import TrainConfig, Trainer
+from compemb.train import TrainConfig, Trainer, evaluation_steps
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,8 @@ def data(tmp_path_factory):
 
 def _config(data, out, **overrides):
     settings = dict(data=data, out=str(out), method="hash", compression=4, embedding_dim=8, bottom=(16,),
-                    top=(16,), optimizer="adagrad", lr=0.05, batch_size=256, epochs=2, eval_every=8, seed=2)
+                    top=(16,), optimizer="adagrad", lr=0.05, table_optimizer=None, table_lr=None, batch_size=256,
+                    epochs=2, eval_every=8, seed=2)  # one optimizer for MLPs and tables unless a test says otherwise
     settings.update(overrides)
     return TrainConfig(**settings)
 
@@ -153,13 +154,13 @@ def test_shuffled_training_is_seeded_covers_every_row_and_resumes_exactly(data, 
 def test_test_metrics_come_from_the_best_validation_checkpoint(data, tmp_path):
     # a high learning rate overshoots after its best evaluation, so the last model is not the best one
     trainer = Trainer(_config(data, tmp_path / "run", method="full", compression=None, epochs=3, optimizer="adam",
-                              lr=0.05, evals_per_epoch=4))
-    assert trainer.eval_every == 4
+                              lr=0.05, eval_every=0, evals_per_epoch=4))
+    assert list(trainer.evaluation_steps) == [4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 44, 48]
     trainer.fit()
     best_step = trainer.best["step"]
     best_val = trainer.best["bce"]
     reloaded = Trainer(_config(data, tmp_path / "run", method="full", compression=None, epochs=3, optimizer="adam",
-                               lr=0.05, evals_per_epoch=4))
+                               lr=0.05, eval_every=0, evals_per_epoch=4))
     test = reloaded.test_of_best("val")  # on val it must give back the best evaluation exactly
     assert test["step"] == best_step and test["bce"] == pytest.approx(best_val, rel=1e-6)
 
@@ -249,3 +250,61 @@ def test_a_checkpoint_is_written_and_read_back_without_a_serialized_copy_of_the_
     import hashlib
 
     assert meta["sha256"] == hashlib.sha256((tmp_path / "ckpt.safetensors").read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("steps", [1, 2, 7, 10, 15, 23, 64])
+def test_evals_per_epoch_means_exactly_n_an_epoch_evenly_the_last_at_its_end(steps):
+    for count in range(1, steps + 1):
+        evaluated = list(evaluation_steps(steps, 3, count))
+        for epoch in range(3):
+            mine = [step - epoch * steps for step in evaluated if epoch * steps < step <= (epoch + 1) * steps]
+            assert len(mine) == count and mine[-1] == steps  # N of them, the last at the epoch's end
+            gaps = np.diff([0, *mine])
+            assert gaps.min() >= 1 and gaps.max() - gaps.min() <= 1  # evenly: no two gaps differ by more than a step
+    assert list(evaluation_steps(steps, 2, 0)) == [2 * steps]  # 0: only at the end of the run
+    assert list(evaluation_steps(steps, 2, 1, eval_every=4)) == [*range(4, 2 * steps, 4), 2 * steps]
+
+
+def test_more_evaluations_than_an_epoch_has_steps_are_refused(data, tmp_path):
+    with pytest.raises(ValueError, match="evals_per_epoch 17 is more than the 16 steps of an epoch"):
+        Trainer(_config(data, tmp_path / "r", eval_every=0, evals_per_epoch=17))
+    with pytest.raises(ValueError, match=r"give eval_every \(8\) or evals_per_epoch \(2\), not both"):
+        _config(data, tmp_path / "r", evals_per_epoch=2)
+
+
+def test_by_default_a_run_evaluates_at_each_epochs_end_and_keeps_the_best(data, tmp_path):
+    # lr 0.05 Adam on the full table overfits in its third epoch: the best checkpoint is an earlier epoch's
+    config = TrainConfig(data=data, out=str(tmp_path / "r"), method="full", embedding_dim=8, bottom=(16,), top=(16,),
+                         optimizer="adam", lr=0.05, batch_size=256, epochs=3, seed=2)
+    trainer = Trainer(config)
+    last = trainer.fit()
+    logged = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in logged] == [16, 32, 48]  # one an epoch, at its end
+    best = min(logged, key=lambda entry: entry["bce"])
+    assert trainer.best["step"] == best["step"] and last["step"] == 48
+    best_meta = json.loads((tmp_path / "r" / "checkpoints" / "best.json").read_text())
+    assert best_meta["step"] == best["step"]
+
+
+def test_tensorboard_gets_every_evaluation_as_metrics_jsonl_has_it(data, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer = Trainer(_config(data, tmp_path / "r", eval_every=0, evals_per_epoch=2), tensorboard=tmp_path / "tb")
+    trainer.fit()
+    logged = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    for key in ("bce", "auc", "gap_to_bayes"):
+        scalars = events.Scalars(f"val/{key}")
+        assert [s.step for s in scalars] == [entry["step"] for entry in logged] == [8, 16, 24, 32]
+        assert [s.value for s in scalars] == pytest.approx([entry[key] for entry in logged], rel=1e-6)
+
+
+def test_tensorboard_without_its_package_is_refused_with_the_install_line(data, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if it were not installed
+    with pytest.raises(ValueError, match="--tensorboard needs the tensorboard package: pip install tensorboard"):
+        Trainer(_config(data, tmp_path / "r"), tensorboard=tmp_path / "tb")
+    assert not (tmp_path / "tb").exists()

@@ -57,7 +57,7 @@ def main() -> None:
     for method in methods:
         tables = [EmbeddingBagConfig(name=f"t{f}", embedding_dim=DIM, num_embeddings=n, feature_names=[f"f{f}"])
                   for f, n in enumerate(SIZES)]
-        collection = CompressedEmbeddingBagCollection(tables, method, compression=4, seed=5)
+        collection = CompressedEmbeddingBagCollection(tables, method=method, compression=4, seed=5)
         torch.manual_seed(0)
         model = DLRM(embedding_bag_collection=collection, dense_in_features=4, dense_arch_layer_sizes=[16, DIM],
                      over_arch_layer_sizes=[16, 1])

@@ -4,8 +4,9 @@ Each run lives in ``OUT/runs/<method>-<ratio>x-s<seed>/`` and ends with ``result
 config); a run whose result exists with the same config is read back, so an interrupted sweep continues
 where it stopped, and one made with other settings is trained again. A method that cannot meet a ratio
 gets a row saying why. ``OUT/results.csv`` and ``OUT/results.md`` hold every row; ``OUT/bce.png`` and
-``OUT/auc.png`` plot test BCE and AUC against the compression reached, one line per method, with the
-Bayes-optimal value as a line where the data set knows it. ``OUT/comparison.md`` holds the verdicts: every method
+``OUT/auc.png`` plot test BCE and AUC (:mod:`compemb.bench.sweep_plot`): at one ratio, the methods ranked best
+first with their seed spread; at several, one line per method against the compression reached; the full table and
+the Bayes-optimal value (where the data set knows it) as lines. ``OUT/comparison.md`` holds the verdicts: every method
 against a baseline (``hash`` where it ran) at each ratio, with 95% intervals and p-values
 (:mod:`compemb.bench.verdicts`). A method spec ``NAME+int8`` (``+int4``, ``+pq``) is
 the post-training baseline: NAME's run (trained first if missing), its best checkpoint's tables quantized
@@ -23,14 +24,19 @@ import statistics
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from compemb.budget import full_table_bytes
-from compemb.io import atomic_write_bytes, atomic_write_text
+from compemb.io import atomic_write_text
+from compemb.bench.sweep_plot import Chart, Point, draw, save_png
+from compemb.bench.sweep_plot import x_scale as x_scale  # where callers import it from
 from compemb.bench.verdicts import comparison_table, default_baseline
 from compemb.quantize import SCHEMES, quantize
 from compemb.registry import METHODS, parse_method_spec
-from compemb.train import RESULT_NEUTRAL, TrainConfig, Trainer, with_defaults
+from compemb.train import RESULT_NEUTRAL, TrainConfig, Trainer, settings_that_differ, with_defaults
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 COLUMNS = ("method", "ratio_asked", "ratio_reached", "params", "seed", "val_bce", "test_bce", "test_auc",
            "bayes_bce", "gap_to_bayes", "samples_per_s", "note")
@@ -98,9 +104,8 @@ _PER_RUN = ("method", "compression", "seed", "out", "method_options")
 
 def _same_settings(saved: dict[str, Any], config: TrainConfig) -> bool:
     """Whether a finished run's saved config is ``config`` in everything that changes a result."""
-    now, saved = json.loads(json.dumps(asdict(config))), with_defaults(saved)
-    return all(saved.get(k) == v for k, v in now.items() if k not in RESULT_NEUTRAL) and \
-        all(k in now for k in saved)
+    return not settings_that_differ(with_defaults(saved), json.loads(json.dumps(asdict(config))),
+                                    ignore=RESULT_NEUTRAL)
 
 
 def collect_rows(base: TrainConfig, out: Path, first: Sequence[str] = ()) -> list[SweepRow]:
@@ -108,13 +113,12 @@ def collect_rows(base: TrainConfig, out: Path, first: Sequence[str] = ()) -> lis
 
     Ordered by method (``first``'s order, then the rest by name), then ratio asked, then seed.
     """
-    shared = {k: v for k, v in json.loads(json.dumps(asdict(base))).items()
-              if k not in _PER_RUN and k not in RESULT_NEUTRAL}
+    shared = json.loads(json.dumps(asdict(base)))
     rows = []
     for result in sorted((out / "runs").glob("*/result.json")):
         saved = json.loads(result.read_text())
         config = with_defaults(saved.pop("config", {}))
-        if {k: v for k, v in config.items() if k not in _PER_RUN and k not in RESULT_NEUTRAL} == shared:
+        if not settings_that_differ(config, shared, ignore=(*_PER_RUN, *RESULT_NEUTRAL)):
             rows.append(SweepRow(**saved))
     order = {method: index for index, method in enumerate(first)}
     rows.sort(key=lambda r: (order.get(r.method, len(order)), r.method, r.ratio_asked, r.seed))
@@ -303,66 +307,37 @@ def markdown_table(rows: list[SweepRow]) -> str:
     return "\n".join(lines)
 
 
-def _figure():
-    import matplotlib
+def _chart(rows: list[SweepRow], key: str, label: str, x: str = "ratio_reached") -> Chart:
+    """What a plot of ``key`` shows: per compressing method and ratio asked, the mean over seeds and its sd at the
+    mean ``x``; the full table's mean and (for test BCE) the Bayes limit as references; why a method has none."""
+    series: dict[str, list[Point]] = {}
+    notes: dict[str, str] = {}
+    for (method, _), group in _grouped(rows).items():
+        if not _compresses(method):
+            continue
+        points = series.setdefault(method, [])
+        values = [v for v in (getattr(r, key) for r in group) if v is not None and not math.isnan(v)]
+        where = _mean([getattr(r, x) for r in group])
+        if values and where is not None:
+            points.append(Point(where, statistics.fmean(values), _spread(values) or 0.0, len(values)))
+        else:
+            notes.setdefault(method, group[0].note.split(";")[0][:70] or "no value")
+    references = {"full table": _mean([getattr(r, key) for r in rows if not _compresses(r.method)])}
+    if key == "test_bce":
+        references["Bayes-optimal"] = _mean([r.bayes_bce for r in rows])
+    return Chart(label, key == "test_auc", series, {name: v for name, v in references.items() if v is not None},
+                 {method: why for method, why in notes.items() if not series[method]},
+                 "ratio" if x == "ratio_reached" else "params")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    return plt, *plt.subplots(figsize=(7, 4.5))
-
-
-def x_scale(values: list[float]) -> str:
-    """The x axis for these ratios: log where they span 3x or more; linear for a one-ratio sweep (its points lie
-    within a few percent of one value, where a log axis stacks unreadable minor tick labels)."""
-    return "log" if values and max(values) >= 3 * min(values) else "linear"
-
-
-def _save(plt, figure, axes, xlabel: str, ylabel: str, path: Path, xs: list[float]) -> None:
-    if x_scale(xs) == "log":
-        axes.set_xscale("log")
-    else:
-        axes.ticklabel_format(axis="x", style="plain", useOffset=False)
-    axes.set_xlabel(xlabel)
-    axes.set_ylabel(ylabel)
-    axes.legend(fontsize=8)
-    axes.grid(alpha=0.3)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    plt.close(figure)
-    atomic_write_bytes(path, buffer.getvalue())
+def _figure(rows: list[SweepRow], key: str, label: str, x: str = "ratio_reached") -> Figure:
+    """The plot of ``key`` against ``x`` (see :func:`compemb.bench.sweep_plot.draw` for which chart)."""
+    return draw(_chart(rows, key, label, x))
 
 
 def _plot(rows: list[SweepRow], key: str, label: str, path: Path) -> None:
-    plt, figure, axes = _figure()
-    by_method: dict[str, list[tuple[float, float]]] = {}
-    for (method, _), group in _grouped(rows).items():
-        reached, value = _mean([r.ratio_reached for r in group]), _mean([getattr(r, key) for r in group])
-        if reached is not None and value is not None:
-            by_method.setdefault(method, []).append((reached, value))
-    for method, points in sorted(by_method.items()):
-        points.sort()
-        style = "o" if len(points) == 1 else "o-"
-        axes.plot([p[0] for p in points], [p[1] for p in points], style, label=method)
-    bayes = _mean([r.bayes_bce for r in rows]) if key == "test_bce" else None
-    if bayes is not None:
-        axes.axhline(bayes, color="black", linestyle="--", label="Bayes-optimal")
-    xs = [x for points in by_method.values() for x, _ in points]
-    _save(plt, figure, axes, "compression reached (full table bytes / stored bytes)", label, path, xs)
+    save_png(_figure(rows, key, label), path)
 
 
 def _plot_params(rows: list[SweepRow], path: Path) -> None:
-    plt, figure, axes = _figure()
-    by_method: dict[str, list[tuple[float, float]]] = {}
-    for (method, _), group in _grouped(rows).items():
-        params, value = _mean([r.params for r in group]), _mean([r.val_bce for r in group])
-        if params is not None and value is not None and _compresses(method):
-            by_method.setdefault(method, []).append((params, value))
-    for method, points in sorted(by_method.items()):
-        points.sort()
-        axes.plot([p[0] for p in points], [p[1] for p in points], "o-", label=method)
-    full = _full_val_bce(rows)
-    if full is not None:
-        axes.axhline(full, color="gray", linestyle=":", label="full table")
-    xs = [x for points in by_method.values() for x, _ in points]
-    _save(plt, figure, axes, "parameters (stored bytes / 4)", "validation BCE", path, xs)
+    save_png(_figure(rows, "val_bce", "validation BCE", x="params"), path)

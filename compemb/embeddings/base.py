@@ -42,7 +42,8 @@ class CompressedEmbedding(torch.nn.Module, ABC):
         mode: how bags are reduced when ``offsets`` is given: ``"sum"``, ``"mean"`` or ``"max"`` (per coordinate;
             no per-sample weights).
         sparse: produce sparse gradients for the tables (as nn.Embedding); use an optimizer that
-            accepts them (SGD, Adagrad, SparseAdam).
+            accepts them (SGD, Adagrad, SparseAdam). A method without table rows (dhe, tt:
+            :attr:`sparse_gradients` False) refuses it.
         name: the feature's name, used in error messages.
         init: the scale an id's untrained vector starts at (see :attr:`init_bound`): ``"dlrm"`` (default) the
             DLRM reference's U(-sqrt(1/n), sqrt(1/n)) for n ids, ``"uniform_dim"`` U(-1/sqrt(d), 1/sqrt(d)).
@@ -70,6 +71,8 @@ class CompressedEmbedding(torch.nn.Module, ABC):
     # True: built from per-id counts of the training split, given as ``frequencies=`` (EmbeddingCollection and
     # the Trainer pass them; see compemb.embeddings.offline.OfflineFrequencyEmbedding)
     needs_frequencies: ClassVar[bool] = False
+    # whether ``sparse=True`` gives sparse gradients: False where the parameters are no table of rows (an MLP, cores)
+    sparse_gradients: ClassVar[bool] = True
     # bytes stored for every id of the vocabulary (AdaEmbed's importance scores): budgets under
     # num_embeddings * per_id_bytes cannot be met and are refused with a BudgetError
     per_id_bytes: ClassVar[int] = 0
@@ -107,6 +110,9 @@ class CompressedEmbedding(torch.nn.Module, ABC):
         self.num_embeddings = None if num_embeddings is None else int(num_embeddings)
         self.embedding_dim = int(embedding_dim)
         self.mode = mode
+        if sparse and not self.sparse_gradients:
+            raise ValueError(f"{self.method_name} has no table rows to give sparse gradients (its parameters are "
+                             f"dense): build it with sparse=False and train it with a dense optimizer")
         self.sparse = bool(sparse)
         self.include_last_offset = bool(include_last_offset)
         if padding_idx is not None:  # as nn.Embedding's: a negative index counts from the end of the vocabulary

@@ -72,6 +72,8 @@ class DeepHashEmbedding(CompressedEmbedding):
     title = "DHE: hashes -> MLP, no table"
     formula = "k * h + h + h * d + d"
 
+    sparse_gradients = False  # an MLP / tensor-train cores: every gradient is dense
+
     def __init__(
         self,
         num_embeddings: int | None,

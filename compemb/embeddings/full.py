@@ -85,6 +85,9 @@ class FullEmbedding(CompressedEmbedding):
 
     def reset_tables(self) -> None:
         init_uniform_(self.weight, self.init_bound, self._generator())
+        if self.padding_idx is not None and not self.weight.is_meta:  # as nn.Embedding: the padding row is zeros
+            with torch.no_grad():
+                self.weight[self.padding_idx].zero_()
 
     def lookup(self, ids: Tensor) -> Tensor:
         return F.embedding(ids, self.weight, sparse=self.sparse)

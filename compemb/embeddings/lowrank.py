@@ -93,8 +93,11 @@ class LowRankEmbedding(CompressedEmbedding):
 
     def describe_sizes(self) -> str:
         """The rank the budget chose, in a line (for ``compemb methods``)."""
-        return f"rank {self.rank:g}: {self.extended_ids:,} ids store {self.projection.shape[0]} coordinates, " \
-               f"the others {self.low_rank}; projection {self.projection.shape[0]} x {self.embedding_dim}"
+        projection = f"projection {self.projection.shape[0]} x {self.embedding_dim}"
+        if not self.extended_ids:  # a whole rank: every id stores as many coordinates
+            return f"rank {self.rank:g}: every id stores {self.low_rank} coordinate{'s' * (self.low_rank > 1)}; {projection}"
+        return f"rank {self.rank:g}: {self.extended_ids:,} ids store {self.low_rank + 1} coordinates, " \
+               f"the others {self.low_rank}; {projection}"
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", rank={self.rank:g}"

@@ -17,7 +17,7 @@ Init: the paper's sampled Gaussian init: each core is drawn from N(0, s^2) with 
 untrained vector's coordinates have the variance of the full table's U(-b, b) (DLRM's b = sqrt(1/n)).
 
 Deviations: two ranks (the paper uses one rank for both inner bonds; a second one is what lets every budget be met
-within 1%); dense gradients for the cores whatever ``sparse`` says (they are small); no cache of hot rows (the
+within 1%); dense gradients for the cores (they are small; ``sparse=True`` is refused); no cache of hot rows (the
 paper's TT-EmbeddingBag caches the most frequent ids' full vectors).
 """
 
@@ -113,6 +113,8 @@ class TTEmbedding(CompressedEmbedding):
     title = "TT-Rec: tensor-train cores"
     formula = "n1 d1 R1 + R1 n2 d2 R2 + R2 n3 d3"
 
+    sparse_gradients = False  # an MLP / tensor-train cores: every gradient is dense
+
     def __init__(
         self,
         num_embeddings: int,
@@ -156,7 +158,7 @@ class TTEmbedding(CompressedEmbedding):
         count = ids.numel()
         high, low = ids.div(n3, rounding_mode="floor"), ids.remainder(n3)
         first, middle = high.div(n2, rounding_mode="floor"), high.remainder(n2)
-        # dense gradients whatever ``sparse`` says: the cores are small, so their dense gradient (an index_add
+        # dense gradients (sparse=True is refused): the cores are small, so their dense gradient (an index_add
         # into a few hundred rows) is cheaper than a sparse one of every looked-up slice
         g1 = F.embedding(first, self.core1).view(count, d1, r1)
         if n2 * n3 <= PAIRS_PER_ID * count:

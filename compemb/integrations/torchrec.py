@@ -1,10 +1,20 @@
 """compemb's compressed tables behind TorchRec's ``EmbeddingBagCollectionInterface``.
 
-``CompressedEmbeddingBagCollection`` takes the ``EmbeddingBagConfig`` list an ``EmbeddingBagCollection`` would,
-reads a ``KeyedJaggedTensor`` and returns the ``KeyedTensor`` of pooled vectors that one would, so it drops into
-TorchRec models (``torchrec.models.dlrm.DLRM``'s ``embedding_bag_collection=``) and training loops unchanged. Its
-tables are one :class:`compemb.collection.EmbeddingCollection` (one table per config, one budget for all), so
-the vectors equal compemb's own collection's for the same ids and seed.
+``CompressedEmbeddingBagCollection`` takes what an ``EmbeddingBagCollection`` takes (``tables, is_weighted=False,
+device=None``, the compression method and its budget as keywords), reads a ``KeyedJaggedTensor`` and returns the
+``KeyedTensor`` of pooled vectors that one would, so it drops into TorchRec models (``torchrec.models.dlrm.DLRM``'s
+``embedding_bag_collection=``) and training loops unchanged. Its tables are one
+:class:`compemb.collection.EmbeddingCollection` per embedding dim (one budget for all), so the vectors equal
+compemb's own collection's for the same ids and seed; each table is also ``embedding_bags[<table name>]``, as in an
+``EmbeddingBagCollection``, and its parameters and ``state_dict`` keys are that one's (``embedding_bags.t1.weight``).
+
+``torchrec.fx.symbolic_trace`` (and ``torch.fx.symbolic_trace``) traces it as it traces an EmbeddingBagCollection:
+each table is one ``call_module`` node, so the graph holds the tables and their parameters and computes what the
+module computes; the traced module shares the tables (their ``on_step_end`` is still this module's).
+``torch.jit.script`` scripts ``method="full"`` (per-feature tables) as the EmbeddingBagCollection that holds its
+parameters; a compressed method's lookups are Python that TorchScript cannot compile, and it says so (TypeError). A
+traced graph cannot be scripted either, the full table's included: its ``call_module`` nodes run the tables' Python
+``forward``.
 
 Under ``DistributedModelParallel`` it has no sharder (compressed tables are small), so DMP replicates it with
 DistributedDataParallel like any dense module; the adaptive methods (CAFE, CCE) gather what changes their state
@@ -18,11 +28,17 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.fx
 from torch import Tensor
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 try:
     from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
-    from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface, get_embedding_names_by_table
+    from torchrec.modules.embedding_modules import (
+        EmbeddingBagCollection,
+        EmbeddingBagCollectionInterface,
+        get_embedding_names_by_table,
+    )
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 except ImportError as error:  # one line that says what to install
     raise ImportError(
@@ -30,12 +46,31 @@ except ImportError as error:  # one line that says what to install
         "fbgemm-gpu-cpu==1.8.0 with --no-deps; `make torchrec` does it)"
     ) from error
 
+from compemb.checks import assert_ids_in_range
 from compemb.collection import Bags, EmbeddingCollection, Feature
 from compemb.embeddings.adaptive import end_step
 from compemb.embeddings.base import CompressedEmbedding
+from compemb.feature_methods import EVERY_OTHER, is_per_feature, parse_feature_methods
+from compemb.embeddings.full import FullEmbedding
+from compemb.kernels import device_path
 
 _POOLINGS = {PoolingType.SUM: "sum", PoolingType.MEAN: "mean"}
 _DTYPES = {DataType.FP32: torch.float32, DataType.FP16: torch.float16, DataType.BF16: torch.bfloat16}
+
+
+def _shared_ids(values: Tensor, num_embeddings: int, offset: int, where: str) -> Tensor:
+    """A feature's ids in the shared table's vocabulary (``offset + id``), after the range check that
+    ``EmbeddingCollection.pool`` makes (an id past its feature's range would read the next feature's rows).
+    Wrapped for fx (``torch.fx.wrap``): a traced graph calls it as it is, check included."""
+    values = values.long()
+    if device_path(values):
+        assert_ids_in_range(values, num_embeddings, where)
+    elif values.numel() and bool((bad := (values < 0) | (values >= num_embeddings)).any()):
+        raise ValueError(f"{where}: id {int(values[bad][0])} is outside [0, {num_embeddings})")
+    return values + offset
+
+
+torch.fx.wrap("_shared_ids")
 
 
 def _table_prefixes(module: CompressedEmbeddingBagCollection) -> dict[str, str]:
@@ -44,22 +79,20 @@ def _table_prefixes(module: CompressedEmbeddingBagCollection) -> dict[str, str]:
             for group, collection in module.collections.items() for name in collection.embeddings}
 
 
-def _as_ebc_keys(module: CompressedEmbeddingBagCollection, state: dict, prefix: str, local_metadata: Any) -> None:
-    """state_dict hook: the tables' entries under EmbeddingBagCollection's names, in its order (the configs')."""
-    renamed: dict[str, list[tuple[str, Any]]] = {}
-    for ours, theirs in _table_prefixes(module).items():
+def _only_ebc_keys(module: CompressedEmbeddingBagCollection, state: dict, prefix: str, local_metadata: Any) -> None:
+    """state_dict hook: each table once, under EmbeddingBagCollection's names (``embedding_bags.<table>.``); its
+    second path, through ``collections``, is left out."""
+    for ours in _table_prefixes(module):
         for key in [k for k in state if k.startswith(prefix + ours)]:
-            renamed.setdefault(theirs, []).append((prefix + theirs + key[len(prefix + ours):], state.pop(key)))
-    order = [f"embedding_bags.{t.name}." for t in module._configs] + ["embedding_bags.shared."]
-    for theirs in sorted(renamed, key=lambda name: order.index(name) if name in order else len(order)):
-        state.update(renamed[theirs])
+            del state[key]
 
 
 def _from_ebc_keys(module: CompressedEmbeddingBagCollection, state: dict, prefix: str, *args: Any) -> None:
-    """load_state_dict pre-hook: EmbeddingBagCollection's names (this module's own, or an EBC's) back to ours."""
+    """load_state_dict pre-hook: each ``embedding_bags.<table>.`` entry (this module's own, or an EBC's) copied to
+    the table's path through ``collections`` too, so both paths of the one module load (strictly) alike."""
     for ours, theirs in _table_prefixes(module).items():
         for key in [k for k in state if k.startswith(prefix + theirs)]:
-            state[prefix + ours + key[len(prefix + theirs):]] = state.pop(key)
+            state[prefix + ours + key[len(prefix + theirs):]] = state[key]
 
 
 class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
@@ -70,15 +103,22 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             Pooling SUM or MEAN; ``embedding_dim`` may differ between tables (the tables of one dim are one
             compemb collection) and ``data_type`` FP32, FP16 or BF16 is the dtype the table stores (outputs are
             float32, as EmbeddingBagCollection's).
-        method: a compemb method name (``compemb.METHODS``), e.g. ``"cce"``, ``"cafe"``, ``"hash"``.
-        compression, num_params: the budget for all tables together (one of the two; neither for ``"full"``).
-        sharing: ``"per_feature"`` (a table per config) or ``"shared"`` (one table over every config's ids).
         is_weighted: the input KJTs carry per-id weights (sum pooling only).
+        device: where the tables are built.
+        method: a compemb method name (``compemb.METHODS``), e.g. ``"cce"``, ``"cafe"``, ``"hash"``; ``"full"``
+            (the default) is the uncompressed table, an EmbeddingBagCollection's. Or a method per table, by table
+            name (``{"t1": "full", "*": "cce-hybrid"}``, :mod:`compemb.feature_methods`); the tables of each
+            embedding dim share that dim's part of the budget as an EmbeddingCollection's features do.
+        compression, num_params: the budget for all tables together (one of the two; neither for ``"full"``).
+        sharing: ``"per_feature"`` (a table per config) or ``"shared"`` (one table over every config's ids,
+            ``embedding_bags["shared"]``).
         seed: table i is built with ``seed + i``.
         options: passed to every compressed table (``sparse=True``, ``columns=4``, ...).
 
-    ``state_dict`` keys are EmbeddingBagCollection's (``embedding_bags.<table>.<name>``), so a checkpoint of an
-    EmbeddingBagCollection loads into ``method="full"``.
+    ``embedding_bags`` maps each table's name to its module, and the parameter names and ``state_dict`` keys are
+    EmbeddingBagCollection's (``embedding_bags.<table>.<name>``), so a checkpoint of an EmbeddingBagCollection loads
+    into ``method="full"``. The same modules are also reachable through ``collections`` (compemb's collections, one
+    per dim); ``parameters()``, ``named_parameters()`` and ``state_dict()`` hold each once.
 
     Example::
 
@@ -86,29 +126,36 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         >>> from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
         >>> tables = [EmbeddingBagConfig(name="t1", embedding_dim=8, num_embeddings=1000, feature_names=["f1"]),
         ...           EmbeddingBagConfig(name="t2", embedding_dim=8, num_embeddings=500, feature_names=["f2"])]
-        >>> ebc = CompressedEmbeddingBagCollection(tables, "hash", compression=10)
+        >>> ebc = CompressedEmbeddingBagCollection(tables, method="hash", compression=10)
         >>> kjt = KeyedJaggedTensor.from_lengths_sync(["f1", "f2"], torch.tensor([1, 2, 3, 4]), torch.tensor([1, 1, 2, 0]))
         >>> pooled = ebc(kjt)
-        >>> pooled.values().shape, pooled.keys()
-        (torch.Size([2, 16]), ['f1', 'f2'])
+        >>> pooled.values().shape, pooled.keys(), type(ebc.embedding_bags["t1"]).__name__
+        (torch.Size([2, 16]), ['f1', 'f2'], 'HashingTrickEmbedding')
     """
 
     def __init__(
         self,
         tables: list[EmbeddingBagConfig],
-        method: str,
+        is_weighted: bool = False,
+        device: torch.device | str | None = None,
         *,
+        method: str | dict[str, str] = "full",
         compression: float | None = None,
         num_params: int | None = None,
         sharing: str = "per_feature",
-        is_weighted: bool = False,
         seed: int = 0,
-        device: torch.device | str | None = None,
         **options: Any,
     ) -> None:
         super().__init__()
+        if not isinstance(is_weighted, bool):
+            hint = f" (the method is a keyword, as EmbeddingBagCollection's signature leaves it: method=" \
+                   f"{is_weighted!r})" if isinstance(is_weighted, str) else ""
+            raise TypeError(f"is_weighted must be a bool, got {is_weighted!r}{hint}")
         if not tables:
             raise ValueError("CompressedEmbeddingBagCollection needs at least one table config")
+        names = [table.name for table in tables]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate table name {next(n for n in names if names.count(n) > 1)!r} in {names}")
         for table in tables:
             if table.pooling not in _POOLINGS:
                 raise ValueError(f"table {table.name!r}: pooling must be SUM or MEAN, got {table.pooling}")
@@ -123,30 +170,44 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             raise ValueError(f"one shared table serves one embedding_dim; these tables have {dims}")
         self._configs = tables
         self._is_weighted = is_weighted
+        self._method = method
         self._poolings = [_POOLINGS[table.pooling] for table in tables]
+        # registered before `collections`: the first path to each table names its parameters (EBC's names)
+        self.embedding_bags = torch.nn.ModuleDict()
         # the tables of one dim are one compemb collection (its features are the tables, one-hot from its view,
         # pooled here by each table's pooling); a budget in params is shared out by the full tables' sizes
         full = {dim: sum(t.num_embeddings * dim for t in tables if t.embedding_dim == dim) for dim in dims}
         collections = {}
-        for group, dim in enumerate(dims):
+        per_table = parse_feature_methods(method) if is_per_feature(method) else None
+        if per_table is not None:  # a method per table: each dim's collection gets its tables' part of the mapping
+            unknown = [name for name in per_table if name != EVERY_OTHER and name not in names]
+            if unknown:
+                raise ValueError(f"the methods name {', '.join(map(repr, unknown))}, not a table here (the tables: "
+                                 f"{', '.join(names)})")
+        for dim in dims:
             members = [t for t in tables if t.embedding_dim == dim]
             share = None if num_params is None else max(1, round(num_params * full[dim] / sum(full.values())))
+            group_method = method if per_table is None else \
+                {name: spec for name, spec in per_table.items() if name == EVERY_OTHER or name in
+                 {t.name for t in members}}
             collections[f"dim{dim}"] = EmbeddingCollection(
-                [Feature(table.name, table.num_embeddings) for table in members], dim, method,
+                [Feature(table.name, table.num_embeddings) for table in members], dim, group_method,
                 compression=compression, num_params=share, seed=seed + tables.index(members[0]), device=device,
                 sharing=sharing, **options)
-        self.collections = torch.nn.ModuleDict(collections)
-        for table in tables:  # each table stores its config's data type
-            dtype = _DTYPES[table.data_type]
+        for table in tables:
+            embeddings = collections[f"dim{table.embedding_dim}"].embeddings
+            key = table.name if sharing == "per_feature" else "shared"
+            self.embedding_bags[key] = embeddings[key]
+            dtype = _DTYPES[table.data_type]  # each table stores its config's data type
             if dtype != torch.float32:
-                for module in self._tables_of(table):
-                    module.to(dtype)
+                embeddings[key].to(dtype)
+        self.collections = torch.nn.ModuleDict(collections)
         self._embedding_names = [name for names in get_embedding_names_by_table(tables) for name in names]
         self._lengths_per_key = [table.embedding_dim for table in tables for _ in table.feature_names]
         # one feature per table: a KJT of one id per row can go through each collection's batched one-hot lookup
         self._one_feature_per_table = all(len(table.feature_names) == 1 for table in tables)
         self._columns: dict[tuple[str, ...], list[Tensor]] = {}
-        self._register_state_dict_hook(_as_ebc_keys)
+        self._register_state_dict_hook(_only_ebc_keys)
         self._register_load_state_dict_pre_hook(_from_ebc_keys, with_module=True)
 
     @property
@@ -160,12 +221,14 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     def _collection_of(self, table: EmbeddingBagConfig) -> EmbeddingCollection:
         return self.collections[f"dim{table.embedding_dim}"]  # type: ignore[return-value]
 
-    def _tables_of(self, table: EmbeddingBagConfig) -> list[torch.nn.Module]:
-        embeddings = self._collection_of(table).embeddings
-        return [embeddings[table.name if table.name in embeddings else "shared"]]
+    def _table_of(self, table: EmbeddingBagConfig) -> torch.nn.Module:
+        """The module that looks up ``table``'s ids: its own, or the shared one."""
+        return self.embedding_bags[table.name if table.name in self.embedding_bags else "shared"]
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Pooled vectors of every table's features, keyed as ``EmbeddingBagCollection`` keys them."""
+        if is_fx_symbolic_tracing():  # torch.fx.symbolic_trace, torchrec.fx.symbolic_trace; not torch.export
+            return self._traced_forward(features)
         vectors = self._one_id_per_row(features)
         if vectors is None:
             lookup = features.to_dict()
@@ -180,6 +243,38 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                     pooled.append(self._collection_of(table).pool(
                         table.name, Bags(bag.values(), bag.offsets(), weights), pooling=pooling).float())
             vectors = torch.cat(pooled, dim=1)
+        return KeyedTensor(keys=self._embedding_names, length_per_key=self._lengths_per_key, values=vectors)
+
+    def _traced_forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        """``forward`` under fx tracing, as EmbeddingBagCollection's: per feature its values, offsets (and weights)
+        into its table, which is one ``call_module`` node (a leaf: the tables' Python checks the data, which a
+        trace cannot follow), then what ``EmbeddingCollection.pool`` does around the table."""
+        lookup = features.to_dict()
+        pooled = []
+        for table, pooling in zip(self._configs, self._poolings):
+            collection, module = self._collection_of(table), self._table_of(table)
+            for name in table.feature_names:
+                bag = lookup[name]
+                values, offsets = bag.values(), bag.offsets()
+                weights = bag.weights() if self._is_weighted else None
+                if not isinstance(values, torch.fx.Proxy):
+                    raise TypeError(f"fx tracing: feature {name!r}'s values are {type(values).__name__}, not a "
+                                    f"traced value: trace with the KeyedJaggedTensor as an input")
+                if collection.sharing == "shared":  # feature f's id x is offset_f + x in the one table
+                    index = collection._index_of(table.name)
+                    start = sum(f.num_embeddings for f in collection.features[:index])
+                    values = _shared_ids(values, table.num_embeddings, start, f"feature {table.name!r}")
+                else:
+                    values = values.long()
+                tracer = values.tracer
+                vectors = tracer.create_proxy("call_module", tracer.path_of_module(module),
+                                              (values, offsets if module.include_last_offset else offsets[:-1],
+                                               weights), {})
+                if module.mode != pooling:  # as pool: the table's mode converted by the bag sizes
+                    sizes = (offsets[1:] - offsets[:-1]).clamp(min=1).unsqueeze(1).to(vectors.dtype)
+                    vectors = vectors / sizes if pooling == "mean" else vectors * sizes
+                pooled.append(vectors.float())
+        vectors = torch.cat(pooled, dim=1)
         return KeyedTensor(keys=self._embedding_names, length_per_key=self._lengths_per_key, values=vectors)
 
     def _one_id_per_row(self, features: KeyedJaggedTensor) -> Tensor | None:
@@ -218,6 +313,31 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             by_table.update({t.name: collection_parts[:, j] for j, t in enumerate(members)})
         return torch.cat([by_table[t.name] for t in self._configs], dim=1)
 
+    def __prepare_scriptable__(self) -> EmbeddingBagCollection:
+        """``torch.jit.script``'s hook: with ``method="full"`` (per-feature, sum or mean tables) the module scripts
+        as the EmbeddingBagCollection that holds its very parameters (same vectors; no id-range ValueError: an id
+        out of range fails in nn.EmbeddingBag). torch puts the returned module in this one's place inside a model
+        being scripted. Compressed tables cannot be scripted: TypeError, saying why."""
+        reason = None
+        if self._method != "full":
+            reason = (f"its method {self._method!r} looks ids up in Python that TorchScript cannot compile "
+                      f"(hashing, id checks, custom autograd functions, compiled kernels)")
+        elif any(collection.sharing == "shared" for collection in self.collections.values()):
+            reason = "its one shared table reads every feature's ids at an offset, which no EmbeddingBagCollection does"
+        elif any(not isinstance(m, FullEmbedding) or m.padding_idx is not None or m.mode == "max"
+                 for m in self.embedding_bags.values()):
+            reason = "a full table with padding_idx or mode='max' is not an EmbeddingBagCollection's"
+        if reason is not None:
+            raise TypeError(f"torch.jit.script cannot script this CompressedEmbeddingBagCollection: {reason}. "
+                            f"torchrec.fx.symbolic_trace traces it (its tables as call_module nodes); torch.compile "
+                            f"compiles around its lookups")
+        scriptable = EmbeddingBagCollection(self._configs, is_weighted=self._is_weighted, device=torch.device("meta"))
+        for name, table in self.embedding_bags.items():
+            bag = scriptable.embedding_bags[name]
+            bag.weight, bag.sparse = table.weight, table.sparse  # its parameters are this module's
+        scriptable._device = self.device
+        return scriptable
+
     def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
         """The table configs it was built from."""
         return self._configs
@@ -234,7 +354,8 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
     def on_step_end(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Call after every optimizer step: CAFE's and CCE's sketches and clustering run here, as in compemb's
-        Trainer (``optimizer`` lets a table reset the optimizer state of rows it gives to new ids)."""
+        Trainer (``optimizer`` lets a table reset the optimizer state of rows it gives to new ids). A module traced
+        from this one shares its tables: call this one's ``on_step_end`` when training the traced one."""
         tables = [module for module in self.modules() if isinstance(module, CompressedEmbedding)]
         # under a process group every table's recorded importance in one collective; tables that update together
         # (per-feature CAFE on a device) at once

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from compemb import METHODS, BudgetError
+from compemb import METHODS, BudgetError, make_embedding
 
 from .conftest import ALL_METHODS, build, make, reference_bags
 
@@ -216,6 +216,10 @@ def test_untouched_parameters_get_no_gradient(name):
 @pytest.mark.parametrize("name", ALL_METHODS)
 def test_sparse_gradients_equal_dense_ones(name):
     ids, offsets = torch.randint(0, 1000, (40,)), torch.tensor([0, 10, 25])
+    if not METHODS[name].sparse_gradients:  # no table rows (an MLP, cores): sparse=True is refused, not ignored
+        with pytest.raises(ValueError, match="has no table rows to give sparse gradients"):
+            build(name, sparse=True)
+        return
     grads = []
     for sparse in (False, True):
         module = build(name, sparse=sparse, seed=4)
@@ -412,3 +416,12 @@ def test_any_bad_offsets_are_refused_and_good_ones_accepted(name, offsets, num_i
     else:
         with pytest.raises(ValueError, match="offsets"):
             module(ids, tensor)
+
+
+def test_the_full_tables_padding_row_is_zeros_in_its_weight_as_nn_embeddings():
+    reference = torch.nn.Embedding(50, 8, padding_idx=7)
+    table = make_embedding("full", 50, 8, padding_idx=7)
+    assert torch.equal(table.weight[7], reference.weight[7]) and table.weight[7].abs().sum() == 0
+    assert table.weight[6].abs().sum() > 0  # the other rows keep their init
+    negative = make_embedding("full", 50, 8, padding_idx=-1)
+    assert negative.weight[49].abs().sum() == 0 and negative.padding_idx == 49

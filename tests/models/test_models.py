@@ -92,3 +92,17 @@ def test_pairwise_dots_equal_bmm_and_its_gradient():
     index = rows * 6 + columns
     assert torch.equal(pairwise_dots(x, index), torch.bmm(x, x.transpose(1, 2))[:, rows, columns])
     assert torch.autograd.gradcheck(lambda v: pairwise_dots(v, index), (x,))
+
+
+def test_a_model_without_dense_features_builds_quietly_and_learns_its_dense_vector():
+    import warnings
+
+    from compemb.models.mlp import mlp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        bottom = mlp(0, [8, 4])
+    out = bottom(torch.zeros(3, 0))
+    assert out.shape == (3, 4) and torch.equal(out[0], out[1])  # one learned vector for every row
+    out.sum().backward()
+    assert bottom[2].bias.grad.abs().sum() > 0  # the constant moves with training (the first layer's bias starts 0)
