@@ -102,12 +102,13 @@ class TrainConfig:
     embedding_dim: int = 16
     bottom: tuple[int, ...] = (512, 256, 64)
     top: tuple[int, ...] = (512, 256)
-    # the default recipe: the best of a recorded sweep on the default model (benchmarks/default_recipe.py); the
-    # DLRM reference's SGD 0.1 for all is --protocol dlrm
+    # the default recipe: of a recorded sweep on the default model, the one nearest the best on every set
+    # (benchmarks/results/default_recipe.md); the DLRM reference's SGD 0.1 for all is --protocol dlrm
     optimizer: str = "adam"  # the MLPs' optimizer
-    lr: float = 1e-3  # the MLPs' learning rate
-    table_optimizer: str | None = "adam"  # the tables' own optimizer (TABLE_OPTIMIZERS); None: the MLPs'
-    table_lr: float | None = 1e-2  # the tables' learning rate; None: the MLPs' lr
+    lr: float = 2e-3  # the MLPs' learning rate
+    # the tables' own optimizer (TABLE_OPTIMIZERS; row-wise Adagrad: TorchRec's default for tables); None: the MLPs'
+    table_optimizer: str | None = "rowwise_adagrad"
+    table_lr: float | None = 0.05  # the tables' learning rate; None: the MLPs' lr
     batch_size: int = 2048
     epochs: int = 1
     # evaluations: exactly evals_per_epoch per epoch, evenly, the last at the epoch's end (the CCE paper: 6; 0: only

@@ -386,8 +386,8 @@ def test_damaged_bytes_inside_a_checkpoints_tensors_are_refused_by_its_checksum(
 
 def test_best_is_never_left_behind_last_and_a_lagging_best_is_repaired_on_resume(data, tmp_path, monkeypatch):
     config = TrainConfig(data=str(data), out=str(tmp_path / "r"), method="hash", compression=4, embedding_dim=8,
-                         bottom=(16,), top=(16,), batch_size=256, optimizer="adagrad", lr=0.05, eval_every=4,
-                         checkpoint_minutes=0, epochs=2)
+                         bottom=(16,), top=(16,), batch_size=256, optimizer="adagrad", lr=0.05, table_optimizer=None,
+                         table_lr=None, eval_every=4, checkpoint_minutes=0, epochs=2)
     checkpoints = tmp_path / "r" / "checkpoints"
     original = Trainer._write_last
 

@@ -13,7 +13,8 @@ from compemb.train import TrainConfig, Trainer
 
 def _train(data, out, **overrides):
     settings = dict(data=str(data), out=str(out), method="full", embedding_dim=8, bottom=(32,), top=(32,),
-                    optimizer="adam", lr=0.003, batch_size=1024, epochs=10, seed=0)
+                    optimizer="adam", lr=0.003, table_optimizer=None, table_lr=None, batch_size=1024, epochs=10,
+                    seed=0)  # one Adam for the MLPs and the tables
     settings.update(overrides)
     return Trainer(TrainConfig(**settings)).fit()
 

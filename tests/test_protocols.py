@@ -52,5 +52,5 @@ def test_the_protocols_train_tables_as_their_papers_did_not_as_the_defaults_do()
         assert (config.optimizer, config.lr, config.table_optimizer, config.table_lr) == ("sgd", 0.1, "sgd", 0.1)
     dlrm = _config("train", "--data", "d", "--out", "r", "--protocol", "dlrm")
     assert (dlrm.batch_size, dlrm.evals_per_epoch, dlrm.bottom, dlrm.top) == (2048, 0, (512, 256, 64), (512, 256))
-    plain = _config("train", "--data", "d", "--out", "r")  # the default recipe: Adam for both, tables at 10x the lr
-    assert (plain.optimizer, plain.lr, plain.table_optimizer, plain.table_lr) == ("adam", 1e-3, "adam", 1e-2)
+    plain = _config("train", "--data", "d", "--out", "r")  # the default recipe: Adam MLPs, row-wise Adagrad tables
+    assert (plain.optimizer, plain.lr, plain.table_optimizer, plain.table_lr) == ("adam", 2e-3, "rowwise_adagrad", 0.05)

@@ -308,3 +308,21 @@ def test_tensorboard_without_its_package_is_refused_with_the_install_line(data, 
     with pytest.raises(ValueError, match="--tensorboard needs the tensorboard package: pip install tensorboard"):
         Trainer(_config(data, tmp_path / "r"), tensorboard=tmp_path / "tb")
     assert not (tmp_path / "tb").exists()
+
+
+def test_the_default_recipe_is_the_recorded_sweeps_most_robust_one():
+    """TrainConfig's optimizers are the recipe of benchmarks/results/default_recipe.csv nearest the best on every
+    set and method (the smallest largest distance): a default changed without a sweep, or a sweep whose winner was not
+    taken, fails here."""
+    import csv
+    from pathlib import Path
+
+    rows = list(csv.DictReader(open(Path(__file__).resolve().parents[1] / "benchmarks" / "results" /
+                                    "default_recipe.csv")))
+    groups = {(row["data"], row["method"]) for row in rows}
+    complete = [recipe for recipe in {row["recipe"] for row in rows}
+                if sum(row["recipe"] == recipe for row in rows) == len(groups)]  # the finalists ran everywhere
+    worst = {recipe: max(float(row["from_best"]) for row in rows if row["recipe"] == recipe) for recipe in complete}
+    config = TrainConfig(data="d", out="r")
+    assert min(worst, key=worst.get) == f"{config.optimizer} {config.lr:g} / {config.table_optimizer} " \
+                                        f"{config.table_lr:g}" == "adam 0.002 / rowwise_adagrad 0.05"
