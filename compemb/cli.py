@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -811,6 +812,9 @@ def main(argv: list[str] | None = None) -> int:
         args = _layered(parser, argv, args)
         args.argv = argv  # train --nproc hands the command line to torchrun
         return args.run(args)
+    except BrokenPipeError:  # `compemb ... | head` closed the pipe: the reader has what it wanted, as for any filter
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        return 141  # what a shell reports for a process ended by SIGPIPE
     except (ValueError, OSError) as error:  # bad input, a missing file, a full disk: one clear line, not a traceback
         print(f"compemb: error: {error}", file=sys.stderr)
         return 2

@@ -195,6 +195,12 @@ class EmbeddingCollection(torch.nn.Module):
         names = [f.name for f in features]
         if len(set(names)) != len(names):
             raise ValueError(f"feature names must be unique, got {names}")
+        # each name keys a table in a torch ModuleDict: torch refuses its own attribute names and dotted ones
+        unusable = [name for name in names if not name or "." in name or hasattr(torch.nn.ModuleDict, name)]
+        if unusable:
+            raise ValueError(f"feature name {unusable[0]!r} cannot name a table (torch's ModuleDict takes no empty or "
+                             f"dotted name, nor one of its own attributes such as 'items' or 'type'): rename it, "
+                             f"e.g. {unusable[0].replace('.', '_') + '_'!r}")
         self.features = list(features)
         self.one_hot = [i for i, f in enumerate(features) if f.pooling is None]
         self.multi_hot = [i for i, f in enumerate(features) if f.pooling is not None]

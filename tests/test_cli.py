@@ -333,3 +333,21 @@ def test_a_newcomers_first_run_with_the_defaults_learns(tmp_path, capsys, method
     labels, rate = np.load(data / "val" / "labels.npy"), np.load(data / "train" / "labels.npy").mean()
     constant = -np.mean(labels * np.log(rate) + (1 - labels) * np.log(1 - rate))
     assert result["bce"] < 0.95 * constant and result["auc"] > 0.68
+
+
+def test_a_reader_that_closes_the_pipe_ends_the_command_quietly():
+    """`compemb predict --out - | head -1`: the write that finds the pipe closed ends the command with the status a
+    shell gives SIGPIPE (141) and no error line (a sandbox's pipe may hold megabytes, so the closed pipe is raised
+    where the command writes)."""
+    import subprocess
+    import sys
+
+    script = ("import sys\nimport compemb.cli as cli\n"
+              "def closed(args):  # a command whose next write finds the reader gone\n"
+              "    print('first line', flush=True)\n    raise BrokenPipeError(32, 'Broken pipe')\n"
+              "parser = cli.build_parser\n"
+              "def patched():\n    p = parser()\n"
+              "    p._subparsers._group_actions[0].choices['methods'].set_defaults(run=closed)\n    return p\n"
+              "cli.build_parser = patched\nsys.exit(cli.main(['methods']))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 141 and done.stderr == "" and done.stdout == "first line\n"

@@ -212,3 +212,10 @@ def test_bags_are_not_pooled_from_tables_that_reduce_by_max():
     collection = EmbeddingCollection([Feature("clicked", 100, pooling="sum")], 4, "hash", compression=2, mode="max")
     with pytest.raises(ValueError, match="its table reduces bags by max"):
         collection.pool("clicked", Bags(torch.tensor([1, 2, 3]), torch.tensor([0, 2, 3])))
+
+
+@pytest.mark.parametrize("name", ["items", "type", "a.b", ""])
+def test_a_feature_name_torch_cannot_key_is_refused_in_one_line(name):
+    with pytest.raises(ValueError, match=r"cannot name a table .*rename it"):
+        EmbeddingCollection([Feature(name, 100), Feature("C2", 50)], 4, "hash", compression=2)
+    EmbeddingCollection([Feature(name.replace(".", "_") + "_", 100), Feature("C2", 50)], 4, "hash", compression=2)
