@@ -300,21 +300,22 @@ def _train_config(args: argparse.Namespace, out: str, compression: float | None 
                          f"it{resume}")
     if out is None:
         raise ValueError("give --out (the run directory), or a --config file that names it")
-    spec = getattr(args, "method", "full")
+    spec, cluster_every = getattr(args, "method", "full"), getattr(args, "cluster_every", None)
     if is_per_feature(spec):  # "C1,C2=full;*=hash": each part carries its options
-        method, options = spec, {}
-        if getattr(args, "cluster_every", None) is not None:
+        if cluster_every is not None:
             raise ValueError("--cluster-every with a method per feature: give it in the part that clusters (e.g. "
                              "'C3=cce:cluster_every=200;*=hash')")
+        method, options = spec, {}
     else:
         method, options = parse_method_spec(spec)
-    if getattr(args, "cluster_every", None) is not None and not is_per_feature(spec):  # methods that cluster take it
-        options.setdefault("cluster_every", args.cluster_every)
+        if cluster_every is not None:  # methods that cluster take it; the others drop it
+            options.setdefault("cluster_every", cluster_every)
     # a config file's or a resumed checkpoint's settings that no flag sets (eval_split, eval_batch_size, ...)
     settings = {key: value for key, value in getattr(args, "settings", {}).items()
                 if key in NOT_ON_THE_COMMAND_LINE}
     return TrainConfig(
-        **settings, data=args.data, out=out, method=method, compression=compression, num_params=getattr(args, "num_params", None),
+        **settings, data=args.data, out=out, method=method, compression=compression,
+        num_params=getattr(args, "num_params", None),
         model=args.model, embedding_dim=args.dim, bottom=_widths(args.bottom), top=_widths(args.top),
         optimizer=args.optimizer, lr=args.lr, table_optimizer=args.table_optimizer, table_lr=args.table_lr,
         batch_size=args.batch_size, epochs=args.epochs,
@@ -789,7 +790,7 @@ def _layered(parser: argparse.ArgumentParser, argv: list[str], args: argparse.Na
 
 def _resumed_settings(args: argparse.Namespace) -> dict[str, Any]:
     """``train --resume``: the config of the checkpoint it resumes from (but ``out``); {} for a fresh run."""
-    from compemb.train import CheckpointError, find_checkpoint, read_config
+    from compemb.train import find_checkpoint, no_checkpoint, read_config
 
     if args.run is not cmd_train or args.out is None or not (args.resume or args.resume_or_start or
                                                              args.resume_from != "last"):
@@ -798,8 +799,7 @@ def _resumed_settings(args: argparse.Namespace) -> dict[str, Any]:
     if stem is None:
         if args.resume_or_start:
             return {}
-        raise CheckpointError(f"{args.out}: no checkpoint to resume from (checkpoints/{args.resume_from}.*); "
-                              f"--resume-or-start starts a fresh run where there is none")
+        raise no_checkpoint(args.out, args.resume_from)
     return {key: value for key, value in read_config(stem).items() if key != "out"}
 
 

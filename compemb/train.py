@@ -13,6 +13,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -78,10 +79,23 @@ def run_files(run: str | os.PathLike) -> list[Path]:
     """The files of a run compemb wrote in ``run`` (its metrics and checkpoints, finished or half-written)."""
     directory = Path(run)
     stems = [directory / CHECKPOINTS / name for name in (LAST, NEXT, PREVIOUS, BEST)]
-    candidates = [directory / "metrics.jsonl", directory / LOG_FILE,
-                  *([directory / CONFIG_FILE] if is_run_config(directory / CONFIG_FILE) else []), *(Path(f"{stem}{suffix}") for stem in stems
+    # train.log and config.toml only where compemb wrote them: a user's file of that name is not the run's
+    ours = [path for path, written in ((directory / LOG_FILE, is_run_log), (directory / CONFIG_FILE, is_run_config))
+            if written(path)]
+    candidates = [directory / "metrics.jsonl", *ours, *(Path(f"{stem}{suffix}") for stem in stems
                                                  for suffix in (".safetensors", ".json"))]
     return [path for path in candidates if path.is_file()]
+
+
+def is_run_log(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a run's train.log as compemb writes it (its first line a time and a train or eval line),
+    not a user's file of that name."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            first = file.readline()
+    except (OSError, UnicodeDecodeError):
+        return False
+    return re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (train|eval) ", first) is not None
 
 
 class CheckpointError(ValueError):
@@ -206,7 +220,9 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvaluationSteps:
-    """The steps (1-based, counted over the run) after which a run evaluates: ``step in EvaluationSteps(...)``."""
+    """When a run of ``epochs`` x ``steps_per_epoch`` steps evaluates (1-based steps: ``step in EvaluationSteps(...)``):
+    ``evals_per_epoch`` times an epoch, the last at its end (0: only at the end of the run), or every ``eval_every``
+    steps and at the end when that is > 0. A ValueError where an epoch has fewer steps than evaluations asked."""
 
     steps_per_epoch: int
     epochs: int
@@ -239,14 +255,6 @@ class EvaluationSteps:
 
     def __iter__(self):
         return (step for step in range(1, self.total_steps + 1) if step in self)
-
-
-def evaluation_steps(steps_per_epoch: int, epochs: int, evals_per_epoch: int = 1, eval_every: int = 0
-                     ) -> EvaluationSteps:
-    """When a run of ``epochs`` x ``steps_per_epoch`` steps evaluates: ``evals_per_epoch`` times an epoch (the
-    last at its end; 0: only at the end of the run), or every ``eval_every`` steps and at the end when that is > 0.
-    A ValueError where an epoch has fewer steps than evaluations asked."""
-    return EvaluationSteps(steps_per_epoch, epochs, evals_per_epoch, eval_every)
 
 
 def with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
@@ -352,8 +360,8 @@ class Trainer:
         self.best: dict[str, Any] | None = None
         self.steps_per_epoch = math.ceil(len(self.splits["train"]) / config.batch_size)
         self.total_steps = self.steps_per_epoch * config.epochs
-        self.evaluation_steps = evaluation_steps(self.steps_per_epoch, config.epochs, config.evals_per_epoch,
-                                                 config.eval_every)
+        self.evaluation_steps = EvaluationSteps(self.steps_per_epoch, config.epochs, config.evals_per_epoch,
+                                                config.eval_every)
         self._order: tuple[int, np.ndarray] | None = None  # (epoch, its row permutation) when shuffling
         # the loss's moving average stays on the device: reading a CUDA loss every step would wait for the step
         self._running_loss = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -376,8 +384,7 @@ class Trainer:
             stem = find_checkpoint(self.out, resume_from)
             if stem is None:
                 if not start_if_missing:
-                    raise CheckpointError(f"{self.out}: no checkpoint to resume from (checkpoints/{resume_from}.*); "
-                                          f"--resume-or-start starts a fresh run where there is none")
+                    raise no_checkpoint(self.out, resume_from)
                 print(f"compemb: no checkpoint in {self.out}: starting fresh", file=sys.stderr)
             else:
                 self._check_config(stem, allow_changes)
@@ -532,6 +539,10 @@ class Trainer:
         """Before a fresh run writes anything: refuse an ``out`` that holds another run, or (``overwrite``) remove
         that run's files, and only them."""
         files = run_files(self.out)
+        log = self.out / LOG_FILE
+        if (log.exists() or log.is_symlink()) and not is_run_log(log):  # a user's file: never appended to or removed
+            raise RunExistsError(f"{log} is not a log a compemb run wrote: it is left as it is; move it, or give "
+                                 f"another --out")
         distributed.barrier()  # every rank has looked before rank 0 removes anything
         if files and not self.overwrite:
             raise RunExistsError(f"{self.out} holds a run ({', '.join(str(f.relative_to(self.out)) for f in files[:3])}"
@@ -848,6 +859,12 @@ def _step_of(stem: Path) -> int | None:
     except (OSError, ValueError, KeyError, TypeError, SafetensorError):
         return None
     return tensors_step if tensors_step == json_step else None
+
+
+def no_checkpoint(run: str | os.PathLike, which: str = LAST) -> CheckpointError:
+    """The error of a resume that finds no checkpoint in ``run``."""
+    return CheckpointError(f"{run}: no checkpoint to resume from (checkpoints/{which}.*); --resume-or-start starts a "
+                           f"fresh run where there is none")
 
 
 def read_config(stem: str | os.PathLike) -> dict[str, Any]:

@@ -135,3 +135,19 @@ def test_the_config_text_and_cli_defaults_round_trip_every_setting(tmp_path):
     assert defaults["method"] == "cce:cluster_every=5:accounting=paper" and defaults["bottom"] == "64,16"
     assert defaults["dim"] == 16 and "embedding_dim" not in defaults
     assert method_spec("hash", {}) == "hash"
+
+
+def test_a_users_train_log_in_the_run_directory_is_neither_appended_to_nor_removed(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train.log").write_text("my own notes\n")
+    for extra in ([], ["--overwrite"]):
+        assert main(["train", "--data", data, "--out", str(run), *SMALL, *extra]) == 2
+        assert "train.log is not a log a compemb run wrote" in capsys.readouterr().err
+    assert (run / "train.log").read_text() == "my own notes\n"
+    # compemb's own log is the run's: --overwrite replaces it with the new run's lines
+    other = tmp_path / "other"
+    assert main(["train", "--data", data, "--out", str(other), *SMALL]) == 0
+    first = (other / "train.log").read_text()
+    assert main(["train", "--data", data, "--out", str(other), *SMALL, "--overwrite", "--seed", "4"]) == 0
+    assert (other / "train.log").read_text().count(" eval val at step ") == first.count(" eval val at step ")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from compemb.data.synthetic import SyntheticConfig, generate_synthetic
-from compemb.train import TrainConfig, Trainer, evaluation_steps
+from compemb.train import EvaluationSteps, TrainConfig, Trainer
 
 
 @pytest.fixture(scope="module")
@@ -255,14 +255,14 @@ def test_a_checkpoint_is_written_and_read_back_without_a_serialized_copy_of_the_
 @pytest.mark.parametrize("steps", [1, 2, 7, 10, 15, 23, 64])
 def test_evals_per_epoch_means_exactly_n_an_epoch_evenly_the_last_at_its_end(steps):
     for count in range(1, steps + 1):
-        evaluated = list(evaluation_steps(steps, 3, count))
+        evaluated = list(EvaluationSteps(steps, 3, count))
         for epoch in range(3):
             mine = [step - epoch * steps for step in evaluated if epoch * steps < step <= (epoch + 1) * steps]
             assert len(mine) == count and mine[-1] == steps  # N of them, the last at the epoch's end
             gaps = np.diff([0, *mine])
             assert gaps.min() >= 1 and gaps.max() - gaps.min() <= 1  # evenly: no two gaps differ by more than a step
-    assert list(evaluation_steps(steps, 2, 0)) == [2 * steps]  # 0: only at the end of the run
-    assert list(evaluation_steps(steps, 2, 1, eval_every=4)) == [*range(4, 2 * steps, 4), 2 * steps]
+    assert list(EvaluationSteps(steps, 2, 0)) == [2 * steps]  # 0: only at the end of the run
+    assert list(EvaluationSteps(steps, 2, 1, eval_every=4)) == [*range(4, 2 * steps, 4), 2 * steps]
 
 
 def test_more_evaluations_than_an_epoch_has_steps_are_refused(data, tmp_path):
