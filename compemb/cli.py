@@ -155,7 +155,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return subprocess.run(command).returncode
     trainer = Trainer(config, resume=resume, start_if_missing=args.resume_or_start, resume_from=args.resume_from,
                       allow_changes=tuple(overrides), overwrite=args.overwrite, quiet=args.quiet,
-                      log_every=args.log_every, tensorboard=args.tensorboard)
+                      log_every=args.log_every, tensorboard=args.tensorboard,
+                      trust_unverified=args.trust_unverified)
     result = trainer.fit()
     if distributed.rank() == 0:
         from compemb.run_plot import plot_run
@@ -200,13 +201,12 @@ def _override(text: str) -> tuple[str, Any]:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate a run's best (or last) checkpoint on a split."""
-    from compemb.train import TrainConfig, Trainer
+    from compemb.train import Trainer, checkpoint_config
 
     stem = Path(args.run_dir) / "checkpoints" / args.checkpoint
-    if not Path(f"{stem}.json").is_file():
+    if not Path(f"{stem}.json").exists():
         raise ValueError(f"{args.run_dir} is not a compemb run with a checkpoint: no checkpoints/{args.checkpoint}.json")
-    meta = json.loads(Path(f"{stem}.json").read_text())
-    trainer = Trainer(TrainConfig(**meta["config"]))
+    trainer = Trainer(checkpoint_config(stem), trust_unverified=args.trust_unverified)
     trainer.load(stem)
     result = {"step": trainer.step, **trainer.evaluate(args.split)}
     print(json.dumps({**result, **_costs(trainer)}, indent=2) if args.json else _summary(result, trainer, args.split))
@@ -259,7 +259,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     """Write a run's model as one file for inference; print its size beside the tables' memory()."""
     from compemb.export import export_run
 
-    report = export_run(args.run_dir, args.out, scheme=args.quantize, checkpoint=args.checkpoint)
+    report = export_run(args.run_dir, args.out, scheme=args.quantize, checkpoint=args.checkpoint,
+                        trust_unverified=args.trust_unverified)
     print(f"wrote {args.out}: {report['file_bytes']:,} bytes")
     print(f"  embedding tables: memory() {report['embedding_memory_bytes']:,} bytes, stored "
           f"{report['stored_embedding_bytes']:,} (training-only state left out: {len(report['dropped'])} tensors)")
@@ -645,6 +646,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="as --resume, but start fresh (saying so) where the run has no checkpoint")
     train.add_argument("--resume-from", choices=("last", "previous"), default="last",
                        help="resume from the checkpoint before the last (when the last is damaged)")
+    train.add_argument("--trust-unverified", action="store_true",
+                       help="with --resume: " "use a checkpoint whose json records no SHA-256 (edited, or older than compemb's checksums)")
     train.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                        help="with --resume: change a setting the run may change (lr, epochs, eval_every, ...)")
     train.add_argument("--nproc", type=int, default=1, metavar="N",
@@ -663,6 +666,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print the evaluation as JSON instead of a summary")
     evaluate.add_argument("--checkpoint", choices=("best", "last"), default="best",
                           help="the best validation checkpoint or the last one")
+    evaluate.add_argument("--trust-unverified", action="store_true",
+                        help="use a checkpoint whose json records no SHA-256 (edited, or older than compemb's checksums)")
     evaluate.set_defaults(run=cmd_eval)
 
     export = commands.add_parser("export", help="write a run's model as one compact file for inference")
@@ -672,6 +677,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="quantize the tables first (post-training)")
     export.add_argument("--checkpoint", choices=("best", "last"), default="best",
                         help="the best validation checkpoint or the last one")
+    export.add_argument("--trust-unverified", action="store_true",
+                        help="use a checkpoint whose json records no SHA-256 (edited, or older than compemb's checksums)")
     export.set_defaults(run=cmd_export)
 
     predict = commands.add_parser("predict", help="score a raw Criteo TSV with an exported model")

@@ -45,7 +45,7 @@ from compemb.feature_methods import any_method
 from compemb.io import atomic_binary_writer, atomic_write_bytes
 from compemb.metrics import BinnedAUC
 from compemb.quantize import QuantizedEmbedding, quantize
-from compemb.train import TrainConfig, build_model, id_counts
+from compemb.train import TrainConfig, build_model, checkpoint_config, id_counts, load_model_state, read_checkpoint
 
 FORMAT, VERSION = "compemb-model", 2  # version 2: the checksum covers the header too
 HEADER_KEY = "compemb"
@@ -167,18 +167,20 @@ def _vocabulary(data: Path, manifest: dict[str, Any]) -> tuple[dict[str, Any], d
 
 
 def export_run(run: str | os.PathLike, out: str | os.PathLike, scheme: str | None = None,
-               checkpoint: str = "best") -> dict[str, Any]:
+               checkpoint: str = "best", trust_unverified: bool = False) -> dict[str, Any]:
     """Write the model of a training run (its ``best`` or ``last`` checkpoint) as one file; return what it holds.
 
     ``scheme`` (``"int8"``, ``"int4"``, ``"pq"``) quantizes the tables first (:func:`compemb.quantize`). The report
-    gives the file's bytes beside ``memory()`` of the tables, the MLPs' bytes and the vocabulary's.
+    gives the file's bytes beside ``memory()`` of the tables, the MLPs' bytes and the vocabulary's. The checkpoint
+    is verified as ``eval`` and a resume verify it (:func:`compemb.train.read_checkpoint`: its SHA-256 and step;
+    one without a SHA-256 only ``trust_unverified``): the file's checksum vouches for nothing it was not given.
     """
     run, out = Path(run), Path(out)
     stem = run / "checkpoints" / checkpoint
-    if not Path(f"{stem}.json").is_file() or not Path(f"{stem}.safetensors").is_file():
+    if not Path(f"{stem}.json").exists() or not Path(f"{stem}.safetensors").exists():
         raise FileNotFoundError(f"{run} is not a finished compemb run: no checkpoints/{checkpoint}.json/.safetensors")
-    meta = json.loads(Path(f"{stem}.json").read_text())
-    config = TrainConfig(**meta["config"])
+    tensors, meta = read_checkpoint(stem, trust_unverified)  # verified before anything of it is used
+    config = checkpoint_config(stem, meta)
     manifest, splits = open_dataset(config.data)
     if manifest.get("bags"):  # the file format and compemb predict (Criteo TSV) carry one id per feature
         raise ValueError(f"{run}: its data set has multi-hot features ({[b['name'] for b in manifest['bags']]}); "
@@ -189,8 +191,7 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, scheme: str | Non
         counts = id_counts(splits["train"], manifest["cardinalities"])
         frequencies = {f"C{i + 1}": torch.from_numpy(c) for i, c in enumerate(counts)}
     model = build_model(config, manifest["cardinalities"], num_dense, frequencies)
-    tensors = load_tensors(Path(f"{stem}.safetensors").read_bytes())
-    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    load_model_state(model, tensors, stem)
     model.eval()
     if scheme is not None:
         model = quantize(model, scheme)

@@ -293,7 +293,8 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, resume: bool = False, *, start_if_missing: bool = False,
                  resume_from: str = LAST, allow_changes: tuple[str, ...] = (), overwrite: bool = False,
-                 quiet: bool = False, log_every: int = 100, tensorboard: str | os.PathLike | None = None) -> None:
+                 quiet: bool = False, log_every: int = 100, tensorboard: str | os.PathLike | None = None,
+                 trust_unverified: bool = False) -> None:
         """``resume``: continue from the run's newest complete checkpoint (``resume_from="previous"``: the one
         before); with none, CheckpointError unless ``start_if_missing``. The config must equal the checkpoint's
         but for ``allow_changes`` (a subset of :data:`OVERRIDABLE`) and the settings that change no result.
@@ -306,11 +307,12 @@ class Trainer:
         Progress (rank 0): a bar on a terminal; where stderr is a file or a pipe (or ``TQDM_DISABLE`` is set) a plain
         line every ``log_every`` steps (0: none); nothing with ``quiet``. Every line also goes to the run's
         ``train.log``. ``tensorboard``: a directory for TensorBoard event files (the logged train loss and every
-        evaluation's metrics); a ValueError with the install line where the tensorboard package is missing."""
+        evaluation's metrics); a ValueError with the install line where the tensorboard package is missing.
+        ``trust_unverified``: load a checkpoint whose json records no SHA-256 (see :func:`read_checkpoint`)."""
         bad = [name for name in allow_changes if name not in OVERRIDABLE]
         if bad:
             raise ValueError(f"cannot change {bad} when resuming; the settings that may change: {', '.join(OVERRIDABLE)}")
-        self.config = config
+        self.config, self.trust_unverified = config, trust_unverified
         self.out = Path(config.out)
         self.manifest, self.splits = open_dataset(config.data)
         for split in ("train", config.eval_split):
@@ -776,17 +778,21 @@ class Trainer:
 
     def load(self, stem: Path) -> None:
         """Restore model, optimizer, step, best result and RNG state from ``stem`` (CheckpointError if damaged)."""
-        tensors, meta = _read_checkpoint(stem)
-        self.model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-        state: dict[int, dict[str, Any]] = {}
-        for key, value in tensors.items():
-            if key.startswith("optimizer."):
-                _, index, name = key.split(".", 2)
-                state.setdefault(int(index), {})[name] = value
-        for index, values in meta["optimizer_scalars"].items():
-            state.setdefault(int(index), {}).update(values)
-        self.optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer_groups"]})
-        torch.set_rng_state(tensors["rng.torch"])
+        tensors, meta = read_checkpoint(stem, self.trust_unverified)
+        load_model_state(self.model, tensors, stem)
+        try:  # verified bytes, but json a person may have edited and re-signed: its pieces must still fit
+            state: dict[int, dict[str, Any]] = {}
+            for key, value in tensors.items():
+                if key.startswith("optimizer."):
+                    _, index, name = key.split(".", 2)
+                    state.setdefault(int(index), {})[name] = value
+            for index, values in meta["optimizer_scalars"].items():
+                state.setdefault(int(index), {}).update(values)
+            self.optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer_groups"]})
+            torch.set_rng_state(tensors["rng.torch"])
+        except (KeyError, ValueError, TypeError, AttributeError, RuntimeError) as error:
+            raise CheckpointError(f"checkpoint {stem}: its optimizer state does not fit this run's optimizers "
+                                  f"({type(error).__name__}: {error})") from None
         self.step, self.best = meta["step"], meta["best"]
         self.running_loss = meta.get("running_loss", 0.0)
         self._last_checkpoint = (self.step, time.monotonic())
@@ -806,20 +812,84 @@ def _remove_stale_temporaries(directory: Path) -> None:
             path.unlink(missing_ok=True)
 
 
+# the fields a checkpoint's json holds and their JSON types: anything else is refused by name (a checkpoint of a
+# newer compemb, or an edited one) before any of it is used
+CHECKPOINT_FIELDS: dict[str, tuple[type, ...]] = {
+    "config": (dict,), "step": (int,), "best": (dict, type(None)), "running_loss": (int, float),
+    "optimizer_groups": (list,), "optimizer_scalars": (dict,), "sha256": (str,)}
+TRUST_UNVERIFIED = "--trust-unverified"
+
+
 def _read_meta(stem: Path) -> dict[str, Any]:
+    """A checkpoint's json, checked against :data:`CHECKPOINT_FIELDS` (CheckpointError naming what is wrong)."""
     try:
-        return json.loads(Path(f"{stem}.json").read_text())
-    except (OSError, json.JSONDecodeError) as error:
+        if not Path(f"{stem}.json").is_file():  # a FIFO there would block the read forever
+            raise OSError("not a regular file" if Path(f"{stem}.json").exists() else "missing")
+        meta = json.loads(Path(f"{stem}.json").read_text())
+    except (OSError, ValueError, RecursionError) as error:
         raise CheckpointError(f"checkpoint {stem}.json is damaged ({error}){_previous_offer(stem)}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint {stem}.json is damaged (a JSON {type(meta).__name__}, not an object)")
+    unknown = sorted(set(meta) - set(CHECKPOINT_FIELDS))
+    if unknown:
+        raise CheckpointError(f"checkpoint {stem}.json has fields this compemb does not know ({', '.join(unknown)}): "
+                              f"written by a newer compemb, or edited")
+    for name, types in CHECKPOINT_FIELDS.items():
+        if name == "sha256" and name not in meta:
+            continue  # decided where the tensors are read: refused unless the user trusts them
+        if name not in meta or not isinstance(meta[name], types) or isinstance(meta[name], bool):
+            found = "missing" if name not in meta else f"a {type(meta[name]).__name__}"
+            raise CheckpointError(f"checkpoint {stem}.json is damaged: {name!r} is {found}, not "
+                                  f"{' or '.join(t.__name__ for t in types)}")
+    if meta["step"] < 0:
+        raise CheckpointError(f"checkpoint {stem}.json is damaged: step {meta['step']} is negative")
+    return meta
 
 
-def _read_checkpoint(stem: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """The tensors and meta of a checkpoint; CheckpointError naming the file if either is damaged or they do not
-    belong together."""
+def checkpoint_config(stem: str | os.PathLike, meta: dict[str, Any] | None = None) -> TrainConfig:
+    """The TrainConfig a checkpoint was saved with (settings added since at their defaults), validated as a
+    command line's; CheckpointError naming an unknown or invalid setting."""
+    stem = Path(stem)
+    saved = (meta if meta is not None else _read_meta(stem))["config"]
+    unknown = sorted(set(saved) - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        raise CheckpointError(f"checkpoint {stem}.json has settings this compemb does not know "
+                              f"({', '.join(unknown)}): written by a newer compemb, or edited")
+    try:
+        return TrainConfig(**with_defaults(saved))
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"checkpoint {stem}.json has an invalid config: {error}") from None
+
+
+def load_model_state(model: torch.nn.Module, tensors: dict[str, Tensor], stem: str | os.PathLike) -> None:
+    """Load a checkpoint's ``model.*`` tensors into ``model``; CheckpointError where they do not fit the model its
+    config describes (an edited method, dim or size)."""
+    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+        detail = "; ".join(lines[1:3]) or lines[0]
+        raise CheckpointError(f"checkpoint {stem}: its tensors do not fit the model its config describes "
+                              f"({detail})") from None
+
+
+def read_checkpoint(stem: str | os.PathLike, trust_unverified: bool = False) -> tuple[dict[str, Tensor],
+                                                                                      dict[str, Any]]:
+    """The tensors and json of a checkpoint, verified: the json's fields, the tensors file's SHA-256 against the
+    one the json records, and the step both record; CheckpointError naming the file where any fails. A checkpoint
+    whose json records no SHA-256 (edited, or older than compemb's checksums) is read only ``trust_unverified``."""
+    stem = Path(stem)
     meta = _read_meta(stem)
     path = Path(f"{stem}.safetensors")
+    if "sha256" not in meta and not trust_unverified:
+        raise CheckpointError(f"checkpoint {stem}.json records no SHA-256 of its tensors, so they cannot be "
+                              f"verified (edited, or written before compemb kept checksums); {TRUST_UNVERIFIED} "
+                              f"uses them anyway")
     try:
-        if "sha256" in meta and sha256_of_file(path) != meta["sha256"]:  # (older checkpoints: none)
+        if not path.is_file():  # a FIFO or device there would block or stream forever
+            raise ValueError("not a regular file" if path.exists() else "missing")
+        if "sha256" in meta and sha256_of_file(path) != meta["sha256"]:
             raise ValueError(f"its bytes do not match the SHA-256 recorded in {stem.name}.json")
         with safe_open(str(path), framework="pt") as opened:  # tensor by tensor from the mapped file: no bytes copy
             tensors = {name: opened.get_tensor(name) for name in opened.keys()}
@@ -827,8 +897,8 @@ def _read_checkpoint(stem: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
         raise CheckpointError(f"checkpoint {path} is damaged ({error}){_previous_offer(stem)}") from None
     if step is not None and step != meta["step"]:
-        raise CheckpointError(f"checkpoint {stem}: its tensors are of step {step} and its json of step {meta['step']}"
-                              f"{_previous_offer(stem)}")
+        raise CheckpointError(f"checkpoint {stem}: its tensors are of step {step} and its json of step "
+                              f"{meta['step']}{_previous_offer(stem)}")
     return tensors, meta
 
 
@@ -853,6 +923,8 @@ def _tensors_step(path: str | os.PathLike) -> int | None:
 
 def _step_of(stem: Path) -> int | None:
     """The step both files of a checkpoint record, or None if either is unreadable or they differ."""
+    if not _complete(stem):  # regular files only: opening a FIFO would block
+        return None
     try:
         tensors_step = _tensors_step(f"{stem}.safetensors")  # None (an older checkpoint): not comparable
         json_step = json.loads(Path(f"{stem}.json").read_text())["step"]

@@ -229,7 +229,7 @@ def test_a_checkpoint_is_written_and_read_back_without_a_serialized_copy_of_the_
     whole to load): written now from the tensors' memory and hashed in chunks; read tensor by tensor."""
     import tracemalloc
 
-    from compemb.train import _read_checkpoint
+    from compemb.train import read_checkpoint
 
     out = tmp_path / "synth"
     generate_synthetic(out, SyntheticConfig(rows={"train": 512, "val": 256}, scale=5e-2, seed=1), progress=False)
@@ -240,7 +240,7 @@ def test_a_checkpoint_is_written_and_read_back_without_a_serialized_copy_of_the_
     trainer.save(tmp_path / "ckpt")
     written_peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.reset_peak()
-    tensors, meta = _read_checkpoint(tmp_path / "ckpt")
+    tensors, meta = read_checkpoint(tmp_path / "ckpt")
     read_peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     # what is left: the hash's two 4 MiB chunks (a serialized copy was the whole table)
