@@ -161,7 +161,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if distributed.rank() == 0:
         from compemb.run_plot import plot_run
 
-        curves = plot_run(config.out)
+        curves = plot_run(config.out, overwrite=True)  # the run's own curves (a user's file was refused at the start)
         best = trainer.best or result
         print(json.dumps({**result, **_costs(trainer)}, indent=2) if args.json else
               _summary(result, trainer, config.eval_split) + f"\nbest: {config.eval_split} BCE {best['bce']:.4f}, AUC "
@@ -217,7 +217,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     """Draw a run's train loss and validation BCE against the step."""
     from compemb.run_plot import plot_run
 
-    print(f"wrote {plot_run(args.run_dir, args.out)}")
+    print(f"wrote {plot_run(args.run_dir, args.out, overwrite=args.overwrite)}")
     return 0
 
 
@@ -260,7 +260,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from compemb.export import export_run
 
     report = export_run(args.run_dir, args.out, scheme=args.quantize, checkpoint=args.checkpoint,
-                        trust_unverified=args.trust_unverified)
+                        trust_unverified=args.trust_unverified, overwrite=args.overwrite)
     print(f"wrote {args.out}: {report['file_bytes']:,} bytes")
     print(f"  embedding tables: memory() {report['embedding_memory_bytes']:,} bytes, stored "
           f"{report['stored_embedding_bytes']:,} (training-only state left out: {len(report['dropped'])} tensors)")
@@ -274,7 +274,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from compemb.export import predict_file
 
     counts = predict_file(args.model, args.input, args.out, labeled=True if args.labeled else None,
-                          max_memory=args.max_memory)
+                          max_memory=args.max_memory, overwrite=args.overwrite)
     report = sys.stderr if args.out == "-" else sys.stdout  # "-": the scores are standard output, the report not
     if counts["labeled"] and not args.labeled:
         print(f"{args.input}: its lines start with a label column (40 fields): scored as labelled (--labeled)",
@@ -562,7 +562,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     synth = commands.add_parser("synth", help="generate synthetic Criteo-like data with a known best loss")
     synth.add_argument("--out", required=True, help="output directory")
-    synth.add_argument("--overwrite", action="store_true", help="replace the compemb data set --out holds")
+    synth.add_argument("--overwrite", action="store_true",
+                       help="replace the compemb data set --out holds (and the file at --tsv)")
     synth.add_argument("--train-rows", type=int, default=2_000_000, help="rows of the train split")
     synth.add_argument("--eval-rows", type=int, default=100_000, help="rows of the val and of the test split")
     synth.add_argument("--scale", type=float, default=1e-3, help="Criteo Kaggle cardinalities x this")
@@ -658,6 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
     plot = commands.add_parser("plot", help="draw a run's loss and validation curves to a PNG")
     plot.add_argument("--run", dest="run_dir", required=True, help="the run directory")
     plot.add_argument("--out", default=None, help="the PNG to write (default: RUN/curves.png)")
+    plot.add_argument("--overwrite", action="store_true", help="replace a PNG compemb did not write at --out")
     plot.set_defaults(run=cmd_plot)
 
     evaluate = commands.add_parser("eval", help="evaluate a run's checkpoint on a split")
@@ -679,6 +681,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the best validation checkpoint or the last one")
     export.add_argument("--trust-unverified", action="store_true",
                         help="use a checkpoint whose json records no SHA-256 (edited, or older than compemb's checksums)")
+    export.add_argument("--overwrite", action="store_true", help="replace a file that is not a compemb model at --out")
     export.set_defaults(run=cmd_export)
 
     predict = commands.add_parser("predict", help="score a raw Criteo TSV with an exported model")
@@ -691,6 +694,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "field count; with labels, log loss and AUC are printed")
     predict.add_argument("--max-memory", type=_byte_size, default=None, metavar="SIZE",
                          help="refuse a model needing more to load (8G, 512M; default: this machine's memory)")
+    predict.add_argument("--overwrite", action="store_true", help="replace an existing file at --out")
     predict.set_defaults(run=cmd_predict)
 
     bench = commands.add_parser("bench", help="benchmarks")

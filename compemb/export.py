@@ -44,6 +44,7 @@ from compemb.embeddings.base import CompressedEmbedding
 from compemb.feature_methods import any_method
 from compemb.io import atomic_binary_writer, atomic_write_bytes
 from compemb.metrics import BinnedAUC
+from compemb.outputs import check_output_file
 from compemb.quantize import QuantizedEmbedding, quantize
 from compemb.train import TrainConfig, build_model, checkpoint_config, id_counts, load_model_state, read_checkpoint
 
@@ -167,16 +168,19 @@ def _vocabulary(data: Path, manifest: dict[str, Any]) -> tuple[dict[str, Any], d
 
 
 def export_run(run: str | os.PathLike, out: str | os.PathLike, scheme: str | None = None,
-               checkpoint: str = "best", trust_unverified: bool = False) -> dict[str, Any]:
+               checkpoint: str = "best", trust_unverified: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Write the model of a training run (its ``best`` or ``last`` checkpoint) as one file; return what it holds.
 
     ``scheme`` (``"int8"``, ``"int4"``, ``"pq"``) quantizes the tables first (:func:`compemb.quantize`). The report
     gives the file's bytes beside ``memory()`` of the tables, the MLPs' bytes and the vocabulary's. The checkpoint
     is verified as ``eval`` and a resume verify it (:func:`compemb.train.read_checkpoint`: its SHA-256 and step;
     one without a SHA-256 only ``trust_unverified``): the file's checksum vouches for nothing it was not given.
+    ``out`` replaces a compemb model file, and anything else only with ``overwrite``, never a run's or data set's
+    file (:func:`compemb.outputs.check_output_file`).
     """
     run, out = Path(run), Path(out)
     stem = run / "checkpoints" / checkpoint
+    check_output_file(out, "model", overwrite=overwrite)
     if not Path(f"{stem}.json").exists() or not Path(f"{stem}.safetensors").exists():
         raise FileNotFoundError(f"{run} is not a finished compemb run: no checkpoints/{checkpoint}.json/.safetensors")
     tensors, meta = read_checkpoint(stem, trust_unverified)  # verified before anything of it is used
@@ -412,7 +416,7 @@ def has_label_column(input_path: str | os.PathLike, max_line_bytes: int = MAX_LI
 
 def predict_file(model_path: str | os.PathLike, input_path: str | os.PathLike, out: str | os.PathLike,
                  labeled: bool | None = None, max_memory: int | None = None, block_bytes: int = 1 << 25,
-                 max_line_bytes: int = MAX_LINE_BYTES) -> dict[str, Any]:
+                 max_line_bytes: int = MAX_LINE_BYTES, overwrite: bool = False) -> dict[str, Any]:
     """Score every line of a raw Criteo TSV: one click probability per line in ``out`` (``nan`` for a rejected line,
     so line i of ``out`` is line i of the input; ``"-"``: standard output); return the counts of rows scored and rejected, by reason.
 
@@ -420,10 +424,16 @@ def predict_file(model_path: str | os.PathLike, input_path: str | os.PathLike, o
     also holds the scored rows' ``log_loss`` and ``auc`` (``labeled`` says which it was; AUC from
     :class:`compemb.metrics.BinnedAUC`). The input is streamed in blocks of ``block_bytes`` and scores are written
     as they come (``out`` appears whole when done), so memory stays bounded however long the input is; a line over
-    ``max_line_bytes`` is refused. ``max_memory``: see :func:`load_model`."""
+    ``max_line_bytes`` is refused. ``max_memory``: see :func:`load_model`. An ``out`` that exists is replaced only
+    with ``overwrite`` (:func:`compemb.outputs.check_output_file`; never the input or the model)."""
     if str(input_path) == "-":
         raise ValueError("predict reads a file (it looks at the first line before scoring): '-' (standard input) is "
                          "not read; give the TSV's path (plain or gzip)")
+    if str(out) != "-":
+        check_output_file(out, "scores", overwrite=overwrite, inputs=[("--input", input_path), ("--model", model_path)])
+    if Path(input_path).is_fifo():  # the label probe would eat the stream's first bytes
+        raise ValueError(f"--input {input_path} is a FIFO: predict reads its first line twice (to tell a label "
+                         f"column); give a file's path")
     served = load_model(model_path, max_memory=max_memory)
     if served.header["ids"]["rule"] == "ids" or served.header["num_dense"] != NUM_DENSE or \
             len(served.header["cardinalities"]) != NUM_SPARSE:

@@ -11,15 +11,22 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from compemb.outputs import OutputError, what_it_is
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary file name beside ``path`` for a writer that takes a name (safetensors' ``save_file``, which
     writes tensors from their memory without a copy); it replaces ``path`` only when the block completes.
 
-    On success the file is flushed to disk and renamed over ``path``; on error it is removed.
+    On success the file is flushed to disk and renamed over ``path``; on error it is removed. A ``path`` that is
+    a symbolic link, device, FIFO or directory is refused (OutputError) before anything is written: the rename
+    would replace the link or node itself.
     """
     path = Path(path)
+    other = what_it_is(path)
+    if other is not None:
+        raise OutputError(f"{path} is {other}: compemb replaces only regular files it wrote")
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:

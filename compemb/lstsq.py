@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from compemb.io import atomic_write_bytes, atomic_write_text
+from compemb.outputs import png_metadata
 
 METHODS = ("dense_cce", "sparse_cce", "hashing", "bound")
 LABELS = {"dense_cce": "dense CCE", "sparse_cce": "sparse CCE", "hashing": "hashing (2k buckets)",
@@ -274,7 +275,7 @@ def _plot(result: dict) -> bytes:
     axes.legend()
     figure.tight_layout()
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=120)
+    figure.savefig(buffer, format="png", dpi=120, metadata=png_metadata())
     plt.close(figure)
     return buffer.getvalue()
 

@@ -8,14 +8,18 @@ import os
 from pathlib import Path
 
 from compemb.io import atomic_write_bytes
+from compemb.outputs import check_output_file, png_metadata
 
 CURVES = "curves.png"  # where `compemb train` draws its run's curves, in the run directory
 
 
-def plot_run(run: str | os.PathLike, path: str | os.PathLike | None = None) -> Path:
+def plot_run(run: str | os.PathLike, path: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
     """Draw ``run``'s ``metrics.jsonl`` (train loss and validation BCE per evaluation, the Bayes BCE where known)
-    to ``path`` (default: ``RUN/curves.png``); return the path. ValueError when the run has logged nothing."""
+    to ``path`` (default: ``RUN/curves.png``); return the path. ValueError when the run has logged nothing; an
+    existing ``path`` that is not a compemb PNG is replaced only with ``overwrite``."""
     run = Path(run)
+    target = Path(path) if path is not None else run / CURVES
+    check_output_file(target, "png", overwrite=overwrite, own=run)
     metrics = run / "metrics.jsonl"
     if not metrics.is_file():
         raise ValueError(f"{run} is not a compemb run: no metrics.jsonl")
@@ -40,8 +44,7 @@ def plot_run(run: str | os.PathLike, path: str | os.PathLike | None = None) -> P
     axes.legend(fontsize=8)
     axes.grid(alpha=0.3)
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight", metadata=png_metadata())
     plt.close(figure)
-    target = Path(path) if path is not None else run / CURVES
     atomic_write_bytes(target, buffer.getvalue())
     return target

@@ -41,11 +41,13 @@ from compemb.kernels import KERNELS, on_host, use_kernels
 from compemb.metrics import auc, bce
 from compemb.models import DCNv2, DLRM
 from compemb.optim import CombinedOptimizer, RowAdagrad, RowAdam, RowwiseAdagrad
+from compemb.outputs import check_output_directory, check_output_file
 from compemb.progress import bar_disabled, plain_lines
 from compemb.registry import get_method, method_options
 from compemb.feature_methods import any_method, is_per_feature
 from compemb.run_config import CONFIG_FILE, is_run_config, write_run_config
 from compemb.run_lock import RunLock, RunLockedError
+from compemb.run_plot import CURVES
 
 OPTIMIZERS = ("sgd", "adagrad", "adam", "adam_dense")  # adam: row-wise for tables (compemb.optim); adam_dense: torch's
 # the tables' own optimizer may also be row-wise Adagrad (one accumulator per row: TorchRec's default for tables)
@@ -314,6 +316,7 @@ class Trainer:
             raise ValueError(f"cannot change {bad} when resuming; the settings that may change: {', '.join(OVERRIDABLE)}")
         self.config, self.trust_unverified = config, trust_unverified
         self.out = Path(config.out)
+        check_output_directory(self.out, inputs=[("--data", config.data)])  # before any work
         self.manifest, self.splits = open_dataset(config.data)
         for split in ("train", config.eval_split):
             if split not in self.splits:
@@ -545,6 +548,8 @@ class Trainer:
         if (log.exists() or log.is_symlink()) and not is_run_log(log):  # a user's file: never appended to or removed
             raise RunExistsError(f"{log} is not a log a compemb run wrote: it is left as it is; move it, or give "
                                  f"another --out")
+        if not self.overwrite:  # the curves `compemb train` draws at the end would replace a user's PNG
+            check_output_file(self.out / CURVES, "png")
         distributed.barrier()  # every rank has looked before rank 0 removes anything
         if files and not self.overwrite:
             raise RunExistsError(f"{self.out} holds a run ({', '.join(str(f.relative_to(self.out)) for f in files[:3])}"

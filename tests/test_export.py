@@ -355,7 +355,7 @@ def test_predict_memory_does_not_grow_with_the_input(full_run, tmp_path):
         (tmp_path / "in.txt").write_bytes(b"".join(lines) * copies)
         tracemalloc.start()
         results[copies] = predict_file(tmp_path / "model.compemb", tmp_path / "in.txt", tmp_path / "out.txt",
-                                       labeled=True, block_bytes=1 << 16)
+                                       labeled=True, block_bytes=1 << 16, overwrite=True)
         peaks[copies] = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
         assert results[copies]["rows_read"] == len(lines) * copies

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from compemb.io import atomic_write_bytes
+from compemb.outputs import png_metadata
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -112,7 +113,7 @@ def draw(chart: Chart) -> Figure:
 def save_png(figure: Figure, path: str | os.PathLike) -> None:
     """``figure`` as a PNG at ``path``, written atomically."""
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=120)
+    figure.savefig(buffer, format="png", dpi=120, metadata=png_metadata())
     atomic_write_bytes(path, buffer.getvalue())
 
 

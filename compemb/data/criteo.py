@@ -17,6 +17,8 @@ in chunks (never whole in memory), plain or gzip.
 
 from __future__ import annotations
 
+import concurrent.futures
+import concurrent.futures.process
 import contextlib
 import ctypes
 import ctypes.util
@@ -500,13 +502,21 @@ def _run(function, tasks: list[tuple], processes: int, bar: tqdm, advance) -> li
             results.append(function(*task))
             bar.update(advance(results[-1]))
         return results
-    with multiprocessing.get_context("fork").Pool(min(processes, len(tasks)), _die_with_parent,
-                                                  (os.getpid(),)) as pool:
-        pending = [pool.apply_async(function, task) for task in tasks]
+    # an executor, not multiprocessing.Pool: a Pool replaces a worker that died and waits forever for its task;
+    # the executor breaks, and the parent says so
+    with concurrent.futures.ProcessPoolExecutor(min(processes, len(tasks)), multiprocessing.get_context("fork"),
+                                                _die_with_parent, (os.getpid(),)) as pool:
+        pending = [pool.submit(function, *task) for task in tasks]
         results = []
-        for job in pending:  # in order: the first error is the earliest piece's
-            results.append(job.get())
-            bar.update(advance(results[-1]))
+        try:
+            for job in pending:  # in order: the first error is the earliest piece's
+                results.append(job.result())
+                bar.update(advance(results[-1]))
+        except concurrent.futures.process.BrokenProcessPool:
+            for job in pending:
+                job.cancel()
+            raise OSError("a preprocessing worker process died (killed, or out of memory): nothing was "
+                          "published; run it again, with fewer --processes if memory is short") from None
         return results
 
 

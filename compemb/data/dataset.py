@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from compemb.io import atomic_write_text
+from compemb.outputs import check_output_directory
 
 MANIFEST = "manifest.json"
 ARRAYS = ("dense", "sparse", "labels")
@@ -59,6 +60,7 @@ def check_output(path: str | os.PathLike, inputs: tuple[str | os.PathLike, ...] 
     replaces when complete; anything else, or a directory holding one of ``inputs``, raises ``ValueError`` naming it.
     """
     path = Path(path)
+    check_output_directory(path)  # not a dangling link, not inside another data set or run
     resolved = path.resolve()
     for given in inputs:
         if resolved in Path(given).resolve().parents:

@@ -52,6 +52,7 @@ from compemb.data.drift import FeatureDrift
 from compemb.data.dataset import DatasetWriter, check_output
 from compemb.io import atomic_binary_writer
 from compemb.metrics import auc
+from compemb.outputs import check_output_file
 from compemb.progress import bar_disabled
 
 # Criteo Kaggle's 26 categorical cardinalities (33.8M ids in all), as DLRM counts them
@@ -311,6 +312,8 @@ def generate_synthetic(path: str | os.PathLike, config: SyntheticConfig = Synthe
     if tsv is not None and config.bag_features:
         raise ValueError("bag features cannot be written as Criteo TSV (it has one id per feature): drop tsv")
     check_output(path, () if tsv is None else (tsv,), overwrite=overwrite)  # the TSV beside the set must not be inside it
+    if tsv is not None:  # nor inside another data set or run, nor a user's file (unless overwrite)
+        check_output_file(tsv, "tsv", flag="--tsv", overwrite=overwrite)
     teacher = Teacher(config)
     facts: dict = {"source": "synthetic", "config": asdict(config), "bayes": {}}
     if teacher.drifting:
