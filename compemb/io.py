@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import gzip
 import hashlib
 import os
+import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +32,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     if other is not None:
         raise OutputError(f"{path} is {other}: compemb replaces only regular files it wrote")
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    remove_dead_temporaries(path)
+    handle, temporary = tempfile.mkstemp(prefix=temporary_prefix(path), dir=path.parent)
     try:
         os.close(handle)
         yield Path(temporary)
@@ -54,6 +59,64 @@ def atomic_binary_writer(path: str | os.PathLike, gzipped: bool = False) -> Iter
                     yield compressed  # type: ignore[misc]
             else:
                 yield file
+
+
+def temporary_prefix(path: str | os.PathLike) -> str:
+    """The name prefix of this process's temporaries for ``path`` (beside it): ``.NAME.PID@HOST.``, so that a later
+    run on the same host can tell whose they are (:func:`remove_dead_temporaries`)."""
+    return f".{Path(path).name}.{os.getpid()}@{_host()}."
+
+
+def _host() -> str:
+    return "".join(c if c.isalnum() or c == "-" else "_" for c in socket.gethostname())[:32] or "host"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_dead_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries (files or directories ``.NAME.PID@HOST.*`` beside ``path``) whose writing process,
+    on this host, is gone: a killed or crashed writer's leftovers, which no one else would remove. A temporary of a
+    live process, of another host, or whose name shows no process is left alone. Returns what was removed."""
+    path = Path(path)
+    removed = []
+    prefix = f".{path.name}."
+    with contextlib.suppress(OSError):
+        for entry in path.parent.iterdir():
+            if not entry.name.startswith(prefix):
+                continue
+            pid, _, host = entry.name[len(prefix):].split(".", 1)[0].partition("@")
+            if host != _host() or not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+def exchange_paths(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Swap two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``): no moment at which
+    either name is missing. False where the platform or filesystem cannot (the caller renames in two steps)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
 
 
 def sha256_of_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:

@@ -16,6 +16,7 @@ place when complete, so a reader never sees a half-written data set.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -26,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from compemb.io import atomic_write_text
+from compemb.io import atomic_write_text, exchange_paths, remove_dead_temporaries, temporary_prefix
 from compemb.outputs import check_output_directory
 
 MANIFEST = "manifest.json"
@@ -123,7 +124,16 @@ class DatasetWriter:
         check_output(self.path, overwrite=overwrite)
         # a name of its own: two writers of the same output never share (or delete) each other's files
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.temporary = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".partial", dir=self.path.parent))
+        remove_dead_temporaries(self.path)  # what a killed writer of this output left
+        dtypes = {"dense": np.float32, "sparse": sparse_dtype(cardinalities), "labels": np.uint8}
+        need = sum(count * (num_dense * 4 + len(cardinalities) * np.dtype(dtypes["sparse"]).itemsize +
+                            (split not in self.unlabeled)) for split, count in rows.items())
+        free = shutil.disk_usage(self.path.parent).free
+        if need > free:  # before anything is written (an absurd --train-rows, a full disk)
+            raise OSError(f"no room for the data set {self.path}: its arrays need {need:,} bytes, {free:,} are free "
+                          f"on that disk")
+        self.temporary = Path(tempfile.mkdtemp(prefix=temporary_prefix(self.path), suffix=".partial",
+                                               dir=self.path.parent))
         self.rows = dict(rows)
         self.cardinalities = list(cardinalities)
         self.filled = {split: 0 for split in rows}
@@ -140,7 +150,13 @@ class DatasetWriter:
                     for name, (width, dtype) in shapes.items()
                     if not (name == "labels" and split in self.unlabeled)
                 }
-        except BaseException:  # e.g. no room for the arrays: nothing half-made is left beside the data set
+                for name in self.arrays[split]:
+                    _reserve(self.temporary / split / f"{name}.npy")
+        except OSError as error:  # no room for the arrays: nothing half-made is left beside the data set
+            shutil.rmtree(self.temporary, ignore_errors=True)
+            raise OSError(f"no room for the data set {self.path} ({error.strerror}): its arrays need {need:,} "
+                          f"bytes") from None
+        except BaseException:
             shutil.rmtree(self.temporary, ignore_errors=True)
             raise
 
@@ -203,7 +219,15 @@ class DatasetWriter:
             raise ValueError(f"{len(sparse) - done} rows more than the splits hold ({self.rows})")
 
     def close(self) -> None:
-        """Flush, write the manifest (with ``self.facts``), and rename the directory into place."""
+        """Flush, write the manifest (with ``self.facts``), and rename the directory into place; on any failure
+        the temporary directory is removed and the output left as it was."""
+        try:
+            self._publish()
+        except BaseException:
+            shutil.rmtree(self.temporary, ignore_errors=True)
+            raise
+
+    def _publish(self) -> None:
         missing = {split: (self.filled[split], count) for split, count in self.rows.items() if self.filled[split] != count}
         if missing:
             raise ValueError(f"splits not filled (written, expected): {missing}")
@@ -228,21 +252,20 @@ class DatasetWriter:
             manifest["unlabeled"] = list(self.unlabeled)
         atomic_write_text(self.temporary / MANIFEST, json.dumps(manifest, indent=2) + "\n")
         # again: something may have been put there while the set was written (another writer's set, say)
+        check_output(self.path, overwrite=self.overwrite)  # (close removes this set: nothing of it stays)
         try:
-            check_output(self.path, overwrite=self.overwrite)
-        except ValueError:
-            shutil.rmtree(self.temporary, ignore_errors=True)  # this set is not published: nothing of it stays
-            raise
-        try:
-            if self.path.exists():  # an empty directory or an older data set: moved aside, replaced, then removed
-                previous = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".old", dir=self.path.parent))
+            if self.path.exists() and exchange_paths(self.temporary, self.path):
+                # the old set and the new one swapped in one step: --out is never without a whole data set
+                shutil.rmtree(self.temporary)
+            elif self.path.exists():  # (no atomic exchange here) moved aside, replaced, then removed
+                previous = Path(tempfile.mkdtemp(prefix=temporary_prefix(self.path), suffix=".old",
+                                                 dir=self.path.parent))
                 os.replace(self.path, previous / "set")
                 os.replace(self.temporary, self.path)
                 shutil.rmtree(previous)
             else:
                 os.replace(self.temporary, self.path)
         except OSError as error:  # another writer published there between the check and the rename
-            shutil.rmtree(self.temporary, ignore_errors=True)
             raise ValueError(f"output {self.path} was written by another process meanwhile: this data set was not "
                              f"published ({error.strerror})") from None
 
@@ -254,6 +277,19 @@ class DatasetWriter:
             self.close()
         else:
             shutil.rmtree(self.temporary, ignore_errors=True)
+
+
+def _reserve(path: Path) -> None:
+    """Allocate a memory-mapped array file's blocks now: a full disk is an OSError here, not a SIGBUS (a crash
+    with no message) at the first write into the map. Filesystems that cannot reserve are left to the space check."""
+    descriptor = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(descriptor, 0, os.fstat(descriptor).st_size)
+    except OSError as error:
+        if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+    finally:
+        os.close(descriptor)
 
 
 class DatasetError(ValueError):
