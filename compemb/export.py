@@ -50,6 +50,8 @@ from compemb.train import TrainConfig, build_model, checkpoint_config, id_counts
 
 FORMAT, VERSION = "compemb-model", 2  # version 2: the checksum covers the header too
 HEADER_KEY = "compemb"
+MAX_CARDINALITY = 1 << 62  # ids are int64
+MAX_DENSE = 1 << 20
 MAX_INDEX_BYTES = 100_000_000  # safetensors' own bound on its JSON index
 HASH_CHUNK_BYTES = 1 << 22
 # safetensors' dtype names, to compare a file's index with the model its header describes
@@ -264,10 +266,10 @@ def _check_fields(path: Path, header: dict[str, Any]) -> None:
 
     cardinalities = header.get("cardinalities")
     if not isinstance(cardinalities, list) or not cardinalities or \
-            not all(type(n) is int and n >= 1 for n in cardinalities):
-        refuse("cardinalities are not a list of positive integers")
-    if type(header.get("num_dense")) is not int or header["num_dense"] < 0:
-        refuse("num_dense is not an integer >= 0")
+            not all(type(n) is int and 1 <= n <= MAX_CARDINALITY for n in cardinalities):
+        refuse(f"cardinalities are not a list of integers in [1, {MAX_CARDINALITY}]")
+    if type(header.get("num_dense")) is not int or not 0 <= header["num_dense"] <= MAX_DENSE:
+        refuse(f"num_dense is not an integer in [0, {MAX_DENSE}]")
     if not isinstance(header.get("config"), dict) or not isinstance(header.get("quantized"), dict) or \
             not all(isinstance(spec, dict) for spec in header["quantized"].values()):
         refuse("config or quantized is not an object")
@@ -352,7 +354,7 @@ def load_model(path: str | os.PathLike, max_memory: int | None = None) -> Served
         raise ModelFileError(f"{path} is damaged or not a compemb model file ({error})") from None
     try:
         header = json.loads(metadata[HEADER_KEY])
-    except (KeyError, json.JSONDecodeError):
+    except (KeyError, ValueError, RecursionError):  # (json's errors are ValueErrors; nesting past the stack too)
         raise ModelFileError(f"{path} is a safetensors file but not a compemb model: no {HEADER_KEY!r} header") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT or header.get("version") != VERSION:
         found = (header.get("format"), header.get("version")) if isinstance(header, dict) else (None, None)

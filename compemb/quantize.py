@@ -65,6 +65,38 @@ PQ_NITER = 25  # Lloyd iterations per subspace (faiss's default)
 FP16_MAX = 65504.0
 
 _Module = TypeVar("_Module", bound=torch.nn.Module)
+# the dtypes a quantized table may come back in, by the name its spec gives (a fixed table: a spec's string is
+# never looked up on the torch module)
+TABLE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                "float64": torch.float64}
+MAX_ROWS = 1 << 62
+
+
+def check_table_spec(spec: Mapping[str, Any]) -> None:
+    """ValueError naming the field where one table's spec is not one :func:`quantize` writes: a known scheme and
+    dtype, positive integer rows and cols, group rows in 1..rows (int8/int4), or PQ widths of positive integers
+    summing to cols and 1..256 centroids (a code is one byte)."""
+    def positive_int(name: str, value: Any, high: int = MAX_ROWS) -> int:
+        if type(value) is not int or not 1 <= value <= high:
+            raise ValueError(f"quantized table spec: {name} must be an integer in [1, {high:,}], got {value!r}")
+        return value
+
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"quantized table spec must be an object, got {type(spec).__name__}")
+    if spec.get("scheme") not in SCHEMES:
+        raise ValueError(f"quantized table spec: scheme must be one of {SCHEMES}, got {spec.get('scheme')!r}")
+    if spec.get("dtype") not in TABLE_DTYPES:
+        raise ValueError(f"quantized table spec: dtype must be one of {tuple(TABLE_DTYPES)}, got {spec.get('dtype')!r}")
+    rows, cols = positive_int("rows", spec.get("rows")), positive_int("cols", spec.get("cols"), 1 << 20)
+    if spec["scheme"] != "pq":
+        positive_int("group_rows", spec.get("group_rows"), rows)
+        return
+    widths = spec.get("widths")
+    if not isinstance(widths, list) or not widths or len(widths) > cols:
+        raise ValueError(f"quantized table spec: widths must be a list of 1..{cols} integers, got {widths!r}")
+    if sum(positive_int("each of widths", width, cols) for width in widths) != cols:
+        raise ValueError(f"quantized table spec: widths {widths} do not sum to cols {cols}")
+    positive_int("centroids", spec.get("centroids"), 256)
 
 
 class _QuantizedTable(torch.nn.Module):
@@ -72,9 +104,10 @@ class _QuantizedTable(torch.nn.Module):
 
     def __init__(self, spec: Mapping[str, Any], device: torch.device | str | None = None) -> None:
         super().__init__()
+        check_table_spec(spec)  # before anything is sized from it (a spec may come from a file)
         self.spec = dict(spec)
         self.scheme, self.rows, self.cols = spec["scheme"], int(spec["rows"]), int(spec["cols"])
-        self.dtype = getattr(torch, spec["dtype"])
+        self.dtype = TABLE_DTYPES[spec["dtype"]]
         u8 = {"dtype": torch.uint8, "device": device}
         if self.scheme == "pq":
             widths = torch.tensor([int(w) for w in spec["widths"]])

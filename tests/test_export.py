@@ -305,6 +305,39 @@ def test_a_forged_header_of_huge_sizes_is_refused_before_anything_is_allocated(f
                  "--max-memory", "1G"]) == 0
 
 
+def _first_spec(header):
+    return next(iter(next(iter(header["quantized"].values()))["tables"].values()))
+
+
+@pytest.mark.parametrize("name, forge, expected", [
+    ("pq widths of 3e8", lambda h: _first_spec(h).update(scheme="pq", widths=[300_000_000], centroids=256),
+     "widths"),
+    ("pq widths of 1e11", lambda h: _first_spec(h).update(scheme="pq", widths=[10 ** 11], centroids=256), "widths"),
+    ("group_rows 0", lambda h: _first_spec(h).update(scheme="int8", group_rows=0), "group_rows"),
+    ("dtype load", lambda h: _first_spec(h).update(dtype="load"), "dtype must be one of"),
+    ("cardinalities 10^400", lambda h: h.update(cardinalities=[10 ** 400] * len(h["cardinalities"])),
+     "cardinalities are not a list of integers"),
+    ("num_dense 10^12", lambda h: h.update(num_dense=10 ** 12), "num_dense"),
+])
+def test_a_forged_quantized_spec_or_header_field_is_refused_before_it_allocates(full_run, tmp_path, capsys, name,
+                                                                                forge, expected):
+    """A spec's sizes were once built on the CPU before the memory check (widths of 3e8: a 5 GB peak), and a
+    dtype string looked up on the torch module."""
+    import resource
+
+    _, run = full_run
+    good = tmp_path / "model.compemb"
+    export_run(run, good, scheme="int8")
+    _rewrite(good, tmp_path / "forged.compemb", lambda tensors, header: forge(header), resign=True)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    code = main(["predict", "--model", str(tmp_path / "forged.compemb"), "--input", str(SAMPLE), "--out",
+                 str(tmp_path / "s.txt"), "--max-memory", "64M"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and expected in err[0], err
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before  # KiB
+    assert grown < 200_000, f"refusing {name} grew the peak memory by {grown:,} KiB"
+
+
 def test_a_flipped_byte_anywhere_in_a_model_file_is_refused(full_run, tmp_path):
     _, run = full_run
     good = tmp_path / "model.compemb"
