@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import math
 import os
 import re
 import shlex
@@ -31,6 +32,9 @@ def _megabytes(num_bytes: int) -> str:
 def cmd_methods(args: argparse.Namespace) -> int:
     """Print every method with its parameter formula and its size for one table at one compression; with
     ``--data``, each feature of that data set: its method (``--method``), its table's bytes and ratio."""
+    if not (math.isfinite(args.compression) and args.compression >= 1):
+        raise ValueError(f"--compression must be a ratio >= 1 (full table bytes / stored bytes), got "
+                         f"{args.compression:g}")
     if args.data is not None:
         return _feature_methods(args)
     rows = summarize_methods(args.num_embeddings, args.dim, args.compression)

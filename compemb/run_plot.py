@@ -23,7 +23,18 @@ def plot_run(run: str | os.PathLike, path: str | os.PathLike | None = None, over
     metrics = run / "metrics.jsonl"
     if not metrics.is_file():
         raise ValueError(f"{run} is not a compemb run: no metrics.jsonl")
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(metrics.read_text().splitlines(), 1):
+        try:
+            record = json.loads(line) if line.strip() else None
+        except ValueError:
+            record = False
+        if record is None:
+            continue
+        if not isinstance(record, dict) or not all(key in record for key in ("step", "bce", "train_loss")):
+            raise ValueError(f"{metrics}:{number}: not an evaluation record (a JSON object with step, bce and "
+                             f"train_loss): the file was edited or damaged")
+        records.append(record)
     if not records:
         raise ValueError(f"{metrics} holds no evaluation yet")
     import matplotlib

@@ -166,6 +166,8 @@ class TrainConfig:
                 raise ValueError(f"num_params must be a positive int, got {self.num_params!r}")
             if self.compression is not None:
                 raise ValueError("give compression or num_params, not both")
+        if not self.bottom:  # its last width is what the dense features become, beside the embeddings
+            raise ValueError("bottom MLP widths: give at least one (e.g. --bottom 64)")
         if any(not isinstance(w, int) or w < 1 for w in (*self.bottom, *self.top)):
             raise ValueError(f"MLP widths must be positive integers, got bottom {self.bottom}, top {self.top}")
         if self.checkpoint_every < 0 or not (math.isfinite(self.checkpoint_minutes) and self.checkpoint_minutes >= 0):
@@ -190,12 +192,6 @@ class TrainConfig:
         if compresses and self.compression is None and self.num_params is None:
             raise ValueError(f"method {self.method!r} compresses the tables: give it a budget, compression (a ratio; "
                              f"--compression R) or num_params (floats; --num-params P)")
-        try:
-            device = torch.device(self.device)
-        except (RuntimeError, TypeError) as error:
-            raise ValueError(f"device {self.device!r} is not a torch device ({error})") from None
-        if device.type == "meta":
-            raise ValueError("device 'meta' holds no data: train on cpu or cuda")
         if self.model not in ("dlrm", "dcn"):
             raise ValueError(f"model must be 'dlrm' or 'dcn', got {self.model!r}")
         if self.init not in INITS:
@@ -215,6 +211,8 @@ class TrainConfig:
             device = torch.device(self.device)
         except (RuntimeError, TypeError):
             raise ValueError(f"device must name a torch device ('cpu', 'cuda', 'cuda:1'), got {self.device!r}") from None
+        if device.type not in ("cpu", "cuda"):  # (meta holds no data; mps, xla and others are not built for)
+            raise ValueError(f"device {self.device!r}: compemb trains on 'cpu' or 'cuda' ('cuda:1')")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r}: this machine has no CUDA device")
         self.bottom, self.top = tuple(self.bottom), tuple(self.top)
@@ -324,6 +322,7 @@ class Trainer:
                                    f"{', '.join(self.splits)})")
         # every id, label and dense value checked before training (once per data set: the pass is remembered)
         validate_dataset(config.data, self.manifest, self.splits)
+        _check_trainable(config, self.splits)
         torch.manual_seed(config.seed)
         # sparse gradients are built by torch's own kernels: opt out of re-checking them, explicitly (the default)
         torch.sparse.check_sparse_tensor_invariants.disable()
@@ -394,6 +393,7 @@ class Trainer:
             else:
                 self._check_config(stem, allow_changes)
                 self.load(stem)
+                self._forget_evaluations_after(self.step)
                 self._resumed = True
                 self._repair_best()
                 _set_learning_rates(self.optimizer, config)  # an allowed new lr wins over the checkpoint's
@@ -497,6 +497,30 @@ class Trainer:
             result = self._last_logged() or {"step": self.step, **self.evaluate(config.eval_split)}
         return result
 
+    def _forget_evaluations_after(self, step: int) -> None:
+        """On resume: drop the metrics.jsonl records after the checkpoint's ``step`` (a kill between an evaluation's
+        record and its checkpoint left one; the resumed run evaluates that step again and records it once). A last
+        line cut by the kill is dropped too; any other line that is not a record is refused (CheckpointError)."""
+        path = self.out / "metrics.jsonl"
+        if self.rank != 0 or not path.is_file():
+            return
+        text = path.read_text()
+        lines, kept = text.splitlines(), []
+        for number, line in enumerate(lines, 1):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if not isinstance(record, dict) or type(record.get("step")) is not int:
+                if number == len(lines) and not text.endswith("\n"):  # the append the kill interrupted
+                    continue
+                raise CheckpointError(f"{path}:{number}: not an evaluation record (a JSON object with a step): the "
+                                      f"file was edited or damaged; remove that line to resume")
+            if record["step"] <= step:
+                kept.append(line)
+        if len(kept) != len(lines):
+            atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+
     def _last_logged(self) -> dict[str, Any] | None:
         """The last evaluation in the run's metrics.jsonl, if it is of this step."""
         try:
@@ -504,7 +528,7 @@ class Trainer:
             last = json.loads(lines[-1]) if lines else None
         except (OSError, ValueError):
             return None
-        return last if last is not None and last.get("step") == self.step else None
+        return last if isinstance(last, dict) and last.get("step") == self.step else None
 
     def _stop_if_not_finite(self, loss: float | None = None) -> None:
         """Raise NonFiniteLossError if a step's loss was not finite (checked before every evaluation, log line and
@@ -801,6 +825,24 @@ class Trainer:
         self.step, self.best = meta["step"], meta["best"]
         self.running_loss = meta.get("running_loss", 0.0)
         self._last_checkpoint = (self.step, time.monotonic())
+
+
+def _check_trainable(config: TrainConfig, splits: dict[str, Split]) -> None:
+    """DatasetError, before any training, where a run could not end: a train split without rows, or an
+    evaluation split without rows, without labels or with one class (its AUC is undefined: the run would train to
+    its first evaluation and fail there, its checkpoint unwritten)."""
+    if len(splits["train"]) == 0:
+        raise DatasetError(f"{config.data}: split 'train' has no rows to train on")
+    data = splits[config.eval_split]
+    if len(data) == 0:
+        raise DatasetError(f"{config.data}: split {config.eval_split!r} has no rows to evaluate on")
+    if data.labels is None:
+        raise DatasetError(f"{config.data}: split {config.eval_split!r} has no labels to evaluate against")
+    positives = int(np.count_nonzero(data.labels))
+    if positives in (0, len(data)):
+        only = "positives" if positives else "negatives"
+        raise DatasetError(f"{config.data}: split {config.eval_split!r} holds only {only} ({len(data):,} rows): its "
+                           f"AUC is undefined; evaluate on a split with both classes (eval_split in a --config file)")
 
 
 def _complete(stem: Path) -> bool:

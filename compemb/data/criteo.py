@@ -27,6 +27,7 @@ import multiprocessing
 import os
 import re
 import signal
+import zlib
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -221,7 +222,10 @@ class Block:
 def read_line(file: BinaryIO, max_line_bytes: int, where: object) -> bytes:
     """The next line of a binary file, its newline kept (b"" at the end); ValueError naming ``where`` (a path, or
     ``path:line``) where it is longer than ``max_line_bytes``: a file without newlines is refused, not read whole."""
-    line = file.readline(max_line_bytes + 1)
+    try:
+        line = file.readline(max_line_bytes + 1)
+    except (EOFError, zlib.error) as error:  # a gzip stream cut short or garbled (neither is an OSError)
+        raise ValueError(f"{where}: not a whole gzip stream ({type(error).__name__}: {error})") from None
     if len(line) > max_line_bytes and not line.endswith(b"\n"):
         raise ValueError(f"{where}: a line longer than {max_line_bytes:,} bytes: not a row of this format "
                          f"(is this the right file?)")
@@ -256,6 +260,8 @@ def read_rows(
                     data += read_line(file, max_line_bytes, path)  # the range's last line: still this range's
             except EOFError:
                 raise ValueError(f"{path} is truncated: the gzip stream ends after line {line_number}") from None
+            except zlib.error as error:
+                raise ValueError(f"{path}: its gzip stream is damaged after line {line_number} ({error})") from None
             if not data:  # end of file: a last line without its newline still counts
                 if carry:
                     yield _parse_block(path, carry + b"\n", has_label, line_number, rejections, strict)
@@ -556,8 +562,8 @@ def preprocess_criteo(
             processes' sorted counts, the write pass writes each range's rows at their place. The result is the
             same for any number of processes.
     """
-    if hash_mod is not None and hash_mod < 1:
-        raise ValueError(f"hash_mod must be >= 1, got {hash_mod}")
+    if hash_mod is not None and not 1 <= hash_mod < 1 << 62:  # ids are int64, and missing takes hash_mod itself
+        raise ValueError(f"hash_mod must be in [1, 2^62), got {hash_mod}")
     sources = [Path(source)] if isinstance(source, (str, os.PathLike)) else [Path(s) for s in source]
     if not sources:
         raise ValueError("no input files")

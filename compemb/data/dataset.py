@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ from compemb.io import atomic_write_text, exchange_paths, remove_dead_temporarie
 from compemb.outputs import check_output_directory
 
 MANIFEST = "manifest.json"
+MAX_COUNT = 1 << 62  # rows and ids are int64
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 ARRAYS = ("dense", "sparse", "labels")
 VOCABULARY_FILE = "vocabulary.safetensors"  # a categorified Criteo set's kept values (compemb.data.criteo writes it)
 SPLIT_ENTRIES = {f"{name}.npy" for name in ARRAYS} | {"bags"}
@@ -344,16 +347,27 @@ def open_dataset(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Spl
     try:
         manifest = json.loads((path / MANIFEST).read_text())
         rows, cardinalities = dict(manifest["rows"]), list(manifest["cardinalities"])
-    except (ValueError, KeyError, TypeError) as error:
-        raise DatasetError(f"{path / MANIFEST}: not a compemb manifest ({error!r})") from None
-    integer = lambda value, low: isinstance(value, int) and not isinstance(value, bool) and value >= low  # noqa: E731
-    bad = [f"rows[{k!r}] = {v!r}" for k, v in rows.items() if not integer(v, 0)] + \
-        [f"cardinalities[{i}] = {v!r}" for i, v in enumerate(cardinalities) if not integer(v, 1)]
+        unlabeled, bags = list(manifest.get("unlabeled", ())), list(manifest.get("bags", ()))
+    except (ValueError, KeyError, TypeError, RecursionError) as error:
+        raise DatasetError(f"{path / MANIFEST}: not a compemb manifest ({type(error).__name__}: "
+                           f"{str(error)[:200]})") from None
+    integer = lambda value, low: type(value) is int and low <= value <= MAX_COUNT  # noqa: E731
+    bad = [f"rows[{k!r}] = {_short(v)}" for k, v in rows.items() if not integer(v, 0)] + \
+        [f"cardinalities[{i}] = {_short(v)}" for i, v in enumerate(cardinalities) if not integer(v, 1)]
     if bad:
-        raise DatasetError(f"{path / MANIFEST}: rows must be integers >= 0 and cardinalities integers >= 1, got "
-                           f"{', '.join(bad[:3])}")
-    unlabeled = set(manifest.get("unlabeled", ()))
-    bags = list(manifest.get("bags", ()))
+        raise DatasetError(f"{path / MANIFEST}: rows must be integers in [0, 2^62] and cardinalities in [1, 2^62], "
+                           f"got {', '.join(bad[:3])}")
+    # every name becomes a path: a split or bag name is one plain name inside the data set, never ../ or absolute
+    for where, name in [*(("split", k) for k in rows), *(("unlabeled split", k) for k in unlabeled),
+                        *(("bag", bag.get("name") if isinstance(bag, dict) else bag) for bag in bags)]:
+        if not isinstance(name, str) or not PLAIN_NAME.fullmatch(name):
+            raise DatasetError(f"{path / MANIFEST}: {where} name {_short(name)} is not a plain name (letters, digits, "
+                               f"_ and -): it would be read from outside the data set")
+    for bag in bags:
+        if not integer(bag.get("cardinality"), 1) or bag.get("pooling") not in ("sum", "mean"):
+            raise DatasetError(f"{path / MANIFEST}: bag {bag['name']!r} needs a cardinality in [1, 2^62] and pooling "
+                               f"sum or mean, got {_short(bag.get('cardinality'))}, {_short(bag.get('pooling'))}")
+    unlabeled = set(unlabeled)
     splits, dense_width = {}, None
     for split, count in rows.items():
         folder = path / split
@@ -366,6 +380,13 @@ def open_dataset(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Spl
         splits[split] = Split(arrays["dense"], arrays["sparse"], arrays["labels"],
                               {bag["name"]: _open_bag(folder / "bags", bag["name"], count) for bag in bags})
     return manifest, splits
+
+
+def _short(value: Any) -> str:
+    """A manifest's value as an error shows it: its repr, cut (a 400-digit number or a long string says enough in 40
+    characters)."""
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**40 else f"a {len(str(abs(value)))}-digit number"
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _open_bag(folder: Path, name: str, rows: int) -> tuple[np.ndarray, np.ndarray]:

@@ -95,6 +95,14 @@ class SyntheticConfig:
         if any(not (isinstance(n, int) and n >= 1) for n in self.rows.values()) or "train" not in self.rows:
             raise ValueError(f"rows must give a positive number of rows for train (and each other split), got "
                              f"{self.rows}")
+        for name in ("zipf", "signal", "cluster_spread", "first_order", "click_rate"):  # nan passes no comparison
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
+        if self.zipf < 0 or self.signal < 0 or self.cluster_spread < 0 or not 0 <= self.first_order <= 1 or \
+                not 0 < self.click_rate < 1:
+            raise ValueError(f"need zipf, signal, cluster_spread >= 0, first_order in [0, 1] and click_rate in (0, 1), "
+                             f"got {self.zipf}, {self.signal}, {self.cluster_spread}, {self.first_order}, "
+                             f"{self.click_rate}")
         if not 0 <= self.drift <= 1:
             raise ValueError(f"drift must be in [0, 1] (the share of the top-1% ids that changes), got {self.drift}")
         if not 0 <= self.new_ids < 1:
