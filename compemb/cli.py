@@ -404,7 +404,7 @@ def cmd_lstsq(args: argparse.Namespace) -> int:
     from compemb.lstsq import lstsq_table, run_lstsq
 
     result = run_lstsq(args.n, args.d1, args.k, args.d2, args.iterations, args.seed, signal=args.signal,
-                       noise=args.noise, out=args.out or None)
+                       noise=args.noise, out=args.out or None, overwrite=args.overwrite)
     print(lstsq_table(result))
     if args.out:
         print(f"\nwritten: {args.out}.md, {args.out}.json and {args.out}.png")
@@ -772,6 +772,8 @@ def build_parser() -> argparse.ArgumentParser:
     lstsq.add_argument("--out", default="", metavar="STEM",
                        help="also write STEM.md, STEM.json and STEM.png (e.g. benchmarks/results/lstsq); default: "
                             "the table on the terminal only")
+    lstsq.add_argument("--overwrite", action="store_true", help="replace STEM.md and STEM.json (and a PNG compemb "
+                       "did not write) where they exist")
     lstsq.set_defaults(run=cmd_lstsq)
     return parser
 
@@ -818,6 +820,19 @@ def _resumed_settings(args: argparse.Namespace) -> dict[str, Any]:
     return {key: value for key, value in read_config(stem).items() if key != "out"}
 
 
+def _check_bench_outputs(args: argparse.Namespace) -> None:
+    """Before a benchmark runs: its result files (``--output STEM``: .md, .json) and run directories (``--out``)
+    follow the output rule (no link, device or FIFO replaced, nothing inside a data set or another run). Results
+    are regenerated in place: a result file compemb wrote before is replaced, as the benchmark scripts expect."""
+    from compemb.outputs import check_output_directory, check_output_file
+
+    if getattr(args, "output", None):
+        for suffix in (".md", ".json"):
+            check_output_file(f"{args.output}{suffix}", "text", flag="--output", overwrite=True)
+    if getattr(args, "out", None):
+        check_output_directory(args.out, inputs=[("--data", args.data)] if getattr(args, "data", None) else ())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``compemb`` console command."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -826,6 +841,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = _layered(parser, argv, args)
         args.argv = argv  # train --nproc hands the command line to torchrun
+        if getattr(args, "bench", None):
+            _check_bench_outputs(args)
         return args.run(args)
     except BrokenPipeError:  # `compemb ... | head` closed the pipe: the reader has what it wanted, as for any filter
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit

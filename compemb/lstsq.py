@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from compemb.io import atomic_write_bytes, atomic_write_text
-from compemb.outputs import png_metadata
+from compemb.outputs import check_output_file, png_metadata
 
 METHODS = ("dense_cce", "sparse_cce", "hashing", "bound")
 LABELS = {"dense_cce": "dense CCE", "sparse_cce": "sparse CCE", "hashing": "hashing (2k buckets)",
@@ -180,11 +180,15 @@ def hashing_baseline(problem: LeastSquaresProblem, k: int, iterations: int, seed
 
 
 def run_lstsq(n: int = 10_000, d1: int = 1_000, k: int = 100, d2: int = 10, iterations: int = 40, seed: int = 0,
-              *, signal: float = 1.0, noise: float = 1.0, out: str | None = None) -> dict:
+              *, signal: float = 1.0, noise: float = 1.0, out: str | None = None, overwrite: bool = False) -> dict:
     """Run every method on one generated problem; return the losses, excess losses and the bound check.
 
-    ``excess = loss - optimum loss``. With ``out``, also writes ``out.md``, ``out.json`` and ``out.png``.
+    ``excess = loss - optimum loss``. With ``out``, also writes ``out.md``, ``out.json`` and ``out.png``; files
+    there that compemb did not write (its PNG is signed) are replaced only with ``overwrite`` (checked first).
     """
+    if out is not None:
+        for suffix, kind in ((".md", "text"), (".json", "text"), (".png", "png")):
+            check_output_file(f"{out}{suffix}", kind, overwrite=overwrite)
     problem = LeastSquaresProblem.generate(n, d1, d2, seed, signal=signal, noise=noise)
     seconds: dict[str, float] = {}
     start = time.perf_counter()

@@ -158,3 +158,15 @@ def test_the_rule_itself(tmp_path):
     (tmp_path / "real").mkdir()
     (tmp_path / "to-real").symlink_to(tmp_path / "real")
     check_output_directory(tmp_path / "to-real")  # a link to a directory is written through, nothing replaced
+
+
+def test_lstsq_and_bench_outputs_follow_the_rule(tmp_path, capsys):
+    stem = tmp_path / "lstsq"
+    (tmp_path / "lstsq.md").write_text("my notes\n")
+    args = ["lstsq", "--n", "60", "--d1", "12", "--k", "3", "--d2", "2", "--iterations", "2", "--out", str(stem)]
+    line = _one_line_error(capsys, main(args))
+    assert "lstsq.md exists" in line and (tmp_path / "lstsq.md").read_text() == "my notes\n"
+    assert main([*args, "--overwrite"]) == 0 and (tmp_path / "lstsq.png").is_file()
+    (tmp_path / "result.md").symlink_to(tmp_path / "lstsq.md")
+    line = _one_line_error(capsys, main(["bench", "syncs", "--output", str(tmp_path / "result")]))
+    assert "symbolic link" in line
