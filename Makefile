@@ -26,7 +26,7 @@ torchrec:
 # NAME+int8 / NAME+pq: NAME's trained tables quantized after training (the post-training baseline), tested as a row.
 # cce (a pointer per id per column, counted) cannot reach 100x: its row says so and names the highest ratio it can.
 # CCE clusters on its default schedule (every 1/3 of the run until 3/4). The optimizers are the defaults (Adam 2e-3
-# for the MLPs, row-wise Adagrad 0.05 for the tables: benchmarks/results/default_recipe.md).
+# for the MLPs, Adagrad 0.05 for the tables: benchmarks/results/default_recipe.md).
 METHODS := full,full+int8,full+pq,hemb,hash,ce,bloom,qr,robe,hashednets,lowrank,mde,tt,cafe,cafe-ml,offline,mch,adaembed,cce,cce-paper,cce-hybrid,cce-hybrid+int8
 DEMO := runs/demo
 run: $(STAMP)

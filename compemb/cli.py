@@ -427,15 +427,16 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bottom", default="512,256,64", help="bottom MLP widths (it ends in --dim)")
     parser.add_argument("--top", default="512,256", help="top (DLRM) or deep (DCN) MLP widths")
     parser.add_argument("--optimizer", choices=("sgd", "adagrad", "adam", "adam_dense"), default="adam",
-                        help="the MLPs' optimizer (the default recipe, Adam 2e-3 for the MLPs and row-wise Adagrad "
-                             "0.05 for the tables, is the one nearest the best on every set of benchmarks/results/"
+                        help="the MLPs' optimizer (the default recipe, Adam 2e-3 for the MLPs and Adagrad 0.05 for "
+                             "the tables, is the one nearest the best on every set of benchmarks/results/"
                              "default_recipe.md; --protocol dlrm: SGD 0.1 for all)")
     parser.add_argument("--lr", type=float, default=2e-3, help="the MLPs' learning rate")
     parser.add_argument("--table-optimizer", choices=("sgd", "adagrad", "rowwise_adagrad", "adam", "adam_dense"),
-                        default="rowwise_adagrad",
+                        default="adagrad",
                         help="the tables' own optimizer; sparse gradients for all but adam_dense: adam updates only the "
                              "rows a batch touched (compemb.optim.RowAdam), adam_dense every row every step (torch's "
-                             "Adam); rowwise_adagrad: one accumulator per row, TorchRec's default")
+                             "Adam); adagrad: an accumulator per element; rowwise_adagrad: one per row (TorchRec's "
+                             "default: a table's worth less training memory)")
     parser.add_argument("--table-lr", type=float, default=0.05, help="the tables' learning rate")
     parser.add_argument("--batch-size", type=int, default=2048, help="training rows per step")
     parser.add_argument("--epochs", type=int, default=1, help="passes over the training split")

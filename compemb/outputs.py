@@ -26,9 +26,7 @@ class OutputError(ValueError):
 
 def png_metadata() -> dict[str, str]:
     """The metadata every compemb PNG is saved with (``savefig(..., metadata=png_metadata())``): its signature."""
-    from compemb import __version__
-
-    return {"Software": f"{SOFTWARE} {__version__}"}
+    return {"Software": SOFTWARE}
 
 
 def _is_compemb_png(path: Path) -> bool:

@@ -53,4 +53,4 @@ def test_the_protocols_train_tables_as_their_papers_did_not_as_the_defaults_do()
     dlrm = _config("train", "--data", "d", "--out", "r", "--protocol", "dlrm")
     assert (dlrm.batch_size, dlrm.evals_per_epoch, dlrm.bottom, dlrm.top) == (2048, 0, (512, 256, 64), (512, 256))
     plain = _config("train", "--data", "d", "--out", "r")  # the default recipe: Adam MLPs, row-wise Adagrad tables
-    assert (plain.optimizer, plain.lr, plain.table_optimizer, plain.table_lr) == ("adam", 2e-3, "rowwise_adagrad", 0.05)
+    assert (plain.optimizer, plain.lr, plain.table_optimizer, plain.table_lr) == ("adam", 2e-3, "adagrad", 0.05)
