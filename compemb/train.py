@@ -400,8 +400,10 @@ class Trainer:
                 self._repair_best()
                 _set_learning_rates(self.optimizer, config)  # an allowed new lr wins over the checkpoint's
 
-    def fit(self, stop_at: int | None = None) -> dict[str, Any]:
-        """Train to the end (or to step ``stop_at``, as an interruption would); return the last evaluation.
+    def fit(self, stop_at: int | None = None, final_evaluation: bool = True) -> dict[str, Any]:
+        """Train to the end (or to step ``stop_at``, as an interruption would); return the last evaluation
+        (``final_evaluation=False``: where none fell in the steps trained, ``{"step": ...}`` alone, as a benchmark
+        timing training steps wants).
 
         The run directory is locked meanwhile (:class:`compemb.run_lock.RunLock`, held by rank 0): a second
         trainer into it is refused at once with a RunLockedError."""
@@ -425,14 +427,14 @@ class Trainer:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self._tensorboard = SummaryWriter(str(self._tensorboard_dir))
-            return self._fit(stop_at)
+            return self._fit(stop_at, final_evaluation)
         finally:
             if self._tensorboard is not None:
                 self._tensorboard.close()
                 self._tensorboard = None
             lock.release()
 
-    def _fit(self, stop_at: int | None) -> dict[str, Any]:
+    def _fit(self, stop_at: int | None, final_evaluation: bool = True) -> dict[str, Any]:
         config = self.config
         if not self._resumed and self.step == 0:
             self._claim_run_directory()
@@ -495,7 +497,9 @@ class Trainer:
                     self._write_last()
         self._stop_if_not_finite()
         distributed.barrier()  # rank 0's checkpoints are written when any rank returns
-        if not result:  # nothing left to train (a finished run resumed): its last evaluation, as it logged it
+        if not result and not final_evaluation:
+            result = {"step": self.step}
+        elif not result:  # nothing left to train (a finished run resumed): its last evaluation, as it logged it
             result = self._last_logged() or {"step": self.step, **self.evaluate(config.eval_split)}
         return result
 

@@ -150,3 +150,34 @@ def test_the_gpu_benchmark_script_runs_its_device_path_on_cpu(data, tmp_path):
     assert all(row["syncs_per_step"] == 0 for row in result["rows"][1:])
     assert set(result["sketch"]) == {"insert", "insert (frequency)", "query"}
     assert "| hash |" in output.with_suffix(".md").read_text()
+
+
+def test_the_gpu_script_runs_end_to_end_on_cpu_and_writes_every_row(tmp_path):
+    """benchmarks/gpu.sh, the one script a lent device runs, at quick sizes on CPU: every method has a row (a
+    method that cannot build says why in it), the large-vocabulary rows and the lookup part are written, and the
+    targets are printed with their values."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from compemb import METHODS
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(["bash", str(root / "benchmarks" / "gpu.sh")], capture_output=True, text=True,
+                          env={**os.environ, "DEVICE": "cpu", "QUICK": "1", "OUT": str(tmp_path),
+                               "PYTHON": sys.executable})
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((tmp_path / "gpu.json").read_text())
+    assert [row["method"] for row in result["rows"]] == ["plain loop", "full", "hash",
+                                                         *[m for m in METHODS if m not in ("full", "hash")]]
+    for row in result["rows"]:
+        assert row["samples_per_s"] > 0 or row["error"], row
+    assert [row["method"] for row in result["vocab_rows"]] == ["full", "hash", "cafe", "cce", "cce-hybrid"]
+    assert "BudgetError" in next(r for r in result["vocab_rows"] if r["method"] == "cce")["error"]
+    clustered = next(r for r in result["rows"] if r["method"] == "cce-paper")
+    assert clustered["event_s"] > 0  # one clustering timed apart from the steps
+    text = (tmp_path / "gpu.md").read_text()
+    assert "full ÷ plain loop:" in text and "slowest adaptive method ÷ hash:" in text
+    assert json.loads((tmp_path / "gpu_lookup.json").read_text())

@@ -62,7 +62,8 @@ class PlainDLRM(torch.nn.Module):
         self.bottom = _layers(num_dense, [*bottom, dim], last_relu=True)
         vectors = len(cardinalities) + 1
         self.top = _layers(dim + vectors * (vectors - 1) // 2, [*top, 1], last_relu=False)
-        self.pairs = torch.triu_indices(vectors, vectors, offset=1)
+        # a buffer: it moves with the model, so a step on the device indexes with device indices
+        self.register_buffer("pairs", torch.triu_indices(vectors, vectors, offset=1), persistent=False)
 
     def forward(self, dense: Tensor, sparse: Tensor) -> Tensor:
         """Click logits ``(batch,)``."""
