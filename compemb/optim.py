@@ -99,6 +99,12 @@ class _RowWise(torch.optim.Optimizer):
     def _dense(self, param: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         raise NotImplementedError
 
+    def _dense_all(self, params: list[Tensor], group: dict[str, Any]) -> None:
+        """The dense-gradient parameters of a group (the MLPs), each by :meth:`_dense`; an optimizer may update
+        them together (multi-tensor kernels: a few launches for all instead of several per parameter)."""
+        for param in params:
+            self._dense(param, self.state[param], group)
+
     def _initial(self, name: str, group: dict[str, Any]) -> float:
         """The value a state starts at (Adagrad's accumulator may start above zero)."""
         return 0.0
@@ -118,6 +124,7 @@ class _RowWise(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             shared: dict[tuple, list[Tensor]] = {}  # sparse tables by the buffer their weights are slices of
+            dense: list[Tensor] = []
             for param in group["params"]:
                 if param.grad is None:
                     continue
@@ -131,7 +138,8 @@ class _RowWise(torch.optim.Optimizer):
                         state.update(self._new_state(param, group))
                     self._sparse(param, param.grad, state, group)
                 else:
-                    self._dense(param, state, group)
+                    dense.append(param)
+            self._dense_all(dense, group)
             for params in shared.values():
                 if len(params) == 1:
                     state = self.state[params[0]]
@@ -245,6 +253,39 @@ class RowAdam(_RowWise):
         correction2 = (1 - beta2 ** steps.double()).sqrt().to(param.dtype).view(shape)
         update = (exp_avg / correction1) / (exp_avg_sq.sqrt() / correction2 + eps)
         _add_to_rows(param, rows, update, -lr)
+
+    def _dense_all(self, params: list[Tensor], group: dict[str, Any]) -> None:
+        """Adam's dense update of every parameter whose rows were never reset, with torch's multi-tensor
+        (``_foreach``) ops, grouped by step count and device: the arithmetic of :meth:`_dense`, element for element,
+        in a few launches for all of them (torch's Adam does the same with ``foreach=True``)."""
+        together: dict[tuple, list[Tensor]] = {}
+        for param in params:
+            state = self.state[param]
+            if state.get(ROW_STEP_KEY) is not None or param.grad.is_sparse:  # its own rows' ages: one by one
+                self._dense(param, state, group)
+                continue
+            if not state:
+                state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            if "step" not in state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+            known = self.__dict__.setdefault("_host_steps", {}).get(param)
+            count = known[1] + 1 if known is not None and known[0] is state["step"] else float(state["step"]) + 1
+            self._host_steps[param] = (state["step"], count)
+            together.setdefault((count, param.device, param.dtype), []).append(param)
+        (beta1, beta2), lr, eps = group["betas"], group["lr"], group["eps"]
+        for (step, _, _), members in together.items():
+            states = [self.state[param] for param in members]
+            torch._foreach_add_([state["step"] for state in states], 1.0)  # (host tensors: no device launch)
+            grads = [param.grad for param in members]
+            exp_avgs, exp_avg_sqs = [state["exp_avg"] for state in states], [state["exp_avg_sq"] for state in states]
+            torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+            torch._foreach_mul_(exp_avg_sqs, beta2)
+            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+            denominators = torch._foreach_sqrt(exp_avg_sqs)
+            torch._foreach_div_(denominators, math.sqrt(1 - beta2**step))
+            torch._foreach_add_(denominators, eps)
+            torch._foreach_addcdiv_(members, exp_avgs, denominators, value=-lr / (1 - beta1**step))
 
     def _dense(self, param: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         (beta1, beta2), lr, eps = group["betas"], group["lr"], group["eps"]
