@@ -42,6 +42,7 @@ from compemb.budget import (
 )
 from compemb.checks import assert_ids_in_range
 from compemb.embeddings.base import CompressedEmbedding
+from compemb.embeddings.full import FullEmbedding
 from compemb.feature_methods import assign_methods, format_feature_methods, is_per_feature
 from compemb.kernels import device_path
 from compemb.registry import get_method, make_embedding
@@ -520,13 +521,26 @@ def batch_groups(tables: Sequence[torch.nn.Module]) -> list[tuple[list[int], Tab
     for position, table in enumerate(tables):
         batchable = isinstance(table, CompressedEmbedding)
         keys.setdefault((type(table), table.sparse) if batchable else ("alone", position), []).append(position)
+
+    def plain(positions: list[int]) -> bool:  # a padding id or max pooling needs each table's own forward
+        return all(getattr(tables[p], "padding_idx", None) is None and getattr(tables[p], "mode", "sum") != "max"
+                   for p in positions)
+
     groups: list[tuple[list[int], TableBatch | None]] = []
+    for key in list(keys):  # a method whose batch takes the full tables beside it (hash): one batch, one update
+        joins, full_key = getattr(key[0], "table_batch_with_full", None), (FullEmbedding, key[1])
+        if joins is None or full_key not in keys or key not in keys:
+            continue
+        together = sorted(keys[key] + keys[full_key])
+        batch = joins([tables[p] for p in together]) if plain(together) else None
+        if batch is not None:
+            groups.append((together, batch))
+            del keys[key], keys[full_key]
     for positions in keys.values():
+        first = tables[positions[0]]
         members = [tables[p] for p in positions]
-        first = members[0]
-        # a padding id or max pooling needs each table's own forward (the batches gather and sum)
-        plain = all(getattr(t, "padding_idx", None) is None and getattr(t, "mode", "sum") != "max" for t in members)
-        batch = type(first).table_batch(members) if isinstance(first, CompressedEmbedding) and plain else None
+        batch = type(first).table_batch(members) if isinstance(first, CompressedEmbedding) and plain(positions) \
+            else None
         if batch is None:
             groups.extend(([p], None) for p in positions)
         else:

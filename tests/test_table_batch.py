@@ -202,3 +202,16 @@ def test_adaptive_tables_train_batched_as_one_at_a_time(method, options):
             torch.testing.assert_close(value, behind[name], rtol=1e-6, atol=1e-7, msg=f"step {step}: {name}")
     clustered = [t for t in batched.embeddings.values() if hasattr(t, "cluster_state")]
     assert not clustered or any(int(t.cluster_state[1]) > 0 for t in clustered), "no clustering ran"
+
+
+def test_hashed_and_full_tables_form_one_batch_and_one_buffer():
+    """A per-feature hash collection keeps its small features full: those join the hashed tables' batch, so one
+    gather reads every feature and one optimizer update covers every table (issue 37)."""
+    batched, _ = _collections("hash", sparse=True)
+    tables = list(batched.embeddings.values())
+    assert {type(t).__name__ for t in tables} == {"HashingTrickEmbedding", "FullEmbedding"}
+    groups = batch_groups(tables)
+    assert len(groups) == 1 and groups[0][0] == list(range(len(FEATURES)))
+    batched(_ids())  # packs
+    storages = {t.weight.untyped_storage().data_ptr() for t in tables}
+    assert len(storages) == 1

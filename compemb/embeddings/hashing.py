@@ -146,6 +146,15 @@ class HashingTrickEmbedding(_HashedTable):
     def _combine_rows(rows: Tensor) -> Tensor:
         return rows.squeeze(-2)
 
+    @classmethod
+    def table_batch_with_full(cls, tables: Sequence[CompressedEmbedding]) -> _HashedAndFullBatch | None:
+        """Hashed tables and the full tables beside them (a per-feature collection keeps its small features full)
+        as one batch: one gather and, their weights in one buffer, one optimizer update for all (None where a
+        vocabulary is open or the rows differ in width)."""
+        if any(t.num_embeddings is None for t in tables) or len({t.embedding_dim for t in tables}) != 1:
+            return None
+        return _HashedAndFullBatch(tables)
+
     def lookup_bags(
         self, ids: Tensor, offsets: Tensor, per_sample_weights: Tensor | None, one_id_per_bag: bool = False
     ) -> Tensor:
@@ -153,6 +162,30 @@ class HashingTrickEmbedding(_HashedTable):
             self.hash(ids).squeeze(-1), self.weight, offsets, mode=self.mode,
             per_sample_weights=per_sample_weights, sparse=self.sparse,
         )
+
+
+class _HashedAndFullBatch:
+    """Hashing-trick and full tables packed together: column j reads row ``h_j(x)`` of a hashed table, row ``x``
+    of a full one, every column's row found in one pass and read with one gather, exactly each table's own lookup.
+    """
+
+    def __init__(self, tables: Sequence[CompressedEmbedding]) -> None:
+        self.tables = list(tables)
+        self.pack = PackedWeights(self.tables, "weight", sparse=tables[0].sparse)
+        device = self.pack.row_offsets.device
+        hashed = [j for j, t in enumerate(self.tables) if isinstance(t, HashingTrickEmbedding)]
+        self.hashed = torch.tensor(hashed, dtype=torch.int64, device=device)
+        self.hashes = [self.tables[j].hash for j in hashed]  # type: ignore[attr-defined]
+        self.rows = column_sizes([self.tables[j].rows for j in hashed], device)  # type: ignore[attr-defined]
+        self.ranges = IdRanges(self.tables)
+
+    def __call__(self, ids: Tensor) -> Tensor:
+        self.ranges.check(ids)
+        if self.rows.device != ids.device:
+            self.rows, self.hashed = self.rows.to(ids.device), self.hashed.to(ids.device)
+        buckets = hash_columns(ids.index_select(1, self.hashed), self.hashes, self.rows).squeeze(-1)
+        rows = ids.index_copy(1, self.hashed, buckets).add_(self.pack.row_offsets)
+        return self.pack.gather(rows.unsqueeze(-1)).squeeze(-2)
 
 
 @register("ce")
