@@ -202,6 +202,31 @@ class SeparateLookups:
         return torch.stack([table(ids[:, column]) for column, table in enumerate(self.tables)], dim=1)
 
 
+class RowsBatch:
+    """Tables that each read one row of their ``weight`` per id, found by the table's own rule (``rows_of(ids)``:
+    an id map with a hashed fallback, say), and full tables (the row is the id): every column's rows found, then
+    one gather over the packed weights, and, the weights in one buffer, one optimizer update for all of them.
+    Needs every vocabulary closed (one range rule for the batch)."""
+
+    def __init__(self, tables: Sequence[torch.nn.Module]) -> None:
+        self.tables = list(tables)
+        self.pack = PackedWeights(self.tables, "weight", sparse=self.tables[0].sparse)
+        self.ranges = IdRanges(self.tables)
+        self.rules = [getattr(t, "rows_of", None) for t in self.tables]  # None: a full table's row is the id
+
+    @staticmethod
+    def accepts(tables: Sequence[torch.nn.Module]) -> bool:
+        """Whether a RowsBatch can take ``tables``: closed vocabularies, one row width."""
+        return all(getattr(t, "num_embeddings", None) is not None for t in tables) and \
+            len({t.weight.shape[1] for t in tables}) == 1
+
+    def __call__(self, ids: Tensor) -> Tensor:
+        self.ranges.check(ids)
+        columns = ids.t().contiguous()  # each table's ids contiguous once (a rule's search wants them so)
+        rows = torch.stack([columns[j] if rule is None else rule(columns[j]) for j, rule in enumerate(self.rules)], 1)
+        return self.pack.gather((rows + self.pack.row_offsets).unsqueeze(-1)).squeeze(-2)
+
+
 class _GatherPacked(torch.autograd.Function):
     """``buffer[rows]`` whose backward returns each packed weight its own gradient."""
 

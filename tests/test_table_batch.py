@@ -13,12 +13,16 @@ from compemb.collection import batch_groups
 from compemb.table_batch import PackedWeights
 
 FEATURES = [Feature("C1", 100_000), Feature("C2", 5_000), Feature("C3", 3), Feature("C4", 50_000), Feature("C5", 20)]
-BATCHED = ["full", "hash", "ce", "bloom", "qr", "hemb", "robe", "hashednets", "cce", "cce-hybrid", "cafe", "cafe-ml"]
+BATCHED = ["full", "hash", "ce", "bloom", "qr", "hemb", "robe", "hashednets", "cce", "cce-hybrid", "cafe", "cafe-ml",
+           "offline"]
 
 
 def _collections(method: str, sparse: bool, **options):
     # cce's pointer per id per column: 10x of d=16 lies between its int16 (8x) and uint8 (14.8x) reach
     budget = {} if method == "full" else {"compression": 4 if method == "cce" else 10}
+    if method == "offline":  # its hot ids from per-id counts (Zipf-like: the small ids most frequent)
+        options = {**options, "frequencies": {f.name: (f.num_embeddings / (1 + torch.arange(f.num_embeddings))).long()
+                                              for f in FEATURES}}
     batched = EmbeddingCollection(FEATURES, 16, method, seed=3, sparse=sparse, **budget, **options)
     one_at_a_time = copy.deepcopy(batched)
     one_at_a_time.batch_tables = False

@@ -8,6 +8,7 @@ only (what a model may see before it trains).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ from compemb.embeddings.cafe.settings import budget_ratio, paper_defaults
 from compemb.embeddings.id_map import search_rows
 from compemb.hashing import UniversalHash, coefficient_bytes
 from compemb.registry import register
+from compemb.table_batch import RowsBatch
 
 
 @register("offline")
@@ -125,6 +127,20 @@ class OfflineFrequencyEmbedding(CompressedEmbedding):
                                                                           device=target.device)
         else:  # row = position among the sorted hot ids
             self.hot_ids.copy_(torch.sort(self._by_rank).values)
+
+    @classmethod
+    def table_batch(cls, tables: Sequence[CompressedEmbedding]) -> RowsBatch | None:
+        """Offline tables side by side: each table's rows by its own map, one gather and one packed update."""
+        return RowsBatch(tables) if RowsBatch.accepts(tables) else None
+
+    @classmethod
+    def table_batch_with_full(cls, tables: Sequence[CompressedEmbedding]) -> RowsBatch | None:
+        """The offline tables and the full ones beside them (the small features of a per-feature collection)."""
+        return cls.table_batch(tables)
+
+    def rows_of(self, ids: Tensor) -> Tensor:
+        """The row of ``weight`` each id reads: its own (a hot id) or ``hot_rows + hash(id)``."""
+        return self._rows(ids)
 
     def _rows(self, ids: Tensor) -> Tensor:
         if not self.dense_map:  # row = position among the sorted hot ids
