@@ -432,6 +432,26 @@ def nearest_torch(points: Tensor, centroids: Tensor, block: int = TORCH_BLOCK) -
     return labels, distances
 
 
+CONVERGENCE_CHECK = 10  # kmeans_torch reads whether an iteration changed anything (a host wait) this often
+
+
+def _split_into_empty(centroids: Tensor, counts: Tensor, full: Tensor, sign: Tensor) -> tuple[Tensor, Tensor]:
+    """Each empty cluster takes half of one of the largest (faiss's split, deterministic: the i-th empty cluster
+    the i-th largest, perturbed by the relative epsilon), in fixed shapes (no host wait); and whether any was."""
+    k = centroids.shape[0]
+    empty = ~full
+    rank = torch.cumsum(empty, 0) - 1  # each empty cluster's place among the empty ones
+    donor = torch.argsort(counts, descending=True, stable=True)[rank.clamp_min(0)]
+    taken = centroids[donor]
+    delta = SPLIT_EPS * sign * (taken.abs() + 1e-12)
+    split = torch.where(empty.unsqueeze(1), taken + delta, centroids)
+    # the donors keep the other half; a spare last row takes the writes of clusters that were not empty
+    padded = torch.cat([split, split[:1]])
+    target = torch.where(empty, donor, k)
+    padded.index_copy_(0, target, torch.where(empty.unsqueeze(1), taken - delta, padded[target]))
+    return padded[:k], empty.any()
+
+
 def kmeans_torch(points: Tensor, k: int, *, niter: int = 50, max_points_per_centroid: int = 256,
                  seed: int = 0) -> KMeansResult:
     """Exact Lloyd's k-means in torch ops on ``points``' device: CCE's clustering where the tables live on a GPU
@@ -439,8 +459,9 @@ def kmeans_torch(points: Tensor, k: int, *, niter: int = 50, max_points_per_cent
 
     The same sample rule and seeding as :func:`kmeans` (``max_points_per_centroid * k`` uniform points, k of them as
     the first centroids, a CPU generator seeded by ``seed``), every assignment exact; empty clusters are refilled by
-    splitting the largest clusters (one each, perturbed by faiss's relative epsilon). Stops once no label changes.
-    Not bit-identical to :func:`kmeans` (another search and summation order).
+    splitting the largest clusters (one each, perturbed by faiss's relative epsilon). Stops once no label changes
+    (read every :data:`CONVERGENCE_CHECK` iterations: no host wait inside an iteration). Not bit-identical to
+    :func:`kmeans` (another search and summation order).
     """
     if points.dim() != 2 or points.shape[0] == 0:
         raise ValueError(f"points must be a non-empty 2-D (n, d) tensor, got shape {tuple(points.shape)}")
@@ -457,24 +478,29 @@ def kmeans_torch(points: Tensor, k: int, *, niter: int = 50, max_points_per_cent
         x = x[sample]
     centroids = x[torch.randperm(x.shape[0], generator=generator)[:k].to(device)].clone()
     labels, distances = nearest_torch(x, centroids)
-    objective = [float(distances.double().mean())]
+    # no host wait inside an iteration: the objective stays on the device, empty clusters are split in fixed
+    # shapes, and convergence is read every CONVERGENCE_CHECK iterations (an iteration after convergence changes
+    # nothing: the same labels give the same centroids), then trimmed to where it was reached
+    objective = [distances.double().mean()]
+    sign = torch.where(torch.arange(x.shape[1], device=device) % 2 == 0, 1.0, -1.0)
+    still = torch.ones((), dtype=torch.bool, device=device)  # whether the last iteration changed anything
+    done_at = torch.full((), niter, dtype=torch.int64, device=device)  # the first iteration that changed nothing
     iterations = 0
-    for _ in range(niter):
-        iterations += 1
+    for iteration in range(1, niter + 1):
+        iterations = iteration
         counts = torch.zeros(k, dtype=torch.int64, device=device).index_add_(0, labels, torch.ones_like(labels))
         sums = torch.zeros(k, x.shape[1], dtype=torch.float64, device=device).index_add_(0, labels, x.double())
         full = counts > 0
         centroids = torch.where(full.unsqueeze(1), (sums / counts.clamp_min(1).unsqueeze(1)).float(), centroids)
-        empty = (~full).nonzero().squeeze(1)
-        if empty.numel():  # each empty cluster takes half of one of the largest (faiss's split, deterministic)
-            donors = torch.argsort(counts, descending=True, stable=True)[: empty.numel()]
-            sign = torch.where(torch.arange(x.shape[1], device=device) % 2 == 0, 1.0, -1.0)
-            delta = SPLIT_EPS * sign * (centroids[donors].abs() + 1e-12)
-            centroids[empty], centroids[donors] = centroids[donors] + delta, centroids[donors] - delta
+        centroids, had_empty = _split_into_empty(centroids, counts, full, sign)
         new_labels, distances = nearest_torch(x, centroids)
-        objective.append(float(distances.double().mean()))
-        changed = bool((new_labels != labels).any())
+        objective.append(distances.double().mean())
+        still = (new_labels != labels).any() | had_empty
+        done_at = torch.where((done_at == niter) & ~still, iteration, done_at)
         labels = new_labels
-        if not changed and not empty.numel():
+        if iteration % CONVERGENCE_CHECK == 0 and not bool(still):
             break
+    values = torch.stack(objective).tolist()
+    iterations = min(iterations, int(done_at))
+    objective = values[: iterations + 1]
     return KMeansResult(centroids, labels, sample, objective[-1], objective[1:], iterations)

@@ -191,3 +191,57 @@ def test_kmeans_on_the_points_device_is_exact_lloyd_and_as_good_as_the_host_kmea
     again = kmeans_torch(points, 64, niter=30, seed=1)
     assert torch.equal(again.centroids, on_device.centroids)
     assert on_device.objective == sorted(on_device.objective, reverse=True)  # Lloyd's never raises it
+
+
+def _lloyd_reference(points: torch.Tensor, k: int, niter: int, seed: int):
+    """kmeans_torch's algorithm written plainly, one host read per decision (the form it had before issue 37)."""
+    from compemb.cluster import SPLIT_EPS, nearest_torch
+
+    generator = torch.Generator().manual_seed(seed)
+    x = points.float()
+    centroids = x[torch.randperm(x.shape[0], generator=generator)[:k]].clone()
+    labels, distances = nearest_torch(x, centroids)
+    objective, iterations = [float(distances.double().mean())], 0
+    for _ in range(niter):
+        iterations += 1
+        counts = torch.zeros(k, dtype=torch.int64).index_add_(0, labels, torch.ones_like(labels))
+        sums = torch.zeros(k, x.shape[1], dtype=torch.float64).index_add_(0, labels, x.double())
+        full = counts > 0
+        centroids = torch.where(full.unsqueeze(1), (sums / counts.clamp_min(1).unsqueeze(1)).float(), centroids)
+        empty = (~full).nonzero().squeeze(1)
+        if empty.numel():
+            donors = torch.argsort(counts, descending=True, stable=True)[: empty.numel()]
+            sign = torch.where(torch.arange(x.shape[1]) % 2 == 0, 1.0, -1.0)
+            delta = SPLIT_EPS * sign * (centroids[donors].abs() + 1e-12)
+            centroids[empty], centroids[donors] = centroids[donors] + delta, centroids[donors] - delta
+        new_labels, distances = nearest_torch(x, centroids)
+        objective.append(float(distances.double().mean()))
+        changed = bool((new_labels != labels).any())
+        labels = new_labels
+        if not changed and not empty.numel():
+            break
+    return centroids, labels, objective[1:], iterations
+
+
+@pytest.mark.parametrize("n, k, duplicates", [(3_000, 40, False), (600, 150, True), (2_000, 64, False)])
+def test_kmeans_on_the_device_path_equals_plain_lloyd_without_a_host_wait_per_iteration(n, k, duplicates) -> None:
+    """kmeans_torch keeps its decisions on the device (empty clusters split in fixed shapes, convergence read every
+    CONVERGENCE_CHECK iterations): the same centroids, labels, objective and iteration count as plain Lloyd with a
+    host read per decision, and host waits that grow with niter / CONVERGENCE_CHECK only."""
+    from compemb.bench.syncs import SyncCounter
+    from compemb.cluster import CONVERGENCE_CHECK, kmeans_torch
+
+    generator = torch.Generator().manual_seed(n + k)
+    points = torch.randn(n, 4, generator=generator)
+    if duplicates:  # many identical points: clusters go empty and are split
+        points = points[torch.randint(0, 60, (n,), generator=generator)]
+    result = kmeans_torch(points, k, niter=40, seed=5, max_points_per_centroid=10_000)
+    centroids, labels, objective, iterations = _lloyd_reference(points, k, 40, seed=5)
+    assert torch.equal(result.centroids, centroids) and torch.equal(result.labels, labels)
+    assert result.objective == objective and result.iterations == iterations
+    waits = {}
+    for niter in (10, 40):
+        with SyncCounter() as counter:
+            kmeans_torch(points, k, niter=niter, seed=5, max_points_per_centroid=10_000)
+        waits[niter] = counter.total
+    assert waits[40] - waits[10] <= 30 // CONVERGENCE_CHECK, waits
