@@ -160,15 +160,17 @@ class _RowWise(torch.optim.Optimizer):
         indices = torch.cat([param.grad._indices()[0] + start for param, start in zip(params, starts)])  # type: ignore[union-attr]
         values = torch.cat([param.grad._values() for param in params])  # type: ignore[union-attr]
         grad = torch.sparse_coo_tensor(indices.unsqueeze(0), values, weight.shape, check_invariants=False)
-        self._sparse(weight, grad, self._packed_state(params, starts, total_rows, group), group)
+        state = self._packed_state(params, starts, total_rows, group)
+        assert state is not None
+        self._sparse(weight, grad, state, group)
         for param in params:  # the per-table counts torch's optimizers keep
             if "step" in self.state[param]:
                 self.state[param]["step"] += 1
 
     def _packed_state(self, params: list[Tensor], starts: list[int], total_rows: int,
-                      group: dict[str, Any]) -> dict[str, Tensor]:
+                      group: dict[str, Any], existing_only: bool = False) -> dict[str, Tensor] | None:
         """The tables' states as whole buffers whose slices are each table's state. Made again (keeping the values
-        the tables had, from a checkpoint say) when they are not such slices."""
+        the tables had, from a checkpoint say) when they are not such slices; ``existing_only``: None then."""
         first = params[0]
         widths = {name: first.shape[1] if kind == "param" else 1 for name, kind in self.row_state.items()}
         head = self.state[first]
@@ -188,6 +190,8 @@ class _RowWise(torch.optim.Optimizer):
 
         if first.dtype == torch.float32 and all(packed(name) for name in widths):
             return {name: head[name].new_empty(0).set_(head[name].untyped_storage(), 0, shape(name)) for name in widths}
+        if existing_only:
+            return None
         buffers = {name: torch.full(shape(name), self._initial(name, group), device=first.device,
                                     dtype=first.dtype if self.row_state[name] == "param" else torch.float32)
                    for name in widths}

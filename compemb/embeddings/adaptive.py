@@ -124,6 +124,41 @@ def reset_optimizer_rows(optimizer: torch.optim.Optimizer | None, param: Tensor,
         _fill_rows(state[ROW_UPDATES_KEY], rows.to(param.device, torch.long), 0.0, where)
 
 
+@torch.no_grad()
+def reset_packed_rows(optimizer: torch.optim.Optimizer | None, weights: Sequence[Tensor], rows: Tensor,
+                      where: Tensor | None = None) -> bool:
+    """:func:`reset_optimizer_rows` for tables whose weights are slices of one buffer (a table batch), ``rows``
+    numbered in that buffer: one reset over the row-wise optimizer's packed state buffers for all of them, instead
+    of one per table. False (nothing done) where it cannot: another optimizer, a table without state yet, or
+    states not side by side; the caller then resets table by table."""
+    from compemb.optim import _RowWise
+
+    if isinstance(optimizer, CombinedOptimizer):
+        try:
+            optimizer = optimizer.owner(weights[0])
+        except KeyError:
+            return False
+    if not isinstance(optimizer, _RowWise) or not weights or any(not optimizer.state.get(w) for w in weights):
+        return False
+    first = weights[0]
+    if first.dim() != 2 or any(w.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() or
+                               w.dim() != 2 or w.shape[1] != first.shape[1] for w in weights):
+        return False
+    row_dim = first.shape[1]
+    group = next(g for g in optimizer.param_groups if any(p is first for p in g["params"]))
+    starts = [w.storage_offset() // row_dim for w in weights]
+    total_rows = first.untyped_storage().nbytes() // (row_dim * first.element_size())
+    # the tables' states as the sparse updates keep them, side by side (dense-gradient states are not: their
+    # resets also restart the rows' ages, table by table)
+    buffers = optimizer._packed_state(list(weights), starts, total_rows, group, existing_only=True)
+    if buffers is None:
+        return False
+    index = rows.to(first.device, torch.long)
+    for name, buffer in buffers.items():
+        _fill_rows(buffer, index, optimizer._initial(name, group), where)
+    return True
+
+
 def _fill_rows(value: Tensor, index: Tensor, fill: float, where: Tensor | None) -> None:
     """``value[index] = fill``, or only where ``where`` says (distinct ``index``: the others are written unchanged)."""
     if where is None:

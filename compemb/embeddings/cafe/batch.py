@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from compemb.embeddings.adaptive import gather_pending, reset_optimizer_rows
+from compemb.embeddings.adaptive import gather_pending, reset_optimizer_rows, reset_packed_rows
 from compemb.kernels import device_path
 from compemb.sketch.packed import PackedSketches
 from compemb.table_batch import IdRanges, PackedBuffers, SeparateLookups, hash_columns
@@ -259,7 +259,9 @@ class CAFETables:
         flat_hot.index_put_((at.clamp_min(0),), step.to(torch.int32), accumulate=True)
         owner.index_copy_(0, free, torch.where(valid, pair_ids, owner[free]))
         owned.index_copy_(0, free, owned[free] | valid)
-        if optimizer is not None:  # each table's own optimizer state (its pairs are one contiguous slice)
+        # the optimizer's state of the promoted rows: over the tables' packed state at once where it is packed,
+        # else each table's own (its pairs are one contiguous slice)
+        if optimizer is not None and not reset_packed_rows(optimizer, [t.weight for t in tables], rows, where=valid):
             offset = 0
             for table in tables:
                 size = min(ids.shape[0], table.hot_rows)
