@@ -12,6 +12,7 @@ from compemb.cli import main
 from compemb.data.dataset import DatasetError, open_dataset
 from compemb.data.synthetic import SyntheticConfig, generate_synthetic
 from compemb.train import CheckpointError, TrainConfig, Trainer
+from tests.cli_errors import one_line_error as _one_line_error
 
 
 @pytest.fixture(scope="module")
@@ -26,13 +27,6 @@ def _train_args(data, out, *extra):
             "--bottom", "16", "--top", "16", "--batch-size", "256", "--optimizer", "adagrad", "--lr", "0.05",
             "--eval-every", "4", "--checkpoint-minutes", "0", *extra]
 
-
-def _one_line_error(capsys, code):
-    assert code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("compemb: error: "), err
-    assert "Traceback" not in err[0]
-    return err[0]
 
 
 @pytest.mark.parametrize("flag, value, name", [("--batch-size", "0", "batch_size"), ("--epochs", "0", "epochs"),

@@ -12,6 +12,7 @@ from compemb.cli import main
 from compemb.data.criteo import Rejections, read_rows
 from compemb.data.dataset import DatasetError, open_dataset
 from compemb.data.synthetic import SyntheticConfig, generate_synthetic
+from tests.cli_errors import one_line_error as _one_line_error
 
 
 @pytest.fixture(scope="module")
@@ -20,12 +21,6 @@ def data(tmp_path_factory):
     generate_synthetic(out, SyntheticConfig(rows={"train": 512, "val": 128}, scale=1e-4, seed=3), progress=False)
     return out
 
-
-def _one_line_error(capsys, code):
-    assert code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("compemb: error: "), err
-    return err[0]
 
 
 @pytest.mark.parametrize("extra, expected", [

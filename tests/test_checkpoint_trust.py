@@ -16,6 +16,7 @@ from compemb.cli import main
 from compemb.data.synthetic import SyntheticConfig, generate_synthetic
 from compemb.export import load_model
 from compemb.train import CheckpointError, read_checkpoint
+from tests.cli_errors import one_line_error as _one_line_error
 
 
 @pytest.fixture(scope="module")
@@ -36,12 +37,6 @@ def run(finished_run, tmp_path):
     shutil.copytree(finished_run, copy)
     return copy
 
-
-def _one_line_error(capsys, code):
-    assert code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("compemb: error: "), err
-    return err[0]
 
 
 def _edit_json(stem: Path, edit) -> None:

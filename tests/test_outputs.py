@@ -12,6 +12,7 @@ from compemb.cli import main
 from compemb.data.synthetic import SyntheticConfig, generate_synthetic
 from compemb.io import atomic_write_bytes
 from compemb.outputs import OutputError, check_output_directory, check_output_file
+from tests.cli_errors import one_line_error as _one_line_error
 
 
 @pytest.fixture(scope="module")
@@ -33,12 +34,6 @@ def root(finished_run, tmp_path):
     shutil.copytree(finished_run, tmp_path / "root")
     return tmp_path / "root"
 
-
-def _one_line_error(capsys, code):
-    assert code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("compemb: error: "), err
-    return err[0]
 
 
 def test_export_never_replaces_a_runs_checkpoint_or_a_users_file_but_replaces_its_own_model(root, capsys):

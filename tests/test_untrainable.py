@@ -7,6 +7,7 @@ import pytest
 
 from compemb.cli import main
 from compemb.data.dataset import DatasetWriter
+from tests.cli_errors import one_line_error as _one_line_error
 
 
 def _write(out, labels: dict[str, np.ndarray]) -> None:
@@ -18,12 +19,6 @@ def _write(out, labels: dict[str, np.ndarray]) -> None:
                          np.stack([generator.integers(0, 5, len(values)), generator.integers(0, 7, len(values))], 1),
                          values.astype(np.uint8))
 
-
-def _one_line_error(capsys, code):
-    assert code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("compemb: error: "), err
-    return err[0]
 
 
 @pytest.mark.parametrize("labels, expected", [

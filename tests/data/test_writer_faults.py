@@ -14,15 +14,10 @@ import pytest
 from compemb.cli import main
 from compemb.data.synthetic import SyntheticConfig, generate_synthetic
 from compemb.io import _host, atomic_write_bytes, exchange_paths
+from tests.cli_errors import one_line_error as _one_line_error
 
 SAMPLE = Path(__file__).resolve().parents[3] / "shared" / "data" / "criteo-kaggle-sample" / "train.txt"
 
-
-def _one_line_error(capsys, code):
-    assert code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("compemb: error: "), err
-    return err[0]
 
 
 def _synth(out, rows="1000", *extra):
