@@ -207,6 +207,11 @@ def targets(rows: list[dict], reference: dict[str, float]) -> str:
     if adaptive:
         slowest = min(adaptive, key=adaptive.get)
         lines.append(f"slowest adaptive method ÷ hash: {slowest} {adaptive[slowest]:.2f} (target >= 0.7)")
+    speeds = {row["method"]: row["samples_per_s"] for row in rows if "error" not in row}
+    graphs = [f"{name[:-len(' +graph')]} {speeds[name] / speeds[name[:-len(' +graph')]]:.2f}" for name in speeds
+              if name.endswith(" +graph") and name[:-len(" +graph")] in speeds]
+    if graphs:
+        lines.append(f"CUDA graph ÷ eager: {', '.join(graphs)}")
     waits = [row["syncs_per_step"] for row in rows if row.get("syncs_per_step") is not None]
     if waits:
         lines.append(f"most host waits per ordinary step: {max(waits):.2f} (target 0)")
@@ -224,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--sync-steps", type=int, default=20)
+    parser.add_argument("--graph-methods", default="full,hash,cafe,cce-paper",
+                        help="methods timed again with --cuda-graph (rows 'METHOD +graph'); '' for none")
     parser.add_argument("--quick", action="store_true", help="a small sketch benchmark (for checking the script)")
     parser.add_argument("--output", default="benchmarks/results/gpu")
     args = parser.parse_args(argv)
@@ -250,6 +257,15 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(time_method(config, args.warmup, args.steps, args.sync_steps))
             except Exception as error:  # noqa: BLE001  (a method that fails is a row that says so)
                 rows.append(_failed(method, error))
+            print(rows[-1], flush=True)
+        for method in [m for m in args.graph_methods.split(",") if m]:
+            try:  # the same config replayed as a CUDA graph (refused off CUDA: the row says so)
+                config = dataclasses.replace(base, method=method, out=f"{out}/{method}-graph", cuda_graph=True,
+                                             compression=args.compression if METHODS[method].compresses else None)
+                rows.append({**time_method(config, args.warmup, args.steps, args.sync_steps),
+                             "method": f"{method} +graph"})
+            except Exception as error:  # noqa: BLE001
+                rows.append(_failed(f"{method} +graph", error))
             print(rows[-1], flush=True)
         vocab_rows = []
         if args.vocab_data:

@@ -327,7 +327,7 @@ def _train_config(args: argparse.Namespace, out: str, compression: float | None 
         eval_every=args.eval_every, evals_per_epoch=args.evals_per_epoch, seed=args.seed, init=args.init,
         sharing=args.sharing, shuffle=args.shuffle, method_options=options, checkpoint_every=args.checkpoint_every,
         checkpoint_minutes=args.checkpoint_minutes, compile=args.compile, device=args.device,
-        kernels=args.kernels,
+        kernels=args.kernels, cuda_graph=args.cuda_graph,
     )
 
 
@@ -461,6 +461,8 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
                         help="train through torch.compile (MLPs and interaction compiled; needs a C++ compiler)")
     parser.add_argument("--kernels", choices=("auto", "torch"), default="auto",
                         help="auto: compiled kernels on CPU, torch ops on a GPU; torch: the GPU's code path on CPU too")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="replay the steady training step as one CUDA graph (needs --device cuda)")
 
 
 def _add_cluster_every(parser: argparse.ArgumentParser) -> None:

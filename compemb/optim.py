@@ -92,6 +92,20 @@ class _RowWise(torch.optim.Optimizer):
     together, through the whole buffer and state buffers sliced the same way (``row_state``)."""
 
     row_state: dict[str, str] = {}  # state name -> "row" (a value per row) or "param" (the parameter's shape)
+    # every count and bias correction on the parameters' device, no host scalar that changes from step to step: a
+    # CUDA graph replays device work only (torch's ``capturable=True``); set by the constructor
+    capturable = False
+
+    def _step_tensor(self, param: Tensor, state: dict[str, Any]) -> Tensor:
+        """The parameter's step count as torch keeps it (a 0-d float32); on the parameter's device when
+        ``capturable`` (moved there once where a checkpoint brought it back on the host)."""
+        step = state.get("step")
+        device = param.device if self.capturable else torch.device("cpu")
+        if step is None:
+            step = state["step"] = torch.zeros((), dtype=torch.float32, device=device)
+        elif self.capturable and step.device != device:
+            step = state["step"] = step.to(device)
+        return step
 
     def _sparse(self, param: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         raise NotImplementedError
@@ -163,9 +177,9 @@ class _RowWise(torch.optim.Optimizer):
         state = self._packed_state(params, starts, total_rows, group)
         assert state is not None
         self._sparse(weight, grad, state, group)
-        for param in params:  # the per-table counts torch's optimizers keep
-            if "step" in self.state[param]:
-                self.state[param]["step"] += 1
+        counts = [self._step_tensor(param, self.state[param]) for param in params if "step" in self.state[param]]
+        if counts:  # the per-table counts torch's optimizers keep, in one launch
+            torch._foreach_add_(counts, 1.0)
 
     def _packed_state(self, params: list[Tensor], starts: list[int], total_rows: int,
                       group: dict[str, Any], existing_only: bool = False) -> dict[str, Tensor] | None:
@@ -234,10 +248,11 @@ class RowAdam(_RowWise):
     row_state = {"exp_avg": "param", "exp_avg_sq": "param", ROW_STEPS: "row"}
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float = 1e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, capturable: bool = False) -> None:
         if not lr > 0 or not 0 <= betas[0] < 1 or not 0 <= betas[1] < 1 or not eps > 0:
             raise ValueError(f"RowAdam needs lr > 0, betas in [0, 1), eps > 0; got {lr}, {betas}, {eps}")
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+        self.capturable = bool(capturable)
 
     def _sparse(self, param: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         (beta1, beta2), lr, eps = group["betas"], group["lr"], group["eps"]
@@ -271,6 +286,10 @@ class RowAdam(_RowWise):
             if not state:
                 state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            if self.capturable:
+                self._step_tensor(param, state)
+                together.setdefault((None, param.device, param.dtype), []).append(param)
+                continue
             if "step" not in state:
                 state["step"] = torch.zeros((), dtype=torch.float32)
             known = self.__dict__.setdefault("_host_steps", {}).get(param)
@@ -280,22 +299,56 @@ class RowAdam(_RowWise):
         (beta1, beta2), lr, eps = group["betas"], group["lr"], group["eps"]
         for (step, _, _), members in together.items():
             states = [self.state[param] for param in members]
-            torch._foreach_add_([state["step"] for state in states], 1.0)  # (host tensors: no device launch)
+            counts = [state["step"] for state in states]
+            torch._foreach_add_(counts, 1.0)  # (host tensors unless capturable: no device launch)
             grads = [param.grad for param in members]
             exp_avgs, exp_avg_sqs = [state["exp_avg"] for state in states], [state["exp_avg_sq"] for state in states]
             torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
             torch._foreach_mul_(exp_avg_sqs, beta2)
             torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
             denominators = torch._foreach_sqrt(exp_avg_sqs)
+            if step is None:  # capturable: the bias corrections from the counts on the device
+                self._capturable_update(members, exp_avgs, denominators, counts, group)
+                continue
             torch._foreach_div_(denominators, math.sqrt(1 - beta2**step))
             torch._foreach_add_(denominators, eps)
             torch._foreach_addcdiv_(members, exp_avgs, denominators, value=-lr / (1 - beta1**step))
+
+    @staticmethod
+    def _capturable_update(params: list[Tensor], exp_avgs: list[Tensor], denominators: list[Tensor],
+                           counts: list[Tensor], group: dict[str, Any]) -> None:
+        """``param -= lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)`` with ``t`` read by the kernels
+        from the device (as torch's Adam with ``capturable=True``); ``denominators`` holds ``sqrt(v)``."""
+        (beta1, beta2), lr, eps = group["betas"], group["lr"], group["eps"]
+        correction2 = torch._foreach_pow(beta2, counts)  # 1 - beta2^t, square-rooted
+        torch._foreach_neg_(correction2)
+        torch._foreach_add_(correction2, 1.0)
+        torch._foreach_sqrt_(correction2)
+        scale = torch._foreach_pow(beta1, counts)  # -(1 - beta1^t) / lr: the denominator's scale
+        torch._foreach_add_(scale, -1.0)
+        torch._foreach_div_(scale, lr)
+        torch._foreach_div_(denominators, correction2)
+        torch._foreach_add_(denominators, eps)
+        torch._foreach_mul_(denominators, scale)
+        torch._foreach_addcdiv_(params, exp_avgs, denominators)
 
     def _dense(self, param: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         (beta1, beta2), lr, eps = group["betas"], group["lr"], group["eps"]
         if not state:
             state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        if self.capturable:
+            count = self._step_tensor(param, state).add_(1)
+            state["exp_avg"].lerp_(param.grad, 1 - beta1)
+            state["exp_avg_sq"].mul_(beta2).addcmul_(param.grad, param.grad, value=1 - beta2)
+            reset_at = state.get(ROW_STEP_KEY)
+            age = count if reset_at is None else torch.where(reset_at >= 0, count - reset_at, count)
+            age = age.double().view((-1,) + (1,) * (param.dim() - 1)) if age.dim() else age.double()
+            correction1 = (1 - torch.pow(beta1, age)).to(param.dtype)
+            correction2 = (1 - torch.pow(beta2, age)).sqrt().to(param.dtype)
+            denom = (state["exp_avg_sq"].sqrt() / correction2).add_(eps)
+            param.addcdiv_(state["exp_avg"] / correction1, denom, value=-lr)
+            return
         if "step" not in state:
             state["step"] = torch.zeros((), dtype=torch.float32)
         step = self._next_step(param, state["step"])
@@ -332,25 +385,28 @@ class RowAdagrad(_RowWise):
     row_state = {"sum": "param"}
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float = 1e-2,
-                 initial_accumulator_value: float = 0.0, eps: float = 1e-10) -> None:
+                 initial_accumulator_value: float = 0.0, eps: float = 1e-10, capturable: bool = False) -> None:
         if not lr > 0 or not initial_accumulator_value >= 0 or not eps > 0:
             raise ValueError(f"RowAdagrad needs lr > 0, initial_accumulator_value >= 0, eps > 0; got {lr}, "
                              f"{initial_accumulator_value}, {eps}")
         super().__init__(params, {"lr": lr, "initial_accumulator_value": initial_accumulator_value, "eps": eps,
                                   "lr_decay": 0.0, "weight_decay": 0.0})
+        self.capturable = bool(capturable)
 
     def _initial(self, name: str, group: dict[str, Any]) -> float:
         return group["initial_accumulator_value"]
 
     def _new_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
-        return {**super()._new_state(param, group), "step": torch.zeros((), dtype=torch.float32)}
+        state = super()._new_state(param, group)
+        self._step_tensor(param, state)
+        return state
 
     def _new_param_scalars(self, state: dict[str, Any]) -> None:
-        state.setdefault("step", torch.zeros((), dtype=torch.float32))
+        state.setdefault("step", torch.zeros((), dtype=torch.float32))  # (on the device at its first count)
 
     def _sparse(self, param: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         if "step" in state:  # a table's own count (packed tables count theirs in _packed)
-            state["step"] += 1
+            self._step_tensor(param, state).add_(1)
         rows, values = unique_rows(grad)
         if rows.numel() == 0:
             return
@@ -361,7 +417,7 @@ class RowAdagrad(_RowWise):
     def _dense(self, param: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         if not state:
             state.update(self._new_state(param, group))
-        state["step"] += 1
+        self._step_tensor(param, state).add_(1)
         state["sum"].addcmul_(param.grad, param.grad, value=1)
         param.addcdiv_(param.grad, state["sum"].sqrt().add_(group["eps"]), value=-group["lr"])
 
@@ -384,11 +440,12 @@ class RowwiseAdagrad(_RowWise):
     row_state = {"sum": "row"}
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float = 1e-2,
-                 initial_accumulator_value: float = 0.0, eps: float = 1e-10) -> None:
+                 initial_accumulator_value: float = 0.0, eps: float = 1e-10, capturable: bool = False) -> None:
         if not lr > 0 or not initial_accumulator_value >= 0 or not eps > 0:
             raise ValueError(f"RowwiseAdagrad needs lr > 0, initial_accumulator_value >= 0, eps > 0; got {lr}, "
                              f"{initial_accumulator_value}, {eps}")
         super().__init__(params, {"lr": lr, "initial_accumulator_value": initial_accumulator_value, "eps": eps})
+        self.capturable = bool(capturable)  # (nothing counted: nothing of it on the host either way)
 
     def _initial(self, name: str, group: dict[str, Any]) -> float:
         return group["initial_accumulator_value"]

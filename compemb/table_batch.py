@@ -41,8 +41,9 @@ class PackedWeights:
     replaced in its module (``load_state_dict(assign=True)``) is the one packed and trained.
 
     Args:
-        modules: the tables, in the order their weights are packed.
-        name: the attribute that holds each table's weight (``"weight"``, ``"remainder"``, ...).
+        modules: the tables, in the order their weights are packed (a module twice for two of its weights).
+        name: the attribute that holds each table's weight (``"weight"``, ``"remainder"``, ...), or one per module
+            (QR's remainders and quotients in one buffer: ``[q1, q2, q1, q2]``, ``["remainder"] * 2 + ["quotient"] * 2``).
         sparse: whether each weight's gradient is a sparse COO tensor (as ``F.embedding(sparse=True)`` gives).
 
     Example::
@@ -56,10 +57,13 @@ class PackedWeights:
         True
     """
 
-    def __init__(self, modules: Sequence[torch.nn.Module], name: str, sparse: bool = False) -> None:
+    def __init__(self, modules: Sequence[torch.nn.Module], name: str | Sequence[str], sparse: bool = False) -> None:
         if not modules:
             raise ValueError("PackedWeights needs at least one weight")
-        self.modules, self.name = list(modules), name
+        self.modules = list(modules)
+        self.names = [name] * len(self.modules) if isinstance(name, str) else list(name)
+        if len(self.names) != len(self.modules):
+            raise ValueError(f"PackedWeights: {len(self.names)} names for {len(self.modules)} modules")
         weights = self.weights
         first = weights[0]
         for weight in weights:
@@ -80,7 +84,7 @@ class PackedWeights:
     @property
     def weights(self) -> list[torch.nn.Parameter]:
         """The modules' current weights."""
-        return [getattr(module, self.name) for module in self.modules]
+        return [getattr(module, name) for module, name in zip(self.modules, self.names)]
 
     @torch.no_grad()
     def pack(self) -> None:

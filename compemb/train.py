@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm import tqdm
 
-from compemb import distributed
+from compemb import cuda_graph, distributed
 from compemb.checks import machine_memory_bytes
 from compemb.collection import SHARING, Bags, EmbeddingCollection, Feature
 from compemb.data.dataset import DatasetError, Split, open_dataset
@@ -56,7 +56,7 @@ TABLE_OPTIMIZERS = (*OPTIMIZERS, "rowwise_adagrad")
 SCHEDULE_OPTIONS = ("cluster_every", "cluster_until")
 # what a resumed run may change from its checkpoint's config when asked to (``allow_changes``, ``--override``)
 OVERRIDABLE = ("data", "lr", "table_lr", "epochs", "eval_every", "evals_per_epoch", "eval_batch_size", "checkpoint_every",
-               "checkpoint_minutes", "checkpoint_epochs", "device")
+               "checkpoint_minutes", "checkpoint_epochs", "device", "cuda_graph")
 # settings that change no result (where files go, how often checkpoints are written, the eval batching)
 RESULT_NEUTRAL = ("out", "eval_batch_size", "checkpoint_every", "checkpoint_minutes", "checkpoint_epochs")
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
@@ -148,6 +148,9 @@ class TrainConfig:
     # "auto": compiled kernels on CPU, torch ops on an accelerator; "torch": the accelerator's code path on CPU too
     # (compemb.kernels; a sketch merges batches in its own order there, so it is part of the config)
     kernels: str = "auto"
+    # replay the steady-state training step as one CUDA graph (compemb.cuda_graph): a launch per step instead of
+    # hundreds; bias corrections computed on the device round differently, so it is part of the config
+    cuda_graph: bool = False
 
     def __post_init__(self) -> None:
         positive = {"embedding_dim": self.embedding_dim, "batch_size": self.batch_size, "epochs": self.epochs,
@@ -217,6 +220,13 @@ class TrainConfig:
             raise ValueError(f"device {self.device!r}{why}: compemb trains on 'cpu' or 'cuda' ('cuda:1')")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r}: this machine has no CUDA device")
+        if self.cuda_graph:
+            if device.type != "cuda":
+                raise ValueError(f"cuda_graph needs a CUDA device (--device cuda); device is {self.device!r}")
+            if self.compile:
+                raise ValueError("give cuda_graph or compile, not both (torch.compile captures graphs of its own)")
+            if "adam_dense" in (self.optimizer, self.table_optimizer):
+                raise ValueError("cuda_graph: optimizer adam_dense keeps its step count on the host; use adam")
         self.bottom, self.top = tuple(self.bottom), tuple(self.top)
 
 
@@ -361,6 +371,13 @@ class Trainer:
                 self.model, device_ids=[self.device] if self.device.type == "cuda" else None, forward_sync_buffers=False)
         # the compiled module shares the model's parameters; checkpoints save the model itself (no _orig_mod keys)
         self.train_model = torch.compile(self.train_model) if config.compile else self.train_model
+        self._graph: cuda_graph.StepGraph | None = None  # --cuda-graph: the captured step (made at the first)
+        self._step_counter: Tensor | None = None  # --cuda-graph: the step number on the device
+        if config.cuda_graph:
+            why = "it trains in one process" if self.world > 1 else cuda_graph.refusal(self.model, self.optimizer)
+            if why is not None:
+                raise ValueError(f"cuda_graph: no CUDA graph can replay this run's step: {why}")
+            cuda_graph.prepare(self.model, self.optimizer)
         self.prefetch = self.device.type != "cpu"  # read the next batch on a thread (see fit)
         self.step = 0
         self.best: dict[str, Any] | None = None
@@ -595,16 +612,41 @@ class Trainer:
         """One step on a batch as :meth:`_prepared_batch` gives it: forward, backward, the optimizer's step, the
         methods' own hooks (``adaptive``: the model's tables), the running loss. Nothing in it reads the device
         back unless a method's algorithm must (``compemb bench syncs`` counts what does)."""
-        dense, sparse, labels, bags = _unpack(self._to_device(batch), self.bags)
+        if self.config.cuda_graph:
+            self._graph_step(batch, adaptive)
+        else:
+            self._step_body(self._to_device(batch), adaptive)
+        self.step += 1
+
+    def _graph_step(self, batch: tuple[torch.Tensor, ...], adaptive: list[CompressedEmbedding]) -> None:
+        """:meth:`train_step` with ``--cuda-graph``: a replay of the captured step where the step is steady (past the
+        warm-up, a whole batch, every table's every-step work), else eagerly (and the graph captured again)."""
+        if self._step_counter is None:
+            self._step_counter = torch.full((), self.step, dtype=torch.int64, device=self.device)
+        if self._graph is None:
+            self._graph = cuda_graph.StepGraph(lambda inputs: self._step_body(inputs, adaptive), self.device)
+        steady = (self.step >= cuda_graph.WARMUP_STEPS and len(batch[2]) == self.config.batch_size
+                  and all(module.steady_step(self.step) for module in adaptive))
+        if steady:
+            self._graph.run(batch)
+            return
+        self._graph.invalidate()
+        on_device = self._to_device(batch)
+        cuda_graph.eager_on_side_stream(lambda: self._step_body(on_device, adaptive), self.device)
+
+    def _step_body(self, batch: tuple[torch.Tensor, ...], adaptive: list[CompressedEmbedding]) -> None:
+        """The step's work on a batch on the device (all a CUDA graph captures; the host's count is the caller's)."""
+        dense, sparse, labels, bags = _unpack(batch, self.bags)
         logits = self.train_model(dense, sparse, bags)
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
+        step = self.step if self._step_counter is None else self._step_counter  # (a graph replays no host value)
         if on_host(loss):
             if not math.isfinite(float(loss.detach())):  # before backward: nothing of this step reaches the weights
                 self._first_bad_step.fill_(self.step)
                 self._stop_if_not_finite(float(loss.detach()))
         else:
             self._first_bad_step.copy_(torch.where((self._first_bad_step < 0) & ~torch.isfinite(loss),
-                                                   self.step, self._first_bad_step))
+                                                   step, self._first_bad_step))
         if self.world > 1:  # DDP averages over ranks: each rank's mean weighted by its share of the batch
             loss = loss * (len(labels) * self.world / self._global_rows(self.step))
         self.optimizer.zero_grad(set_to_none=True)
@@ -616,11 +658,12 @@ class Trainer:
         batches = [batch for m in self.model.modules() if isinstance(m, EmbeddingCollection)
                    for batch in m.table_batches()]
         end_step(adaptive, self.step, self.optimizer, batches)
-        self.step += 1
-        if self.step > 1:
+        if self.step > 0:
             self._running_loss.mul_(0.98).add_(loss.detach(), alpha=0.02)
         else:
             self._running_loss.copy_(loss.detach())
+        if self._step_counter is not None:
+            self._step_counter.add_(1)
 
     def _checkpoint_due(self) -> bool:
         """A checkpoint between evaluations: every ``checkpoint_every`` steps, after ``checkpoint_minutes``, and at
@@ -698,6 +741,8 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, split: str) -> dict[str, Any]:
         """BCE and exact AUC of the model on ``split`` (and the gap to the Bayes BCE where it is known)."""
+        if self._graph is not None:  # what an evaluation makes is not what the captured step reads
+            self._graph.invalidate()
         if split not in self.splits:
             raise ValueError(f"no split {split!r} in {self.config.data}; it has {list(self.splits)}")
         data = self.splits[split]
@@ -829,6 +874,7 @@ class Trainer:
             raise CheckpointError(f"checkpoint {stem}: its optimizer state does not fit this run's optimizers "
                                   f"({type(error).__name__}: {error})") from None
         self.step, self.best = meta["step"], meta["best"]
+        self._graph, self._step_counter = None, None  # (--cuda-graph: captured again from the loaded state)
         self.running_loss = meta.get("running_loss", 0.0)
         self._last_checkpoint = (self.step, time.monotonic())
 

@@ -245,3 +245,29 @@ def test_kmeans_on_the_device_path_equals_plain_lloyd_without_a_host_wait_per_it
             kmeans_torch(points, k, niter=niter, seed=5, max_points_per_centroid=10_000)
         waits[niter] = counter.total
     assert waits[40] - waits[10] <= 30 // CONVERGENCE_CHECK, waits
+
+
+def test_kmeans_of_several_columns_at_once_gives_each_column_its_own_result() -> None:
+    """kmeans_torch_batched (CCE's columns clustered together on a device): each entry exactly what kmeans_torch
+    gives it alone (sample, centroids, labels, objective, iterations), though the entries converge at different
+    iterations and one splits empty clusters; host waits those of one clustering, not one per entry."""
+    from compemb.bench.syncs import SyncCounter
+    from compemb.cluster import kmeans_torch, kmeans_torch_batched
+
+    generator = torch.Generator().manual_seed(11)
+    points = torch.randn(4, 3_000, 4, generator=generator)
+    points[1] = points[1, torch.randint(0, 50, (3_000,), generator=generator)]  # duplicates: empty clusters split
+    points[2] = torch.from_numpy(blobs(3_000, 8, seed=2))  # well separated: converges early
+    seeds = [5, 6, 7, 8]
+    with SyncCounter() as together:
+        results = kmeans_torch_batched(points, 40, niter=40, seeds=seeds, max_points_per_centroid=50)
+    waits_alone = []
+    for b, result in enumerate(results):
+        with SyncCounter() as counter:
+            alone = kmeans_torch(points[b], 40, niter=40, seed=seeds[b], max_points_per_centroid=50)
+        waits_alone.append(counter.total)
+        assert torch.equal(result.sample, alone.sample) and torch.equal(result.centroids, alone.centroids)
+        assert torch.equal(result.labels, alone.labels)
+        assert result.objective == alone.objective and result.iterations == alone.iterations
+    assert len({result.iterations for result in results}) > 1
+    assert together.total <= max(waits_alone) + 1 < sum(waits_alone)

@@ -143,7 +143,7 @@ def test_the_gpu_benchmark_script_runs_its_device_path_on_cpu(data, tmp_path):
     output = tmp_path / "gpu"
     assert module.main(["--data", data, "--device", "cpu", "--methods", "hash,qr", "--batch-size", "256",
                         "--compression", "4", "--warmup", "2", "--steps", "3", "--sync-steps", "2", "--quick",
-                        "--output", str(output)]) == 0
+                        "--graph-methods", "", "--output", str(output)]) == 0
     result = json.loads(output.with_suffix(".json").read_text())
     assert [row["method"] for row in result["rows"]] == ["plain loop", "full", "hash", "qr"]
     assert all(row["samples_per_s"] > 0 for row in result["rows"])
@@ -170,10 +170,13 @@ def test_the_gpu_script_runs_end_to_end_on_cpu_and_writes_every_row(tmp_path):
                                "PYTHON": sys.executable})
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads((tmp_path / "gpu.json").read_text())
+    graphs = ["full +graph", "hash +graph", "cafe +graph", "cce-paper +graph"]
     assert [row["method"] for row in result["rows"]] == ["plain loop", "full", "hash",
-                                                         *[m for m in METHODS if m not in ("full", "hash")]]
+                                                         *[m for m in METHODS if m not in ("full", "hash")], *graphs]
     for row in result["rows"]:
         assert row["samples_per_s"] > 0 or row["error"], row
+    for row in result["rows"][-len(graphs):]:  # CUDA graphs: refused on CPU, in their rows
+        assert "needs a CUDA device" in row["error"], row
     assert [row["method"] for row in result["vocab_rows"]] == ["full", "hash", "cafe", "cce", "cce-hybrid"]
     assert "BudgetError" in next(r for r in result["vocab_rows"] if r["method"] == "cce")["error"]
     clustered = next(r for r in result["rows"] if r["method"] == "cce-paper")

@@ -98,8 +98,10 @@ def test_weights_moved_out_of_the_buffer_are_packed_again():
         table.remainder.data = table.remainder.data.clone() + 1.0
         one_at_a_time.embeddings["C1"].remainder.add_(1.0)
     assert torch.equal(batched(ids), one_at_a_time(ids))
-    (_, batch), *_ = [g for g in batch_groups(list(batched.embeddings.values())) if g[1] is not None]
-    assert batch.remainders.is_packed(batch.remainders.weights)  # type: ignore[attr-defined]
+    (batch,) = batched.table_batches()  # the live one: it packed the moved weight again
+    (pack,) = batch.packs  # type: ignore[attr-defined]
+    assert pack.is_packed(pack.weights) and table.remainder.untyped_storage().data_ptr() == \
+        pack.buffer.untyped_storage().data_ptr()
 
 
 def test_replaced_parameters_are_the_ones_looked_up():
@@ -208,14 +210,17 @@ def test_adaptive_tables_train_batched_as_one_at_a_time(method, options):
     assert not clustered or any(int(t.cluster_state[1]) > 0 for t in clustered), "no clustering ran"
 
 
-def test_hashed_and_full_tables_form_one_batch_and_one_buffer():
-    """A per-feature hash collection keeps its small features full: those join the hashed tables' batch, so one
-    gather reads every feature and one optimizer update covers every table (issue 37)."""
-    batched, _ = _collections("hash", sparse=True)
+@pytest.mark.parametrize("method, kind", [("hash", "HashingTrickEmbedding"), ("qr", "QREmbedding"),
+                                          ("offline", "OfflineFrequencyEmbedding")])
+def test_compressed_and_full_tables_form_one_batch_and_one_buffer(method, kind):
+    """A per-feature collection keeps its small features full: those join the method's batch, so one gather reads
+    every feature and, every weight (QR: remainders and quotients too) in one buffer, one optimizer update covers
+    every table (issue 37)."""
+    batched, _ = _collections(method, sparse=True)
     tables = list(batched.embeddings.values())
-    assert {type(t).__name__ for t in tables} == {"HashingTrickEmbedding", "FullEmbedding"}
+    assert {type(t).__name__ for t in tables} == {kind, "FullEmbedding"}
     groups = batch_groups(tables)
     assert len(groups) == 1 and groups[0][0] == list(range(len(FEATURES)))
     batched(_ids())  # packs
-    storages = {t.weight.untyped_storage().data_ptr() for t in tables}
+    storages = {p.untyped_storage().data_ptr() for t in tables for p in t.parameters()}
     assert len(storages) == 1

@@ -134,6 +134,9 @@ class AdaEmbed(AdaptiveEmbedding):
         rows = search_rows(ids, self.sorted_ids, self.sorted_rows, self.hash, self.rows)
         return F.embedding(rows, self.weight, sparse=self.sparse)
 
+    def capture_refusal(self) -> str | None:
+        return "reallocates on a step count it keeps on the host"
+
     @torch.no_grad()
     def _update(self, ids: Tensor, scores: Tensor | None, optimizer: torch.optim.Optimizer | None) -> None:
         # the step count and scale are known on the host too (read from the buffers only after a load): deciding

@@ -190,6 +190,16 @@ class CompressedEmbedding(torch.nn.Module, ABC):
         that row's optimizer state through it (:func:`compemb.embeddings.adaptive.reset_optimizer_rows`).
         """
 
+    def steady_step(self, step: int) -> bool:
+        """Whether step ``step`` (0-based) is this table's every-step work: the same ops on the same tensors as
+        any other steady step, so a CUDA graph of one replays it (``--cuda-graph``). A step that does more (a
+        clustering, a schedule's end) returns False: it runs eagerly."""
+        return True
+
+    def capture_refusal(self) -> str | None:
+        """Why no CUDA graph can replay this table's steps (a decision taken on the host every step), or None."""
+        return None
+
     # --- shared behaviour --------------------------------------------------------------------
 
     def forward(self, ids: Tensor, offsets: Tensor | None = None, per_sample_weights: Tensor | None = None) -> Tensor:

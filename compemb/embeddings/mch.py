@@ -119,6 +119,9 @@ class ManagedCollisionEmbedding(AdaptiveEmbedding):
     def _vectors(self, ids: Tensor) -> Tensor:
         return F.embedding(self.rows_of(ids), self.weight, sparse=self.sparse)
 
+    def capture_refusal(self) -> str | None:
+        return "evicts through TorchRec's managed-collision module, which replaces its tensors every step"
+
     def _update(self, ids: Tensor, scores: Tensor | None, optimizer: torch.optim.Optimizer | None) -> None:
         # one step's ids profiled by TorchRec, which evicts every eviction_interval steps; a padding id takes no slot
         if self.padding_idx is not None:

@@ -166,6 +166,11 @@ class MixedDimEmbedding(CompressedEmbedding):
                         if weight is not None and not weight.is_meta:
                             weight.mul_(ratio)
 
+    def capture_refusal(self) -> str | None:
+        if len(self.tables) == 1:
+            return None
+        return "routes each batch's ids to its blocks by counts read back to the host"
+
     def lookup(self, ids: Tensor) -> Tensor:
         if len(self.tables) == 1:
             return self.tables[0].lookup(ids)

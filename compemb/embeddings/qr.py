@@ -23,7 +23,7 @@ from torch import Tensor
 from compemb.budget import FLOAT_BYTES, Budget, every_budget_from, resolve_budget
 from compemb.embeddings.base import CompressedEmbedding, init_uniform_
 from compemb.registry import register
-from compemb.table_batch import PackedWeights, check_id_ranges
+from compemb.table_batch import IdRanges, PackedWeights
 
 OPERATIONS = ("mult", "add", "concat")
 
@@ -139,36 +139,78 @@ class QREmbedding(CompressedEmbedding):
 
     @classmethod
     def table_batch(cls, tables: Sequence[CompressedEmbedding]) -> _QRTablesBatch | None:
-        """QR tables of one operation: one gather of every remainder row and one of every quotient row."""
+        """QR tables of one operation: one gather of every remainder and quotient row (one buffer where the rows
+        have one width: one optimizer update for all)."""
         if len({t.operation for t in tables}) != 1:  # type: ignore[attr-defined]
             return None
-        return _QRTablesBatch(tables)  # type: ignore[arg-type]
+        return _QRTablesBatch(tables)
+
+    @classmethod
+    def table_batch_with_full(cls, tables: Sequence[CompressedEmbedding]) -> _QRTablesBatch | None:
+        """QR tables and the full tables beside them (a per-feature collection keeps its small features full) as
+        one batch: every row in one buffer, one gather, one optimizer update (None where the rows differ in width:
+        ``concat``, or operations differ)."""
+        qr = [t for t in tables if isinstance(t, QREmbedding)]
+        if len({t.operation for t in qr}) != 1 or qr[0].operation == "concat":
+            return None
+        if len({t.embedding_dim for t in tables}) != 1 or any(t.num_embeddings is None for t in tables):
+            return None
+        return _QRTablesBatch(tables)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", m={self.modulus}, operation={self.operation!r}"
 
 
 class _QRTablesBatch:
-    """One gather over the remainder tables and one over the quotient tables (see :mod:`compemb.table_batch`)."""
+    """QR tables (and full tables joined to them, whose row is the id) looked up together: one gather over one
+    buffer holding every remainder, quotient and full row where their widths agree (``concat`` with an odd dim:
+    remainders and quotients in two), each column combined as its table combines (see :mod:`compemb.table_batch`).
+    """
 
-    def __init__(self, tables: Sequence[QREmbedding]) -> None:
+    def __init__(self, tables: Sequence[CompressedEmbedding]) -> None:
         self.tables = list(tables)
-        self.operation = tables[0].operation
-        self.remainders = PackedWeights(self.tables, "remainder", sparse=tables[0].sparse)
-        self.quotients = PackedWeights(self.tables, "quotient", sparse=tables[0].sparse)
-        device = self.remainders.row_offsets.device
-        self.sizes = torch.tensor([t.num_embeddings for t in tables], device=device)
-        self.moduli = torch.tensor([t.modulus for t in tables], device=device)
+        qr = [j for j, t in enumerate(self.tables) if isinstance(t, QREmbedding)]
+        full = [j for j in range(len(self.tables)) if j not in set(qr)]
+        quotiented: list[QREmbedding] = [self.tables[j] for j in qr]  # type: ignore[misc]
+        self.operation, self.count = quotiented[0].operation, len(qr)
+        entries = [(t, "remainder") for t in quotiented] + [(t, "quotient") for t in quotiented] + \
+            [(self.tables[j], "weight") for j in full]
+        sparse = self.tables[0].sparse
+        if len({getattr(module, name).shape[1] for module, name in entries}) == 1:
+            self.packs = [PackedWeights([m for m, _ in entries], [n for _, n in entries], sparse=sparse)]
+        else:  # (concat with an odd dim; no full table is joined then)
+            self.packs = [PackedWeights(quotiented, "remainder", sparse=sparse),
+                          PackedWeights(quotiented, "quotient", sparse=sparse)]
+        device = self.packs[0].row_offsets.device
+        self.moduli = torch.tensor([t.modulus for t in quotiented], device=device)
+        self.qr_columns = torch.tensor(qr, dtype=torch.int64, device=device)
+        self.full_columns = torch.tensor(full, dtype=torch.int64, device=device) if full else None
+        # table j's column in [QR tables' vectors, full tables' vectors]
+        self.order = torch.tensor([(qr + full).index(j) for j in range(len(self.tables))], device=device)
+        self.ranges = IdRanges(self.tables)
 
     def __call__(self, ids: Tensor) -> Tensor:
-        if self.sizes.device != ids.device:
-            self.sizes, self.moduli = self.sizes.to(ids.device), self.moduli.to(ids.device)
-        check_id_ranges(self.tables, ids, self.sizes)
-        remainder = self.remainders.gather((ids % self.moduli + self.remainders.row_offsets).unsqueeze(-1))
-        quotient = self.quotients.gather((ids // self.moduli + self.quotients.row_offsets).unsqueeze(-1))
-        remainder, quotient = remainder.squeeze(-2), quotient.squeeze(-2)
+        self.ranges.check(ids)
+        if self.moduli.device != ids.device:
+            self.moduli, self.qr_columns, self.order = (t.to(ids.device) for t in (self.moduli, self.qr_columns,
+                                                                                  self.order))
+            self.full_columns = None if self.full_columns is None else self.full_columns.to(ids.device)
+        joined = self.full_columns is not None
+        quotiented = ids.index_select(1, self.qr_columns) if joined else ids
+        parts = [quotiented % self.moduli, quotiented // self.moduli]
+        if len(self.packs) == 1:
+            rows = torch.cat([*parts, ids.index_select(1, self.full_columns)] if joined else parts, dim=1)
+            vectors = self.packs[0].gather(rows.add_(self.packs[0].row_offsets).unsqueeze(-1)).squeeze(-2)
+            remainder, quotient = vectors[:, : self.count], vectors[:, self.count : 2 * self.count]
+        else:
+            remainder, quotient = (pack.gather((part + pack.row_offsets).unsqueeze(-1)).squeeze(-2)
+                                   for pack, part in zip(self.packs, parts))
         if self.operation == "mult":
-            return remainder * quotient
-        if self.operation == "add":
-            return remainder + quotient
-        return torch.cat([quotient, remainder], dim=-1)
+            combined = remainder * quotient
+        elif self.operation == "add":
+            combined = remainder + quotient
+        else:
+            combined = torch.cat([quotient, remainder], dim=-1)
+        if not joined:
+            return combined
+        return torch.cat([combined, vectors[:, 2 * self.count :]], dim=1).index_select(1, self.order)

@@ -375,6 +375,9 @@ class HotSketch(torch.nn.Module):
         self.register_buffer("coefficients", hash_coefficients(self.seed, 1, self.stream).to(where))
         self._cache: tuple | None = None
         self._known_mass: float | None = 0.0  # ``mass`` as a host float while it is known: no device read
+        # the decay decided on the device at every insert, never from a host float (a CUDA graph replays no host
+        # value; compemb.cuda_graph.prepare sets it)
+        self.mass_on_device = False
 
     # --- sizes ---------------------------------------------------------------------------------------
 
@@ -578,6 +581,8 @@ class HotSketch(torch.nn.Module):
         torch_ops.merge_insert(ids, values, keep, self.keys, self.scores, self.hot_rows, self.occupied,
                                self.coefficients, skip_hot=self.skip_hot)
         counted = total if counted is None else counted
+        if self.mass_on_device and not isinstance(counted, Tensor):  # (a CUDA graph replays no host value)
+            counted = torch.full((), float(counted), dtype=torch.float64, device=self.mass.device)
         if isinstance(counted, Tensor):
             return self._decay_on_device(counted)
         before = self.mass_since_decay()  # read from the device only after a load

@@ -21,7 +21,7 @@ from compemb.sketch import torch_ops
 from compemb.sketch.hotsketch import HotSketch
 from compemb.table_batch import PackedBuffers
 
-_PACKED = ("keys", "scores", "hot_rows", "occupied")
+_PACKED = ("keys", "scores", "hot_rows", "occupied", "mass")
 
 
 class PackedSketches:
@@ -65,6 +65,12 @@ class PackedSketches:
         device = self.buffers["keys"].device
         self.offsets = torch.tensor(self.starts, dtype=torch.int64, device=device).view(1, -1)
         self.sizes = torch.tensor([s.num_buckets for s in self.sketches], dtype=torch.int64, device=device).view(-1, 1)
+        # the decay on the device (mass_on_device): each sketch's period and factor, and each bucket's sketch
+        self.decay_periods = torch.tensor([s.decay_period for s in self.sketches], dtype=torch.float64, device=device)
+        self.decay_factors = torch.tensor([s.decay_factor for s in self.sketches], dtype=torch.float64, device=device)
+        self.bucket_sketch = torch.repeat_interleave(torch.arange(len(self.sketches), device=device),
+                                                    self.sizes.view(-1)).view(-1, 1)
+        self._masses: tuple[tuple[float, ...], Tensor] | None = None
 
     def is_packed(self) -> bool:
         """Whether every sketch's buffers still lie at their places in the flat ones."""
@@ -127,5 +133,23 @@ class PackedSketches:
                                self.buffers["keys"], self.buffers["scores"], self.buffers["hot_rows"],
                                self.buffers["occupied"], None, buckets=buckets.reshape(-1),
                                skip_hot=self.sketches[0].skip_hot)
+        if self.sketches[0].mass_on_device:
+            return self._decay_on_device([float(mass) for mass in masses])
         return [sketch._decay_by(sketch.mass_since_decay() + float(mass))
                 for sketch, mass in zip(self.sketches, masses)]
+
+    def _decay_on_device(self, masses: list[float]) -> list[int]:
+        """Every sketch's decay rule (:meth:`HotSketch._decay_on_device`) at once, the masses on the device: -1 each
+        (the host does not know)."""
+        if self._masses is None or self._masses[0] != tuple(masses):  # made once for a batch shape, not per step
+            self._masses = (tuple(masses), torch.tensor(masses, dtype=torch.float64).to(self.decay_periods.device))
+        mass = self.buffers["mass"]
+        mass.add_(self._masses[1])
+        over = mass > self.decay_periods
+        scale = torch.where(over, self.decay_factors, 1.0)
+        scores = self.buffers["scores"]
+        scores.copy_((scores.double() * scale[self.bucket_sketch]).float())
+        mass.masked_fill_(over, 0.0)
+        for sketch in self.sketches:
+            sketch._known_mass = None
+        return [-1] * len(self.sketches)

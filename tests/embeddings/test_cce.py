@@ -577,3 +577,61 @@ def test_per_feature_cce_gives_the_same_budget_message_naming_the_feature():
             EmbeddingCollection(features, 16, "cce", compression=ratio, device="meta")
     built = EmbeddingCollection(features, 16, "cce", compression=4, device="meta")
     assert built.memory().total == pytest.approx(sum(f.num_embeddings for f in features) * 64 / 4, rel=0.01)
+
+
+def _per_column_clustering_reference(table, sample, holders, h1, seeds, weight, pointers):
+    """The device path's clustering as it was before the columns were batched: one kmeans_torch and one search per
+    column, column after column."""
+    from compemb.cluster import kmeans_torch, nearest_torch
+    from compemb.embeddings.cce.embedding import ASSIGN_BATCH
+    from compemb.hashing import hash_ids
+
+    c, k, kh = table.columns, table.rows, table.holder_rows
+    inertia = []
+    for j in range(c):
+        points = table._column(sample, j).float()
+        centroids = kmeans_torch(points, kh, niter=table.niter, max_points_per_centroid=table.max_points_per_centroid,
+                                 seed=seeds[j]).centroids
+        inertia.append(float(nearest_torch(points, centroids)[1].double().sum()))
+        sums = torch.zeros(kh, centroids.shape[1], dtype=torch.float64)
+        counts = torch.zeros(kh, dtype=torch.float64)
+        for start in range(0, holders.numel(), ASSIGN_BATCH):
+            chunk = holders[start : start + ASSIGN_BATCH]
+            vectors = table._column(chunk, j).float()
+            labels = nearest_torch(vectors, centroids)[0]
+            pointers[start : start + chunk.numel(), j] = labels.to(pointers.dtype)
+            if table.residual == "mean":
+                bucket = hash_ids(chunk, h1[j : j + 1], kh).squeeze(-1)
+                sums.index_add_(0, bucket, (vectors - centroids[labels]).double())
+                counts.index_add_(0, bucket, torch.ones(chunk.numel(), dtype=torch.float64))
+        weight[j * k : j * k + kh] = centroids
+        weight[(c + j) * k : (c + j) * k + kh] = (sums / counts.clamp_min(1).unsqueeze(-1)).float()
+    return inertia
+
+
+@pytest.mark.parametrize("method", ["cce", "cce-paper", "cce-hybrid"])
+def test_the_device_clustering_of_all_columns_at_once_is_each_columns_own(method, monkeypatch):
+    """Every column clustered in one batched k-means and searched together: the same tables, pointers and inertia,
+    bit for bit, as clustering column after column, with fewer host waits."""
+    from compemb.bench.syncs import SyncCounter
+    from compemb.kernels import use_kernels
+    from compemb.registry import make_embedding
+
+    tables, waits, reports = [], [], []
+    for batched in (True, False):
+        table = make_embedding(method, 3000, 16, compression=2 if method == "cce" else 4, seed=1)
+        if not batched:
+            monkeypatch.setattr(table, "_fit_columns_on_device", lambda *args: _per_column_clustering_reference(
+                table, *args))
+        with use_kernels("torch"):
+            table.train()
+            if table.sketch is not None:
+                table._update(torch.randint(0, 3000, (5000,), generator=torch.Generator().manual_seed(0)), None, None)
+            with SyncCounter() as counter:
+                reports.append(table.cluster())
+        tables.append(table)
+        waits.append(counter.total)
+    assert torch.equal(tables[0].weight, tables[1].weight)
+    assert torch.equal(tables[0].pointer_table, tables[1].pointer_table)
+    assert reports[0].inertia == reports[1].inertia
+    assert waits[0] < waits[1], waits

@@ -364,7 +364,9 @@ class CCEmbedding(AdaptiveEmbedding):
     def _update(self, ids: Tensor, scores: Tensor | None, optimizer: torch.optim.Optimizer | None) -> None:
         if self.sketch is not None and ids.numel():
             stride = self.sketch_stride
-            if stride > 1:  # a strided sample, starting where the sketch's saved mass says: it moves every batch
+            if stride > 1 and self.sketch.mass_on_device:  # the same sample, its start read on the device
+                self._insert_strided_on_device(ids, scores, stride)
+            elif stride > 1:  # a strided sample, starting where the sketch's saved mass says: it moves every batch
                 start = int(self.sketch.mass_since_decay()) % stride  # a host float: no read from the device
                 sample = ids[start::stride]
                 scores = (torch.full(sample.shape, float(stride), device=ids.device) if scores is None
@@ -381,6 +383,17 @@ class CCEmbedding(AdaptiveEmbedding):
             for b in range(8):  # one bit plane at a time: writes to one byte then all write the same value
                 at = byte[bit == b]
                 self.seen[at] = self.seen[at] | (1 << b)
+
+    def _insert_strided_on_device(self, ids: Tensor, scores: Tensor | None, stride: int) -> None:
+        """:meth:`_update`'s strided sample with its start (the sketch's mass mod ``stride``) on the device: the
+        same entries, in fixed shapes (positions past the batch kept out of the insert, not cut off)."""
+        sketch, flat = self.sketch, ids.reshape(-1)
+        positions = (sketch.mass.long() % stride) + torch.arange(-(-flat.numel() // stride), device=ids.device) * stride
+        keep = positions < flat.numel()
+        positions = positions.clamp_max(flat.numel() - 1)
+        weights = (torch.full(positions.shape, float(stride), device=ids.device) if scores is None
+                   else scores.reshape(-1)[positions] * stride)
+        sketch.insert(flat[positions], weights, mass=keep.sum(dtype=torch.float64) * stride, keep=keep)
 
     # --- clustering --------------------------------------------------------------------------------------
 
@@ -401,16 +414,92 @@ class CCEmbedding(AdaptiveEmbedding):
         if self.schedule.over(step, self._total_steps, self._steps_per_epoch):  # no clustering left to choose ids for: stop counting
             self._records = False
 
+    def steady_step(self, step: int) -> bool:
+        """Not a step that clusters, nor the one where scoring stops (its lookups record no more)."""
+        over = self._records and self.schedule.over(step, self._total_steps, self._steps_per_epoch)
+        return not over and not self.schedule.due(step, self._total_steps, self._steps_per_epoch)
+
     def _column(self, ids: Tensor, column: int) -> Tensor:
         """Current sub-vectors ``(N, d/c)`` of column ``column`` of ``ids``."""
         rows = self._route(ids.to(self.pointer_table.device))[:, column].to(self.weight.device)
         return self.weight[rows[:, 0]] + self.weight[rows[:, 1]]
 
+    def _columns(self, ids: Tensor) -> Tensor:
+        """Current sub-vectors ``(c, N, d/c)`` of every column of ``ids`` (one routing for all)."""
+        rows = self._route(ids.to(self.pointer_table.device)).to(self.weight.device).permute(1, 0, 2)
+        return self.weight[rows[..., 0]] + self.weight[rows[..., 1]]
+
+    def _fit_columns_on_host(self, sample: Tensor, holders: Tensor, h1: Tensor, seeds: list[int], weight: Tensor,
+                             pointers: Tensor) -> list[float]:
+        """:meth:`cluster`'s k-means of each column (faiss, the k-NN-graph Lloyd steps), the holders' pointers and
+        the residual means written into ``weight`` and ``pointers``; each column's inertia."""
+        from compemb.cluster import assign, kmeans
+
+        c, k, kh = self.columns, self.rows, self.holder_rows
+        inertia = []
+        for j in range(c):
+            points = self._column(sample, j).float().cpu()
+            if not bool(torch.isfinite(points).all()):  # k-means would abort the process on them
+                raise ValueError(f"{self._who()}: column {j} holds non-finite values (training diverged?)")
+            # with no more points than rows, the points themselves, cycled
+            centroids = kmeans(points, kh, niter=self.niter, max_points_per_centroid=self.max_points_per_centroid,
+                               seed=seeds[j]).centroids
+            # the report's inertia is exact: each sampled id's squared distance to its nearest centroid
+            inertia.append(float(assign(points, centroids, batch_size=ASSIGN_BATCH)[1].double().sum()))
+            sums = torch.zeros(kh, centroids.shape[1], dtype=torch.float64)
+            counts = torch.zeros(kh, dtype=torch.float64)
+            for start in range(0, holders.numel(), ASSIGN_BATCH):  # memory-bounded: ASSIGN_BATCH ids at a time
+                chunk = holders[start : start + ASSIGN_BATCH]
+                vectors = self._column(chunk, j).float().cpu()
+                labels = assign(vectors, centroids, batch_size=ASSIGN_BATCH)[0]
+                pointers[start : start + chunk.numel(), j] = labels.to(pointers.dtype)
+                if self.residual == "mean":
+                    bucket = hash_ids(chunk, h1[j : j + 1], kh).squeeze(-1)
+                    sums.index_add_(0, bucket, (vectors - centroids[labels]).double())
+                    counts.index_add_(0, bucket, torch.ones(chunk.numel(), dtype=torch.float64))
+            weight[j * k : j * k + kh] = centroids
+            weight[(c + j) * k : (c + j) * k + kh] = (sums / counts.clamp_min(1).unsqueeze(-1)).float()
+        return inertia
+
+    def _fit_columns_on_device(self, sample: Tensor, holders: Tensor, h1: Tensor, seeds: list[int],
+                               weight: Tensor, pointers: Tensor) -> list[float]:
+        """:meth:`_fit_columns_on_host` in torch ops where the tables are, every column at once: one batched k-means
+        (:func:`~compemb.cluster.kmeans_torch_batched`), one search of every column per chunk of holders, and a
+        few host reads per clustering instead of a few per column."""
+        from compemb.cluster import kmeans_torch_batched, nearest_torch
+
+        c, k, kh, work = self.columns, self.rows, self.holder_rows, weight.device
+        points = self._columns(sample).float().to(work)  # (c, n, d/c)
+        finite = torch.isfinite(points).flatten(1).all(1).tolist()
+        if not all(finite):  # k-means would only produce garbage from them
+            raise ValueError(f"{self._who()}: column {finite.index(False)} holds non-finite values (training "
+                             f"diverged?)")
+        results = kmeans_torch_batched(points, kh, niter=self.niter,
+                                       max_points_per_centroid=self.max_points_per_centroid, seeds=seeds)
+        centroids = torch.stack([result.centroids for result in results])  # (c, kh, d/c)
+        width = centroids.shape[2]
+        inertia = nearest_torch(points, centroids)[1].double().sum(1).tolist()
+        sums = torch.zeros(c * kh, width, dtype=torch.float64, device=work)
+        counts = torch.zeros(c * kh, dtype=torch.float64, device=work)
+        offsets = torch.arange(c, device=work).unsqueeze(0) * kh  # column j's residual buckets in the flat sums
+        for start in range(0, holders.numel(), ASSIGN_BATCH):  # memory-bounded: ASSIGN_BATCH ids at a time
+            chunk = holders[start : start + ASSIGN_BATCH].to(work)
+            vectors = self._columns(chunk).float().to(work)  # (c, N, d/c)
+            labels = nearest_torch(vectors, centroids)[0]
+            pointers[start : start + chunk.numel()] = labels.t().to(pointers.dtype)
+            if self.residual == "mean":
+                bucket = (hash_ids(chunk, h1, kh) + offsets).t().reshape(-1)
+                nearest = centroids.gather(1, labels.unsqueeze(-1).expand(-1, -1, width))
+                sums.index_add_(0, bucket, (vectors - nearest).double().reshape(-1, width))
+                counts.index_add_(0, bucket, torch.ones(bucket.numel(), dtype=torch.float64, device=work))
+        blocks = weight[: 2 * c * k].view(2 * c, k, width)  # T0's columns, then T1's
+        blocks[:c, :kh] = centroids
+        blocks[c:, :kh] = (sums / counts.clamp_min(1).unsqueeze(-1)).float().view(c, kh, width)
+        return inertia
+
     @torch.no_grad()
     def cluster(self, optimizer: torch.optim.Optimizer | None = None) -> ClusterReport:
         """Re-cluster every column now (see the class docstring); returns a :class:`ClusterReport`."""
-        from compemb.cluster import assign, kmeans, kmeans_torch, nearest_torch  # faiss: only methods that cluster
-
         started = time.perf_counter()
         self._flush(optimizer)  # scores recorded so far choose the ids
         seed, rounds = (int(v) for v in self.cluster_state.tolist())
@@ -427,38 +516,11 @@ class CCEmbedding(AdaptiveEmbedding):
         on_device = device_path(self.weight)
         work = device if on_device else torch.device("cpu")
 
-        def nearest(vectors: Tensor, centroids: Tensor) -> tuple[Tensor, Tensor]:
-            return nearest_torch(vectors, centroids) if on_device else assign(vectors, centroids,
-                                                                                batch_size=ASSIGN_BATCH)
-
         weight = self.weight.detach().float().to(work).clone()
         pointers = torch.empty(holders.numel(), c, dtype=self.pointer_table.dtype, device=work)
-        inertia = []
-        for j in range(c):
-            points = self._column(sample, j).float().to(work)
-            if not bool(torch.isfinite(points).all()):  # k-means would abort the process on them
-                raise ValueError(f"{self._who()}: column {j} holds non-finite values (training diverged?)")
-            # the fast path (k-NN-graph Lloyd steps); with no more points than rows, the points themselves, cycled
-            column_seed = (seed * 7919 + rounds * 131 + j) % 2**31
-            centroids = (kmeans_torch(points, kh, niter=self.niter, max_points_per_centroid=self.max_points_per_centroid,
-                                      seed=column_seed) if on_device else
-                         kmeans(points, kh, niter=self.niter, max_points_per_centroid=self.max_points_per_centroid,
-                                seed=column_seed)).centroids
-            # the report's inertia is exact: each sampled id's squared distance to its nearest centroid
-            inertia.append(float(nearest(points, centroids)[1].double().sum()))
-            sums = torch.zeros(kh, centroids.shape[1], dtype=torch.float64, device=work)
-            counts = torch.zeros(kh, dtype=torch.float64, device=work)
-            for start in range(0, holders.numel(), ASSIGN_BATCH):  # memory-bounded: ASSIGN_BATCH ids at a time
-                chunk = holders[start : start + ASSIGN_BATCH]
-                vectors = self._column(chunk, j).float().to(work)
-                labels = nearest(vectors, centroids)[0]
-                pointers[start : start + chunk.numel(), j] = labels.to(pointers.dtype)
-                if self.residual == "mean":
-                    bucket = hash_ids(chunk, h1[j : j + 1], kh).squeeze(-1).to(work)
-                    sums.index_add_(0, bucket, (vectors - centroids[labels]).double())
-                    counts.index_add_(0, bucket, torch.ones(chunk.numel(), dtype=torch.float64, device=work))
-            weight[j * k : j * k + kh] = centroids
-            weight[(c + j) * k : (c + j) * k + kh] = (sums / counts.clamp_min(1).unsqueeze(-1)).float()
+        seeds = [(seed * 7919 + rounds * 131 + j) % 2**31 for j in range(c)]
+        fit = self._fit_columns_on_device if on_device else self._fit_columns_on_host
+        inertia = fit(sample, holders, h1.to(work), seeds, weight, pointers)
         # install: the holder region of the tables, pointers and who holds them, h1, the round
         self.weight.copy_(weight.to(device, self.weight.dtype))
         self.pointer_table[: holders.numel()] = pointers.to(self.pointer_table.device)
