@@ -17,21 +17,21 @@ BATCHED = ["full", "hash", "ce", "bloom", "qr", "hemb", "robe", "hashednets", "c
            "offline"]
 
 
-def _collections(method: str, sparse: bool, **options):
+def _collections(method: str, sparse: bool, features=FEATURES, **options):
     # cce's pointer per id per column: 10x of d=16 lies between its int16 (8x) and uint8 (14.8x) reach
     budget = {} if method == "full" else {"compression": 4 if method == "cce" else 10}
     if method == "offline":  # its hot ids from per-id counts (Zipf-like: the small ids most frequent)
         options = {**options, "frequencies": {f.name: (f.num_embeddings / (1 + torch.arange(f.num_embeddings))).long()
-                                              for f in FEATURES}}
-    batched = EmbeddingCollection(FEATURES, 16, method, seed=3, sparse=sparse, **budget, **options)
+                                              for f in features}}
+    batched = EmbeddingCollection(features, 16, method, seed=3, sparse=sparse, **budget, **options)
     one_at_a_time = copy.deepcopy(batched)
     one_at_a_time.batch_tables = False
     return batched, one_at_a_time
 
 
-def _ids(batch: int = 96, seed: int = 0) -> torch.Tensor:
+def _ids(batch: int = 96, seed: int = 0, features=FEATURES) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
-    return torch.stack([torch.randint(0, f.num_embeddings, (batch,), generator=generator) for f in FEATURES], 1)
+    return torch.stack([torch.randint(0, f.num_embeddings, (batch,), generator=generator) for f in features], 1)
 
 
 def _dense(grad: torch.Tensor) -> torch.Tensor:
@@ -183,20 +183,46 @@ def test_row_adam_updates_packed_tables_together_and_resumes():
         assert torch.equal(a, b), name
 
 
+# the device path's exact k-means is slow on CPU at 100k ids: smaller vocabularies there
+SMALL_FEATURES = [Feature("C1", 6_000), Feature("C2", 900), Feature("C3", 3), Feature("C4", 3_000), Feature("C5", 20)]
+
+
+@pytest.mark.parametrize("kernels", ["auto", "torch"])
 @pytest.mark.parametrize("method,options", [("cce", {"cluster_every": 3}), ("cce-hybrid", {"importance": "frequency",
-                                            "cluster_every": 3}), ("cafe", {})])
-def test_adaptive_tables_train_batched_as_one_at_a_time(method, options):
-    """Sketches, hooks, clustering and RowAdam over batched CCE / CAFE tables: the per-table run's state, step by step."""
-    batched, one_at_a_time = _collections(method, sparse=True, **options)
+                                            "cluster_every": 3}), ("cafe", {}), ("cce-paper", {"cluster_every": 3}),
+                                            ("cce-paper", {"cluster_every": 3, "importance": "frequency"})])
+def test_adaptive_tables_train_batched_as_one_at_a_time(method, options, kernels, monkeypatch):
+    """Sketches, hooks, clustering and RowAdam over batched CCE / CAFE tables: the per-table run's state, step by step,
+    on the host (compiled kernels) and on the device code path (CCE: routed and read in one pass in modes 0 and 1)."""
+    from compemb.embeddings.cce.batch import CCETables
+    from compemb.kernels import use_kernels
+
+    passes = []
+    routed = CCETables._vectors
+    monkeypatch.setattr(CCETables, "_vectors", lambda self, ids, mode: (passes.append(mode), routed(self, ids, mode))[1])
+    features = FEATURES if kernels == "auto" else SMALL_FEATURES
+    with use_kernels(kernels):
+        batched = _train_side_by_side(method, options, features)
+    clustered = [t for t in batched.embeddings.values() if hasattr(t, "cluster_state")]
+    assert not clustered or any(int(t.cluster_state[1]) > 0 for t in clustered), "no clustering ran"
+    # mode 0, then mode 1 where every id holds pointers, mode 2 where the top ids do (cce-hybrid)
+    if kernels == "torch" and method.startswith("cce"):
+        assert set(passes) == ({0, 2} if method == "cce-hybrid" else {0, 1}), set(passes)
+    else:
+        assert not passes
+
+
+def _train_side_by_side(method, options, features):
+    batched, one_at_a_time = _collections(method, sparse=True, features=features, **options)
     runs = [(c, RowAdam(c.parameters(), lr=0.05)) for c in (batched, one_at_a_time)]
     for collection, _ in runs:
         collection.train()
         for module in collection.modules():
             if hasattr(module, "on_train_begin") and module is not collection:
                 module.on_train_begin(12)
-    target = torch.randn(96, len(FEATURES), 16, generator=torch.Generator().manual_seed(5))
+    target = torch.randn(96, len(features), 16, generator=torch.Generator().manual_seed(5))
     for step in range(10):
-        ids = _ids(seed=step)
+        ids = _ids(seed=step, features=features)
         for collection, optimizer in runs:
             optimizer.zero_grad(set_to_none=True)
             (collection(ids) - target).pow(2).sum().backward()
@@ -206,8 +232,7 @@ def test_adaptive_tables_train_batched_as_one_at_a_time(method, options):
         ahead, behind = batched.state_dict(), one_at_a_time.state_dict()
         for name, value in ahead.items():
             torch.testing.assert_close(value, behind[name], rtol=1e-6, atol=1e-7, msg=f"step {step}: {name}")
-    clustered = [t for t in batched.embeddings.values() if hasattr(t, "cluster_state")]
-    assert not clustered or any(int(t.cluster_state[1]) > 0 for t in clustered), "no clustering ran"
+    return batched
 
 
 @pytest.mark.parametrize("method, kind", [("hash", "HashingTrickEmbedding"), ("qr", "QREmbedding"),
@@ -224,3 +249,62 @@ def test_compressed_and_full_tables_form_one_batch_and_one_buffer(method, kind):
     batched(_ids())  # packs
     storages = {p.untyped_storage().data_ptr() for t in tables for p in t.parameters()}
     assert len(storages) == 1
+
+
+@pytest.mark.parametrize("method", ["cce", "cce-paper", "cce-hybrid"])
+def test_cce_tables_with_one_pointer_dtype_read_one_packed_pointer_table(method):
+    """Every id (cce-hybrid: the sketch's top ids) holding pointers of one dtype: one gather from the packed pointer
+    tables (cce-hybrid: one search of every table's holders), the vectors each table's own lookup gives, bit for
+    bit, and the same gradients (device code path)."""
+    from compemb.kernels import use_kernels
+
+    features = [Feature("C1", 2_000), Feature("C2", 1_800), Feature("C3", 3), Feature("C4", 1_500)]  # all uint8
+    with use_kernels("torch"):
+        batched, one_at_a_time = _collections(method, sparse=True, features=features)
+        for collection in (batched, one_at_a_time):
+            for position, table in enumerate(collection.embeddings.values()):
+                if hasattr(table, "cluster"):
+                    if table.sketch is not None:  # the top ids to give pointers to
+                        table._update(_ids(batch=4_000, seed=9, features=features)[:, position], None, None)
+                    table.cluster()
+        (_, batch), *_ = [g for g in batch_groups(list(batched.embeddings.values())) if g[1] is not None]
+        assert batch.pointers is not None  # type: ignore[attr-defined]
+        assert batch._mode() == (2 if method == "cce-hybrid" else 1)  # type: ignore[attr-defined]
+        ids = _ids(features=features)
+        upstream = torch.randn(ids.shape[0], len(features), 16, generator=torch.Generator().manual_seed(1))
+        out_batched, out_single = batched(ids), one_at_a_time(ids)
+        assert torch.equal(out_batched, out_single)
+        (out_batched * upstream).sum().backward()
+        (out_single * upstream).sum().backward()
+    single = dict(one_at_a_time.named_parameters())
+    for name, param in batched.named_parameters():
+        torch.testing.assert_close(_dense(param.grad), _dense(single[name].grad), rtol=1e-6, atol=1e-7)
+
+
+def test_offline_tables_on_the_device_path_find_each_tables_rows_in_one_pass():
+    """Offline tables with a sorted hot-id list and with a dense map, and full tables beside them: on the device
+    code path every table's rows found together (one search, one map gather, one hash), the vectors and gradients
+    of each table's own lookup."""
+    from compemb.embeddings.offline import _OfflineTablesBatch
+    from compemb.kernels import use_kernels
+
+    features = [Feature("C1", 10_000), Feature("C2", 5_000), Feature("C3", 3), Feature("C4", 8_000), Feature("C5", 20)]
+    frequencies = {f.name: (f.num_embeddings / (1 + torch.arange(f.num_embeddings))).long() for f in features}
+    frequencies["C4"][3_000:] = 0  # ids never counted: hashed
+    batched = EmbeddingCollection(features, 16, "offline", seed=3, sparse=True, compression=1.2,
+                                  frequencies=frequencies, hash_rate=0.1)
+    one_at_a_time = copy.deepcopy(batched)
+    one_at_a_time.batch_tables = False
+    assert {getattr(t, "dense_map", None) for t in batched.embeddings.values()} == {True, False, None}
+    ids = _ids(batch=512, features=features)
+    ids[:64] = ids[:64] % 50  # hot ids too
+    upstream = torch.randn(ids.shape[0], len(features), 16, generator=torch.Generator().manual_seed(1))
+    with use_kernels("torch"):
+        out_batched, out_single = batched(ids), one_at_a_time(ids)
+        assert any(isinstance(batch, _OfflineTablesBatch) for batch in batched.table_batches())
+    assert torch.equal(out_batched, out_single)
+    (out_batched * upstream).sum().backward()
+    (out_single * upstream).sum().backward()
+    single = dict(one_at_a_time.named_parameters())
+    for name, param in batched.named_parameters():
+        torch.testing.assert_close(_dense(param.grad), _dense(single[name].grad), rtol=1e-6, atol=1e-7)

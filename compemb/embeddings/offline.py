@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,8 @@ from compemb.embeddings.cafe.settings import budget_ratio, paper_defaults
 from compemb.embeddings.id_map import search_rows
 from compemb.hashing import UniversalHash, coefficient_bytes
 from compemb.registry import register
-from compemb.table_batch import RowsBatch
+from compemb.kernels import device_path
+from compemb.table_batch import PackedBuffers, RowsBatch, column_sizes, hash_columns
 
 
 @register("offline")
@@ -129,12 +131,12 @@ class OfflineFrequencyEmbedding(CompressedEmbedding):
             self.hot_ids.copy_(torch.sort(self._by_rank).values)
 
     @classmethod
-    def table_batch(cls, tables: Sequence[CompressedEmbedding]) -> RowsBatch | None:
-        """Offline tables side by side: each table's rows by its own map, one gather and one packed update."""
-        return RowsBatch(tables) if RowsBatch.accepts(tables) else None
+    def table_batch(cls, tables: Sequence[CompressedEmbedding]) -> _OfflineTablesBatch | None:
+        """Offline tables side by side: every table's rows found together, one gather and one packed update."""
+        return _OfflineTablesBatch(tables) if RowsBatch.accepts(tables) else None
 
     @classmethod
-    def table_batch_with_full(cls, tables: Sequence[CompressedEmbedding]) -> RowsBatch | None:
+    def table_batch_with_full(cls, tables: Sequence[CompressedEmbedding]) -> _OfflineTablesBatch | None:
         """The offline tables and the full ones beside them (the small features of a per-feature collection)."""
         return cls.table_batch(tables)
 
@@ -162,3 +164,80 @@ class OfflineFrequencyEmbedding(CompressedEmbedding):
     def extra_repr(self) -> str:
         kind = "dense" if self.dense_map else "sorted"
         return super().extra_repr() + f", hot_rows={self.hot_rows}, hashed_rows={self.hashed_rows}, map={kind!r}"
+
+
+class _OfflineTablesBatch:
+    """Offline tables (and full tables beside them, whose row is the id) as one table batch. On the host each
+    table finds its rows by its own compiled search (:class:`~compemb.table_batch.RowsBatch`); on the device code
+    path every offline column at once: one search of every sorted table's hot ids (table t's shifted by the sizes
+    of those before it, so the concatenation is one ascending array), one gather from every dense table's map
+    (packed end to end), one hash of every column, then one gather over the packed weights: each table's own rows,
+    exactly."""
+
+    def __init__(self, tables: Sequence[CompressedEmbedding]) -> None:
+        self.tables = list(tables)
+        self.rows_batch = RowsBatch(self.tables)  # the host path, the packed weights and the range rule
+        offline = [j for j, t in enumerate(self.tables) if isinstance(t, OfflineFrequencyEmbedding)]
+        self.offline: list[OfflineFrequencyEmbedding] = [self.tables[j] for j in offline]  # type: ignore[misc]
+        self.offline_columns = offline
+        self.sorted = [k for k, t in enumerate(self.offline) if not t.dense_map]  # positions among the offline ones
+        self.dense = [k for k, t in enumerate(self.offline) if t.dense_map]
+        self.maps = PackedBuffers([self.offline[k] for k in self.dense], "row_of_id") if self.dense else None
+        self._constants: dict[str, Tensor] | None = None
+        self._hot: tuple[tuple[tuple[int, int], ...], Tensor] | None = None  # (the hot ids' versions, all of them)
+
+    def _constants_on(self, device: torch.device) -> dict[str, Tensor]:
+        if self._constants is None or self._constants["offline"].device != device:
+            offline, chosen = self.offline, [self.offline[k] for k in self.sorted]
+            dense = [self.offline[k] for k in self.dense]
+
+            def tensor(values: list[int]) -> Tensor:
+                return torch.tensor(values, dtype=torch.int64, device=device)
+
+            self._constants = {
+                "offline": tensor(self.offline_columns), "sorted": tensor(self.sorted), "dense": tensor(self.dense),
+                "hashed_rows": column_sizes([t.hash.num_buckets for t in offline], device),
+                "hot_rows": tensor([t.hot_rows for t in offline]),
+                "sorted_bases": tensor(list(accumulate([0] + [t.num_embeddings for t in chosen][:-1]))),
+                "sorted_starts": tensor(list(accumulate([0] + [t.hot_rows for t in chosen][:-1]))),
+                "map_sizes": tensor([t.row_of_id.numel() for t in dense]),
+                "map_starts": tensor(list(accumulate([0] + [t.row_of_id.numel() for t in dense][:-1]))),
+            }
+        return self._constants
+
+    def _hot_ids(self, device: torch.device) -> Tensor:
+        """Every sorted table's hot ids, shifted by ``sorted_bases``, in one ascending array (made again when a
+        table's hot ids changed: a load or a reset writes them in place, which bumps their version)."""
+        chosen = [self.offline[k] for k in self.sorted]
+        key = tuple((t.hot_ids.data_ptr(), t.hot_ids._version) for t in chosen)
+        if self._hot is None or self._hot[0] != key or self._hot[1].device != device:
+            bases = accumulate([0] + [t.num_embeddings for t in chosen][:-1])
+            self._hot = (key, torch.cat([t.hot_ids.to(device) + base for t, base in zip(chosen, bases)]))
+        return self._hot[1]
+
+    def __call__(self, ids: Tensor) -> Tensor:
+        if not device_path(ids):
+            return self.rows_batch(ids)
+        self.rows_batch.ranges.check(ids)
+        constants = self._constants_on(ids.device)
+        columns = ids.index_select(1, constants["offline"])  # (batch, offline tables)
+        hashed = hash_columns(columns, [t.hash for t in self.offline], constants["hashed_rows"]).squeeze(-1)
+        rows = hashed.add_(constants["hot_rows"])  # the hashed rows follow each table's hot ones
+        if self.sorted:  # a hot id's row is its place among its table's sorted hot ids
+            hot = self._hot_ids(ids.device)
+            wanted = columns.index_select(1, constants["sorted"]) + constants["sorted_bases"]
+            position = torch.searchsorted(hot, wanted).clamp_max_(hot.numel() - 1)
+            found = hot[position] == wanted
+            rows = rows.index_copy(1, constants["sorted"], torch.where(
+                found, position - constants["sorted_starts"], rows.index_select(1, constants["sorted"])))
+        if self.maps is not None:  # a dense map: row_of_id[id] (-1: not hot; ids past the map: not hot)
+            looked = columns.index_select(1, constants["dense"])
+            sizes = constants["map_sizes"]
+            at = torch.minimum(looked, sizes - 1) + constants["map_starts"]
+            mapped = self.maps.flat().index_select(0, at.view(-1)).view(looked.shape).long()
+            hot_ids = (looked < sizes) & (mapped >= 0)
+            rows = rows.index_copy(1, constants["dense"], torch.where(
+                hot_ids, mapped, rows.index_select(1, constants["dense"])))
+        rows = ids.index_copy(1, constants["offline"], rows) if len(self.offline) < len(self.tables) else rows
+        pack = self.rows_batch.pack
+        return pack.gather((rows + pack.row_offsets).unsqueeze(-1)).squeeze(-2)

@@ -109,13 +109,14 @@ class PackedSketches:
         return scores, hot
 
     @torch.no_grad()
-    def insert(self, ids: Tensor, scores: Tensor | None = None, masses: Sequence[float] | None = None,
+    def insert(self, ids: Tensor, scores: Tensor | None = None, masses: Sequence[float] | Tensor | None = None,
                keep: Tensor | None = None) -> list[int]:
         """Column t of ``ids`` ``(batch, tables)`` into sketch t, all in one merge; returns each sketch's decays.
 
         ``scores`` (the shape of ``ids``, or None: 1 per occurrence) and ``keep`` as :meth:`HotSketch.insert`;
         ``masses[t]``: what column t counts towards sketch t's decay (default: its number of kept entries, which
-        must then be known: ``keep`` None). Scores are not checked here (finite, >= 0).
+        must then be known: ``keep`` None); a device tensor of them decides the decays on the device (the sketches
+        must have ``mass_on_device``). Scores are not checked here (finite, >= 0).
         """
         self.ensure_packed()
         if ids.dim() != 2 or ids.shape[1] != len(self.sketches):
@@ -133,18 +134,24 @@ class PackedSketches:
                                self.buffers["keys"], self.buffers["scores"], self.buffers["hot_rows"],
                                self.buffers["occupied"], None, buckets=buckets.reshape(-1),
                                skip_hot=self.sketches[0].skip_hot)
+        if isinstance(masses, Tensor) and not self.sketches[0].mass_on_device:
+            raise ValueError("masses on the device need sketches with mass_on_device")
         if self.sketches[0].mass_on_device:
-            return self._decay_on_device([float(mass) for mass in masses])
+            return self._decay_on_device(masses if isinstance(masses, Tensor) else [float(mass) for mass in masses])
         return [sketch._decay_by(sketch.mass_since_decay() + float(mass))
                 for sketch, mass in zip(self.sketches, masses)]
 
-    def _decay_on_device(self, masses: list[float]) -> list[int]:
+    def _decay_on_device(self, masses: list[float] | Tensor) -> list[int]:
         """Every sketch's decay rule (:meth:`HotSketch._decay_on_device`) at once, the masses on the device: -1 each
         (the host does not know)."""
-        if self._masses is None or self._masses[0] != tuple(masses):  # made once for a batch shape, not per step
-            self._masses = (tuple(masses), torch.tensor(masses, dtype=torch.float64).to(self.decay_periods.device))
+        if isinstance(masses, Tensor):
+            counted = masses
+        else:
+            if self._masses is None or self._masses[0] != tuple(masses):  # made once for a batch shape, not per step
+                self._masses = (tuple(masses), torch.tensor(masses, dtype=torch.float64).to(self.decay_periods.device))
+            counted = self._masses[1]
         mass = self.buffers["mass"]
-        mass.add_(self._masses[1])
+        mass.add_(counted.to(mass.dtype))
         over = mass > self.decay_periods
         scale = torch.where(over, self.decay_factors, 1.0)
         scores = self.buffers["scores"]

@@ -61,6 +61,7 @@ from compemb.budget import (
 )
 from compemb.embeddings.adaptive import AdaptiveEmbedding, memory_report, reset_optimizer_rows
 from compemb.embeddings.base import CompressedEmbedding, init_uniform_
+from compemb.embeddings.cce.batch import CCETables
 from compemb.embeddings.cce.kernels import NO_HOLDERS, PairGather, mark_seen, route_rows
 from compemb.embeddings.cce.plan import (
     SKETCH_SLOTS,
@@ -375,6 +376,11 @@ class CCEmbedding(AdaptiveEmbedding):
                 self.sketch.insert(sample, scores, mass=float(sample.numel() * stride))
             else:
                 self.sketch.insert(ids, scores, mass=float(ids.numel()))
+        self._mark_seen(ids)
+
+    @torch.no_grad()
+    def _mark_seen(self, ids: Tensor) -> None:
+        """Set ``ids``' bits in the seen bitmap (if the table keeps one: a uniform sample draws from the seen ids)."""
         if self.seen is not None and on_host(self.seen):
             mark_seen(ids.cpu().numpy(), self.seen.numpy())
         elif self.seen is not None:
@@ -544,9 +550,10 @@ class CCEmbedding(AdaptiveEmbedding):
         return report
 
     @classmethod
-    def table_batch(cls, tables: Sequence[CompressedEmbedding]) -> SeparateLookups:
-        """CCE tables keep their own compiled lookups; their weights are packed, so RowAdam updates them in one pass."""
-        return SeparateLookups(tables, ["weight"])
+    def table_batch(cls, tables: Sequence[CompressedEmbedding]) -> CCETables:
+        """CCE tables routed and read together on the device code path (each its own compiled lookup on the host);
+        their weights packed, so RowAdam updates them in one pass (:mod:`compemb.embeddings.cce.batch`)."""
+        return CCETables(tables)
 
     def extra_repr(self) -> str:
         text = super().extra_repr() + f", columns={self.columns}, rows={self.rows}"
