@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from compemb import METHODS, cuda_graph
+from compemb.bench.replay import replay_check
 from compemb.bench.syncs import _stepping_trainer
 from compemb.data.synthetic import SyntheticConfig, generate_synthetic
 from compemb.kernels import use_kernels
@@ -58,7 +59,7 @@ def test_every_methods_steady_step_is_a_replay_of_the_last(data, method, sharing
         assert "counts read back" in cuda_graph.refusal(trainer.model, trainer.optimizer)
         with use_kernels("torch"):
             step()
-            assert any("host reads" in problem for problem in cuda_graph.replay_check(step, trainer.model,
+            assert any("host reads" in problem for problem in replay_check(step, trainer.model,
                                                                                      trainer.optimizer))
         return
     assert cuda_graph.refusal(trainer.model, trainer.optimizer) is None
@@ -66,7 +67,7 @@ def test_every_methods_steady_step_is_a_replay_of_the_last(data, method, sharing
         for _ in range(cuda_graph.WARMUP_STEPS):
             step()
         assert all(module.steady_step(trainer.step + k) for module in adaptive for k in range(3))
-        assert cuda_graph.replay_check(step, trainer.model, trainer.optimizer, steps=3) == []
+        assert replay_check(step, trainer.model, trainer.optimizer, steps=3) == []
 
 
 @pytest.mark.parametrize("method", sorted(REFUSED))
@@ -85,7 +86,7 @@ def test_the_check_finds_the_host_values_an_unprepared_step_would_bake_in(data, 
     with use_kernels("torch"):
         for _ in range(cuda_graph.WARMUP_STEPS):
             step()
-        problems = cuda_graph.replay_check(step, trainer.model, trainer.optimizer, steps=3)
+        problems = replay_check(step, trainer.model, trainer.optimizer, steps=3)
     assert problems and all("(was " in problem or "step 1 ran" in problem for problem in problems), problems
 
 
@@ -97,7 +98,7 @@ def test_a_clustering_step_is_not_steady_and_would_not_be_a_replay(data, tmp_pat
     with use_kernels("torch"):
         while trainer.step < steady.index(False) - 1:
             step()
-        problems = cuda_graph.replay_check(step, trainer.model, trainer.optimizer, steps=2)
+        problems = replay_check(step, trainer.model, trainer.optimizer, steps=2)
     assert any("step 2" in problem for problem in problems), problems
 
 
@@ -125,7 +126,7 @@ def test_a_capturable_optimizer_updates_as_the_plain_one_with_counts_in_device_t
             step(models[0], chosen)
             step(models[1], chosen)
         next(index), next(index)
-        problems = cuda_graph.replay_check(lambda: step(models[1], next(index)), models[1], capturable, steps=3)
+        problems = replay_check(lambda: step(models[1], next(index)), models[1], capturable, steps=3)
         for chosen in range(2, 5):
             step(models[0], chosen)
     assert problems == []
@@ -153,7 +154,7 @@ def test_a_plain_adam_step_would_be_a_different_graph_every_step():
         optimizer.step()
 
     step()
-    assert any("_foreach" in problem for problem in cuda_graph.replay_check(step, model, optimizer))
+    assert any("_foreach" in problem for problem in replay_check(step, model, optimizer))
 
 
 def _sketches(mass_on_device):
