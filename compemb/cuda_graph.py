@@ -12,7 +12,10 @@ must be the same kernels with the same arguments every time, its state updated i
   short one) runs eagerly;
 - **the same work**: a step where a method does more than its every-step work (a CCE clustering, the end of its
   scoring) runs eagerly (:meth:`CompressedEmbedding.steady_step`), and the graph is captured again afterwards, as
-  after any other eager step or evaluation (whatever they made, the graph does not read stale memory).
+  after any other eager step or evaluation (whatever they made, the graph does not read stale memory);
+- **nothing made during a capture that outlives it**: a capture records, it does not run, so a cache a step fills
+  lazily (packed constants, CCE's holder ids after a clustering) must already hold what the step reads. A graph is
+  captured only after a steady step ran eagerly since the last invalidation (``warm``): that step refreshed them.
 
 :func:`compemb.bench.replay.replay_check` runs a step twice under a dispatch mode and names what would differ
 between two replays: the test of every method's step on CPU, where no CUDA graph can run.
@@ -63,14 +66,20 @@ class StepGraph:
     """A training step (``body(batch)``: device work only) captured in a CUDA graph and replayed on new batches.
 
     :meth:`run` replays where the graph was captured for batches of this shape and nothing ran eagerly since
-    (:meth:`invalidate`); otherwise it captures one (the capture records; its replay is this step's work).
+    (:meth:`invalidate`); otherwise it captures one (the capture records; its replay is this step's work), which it
+    may only once a steady step ran eagerly since (``warm``, set by the caller; see the module docstring).
     """
 
     def __init__(self, body: Callable[[tuple[Tensor, ...]], None], device: torch.device) -> None:
         self.body, self.device = body, device
         self.graph: torch.cuda.CUDAGraph | None = None
         self.inputs: tuple[Tensor, ...] = ()
+        self.warm = False  # a steady step ran eagerly since the last invalidation: the caches it reads are made
         self.captures = 0  # how many times a graph was captured (each after an eager step or evaluation)
+
+    def ready(self) -> bool:
+        """Whether a steady step may go through the graph now (replayed, or captured first)."""
+        return self.graph is not None or self.warm
 
     def fits(self, batch: Sequence[Tensor]) -> bool:
         """Whether ``batch`` has the shapes and dtypes of the batches the graph was captured for."""
@@ -79,7 +88,7 @@ class StepGraph:
 
     def invalidate(self) -> None:
         """Forget the graph: work outside it (an eager step, an evaluation) may have replaced what it reads."""
-        self.graph = None
+        self.graph, self.warm = None, False
 
     def run(self, batch: Sequence[Tensor]) -> None:
         """One step on ``batch`` (host or device tensors) by the graph, captured first where needed."""

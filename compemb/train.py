@@ -625,14 +625,14 @@ class Trainer:
             self._step_counter = torch.full((), self.step, dtype=torch.int64, device=self.device)
         if self._graph is None:
             self._graph = cuda_graph.StepGraph(lambda inputs: self._step_body(inputs, adaptive), self.device)
-        steady = (self.step >= cuda_graph.WARMUP_STEPS and len(batch[2]) == self.config.batch_size
-                  and all(module.steady_step(self.step) for module in adaptive))
-        if steady:
+        steady = len(batch[2]) == self.config.batch_size and all(module.steady_step(self.step) for module in adaptive)
+        if steady and self.step >= cuda_graph.WARMUP_STEPS and self._graph.ready():
             self._graph.run(batch)
             return
         self._graph.invalidate()
         on_device = self._to_device(batch)
         cuda_graph.eager_on_side_stream(lambda: self._step_body(on_device, adaptive), self.device)
+        self._graph.warm = steady  # (what a capture of the next step reads was made by this one)
 
     def _step_body(self, batch: tuple[torch.Tensor, ...], adaptive: list[CompressedEmbedding]) -> None:
         """The step's work on a batch on the device (all a CUDA graph captures; the host's count is the caller's)."""
