@@ -104,12 +104,12 @@ def run(quick: bool, levers: bool, seed: int) -> dict:
         print(rows[-1], flush=True)
         if levers:  # each alternative on the same 1M points, against the same reference
             variants = {
-                "neighbors=24": lambda: ours(small, 5_000 // scale, seed, neighbors=24),
-                "init=density": lambda: ours(small, 5_000 // scale, seed, init="density"),
-                "max_points_per_centroid=64": lambda: ours(small, 5_000 // scale, seed, max_points_per_centroid=64),
-                "search=flat (exact Lloyd's)": lambda: ours(small, 5_000 // scale, seed, search="flat"),
-                "faiss.Kmeans niter=20, 32 points/centroid": lambda: faiss_kmeans(small, 5_000 // scale, seed, 20, 32),
-                "faiss.Kmeans niter=25, 64 points/centroid": lambda: faiss_kmeans(small, 5_000 // scale, seed, 25, 64),
+                "neighbors=24": lambda small=small: ours(small, 5_000 // scale, seed, neighbors=24),
+                "init=density": lambda small=small: ours(small, 5_000 // scale, seed, init="density"),
+                "max_points_per_centroid=64": lambda small=small: ours(small, 5_000 // scale, seed, max_points_per_centroid=64),
+                "search=flat (exact Lloyd's)": lambda small=small: ours(small, 5_000 // scale, seed, search="flat"),
+                "faiss.Kmeans niter=20, 32 points/centroid": lambda small=small: faiss_kmeans(small, 5_000 // scale, seed, 20, 32),
+                "faiss.Kmeans niter=25, 64 points/centroid": lambda small=small: faiss_kmeans(small, 5_000 // scale, seed, 25, 64),
             }
             for label, variant in variants.items():
                 lever_rows.append({"case": name, "variant": label, **variant(), "reference": reference["objective"]})

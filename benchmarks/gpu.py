@@ -34,13 +34,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/hotsketch.py
 
-from compemb import METHODS  # noqa: E402
-from compemb.bench.plain_loop import PlainDLRM  # noqa: E402
-from compemb.bench.syncs import count_cuda_syncs, count_step_syncs  # noqa: E402
-from compemb.data.dataset import open_dataset  # noqa: E402
-from compemb.embeddings.base import CompressedEmbedding  # noqa: E402
-from compemb.io import atomic_write_text  # noqa: E402
-from compemb.train import TrainConfig, Trainer, _batch  # noqa: E402
+from compemb import METHODS
+from compemb.bench.plain_loop import PlainDLRM
+from compemb.bench.syncs import count_cuda_syncs, count_step_syncs
+from compemb.data.dataset import open_dataset
+from compemb.embeddings.base import CompressedEmbedding
+from compemb.io import atomic_write_text
+from compemb.train import TrainConfig, Trainer, read_batch
 
 VOCAB_METHODS = ("full", "hash", "cafe", "cce", "cce-hybrid")
 
@@ -137,7 +137,7 @@ def time_plain(config: TrainConfig, warmup: int, steps: int) -> dict:
     dense = [p for name, p in model.named_parameters() if not name.startswith("tables.")]
     optimizers = [torch.optim.SparseAdam(tables, lr=config.lr), torch.optim.Adam(dense, lr=config.lr)]
     steps_per_epoch = len(train) // config.batch_size
-    batches = [tuple(t.to(device) for t in _batch(train, i % steps_per_epoch, config.batch_size))
+    batches = [tuple(t.to(device) for t in read_batch(train, i % steps_per_epoch, config.batch_size))
                for i in range(min(warmup + steps, steps_per_epoch))]
 
     def run(first: int, count: int) -> None:
@@ -174,7 +174,7 @@ def table(rows: list[dict], reference: dict[str, float]) -> str:
              "| clusterings etc. while timed | one clustering / reallocation: s (host waits) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
-        def ratio(name: str) -> str:
+        def ratio(name: str, row: dict = row) -> str:
             return f"{row['samples_per_s'] / reference[name]:.2f}" if name in reference else "—"
 
         syncs = "—" if row["syncs_per_step"] is None else f"{row['syncs_per_step']:.2f}"
@@ -248,14 +248,14 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         try:
             rows.append(time_plain(base, args.warmup, args.steps))
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             rows.append(_failed("plain loop", error))
         for method in methods:
             config = dataclasses.replace(base, method=method, out=f"{out}/{method}",
                                          compression=args.compression if METHODS[method].compresses else None)
             try:
                 rows.append(time_method(config, args.warmup, args.steps, args.sync_steps))
-            except Exception as error:  # noqa: BLE001  (a method that fails is a row that says so)
+            except Exception as error:
                 rows.append(_failed(method, error))
             print(rows[-1], flush=True)
         for method in [m for m in args.graph_methods.split(",") if m]:
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                                              compression=args.compression if METHODS[method].compresses else None)
                 rows.append({**time_method(config, args.warmup, args.steps, args.sync_steps),
                              "method": f"{method} +graph"})
-            except Exception as error:  # noqa: BLE001
+            except Exception as error:
                 rows.append(_failed(f"{method} +graph", error))
             print(rows[-1], flush=True)
         vocab_rows = []
@@ -274,14 +274,14 @@ def main(argv: list[str] | None = None) -> int:
                                              sharing="shared", compression=1000 if method != "full" else None)
                 try:
                     vocab_rows.append(time_method(config, args.warmup, args.steps, args.sync_steps))
-                except Exception as error:  # noqa: BLE001
+                except Exception as error:
                     vocab_rows.append(_failed(method, error))
                 print(vocab_rows[-1], flush=True)
     reference = {row["method"]: row["samples_per_s"] for row in rows
                  if row["method"] in ("full", "hash", "plain loop") and "error" not in row}
     try:
         sketch = sketch_rates(args.device, args.quick)
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:
         sketch = {"error": f"{type(error).__name__}: {error}"[:300]}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (kernels='torch')"
     date = datetime.date.today().isoformat()

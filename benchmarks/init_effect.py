@@ -42,7 +42,7 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
 
 def effect_table(rows: dict[str, list[SweepRow]], key: str) -> str:
     """Per method: ``key``'s mean ± sd under each init, dlrm minus uniform_dim, and whether it beats the spread."""
-    lines = [f"| method | dlrm | uniform_dim | dlrm - uniform_dim | verdict |", "|---|---:|---:|---:|---|"]
+    lines = ["| method | dlrm | uniform_dim | dlrm - uniform_dim | verdict |", "|---|---:|---:|---:|---|"]
     for method in METHODS:
         cells, stats = [], []
         for init in INITS:

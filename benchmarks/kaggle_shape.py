@@ -40,8 +40,15 @@ import statistics
 from dataclasses import replace
 from pathlib import Path
 
-from compemb.bench.quality import (SweepRow, collect_rows, markdown_table, match_table, params_to_match, run_sweep,
-                                   write_results)
+from compemb.bench.quality import (
+    SweepRow,
+    collect_rows,
+    markdown_table,
+    match_table,
+    params_to_match,
+    run_sweep,
+    write_results,
+)
 from compemb.io import atomic_write_text
 from compemb.train import TrainConfig
 

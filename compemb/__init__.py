@@ -1,6 +1,7 @@
 """compemb: train recommendation models with compressed embedding tables."""
 
 from compemb.budget import Budget, BudgetError, MemoryReport, resolve_budget
+from compemb.compress import compress
 from compemb.embeddings import (
     AdaEmbed,
     BloomEmbedding,
@@ -24,7 +25,6 @@ from compemb.embeddings import (
     ROBEEmbedding,
     TTEmbedding,
 )
-from compemb.compress import compress
 from compemb.export import load_model
 from compemb.hashing import UniversalHash
 from compemb.quantize import QuantizedEmbedding, quantize
@@ -45,6 +45,7 @@ __all__ = [
     "CompositionalEmbedding",
     "CompressedEmbedding",
     "DeepHashEmbedding",
+    "FieldHashEmbedding",
     "FullEmbedding",
     "HashEmbeddings",
     "HashedNetsEmbedding",

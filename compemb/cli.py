@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from compemb import __version__
-from compemb.protocols import PROTOCOLS
 from compemb.feature_methods import any_method, is_per_feature
+from compemb.protocols import PROTOCOLS
 from compemb.registry import METHODS, parse_method_spec, summarize_methods
 from compemb.train import TrainConfig
 
@@ -135,9 +135,8 @@ def _widths(text: str) -> tuple[int, ...]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train one model on a preprocessed data set; print the last evaluation."""
-    from compemb.train import Trainer
-
     from compemb import distributed
+    from compemb.train import Trainer
 
     overrides = dict(_override(text) for text in args.override)
     config = replace(_train_config(args, args.out), **overrides)

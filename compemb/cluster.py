@@ -41,10 +41,9 @@ Example::
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numba
 import numpy as np
@@ -192,7 +191,7 @@ def _nearest(x: np.ndarray, c: np.ndarray, index: str, batch_size: int = 1 << 18
     return labels, dist
 
 
-def _faiss_index(c: np.ndarray, kind: str, hnsw_m: int = HNSW_M, hnsw_ef: int = HNSW_EF):  # noqa: ANN202
+def _faiss_index(c: np.ndarray, kind: str, hnsw_m: int = HNSW_M, hnsw_ef: int = HNSW_EF):
     if kind == "flat":
         index = faiss.IndexFlatL2(c.shape[1])
         index.add(c)
@@ -350,7 +349,7 @@ class _Runner:
 
 
 @numba.njit(inline="always")
-def _sq_dist(x, i, c, j, d):  # noqa: ANN001, ANN202
+def _sq_dist(x, i, c, j, d):
     if d == 4:  # CCE's usual column width, unrolled: 1.6x faster than the loop
         a0, a1, a2, a3 = x[i, 0] - c[j, 0], x[i, 1] - c[j, 1], x[i, 2] - c[j, 2], x[i, 3] - c[j, 3]
         return a0 * a0 + a1 * a1 + a2 * a2 + a3 * a3
@@ -362,7 +361,7 @@ def _sq_dist(x, i, c, j, d):  # noqa: ANN001, ANN202
 
 
 @numba.njit(cache=True, nogil=True)
-def _reassign(x, c, graph, labels, dist, start, stop):  # noqa: ANN001, ANN202
+def _reassign(x, c, graph, labels, dist, start, stop):
     # each point moves to the nearest of its centroid's graph row (which holds the centroid itself)
     m, d, changed = graph.shape[1], x.shape[1], 0
     for i in range(start, stop):
@@ -380,7 +379,7 @@ def _reassign(x, c, graph, labels, dist, start, stop):  # noqa: ANN001, ANN202
 
 
 @numba.njit(cache=True, nogil=True)
-def _refine(c, graph, out, start, stop):  # noqa: ANN001, ANN202
+def _refine(c, graph, out, start, stop):
     # row j <- itself, then the m - 1 nearest centroids among the rows of its neighbours (two hops)
     k, m, d = graph.shape[0], graph.shape[1], c.shape[1]
     seen = np.full(k, -1, np.int64)
@@ -408,7 +407,7 @@ def _refine(c, graph, out, start, stop):  # noqa: ANN001, ANN202
 
 
 @numba.njit(cache=True, nogil=True)
-def _accumulate(x, labels, sums, squares, counts):  # noqa: ANN001, ANN202
+def _accumulate(x, labels, sums, squares, counts):
     for i in range(x.shape[0]):
         j = labels[i]
         counts[j] += 1

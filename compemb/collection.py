@@ -48,7 +48,6 @@ from compemb.kernels import device_path
 from compemb.registry import get_method, make_embedding
 from compemb.table_batch import TableBatch
 
-
 SHARING = ("per_feature", "shared")
 
 

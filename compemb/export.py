@@ -37,8 +37,19 @@ from safetensors.torch import save as save_tensors
 from torch import Tensor
 
 from compemb.checks import machine_memory_bytes
-from compemb.data.criteo import MAX_LINE_BYTES, MISSING, NUM_DENSE, NUM_SPARSE, VOCABULARY, Categorifier, Rejections
-from compemb.data.criteo import _open_binary, read_line, read_rows, transform_dense
+from compemb.data.criteo import (
+    MAX_LINE_BYTES,
+    MISSING,
+    NUM_DENSE,
+    NUM_SPARSE,
+    VOCABULARY,
+    Categorifier,
+    Rejections,
+    open_binary,
+    read_line,
+    read_rows,
+    transform_dense,
+)
 from compemb.data.dataset import open_dataset
 from compemb.embeddings.base import CompressedEmbedding
 from compemb.feature_methods import any_method
@@ -400,7 +411,7 @@ def has_label_column(input_path: str | os.PathLike, max_line_bytes: int = MAX_LI
     """Whether a raw Criteo TSV's first line has a label column (1 + 13 + 26 = 40 fields; test.txt has 39).
 
     It reads at most ``max_line_bytes`` of each line: an input without newlines (``/dev/zero``) is refused."""
-    with _open_binary(Path(input_path)) as stream:
+    with open_binary(Path(input_path)) as stream:
         number = 1
         while raw := read_line(stream, max_line_bytes, f"{input_path}:{number}"):
             number += 1

@@ -35,7 +35,7 @@ def _is_compemb_png(path: Path) -> bool:
 
         with Image.open(path) as image:
             return str(getattr(image, "text", {}).get("Software", "")).startswith(SOFTWARE)
-    except Exception:  # noqa: BLE001 (not an image, or not one PIL reads: not ours)
+    except Exception:
         return False
 
 
@@ -45,7 +45,7 @@ def _is_compemb_model(path: Path) -> bool:
     try:
         with safe_open(str(path), framework="pt") as opened:  # reads the header alone
             return "compemb" in (opened.metadata() or {})
-    except Exception:  # noqa: BLE001 (not a safetensors file: not ours)
+    except Exception:
         return False
 
 

@@ -169,7 +169,7 @@ def test_torch_fallback_matches_faiss(monkeypatch: pytest.MonkeyPatch) -> None:
     (lambda: assign(torch.randn(10, 4), torch.randn(3, 4), batch_size=0), "batch_size"),
     (lambda: assign(torch.randn(10, 4), torch.randn(3, 4), index="ivf"), "unknown index 'ivf'"),
 ])
-def test_errors_name_the_bad_value(call, message: str) -> None:  # noqa: ANN001
+def test_errors_name_the_bad_value(call, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         call()
 

@@ -16,7 +16,7 @@ from compemb.kernels import use_kernels
 from compemb.optim import RowAdagrad, RowAdam
 from compemb.sketch.hotsketch import HotSketch
 from compemb.sketch.packed import PackedSketches
-from compemb.train import Trainer, TrainConfig
+from compemb.train import TrainConfig, Trainer
 from tests.cli_errors import one_line_error
 
 REFUSED = {"adaembed": "step count it keeps on the host", "mch": "TorchRec"}

@@ -6,8 +6,15 @@ import pytest
 import torch
 
 from compemb.cli import main
-from compemb.lstsq import (LeastSquaresProblem, dense_cce, hashing_baseline, optimum, run_lstsq, sparse_cce,
-                           theorem_bound)
+from compemb.lstsq import (
+    LeastSquaresProblem,
+    dense_cce,
+    hashing_baseline,
+    optimum,
+    run_lstsq,
+    sparse_cce,
+    theorem_bound,
+)
 
 N, D1, K, D2, ITERATIONS = 2_000, 200, 20, 5, 60
 

@@ -4,7 +4,6 @@ work, in one line)."""
 
 import os
 import shutil
-from pathlib import Path
 
 import pytest
 

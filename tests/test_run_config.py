@@ -46,7 +46,7 @@ def test_resume_with_nothing_but_the_run_continues_it(data, tmp_path, capsys):
     settings = ["--data", data, *SMALL, "--method", "hash", "--compression", "10", "--optimizer", "adam", "--lr",
                 "0.01", "--epochs", "3", "--checkpoint-every", "8"]
     assert main(["train", *settings, "--out", str(straight)]) == 0
-    from compemb.train import Trainer, TrainConfig
+    from compemb.train import TrainConfig, Trainer
 
     config = TrainConfig(**{**read_config_file(straight / "config.toml", TrainConfig), "out": str(run)})
     Trainer(config, quiet=True).fit(stop_at=13)  # interrupted: its last checkpoint is step 8

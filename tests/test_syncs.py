@@ -2,7 +2,6 @@
 host for no value a CUDA device would have to hand back (compemb.bench.syncs), and device-side asserts never
 carry a message CUDA refuses."""
 
-import numpy as np
 import pytest
 import torch
 

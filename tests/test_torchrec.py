@@ -102,7 +102,7 @@ def test_bad_configs_and_inputs_say_what_is_wrong():
     two_dims = CompressedEmbeddingBagCollection(mixed, method="hash", compression=4)
     assert list(two_dims.collections) == ["dim8", "dim4"]
     with pytest.raises(AttributeError):  # one collection per dim: see .collections
-        two_dims.collection
+        _ = two_dims.collection
     with pytest.raises(ValueError, match="weighted KJTs need SUM"):
         CompressedEmbeddingBagCollection(configs(PoolingType.MEAN), method="hash", compression=4, is_weighted=True)
     adapter = CompressedEmbeddingBagCollection(configs(), method="hash", compression=4)

@@ -19,16 +19,15 @@ import platform
 import statistics
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import torch
 
 from compemb.budget import BudgetError
-from compemb.collection import EmbeddingCollection, Feature
+from compemb.collection import EmbeddingCollection, Feature, batch_groups
 from compemb.io import atomic_write_text
 from compemb.registry import METHODS
-from compemb.collection import batch_groups
 
 # the issues' targets (issue 13 for the hash family and CCE); others DEFAULT_TARGET
 TARGETS = {"hash": 1.0, "qr": 1.3, "bloom": 1.3, "ce": 1.5, "cce": 1.5, "hemb": 2.0, "robe": 2.0, "hashednets": 2.0,

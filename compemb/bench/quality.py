@@ -21,16 +21,16 @@ import json
 import math
 import shutil
 import statistics
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from compemb.budget import full_table_bytes
-from compemb.io import atomic_write_text
 from compemb.bench.sweep_plot import Chart, Point, draw, save_png
 from compemb.bench.sweep_plot import x_scale as x_scale  # where callers import it from
 from compemb.bench.verdicts import comparison_table, default_baseline
+from compemb.budget import full_table_bytes
+from compemb.io import atomic_write_text
 from compemb.quantize import SCHEMES, quantize
 from compemb.registry import METHODS, parse_method_spec
 from compemb.train import RESULT_NEUTRAL, TrainConfig, Trainer, settings_that_differ, with_defaults

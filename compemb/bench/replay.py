@@ -17,7 +17,6 @@ from torch.utils._pytree import tree_flatten
 
 from compemb.bench.syncs import SyncCounter
 
-
 # ops that launch nothing and read no value: their arguments are not part of what a replay must repeat
 _METADATA = ("profiler.",)
 

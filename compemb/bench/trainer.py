@@ -21,7 +21,7 @@ import torch
 
 from compemb.embeddings.base import CompressedEmbedding
 from compemb.io import atomic_write_text
-from compemb.train import TrainConfig, Trainer, _batch, _make_optimizer, build_model
+from compemb.train import TrainConfig, Trainer, build_model, make_optimizer, read_batch
 
 TARGET = 0.97
 
@@ -34,7 +34,7 @@ class MinimalLoop:
         self.split, self.batch_size = trainer.splits["train"], config.batch_size
         self.steps_per_epoch = trainer.steps_per_epoch
         self.model = build_model(config, trainer.manifest["cardinalities"], self.split.dense.shape[1])
-        self.optimizer = _make_optimizer(config, self.model)
+        self.optimizer = make_optimizer(config, self.model)
         self.hooked = [m for m in self.model.modules() if isinstance(m, CompressedEmbedding)
                        and type(m).on_step_end is not CompressedEmbedding.on_step_end]
         self.step = 0
@@ -42,7 +42,7 @@ class MinimalLoop:
     def run(self, steps: int) -> None:
         """Train ``steps`` more steps."""
         for _ in range(steps):
-            dense, sparse, labels = _batch(self.split, self.step % self.steps_per_epoch, self.batch_size)
+            dense, sparse, labels = read_batch(self.split, self.step % self.steps_per_epoch, self.batch_size)
             loss = torch.nn.functional.binary_cross_entropy_with_logits(self.model(dense, sparse), labels)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()

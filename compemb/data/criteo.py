@@ -204,7 +204,8 @@ def _is_gzip(path: Path) -> bool:
         return probe.read(2) == b"\x1f\x8b"
 
 
-def _open_binary(path: Path):
+def open_binary(path: Path) -> BinaryIO:
+    """A Criteo text file (plain or gzip, told by its first bytes) opened for reading bytes."""
     return gzip.open(path, "rb") if _is_gzip(path) else open(path, "rb")
 
 
@@ -246,7 +247,7 @@ def read_rows(
     """
     path = Path(path)
     carry, line_number, read_any = b"", 0, False
-    with _open_binary(path) as file:
+    with open_binary(path) as file:
         if start > 0:  # the line holding byte start - 1 belongs to the range before
             file.seek(start - 1)
             read_line(file, max_line_bytes, path)

@@ -48,8 +48,8 @@ import numpy as np
 from tqdm import tqdm
 
 from compemb.data.criteo import transform_dense
-from compemb.data.drift import FeatureDrift
 from compemb.data.dataset import DatasetWriter, check_output
+from compemb.data.drift import FeatureDrift
 from compemb.io import atomic_binary_writer
 from compemb.metrics import auc
 from compemb.outputs import check_output_file

@@ -1,24 +1,29 @@
 """Every compressed-embedding method; importing this package registers them all."""
 
+from compemb.embeddings.adaembed import AdaEmbed
 from compemb.embeddings.base import CompressedEmbedding
+
+# after the baselines, so listings (compemb methods, sweeps over all methods) show them first
+from compemb.embeddings.cafe import CAFEEmbedding, MultiLevelCAFEEmbedding
+from compemb.embeddings.cce import (
+    CCEmbedding,
+    ClusterReport,
+    ClusterSchedule,
+    HybridCCEmbedding,
+    PaperAccountedCCEmbedding,
+)
+from compemb.embeddings.dhe import DeepHashEmbedding
+from compemb.embeddings.field_hash import FieldHashEmbedding
 from compemb.embeddings.full import FullEmbedding
 from compemb.embeddings.hash_embedding import HashEmbeddings
 from compemb.embeddings.hashing import BloomEmbedding, CompositionalEmbedding, HashingTrickEmbedding
+from compemb.embeddings.lowrank import LowRankEmbedding
+from compemb.embeddings.mch import ManagedCollisionEmbedding
+from compemb.embeddings.mixed_dim import MixedDimEmbedding
+from compemb.embeddings.offline import OfflineFrequencyEmbedding
 from compemb.embeddings.qr import QREmbedding
 from compemb.embeddings.robe import HashedNetsEmbedding, ROBEEmbedding
-from compemb.embeddings.lowrank import LowRankEmbedding
-from compemb.embeddings.dhe import DeepHashEmbedding
 from compemb.embeddings.tt import TTEmbedding
-from compemb.embeddings.mixed_dim import MixedDimEmbedding
-
-# after the baselines, so listings (compemb methods, sweeps over all methods) show them first
-from compemb.embeddings.cafe import CAFEEmbedding, MultiLevelCAFEEmbedding  # noqa: E402, I001
-from compemb.embeddings.field_hash import FieldHashEmbedding  # noqa: E402
-from compemb.embeddings.offline import OfflineFrequencyEmbedding  # noqa: E402
-from compemb.embeddings.mch import ManagedCollisionEmbedding  # noqa: E402
-from compemb.embeddings.adaembed import AdaEmbed  # noqa: E402
-from compemb.embeddings.cce import CCEmbedding, HybridCCEmbedding, PaperAccountedCCEmbedding  # noqa: E402
-from compemb.embeddings.cce import ClusterReport, ClusterSchedule  # noqa: E402
 
 __all__ = [
     "AdaEmbed",
@@ -35,11 +40,13 @@ __all__ = [
     "HashEmbeddings",
     "HashedNetsEmbedding",
     "HashingTrickEmbedding",
+    "HybridCCEmbedding",
     "LowRankEmbedding",
     "ManagedCollisionEmbedding",
     "MixedDimEmbedding",
     "MultiLevelCAFEEmbedding",
     "OfflineFrequencyEmbedding",
+    "PaperAccountedCCEmbedding",
     "QREmbedding",
     "ROBEEmbedding",
     "TTEmbedding",

@@ -43,6 +43,7 @@ from compemb import distributed
 from compemb.budget import MemoryReport
 from compemb.embeddings.base import CompressedEmbedding
 from compemb.kernels import device_path
+
 # ROW_STEP_KEY: per-row step a row's Adam state was reset at
 from compemb.optim import ROW_STEP_KEY, CombinedOptimizer, RowAdam, RowwiseAdagrad
 
@@ -236,14 +237,16 @@ def _correct_reset_rows(optimizer: torch.optim.Optimizer, args: object, kwargs: 
             m, v = state["exp_avg"][rows].double(), second[rows].double().sqrt()
             shape = (-1,) + (1,) * (param.dim() - 1)
 
-            def update(c1: Tensor | float, c2: Tensor | float) -> Tensor:
-                return lr / c1 * m / (v / torch.sqrt(torch.as_tensor(c2, dtype=torch.float64)) + eps)
-
-            applied = update(1 - beta1**step, 1 - beta2**step)
-            own = update((1 - beta1**age).view(shape), (1 - beta2**age).view(shape))
+            applied = _adam_update(lr, m, v, eps, 1 - beta1**step, 1 - beta2**step)
+            own = _adam_update(lr, m, v, eps, (1 - beta1**age).view(shape), (1 - beta2**age).view(shape))
             param.index_add_(0, rows, (applied - own).to(param.dtype))
             settled = (beta1**age < _SETTLED) & (beta2**age < _SETTLED)
             reset_at[rows[settled.to(rows.device)]] = -1.0
+
+
+def _adam_update(lr: float, m: Tensor, v: Tensor, eps: float, c1: Tensor | float, c2: Tensor | float) -> Tensor:
+    """Adam's step of rows with first moments ``m``, square-rooted second ``v`` and bias corrections ``c1``, ``c2``."""
+    return lr / c1 * m / (v / torch.sqrt(torch.as_tensor(c2, dtype=torch.float64)) + eps)
 
 
 def memory_report(module: torch.nn.Module, sketch: tuple[str, ...] = (), floats: tuple[str, ...] = ()) -> MemoryReport:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-from collections.abc import Sequence
 
 from compemb.budget import FLOAT_BYTES, Budget, full_table_bytes, resolve_budget
 from compemb.embeddings.base import CompressedEmbedding, init_uniform_

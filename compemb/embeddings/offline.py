@@ -20,8 +20,8 @@ from compemb.embeddings.base import CompressedEmbedding, init_uniform_
 from compemb.embeddings.cafe.settings import budget_ratio, paper_defaults
 from compemb.embeddings.id_map import search_rows
 from compemb.hashing import UniversalHash, coefficient_bytes
-from compemb.registry import register
 from compemb.kernels import device_path
+from compemb.registry import register
 from compemb.table_batch import PackedBuffers, RowsBatch, column_sizes, hash_columns
 
 

@@ -50,8 +50,8 @@ from compemb.checks import assert_ids_in_range
 from compemb.collection import Bags, EmbeddingCollection, Feature
 from compemb.embeddings.adaptive import end_step
 from compemb.embeddings.base import CompressedEmbedding
-from compemb.feature_methods import EVERY_OTHER, is_per_feature, parse_feature_methods
 from compemb.embeddings.full import FullEmbedding
+from compemb.feature_methods import EVERY_OTHER, is_per_feature, parse_feature_methods
 from compemb.kernels import device_path
 
 _POOLINGS = {PoolingType.SUM: "sum", PoolingType.MEAN: "mean"}

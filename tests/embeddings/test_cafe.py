@@ -9,8 +9,13 @@ from compemb import BudgetError, make_embedding
 from compemb.embeddings.adaptive import reset_optimizer_rows
 from compemb.embeddings.cafe.embedding import MIN_HOT_ROWS, _hot_candidates_torch
 from compemb.embeddings.cafe.kernels import hot_candidates
-from compemb.embeddings.cafe.settings import (PER_FIELD_SMALL_BUDGET_SETTINGS, SMALL_BUDGET_ROWS, SMALL_BUDGET_SETTINGS,
-                                              default_settings, paper_defaults)
+from compemb.embeddings.cafe.settings import (
+    PER_FIELD_SMALL_BUDGET_SETTINGS,
+    SMALL_BUDGET_ROWS,
+    SMALL_BUDGET_SETTINGS,
+    default_settings,
+    paper_defaults,
+)
 from compemb.embeddings.id_map import search_rows, search_rows_torch
 
 N = 100_000
@@ -350,14 +355,14 @@ def test_a_promoted_row_takes_a_first_step_of_lr_after_a_long_run(optimizer, spa
     """The issue's repro: 3,000 steps of other ids, then id 5 is promoted; its row's first update is Adam's first
     (|m / sqrt(v)| = 1 per coordinate: lr), not the 3.08 x lr a zeroed row at a late shared step took."""
     from compemb.optim import RowAdam
-    from compemb.train import _one_optimizer
+    from compemb.train import one_optimizer
 
     module = make_embedding("cafe", 1000, 4, num_params=3000, threshold=4, importance="frequency", seed=15,
                             sparse=sparse)
     holder = torch.nn.Module()
     holder.table = module
     adam = RowAdam(module.parameters(), lr=0.01) if optimizer == "row-adam" else \
-        _one_optimizer("adam_dense", list(holder.parameters()), 0.01)
+        one_optimizer("adam_dense", list(holder.parameters()), 0.01)
     train(module, [torch.tensor([1, 2, 3])] * 3000, adam)
     train(module, [torch.tensor([5] * 4)], adam)  # 5 reaches the threshold and takes a hot row
     assert 5 in hot_map(module)

@@ -584,7 +584,6 @@ def _per_column_clustering_reference(table, sample, holders, h1, seeds, weight, 
     column, column after column."""
     from compemb.cluster import kmeans_torch, nearest_torch
     from compemb.embeddings.cce.embedding import ASSIGN_BATCH
-    from compemb.hashing import hash_ids
 
     c, k, kh = table.columns, table.rows, table.holder_rows
     inertia = []
@@ -621,8 +620,8 @@ def test_the_device_clustering_of_all_columns_at_once_is_each_columns_own(method
     for batched in (True, False):
         table = make_embedding(method, 3000, 16, compression=2 if method == "cce" else 4, seed=1)
         if not batched:
-            monkeypatch.setattr(table, "_fit_columns_on_device", lambda *args: _per_column_clustering_reference(
-                table, *args))
+            monkeypatch.setattr(table, "_fit_columns_on_device", lambda *args, table=table: (
+                _per_column_clustering_reference(table, *args)))
         with use_kernels("torch"):
             table.train()
             if table.sketch is not None:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from compemb.collection import EmbeddingCollection, Feature
-from compemb.models import DCNv2, DLRM
+from compemb.models import DLRM, DCNv2
 
 FEATURES = [Feature(f"C{i}", 50 + 10 * i) for i in range(5)]
 

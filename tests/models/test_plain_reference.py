@@ -3,7 +3,6 @@
 import math
 
 import pytest
-
 import torch
 
 from compemb.bench.plain_loop import PlainDLRM

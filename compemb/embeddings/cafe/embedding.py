@@ -72,8 +72,8 @@ from compemb.embeddings.adaptive import AdaptiveEmbedding, memory_report, reset_
 from compemb.embeddings.base import CompressedEmbedding, init_uniform_
 from compemb.embeddings.cafe.batch import CAFETables
 from compemb.embeddings.cafe.kernels import cafe_rows, hot_candidates
-from compemb.embeddings.fields import plan_fields, split_rows
 from compemb.embeddings.cafe.settings import budget_ratio, default_settings
+from compemb.embeddings.fields import plan_fields, split_rows
 from compemb.hashing import UniversalHash, coefficient_bytes, hash_high32
 from compemb.kernels import on_host
 from compemb.registry import register

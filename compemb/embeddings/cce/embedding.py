@@ -75,7 +75,6 @@ from compemb.embeddings.id_map import NO_ID  # free holder_ids entries sort last
 from compemb.hashing import UniversalHash, hash_coefficients, hash_ids
 from compemb.kernels import device_path, on_host
 from compemb.registry import register
-from compemb.table_batch import SeparateLookups
 from compemb.sketch.hotsketch import HotSketch
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,6 @@ from torch import Tensor
 
 from compemb.sketch.hotsketch import HotSketch
 
-
 # the automatic schedule clusters at least every 1/AUTO_PER_RUN of a run (twice up to 3/4 of a one-epoch run): of
 # every 1/12, 1/6 and 1/3 of a one-epoch run (benchmarks/results/cce_schedule.md) the fewest clusterings did best
 AUTO_PER_RUN = 3
