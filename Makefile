@@ -35,9 +35,10 @@ run: $(STAMP)
 	$(BIN)/compemb bench quality --data $(DEMO)/data --out $(DEMO)/sweep --methods $(METHODS) --compression 100 --seeds 3 \
 		--sharing shared --dim 16 --bottom 64 --top 64 --batch-size 2048 --epochs 1 --evals-per-epoch 3
 
-# the lint first (pyproject.toml's [tool.ruff.lint] rules), then the suite
+# the lint and the format first (pyproject.toml's [tool.ruff] settings), then the suite
 test: $(STAMP)
 	$(BIN)/ruff check compemb tests benchmarks
+	$(BIN)/ruff format --check compemb tests benchmarks
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)

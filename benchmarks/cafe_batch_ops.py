@@ -17,8 +17,19 @@ from compemb.train import TrainConfig
 
 
 def main(data: str) -> None:
-    base = TrainConfig(data=data, out="unused", batch_size=4096, embedding_dim=16, bottom=(256, 64), top=(256, 64),
-                       optimizer="adam", lr=1e-3, table_optimizer=None, table_lr=None, compression=100)
+    base = TrainConfig(
+        data=data,
+        out="unused",
+        batch_size=4096,
+        embedding_dim=16,
+        bottom=(256, 64),
+        top=(256, 64),
+        optimizer="adam",
+        lr=1e-3,
+        table_optimizer=None,
+        table_lr=None,
+        compression=100,
+    )
     together = CAFETables.together
     print("| method | tables | ops/step | host waits/step |\n|---|---|---:|---:|")
     try:

@@ -66,16 +66,24 @@ def ours(x: np.ndarray, k: int, seed: int, compare_indexes: bool = False, **opti
     middle = time.perf_counter()
     labels, dist = assign(x, result.centroids)
     end = time.perf_counter()
-    out = {"kmeans_s": middle - start, "assign_s": end - middle, "total_s": end - start,
-           "objective": float(dist.double().mean()), "iterations": result.iterations}
+    out = {
+        "kmeans_s": middle - start,
+        "assign_s": end - middle,
+        "total_s": end - start,
+        "objective": float(dist.double().mean()),
+        "iterations": result.iterations,
+    }
     if compare_indexes:  # the final assignment through HNSW instead, on every tenth point
         part = x[::10]
         began = time.perf_counter()
         hnsw_labels, hnsw_dist = assign(part, result.centroids, index="hnsw")
-        out["hnsw_assign"] = {"points": len(part), "seconds": time.perf_counter() - began,
-                              "flat_seconds_prorated": out["assign_s"] * len(part) / len(x),
-                              "same_label": float((hnsw_labels == labels[::10]).double().mean()),
-                              "objective_ratio": float(hnsw_dist.double().mean() / dist[::10].double().mean())}
+        out["hnsw_assign"] = {
+            "points": len(part),
+            "seconds": time.perf_counter() - began,
+            "flat_seconds_prorated": out["assign_s"] * len(part) / len(x),
+            "same_label": float((hnsw_labels == labels[::10]).double().mean()),
+            "objective_ratio": float(hnsw_dist.double().mean() / dist[::10].double().mean()),
+        }
     return out
 
 
@@ -87,8 +95,13 @@ def faiss_kmeans(x: np.ndarray, k: int, seed: int, niter: int = 50, points_per_c
     middle = time.perf_counter()
     _, dist = assign(x, km.centroids)
     end = time.perf_counter()
-    return {"kmeans_s": middle - start, "assign_s": end - middle, "total_s": end - start,
-            "objective": float(dist.double().mean()), "iterations": niter}
+    return {
+        "kmeans_s": middle - start,
+        "assign_s": end - middle,
+        "total_s": end - start,
+        "objective": float(dist.double().mean()),
+        "iterations": niter,
+    }
 
 
 def run(quick: bool, levers: bool, seed: int) -> dict:
@@ -99,42 +112,82 @@ def run(quick: bool, levers: bool, seed: int) -> dict:
     for name, make in (("mixture", mixture), ("uniform", uniform)):
         small = make(1_000_000 // scale, seed)
         reference = faiss_kmeans(small, 5_000 // scale, seed)
-        rows.append({"case": name, "n": len(small), "k": 5_000 // scale, "compared_on": "same data",
-                     **ours(small, 5_000 // scale, seed), "reference": reference})
+        rows.append(
+            {
+                "case": name,
+                "n": len(small),
+                "k": 5_000 // scale,
+                "compared_on": "same data",
+                **ours(small, 5_000 // scale, seed),
+                "reference": reference,
+            }
+        )
         print(rows[-1], flush=True)
         if levers:  # each alternative on the same 1M points, against the same reference
             variants = {
                 "neighbors=24": lambda small=small: ours(small, 5_000 // scale, seed, neighbors=24),
                 "init=density": lambda small=small: ours(small, 5_000 // scale, seed, init="density"),
-                "max_points_per_centroid=64": lambda small=small: ours(small, 5_000 // scale, seed, max_points_per_centroid=64),
+                "max_points_per_centroid=64": lambda small=small: ours(
+                    small, 5_000 // scale, seed, max_points_per_centroid=64
+                ),
                 "search=flat (exact Lloyd's)": lambda small=small: ours(small, 5_000 // scale, seed, search="flat"),
-                "faiss.Kmeans niter=20, 32 points/centroid": lambda small=small: faiss_kmeans(small, 5_000 // scale, seed, 20, 32),
-                "faiss.Kmeans niter=25, 64 points/centroid": lambda small=small: faiss_kmeans(small, 5_000 // scale, seed, 25, 64),
+                "faiss.Kmeans niter=20, 32 points/centroid": lambda small=small: faiss_kmeans(
+                    small, 5_000 // scale, seed, 20, 32
+                ),
+                "faiss.Kmeans niter=25, 64 points/centroid": lambda small=small: faiss_kmeans(
+                    small, 5_000 // scale, seed, 25, 64
+                ),
             }
             for label, variant in variants.items():
                 lever_rows.append({"case": name, "variant": label, **variant(), "reference": reference["objective"]})
                 print(lever_rows[-1], flush=True)
         del small
         big = make(10_000_000 // scale, seed)
-        rows.append({"case": name, "n": len(big), "k": 50_000 // scale, "compared_on": "2M subsample below",
-                     **ours(big, 50_000 // scale, seed, compare_indexes=True), "reference": None})
+        rows.append(
+            {
+                "case": name,
+                "n": len(big),
+                "k": 50_000 // scale,
+                "compared_on": "2M subsample below",
+                **ours(big, 50_000 // scale, seed, compare_indexes=True),
+                "reference": None,
+            }
+        )
         print(rows[-1], flush=True)
         sub = big[np.sort(np.random.default_rng(seed).choice(len(big), 2_000_000 // scale, replace=False))]
         del big
-        rows.append({"case": f"{name}, 2M subsample of the 10M", "n": len(sub), "k": 10_000 // scale,
-                     "compared_on": "same data", **ours(sub, 10_000 // scale, seed),
-                     "reference": faiss_kmeans(sub, 10_000 // scale, seed)})
+        rows.append(
+            {
+                "case": f"{name}, 2M subsample of the 10M",
+                "n": len(sub),
+                "k": 10_000 // scale,
+                "compared_on": "same data",
+                **ours(sub, 10_000 // scale, seed),
+                "reference": faiss_kmeans(sub, 10_000 // scale, seed),
+            }
+        )
         print(rows[-1], flush=True)
         del sub
     return {
-        "rows": rows, "levers": lever_rows, "original_code_measured_elsewhere": ORIGINAL,
+        "rows": rows,
+        "levers": lever_rows,
+        "original_code_measured_elsewhere": ORIGINAL,
         "targets": {"seconds": {str(n): s for n, s in TARGET_SECONDS.items()}, "objective_ratio": TARGET_RATIO},
         "settings": {
-            "quick": quick, "seed": seed, "d": 4, "niter": 50, "max_points_per_centroid": 256,
-            "torch": torch.__version__, "faiss": faiss.__version__, "numba": numba.__version__,
-            "threads": torch.get_num_threads(), "faiss_threads": faiss.omp_get_max_threads(),
-            "cpus": os.cpu_count(), "load_average_at_end": [round(v, 2) for v in os.getloadavg()],
-            "machine": platform.machine(), "date": datetime.date.today().isoformat(),
+            "quick": quick,
+            "seed": seed,
+            "d": 4,
+            "niter": 50,
+            "max_points_per_centroid": 256,
+            "torch": torch.__version__,
+            "faiss": faiss.__version__,
+            "numba": numba.__version__,
+            "threads": torch.get_num_threads(),
+            "faiss_threads": faiss.omp_get_max_threads(),
+            "cpus": os.cpu_count(),
+            "load_average_at_end": [round(v, 2) for v in os.getloadavg()],
+            "machine": platform.machine(),
+            "date": datetime.date.today().isoformat(),
         },
     }
 
@@ -149,8 +202,10 @@ def table(result: dict) -> str:
         target = TARGET_SECONDS.get(row["n"])
         met = "" if target is None else (" (met)" if row["total_s"] <= target else f" (over {target:.0f})")
         reference = f"{ref['objective']:.6g} ({ref['kmeans_s']:.0f} s)" if ref else "not run"
-        return (f"| {row['case']} | {row['n']:,} | {row['k']:,} | 4 | {row['kmeans_s']:.1f} | {row['assign_s']:.1f} | "
-                f"{row['total_s']:.1f}{met} | {row['objective']:.6g} | {reference} | {ratio} |")
+        return (
+            f"| {row['case']} | {row['n']:,} | {row['k']:,} | 4 | {row['kmeans_s']:.1f} | {row['assign_s']:.1f} | "
+            f"{row['total_s']:.1f}{met} | {row['objective']:.6g} | {reference} | {ratio} |"
+        )
 
     lines = [
         f"CCE's clustering step at d=4: `compemb.cluster.kmeans` (niter=50, max_points_per_centroid=256, defaults "
@@ -176,12 +231,19 @@ def table(result: dict) -> str:
     ]
     hnsw = [(row["case"], row["hnsw_assign"]) for row in result["rows"] if "hnsw_assign" in row]
     if hnsw:
-        lines += ["", "Final assignment at k=50,000 through faiss IndexHNSWFlat (M=32, efSearch=64) instead of the "
-                  "exact IndexFlatL2, on every tenth of the 10M points:", "",
-                  "| case | points | HNSW s | flat s (pro rata) | same label as flat | objective / flat's |",
-                  "|---|---:|---:|---:|---:|---:|",
-                  *[f"| {case} | {h['points']:,} | {h['seconds']:.1f} | {h['flat_seconds_prorated']:.1f} | "
-                    f"{h['same_label']:.4f} | {h['objective_ratio']:.4f} |" for case, h in hnsw]]
+        lines += [
+            "",
+            "Final assignment at k=50,000 through faiss IndexHNSWFlat (M=32, efSearch=64) instead of the "
+            "exact IndexFlatL2, on every tenth of the 10M points:",
+            "",
+            "| case | points | HNSW s | flat s (pro rata) | same label as flat | objective / flat's |",
+            "|---|---:|---:|---:|---:|---:|",
+            *[
+                f"| {case} | {h['points']:,} | {h['seconds']:.1f} | {h['flat_seconds_prorated']:.1f} | "
+                f"{h['same_label']:.4f} | {h['objective_ratio']:.4f} |"
+                for case, h in hnsw
+            ],
+        ]
     if result["levers"]:
         lines += [
             "",
@@ -190,8 +252,11 @@ def table(result: dict) -> str:
             "",
             "| case | variant | k-means s | assign s | total s | objective | ratio to exact |",
             "|---|---|---:|---:|---:|---:|---:|",
-            *[f"| {r['case']} | {r['variant']} | {r['kmeans_s']:.1f} | {r['assign_s']:.1f} | {r['total_s']:.1f} | "
-              f"{r['objective']:.6g} | {r['objective'] / r['reference']:.4f} |" for r in result["levers"]],
+            *[
+                f"| {r['case']} | {r['variant']} | {r['kmeans_s']:.1f} | {r['assign_s']:.1f} | {r['total_s']:.1f} | "
+                f"{r['objective']:.6g} | {r['objective'] / r['reference']:.4f} |"
+                for r in result["levers"]
+            ],
         ]
     return "\n".join(lines) + "\n"
 

@@ -51,32 +51,65 @@ def worker(data: str, out: str, method: str) -> None:
             finally:
                 seconds[name] += time.perf_counter() - start
                 calls[name] += 1
+
         return wrapper
 
     for name in ("gather_scored", "average_gradients"):  # the methods and the trainer call them through the module
         setattr(distributed, name, timed(name, getattr(distributed, name)))
     train.gather_pending = timed("gather_pending", train.gather_pending)  # every adaptive table's, once a step
-    config = TrainConfig(data=data, out=out, method=method, compression=100, embedding_dim=16, bottom=(64,),
-                         top=(64,), optimizer="adagrad", lr=0.05,
-                         table_optimizer=None, table_lr=None, batch_size=2048, epochs=1, seed=0,
-                         checkpoint_minutes=0, method_options={"cluster_every": 40} if method == "cce" else {})
+    config = TrainConfig(
+        data=data,
+        out=out,
+        method=method,
+        compression=100,
+        embedding_dim=16,
+        bottom=(64,),
+        top=(64,),
+        optimizer="adagrad",
+        lr=0.05,
+        table_optimizer=None,
+        table_lr=None,
+        batch_size=2048,
+        epochs=1,
+        seed=0,
+        checkpoint_minutes=0,
+        method_options={"cluster_every": 40} if method == "cce" else {},
+    )
     trainer = Trainer(config, overwrite=True)
     result = trainer.fit()
     if distributed.rank() == 0:
         steps = trainer.total_steps
-        print(json.dumps({"samples_per_s": result["samples_per_s"], "steps": steps,
-                          "ms_per_step": {k: 1000 * v / steps for k, v in seconds.items()},
-                          "calls_per_step": {k: v / steps for k, v in calls.items()}}))
+        print(
+            json.dumps(
+                {
+                    "samples_per_s": result["samples_per_s"],
+                    "steps": steps,
+                    "ms_per_step": {k: 1000 * v / steps for k, v in seconds.items()},
+                    "calls_per_step": {k: v / steps for k, v in calls.items()},
+                }
+            )
+        )
     distributed.exit_rank(0)
 
 
 def one_run(data: str, method: str, nproc: int, threads: int) -> dict:
     """One training run under torchrun; its rank 0's JSON line."""
     with tempfile.TemporaryDirectory() as out:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-                   str(HERE), "--worker", data, out, method]
-        done = subprocess.run(command, capture_output=True, text=True,
-                              env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            str(HERE),
+            "--worker",
+            data,
+            out,
+            method,
+        ]
+        done = subprocess.run(
+            command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)}
+        )
     if done.returncode != 0:
         raise SystemExit(f"{method} on {nproc} processes failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -88,30 +121,50 @@ def run(methods: list[str], rounds: int, train_rows: int, scale: float) -> dict:
 
     with tempfile.TemporaryDirectory() as root:
         data = f"{root}/synth"
-        generate_synthetic(data, SyntheticConfig(rows={"train": train_rows, "val": 8192}, scale=scale, seed=0),
-                           progress=False)
+        generate_synthetic(
+            data, SyntheticConfig(rows={"train": train_rows, "val": 8192}, scale=scale, seed=0), progress=False
+        )
         runs: dict[str, dict[str, list[dict]]] = {m: {name: [] for name, _, _ in CONFIGS} for m in methods}
         for round_ in range(rounds):
             for method in methods:
                 for name, nproc, threads in CONFIGS:
                     runs[method][name].append(one_run(data, method, nproc, threads))
-                    print(f"round {round_ + 1}/{rounds} {method} {name}: "
-                          f"{runs[method][name][-1]['samples_per_s']:,.0f} samples/s", flush=True)
+                    print(
+                        f"round {round_ + 1}/{rounds} {method} {name}: "
+                        f"{runs[method][name][-1]['samples_per_s']:,.0f} samples/s",
+                        flush=True,
+                    )
     rows = []
     for method in methods:
         rate = {name: statistics.median(r["samples_per_s"] for r in runs[method][name]) for name, _, _ in CONFIGS}
         two = runs[method]["2 procs x 1 thread"]
         ms = {key: statistics.median(r["ms_per_step"][key] for r in two) for key in two[0]["ms_per_step"]}
         step_ms = 1000 * 2048 / rate["2 procs x 1 thread"]
-        rows.append({"method": method, "samples_per_s": rate,
-                     "scaling": rate["2 procs x 1 thread"] / (2 * rate["1 proc x 1 thread"]),
-                     "two_procs_vs_two_threads": rate["2 procs x 1 thread"] / rate["1 proc x 2 threads"],
-                     "collective_ms_per_step": ms, "calls_per_step": two[0]["calls_per_step"],
-                     "step_ms_two_procs": step_ms})
-    return {"rows": rows, "target_scaling": TARGET_SCALING,
-            "settings": {"rounds": rounds, "train_rows": train_rows, "scale": scale, "batch_size": 2048,
-                         "torch": torch.__version__, "cpus": os.cpu_count(), "machine": platform.machine(),
-                         "date": datetime.date.today().isoformat()}}
+        rows.append(
+            {
+                "method": method,
+                "samples_per_s": rate,
+                "scaling": rate["2 procs x 1 thread"] / (2 * rate["1 proc x 1 thread"]),
+                "two_procs_vs_two_threads": rate["2 procs x 1 thread"] / rate["1 proc x 2 threads"],
+                "collective_ms_per_step": ms,
+                "calls_per_step": two[0]["calls_per_step"],
+                "step_ms_two_procs": step_ms,
+            }
+        )
+    return {
+        "rows": rows,
+        "target_scaling": TARGET_SCALING,
+        "settings": {
+            "rounds": rounds,
+            "train_rows": train_rows,
+            "scale": scale,
+            "batch_size": 2048,
+            "torch": torch.__version__,
+            "cpus": os.cpu_count(),
+            "machine": platform.machine(),
+            "date": datetime.date.today().isoformat(),
+        },
+    }
 
 
 def table(result: dict) -> str:
@@ -138,7 +191,8 @@ def table(result: dict) -> str:
             f"{rate['1 proc x 2 threads']:,.0f} | {row['scaling']:.2f} | {met} | {row['two_procs_vs_two_threads']:.2f} "
             f"| {ms['gather_pending']:.2f} | {ms['gather_scored']:.2f} ({calls['gather_scored']:.0f}) | "
             f"{ms['average_gradients']:.2f} | "
-            f"{row['step_ms_two_procs']:.1f} |")
+            f"{row['step_ms_two_procs']:.1f} |"
+        )
     return "\n".join(lines)
 
 

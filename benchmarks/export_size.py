@@ -51,24 +51,37 @@ def measure(run: Path, work: Path) -> list[dict]:
         tables = report["embedding_memory_bytes"]
         fp32_tables = tables if scheme is None else fp32_tables
         expected_size = tables + report["mlp_bytes"] + report["vocabulary_bytes"]
-        rows.append({"run": run.name, "scheme": scheme or "fp32", "file_bytes": report["file_bytes"],
-                     "tables_memory_bytes": tables, "mlp_bytes": report["mlp_bytes"],
-                     "vocabulary_bytes": report["vocabulary_bytes"],
-                     "file_over_memory_plus_mlps": report["file_bytes"] / expected_size - 1,
-                     "tables_vs_fp32": tables / fp32_tables, "max_logit_difference_to_model": difference,
-                     "dropped": report["dropped"]})
+        rows.append(
+            {
+                "run": run.name,
+                "scheme": scheme or "fp32",
+                "file_bytes": report["file_bytes"],
+                "tables_memory_bytes": tables,
+                "mlp_bytes": report["mlp_bytes"],
+                "vocabulary_bytes": report["vocabulary_bytes"],
+                "file_over_memory_plus_mlps": report["file_bytes"] / expected_size - 1,
+                "tables_vs_fp32": tables / fp32_tables,
+                "max_logit_difference_to_model": difference,
+                "dropped": report["dropped"],
+            }
+        )
     return rows
 
 
 def table(rows: list[dict]) -> str:
     """A markdown table of the rows, with the targets."""
-    lines = ["| run | scheme | file bytes | tables memory() | MLPs | vocabulary | file / (memory + MLPs + vocabulary) "
-             "| tables vs fp32 | loaded vs model (max logit diff) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| run | scheme | file bytes | tables memory() | MLPs | vocabulary | file / (memory + MLPs + vocabulary) "
+        "| tables vs fp32 | loaded vs model (max logit diff) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         within = "yes" if abs(r["file_over_memory_plus_mlps"]) <= SIZE_TOLERANCE else "NO"
-        lines.append(f"| {r['run']} | {r['scheme']} | {r['file_bytes']:,} | {r['tables_memory_bytes']:,} | "
-                     f"{r['mlp_bytes']:,} | {r['vocabulary_bytes']:,} | {r['file_over_memory_plus_mlps']:+.2%} "
-                     f"(within 5%: {within}) | {r['tables_vs_fp32']:.4f}x | {r['max_logit_difference_to_model']:.1e} |")
+        lines.append(
+            f"| {r['run']} | {r['scheme']} | {r['file_bytes']:,} | {r['tables_memory_bytes']:,} | "
+            f"{r['mlp_bytes']:,} | {r['vocabulary_bytes']:,} | {r['file_over_memory_plus_mlps']:+.2%} "
+            f"(within 5%: {within}) | {r['tables_vs_fp32']:.4f}x | {r['max_logit_difference_to_model']:.1e} |"
+        )
     return "\n".join(lines)
 
 
@@ -83,9 +96,13 @@ def main() -> None:
     verdict = "".join(
         f"\nint8 of the full table ({r['run']}): {r['tables_vs_fp32']:.4f}x its fp32 size; target <= {INT8_TARGET}x: "
         f"{'met' if r['tables_vs_fp32'] <= INT8_TARGET else 'missed'} (d = 16: codes d bytes + fp16 scale and bias "
-        f"4 bytes per row = (d + 4) / 4d = 0.3125x; only d >= 48 reaches 0.27x)." for r in int8_full)
-    text = (f"Exported model files, {datetime.date.today()}; `python benchmarks/export_size.py --runs "
-            f"{' '.join(args.runs)}`.\n\n{table(rows)}\n{verdict}\n")
+        f"4 bytes per row = (d + 4) / 4d = 0.3125x; only d >= 48 reaches 0.27x)."
+        for r in int8_full
+    )
+    text = (
+        f"Exported model files, {datetime.date.today()}; `python benchmarks/export_size.py --runs "
+        f"{' '.join(args.runs)}`.\n\n{table(rows)}\n{verdict}\n"
+    )
     atomic_write_text(f"{args.output}.md", text)
     atomic_write_text(f"{args.output}.json", json.dumps(rows, indent=2) + "\n")
     print(text)

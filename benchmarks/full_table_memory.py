@@ -20,9 +20,14 @@ from pathlib import Path
 
 def _peak_rss_bytes(command: list[str]) -> int:
     """Max RSS of one child process (a fresh interpreter for each: RUSAGE_CHILDREN keeps the largest child's)."""
-    probe = [sys.executable, "-c", "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, "
-             "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); "
-             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)", *command]
+    probe = [
+        sys.executable,
+        "-c",
+        "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, "
+        "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)",
+        *command,
+    ]
     return int(subprocess.run(probe, check=True, capture_output=True, text=True).stdout.split()[-1]) * 1024
 
 
@@ -35,19 +40,38 @@ def main() -> None:
     manifest = json.loads((Path(args.data) / "manifest.json").read_text())
     tables = sum(manifest["cardinalities"]) * 16 * 4
     baseline = _peak_rss_bytes([sys.executable, "-c", "import compemb.train, torch"])
-    print(f"full tables: {sum(manifest['cardinalities']):,} rows x 16 fp32 = {tables / 1e9:.3f} GB; "
-          f"importing compemb and torch alone: {baseline / 1e9:.3f} GB\n")
+    print(
+        f"full tables: {sum(manifest['cardinalities']):,} rows x 16 fp32 = {tables / 1e9:.3f} GB; "
+        f"importing compemb and torch alone: {baseline / 1e9:.3f} GB\n"
+    )
     print("| optimizer | peak RSS training | x tables | peak RSS resuming | x tables |")
     print("|---|---|---|---|---|")
     for optimizer in args.optimizer.split(","):
         out = f"{args.run}-{optimizer}"
         shutil.rmtree(out, ignore_errors=True)
-        train = [sys.executable, "-m", "compemb", "train", "--data", args.data, "--out", out, "--method", "full",
-                 "--optimizer", optimizer, "--lr", "0.01" if optimizer == "adam" else "0.1", "--quiet"]
+        train = [
+            sys.executable,
+            "-m",
+            "compemb",
+            "train",
+            "--data",
+            args.data,
+            "--out",
+            out,
+            "--method",
+            "full",
+            "--optimizer",
+            optimizer,
+            "--lr",
+            "0.01" if optimizer == "adam" else "0.1",
+            "--quiet",
+        ]
         trained = _peak_rss_bytes(train)
         resumed = _peak_rss_bytes([*train, "--resume"])
-        print(f"| {optimizer} | {trained / 1e9:.2f} GB | {trained / tables:.2f}x | {resumed / 1e9:.2f} GB | "
-              f"{resumed / tables:.2f}x |")
+        print(
+            f"| {optimizer} | {trained / 1e9:.2f} GB | {trained / tables:.2f}x | {resumed / 1e9:.2f} GB | "
+            f"{resumed / tables:.2f}x |"
+        )
     print(f"\n`{' '.join(['python', *sys.argv])}`")
 
 

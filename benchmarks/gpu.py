@@ -67,8 +67,10 @@ def time_method(config: TrainConfig, warmup: int, steps: int, sync_steps: int) -
     started = time.perf_counter()
     trainer = Trainer(config, overwrite=True)
     built = time.perf_counter() - started
-    rounds = lambda: sum(sum(m.progress().values()) for m in trainer.model.modules()  # noqa: E731
-                         if isinstance(m, CompressedEmbedding))
+
+    def rounds() -> int:
+        return sum(sum(m.progress().values()) for m in trainer.model.modules() if isinstance(m, CompressedEmbedding))
+
     trainer.fit(stop_at=warmup, final_evaluation=False)
     _sync(device)
     before = rounds()
@@ -83,9 +85,16 @@ def time_method(config: TrainConfig, warmup: int, steps: int, sync_steps: int) -
         syncs = count_cuda_syncs(config, warmup=2, steps=sync_steps)
     else:
         syncs = count_step_syncs(config, warmup=2, steps=sync_steps)["per_step"]
-    return {"method": config.method, "samples_per_s": steps * config.batch_size / seconds, "syncs_per_step": syncs,
-            "peak_gib": peak, "build_s": built, "events_while_timed": events,
-            "stored_mb": trainer.model.embeddings.memory().total / 1e6, **event}
+    return {
+        "method": config.method,
+        "samples_per_s": steps * config.batch_size / seconds,
+        "syncs_per_step": syncs,
+        "peak_gib": peak,
+        "build_s": built,
+        "events_while_timed": events,
+        "stored_mb": trainer.model.embeddings.memory().total / 1e6,
+        **event,
+    }
 
 
 def time_event(trainer: Trainer, device: torch.device) -> dict:
@@ -93,8 +102,11 @@ def time_event(trainer: Trainer, device: torch.device) -> dict:
     with the host waits it makes on CUDA (``event_s``/``event_syncs``; absent for methods without one)."""
     import warnings
 
-    tables = [m for m in trainer.model.modules() if isinstance(m, CompressedEmbedding)
-              and (hasattr(m, "cluster") or hasattr(m, "reallocate"))]
+    tables = [
+        m
+        for m in trainer.model.modules()
+        if isinstance(m, CompressedEmbedding) and (hasattr(m, "cluster") or hasattr(m, "reallocate"))
+    ]
     if not tables:
         return {}
     _sync(device)
@@ -116,9 +128,16 @@ def time_event(trainer: Trainer, device: torch.device) -> dict:
 
 def _failed(method: str, error: BaseException) -> dict:
     """The row of a method that could not be built or trained here: what went wrong, in its row."""
-    return {"method": method, "samples_per_s": float("nan"), "syncs_per_step": None, "peak_gib": None,
-            "build_s": 0.0, "events_while_timed": 0, "stored_mb": float("nan"),
-            "error": f"{type(error).__name__}: {error}"[:300]}
+    return {
+        "method": method,
+        "samples_per_s": float("nan"),
+        "syncs_per_step": None,
+        "peak_gib": None,
+        "build_s": 0.0,
+        "events_while_timed": 0,
+        "stored_mb": float("nan"),
+        "error": f"{type(error).__name__}: {error}"[:300],
+    }
 
 
 def time_plain(config: TrainConfig, warmup: int, steps: int) -> dict:
@@ -128,8 +147,9 @@ def time_plain(config: TrainConfig, warmup: int, steps: int) -> dict:
     train = splits["train"]
     _peak_reset(device)
     torch.manual_seed(0)
-    model = PlainDLRM(manifest["cardinalities"], train.dense.shape[1], config.embedding_dim, config.bottom,
-                      config.top, "dlrm")
+    model = PlainDLRM(
+        manifest["cardinalities"], train.dense.shape[1], config.embedding_dim, config.bottom, config.top, "dlrm"
+    )
     for table in model.tables:
         table.sparse = True
     model = model.to(device)
@@ -137,8 +157,10 @@ def time_plain(config: TrainConfig, warmup: int, steps: int) -> dict:
     dense = [p for name, p in model.named_parameters() if not name.startswith("tables.")]
     optimizers = [torch.optim.SparseAdam(tables, lr=config.lr), torch.optim.Adam(dense, lr=config.lr)]
     steps_per_epoch = len(train) // config.batch_size
-    batches = [tuple(t.to(device) for t in read_batch(train, i % steps_per_epoch, config.batch_size))
-               for i in range(min(warmup + steps, steps_per_epoch))]
+    batches = [
+        tuple(t.to(device) for t in read_batch(train, i % steps_per_epoch, config.batch_size))
+        for i in range(min(warmup + steps, steps_per_epoch))
+    ]
 
     def run(first: int, count: int) -> None:
         for i in range(first, first + count):
@@ -155,39 +177,63 @@ def time_plain(config: TrainConfig, warmup: int, steps: int) -> dict:
     started = time.perf_counter()
     run(warmup, steps)
     _sync(device)
-    return {"method": "plain loop", "samples_per_s": steps * config.batch_size / (time.perf_counter() - started),
-            "syncs_per_step": None, "peak_gib": _peak_gib(device), "build_s": 0.0, "events_while_timed": 0,
-            "stored_mb": sum(t.weight.numel() * 4 for t in model.tables) / 1e6}
+    return {
+        "method": "plain loop",
+        "samples_per_s": steps * config.batch_size / (time.perf_counter() - started),
+        "syncs_per_step": None,
+        "peak_gib": _peak_gib(device),
+        "build_s": 0.0,
+        "events_while_timed": 0,
+        "stored_mb": sum(t.weight.numel() * 4 for t in model.tables) / 1e6,
+    }
 
 
 def sketch_rates(device: str, quick: bool) -> dict:
     """The HotSketch's M ids/s on the device (benchmarks/hotsketch.py: Zipf batches of 4,096, 100k buckets)."""
     from hotsketch import run  # benchmarks/hotsketch.py
 
-    result = run(rounds=3, num_batches=8 if quick else 64, batch_size=4096, num_ids=1_000_000, num_buckets=100_000,
-                 seed=0, backend="merge" if device == "cpu" else "auto", device=device)
+    result = run(
+        rounds=3,
+        num_batches=8 if quick else 64,
+        batch_size=4096,
+        num_ids=1_000_000,
+        num_buckets=100_000,
+        seed=0,
+        backend="merge" if device == "cpu" else "auto",
+        device=device,
+    )
     return {name: rate["median"] for name, rate in result["rates_m_ids_per_s"].items()}
 
 
 def table(rows: list[dict], reference: dict[str, float]) -> str:
-    lines = ["| method | samples/s | x full | x hash | x plain | syncs/step | peak GiB | stored MB | build s "
-             "| clusterings etc. while timed | one clustering / reallocation: s (host waits) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| method | samples/s | x full | x hash | x plain | syncs/step | peak GiB | stored MB | build s "
+        "| clusterings etc. while timed | one clustering / reallocation: s (host waits) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for row in rows:
+
         def ratio(name: str, row: dict = row) -> str:
             return f"{row['samples_per_s'] / reference[name]:.2f}" if name in reference else "—"
 
         syncs = "—" if row["syncs_per_step"] is None else f"{row['syncs_per_step']:.2f}"
         peak = "—" if row["peak_gib"] is None else f"{row['peak_gib']:.2f}"
-        event = "—" if "event_s" not in row else f"{row['event_s']:.2f}" + (
-            "" if row.get("event_syncs") is None else f" ({row['event_syncs']})")
+        event = (
+            "—"
+            if "event_s" not in row
+            else f"{row['event_s']:.2f}" + ("" if row.get("event_syncs") is None else f" ({row['event_syncs']})")
+        )
         if "error" in row:
-            lines.append(f"| {row['method']} | — | — | — | — | — | — | — | — | — | cannot run here: "
-                         f"{row['error'][:160].replace('|', '/')} |")
+            lines.append(
+                f"| {row['method']} | — | — | — | — | — | — | — | — | — | cannot run here: "
+                f"{row['error'][:160].replace('|', '/')} |"
+            )
             continue
-        lines.append(f"| {row['method']} | {row['samples_per_s']:,.0f} | {ratio('full')} | {ratio('hash')} | "
-                     f"{ratio('plain loop')} | {syncs} | {peak} | {row['stored_mb']:,.1f} | {row['build_s']:.1f} | "
-                     f"{row['events_while_timed']} | {event} |")
+        lines.append(
+            f"| {row['method']} | {row['samples_per_s']:,.0f} | {ratio('full')} | {ratio('hash')} | "
+            f"{ratio('plain loop')} | {syncs} | {peak} | {row['stored_mb']:,.1f} | {row['build_s']:.1f} | "
+            f"{row['events_while_timed']} | {event} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -202,14 +248,20 @@ def targets(rows: list[dict], reference: dict[str, float]) -> str:
         lines.append(f"full ÷ plain loop: {reference['full'] / reference['plain loop']:.2f} (target >= 1.5)")
     if "full" in reference and "hash" in reference:
         lines.append(f"hash ÷ full: {reference['hash'] / reference['full']:.2f} (target >= 1.0)")
-    adaptive = {row["method"]: row["samples_per_s"] / reference["hash"] for row in rows
-                if row["method"] in ADAPTIVE and "error" not in row and "hash" in reference}
+    adaptive = {
+        row["method"]: row["samples_per_s"] / reference["hash"]
+        for row in rows
+        if row["method"] in ADAPTIVE and "error" not in row and "hash" in reference
+    }
     if adaptive:
         slowest = min(adaptive, key=adaptive.get)
         lines.append(f"slowest adaptive method ÷ hash: {slowest} {adaptive[slowest]:.2f} (target >= 0.7)")
     speeds = {row["method"]: row["samples_per_s"] for row in rows if "error" not in row}
-    graphs = [f"{name[:-len(' +graph')]} {speeds[name] / speeds[name[:-len(' +graph')]]:.2f}" for name in speeds
-              if name.endswith(" +graph") and name[:-len(" +graph")] in speeds]
+    graphs = [
+        f"{name[: -len(' +graph')]} {speeds[name] / speeds[name[: -len(' +graph')]]:.2f}"
+        for name in speeds
+        if name.endswith(" +graph") and name[: -len(" +graph")] in speeds
+    ]
     if graphs:
         lines.append(f"CUDA graph ÷ eager: {', '.join(graphs)}")
     waits = [row["syncs_per_step"] for row in rows if row.get("syncs_per_step") is not None]
@@ -229,8 +281,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--sync-steps", type=int, default=20)
-    parser.add_argument("--graph-methods", default="full,hash,cafe,cce-paper",
-                        help="methods timed again with --cuda-graph (rows 'METHOD +graph'); '' for none")
+    parser.add_argument(
+        "--graph-methods",
+        default="full,hash,cafe,cce-paper",
+        help="methods timed again with --cuda-graph (rows 'METHOD +graph'); '' for none",
+    )
     parser.add_argument("--quick", action="store_true", help="a small sketch benchmark (for checking the script)")
     parser.add_argument("--output", default="benchmarks/results/gpu")
     args = parser.parse_args(argv)
@@ -240,19 +295,37 @@ def main(argv: list[str] | None = None) -> int:
     methods = ["full", "hash", *[m for m in methods if m not in ("full", "hash")]]
     kernels = "torch" if device.type == "cpu" else "auto"
     with tempfile.TemporaryDirectory(prefix="compemb-gpu-") as out:
-        base = TrainConfig(data=args.data, out=out, method="hash", compression=args.compression, embedding_dim=16,
-                           bottom=(256, 64),
-                           top=(256, 64), optimizer="adam", lr=1e-3, batch_size=args.batch_size, epochs=10**6,
-                           checkpoint_minutes=0, checkpoint_epochs=False, evals_per_epoch=0, eval_every=0,
-                           device=args.device, kernels=kernels)
+        base = TrainConfig(
+            data=args.data,
+            out=out,
+            method="hash",
+            compression=args.compression,
+            embedding_dim=16,
+            bottom=(256, 64),
+            top=(256, 64),
+            optimizer="adam",
+            lr=1e-3,
+            batch_size=args.batch_size,
+            epochs=10**6,
+            checkpoint_minutes=0,
+            checkpoint_epochs=False,
+            evals_per_epoch=0,
+            eval_every=0,
+            device=args.device,
+            kernels=kernels,
+        )
         rows = []
         try:
             rows.append(time_plain(base, args.warmup, args.steps))
         except Exception as error:
             rows.append(_failed("plain loop", error))
         for method in methods:
-            config = dataclasses.replace(base, method=method, out=f"{out}/{method}",
-                                         compression=args.compression if METHODS[method].compresses else None)
+            config = dataclasses.replace(
+                base,
+                method=method,
+                out=f"{out}/{method}",
+                compression=args.compression if METHODS[method].compresses else None,
+            )
             try:
                 rows.append(time_method(config, args.warmup, args.steps, args.sync_steps))
             except Exception as error:
@@ -260,35 +333,52 @@ def main(argv: list[str] | None = None) -> int:
             print(rows[-1], flush=True)
         for method in [m for m in args.graph_methods.split(",") if m]:
             try:  # the same config replayed as a CUDA graph (refused off CUDA: the row says so)
-                config = dataclasses.replace(base, method=method, out=f"{out}/{method}-graph", cuda_graph=True,
-                                             compression=args.compression if METHODS[method].compresses else None)
-                rows.append({**time_method(config, args.warmup, args.steps, args.sync_steps),
-                             "method": f"{method} +graph"})
+                config = dataclasses.replace(
+                    base,
+                    method=method,
+                    out=f"{out}/{method}-graph",
+                    cuda_graph=True,
+                    compression=args.compression if METHODS[method].compresses else None,
+                )
+                rows.append(
+                    {**time_method(config, args.warmup, args.steps, args.sync_steps), "method": f"{method} +graph"}
+                )
             except Exception as error:
                 rows.append(_failed(f"{method} +graph", error))
             print(rows[-1], flush=True)
         vocab_rows = []
         if args.vocab_data:
             for method in VOCAB_METHODS:
-                config = dataclasses.replace(base, data=args.vocab_data, method=method, out=f"{out}/vocab-{method}",
-                                             sharing="shared", compression=1000 if method != "full" else None)
+                config = dataclasses.replace(
+                    base,
+                    data=args.vocab_data,
+                    method=method,
+                    out=f"{out}/vocab-{method}",
+                    sharing="shared",
+                    compression=1000 if method != "full" else None,
+                )
                 try:
                     vocab_rows.append(time_method(config, args.warmup, args.steps, args.sync_steps))
                 except Exception as error:
                     vocab_rows.append(_failed(method, error))
                 print(vocab_rows[-1], flush=True)
-    reference = {row["method"]: row["samples_per_s"] for row in rows
-                 if row["method"] in ("full", "hash", "plain loop") and "error" not in row}
+    reference = {
+        row["method"]: row["samples_per_s"]
+        for row in rows
+        if row["method"] in ("full", "hash", "plain loop") and "error" not in row
+    }
     try:
         sketch = sketch_rates(args.device, args.quick)
     except Exception as error:
         sketch = {"error": f"{type(error).__name__}: {error}"[:300]}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (kernels='torch')"
     date = datetime.date.today().isoformat()
-    text = (f"# compemb on {name} ({date}, torch {torch.__version__})\n\nDLRM dim 16, bottom 256-64, top 256-64, Adam "
-            f"1e-3, batch {args.batch_size:,}, {args.compression:g}x per feature, `{args.data}`; {args.steps} timed "
-            f"steps after {args.warmup}; syncs over {args.sync_steps} more. Command: `benchmarks/gpu.sh`.\n\n"
-            + table(rows, reference))
+    text = (
+        f"# compemb on {name} ({date}, torch {torch.__version__})\n\nDLRM dim 16, bottom 256-64, top 256-64, Adam "
+        f"1e-3, batch {args.batch_size:,}, {args.compression:g}x per feature, `{args.data}`; {args.steps} timed "
+        f"steps after {args.warmup}; syncs over {args.sync_steps} more. Command: `benchmarks/gpu.sh`.\n\n"
+        + table(rows, reference)
+    )
     text += targets(rows, reference)
     failed = [row for row in rows if "error" in row]
     if failed:
@@ -296,15 +386,31 @@ def main(argv: list[str] | None = None) -> int:
     if vocab_rows:
         vocab_reference = {row["method"]: row["samples_per_s"] for row in vocab_rows if "error" not in row}
         ids = sum(open_dataset(args.vocab_data)[0]["cardinalities"])
-        text += (f"\nA large vocabulary ({ids:,} ids, `{args.vocab_data}`; Kaggle's unscaled one is 33.8M), one shared "
-                 f"table, 1,000x (full: the whole table):\n\n" + table(vocab_rows, vocab_reference))
-    text += ("\nHotSketch on the device (Zipf(1.1) batches of 4,096 over 1M ids, 100k buckets x 4): "
-             + ", ".join(f"{op} {rate:,.1f} M ids/s" if op != "error" else f"failed: {rate}"
-                         for op, rate in sketch.items()) + "\n")
+        text += (
+            f"\nA large vocabulary ({ids:,} ids, `{args.vocab_data}`; Kaggle's unscaled one is 33.8M), one shared "
+            f"table, 1,000x (full: the whole table):\n\n" + table(vocab_rows, vocab_reference)
+        )
+    text += (
+        "\nHotSketch on the device (Zipf(1.1) batches of 4,096 over 1M ids, 100k buckets x 4): "
+        + ", ".join(f"{op} {rate:,.1f} M ids/s" if op != "error" else f"failed: {rate}" for op, rate in sketch.items())
+        + "\n"
+    )
     atomic_write_text(f"{args.output}.md", text)
-    atomic_write_text(f"{args.output}.json", json.dumps({"rows": rows, "vocab_rows": vocab_rows, "sketch": sketch,
-                                                         "device": name, "date": date, "torch": torch.__version__},
-                                                        indent=2) + "\n")
+    atomic_write_text(
+        f"{args.output}.json",
+        json.dumps(
+            {
+                "rows": rows,
+                "vocab_rows": vocab_rows,
+                "sketch": sketch,
+                "device": name,
+                "date": date,
+                "torch": torch.__version__,
+            },
+            indent=2,
+        )
+        + "\n",
+    )
     print(text)
     return 0
 

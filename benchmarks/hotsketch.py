@@ -32,8 +32,16 @@ from compemb.sketch import HotSketch
 TARGETS = {"insert": 25.0, "insert (frequency)": 25.0, "query": 50.0}  # M IDs/s, from the issue
 
 
-def run(rounds: int, num_batches: int, batch_size: int, num_ids: int, num_buckets: int, seed: int,
-        backend: str = "auto", device: str = "cpu") -> dict:
+def run(
+    rounds: int,
+    num_batches: int,
+    batch_size: int,
+    num_ids: int,
+    num_buckets: int,
+    seed: int,
+    backend: str = "auto",
+    device: str = "cpu",
+) -> dict:
     """Median M IDs/s of each operation, with the settings and machine."""
     rng = np.random.default_rng(seed)
     weights = np.arange(1, num_ids + 1, dtype=np.float64) ** -1.1
@@ -66,13 +74,24 @@ def run(rounds: int, num_batches: int, batch_size: int, num_ids: int, num_bucket
         "rates_m_ids_per_s": rates,
         "targets_m_ids_per_s": TARGETS,
         "settings": {
-            "rounds": rounds, "batches": num_batches, "batch_size": batch_size, "num_ids": num_ids,
-            "num_buckets": num_buckets, "slots": 4, "zipf": 1.1, "seed": seed, "sketch_bytes": sketch.memory().total,
-            "backend": "compiled" if sketch._compiled else ("vectorised merge" if sketch._merges else
-                                                             "torch ops, sequential rounds"),
+            "rounds": rounds,
+            "batches": num_batches,
+            "batch_size": batch_size,
+            "num_ids": num_ids,
+            "num_buckets": num_buckets,
+            "slots": 4,
+            "zipf": 1.1,
+            "seed": seed,
+            "sketch_bytes": sketch.memory().total,
+            "backend": "compiled"
+            if sketch._compiled
+            else ("vectorised merge" if sketch._merges else "torch ops, sequential rounds"),
             "device": str(sketch.keys.device),
-            "torch": torch.__version__, "numba": numba.__version__, "threads": torch.get_num_threads(),
-            "machine": platform.machine(), "date": datetime.date.today().isoformat(),
+            "torch": torch.__version__,
+            "numba": numba.__version__,
+            "threads": torch.get_num_threads(),
+            "machine": platform.machine(),
+            "date": datetime.date.today().isoformat(),
         },
     }
 
@@ -110,11 +129,15 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
-    default_name = "hotsketch" if (args.backend, args.device) == ("auto", "cpu") else \
-        f"hotsketch_{args.backend}_{args.device.replace(':', '')}"
+    default_name = (
+        "hotsketch"
+        if (args.backend, args.device) == ("auto", "cpu")
+        else f"hotsketch_{args.backend}_{args.device.replace(':', '')}"
+    )
     args.output = args.output or Path(__file__).parent / "results" / default_name
-    result = run(args.rounds, args.batches, args.batch_size, args.num_ids, args.buckets, args.seed,
-                 args.backend, args.device)
+    result = run(
+        args.rounds, args.batches, args.batch_size, args.num_ids, args.buckets, args.seed, args.backend, args.device
+    )
     text = table(result)
     print(text)
     atomic_write_text(args.output.with_suffix(".md"), text + "\n")

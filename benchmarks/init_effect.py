@@ -30,10 +30,22 @@ RATIO = 100
 
 def base_config(data: str, out: str, init: str) -> TrainConfig:
     """make run's settings (see the Makefile), with the init under test."""
-    return TrainConfig(data=data, out=out, sharing="shared", optimizer="adagrad", lr=0.05,
-                       table_optimizer=None, table_lr=None, batch_size=2048,
-                       bottom=(64,), top=(64,), epochs=1, evals_per_epoch=3, init=init,
-                       method_options={"cluster_every": 40})
+    return TrainConfig(
+        data=data,
+        out=out,
+        sharing="shared",
+        optimizer="adagrad",
+        lr=0.05,
+        table_optimizer=None,
+        table_lr=None,
+        batch_size=2048,
+        bottom=(64,),
+        top=(64,),
+        epochs=1,
+        evals_per_epoch=3,
+        init=init,
+        method_options={"cluster_every": 40},
+    )
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
@@ -54,7 +66,9 @@ def effect_table(rows: dict[str, list[SweepRow]], key: str) -> str:
             stats.append((mean, sd))
             cells.append(f"{mean:.4f}" + ("" if math.isnan(sd) else f" ± {sd:.4f} ({len(values)})"))
         if len(stats) < 2:
-            lines.append(f"| {method} | {cells[0] if cells else '—'} | {cells[1] if len(cells) > 1 else '—'} | — | not run |")
+            lines.append(
+                f"| {method} | {cells[0] if cells else '—'} | {cells[1] if len(cells) > 1 else '—'} | — | not run |"
+            )
             continue
         gap = stats[0][0] - stats[1][0]
         spreads = [s for _, s in stats if not math.isnan(s)]
@@ -75,8 +89,11 @@ def main() -> None:
     parser.add_argument("--data", default=None, help="a compemb data set (default: make run's, generated in --out)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--output", default=str(RESULTS / "init_effect"))
-    parser.add_argument("--train", default=",".join(INITS),
-                        help="the inits to train here (to share the sweep between processes); the table reads both")
+    parser.add_argument(
+        "--train",
+        default=",".join(INITS),
+        help="the inits to train here (to share the sweep between processes); the table reads both",
+    )
     args = parser.parse_args()
     out = Path(args.out)
     data = args.data
@@ -91,13 +108,17 @@ def main() -> None:
         if init in args.train.split(","):
             run_sweep(base, METHODS, [RATIO], args.seeds, str(out / init))
         rows[init] = collect_rows(base, out / init, first=METHODS)
-    text = "\n\n".join([
-        f"Setting: make run's (shared table at {RATIO}x, Adagrad 0.05, batch 2048, one epoch, best of 3 validation "
-        f"checkpoints), {args.seeds} seeds per init; data `{data}`.",
-        "## Validation BCE by init (mean ± sd (seeds))", effect_table(rows, "val_bce"),
-        "## Test BCE by init", effect_table(rows, "test_bce"),
-        *[f"## Every run, init={init}\n\n" + markdown_table(rows[init]) for init in INITS],
-    ])
+    text = "\n\n".join(
+        [
+            f"Setting: make run's (shared table at {RATIO}x, Adagrad 0.05, batch 2048, one epoch, best of 3 validation "
+            f"checkpoints), {args.seeds} seeds per init; data `{data}`.",
+            "## Validation BCE by init (mean ± sd (seeds))",
+            effect_table(rows, "val_bce"),
+            "## Test BCE by init",
+            effect_table(rows, "test_bce"),
+            *[f"## Every run, init={init}\n\n" + markdown_table(rows[init]) for init in INITS],
+        ]
+    )
     print(text)
     atomic_write_text(f"{args.output}.md", text + "\n")
 

@@ -55,8 +55,19 @@ from compemb.train import TrainConfig
 RESULTS = Path(__file__).parent / "results"
 # cce (every id's pointers counted) cannot pass 16x at d=16: its rows above that say so; cce-paper and cce-hybrid reach
 # every ratio (the paper's accounting; pointers for a sketch's top ids)
-METHODS = ["full", "hash", "qr", "ce", "offline", "cce", "cce-paper", "cce-hybrid", "cafe", "cafe-ml",
-           "cafe:tuning=paper"]
+METHODS = [
+    "full",
+    "hash",
+    "qr",
+    "ce",
+    "offline",
+    "cce",
+    "cce-paper",
+    "cce-hybrid",
+    "cafe",
+    "cafe-ml",
+    "cafe:tuning=paper",
+]
 RATIOS = [10, 100, 1000, 10000]
 CAFE_CLAIM = (["hash", "qr", "ce", "cafe", "cafe-ml", "cafe:tuning=paper", "cce-hybrid"], [1000, 10000])
 SEEDS = 3
@@ -65,14 +76,25 @@ BELOW_TEN = (["hash", "qr", "ce", "cce", "cafe"], [2, 5])
 
 def base_config(data: str, out: str) -> TrainConfig:
     """The settings every run of the experiment shares."""
-    return TrainConfig(data=data, out=out, sharing="shared", optimizer="adagrad", lr=0.05,
-                       table_optimizer=None, table_lr=None, batch_size=2048,
-                       bottom=(256, 64), top=(256, 64), evals_per_epoch=6)  # CCE: its default schedule
+    return TrainConfig(
+        data=data,
+        out=out,
+        sharing="shared",
+        optimizer="adagrad",
+        lr=0.05,
+        table_optimizer=None,
+        table_lr=None,
+        batch_size=2048,
+        bottom=(256, 64),
+        top=(256, 64),
+        evals_per_epoch=6,
+    )  # CCE: its default schedule
 
 
 def _stats(rows: list[SweepRow], method: str, ratio: float, key: str) -> tuple[float, float, int] | None:
-    values = [getattr(r, key) for r in rows if r.method == method and r.ratio_asked == ratio
-              and getattr(r, key) is not None]
+    values = [
+        getattr(r, key) for r in rows if r.method == method and r.ratio_asked == ratio and getattr(r, key) is not None
+    ]
     if not values:
         return None
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan, len(values)
@@ -81,8 +103,7 @@ def _stats(rows: list[SweepRow], method: str, ratio: float, key: str) -> tuple[f
 def pivot(rows: list[SweepRow], key: str) -> str:
     """One line per method, one column per ratio: the mean of ``key`` over seeds (± sd with more than one)."""
     ratios = sorted({r.ratio_asked for r in rows if r.method != "full"})
-    lines = ["| method | " + " | ".join(f"{ratio:g}x" for ratio in ratios) + " |",
-             "|---|" + "---:|" * len(ratios)]
+    lines = ["| method | " + " | ".join(f"{ratio:g}x" for ratio in ratios) + " |", "|---|" + "---:|" * len(ratios)]
     for method in dict.fromkeys(r.method for r in rows if r.method != "full"):
         cells = []
         for ratio in ratios:
@@ -100,7 +121,10 @@ def pivot(rows: list[SweepRow], key: str) -> str:
 
 def cafe_claim(rows: list[SweepRow]) -> str:
     """CAFE minus hash (and the other methods minus hash) in test AUC at the claim's ratios."""
-    lines = ["| method | ratio | seeds | test AUC | minus hash | relative | verdict |", "|---|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        "| method | ratio | seeds | test AUC | minus hash | relative | verdict |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
     for ratio in CAFE_CLAIM[1]:
         hash_auc = _stats(rows, "hash", ratio, "test_auc")
         for method in CAFE_CLAIM[0]:
@@ -121,8 +145,10 @@ def cafe_claim(rows: list[SweepRow]) -> str:
                 verdict = f"within the spread ({spread:.4f}): no difference"
             else:
                 verdict = ("better" if gap > 0 else "worse") + f" than hash beyond the spread ({spread:.4f})"
-            lines.append(f"| {method} | {ratio:g} | {mine[2]} | {mine[0]:.4f}{sd} | {gap:+.4f} | "
-                         f"{gap / hash_auc[0]:+.2%} | {verdict} |")
+            lines.append(
+                f"| {method} | {ratio:g} | {mine[2]} | {mine[0]:.4f}{sd} | {gap:+.4f} | "
+                f"{gap / hash_auc[0]:+.2%} | {verdict} |"
+            )
     return "\n".join(lines)
 
 
@@ -144,16 +170,22 @@ def cce_claim(rows: list[SweepRow]) -> str:
         return text + "\n\nCCE's claim: cce does not reach the full table's val BCE at the sizes tried: **not met**."
     others = sorted((v, m) for m, v in needed.items() if not m.startswith("cce"))
     if not others:
-        return text + f"\n\nCCE's claim: cce matches with {needed['cce']:,.0f} params; no other method matches at " \
-                      "the sizes tried, so it needs less than any of them: **met** (by the sizes tried)."
+        return (
+            text + f"\n\nCCE's claim: cce matches with {needed['cce']:,.0f} params; no other method matches at "
+            "the sizes tried, so it needs less than any of them: **met** (by the sizes tried)."
+        )
     best_value, best = others[0]
     share = needed["cce"] / best_value
     verdict = "met" if share <= 0.5 else "not met"
     also = ", ".join(f"{m}: {needed[m]:,.0f}" for m in needed if m.startswith("cce") and m != "cce")
-    return text + (f"\n\nCCE's claim: cce matches the full table with {needed['cce']:,.0f} params, the next best "
-                   f"({best}) with {best_value:,.0f}: {share:.2f}x its params, **{verdict} at the means** (the claim: "
-                   "<= 0.5x)." + (f" With paper accounting: {also}." if also else "")
-                   + "\n\n" + crossing_spread(rows, ["cce", best]))
+    return text + (
+        f"\n\nCCE's claim: cce matches the full table with {needed['cce']:,.0f} params, the next best "
+        f"({best}) with {best_value:,.0f}: {share:.2f}x its params, **{verdict} at the means** (the claim: "
+        "<= 0.5x)."
+        + (f" With paper accounting: {also}." if also else "")
+        + "\n\n"
+        + crossing_spread(rows, ["cce", best])
+    )
 
 
 def crossing_spread(rows: list[SweepRow], methods: list[str]) -> str:
@@ -169,10 +201,15 @@ def crossing_spread(rows: list[SweepRow], methods: list[str]) -> str:
                 sds = [v for v in (mine[1], full[1]) if not math.isnan(v)]
                 spread = max(sds) if sds else math.nan
                 apart = not math.isnan(spread) and full[0] - mine[0] > spread
-                lines.append(f"{method} at {ratio:g}x: val BCE {mine[0]:.4f} ± {mine[1]:.4f} ({mine[2]} seeds) against "
-                             f"the full table's {full[0]:.4f} ± {full[1]:.4f}: "
-                             + ("below it beyond the spread." if apart else "within the spread, so the crossing (and "
-                                "the params it gives) is not sure."))
+                lines.append(
+                    f"{method} at {ratio:g}x: val BCE {mine[0]:.4f} ± {mine[1]:.4f} ({mine[2]} seeds) against "
+                    f"the full table's {full[0]:.4f} ± {full[1]:.4f}: "
+                    + (
+                        "below it beyond the spread."
+                        if apart
+                        else "within the spread, so the crossing (and the params it gives) is not sure."
+                    )
+                )
                 break
     return " ".join(lines)
 
@@ -180,8 +217,9 @@ def crossing_spread(rows: list[SweepRow], methods: list[str]) -> str:
 def deciding_runs(rows: list[SweepRow]) -> list[tuple[str, list[float]]]:
     """For cce and the best other method: the two ratios around the crossing of the full table's val BCE."""
     target = statistics.fmean(r.val_bce for r in rows if r.method == "full" and r.val_bce is not None)
-    needed = {m: params_to_match([r for r in rows if r.method == m], target) for m in {r.method for r in rows}
-              if m != "full"}
+    needed = {
+        m: params_to_match([r for r in rows if r.method == m], target) for m in {r.method for r in rows} if m != "full"
+    }
     others = sorted((v, m) for m, v in needed.items() if v is not None and not m.startswith("cce"))
     chosen = ["cce"] + ([others[0][1]] if others else [])
     plan = []
@@ -231,16 +269,24 @@ def main() -> None:
     per_feature = collect_rows(reference, Path(reference.out))
     against_per_feature = [r for r in rows if r.method != "full"] + per_feature
     full_note = ", ".join(f"val BCE {r.val_bce:.4f}, test AUC {r.test_auc:.4f} (seed {r.seed})" for r in per_feature)
-    text = "\n\n".join([
-        "The full table below is one shared table (the init of one table of all ids, as every shared method); "
-        f"with a table per feature (each feature's own init) it reaches {full_note or 'not run'}.",
-        "## Test AUC (mean over seeds ± sd (seeds))", pivot(rows, "test_auc"),
-        "## Validation BCE", pivot(rows, "val_bce"),
-        "## Every run (means over seeds ± sd)", markdown_table(rows),
-        "## CAFE's claim: test AUC against the hashing trick", cafe_claim(rows),
-        "## CCE's claim: params to match the shared full table's val BCE", cce_claim(rows),
-        "## CCE's claim against the per-feature full table", cce_claim(against_per_feature) if per_feature else "not run",
-    ])
+    text = "\n\n".join(
+        [
+            "The full table below is one shared table (the init of one table of all ids, as every shared method); "
+            f"with a table per feature (each feature's own init) it reaches {full_note or 'not run'}.",
+            "## Test AUC (mean over seeds ± sd (seeds))",
+            pivot(rows, "test_auc"),
+            "## Validation BCE",
+            pivot(rows, "val_bce"),
+            "## Every run (means over seeds ± sd)",
+            markdown_table(rows),
+            "## CAFE's claim: test AUC against the hashing trick",
+            cafe_claim(rows),
+            "## CCE's claim: params to match the shared full table's val BCE",
+            cce_claim(rows),
+            "## CCE's claim against the per-feature full table",
+            cce_claim(against_per_feature) if per_feature else "not run",
+        ]
+    )
     print(text)
     atomic_write_text(f"{args.output}.md", text + "\n")
     shutil.copyfile(Path(args.out) / "results.csv", f"{args.output}.csv")

@@ -40,12 +40,24 @@ def child(config: TrainConfig, result_path: Path) -> None:
     last = trainer.fit()
     memory = trainer.model.embeddings.memory()  # type: ignore[union-attr]  # all features together
     test = trainer.evaluate("test")
-    atomic_write_text(result_path, json.dumps({
-        "config": asdict(config), "steps": trainer.step, "samples_per_s": last["samples_per_s"],
-        "val_bce": last["bce"], "test_bce": test["bce"], "test_auc": test["auc"],
-        "embedding_bytes": memory.total, "embedding_float_bytes": memory.float_bytes,
-        "model_bytes": sum(p.numel() * p.element_size() for p in trainer.model.parameters()),
-    }, indent=2) + "\n")
+    atomic_write_text(
+        result_path,
+        json.dumps(
+            {
+                "config": asdict(config),
+                "steps": trainer.step,
+                "samples_per_s": last["samples_per_s"],
+                "val_bce": last["bce"],
+                "test_bce": test["bce"],
+                "test_auc": test["auc"],
+                "embedding_bytes": memory.total,
+                "embedding_float_bytes": memory.float_bytes,
+                "model_bytes": sum(p.numel() * p.element_size() for p in trainer.model.parameters()),
+            },
+            indent=2,
+        )
+        + "\n",
+    )
 
 
 def main() -> None:
@@ -60,9 +72,14 @@ def main() -> None:
     rows = []
     for method in args.methods.split(","):
         compresses = get_method(method).compresses
-        config = TrainConfig(data=args.data, out=f"{args.out}/{method}", method=method,
-                             compression=args.compression if compresses else None,
-                             method_options=METHOD_OPTIONS.get(method, {}), **SETTINGS)
+        config = TrainConfig(
+            data=args.data,
+            out=f"{args.out}/{method}",
+            method=method,
+            compression=args.compression if compresses else None,
+            method_options=METHOD_OPTIONS.get(method, {}),
+            **SETTINGS,
+        )
         result_path = Path(config.out) / "vocab_result.json"
         if args.child == method:
             child(config, result_path)
@@ -83,20 +100,37 @@ def main() -> None:
         raise SystemExit(f"compemb: error: --child {args.child!r} is not one of --methods")
     manifest = json.loads((Path(args.data) / "manifest.json").read_text())
     ids, train_rows = sum(manifest["cardinalities"]), manifest["rows"]["train"]
-    lines = [f"{ids:,} ids ({len(manifest['cardinalities'])} features), {train_rows:,} training rows, one epoch; "
-             f"compression {args.compression:g} for every method but the full table.", "",
-             "| method | embedding bytes (memory()) | trainable parameters (bytes) | peak RSS | samples/s | val BCE | test BCE | test AUC |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"{ids:,} ids ({len(manifest['cardinalities'])} features), {train_rows:,} training rows, one epoch; "
+        f"compression {args.compression:g} for every method but the full table.",
+        "",
+        "| method | embedding bytes (memory()) | trainable parameters (bytes) | peak RSS | samples/s | val BCE | test BCE | test AUC |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for row in rows:
-        lines.append(f"| {row['method']} | {row['embedding_bytes'] / 2**20:,.1f} MiB | {row['model_bytes'] / 2**20:,.1f} MiB"
-                     f" | {row['peak_rss_bytes'] / 2**30:.2f} GiB | {row['samples_per_s']:,.0f} | {row['val_bce']:.4f}"
-                     f" | {row['test_bce']:.4f} | {row['test_auc']:.4f} |")
+        lines.append(
+            f"| {row['method']} | {row['embedding_bytes'] / 2**20:,.1f} MiB | {row['model_bytes'] / 2**20:,.1f} MiB"
+            f" | {row['peak_rss_bytes'] / 2**30:.2f} GiB | {row['samples_per_s']:,.0f} | {row['val_bce']:.4f}"
+            f" | {row['test_bce']:.4f} | {row['test_auc']:.4f} |"
+        )
     text = "\n".join(lines)
     print(text)
     atomic_write_text(f"{args.output}.md", text + "\n")
-    atomic_write_text(f"{args.output}.json", json.dumps(
-        {"date": datetime.date.today().isoformat(), "data": args.data, "ids": ids, "train_rows": train_rows,
-         "settings": {**SETTINGS, "compression": args.compression}, "rows": rows}, indent=2) + "\n")
+    atomic_write_text(
+        f"{args.output}.json",
+        json.dumps(
+            {
+                "date": datetime.date.today().isoformat(),
+                "data": args.data,
+                "ids": ids,
+                "train_rows": train_rows,
+                "settings": {**SETTINGS, "compression": args.compression},
+                "rows": rows,
+            },
+            indent=2,
+        )
+        + "\n",
+    )
 
 
 if __name__ == "__main__":

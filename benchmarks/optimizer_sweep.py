@@ -49,10 +49,19 @@ def run(data: str, out: Path, recipe: tuple, seed: int) -> list[dict]:
     done = directory / "done"
     if not done.exists():
         shutil.rmtree(directory, ignore_errors=True)  # an unfinished run starts again
-        config = TrainConfig(data=data, out=str(directory), method="hash", compression=100, optimizer=dense, lr=lr,
-                             table_optimizer=None if tables is None else tables[0],
-                             table_lr=None if tables is None else tables[1], evals_per_epoch=4, seed=seed,
-                             checkpoint_minutes=0)
+        config = TrainConfig(
+            data=data,
+            out=str(directory),
+            method="hash",
+            compression=100,
+            optimizer=dense,
+            lr=lr,
+            table_optimizer=None if tables is None else tables[0],
+            table_lr=None if tables is None else tables[1],
+            evals_per_epoch=4,
+            seed=seed,
+            checkpoint_minutes=0,
+        )
         Trainer(config).fit()
         done.write_text("")
     return [json.loads(line) for line in metrics.read_text().splitlines()]
@@ -66,18 +75,33 @@ def main(data: str, out: str, results: str) -> None:
         best = [min(r["bce"] for r in evaluations) for evaluations in runs]
         gaps = [min(r["gap_to_bayes"] for r in evaluations) for evaluations in runs]
         aucs = [max(r["auc"] for r in evaluations) for evaluations in runs]
-        rows.append((label(recipe), worst, statistics.mean(best), statistics.pstdev(best), statistics.mean(gaps),
-                     statistics.mean(aucs)))
+        rows.append(
+            (
+                label(recipe),
+                worst,
+                statistics.mean(best),
+                statistics.pstdev(best),
+                statistics.mean(gaps),
+                statistics.mean(aucs),
+            )
+        )
         print(rows[-1], flush=True)
-    lines = ["| MLPs / tables | largest logged train loss | best val BCE (mean ± sd) | gap to Bayes | best val AUC |",
-             "|---|---:|---:|---:|---:|"]
-    lines += [f"| {name} | {worst:.3f} | {bce:.4f} ± {sd:.4f} | {gap:+.2%} | {auc:.4f} |"
-              for name, worst, bce, sd, gap, auc in rows]
-    text = (f"Optimizers of the default DLRM (hash 100x, dim 16, bottom 512-256-64, top 512-256, batch 2048, one epoch,"
-            f" 4 evaluations; seeds {', '.join(map(str, SEEDS))}; the largest train loss over every evaluation of "
-            f"every seed).\n\nData: `compemb synth --out {data} --train-rows 400000 --eval-rows 20000 --scale 1e-2 "
-            f"--seed 0`; command: `python benchmarks/optimizer_sweep.py {data} {out} {results}`.\n\n"
-            + "\n".join(lines) + "\n")
+    lines = [
+        "| MLPs / tables | largest logged train loss | best val BCE (mean ± sd) | gap to Bayes | best val AUC |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {name} | {worst:.3f} | {bce:.4f} ± {sd:.4f} | {gap:+.2%} | {auc:.4f} |"
+        for name, worst, bce, sd, gap, auc in rows
+    ]
+    text = (
+        f"Optimizers of the default DLRM (hash 100x, dim 16, bottom 512-256-64, top 512-256, batch 2048, one epoch,"
+        f" 4 evaluations; seeds {', '.join(map(str, SEEDS))}; the largest train loss over every evaluation of "
+        f"every seed).\n\nData: `compemb synth --out {data} --train-rows 400000 --eval-rows 20000 --scale 1e-2 "
+        f"--seed 0`; command: `python benchmarks/optimizer_sweep.py {data} {out} {results}`.\n\n"
+        + "\n".join(lines)
+        + "\n"
+    )
     atomic_write_text(str(Path(results) / "optimizer_sweep.md"), text)
     print(text)
 

@@ -30,10 +30,22 @@ RESULTS = Path(__file__).parent / "results"
 
 def train_compemb(plain: PlainConfig, out: str) -> dict[str, float]:
     """The same run through compemb's Trainer (full table, one evaluation at the end)."""
-    config = TrainConfig(data=plain.data, out=out, method="full", embedding_dim=plain.embedding_dim,
-                         bottom=plain.bottom, top=plain.top, optimizer=plain.optimizer, lr=plain.lr,
-                         table_optimizer=None, table_lr=None,
-                         batch_size=plain.batch_size, epochs=plain.epochs, seed=plain.seed, init=plain.init)
+    config = TrainConfig(
+        data=plain.data,
+        out=out,
+        method="full",
+        embedding_dim=plain.embedding_dim,
+        bottom=plain.bottom,
+        top=plain.top,
+        optimizer=plain.optimizer,
+        lr=plain.lr,
+        table_optimizer=None,
+        table_lr=None,
+        batch_size=plain.batch_size,
+        epochs=plain.epochs,
+        seed=plain.seed,
+        init=plain.init,
+    )
     trainer = Trainer(config, overwrite=True)
     last = trainer.fit()
     test = trainer.evaluate("test")
@@ -65,12 +77,18 @@ def main() -> None:
     for init in ("dlrm", "uniform_dim"):
         for loop in ("plain", "compemb"):
             group = [r for r in runs if r["loop"] == loop and r["init"] == init]
-            stats = {key: (statistics.fmean(r[key] for r in group),
-                           statistics.stdev(r[key] for r in group) if len(group) > 1 else math.nan)
-                     for key in ("test_bce", "test_auc", "samples_per_s")}
+            stats = {
+                key: (
+                    statistics.fmean(r[key] for r in group),
+                    statistics.stdev(r[key] for r in group) if len(group) > 1 else math.nan,
+                )
+                for key in ("test_bce", "test_auc", "samples_per_s")
+            }
             summary[f"{loop}/{init}"] = {k: (m, None if math.isnan(sd) else sd) for k, (m, sd) in stats.items()}
-            bce, auc = (f"{stats[k][0]:.4f}" + ("" if math.isnan(stats[k][1]) else f" ± {stats[k][1]:.4f}")
-                        for k in ("test_bce", "test_auc"))
+            bce, auc = (
+                f"{stats[k][0]:.4f}" + ("" if math.isnan(stats[k][1]) else f" ± {stats[k][1]:.4f}")
+                for k in ("test_bce", "test_auc")
+            )
             lines.append(f"| {loop} | {init} | {len(group)} | {bce} | {auc} | {stats['samples_per_s'][0]:,.0f} |")
     gap = summary["compemb/dlrm"]["test_bce"][0] - summary["plain/dlrm"]["test_bce"][0]
     spread = max(summary["compemb/dlrm"]["test_bce"][1] or 0.0, summary["plain/dlrm"]["test_bce"][1] or 0.0)
@@ -78,8 +96,14 @@ def main() -> None:
     lines += ["", f"Done-when (compemb full with the DLRM init at least as good as the plain loop): {verdict}."]
     text = "\n".join(lines)
     print(text)
-    facts = {"date": datetime.date.today().isoformat(), "data": data, "config": asdict(PlainConfig(data=data)),
-             "runs": runs, "summary": summary, "verdict": verdict}
+    facts = {
+        "date": datetime.date.today().isoformat(),
+        "data": data,
+        "config": asdict(PlainConfig(data=data)),
+        "runs": runs,
+        "summary": summary,
+        "verdict": verdict,
+    }
     atomic_write_text(f"{args.output}.md", text + "\n")
     atomic_write_text(f"{args.output}.json", json.dumps(facts, indent=2) + "\n")
 

@@ -31,11 +31,23 @@ def teacher_of(data: Path) -> Teacher:
 
 
 def trainer_for(data: Path, method: str, out: Path, options: dict | None = None) -> Trainer:
-    config = TrainConfig(data=str(data), out=str(out), method=method, method_options=options or {},
-                         compression=100, sharing="shared",
-                         embedding_dim=16, bottom=(64,), top=(64,), optimizer="adagrad", lr=0.05,
-                         table_optimizer=None, table_lr=None, batch_size=2048,
-                         evals_per_epoch=3)
+    config = TrainConfig(
+        data=str(data),
+        out=str(out),
+        method=method,
+        method_options=options or {},
+        compression=100,
+        sharing="shared",
+        embedding_dim=16,
+        bottom=(64,),
+        top=(64,),
+        optimizer="adagrad",
+        lr=0.05,
+        table_optimizer=None,
+        table_lr=None,
+        batch_size=2048,
+        evals_per_epoch=3,
+    )
     return Trainer(config, overwrite=True)
 
 
@@ -58,9 +70,10 @@ def cce_purity(root: Path) -> list[float]:
         per_feature = []
         for f in range(len(teacher.cardinalities)):
             planted = np.unique(teacher.vectors[f], axis=0, return_inverse=True)[1].ravel()
-            chosen, weights = pointers[offsets[f]:offsets[f + 1], column], traffic(teacher, f)
-            per_feature.append(sum(np.bincount(planted[chosen == p], weights=weights[chosen == p]).max()
-                                   for p in np.unique(chosen)))
+            chosen, weights = pointers[offsets[f] : offsets[f + 1], column], traffic(teacher, f)
+            per_feature.append(
+                sum(np.bincount(planted[chosen == p], weights=weights[chosen == p]).max() for p in np.unique(chosen))
+            )
         purities.append(float(np.mean(per_feature)))
     return purities
 
@@ -94,8 +107,10 @@ if __name__ == "__main__":
     hot_set = sys.argv[2] if len(sys.argv) > 2 else "data-hot"
     if len(sys.argv) <= 2:
         purity = cce_purity(root)
-        print("CCE (cce-paper, 100x): traffic-weighted purity of each column's pointers:",
-              ", ".join(f"{p:.3f}" for p in purity))
+        print(
+            "CCE (cce-paper, 100x): traffic-weighted purity of each column's pointers:",
+            ", ".join(f"{p:.3f}" for p in purity),
+        )
     for policy in ("threshold", "top"):
         for key, value in cafe_hot_rows(root, policy, hot_set).items():
             print(f"CAFE ({hot_set}, 100x, hot_policy={policy}): {key}: {value}")

@@ -78,28 +78,40 @@ def main() -> None:
             "read bytes only": _rate(args.rows, read_bytes),
             "pure-Python parse_row (baseline)": _rate(args.baseline_rows, python_parse),
             "preprocess_criteo, plain, 1 process": _rate(
-                args.rows, lambda: preprocess_criteo(path, directory / "a1", progress=False, processes=1)),
+                args.rows, lambda: preprocess_criteo(path, directory / "a1", progress=False, processes=1)
+            ),
             f"preprocess_criteo, plain, {args.processes} processes": _rate(
-                args.rows, lambda: preprocess_criteo(path, directory / "a", progress=False, processes=args.processes,
-                                                     piece_bytes=args.piece_bytes)),
+                args.rows,
+                lambda: preprocess_criteo(
+                    path, directory / "a", progress=False, processes=args.processes, piece_bytes=args.piece_bytes
+                ),
+            ),
             "preprocess_criteo, gzip (one file: one process)": _rate(
-                args.rows, lambda: preprocess_criteo(directory / "train.txt.gz", directory / "b", progress=False)),
+                args.rows, lambda: preprocess_criteo(directory / "train.txt.gz", directory / "b", progress=False)
+            ),
         }
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     baseline = rates["pure-Python parse_row (baseline)"]
-    lines = [f"# Criteo preprocessing throughput\n\nInput: {args.rows:,} rows ({what}). "
-             f"Target: >= {TARGET:,} rows/s for the full preprocessing (two passes, categorify, write).\n",
-             "| what | rows/s | x pure-Python parse | x target |", "|---|---:|---:|---:|"]
+    lines = [
+        f"# Criteo preprocessing throughput\n\nInput: {args.rows:,} rows ({what}). "
+        f"Target: >= {TARGET:,} rows/s for the full preprocessing (two passes, categorify, write).\n",
+        "| what | rows/s | x pure-Python parse | x target |",
+        "|---|---:|---:|---:|",
+    ]
     for name, rate in rates.items():
         lines.append(f"| {name} | {rate:,.0f} | {rate / baseline:.1f} | {rate / TARGET:.2f} |")
-    lines.append(f"\n`python benchmarks/preprocess.py --rows {args.rows} --processes {args.processes} "
-                 f"--piece-bytes {args.piece_bytes}`")
+    lines.append(
+        f"\n`python benchmarks/preprocess.py --rows {args.rows} --processes {args.processes} "
+        f"--piece-bytes {args.piece_bytes}`"
+    )
     text = "\n".join(lines) + "\n"
     print(text)
     atomic_write_text(f"{args.output}.md", text)
-    atomic_write_text(f"{args.output}.json", json.dumps({"rows": args.rows, "input": what, "rows_per_second": rates,
-                                                          "target": TARGET}, indent=2) + "\n")
+    atomic_write_text(
+        f"{args.output}.json",
+        json.dumps({"rows": args.rows, "input": what, "rows_per_second": rates, "target": TARGET}, indent=2) + "\n",
+    )
 
 
 if __name__ == "__main__":

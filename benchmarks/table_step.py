@@ -61,14 +61,18 @@ def main() -> None:
         small = step_seconds(args.small, args.dim, row_wise, args.steps)
         large = step_seconds(args.large, args.dim, row_wise, args.steps)
         rows.append({"optimizer": name, "small_ms": 1e3 * small, "large_ms": 1e3 * large, "ratio": large / small})
-    lines = [f"One step (forward, backward, Adam) of a full table, 2,048 x 26 uniform ids, dim {args.dim}: "
-             f"{args.large:,} rows against {args.small:,}; median of {args.steps} steps; torch {torch.__version__}, "
-             f"{torch.get_num_threads()} threads, {datetime.date.today()}.", "",
-             f"| optimizer | {args.small:,} rows (ms) | {args.large:,} rows (ms) | large / small | target |",
-             "|---|---:|---:|---:|---|"]
+    lines = [
+        f"One step (forward, backward, Adam) of a full table, 2,048 x 26 uniform ids, dim {args.dim}: "
+        f"{args.large:,} rows against {args.small:,}; median of {args.steps} steps; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {datetime.date.today()}.",
+        "",
+        f"| optimizer | {args.small:,} rows (ms) | {args.large:,} rows (ms) | large / small | target |",
+        "|---|---:|---:|---:|---|",
+    ]
     for r in rows:
-        target = (f"<= {TARGET}x: {'met' if r['ratio'] <= TARGET else 'MISSED'}" if r["optimizer"].startswith("Row")
-                  else "-")
+        target = (
+            f"<= {TARGET}x: {'met' if r['ratio'] <= TARGET else 'MISSED'}" if r["optimizer"].startswith("Row") else "-"
+        )
         lines.append(f"| {r['optimizer']} | {r['small_ms']:.1f} | {r['large_ms']:.1f} | {r['ratio']:.2f}x | {target} |")
     text = "\n".join(lines) + "\n"
     atomic_write_text(f"{args.output}.md", text)

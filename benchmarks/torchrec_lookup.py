@@ -40,15 +40,19 @@ def time_steps(step, steps: int) -> float:
 
 def measure(method: str, num_ids: int, rounds: int, steps: int) -> dict:
     """Seconds per forward+backward of each, and the median ratio."""
-    configs = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=DIM, num_embeddings=num_ids, feature_names=[f"f{i}"])
-               for i in range(FEATURES)]
+    configs = [
+        EmbeddingBagConfig(name=f"t{i}", embedding_dim=DIM, num_embeddings=num_ids, feature_names=[f"f{i}"])
+        for i in range(FEATURES)
+    ]
     adapter = CompressedEmbeddingBagCollection(configs, method=method, compression=100, seed=0, sparse=True)
-    own = EmbeddingCollection([Feature(f"t{i}", num_ids) for i in range(FEATURES)], DIM, method, compression=100,
-                              seed=0, sparse=True)
+    own = EmbeddingCollection(
+        [Feature(f"t{i}", num_ids) for i in range(FEATURES)], DIM, method, compression=100, seed=0, sparse=True
+    )
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, num_ids, (BATCH, FEATURES), generator=generator)
-    kjt = KeyedJaggedTensor.from_lengths_sync([f"f{i}" for i in range(FEATURES)], ids.t().reshape(-1),
-                                              torch.ones(ids.numel(), dtype=torch.int64))
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        [f"f{i}" for i in range(FEATURES)], ids.t().reshape(-1), torch.ones(ids.numel(), dtype=torch.int64)
+    )
 
     def adapter_step() -> None:
         adapter.zero_grad(set_to_none=True)
@@ -65,9 +69,14 @@ def measure(method: str, num_ids: int, rounds: int, steps: int) -> dict:
         seconds["adapter"].append(time_steps(adapter_step, steps))
         seconds["collection"].append(time_steps(own_step, steps))
     ratios = [a / c for a, c in zip(seconds["adapter"], seconds["collection"])]
-    return {"method": method, "adapter_ms": 1000 * statistics.median(seconds["adapter"]),
-            "collection_ms": 1000 * statistics.median(seconds["collection"]), "ratio": statistics.median(ratios),
-            "ratio_min": min(ratios), "ratio_max": max(ratios)}
+    return {
+        "method": method,
+        "adapter_ms": 1000 * statistics.median(seconds["adapter"]),
+        "collection_ms": 1000 * statistics.median(seconds["collection"]),
+        "ratio": statistics.median(ratios),
+        "ratio_min": min(ratios),
+        "ratio_max": max(ratios),
+    }
 
 
 def table(result: dict) -> str:
@@ -83,8 +92,10 @@ def table(result: dict) -> str:
     ]
     for row in result["rows"]:
         met = "yes" if row["ratio"] <= TARGET else "NO"
-        lines.append(f"| {row['method']} | {row['adapter_ms']:.2f} | {row['collection_ms']:.2f} | "
-                     f"{row['ratio']:.3f} ({row['ratio_min']:.3f}-{row['ratio_max']:.3f}) | <= {TARGET} | {met} |")
+        lines.append(
+            f"| {row['method']} | {row['adapter_ms']:.2f} | {row['collection_ms']:.2f} | "
+            f"{row['ratio']:.3f} ({row['ratio_min']:.3f}-{row['ratio_max']:.3f}) | <= {TARGET} | {met} |"
+        )
     return "\n".join(lines)
 
 
@@ -98,10 +109,19 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "torchrec_lookup")
     args = parser.parse_args()
     rows = [measure(method, args.ids, args.rounds, args.steps) for method in args.methods.split(",")]
-    result = {"rows": rows, "target": TARGET,
-              "settings": {"ids": args.ids, "rounds": args.rounds, "steps": args.steps, "torch": torch.__version__,
-                           "threads": torch.get_num_threads(), "machine": platform.machine(),
-                           "date": datetime.date.today().isoformat()}}
+    result = {
+        "rows": rows,
+        "target": TARGET,
+        "settings": {
+            "ids": args.ids,
+            "rounds": args.rounds,
+            "steps": args.steps,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "machine": platform.machine(),
+            "date": datetime.date.today().isoformat(),
+        },
+    }
     text = table(result)
     print(text)
     atomic_write_text(args.output.with_suffix(".md"), text + "\n")

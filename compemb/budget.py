@@ -89,11 +89,7 @@ def full_table_bytes(num_embeddings: int, embedding_dim: int) -> int:
 
 
 def resolve_budget(
-    num_embeddings: int | None,
-    embedding_dim: int,
-    *,
-    compression: float | None = None,
-    num_params: int | None = None,
+    num_embeddings: int | None, embedding_dim: int, *, compression: float | None = None, num_params: int | None = None
 ) -> Budget:
     """Turn ``compression=R`` or ``num_params=P`` (exactly one) into a :class:`Budget`.
 
@@ -107,8 +103,9 @@ def resolve_budget(
         if not (isinstance(compression, numbers.Real) and math.isfinite(compression) and compression > 0):
             raise ValueError(f"compression must be a positive number, got {compression!r}")
         if compression < 1:  # more bytes than the full table: no method compresses that, it would train full tables
-            raise ValueError(f"compression must be >= 1 (full table bytes / stored bytes; 1 is the full table), got "
-                             f"{compression:g}")
+            raise ValueError(
+                f"compression must be >= 1 (full table bytes / stored bytes; 1 is the full table), got {compression:g}"
+            )
         if num_embeddings is None:
             raise ValueError("compression=R needs num_embeddings; with an open vocabulary give num_params=P")
         budget = Budget(round(full_table_bytes(num_embeddings, embedding_dim) / float(compression)))

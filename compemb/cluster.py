@@ -77,9 +77,18 @@ class KMeansResult:
     iterations: int = 0  # iterations run (fewer than niter once no label changes)
 
 
-def kmeans(points: Tensor | np.ndarray, k: int, *, niter: int = 50, max_points_per_centroid: int = 256,
-           seed: int = 0, search: str = "graph", neighbors: int = 16, init: str = "random",
-           threads: int | None = None) -> KMeansResult:
+def kmeans(
+    points: Tensor | np.ndarray,
+    k: int,
+    *,
+    niter: int = 50,
+    max_points_per_centroid: int = 256,
+    seed: int = 0,
+    search: str = "graph",
+    neighbors: int = 16,
+    init: str = "random",
+    threads: int | None = None,
+) -> KMeansResult:
     """k centroids of ``points`` (n, d) by Lloyd's algorithm on at most ``max_points_per_centroid * k`` of them.
 
     Args:
@@ -110,26 +119,36 @@ def kmeans(points: Tensor | np.ndarray, k: int, *, niter: int = 50, max_points_p
     if k < 1 or isinstance(k, bool):
         raise ValueError(f"k must be an int >= 1, got {k!r}")
     if niter < 0 or max_points_per_centroid < 1 or neighbors < 1:
-        raise ValueError(f"need niter >= 0, max_points_per_centroid >= 1 and neighbors >= 1, got niter={niter}, "
-                         f"max_points_per_centroid={max_points_per_centroid}, neighbors={neighbors}")
+        raise ValueError(
+            f"need niter >= 0, max_points_per_centroid >= 1 and neighbors >= 1, got niter={niter}, "
+            f"max_points_per_centroid={max_points_per_centroid}, neighbors={neighbors}"
+        )
     _check_choice("search", search, SEARCHES)
     _check_choice("init", init, INITS)
     if n <= k:  # nothing to cluster: every point is its own centroid
         centroids = torch.from_numpy(x[np.arange(k) % n].copy())
         return KMeansResult(centroids, torch.arange(n), None, 0.0)
     rng = np.random.default_rng(seed)
-    sample = np.sort(rng.choice(n, max_points_per_centroid * k, replace=False)) if n > max_points_per_centroid * k \
-        else None
+    sample = (
+        np.sort(rng.choice(n, max_points_per_centroid * k, replace=False)) if n > max_points_per_centroid * k else None
+    )
     s = x if sample is None else x[sample]
     c = _seeds(s, k, init, rng)
     with _Runner(threads) as run:
         c, labels, objective = _lloyd(s, c, niter, search, min(neighbors, k - 1) + 1, rng, run)
-    return KMeansResult(torch.from_numpy(c), torch.from_numpy(labels), None if sample is None else
-                        torch.from_numpy(sample), objective[-1], objective[1:], len(objective) - 1)
+    return KMeansResult(
+        torch.from_numpy(c),
+        torch.from_numpy(labels),
+        None if sample is None else torch.from_numpy(sample),
+        objective[-1],
+        objective[1:],
+        len(objective) - 1,
+    )
 
 
-def assign(points: Tensor | np.ndarray, centroids: Tensor | np.ndarray, *, batch_size: int = 1 << 18,
-           index: str = "flat") -> tuple[Tensor, Tensor]:
+def assign(
+    points: Tensor | np.ndarray, centroids: Tensor | np.ndarray, *, batch_size: int = 1 << 18, index: str = "flat"
+) -> tuple[Tensor, Tensor]:
     """Nearest centroid of each point: (labels int64 (n,), squared distances float32 (n,)).
 
     ``index="flat"`` (default) is exact (faiss ``IndexFlatL2``; ties may go to either centroid); ``"hnsw"`` is
@@ -141,8 +160,9 @@ def assign(points: Tensor | np.ndarray, centroids: Tensor | np.ndarray, *, batch
     """
     x, c = _as_points(points, "points"), _as_points(centroids, "centroids")
     if x.shape[1] != c.shape[1] or len(c) == 0:
-        raise ValueError(f"points are {x.shape[1]}-dimensional and centroids {tuple(c.shape)}; need (k >= 1, "
-                         f"{x.shape[1]})")
+        raise ValueError(
+            f"points are {x.shape[1]}-dimensional and centroids {tuple(c.shape)}; need (k >= 1, {x.shape[1]})"
+        )
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     _check_choice("index", index, INDEXES)
@@ -240,14 +260,16 @@ def _seeds(s: np.ndarray, k: int, init: str, rng: np.random.Generator) -> np.nda
     return s[np.sort(pool[np.argpartition(-keys, k - 1)[:k]])]
 
 
-def _lloyd(s: np.ndarray, c: np.ndarray, niter: int, search: str, width: int, rng: np.random.Generator,
-           run: _Runner) -> tuple[np.ndarray, np.ndarray, list[float]]:
+def _lloyd(
+    s: np.ndarray, c: np.ndarray, niter: int, search: str, width: int, rng: np.random.Generator, run: _Runner
+) -> tuple[np.ndarray, np.ndarray, list[float]]:
     """Lloyd's iterations from seeds ``c``: (centroids, labels, objective after the first labels and each iteration)."""
     k = len(c)
     if search == "graph":
         graph = run.refine(c, _knn(c, width))
-        subset = np.sort(rng.choice(k, max(COARSE_MIN_K // 4, k // 32), replace=False)) if k > COARSE_MIN_K \
-            else np.arange(k)
+        subset = (
+            np.sort(rng.choice(k, max(COARSE_MIN_K // 4, k // 32), replace=False)) if k > COARSE_MIN_K else np.arange(k)
+        )
         labels, dist = _nearest(s, c[subset], "flat")
         labels = subset[labels]
         for _ in range(10 if len(subset) < k else 0):  # greedy graph descent to the nearest seed
@@ -292,8 +314,9 @@ def _update(s: np.ndarray, labels: np.ndarray, c: np.ndarray) -> tuple[np.ndarra
     return new, counts, spread
 
 
-def _split_empty(c: np.ndarray, counts: np.ndarray, spread: np.ndarray, rng: np.random.Generator,
-                 graph: np.ndarray | None) -> int:
+def _split_empty(
+    c: np.ndarray, counts: np.ndarray, spread: np.ndarray, rng: np.random.Generator, graph: np.ndarray | None
+) -> int:
     """Refill each empty cluster by splitting a big one in two (faiss's rule); returns how many were refilled."""
     empty = np.flatnonzero(counts == 0)
     if len(empty) == 0:
@@ -442,8 +465,13 @@ def nearest_torch(points: Tensor, centroids: Tensor, block: int | None = None) -
     c_sq = centroids.square().sum(2).unsqueeze(1)  # (B, 1, k)
     block = distance_block(points.device) if block is None else block
     step = max(1, block // (k * points.shape[0]))
-    labels = torch.cat([torch.baddbmm(c_sq, points[:, start : start + step], centroids.transpose(1, 2),
-                                      alpha=-2).argmin(2) for start in range(0, points.shape[1], step)], dim=1)
+    labels = torch.cat(
+        [
+            torch.baddbmm(c_sq, points[:, start : start + step], centroids.transpose(1, 2), alpha=-2).argmin(2)
+            for start in range(0, points.shape[1], step)
+        ],
+        dim=1,
+    )
     distances = (points - centroids.gather(1, labels.unsqueeze(-1).expand(-1, -1, points.shape[2]))).square().sum(2)
     return labels, distances
 
@@ -471,8 +499,9 @@ def _split_into_empty(centroids: Tensor, counts: Tensor, full: Tensor, sign: Ten
     return padded[:, :k], empty.any(1)
 
 
-def kmeans_torch(points: Tensor, k: int, *, niter: int = 50, max_points_per_centroid: int = 256,
-                 seed: int = 0) -> KMeansResult:
+def kmeans_torch(
+    points: Tensor, k: int, *, niter: int = 50, max_points_per_centroid: int = 256, seed: int = 0
+) -> KMeansResult:
     """Exact Lloyd's k-means in torch ops on ``points``' device: CCE's clustering where the tables live on a GPU
     (faiss-gpu is not installable everywhere; the graph search of :func:`kmeans` is a CPU kernel).
 
@@ -484,31 +513,38 @@ def kmeans_torch(points: Tensor, k: int, *, niter: int = 50, max_points_per_cent
     """
     if points.dim() != 2 or points.shape[0] == 0:
         raise ValueError(f"points must be a non-empty 2-D (n, d) tensor, got shape {tuple(points.shape)}")
-    return kmeans_torch_batched(points.unsqueeze(0), k, niter=niter, max_points_per_centroid=max_points_per_centroid,
-                                seeds=[seed])[0]
+    return kmeans_torch_batched(
+        points.unsqueeze(0), k, niter=niter, max_points_per_centroid=max_points_per_centroid, seeds=[seed]
+    )[0]
 
 
-def kmeans_torch_batched(points: Tensor, k: int, *, niter: int = 50, max_points_per_centroid: int = 256,
-                         seeds: Sequence[int] = (0,)) -> list[KMeansResult]:
+def kmeans_torch_batched(
+    points: Tensor, k: int, *, niter: int = 50, max_points_per_centroid: int = 256, seeds: Sequence[int] = (0,)
+) -> list[KMeansResult]:
     """:func:`kmeans_torch` of each ``points[b]`` ((B, n, d): CCE's columns) with seed ``seeds[b]``, all in the same
     kernels: each iteration is a few launches for every entry, and convergence is read once for all of them. Each
     entry's result is what :func:`kmeans_torch` gives it alone (an entry that has converged while others have not
     changes no further: the same labels give the same centroids)."""
     if points.dim() != 3 or points.shape[1] == 0 or len(seeds) != points.shape[0]:
-        raise ValueError(f"points must be a non-empty (B, n, d) tensor with a seed per entry, got shape "
-                         f"{tuple(points.shape)} and {len(seeds)} seeds")
+        raise ValueError(
+            f"points must be a non-empty (B, n, d) tensor with a seed per entry, got shape "
+            f"{tuple(points.shape)} and {len(seeds)} seeds"
+        )
     if not bool(torch.isfinite(points).all()):
         raise ValueError("points hold non-finite values")
     x = points.detach().float().contiguous()
     batch, n, device = x.shape[0], x.shape[1], x.device
     if n <= k:  # nothing to cluster: every point is its own centroid
-        return [KMeansResult(x[b, torch.arange(k, device=device) % n].clone(), torch.arange(n, device=device), None,
-                             0.0) for b in range(batch)]
+        return [
+            KMeansResult(x[b, torch.arange(k, device=device) % n].clone(), torch.arange(n, device=device), None, 0.0)
+            for b in range(batch)
+        ]
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
     samples: list[Tensor | None] = [None] * batch
     if n > max_points_per_centroid * k:
-        samples = [torch.randperm(n, generator=g)[: max_points_per_centroid * k].sort().values.to(device)
-                   for g in generators]
+        samples = [
+            torch.randperm(n, generator=g)[: max_points_per_centroid * k].sort().values.to(device) for g in generators
+        ]
         x = torch.stack([x[b, sample] for b, sample in enumerate(samples)])
     m, d = x.shape[1], x.shape[2]
     firsts = torch.stack([torch.randperm(m, generator=g)[:k] for g in generators]).to(device)
@@ -525,10 +561,12 @@ def kmeans_torch_batched(points: Tensor, k: int, *, niter: int = 50, max_points_
     for iteration in range(1, niter + 1):
         iterations = iteration
         flat = (labels + offsets).view(-1)
-        counts = torch.zeros(batch * k, dtype=torch.int64, device=device).index_add_(
-            0, flat, torch.ones_like(flat)).view(batch, k)
-        sums = torch.zeros(batch * k, d, dtype=torch.float64, device=device).index_add_(
-            0, flat, x64).view(batch, k, d)
+        counts = (
+            torch.zeros(batch * k, dtype=torch.int64, device=device)
+            .index_add_(0, flat, torch.ones_like(flat))
+            .view(batch, k)
+        )
+        sums = torch.zeros(batch * k, d, dtype=torch.float64, device=device).index_add_(0, flat, x64).view(batch, k, d)
         full = counts > 0
         centroids = torch.where(full.unsqueeze(-1), (sums / counts.clamp_min(1).unsqueeze(-1)).float(), centroids)
         centroids, had_empty = _split_into_empty(centroids, counts, full, sign)

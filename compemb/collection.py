@@ -85,8 +85,9 @@ class Bags:
     weights: Tensor | None = None
 
     @classmethod
-    def from_offsets(cls, values: Tensor, offsets: Tensor, weights: Tensor | None = None, *,
-                     include_last_offset: bool = False) -> Bags:
+    def from_offsets(
+        cls, values: Tensor, offsets: Tensor, weights: Tensor | None = None, *, include_last_offset: bool = False
+    ) -> Bags:
         """Bags from nn.EmbeddingBag's offsets: one per bag (``include_last_offset=False``, the bags then end at
         ``len(values)``), or one per bag and a last one that must be ``len(values)``.
 
@@ -100,8 +101,9 @@ class Bags:
         if include_last_offset:
             if len(offsets) == 0 or int(offsets[-1]) != len(values):
                 last = int(offsets[-1]) if len(offsets) else None
-                raise ValueError(f"with include_last_offset, offsets[-1] must be len(values) = {len(values)}, got "
-                                 f"{last}")
+                raise ValueError(
+                    f"with include_last_offset, offsets[-1] must be len(values) = {len(values)}, got {last}"
+                )
             return cls(values, offsets.long(), weights)
         end = torch.tensor([len(values)], dtype=torch.int64, device=offsets.device)
         return cls(values, torch.cat([offsets.long(), end]), weights)
@@ -124,8 +126,12 @@ class CollectionMemory(MemoryReport):
     @classmethod
     def of(cls, per_feature: dict[str, MemoryReport]) -> CollectionMemory:
         """The sum of ``per_feature``'s reports, keeping them."""
-        return cls(sum(r.float_bytes for r in per_feature.values()), sum(r.index_bytes for r in per_feature.values()),
-                   sum(r.sketch_bytes for r in per_feature.values()), per_feature)
+        return cls(
+            sum(r.float_bytes for r in per_feature.values()),
+            sum(r.index_bytes for r in per_feature.values()),
+            sum(r.sketch_bytes for r in per_feature.values()),
+            per_feature,
+        )
 
 
 class EmbeddingCollection(torch.nn.Module):
@@ -198,9 +204,11 @@ class EmbeddingCollection(torch.nn.Module):
         # each name keys a table in a torch ModuleDict: torch refuses its own attribute names and dotted ones
         unusable = [name for name in names if not name or "." in name or hasattr(torch.nn.ModuleDict, name)]
         if unusable:
-            raise ValueError(f"feature name {unusable[0]!r} cannot name a table (torch's ModuleDict takes no empty or "
-                             f"dotted name, nor one of its own attributes such as 'items' or 'type'): rename it, "
-                             f"e.g. {unusable[0].replace('.', '_') + '_'!r}")
+            raise ValueError(
+                f"feature name {unusable[0]!r} cannot name a table (torch's ModuleDict takes no empty or "
+                f"dotted name, nor one of its own attributes such as 'items' or 'type'): rename it, "
+                f"e.g. {unusable[0].replace('.', '_') + '_'!r}"
+            )
         self.features = list(features)
         self.one_hot = [i for i, f in enumerate(features) if f.pooling is None]
         self.multi_hot = [i for i, f in enumerate(features) if f.pooling is not None]
@@ -222,8 +230,10 @@ class EmbeddingCollection(torch.nn.Module):
         # sparse=True: sparse gradients for every table with rows (the small features' full ones too); dhe's MLP and
         # tt's cores take dense ones
         full_sparse = options.get("sparse", False)
-        table_options = [{**options, **assigned[f.name][1], **({"sparse": False} if not cls.sparse_gradients else {})}
-                         for f, cls in zip(features, classes)]
+        table_options = [
+            {**options, **assigned[f.name][1], **({"sparse": False} if not cls.sparse_gradients else {})}
+            for f, cls in zip(features, classes)
+        ]
         total = sum(f.num_embeddings for f in features)
         if compression is None and num_params is None and not any(cls.compresses for cls in classes):
             compression = 1
@@ -243,12 +253,16 @@ class EmbeddingCollection(torch.nn.Module):
                 common["frequencies"] = None if missing else torch.cat([frequencies[f.name] for f in features])
             if get_method(method).takes_feature_blocks:  # MDE: each feature a block with a dim of its own
                 common["blocks"] = [f.num_embeddings for f in features]
-            table = make_embedding(method, total, embedding_dim, num_params=max(1, round(self.budget.num_params)),
-                                   **common, **options)
+            table = make_embedding(
+                method, total, embedding_dim, num_params=max(1, round(self.budget.num_params)), **common, **options
+            )
             self.embeddings = torch.nn.ModuleDict({"shared": table})
             return
-        full_options = {key: value for key, value in options.items()
-                        if key in ("mode", "init", "include_last_offset", "padding_idx")}
+        full_options = {
+            key: value
+            for key, value in options.items()
+            if key in ("mode", "init", "include_last_offset", "padding_idx")
+        }
         full_options["sparse"] = full_sparse
 
         def build(index: int, budget_bytes: int | None, last: bool = False) -> CompressedEmbedding:
@@ -262,16 +276,18 @@ class EmbeddingCollection(torch.nn.Module):
             if last:  # the largest table absorbs the others' rounding: at its nearest size that fits what is left
                 for _ in range(8):
                     with nearest_size():
-                        table = make_embedding(method, feature.num_embeddings, embedding_dim, num_params=params,
-                                               **common, **options)
+                        table = make_embedding(
+                            method, feature.num_embeddings, embedding_dim, num_params=params, **common, **options
+                        )
                     excess = table.budgeted_bytes() - budget_bytes
                     if excess <= 0 or params <= 1:
                         return table
                     params = max(1, params - -(-excess // FLOAT_BYTES))
                 return table
             with nearest_size():  # the total is checked at the end
-                return make_embedding(method, feature.num_embeddings, embedding_dim, num_params=params, **common,
-                                      **options)
+                return make_embedding(
+                    method, feature.num_embeddings, embedding_dim, num_params=params, **common, **options
+                )
 
         # smallest first: each takes its proportional share of what is left (or stays full when the share
         # would reach its full size) at its nearest size; larger tables absorb the smaller ones' rounding,
@@ -285,17 +301,23 @@ class EmbeddingCollection(torch.nn.Module):
         left_bytes = self.budget.num_bytes - sum(table.budgeted_bytes() for table in tables.values())
         if tables and len(tables) < len(features) and left_bytes < FLOAT_BYTES:
             kept = ", ".join(repr(features[i].name) for i in tables)
-            raise BudgetError(f"the features kept full ({kept}) store {self.budget.num_bytes - left_bytes:,} bytes: "
-                              f"more than the budget of {self.budget.num_bytes:,} bytes for every table")
+            raise BudgetError(
+                f"the features kept full ({kept}) store {self.budget.num_bytes - left_bytes:,} bytes: "
+                f"more than the budget of {self.budget.num_bytes:,} bytes for every table"
+            )
         # what the method would give each feature (in proportion to its full table, or MDE's power rule); a mix of
         # methods shares in proportion to the full tables
         single = len(set(self.methods.values())) == 1
         cls = classes[0]
-        wanted = cls.split_budget([f.num_embeddings for f in features], embedding_dim, self.budget.num_bytes,
-                                  **table_options[0]) if single else full
+        wanted = (
+            cls.split_budget(
+                [f.num_embeddings for f in features], embedding_dim, self.budget.num_bytes, **table_options[0]
+            )
+            if single
+            else full
+        )
         # a proportional split keeps small features full itself (below); a method's own split already decides
-        proportional = not single or \
-            cls.split_budget.__func__ is CompressedEmbedding.split_budget.__func__  # type: ignore[attr-defined]
+        proportional = not single or cls.split_budget.__func__ is CompressedEmbedding.split_budget.__func__  # type: ignore[attr-defined]
         order = sorted((i for i in range(len(features)) if i not in tables), key=lambda index: full[index])
         left_wanted = sum(wanted[i] for i in order)
         for position, index in enumerate(order):
@@ -332,8 +354,9 @@ class EmbeddingCollection(torch.nn.Module):
         self.embeddings = torch.nn.ModuleDict({features[i].name: tables[i] for i in range(len(features))})
         _run_lookups_eagerly()
 
-    def _explain_budget(self, features: Sequence[Feature], full: list[int], options: list[dict[str, Any]],
-                        compressed: list[int]) -> None:
+    def _explain_budget(
+        self, features: Sequence[Feature], full: list[int], options: list[dict[str, Any]], compressed: list[int]
+    ) -> None:
         """Raise the method's own BudgetError where one is the reason a per-feature split missed the budget.
 
         A method with per-id bytes (honest ``cce``: c pointers per id) reaches only bands of ratios, which depend on
@@ -346,11 +369,19 @@ class EmbeddingCollection(torch.nn.Module):
                 continue
             share = self.budget.num_bytes * full[index] / sum(full)
             try:
-                make_embedding(method, features[index].num_embeddings, self.embedding_dim,
-                               num_params=max(1, round(share / FLOAT_BYTES)), device="meta", **options[index])
+                make_embedding(
+                    method,
+                    features[index].num_embeddings,
+                    self.embedding_dim,
+                    num_params=max(1, round(share / FLOAT_BYTES)),
+                    device="meta",
+                    **options[index],
+                )
             except BudgetError as error:
-                raise BudgetError(f"feature {features[index].name!r} ({features[index].num_embeddings:,} ids) at "
-                                  f"the collection's ratio: {error}") from None
+                raise BudgetError(
+                    f"feature {features[index].name!r} ({features[index].num_embeddings:,} ids) at "
+                    f"the collection's ratio: {error}"
+                ) from None
 
     # torch.compile compiles the model around the lookups and runs them as they are (torch.compiler.disable, applied
     # when the first collection is built: _run_lookups_eagerly)
@@ -366,8 +397,7 @@ class EmbeddingCollection(torch.nn.Module):
             return self._one_hot_vectors(ids)
         names = [self.features[i].name for i in self.multi_hot]
         if bags is None or set(bags) != set(names):
-            raise ValueError(f"bags must be given for the multi-hot features {names}, got "
-                             f"{sorted(bags or {})}")
+            raise ValueError(f"bags must be given for the multi-hot features {names}, got {sorted(bags or {})}")
         batch = None if ids is None else ids.shape[0]
         pooled = [self.pool(self.features[i].name, bags[self.features[i].name], batch=batch) for i in self.multi_hot]
         parts = [torch.stack(pooled, dim=1)]
@@ -400,8 +430,7 @@ class EmbeddingCollection(torch.nn.Module):
             rows = "at least 1" if batch is None else batch + 1
             raise ValueError(f"{where}: bag offsets must have batch + 1 = {rows} entries, got {len(offsets)}")
         if not device_path(offsets) and int(offsets[-1]) != values.numel():  # the table checks the rest
-            raise ValueError(f"{where}: offsets[-1] = {int(offsets[-1])} is not the number of values "
-                             f"{values.numel()}")
+            raise ValueError(f"{where}: offsets[-1] = {int(offsets[-1])} is not the number of values {values.numel()}")
         if weights is not None and pooling != "sum":
             raise ValueError(f"{where}: per-id weights need sum pooling, not {pooling!r}")
         values = values.long()
@@ -417,8 +446,10 @@ class EmbeddingCollection(torch.nn.Module):
         # the table takes nn.EmbeddingBag's offsets: batch of them, or batch + 1 if it was built include_last_offset
         vectors = table(values, offsets if table.include_last_offset else offsets[:-1], weights)
         if table.mode == "max":  # no sum or mean can be had from a bag's maximum
-            raise ValueError(f"{where}: its table reduces bags by max (mode='max'); pooling {pooling!r} needs a table "
-                             f"built with mode 'sum' or 'mean'")
+            raise ValueError(
+                f"{where}: its table reduces bags by max (mode='max'); pooling {pooling!r} needs a table "
+                f"built with mode 'sum' or 'mean'"
+            )
         if table.mode != pooling:  # the table reduces by its own mode; convert sum <-> mean by the bag sizes
             sizes = (offsets[1:] - offsets[:-1]).clamp(min=1).unsqueeze(1).to(vectors.dtype)
             vectors = vectors / sizes if pooling == "mean" else vectors * sizes
@@ -443,8 +474,9 @@ class EmbeddingCollection(torch.nn.Module):
             elif bool((bad := (ids < 0) | (ids >= self.one_hot_cardinalities)).any()):
                 row, column = (int(v) for v in bad.nonzero()[0])
                 feature = self.features[self.one_hot[column]]
-                raise ValueError(f"feature {feature.name!r}: id {int(ids[row, column])} is outside "
-                                 f"[0, {feature.num_embeddings})")
+                raise ValueError(
+                    f"feature {feature.name!r}: id {int(ids[row, column])} is outside [0, {feature.num_embeddings})"
+                )
             shifted = ids + self.one_hot_offsets
             return self.embeddings["shared"](shifted.reshape(-1)).view(*ids.shape, self.embedding_dim)
         tables: list[CompressedEmbedding] = [self.embeddings[name] for name in columns]  # type: ignore[misc]
@@ -456,15 +488,17 @@ class EmbeddingCollection(torch.nn.Module):
             return groups[0][1](ids)
         columns, inverse = self._group_indices(groups, ids.device)
         parts = [
-            batch(ids.index_select(1, chosen)) if batch is not None
+            batch(ids.index_select(1, chosen))
+            if batch is not None
             else tables[positions[0]](ids[:, positions[0]]).unsqueeze(1)
             for (positions, batch), chosen in zip(groups, columns)
         ]
         vectors = torch.cat(parts, dim=1)
         return vectors if inverse is None else vectors.index_select(1, inverse)
 
-    def _group_indices(self, groups: list[tuple[list[int], TableBatch | None]],
-                       device: torch.device) -> tuple[list[Tensor], Tensor | None]:
+    def _group_indices(
+        self, groups: list[tuple[list[int], TableBatch | None]], device: torch.device
+    ) -> tuple[list[Tensor], Tensor | None]:
         """Each group's columns, and the permutation back to column order (None: already in order), as index
         tensors on ``device``, made once per grouping: made from Python lists every step they would be a copy
         from the host in every step."""
@@ -522,8 +556,10 @@ def batch_groups(tables: Sequence[torch.nn.Module]) -> list[tuple[list[int], Tab
         keys.setdefault((type(table), table.sparse) if batchable else ("alone", position), []).append(position)
 
     def plain(positions: list[int]) -> bool:  # a padding id or max pooling needs each table's own forward
-        return all(getattr(tables[p], "padding_idx", None) is None and getattr(tables[p], "mode", "sum") != "max"
-                   for p in positions)
+        return all(
+            getattr(tables[p], "padding_idx", None) is None and getattr(tables[p], "mode", "sum") != "max"
+            for p in positions
+        )
 
     groups: list[tuple[list[int], TableBatch | None]] = []
     for key in list(keys):  # a method whose batch takes the full tables beside it (hash): one batch, one update
@@ -538,8 +574,9 @@ def batch_groups(tables: Sequence[torch.nn.Module]) -> list[tuple[list[int], Tab
     for positions in keys.values():
         first = tables[positions[0]]
         members = [tables[p] for p in positions]
-        batch = type(first).table_batch(members) if isinstance(first, CompressedEmbedding) and plain(positions) \
-            else None
+        batch = (
+            type(first).table_batch(members) if isinstance(first, CompressedEmbedding) and plain(positions) else None
+        )
         if batch is None:
             groups.extend(([p], None) for p in positions)
         else:

@@ -32,9 +32,19 @@ def _error(module: CompressedEmbedding, weight: Tensor, ids: Tensor, chunk: int)
     return total / max(1, weight.numel())
 
 
-def compress(weight: Tensor, method: str, *, compression: float | None = None, num_params: int | None = None,
-             seed: int = 0, steps: int = 200, epochs: int = 60, batch_size: int = 256, lr: float = 0.05,
-             **options: Any) -> CompressedEmbedding:
+def compress(
+    weight: Tensor,
+    method: str,
+    *,
+    compression: float | None = None,
+    num_params: int | None = None,
+    seed: int = 0,
+    steps: int = 200,
+    epochs: int = 60,
+    batch_size: int = 256,
+    lr: float = 0.05,
+    **options: Any,
+) -> CompressedEmbedding:
     """``method`` (a registered name) built for ``weight``'s shape and budget, its tables fitted to ``weight``.
 
     Args:
@@ -57,8 +67,9 @@ def compress(weight: Tensor, method: str, *, compression: float | None = None, n
         raise ValueError("weight must be a 2-D floating-point tensor (num_embeddings, embedding_dim)")
     weight = weight.detach()
     n, d = weight.shape
-    module = make_embedding(method, n, d, compression=compression, num_params=num_params, seed=seed,
-                            device=weight.device, **options)
+    module = make_embedding(
+        method, n, d, compression=compression, num_params=num_params, seed=seed, device=weight.device, **options
+    )
     module.to(weight.dtype)
     module.train()
     ids = torch.arange(n, device=weight.device)
@@ -74,13 +85,21 @@ def compress(weight: Tensor, method: str, *, compression: float | None = None, n
     return module
 
 
-def _fit_least_squares(module: CompressedEmbedding, weight: Tensor, parameters: list[Tensor], ids: Tensor,
-                       steps: int, chunk: int) -> None:
+def _fit_least_squares(
+    module: CompressedEmbedding, weight: Tensor, parameters: list[Tensor], ids: Tensor, steps: int, chunk: int
+) -> None:
     """Full-batch L-BFGS on the mean squared error (the gradient summed over chunks of ids)."""
     if module.sparse:  # L-BFGS needs dense gradients
         module.sparse = False
-    optimizer = torch.optim.LBFGS(parameters, lr=1, max_iter=steps, history_size=20, tolerance_grad=1e-12,
-                                  tolerance_change=1e-15, line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS(
+        parameters,
+        lr=1,
+        max_iter=steps,
+        history_size=20,
+        tolerance_grad=1e-12,
+        tolerance_change=1e-15,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure() -> Tensor:
         optimizer.zero_grad()
@@ -95,8 +114,15 @@ def _fit_least_squares(module: CompressedEmbedding, weight: Tensor, parameters: 
     optimizer.step(closure)
 
 
-def _fit_adaptive(module: CompressedEmbedding, weight: Tensor, parameters: list[Tensor], epochs: int,
-                  batch_size: int, lr: float, seed: int) -> None:
+def _fit_adaptive(
+    module: CompressedEmbedding,
+    weight: Tensor,
+    parameters: list[Tensor],
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+) -> None:
     """Minibatch Adam over shuffled ids, the method's own hooks (clustering, promotions) after every step."""
     from compemb.optim import RowAdam
 

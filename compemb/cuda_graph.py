@@ -84,7 +84,8 @@ class StepGraph:
     def fits(self, batch: Sequence[Tensor]) -> bool:
         """Whether ``batch`` has the shapes and dtypes of the batches the graph was captured for."""
         return len(batch) == len(self.inputs) and all(
-            a.shape == b.shape and a.dtype == b.dtype for a, b in zip(batch, self.inputs))
+            a.shape == b.shape and a.dtype == b.dtype for a, b in zip(batch, self.inputs)
+        )
 
     def invalidate(self) -> None:
         """Forget the graph: work outside it (an eager step, an evaluation) may have replaced what it reads."""

@@ -148,8 +148,9 @@ def average_gradients(parameters: list[Tensor]) -> None:
     for param in sparse:
         summed, touched = next(pieces).view_as(param), next(pieces)
         rows = touched.nonzero().squeeze(1)
-        param.grad = torch.sparse_coo_tensor(rows.unsqueeze(0), summed.index_select(0, rows), param.shape,
-                                             is_coalesced=True)
+        param.grad = torch.sparse_coo_tensor(
+            rows.unsqueeze(0), summed.index_select(0, rows), param.shape, is_coalesced=True
+        )
 
 
 def all_reduce_sum(tensor: Tensor) -> Tensor:

@@ -74,12 +74,15 @@ def assign_methods(spec: str | Mapping[str, str], features: Sequence[str]) -> di
     mapping = parse_feature_methods(spec)
     unknown = [name for name in mapping if name != EVERY_OTHER and name not in features]
     if unknown:
-        raise ValueError(f"the methods name {', '.join(map(repr, unknown))}, not a feature here (the features: "
-                         f"{', '.join(features)})")
+        raise ValueError(
+            f"the methods name {', '.join(map(repr, unknown))}, not a feature here (the features: "
+            f"{', '.join(features)})"
+        )
     missing = [name for name in features if name not in mapping and EVERY_OTHER not in mapping]
     if missing:
-        raise ValueError(f"no method for {', '.join(map(repr, missing))}: name them, or give every other feature "
-                         f"one with '*=METHOD'")
+        raise ValueError(
+            f"no method for {', '.join(map(repr, missing))}: name them, or give every other feature one with '*=METHOD'"
+        )
     return {name: parse_method_spec(mapping.get(name, mapping.get(EVERY_OTHER, ""))) for name in features}
 
 

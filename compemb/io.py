@@ -92,7 +92,7 @@ def remove_dead_temporaries(path: str | os.PathLike) -> list[Path]:
         for entry in path.parent.iterdir():
             if not entry.name.startswith(prefix):
                 continue
-            pid, _, host = entry.name[len(prefix):].split(".", 1)[0].partition("@")
+            pid, _, host = entry.name[len(prefix) :].split(".", 1)[0].partition("@")
             if host != _host() or not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
                 continue
             if entry.is_dir() and not entry.is_symlink():

@@ -35,8 +35,12 @@ from compemb.io import atomic_write_bytes, atomic_write_text
 from compemb.outputs import check_output_file, png_metadata
 
 METHODS = ("dense_cce", "sparse_cce", "hashing", "bound")
-LABELS = {"dense_cce": "dense CCE", "sparse_cce": "sparse CCE", "hashing": "hashing (2k buckets)",
-          "bound": "Theorem 3.1 bound"}
+LABELS = {
+    "dense_cce": "dense CCE",
+    "sparse_cce": "sparse CCE",
+    "hashing": "hashing (2k buckets)",
+    "bound": "Theorem 3.1 bound",
+}
 
 
 @dataclass(frozen=True, eq=False)
@@ -53,15 +57,17 @@ class LeastSquaresProblem:
 
     def __post_init__(self) -> None:
         if self.X.dim() != 2 or self.Y.dim() != 2 or self.X.shape[0] != self.Y.shape[0]:
-            raise ValueError(f"X must be (n, d1) and Y (n, d2) with the same n; got {tuple(self.X.shape)} "
-                             f"and {tuple(self.Y.shape)}")
+            raise ValueError(
+                f"X must be (n, d1) and Y (n, d2) with the same n; got {tuple(self.X.shape)} and {tuple(self.Y.shape)}"
+            )
         # float64 throughout: the excess losses we report fall far below the losses they are differences of
         object.__setattr__(self, "X", self.X.to(torch.float64))
         object.__setattr__(self, "Y", self.Y.to(torch.float64))
 
     @classmethod
-    def generate(cls, n: int, d1: int, d2: int, seed: int = 0, *, signal: float = 1.0,
-                 noise: float = 1.0) -> LeastSquaresProblem:
+    def generate(
+        cls, n: int, d1: int, d2: int, seed: int = 0, *, signal: float = 1.0, noise: float = 1.0
+    ) -> LeastSquaresProblem:
         """A seeded problem: ``X`` standard Gaussian, ``Y = X T_true + noise * E``.
 
         ``T_true`` has i.i.d. N(0, signal^2 / d1) entries, so every entry of ``X T_true`` has variance
@@ -141,8 +147,9 @@ def dense_cce(problem: LeastSquaresProblem, k: int, iterations: int, seed: int =
     return losses
 
 
-def sparse_cce(problem: LeastSquaresProblem, k: int, iterations: int, seed: int = 0,
-               kmeans_iterations: int = 50) -> list[float]:
+def sparse_cce(
+    problem: LeastSquaresProblem, k: int, iterations: int, seed: int = 0, kmeans_iterations: int = 50
+) -> list[float]:
     """Algorithm 2: ``H = [one-hot k-means clusters of T's rows | one-hot random hash]``, each into k columns.
 
     Returns ``||X T_i - Y||_F^2`` for i = 0..iterations (``T_0 = 0``). At the first solve T = 0 has nothing to
@@ -179,8 +186,19 @@ def hashing_baseline(problem: LeastSquaresProblem, k: int, iterations: int, seed
     return [problem.loss(M[buckets])] * (iterations + 1)
 
 
-def run_lstsq(n: int = 10_000, d1: int = 1_000, k: int = 100, d2: int = 10, iterations: int = 40, seed: int = 0,
-              *, signal: float = 1.0, noise: float = 1.0, out: str | None = None, overwrite: bool = False) -> dict:
+def run_lstsq(
+    n: int = 10_000,
+    d1: int = 1_000,
+    k: int = 100,
+    d2: int = 10,
+    iterations: int = 40,
+    seed: int = 0,
+    *,
+    signal: float = 1.0,
+    noise: float = 1.0,
+    out: str | None = None,
+    overwrite: bool = False,
+) -> dict:
     """Run every method on one generated problem; return the losses, excess losses and the bound check.
 
     ``excess = loss - optimum loss``. With ``out``, also writes ``out.md``, ``out.json`` and ``out.png``; files
@@ -195,10 +213,12 @@ def run_lstsq(n: int = 10_000, d1: int = 1_000, k: int = 100, d2: int = 10, iter
     best = optimum(problem)
     seconds["optimum"] = time.perf_counter() - start
     losses: dict[str, list[float]] = {}
-    runners = {"dense_cce": lambda: dense_cce(problem, k, iterations, seed),
-               "sparse_cce": lambda: sparse_cce(problem, k, iterations, seed),
-               "hashing": lambda: hashing_baseline(problem, k, iterations, seed),
-               "bound": lambda: theorem_bound(problem, k, iterations)}
+    runners = {
+        "dense_cce": lambda: dense_cce(problem, k, iterations, seed),
+        "sparse_cce": lambda: sparse_cce(problem, k, iterations, seed),
+        "hashing": lambda: hashing_baseline(problem, k, iterations, seed),
+        "bound": lambda: theorem_bound(problem, k, iterations),
+    }
     for name, runner in runners.items():
         start = time.perf_counter()
         losses[name] = runner()
@@ -208,12 +228,26 @@ def run_lstsq(n: int = 10_000, d1: int = 1_000, k: int = 100, d2: int = 10, iter
     slack = 1e-9 * losses["bound"][0]
     above = [i for i, (a, b) in enumerate(zip(losses["dense_cce"], losses["bound"])) if a > b + slack]
     result = {
-        "settings": {"n": n, "d1": d1, "k": k, "d2": d2, "iterations": iterations, "seed": seed, "signal": signal,
-                     "noise": noise, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                     "date": datetime.date.today().isoformat()},
-        "rho": problem.rho, "fit": losses["bound"][0] - best, "optimum": best,
-        "losses": losses, "excess": excess,
-        "bound_respected": not above, "iterations_above_bound": above,
+        "settings": {
+            "n": n,
+            "d1": d1,
+            "k": k,
+            "d2": d2,
+            "iterations": iterations,
+            "seed": seed,
+            "signal": signal,
+            "noise": noise,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "date": datetime.date.today().isoformat(),
+        },
+        "rho": problem.rho,
+        "fit": losses["bound"][0] - best,
+        "optimum": best,
+        "losses": losses,
+        "excess": excess,
+        "bound_respected": not above,
+        "iterations_above_bound": above,
         "dense_reduction": excess["dense_cce"][0] / excess["dense_cce"][-1] if excess["dense_cce"][-1] > 0 else None,
         "seconds": seconds,
     }
@@ -240,12 +274,18 @@ def lstsq_table(result: dict) -> str:
     ]
     for i in range(s["iterations"] + 1):
         lines.append(f"| {i} | " + " | ".join(f"{excess[name][i]:,.1f}" for name in METHODS) + " |")
-    verdict = ("under the bound at every iteration" if result["bound_respected"]
-               else f"ABOVE the bound at iterations {result['iterations_above_bound']}")
+    verdict = (
+        "under the bound at every iteration"
+        if result["bound_respected"]
+        else f"ABOVE the bound at iterations {result['iterations_above_bound']}"
+    )
     reduction = result["dense_reduction"]
-    lines += ["", f"Dense CCE: excess {excess['dense_cce'][0]:,.1f} -> {excess['dense_cce'][-1]:,.1f} "
-              + (f"({reduction:,.1f}x lower) " if reduction is not None else "")
-              + f"in {s['iterations']} iterations, {verdict}."]
+    lines += [
+        "",
+        f"Dense CCE: excess {excess['dense_cce'][0]:,.1f} -> {excess['dense_cce'][-1]:,.1f} "
+        + (f"({reduction:,.1f}x lower) " if reduction is not None else "")
+        + f"in {s['iterations']} iterations, {verdict}.",
+    ]
     return "\n".join(lines)
 
 
@@ -273,8 +313,10 @@ def _plot(result: dict) -> bytes:
     axes.set_yscale("log")
     axes.set_xlabel("iteration i")
     axes.set_ylabel(r"excess loss $\|XT_i - Y\|_F^2 - \|XT^* - Y\|_F^2$")
-    axes.set_title(f"CCE for least squares: n={s['n']:,}, d1={s['d1']:,}, d2={s['d2']}, k={s['k']}, "
-                   f"rho={result['rho']:.2e}", fontsize=10)
+    axes.set_title(
+        f"CCE for least squares: n={s['n']:,}, d1={s['d1']:,}, d2={s['d2']}, k={s['k']}, rho={result['rho']:.2e}",
+        fontsize=10,
+    )
     axes.grid(True, which="both", alpha=0.3)
     axes.legend()
     figure.tight_layout()
@@ -309,8 +351,15 @@ def _kmeans(T: Tensor, k: int, seed: int, iterations: int) -> Tensor:
 
     points = np.ascontiguousarray(T.numpy(), dtype=np.float32)
     # min_points_per_centroid=1: d1 rows into k clusters is the point here, not a sampling problem to warn about
-    kmeans = faiss.Kmeans(points.shape[1], k, niter=iterations, seed=seed, min_points_per_centroid=1,
-                          max_points_per_centroid=256, verbose=False)
+    kmeans = faiss.Kmeans(
+        points.shape[1],
+        k,
+        niter=iterations,
+        seed=seed,
+        min_points_per_centroid=1,
+        max_points_per_centroid=256,
+        verbose=False,
+    )
     kmeans.train(points)
     _, assignment = kmeans.index.search(points, 1)
     return torch.from_numpy(assignment[:, 0].astype(np.int64))

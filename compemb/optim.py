@@ -124,10 +124,14 @@ class _RowWise(torch.optim.Optimizer):
         return 0.0
 
     def _new_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
-        return {name: (param.new_full(param.shape, self._initial(name, group)) if kind == "param" else
-                       torch.full((param.shape[0],), self._initial(name, group), dtype=torch.float32,
-                                  device=param.device))
-                for name, kind in self.row_state.items()}
+        return {
+            name: (
+                param.new_full(param.shape, self._initial(name, group))
+                if kind == "param"
+                else torch.full((param.shape[0],), self._initial(name, group), dtype=torch.float32, device=param.device)
+            )
+            for name, kind in self.row_state.items()
+        }
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -181,8 +185,14 @@ class _RowWise(torch.optim.Optimizer):
         if counts:  # the per-table counts torch's optimizers keep, in one launch
             torch._foreach_add_(counts, 1.0)
 
-    def _packed_state(self, params: list[Tensor], starts: list[int], total_rows: int,
-                      group: dict[str, Any], existing_only: bool = False) -> dict[str, Tensor] | None:
+    def _packed_state(
+        self,
+        params: list[Tensor],
+        starts: list[int],
+        total_rows: int,
+        group: dict[str, Any],
+        existing_only: bool = False,
+    ) -> dict[str, Tensor] | None:
         """The tables' states as whole buffers whose slices are each table's state. Made again (keeping the values
         the tables had, from a checkpoint say) when they are not such slices; ``existing_only``: None then."""
         first = params[0]
@@ -194,7 +204,8 @@ class _RowWise(torch.optim.Optimizer):
                 return False
             storage = head[name].untyped_storage().data_ptr()
             return all(
-                name in self.state[param] and self.state[param][name].untyped_storage().data_ptr() == storage
+                name in self.state[param]
+                and self.state[param][name].untyped_storage().data_ptr() == storage
                 and self.state[param][name].storage_offset() == start * widths[name]
                 for param, start in zip(params, starts)
             )
@@ -206,9 +217,15 @@ class _RowWise(torch.optim.Optimizer):
             return {name: head[name].new_empty(0).set_(head[name].untyped_storage(), 0, shape(name)) for name in widths}
         if existing_only:
             return None
-        buffers = {name: torch.full(shape(name), self._initial(name, group), device=first.device,
-                                    dtype=first.dtype if self.row_state[name] == "param" else torch.float32)
-                   for name in widths}
+        buffers = {
+            name: torch.full(
+                shape(name),
+                self._initial(name, group),
+                device=first.device,
+                dtype=first.dtype if self.row_state[name] == "param" else torch.float32,
+            )
+            for name in widths
+        }
         for param, start in zip(params, starts):
             state = self.state[param]
             for name, buffer in buffers.items():
@@ -247,8 +264,14 @@ class RowAdam(_RowWise):
 
     row_state = {"exp_avg": "param", "exp_avg_sq": "param", ROW_STEPS: "row"}
 
-    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float = 1e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, capturable: bool = False) -> None:
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        capturable: bool = False,
+    ) -> None:
         if not lr > 0 or not 0 <= betas[0] < 1 or not 0 <= betas[1] < 1 or not eps > 0:
             raise ValueError(f"RowAdam needs lr > 0, betas in [0, 1), eps > 0; got {lr}, {betas}, {eps}")
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
@@ -315,8 +338,13 @@ class RowAdam(_RowWise):
             torch._foreach_addcdiv_(members, exp_avgs, denominators, value=-lr / (1 - beta1**step))
 
     @staticmethod
-    def _capturable_update(params: list[Tensor], exp_avgs: list[Tensor], denominators: list[Tensor],
-                           counts: list[Tensor], group: dict[str, Any]) -> None:
+    def _capturable_update(
+        params: list[Tensor],
+        exp_avgs: list[Tensor],
+        denominators: list[Tensor],
+        counts: list[Tensor],
+        group: dict[str, Any],
+    ) -> None:
         """``param -= lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)`` with ``t`` read by the kernels
         from the device (as torch's Adam with ``capturable=True``); ``denominators`` holds ``sqrt(v)``."""
         (beta1, beta2), lr, eps = group["betas"], group["lr"], group["eps"]
@@ -384,13 +412,29 @@ class RowAdagrad(_RowWise):
 
     row_state = {"sum": "param"}
 
-    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float = 1e-2,
-                 initial_accumulator_value: float = 0.0, eps: float = 1e-10, capturable: bool = False) -> None:
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-2,
+        initial_accumulator_value: float = 0.0,
+        eps: float = 1e-10,
+        capturable: bool = False,
+    ) -> None:
         if not lr > 0 or not initial_accumulator_value >= 0 or not eps > 0:
-            raise ValueError(f"RowAdagrad needs lr > 0, initial_accumulator_value >= 0, eps > 0; got {lr}, "
-                             f"{initial_accumulator_value}, {eps}")
-        super().__init__(params, {"lr": lr, "initial_accumulator_value": initial_accumulator_value, "eps": eps,
-                                  "lr_decay": 0.0, "weight_decay": 0.0})
+            raise ValueError(
+                f"RowAdagrad needs lr > 0, initial_accumulator_value >= 0, eps > 0; got {lr}, "
+                f"{initial_accumulator_value}, {eps}"
+            )
+        super().__init__(
+            params,
+            {
+                "lr": lr,
+                "initial_accumulator_value": initial_accumulator_value,
+                "eps": eps,
+                "lr_decay": 0.0,
+                "weight_decay": 0.0,
+            },
+        )
         self.capturable = bool(capturable)
 
     def _initial(self, name: str, group: dict[str, Any]) -> float:
@@ -439,11 +483,19 @@ class RowwiseAdagrad(_RowWise):
 
     row_state = {"sum": "row"}
 
-    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float = 1e-2,
-                 initial_accumulator_value: float = 0.0, eps: float = 1e-10, capturable: bool = False) -> None:
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-2,
+        initial_accumulator_value: float = 0.0,
+        eps: float = 1e-10,
+        capturable: bool = False,
+    ) -> None:
         if not lr > 0 or not initial_accumulator_value >= 0 or not eps > 0:
-            raise ValueError(f"RowwiseAdagrad needs lr > 0, initial_accumulator_value >= 0, eps > 0; got {lr}, "
-                             f"{initial_accumulator_value}, {eps}")
+            raise ValueError(
+                f"RowwiseAdagrad needs lr > 0, initial_accumulator_value >= 0, eps > 0; got {lr}, "
+                f"{initial_accumulator_value}, {eps}"
+            )
         super().__init__(params, {"lr": lr, "initial_accumulator_value": initial_accumulator_value, "eps": eps})
         self.capturable = bool(capturable)  # (nothing counted: nothing of it on the host either way)
 
@@ -465,8 +517,7 @@ class RowwiseAdagrad(_RowWise):
         grad = param.grad.reshape(param.shape[0], -1) if param.dim() else param.grad.reshape(1, 1)
         state["sum"].add_(grad.float().pow(2).mean(1))
         shape = (-1,) + (1,) * max(param.dim() - 1, 0)
-        param.addcdiv_(param.grad, (state["sum"].sqrt() + group["eps"]).to(param.dtype).view(shape),
-                       value=-group["lr"])
+        param.addcdiv_(param.grad, (state["sum"].sqrt() + group["eps"]).to(param.dtype).view(shape), value=-group["lr"])
 
 
 class CombinedOptimizer(torch.optim.Optimizer):
@@ -541,10 +592,16 @@ class CombinedOptimizer(torch.optim.Optimizer):
             if len(mine) != count:
                 raise ValueError("the state dict has fewer parameter groups than the combined optimizers")
             size = sum(len(group["params"]) for group in mine)
-            optimizer.load_state_dict({
-                "state": {index - offset: value for index, value in state_dict["state"].items()
-                          if offset <= int(index) < offset + size},
-                "param_groups": [{**group, "params": [i - offset for i in group["params"]]} for group in mine]})
+            optimizer.load_state_dict(
+                {
+                    "state": {
+                        index - offset: value
+                        for index, value in state_dict["state"].items()
+                        if offset <= int(index) < offset + size
+                    },
+                    "param_groups": [{**group, "params": [i - offset for i in group["params"]]} for group in mine],
+                }
+            )
             at, offset = at + count, offset + size
         if at != len(groups):
             raise ValueError("the state dict has more parameter groups than the combined optimizers")

@@ -62,8 +62,13 @@ def what_it_is(path: Path) -> str | None:
         return f"a symbolic link (to {os.readlink(path)})"
     if stat.S_ISREG(mode):
         return None
-    kinds = {stat.S_ISDIR: "a directory", stat.S_ISFIFO: "a FIFO", stat.S_ISCHR: "a character device",
-             stat.S_ISBLK: "a block device", stat.S_ISSOCK: "a socket"}
+    kinds = {
+        stat.S_ISDIR: "a directory",
+        stat.S_ISFIFO: "a FIFO",
+        stat.S_ISCHR: "a character device",
+        stat.S_ISBLK: "a block device",
+        stat.S_ISSOCK: "a socket",
+    }
     return next((name for test, name in kinds.items() if test(mode)), "not a regular file")
 
 
@@ -83,8 +88,11 @@ def owner_directory(path: Path) -> tuple[str, Path] | None:
 
 
 def _is_run(directory: Path) -> bool:
-    return (directory / "metrics.jsonl").is_file() or (directory / "config.toml").is_file() or \
-        (directory / "checkpoints").is_dir()
+    return (
+        (directory / "metrics.jsonl").is_file()
+        or (directory / "config.toml").is_file()
+        or (directory / "checkpoints").is_dir()
+    )
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -94,9 +102,15 @@ def _same_file(a: Path, b: Path) -> bool:
         return os.path.abspath(a) == os.path.abspath(b)
 
 
-def check_output_file(path: str | os.PathLike, kind: str, *, flag: str = "--out", overwrite: bool = False,
-                      inputs: Iterable[tuple[str, str | os.PathLike]] = (),
-                      own: str | os.PathLike | None = None) -> None:
+def check_output_file(
+    path: str | os.PathLike,
+    kind: str,
+    *,
+    flag: str = "--out",
+    overwrite: bool = False,
+    inputs: Iterable[tuple[str, str | os.PathLike]] = (),
+    own: str | os.PathLike | None = None,
+) -> None:
     """Refuse (OutputError, one line) an output file ``path`` of ``kind`` (``"model"``, ``"png"``, or a kind without
     a signature: ``"scores"``, ``"tsv"``, ``"text"``) that would replace a link, device, FIFO or directory, one of
     the command's ``inputs`` (``(flag, path)`` pairs), a file of a data set or run other than ``own``, or an
@@ -108,19 +122,21 @@ def check_output_file(path: str | os.PathLike, kind: str, *, flag: str = "--out"
         raise OutputError(f"{where} is {other}: compemb replaces only regular files it wrote; give a file's path")
     for input_flag, input_path in inputs:
         if _same_file(path, Path(input_path)):
-            raise OutputError(f"{where} is also this command's input ({input_flag}): it would be lost; write "
-                              f"elsewhere")
+            raise OutputError(f"{where} is also this command's input ({input_flag}): it would be lost; write elsewhere")
     owner = owner_directory(path)
     if owner is not None and (own is None or not _same_file(owner[1], Path(own))):
-        raise OutputError(f"{where} is inside the compemb {owner[0]} {owner[1]}: it would change what that "
-                          f"{owner[0]} holds; write elsewhere")
+        raise OutputError(
+            f"{where} is inside the compemb {owner[0]} {owner[1]}: it would change what that "
+            f"{owner[0]} holds; write elsewhere"
+        )
     if path.exists() and not overwrite and not SIGNATURES.get(kind, lambda _: False)(path):
         what = f"a {kind} file compemb wrote" if kind in SIGNATURES else "compemb's to replace"
         raise OutputError(f"{where} exists and is not {what}: --overwrite replaces it, or give another path")
 
 
-def check_output_directory(path: str | os.PathLike, *, flag: str = "--out",
-                           inputs: Iterable[tuple[str, str | os.PathLike]] = ()) -> None:
+def check_output_directory(
+    path: str | os.PathLike, *, flag: str = "--out", inputs: Iterable[tuple[str, str | os.PathLike]] = ()
+) -> None:
     """Refuse (OutputError) an output directory that is a link (dangling or not) or not a directory, is one of the
     command's inputs or lies inside one, or lies inside another data set or run; what it already holds is the
     writer's to check (its own kind of output, ``--overwrite``)."""
@@ -137,8 +153,10 @@ def check_output_directory(path: str | os.PathLike, *, flag: str = "--out",
     for input_flag, input_path in inputs:
         given = Path(os.path.abspath(input_path))
         if _same_file(resolved, given) or given in resolved.parents:
-            raise OutputError(f"{where} is inside this command's input ({input_flag} {input_path}): its files would "
-                              f"mix with the input's; write elsewhere")
+            raise OutputError(
+                f"{where} is inside this command's input ({input_flag} {input_path}): its files would "
+                f"mix with the input's; write elsewhere"
+            )
     for parent in resolved.parents:
         if (parent / DATASET_MARK).is_file():
             raise OutputError(f"{where} is inside the compemb data set {parent}: write elsewhere")

@@ -31,18 +31,38 @@ class Protocol:
     baseline: str = "hash"
 
 
-_DLRM_SGD = {"optimizer": "sgd", "lr": 0.1, "table_optimizer": "sgd", "table_lr": 0.1, "embedding_dim": 16,
-             "bottom": (512, 256, 64), "top": (512, 256)}
+_DLRM_SGD = {
+    "optimizer": "sgd",
+    "lr": 0.1,
+    "table_optimizer": "sgd",
+    "table_lr": 0.1,
+    "embedding_dim": 16,
+    "bottom": (512, 256, 64),
+    "top": (512, 256),
+}
 _DLRM_KAGGLE = {**_DLRM_SGD, "batch_size": 128, "epochs": 1}
 
 PROTOCOLS = {
-    "dlrm": Protocol("dlrm", "Naumov et al. 2019 (arXiv 1906.00091), compemb's defaults before 2026-12-06",
-                     {**_DLRM_SGD, "batch_size": 2048, "evals_per_epoch": 0}, baseline="hash"),
-    "cafe-paper": Protocol("cafe-paper", "Zhang et al., SIGMOD 2024 (arXiv 2312.03256)",
-                           {**_DLRM_KAGGLE, "evals_per_epoch": 1, "sharing": "shared"}, baseline="hash-fields"),
-    "cce-paper": Protocol("cce-paper", "Tsang & Ahle, NeurIPS 2023 (arXiv 2210.05974)",
-                          {**_DLRM_KAGGLE, "evals_per_epoch": 6}, baseline="ce"),
+    "dlrm": Protocol(
+        "dlrm",
+        "Naumov et al. 2019 (arXiv 1906.00091), compemb's defaults before 2026-12-06",
+        {**_DLRM_SGD, "batch_size": 2048, "evals_per_epoch": 0},
+        baseline="hash",
+    ),
+    "cafe-paper": Protocol(
+        "cafe-paper",
+        "Zhang et al., SIGMOD 2024 (arXiv 2312.03256)",
+        {**_DLRM_KAGGLE, "evals_per_epoch": 1, "sharing": "shared"},
+        baseline="hash-fields",
+    ),
+    "cce-paper": Protocol(
+        "cce-paper",
+        "Tsang & Ahle, NeurIPS 2023 (arXiv 2210.05974)",
+        {**_DLRM_KAGGLE, "evals_per_epoch": 6},
+        baseline="ce",
+    ),
 }
+
 
 def get_protocol(name: str) -> Protocol:
     """The protocol called ``name``; a ValueError naming the ones there are otherwise."""

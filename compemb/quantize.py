@@ -67,8 +67,12 @@ FP16_MAX = 65504.0
 _Module = TypeVar("_Module", bound=torch.nn.Module)
 # the dtypes a quantized table may come back in, by the name its spec gives (a fixed table: a spec's string is
 # never looked up on the torch module)
-TABLE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-                "float64": torch.float64}
+TABLE_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
 MAX_ROWS = 1 << 62
 
 
@@ -76,6 +80,7 @@ def check_table_spec(spec: Mapping[str, Any]) -> None:
     """ValueError naming the field where one table's spec is not one :func:`quantize` writes: a known scheme and
     dtype, positive integer rows and cols, group rows in 1..rows (int8/int4), or PQ widths of positive integers
     summing to cols and 1..256 centroids (a code is one byte)."""
+
     def positive_int(name: str, value: Any, high: int = MAX_ROWS) -> int:
         if type(value) is not int or not 1 <= value <= high:
             raise ValueError(f"quantized table spec: {name} must be an integer in [1, {high:,}], got {value!r}")
@@ -173,7 +178,6 @@ class _QuantizedTable(torch.nn.Module):
         return self.lookup(torch.arange(self.rows, device=self.codes.device))
 
 
-
 class QuantizedEmbedding(CompressedEmbedding):
     """A trained method's module whose tables are stored quantized; built by :func:`quantize` or :meth:`from_spec`.
 
@@ -202,8 +206,10 @@ class QuantizedEmbedding(CompressedEmbedding):
             param, shape = parameters.get(name), (table["rows"], table["cols"])
             if param is None or tuple(param.shape) != shape or table["scheme"] not in SCHEMES:
                 found = "none" if param is None else f"shape {tuple(param.shape)}"
-                raise ValueError(f"{self._who()}: spec table {name!r} ({table['scheme']} {shape}) does not match the "
-                                 f"module's ({found})")
+                raise ValueError(
+                    f"{self._who()}: spec table {name!r} ({table['scheme']} {shape}) does not match the "
+                    f"module's ({found})"
+                )
         self._dtype = next(iter(parameters.values())).dtype if parameters else torch.float32  # for bag weights
         self.inner, self.tables = inner.eval(), torch.nn.ModuleDict()
         for name, table in spec["tables"].items():
@@ -264,8 +270,11 @@ class QuantizedEmbedding(CompressedEmbedding):
         """Floats: fp32 parameters left, codebooks, scales and biases; index: codes and the method's buffers; the
         method's sketch apart. The total is the bytes of ``state_dict()``."""
         state = self.state_dict(keep_vars=True)
-        floats = sum(t.numel() * t.element_size() for key, t in state.items()
-                     if isinstance(t, torch.nn.Parameter) or (key.startswith("tables.") and not key.endswith(".codes")))
+        floats = sum(
+            t.numel() * t.element_size()
+            for key, t in state.items()
+            if isinstance(t, torch.nn.Parameter) or (key.startswith("tables.") and not key.endswith(".codes"))
+        )
         index = sum(t.numel() * t.element_size() for t in state.values()) - floats
         sketch = min(self._sketch_bytes, index)
         return MemoryReport(float_bytes=floats, index_bytes=index - sketch, sketch_bytes=sketch)
@@ -329,12 +338,19 @@ def quantize(
     return holder["model"].eval()  # type: ignore[return-value]
 
 
-def _quantize_module(module: CompressedEmbedding, scheme: str, compression: float | None, subspaces: int | None,
-                     centroids: int, seed: int) -> QuantizedEmbedding:
+def _quantize_module(
+    module: CompressedEmbedding,
+    scheme: str,
+    compression: float | None,
+    subspaces: int | None,
+    centroids: int,
+    seed: int,
+) -> QuantizedEmbedding:
     if isinstance(module, QuantizedEmbedding):
         raise TypeError(f"{module._who()} is quantized already")
-    tables = {name: p for name, p in module.named_parameters() if p.is_floating_point() and p.dim() == 2
-              and p.shape[0] >= 2}
+    tables = {
+        name: p for name, p in module.named_parameters() if p.is_floating_point() and p.dim() == 2 and p.shape[0] >= 2
+    }
     specs = {}
     for name, table in tables.items():
         where = f"{module._who()}: table {name!r} ({table.shape[0]:,} x {table.shape[1]})"
@@ -352,8 +368,9 @@ def _quantize_module(module: CompressedEmbedding, scheme: str, compression: floa
     return quantized
 
 
-def _plan(where: str, table: Tensor, scheme: str, compression: float | None, subspaces: int | None,
-          centroids: int) -> dict[str, Any] | None:
+def _plan(
+    where: str, table: Tensor, scheme: str, compression: float | None, subspaces: int | None, centroids: int
+) -> dict[str, Any] | None:
     """The spec of one table, or None where quantizing would not make it smaller."""
     rows, cols = table.shape
     base = {"rows": rows, "cols": cols, "dtype": str(table.dtype).removeprefix("torch.")}
@@ -364,8 +381,10 @@ def _plan(where: str, table: Tensor, scheme: str, compression: float | None, sub
         raise ValueError(f"subspaces={subspaces} is out of range for {where}: need 1 <= subspaces <= {cols}")
     m = subspaces or -(-cols // PQ_WIDTH)
     if compression is not None:
-        full, sizes = rows * cols * FLOAT_BYTES, {count: rows * count + centroids * cols * FLOAT_BYTES
-                                                  for count in range(1, cols + 1)}
+        full, sizes = (
+            rows * cols * FLOAT_BYTES,
+            {count: rows * count + centroids * cols * FLOAT_BYTES for count in range(1, cols + 1)},
+        )
         if not sizes[1] * (1 - BUDGET_TOLERANCE) <= full / compression <= sizes[cols] * (1 + BUDGET_TOLERANCE):
             raise BudgetError(
                 f"pq cannot compress {where} by {compression:g}x: with {centroids} centroids per subspace it reaches "
@@ -392,8 +411,7 @@ def _key(name: str) -> str:
     return name.replace(".", "__")  # module names hold no dots
 
 
-def _check_arguments(scheme: str, compression: float | None, subspaces: int | None, centroids: int,
-                     seed: int) -> None:
+def _check_arguments(scheme: str, compression: float | None, subspaces: int | None, centroids: int, seed: int) -> None:
     def is_int(value: object) -> bool:
         return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
@@ -405,8 +423,12 @@ def _check_arguments(scheme: str, compression: float | None, subspaces: int | No
         raise ValueError(f"compression and subspaces apply to scheme 'pq' only; {scheme!r} stores a fixed size")
     if compression is not None and subspaces is not None:
         raise ValueError("give compression or subspaces, not both")
-    if compression is not None and not (isinstance(compression, numbers.Real) and not isinstance(compression, bool)
-                                        and math.isfinite(compression) and compression > 0):
+    if compression is not None and not (
+        isinstance(compression, numbers.Real)
+        and not isinstance(compression, bool)
+        and math.isfinite(compression)
+        and compression > 0
+    ):
         raise ValueError(f"compression must be a positive number, got {compression!r}")
     if subspaces is not None and not (is_int(subspaces) and subspaces >= 1):
         raise ValueError(f"subspaces must be a positive int, got {subspaces!r}")

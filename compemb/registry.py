@@ -131,8 +131,10 @@ def check_options(method: str, options: dict[str, Any]) -> None:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(f"{method} has no option {key!r}{hint}; its options: {', '.join(known)}")
         if not _accepts(known[key].annotation, value):
-            raise ValueError(f"{method}: option {key} must be {_type_name(known[key].annotation)}, "
-                             f"got {type(value).__name__} {_short_repr(value)}")
+            raise ValueError(
+                f"{method}: option {key} must be {_type_name(known[key].annotation)}, "
+                f"got {type(value).__name__} {_short_repr(value)}"
+            )
 
 
 def _short_repr(value: Any) -> str:
@@ -235,6 +237,7 @@ def summarize_methods(num_embeddings: int, embedding_dim: int, compression: floa
             note = f"paper accounting: its floats meet {ratio:g}x, the rest is not counted"
         elif reached < 0.99 * ratio:
             note = f"cannot meet {ratio:g}x: built at the smallest budget it can meet"
-        rows.append(MethodSummary(name, cls.title, cls.formula, num_params, report, reached, module.describe_sizes(),
-                                  note))
+        rows.append(
+            MethodSummary(name, cls.title, cls.formula, num_params, report, reached, module.describe_sizes(), note)
+        )
     return rows

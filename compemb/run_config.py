@@ -42,8 +42,9 @@ def read_config_file(path: str | os.PathLike, config_type: type) -> dict[str, An
         try:
             import yaml
         except ImportError:
-            raise ValueError(f"config file {path}: YAML needs PyYAML (pip install pyyaml), or write it as TOML") \
-                from None
+            raise ValueError(
+                f"config file {path}: YAML needs PyYAML (pip install pyyaml), or write it as TOML"
+            ) from None
         try:
             settings = yaml.safe_load(text)
         except yaml.YAMLError as error:
@@ -61,8 +62,10 @@ def read_config_file(path: str | os.PathLike, config_type: type) -> dict[str, An
     known = tuple(f.name for f in fields(config_type))
     unknown = [key for key in settings if key not in known]
     if unknown:
-        raise ValueError(f"config file {path}: unknown setting{'s' if len(unknown) > 1 else ''} "
-                         f"{', '.join(map(repr, unknown))}; the settings are TrainConfig's: {', '.join(known)}")
+        raise ValueError(
+            f"config file {path}: unknown setting{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(map(repr, unknown))}; the settings are TrainConfig's: {', '.join(known)}"
+        )
     settings = {key: value for key, value in settings.items() if value is not None}
     # each value of its setting's type here (the flags beside the file may complete it: the config as a whole is
     # checked when it is built, as one built in code is)
@@ -127,8 +130,9 @@ def write_run_config(run: str | os.PathLike, config: Any) -> Path:
     compemb did not write is not replaced: a ValueError says so."""
     path = Path(run) / CONFIG_FILE
     if (path.exists() or path.is_symlink()) and not is_run_config(path):
-        raise ValueError(f"{path} is not a config a compemb run wrote: it is left as it is; move it, or give "
-                         f"another --out")
+        raise ValueError(
+            f"{path} is not a config a compemb run wrote: it is left as it is; move it, or give another --out"
+        )
     try:
         atomic_write_text(path, config_text(config))
     except OSError as error:  # a full disk, say: the one there (if any) is left whole
@@ -139,8 +143,12 @@ def write_run_config(run: str | os.PathLike, config: Any) -> Path:
 def method_spec(method: str, options: dict[str, Any]) -> str:
     """``("cce", {"cluster_every": 200})`` -> ``"cce:cluster_every=200"``: ``--method``'s form of a method and its
     options (what :func:`compemb.registry.parse_method_spec` reads back)."""
-    return ":".join([method, *(f"{key}={json.dumps(value) if not isinstance(value, str) else value}"
-                               for key, value in options.items())])
+    return ":".join(
+        [
+            method,
+            *(f"{key}={json.dumps(value) if not isinstance(value, str) else value}" for key, value in options.items()),
+        ]
+    )
 
 
 def cli_defaults(settings: dict[str, Any]) -> dict[str, Any]:

@@ -48,8 +48,10 @@ class RunLock:
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             os.close(fd)
-            raise RunLockedError(f"{self.run} is being trained by another process (pid {holder}): wait for it to end, "
-                                 f"or give another --out") from None
+            raise RunLockedError(
+                f"{self.run} is being trained by another process (pid {holder}): wait for it to end, "
+                f"or give another --out"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd

@@ -32,8 +32,10 @@ def plot_run(run: str | os.PathLike, path: str | os.PathLike | None = None, over
         if record is None:
             continue
         if not isinstance(record, dict) or not all(key in record for key in ("step", "bce", "train_loss")):
-            raise ValueError(f"{metrics}:{number}: not an evaluation record (a JSON object with step, bce and "
-                             f"train_loss): the file was edited or damaged")
+            raise ValueError(
+                f"{metrics}:{number}: not an evaluation record (a JSON object with step, bce and "
+                f"train_loss): the file was edited or damaged"
+            )
         records.append(record)
     if not records:
         raise ValueError(f"{metrics} holds no evaluation yet")

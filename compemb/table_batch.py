@@ -68,7 +68,9 @@ class PackedWeights:
         first = weights[0]
         for weight in weights:
             if weight.dim() != 2 or weight.shape[1] != first.shape[1]:
-                raise ValueError(f"packed weights must be 2-D of one row width, got {[tuple(w.shape) for w in weights]}")
+                raise ValueError(
+                    f"packed weights must be 2-D of one row width, got {[tuple(w.shape) for w in weights]}"
+                )
             if weight.dtype != first.dtype or weight.device != first.device:
                 raise ValueError("packed weights must share one dtype and device")
         self.sparse = sparse
@@ -174,8 +176,10 @@ class PackedBuffers:
                 return False
             if tensor.numel() == 0:  # an empty slice holds nothing to keep in place (its pointer is arbitrary)
                 continue
-            if tensor.data_ptr() != flat.data_ptr() + start * row \
-                    or tensor.untyped_storage().data_ptr() != flat.untyped_storage().data_ptr():
+            if (
+                tensor.data_ptr() != flat.data_ptr() + start * row
+                or tensor.untyped_storage().data_ptr() != flat.untyped_storage().data_ptr()
+            ):
                 return False
         return True
 
@@ -221,8 +225,10 @@ class RowsBatch:
     @staticmethod
     def accepts(tables: Sequence[torch.nn.Module]) -> bool:
         """Whether a RowsBatch can take ``tables``: closed vocabularies, one row width."""
-        return all(getattr(t, "num_embeddings", None) is not None for t in tables) and \
-            len({t.weight.shape[1] for t in tables}) == 1
+        return (
+            all(getattr(t, "num_embeddings", None) is not None for t in tables)
+            and len({t.weight.shape[1] for t in tables}) == 1
+        )
 
     def __call__(self, ids: Tensor) -> Tensor:
         self.ranges.check(ids)
@@ -287,8 +293,9 @@ def check_id_ranges(tables: Sequence[torch.nn.Module], ids: Tensor, sizes: Tenso
     a wrapped or shifted id would silently read another table's rows)."""
     if device_path(ids):  # no host round trip per lookup: a device-side assert
         names = [t.name or str(position) for position, t in enumerate(tables)]
-        assert_ids_in_range(ids, sizes, f"a table batch of {len(tables)} {tables[0].method_name} tables "
-                                        f"({', '.join(names)})")
+        assert_ids_in_range(
+            ids, sizes, f"a table batch of {len(tables)} {tables[0].method_name} tables ({', '.join(names)})"
+        )
         return
     bad = (ids < 0) | (ids >= sizes)
     if bool(bad.any()):

@@ -20,9 +20,22 @@ def config(data: str, out: str, method: str) -> TrainConfig:
     if option:
         key, value = option.split("=")
         options[key] = value
-    return TrainConfig(data=data, out=out, method=name, compression=4, method_options=options, embedding_dim=8,
-                       bottom=(16,), top=(16,), optimizer="sgd", lr=0.1, batch_size=256, epochs=1, seed=3,
-                       checkpoint_minutes=0)
+    return TrainConfig(
+        data=data,
+        out=out,
+        method=name,
+        compression=4,
+        method_options=options,
+        embedding_dim=8,
+        bottom=(16,),
+        top=(16,),
+        optimizer="sgd",
+        lr=0.1,
+        batch_size=256,
+        epochs=1,
+        seed=3,
+        checkpoint_minutes=0,
+    )
     # SGD: Adam and Adagrad turn the last-bit differences of a near-zero gradient (sums in another order on two
     # processes) into steps of about lr, so "equal to 1e-5" is a claim only a linear update can keep; the ranks
     # themselves agree exactly with any optimizer (the CLI test trains Adam on two ranks)

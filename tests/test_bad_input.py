@@ -23,23 +23,62 @@ def data(tmp_path_factory):
 
 
 def _train_args(data, out, *extra):
-    return ["train", "--data", str(data), "--out", str(out), "--method", "hash", "--compression", "4", "--dim", "8",
-            "--bottom", "16", "--top", "16", "--batch-size", "256", "--optimizer", "adagrad", "--lr", "0.05",
-            "--eval-every", "4", "--checkpoint-minutes", "0", *extra]
+    return [
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--method",
+        "hash",
+        "--compression",
+        "4",
+        "--dim",
+        "8",
+        "--bottom",
+        "16",
+        "--top",
+        "16",
+        "--batch-size",
+        "256",
+        "--optimizer",
+        "adagrad",
+        "--lr",
+        "0.05",
+        "--eval-every",
+        "4",
+        "--checkpoint-minutes",
+        "0",
+        *extra,
+    ]
 
 
-
-@pytest.mark.parametrize("flag, value, name", [("--batch-size", "0", "batch_size"), ("--epochs", "0", "epochs"),
-                                               ("--lr", "-1", "lr"), ("--dim", "0", "embedding_dim"),
-                                               ("--bottom", "16,0", "widths"), ("--compression", "0", "compression"),
-                                               ("--compression", "0.5", "compression"),
-                                               ("--compression", "1e-300", "compression")])
+@pytest.mark.parametrize(
+    "flag, value, name",
+    [
+        ("--batch-size", "0", "batch_size"),
+        ("--epochs", "0", "epochs"),
+        ("--lr", "-1", "lr"),
+        ("--dim", "0", "embedding_dim"),
+        ("--bottom", "16,0", "widths"),
+        ("--compression", "0", "compression"),
+        ("--compression", "0.5", "compression"),
+        ("--compression", "1e-300", "compression"),
+    ],
+)
 def test_bad_values_are_one_line_naming_the_setting(data, tmp_path, capsys, flag, value, name):
     line = _one_line_error(capsys, main(_train_args(data, tmp_path / "r", flag, value)))
     assert name in line
     with pytest.raises(ValueError, match=name):  # the library raises the same, from the config itself
-        TrainConfig(data=str(data), out="", **({"bottom": (16, 0)} if name == "widths" else
-                                              {name: float(value) if name in ("lr", "compression") else int(value)}))
+        TrainConfig(
+            data=str(data),
+            out="",
+            **(
+                {"bottom": (16, 0)}
+                if name == "widths"
+                else {name: float(value) if name in ("lr", "compression") else int(value)}
+            ),
+        )
 
 
 def test_missing_paths_and_runs_that_are_not_runs_are_one_line(tmp_path, capsys):
@@ -57,23 +96,48 @@ def test_resume_without_a_checkpoint_is_an_error_unless_asked_to_start(data, tmp
 
 
 def test_resume_with_other_settings_names_each_field_and_override_allows_the_changeable(data, tmp_path, capsys):
-    Trainer(TrainConfig(data=str(data), out=str(tmp_path / "r"), method="hash", compression=4, embedding_dim=8,
-                        bottom=(16,), top=(16,), batch_size=256, optimizer="adagrad", lr=0.05, table_optimizer=None,
-                        table_lr=None, eval_every=4, epochs=2, checkpoint_minutes=0)).fit(stop_at=6)  # checkpoint: step 4
+    Trainer(
+        TrainConfig(
+            data=str(data),
+            out=str(tmp_path / "r"),
+            method="hash",
+            compression=4,
+            embedding_dim=8,
+            bottom=(16,),
+            top=(16,),
+            batch_size=256,
+            optimizer="adagrad",
+            lr=0.05,
+            table_optimizer=None,
+            table_lr=None,
+            eval_every=4,
+            epochs=2,
+            checkpoint_minutes=0,
+        )
+    ).fit(stop_at=6)  # checkpoint: step 4
     capsys.readouterr()
-    line = _one_line_error(capsys, main(_train_args(data, tmp_path / "r", "--resume", "--epochs", "2",
-                                                    "--batch-size", "128", "--lr", "0.01")))
+    line = _one_line_error(
+        capsys,
+        main(_train_args(data, tmp_path / "r", "--resume", "--epochs", "2", "--batch-size", "128", "--lr", "0.01")),
+    )
     assert "batch_size: checkpoint 256, now 128" in line and "lr: checkpoint 0.05, now 0.01" in line
     # lr may change when asked; batch_size may not
-    line = _one_line_error(capsys, main(_train_args(data, tmp_path / "r", "--resume", "--epochs", "2",
-                                                    "--batch-size", "128", "--override", "lr=0.01")))
+    line = _one_line_error(
+        capsys,
+        main(
+            _train_args(
+                data, tmp_path / "r", "--resume", "--epochs", "2", "--batch-size", "128", "--override", "lr=0.01"
+            )
+        ),
+    )
     assert "batch_size" in line and "lr:" not in line
     assert main(_train_args(data, tmp_path / "r", "--resume", "--epochs", "2", "--override", "lr=0.01")) == 0
     capsys.readouterr()
     assert "--override" in _one_line_error(capsys, main(_train_args(data, tmp_path / "q", "--override", "seed=3")))
     # the allowed new lr is the one the optimizer steps with, not the checkpoint's
-    config = TrainConfig(**{**json.loads((tmp_path / "r" / "checkpoints" / "previous.json").read_text())["config"],
-                            "lr": 0.003})
+    config = TrainConfig(
+        **{**json.loads((tmp_path / "r" / "checkpoints" / "previous.json").read_text())["config"], "lr": 0.003}
+    )
     resumed = Trainer(config, resume=True, resume_from="previous", allow_changes=("lr",))
     assert {group["lr"] for group in resumed.optimizer.param_groups} == {0.003}
     with pytest.raises(ValueError, match="cannot change"):
@@ -93,9 +157,22 @@ def test_a_damaged_checkpoint_is_named_and_the_previous_one_resumes(data, tmp_pa
 
 def test_checkpoints_every_n_steps_apart_from_evaluation_and_a_mid_epoch_resume_is_exact(data, tmp_path):
     def config(out):
-        return TrainConfig(data=str(data), out=str(out), method="cafe", compression=4, embedding_dim=8, bottom=(16,),
-                           top=(16,), batch_size=256, optimizer="adam", lr=0.01, epochs=2, checkpoint_every=3,
-                           checkpoint_minutes=0, method_options={"threshold": 2.0})
+        return TrainConfig(
+            data=str(data),
+            out=str(out),
+            method="cafe",
+            compression=4,
+            embedding_dim=8,
+            bottom=(16,),
+            top=(16,),
+            batch_size=256,
+            optimizer="adam",
+            lr=0.01,
+            epochs=2,
+            checkpoint_every=3,
+            checkpoint_minutes=0,
+            method_options={"threshold": 2.0},
+        )
 
     straight = Trainer(config(tmp_path / "a")).fit()  # no evaluation until the end (eval_every 0)
     Trainer(config(tmp_path / "b")).fit(stop_at=13)  # checkpoints at 3, 6, 8 (the epoch's end) and 11
@@ -111,9 +188,20 @@ def test_checkpoints_every_n_steps_apart_from_evaluation_and_a_mid_epoch_resume_
 def test_a_crash_between_the_renames_resumes_from_the_newest_complete_checkpoint(data, tmp_path):
     from compemb.train import find_checkpoint
 
-    config = TrainConfig(data=str(data), out=str(tmp_path / "r"), method="hash", compression=4, embedding_dim=8,
-                         bottom=(16,), top=(16,), batch_size=256, optimizer="adagrad", lr=0.05, eval_every=4,
-                         checkpoint_minutes=0)
+    config = TrainConfig(
+        data=str(data),
+        out=str(tmp_path / "r"),
+        method="hash",
+        compression=4,
+        embedding_dim=8,
+        bottom=(16,),
+        top=(16,),
+        batch_size=256,
+        optimizer="adagrad",
+        lr=0.05,
+        eval_every=4,
+        checkpoint_minutes=0,
+    )
     Trainer(config).fit()
     folder = tmp_path / "r" / "checkpoints"
     # as if killed after "last" became "previous" and before "next" became "last": only previous is whole
@@ -133,7 +221,9 @@ def test_a_truncated_array_names_the_file_and_both_sizes(data, tmp_path, capsys)
     sparse = copy / "train" / "sparse.npy"
     size = sparse.stat().st_size
     sparse.write_bytes(sparse.read_bytes()[: size // 2])
-    with pytest.raises(DatasetError, match=rf"sparse.npy: truncated: .* \({size:,} bytes\), the file has {size // 2:,}"):
+    with pytest.raises(
+        DatasetError, match=rf"sparse.npy: truncated: .* \({size:,} bytes\), the file has {size // 2:,}"
+    ):
         open_dataset(copy)
     line = _one_line_error(capsys, main(_train_args(copy, tmp_path / "r")))
     assert "sparse.npy: truncated" in line
@@ -155,9 +245,23 @@ def test_an_array_of_the_wrong_shape_or_dtype_is_named(data, tmp_path):
 
 def _kill_config(data, out, optimizer, method):
     options = {"threshold": 2.0} if method == "cafe" else {"cluster_every": 5} if method == "cce" else {}
-    return TrainConfig(data=str(data), out=str(out), method=method, compression=4, embedding_dim=8, bottom=(16,),
-                       top=(16,), batch_size=128, optimizer=optimizer, lr=0.02, epochs=2, eval_every=10,
-                       checkpoint_every=3, checkpoint_minutes=0, method_options=options)
+    return TrainConfig(
+        data=str(data),
+        out=str(out),
+        method=method,
+        compression=4,
+        embedding_dim=8,
+        bottom=(16,),
+        top=(16,),
+        batch_size=128,
+        optimizer=optimizer,
+        lr=0.02,
+        epochs=2,
+        eval_every=10,
+        checkpoint_every=3,
+        checkpoint_minutes=0,
+        method_options=options,
+    )
 
 
 def _train_in_a_process(config, env=None):
@@ -165,18 +269,26 @@ def _train_in_a_process(config, env=None):
     import subprocess
     import sys
 
-    code = ("import json, sys; from compemb.train import TrainConfig, Trainer; "
-            "Trainer(TrainConfig(**json.loads(sys.argv[1]))).fit()")
+    code = (
+        "import json, sys; from compemb.train import TrainConfig, Trainer; "
+        "Trainer(TrainConfig(**json.loads(sys.argv[1]))).fit()"
+    )
     from dataclasses import asdict
 
-    return subprocess.Popen([sys.executable, "-c", code, json.dumps(asdict(config))],
-                            env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [sys.executable, "-c", code, json.dumps(asdict(config))],
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
-@pytest.mark.parametrize("optimizer, method", [("sgd", "hash"), ("adagrad", "hash"), ("adam", "hash"),
-                                               ("adam", "cafe"), ("adagrad", "cce")])
+@pytest.mark.parametrize(
+    "optimizer, method", [("sgd", "hash"), ("adagrad", "hash"), ("adam", "hash"), ("adam", "cafe"), ("adagrad", "cce")]
+)
 def test_killed_with_sigkill_after_a_checkpoint_the_resumed_run_ends_as_the_uninterrupted_one(
-        data, tmp_path, optimizer, method):
+    data, tmp_path, optimizer, method
+):
     import signal
     import time
 
@@ -281,8 +393,9 @@ def test_a_full_disk_while_writing_a_data_set_leaves_the_old_one_and_says_so(tmp
         return real(*args, **kwargs)
 
     monkeypatch.setattr(np.lib.format, "open_memmap", open_memmap)
-    code = main(["synth", "--out", str(out), "--train-rows", "4096", "--eval-rows", "512", "--scale", "1e-4",
-                 "--overwrite"])
+    code = main(
+        ["synth", "--out", str(out), "--train-rows", "4096", "--eval-rows", "512", "--scale", "1e-4", "--overwrite"]
+    )
     monkeypatch.undo()
     assert "No space left on device" in _one_line_error(capsys, code)
     assert {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
@@ -379,9 +492,23 @@ def test_damaged_bytes_inside_a_checkpoints_tensors_are_refused_by_its_checksum(
 
 
 def test_best_is_never_left_behind_last_and_a_lagging_best_is_repaired_on_resume(data, tmp_path, monkeypatch):
-    config = TrainConfig(data=str(data), out=str(tmp_path / "r"), method="hash", compression=4, embedding_dim=8,
-                         bottom=(16,), top=(16,), batch_size=256, optimizer="adagrad", lr=0.05, table_optimizer=None,
-                         table_lr=None, eval_every=4, checkpoint_minutes=0, epochs=2)
+    config = TrainConfig(
+        data=str(data),
+        out=str(tmp_path / "r"),
+        method="hash",
+        compression=4,
+        embedding_dim=8,
+        bottom=(16,),
+        top=(16,),
+        batch_size=256,
+        optimizer="adagrad",
+        lr=0.05,
+        table_optimizer=None,
+        table_lr=None,
+        eval_every=4,
+        checkpoint_minutes=0,
+        epochs=2,
+    )
     checkpoints = tmp_path / "r" / "checkpoints"
     original = Trainer._write_last
 
@@ -427,19 +554,25 @@ def test_a_non_finite_loss_stops_training_at_once_and_saves_nothing_of_it(data, 
     assert "the training loss was not finite" in line and "at step " in line
     checkpoints = tmp_path / "r" / "checkpoints"
     if (checkpoints / "last.json").exists():  # whatever was saved was saved before the loss diverged
-        tensors = __import__("safetensors.torch", fromlist=["load"]).load((checkpoints / "last.safetensors").read_bytes())
+        tensors = __import__("safetensors.torch", fromlist=["load"]).load(
+            (checkpoints / "last.safetensors").read_bytes()
+        )
         assert all(bool(torch.isfinite(v).all()) for v in tensors.values() if v.is_floating_point())
     else:
         assert "no checkpoint was written before it" in line
 
 
-@pytest.mark.parametrize("split, file, change, expected", [
-    ("train", "dense.npy", lambda a: a.__setitem__((1300, 2), np.nan), "train/dense.npy row 1300, column 2: nan"),
-    ("val", "sparse.npy", lambda a: a.__setitem__((7, 3), 10**6), "val/sparse.npy row 7, feature C4: id 1000000"),
-    ("train", "labels.npy", lambda a: a.__setitem__(5, 2), "train/labels.npy row 5: label 2 is not 0 or 1"),
-])
+@pytest.mark.parametrize(
+    "split, file, change, expected",
+    [
+        ("train", "dense.npy", lambda a: a.__setitem__((1300, 2), np.nan), "train/dense.npy row 1300, column 2: nan"),
+        ("val", "sparse.npy", lambda a: a.__setitem__((7, 3), 10**6), "val/sparse.npy row 7, feature C4: id 1000000"),
+        ("train", "labels.npy", lambda a: a.__setitem__(5, 2), "train/labels.npy row 5: label 2 is not 0 or 1"),
+    ],
+)
 def test_bad_values_in_any_split_are_found_before_training_naming_split_file_row_and_value(
-        tmp_path, capsys, split, file, change, expected):
+    tmp_path, capsys, split, file, change, expected
+):
     out = tmp_path / "d"
     generate_synthetic(out, SyntheticConfig(rows={"train": 2048, "val": 512}, scale=1e-4, seed=3), progress=False)
     assert Trainer(TrainConfig(data=str(out), out=str(tmp_path / "ok"))).step == 0  # clean: validated, remembered
@@ -452,8 +585,10 @@ def test_bad_values_in_any_split_are_found_before_training_naming_split_file_row
     line = _one_line_error(capsys, main(_train_args(out, tmp_path / "r")))
     assert expected in line
     assert not (tmp_path / "r").exists()  # refused before anything was written
-    assert main(["synth", "--out", str(out), "--train-rows", "256", "--eval-rows", "64", "--scale", "1e-4",
-                 "--overwrite"]) == 0  # its record of the clean pass is compemb's own: the set is still replaceable
+    assert (
+        main(["synth", "--out", str(out), "--train-rows", "256", "--eval-rows", "64", "--scale", "1e-4", "--overwrite"])
+        == 0
+    )  # its record of the clean pass is compemb's own: the set is still replaceable
 
 
 def test_synth_scale_zero_and_a_finished_runs_resume_say_what_they_are(data, tmp_path, capsys):
@@ -468,7 +603,9 @@ def test_a_manifest_with_strings_for_numbers_or_no_train_split_is_one_line(tmp_p
     out = tmp_path / "d"
     generate_synthetic(out, SyntheticConfig(rows={"train": 512, "val": 128}, scale=1e-4, seed=3), progress=False)
     manifest = json.loads((out / "manifest.json").read_text())
-    (out / "manifest.json").write_text(json.dumps({**manifest, "cardinalities": ["100", *manifest["cardinalities"][1:]]}))
+    (out / "manifest.json").write_text(
+        json.dumps({**manifest, "cardinalities": ["100", *manifest["cardinalities"][1:]]})
+    )
     assert "cardinalities[0] = '100'" in _one_line_error(capsys, main(_train_args(out, tmp_path / "r")))
     manifest["rows"] = {"val": manifest["rows"]["val"]}
     (out / "manifest.json").write_text(json.dumps(manifest))
@@ -478,8 +615,7 @@ def test_a_manifest_with_strings_for_numbers_or_no_train_split_is_one_line(tmp_p
 def test_a_device_without_data_and_a_model_larger_than_memory_are_refused_at_once(data, tmp_path, capsys):
     assert "holds no data" in _one_line_error(capsys, main(_train_args(data, tmp_path / "r", "--device", "meta")))
     assert "not a torch device" in _one_line_error(capsys, main(_train_args(data, tmp_path / "r", "--device", "gpu")))
-    line = _one_line_error(capsys, main(_train_args(data, tmp_path / "r", "--dim", "1000000000", "--compression",
-                                                    "1")))
+    line = _one_line_error(capsys, main(_train_args(data, tmp_path / "r", "--dim", "1000000000", "--compression", "1")))
     assert "GB" in line and "this machine has" in line and not (tmp_path / "r").exists()
 
 
@@ -493,8 +629,23 @@ def test_a_garbage_array_header_is_one_line_naming_the_file(tmp_path, capsys):
 
 
 def test_a_sweep_baseline_outside_its_methods_and_an_unknown_protocol_are_one_line(tmp_path, capsys):
-    line = _one_line_error(capsys, main(["bench", "quality", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o"),
-                                         "--methods", "hash,ce", "--baseline", "robe"]))
+    line = _one_line_error(
+        capsys,
+        main(
+            [
+                "bench",
+                "quality",
+                "--data",
+                str(tmp_path / "d"),
+                "--out",
+                str(tmp_path / "o"),
+                "--methods",
+                "hash,ce",
+                "--baseline",
+                "robe",
+            ]
+        ),
+    )
     assert "--baseline 'robe' is not among --methods (hash,ce)" in line and not (tmp_path / "o").exists()
     with pytest.raises(SystemExit) as stopped:
         main(["train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "r"), "--protocol", "cafe"])
@@ -516,20 +667,24 @@ def test_sparse_gradients_asked_of_a_method_without_rows_are_refused(method):
 def test_a_collection_asked_for_sparse_gradients_gives_them_where_there_are_rows():
     from compemb.collection import EmbeddingCollection, Feature
 
-    collection = EmbeddingCollection([Feature("small", 10), Feature("big", 50_000)], 8, "dhe", compression=10,
-                                     sparse=True)
+    collection = EmbeddingCollection(
+        [Feature("small", 10), Feature("big", 50_000)], 8, "dhe", compression=10, sparse=True
+    )
     collection(torch.tensor([[1, 2], [3, 40_000]])).sum().backward()
     small = collection.embeddings["small"].weight.grad  # the small feature's full table: sparse, as asked
     assert small.is_sparse
     assert not any(p.grad.is_sparse for p in collection.embeddings["big"].parameters())
 
 
-@pytest.mark.parametrize("changes, expected", [
-    (dict(lr=1e308), "lr 1e+308 is more than a float32 holds"),
-    (dict(table_lr=1e39), "table_lr 1e+39 is more than a float32 holds"),
-    (dict(method="hash", compression=None), "method 'hash' compresses the tables: give it a budget, compression"),
-    (dict(method="hsh"), "unknown method 'hsh'; did you mean 'hash'?"),
-])
+@pytest.mark.parametrize(
+    "changes, expected",
+    [
+        (dict(lr=1e308), "lr 1e+308 is more than a float32 holds"),
+        (dict(table_lr=1e39), "table_lr 1e+39 is more than a float32 holds"),
+        (dict(method="hash", compression=None), "method 'hash' compresses the tables: give it a budget, compression"),
+        (dict(method="hsh"), "unknown method 'hsh'; did you mean 'hash'?"),
+    ],
+)
 def test_a_config_that_cannot_train_is_refused_naming_why(changes, expected):
     settings = {"data": "d", "out": "r", "method": "hash", "compression": 4, "lr": 0.1, **changes}
     with pytest.raises(ValueError, match=re.escape(expected)):

@@ -22,11 +22,37 @@ from tests.cli_errors import one_line_error as _one_line_error
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("trust")
-    generate_synthetic(root / "synth", SyntheticConfig(rows={"train": 2048, "val": 512, "test": 512}, scale=1e-4,
-                                                       seed=3), progress=False)
-    args = ["train", "--data", str(root / "synth"), "--out", str(root / "run"), "--method", "hash", "--compression",
-            "4", "--dim", "8", "--bottom", "16", "--top", "16", "--batch-size", "256", "--evals-per-epoch", "2",
-            "--epochs", "2", "--checkpoint-minutes", "0", "--quiet"]
+    generate_synthetic(
+        root / "synth",
+        SyntheticConfig(rows={"train": 2048, "val": 512, "test": 512}, scale=1e-4, seed=3),
+        progress=False,
+    )
+    args = [
+        "train",
+        "--data",
+        str(root / "synth"),
+        "--out",
+        str(root / "run"),
+        "--method",
+        "hash",
+        "--compression",
+        "4",
+        "--dim",
+        "8",
+        "--bottom",
+        "16",
+        "--top",
+        "16",
+        "--batch-size",
+        "256",
+        "--evals-per-epoch",
+        "2",
+        "--epochs",
+        "2",
+        "--checkpoint-minutes",
+        "0",
+        "--quiet",
+    ]
     assert main(args) == 0
     return root / "run"
 
@@ -36,7 +62,6 @@ def run(finished_run, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(finished_run, copy)
     return copy
-
 
 
 def _edit_json(stem: Path, edit) -> None:
@@ -89,37 +114,50 @@ def test_a_checkpoint_without_its_checksum_is_refused_unless_trusted(run, tmp_pa
     for stem in ("best", "last"):
         _flip_a_weight(run / "checkpoints" / f"{stem}.safetensors")
         _edit_json(run / "checkpoints" / stem, lambda meta: meta.pop("sha256"))  # verification switched off?
-    args = {"eval": ["eval", "--run", str(run)],
-            "export": ["export", "--run", str(run), "--out", str(tmp_path / "m.compemb")],
-            "resume": ["train", "--out", str(run), "--resume", "--quiet", "--override", "epochs=3"]}[command]
+    args = {
+        "eval": ["eval", "--run", str(run)],
+        "export": ["export", "--run", str(run), "--out", str(tmp_path / "m.compemb")],
+        "resume": ["train", "--out", str(run), "--resume", "--quiet", "--override", "epochs=3"],
+    }[command]
     line = _one_line_error(capsys, main(args))
     assert "records no SHA-256" in line and "--trust-unverified" in line
     assert main([*args, "--trust-unverified"]) == 0  # the user's word: taken as it is
     if command == "export":
-        assert load_model(tmp_path / "m.compemb").header["step"] == json.loads(
-            (run / "checkpoints" / "best.json").read_text())["step"]
+        assert (
+            load_model(tmp_path / "m.compemb").header["step"]
+            == json.loads((run / "checkpoints" / "best.json").read_text())["step"]
+        )
 
 
-@pytest.mark.parametrize("edit, expected", [
-    (lambda meta: meta.update(shards=4), "fields this compemb does not know (shards): written by a newer compemb"),
-    (lambda meta: meta["config"].update(quantum_tables=True),
-     "settings this compemb does not know (quantum_tables): written by a newer compemb"),
-    (lambda meta: meta.pop("config"), "'config' is missing, not dict"),
-    (lambda meta: meta.update(config=[1, 2]), "'config' is a list, not dict"),
-    (lambda meta: meta.update(step="12"), "'step' is a str, not int"),
-    (lambda meta: meta.update(step=True), "'step' is a bool, not int"),
-    (lambda meta: meta.update(step=-3), "step -3 is negative"),
-    (lambda meta: meta["config"].update(lr=-1), "invalid config: lr must be a positive number"),
-    (lambda meta: meta["config"].update(bottom="x"), "invalid config"),
-    (lambda meta: meta["config"].update(embedding_dim=16), "tensors do not fit the model its config describes"),
-    (lambda meta: meta["config"].update(method="full", compression=None),
-     "tensors do not fit the model its config describes"),
-])
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (lambda meta: meta.update(shards=4), "fields this compemb does not know (shards): written by a newer compemb"),
+        (
+            lambda meta: meta["config"].update(quantum_tables=True),
+            "settings this compemb does not know (quantum_tables): written by a newer compemb",
+        ),
+        (lambda meta: meta.pop("config"), "'config' is missing, not dict"),
+        (lambda meta: meta.update(config=[1, 2]), "'config' is a list, not dict"),
+        (lambda meta: meta.update(step="12"), "'step' is a str, not int"),
+        (lambda meta: meta.update(step=True), "'step' is a bool, not int"),
+        (lambda meta: meta.update(step=-3), "step -3 is negative"),
+        (lambda meta: meta["config"].update(lr=-1), "invalid config: lr must be a positive number"),
+        (lambda meta: meta["config"].update(bottom="x"), "invalid config"),
+        (lambda meta: meta["config"].update(embedding_dim=16), "tensors do not fit the model its config describes"),
+        (
+            lambda meta: meta["config"].update(method="full", compression=None),
+            "tensors do not fit the model its config describes",
+        ),
+    ],
+)
 @pytest.mark.parametrize("command", ["eval", "export"])
 def test_an_edited_checkpoint_json_is_one_line_naming_what_is_wrong(run, tmp_path, capsys, edit, expected, command):
     _edit_json(run / "checkpoints" / "best", edit)
-    args = {"eval": ["eval", "--run", str(run)],
-            "export": ["export", "--run", str(run), "--out", str(tmp_path / "m.compemb")]}[command]
+    args = {
+        "eval": ["eval", "--run", str(run)],
+        "export": ["export", "--run", str(run), "--out", str(tmp_path / "m.compemb")],
+    }[command]
     line = _one_line_error(capsys, main(args))
     assert expected in line and "best" in line
 
@@ -147,8 +185,10 @@ def test_a_fifo_in_place_of_a_checkpoint_is_refused_without_blocking(run, comman
     stem = "best" if command == "eval" else "last"
     (run / "checkpoints" / f"{stem}.safetensors").unlink()
     os.mkfifo(run / "checkpoints" / f"{stem}.safetensors")
-    args = {"eval": ["eval", "--run", str(run)],
-            "resume": ["train", "--out", str(run), "--resume", "--quiet", "--override", "epochs=3"]}[command]
+    args = {
+        "eval": ["eval", "--run", str(run)],
+        "resume": ["train", "--out", str(run), "--resume", "--quiet", "--override", "epochs=3"],
+    }[command]
     done = subprocess.run([sys.executable, "-m", "compemb", *args], capture_output=True, text=True, timeout=300)
     if command == "eval":
         assert done.returncode == 2 and "best.safetensors is damaged (not a regular file)" in done.stderr

@@ -55,8 +55,26 @@ def test_train_then_eval_a_checkpoint(tmp_path, capsys):
     run = tmp_path / "run"
     common = ["--data", str(data), "--dim", "8", "--bottom", "8", "--top", "8", "--batch-size", "256"]
     capsys.readouterr()
-    assert main(["train", *common, "--out", str(run), "--method", "hash", "--compression", "4", "--optimizer",
-                 "adagrad", "--lr", "0.02", "--json"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *common,
+                "--out",
+                str(run),
+                "--method",
+                "hash",
+                "--compression",
+                "4",
+                "--optimizer",
+                "adagrad",
+                "--lr",
+                "0.02",
+                "--json",
+            ]
+        )
+        == 0
+    )
     trained = json.loads(capsys.readouterr().out)
     assert main(["eval", "--run", str(run), "--split", "val", "--json"]) == 0
     evaluated = json.loads(capsys.readouterr().out)
@@ -72,7 +90,20 @@ def test_a_second_train_into_a_run_directory_is_refused_unless_told_to_resume_or
     data = tmp_path / "synth"
     assert main(["synth", "--out", str(data), "--train-rows", "1024", "--eval-rows", "256", "--scale", "1e-4"]) == 0
     run = tmp_path / "run"
-    common = ["--data", str(data), "--dim", "8", "--bottom", "8", "--top", "8", "--batch-size", "256", "--out", str(run)]
+    common = [
+        "--data",
+        str(data),
+        "--dim",
+        "8",
+        "--bottom",
+        "8",
+        "--top",
+        "8",
+        "--batch-size",
+        "256",
+        "--out",
+        str(run),
+    ]
     assert main(["train", *common, "--method", "hash", "--compression", "4"]) == 0
     (run / "notes.txt").write_text("mine")
     before = {path: path.read_bytes() for path in run.rglob("*") if path.is_file()}
@@ -102,7 +133,12 @@ def test_preprocess_criteo_prints_counts_that_reconcile(tmp_path, capsys):
 
 
 def test_preprocess_avazu_prints_counts(tmp_path, capsys):
-    rows = "id,click,hour," + ",".join(f"f{i}" for i in range(21)) + "\n" + ("1,0,14102100," + ",".join("b" * 21) + "\n") * 10
+    rows = (
+        "id,click,hour,"
+        + ",".join(f"f{i}" for i in range(21))
+        + "\n"
+        + ("1,0,14102100," + ",".join("b" * 21) + "\n") * 10
+    )
     (tmp_path / "in.csv").write_text(rows)
     assert main(["preprocess", "avazu", str(tmp_path / "in.csv"), "--out", str(tmp_path / "out")]) == 0
     assert "read 10 rows: kept 10, rejected 0" in capsys.readouterr().out
@@ -136,29 +172,38 @@ def test_version_prints_the_package_version(capsys):
     assert capsys.readouterr().out.strip() == f"compemb {compemb.__version__}"
 
 
-@pytest.mark.parametrize("spec, expected", [
-    ("cce:cluster_evry=5", "cce has no option 'cluster_evry' (did you mean 'cluster_every'?)"),
-    ("cafe:threshold=high", "cafe: option threshold must be float | None, got str 'high'"),
-    ("cce:columns=2.5", "cce: option columns must be int, got float 2.5"),
-])
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("cce:cluster_evry=5", "cce has no option 'cluster_evry' (did you mean 'cluster_every'?)"),
+        ("cafe:threshold=high", "cafe: option threshold must be float | None, got str 'high'"),
+        ("cce:columns=2.5", "cce: option columns must be int, got float 2.5"),
+    ],
+)
 def test_a_mistyped_method_option_gets_one_line_naming_it(tmp_path, capsys, spec, expected):
     data = tmp_path / "data"
     assert main(["synth", "--out", str(data), "--train-rows", "2000", "--eval-rows", "500", "--scale", "1e-5"]) == 0
     capsys.readouterr()
-    code = main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--method", spec,
-                 "--compression", "4"])
+    code = main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--method", spec, "--compression", "4"])
     error = capsys.readouterr().err
     assert code == 2 and error.count("\n") == 1 and error.startswith("compemb: error: ")
     assert expected in error
     assert not (tmp_path / "run").exists()  # refused before anything was built or written
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["train", "--data", "d", "--out", "o", "--cluster-evry", "5"],
-     "compemb: error: unrecognized arguments: --cluster-evry 5 (did you mean --cluster-every?); see compemb train"),
-    (["train", "--data", "d", "--out", "o", "--batch-size", "abc"],
-     "compemb: error: argument --batch-size: invalid int value: 'abc'; see compemb train --help"),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (
+            ["train", "--data", "d", "--out", "o", "--cluster-evry", "5"],
+            "compemb: error: unrecognized arguments: --cluster-evry 5 (did you mean --cluster-every?); see compemb train",
+        ),
+        (
+            ["train", "--data", "d", "--out", "o", "--batch-size", "abc"],
+            "compemb: error: argument --batch-size: invalid int value: 'abc'; see compemb train --help",
+        ),
+    ],
+)
 def test_a_mistyped_flag_gets_one_line_and_exit_2(capsys, argv, expected):
     with pytest.raises(SystemExit) as stop:
         main(argv)
@@ -166,12 +211,17 @@ def test_a_mistyped_flag_gets_one_line_and_exit_2(capsys, argv, expected):
     assert stop.value.code == 2 and error.count("\n") == 1 and error.startswith(expected)
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["bench", "quality", "--out", "o"], "give --data (a data set of compemb synth or preprocess) or a --config file "
-                                         "that names it\n"),
-    (["train", "--out", "o"], "or a --config file that names it, or --resume a run\n"),
-    (["train", "--data", "d"], "give --out (the run directory), or a --config file that names it\n"),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (
+            ["bench", "quality", "--out", "o"],
+            "give --data (a data set of compemb synth or preprocess) or a --config file that names it\n",
+        ),
+        (["train", "--out", "o"], "or a --config file that names it, or --resume a run\n"),
+        (["train", "--data", "d"], "give --out (the run directory), or a --config file that names it\n"),
+    ],
+)
 def test_a_missing_data_set_or_run_directory_gets_one_line(capsys, argv, expected):
     assert main(argv) == 2
     error = capsys.readouterr().err
@@ -215,9 +265,11 @@ def test_importing_compemb_leaves_torch_dynamo_unimported_until_a_collection_is_
     import subprocess
     import sys
 
-    code = ("import sys, compemb, torch; print('torch._dynamo' in sys.modules); "
-            "from compemb.collection import EmbeddingCollection, Feature; "
-            "EmbeddingCollection([Feature('a', 10)], 4, 'full'); print('torch._dynamo' in sys.modules)")
+    code = (
+        "import sys, compemb, torch; print('torch._dynamo' in sys.modules); "
+        "from compemb.collection import EmbeddingCollection, Feature; "
+        "EmbeddingCollection([Feature('a', 10)], 4, 'full'); print('torch._dynamo' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "True"]  # `compemb --help` pays no ~2 s for it; a built collection is compile-safe
 
@@ -225,17 +277,42 @@ def test_importing_compemb_leaves_torch_dynamo_unimported_until_a_collection_is_
 def test_train_reports_to_a_person_and_a_log_file_alike(tmp_path, capsys, monkeypatch):
     data = tmp_path / "synth"
     assert main(["synth", "--out", str(data), "--train-rows", "2048", "--eval-rows", "256", "--scale", "1e-4"]) == 0
-    common = ["train", "--data", str(data), "--dim", "8", "--bottom", "8", "--top", "8", "--batch-size", "256",
-              "--method", "hash", "--compression", "4", "--evals-per-epoch", "2"]
+    common = [
+        "train",
+        "--data",
+        str(data),
+        "--dim",
+        "8",
+        "--bottom",
+        "8",
+        "--top",
+        "8",
+        "--batch-size",
+        "256",
+        "--method",
+        "hash",
+        "--compression",
+        "4",
+        "--evals-per-epoch",
+        "2",
+    ]
     capsys.readouterr()
     assert main([*common, "--out", str(tmp_path / "a"), "--log-every", "3"]) == 0
     captured = capsys.readouterr()  # stderr is no terminal here: plain lines, no bar
     lines = captured.err.splitlines()
     # every evaluation one line as it happens (2 an epoch of 8 steps: after steps 4 and 8), among the progress lines
-    assert "\r" not in captured.err and [line.split(",")[0].split(":")[0] for line in lines] == \
-        ["train hash", "eval val at step 4/8 (epoch 0.50)", "train hash", "train hash", "eval val at step 8/8 (epoch 1.00)"]
-    assert [line.split(",")[0] for line in lines if line.startswith("train")] == \
-        ["train hash: step 3/8", "train hash: step 6/8", "train hash: step 8/8"]
+    assert "\r" not in captured.err and [line.split(",")[0].split(":")[0] for line in lines] == [
+        "train hash",
+        "eval val at step 4/8 (epoch 0.50)",
+        "train hash",
+        "train hash",
+        "eval val at step 8/8 (epoch 1.00)",
+    ]
+    assert [line.split(",")[0] for line in lines if line.startswith("train")] == [
+        "train hash: step 3/8",
+        "train hash: step 6/8",
+        "train hash: step 8/8",
+    ]
     evaluations = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evaluations] == [4, 8]
     assert f"BCE {evaluations[0]['bce']:.4f}" in lines[1] and f"AUC {evaluations[0]['auc']:.4f}" in lines[1]
@@ -300,18 +377,41 @@ def test_methods_says_which_methods_cannot_meet_the_ratio_and_gives_bytes_in_one
 def test_the_sizes_lines_say_what_a_whole_or_fractional_rank_stores():
     from compemb import make_embedding
 
-    assert make_embedding("lowrank", 10_000, 16, compression=16).describe_sizes() == \
-        "rank 1: every id stores 1 coordinate; projection 1 x 16"
-    assert make_embedding("lowrank", 10_000, 16, compression=5).describe_sizes() == \
-        "rank 3.1936: 1,936 ids store 4 coordinates, the others 3; projection 4 x 16"
+    assert (
+        make_embedding("lowrank", 10_000, 16, compression=16).describe_sizes()
+        == "rank 1: every id stores 1 coordinate; projection 1 x 16"
+    )
+    assert (
+        make_embedding("lowrank", 10_000, 16, compression=5).describe_sizes()
+        == "rank 3.1936: 1,936 ids store 4 coordinates, the others 3; projection 4 x 16"
+    )
 
 
 def test_a_full_table_run_is_reported_uncompressed(tmp_path, capsys):
     data = tmp_path / "synth"
     assert main(["synth", "--out", str(data), "--train-rows", "512", "--eval-rows", "256", "--scale", "1e-5"]) == 0
     capsys.readouterr()
-    assert main(["train", "--data", str(data), "--out", str(tmp_path / "r"), "--dim", "4", "--bottom", "4", "--top",
-                 "4", "--batch-size", "256", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / "r"),
+                "--dim",
+                "4",
+                "--bottom",
+                "4",
+                "--top",
+                "4",
+                "--batch-size",
+                "256",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     cost = capsys.readouterr().out.splitlines()[1]
     assert cost.startswith("full: tables ") and "params), the full tables, uncompressed; " in cost
     assert "smaller" not in cost
@@ -327,8 +427,10 @@ def test_a_newcomers_first_run_with_the_defaults_learns(tmp_path, capsys, method
     data = tmp_path / "synth"
     assert main(["synth", "--out", str(data), "--train-rows", "50000", "--eval-rows", "5000", "--scale", "1e-3"]) == 0
     capsys.readouterr()
-    assert main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--method", *method, "--quiet",
-                 "--json"]) == 0
+    assert (
+        main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--method", *method, "--quiet", "--json"])
+        == 0
+    )
     result = json.loads(capsys.readouterr().out)
     labels, rate = np.load(data / "val" / "labels.npy"), np.load(data / "train" / "labels.npy").mean()
     constant = -np.mean(labels * np.log(rate) + (1 - labels) * np.log(1 - rate))
@@ -342,12 +444,14 @@ def test_a_reader_that_closes_the_pipe_ends_the_command_quietly():
     import subprocess
     import sys
 
-    script = ("import sys\nimport compemb.cli as cli\n"
-              "def closed(args):  # a command whose next write finds the reader gone\n"
-              "    print('first line', flush=True)\n    raise BrokenPipeError(32, 'Broken pipe')\n"
-              "parser = cli.build_parser\n"
-              "def patched():\n    p = parser()\n"
-              "    p._subparsers._group_actions[0].choices['methods'].set_defaults(run=closed)\n    return p\n"
-              "cli.build_parser = patched\nsys.exit(cli.main(['methods']))\n")
+    script = (
+        "import sys\nimport compemb.cli as cli\n"
+        "def closed(args):  # a command whose next write finds the reader gone\n"
+        "    print('first line', flush=True)\n    raise BrokenPipeError(32, 'Broken pipe')\n"
+        "parser = cli.build_parser\n"
+        "def patched():\n    p = parser()\n"
+        "    p._subparsers._group_actions[0].choices['methods'].set_defaults(run=closed)\n    return p\n"
+        "cli.build_parser = patched\nsys.exit(cli.main(['methods']))\n"
+    )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 141 and done.stderr == "" and done.stdout == "first line\n"

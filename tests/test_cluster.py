@@ -59,8 +59,9 @@ def test_assign_is_brute_force_argmin(backend: str, d: int, request: pytest.Fixt
     two = brute.topk(2, largest=False).values
     clear = (two[:, 1] - two[:, 0]) > 1e-4  # away from float32 near-ties the label is the argmin itself
     assert torch.equal(labels[clear], brute.argmin(1)[clear])
-    torch.testing.assert_close(dist.double(), brute.gather(1, labels[:, None]).squeeze(1).square(), rtol=1e-5,
-                               atol=1e-6)
+    torch.testing.assert_close(
+        dist.double(), brute.gather(1, labels[:, None]).squeeze(1).square(), rtol=1e-5, atol=1e-6
+    )
     torch.testing.assert_close(dist.double(), two[:, 0].square(), rtol=1e-4, atol=1e-5)
 
 
@@ -89,7 +90,9 @@ def test_kmeans_is_close_to_lloyd_and_beats_random_centroids() -> None:
     random_centroids = mean_sq(x, x[np.random.default_rng(1).choice(len(x), 64, replace=False)])
     objectives = {}
     for search in ("graph", "flat"):
-        objectives[search] = [mean_sq(x, kmeans(x, 64, seed=seed, search=search).centroids.numpy()) for seed in range(3)]
+        objectives[search] = [
+            mean_sq(x, kmeans(x, 64, seed=seed, search=search).centroids.numpy()) for seed in range(3)
+        ]
         assert np.mean(objectives[search]) <= reference * 1.05, search
         assert np.mean(objectives[search]) < random_centroids * 0.8, search
     # HNSW over 64 centroids finds the nearest: the same optimum as exact search from the same seeds
@@ -158,17 +161,20 @@ def test_torch_fallback_matches_faiss(monkeypatch: pytest.MonkeyPatch) -> None:
         assign(x, with_torch.centroids, index="hnsw")
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda: kmeans(torch.randn(10), 2), "2-D"),
-    (lambda: kmeans(torch.randn(10, 4), 0), "k must be"),
-    (lambda: kmeans(torch.randn(10, 4), 2, search="exact"), "unknown search 'exact'; available: graph, flat, hnsw"),
-    (lambda: kmeans(torch.randn(10, 4), 2, init="kmeans++"), "unknown init"),
-    (lambda: kmeans(torch.full((10, 4), float("nan")), 2), "non-finite"),
-    (lambda: kmeans(torch.randn(10, 4), 2, niter=-1), "niter"),
-    (lambda: assign(torch.randn(10, 4), torch.randn(3, 5)), "4-dimensional"),
-    (lambda: assign(torch.randn(10, 4), torch.randn(3, 4), batch_size=0), "batch_size"),
-    (lambda: assign(torch.randn(10, 4), torch.randn(3, 4), index="ivf"), "unknown index 'ivf'"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: kmeans(torch.randn(10), 2), "2-D"),
+        (lambda: kmeans(torch.randn(10, 4), 0), "k must be"),
+        (lambda: kmeans(torch.randn(10, 4), 2, search="exact"), "unknown search 'exact'; available: graph, flat, hnsw"),
+        (lambda: kmeans(torch.randn(10, 4), 2, init="kmeans++"), "unknown init"),
+        (lambda: kmeans(torch.full((10, 4), float("nan")), 2), "non-finite"),
+        (lambda: kmeans(torch.randn(10, 4), 2, niter=-1), "niter"),
+        (lambda: assign(torch.randn(10, 4), torch.randn(3, 5)), "4-dimensional"),
+        (lambda: assign(torch.randn(10, 4), torch.randn(3, 4), batch_size=0), "batch_size"),
+        (lambda: assign(torch.randn(10, 4), torch.randn(3, 4), index="ivf"), "unknown index 'ivf'"),
+    ],
+)
 def test_errors_name_the_bad_value(call, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         call()

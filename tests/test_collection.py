@@ -26,7 +26,11 @@ def test_total_memory_meets_the_overall_budget(name, compression):
     # QR of 200,000 ids needs 2 * sqrt(n) * d > the whole budget; AdaEmbed's per-id scores alone can exceed it
     per_id = METHODS[name].per_id_bytes * sum(f.num_embeddings for f in FEATURES)
     # cce at 10x of d=16: int16 pointers (8 bytes an id) are over 6.4 bytes an id, uint8 ones (k <= 256) under it
-    if (name == "qr" and compression == 1000) or per_id >= FULL_BYTES / compression or (name, compression) == ("cce", 10):
+    if (
+        (name == "qr" and compression == 1000)
+        or per_id >= FULL_BYTES / compression
+        or (name, compression) == ("cce", 10)
+    ):
         with pytest.raises(BudgetError):
             EmbeddingCollection(FEATURES, 16, name, compression=compression, device="meta", frequencies=counts)
         return
@@ -80,10 +84,14 @@ def test_features_get_different_seeds_and_errors_name_the_feature():
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_method_refuses_an_id_outside_its_features_range_naming_the_feature(name):
-    options = {"frequencies": {"a": torch.ones(3000, dtype=torch.long), "b": torch.ones(3000, dtype=torch.long)}} \
-        if METHODS[name].needs_frequencies else {}
-    collection = EmbeddingCollection([Feature("a", 3000), Feature("b", 3000)], 8, name,
-                                     compression=None if name == "full" else 2, **options)
+    options = (
+        {"frequencies": {"a": torch.ones(3000, dtype=torch.long), "b": torch.ones(3000, dtype=torch.long)}}
+        if METHODS[name].needs_frequencies
+        else {}
+    )
+    collection = EmbeddingCollection(
+        [Feature("a", 3000), Feature("b", 3000)], 8, name, compression=None if name == "full" else 2, **options
+    )
     collection(torch.tensor([[0, 2999]]))
     for bad in (3000, -1):
         with pytest.raises(ValueError, match=f"'b': id {bad} is outside \\[0, 3000\\)"):
@@ -119,6 +127,7 @@ def test_paper_accounting_cce_meets_the_budget_with_floats_while_memory_reports_
 
 
 # --- one shared table over every feature's ids ------------------------------------------------------------
+
 
 def kaggle_features():
     from compemb.data.synthetic import CRITEO_KAGGLE_CARDINALITIES
@@ -160,7 +169,9 @@ def test_shared_reads_each_feature_at_its_offset():
     expected = table(ids + offsets)
     assert torch.equal(collection(ids), expected)
     # the same id in two features is two ids of the shared vocabulary
-    assert not torch.equal(collection(torch.tensor([[7, 7, 7, 1]]))[0, 0], collection(torch.tensor([[7, 7, 7, 1]]))[0, 1])
+    assert not torch.equal(
+        collection(torch.tensor([[7, 7, 7, 1]]))[0, 0], collection(torch.tensor([[7, 7, 7, 1]]))[0, 1]
+    )
 
 
 def test_shared_refuses_an_id_past_its_features_range():
@@ -200,8 +211,9 @@ def test_a_collections_memory_has_a_tables_shape():
 
 @pytest.mark.parametrize("name", ["hash", "full", "cafe"])
 def test_a_padding_id_reads_zeros_through_a_collection_too(name):
-    collection = EmbeddingCollection([Feature("a", 3000), Feature("b", 3000)], 8, name,
-                                     compression=None if name == "full" else 2, padding_idx=0)
+    collection = EmbeddingCollection(
+        [Feature("a", 3000), Feature("b", 3000)], 8, name, compression=None if name == "full" else 2, padding_idx=0
+    )
     out = collection(torch.tensor([[0, 5], [4, 0]]))
     assert out[0, 0].abs().sum() == 0 and out[1, 1].abs().sum() == 0 and out[0, 1].abs().sum() > 0
 

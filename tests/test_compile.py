@@ -8,8 +8,9 @@ import torch
 from compemb.data.synthetic import SyntheticConfig, generate_synthetic
 from compemb.train import TrainConfig, Trainer
 
-pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
-                                reason="torch.compile on CPU needs a C++ compiler")
+pytestmark = pytest.mark.skipif(
+    shutil.which("g++") is None and shutil.which("c++") is None, reason="torch.compile on CPU needs a C++ compiler"
+)
 
 
 @pytest.fixture(scope="module")
@@ -24,10 +25,21 @@ def test_compiled_training_matches_eager(data, tmp_path, method):
     torch._dynamo.reset()
     trainers = {}
     for compiled in (False, True):
-        config = TrainConfig(data=str(data), out=str(tmp_path / f"{method}-{compiled}"), method=method,
-                             compression=None if method == "full" else 4, embedding_dim=8, bottom=(16,), top=(16,),
-                             optimizer="adam", lr=0.01, batch_size=128, checkpoint_minutes=0, checkpoint_epochs=False,
-                             compile=compiled)
+        config = TrainConfig(
+            data=str(data),
+            out=str(tmp_path / f"{method}-{compiled}"),
+            method=method,
+            compression=None if method == "full" else 4,
+            embedding_dim=8,
+            bottom=(16,),
+            top=(16,),
+            optimizer="adam",
+            lr=0.01,
+            batch_size=128,
+            checkpoint_minutes=0,
+            checkpoint_epochs=False,
+            compile=compiled,
+        )
         trainers[compiled] = Trainer(config)
         trainers[compiled].fit(stop_at=6)
     eager, compiled = trainers[False], trainers[True]
@@ -37,6 +49,7 @@ def test_compiled_training_matches_eager(data, tmp_path, method):
     for name, value in eager.model.state_dict().items():
         # the compiled MLPs may round differently; six Adam steps keep that far below one step's size (lr 0.01)
         torch.testing.assert_close(state[name], value, rtol=0, atol=1e-4, msg=name)
-    moved = sum(float((p - q).abs().max()) for p, q in zip(eager.model.parameters(),
-                                                           Trainer(eager.config).model.parameters()))
+    moved = sum(
+        float((p - q).abs().max()) for p, q in zip(eager.model.parameters(), Trainer(eager.config).model.parameters())
+    )
     assert moved > 1e-3  # the runs trained: the comparison is not of two untouched models

@@ -9,8 +9,9 @@ from compemb import METHODS, compress
 def _table(n=600, d=8, seed=0):
     """Rows that share a few directions (as trained embeddings do), plus noise."""
     generator = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, generator=generator) @ torch.randn(3, d, generator=generator) + \
-        0.1 * torch.randn(n, d, generator=generator)
+    return torch.randn(n, 3, generator=generator) @ torch.randn(3, d, generator=generator) + 0.1 * torch.randn(
+        n, d, generator=generator
+    )
 
 
 def test_the_hashing_trick_is_fitted_to_each_buckets_mean_row():

@@ -59,8 +59,7 @@ def test_every_methods_steady_step_is_a_replay_of_the_last(data, method, sharing
         assert "counts read back" in cuda_graph.refusal(trainer.model, trainer.optimizer)
         with use_kernels("torch"):
             step()
-            assert any("host reads" in problem for problem in replay_check(step, trainer.model,
-                                                                                     trainer.optimizer))
+            assert any("host reads" in problem for problem in replay_check(step, trainer.model, trainer.optimizer))
         return
     assert cuda_graph.refusal(trainer.model, trainer.optimizer) is None
     with use_kernels("torch"):
@@ -110,8 +109,9 @@ def test_a_capturable_optimizer_updates_as_the_plain_one_with_counts_in_device_t
     plain = optimizer(models[0].parameters(), lr=0.05)
     capturable = optimizer(models[1].parameters(), lr=0.05, capturable=True)
     generator = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(8, 4, generator=generator), torch.randint(0, 20, (8,), generator=generator))
-               for _ in range(6)]
+    batches = [
+        (torch.randn(8, 4, generator=generator), torch.randint(0, 20, (8,), generator=generator)) for _ in range(6)
+    ]
     index = iter(range(len(batches)))
 
     def step(model, chosen):
@@ -158,8 +158,10 @@ def test_a_plain_adam_step_would_be_a_different_graph_every_step():
 
 
 def _sketches(mass_on_device):
-    sketches = [HotSketch(w, 4, threshold=0.3, decay_factor=0.5, seed=seed, backend="merge")
-                for w, seed in ((6, 1), (1, 2), (11, 3))]
+    sketches = [
+        HotSketch(w, 4, threshold=0.3, decay_factor=0.5, seed=seed, backend="merge")
+        for w, seed in ((6, 1), (1, 2), (11, 3))
+    ]
     for sketch in sketches:
         sketch.mass_on_device = mass_on_device
     return sketches
@@ -203,10 +205,7 @@ def test_cce_hybrids_strided_sample_read_on_the_device_is_the_hosts(data, tmp_pa
         assert torch.equal(getattr(tables[0].sketch, name), getattr(tables[1].sketch, name)), name
 
 
-@pytest.mark.parametrize("changes, named", [
-    ({}, "needs a CUDA device"),
-    ({"compile": True}, "needs a CUDA device"),
-])
+@pytest.mark.parametrize("changes, named", [({}, "needs a CUDA device"), ({"compile": True}, "needs a CUDA device")])
 def test_cuda_graph_is_refused_on_cpu_in_one_line(data, changes, named, capsys, tmp_path):
     from compemb.cli import main
 
@@ -249,12 +248,15 @@ def test_the_trainer_replays_steady_steps_and_runs_the_rest_eagerly(data, method
     each eager step or evaluation, never before a steady step ran eagerly; the result is the eager run's (to float
     rounding)."""
     monkeypatch.setattr(cuda_graph, "StepGraph", _GraphOnCpu)
-    monkeypatch.setattr(cuda_graph, "eager_on_side_stream", lambda body, device: (_GraphOnCpu.steps.append("E"), body()))
+    monkeypatch.setattr(
+        cuda_graph, "eager_on_side_stream", lambda body, device: (_GraphOnCpu.steps.append("E"), body())
+    )
     options = {"cluster_every": 5} if method == "cce-paper" else {}
     results = {}
     for graph in (False, True):
-        config = _config(data, method, out=str(tmp_path / f"graph{graph}"), epochs=2, kernels="torch",
-                         method_options=options)
+        config = _config(
+            data, method, out=str(tmp_path / f"graph{graph}"), epochs=2, kernels="torch", method_options=options
+        )
         config.cuda_graph = graph  # (refused on CPU when built: set past the check, as a CUDA machine would pass it)
         trainer = Trainer(config, quiet=True)
         _GraphOnCpu.steps.clear()

@@ -21,9 +21,12 @@ METHODS = ["hash", "cafe", "cafe-ml", "cce", "cce-hybrid", "cce-hybrid:importanc
 
 
 def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-                           *args], capture_output=True, text=True, env={**__import__("os").environ,
-                                                                         "OMP_NUM_THREADS": "1"})
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args],
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -90,9 +93,35 @@ def test_two_ranks_end_where_one_process_ends(data, two_ranks, tmp_path, method)
 
 
 def test_compemb_train_nproc_launches_torchrun_and_resumes(data, tmp_path):
-    command = [sys.executable, "-m", "compemb", "train", "--data", data, "--out", str(tmp_path / "run"),
-               "--method", "cafe", "--compression", "4", "--dim", "8", "--bottom", "16", "--top", "16",
-               "--batch-size", "512", "--optimizer", "adam", "--lr", "0.01", "--nproc", "2", "--json"]
+    command = [
+        sys.executable,
+        "-m",
+        "compemb",
+        "train",
+        "--data",
+        data,
+        "--out",
+        str(tmp_path / "run"),
+        "--method",
+        "cafe",
+        "--compression",
+        "4",
+        "--dim",
+        "8",
+        "--bottom",
+        "16",
+        "--top",
+        "16",
+        "--batch-size",
+        "512",
+        "--optimizer",
+        "adam",
+        "--lr",
+        "0.01",
+        "--nproc",
+        "2",
+        "--json",
+    ]
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -132,8 +161,9 @@ def test_average_gradients_keeps_sparse_rows_touched_on_any_rank(tmp_path, thres
     with socket.socket() as probe:  # a free port for the two ranks' rendezvous
         probe.bind(("127.0.0.1", 0))
         address = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
-    torch.multiprocessing.spawn(average_gradients_worker, args=(2, address, threshold, str(tmp_path / "g.pt")),
-                                nprocs=2)
+    torch.multiprocessing.spawn(
+        average_gradients_worker, args=(2, address, threshold, str(tmp_path / "g.pt")), nprocs=2
+    )
     got = torch.load(tmp_path / "g.pt")
     assert got["rows"].tolist() == [0, 2, 5]  # the union, row 5 kept though its gradient is zero
     # rank 0: row 0 += 1, row 2 += 2; rank 1: row 2 += 4; the mean over 2 ranks
@@ -146,10 +176,14 @@ def test_the_readme_commands_train_on_two_processes_as_written(tmp_path):
     section = readme.split("## Training on many processes", 1)[1]
     commands = section.split("```bash\n", 1)[1].split("```", 1)[0]
     assert "--nproc 2" in commands
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1",
-           "PATH": f"{Path(sys.executable).parent}:{__import__('os').environ['PATH']}"}
-    done = subprocess.run(["bash", "-euo", "pipefail", "-c", commands], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=600)
+    env = {
+        **__import__("os").environ,
+        "OMP_NUM_THREADS": "1",
+        "PATH": f"{Path(sys.executable).parent}:{__import__('os').environ['PATH']}",
+    }
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", commands], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = [json.loads(line) for line in (tmp_path / "runs/two/cafe/metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["step"] == 2 * 20  # 20,000 rows in batches of 1,024 (the last one partial), two epochs

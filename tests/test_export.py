@@ -27,9 +27,21 @@ def data(tmp_path_factory):
 
 
 def _train(data: Path, out: Path, method: str, compression: float | None, **options) -> Trainer:
-    config = TrainConfig(data=str(data), out=str(out), method=method, compression=compression, bottom=(16,),
-                         top=(16,), embedding_dim=8, batch_size=512, evals_per_epoch=2, optimizer="adagrad",
-                         lr=0.05, sharing="shared", method_options=options)
+    config = TrainConfig(
+        data=str(data),
+        out=str(out),
+        method=method,
+        compression=compression,
+        bottom=(16,),
+        top=(16,),
+        embedding_dim=8,
+        batch_size=512,
+        evals_per_epoch=2,
+        optimizer="adagrad",
+        lr=0.05,
+        sharing="shared",
+        method_options=options,
+    )
     trainer = Trainer(config)
     trainer.fit()
     trainer.load(out / "checkpoints" / "best")  # what export reads
@@ -43,10 +55,20 @@ def _test_rows(data: Path):
     return torch.from_numpy(np.array(test.dense)), torch.from_numpy(np.array(test.sparse, dtype=np.int64))
 
 
-@pytest.mark.parametrize("method, compression, options", [
-    ("full", None, {}), ("hash", 20, {}), ("cce", 6, {"cluster_every": 4}), ("cafe-ml", 8, {}), ("adaembed", 4, {}),
-    ("offline", 8, {}), ("tt", 20, {}), ("mde", 4, {}), ("dhe", 20, {}),
-])
+@pytest.mark.parametrize(
+    "method, compression, options",
+    [
+        ("full", None, {}),
+        ("hash", 20, {}),
+        ("cce", 6, {"cluster_every": 4}),
+        ("cafe-ml", 8, {}),
+        ("adaembed", 4, {}),
+        ("offline", 8, {}),
+        ("tt", 20, {}),
+        ("mde", 4, {}),
+        ("dhe", 20, {}),
+    ],
+)
 def test_loaded_model_predicts_exactly_as_the_trained_one(data, tmp_path, method, compression, options):
     trainer = _train(data, tmp_path / "run", method, compression, **options)
     if method == "cce":  # clustered during training: pointers and h1's seed moved, the file must carry them
@@ -96,8 +118,21 @@ def test_quantized_export_predicts_as_the_quantized_model(data, full_run, tmp_pa
 def test_predict_scores_raw_lines_as_the_model_scores_their_preprocessed_rows(data, full_run, tmp_path):
     trainer, run = full_run
     export_run(run, tmp_path / "model.compemb")
-    assert main(["predict", "--model", str(tmp_path / "model.compemb"), "--input", str(SAMPLE), "--labeled",
-                 "--out", str(tmp_path / "scores.txt")]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(tmp_path / "model.compemb"),
+                "--input",
+                str(SAMPLE),
+                "--labeled",
+                "--out",
+                str(tmp_path / "scores.txt"),
+            ]
+        )
+        == 0
+    )
     scores = [float(line) for line in (tmp_path / "scores.txt").read_text().split()]
     manifest, _ = open_dataset(data)
     assert len(scores) == sum(manifest["rows"].values())
@@ -117,8 +152,20 @@ def test_predict_tells_a_labelled_file_itself_and_reports_log_loss_and_auc(data,
     _, run = full_run
     export_run(run, tmp_path / "model.compemb")
     capsys.readouterr()
-    assert main(["predict", "--model", str(tmp_path / "model.compemb"), "--input", str(SAMPLE),
-                 "--out", str(tmp_path / "scores.txt")]) == 0  # no --labeled: the 40 fields say so
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(tmp_path / "model.compemb"),
+                "--input",
+                str(SAMPLE),
+                "--out",
+                str(tmp_path / "scores.txt"),
+            ]
+        )
+        == 0
+    )  # no --labeled: the 40 fields say so
     out = capsys.readouterr().out
     assert "start with a label column (40 fields)" in out
     scores = np.array([float(v) for v in (tmp_path / "scores.txt").read_text().split()])
@@ -129,13 +176,37 @@ def test_predict_tells_a_labelled_file_itself_and_reports_log_loss_and_auc(data,
     assert f"log loss {log_loss:.4f}, AUC {auc(scores, labels):.4f}" in out
     unlabeled = tmp_path / "test.txt"  # Kaggle's test.txt shape: no label column, no metrics
     unlabeled.write_text("".join(line.split("\t", 1)[1] + "\n" for line in SAMPLE.read_text().splitlines()[:5]))
-    assert main(["predict", "--model", str(tmp_path / "model.compemb"), "--input", str(unlabeled),
-                 "--out", str(tmp_path / "u.txt")]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(tmp_path / "model.compemb"),
+                "--input",
+                str(unlabeled),
+                "--out",
+                str(tmp_path / "u.txt"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "5 of 5 lines scored" in out and "log loss" not in out and "label column" not in out
     (tmp_path / "odd.txt").write_text("1\t2\t3\n")
-    assert main(["predict", "--model", str(tmp_path / "model.compemb"), "--input", str(tmp_path / "odd.txt"),
-                 "--out", str(tmp_path / "o.txt")]) == 2
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(tmp_path / "model.compemb"),
+                "--input",
+                str(tmp_path / "odd.txt"),
+                "--out",
+                str(tmp_path / "o.txt"),
+            ]
+        )
+        == 2
+    )
     assert "has 3 tab-separated fields" in capsys.readouterr().err
 
 
@@ -178,8 +249,21 @@ def test_truncated_altered_and_foreign_files_are_refused(full_run, tmp_path, cap
     with pytest.raises(ModelFileError, match="not a compemb model"):
         load_model(tmp_path / "foreign.safetensors")
     # the command says it in one line, exit 2
-    assert main(["predict", "--model", str(tmp_path / "short.compemb"), "--input", str(SAMPLE), "--labeled",
-                 "--out", str(tmp_path / "s.txt")]) == 2
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(tmp_path / "short.compemb"),
+                "--input",
+                str(SAMPLE),
+                "--labeled",
+                "--out",
+                str(tmp_path / "s.txt"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("compemb: error:") and "short.compemb" in err[0]
     assert not (tmp_path / "s.txt").exists()
@@ -254,7 +338,7 @@ def test_a_file_without_the_tensors_its_lookups_need_is_refused_even_when_re_sig
     load_model(good)
 
     def drop_everything(tensors, header):
-        header["dropped"] = sorted(k[len("model."):] for k in tensors if k.startswith("model."))
+        header["dropped"] = sorted(k[len("model.") :] for k in tensors if k.startswith("model."))
         for key in [k for k in tensors if k.startswith("model.")]:
             del tensors[key]
 
@@ -264,7 +348,7 @@ def test_a_file_without_the_tensors_its_lookups_need_is_refused_even_when_re_sig
 
     def drop_a_table(tensors, header):  # one tensor the lookups read, listed as training-only
         name = next(k for k in sorted(tensors) if k.startswith("model.embeddings.") and k.endswith("weight"))
-        header["dropped"] = sorted([*header["dropped"], name[len("model."):]])
+        header["dropped"] = sorted([*header["dropped"], name[len("model.") :]])
         del tensors[name]
 
     _rewrite(good, tmp_path / "table.compemb", drop_a_table, resign=True)
@@ -280,9 +364,9 @@ def test_a_forged_header_of_huge_sizes_is_refused_before_anything_is_allocated(f
     good = tmp_path / "model.compemb"
     export_run(run, good)
     forgeries = {
-        "cardinalities": lambda t, h: h.update(cardinalities=[10 ** 12] * len(h["cardinalities"])),
-        "dim": lambda t, h: h["config"].update(embedding_dim=10 ** 9),
-        "width": lambda t, h: h["config"].update(top=[10 ** 7, 10 ** 7]),
+        "cardinalities": lambda t, h: h.update(cardinalities=[10**12] * len(h["cardinalities"])),
+        "dim": lambda t, h: h["config"].update(embedding_dim=10**9),
+        "width": lambda t, h: h["config"].update(top=[10**7, 10**7]),
     }
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for name, forge in forgeries.items():
@@ -292,35 +376,84 @@ def test_a_forged_header_of_huge_sizes_is_refused_before_anything_is_allocated(f
     grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before  # KiB
     assert grown < 200_000, f"refusing the forgeries grew the peak memory by {grown:,} KiB"
     # the honest model under a --max-memory it does not fit: refused in one line, naming what it needs
-    assert main(["predict", "--model", str(good), "--input", str(SAMPLE), "--out", str(tmp_path / "s.txt"),
-                 "--max-memory", "64K"]) == 2
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(good),
+                "--input",
+                str(SAMPLE),
+                "--out",
+                str(tmp_path / "s.txt"),
+                "--max-memory",
+                "64K",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "needs" in err[0] and "more than --max-memory" in err[0]
     with pytest.raises(SystemExit) as exited:  # argparse's own exit
-        main(["predict", "--model", str(good), "--input", str(SAMPLE), "--out", str(tmp_path / "s.txt"),
-              "--max-memory", "lots"])
+        main(
+            [
+                "predict",
+                "--model",
+                str(good),
+                "--input",
+                str(SAMPLE),
+                "--out",
+                str(tmp_path / "s.txt"),
+                "--max-memory",
+                "lots",
+            ]
+        )
     assert exited.value.code == 2
     assert "'lots' is not a size" in capsys.readouterr().err
-    assert main(["predict", "--model", str(good), "--input", str(SAMPLE), "--out", str(tmp_path / "s.txt"),
-                 "--max-memory", "1G"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(good),
+                "--input",
+                str(SAMPLE),
+                "--out",
+                str(tmp_path / "s.txt"),
+                "--max-memory",
+                "1G",
+            ]
+        )
+        == 0
+    )
 
 
 def _first_spec(header):
     return next(iter(next(iter(header["quantized"].values()))["tables"].values()))
 
 
-@pytest.mark.parametrize("name, forge, expected", [
-    ("pq widths of 3e8", lambda h: _first_spec(h).update(scheme="pq", widths=[300_000_000], centroids=256),
-     "widths"),
-    ("pq widths of 1e11", lambda h: _first_spec(h).update(scheme="pq", widths=[10 ** 11], centroids=256), "widths"),
-    ("group_rows 0", lambda h: _first_spec(h).update(scheme="int8", group_rows=0), "group_rows"),
-    ("dtype load", lambda h: _first_spec(h).update(dtype="load"), "dtype must be one of"),
-    ("cardinalities 10^400", lambda h: h.update(cardinalities=[10 ** 400] * len(h["cardinalities"])),
-     "cardinalities are not a list of integers"),
-    ("num_dense 10^12", lambda h: h.update(num_dense=10 ** 12), "num_dense"),
-])
-def test_a_forged_quantized_spec_or_header_field_is_refused_before_it_allocates(full_run, tmp_path, capsys, name,
-                                                                                forge, expected):
+@pytest.mark.parametrize(
+    "name, forge, expected",
+    [
+        (
+            "pq widths of 3e8",
+            lambda h: _first_spec(h).update(scheme="pq", widths=[300_000_000], centroids=256),
+            "widths",
+        ),
+        ("pq widths of 1e11", lambda h: _first_spec(h).update(scheme="pq", widths=[10**11], centroids=256), "widths"),
+        ("group_rows 0", lambda h: _first_spec(h).update(scheme="int8", group_rows=0), "group_rows"),
+        ("dtype load", lambda h: _first_spec(h).update(dtype="load"), "dtype must be one of"),
+        (
+            "cardinalities 10^400",
+            lambda h: h.update(cardinalities=[10**400] * len(h["cardinalities"])),
+            "cardinalities are not a list of integers",
+        ),
+        ("num_dense 10^12", lambda h: h.update(num_dense=10**12), "num_dense"),
+    ],
+)
+def test_a_forged_quantized_spec_or_header_field_is_refused_before_it_allocates(
+    full_run, tmp_path, capsys, name, forge, expected
+):
     """A spec's sizes were once built on the CPU before the memory check (widths of 3e8: a 5 GB peak), and a
     dtype string looked up on the torch module."""
     import resource
@@ -330,8 +463,19 @@ def test_a_forged_quantized_spec_or_header_field_is_refused_before_it_allocates(
     export_run(run, good, scheme="int8")
     _rewrite(good, tmp_path / "forged.compemb", lambda tensors, header: forge(header), resign=True)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    code = main(["predict", "--model", str(tmp_path / "forged.compemb"), "--input", str(SAMPLE), "--out",
-                 str(tmp_path / "s.txt"), "--max-memory", "64M"])
+    code = main(
+        [
+            "predict",
+            "--model",
+            str(tmp_path / "forged.compemb"),
+            "--input",
+            str(SAMPLE),
+            "--out",
+            str(tmp_path / "s.txt"),
+            "--max-memory",
+            "64M",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and expected in err[0], err
     grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before  # KiB
@@ -344,7 +488,7 @@ def test_a_flipped_byte_anywhere_in_a_model_file_is_refused(full_run, tmp_path):
     export_run(run, good)
     payload = good.read_bytes()
     index_end = 8 + int.from_bytes(payload[:8], "little")
-    header_at = payload.index(b'compemb-model')  # inside the compemb header (the safetensors metadata)
+    header_at = payload.index(b"compemb-model")  # inside the compemb header (the safetensors metadata)
     rng = np.random.default_rng(0)
     positions = [0, 3, header_at + 2, *rng.integers(8, index_end, 6), *rng.integers(index_end, len(payload), 12)]
     for position in positions:
@@ -367,8 +511,21 @@ def test_predict_on_an_input_without_newlines_stops_at_the_line_bound(full_run, 
     _, run = full_run
     export_run(run, tmp_path / "model.compemb")
     for labeled in ([], ["--labeled"]):  # both the field-count probe and the block reader are bounded
-        assert main(["predict", "--model", str(tmp_path / "model.compemb"), "--input", "/dev/zero",
-                     "--out", str(tmp_path / "z.txt"), *labeled]) == 2
+        assert (
+            main(
+                [
+                    "predict",
+                    "--model",
+                    str(tmp_path / "model.compemb"),
+                    "--input",
+                    "/dev/zero",
+                    "--out",
+                    str(tmp_path / "z.txt"),
+                    *labeled,
+                ]
+            )
+            == 2
+        )
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "/dev/zero:1: a line longer than 1,048,576 bytes" in err[0], err
         assert not (tmp_path / "z.txt").exists()
@@ -387,8 +544,14 @@ def test_predict_memory_does_not_grow_with_the_input(full_run, tmp_path):
     for copies in (2, 16):
         (tmp_path / "in.txt").write_bytes(b"".join(lines) * copies)
         tracemalloc.start()
-        results[copies] = predict_file(tmp_path / "model.compemb", tmp_path / "in.txt", tmp_path / "out.txt",
-                                       labeled=True, block_bytes=1 << 16, overwrite=True)
+        results[copies] = predict_file(
+            tmp_path / "model.compemb",
+            tmp_path / "in.txt",
+            tmp_path / "out.txt",
+            labeled=True,
+            block_bytes=1 << 16,
+            overwrite=True,
+        )
         peaks[copies] = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
         assert results[copies]["rows_read"] == len(lines) * copies
@@ -407,8 +570,12 @@ def test_predict_refuses_labels_a_file_lacks_and_pipes_scores_to_standard_output
     unlabeled = tmp_path / "test.txt"
     unlabeled.write_text("".join(line.split("\t", 1)[1] + "\n" for line in SAMPLE.read_text().splitlines()[:7]))
     capsys.readouterr()
-    assert main(["predict", "--model", str(model), "--input", str(unlabeled), "--labeled",
-                 "--out", str(tmp_path / "u.txt")]) == 2
+    assert (
+        main(
+            ["predict", "--model", str(model), "--input", str(unlabeled), "--labeled", "--out", str(tmp_path / "u.txt")]
+        )
+        == 2
+    )
     error = capsys.readouterr().err
     assert "(--labeled), but its first line has no label column (39 fields, not 40)" in error
     assert error.count("\n") == 1 and not (tmp_path / "u.txt").exists()
@@ -432,17 +599,48 @@ def test_an_avazu_model_says_at_export_what_it_scores_and_predict_says_how_to_se
     from compemb.data.avazu import preprocess_avazu
 
     preprocess_avazu(AVAZU, tmp_path / "avazu")
-    assert main(["train", "--data", str(tmp_path / "avazu"), "--out", str(tmp_path / "run"), "--method", "hash",
-                 "--compression", "4", "--dim", "4", "--bottom", "4", "--top", "4", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(tmp_path / "avazu"),
+                "--out",
+                str(tmp_path / "run"),
+                "--method",
+                "hash",
+                "--compression",
+                "4",
+                "--dim",
+                "4",
+                "--bottom",
+                "4",
+                "--top",
+                "4",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "m.compemb")]) == 0
-    assert "it scores preprocessed ids (load_model); compemb predict reads raw Criteo TSV rows only, and avazu's " \
-           "raw values are not kept" in capsys.readouterr().out
-    assert main(["predict", "--model", str(tmp_path / "m.compemb"), "--input", str(AVAZU),
-                 "--out", str(tmp_path / "s.txt")]) == 2
+    assert (
+        "it scores preprocessed ids (load_model); compemb predict reads raw Criteo TSV rows only, and avazu's "
+        "raw values are not kept" in capsys.readouterr().out
+    )
+    assert (
+        main(
+            ["predict", "--model", str(tmp_path / "m.compemb"), "--input", str(AVAZU), "--out", str(tmp_path / "s.txt")]
+        )
+        == 2
+    )
     error = capsys.readouterr().err
-    assert "was trained on avazu data: compemb predict reads raw Criteo TSV rows; score preprocessed ids with " \
-           "compemb.export.load_model" in error and error.count("\n") == 1
+    assert (
+        "was trained on avazu data: compemb predict reads raw Criteo TSV rows; score preprocessed ids with "
+        "compemb.export.load_model"
+        in error
+        and error.count("\n") == 1
+    )
     served = load_model(tmp_path / "m.compemb")  # what it does serve: ids
     _, splits = open_dataset(tmp_path / "avazu")
     ids = torch.from_numpy(np.array(splits["test"].sparse[:5], dtype=np.int64))

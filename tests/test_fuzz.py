@@ -17,8 +17,9 @@ from .embeddings.conftest import make
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "criteo-kaggle-sample" / "train.txt"
 AVAZU = Path(__file__).resolve().parents[2] / "shared" / "data" / "avazu-sample" / "train.csv"
 # derandomized: CI sees the same examples every run (a failure reproduces; run with a seed to explore more)
-FUZZ = settings(max_examples=60, deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 
 
 def _criteo_lines():
@@ -67,16 +68,26 @@ def test_random_bytes_through_the_criteo_reader(tmp_path, data, has_label):
 
 
 @FUZZ
-@given(picks=st.lists(st.tuples(st.integers(0, 199), st.integers(0, 400), st.sampled_from(
-    [b"", b"\t", b"x", b"-", b"\x00", b"\r", b"ffffffffff", b"99999999999999999999", b"\xff", b" "])), min_size=1,
-    max_size=8))
+@given(
+    picks=st.lists(
+        st.tuples(
+            st.integers(0, 199),
+            st.integers(0, 400),
+            st.sampled_from(
+                [b"", b"\t", b"x", b"-", b"\x00", b"\r", b"ffffffffff", b"99999999999999999999", b"\xff", b" "]
+            ),
+        ),
+        min_size=1,
+        max_size=8,
+    )
+)
 def test_mutated_real_lines_through_the_criteo_reader(tmp_path, picks):
     lines = [line.encode() for line in _criteo_lines()]
     out = []
     for which, position, insert in picks:
         line = lines[which % len(lines)]
         position %= len(line) + 1
-        out.append(line[:position] + insert + line[position + 1:])  # one byte replaced (or the end extended)
+        out.append(line[:position] + insert + line[position + 1 :])  # one byte replaced (or the end extended)
     path = tmp_path / "mutated.txt"
     path.write_bytes(b"\n".join(out) + b"\n")
     _check_criteo_file(path, len(out), True)
@@ -84,8 +95,15 @@ def test_mutated_real_lines_through_the_criteo_reader(tmp_path, picks):
 
 @pytest.mark.skipif(not AVAZU.exists(), reason=f"the shared Avazu sample is not at {AVAZU}")
 @FUZZ
-@given(picks=st.lists(st.tuples(st.integers(0, 99), st.integers(0, 300), st.sampled_from(
-    [b"", b",", b"x", b"\x00", b"\r", b"\xff", b"99"])), min_size=1, max_size=6))
+@given(
+    picks=st.lists(
+        st.tuples(
+            st.integers(0, 99), st.integers(0, 300), st.sampled_from([b"", b",", b"x", b"\x00", b"\r", b"\xff", b"99"])
+        ),
+        min_size=1,
+        max_size=6,
+    )
+)
 def test_mutated_real_lines_through_the_avazu_reader(tmp_path, picks):
     from compemb.data.avazu import _rows
 
@@ -94,7 +112,7 @@ def test_mutated_real_lines_through_the_avazu_reader(tmp_path, picks):
     for which, position, insert in picks:
         line = rows[which % len(rows)]
         position %= len(line) + 1
-        out.append(line[:position] + insert + line[position + 1:])
+        out.append(line[:position] + insert + line[position + 1 :])
     path = tmp_path / "mutated.csv"
     path.write_bytes(b"\n".join(out) + b"\n")
     rejections = Rejections()
@@ -116,8 +134,11 @@ def test_random_ids_offsets_and_weights_through_every_method(name, data):
     ids = torch.tensor(data.draw(st.lists(st.integers(-5, 1010), max_size=30)), dtype=torch.long)
     cuts = data.draw(st.lists(st.integers(-2, 32), max_size=5))
     offsets = torch.tensor([0, *cuts], dtype=torch.long) if data.draw(st.booleans()) else None
-    weights = torch.tensor(data.draw(st.lists(st.floats(-10, 10), min_size=len(ids), max_size=len(ids))),
-                           dtype=torch.float32) if offsets is not None and data.draw(st.booleans()) else None
+    weights = (
+        torch.tensor(data.draw(st.lists(st.floats(-10, 10), min_size=len(ids), max_size=len(ids))), dtype=torch.float32)
+        if offsets is not None and data.draw(st.booleans())
+        else None
+    )
     try:
         out = module(ids, offsets, weights) if offsets is not None else module(ids)
     except (ValueError, TypeError) as error:  # the documented errors: they say what is wrong

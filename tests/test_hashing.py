@@ -6,14 +6,7 @@ import sys
 import pytest
 import torch
 
-from compemb.hashing import (
-    MAX_BUCKETS,
-    UniversalHash,
-    hash_coefficients,
-    hash_ids,
-    hash_signs,
-    reference_hash,
-)
+from compemb.hashing import MAX_BUCKETS, UniversalHash, hash_coefficients, hash_ids, hash_signs, reference_hash
 
 EDGE_IDS = [0, 1, -1, 2**31 - 1, 2**32, 2**32 + 1, 2**62, 2**63 - 1, -(2**63), -123456789]
 

@@ -144,8 +144,9 @@ def _random_stream(seed, sketch, reference, batches=40, frequency=False, id_dtyp
 @pytest.mark.parametrize("slots", [1, 4])
 @pytest.mark.parametrize("skip_hot", [False, True])
 def test_batched_inserts_equal_the_reference_exactly(seed, slots, skip_hot, backend):
-    sketch = HotSketch(13, slots, threshold=0.05 * (seed + 1), decay_factor=0.9, seed=seed, backend=backend,
-                       skip_hot=skip_hot)
+    sketch = HotSketch(
+        13, slots, threshold=0.05 * (seed + 1), decay_factor=0.9, seed=seed, backend=backend, skip_hot=skip_hot
+    )
     reference = ReferenceSketch(sketch)
     decays = _random_stream(seed, sketch, reference)
     assert decays > 0  # the decay rule was exercised
@@ -166,8 +167,7 @@ def test_frequency_mode_and_int32_ids_equal_the_reference(id_dtype, backend):
 @settings(max_examples=40, deadline=None)
 @given(
     batches=st.lists(
-        st.lists(st.tuples(st.integers(-20, 20), st.sampled_from([0.0, 0.5, 1.0, 3.25, 1e-3])), max_size=30),
-        max_size=8,
+        st.lists(st.tuples(st.integers(-20, 20), st.sampled_from([0.0, 0.5, 1.0, 3.25, 1e-3])), max_size=30), max_size=8
     ),
     seed=st.integers(0, 3),
     skip_hot=st.booleans(),
@@ -378,9 +378,14 @@ def test_bad_inputs_raise_and_leave_the_sketch_unchanged(backend):
         sketch.set_hot(torch.tensor([1]), [0])
     for name, value in sketch.state_dict().items():
         assert torch.equal(value, before[name]), name
-    for kwargs in [dict(num_buckets=0), dict(num_buckets=2**31 + 1), dict(num_buckets=4, slots=0),
-                   dict(num_buckets=4, threshold=0.0), dict(num_buckets=4, decay_factor=1.5),
-                   dict(num_buckets=4, decay_factor=0.0)]:
+    for kwargs in [
+        dict(num_buckets=0),
+        dict(num_buckets=2**31 + 1),
+        dict(num_buckets=4, slots=0),
+        dict(num_buckets=4, threshold=0.0),
+        dict(num_buckets=4, decay_factor=1.5),
+        dict(num_buckets=4, decay_factor=0.0),
+    ]:
         with pytest.raises(ValueError):
             HotSketch(**kwargs)
 
@@ -540,8 +545,10 @@ def reference_merge(sketch: HotSketch, ids: list[int], scores: list[float]) -> l
             lowest = min(range(sketch.slots), key=lambda j: residents[j][1] if residents[j][3] else np.inf)
             closed = full and residents[lowest][2] >= 0
             base = min(occupied_scores) if full else np.float32(0)
-        entries = [((np.inf if r[2] >= 0 else r[1]) if r[3] else -np.inf, (r[0], r[1], r[2]) if r[3] else None)
-                   for r in residents]
+        entries = [
+            ((np.inf if r[2] >= 0 else r[1]) if r[3] else -np.inf, (r[0], r[1], r[2]) if r[3] else None)
+            for r in residents
+        ]
         if not closed:
             entries += [(np.float32(base + s), (x, np.float32(base + s), -1)) for x, s in newcomers]
         kept = sorted(entries, key=lambda entry: -entry[0])[: sketch.slots]  # stable: residents win ties
@@ -550,15 +557,28 @@ def reference_merge(sketch: HotSketch, ids: list[int], scores: list[float]) -> l
 
 
 def merged_buckets(sketch: HotSketch) -> list[list[tuple]]:
-    keys, table, rows, used = (sketch.keys.tolist(), sketch.scores.numpy(), sketch.hot_rows.tolist(),
-                               sketch.occupied.tolist())
-    return [[(keys[w][j], table[w][j], rows[w][j]) for j in range(sketch.slots) if used[w][j]]
-            for w in range(sketch.num_buckets)]
+    keys, table, rows, used = (
+        sketch.keys.tolist(),
+        sketch.scores.numpy(),
+        sketch.hot_rows.tolist(),
+        sketch.occupied.tolist(),
+    )
+    return [
+        [(keys[w][j], table[w][j], rows[w][j]) for j in range(sketch.slots) if used[w][j]]
+        for w in range(sketch.num_buckets)
+    ]
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.lists(st.tuples(st.integers(0, 40), st.floats(0, 8, width=32)), min_size=1, max_size=30),
-                min_size=1, max_size=6), st.integers(0, 3), st.booleans())
+@given(
+    st.lists(
+        st.lists(st.tuples(st.integers(0, 40), st.floats(0, 8, width=32)), min_size=1, max_size=30),
+        min_size=1,
+        max_size=6,
+    ),
+    st.integers(0, 3),
+    st.booleans(),
+)
 def test_the_merge_follows_its_rule_in_plain_loops(batches, seed, skip_hot):
     """Every batch, every bucket, slot by slot: ids, float32 scores bit for bit, hot rows (some made hot)."""
     sketch = HotSketch(3, 2, threshold=1e9, decay_factor=1.0, seed=seed, backend="merge", skip_hot=skip_hot)
@@ -622,8 +642,10 @@ def test_the_merge_leaves_out_unkept_entries_and_fails_bad_scores_on_the_device(
 
 def test_the_device_decay_matches_the_host_rule():
     """A mass that stays on the device (a count of kept occurrences) decays the scores as the host rule would."""
-    host, device = HotSketch(2, threshold=1.0, decay_factor=0.5, backend="merge"), \
-        HotSketch(2, threshold=1.0, decay_factor=0.5, backend="merge")
+    host, device = (
+        HotSketch(2, threshold=1.0, decay_factor=0.5, backend="merge"),
+        HotSketch(2, threshold=1.0, decay_factor=0.5, backend="merge"),
+    )
     ids = torch.arange(6)
     for mass in (7.0, 30.0, 0.5, 45.0):
         assert host.insert(ids, torch.ones(6), mass=mass) >= 0
@@ -648,18 +670,35 @@ def test_sketches_laid_end_to_end_merge_in_one_pass_exactly_as_each_alone():
     from compemb.sketch import torch_ops
 
     generator = torch.Generator().manual_seed(5)
-    alone = [HotSketch(w, 3, threshold=1e9, decay_factor=1.0, seed=seed, backend="merge")
-             for w, seed in ((5, 1), (1, 2), (9, 3))]
+    alone = [
+        HotSketch(w, 3, threshold=1e9, decay_factor=1.0, seed=seed, backend="merge")
+        for w, seed in ((5, 1), (1, 2), (9, 3))
+    ]
     starts = [0, 5, 6]
-    flat = {name: torch.cat([getattr(s, name) for s in alone]).clone() for name in ("keys", "scores", "hot_rows",
-                                                                                    "occupied")}
+    flat = {
+        name: torch.cat([getattr(s, name) for s in alone]).clone()
+        for name in ("keys", "scores", "hot_rows", "occupied")
+    }
     for step in range(8):
         batches = [torch.randint(0, 30, (40,), generator=generator) for _ in alone]  # ids shared by the tables
         scores = [torch.rand(40, generator=generator) for _ in alone]
-        buckets = torch.cat([torch_ops.buckets_of(ids, s.coefficients, s.num_buckets) + start
-                             for ids, s, start in zip(batches, alone, starts)])
-        torch_ops.merge_insert(torch.cat(batches), torch.cat(scores), None, flat["keys"], flat["scores"],
-                               flat["hot_rows"], flat["occupied"], None, buckets=buckets)
+        buckets = torch.cat(
+            [
+                torch_ops.buckets_of(ids, s.coefficients, s.num_buckets) + start
+                for ids, s, start in zip(batches, alone, starts)
+            ]
+        )
+        torch_ops.merge_insert(
+            torch.cat(batches),
+            torch.cat(scores),
+            None,
+            flat["keys"],
+            flat["scores"],
+            flat["hot_rows"],
+            flat["occupied"],
+            None,
+            buckets=buckets,
+        )
         for sketch, ids, score in zip(alone, batches, scores):
             sketch.insert(ids, score)
         if step == 3:  # a hot id in the middle table, in both layouts
@@ -677,8 +716,10 @@ def test_packed_sketches_take_every_tables_batch_in_one_merge_as_each_would_alon
     from compemb.sketch import PackedSketches
 
     def build():
-        return [HotSketch(w, 4, threshold=0.3, decay_factor=0.5, seed=seed, backend="merge", skip_hot=skip_hot)
-                for w, seed in ((6, 1), (1, 2), (11, 3))]
+        return [
+            HotSketch(w, 4, threshold=0.3, decay_factor=0.5, seed=seed, backend="merge", skip_hot=skip_hot)
+            for w, seed in ((6, 1), (1, 2), (11, 3))
+        ]
 
     alone, packed_sketches = build(), build()
     packed = PackedSketches(packed_sketches)
@@ -687,8 +728,9 @@ def test_packed_sketches_take_every_tables_batch_in_one_merge_as_each_would_alon
         ids = torch.randint(0, 40, (32, 3), generator=generator)
         scores = torch.rand(32, 3, generator=generator)
         decays = packed.insert(ids, scores, masses=[32.0] * 3)
-        assert decays == [s.insert(ids[:, t].contiguous(), scores[:, t].contiguous(), mass=32.0)
-                          for t, s in enumerate(alone)]
+        assert decays == [
+            s.insert(ids[:, t].contiguous(), scores[:, t].contiguous(), mass=32.0) for t, s in enumerate(alone)
+        ]
         if step == 4:
             present = alone[2].keys[alone[2].occupied][:1]
             alone[2].set_hot(present, torch.tensor([3]))

@@ -30,7 +30,6 @@ def test_every_module_imports_first_in_a_fresh_process():
     assert int(done.stdout.split()[-2]) > 30  # the walk found the package's modules
 
 
-
 def _import_graph(root: Path) -> dict[str, set[str]]:
     """compemb's modules and the compemb modules each imports, at any level (inside functions and TYPE_CHECKING
     too): ``from pkg import name`` counts as ``pkg.name`` where that is a module."""

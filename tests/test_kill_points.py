@@ -45,8 +45,9 @@ def test_synth_killed_anywhere_leaves_the_old_set_or_the_new_one_whole(tmp_path)
     first = _command("synth", "--out", str(out), "--train-rows", "150000", "--eval-rows", "1000", "--seed", "1")
     duration = _timed(first)
     old = open_dataset(out)[0]
-    again = _command("synth", "--out", str(out), "--train-rows", "100000", "--eval-rows", "1000", "--seed", "2",
-                     "--overwrite")
+    again = _command(
+        "synth", "--out", str(out), "--train-rows", "100000", "--eval-rows", "1000", "--seed", "2", "--overwrite"
+    )
     for fraction in FRACTIONS:
         _killed_at(again, fraction * duration)
         manifest = open_dataset(out)[0]  # always a whole set: the old one or the new one
@@ -70,9 +71,28 @@ def test_preprocess_export_and_predict_killed_anywhere_leave_nothing_half_writte
         assert _leftovers(tmp_path) == [] or _leftovers(tmp_path)[0].startswith(".data.")
     subprocess.run(preprocess + ["--overwrite"], check=True, capture_output=True)
     assert _leftovers(tmp_path) == []
-    subprocess.run(_command("train", "--data", str(data), "--out", str(run), "--method", "hash", "--compression",
-                            "10", "--dim", "8", "--bottom", "16", "--top", "16", "--quiet"), check=True,
-                   capture_output=True)
+    subprocess.run(
+        _command(
+            "train",
+            "--data",
+            str(data),
+            "--out",
+            str(run),
+            "--method",
+            "hash",
+            "--compression",
+            "10",
+            "--dim",
+            "8",
+            "--bottom",
+            "16",
+            "--top",
+            "16",
+            "--quiet",
+        ),
+        check=True,
+        capture_output=True,
+    )
     model = tmp_path / "m.compemb"
     export = _command("export", "--run", str(run), "--out", str(model))
     duration = _timed(export)

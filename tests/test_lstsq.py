@@ -26,9 +26,12 @@ def problem() -> LeastSquaresProblem:
 
 @pytest.fixture(scope="module")
 def runs(problem) -> dict[str, list[float]]:
-    return {"dense": dense_cce(problem, K, ITERATIONS, seed=0), "sparse": sparse_cce(problem, K, ITERATIONS, seed=0),
-            "hashing": hashing_baseline(problem, K, ITERATIONS, seed=0),
-            "bound": theorem_bound(problem, K, ITERATIONS)}
+    return {
+        "dense": dense_cce(problem, K, ITERATIONS, seed=0),
+        "sparse": sparse_cce(problem, K, ITERATIONS, seed=0),
+        "hashing": hashing_baseline(problem, K, ITERATIONS, seed=0),
+        "bound": theorem_bound(problem, K, ITERATIONS),
+    }
 
 
 def test_optimum_matches_an_independent_solver(problem):
@@ -113,8 +116,28 @@ def test_run_lstsq_reports_excess_against_the_optimum():
 
 def test_cli_writes_table_json_and_plot(tmp_path, capsys):
     stem = tmp_path / "results" / "lstsq"
-    assert main(["lstsq", "--n", "400", "--d1", "40", "--k", "4", "--d2", "3", "--iterations", "5", "--seed", "1",
-                 "--out", str(stem)]) == 0
+    assert (
+        main(
+            [
+                "lstsq",
+                "--n",
+                "400",
+                "--d1",
+                "40",
+                "--k",
+                "4",
+                "--d2",
+                "3",
+                "--iterations",
+                "5",
+                "--seed",
+                "1",
+                "--out",
+                str(stem),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "| iteration | dense CCE | sparse CCE | hashing (2k buckets) | Theorem 3.1 bound |" in printed
     assert "under the bound at every iteration" in printed

@@ -69,9 +69,14 @@ def test_binned_auc_streamed_in_blocks_is_within_its_bound_of_the_exact_auc():
     assert distinct.value() == pytest.approx(exact, abs=1e-15) and distinct.error_bound == 0
 
 
-@pytest.mark.parametrize("scores, labels, match", [
-    ([0.1, 1.5], [0, 1], r"in \[0, 1\]"), ([0.1, float("nan")], [0, 1], r"in \[0, 1\]"), ([0.1, 0.2], [0, 2], "0 or 1"),
-])
+@pytest.mark.parametrize(
+    "scores, labels, match",
+    [
+        ([0.1, 1.5], [0, 1], r"in \[0, 1\]"),
+        ([0.1, float("nan")], [0, 1], r"in \[0, 1\]"),
+        ([0.1, 0.2], [0, 2], "0 or 1"),
+    ],
+)
 def test_binned_auc_refuses_what_is_not_a_probability_or_a_label(scores, labels, match):
     from compemb.metrics import BinnedAUC
 

@@ -21,21 +21,36 @@ def test_a_bag_of_one_id_equals_the_one_hot_path(method, sharing):
     counts = {f"f{i}": torch.arange(n, 0, -1) for i, n in enumerate(SIZES)}
     # cce's pointers (4 bytes an id at d=8) leave it 4.5x-7.6x with at least 16 rows a table: 6x
     budget = {} if method == "full" else {"compression": 6 if method == "cce" else 4}
-    bagged = EmbeddingCollection([Feature("f0", SIZES[0]), Feature("f1", SIZES[1], "sum"),
-                                  Feature("f2", SIZES[2], "mean")], 8, method, seed=2, sharing=sharing,
-                                 frequencies=counts, **budget)
-    one_hot = EmbeddingCollection([Feature(f"f{i}", n) for i, n in enumerate(SIZES)], 8, method, seed=2,
-                                  sharing=sharing, frequencies=counts, **budget)
-    ids = torch.stack([torch.randint(0, n, (50,), generator=torch.Generator().manual_seed(i))
-                       for i, n in enumerate(SIZES)], dim=1)
+    bagged = EmbeddingCollection(
+        [Feature("f0", SIZES[0]), Feature("f1", SIZES[1], "sum"), Feature("f2", SIZES[2], "mean")],
+        8,
+        method,
+        seed=2,
+        sharing=sharing,
+        frequencies=counts,
+        **budget,
+    )
+    one_hot = EmbeddingCollection(
+        [Feature(f"f{i}", n) for i, n in enumerate(SIZES)],
+        8,
+        method,
+        seed=2,
+        sharing=sharing,
+        frequencies=counts,
+        **budget,
+    )
+    ids = torch.stack(
+        [torch.randint(0, n, (50,), generator=torch.Generator().manual_seed(i)) for i, n in enumerate(SIZES)], dim=1
+    )
     rows = torch.arange(51)
     got = bagged(ids[:, :1], {"f1": Bags(ids[:, 1], rows), "f2": Bags(ids[:, 2], rows)})
     torch.testing.assert_close(got, one_hot(ids), rtol=0, atol=0)
 
 
 def test_bags_pool_by_sum_mean_and_weights_as_a_loop_does():
-    collection = EmbeddingCollection([Feature("a", 500, "sum"), Feature("b", 500, "mean"), Feature("c", 10)], 4,
-                                     "hash", compression=2, seed=0)
+    collection = EmbeddingCollection(
+        [Feature("a", 500, "sum"), Feature("b", 500, "mean"), Feature("c", 10)], 4, "hash", compression=2, seed=0
+    )
     values, offsets = torch.tensor([3, 9, 9, 1, 7]), torch.tensor([0, 2, 2, 5])  # rows [3, 9], [], [9, 1, 7]
     weights = torch.tensor([0.5, 2.0, 1.0, -1.0, 3.0])
     out = collection(torch.tensor([[1], [2], [3]]), {"a": Bags(values, offsets, weights), "b": Bags(values, offsets)})
@@ -63,8 +78,9 @@ def test_embedding_bag_style_offsets_make_the_same_bags_in_a_collection_whose_ta
         Bags.from_offsets(values, torch.tensor([0, 2, 2]), include_last_offset=True)  # B given, B + 1 declared
     outputs = []
     for last in (False, True):  # tables built either way pool the collection's B + 1 offsets alike
-        collection = EmbeddingCollection(features, 4, method, compression=None if method == "full" else 2, seed=0,
-                                         include_last_offset=last)
+        collection = EmbeddingCollection(
+            features, 4, method, compression=None if method == "full" else 2, seed=0, include_last_offset=last
+        )
         assert collection.embeddings["a"].include_last_offset == last
         outputs.append(collection(ids, {"a": bags}))
     torch.testing.assert_close(outputs[0], outputs[1])
@@ -104,10 +120,20 @@ def test_bag_rows_of_a_slice_and_of_indices_equal_a_loop():
 def test_jagged_features_round_trip_through_the_format(tmp_path):
     bags = [{"name": "B1", "cardinality": 30, "pooling": "sum"}]
     with DatasetWriter(tmp_path / "d", {"train": 3}, num_dense=1, cardinalities=[5], bags=bags) as writer:
-        writer.write("train", np.zeros((2, 1), np.float32), np.array([[1], [4]]), np.array([0, 1]),
-                     {"B1": (np.array([7, 8, 29]), np.array([2, 1]))})
-        writer.write("train", np.zeros((1, 1), np.float32), np.array([[0]]), np.array([1]),
-                     {"B1": (np.array([], dtype=np.int64), np.array([0]))})
+        writer.write(
+            "train",
+            np.zeros((2, 1), np.float32),
+            np.array([[1], [4]]),
+            np.array([0, 1]),
+            {"B1": (np.array([7, 8, 29]), np.array([2, 1]))},
+        )
+        writer.write(
+            "train",
+            np.zeros((1, 1), np.float32),
+            np.array([[0]]),
+            np.array([1]),
+            {"B1": (np.array([], dtype=np.int64), np.array([0]))},
+        )
     manifest, splits = open_dataset(tmp_path / "d")
     assert manifest["bags"] == bags
     values, offsets = splits["train"].bags["B1"]
@@ -115,8 +141,13 @@ def test_jagged_features_round_trip_through_the_format(tmp_path):
     assert isinstance(values, np.memmap) and isinstance(offsets, np.memmap)
     with pytest.raises(ValueError, match="an id is outside \\[0, 30\\)"):
         with DatasetWriter(tmp_path / "e", {"train": 1}, num_dense=1, cardinalities=[5], bags=bags) as writer:
-            writer.write("train", np.zeros((1, 1), np.float32), np.array([[1]]), np.array([0]),
-                         {"B1": (np.array([30]), np.array([1]))})
+            writer.write(
+                "train",
+                np.zeros((1, 1), np.float32),
+                np.array([[1]]),
+                np.array([0]),
+                {"B1": (np.array([30]), np.array([1]))},
+            )
     with pytest.raises(ValueError, match="bags given for \\[\\]"):
         with DatasetWriter(tmp_path / "e", {"train": 1}, num_dense=1, cardinalities=[5], bags=bags) as writer:
             writer.write("train", np.zeros((1, 1), np.float32), np.array([[1]]), np.array([0]))
@@ -128,8 +159,7 @@ def test_jagged_features_round_trip_through_the_format(tmp_path):
 
 def test_synthetic_bags_are_read_by_the_teacher_and_leave_the_one_hot_rows_alone(tmp_path):
     plain = SyntheticConfig(rows={"train": 3000}, scale=1e-4, seed=4)
-    bagged = SyntheticConfig(rows={"train": 3000}, scale=1e-4, seed=4, bag_features=2, bag_size=3,
-                             bag_cardinality=700)
+    bagged = SyntheticConfig(rows={"train": 3000}, scale=1e-4, seed=4, bag_features=2, bag_size=3, bag_cardinality=700)
     generate_synthetic(tmp_path / "plain", plain, progress=False)
     facts = generate_synthetic(tmp_path / "bagged", bagged, progress=False)
     _, without = open_dataset(tmp_path / "plain")
@@ -144,19 +174,41 @@ def test_synthetic_bags_are_read_by_the_teacher_and_leave_the_one_hot_rows_alone
     dense, sparse = teacher.sample_features(np.random.default_rng(1), 500)
     bags = teacher.sample_bags(np.random.default_rng(2), 500)
     other = teacher.sample_bags(np.random.default_rng(3), 500)
-    assert np.abs(teacher.probabilities(dense, sparse, bags) - teacher.probabilities(dense, sparse, other)).mean() > 0.01
+    assert (
+        np.abs(teacher.probabilities(dense, sparse, bags) - teacher.probabilities(dense, sparse, other)).mean() > 0.01
+    )
     assert 0 < facts["bayes"]["train"]["bce"] < 0.6
 
 
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_a_mixed_one_hot_and_multi_hot_dlrm_trains_end_to_end(tmp_path, shuffle):
     # two one-hot features and one bag feature: a third of the planted signal is in the bags
-    config = SyntheticConfig(rows={"train": 12_000, "val": 3000}, seed=1, bag_features=1, bag_size=4,
-                             bag_cardinality=300, cardinalities_override=(40, 20), first_order=0.7)
+    config = SyntheticConfig(
+        rows={"train": 12_000, "val": 3000},
+        seed=1,
+        bag_features=1,
+        bag_size=4,
+        bag_cardinality=300,
+        cardinalities_override=(40, 20),
+        first_order=0.7,
+    )
     facts = generate_synthetic(tmp_path / "data", config, progress=False)
-    train = TrainConfig(data=str(tmp_path / "data"), out=str(tmp_path / "run"), method="hash", compression=2,
-                        embedding_dim=8, bottom=(32,), top=(32,), optimizer="adagrad", lr=0.05, batch_size=512,
-                        epochs=2, shuffle=shuffle, eval_every=12, seed=0)
+    train = TrainConfig(
+        data=str(tmp_path / "data"),
+        out=str(tmp_path / "run"),
+        method="hash",
+        compression=2,
+        embedding_dim=8,
+        bottom=(32,),
+        top=(32,),
+        optimizer="adagrad",
+        lr=0.05,
+        batch_size=512,
+        epochs=2,
+        shuffle=shuffle,
+        eval_every=12,
+        seed=0,
+    )
     trainer = Trainer(train)
     assert [f.name for f in trainer.model.embeddings.features][-1] == "B1"
     table = trainer.model.embeddings.embeddings["B1"]
@@ -174,8 +226,10 @@ def test_a_mixed_one_hot_and_multi_hot_dlrm_trains_end_to_end(tmp_path, shuffle)
     values, offsets = (torch.from_numpy(np.array(a, dtype=np.int64)) for a in val.bags["B1"])
     empty = Bags(values[:0], torch.zeros(len(val) + 1, dtype=torch.int64))
     with torch.no_grad():
-        losses = [torch.nn.functional.binary_cross_entropy_with_logits(trainer.model(dense, sparse, {"B1": b}), labels)
-                  for b in (Bags(values, offsets), empty)]
+        losses = [
+            torch.nn.functional.binary_cross_entropy_with_logits(trainer.model(dense, sparse, {"B1": b}), labels)
+            for b in (Bags(values, offsets), empty)
+        ]
     assert float(losses[0]) == pytest.approx(result["bce"], abs=1e-4)  # what the trainer's evaluation measured
     assert float(losses[0]) < float(losses[1]) - 0.01  # measured: 0.431 with the bags, 0.448 without
     if before is not None:  # the bag feature's table learned
@@ -188,11 +242,52 @@ def test_a_mixed_one_hot_and_multi_hot_dlrm_trains_end_to_end(tmp_path, shuffle)
 def test_the_cli_makes_and_trains_a_set_with_bag_features_and_export_says_it_cannot_carry_them(tmp_path, capsys):
     from compemb.cli import main
 
-    assert main(["synth", "--out", str(tmp_path / "d"), "--train-rows", "3000", "--eval-rows", "1000", "--scale",
-                 "1e-4", "--bags", "2", "--bag-size", "3"]) == 0
+    assert (
+        main(
+            [
+                "synth",
+                "--out",
+                str(tmp_path / "d"),
+                "--train-rows",
+                "3000",
+                "--eval-rows",
+                "1000",
+                "--scale",
+                "1e-4",
+                "--bags",
+                "2",
+                "--bag-size",
+                "3",
+            ]
+        )
+        == 0
+    )
     assert "and 2 multi-hot features" in capsys.readouterr().out
-    assert main(["train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "run"), "--method", "cce",
-                 "--compression", "4", "--dim", "8", "--bottom", "16", "--top", "16", "--batch-size", "512", "--json"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(tmp_path / "d"),
+                "--out",
+                str(tmp_path / "run"),
+                "--method",
+                "cce",
+                "--compression",
+                "4",
+                "--dim",
+                "8",
+                "--bottom",
+                "16",
+                "--top",
+                "16",
+                "--batch-size",
+                "512",
+                "--json",
+            ]
+        )
+        == 0
+    )
     result = json.loads(capsys.readouterr().out)
     assert result["step"] == 6 and np.isfinite(result["bce"])
     assert main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "m.compemb")]) == 2

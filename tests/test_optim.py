@@ -104,9 +104,10 @@ def test_row_adagrad_equals_torch_adagrad(sparse):
     tables[1].load_state_dict(tables[0].state_dict())
     linear = [torch.nn.Linear(4, 1) for _ in range(2)]
     linear[1].load_state_dict(linear[0].state_dict())
-    optimizers = [RowAdagrad([*tables[0].parameters(), *linear[0].parameters()], lr=0.3, initial_accumulator_value=0.1),
-                  torch.optim.Adagrad([*tables[1].parameters(), *linear[1].parameters()], lr=0.3,
-                                      initial_accumulator_value=0.1)]
+    optimizers = [
+        RowAdagrad([*tables[0].parameters(), *linear[0].parameters()], lr=0.3, initial_accumulator_value=0.1),
+        torch.optim.Adagrad([*tables[1].parameters(), *linear[1].parameters()], lr=0.3, initial_accumulator_value=0.1),
+    ]
     for _ in range(6):
         ids = torch.randint(0, 20, (16,), generator=generator)
         for table, layer, optimizer in zip(tables, linear, optimizers):
@@ -157,8 +158,13 @@ def test_the_device_code_path_updates_rows_exactly_as_the_cpu_path(name):
                 optimizer.zero_grad()
                 layer(table(ids)).pow(2).sum().backward()
                 optimizer.step()
-        results.append((table.weight.detach().clone(), layer.weight.detach().clone(),
-                        {k: v.clone() for k, v in optimizer.state[table.weight].items()}))
+        results.append(
+            (
+                table.weight.detach().clone(),
+                layer.weight.detach().clone(),
+                {k: v.clone() for k, v in optimizer.state[table.weight].items()},
+            )
+        )
     (table_a, layer_a, state_a), (table_b, layer_b, state_b) = results
     assert torch.equal(table_a, table_b) and torch.equal(layer_a, layer_b)
     assert state_a.keys() == state_b.keys() and all(torch.equal(state_a[k], state_b[k]) for k in state_a)
@@ -211,8 +217,12 @@ def test_a_reset_row_of_rowwise_adagrad_starts_its_accumulator_again():
     from compemb.optim import CombinedOptimizer, RowwiseAdagrad
 
     table, layer = torch.nn.Embedding(6, 2, sparse=True), torch.nn.Linear(2, 1)
-    optimizer = CombinedOptimizer([RowAdam(layer.parameters(), lr=1e-3),
-                                   RowwiseAdagrad(table.parameters(), lr=0.1, initial_accumulator_value=0.5)])
+    optimizer = CombinedOptimizer(
+        [
+            RowAdam(layer.parameters(), lr=1e-3),
+            RowwiseAdagrad(table.parameters(), lr=0.1, initial_accumulator_value=0.5),
+        ]
+    )
     for _ in range(3):
         optimizer.zero_grad()
         layer(table(torch.tensor([1, 2, 3]))).sum().backward()
@@ -229,8 +239,9 @@ def test_a_combined_optimizers_state_dict_loads_into_a_fresh_one_and_steps_the_s
     def build(seed):
         torch.manual_seed(seed)
         table, layer = torch.nn.Embedding(8, 3, sparse=True), torch.nn.Linear(3, 1)
-        optimizer = CombinedOptimizer([RowAdam(layer.parameters(), lr=1e-2),
-                                       RowwiseAdagrad(table.parameters(), lr=0.2)])
+        optimizer = CombinedOptimizer(
+            [RowAdam(layer.parameters(), lr=1e-2), RowwiseAdagrad(table.parameters(), lr=0.2)]
+        )
         return table, layer, optimizer
 
     def step(table, layer, optimizer, ids):

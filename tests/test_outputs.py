@@ -17,22 +17,43 @@ from tests.cli_errors import one_line_error as _one_line_error
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("outputs")
-    generate_synthetic(root / "synth", SyntheticConfig(rows={"train": 1024, "val": 256, "test": 256}, scale=1e-4,
-                                                       seed=1), progress=False)
+    generate_synthetic(
+        root / "synth",
+        SyntheticConfig(rows={"train": 1024, "val": 256, "test": 256}, scale=1e-4, seed=1),
+        progress=False,
+    )
     assert main(_train(root / "synth", root / "run")) == 0
     return root
 
 
 def _train(data, out, *extra):
-    return ["train", "--data", str(data), "--out", str(out), "--method", "hash", "--compression", "4", "--dim", "8",
-            "--bottom", "16", "--top", "16", "--batch-size", "256", "--quiet", *extra]
+    return [
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--method",
+        "hash",
+        "--compression",
+        "4",
+        "--dim",
+        "8",
+        "--bottom",
+        "16",
+        "--top",
+        "16",
+        "--batch-size",
+        "256",
+        "--quiet",
+        *extra,
+    ]
 
 
 @pytest.fixture
 def root(finished_run, tmp_path):
     shutil.copytree(finished_run, tmp_path / "root")
     return tmp_path / "root"
-
 
 
 def test_export_never_replaces_a_runs_checkpoint_or_a_users_file_but_replaces_its_own_model(root, capsys):
@@ -55,16 +76,17 @@ def test_predict_never_writes_over_its_input_or_its_model_or_an_existing_file(ro
     tsv, model = root / "t.tsv", root / "m.compemb"
     tsv.write_text("1\t2\n")
     model.write_bytes(b"model bytes")
-    line = _one_line_error(capsys, main(["predict", "--model", str(model), "--input", str(tsv), "--out", str(tsv),
-                                         "--overwrite"]))
+    line = _one_line_error(
+        capsys, main(["predict", "--model", str(model), "--input", str(tsv), "--out", str(tsv), "--overwrite"])
+    )
     assert "is also this command's input (--input)" in line and tsv.read_text() == "1\t2\n"
-    line = _one_line_error(capsys, main(["predict", "--model", str(model), "--input", str(tsv), "--out",
-                                         str(model), "--overwrite"]))
+    line = _one_line_error(
+        capsys, main(["predict", "--model", str(model), "--input", str(tsv), "--out", str(model), "--overwrite"])
+    )
     assert "(--model)" in line and model.read_bytes() == b"model bytes"
     scores = root / "scores.txt"
     scores.write_text("mine\n")
-    line = _one_line_error(capsys, main(["predict", "--model", str(model), "--input", str(tsv), "--out",
-                                         str(scores)]))
+    line = _one_line_error(capsys, main(["predict", "--model", str(model), "--input", str(tsv), "--out", str(scores)]))
     assert "--overwrite replaces it" in line and scores.read_text() == "mine\n"
 
 
@@ -85,10 +107,22 @@ def test_no_output_replaces_a_link_a_fifo_or_a_device(root, capsys, node):
             os.mknod(path, 0o666 | 0o020000, os.makedev(1, 3))  # a character device, as /dev/null
         except PermissionError:
             pytest.skip("making a device node needs root")
-    for args in (["export", "--run", str(root / "run"), "--out", str(path), "--overwrite"],
-                 ["plot", "--run", str(root / "run"), "--out", str(path), "--overwrite"],
-                 ["synth", "--out", str(root / "s2"), "--train-rows", "100", "--eval-rows", "10", "--tsv", str(path),
-                  "--overwrite"]):
+    for args in (
+        ["export", "--run", str(root / "run"), "--out", str(path), "--overwrite"],
+        ["plot", "--run", str(root / "run"), "--out", str(path), "--overwrite"],
+        [
+            "synth",
+            "--out",
+            str(root / "s2"),
+            "--train-rows",
+            "100",
+            "--eval-rows",
+            "10",
+            "--tsv",
+            str(path),
+            "--overwrite",
+        ],
+    ):
         line = _one_line_error(capsys, main(args))
         assert str(path) in line and ("symbolic link" in line or "FIFO" in line or "device" in line), line
     assert target.read_text() == "the link's target\n" and os.path.lexists(path) and not (root / "s2").exists()
@@ -99,11 +133,27 @@ def test_no_output_replaces_a_link_a_fifo_or_a_device(root, capsys, node):
 def test_synth_tsv_never_lands_inside_another_data_set(root, capsys):
     labels = root / "synth" / "train" / "labels.npy"
     before = labels.read_bytes()
-    line = _one_line_error(capsys, main(["synth", "--out", str(root / "s2"), "--train-rows", "100", "--eval-rows",
-                                         "10", "--tsv", str(labels), "--overwrite"]))
+    line = _one_line_error(
+        capsys,
+        main(
+            [
+                "synth",
+                "--out",
+                str(root / "s2"),
+                "--train-rows",
+                "100",
+                "--eval-rows",
+                "10",
+                "--tsv",
+                str(labels),
+                "--overwrite",
+            ]
+        ),
+    )
     assert "inside the compemb data set" in line and labels.read_bytes() == before
-    line = _one_line_error(capsys, main(["synth", "--out", str(root / "synth" / "inner"), "--train-rows", "100",
-                                         "--eval-rows", "10"]))
+    line = _one_line_error(
+        capsys, main(["synth", "--out", str(root / "synth" / "inner"), "--train-rows", "100", "--eval-rows", "10"])
+    )
     assert "inside the compemb data set" in line
 
 

@@ -16,12 +16,17 @@ def _config(*argv):
 
 
 def test_the_cce_protocol_is_dlrms_kaggle_script_with_six_validations():
-    config = _config("train", "--data", "d", "--out", "r", "--method", "cce-paper", "--compression", "100",
-                     "--protocol", "cce-paper")
+    config = _config(
+        "train", "--data", "d", "--out", "r", "--method", "cce-paper", "--compression", "100", "--protocol", "cce-paper"
+    )
     # DLRM's Kaggle reference: SGD 0.1, mini-batch 128, bottom 13-512-256-64-16, top 512-256-1, dim 16
     assert (config.optimizer, config.lr, config.batch_size, config.epochs) == ("sgd", 0.1, 128, 1)
-    assert (config.bottom, config.top, config.embedding_dim, config.evals_per_epoch) == ((512, 256, 64), (512, 256),
-                                                                                         16, 6)
+    assert (config.bottom, config.top, config.embedding_dim, config.evals_per_epoch) == (
+        (512, 256, 64),
+        (512, 256),
+        16,
+        6,
+    )
     assert get_protocol("cce-paper").baseline == "ce"
 
 
@@ -32,8 +37,21 @@ def test_the_cafe_protocol_shares_one_table_and_its_baseline_is_the_per_field_ha
 
 
 def test_flags_beside_a_protocol_win_and_without_one_the_defaults_stand():
-    config = _config("train", "--data", "d", "--out", "r", "--protocol", "cafe-paper", "--lr", "0.05",
-                     "--batch-size", "256", "--sharing", "per_feature")
+    config = _config(
+        "train",
+        "--data",
+        "d",
+        "--out",
+        "r",
+        "--protocol",
+        "cafe-paper",
+        "--lr",
+        "0.05",
+        "--batch-size",
+        "256",
+        "--sharing",
+        "per_feature",
+    )
     assert (config.lr, config.batch_size, config.sharing, config.optimizer) == (0.05, 256, "per_feature", "sgd")
     plain = _config("train", "--data", "d", "--out", "r")
     assert plain.batch_size == 2048 and plain.evals_per_epoch == 1

@@ -13,14 +13,16 @@ from compemb.train import TrainConfig
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     out = tmp_path_factory.mktemp("quality") / "synth"
-    generate_synthetic(out, SyntheticConfig(rows={"train": 2048, "val": 512, "test": 512}, scale=1e-4, seed=1),
-                       progress=False)
+    generate_synthetic(
+        out, SyntheticConfig(rows={"train": 2048, "val": 512, "test": 512}, scale=1e-4, seed=1), progress=False
+    )
     return str(out)
 
 
 def test_sweep_rows_files_and_resume(data, tmp_path):
-    base = TrainConfig(data=data, out="", embedding_dim=8, bottom=(8,), top=(8,), optimizer="adagrad", lr=0.02,
-                       batch_size=512)
+    base = TrainConfig(
+        data=data, out="", embedding_dim=8, bottom=(8,), top=(8,), optimizer="adagrad", lr=0.02, batch_size=512
+    )
     rows = run_sweep(base, ["full", "hash", "qr"], [4, 1000], seeds=1, out=str(tmp_path))
     by_key = {(row.method, row.ratio_asked): row for row in rows}
     assert set(by_key) == {("full", 1.0), ("hash", 4), ("hash", 1000), ("qr", 4), ("qr", 1000)}
@@ -53,8 +55,9 @@ def test_method_specs_carry_options_into_the_run_config(data, tmp_path):
         parse_method_spec("cce:paper")
     with pytest.raises(ValueError, match="hash"):
         parse_method_spec("hahs")
-    base = TrainConfig(data=data, out="", embedding_dim=8, bottom=(8,), top=(8,), optimizer="adagrad", lr=0.02,
-                       batch_size=512)
+    base = TrainConfig(
+        data=data, out="", embedding_dim=8, bottom=(8,), top=(8,), optimizer="adagrad", lr=0.02, batch_size=512
+    )
     rows = run_sweep(base, ["full", "ce:columns=2"], [4], seeds=1, out=str(tmp_path))
     saved = json.loads((tmp_path / "runs" / "ce-columns-2-4x-s0" / "result.json").read_text())
     assert rows[1].method == "ce:columns=2" and saved["config"]["method_options"] == {"columns": 2}
@@ -78,8 +81,10 @@ def test_params_to_match_interpolates_the_crossing_in_log_params():
 def test_tables_show_the_spread_over_seeds():
     from compemb.bench.quality import SweepRow, markdown_table
 
-    rows = [SweepRow("hash", 10, seed, ratio_reached=10, params=100, val_bce=v, test_bce=v, test_auc=0.7)
-            for seed, v in enumerate([0.40, 0.42, 0.44])]
+    rows = [
+        SweepRow("hash", 10, seed, ratio_reached=10, params=100, val_bce=v, test_bce=v, test_auc=0.7)
+        for seed, v in enumerate([0.40, 0.42, 0.44])
+    ]
     line = next(line for line in markdown_table(rows).splitlines() if line.startswith("| hash"))
     assert "| 3 | 0.4200 ± 0.0200 | 0.4200 ± 0.0200 | 0.7000 ± 0.0000 |" in line
 
@@ -87,17 +92,29 @@ def test_tables_show_the_spread_over_seeds():
 def test_files_gather_every_invocation_made_with_the_same_settings(data, tmp_path):
     from compemb.bench.quality import collect_rows
 
-    base = TrainConfig(data=data, out="", embedding_dim=8, bottom=(8,), top=(8,), optimizer="adagrad", lr=0.02,
-                       batch_size=512)
+    base = TrainConfig(
+        data=data, out="", embedding_dim=8, bottom=(8,), top=(8,), optimizer="adagrad", lr=0.02, batch_size=512
+    )
     run_sweep(base, ["full", "hash"], [4], seeds=1, out=str(tmp_path))
     # more seeds for one method, a budget no qr can meet, then a sweep with other shared settings
     run_sweep(base, ["hash", "qr"], [4, 1000], seeds=2, out=str(tmp_path))
     run_sweep(replace(base, lr=0.05), ["ce"], [4], seeds=1, out=str(tmp_path / "other"))
     gathered = collect_rows(base, tmp_path, first=["full", "hash"])
     keys = [(r.method, r.ratio_asked, r.seed) for r in gathered]
-    assert keys == [("full", 1.0, 0), ("hash", 4, 0), ("hash", 4, 1), ("hash", 1000, 0), ("hash", 1000, 1),
-                    ("qr", 4, 0), ("qr", 4, 1), ("qr", 1000, 0), ("qr", 1000, 1)]
-    assert all(r.test_bce is None and "budget" in r.note for r in gathered if r.method == "qr" and r.ratio_asked == 1000)
+    assert keys == [
+        ("full", 1.0, 0),
+        ("hash", 4, 0),
+        ("hash", 4, 1),
+        ("hash", 1000, 0),
+        ("hash", 1000, 1),
+        ("qr", 4, 0),
+        ("qr", 4, 1),
+        ("qr", 1000, 0),
+        ("qr", 1000, 1),
+    ]
+    assert all(
+        r.test_bce is None and "budget" in r.note for r in gathered if r.method == "qr" and r.ratio_asked == 1000
+    )
     table = (tmp_path / "results.md").read_text()
     assert "| full | 1 |" in table and "| hash | 4 |" in table and "| ce |" not in table
     # a run made with another learning rate in the same directory is not part of this table
@@ -110,10 +127,12 @@ def test_quantized_rows_test_the_trained_runs_tables_after_quantization(data, tm
 
     assert parse_sweep_spec("cce:columns=2+int8") == ("cce", {"columns": 2}, "int8")
     assert parse_sweep_spec("hash") == ("hash", {}, None)
-    base = TrainConfig(data=data, out="", embedding_dim=8, bottom=(8,), top=(8,), optimizer="adagrad", lr=0.02,
-                       batch_size=512)
-    rows = {row.method: row for row in run_sweep(base, ["full", "full+int8", "hash+int4"], [10], seeds=1,
-                                                 out=str(tmp_path))}
+    base = TrainConfig(
+        data=data, out="", embedding_dim=8, bottom=(8,), top=(8,), optimizer="adagrad", lr=0.02, batch_size=512
+    )
+    rows = {
+        row.method: row for row in run_sweep(base, ["full", "full+int8", "hash+int4"], [10], seeds=1, out=str(tmp_path))
+    }
     # the trained run is shared: full+int8 quantizes full's run (trained once), hash+int4 trained hash itself
     assert (tmp_path / "runs" / "full-1x-s0" / "result.json").exists()
     assert (tmp_path / "runs" / "hash-10x-s0" / "checkpoints" / "best.json").exists()

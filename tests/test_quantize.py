@@ -274,17 +274,20 @@ def test_from_spec_and_load_state_dict_reproduce_the_outputs(name, scheme):
 # --- argument errors --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kwargs, error, message", [
-    ({"scheme": "int3"}, ValueError, "unknown scheme 'int3'; did you mean 'int8'"),
-    ({"scheme": "int8", "compression": 4}, ValueError, "apply to scheme 'pq' only"),
-    ({"scheme": "pq", "compression": 0}, ValueError, "compression must be a positive number, got 0"),
-    ({"scheme": "pq", "compression": float("nan")}, ValueError, "compression must be a positive number"),
-    ({"scheme": "pq", "compression": 8, "subspaces": 2}, ValueError, "not both"),
-    ({"scheme": "pq", "subspaces": 0}, ValueError, "subspaces must be a positive int, got 0"),
-    ({"scheme": "pq", "subspaces": 17}, ValueError, r"subspaces=17 is out of range for .*'weight'.*<= 16"),
-    ({"scheme": "pq", "centroids": 300}, ValueError, "centroids must be an int from 2 to 256"),
-    ({"scheme": "pq", "compression": 2}, BudgetError, r"cannot compress .*'weight'.* by 2x"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"scheme": "int3"}, ValueError, "unknown scheme 'int3'; did you mean 'int8'"),
+        ({"scheme": "int8", "compression": 4}, ValueError, "apply to scheme 'pq' only"),
+        ({"scheme": "pq", "compression": 0}, ValueError, "compression must be a positive number, got 0"),
+        ({"scheme": "pq", "compression": float("nan")}, ValueError, "compression must be a positive number"),
+        ({"scheme": "pq", "compression": 8, "subspaces": 2}, ValueError, "not both"),
+        ({"scheme": "pq", "subspaces": 0}, ValueError, "subspaces must be a positive int, got 0"),
+        ({"scheme": "pq", "subspaces": 17}, ValueError, r"subspaces=17 is out of range for .*'weight'.*<= 16"),
+        ({"scheme": "pq", "centroids": 300}, ValueError, "centroids must be an int from 2 to 256"),
+        ({"scheme": "pq", "compression": 2}, BudgetError, r"cannot compress .*'weight'.* by 2x"),
+    ],
+)
 def test_bad_arguments_are_refused_with_clear_text(kwargs, error, message):
     with pytest.raises(error, match=message):
         quantize(FullEmbedding(2000, 16), **kwargs)

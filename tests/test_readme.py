@@ -43,8 +43,23 @@ def test_the_readmes_train_recipe_keeps_its_logged_loss_below_one_on_the_default
     losses = _train_losses(tmp_path, recipe)  # the default MLPs (512-256-64 / 512-256), batch 2048: 8 steps
     assert len(losses) == 4 and max(losses) < 1.0, losses
     # one Adagrad at lr 0.05 for MLPs and tables alike (the old recipe) does blow up there: the check can fail
-    old = ["train", "--data", str(data), "--method", "hash", "--compression", "100", "--optimizer", "adagrad",
-           "--lr", "0.05", "--table-optimizer", "adagrad", "--table-lr", "0.05"]
+    old = [
+        "train",
+        "--data",
+        str(data),
+        "--method",
+        "hash",
+        "--compression",
+        "100",
+        "--optimizer",
+        "adagrad",
+        "--lr",
+        "0.05",
+        "--table-optimizer",
+        "adagrad",
+        "--table-lr",
+        "0.05",
+    ]
     assert max(_train_losses(tmp_path, old)) > 1.0
 
 
@@ -66,7 +81,7 @@ def _readme_commands():
             at = words.index("...")
             words = words[:at] + last.get(head, []) + words[at + 1 :]
         else:
-            last[head] = words[len(head):]
+            last[head] = words[len(head) :]
         commands.append((line, words))
     return commands
 

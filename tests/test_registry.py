@@ -15,11 +15,14 @@ def test_an_unknown_option_names_itself_the_method_and_its_options():
     assert {"hash_rate", "threshold", "tuning", "sparse"} <= set(message.split("its options: ")[1].split(", "))
 
 
-@pytest.mark.parametrize("method, options, fragment", [
-    ("hash", {"sparse": "yes"}, "hash: option sparse must be bool, got str 'yes'"),
-    ("cce", {"pointers": 2.5}, "cce: option pointers must be int | None, got float 2.5"),
-    ("cce", {"cluster_every": True}, "cce: option cluster_every must be int | None, got bool True"),
-])
+@pytest.mark.parametrize(
+    "method, options, fragment",
+    [
+        ("hash", {"sparse": "yes"}, "hash: option sparse must be bool, got str 'yes'"),
+        ("cce", {"pointers": 2.5}, "cce: option pointers must be int | None, got float 2.5"),
+        ("cce", {"cluster_every": True}, "cce: option cluster_every must be int | None, got bool True"),
+    ],
+)
 def test_a_value_of_the_wrong_type_is_refused_before_building(method, options, fragment):
     with pytest.raises(ValueError, match=fragment.replace("|", r"\|").replace(".", r"\.")):
         make_embedding(method, 1000, 8, compression=4, **options)
@@ -51,7 +54,9 @@ def test_cce_paper_is_registered_and_is_cce_with_paper_accounting():
 
 def test_method_specs_are_checked_where_they_are_parsed():
     assert parse_method_spec("cce:accounting=paper:cluster_every=200") == (
-        "cce", {"accounting": "paper", "cluster_every": 200})
+        "cce",
+        {"accounting": "paper", "cluster_every": 200},
+    )
     with pytest.raises(ValueError, match="unknown method 'cafee'; did you mean 'cafe'"):
         parse_method_spec("cafee")
     with pytest.raises(ValueError, match="cce has no option 'cluster'"):

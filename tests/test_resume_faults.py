@@ -18,9 +18,22 @@ def data(tmp_path_factory):
 
 
 def _config(data, out):
-    return TrainConfig(data=str(data), out=str(out), method="hash", compression=4, embedding_dim=8, bottom=(16,),
-                       top=(16,), batch_size=128, optimizer="adam", lr=0.02, epochs=2, eval_every=10,
-                       checkpoint_every=3, checkpoint_minutes=0)
+    return TrainConfig(
+        data=str(data),
+        out=str(out),
+        method="hash",
+        compression=4,
+        embedding_dim=8,
+        bottom=(16,),
+        top=(16,),
+        batch_size=128,
+        optimizer="adam",
+        lr=0.02,
+        epochs=2,
+        eval_every=10,
+        checkpoint_every=3,
+        checkpoint_minutes=0,
+    )
 
 
 def _steps(run):
@@ -34,11 +47,16 @@ def test_a_kill_between_an_evaluations_record_and_its_checkpoint_leaves_no_dupli
     from dataclasses import asdict
 
     Trainer(_config(data, tmp_path / "a")).fit()
-    code = ("import json, sys; from compemb.train import TrainConfig, Trainer; "
-            "Trainer(TrainConfig(**json.loads(sys.argv[1]))).fit()")
+    code = (
+        "import json, sys; from compemb.train import TrainConfig, Trainer; "
+        "Trainer(TrainConfig(**json.loads(sys.argv[1]))).fit()"
+    )
     config = _config(data, tmp_path / "b")
-    process = subprocess.run([sys.executable, "-c", code, json.dumps(asdict(config))],
-                             env={**os.environ, KILL_WHILE_WRITING: "10"}, capture_output=True)
+    process = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(asdict(config))],
+        env={**os.environ, KILL_WHILE_WRITING: "10"},
+        capture_output=True,
+    )
     assert process.returncode == -9  # killed writing step 10's checkpoint: its evaluation already recorded
     assert _steps(tmp_path / "b") == [10]
     resumed = Trainer(config, resume=True)

@@ -22,15 +22,39 @@ SMALL = ["--dim", "8", "--bottom", "8", "--top", "8", "--batch-size", "256", "--
 
 def _metrics(run):
     """The run's evaluations, less their throughput (a timing)."""
-    return [{key: value for key, value in json.loads(line).items() if key != "samples_per_s"}
-            for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [
+        {key: value for key, value in json.loads(line).items() if key != "samples_per_s"}
+        for line in (run / "metrics.jsonl").read_text().splitlines()
+    ]
 
 
 def test_a_runs_config_file_trains_it_again_to_the_same_metrics(data, tmp_path, capsys):
     first = tmp_path / "first"
-    assert main(["train", "--data", data, "--out", str(first), *SMALL, "--method", "cce:cluster_every=3",
-                 "--compression", "4", "--optimizer", "adagrad", "--lr", "0.05", "--seed", "3",
-                 "--evals-per-epoch", "2"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                data,
+                "--out",
+                str(first),
+                *SMALL,
+                "--method",
+                "cce:cluster_every=3",
+                "--compression",
+                "4",
+                "--optimizer",
+                "adagrad",
+                "--lr",
+                "0.05",
+                "--seed",
+                "3",
+                "--evals-per-epoch",
+                "2",
+            ]
+        )
+        == 0
+    )
     saved = read_config_file(first / "config.toml", TrainConfig)
     assert saved["method"] == "cce" and saved["method_options"] == {"cluster_every": 3}
     assert (saved["optimizer"], saved["lr"], saved["seed"], saved["bottom"]) == ("adagrad", 0.05, 3, [8])
@@ -43,8 +67,23 @@ def test_a_runs_config_file_trains_it_again_to_the_same_metrics(data, tmp_path, 
 def test_resume_with_nothing_but_the_run_continues_it(data, tmp_path, capsys):
     run = tmp_path / "run"
     straight = tmp_path / "straight"
-    settings = ["--data", data, *SMALL, "--method", "hash", "--compression", "10", "--optimizer", "adam", "--lr",
-                "0.01", "--epochs", "3", "--checkpoint-every", "8"]
+    settings = [
+        "--data",
+        data,
+        *SMALL,
+        "--method",
+        "hash",
+        "--compression",
+        "10",
+        "--optimizer",
+        "adam",
+        "--lr",
+        "0.01",
+        "--epochs",
+        "3",
+        "--checkpoint-every",
+        "8",
+    ]
     assert main(["train", *settings, "--out", str(straight)]) == 0
     from compemb.train import TrainConfig, Trainer
 
@@ -67,11 +106,30 @@ def test_resume_with_nothing_but_the_run_continues_it(data, tmp_path, capsys):
 
 def test_flags_win_over_the_config_file_which_wins_over_a_protocol(data, tmp_path, capsys):
     path = tmp_path / "run.toml"
-    path.write_text(f'data = "{data}"\nlr = 0.02\nbatch_size = 512\nbottom = [32, 8]\nembedding_dim = 8\n'
-                    f'method = "cce"\neval_batch_size = 100\n[method_options]\ncluster_every = 7\n')
+    path.write_text(
+        f'data = "{data}"\nlr = 0.02\nbatch_size = 512\nbottom = [32, 8]\nembedding_dim = 8\n'
+        f'method = "cce"\neval_batch_size = 100\n[method_options]\ncluster_every = 7\n'
+    )
     capsys.readouterr()
-    assert main(["train", "--config", str(path), "--out", str(tmp_path / "r"), "--protocol", "cce-paper",
-                 "--batch-size", "64", "--compression", "10", "--print-config"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(path),
+                "--out",
+                str(tmp_path / "r"),
+                "--protocol",
+                "cce-paper",
+                "--batch-size",
+                "64",
+                "--compression",
+                "10",
+                "--print-config",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     (tmp_path / "printed.toml").write_text(printed)
     config = TrainConfig(**read_config_file(tmp_path / "printed.toml", TrainConfig))
@@ -84,22 +142,27 @@ def test_flags_win_over_the_config_file_which_wins_over_a_protocol(data, tmp_pat
 
 def test_a_yaml_config_reads_as_its_toml_twin(tmp_path):
     pytest.importorskip("yaml")
-    (tmp_path / "a.yaml").write_text("data: d\nout: r\nlr: 0.02\nbottom: [32, 8]\nmethod_options: {rank: 2}\n"
-                                     "method: lowrank\ncompression: null\n")
-    (tmp_path / "a.toml").write_text('data = "d"\nout = "r"\nlr = 0.02\nbottom = [32, 8]\nmethod = "lowrank"\n'
-                                     "[method_options]\nrank = 2\n")
+    (tmp_path / "a.yaml").write_text(
+        "data: d\nout: r\nlr: 0.02\nbottom: [32, 8]\nmethod_options: {rank: 2}\nmethod: lowrank\ncompression: null\n"
+    )
+    (tmp_path / "a.toml").write_text(
+        'data = "d"\nout = "r"\nlr = 0.02\nbottom = [32, 8]\nmethod = "lowrank"\n[method_options]\nrank = 2\n'
+    )
     assert read_config_file(tmp_path / "a.yaml", TrainConfig) == read_config_file(tmp_path / "a.toml", TrainConfig)
 
 
-@pytest.mark.parametrize("text, expected", [
-    ('data = "d"\nlearning_rate = 0.1\n', "unknown setting 'learning_rate'; the settings are TrainConfig's"),
-    ('data = "d"\nlr = \n', "is not TOML"),
-    ('lr = "fast"\ndata = "d"\nout = "r"\n', "bad.toml: lr must be a number, got 'fast'"),
-    ('bottom = "64"\ndata = "d"\nout = "r"\n', "bad.toml: bottom must be a list of integers, got '64'"),
-    ('shuffle = 1\ndata = "d"\nout = "r"\n', "bad.toml: shuffle must be true or false, got 1"),
-    ('lr = -1\ndata = "d"\nout = "r"\n', "lr must be a positive number, got -1"),
-    ('method = "nope"\ndata = "d"\nout = "r"\n', "nope"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ('data = "d"\nlearning_rate = 0.1\n', "unknown setting 'learning_rate'; the settings are TrainConfig's"),
+        ('data = "d"\nlr = \n', "is not TOML"),
+        ('lr = "fast"\ndata = "d"\nout = "r"\n', "bad.toml: lr must be a number, got 'fast'"),
+        ('bottom = "64"\ndata = "d"\nout = "r"\n', "bad.toml: bottom must be a list of integers, got '64'"),
+        ('shuffle = 1\ndata = "d"\nout = "r"\n', "bad.toml: shuffle must be true or false, got 1"),
+        ('lr = -1\ndata = "d"\nout = "r"\n', "lr must be a positive number, got -1"),
+        ('method = "nope"\ndata = "d"\nout = "r"\n', "nope"),
+    ],
+)
 def test_a_bad_config_file_gets_one_line_naming_it(tmp_path, capsys, text, expected):
     path = tmp_path / "bad.toml"
     path.write_text(text)
@@ -127,8 +190,16 @@ def test_a_users_config_toml_in_the_run_directory_is_not_replaced(data, tmp_path
 
 
 def test_the_config_text_and_cli_defaults_round_trip_every_setting(tmp_path):
-    config = TrainConfig(data="d", out="r", method="cce", method_options={"cluster_every": 5, "accounting": "paper"},
-                         compression=12.5, bottom=(64, 16), table_optimizer="rowwise_adagrad", shuffle=True)
+    config = TrainConfig(
+        data="d",
+        out="r",
+        method="cce",
+        method_options={"cluster_every": 5, "accounting": "paper"},
+        compression=12.5,
+        bottom=(64, 16),
+        table_optimizer="rowwise_adagrad",
+        shuffle=True,
+    )
     (tmp_path / "c.toml").write_text(config_text(config))
     assert TrainConfig(**read_config_file(tmp_path / "c.toml", TrainConfig)) == config
     defaults = cli_defaults(asdict(config))

@@ -13,8 +13,21 @@ from compemb.data.synthetic import SyntheticConfig, generate_synthetic
 from compemb.kernels import device_path, use_kernels
 from compemb.train import TrainConfig
 
-NO_WAIT = ["full", "hash", "qr", "ce", "bloom", "robe", "hashednets", "hemb", "tt", "lowrank", "mde", "dhe",
-           "hash-fields"]
+NO_WAIT = [
+    "full",
+    "hash",
+    "qr",
+    "ce",
+    "bloom",
+    "robe",
+    "hashednets",
+    "hemb",
+    "tt",
+    "lowrank",
+    "mde",
+    "dhe",
+    "hash-fields",
+]
 # the issue allows these one wait per step outside clustering steps; they take none
 ADAPTIVE = ["cce", "cce-paper", "cce-hybrid", "cafe", "cafe-ml", "offline", "adaembed"]
 
@@ -37,9 +50,20 @@ def test_every_method_is_listed():
 
 def _config(data, method, sharing):
     compresses = METHODS[method].compresses
-    return TrainConfig(data=data, out="unused", method=method, compression=4 if compresses else None,
-                       embedding_dim=8, bottom=(16,), top=(16,), optimizer="adam", lr=0.01, batch_size=256,
-                       sharing=sharing, method_options={"cluster_every": 4} if method.startswith("cce") else {})
+    return TrainConfig(
+        data=data,
+        out="unused",
+        method=method,
+        compression=4 if compresses else None,
+        embedding_dim=8,
+        bottom=(16,),
+        top=(16,),
+        optimizer="adam",
+        lr=0.01,
+        batch_size=256,
+        sharing=sharing,
+        method_options={"cluster_every": 4} if method.startswith("cce") else {},
+    )
 
 
 @pytest.mark.parametrize("sharing", ["per_feature", "shared"])
@@ -73,8 +97,13 @@ def test_the_counter_sees_each_kind_of_wait():
         with SyncCounter() as counter:
             run()
         assert counter.kinds[kind] >= 1, (kind, dict(counter.kinds))
-    quiet = [lambda: torch.repeat_interleave(x, x, output_size=45), lambda: x.sort(), lambda: x[x.clamp(0, 3)],
-             lambda: torch.where(x > 3, x, 0).sum(), lambda: torch.searchsorted(x, x)]
+    quiet = [
+        lambda: torch.repeat_interleave(x, x, output_size=45),
+        lambda: x.sort(),
+        lambda: x[x.clamp(0, 3)],
+        lambda: torch.where(x > 3, x, 0).sum(),
+        lambda: torch.searchsorted(x, x),
+    ]
     for run in quiet:
         with SyncCounter() as counter:
             run()
@@ -140,9 +169,34 @@ def test_the_gpu_benchmark_script_runs_its_device_path_on_cpu(data, tmp_path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     output = tmp_path / "gpu"
-    assert module.main(["--data", data, "--device", "cpu", "--methods", "hash,qr", "--batch-size", "256",
-                        "--compression", "4", "--warmup", "2", "--steps", "3", "--sync-steps", "2", "--quick",
-                        "--graph-methods", "", "--output", str(output)]) == 0
+    assert (
+        module.main(
+            [
+                "--data",
+                data,
+                "--device",
+                "cpu",
+                "--methods",
+                "hash,qr",
+                "--batch-size",
+                "256",
+                "--compression",
+                "4",
+                "--warmup",
+                "2",
+                "--steps",
+                "3",
+                "--sync-steps",
+                "2",
+                "--quick",
+                "--graph-methods",
+                "",
+                "--output",
+                str(output),
+            ]
+        )
+        == 0
+    )
     result = json.loads(output.with_suffix(".json").read_text())
     assert [row["method"] for row in result["rows"]] == ["plain loop", "full", "hash", "qr"]
     assert all(row["samples_per_s"] > 0 for row in result["rows"])
@@ -164,17 +218,25 @@ def test_the_gpu_script_runs_end_to_end_on_cpu_and_writes_every_row(tmp_path):
     from compemb import METHODS
 
     root = Path(__file__).resolve().parents[1]
-    done = subprocess.run(["bash", str(root / "benchmarks" / "gpu.sh")], capture_output=True, text=True,
-                          env={**os.environ, "DEVICE": "cpu", "QUICK": "1", "OUT": str(tmp_path),
-                               "PYTHON": sys.executable})
+    done = subprocess.run(
+        ["bash", str(root / "benchmarks" / "gpu.sh")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DEVICE": "cpu", "QUICK": "1", "OUT": str(tmp_path), "PYTHON": sys.executable},
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads((tmp_path / "gpu.json").read_text())
     graphs = ["full +graph", "hash +graph", "cafe +graph", "cce-paper +graph"]
-    assert [row["method"] for row in result["rows"]] == ["plain loop", "full", "hash",
-                                                         *[m for m in METHODS if m not in ("full", "hash")], *graphs]
+    assert [row["method"] for row in result["rows"]] == [
+        "plain loop",
+        "full",
+        "hash",
+        *[m for m in METHODS if m not in ("full", "hash")],
+        *graphs,
+    ]
     for row in result["rows"]:
         assert row["samples_per_s"] > 0 or row["error"], row
-    for row in result["rows"][-len(graphs):]:  # CUDA graphs: refused on CPU, in their rows
+    for row in result["rows"][-len(graphs) :]:  # CUDA graphs: refused on CPU, in their rows
         assert "needs a CUDA device" in row["error"], row
     assert [row["method"] for row in result["vocab_rows"]] == ["full", "hash", "cafe", "cce", "cce-hybrid"]
     assert "BudgetError" in next(r for r in result["vocab_rows"] if r["method"] == "cce")["error"]

@@ -12,16 +12,31 @@ from compemb.quantize import quantize
 from compemb.table_batch import PackedWeights
 
 FEATURES = [Feature("C1", 100_000), Feature("C2", 5_000), Feature("C3", 3), Feature("C4", 50_000), Feature("C5", 20)]
-BATCHED = ["full", "hash", "ce", "bloom", "qr", "hemb", "robe", "hashednets", "cce", "cce-hybrid", "cafe", "cafe-ml",
-           "offline"]
+BATCHED = [
+    "full",
+    "hash",
+    "ce",
+    "bloom",
+    "qr",
+    "hemb",
+    "robe",
+    "hashednets",
+    "cce",
+    "cce-hybrid",
+    "cafe",
+    "cafe-ml",
+    "offline",
+]
 
 
 def _collections(method: str, sparse: bool, features=FEATURES, **options):
     # cce's pointer per id per column: 10x of d=16 lies between its int16 (8x) and uint8 (14.8x) reach
     budget = {} if method == "full" else {"compression": 4 if method == "cce" else 10}
     if method == "offline":  # its hot ids from per-id counts (Zipf-like: the small ids most frequent)
-        options = {**options, "frequencies": {f.name: (f.num_embeddings / (1 + torch.arange(f.num_embeddings))).long()
-                                              for f in features}}
+        options = {
+            **options,
+            "frequencies": {f.name: (f.num_embeddings / (1 + torch.arange(f.num_embeddings))).long() for f in features},
+        }
     batched = EmbeddingCollection(features, 16, method, seed=3, sparse=sparse, **budget, **options)
     one_at_a_time = copy.deepcopy(batched)
     one_at_a_time.batch_tables = False
@@ -38,9 +53,17 @@ def _dense(grad: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("sparse", [True, False])
-@pytest.mark.parametrize("method,options", [(m, {}) for m in BATCHED] + [("qr", {"operation": "concat"}),
-                                            ("qr", {"operation": "add"}), ("bloom", {"num_hashes": 3}),
-                                            ("robe", {"signed": False}), ("hemb", {"num_hashes": 3})])
+@pytest.mark.parametrize(
+    "method,options",
+    [(m, {}) for m in BATCHED]
+    + [
+        ("qr", {"operation": "concat"}),
+        ("qr", {"operation": "add"}),
+        ("bloom", {"num_hashes": 3}),
+        ("robe", {"signed": False}),
+        ("hemb", {"num_hashes": 3}),
+    ],
+)
 def test_batched_lookup_equals_per_table_lookups(method, options, sparse):
     batched, one_at_a_time = _collections(method, sparse, **options)
     groups = batch_groups(list(batched.embeddings.values()))
@@ -99,8 +122,10 @@ def test_weights_moved_out_of_the_buffer_are_packed_again():
     assert torch.equal(batched(ids), one_at_a_time(ids))
     (batch,) = batched.table_batches()  # the live one: it packed the moved weight again
     (pack,) = batch.packs  # type: ignore[attr-defined]
-    assert pack.is_packed(pack.weights) and table.remainder.untyped_storage().data_ptr() == \
-        pack.buffer.untyped_storage().data_ptr()
+    assert (
+        pack.is_packed(pack.weights)
+        and table.remainder.untyped_storage().data_ptr() == pack.buffer.untyped_storage().data_ptr()
+    )
 
 
 def test_replaced_parameters_are_the_ones_looked_up():
@@ -187,9 +212,16 @@ SMALL_FEATURES = [Feature("C1", 6_000), Feature("C2", 900), Feature("C3", 3), Fe
 
 
 @pytest.mark.parametrize("kernels", ["auto", "torch"])
-@pytest.mark.parametrize("method,options", [("cce", {"cluster_every": 3}), ("cce-hybrid", {"importance": "frequency",
-                                            "cluster_every": 3}), ("cafe", {}), ("cce-paper", {"cluster_every": 3}),
-                                            ("cce-paper", {"cluster_every": 3, "importance": "frequency"})])
+@pytest.mark.parametrize(
+    "method,options",
+    [
+        ("cce", {"cluster_every": 3}),
+        ("cce-hybrid", {"importance": "frequency", "cluster_every": 3}),
+        ("cafe", {}),
+        ("cce-paper", {"cluster_every": 3}),
+        ("cce-paper", {"cluster_every": 3, "importance": "frequency"}),
+    ],
+)
 def test_adaptive_tables_train_batched_as_one_at_a_time(method, options, kernels, monkeypatch):
     """Sketches, hooks, clustering and RowAdam over batched CCE / CAFE tables: the per-table run's state, step by step,
     on the host (compiled kernels) and on the device code path (CCE: routed and read in one pass in modes 0 and 1)."""
@@ -198,7 +230,9 @@ def test_adaptive_tables_train_batched_as_one_at_a_time(method, options, kernels
 
     passes = []
     routed = CCETables._vectors
-    monkeypatch.setattr(CCETables, "_vectors", lambda self, ids, mode: (passes.append(mode), routed(self, ids, mode))[1])
+    monkeypatch.setattr(
+        CCETables, "_vectors", lambda self, ids, mode: (passes.append(mode), routed(self, ids, mode))[1]
+    )
     features = FEATURES if kernels == "auto" else SMALL_FEATURES
     with use_kernels(kernels):
         batched = _train_side_by_side(method, options, features)
@@ -234,8 +268,9 @@ def _train_side_by_side(method, options, features):
     return batched
 
 
-@pytest.mark.parametrize("method, kind", [("hash", "HashingTrickEmbedding"), ("qr", "QREmbedding"),
-                                          ("offline", "OfflineFrequencyEmbedding")])
+@pytest.mark.parametrize(
+    "method, kind", [("hash", "HashingTrickEmbedding"), ("qr", "QREmbedding"), ("offline", "OfflineFrequencyEmbedding")]
+)
 def test_compressed_and_full_tables_form_one_batch_and_one_buffer(method, kind):
     """A per-feature collection keeps its small features full: those join the method's batch, so one gather reads
     every feature and, every weight (QR: remainders and quotients too) in one buffer, one optimizer update covers
@@ -290,8 +325,9 @@ def test_offline_tables_on_the_device_path_find_each_tables_rows_in_one_pass():
     features = [Feature("C1", 10_000), Feature("C2", 5_000), Feature("C3", 3), Feature("C4", 8_000), Feature("C5", 20)]
     frequencies = {f.name: (f.num_embeddings / (1 + torch.arange(f.num_embeddings))).long() for f in features}
     frequencies["C4"][3_000:] = 0  # ids never counted: hashed
-    batched = EmbeddingCollection(features, 16, "offline", seed=3, sparse=True, compression=1.2,
-                                  frequencies=frequencies, hash_rate=0.1)
+    batched = EmbeddingCollection(
+        features, 16, "offline", seed=3, sparse=True, compression=1.2, frequencies=frequencies, hash_rate=0.1
+    )
     one_at_a_time = copy.deepcopy(batched)
     one_at_a_time.batch_tables = False
     assert {getattr(t, "dense_map", None) for t in batched.embeddings.values()} == {True, False, None}

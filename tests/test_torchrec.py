@@ -24,8 +24,10 @@ SIZES = [5000, 700, 40]
 
 
 def configs(pooling=PoolingType.SUM, dim=8):
-    return [EmbeddingBagConfig(name=f"t{i}", embedding_dim=dim, num_embeddings=n, feature_names=[f"f{i}"],
-                               pooling=pooling) for i, n in enumerate(SIZES)]
+    return [
+        EmbeddingBagConfig(name=f"t{i}", embedding_dim=dim, num_embeddings=n, feature_names=[f"f{i}"], pooling=pooling)
+        for i, n in enumerate(SIZES)
+    ]
 
 
 def one_hot_kjt(ids: torch.Tensor, keys=None) -> KeyedJaggedTensor:
@@ -37,11 +39,13 @@ def one_hot_kjt(ids: torch.Tensor, keys=None) -> KeyedJaggedTensor:
 def jagged_kjt(seed: int, batch: int = 6, weighted: bool = False) -> KeyedJaggedTensor:
     generator = torch.Generator().manual_seed(seed)
     lengths = torch.randint(0, 4, (len(SIZES), batch), generator=generator)
-    values = torch.cat([torch.randint(0, n, (int(lengths[i].sum()),), generator=generator)
-                        for i, n in enumerate(SIZES)])
+    values = torch.cat(
+        [torch.randint(0, n, (int(lengths[i].sum()),), generator=generator) for i, n in enumerate(SIZES)]
+    )
     weights = torch.rand(values.shape, generator=generator) if weighted else None
-    return KeyedJaggedTensor.from_lengths_sync([f"f{i}" for i in range(len(SIZES))], values, lengths.reshape(-1),
-                                               weights=weights)
+    return KeyedJaggedTensor.from_lengths_sync(
+        [f"f{i}" for i in range(len(SIZES))], values, lengths.reshape(-1), weights=weights
+    )
 
 
 def ids_matrix(batch=32, seed=0):
@@ -53,8 +57,9 @@ def ids_matrix(batch=32, seed=0):
 @pytest.mark.parametrize("method", ["hash", "qr", "cce-hybrid", "cafe"])  # (cce's pointers alone are 8x at d=8)
 def test_one_hot_vectors_equal_compemb_collection(method, sharing):
     adapter = CompressedEmbeddingBagCollection(configs(), method=method, compression=8, sharing=sharing, seed=3)
-    own = EmbeddingCollection([Feature(f"t{i}", n) for i, n in enumerate(SIZES)], 8, method, compression=8,
-                              sharing=sharing, seed=3)
+    own = EmbeddingCollection(
+        [Feature(f"t{i}", n) for i, n in enumerate(SIZES)], 8, method, compression=8, sharing=sharing, seed=3
+    )
     ids = ids_matrix()
     pooled = adapter(one_hot_kjt(ids))
     assert pooled.keys() == ["f0", "f1", "f2"]
@@ -67,16 +72,18 @@ def test_one_hot_vectors_equal_compemb_collection(method, sharing):
 @pytest.mark.parametrize("method", ["hash", "cce-hybrid", "cafe"])
 def test_jagged_bags_equal_compemb_collection_with_multi_hot_features(method):
     adapter = CompressedEmbeddingBagCollection(configs(PoolingType.MEAN), method=method, compression=8, seed=1)
-    own = EmbeddingCollection([Feature(f"t{i}", n, "mean") for i, n in enumerate(SIZES)], 8, method, compression=8,
-                              seed=1)
+    own = EmbeddingCollection(
+        [Feature(f"t{i}", n, "mean") for i, n in enumerate(SIZES)], 8, method, compression=8, seed=1
+    )
     kjt = jagged_kjt(4)
     lookup = kjt.to_dict()
     bags = {f"t{i}": Bags(lookup[f"f{i}"].values(), lookup[f"f{i}"].offsets()) for i in range(len(SIZES))}
     torch.testing.assert_close(adapter(kjt).values(), own(None, bags).flatten(1), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("pooling, weighted", [(PoolingType.SUM, False), (PoolingType.MEAN, False),
-                                               (PoolingType.SUM, True)])
+@pytest.mark.parametrize(
+    "pooling, weighted", [(PoolingType.SUM, False), (PoolingType.MEAN, False), (PoolingType.SUM, True)]
+)
 def test_full_table_equals_torchrec_embedding_bag_collection(pooling, weighted):
     """An independent reference: TorchRec's own EBC holding the same rows pools jagged (and weighted) bags alike."""
     adapter = CompressedEmbeddingBagCollection(configs(pooling), method="full", is_weighted=weighted, seed=2)
@@ -89,8 +96,9 @@ def test_full_table_equals_torchrec_embedding_bag_collection(pooling, weighted):
         torch.testing.assert_close(adapter(kjt).values(), reference(kjt).values(), rtol=1e-6, atol=1e-7)
     ones = one_hot_kjt(ids_matrix(seed=9))  # the batched one-id-per-row path
     if weighted:
-        ones = KeyedJaggedTensor.from_lengths_sync(ones.keys(), ones.values(), ones.lengths(),
-                                                   weights=torch.rand(ones.values().shape))
+        ones = KeyedJaggedTensor.from_lengths_sync(
+            ones.keys(), ones.values(), ones.lengths(), weights=torch.rand(ones.values().shape)
+        )
     torch.testing.assert_close(adapter(ones).values(), reference(ones).values(), rtol=1e-6, atol=1e-7)
 
 
@@ -114,25 +122,36 @@ def test_bad_configs_and_inputs_say_what_is_wrong():
     with pytest.raises(ValueError, match="id 700 is outside"):
         full(one_hot_kjt(too_big))
     with pytest.raises(ValueError, match="id 700 is outside"):
-        full(KeyedJaggedTensor.from_lengths_sync(["f0", "f1", "f2"], torch.tensor([1, 700, 2, 3]),
-                                                 torch.tensor([1, 2, 1])))
+        full(
+            KeyedJaggedTensor.from_lengths_sync(
+                ["f0", "f1", "f2"], torch.tensor([1, 700, 2, 3]), torch.tensor([1, 2, 1])
+            )
+        )
 
 
 def test_a_torchrec_dlrm_trains_with_it():
     torch.manual_seed(0)
-    tables = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=8, num_embeddings=n, feature_names=[f"f{i}"])
-              for i, n in enumerate([300, 50])]
+    tables = [
+        EmbeddingBagConfig(name=f"t{i}", embedding_dim=8, num_embeddings=n, feature_names=[f"f{i}"])
+        for i, n in enumerate([300, 50])
+    ]
     adapter = CompressedEmbeddingBagCollection(tables, method="cce", compression=2, seed=0)  # (pointers: <= ~4x here)
-    model = DLRM(embedding_bag_collection=adapter, dense_in_features=3, dense_arch_layer_sizes=[16, 8],
-                 over_arch_layer_sizes=[16, 1])
+    model = DLRM(
+        embedding_bag_collection=adapter,
+        dense_in_features=3,
+        dense_arch_layer_sizes=[16, 8],
+        over_arch_layer_sizes=[16, 1],
+    )
     optimizer = torch.optim.Adagrad(model.parameters(), lr=0.1)
     generator = torch.Generator().manual_seed(1)
     before = [p.detach().clone() for p in adapter.parameters()]
     adapter.on_train_begin(100)
     losses = []
     for step in range(100):
-        ids = torch.stack([torch.randint(0, 300, (128,), generator=generator),
-                           torch.randint(0, 50, (128,), generator=generator)], dim=1)
+        ids = torch.stack(
+            [torch.randint(0, 300, (128,), generator=generator), torch.randint(0, 50, (128,), generator=generator)],
+            dim=1,
+        )
         labels = (ids[:, 0] % 2).float()  # learnable only through the first table's vectors
         logits = model(torch.randn(128, 3, generator=generator), one_hot_kjt(ids)).squeeze(-1)
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
@@ -147,9 +166,22 @@ def test_a_torchrec_dlrm_trains_with_it():
 
 def test_distributed_model_parallel_on_two_gloo_ranks_trains_it(tmp_path):
     methods = ["hash", "cafe", "cce"]
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           str(WORKER), str(tmp_path), *methods], capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            str(WORKER),
+            str(tmp_path),
+            *methods,
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]  # the worker fails if the ranks differ after any step
     for method in methods:
         losses = torch.load(tmp_path / f"{method}.pt")["losses"]
@@ -166,19 +198,27 @@ def test_the_readme_torchrec_example_runs():
 
 def _drop_in_configs(data_type=DataType.FP32, t1_pooling=PoolingType.SUM):
     """Tables of two dims, interleaved, one of two features: what an EmbeddingBagCollection takes."""
-    return [EmbeddingBagConfig(name="t0", embedding_dim=8, num_embeddings=5000, feature_names=["f0"],
-                               data_type=data_type),
-            EmbeddingBagConfig(name="t1", embedding_dim=4, num_embeddings=700, feature_names=["f1", "f3"],
-                               data_type=data_type, pooling=t1_pooling),
-            EmbeddingBagConfig(name="t2", embedding_dim=8, num_embeddings=40, feature_names=["f2"],
-                               data_type=data_type)]
+    return [
+        EmbeddingBagConfig(name="t0", embedding_dim=8, num_embeddings=5000, feature_names=["f0"], data_type=data_type),
+        EmbeddingBagConfig(
+            name="t1",
+            embedding_dim=4,
+            num_embeddings=700,
+            feature_names=["f1", "f3"],
+            data_type=data_type,
+            pooling=t1_pooling,
+        ),
+        EmbeddingBagConfig(name="t2", embedding_dim=8, num_embeddings=40, feature_names=["f2"], data_type=data_type),
+    ]
 
 
 def _drop_in_kjt(seed, one_per_row=False, weighted=False):
     generator = torch.Generator().manual_seed(seed)
     sizes = [5000, 700, 40, 700]
     lengths = torch.ones(4, 6, dtype=torch.int64) if one_per_row else torch.randint(0, 4, (4, 6), generator=generator)
-    values = torch.cat([torch.randint(0, n, (int(lengths[i].sum()),), generator=generator) for i, n in enumerate(sizes)])
+    values = torch.cat(
+        [torch.randint(0, n, (int(lengths[i].sum()),), generator=generator) for i, n in enumerate(sizes)]
+    )
     weights = torch.rand(values.shape, generator=generator) if weighted else None
     return KeyedJaggedTensor.from_lengths_sync(["f0", "f1", "f2", "f3"], values, lengths.reshape(-1), weights=weights)
 
@@ -199,8 +239,12 @@ def test_an_embedding_bag_collections_checkpoint_loads_and_pools_alike_whatever_
         got, expected = adapter(kjt), reference(kjt)
         assert got.keys() == expected.keys() and got.length_per_key() == expected.length_per_key()
         assert got.values().dtype == expected.values().dtype == torch.float32
-        torch.testing.assert_close(got.values(), expected.values(), rtol=1e-2 if dtype != torch.float32 else 1e-6,
-                                   atol=1e-2 if dtype != torch.float32 else 1e-6)
+        torch.testing.assert_close(
+            got.values(),
+            expected.values(),
+            rtol=1e-2 if dtype != torch.float32 else 1e-6,
+            atol=1e-2 if dtype != torch.float32 else 1e-6,
+        )
 
 
 def test_compressed_tables_of_two_dims_share_one_budget():
@@ -214,8 +258,13 @@ def test_compressed_tables_of_two_dims_share_one_budget():
 # --- TorchRec as its users write it: EmbeddingBagCollection's attribute, names, constructor, fx trace, script ---
 
 # methods and budgets that build at dims 8 and 4 (cce's pointers alone are ~4x there)
-METHODS = {"full": {}, "hash": {"compression": 4}, "cce": {"compression": 2}, "cafe": {"compression": 4},
-           "qr": {"compression": 4}}
+METHODS = {
+    "full": {},
+    "hash": {"compression": 4},
+    "cce": {"compression": 2},
+    "cafe": {"compression": 4},
+    "qr": {"compression": 4},
+}
 
 
 def _trained(adapter, steps=3, seed=0):
@@ -248,8 +297,9 @@ def test_embedding_bags_are_the_modules_that_hold_the_tables_as_in_an_embedding_
     assert shared.embedding_bags["shared"] is shared.collection.embeddings["shared"]
 
 
-@pytest.mark.parametrize("method, sharing", [*((m, "per_feature") for m in METHODS), ("hash", "shared"),
-                                             ("cafe", "shared")])
+@pytest.mark.parametrize(
+    "method, sharing", [*((m, "per_feature") for m in METHODS), ("hash", "shared"), ("cafe", "shared")]
+)
 def test_parameter_names_are_the_state_dict_keys(method, sharing):
     tables = _drop_in_configs() if sharing == "per_feature" else configs()
     adapter = CompressedEmbeddingBagCollection(tables, method=method, sharing=sharing, **METHODS[method])
@@ -276,8 +326,11 @@ def test_symbolic_trace_gives_the_modules_outputs_and_holds_its_tables(method, w
     for name in ("t0", "t1", "t2"):
         assert traced.get_submodule(f"embedding_bags.{name}") is adapter.embedding_bags[name]
     assert [(n, id(p)) for n, p in traced.named_parameters()] == [(n, id(p)) for n, p in adapter.named_parameters()]
-    for kjt in (_drop_in_kjt(0, weighted=weighted), _drop_in_kjt(1, weighted=weighted),
-                _drop_in_kjt(2, one_per_row=True, weighted=weighted)):  # multi-hot, and the one-id-per-row path
+    for kjt in (
+        _drop_in_kjt(0, weighted=weighted),
+        _drop_in_kjt(1, weighted=weighted),
+        _drop_in_kjt(2, one_per_row=True, weighted=weighted),
+    ):  # multi-hot, and the one-id-per-row path
         got, expected = traced(kjt), adapter(kjt)
         assert got.keys() == expected.keys() == ["f0", "f1", "f3", "f2"]
         assert got.length_per_key() == expected.length_per_key() == [8, 4, 4, 8]
@@ -291,8 +344,9 @@ def test_symbolic_trace_gives_the_modules_outputs_and_holds_its_tables(method, w
 def test_symbolic_trace_follows_the_tables_own_mode_and_offsets(method):
     """Tables built with nn.EmbeddingBag's mode="mean" and include_last_offset=True under SUM and MEAN pooling."""
     tables = _drop_in_configs(t1_pooling=PoolingType.MEAN)
-    adapter = CompressedEmbeddingBagCollection(tables, method=method, mode="mean", include_last_offset=True,
-                                               **METHODS[method])
+    adapter = CompressedEmbeddingBagCollection(
+        tables, method=method, mode="mean", include_last_offset=True, **METHODS[method]
+    )
     assert all(t.mode == "mean" and t.include_last_offset for t in adapter.embedding_bags.values())
     traced = torchrec.fx.symbolic_trace(adapter)
     for kjt in (_drop_in_kjt(10), _drop_in_kjt(11), _drop_in_kjt(12, one_per_row=True)):
@@ -301,8 +355,9 @@ def test_symbolic_trace_follows_the_tables_own_mode_and_offsets(method):
 
 @pytest.mark.parametrize("method", ["full", "hash", "cafe"])
 def test_symbolic_trace_of_a_shared_table_keeps_its_offsets_and_its_id_check(method):
-    adapter = CompressedEmbeddingBagCollection(configs(PoolingType.MEAN), method=method, sharing="shared",
-                                               **METHODS[method])
+    adapter = CompressedEmbeddingBagCollection(
+        configs(PoolingType.MEAN), method=method, sharing="shared", **METHODS[method]
+    )
     traced = torchrec.fx.symbolic_trace(adapter)
     assert [n.target for n in traced.graph.nodes if n.op == "call_module"] == ["embedding_bags.shared"] * 3
     for kjt in (jagged_kjt(0), jagged_kjt(1), one_hot_kjt(ids_matrix(batch=6))):
@@ -320,8 +375,12 @@ def test_symbolic_trace_of_a_full_table_keeps_the_tables_id_check_and_traces_ins
     bad = KeyedJaggedTensor.from_lengths_sync(["f0", "f1", "f2"], torch.tensor([1, 700, 2, 3]), torch.tensor([1, 2, 1]))
     with pytest.raises(ValueError, match="id 700 is outside"):
         traced(bad)
-    model = DLRM(embedding_bag_collection=CompressedEmbeddingBagCollection(configs(), method="cce", compression=2),
-                 dense_in_features=3, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1])
+    model = DLRM(
+        embedding_bag_collection=CompressedEmbeddingBagCollection(configs(), method="cce", compression=2),
+        dense_in_features=3,
+        dense_arch_layer_sizes=[16, 8],
+        over_arch_layer_sizes=[16, 1],
+    )
     traced_model = torchrec.fx.symbolic_trace(model)
     dense, kjt = torch.randn(6, 3), jagged_kjt(5)
     torch.testing.assert_close(traced_model(dense, kjt), model(dense, kjt), rtol=0, atol=0)
@@ -336,12 +395,17 @@ def test_torch_jit_script_of_the_full_table_is_the_embedding_bag_collection_of_i
     scripted = torch.jit.script(adapter)
     assert scripted.original_name == "EmbeddingBagCollection"
     assert [(n, p.data_ptr()) for n, p in scripted.named_parameters()] == [
-        (n, p.data_ptr()) for n, p in adapter.named_parameters()]  # its very parameters: trained, it trains them
+        (n, p.data_ptr()) for n, p in adapter.named_parameters()
+    ]  # its very parameters: trained, it trains them
     for kjt in (_drop_in_kjt(7, weighted=weighted), _drop_in_kjt(8, one_per_row=True, weighted=weighted)):
         torch.testing.assert_close(scripted(kjt).values(), adapter(kjt).values(), rtol=1e-6, atol=1e-6)
     # inside a model (DLRM: tables of one dim), which torch.jit.script scripts with the adapter's replacement in it
-    model = DLRM(embedding_bag_collection=CompressedEmbeddingBagCollection(configs(), is_weighted=weighted),
-                 dense_in_features=3, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1])
+    model = DLRM(
+        embedding_bag_collection=CompressedEmbeddingBagCollection(configs(), is_weighted=weighted),
+        dense_in_features=3,
+        dense_arch_layer_sizes=[16, 8],
+        over_arch_layer_sizes=[16, 1],
+    )
     dense, kjt = torch.randn(6, 3), jagged_kjt(9, weighted=weighted)
     expected = model(dense, kjt)
     torch.testing.assert_close(torch.jit.script(model)(dense, kjt), expected, rtol=1e-6, atol=1e-6)
@@ -351,8 +415,12 @@ def test_torch_jit_script_of_compressed_tables_says_why_not():
     adapter = CompressedEmbeddingBagCollection(configs(), method="hash", compression=4)
     with pytest.raises(TypeError, match=r"cannot script .*method 'hash' looks ids up in Python .*symbolic_trace"):
         torch.jit.script(adapter)
-    model = DLRM(embedding_bag_collection=adapter, dense_in_features=3, dense_arch_layer_sizes=[16, 8],
-                 over_arch_layer_sizes=[16, 1])
+    model = DLRM(
+        embedding_bag_collection=adapter,
+        dense_in_features=3,
+        dense_arch_layer_sizes=[16, 8],
+        over_arch_layer_sizes=[16, 1],
+    )
     with pytest.raises(TypeError, match="method 'hash'"):  # inside a model too, before TorchScript's own errors
         torch.jit.script(model)
     with pytest.raises(TypeError, match="one shared table"):
@@ -378,7 +446,9 @@ def test_the_constructor_takes_an_embedding_bag_collections_arguments():
     hashed = CompressedEmbeddingBagCollection(configs(), False, "cpu", method="hash", compression=4, seed=1)
     assert not hashed.is_weighted() and type(hashed.embedding_bags["t0"]).__name__ == "HashingTrickEmbedding"
     # a method where is_weighted goes (the old call) is refused, saying where the method goes
-    with pytest.raises(TypeError, match=r"is_weighted must be a bool, got 'hash' \(the method is a keyword.*method='hash'"):
+    with pytest.raises(
+        TypeError, match=r"is_weighted must be a bool, got 'hash' \(the method is a keyword.*method='hash'"
+    ):
         CompressedEmbeddingBagCollection(configs(), "hash", compression=4, seed=1)
     with pytest.raises(TypeError, match="is_weighted must be a bool, got 1"):
         CompressedEmbeddingBagCollection(configs(), 1)
@@ -407,13 +477,26 @@ def test_an_embedding_bag_collections_checkpoint_gives_its_outputs_in_the_full_t
     torch.testing.assert_close(other(kjt).values(), adapter(kjt).values(), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("method, sharing", [("hash", "per_feature"), ("cce", "per_feature"),
-                                             ("cafe", "per_feature"), ("qr", "per_feature"), ("cafe", "shared")])
+@pytest.mark.parametrize(
+    "method, sharing",
+    [
+        ("hash", "per_feature"),
+        ("cce", "per_feature"),
+        ("cafe", "per_feature"),
+        ("qr", "per_feature"),
+        ("cafe", "shared"),
+    ],
+)
 def test_a_compressed_checkpoint_loads_into_a_fresh_module_of_its_config(method, sharing, tmp_path):
     def build(seed):
-        tables = _drop_in_configs() if sharing == "per_feature" else [  # shared: one dim
-            EmbeddingBagConfig(name=f"t{i}", embedding_dim=8, num_embeddings=n, feature_names=[f"f{i}"])
-            for i, n in enumerate([5000, 700, 40, 700])]
+        tables = (
+            _drop_in_configs()
+            if sharing == "per_feature"
+            else [  # shared: one dim
+                EmbeddingBagConfig(name=f"t{i}", embedding_dim=8, num_embeddings=n, feature_names=[f"f{i}"])
+                for i, n in enumerate([5000, 700, 40, 700])
+            ]
+        )
         return CompressedEmbeddingBagCollection(tables, method=method, sharing=sharing, seed=seed, **METHODS[method])
 
     source = _trained(build(1), steps=4)

@@ -19,15 +19,28 @@ def data(tmp_path_factory):
 
 
 def _config(data, out, **overrides):
-    settings = dict(data=data, out=str(out), method="hash", compression=4, embedding_dim=8, bottom=(16,),
-                    top=(16,), optimizer="adagrad", lr=0.05, table_optimizer=None, table_lr=None, batch_size=256,
-                    epochs=2, eval_every=8, seed=2)  # one optimizer for MLPs and tables unless a test says otherwise
+    settings = dict(
+        data=data,
+        out=str(out),
+        method="hash",
+        compression=4,
+        embedding_dim=8,
+        bottom=(16,),
+        top=(16,),
+        optimizer="adagrad",
+        lr=0.05,
+        table_optimizer=None,
+        table_lr=None,
+        batch_size=256,
+        epochs=2,
+        eval_every=8,
+        seed=2,
+    )  # one optimizer for MLPs and tables unless a test says otherwise
     settings.update(overrides)
     return TrainConfig(**settings)
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "adam", "adam_dense", "adam+rowwise_adagrad",
-                                       "adam+adagrad"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "adam", "adam_dense", "adam+rowwise_adagrad", "adam+adagrad"])
 def test_a_resumed_run_ends_with_the_uninterrupted_runs_metrics(data, tmp_path, optimizer):
     dense, _, tables = optimizer.partition("+")  # MLPs + tables: their own optimizers, combined
     options = dict(optimizer=dense, table_optimizer=tables or None, table_lr=0.1 if tables else None)
@@ -67,15 +80,17 @@ def test_tables_and_mlps_take_their_own_optimizers_and_learning_rates(data, tmp_
     from compemb.embeddings.base import CompressedEmbedding
     from compemb.optim import CombinedOptimizer, RowAdam, RowwiseAdagrad
 
-    trainer = Trainer(_config(data, tmp_path / "split", optimizer="adam", lr=1e-3,
-                              table_optimizer="rowwise_adagrad", table_lr=0.2))
+    trainer = Trainer(
+        _config(data, tmp_path / "split", optimizer="adam", lr=1e-3, table_optimizer="rowwise_adagrad", table_lr=0.2)
+    )
     mlps, tables = trainer.optimizer.optimizers
     assert isinstance(trainer.optimizer, CombinedOptimizer)
     assert isinstance(mlps, RowAdam) and isinstance(tables, RowwiseAdagrad)
     table_ids = {id(p) for m in trainer.model.modules() if isinstance(m, CompressedEmbedding) for p in m.parameters()}
     assert {id(p) for g in tables.param_groups for p in g["params"]} == table_ids
-    assert {id(p) for g in mlps.param_groups for p in g["params"]} == \
-        {id(p) for p in trainer.model.parameters()} - table_ids
+    assert {id(p) for g in mlps.param_groups for p in g["params"]} == {
+        id(p) for p in trainer.model.parameters()
+    } - table_ids
     assert [g["lr"] for g in trainer.optimizer.param_groups] == [1e-3, 0.2]
     before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
     trainer.fit(stop_at=4)
@@ -153,14 +168,36 @@ def test_shuffled_training_is_seeded_covers_every_row_and_resumes_exactly(data, 
 
 def test_test_metrics_come_from_the_best_validation_checkpoint(data, tmp_path):
     # a high learning rate overshoots after its best evaluation, so the last model is not the best one
-    trainer = Trainer(_config(data, tmp_path / "run", method="full", compression=None, epochs=3, optimizer="adam",
-                              lr=0.05, eval_every=0, evals_per_epoch=4))
+    trainer = Trainer(
+        _config(
+            data,
+            tmp_path / "run",
+            method="full",
+            compression=None,
+            epochs=3,
+            optimizer="adam",
+            lr=0.05,
+            eval_every=0,
+            evals_per_epoch=4,
+        )
+    )
     assert list(trainer.evaluation_steps) == [4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 44, 48]
     trainer.fit()
     best_step = trainer.best["step"]
     best_val = trainer.best["bce"]
-    reloaded = Trainer(_config(data, tmp_path / "run", method="full", compression=None, epochs=3, optimizer="adam",
-                               lr=0.05, eval_every=0, evals_per_epoch=4))
+    reloaded = Trainer(
+        _config(
+            data,
+            tmp_path / "run",
+            method="full",
+            compression=None,
+            epochs=3,
+            optimizer="adam",
+            lr=0.05,
+            eval_every=0,
+            evals_per_epoch=4,
+        )
+    )
     test = reloaded.test_of_best("val")  # on val it must give back the best evaluation exactly
     assert test["step"] == best_step and test["bce"] == pytest.approx(best_val, rel=1e-6)
 
@@ -169,9 +206,22 @@ def test_prefetching_batches_on_a_thread_trains_the_same_weights(data, tmp_path)
     """The reader thread (on by default on accelerators) gives the batches a loop without it reads, in order."""
     states = []
     for prefetch in (False, True):
-        config = TrainConfig(data=str(data), out=str(tmp_path / str(prefetch)), method="hash", compression=4,
-                             embedding_dim=8, bottom=(8,), top=(8,), optimizer="adam", lr=0.01, batch_size=128,
-                             shuffle=True, epochs=2, checkpoint_minutes=0, checkpoint_epochs=False)
+        config = TrainConfig(
+            data=str(data),
+            out=str(tmp_path / str(prefetch)),
+            method="hash",
+            compression=4,
+            embedding_dim=8,
+            bottom=(8,),
+            top=(8,),
+            optimizer="adam",
+            lr=0.01,
+            batch_size=128,
+            shuffle=True,
+            epochs=2,
+            checkpoint_minutes=0,
+            checkpoint_epochs=False,
+        )
         trainer = Trainer(config)
         trainer.prefetch = prefetch
         trainer.fit(stop_at=5)
@@ -274,8 +324,19 @@ def test_more_evaluations_than_an_epoch_has_steps_are_refused(data, tmp_path):
 
 def test_by_default_a_run_evaluates_at_each_epochs_end_and_keeps_the_best(data, tmp_path):
     # lr 0.05 Adam on the full table overfits in its third epoch: the best checkpoint is an earlier epoch's
-    config = TrainConfig(data=data, out=str(tmp_path / "r"), method="full", embedding_dim=8, bottom=(16,), top=(16,),
-                         optimizer="adam", lr=0.05, batch_size=256, epochs=3, seed=2)
+    config = TrainConfig(
+        data=data,
+        out=str(tmp_path / "r"),
+        method="full",
+        embedding_dim=8,
+        bottom=(16,),
+        top=(16,),
+        optimizer="adam",
+        lr=0.05,
+        batch_size=256,
+        epochs=3,
+        seed=2,
+    )
     trainer = Trainer(config)
     last = trainer.fit()
     logged = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
@@ -317,13 +378,23 @@ def test_the_default_recipe_is_the_recorded_sweeps_most_robust_one():
     import csv
     from pathlib import Path
 
-    rows = [row for row in csv.DictReader(open(Path(__file__).resolve().parents[1] / "benchmarks" / "results" /
-                                               "default_recipe.csv")) if row["stage"] == "confirm"]
+    rows = [
+        row
+        for row in csv.DictReader(
+            open(Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "default_recipe.csv")
+        )
+        if row["stage"] == "confirm"
+    ]
     groups = {(row["data"], row["method"]) for row in rows}
     assert len(groups) == 6
-    complete = [recipe for recipe in {row["recipe"] for row in rows}
-                if sum(row["recipe"] == recipe for row in rows) == len(groups)]  # the finalists ran everywhere
+    complete = [
+        recipe
+        for recipe in {row["recipe"] for row in rows}
+        if sum(row["recipe"] == recipe for row in rows) == len(groups)
+    ]  # the finalists ran everywhere
     worst = {recipe: max(float(row["from_best"]) for row in rows if row["recipe"] == recipe) for recipe in complete}
     config = TrainConfig(data="d", out="r")
-    assert min(worst, key=worst.get) == f"{config.optimizer} {config.lr:g} / {config.table_optimizer} " \
-                                        f"{config.table_lr:g}" == "adam 0.002 / adagrad 0.05"
+    assert (
+        min(worst, key=worst.get) == f"{config.optimizer} {config.lr:g} / {config.table_optimizer} "
+        f"{config.table_lr:g}" == "adam 0.002 / adagrad 0.05"
+    )

@@ -6,10 +6,20 @@ from compemb.train import TrainConfig
 
 
 def test_methods_train_in_alternation_and_the_baseline_ratio_is_one(tmp_path):
-    generate_synthetic(tmp_path / "data", SyntheticConfig(rows={"train": 4096, "val": 512}, scale=1e-4, seed=1),
-                       progress=False)
-    base = TrainConfig(data=str(tmp_path / "data"), out=str(tmp_path / "runs"), compression=4, embedding_dim=8,
-                       bottom=(8,), top=(8,), optimizer="adagrad", lr=0.05, batch_size=128)
+    generate_synthetic(
+        tmp_path / "data", SyntheticConfig(rows={"train": 4096, "val": 512}, scale=1e-4, seed=1), progress=False
+    )
+    base = TrainConfig(
+        data=str(tmp_path / "data"),
+        out=str(tmp_path / "runs"),
+        compression=4,
+        embedding_dim=8,
+        bottom=(8,),
+        top=(8,),
+        optimizer="adagrad",
+        lr=0.05,
+        batch_size=128,
+    )
     rows = measure_training_speed(base, ["full", "ce"], "hash", rounds=2, steps=3, targets={"ce": 0.5})
     assert [row.method for row in rows] == ["hash", "full", "ce"]
     assert rows[0].ratio == 1.0 and all(row.samples_per_s > 0 and row.ratio > 0 for row in rows)
@@ -22,13 +32,25 @@ def test_the_minimal_loop_trains_the_trainers_model_on_its_batches_to_the_same_w
     from compemb.bench.trainer import MinimalLoop, measure_trainer_overhead, write_overhead
     from compemb.train import Trainer
 
-    generate_synthetic(tmp_path / "data", SyntheticConfig(rows={"train": 2048, "val": 256}, scale=1e-4, seed=1),
-                       progress=False)
+    generate_synthetic(
+        tmp_path / "data", SyntheticConfig(rows={"train": 2048, "val": 256}, scale=1e-4, seed=1), progress=False
+    )
     for method, optimizer in (("full", "adam"), ("cafe", "adagrad")):  # cafe: its on_step_end hook runs in both
-        config = TrainConfig(data=str(tmp_path / "data"), out=str(tmp_path / method), method=method,
-                             compression=None if method == "full" else 4, embedding_dim=8, bottom=(8,), top=(8,),
-                             optimizer=optimizer, lr=0.01, batch_size=128, checkpoint_minutes=0,
-                             checkpoint_epochs=False, epochs=2)
+        config = TrainConfig(
+            data=str(tmp_path / "data"),
+            out=str(tmp_path / method),
+            method=method,
+            compression=None if method == "full" else 4,
+            embedding_dim=8,
+            bottom=(8,),
+            top=(8,),
+            optimizer=optimizer,
+            lr=0.01,
+            batch_size=128,
+            checkpoint_minutes=0,
+            checkpoint_epochs=False,
+            epochs=2,
+        )
         trainer = Trainer(config)
         minimal = MinimalLoop(trainer)
         trainer.fit(stop_at=20)  # past the first epoch's end: the batches wrap as the trainer's do

@@ -30,8 +30,13 @@ def batch(step: int) -> tuple[torch.Tensor, KeyedJaggedTensor, torch.Tensor]:
     values = [torch.randint(0, n, (int(lengths[f].sum()),), generator=generator) for f, n in enumerate(SIZES)]
     dense = torch.randn(BATCH, 4, generator=generator)
     labels = (dense[:, 0] + 2.0 * (values[0] % 2) - 1 > 0).float()
-    return dense, KeyedJaggedTensor.from_lengths_sync([f"f{f}" for f in range(len(SIZES))], torch.cat(values),
-                                                      lengths.reshape(-1)), labels
+    return (
+        dense,
+        KeyedJaggedTensor.from_lengths_sync(
+            [f"f{f}" for f in range(len(SIZES))], torch.cat(values), lengths.reshape(-1)
+        ),
+        labels,
+    )
 
 
 def rank_slice(dense, kjt, labels, rank, world):
@@ -55,12 +60,18 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     for method in methods:
-        tables = [EmbeddingBagConfig(name=f"t{f}", embedding_dim=DIM, num_embeddings=n, feature_names=[f"f{f}"])
-                  for f, n in enumerate(SIZES)]
+        tables = [
+            EmbeddingBagConfig(name=f"t{f}", embedding_dim=DIM, num_embeddings=n, feature_names=[f"f{f}"])
+            for f, n in enumerate(SIZES)
+        ]
         collection = CompressedEmbeddingBagCollection(tables, method=method, compression=4, seed=5)
         torch.manual_seed(0)
-        model = DLRM(embedding_bag_collection=collection, dense_in_features=4, dense_arch_layer_sizes=[16, DIM],
-                     over_arch_layer_sizes=[16, 1])
+        model = DLRM(
+            embedding_bag_collection=collection,
+            dense_in_features=4,
+            dense_arch_layer_sizes=[16, DIM],
+            over_arch_layer_sizes=[16, 1],
+        )
         dmp = DistributedModelParallel(model, device=torch.device("cpu"))
         # DMP wraps the model it was given (no copy): the hooks below reach the tables it trains
         assert dmp.module.sparse_arch.embedding_bag_collection is collection

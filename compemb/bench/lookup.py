@@ -30,8 +30,18 @@ from compemb.io import atomic_write_text
 from compemb.registry import METHODS
 
 # the issues' targets (issue 13 for the hash family and CCE); others DEFAULT_TARGET
-TARGETS = {"hash": 1.0, "qr": 1.3, "bloom": 1.3, "ce": 1.5, "cce": 1.5, "hemb": 2.0, "robe": 2.0, "hashednets": 2.0,
-           "dhe": 8.0, "tt": 4.0}
+TARGETS = {
+    "hash": 1.0,
+    "qr": 1.3,
+    "bloom": 1.3,
+    "ce": 1.5,
+    "cce": 1.5,
+    "hemb": 2.0,
+    "robe": 2.0,
+    "hashednets": 2.0,
+    "dhe": 8.0,
+    "tt": 4.0,
+}
 DEFAULT_TARGET = 1.5
 PER_TABLE = "sparse, per table"  # the same tables looked up one at a time (batch_tables=False)
 CONTROL = "nn.EmbeddingBag (control)"
@@ -83,8 +93,9 @@ class LookupResult:
         return "\n".join(lines)
 
 
-def _time_pairs(baseline: Callable[[], None], step: Callable[[], None], steps: int,
-                sync: Callable[[], None] = lambda: None) -> list[tuple[float, float]]:
+def _time_pairs(
+    baseline: Callable[[], None], step: Callable[[], None], steps: int, sync: Callable[[], None] = lambda: None
+) -> list[tuple[float, float]]:
     """``steps`` pairs of (baseline seconds, step seconds), each pair run back to back (ABBA order); ``sync`` waits
     for a device's queued work (CUDA), so each time is the step's own."""
     baseline(), step()  # warm-up: first-call allocations stay out of the timing
@@ -154,8 +165,10 @@ def run_lookup_benchmark(
     features = [Feature(f"C{f + 1}", num_embeddings) for f in range(num_features)]
 
     def full_tables() -> list[torch.nn.Module]:
-        return [torch.nn.EmbeddingBag(num_embeddings, embedding_dim, mode="sum", sparse=True, device=device)
-                for _ in range(num_features)]
+        return [
+            torch.nn.EmbeddingBag(num_embeddings, embedding_dim, mode="sum", sparse=True, device=device)
+            for _ in range(num_features)
+        ]
 
     # Random reads of 1.7 GB of tables run up to ~25% faster or slower depending on where the VM placed
     # the memory (measured here: identical nn.EmbeddingBag sets, read by the same kernel, differ that much).
@@ -172,8 +185,14 @@ def run_lookup_benchmark(
         for gradients in ("sparse", "dense") if METHODS[name].compresses else ("sparse",):
             try:
                 collection = EmbeddingCollection(
-                    features, embedding_dim, name, compression=ratio, seed=seed, sparse=gradients == "sparse",
-                    frequencies=_counts(name, batches, num_embeddings, features), device=device,
+                    features,
+                    embedding_dim,
+                    name,
+                    compression=ratio,
+                    seed=seed,
+                    sparse=gradients == "sparse",
+                    frequencies=_counts(name, batches, num_embeddings, features),
+                    device=device,
                 )
             except BudgetError as error:  # AdaEmbed's per-id state can exceed the budget: say so, time the rest
                 warnings.warn(f"lookup benchmark: {name} skipped: {error}", stacklevel=2)
@@ -182,8 +201,15 @@ def run_lookup_benchmark(
             tables = list(collection.embeddings.values())
             if gradients == "sparse" and any(batch is not None for _, batch in batch_groups(tables)):
                 one_at_a_time = EmbeddingCollection(
-                    features, embedding_dim, name, compression=ratio, seed=seed, sparse=True, batch_tables=False,
-                    frequencies=_counts(name, batches, num_embeddings, features), device=device,
+                    features,
+                    embedding_dim,
+                    name,
+                    compression=ratio,
+                    seed=seed,
+                    sparse=True,
+                    batch_tables=False,
+                    frequencies=_counts(name, batches, num_embeddings, features),
+                    device=device,
                 )
                 configs[(name, PER_TABLE)] = make_collection_step(one_at_a_time)
 
@@ -200,16 +226,27 @@ def run_lookup_benchmark(
 
     rows = [
         LookupRow(
-            method, gradients, statistics.median(seconds[(method, gradients)]) * 1e3,
+            method,
+            gradients,
+            statistics.median(seconds[(method, gradients)]) * 1e3,
             statistics.median(ratios[(method, gradients)]),
             TARGETS.get(method, DEFAULT_TARGET) if gradients == "sparse" and _compresses(method) else None,
         )
         for method, gradients in configs
     ]
     settings = dict(
-        rounds=rounds, steps=steps, num_features=num_features, num_embeddings=num_embeddings,
-        embedding_dim=embedding_dim, batch_size=batch_size, compression=compression, seed=seed,
-        torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.machine(), device=device,
+        rounds=rounds,
+        steps=steps,
+        num_features=num_features,
+        num_embeddings=num_embeddings,
+        embedding_dim=embedding_dim,
+        batch_size=batch_size,
+        compression=compression,
+        seed=seed,
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        machine=platform.machine(),
+        device=device,
         date=datetime.date.today().isoformat(),
     )
     return LookupResult(rows, statistics.median(baseline_seconds) * 1e3, settings)
@@ -221,8 +258,10 @@ def _counts(
     """``frequencies=`` for methods built from per-id counts: each feature's counts in the timed batches."""
     if not METHODS[method].needs_frequencies:
         return None
-    return {f.name: torch.bincount(batches[:, j].reshape(-1).cpu(), minlength=num_embeddings)
-            for j, f in enumerate(features)}
+    return {
+        f.name: torch.bincount(batches[:, j].reshape(-1).cpu(), minlength=num_embeddings)
+        for j, f in enumerate(features)
+    }
 
 
 def _compresses(method: str) -> bool:
@@ -232,6 +271,9 @@ def _compresses(method: str) -> bool:
 def write_results(result: LookupResult, stem: str) -> None:
     """Write ``stem.md`` (the table) and ``stem.json`` (every figure), each atomically."""
     atomic_write_text(f"{stem}.md", result.table() + "\n")
-    payload = {"baseline_milliseconds": result.baseline_milliseconds, "settings": result.settings,
-               "rows": [asdict(row) for row in result.rows]}
+    payload = {
+        "baseline_milliseconds": result.baseline_milliseconds,
+        "settings": result.settings,
+        "rows": [asdict(row) for row in result.rows],
+    }
     atomic_write_text(f"{stem}.json", json.dumps(payload, indent=2) + "\n")

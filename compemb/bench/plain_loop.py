@@ -52,8 +52,15 @@ def _layers(in_features: int, widths: Sequence[int], last_relu: bool) -> torch.n
 class PlainDLRM(torch.nn.Module):
     """DLRM over one plain ``nn.Embedding`` per feature."""
 
-    def __init__(self, cardinalities: Sequence[int], num_dense: int, dim: int, bottom: Sequence[int],
-                 top: Sequence[int], init: str) -> None:
+    def __init__(
+        self,
+        cardinalities: Sequence[int],
+        num_dense: int,
+        dim: int,
+        bottom: Sequence[int],
+        top: Sequence[int],
+        init: str,
+    ) -> None:
         super().__init__()
         self.tables = torch.nn.ModuleList(torch.nn.Embedding(n, dim) for n in cardinalities)
         for table, n in zip(self.tables, cardinalities):
@@ -74,9 +81,11 @@ class PlainDLRM(torch.nn.Module):
 
 
 def _tensors(split, start: int, stop: int) -> tuple[Tensor, Tensor, Tensor]:
-    return (torch.from_numpy(np.array(split.dense[start:stop], dtype=np.float32)),
-            torch.from_numpy(np.array(split.sparse[start:stop], dtype=np.int64)),
-            torch.from_numpy(np.array(split.labels[start:stop], dtype=np.float32)))
+    return (
+        torch.from_numpy(np.array(split.dense[start:stop], dtype=np.float32)),
+        torch.from_numpy(np.array(split.sparse[start:stop], dtype=np.int64)),
+        torch.from_numpy(np.array(split.labels[start:stop], dtype=np.float32)),
+    )
 
 
 def train_plain(config: PlainConfig) -> dict[str, float]:
@@ -84,8 +93,9 @@ def train_plain(config: PlainConfig) -> dict[str, float]:
     manifest, splits = open_dataset(config.data)
     torch.manual_seed(config.seed)
     train = splits["train"]
-    model = PlainDLRM(manifest["cardinalities"], train.dense.shape[1], config.embedding_dim, config.bottom,
-                      config.top, config.init)
+    model = PlainDLRM(
+        manifest["cardinalities"], train.dense.shape[1], config.embedding_dim, config.bottom, config.top, config.init
+    )
     optimizers = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}
     optimizer = optimizers[config.optimizer](model.parameters(), lr=config.lr)
     started = time.perf_counter()
@@ -102,5 +112,8 @@ def train_plain(config: PlainConfig) -> dict[str, float]:
     with torch.no_grad():
         logits = torch.cat([model(*_tensors(test, s, s + 16_384)[:2]) for s in range(0, len(test), 16_384)])
     labels = torch.from_numpy(np.asarray(test.labels, dtype=np.float32))
-    return {"test_bce": bce(logits, labels), "test_auc": auc(logits, labels),
-            "samples_per_s": len(train) * config.epochs / seconds}
+    return {
+        "test_bce": bce(logits, labels),
+        "test_auc": auc(logits, labels),
+        "samples_per_s": len(train) * config.epochs / seconds,
+    }

@@ -38,8 +38,20 @@ from compemb.train import RESULT_NEUTRAL, TrainConfig, Trainer, settings_that_di
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-COLUMNS = ("method", "ratio_asked", "ratio_reached", "params", "seed", "val_bce", "test_bce", "test_auc",
-           "bayes_bce", "gap_to_bayes", "samples_per_s", "note")
+COLUMNS = (
+    "method",
+    "ratio_asked",
+    "ratio_reached",
+    "params",
+    "seed",
+    "val_bce",
+    "test_bce",
+    "test_auc",
+    "bayes_bce",
+    "gap_to_bayes",
+    "samples_per_s",
+    "note",
+)
 
 
 @dataclass
@@ -81,8 +93,15 @@ def _compresses(spec: str) -> bool:
     return scheme is not None or METHODS[parse_method_spec(base)[0]].compresses
 
 
-def run_sweep(base: TrainConfig, methods: list[str], compressions: list[float], seeds: int, out: str,
-              baseline: str | None = None, test: str = "welch") -> list[SweepRow]:
+def run_sweep(
+    base: TrainConfig,
+    methods: list[str],
+    compressions: list[float],
+    seeds: int,
+    out: str,
+    baseline: str | None = None,
+    test: str = "welch",
+) -> list[SweepRow]:
     """Train every (method, compression, seed) not already done under ``out``; write the tables and plots.
 
     ``methods`` are registry names, optionally with options (see :func:`parse_method_spec`); the verdicts compare
@@ -104,8 +123,7 @@ _PER_RUN = ("method", "compression", "seed", "out", "method_options")
 
 def _same_settings(saved: dict[str, Any], config: TrainConfig) -> bool:
     """Whether a finished run's saved config is ``config`` in everything that changes a result."""
-    return not settings_that_differ(with_defaults(saved), json.loads(json.dumps(asdict(config))),
-                                    ignore=RESULT_NEUTRAL)
+    return not settings_that_differ(with_defaults(saved), json.loads(json.dumps(asdict(config))), ignore=RESULT_NEUTRAL)
 
 
 def collect_rows(base: TrainConfig, out: Path, first: Sequence[str] = ()) -> list[SweepRow]:
@@ -136,8 +154,14 @@ def _run_one(base: TrainConfig, method: str, ratio: float, seed: int, out: Path)
         return _run_quantized(base, trained, scheme, ratio, seed, out)
     name, options = parse_method_spec(method)
     run = _run_dir(out, method, ratio, seed)
-    config = replace(base, method=name, compression=None if ratio == 1 else ratio, seed=seed, out=str(run),
-                     method_options={**base.method_options, **options})
+    config = replace(
+        base,
+        method=name,
+        compression=None if ratio == 1 else ratio,
+        seed=seed,
+        out=str(run),
+        method_options={**base.method_options, **options},
+    )
     if (run / "result.json").exists():
         saved = json.loads((run / "result.json").read_text())
         if _same_settings(saved.pop("config", {}), config):
@@ -153,8 +177,7 @@ def _run_one(base: TrainConfig, method: str, ratio: float, seed: int, out: Path)
     last = trainer.fit()
     test = trainer.test_of_best("test")  # the test metrics of the best validation checkpoint, as the papers report
     memory = trainer.model.embeddings.memory()  # type: ignore[union-attr]
-    full = sum(full_table_bytes(f.num_embeddings, config.embedding_dim)
-               for f in trainer.model.embeddings.features)  # type: ignore[union-attr]
+    full = sum(full_table_bytes(f.num_embeddings, config.embedding_dim) for f in trainer.model.embeddings.features)  # type: ignore[union-attr]
     row.ratio_reached = full / memory.total
     row.params = memory.total // 4
     row.val_bce = trainer.best["bce"] if trainer.best else None
@@ -171,8 +194,14 @@ def _run_quantized(base: TrainConfig, trained: str, scheme: str, ratio: float, s
     method = f"{trained}+{scheme}"
     run, source_run = _run_dir(out, method, ratio, seed), _run_dir(out, trained, ratio, seed)
     name, options = parse_method_spec(trained)
-    config = replace(base, method=name, compression=None if ratio == 1 else ratio, seed=seed, out=str(source_run),
-                     method_options={**base.method_options, **options})
+    config = replace(
+        base,
+        method=name,
+        compression=None if ratio == 1 else ratio,
+        seed=seed,
+        out=str(source_run),
+        method_options={**base.method_options, **options},
+    )
     saved_config = json.loads(json.dumps(asdict(config)))
     if (run / "result.json").exists():
         saved = json.loads((run / "result.json").read_text())
@@ -185,8 +214,7 @@ def _run_quantized(base: TrainConfig, trained: str, scheme: str, ratio: float, s
         trainer.model = quantize(trainer.model, scheme)
         test = trainer.evaluate("test")
         memory = trainer.model.embeddings.memory()  # type: ignore[union-attr]
-        full = sum(full_table_bytes(f.num_embeddings, config.embedding_dim)
-                   for f in trainer.model.embeddings.features)  # type: ignore[union-attr]
+        full = sum(full_table_bytes(f.num_embeddings, config.embedding_dim) for f in trainer.model.embeddings.features)  # type: ignore[union-attr]
         row.ratio_reached, row.params = full / memory.total, memory.total // 4
         row.val_bce = trainer.evaluate(config.eval_split)["bce"]
         row.test_bce, row.test_auc = test["bce"], test["auc"]
@@ -241,8 +269,12 @@ def match_table(rows: list[SweepRow]) -> str:
     """Per method: the fewest params that match the full table's val BCE, as a share of the full table's."""
     target = _full_val_bce(rows)
     full_params = _mean([r.params for r in rows if not _compresses(r.method)])
-    lines = [f"Full table: val BCE {target:.4f} with {full_params:,.0f} params (bytes / 4).", "",
-             "| method | params to match the full table | x full table | best val BCE (params) |", "|---|---:|---:|---:|"]
+    lines = [
+        f"Full table: val BCE {target:.4f} with {full_params:,.0f} params (bytes / 4).",
+        "",
+        "| method | params to match the full table | x full table | best val BCE (params) |",
+        "|---|---:|---:|---:|",
+    ]
     by_method: dict[str, list[SweepRow]] = {}
     for row in rows:
         if _compresses(row.method):
@@ -325,9 +357,14 @@ def _chart(rows: list[SweepRow], key: str, label: str, x: str = "ratio_reached")
     references = {"full table": _mean([getattr(r, key) for r in rows if not _compresses(r.method)])}
     if key == "test_bce":
         references["Bayes-optimal"] = _mean([r.bayes_bce for r in rows])
-    return Chart(label, key == "test_auc", series, {name: v for name, v in references.items() if v is not None},
-                 {method: why for method, why in notes.items() if not series[method]},
-                 "ratio" if x == "ratio_reached" else "params")
+    return Chart(
+        label,
+        key == "test_auc",
+        series,
+        {name: v for name, v in references.items() if v is not None},
+        {method: why for method, why in notes.items() if not series[method]},
+        "ratio" if x == "ratio_reached" else "params",
+    )
 
 
 def _figure(rows: list[SweepRow], key: str, label: str, x: str = "ratio_reached") -> Figure:

@@ -32,15 +32,17 @@ class _Recording(TorchDispatchMode):
         name = str(func)
         if not name.startswith(_METADATA):
             flat, _ = tree_flatten((args, kwargs or {}))
-            signature = tuple((tuple(a.shape), a.dtype, a.device.type) if isinstance(a, Tensor) else _plain(a)
-                              for a in flat)
+            signature = tuple(
+                (tuple(a.shape), a.dtype, a.device.type) if isinstance(a, Tensor) else _plain(a) for a in flat
+            )
             self.ops.append((name, signature, _place()))
         return func(*args, **(kwargs or {}))
 
 
 def _plain(value: Any) -> Any:
-    if isinstance(value, (int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout,
-                          torch.memory_format)):
+    if isinstance(
+        value, (int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format)
+    ):
         return value
     return type(value).__name__
 
@@ -70,8 +72,9 @@ def _state_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> 
     return found
 
 
-def replay_check(step: Callable[[], None], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 steps: int = 2) -> list[str]:
+def replay_check(
+    step: Callable[[], None], model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int = 2
+) -> list[str]:
     """Run ``step`` ``steps`` times and say what a CUDA graph's replay of the first would get wrong: an op that
     differs from the first step's (its kind, shape or a scalar argument: a host value baked into the graph), a
     state tensor replaced instead of updated in place, a value read back by the host (on the device code path,
@@ -88,8 +91,10 @@ def replay_check(step: Callable[[], None], model: torch.nn.Module, optimizer: to
         after = _state_tensors(model, optimizer)
         for key in sorted(set(before) | set(after)):
             if before.get(key) != after.get(key):
-                problems.append(f"step {index + 1}: {key} " + ("replaced" if key in before and key in after else
-                                                               "appeared" if key in after else "vanished"))
+                problems.append(
+                    f"step {index + 1}: {key} "
+                    + ("replaced" if key in before and key in after else "appeared" if key in after else "vanished")
+                )
         before = after
     first = recorded[0]
     for index, ops in enumerate(recorded[1:], start=2):
@@ -98,8 +103,10 @@ def replay_check(step: Callable[[], None], model: torch.nn.Module, optimizer: to
         for (name, signature, place), (name_then, signature_then, _) in zip(ops, first):
             if (name, signature) != (name_then, signature_then):
                 changed = [f"{a!r} (was {b!r})" for a, b in zip(signature, signature_then) if a != b]
-                problems.append(f"step {index}: {name} at {place}: " + (", ".join(changed[:3]) if name == name_then
-                                                                        else f"step 1 ran {name_then}"))
+                problems.append(
+                    f"step {index}: {name} at {place}: "
+                    + (", ".join(changed[:3]) if name == name_then else f"step 1 ran {name_then}")
+                )
                 break  # after one difference the rest is out of step
     return problems
 

@@ -115,12 +115,21 @@ def holm(p_values: Sequence[float | None]) -> list[float | None]:
     return adjusted
 
 
-def _t_interval(difference: float, standard_error: float, df: float, n_a: int, n_b: int, test: str,
-                level: float) -> Comparison:
+def _t_interval(
+    difference: float, standard_error: float, df: float, n_a: int, n_b: int, test: str, level: float
+) -> Comparison:
     quantile = float(scipy_stats.t.ppf(0.5 + level / 2, df))
     p = float(2 * scipy_stats.t.sf(abs(difference) / standard_error, df))
-    return Comparison(difference, difference - quantile * standard_error, difference + quantile * standard_error, p,
-                      n_a, n_b, test, level)
+    return Comparison(
+        difference,
+        difference - quantile * standard_error,
+        difference + quantile * standard_error,
+        p,
+        n_a,
+        n_b,
+        test,
+        level,
+    )
 
 
 def _check_level(level: float) -> None:

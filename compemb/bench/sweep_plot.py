@@ -91,8 +91,11 @@ def _number(x: float) -> str:
 
 # an x axis: its label, how a value reads in a row's label or the legend, how it reads as a tick
 X_AXES: dict[str, tuple[str, Callable[[float], str], Callable[[float], str]]] = {
-    "ratio": ("compression reached (full table bytes / stored bytes)", lambda x: f"{_number(x)}x",
-              lambda x: f"{_number(x)}x"),
+    "ratio": (
+        "compression reached (full table bytes / stored bytes)",
+        lambda x: f"{_number(x)}x",
+        lambda x: f"{_number(x)}x",
+    ),
     "params": ("parameters (stored bytes / 4)", lambda x: f"{_number(x)} params", _number),
 }
 
@@ -182,8 +185,17 @@ def _ranked(chart: Chart) -> Figure:
     for row, (method, why) in enumerate(missing, start=len(ranked)):
         labels.append(method)
         values.append("—")
-        axes.text(0.01, row, f"no result: {why}", va="center", fontsize=8, color="0.3", zorder=4,
-                  bbox={"facecolor": "white", "edgecolor": "none", "pad": 1}, transform=axes.get_yaxis_transform())
+        axes.text(
+            0.01,
+            row,
+            f"no result: {why}",
+            va="center",
+            fontsize=8,
+            color="0.3",
+            zorder=4,
+            bbox={"facecolor": "white", "edgecolor": "none", "pad": 1},
+            transform=axes.get_yaxis_transform(),
+        )
     handles = _ranked_axis(axes, chart, [p for _, p in ranked]) if ranked else []
     if not ranked:
         axes.text(0.5, 0.5, "no method has a result to plot", ha="center", va="center", transform=axes.transAxes)
@@ -219,8 +231,16 @@ def _ranked_axis(axes: Axes, chart: Chart, points: list[Point]) -> list:
         if not on:  # too far off to draw without squashing the rest: an arrow at the edge, its value on the right
             edge, marker, align = (high, ">", "right") if point.mean > high else (low, "<", "left")
             axes.plot([edge], [row], marker=marker, color=OTHERS, markersize=8, clip_on=False, label="off the axis")
-            axes.annotate("off the axis", (edge, row), xytext=(-10 if align == "right" else 10, 0),
-                          textcoords="offset points", ha=align, va="center", fontsize=8, color="0.3")
+            axes.annotate(
+                "off the axis",
+                (edge, row),
+                xytext=(-10 if align == "right" else 10, 0),
+                textcoords="offset points",
+                ha=align,
+                va="center",
+                fontsize=8,
+                color="0.3",
+            )
     best = points[0]
     axes.axvspan(best.mean - best.sd, best.mean + best.sd, color=WINNER, alpha=0.1, zorder=0)
     handles = [Patch(color=WINNER, alpha=0.2, label="the best one's mean ± 1 sd (tested verdicts: comparison.md)")]
@@ -249,9 +269,17 @@ def _by_ratio(chart: Chart) -> Figure:
         if method in drawn:
             colour, marker, line = _style(index)
             points = drawn[method]
-            handles[method] = axes.errorbar([p.x for p in points], [p.mean for p in points],
-                                            yerr=[p.sd for p in points], color=colour, marker=marker,
-                                            linestyle=line, capsize=3, markersize=6, label=method)
+            handles[method] = axes.errorbar(
+                [p.x for p in points],
+                [p.mean for p in points],
+                yerr=[p.sd for p in points],
+                color=colour,
+                marker=marker,
+                linestyle=line,
+                capsize=3,
+                markersize=6,
+                label=method,
+            )
     # the legend ranks the methods where most of them ran: the most compressed point half of them or more reached
     everywhere = chart.most_compressed(list({p.x for points in drawn.values() for p in points}))
     target = next(x for x in everywhere if 2 * sum(_near(p, x) is not None for p in drawn.values()) >= len(drawn))
@@ -261,17 +289,28 @@ def _by_ratio(chart: Chart) -> Figure:
         return (0, chart.rank_key(point)) if point else (1, 0.0)
 
     order = sorted(drawn, key=rank)
-    low, high, off = _fit([p.mean - p.sd for ps in drawn.values() for p in ps],
-                          [p.mean + p.sd for ps in drawn.values() for p in ps], chart.references)
+    low, high, off = _fit(
+        [p.mean - p.sd for ps in drawn.values() for p in ps],
+        [p.mean + p.sd for ps in drawn.values() for p in ps],
+        chart.references,
+    )
     axes.set_ylim(low, high)
     extra = _references(axes, chart, off, vertical=False)
-    extra += [Line2D([], [], linestyle="none", label=f"{m}: no result ({why})") for m, why in chart.missing.items()
-              if m not in drawn]
+    extra += [
+        Line2D([], [], linestyle="none", label=f"{m}: no result ({why})")
+        for m, why in chart.missing.items()
+        if m not in drawn
+    ]
     _x_axis(axes, chart, everywhere)
     axes.set_ylabel(f"{chart.metric} ({chart.better})")
     axes.set_title(f"{chart.metric} against the {chart.x_label.split(' (')[0]}", loc="left")
-    figure.legend(handles=[handles[m] for m in order] + extra, loc="outside right upper", fontsize=8,
-                  title=f"best first at {chart.x_text(target)}\nerror bars: {SPREAD}", title_fontsize=8)
+    figure.legend(
+        handles=[handles[m] for m in order] + extra,
+        loc="outside right upper",
+        fontsize=8,
+        title=f"best first at {chart.x_text(target)}\nerror bars: {SPREAD}",
+        title_fontsize=8,
+    )
     return figure
 
 

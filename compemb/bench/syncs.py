@@ -48,8 +48,14 @@ WAITING_OPS = {
 }
 _INDEX_OPS = {_aten.index.Tensor, _aten.index_put.default, _aten.index_put_.default, _aten._index_put_impl_.default}
 # ops that launch nothing on a device (views are left out too): the rest approximates the kernels a step launches
-_NO_KERNEL = {_aten.empty.memory_format, _aten.empty_strided.default, _aten.detach.default, _aten.alias.default,
-              _aten.lift_fresh.default, _aten._local_scalar_dense.default}
+_NO_KERNEL = {
+    _aten.empty.memory_format,
+    _aten.empty_strided.default,
+    _aten.detach.default,
+    _aten.alias.default,
+    _aten.lift_fresh.default,
+    _aten._local_scalar_dense.default,
+}
 _HOST_METHODS = {"tolist": "tolist", "numpy": "numpy", "cpu": "cpu"}
 _HERE = str(Path(__file__).resolve())
 
@@ -116,8 +122,9 @@ class SyncCounter:
         frames = [f for f in traceback.extract_stack()[:-1] if f.filename != _HERE and "/torch/" not in f.filename]
         ours = [f for f in frames if "/compemb/" in f.filename]
         frame = (ours or frames or [None])[-1]
-        where = "?" if frame is None else \
-            f"{Path(frame.filename).parent.name}/{Path(frame.filename).name}:{frame.lineno}"
+        where = (
+            "?" if frame is None else f"{Path(frame.filename).parent.name}/{Path(frame.filename).name}:{frame.lineno}"
+        )
         self.places[f"{where} ({kind})"] += 1
 
     def __enter__(self) -> SyncCounter:
@@ -146,8 +153,18 @@ def _stepping_trainer(config: Any, out: str, **changes: Any) -> tuple[Any, list[
     told the run's length as ``fit`` tells them."""
     from compemb.train import Trainer
 
-    trainer = Trainer(dataclasses.replace(config, out=out, epochs=10**6, eval_every=0, evals_per_epoch=0,
-                                          checkpoint_minutes=0, checkpoint_epochs=False, **changes))
+    trainer = Trainer(
+        dataclasses.replace(
+            config,
+            out=out,
+            epochs=10**6,
+            eval_every=0,
+            evals_per_epoch=0,
+            checkpoint_minutes=0,
+            checkpoint_epochs=False,
+            **changes,
+        )
+    )
     adaptive = [m for m in trainer.model.modules() if isinstance(m, CompressedEmbedding)]
     for module in adaptive:
         module.on_train_begin(trainer.total_steps, trainer.steps_per_epoch)
@@ -188,10 +205,16 @@ def count_step_syncs(config: Any, warmup: int = 5, steps: int = 30) -> dict[str,
                 kinds.update(counter.kinds)
                 places.update(counter.places)
         measured = max(1, len(counts))
-        return {"method": config.method, "steps": len(counts), "per_step": sum(counts) / measured,
-                "most": max(counts, default=0), "excluded": excluded,
-                "ops_per_step": sum(ops) / measured, "kinds": dict(kinds),
-                "places": {place: count / measured for place, count in places.most_common()}}
+        return {
+            "method": config.method,
+            "steps": len(counts),
+            "per_step": sum(counts) / measured,
+            "most": max(counts, default=0),
+            "excluded": excluded,
+            "ops_per_step": sum(ops) / measured,
+            "kinds": dict(kinds),
+            "places": {place: count / measured for place, count in places.most_common()},
+        }
 
 
 def count_cuda_syncs(config: Any, warmup: int = 10, steps: int = 50) -> float:
@@ -225,9 +248,19 @@ def measure_syncs(base: Any, methods: Sequence[str], warmup: int = 5, steps: int
         try:
             row = count_step_syncs(config, warmup, steps)
         except BudgetError as error:  # a method that cannot be built at this budget is a row that says so
-            rows.append({"method": method, "steps": 0, "per_step": float("nan"), "most": 0, "excluded": 0,
-                         "ops_per_step": float("nan"),
-                         "kinds": {}, "places": {}, "note": str(error)})
+            rows.append(
+                {
+                    "method": method,
+                    "steps": 0,
+                    "per_step": float("nan"),
+                    "most": 0,
+                    "excluded": 0,
+                    "ops_per_step": float("nan"),
+                    "kinds": {},
+                    "places": {},
+                    "note": str(error),
+                }
+            )
             continue
         if torch.device(base.device).type == "cuda":
             row["cuda_per_step"] = count_cuda_syncs(config)
@@ -238,13 +271,21 @@ def measure_syncs(base: Any, methods: Sequence[str], warmup: int = 5, steps: int
 def format_syncs(rows: Sequence[dict[str, Any]]) -> str:
     """A markdown table of :func:`measure_syncs`'s rows: ops per step and the lines that ask."""
     cuda = any("cuda_per_step" in row for row in rows)
-    head = "| method | waits/step | most in a step | steps (left out) | ops/step |" + (" CUDA syncs/step |" if cuda else "")
+    head = "| method | waits/step | most in a step | steps (left out) | ops/step |" + (
+        " CUDA syncs/step |" if cuda else ""
+    )
     lines = [head + " where |", "|---|---:|---:|---:|---:|" + ("---:|" if cuda else "") + "---|"]
     for row in rows:
-        where = "; ".join(f"{place} x{count:g}" for place, count in list(row["places"].items())[:4]) or \
-            row.get("note", "—")
-        cells = [row["method"], f"{row['per_step']:.2f}", str(row["most"]), f"{row['steps']} ({row['excluded']})",
-                 f"{row.get('ops_per_step', float('nan')):,.0f}"]
+        where = "; ".join(f"{place} x{count:g}" for place, count in list(row["places"].items())[:4]) or row.get(
+            "note", "—"
+        )
+        cells = [
+            row["method"],
+            f"{row['per_step']:.2f}",
+            str(row["most"]),
+            f"{row['steps']} ({row['excluded']})",
+            f"{row.get('ops_per_step', float('nan')):,.0f}",
+        ]
         if cuda:
             cells.append(f"{row.get('cuda_per_step', float('nan')):.2f}")
         lines.append("| " + " | ".join(cells + [where]) + " |")

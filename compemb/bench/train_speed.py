@@ -37,12 +37,17 @@ class SpeedRow:
     target: float | None
     warmup_s: float = 0.0  # the first 3 steps (optimizer state, compiled kernels, torch.compile)
 
+
 COMPILED = "+compile"
 TORCH_KERNELS = "+torch"
 
 
 def measure_training_speed(
-    base: TrainConfig, methods: list[str], baseline: str, rounds: int = 7, steps: int = 20,
+    base: TrainConfig,
+    methods: list[str],
+    baseline: str,
+    rounds: int = 7,
+    steps: int = 20,
     targets: dict[str, float] | None = None,
 ) -> list[SpeedRow]:
     """Train every method and the baseline in alternation; return the baseline row first, then each method's."""
@@ -52,11 +57,19 @@ def measure_training_speed(
     for name in names:
         method = name.removesuffix(COMPILED).removesuffix(TORCH_KERNELS)
         kernels = "torch" if name.endswith(TORCH_KERNELS) else base.kernels
-        trainers[name] = Trainer(dataclasses.replace(
-            base, method=method, out=f"{base.out}/{name}", epochs=10**6, compile=name.endswith(COMPILED),
-            kernels=kernels,
-            compression=base.compression if get_method(method).compresses else None,
-            checkpoint_minutes=0, checkpoint_epochs=False))  # timing steps only
+        trainers[name] = Trainer(
+            dataclasses.replace(
+                base,
+                method=method,
+                out=f"{base.out}/{name}",
+                epochs=10**6,
+                compile=name.endswith(COMPILED),
+                kernels=kernels,
+                compression=base.compression if get_method(method).compresses else None,
+                checkpoint_minutes=0,
+                checkpoint_epochs=False,
+            )
+        )  # timing steps only
     # CUDA runs ahead of Python: wait for a block's queued work before reading the clock
     sync = torch.cuda.synchronize if torch.device(base.device).type == "cuda" else (lambda: None)
     warmup: dict[str, float] = {}
@@ -78,35 +91,64 @@ def measure_training_speed(
     rows = []
     for name in names:
         ratios = [b / m for b, m in zip(seconds[baseline], seconds[name])]
-        rows.append(SpeedRow(name, samples / statistics.median(seconds[name]), statistics.median(ratios),
-                             (targets or {}).get(name), warmup[name]))
+        rows.append(
+            SpeedRow(
+                name,
+                samples / statistics.median(seconds[name]),
+                statistics.median(ratios),
+                (targets or {}).get(name),
+                warmup[name],
+            )
+        )
     return rows
 
 
 def speed_table(rows: list[SpeedRow], baseline: str) -> str:
     """The rows as a markdown table."""
-    lines = [f"| method | samples/s | x {baseline} | target | met | first 3 steps (s) |", "|---|---:|---:|---:|---|---:|"]
+    lines = [
+        f"| method | samples/s | x {baseline} | target | met | first 3 steps (s) |",
+        "|---|---:|---:|---:|---|---:|",
+    ]
     for row in rows:
         target = f">= {row.target:g}" if row.target else ""
         met = "" if not row.target else ("yes" if row.ratio >= row.target else "NO")
-        lines.append(f"| {row.method} | {row.samples_per_s:,.0f} | {row.ratio:.2f} | {target} | {met} | "
-                     f"{row.warmup_s:.1f} |")
+        lines.append(
+            f"| {row.method} | {row.samples_per_s:,.0f} | {row.ratio:.2f} | {target} | {met} | {row.warmup_s:.1f} |"
+        )
     return "\n".join(lines)
 
 
-def write_speed(rows: list[SpeedRow], base: TrainConfig, baseline: str, rounds: int, steps: int,
-                output: str | Path) -> str:
+def write_speed(
+    rows: list[SpeedRow], base: TrainConfig, baseline: str, rounds: int, steps: int, output: str | Path
+) -> str:
     """Write ``output``.md and .json (atomically); return the markdown."""
-    settings = {"data": base.data, "dim": base.embedding_dim, "bottom": base.bottom, "top": base.top,
-                "optimizer": base.optimizer, "batch_size": base.batch_size, "compression": base.compression,
-                "rounds": rounds, "steps": steps, "threads": torch.get_num_threads(), "torch": torch.__version__,
-                "device": base.device,
-                "date": datetime.date.today().isoformat()}
-    text = (f"DLRM training speed against `{baseline}` (median of per-block ratios, {rounds} rounds of {steps} "
-            f"alternating steps, batch {base.batch_size}, {base.optimizer}, compression {base.compression:g}, "
-            f"dim {base.embedding_dim}; torch {settings['torch']}, {settings['threads']} threads, {base.device}, "
-            f"{settings['date']}).\n\n" + speed_table(rows, baseline) + "\n")
+    settings = {
+        "data": base.data,
+        "dim": base.embedding_dim,
+        "bottom": base.bottom,
+        "top": base.top,
+        "optimizer": base.optimizer,
+        "batch_size": base.batch_size,
+        "compression": base.compression,
+        "rounds": rounds,
+        "steps": steps,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "device": base.device,
+        "date": datetime.date.today().isoformat(),
+    }
+    text = (
+        f"DLRM training speed against `{baseline}` (median of per-block ratios, {rounds} rounds of {steps} "
+        f"alternating steps, batch {base.batch_size}, {base.optimizer}, compression {base.compression:g}, "
+        f"dim {base.embedding_dim}; torch {settings['torch']}, {settings['threads']} threads, {base.device}, "
+        f"{settings['date']}).\n\n" + speed_table(rows, baseline) + "\n"
+    )
     atomic_write_text(f"{output}.md", text)
-    atomic_write_text(f"{output}.json", json.dumps({"settings": settings, "baseline": baseline,
-                                                    "rows": [dataclasses.asdict(r) for r in rows]}, indent=2) + "\n")
+    atomic_write_text(
+        f"{output}.json",
+        json.dumps(
+            {"settings": settings, "baseline": baseline, "rows": [dataclasses.asdict(r) for r in rows]}, indent=2
+        )
+        + "\n",
+    )
     return text

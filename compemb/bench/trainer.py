@@ -35,8 +35,11 @@ class MinimalLoop:
         self.steps_per_epoch = trainer.steps_per_epoch
         self.model = build_model(config, trainer.manifest["cardinalities"], self.split.dense.shape[1])
         self.optimizer = make_optimizer(config, self.model)
-        self.hooked = [m for m in self.model.modules() if isinstance(m, CompressedEmbedding)
-                       and type(m).on_step_end is not CompressedEmbedding.on_step_end]
+        self.hooked = [
+            m
+            for m in self.model.modules()
+            if isinstance(m, CompressedEmbedding) and type(m).on_step_end is not CompressedEmbedding.on_step_end
+        ]
         self.step = 0
 
     def run(self, steps: int) -> None:
@@ -55,38 +58,50 @@ class MinimalLoop:
 def measure_trainer_overhead(base: TrainConfig, rounds: int = 7, steps: int = 30) -> dict:
     """Alternate blocks of the trainer and the minimal loop; the median ratio of their samples/s and both rates."""
     os.environ.setdefault("TQDM_DISABLE", "1")
-    config = dataclasses.replace(base, epochs=10**6, eval_every=0, evals_per_epoch=0, checkpoint_minutes=0,
-                                 checkpoint_epochs=False)  # steps only: no evaluation or checkpoint in the blocks
+    config = dataclasses.replace(
+        base, epochs=10**6, eval_every=0, evals_per_epoch=0, checkpoint_minutes=0, checkpoint_epochs=False
+    )  # steps only: no evaluation or checkpoint in the blocks
     trainer = Trainer(config, overwrite=True)
     minimal = MinimalLoop(trainer)
     trainer.fit(stop_at=3)  # warm up both: the first steps allocate optimizer state
     minimal.run(3)
     seconds: dict[str, list[float]] = {"trainer": [], "minimal": []}
     for index in range(rounds):
-        for name in (("trainer", "minimal") if index % 2 == 0 else ("minimal", "trainer")):
+        for name in ("trainer", "minimal") if index % 2 == 0 else ("minimal", "trainer"):
             started = time.perf_counter()
             trainer.fit(stop_at=trainer.step + steps) if name == "trainer" else minimal.run(steps)
             seconds[name].append(time.perf_counter() - started)
     samples = steps * config.batch_size
     ratios = [m / t for m, t in zip(seconds["minimal"], seconds["trainer"])]
-    return {"ratio": statistics.median(ratios), "trainer_samples_per_s": samples / statistics.median(seconds["trainer"]),
-            "minimal_samples_per_s": samples / statistics.median(seconds["minimal"]), "target": TARGET,
-            "rounds": rounds, "steps": steps, "method": config.method, "optimizer": config.optimizer,
-            "batch_size": config.batch_size, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "date": str(datetime.date.today()), "data": config.data}
+    return {
+        "ratio": statistics.median(ratios),
+        "trainer_samples_per_s": samples / statistics.median(seconds["trainer"]),
+        "minimal_samples_per_s": samples / statistics.median(seconds["minimal"]),
+        "target": TARGET,
+        "rounds": rounds,
+        "steps": steps,
+        "method": config.method,
+        "optimizer": config.optimizer,
+        "batch_size": config.batch_size,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "date": str(datetime.date.today()),
+        "data": config.data,
+    }
 
 
 def write_overhead(result: dict, output: str) -> str:
     """``output``.md and .json; the markdown text."""
     met = "met" if result["ratio"] >= result["target"] else f"MISSED by {result['target'] - result['ratio']:.3f}"
-    text = (f"`compemb train` against a minimal loop of the same model and data ({result['method']}, "
-            f"{result['optimizer']}, batch {result['batch_size']:,}; {result['rounds']} alternating rounds of "
-            f"{result['steps']} steps; torch {result['torch']}, {result['threads']} threads, {result['date']}; data "
-            f"{result['data']}).\n\n| loop | samples/s |\n|---|---:|\n"
-            f"| minimal | {result['minimal_samples_per_s']:,.0f} |\n| compemb Trainer | "
-            f"{result['trainer_samples_per_s']:,.0f} |\n\nTrainer / minimal (median of per-round ratios): "
-            f"**{result['ratio']:.3f}x**; target >= {result['target']}: {met}.\n")
+    text = (
+        f"`compemb train` against a minimal loop of the same model and data ({result['method']}, "
+        f"{result['optimizer']}, batch {result['batch_size']:,}; {result['rounds']} alternating rounds of "
+        f"{result['steps']} steps; torch {result['torch']}, {result['threads']} threads, {result['date']}; data "
+        f"{result['data']}).\n\n| loop | samples/s |\n|---|---:|\n"
+        f"| minimal | {result['minimal_samples_per_s']:,.0f} |\n| compemb Trainer | "
+        f"{result['trainer_samples_per_s']:,.0f} |\n\nTrainer / minimal (median of per-round ratios): "
+        f"**{result['ratio']:.3f}x**; target >= {result['target']}: {met}.\n"
+    )
     atomic_write_text(f"{output}.md", text)
     atomic_write_text(f"{output}.json", json.dumps(result, indent=2) + "\n")
     return text
-

@@ -19,12 +19,16 @@ SweepRow = Any
 
 
 def _by_seed(rows: Sequence[SweepRow], method: str, ratio: float, metric: str) -> dict[int, float]:
-    return {r.seed: getattr(r, metric) for r in rows
-            if r.method == method and r.ratio_asked == ratio and getattr(r, metric) is not None}
+    return {
+        r.seed: getattr(r, metric)
+        for r in rows
+        if r.method == method and r.ratio_asked == ratio and getattr(r, metric) is not None
+    }
 
 
-def comparisons(rows: Sequence[SweepRow], baseline: str, metric: str = "test_bce",
-                test: str = "welch") -> list[tuple[str, float, Comparison]]:
+def comparisons(
+    rows: Sequence[SweepRow], baseline: str, metric: str = "test_bce", test: str = "welch"
+) -> list[tuple[str, float, Comparison]]:
     """``(method, ratio asked, comparison of method - baseline)`` for every other method at a ratio the baseline ran."""
     found = []
     seen: list[tuple[str, float]] = []
@@ -41,7 +45,7 @@ def comparisons(rows: Sequence[SweepRow], baseline: str, metric: str = "test_bce
 
 
 def verdict(comparison: Comparison, baseline: str, lower_is_better: bool = True, metric: str = "BCE") -> str:
-    """"lower BCE than hash", "higher ...", "no difference shown", or why no test could be made."""
+    """ "lower BCE than hash", "higher ...", "no difference shown", or why no test could be made."""
     if comparison.low is None:
         return f"too few seeds to test ({comparison.n_a} and {comparison.n_b}; 2 or more each)"
     if not comparison.shown:
@@ -87,7 +91,8 @@ def comparison_table(rows: Sequence[SweepRow], baseline: str, test: str = "welch
         a = auc.get((method, ratio))
         lines.append(
             f"| {method} | {ratio:g} | {c.n_a} / {c.n_b} | {_interval(c, '+.4f')} | {_p(c.p)} | {_p(p_holm)} | "
-            f"{_interval(a, '+.4f') if a else '—'} | {_p(a.p) if a else '—'} | {verdict(c, baseline)} |")
+            f"{_interval(a, '+.4f') if a else '—'} | {_p(a.p) if a else '—'} | {verdict(c, baseline)} |"
+        )
     return "\n".join(lines)
 
 

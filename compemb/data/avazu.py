@@ -83,8 +83,14 @@ def _rows(path: Path, rejections: Rejections, strict: bool) -> Iterator[tuple[in
                 rejections.add(error.reason, line[0])
 
 
-def preprocess_avazu(source: str | os.PathLike, out: str | os.PathLike, min_count: int = 3,
-                     strict: bool = False, chunk_rows: int = 100_000, overwrite: bool = False) -> dict:
+def preprocess_avazu(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    min_count: int = 3,
+    strict: bool = False,
+    chunk_rows: int = 100_000,
+    overwrite: bool = False,
+) -> dict:
     """Preprocess an Avazu CSV into ``out``; return the manifest facts."""
     source = Path(source)
     check_output(out, (source,), overwrite=overwrite)  # before the long read, and never over its own input
@@ -114,18 +120,30 @@ def preprocess_avazu(source: str | os.PathLike, out: str | os.PathLike, min_coun
 
         for label, features in _rows(source, Rejections(), strict=False):
             labels.append(label)
-            ids.append([vocabulary.get(value, RARE_ID if value else MISSING_ID)
-                        for vocabulary, value in zip(vocabularies, features)])
+            ids.append(
+                [
+                    vocabulary.get(value, RARE_ID if value else MISSING_ID)
+                    for vocabulary, value in zip(vocabularies, features)
+                ]
+            )
             if len(labels) == chunk_rows:
                 flush()
         if labels:
             flush()
-        writer.facts.update({
-            "source": "avazu", "input": str(source), "rows_read": kept + rejections.total, "rows_kept": kept,
-            "rejected": {"total": rejections.total, "by_reason": dict(rejections.counts),
-                         "first_lines": rejections.lines},
-            "options": {"min_count": min_count, "strict": strict},
-            "features": ["hour_of_day", "weekday", *_header(source)[3:]],
-        })
+        writer.facts.update(
+            {
+                "source": "avazu",
+                "input": str(source),
+                "rows_read": kept + rejections.total,
+                "rows_kept": kept,
+                "rejected": {
+                    "total": rejections.total,
+                    "by_reason": dict(rejections.counts),
+                    "first_lines": rejections.lines,
+                },
+                "options": {"min_count": min_count, "strict": strict},
+                "features": ["hour_of_day", "weekday", *_header(source)[3:]],
+            }
+        )
         facts = dict(writer.facts)
     return facts

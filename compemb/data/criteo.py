@@ -228,14 +228,21 @@ def read_line(file: BinaryIO, max_line_bytes: int, where: object) -> bytes:
     except (EOFError, zlib.error) as error:  # a gzip stream cut short or garbled (neither is an OSError)
         raise ValueError(f"{where}: not a whole gzip stream ({type(error).__name__}: {error})") from None
     if len(line) > max_line_bytes and not line.endswith(b"\n"):
-        raise ValueError(f"{where}: a line longer than {max_line_bytes:,} bytes: not a row of this format "
-                         f"(is this the right file?)")
+        raise ValueError(
+            f"{where}: a line longer than {max_line_bytes:,} bytes: not a row of this format (is this the right file?)"
+        )
     return line
 
 
 def read_rows(
-    path: str | os.PathLike, has_label: bool, rejections: Rejections, strict: bool, block_bytes: int = 1 << 25,
-    start: int = 0, end: int | None = None, max_line_bytes: int = MAX_LINE_BYTES,
+    path: str | os.PathLike,
+    has_label: bool,
+    rejections: Rejections,
+    strict: bool,
+    block_bytes: int = 1 << 25,
+    start: int = 0,
+    end: int | None = None,
+    max_line_bytes: int = MAX_LINE_BYTES,
 ) -> Iterator[Block]:
     """Stream a Criteo TSV file (plain or gzip) in blocks of about ``block_bytes``; parse each with compiled code.
 
@@ -273,8 +280,10 @@ def read_rows(
             carry, data = data[cut:], data[:cut]
             if len(carry) > max_line_bytes:
                 number = line_number + data.count(b"\n") + 1
-                raise ValueError(f"{path}:{number}: a line longer than {max_line_bytes:,} bytes: not a row of this "
-                                 f"format (is this the right file?)")
+                raise ValueError(
+                    f"{path}:{number}: a line longer than {max_line_bytes:,} bytes: not a row of this "
+                    f"format (is this the right file?)"
+                )
             if data:
                 block = _parse_block(path, data, has_label, line_number, rejections, strict)
                 line_number += len(block.status)
@@ -458,7 +467,12 @@ _WRITE: dict = {}
 
 def _write_piece(piece: Piece, split_starts: dict[str, int], position: int) -> int:
     """Transform one piece's good rows and write them at row ``position`` of the splits (in their order)."""
-    categorify, hash_mod, directory, rows = _WRITE["categorify"], _WRITE["hash_mod"], _WRITE["directory"], _WRITE["rows"]
+    categorify, hash_mod, directory, rows = (
+        _WRITE["categorify"],
+        _WRITE["hash_mod"],
+        _WRITE["directory"],
+        _WRITE["rows"],
+    )
     arrays: dict[str, dict[str, np.ndarray]] = {}
     written = 0
     for block in read_rows(piece.path, piece.has_label, Rejections(), strict=False, start=piece.start, end=piece.end):
@@ -473,8 +487,11 @@ def _write_piece(piece: Piece, split_starts: dict[str, int], position: int) -> i
             if low >= high:
                 continue
             if split not in arrays:
-                arrays[split] = {name: np.load(directory / split / f"{name}.npy", mmap_mode="r+")
-                                 for name in ("dense", "sparse", "labels") if (directory / split / f"{name}.npy").exists()}
+                arrays[split] = {
+                    name: np.load(directory / split / f"{name}.npy", mmap_mode="r+")
+                    for name in ("dense", "sparse", "labels")
+                    if (directory / split / f"{name}.npy").exists()
+                }
             part, at = slice(low - position, high - position), slice(low - first, high - first)
             arrays[split]["dense"][at] = dense[part]
             arrays[split]["sparse"][at] = ids[part]
@@ -511,8 +528,9 @@ def _run(function, tasks: list[tuple], processes: int, bar: tqdm, advance) -> li
         return results
     # an executor, not multiprocessing.Pool: a Pool replaces a worker that died and waits forever for its task;
     # the executor breaks, and the parent says so
-    with concurrent.futures.ProcessPoolExecutor(min(processes, len(tasks)), multiprocessing.get_context("fork"),
-                                                _die_with_parent, (os.getpid(),)) as pool:
+    with concurrent.futures.ProcessPoolExecutor(
+        min(processes, len(tasks)), multiprocessing.get_context("fork"), _die_with_parent, (os.getpid(),)
+    ) as pool:
         pending = [pool.submit(function, *task) for task in tasks]
         results = []
         try:
@@ -522,8 +540,10 @@ def _run(function, tasks: list[tuple], processes: int, bar: tqdm, advance) -> li
         except concurrent.futures.process.BrokenProcessPool:
             for job in pending:
                 job.cancel()
-            raise OSError("a preprocessing worker process died (killed, or out of memory): nothing was "
-                          "published; run it again, with fewer --processes if memory is short") from None
+            raise OSError(
+                "a preprocessing worker process died (killed, or out of memory): nothing was "
+                "published; run it again, with fewer --processes if memory is short"
+            ) from None
         return results
 
 
@@ -574,32 +594,45 @@ def preprocess_criteo(
     if own_splits and days:
         raise ValueError("--days splits the last day into test and val: not with --val/--test")
     if len(sources) > 1 and not (days or own_splits):
-        raise ValueError(f"{len(sources)} input files: give --days (Terabyte days in order: the last day halved into "
-                         f"test and val) or --val FILE --test FILE (every input is training data)")
+        raise ValueError(
+            f"{len(sources)} input files: give --days (Terabyte days in order: the last day halved into "
+            f"test and val) or --val FILE --test FILE (every input is training data)"
+        )
     held_out = [(Path(val), True), (Path(test), True)] if own_splits else []  # type: ignore[arg-type]
     processes = min(os.cpu_count() or 1, 8) if processes is None else processes
     if processes < 1:
         raise ValueError(f"processes must be >= 1, got {processes}")
     if strict:  # the first bad row by file order and its line number need one reader in order
         processes = 1
-    inputs = [(path, True) for path in sources] + held_out + \
-        ([(Path(unlabeled), False)] if unlabeled is not None else [])
+    inputs = (
+        [(path, True) for path in sources] + held_out + ([(Path(unlabeled), False)] if unlabeled is not None else [])
+    )
     if len({path.resolve() for path, _ in inputs}) != len(inputs):
         raise ValueError("an input file is given twice (train, --val, --test and --unlabeled must differ)")
     counted_paths = set(sources)  # the vocabulary is counted over the training files (all inputs but held-out ones)
     for path, _ in inputs:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such file")
-    check_output(out, tuple(path for path, _ in inputs), overwrite=overwrite)  # before the long read, and never over its own input
-    pieces = [piece for path, has_label in inputs
-              for piece in split_pieces(path, has_label, piece_bytes if processes > 1 else 1 << 62)]
+    check_output(
+        out, tuple(path for path, _ in inputs), overwrite=overwrite
+    )  # before the long read, and never over its own input
+    pieces = [
+        piece
+        for path, has_label in inputs
+        for piece in split_pieces(path, has_label, piece_bytes if processes > 1 else 1 << 62)
+    ]
     # pass 1: validate, count rows and (to categorify) every feature's values
     bar = tqdm(desc="count", unit="rows", unit_scale=True, disable=bar_disabled(progress))
     counted: list[PieceCount] = _run(
-        _count_piece, [(piece, hash_mod is None and piece.has_label and (piece.path in counted_paths
-                                                                          or not own_splits), strict)
-                       for piece in pieces], processes, bar,
-        lambda result: result.lines)
+        _count_piece,
+        [
+            (piece, hash_mod is None and piece.has_label and (piece.path in counted_paths or not own_splits), strict)
+            for piece in pieces
+        ],
+        processes,
+        bar,
+        lambda result: result.lines,
+    )
     bar.close()
     rejections = {path: Rejections() for path, _ in inputs}
     kept = {path: 0 for path, _ in inputs}
@@ -620,8 +653,9 @@ def preprocess_criteo(
         if lines_before[path] == 0:
             raise ValueError(f"{path} is empty")
         if kept[path] == 0:
-            raise ValueError(f"{path}: no good rows ({rejections[path].total} rejected: "
-                             f"{dict(rejections[path].counts)})")
+            raise ValueError(
+                f"{path}: no good rows ({rejections[path].total} rejected: {dict(rejections[path].counts)})"
+            )
     if hash_mod is None:
         categorify = Categorifier(counts, min_count)
         cardinalities = categorify.cardinalities
@@ -637,8 +671,9 @@ def preprocess_criteo(
     if unlabeled is not None:
         rows["unlabeled"] = kept[Path(unlabeled)]
     # pass 2: transform and write; each piece's rows go where file order puts them (the splits fill in order)
-    with DatasetWriter(out, rows, NUM_DENSE, cardinalities, unlabeled=("unlabeled",) if unlabeled else (),
-                       overwrite=overwrite) as writer:
+    with DatasetWriter(
+        out, rows, NUM_DENSE, cardinalities, unlabeled=("unlabeled",) if unlabeled else (), overwrite=overwrite
+    ) as writer:
         labeled_starts, start = {}, 0
         for split in (name for name in rows if name != "unlabeled"):
             labeled_starts[split], start = start, start + rows[split]
@@ -646,8 +681,13 @@ def preprocess_criteo(
         for piece, result in zip(pieces, counted):
             tasks.append((piece, labeled_starts if piece.has_label else {"unlabeled": 0}, position[piece.has_label]))
             position[piece.has_label] += result.kept
-        _WRITE.update(categorify=categorify if hash_mod is None else None, hash_mod=hash_mod,
-                      directory=writer.temporary, rows=rows, cardinalities=np.array(cardinalities))
+        _WRITE.update(
+            categorify=categorify if hash_mod is None else None,
+            hash_mod=hash_mod,
+            directory=writer.temporary,
+            rows=rows,
+            cardinalities=np.array(cardinalities),
+        )
         bar = tqdm(total=sum(rows.values()), desc="write", unit="rows", unit_scale=True, disable=bar_disabled(progress))
         try:
             _run(_write_piece, tasks, processes, bar, lambda written: written)
@@ -660,20 +700,32 @@ def preprocess_criteo(
         for rejected in rejections.values():
             total.counts.update(rejected.counts)
         # first line numbers by reason; with several input files, by file then reason
-        first_lines = (rejections[inputs[0][0]].lines if len(inputs) == 1 else
-                       {str(path): rejected.lines for path, rejected in rejections.items() if rejected.lines})
+        first_lines = (
+            rejections[inputs[0][0]].lines
+            if len(inputs) == 1
+            else {str(path): rejected.lines for path, rejected in rejections.items() if rejected.lines}
+        )
         if hash_mod is None:  # the raw values behind the ids: what maps a raw row at prediction time
             categorify.save(writer.temporary / VOCABULARY)
-        writer.facts.update({
-            "source": "criteo-own-splits" if own_splits else "criteo-terabyte" if days else "criteo-kaggle",
-            "files": {str(path): {"kept": kept[path], "rejected": rejections[path].total} for path, _ in inputs},
-            "rows": dict(rows),
-            "input": [str(path) for path, _ in inputs] if len(inputs) > 1 else str(sources[0]),
-            "rows_read": sum(kept.values()) + total.total, "rows_kept": sum(kept.values()),
-            "rejected": {"total": total.total, "by_reason": dict(total.counts), "first_lines": first_lines},
-            "options": {"min_count": min_count, "hash_mod": hash_mod, "strict": strict, "days": days,
-                        "unlabeled": None if unlabeled is None else str(unlabeled),
-                        "val": None if val is None else str(val), "test": None if test is None else str(test)},
-        })
+        writer.facts.update(
+            {
+                "source": "criteo-own-splits" if own_splits else "criteo-terabyte" if days else "criteo-kaggle",
+                "files": {str(path): {"kept": kept[path], "rejected": rejections[path].total} for path, _ in inputs},
+                "rows": dict(rows),
+                "input": [str(path) for path, _ in inputs] if len(inputs) > 1 else str(sources[0]),
+                "rows_read": sum(kept.values()) + total.total,
+                "rows_kept": sum(kept.values()),
+                "rejected": {"total": total.total, "by_reason": dict(total.counts), "first_lines": first_lines},
+                "options": {
+                    "min_count": min_count,
+                    "hash_mod": hash_mod,
+                    "strict": strict,
+                    "days": days,
+                    "unlabeled": None if unlabeled is None else str(unlabeled),
+                    "val": None if val is None else str(val),
+                    "test": None if test is None else str(test),
+                },
+            }
+        )
         facts = dict(writer.facts)
     return facts

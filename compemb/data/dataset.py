@@ -74,8 +74,10 @@ def check_output(path: str | os.PathLike, inputs: tuple[str | os.PathLike, ...] 
     if not path.is_dir():
         raise ValueError(f"output {path} exists and is not a directory: choose another --out")
     if any(path.iterdir()) and not _is_dataset(path):
-        raise ValueError(f"output {path} exists and is not a compemb data set (it would be replaced): "
-                         "choose a new or empty directory, or remove it yourself")
+        raise ValueError(
+            f"output {path} exists and is not a compemb data set (it would be replaced): "
+            "choose a new or empty directory, or remove it yourself"
+        )
     if _is_dataset(path) and not overwrite:
         raise ValueError(f"output {path} holds a compemb data set: --overwrite replaces it (or choose another --out)")
 
@@ -111,8 +113,16 @@ class DatasetWriter:
         [[1], [4]]
     """
 
-    def __init__(self, path: str | os.PathLike, rows: dict[str, int], num_dense: int, cardinalities: list[int],
-                 unlabeled: tuple[str, ...] = (), bags: list[dict[str, Any]] = (), overwrite: bool = False) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        rows: dict[str, int],
+        num_dense: int,
+        cardinalities: list[int],
+        unlabeled: tuple[str, ...] = (),
+        bags: list[dict[str, Any]] = (),
+        overwrite: bool = False,
+    ) -> None:
         self.path = Path(path)
         self.overwrite = overwrite  # an existing compemb data set at path may be replaced
         # multi-hot features: {"name", "cardinality", "pooling"} each; their ids are kept per chunk and written whole
@@ -122,34 +132,44 @@ class DatasetWriter:
             if bag.get("pooling") not in ("sum", "mean") or int(bag.get("cardinality", 0)) < 1 or not bag.get("name"):
                 raise ValueError(f"a bag feature needs a name, a cardinality >= 1 and pooling sum or mean, got {bag}")
         self._bag_chunks: dict[str, dict[str, list[tuple[np.ndarray, np.ndarray]]]] = {
-            split: {bag["name"]: [] for bag in self.bags} for split in rows}
+            split: {bag["name"]: [] for bag in self.bags} for split in rows
+        }
         self.unlabeled = tuple(unlabeled)
         check_output(self.path, overwrite=overwrite)
         # a name of its own: two writers of the same output never share (or delete) each other's files
         self.path.parent.mkdir(parents=True, exist_ok=True)
         remove_dead_temporaries(self.path)  # what a killed writer of this output left
         dtypes = {"dense": np.float32, "sparse": sparse_dtype(cardinalities), "labels": np.uint8}
-        need = sum(count * (num_dense * 4 + len(cardinalities) * np.dtype(dtypes["sparse"]).itemsize +
-                            (split not in self.unlabeled)) for split, count in rows.items())
+        need = sum(
+            count
+            * (num_dense * 4 + len(cardinalities) * np.dtype(dtypes["sparse"]).itemsize + (split not in self.unlabeled))
+            for split, count in rows.items()
+        )
         free = shutil.disk_usage(self.path.parent).free
         if need > free:  # before anything is written (an absurd --train-rows, a full disk)
-            raise OSError(f"no room for the data set {self.path}: its arrays need {need:,} bytes, {free:,} are free "
-                          f"on that disk")
-        self.temporary = Path(tempfile.mkdtemp(prefix=temporary_prefix(self.path), suffix=".partial",
-                                               dir=self.path.parent))
+            raise OSError(
+                f"no room for the data set {self.path}: its arrays need {need:,} bytes, {free:,} are free on that disk"
+            )
+        self.temporary = Path(
+            tempfile.mkdtemp(prefix=temporary_prefix(self.path), suffix=".partial", dir=self.path.parent)
+        )
         self.rows = dict(rows)
         self.cardinalities = list(cardinalities)
         self.filled = {split: 0 for split in rows}
         self.facts: dict[str, Any] = {}  # written into the manifest beside the row counts and cardinalities
         self.arrays: dict[str, dict[str, np.ndarray]] = {}
-        shapes = {"dense": ((num_dense,), np.float32), "sparse": ((len(cardinalities),), sparse_dtype(cardinalities)),
-                  "labels": ((), np.uint8)}
+        shapes = {
+            "dense": ((num_dense,), np.float32),
+            "sparse": ((len(cardinalities),), sparse_dtype(cardinalities)),
+            "labels": ((), np.uint8),
+        }
         try:
             for split, count in rows.items():
                 (self.temporary / split).mkdir()
                 self.arrays[split] = {
-                    name: np.lib.format.open_memmap(self.temporary / split / f"{name}.npy", mode="w+", dtype=dtype,
-                                                    shape=(count, *width))
+                    name: np.lib.format.open_memmap(
+                        self.temporary / split / f"{name}.npy", mode="w+", dtype=dtype, shape=(count, *width)
+                    )
                     for name, (width, dtype) in shapes.items()
                     if not (name == "labels" and split in self.unlabeled)
                 }
@@ -157,21 +177,30 @@ class DatasetWriter:
                     _reserve(self.temporary / split / f"{name}.npy")
         except OSError as error:  # no room for the arrays: nothing half-made is left beside the data set
             shutil.rmtree(self.temporary, ignore_errors=True)
-            raise OSError(f"no room for the data set {self.path} ({error.strerror}): its arrays need {need:,} "
-                          f"bytes") from None
+            raise OSError(
+                f"no room for the data set {self.path} ({error.strerror}): its arrays need {need:,} bytes"
+            ) from None
         except BaseException:
             shutil.rmtree(self.temporary, ignore_errors=True)
             raise
 
-    def write(self, split: str, dense: np.ndarray, sparse: np.ndarray, labels: np.ndarray | None,
-              bags: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> None:
+    def write(
+        self,
+        split: str,
+        dense: np.ndarray,
+        sparse: np.ndarray,
+        labels: np.ndarray | None,
+        bags: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+    ) -> None:
         """Append a chunk of rows to ``split`` (ids are checked against the cardinalities).
 
         ``bags``: each multi-hot feature's ``(values, lengths)`` for these rows (required when the writer has bags).
         """
         if (labels is None) != (split in self.unlabeled):
-            raise ValueError(f"split {split!r} is {'un' if split in self.unlabeled else ''}labeled; "
-                             f"labels {'were' if labels is not None else 'were not'} given")
+            raise ValueError(
+                f"split {split!r} is {'un' if split in self.unlabeled else ''}labeled; "
+                f"labels {'were' if labels is not None else 'were not'} given"
+            )
         start, count = self.filled[split], len(sparse)
         if start + count > self.rows[split]:
             raise ValueError(f"split {split!r} holds {self.rows[split]} rows; this chunk would make {start + count}")
@@ -179,15 +208,19 @@ class DatasetWriter:
             raise ValueError(f"split {split!r}: an id is outside its feature's cardinality {self.cardinalities}")
         given = set(bags or {})
         if given != {bag["name"] for bag in self.bags}:
-            raise ValueError(f"split {split!r}: bags given for {sorted(given)}, the data set has "
-                             f"{[bag['name'] for bag in self.bags]}")
+            raise ValueError(
+                f"split {split!r}: bags given for {sorted(given)}, the data set has "
+                f"{[bag['name'] for bag in self.bags]}"
+            )
         for bag in self.bags:
             values, lengths = (np.asarray(a) for a in bags[bag["name"]])
             if lengths.shape != (count,) or lengths.dtype.kind not in "iu" or (lengths < 0).any():
                 raise ValueError(f"split {split!r}, bag {bag['name']!r}: lengths must be {count} non-negative integers")
             if values.ndim != 1 or len(values) != int(lengths.sum()) or values.dtype.kind not in "iu":
-                raise ValueError(f"split {split!r}, bag {bag['name']!r}: {len(values)} values for lengths summing to "
-                                 f"{int(lengths.sum())}")
+                raise ValueError(
+                    f"split {split!r}, bag {bag['name']!r}: {len(values)} values for lengths summing to "
+                    f"{int(lengths.sum())}"
+                )
             if values.size and (values.min() < 0 or values.max() >= bag["cardinality"]):
                 raise ValueError(f"split {split!r}, bag {bag['name']!r}: an id is outside [0, {bag['cardinality']})")
             self._bag_chunks[split][bag["name"]].append((values, lengths))
@@ -231,7 +264,9 @@ class DatasetWriter:
             raise
 
     def _publish(self) -> None:
-        missing = {split: (self.filled[split], count) for split, count in self.rows.items() if self.filled[split] != count}
+        missing = {
+            split: (self.filled[split], count) for split, count in self.rows.items() if self.filled[split] != count
+        }
         if missing:
             raise ValueError(f"splits not filled (written, expected): {missing}")
         for arrays in self.arrays.values():
@@ -261,16 +296,19 @@ class DatasetWriter:
                 # the old set and the new one swapped in one step: --out is never without a whole data set
                 shutil.rmtree(self.temporary)
             elif self.path.exists():  # (no atomic exchange here) moved aside, replaced, then removed
-                previous = Path(tempfile.mkdtemp(prefix=temporary_prefix(self.path), suffix=".old",
-                                                 dir=self.path.parent))
+                previous = Path(
+                    tempfile.mkdtemp(prefix=temporary_prefix(self.path), suffix=".old", dir=self.path.parent)
+                )
                 os.replace(self.path, previous / "set")
                 os.replace(self.temporary, self.path)
                 shutil.rmtree(previous)
             else:
                 os.replace(self.temporary, self.path)
         except OSError as error:  # another writer published there between the check and the rename
-            raise ValueError(f"output {self.path} was written by another process meanwhile: this data set was not "
-                             f"published ({error.strerror})") from None
+            raise ValueError(
+                f"output {self.path} was written by another process meanwhile: this data set was not "
+                f"published ({error.strerror})"
+            ) from None
 
     def __enter__(self) -> DatasetWriter:
         return self
@@ -300,8 +338,13 @@ class DatasetError(ValueError):
 
 
 # what each array must be: its dtype kind ("f" float, "iu" integer, "u" unsigned) and its width's name
-_KINDS = {"dense": ("f", "float32"), "sparse": ("iu", "an integer dtype"), "labels": ("u", "uint8"),
-          "values": ("iu", "an integer dtype"), "offsets": ("i", "int64")}
+_KINDS = {
+    "dense": ("f", "float32"),
+    "sparse": ("iu", "an integer dtype"),
+    "labels": ("u", "uint8"),
+    "values": ("iu", "an integer dtype"),
+    "offsets": ("i", "int64"),
+}
 
 
 def _npy_header(file: Path) -> tuple[tuple[int, ...], np.dtype, int]:
@@ -324,8 +367,9 @@ def _open_array(file: Path, name: str, rows: int, width: int | None) -> np.ndarr
     expected = offset + int(np.prod(shape)) * dtype.itemsize
     actual = file.stat().st_size
     if actual < expected:
-        raise DatasetError(f"{file}: truncated: its header says {shape} {dtype} ({expected:,} bytes), "
-                           f"the file has {actual:,} bytes")
+        raise DatasetError(
+            f"{file}: truncated: its header says {shape} {dtype} ({expected:,} bytes), the file has {actual:,} bytes"
+        )
     kinds, wanted = _KINDS[name]
     if dtype.kind not in kinds:
         raise DatasetError(f"{file}: dtype {dtype}, expected {wanted}")
@@ -349,24 +393,35 @@ def open_dataset(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Spl
         rows, cardinalities = dict(manifest["rows"]), list(manifest["cardinalities"])
         unlabeled, bags = list(manifest.get("unlabeled", ())), list(manifest.get("bags", ()))
     except (ValueError, KeyError, TypeError, RecursionError) as error:
-        raise DatasetError(f"{path / MANIFEST}: not a compemb manifest ({type(error).__name__}: "
-                           f"{str(error)[:200]})") from None
+        raise DatasetError(
+            f"{path / MANIFEST}: not a compemb manifest ({type(error).__name__}: {str(error)[:200]})"
+        ) from None
     integer = lambda value, low: type(value) is int and low <= value <= MAX_COUNT  # noqa: E731
-    bad = [f"rows[{k!r}] = {_short(v)}" for k, v in rows.items() if not integer(v, 0)] + \
-        [f"cardinalities[{i}] = {_short(v)}" for i, v in enumerate(cardinalities) if not integer(v, 1)]
+    bad = [f"rows[{k!r}] = {_short(v)}" for k, v in rows.items() if not integer(v, 0)] + [
+        f"cardinalities[{i}] = {_short(v)}" for i, v in enumerate(cardinalities) if not integer(v, 1)
+    ]
     if bad:
-        raise DatasetError(f"{path / MANIFEST}: rows must be integers in [0, 2^62] and cardinalities in [1, 2^62], "
-                           f"got {', '.join(bad[:3])}")
+        raise DatasetError(
+            f"{path / MANIFEST}: rows must be integers in [0, 2^62] and cardinalities in [1, 2^62], "
+            f"got {', '.join(bad[:3])}"
+        )
     # every name becomes a path: a split or bag name is one plain name inside the data set, never ../ or absolute
-    for where, name in [*(("split", k) for k in rows), *(("unlabeled split", k) for k in unlabeled),
-                        *(("bag", bag.get("name") if isinstance(bag, dict) else bag) for bag in bags)]:
+    for where, name in [
+        *(("split", k) for k in rows),
+        *(("unlabeled split", k) for k in unlabeled),
+        *(("bag", bag.get("name") if isinstance(bag, dict) else bag) for bag in bags),
+    ]:
         if not isinstance(name, str) or not PLAIN_NAME.fullmatch(name):
-            raise DatasetError(f"{path / MANIFEST}: {where} name {_short(name)} is not a plain name (letters, digits, "
-                               f"_ and -): it would be read from outside the data set")
+            raise DatasetError(
+                f"{path / MANIFEST}: {where} name {_short(name)} is not a plain name (letters, digits, "
+                f"_ and -): it would be read from outside the data set"
+            )
     for bag in bags:
         if not integer(bag.get("cardinality"), 1) or bag.get("pooling") not in ("sum", "mean"):
-            raise DatasetError(f"{path / MANIFEST}: bag {bag['name']!r} needs a cardinality in [1, 2^62] and pooling "
-                               f"sum or mean, got {_short(bag.get('cardinality'))}, {_short(bag.get('pooling'))}")
+            raise DatasetError(
+                f"{path / MANIFEST}: bag {bag['name']!r} needs a cardinality in [1, 2^62] and pooling "
+                f"sum or mean, got {_short(bag.get('cardinality'))}, {_short(bag.get('pooling'))}"
+            )
     unlabeled = set(unlabeled)
     splits, dense_width = {}, None
     for split, count in rows.items():
@@ -374,18 +429,26 @@ def open_dataset(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Spl
         if dense_width is None:  # the first split's dense width; every other split must have it too
             shape = _npy_header(folder / "dense.npy")[0]
             dense_width = shape[1] if len(shape) == 2 else -1
-        arrays = {"dense": _open_array(folder / "dense.npy", "dense", count, dense_width),
-                  "sparse": _open_array(folder / "sparse.npy", "sparse", count, len(cardinalities)),
-                  "labels": None if split in unlabeled else _open_array(folder / "labels.npy", "labels", count, None)}
-        splits[split] = Split(arrays["dense"], arrays["sparse"], arrays["labels"],
-                              {bag["name"]: _open_bag(folder / "bags", bag["name"], count) for bag in bags})
+        arrays = {
+            "dense": _open_array(folder / "dense.npy", "dense", count, dense_width),
+            "sparse": _open_array(folder / "sparse.npy", "sparse", count, len(cardinalities)),
+            "labels": None if split in unlabeled else _open_array(folder / "labels.npy", "labels", count, None),
+        }
+        splits[split] = Split(
+            arrays["dense"],
+            arrays["sparse"],
+            arrays["labels"],
+            {bag["name"]: _open_bag(folder / "bags", bag["name"], count) for bag in bags},
+        )
     return manifest, splits
 
 
 def _short(value: Any) -> str:
     """A manifest's value as an error shows it: its repr, cut (a 400-digit number or a long string says enough in 40
     characters)."""
-    text = repr(value) if not isinstance(value, int) or abs(value) < 10**40 else f"a {len(str(abs(value)))}-digit number"
+    text = (
+        repr(value) if not isinstance(value, int) or abs(value) < 10**40 else f"a {len(str(abs(value)))}-digit number"
+    )
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -395,6 +458,8 @@ def _open_bag(folder: Path, name: str, rows: int) -> tuple[np.ndarray, np.ndarra
     num_values = _npy_header(folder / f"{name}.values.npy")[0]
     values = _open_array(folder / f"{name}.values.npy", "values", num_values[0] if num_values else -1, None)
     if offsets[0] != 0 or offsets[-1] != len(values):
-        raise DatasetError(f"{folder / name}.offsets.npy: offsets run from {offsets[0]} to {offsets[-1]}, expected 0 "
-                           f"to the {len(values):,} values")
+        raise DatasetError(
+            f"{folder / name}.offsets.npy: offsets run from {offsets[0]} to {offsets[-1]}, expected 0 "
+            f"to the {len(values):,} values"
+        )
     return values, offsets

@@ -30,8 +30,9 @@ import numpy as np
 class FeatureDrift:
     """One feature's start order, end order and arrival positions (see the module)."""
 
-    def __init__(self, n: int, zipf: float, drift: float, new_ids: float, start_ids: np.ndarray,
-                 generator: np.random.Generator) -> None:
+    def __init__(
+        self, n: int, zipf: float, drift: float, new_ids: float, start_ids: np.ndarray, generator: np.random.Generator
+    ) -> None:
         self.n = n
         arriving = max(1, round(new_ids * n)) if new_ids > 0 and n >= 2 else 0
         arriving = min(arriving, n - 1)  # one id at least is there from the start
@@ -49,10 +50,10 @@ class FeatureDrift:
         order[slots] = generator.permutation(np.flatnonzero(is_new))
         order[~slots] = self.start_order
         self.top = max(1, math.ceil(0.01 * len(self.start_order)))
-        start_top = self.start_order[:self.top]
+        start_top = self.start_order[: self.top]
         # swapped: start-top ids still in the end's top m, with ids below it (so each one leaves the top m)
-        staying = order[:self.top][np.isin(order[:self.top], start_top)]
-        outside = order[self.top:][~np.isin(order[self.top:], start_top)]
+        staying = order[: self.top][np.isin(order[: self.top], start_top)]
+        outside = order[self.top :][~np.isin(order[self.top :], start_top)]
         newcomers, tail = outside[is_new[outside]], outside[~is_new[outside]]
         leaving = min(math.ceil(drift * self.top) if drift > 0 else 0, len(staying), len(outside))
         replacements = np.concatenate([generator.permutation(newcomers), generator.permutation(tail)])[:leaving]
@@ -65,7 +66,7 @@ class FeatureDrift:
 
     def replaced_share(self) -> float:
         """The share of the start's top 1% (``m`` ids) that is not in the end's top ``m``."""
-        return (self.top - len(np.intersect1d(self.start_order[:self.top], self.end_order[:self.top]))) / self.top
+        return (self.top - len(np.intersect1d(self.start_order[: self.top], self.end_order[: self.top]))) / self.top
 
     def sample(self, generator: np.random.Generator, positions: np.ndarray) -> np.ndarray:
         """One id per row at stream ``positions`` (0 to 1)."""

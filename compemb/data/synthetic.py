@@ -57,8 +57,32 @@ from compemb.progress import bar_disabled
 
 # Criteo Kaggle's 26 categorical cardinalities (33.8M ids in all), as DLRM counts them
 CRITEO_KAGGLE_CARDINALITIES = (
-    1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194,
-    27, 14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572,
+    1460,
+    583,
+    10131227,
+    2202608,
+    305,
+    24,
+    12517,
+    633,
+    3,
+    93145,
+    5683,
+    8351593,
+    3194,
+    27,
+    14992,
+    5461306,
+    10,
+    5652,
+    2173,
+    4,
+    7046547,
+    18,
+    15,
+    286181,
+    105,
+    142572,
 )
 NUM_DENSE = 13
 PREMISES = ("none", "hot", "clusters")
@@ -93,30 +117,44 @@ class SyntheticConfig:
         if not (math.isfinite(self.scale) and 0 < self.scale <= 1):
             raise ValueError(f"scale must be in (0, 1] (a share of Criteo Kaggle's cardinalities), got {self.scale}")
         if any(not (isinstance(n, int) and n >= 1) for n in self.rows.values()) or "train" not in self.rows:
-            raise ValueError(f"rows must give a positive number of rows for train (and each other split), got "
-                             f"{self.rows}")
+            raise ValueError(
+                f"rows must give a positive number of rows for train (and each other split), got {self.rows}"
+            )
         for name in ("zipf", "signal", "cluster_spread", "first_order", "click_rate"):  # nan passes no comparison
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
-        if self.zipf < 0 or self.signal < 0 or self.cluster_spread < 0 or not 0 <= self.first_order <= 1 or \
-                not 0 < self.click_rate < 1:
-            raise ValueError(f"need zipf, signal, cluster_spread >= 0, first_order in [0, 1] and click_rate in (0, 1), "
-                             f"got {self.zipf}, {self.signal}, {self.cluster_spread}, {self.first_order}, "
-                             f"{self.click_rate}")
+        if (
+            self.zipf < 0
+            or self.signal < 0
+            or self.cluster_spread < 0
+            or not 0 <= self.first_order <= 1
+            or not 0 < self.click_rate < 1
+        ):
+            raise ValueError(
+                f"need zipf, signal, cluster_spread >= 0, first_order in [0, 1] and click_rate in (0, 1), "
+                f"got {self.zipf}, {self.signal}, {self.cluster_spread}, {self.first_order}, "
+                f"{self.click_rate}"
+            )
         if not 0 <= self.drift <= 1:
             raise ValueError(f"drift must be in [0, 1] (the share of the top-1% ids that changes), got {self.drift}")
         if not 0 <= self.new_ids < 1:
-            raise ValueError(f"new_ids must be in [0, 1) (the share of each feature's ids that arrive along the "
-                             f"stream), got {self.new_ids}")
+            raise ValueError(
+                f"new_ids must be in [0, 1) (the share of each feature's ids that arrive along the "
+                f"stream), got {self.new_ids}"
+            )
         if self.premise not in PREMISES:
             raise ValueError(f"premise must be one of {', '.join(PREMISES)}, got {self.premise!r}")
         if self.hot_ids < 1 or not 0 <= self.tail_scale <= 1 or self.clusters < 1:
-            raise ValueError(f"premise settings need hot_ids >= 1, tail_scale in [0, 1] and clusters >= 1, got "
-                             f"{self.hot_ids}, {self.tail_scale}, {self.clusters}")
+            raise ValueError(
+                f"premise settings need hot_ids >= 1, tail_scale in [0, 1] and clusters >= 1, got "
+                f"{self.hot_ids}, {self.tail_scale}, {self.clusters}"
+            )
         if self.bag_features < 0 or self.bag_size < 1 or self.bag_cardinality < 0:
-            raise ValueError(f"bag features need bag_features >= 0, bag_size >= 1 and bag_cardinality >= 0 (0: the "
-                             f"largest one-hot feature's), got {self.bag_features}, {self.bag_size}, "
-                             f"{self.bag_cardinality}")
+            raise ValueError(
+                f"bag features need bag_features >= 0, bag_size >= 1 and bag_cardinality >= 0 (0: the "
+                f"largest one-hot feature's), got {self.bag_features}, {self.bag_size}, "
+                f"{self.bag_cardinality}"
+            )
 
     def bags(self) -> list[dict]:
         """The multi-hot features as the data set's manifest lists them."""
@@ -150,7 +188,7 @@ class Teacher:
             self.cumulative.append(np.cumsum(weights) / weights.sum())
             self.popular_ids.append(generator.permutation(n))  # popularity rank -> id
             if config.premise == "hot":  # drawn after the rest: the popularity is that of the plain set
-                hot = self.popular_ids[-1][:config.hot_ids]
+                hot = self.popular_ids[-1][: config.hot_ids]
                 vectors *= config.tail_scale
                 vectors[hot] = generator.normal(size=(len(hot), k))
             self.vectors.append(vectors)
@@ -174,8 +212,14 @@ class Teacher:
             self.first_order_directions = np.vstack([self.first_order_directions, bag_directions])
         # drift from a stream of its own: a set without it draws the same teacher
         drift_generator = np.random.default_rng([config.seed, 4])
-        self.drifts = [FeatureDrift(n, config.zipf, config.drift, config.new_ids, ids, drift_generator)
-                       for n, ids in zip(self.cardinalities, self.popular_ids)] if self.drifting else []
+        self.drifts = (
+            [
+                FeatureDrift(n, config.zipf, config.drift, config.new_ids, ids, drift_generator)
+                for n, ids in zip(self.cardinalities, self.popular_ids)
+            ]
+            if self.drifting
+            else []
+        )
         self.interaction_sd = self.first_order_sd = 1.0
         self.scale, self.bias = 1.0, 0.0
         self._calibrate(np.random.default_rng([config.seed, 1]))
@@ -207,15 +251,16 @@ class Teacher:
         """Per feature, the ids premise ``"hot"`` made strong (its ``hot_ids`` most popular; none otherwise)."""
         if self.config.premise != "hot":
             return [np.empty(0, dtype=np.int64) for _ in self.cardinalities]
-        return [ids[:self.config.hot_ids].copy() for ids in self.popular_ids]
+        return [ids[: self.config.hot_ids].copy() for ids in self.popular_ids]
 
     @property
     def drifting(self) -> bool:
         """Whether the stream is non-stationary (drift or arriving ids)."""
         return self.config.drift > 0 or self.config.new_ids > 0
 
-    def sample_raw(self, generator: np.random.Generator, rows: int,
-                   positions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def sample_raw(
+        self, generator: np.random.Generator, rows: int, positions: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Raw integer dense counts (as Criteo's TSV holds them) and Zipf-distributed sparse ids; ``positions``
         (each row's place in the stream, 0 to 1) say where the popularity has drifted to, when the config drifts."""
         counts = np.floor(generator.gamma(self.gamma_shape, 10.0, size=(rows, NUM_DENSE))).astype(np.int64)
@@ -246,8 +291,9 @@ class Teacher:
             means.append(total / np.maximum(lengths, 1)[:, None])
         return means
 
-    def _parts(self, dense: np.ndarray, sparse: np.ndarray,
-               bags: list[tuple[np.ndarray, np.ndarray]] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def _parts(
+        self, dense: np.ndarray, sparse: np.ndarray, bags: list[tuple[np.ndarray, np.ndarray]] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         # pairwise interactions (with the dense effect), and the ids' first-order effects
         centred = dense - 2.0
         vectors = [centred @ self.dense_projection]
@@ -260,16 +306,20 @@ class Teacher:
         first_order = sum(v @ u for v, u in zip(vectors[1:], self.first_order_directions))
         return interactions, first_order
 
-    def raw_logits(self, dense: np.ndarray, sparse: np.ndarray,
-                   bags: list[tuple[np.ndarray, np.ndarray]] | None = None) -> np.ndarray:
+    def raw_logits(
+        self, dense: np.ndarray, sparse: np.ndarray, bags: list[tuple[np.ndarray, np.ndarray]] | None = None
+    ) -> np.ndarray:
         """The unscaled logit: normalised interactions and first-order effects, mixed by ``first_order``."""
         interactions, first_order = self._parts(dense, sparse, bags)
         share = self.config.first_order
-        return (math.sqrt(1 - share) * interactions / self.interaction_sd
-                + math.sqrt(share) * first_order / self.first_order_sd)
+        return (
+            math.sqrt(1 - share) * interactions / self.interaction_sd
+            + math.sqrt(share) * first_order / self.first_order_sd
+        )
 
-    def probabilities(self, dense: np.ndarray, sparse: np.ndarray,
-                      bags: list[tuple[np.ndarray, np.ndarray]] | None = None) -> np.ndarray:
+    def probabilities(
+        self, dense: np.ndarray, sparse: np.ndarray, bags: list[tuple[np.ndarray, np.ndarray]] | None = None
+    ) -> np.ndarray:
         """The true click probability of every row (``bags``: the bag features' ``(values, lengths)``)."""
         if len(bags or []) != len(self.bag_vectors):
             raise ValueError(f"the teacher has {len(self.bag_vectors)} bag features, {len(bags or [])} were given")
@@ -307,8 +357,13 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
-def generate_synthetic(path: str | os.PathLike, config: SyntheticConfig = SyntheticConfig(), progress: bool = True,
-                       tsv: str | os.PathLike | None = None, overwrite: bool = False) -> dict:
+def generate_synthetic(
+    path: str | os.PathLike,
+    config: SyntheticConfig = SyntheticConfig(),
+    progress: bool = True,
+    tsv: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> dict:
     """Write a synthetic data set to ``path`` in the preprocessed format; return its manifest facts.
 
     The manifest records the config and, per split, the Bayes-optimal BCE and AUC and the click rate. With
@@ -319,20 +374,27 @@ def generate_synthetic(path: str | os.PathLike, config: SyntheticConfig = Synthe
     """
     if tsv is not None and config.bag_features:
         raise ValueError("bag features cannot be written as Criteo TSV (it has one id per feature): drop tsv")
-    check_output(path, () if tsv is None else (tsv,), overwrite=overwrite)  # the TSV beside the set must not be inside it
+    check_output(
+        path, () if tsv is None else (tsv,), overwrite=overwrite
+    )  # the TSV beside the set must not be inside it
     if tsv is not None:  # nor inside another data set or run, nor a user's file (unless overwrite)
         check_output_file(tsv, "tsv", flag="--tsv", overwrite=overwrite)
     teacher = Teacher(config)
     facts: dict = {"source": "synthetic", "config": asdict(config), "bayes": {}}
     if teacher.drifting:
-        facts["drift"] = {"top_replaced_share": [d.replaced_share() for d in teacher.drifts],
-                          "arriving_ids": [int((d.arrival > 0).sum()) for d in teacher.drifts]}
+        facts["drift"] = {
+            "top_replaced_share": [d.replaced_share() for d in teacher.drifts],
+            "arriving_ids": [int((d.arrival > 0).sum()) for d in teacher.drifts],
+        }
     seen = [np.zeros(n, dtype=bool) for n in teacher.cardinalities]  # ids the train split holds
     chunk_index, streamed, stream_rows, seen_train = 0, 0, sum(config.rows.values()), False
     text = _open_tsv(tsv) if tsv is not None else contextlib.nullcontext()
-    with DatasetWriter(path, config.rows, NUM_DENSE, teacher.cardinalities, bags=config.bags(),
-                       overwrite=overwrite) as writer, \
-            text as tsv_file:
+    with (
+        DatasetWriter(
+            path, config.rows, NUM_DENSE, teacher.cardinalities, bags=config.bags(), overwrite=overwrite
+        ) as writer,
+        text as tsv_file,
+    ):
         for split, rows in config.rows.items():
             probabilities, labels_seen, unseen = [], [], 0
             bar = tqdm(total=rows, desc=f"synth {split}", unit="rows", unit_scale=True, disable=bar_disabled(progress))
@@ -350,8 +412,9 @@ def generate_synthetic(path: str | os.PathLike, config: SyntheticConfig = Synthe
                 dense = transform_dense(counts)
                 probability = teacher.probabilities(dense, sparse, bags)
                 labels = (generator.random(count) < probability).astype(np.uint8)
-                writer.write(split, dense, sparse, labels,
-                             {bag["name"]: part for bag, part in zip(config.bags(), bags)})
+                writer.write(
+                    split, dense, sparse, labels, {bag["name"]: part for bag, part in zip(config.bags(), bags)}
+                )
                 if tsv_file is not None:
                     tsv_file.write(criteo_lines(labels, counts, sparse))
                 probabilities.append(probability)

@@ -22,8 +22,7 @@ CHUNK_ROWS = 1 << 18  # rows per read: a few tens of MB at Criteo's width
 
 def _stamps(path: Path) -> dict[str, list[int]]:
     """Every array file's size and modification time, by its path in the data set."""
-    return {str(f.relative_to(path)): [f.stat().st_size, f.stat().st_mtime_ns]
-            for f in sorted(path.rglob("*.npy"))}
+    return {str(f.relative_to(path)): [f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(path.rglob("*.npy"))}
 
 
 def validate_dataset(path: str | os.PathLike, manifest: dict[str, Any], splits: dict[str, Split]) -> None:
@@ -53,8 +52,10 @@ def _check_split(folder: Path, split: Split, cardinalities: np.ndarray, bag_size
         bad = (sparse < 0) | (sparse >= cardinalities)
         if bad.any():
             row, column = np.argwhere(bad)[0]
-            raise DatasetError(f"{folder / 'sparse.npy'} row {start + row}, feature C{column + 1}: id "
-                               f"{sparse[row, column]} is outside [0, {cardinalities[column]})")
+            raise DatasetError(
+                f"{folder / 'sparse.npy'} row {start + row}, feature C{column + 1}: id "
+                f"{sparse[row, column]} is outside [0, {cardinalities[column]})"
+            )
         if split.labels is not None:
             labels = np.asarray(split.labels[start:stop])
             bad = (labels != 0) & (labels != 1)
@@ -65,13 +66,16 @@ def _check_split(folder: Path, split: Split, cardinalities: np.ndarray, bag_size
         bad = ~np.isfinite(dense)
         if bad.any():
             row, column = np.argwhere(bad)[0]
-            raise DatasetError(f"{folder / 'dense.npy'} row {start + row}, column {column}: "
-                               f"{dense[row, column]} is not finite")
+            raise DatasetError(
+                f"{folder / 'dense.npy'} row {start + row}, column {column}: {dense[row, column]} is not finite"
+            )
     for name, (values, _) in split.bags.items():
         for start in range(0, len(values), CHUNK_ROWS):
             part = np.asarray(values[start : start + CHUNK_ROWS])
             bad = (part < 0) | (part >= bag_sizes[name])
             if bad.any():
                 at = int(np.flatnonzero(bad)[0])
-                raise DatasetError(f"{folder / 'bags' / name}.values.npy value {start + at}: id {part[at]} is "
-                                   f"outside [0, {bag_sizes[name]})")
+                raise DatasetError(
+                    f"{folder / 'bags' / name}.values.npy value {start + at}: id {part[at]} is "
+                    f"outside [0, {bag_sizes[name]})"
+                )

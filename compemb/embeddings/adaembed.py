@@ -78,8 +78,16 @@ class AdaEmbed(AdaptiveEmbedding):
         padding_idx: int | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name, init=init,
-                include_last_offset=include_last_offset, padding_idx=padding_idx)
+        super().__init__(
+            num_embeddings,
+            embedding_dim,
+            mode=mode,
+            sparse=sparse,
+            name=name,
+            init=init,
+            include_last_offset=include_last_offset,
+            padding_idx=padding_idx,
+        )
         self._start_recording(importance)
         if not 0 < fallback_share < 1:
             raise ValueError(f"{self._who()}: fallback_share must be in (0, 1), got {fallback_share!r}")
@@ -167,7 +175,7 @@ class AdaEmbed(AdaptiveEmbedding):
         stay = torch.isin(owners, top)
         newcomers = top[~torch.isin(top, owners)]
         free = torch.sort(torch.cat([self.sorted_rows[~taken].long(), owner_rows[~stay]])).values
-        new_rows, spare = free[: newcomers.numel()], free[newcomers.numel():]
+        new_rows, spare = free[: newcomers.numel()], free[newcomers.numel() :]
         fallback = self.hash(newcomers).squeeze(-1) + self.rows
         self.weight.index_copy_(0, new_rows, self.weight[fallback])
         reset_optimizer_rows(optimizer, self.weight, new_rows)
@@ -184,5 +192,8 @@ class AdaEmbed(AdaptiveEmbedding):
 
     def extra_repr(self) -> str:
         text = super().extra_repr() + f", rows={self.rows}, fallback_rows={self.fallback_rows}"
-        return text + f", interval={self.interval}" + (f", importance={self.importance!r}"
-                                                        if self.importance != "gradient" else "")
+        return (
+            text
+            + f", interval={self.interval}"
+            + (f", importance={self.importance!r}" if self.importance != "gradient" else "")
+        )

@@ -59,8 +59,9 @@ def _is_adam(optimizer: torch.optim.Optimizer) -> bool:
 
 
 @torch.no_grad()
-def reset_optimizer_rows(optimizer: torch.optim.Optimizer | None, param: Tensor, rows: Tensor,
-                         where: Tensor | None = None) -> None:
+def reset_optimizer_rows(
+    optimizer: torch.optim.Optimizer | None, param: Tensor, rows: Tensor, where: Tensor | None = None
+) -> None:
     """Give ``rows`` of ``param`` the optimizer state of a row that was never trained.
 
     ``where`` (optional bools, ``rows``' shape): reset only those of ``rows`` (then ``rows`` must be distinct), in
@@ -97,8 +98,12 @@ def reset_optimizer_rows(optimizer: torch.optim.Optimizer | None, param: Tensor,
     group = next(g for g in optimizer.param_groups if any(p is param for p in g["params"]))
     for key, value in list(state.items()):
         per_row = isinstance(optimizer, RowwiseAdagrad) and key == "sum"  # one value per row
-        if key in (ROW_STEP_KEY, ROW_UPDATES_KEY) or not isinstance(value, Tensor) or value.dim() == 0 or \
-                (value.shape != param.shape and not per_row):
+        if (
+            key in (ROW_STEP_KEY, ROW_UPDATES_KEY)
+            or not isinstance(value, Tensor)
+            or value.dim() == 0
+            or (value.shape != param.shape and not per_row)
+        ):
             continue
         fill = float(group.get("initial_accumulator_value", 0.0)) if key == "sum" else 0.0
         index = rows.to(value.device, torch.long)
@@ -126,8 +131,9 @@ def reset_optimizer_rows(optimizer: torch.optim.Optimizer | None, param: Tensor,
 
 
 @torch.no_grad()
-def reset_packed_rows(optimizer: torch.optim.Optimizer | None, weights: Sequence[Tensor], rows: Tensor,
-                      where: Tensor | None = None) -> bool:
+def reset_packed_rows(
+    optimizer: torch.optim.Optimizer | None, weights: Sequence[Tensor], rows: Tensor, where: Tensor | None = None
+) -> bool:
     """:func:`reset_optimizer_rows` for tables whose weights are slices of one buffer (a table batch), ``rows``
     numbered in that buffer: one reset over the row-wise optimizer's packed state buffers for all of them, instead
     of one per table. False (nothing done) where it cannot: another optimizer, a table without state yet, or
@@ -142,8 +148,12 @@ def reset_packed_rows(optimizer: torch.optim.Optimizer | None, weights: Sequence
     if not isinstance(optimizer, _RowWise) or not weights or any(not optimizer.state.get(w) for w in weights):
         return False
     first = weights[0]
-    if first.dim() != 2 or any(w.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() or
-                               w.dim() != 2 or w.shape[1] != first.shape[1] for w in weights):
+    if first.dim() != 2 or any(
+        w.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+        or w.dim() != 2
+        or w.shape[1] != first.shape[1]
+        for w in weights
+    ):
         return False
     row_dim = first.shape[1]
     group = next(g for g in optimizer.param_groups if any(p is first for p in g["params"]))
@@ -383,8 +393,11 @@ def gather_pending(modules: list[torch.nn.Module]) -> None:
     device = parts[0][1].device
     rows = []
     for tag, (_, ids, norms) in enumerate(parts):  # (id, the score's float32 bits, which part) per occurrence
-        bits = torch.zeros_like(ids, dtype=torch.int64) if norms is None else \
-            norms.reshape(-1).float().view(torch.int32).to(torch.int64)
+        bits = (
+            torch.zeros_like(ids, dtype=torch.int64)
+            if norms is None
+            else norms.reshape(-1).float().view(torch.int32).to(torch.int64)
+        )
         rows.append(torch.stack([ids.reshape(-1).to(torch.int64), bits, torch.full_like(bits, tag)], dim=1))
     every = distributed.gather_rows(torch.cat(rows).to(device))
     order = torch.argsort(every[:, 2], stable=True)  # by part, keeping rank order within each
@@ -397,8 +410,12 @@ def gather_pending(modules: list[torch.nn.Module]) -> None:
         module._pending.append((piece[:, 0], scores))
 
 
-def end_step(modules: Sequence[torch.nn.Module], step: int, optimizer: torch.optim.Optimizer | None = None,
-             batches: Sequence[object] = ()) -> None:
+def end_step(
+    modules: Sequence[torch.nn.Module],
+    step: int,
+    optimizer: torch.optim.Optimizer | None = None,
+    batches: Sequence[object] = (),
+) -> None:
     """What follows the optimizer step: under torchrun every table's recorded importance gathered in one
     collective, the table batches that update their tables together (``apply_pending``: per-feature CAFE tables
     on a device, :mod:`compemb.embeddings.cafe.batch`) applied, then every module's ``on_step_end``."""

@@ -111,8 +111,10 @@ class CompressedEmbedding(torch.nn.Module, ABC):
         self.embedding_dim = int(embedding_dim)
         self.mode = mode
         if sparse and not self.sparse_gradients:
-            raise ValueError(f"{self.method_name} has no table rows to give sparse gradients (its parameters are "
-                             f"dense): build it with sparse=False and train it with a dense optimizer")
+            raise ValueError(
+                f"{self.method_name} has no table rows to give sparse gradients (its parameters are "
+                f"dense): build it with sparse=False and train it with a dense optimizer"
+            )
         self.sparse = bool(sparse)
         self.include_last_offset = bool(include_last_offset)
         if padding_idx is not None:  # as nn.Embedding's: a negative index counts from the end of the vocabulary
@@ -120,8 +122,9 @@ class CompressedEmbedding(torch.nn.Module, ABC):
                 raise ValueError(f"padding_idx must be an int or None, got {padding_idx!r}")
             if num_embeddings is not None:
                 if not -num_embeddings <= padding_idx < num_embeddings:
-                    raise ValueError(f"padding_idx must be within [-{num_embeddings}, {num_embeddings}), got "
-                                     f"{padding_idx}")
+                    raise ValueError(
+                        f"padding_idx must be within [-{num_embeddings}, {num_embeddings}), got {padding_idx}"
+                    )
                 padding_idx %= num_embeddings
         self.padding_idx = padding_idx
         self.name = name
@@ -216,11 +219,15 @@ class CompressedEmbedding(torch.nn.Module, ABC):
         if self.include_last_offset:  # B + 1 offsets, the last one len(ids): it closes bag B - 1, it opens none
             offsets = self._as_int64(offsets, "offsets")
             if offsets.dim() != 1 or offsets.numel() == 0:
-                raise ValueError(f"{self._who()}: with include_last_offset, offsets must be 1-D with batch + 1 >= 1 "
-                                 f"entries, got shape {tuple(offsets.shape)}")
+                raise ValueError(
+                    f"{self._who()}: with include_last_offset, offsets must be 1-D with batch + 1 >= 1 "
+                    f"entries, got shape {tuple(offsets.shape)}"
+                )
             if not device_path(offsets) and int(offsets[-1]) != ids.numel():
-                raise ValueError(f"{self._who()}: with include_last_offset, offsets[-1] must be the number of ids "
-                                 f"{ids.numel()}, got {int(offsets[-1])}")
+                raise ValueError(
+                    f"{self._who()}: with include_last_offset, offsets[-1] must be the number of ids "
+                    f"{ids.numel()}, got {int(offsets[-1])}"
+                )
             offsets = offsets[:-1]
         ids, offsets, per_sample_weights, one_id_per_bag = self._check_bags(ids, offsets, per_sample_weights)
         if self.mode == "max" or self.padding_idx is not None:  # the methods' fused bag kernels sum or average
@@ -236,8 +243,9 @@ class CompressedEmbedding(torch.nn.Module, ABC):
             vectors = torch.cat([vectors, vectors.new_zeros(1, vectors.shape[1])])
             padding = ids.numel()
             positions = torch.where(ids == self.padding_idx, padding, positions)
-        return F.embedding_bag(positions, vectors, offsets, mode=self.mode, per_sample_weights=per_sample_weights,
-                               padding_idx=padding)
+        return F.embedding_bag(
+            positions, vectors, offsets, mode=self.mode, per_sample_weights=per_sample_weights, padding_idx=padding
+        )
 
     def check_ids(self, ids: Tensor) -> Tensor:
         """Return ``ids`` as int64, or raise TypeError (not integers) / ValueError (out of range)."""

@@ -91,8 +91,16 @@ class DeepHashEmbedding(CompressedEmbedding):
         padding_idx: int | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name, init=init,
-                include_last_offset=include_last_offset, padding_idx=padding_idx)
+        super().__init__(
+            num_embeddings,
+            embedding_dim,
+            mode=mode,
+            sparse=sparse,
+            name=name,
+            init=init,
+            include_last_offset=include_last_offset,
+            padding_idx=padding_idx,
+        )
         if encoding not in ENCODINGS:
             raise ValueError(f"{self._who()}: encoding must be one of {ENCODINGS}, got {encoding!r}")
         self.encoding = encoding
@@ -119,8 +127,11 @@ class DeepHashEmbedding(CompressedEmbedding):
             pairs = unit.view(*unit.shape[:-1], -1, 2)
         radius = torch.sqrt(-2 * torch.log(pairs[..., 0]))
         angle = 2 * math.pi * pairs[..., 1]
-        return torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], -1).flatten(-2)[
-            ..., : self.num_hashes].to(dtype)
+        return (
+            torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], -1)
+            .flatten(-2)[..., : self.num_hashes]
+            .to(dtype)
+        )
 
     def lookup(self, ids: Tensor) -> Tensor:
         return self.last(F.mish(self.first(self.encode(ids))))

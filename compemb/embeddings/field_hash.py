@@ -65,14 +65,24 @@ class FieldHashEmbedding(CompressedEmbedding):
         padding_idx: int | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name, init=init,
-                         include_last_offset=include_last_offset, padding_idx=padding_idx)
+        super().__init__(
+            num_embeddings,
+            embedding_dim,
+            mode=mode,
+            sparse=sparse,
+            name=name,
+            init=init,
+            include_last_offset=include_last_offset,
+            padding_idx=padding_idx,
+        )
         budget = resolve_budget(num_embeddings, embedding_dim, compression=compression, num_params=num_params)
         n, d = self.num_embeddings, self.embedding_dim
         sizes = [n] if blocks is None else [int(b) for b in blocks]
         if min(sizes) < 1 or sum(sizes) != n:
-            raise ValueError(f"{self._who()}: blocks must be positive field sizes summing to num_embeddings={n}, got "
-                             f"{list(blocks or [])!r}")
+            raise ValueError(
+                f"{self._who()}: blocks must be positive field sizes summing to num_embeddings={n}, got "
+                f"{list(blocks or [])!r}"
+            )
         ratio = n * d * FLOAT_BYTES / budget.num_bytes
         full = plan_fields(sizes, d, ratio, budget.num_bytes) if len(sizes) > 1 else [False]
         compressed = [size for size, kept in zip(sizes, full) if not kept]
@@ -84,9 +94,12 @@ class FieldHashEmbedding(CompressedEmbedding):
         rows = [size if kept else next(shares) for size, kept in zip(sizes, full)]
         self.hash = UniversalHash(max(rows), seed=seed, device=device)
         # derived from the sizes alone; kept on the CPU too, to be written again by reset (after a meta build)
-        self._layout = {"field_full": torch.tensor(full), "field_rows": torch.tensor(rows, dtype=torch.int64),
-                        "field_offsets": torch.tensor([0, *np.cumsum(rows)[:-1].tolist()], dtype=torch.int64),
-                        "field_starts": torch.tensor([0, *np.cumsum(sizes).tolist()], dtype=torch.int64)}
+        self._layout = {
+            "field_full": torch.tensor(full),
+            "field_rows": torch.tensor(rows, dtype=torch.int64),
+            "field_offsets": torch.tensor([0, *np.cumsum(rows)[:-1].tolist()], dtype=torch.int64),
+            "field_starts": torch.tensor([0, *np.cumsum(sizes).tolist()], dtype=torch.int64),
+        }
         for key, value in self._layout.items():
             self.register_buffer(key, value.to(device, copy=True))
         self.weight = torch.nn.Parameter(torch.empty(sum(rows), d, device=device))

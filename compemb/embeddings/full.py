@@ -47,8 +47,16 @@ class FullEmbedding(CompressedEmbedding):
         padding_idx: int | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name, init=init,
-                include_last_offset=include_last_offset, padding_idx=padding_idx)
+        super().__init__(
+            num_embeddings,
+            embedding_dim,
+            mode=mode,
+            sparse=sparse,
+            name=name,
+            init=init,
+            include_last_offset=include_last_offset,
+            padding_idx=padding_idx,
+        )
         if compression is None and num_params is None:
             budget = Budget(full_table_bytes(num_embeddings, embedding_dim))
         else:
@@ -64,9 +72,16 @@ class FullEmbedding(CompressedEmbedding):
         self._finish(budget, seed, full_params, largest_params=full_params)
 
     @classmethod
-    def from_pretrained(cls, embeddings: Tensor, freeze: bool = True, padding_idx: int | None = None,
-                        mode: str = "sum", sparse: bool = False, include_last_offset: bool = False,
-                        name: str | None = None) -> FullEmbedding:
+    def from_pretrained(
+        cls,
+        embeddings: Tensor,
+        freeze: bool = True,
+        padding_idx: int | None = None,
+        mode: str = "sum",
+        sparse: bool = False,
+        include_last_offset: bool = False,
+        name: str | None = None,
+    ) -> FullEmbedding:
         """A table holding ``embeddings`` ``(n, d)`` (copied; its dtype and device), as nn.Embedding.from_pretrained:
         ``freeze`` (default) makes it untrainable. To compress a trained table, see :func:`compemb.compress`.
 
@@ -78,8 +93,16 @@ class FullEmbedding(CompressedEmbedding):
         """
         if not isinstance(embeddings, Tensor) or embeddings.dim() != 2 or not embeddings.is_floating_point():
             raise ValueError("embeddings must be a 2-D floating-point tensor (num_embeddings, embedding_dim)")
-        table = cls(embeddings.shape[0], embeddings.shape[1], mode=mode, sparse=sparse, name=name,
-                    include_last_offset=include_last_offset, padding_idx=padding_idx, device="meta")
+        table = cls(
+            embeddings.shape[0],
+            embeddings.shape[1],
+            mode=mode,
+            sparse=sparse,
+            name=name,
+            include_last_offset=include_last_offset,
+            padding_idx=padding_idx,
+            device="meta",
+        )
         table.weight = torch.nn.Parameter(embeddings.detach().clone(), requires_grad=not freeze)
         return table
 

@@ -63,8 +63,16 @@ class HashEmbeddings(CompressedEmbedding):
         padding_idx: int | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name, init=init,
-                include_last_offset=include_last_offset, padding_idx=padding_idx)
+        super().__init__(
+            num_embeddings,
+            embedding_dim,
+            mode=mode,
+            sparse=sparse,
+            name=name,
+            init=init,
+            include_last_offset=include_last_offset,
+            padding_idx=padding_idx,
+        )
         if num_hashes < 1:
             raise ValueError(f"hemb: num_hashes must be >= 1, got {num_hashes}")
         if not 0 < importance_share < 1:
@@ -92,8 +100,7 @@ class HashEmbeddings(CompressedEmbedding):
         weights = F.embedding(self.importance_hash(ids).squeeze(-1), self.importance, sparse=self.sparse)
         # one fused kernel: each id is a bag of its k components, weighted by its importance weights
         return F.embedding_bag(
-            self.component_hash(ids), self.pool, mode="sum", per_sample_weights=weights,
-            sparse=self.sparse,
+            self.component_hash(ids), self.pool, mode="sum", per_sample_weights=weights, sparse=self.sparse
         )
 
     @classmethod

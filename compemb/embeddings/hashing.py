@@ -49,8 +49,16 @@ class _HashedTable(CompressedEmbedding):
         padding_idx: int | None,
         device: torch.device | str | None,
     ) -> None:
-        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name, init=init,
-                include_last_offset=include_last_offset, padding_idx=padding_idx)
+        super().__init__(
+            num_embeddings,
+            embedding_dim,
+            mode=mode,
+            sparse=sparse,
+            name=name,
+            init=init,
+            include_last_offset=include_last_offset,
+            padding_idx=padding_idx,
+        )
         budget = resolve_budget(num_embeddings, embedding_dim, compression=compression, num_params=num_params)
         # tables * row_dim == embedding_dim, so the budget buys `rows` rows in every table
         hash_bytes = coefficient_bytes(num_hashes)
@@ -83,7 +91,9 @@ class _HashedTablesBatch:
     compositional table's column i lies ``i * rows_j`` rows into its weight (``stacked_columns``).
     """
 
-    def __init__(self, tables: Sequence[_HashedTable], combine: Callable[[Tensor], Tensor], stacked_columns: bool) -> None:
+    def __init__(
+        self, tables: Sequence[_HashedTable], combine: Callable[[Tensor], Tensor], stacked_columns: bool
+    ) -> None:
         self.tables = list(tables)
         self.combine = combine
         self.pack = PackedWeights(self.tables, "weight", sparse=tables[0].sparse)
@@ -133,9 +143,20 @@ class HashingTrickEmbedding(_HashedTable):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__(
-            num_embeddings, embedding_dim, row_dim=embedding_dim, tables=1, num_hashes=1,
-            compression=compression, num_params=num_params, seed=seed, mode=mode, sparse=sparse, name=name, init=init,
-            include_last_offset=include_last_offset, padding_idx=padding_idx,
+            num_embeddings,
+            embedding_dim,
+            row_dim=embedding_dim,
+            tables=1,
+            num_hashes=1,
+            compression=compression,
+            num_params=num_params,
+            seed=seed,
+            mode=mode,
+            sparse=sparse,
+            name=name,
+            init=init,
+            include_last_offset=include_last_offset,
+            padding_idx=padding_idx,
             device=device,
         )
 
@@ -159,8 +180,12 @@ class HashingTrickEmbedding(_HashedTable):
         self, ids: Tensor, offsets: Tensor, per_sample_weights: Tensor | None, one_id_per_bag: bool = False
     ) -> Tensor:
         return F.embedding_bag(
-            self.hash(ids).squeeze(-1), self.weight, offsets, mode=self.mode,
-            per_sample_weights=per_sample_weights, sparse=self.sparse,
+            self.hash(ids).squeeze(-1),
+            self.weight,
+            offsets,
+            mode=self.mode,
+            per_sample_weights=per_sample_weights,
+            sparse=self.sparse,
         )
 
 
@@ -226,10 +251,21 @@ class CompositionalEmbedding(_HashedTable):
             raise ValueError(f"ce: columns={columns} must be >= 1 and divide embedding_dim={embedding_dim}")
         self.columns = columns
         super().__init__(
-            num_embeddings, embedding_dim, row_dim=embedding_dim // columns, tables=columns,
-            num_hashes=columns, compression=compression, num_params=num_params, seed=seed, mode=mode,
-            sparse=sparse, name=name, init=init,
-            include_last_offset=include_last_offset, padding_idx=padding_idx, device=device,
+            num_embeddings,
+            embedding_dim,
+            row_dim=embedding_dim // columns,
+            tables=columns,
+            num_hashes=columns,
+            compression=compression,
+            num_params=num_params,
+            seed=seed,
+            mode=mode,
+            sparse=sparse,
+            name=name,
+            init=init,
+            include_last_offset=include_last_offset,
+            padding_idx=padding_idx,
+            device=device,
         )
 
     def lookup(self, ids: Tensor) -> Tensor:
@@ -284,9 +320,20 @@ class BloomEmbedding(_HashedTable):
             raise ValueError(f"bloom: num_hashes must be >= 1, got {num_hashes}")
         self.num_hashes = num_hashes
         super().__init__(
-            num_embeddings, embedding_dim, row_dim=embedding_dim, tables=1, num_hashes=num_hashes,
-            compression=compression, num_params=num_params, seed=seed, mode=mode, sparse=sparse, name=name, init=init,
-            include_last_offset=include_last_offset, padding_idx=padding_idx,
+            num_embeddings,
+            embedding_dim,
+            row_dim=embedding_dim,
+            tables=1,
+            num_hashes=num_hashes,
+            compression=compression,
+            num_params=num_params,
+            seed=seed,
+            mode=mode,
+            sparse=sparse,
+            name=name,
+            init=init,
+            include_last_offset=include_last_offset,
+            padding_idx=padding_idx,
             device=device,
         )
 

@@ -46,20 +46,30 @@ def _search_rows_kernel(ids, sorted_ids, sorted_rows, a, b, num_buckets, offset,
                 out[start + j] = offset + bucket_of(a * x + b, num_buckets)
 
 
-def search_rows(ids: Tensor, sorted_ids: Tensor, sorted_rows: Tensor | None, hash_module: UniversalHash,
-                offset: int) -> Tensor:
+def search_rows(
+    ids: Tensor, sorted_ids: Tensor, sorted_rows: Tensor | None, hash_module: UniversalHash, offset: int
+) -> Tensor:
     """Rows of ``ids``: found in ``sorted_ids`` -> ``sorted_rows`` (or the position), else ``offset + hash(id)``."""
     if on_host(ids) and not sorted_ids.is_meta:
         out = torch.empty(ids.shape, dtype=torch.int64)
         a, b = (int(v) for v in hash_module.coefficients[0].tolist())
-        _search_rows_kernel(ids.numpy(), sorted_ids.numpy(), _NO_ROWS if sorted_rows is None else sorted_rows.numpy(),
-                            a, b, hash_module.num_buckets, offset, out.numpy())
+        _search_rows_kernel(
+            ids.numpy(),
+            sorted_ids.numpy(),
+            _NO_ROWS if sorted_rows is None else sorted_rows.numpy(),
+            a,
+            b,
+            hash_module.num_buckets,
+            offset,
+            out.numpy(),
+        )
         return out
     return search_rows_torch(ids, sorted_ids, sorted_rows, hash_module, offset)
 
 
-def search_rows_torch(ids: Tensor, sorted_ids: Tensor, sorted_rows: Tensor | None, hash_module: UniversalHash,
-                      offset: int) -> Tensor:
+def search_rows_torch(
+    ids: Tensor, sorted_ids: Tensor, sorted_rows: Tensor | None, hash_module: UniversalHash, offset: int
+) -> Tensor:
     """:func:`search_rows` in torch ops, for any device."""
     position = torch.searchsorted(sorted_ids, ids.contiguous()).clamp_max_(sorted_ids.numel() - 1)
     found = sorted_ids[position] == ids

@@ -57,8 +57,16 @@ class LowRankEmbedding(CompressedEmbedding):
         padding_idx: int | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name, init=init,
-                include_last_offset=include_last_offset, padding_idx=padding_idx)
+        super().__init__(
+            num_embeddings,
+            embedding_dim,
+            mode=mode,
+            sparse=sparse,
+            name=name,
+            init=init,
+            include_last_offset=include_last_offset,
+            padding_idx=padding_idx,
+        )
         budget = resolve_budget(num_embeddings, embedding_dim, compression=compression, num_params=num_params)
         n, d, floats = self.num_embeddings, self.embedding_dim, budget.num_bytes / FLOAT_BYTES
         largest = n * d  # beyond the full table's size the full table is the better choice
@@ -96,8 +104,10 @@ class LowRankEmbedding(CompressedEmbedding):
         projection = f"projection {self.projection.shape[0]} x {self.embedding_dim}"
         if not self.extended_ids:  # a whole rank: every id stores as many coordinates
             return f"rank {self.rank:g}: every id stores {self.low_rank} coordinate{'s' * (self.low_rank > 1)}; {projection}"
-        return f"rank {self.rank:g}: {self.extended_ids:,} ids store {self.low_rank + 1} coordinates, " \
-               f"the others {self.low_rank}; {projection}"
+        return (
+            f"rank {self.rank:g}: {self.extended_ids:,} ids store {self.low_rank + 1} coordinates, "
+            f"the others {self.low_rank}; {projection}"
+        )
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", rank={self.rank:g}"

@@ -76,8 +76,16 @@ class ManagedCollisionEmbedding(AdaptiveEmbedding):
         padding_idx: int | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name, init=init,
-                         include_last_offset=include_last_offset, padding_idx=padding_idx)
+        super().__init__(
+            num_embeddings,
+            embedding_dim,
+            mode=mode,
+            sparse=sparse,
+            name=name,
+            init=init,
+            include_last_offset=include_last_offset,
+            padding_idx=padding_idx,
+        )
         self._start_recording("frequency")
         if isinstance(eviction_interval, bool) or not isinstance(eviction_interval, int) or eviction_interval < 1:
             raise ValueError(f"{self._who()}: eviction_interval must be a positive int, got {eviction_interval!r}")
@@ -91,8 +99,13 @@ class ManagedCollisionEmbedding(AdaptiveEmbedding):
         fixed -= probe._output_segments_tensor.numel() * 8  # derived from zch_size: not saved (below)
         self.zch_size = max(2, round((budget.num_bytes - fixed) / per_row))
         self.eviction_interval = eviction_interval
-        self.mch = module(zch_size=self.zch_size, device=torch.device(device or "cpu"),
-                          eviction_policy=policy(), eviction_interval=eviction_interval, name=name or "mch")
+        self.mch = module(
+            zch_size=self.zch_size,
+            device=torch.device(device or "cpu"),
+            eviction_policy=policy(),
+            eviction_interval=eviction_interval,
+            name=name or "mch",
+        )
         # TorchRec's output segments (1,025 int64 bounds for up to 1,024 row-wise shards, [0, zch_size] and -1
         # padding here) follow from zch_size: rebuilt by the constructor, so not saved and not counted
         self.mch._non_persistent_buffers_set.add("_output_segments_tensor")

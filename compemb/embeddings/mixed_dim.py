@@ -110,13 +110,23 @@ class MixedDimEmbedding(CompressedEmbedding):
         padding_idx: int | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name, init=init,
-                include_last_offset=include_last_offset, padding_idx=padding_idx)
+        super().__init__(
+            num_embeddings,
+            embedding_dim,
+            mode=mode,
+            sparse=sparse,
+            name=name,
+            init=init,
+            include_last_offset=include_last_offset,
+            padding_idx=padding_idx,
+        )
         budget = resolve_budget(num_embeddings, embedding_dim, compression=compression, num_params=num_params)
         sizes = [self.num_embeddings] if blocks is None else [int(size) for size in blocks]
         if any(size < 1 for size in sizes) or sum(sizes) != self.num_embeddings:
-            raise ValueError(f"blocks must be positive sizes summing to num_embeddings {self.num_embeddings:,}, "
-                             f"got {len(sizes)} blocks summing to {sum(sizes):,}")
+            raise ValueError(
+                f"blocks must be positive sizes summing to num_embeddings {self.num_embeddings:,}, "
+                f"got {len(sizes)} blocks summing to {sum(sizes):,}"
+            )
         if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha >= 0):
             raise ValueError(f"alpha must be a non-negative number, got {alpha!r}")
         self.block_sizes, self.alpha = sizes, float(alpha)
@@ -125,8 +135,9 @@ class MixedDimEmbedding(CompressedEmbedding):
         largest = max(range(len(sizes)), key=lambda b: sizes[b])
         # rounded down, so what they leave the largest block is never less than its rule's share
         whole = [min(d, max(1, math.floor(r + 1e-9))) for r in rule]
-        others = _block_floats([n for b, n in enumerate(sizes) if b != largest],
-                               [r for b, r in enumerate(whole) if b != largest], d)
+        others = _block_floats(
+            [n for b, n in enumerate(sizes) if b != largest], [r for b, r in enumerate(whole) if b != largest], d
+        )
         tables: list[CompressedEmbedding] = []
         for b, size in enumerate(sizes):
             common = dict(seed=seed * 1_000 + b, sparse=sparse, init=init, device=device)
@@ -161,8 +172,11 @@ class MixedDimEmbedding(CompressedEmbedding):
             ratio = self.init_bound / table.init_bound
             if ratio != 1:
                 with torch.no_grad():
-                    for weight in (getattr(table, "weight", None), getattr(table, "low", None),
-                                   getattr(table, "extra", None)):
+                    for weight in (
+                        getattr(table, "weight", None),
+                        getattr(table, "low", None),
+                        getattr(table, "extra", None),
+                    ):
                         if weight is not None and not weight.is_meta:
                             weight.mul_(ratio)
 
@@ -178,8 +192,11 @@ class MixedDimEmbedding(CompressedEmbedding):
         block = torch.bucketize(ids, self.block_starts, right=True) - 1
         order = torch.argsort(block, stable=True)
         # the one value the host needs: how many ids each block's table reads (one read back; bincount would be two)
-        counts = torch.zeros(len(self.tables), dtype=torch.int64, device=ids.device).index_add_(
-            0, block, torch.ones_like(block)).tolist()
+        counts = (
+            torch.zeros(len(self.tables), dtype=torch.int64, device=ids.device)
+            .index_add_(0, block, torch.ones_like(block))
+            .tolist()
+        )
         local = (ids - self.block_starts[block])[order]
         pieces = [table.lookup(part) for table, part in zip(self.tables, local.split(counts)) if part.numel()]
         if not pieces:
@@ -194,4 +211,3 @@ class MixedDimEmbedding(CompressedEmbedding):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", blocks={len(self.block_sizes)}, alpha={self.alpha:g}"
-

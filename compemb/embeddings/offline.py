@@ -70,8 +70,16 @@ class OfflineFrequencyEmbedding(CompressedEmbedding):
         padding_idx: int | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name, init=init,
-                include_last_offset=include_last_offset, padding_idx=padding_idx)
+        super().__init__(
+            num_embeddings,
+            embedding_dim,
+            mode=mode,
+            sparse=sparse,
+            name=name,
+            init=init,
+            include_last_offset=include_last_offset,
+            padding_idx=padding_idx,
+        )
         budget = resolve_budget(num_embeddings, embedding_dim, compression=compression, num_params=num_params)
         if frequencies is None:
             raise ValueError(
@@ -88,7 +96,9 @@ class OfflineFrequencyEmbedding(CompressedEmbedding):
         if not counts.is_meta and bool((counts < 0).any()):
             raise ValueError(f"{self._who()}: frequencies must be >= 0")
         d, counted = self.embedding_dim, counts.numel()
-        self.hash_rate = paper_defaults(budget_ratio(budget, self.num_embeddings, d))[0] if hash_rate is None else hash_rate
+        self.hash_rate = (
+            paper_defaults(budget_ratio(budget, self.num_embeddings, d))[0] if hash_rate is None else hash_rate
+        )
         if not 0 < self.hash_rate < 1:
             raise ValueError(f"{self._who()}: hash_rate must be in (0, 1), got {hash_rate!r}")
         hash_bytes = coefficient_bytes(1)
@@ -111,8 +121,9 @@ class OfflineFrequencyEmbedding(CompressedEmbedding):
         else:
             self.register_buffer("hot_ids", torch.empty(self.hot_rows, dtype=torch.int64, device=device))
         # the hot set, by rank, kept to rebuild the map in reset_parameters (None: planned from meta counts)
-        self._by_rank = None if counts.is_meta else torch.sort(counts.cpu(), descending=True, stable=True).indices[
-            : self.hot_rows]
+        self._by_rank = (
+            None if counts.is_meta else torch.sort(counts.cpu(), descending=True, stable=True).indices[: self.hot_rows]
+        )
         smallest = 2 * d * FLOAT_BYTES + 8 + hash_bytes
         self._finish(budget, seed, math.ceil(smallest / FLOAT_BYTES), every_budget_from(d, reserved))
 
@@ -125,8 +136,9 @@ class OfflineFrequencyEmbedding(CompressedEmbedding):
             raise ValueError(f"{self._who()} was planned from meta frequencies: build it again with real counts")
         if self.dense_map:  # row = rank
             self.row_of_id.fill_(-1)
-            self.row_of_id[self._by_rank.to(target.device)] = torch.arange(self.hot_rows, dtype=torch.int32,
-                                                                          device=target.device)
+            self.row_of_id[self._by_rank.to(target.device)] = torch.arange(
+                self.hot_rows, dtype=torch.int32, device=target.device
+            )
         else:  # row = position among the sorted hot ids
             self.hot_ids.copy_(torch.sort(self._by_rank).values)
 
@@ -158,8 +170,14 @@ class OfflineFrequencyEmbedding(CompressedEmbedding):
     def lookup_bags(
         self, ids: Tensor, offsets: Tensor, per_sample_weights: Tensor | None, one_id_per_bag: bool = False
     ) -> Tensor:
-        return F.embedding_bag(self._rows(ids), self.weight, offsets, mode=self.mode,
-                               per_sample_weights=per_sample_weights, sparse=self.sparse)
+        return F.embedding_bag(
+            self._rows(ids),
+            self.weight,
+            offsets,
+            mode=self.mode,
+            per_sample_weights=per_sample_weights,
+            sparse=self.sparse,
+        )
 
     def extra_repr(self) -> str:
         kind = "dense" if self.dense_map else "sorted"
@@ -195,7 +213,9 @@ class _OfflineTablesBatch:
                 return torch.tensor(values, dtype=torch.int64, device=device)
 
             self._constants = {
-                "offline": tensor(self.offline_columns), "sorted": tensor(self.sorted), "dense": tensor(self.dense),
+                "offline": tensor(self.offline_columns),
+                "sorted": tensor(self.sorted),
+                "dense": tensor(self.dense),
                 "hashed_rows": column_sizes([t.hash.num_buckets for t in offline], device),
                 "hot_rows": tensor([t.hot_rows for t in offline]),
                 "sorted_bases": tensor(list(accumulate([0] + [t.num_embeddings for t in chosen][:-1]))),
@@ -228,16 +248,20 @@ class _OfflineTablesBatch:
             wanted = columns.index_select(1, constants["sorted"]) + constants["sorted_bases"]
             position = torch.searchsorted(hot, wanted).clamp_max_(hot.numel() - 1)
             found = hot[position] == wanted
-            rows = rows.index_copy(1, constants["sorted"], torch.where(
-                found, position - constants["sorted_starts"], rows.index_select(1, constants["sorted"])))
+            rows = rows.index_copy(
+                1,
+                constants["sorted"],
+                torch.where(found, position - constants["sorted_starts"], rows.index_select(1, constants["sorted"])),
+            )
         if self.maps is not None:  # a dense map: row_of_id[id] (-1: not hot; ids past the map: not hot)
             looked = columns.index_select(1, constants["dense"])
             sizes = constants["map_sizes"]
             at = torch.minimum(looked, sizes - 1) + constants["map_starts"]
             mapped = self.maps.flat().index_select(0, at.view(-1)).view(looked.shape).long()
             hot_ids = (looked < sizes) & (mapped >= 0)
-            rows = rows.index_copy(1, constants["dense"], torch.where(
-                hot_ids, mapped, rows.index_select(1, constants["dense"])))
+            rows = rows.index_copy(
+                1, constants["dense"], torch.where(hot_ids, mapped, rows.index_select(1, constants["dense"]))
+            )
         rows = ids.index_copy(1, constants["offline"], rows) if len(self.offline) < len(self.tables) else rows
         pack = self.rows_batch.pack
         return pack.gather((rows + pack.row_offsets).unsqueeze(-1)).squeeze(-2)

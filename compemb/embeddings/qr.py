@@ -99,8 +99,16 @@ class QREmbedding(CompressedEmbedding):
         padding_idx: int | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name, init=init,
-                include_last_offset=include_last_offset, padding_idx=padding_idx)
+        super().__init__(
+            num_embeddings,
+            embedding_dim,
+            mode=mode,
+            sparse=sparse,
+            name=name,
+            init=init,
+            include_last_offset=include_last_offset,
+            padding_idx=padding_idx,
+        )
         if operation not in OPERATIONS:
             raise ValueError(f"qr: operation must be one of {OPERATIONS}, got {operation!r}")
         if operation == "concat" and embedding_dim < 2:
@@ -173,14 +181,19 @@ class _QRTablesBatch:
         full = [j for j in range(len(self.tables)) if j not in set(qr)]
         quotiented: list[QREmbedding] = [self.tables[j] for j in qr]  # type: ignore[misc]
         self.operation, self.count = quotiented[0].operation, len(qr)
-        entries = [(t, "remainder") for t in quotiented] + [(t, "quotient") for t in quotiented] + \
-            [(self.tables[j], "weight") for j in full]
+        entries = (
+            [(t, "remainder") for t in quotiented]
+            + [(t, "quotient") for t in quotiented]
+            + [(self.tables[j], "weight") for j in full]
+        )
         sparse = self.tables[0].sparse
         if len({getattr(module, name).shape[1] for module, name in entries}) == 1:
             self.packs = [PackedWeights([m for m, _ in entries], [n for _, n in entries], sparse=sparse)]
         else:  # (concat with an odd dim; no full table is joined then)
-            self.packs = [PackedWeights(quotiented, "remainder", sparse=sparse),
-                          PackedWeights(quotiented, "quotient", sparse=sparse)]
+            self.packs = [
+                PackedWeights(quotiented, "remainder", sparse=sparse),
+                PackedWeights(quotiented, "quotient", sparse=sparse),
+            ]
         device = self.packs[0].row_offsets.device
         self.moduli = torch.tensor([t.modulus for t in quotiented], device=device)
         self.qr_columns = torch.tensor(qr, dtype=torch.int64, device=device)
@@ -192,8 +205,9 @@ class _QRTablesBatch:
     def __call__(self, ids: Tensor) -> Tensor:
         self.ranges.check(ids)
         if self.moduli.device != ids.device:
-            self.moduli, self.qr_columns, self.order = (t.to(ids.device) for t in (self.moduli, self.qr_columns,
-                                                                                  self.order))
+            self.moduli, self.qr_columns, self.order = (
+                t.to(ids.device) for t in (self.moduli, self.qr_columns, self.order)
+            )
             self.full_columns = None if self.full_columns is None else self.full_columns.to(ids.device)
         joined = self.full_columns is not None
         quotiented = ids.index_select(1, self.qr_columns) if joined else ids
@@ -203,8 +217,10 @@ class _QRTablesBatch:
             vectors = self.packs[0].gather(rows.add_(self.packs[0].row_offsets).unsqueeze(-1)).squeeze(-2)
             remainder, quotient = vectors[:, : self.count], vectors[:, self.count : 2 * self.count]
         else:
-            remainder, quotient = (pack.gather((part + pack.row_offsets).unsqueeze(-1)).squeeze(-2)
-                                   for pack, part in zip(self.packs, parts))
+            remainder, quotient = (
+                pack.gather((part + pack.row_offsets).unsqueeze(-1)).squeeze(-2)
+                for pack, part in zip(self.packs, parts)
+            )
         if self.operation == "mult":
             combined = remainder * quotient
         elif self.operation == "add":

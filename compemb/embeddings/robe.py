@@ -48,8 +48,16 @@ class _FlatArray(CompressedEmbedding):
         padding_idx: int | None,
         device: torch.device | str | None,
     ) -> None:
-        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name, init=init,
-                include_last_offset=include_last_offset, padding_idx=padding_idx)
+        super().__init__(
+            num_embeddings,
+            embedding_dim,
+            mode=mode,
+            sparse=sparse,
+            name=name,
+            init=init,
+            include_last_offset=include_last_offset,
+            padding_idx=padding_idx,
+        )
         budget = resolve_budget(num_embeddings, embedding_dim, compression=compression, num_params=num_params)
         hash_bytes = coefficient_bytes(num_hashes * (2 if signed else 1))
         self.size = max(min_size, round((budget.num_bytes - hash_bytes) / FLOAT_BYTES))
@@ -144,9 +152,20 @@ class ROBEEmbedding(_FlatArray):
         self.chunks = chunks
         self.chunk_size = embedding_dim // chunks
         super().__init__(
-            num_embeddings, embedding_dim, num_hashes=chunks, min_size=self.chunk_size, signed=signed,
-            compression=compression, num_params=num_params, seed=seed, mode=mode, sparse=sparse, name=name, init=init,
-            include_last_offset=include_last_offset, padding_idx=padding_idx,
+            num_embeddings,
+            embedding_dim,
+            num_hashes=chunks,
+            min_size=self.chunk_size,
+            signed=signed,
+            compression=compression,
+            num_params=num_params,
+            seed=seed,
+            mode=mode,
+            sparse=sparse,
+            name=name,
+            init=init,
+            include_last_offset=include_last_offset,
+            padding_idx=padding_idx,
             device=device,
         )
 
@@ -198,9 +217,20 @@ class HashedNetsEmbedding(_FlatArray):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__(
-            num_embeddings, embedding_dim, num_hashes=embedding_dim, min_size=1, signed=signed,
-            compression=compression, num_params=num_params, seed=seed, mode=mode, sparse=sparse, name=name, init=init,
-            include_last_offset=include_last_offset, padding_idx=padding_idx,
+            num_embeddings,
+            embedding_dim,
+            num_hashes=embedding_dim,
+            min_size=1,
+            signed=signed,
+            compression=compression,
+            num_params=num_params,
+            seed=seed,
+            mode=mode,
+            sparse=sparse,
+            name=name,
+            init=init,
+            include_last_offset=include_last_offset,
+            padding_idx=padding_idx,
             device=device,
         )
 

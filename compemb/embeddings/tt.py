@@ -44,8 +44,8 @@ BROADCAST_LIMIT = 1024  # d1 R1 d2 d3 floats per id up to which G1's product is 
 def dim_factors(embedding_dim: int) -> tuple[int, int, int]:
     """``(d1, d2, d3)`` with product ``embedding_dim``: the most balanced three, the smallest in the middle.
 
-        >>> dim_factors(16), dim_factors(64), dim_factors(13)
-        ((4, 2, 2), (4, 4, 4), (13, 1, 1))
+    >>> dim_factors(16), dim_factors(64), dim_factors(13)
+    ((4, 2, 2), (4, 4, 4), (13, 1, 1))
     """
     d = embedding_dim
     best: tuple[int, int, int] = (d, 1, 1)
@@ -131,8 +131,16 @@ class TTEmbedding(CompressedEmbedding):
         padding_idx: int | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name, init=init,
-                include_last_offset=include_last_offset, padding_idx=padding_idx)
+        super().__init__(
+            num_embeddings,
+            embedding_dim,
+            mode=mode,
+            sparse=sparse,
+            name=name,
+            init=init,
+            include_last_offset=include_last_offset,
+            padding_idx=padding_idx,
+        )
         budget = resolve_budget(num_embeddings, embedding_dim, compression=compression, num_params=num_params)
         n, d = self.num_embeddings, self.embedding_dim
         self.dim_factors = dim_factors(d)

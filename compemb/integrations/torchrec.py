@@ -75,8 +75,11 @@ torch.fx.wrap("_shared_ids")
 
 def _table_prefixes(module: CompressedEmbeddingBagCollection) -> dict[str, str]:
     """``collections.dimD.embeddings.<table>.`` -> ``embedding_bags.<table>.`` for every table module."""
-    return {f"collections.{group}.embeddings.{name}.": f"embedding_bags.{name}."
-            for group, collection in module.collections.items() for name in collection.embeddings}
+    return {
+        f"collections.{group}.embeddings.{name}.": f"embedding_bags.{name}."
+        for group, collection in module.collections.items()
+        for name in collection.embeddings
+    }
 
 
 def _only_ebc_keys(module: CompressedEmbeddingBagCollection, state: dict, prefix: str, local_metadata: Any) -> None:
@@ -92,7 +95,7 @@ def _from_ebc_keys(module: CompressedEmbeddingBagCollection, state: dict, prefix
     the table's path through ``collections`` too, so both paths of the one module load (strictly) alike."""
     for ours, theirs in _table_prefixes(module).items():
         for key in [k for k in state if k.startswith(prefix + theirs)]:
-            state[prefix + ours + key[len(prefix + theirs):]] = state[key]
+            state[prefix + ours + key[len(prefix + theirs) :]] = state[key]
 
 
 class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
@@ -148,8 +151,11 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     ) -> None:
         super().__init__()
         if not isinstance(is_weighted, bool):
-            hint = f" (the method is a keyword, as EmbeddingBagCollection's signature leaves it: method=" \
-                   f"{is_weighted!r})" if isinstance(is_weighted, str) else ""
+            hint = (
+                f" (the method is a keyword, as EmbeddingBagCollection's signature leaves it: method={is_weighted!r})"
+                if isinstance(is_weighted, str)
+                else ""
+            )
             raise TypeError(f"is_weighted must be a bool, got {is_weighted!r}{hint}")
         if not tables:
             raise ValueError("CompressedEmbeddingBagCollection needs at least one table config")
@@ -182,18 +188,33 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         if per_table is not None:  # a method per table: each dim's collection gets its tables' part of the mapping
             unknown = [name for name in per_table if name != EVERY_OTHER and name not in names]
             if unknown:
-                raise ValueError(f"the methods name {', '.join(map(repr, unknown))}, not a table here (the tables: "
-                                 f"{', '.join(names)})")
+                raise ValueError(
+                    f"the methods name {', '.join(map(repr, unknown))}, not a table here (the tables: "
+                    f"{', '.join(names)})"
+                )
         for dim in dims:
             members = [t for t in tables if t.embedding_dim == dim]
             share = None if num_params is None else max(1, round(num_params * full[dim] / sum(full.values())))
-            group_method = method if per_table is None else \
-                {name: spec for name, spec in per_table.items() if name == EVERY_OTHER or name in
-                 {t.name for t in members}}
+            group_method = (
+                method
+                if per_table is None
+                else {
+                    name: spec
+                    for name, spec in per_table.items()
+                    if name == EVERY_OTHER or name in {t.name for t in members}
+                }
+            )
             collections[f"dim{dim}"] = EmbeddingCollection(
-                [Feature(table.name, table.num_embeddings) for table in members], dim, group_method,
-                compression=compression, num_params=share, seed=seed + tables.index(members[0]), device=device,
-                sharing=sharing, **options)
+                [Feature(table.name, table.num_embeddings) for table in members],
+                dim,
+                group_method,
+                compression=compression,
+                num_params=share,
+                seed=seed + tables.index(members[0]),
+                device=device,
+                sharing=sharing,
+                **options,
+            )
         for table in tables:
             embeddings = collections[f"dim{table.embedding_dim}"].embeddings
             key = table.name if sharing == "per_feature" else "shared"
@@ -214,8 +235,9 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     def collection(self) -> EmbeddingCollection:
         """The compemb collection of the tables (where every table has one embedding_dim)."""
         if len(self.collections) != 1:
-            raise AttributeError(f"the tables have {len(self.collections)} embedding dims, one collection each: "
-                                 f"see .collections")
+            raise AttributeError(
+                f"the tables have {len(self.collections)} embedding dims, one collection each: see .collections"
+            )
         return next(iter(self.collections.values()))  # type: ignore[return-value]
 
     def _collection_of(self, table: EmbeddingBagConfig) -> EmbeddingCollection:
@@ -236,12 +258,17 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             for table, pooling in zip(self._configs, self._poolings):
                 for name in table.feature_names:
                     if name not in lookup:
-                        raise KeyError(f"the KeyedJaggedTensor has no feature {name!r} (table {table.name!r}); "
-                                       f"it has {features.keys()}")
+                        raise KeyError(
+                            f"the KeyedJaggedTensor has no feature {name!r} (table {table.name!r}); "
+                            f"it has {features.keys()}"
+                        )
                     bag = lookup[name]
                     weights = bag.weights() if self._is_weighted else None
-                    pooled.append(self._collection_of(table).pool(
-                        table.name, Bags(bag.values(), bag.offsets(), weights), pooling=pooling).float())
+                    pooled.append(
+                        self._collection_of(table)
+                        .pool(table.name, Bags(bag.values(), bag.offsets(), weights), pooling=pooling)
+                        .float()
+                    )
             vectors = torch.cat(pooled, dim=1)
         return KeyedTensor(keys=self._embedding_names, length_per_key=self._lengths_per_key, values=vectors)
 
@@ -258,8 +285,10 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                 values, offsets = bag.values(), bag.offsets()
                 weights = bag.weights() if self._is_weighted else None
                 if not isinstance(values, torch.fx.Proxy):
-                    raise TypeError(f"fx tracing: feature {name!r}'s values are {type(values).__name__}, not a "
-                                    f"traced value: trace with the KeyedJaggedTensor as an input")
+                    raise TypeError(
+                        f"fx tracing: feature {name!r}'s values are {type(values).__name__}, not a "
+                        f"traced value: trace with the KeyedJaggedTensor as an input"
+                    )
                 if collection.sharing == "shared":  # feature f's id x is offset_f + x in the one table
                     index = collection._index_of(table.name)
                     start = sum(f.num_embeddings for f in collection.features[:index])
@@ -267,9 +296,12 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                 else:
                     values = values.long()
                 tracer = values.tracer
-                vectors = tracer.create_proxy("call_module", tracer.path_of_module(module),
-                                              (values, offsets if module.include_last_offset else offsets[:-1],
-                                               weights), {})
+                vectors = tracer.create_proxy(
+                    "call_module",
+                    tracer.path_of_module(module),
+                    (values, offsets if module.include_last_offset else offsets[:-1], weights),
+                    {},
+                )
                 if module.mode != pooling:  # as pool: the table's mode converted by the bag sizes
                     sizes = (offsets[1:] - offsets[:-1]).clamp(min=1).unsqueeze(1).to(vectors.dtype)
                     vectors = vectors / sizes if pooling == "mean" else vectors * sizes
@@ -293,7 +325,8 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                 raise KeyError(f"the KeyedJaggedTensor has no feature {missing[0]!r}; it has {list(keys)}")
             columns = self._columns[keys] = [
                 torch.tensor([where[t.feature_names[0]] for t in self._configs if f"dim{t.embedding_dim}" == name])
-                for name in self.collections]
+                for name in self.collections
+            ]
         # a KJT holds feature after feature: with one id per row its values are a (features, batch) matrix
         matrix = features.values().view(len(keys), batch)
         weights = features.weights().view(len(keys), batch) if self._is_weighted else None
@@ -320,17 +353,23 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         being scripted. Compressed tables cannot be scripted: TypeError, saying why."""
         reason = None
         if self._method != "full":
-            reason = (f"its method {self._method!r} looks ids up in Python that TorchScript cannot compile "
-                      f"(hashing, id checks, custom autograd functions, compiled kernels)")
+            reason = (
+                f"its method {self._method!r} looks ids up in Python that TorchScript cannot compile "
+                f"(hashing, id checks, custom autograd functions, compiled kernels)"
+            )
         elif any(collection.sharing == "shared" for collection in self.collections.values()):
             reason = "its one shared table reads every feature's ids at an offset, which no EmbeddingBagCollection does"
-        elif any(not isinstance(m, FullEmbedding) or m.padding_idx is not None or m.mode == "max"
-                 for m in self.embedding_bags.values()):
+        elif any(
+            not isinstance(m, FullEmbedding) or m.padding_idx is not None or m.mode == "max"
+            for m in self.embedding_bags.values()
+        ):
             reason = "a full table with padding_idx or mode='max' is not an EmbeddingBagCollection's"
         if reason is not None:
-            raise TypeError(f"torch.jit.script cannot script this CompressedEmbeddingBagCollection: {reason}. "
-                            f"torchrec.fx.symbolic_trace traces it (its tables as call_module nodes); torch.compile "
-                            f"compiles around its lookups")
+            raise TypeError(
+                f"torch.jit.script cannot script this CompressedEmbeddingBagCollection: {reason}. "
+                f"torchrec.fx.symbolic_trace traces it (its tables as call_module nodes); torch.compile "
+                f"compiles around its lookups"
+            )
         scriptable = EmbeddingBagCollection(self._configs, is_weighted=self._is_weighted, device=torch.device("meta"))
         for name, table in self.embedding_bags.items():
             bag = scriptable.embedding_bags[name]

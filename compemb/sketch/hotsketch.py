@@ -62,8 +62,9 @@ _BUFFERS = {
 
 
 @numba.njit(cache=True, nogil=True)
-def _insert_kernel(ids, scores, unit, keys, table, rows, occupied, mass, coefficients, limit, factor, counted,
-                   skip_hot):
+def _insert_kernel(
+    ids, scores, unit, keys, table, rows, occupied, mass, coefficients, limit, factor, counted, skip_hot
+):
     """Apply a batch; returns the index of the first bad score (nothing changed then) or -1, and the decays.
     ``counted`` >= 0: the mass the batch counts towards the decay (else the sum of its scores); ``skip_hot``: a
     newcomer to a full bucket looks for the lowest slot among those holding no hot ID."""
@@ -493,8 +494,9 @@ class HotSketch(torch.nn.Module):
     # --- scores --------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def insert(self, ids: Tensor, scores: Tensor | None = None, mass: float | Tensor | None = None,
-               keep: Tensor | None = None) -> int:
+    def insert(
+        self, ids: Tensor, scores: Tensor | None = None, mass: float | Tensor | None = None, keep: Tensor | None = None
+    ) -> int:
         """Add ``scores`` to ``ids`` (frequency mode when ``scores`` is None: 1 per occurrence); returns how many
         decays the batch set off (0 almost always), or -1 where the host does not know (see below).
 
@@ -559,16 +561,29 @@ class HotSketch(torch.nn.Module):
             return self._insert_torch(flat_ids, scores, mass)
         score_array, unit = (_NO_SCORES, True) if scores is None else (scores.numpy(), False)
         keys, table, rows, occupied, mass_array, coefficients = self._arrays()
-        bad, periods = _insert_kernel(id_array, score_array, unit, keys, table, rows, occupied, mass_array,
-                                      coefficients, self.decay_period, self.decay_factor,
-                                      -1.0 if mass is None else float(mass), self.skip_hot)
+        bad, periods = _insert_kernel(
+            id_array,
+            score_array,
+            unit,
+            keys,
+            table,
+            rows,
+            occupied,
+            mass_array,
+            coefficients,
+            self.decay_period,
+            self.decay_factor,
+            -1.0 if mass is None else float(mass),
+            self.skip_hot,
+        )
         if bad >= 0:
             raise ValueError(f"scores must be finite and >= 0, got {float(score_array[bad])} at flat index {bad}")
         self._known_mass = float(mass_array[0])
         return int(periods)
 
-    def _insert_merge(self, ids: Tensor, scores: Tensor | None, counted: float | Tensor | None,
-                      keep: Tensor | None) -> int:
+    def _insert_merge(
+        self, ids: Tensor, scores: Tensor | None, counted: float | Tensor | None, keep: Tensor | None
+    ) -> int:
         """:meth:`insert` as one vectorised merge; the decay mass is followed on the host while it is known."""
         if scores is None:
             values = torch.ones(ids.numel(), dtype=torch.float32, device=ids.device)
@@ -578,8 +593,17 @@ class HotSketch(torch.nn.Module):
             torch._assert_async(good, "compemb: HotSketch.insert: a score is negative, NaN or infinite")
             values = scores if keep is None else torch.where(keep, scores, 0.0)
             total = values.double().sum()
-        torch_ops.merge_insert(ids, values, keep, self.keys, self.scores, self.hot_rows, self.occupied,
-                               self.coefficients, skip_hot=self.skip_hot)
+        torch_ops.merge_insert(
+            ids,
+            values,
+            keep,
+            self.keys,
+            self.scores,
+            self.hot_rows,
+            self.occupied,
+            self.coefficients,
+            skip_hot=self.skip_hot,
+        )
         counted = total if counted is None else counted
         if self.mass_on_device and not isinstance(counted, Tensor):  # (a CUDA graph replays no host value)
             counted = torch.full((), float(counted), dtype=torch.float64, device=self.mass.device)
@@ -617,7 +641,8 @@ class HotSketch(torch.nn.Module):
     def _insert_torch(self, ids: Tensor, scores: Tensor | None, counted: float | None = None) -> int:
         """:meth:`insert` in torch ops: one small read back to the host, then one set of ops per round."""
         unique_ids, unique_scores, buckets, by_round, readback = torch_ops.plan_insert(
-            ids, scores, self.num_buckets, self.coefficients, self.mass)
+            ids, scores, self.num_buckets, self.coefficients, self.mass
+        )
         bad, before, mass, *per_round = readback.tolist()
         mass = mass if counted is None else before + float(counted)
         if bad >= 0:
@@ -627,8 +652,16 @@ class HotSketch(torch.nn.Module):
         for count in per_round:
             chosen = by_round[start : start + int(count)]
             start += int(count)
-            torch_ops.apply_round(unique_ids[chosen], unique_scores[chosen], buckets[chosen], self.keys,
-                                  self.scores, self.hot_rows, self.occupied, skip_hot=self.skip_hot)
+            torch_ops.apply_round(
+                unique_ids[chosen],
+                unique_scores[chosen],
+                buckets[chosen],
+                self.keys,
+                self.scores,
+                self.hot_rows,
+                self.occupied,
+                skip_hot=self.skip_hot,
+            )
         return self._decay_by(mass)  # exactly as the compiled kernel decays
 
     @torch.no_grad()
@@ -636,8 +669,9 @@ class HotSketch(torch.nn.Module):
         """Scores (float32) and hot rows (int32) of ``ids``, with their shape and device; 0 and -1 when absent."""
         if not self._compiled:
             flat = _id_tensor(ids, self.keys.device)
-            score_tensor, row_tensor = torch_ops.query(flat, self.keys, self.scores, self.hot_rows, self.occupied,
-                                                       self.coefficients)
+            score_tensor, row_tensor = torch_ops.query(
+                flat, self.keys, self.scores, self.hot_rows, self.occupied, self.coefficients
+            )
         else:
             _, id_array = _id_array(ids)
             keys, table, rows, occupied, _, coefficients = self._arrays()
@@ -689,10 +723,19 @@ class HotSketch(torch.nn.Module):
         where = torch_ops.locate(ids, self.keys, self.occupied, self.coefficients)
         bad_row = (rows < 0) | (rows > _MAX_ROW)
         absent = where < 0
-        first_bad, first_absent = (int(i) for i in torch.stack([
-            torch.where(bad_row.any(), bad_row.to(torch.uint8).argmax(), -1) if rows.numel() else rows.new_tensor(-1),
-            torch.where(absent.any(), absent.to(torch.uint8).argmax(), -1) if ids.numel() else ids.new_tensor(-1),
-        ]).tolist())
+        first_bad, first_absent = (
+            int(i)
+            for i in torch.stack(
+                [
+                    torch.where(bad_row.any(), bad_row.to(torch.uint8).argmax(), -1)
+                    if rows.numel()
+                    else rows.new_tensor(-1),
+                    torch.where(absent.any(), absent.to(torch.uint8).argmax(), -1)
+                    if ids.numel()
+                    else ids.new_tensor(-1),
+                ]
+            ).tolist()
+        )
         if first_bad >= 0:
             raise ValueError(f"rows must be in [0, {_MAX_ROW}], got {int(rows[first_bad])}")
         if first_absent >= 0:
@@ -753,4 +796,3 @@ class HotSketch(torch.nn.Module):
         text += f", seed={self.seed}"
         text += ", skip_hot=True" if self.skip_hot else ""
         return text + (f", backend={self.backend!r}" if self.backend != "auto" else "")
-

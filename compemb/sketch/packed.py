@@ -44,8 +44,10 @@ class PackedSketches:
         if not sketches:
             raise ValueError("PackedSketches needs at least one sketch")
         first = sketches[0]
-        if any(s.slots != first.slots or s.keys.device != first.keys.device or s.skip_hot != first.skip_hot
-               for s in sketches):
+        if any(
+            s.slots != first.slots or s.keys.device != first.keys.device or s.skip_hot != first.skip_hot
+            for s in sketches
+        ):
             raise ValueError("packed sketches must have one slot count and newcomer rule and live on one device")
         self.sketches = list(sketches)
         self.packs = {name: PackedBuffers(self.sketches, name) for name in _PACKED}
@@ -68,8 +70,9 @@ class PackedSketches:
         # the decay on the device (mass_on_device): each sketch's period and factor, and each bucket's sketch
         self.decay_periods = torch.tensor([s.decay_period for s in self.sketches], dtype=torch.float64, device=device)
         self.decay_factors = torch.tensor([s.decay_factor for s in self.sketches], dtype=torch.float64, device=device)
-        self.bucket_sketch = torch.repeat_interleave(torch.arange(len(self.sketches), device=device),
-                                                    self.sizes.view(-1)).view(-1, 1)
+        self.bucket_sketch = torch.repeat_interleave(
+            torch.arange(len(self.sketches), device=device), self.sizes.view(-1)
+        ).view(-1, 1)
         self._masses: tuple[tuple[float, ...], Tensor] | None = None
 
     def is_packed(self) -> bool:
@@ -109,8 +112,13 @@ class PackedSketches:
         return scores, hot
 
     @torch.no_grad()
-    def insert(self, ids: Tensor, scores: Tensor | None = None, masses: Sequence[float] | Tensor | None = None,
-               keep: Tensor | None = None) -> list[int]:
+    def insert(
+        self,
+        ids: Tensor,
+        scores: Tensor | None = None,
+        masses: Sequence[float] | Tensor | None = None,
+        keep: Tensor | None = None,
+    ) -> list[int]:
         """Column t of ``ids`` ``(batch, tables)`` into sketch t, all in one merge; returns each sketch's decays.
 
         ``scores`` (the shape of ``ids``, or None: 1 per occurrence) and ``keep`` as :meth:`HotSketch.insert`;
@@ -128,18 +136,30 @@ class PackedSketches:
         device = self.buffers["keys"].device
         ids = ids.to(device, torch.int64)
         buckets = self.buckets(ids)
-        values = torch.ones(ids.shape, dtype=torch.float32, device=device) if scores is None else \
-            scores.to(device, torch.float32)
-        torch_ops.merge_insert(ids.reshape(-1), values.reshape(-1), None if keep is None else keep.reshape(-1),
-                               self.buffers["keys"], self.buffers["scores"], self.buffers["hot_rows"],
-                               self.buffers["occupied"], None, buckets=buckets.reshape(-1),
-                               skip_hot=self.sketches[0].skip_hot)
+        values = (
+            torch.ones(ids.shape, dtype=torch.float32, device=device)
+            if scores is None
+            else scores.to(device, torch.float32)
+        )
+        torch_ops.merge_insert(
+            ids.reshape(-1),
+            values.reshape(-1),
+            None if keep is None else keep.reshape(-1),
+            self.buffers["keys"],
+            self.buffers["scores"],
+            self.buffers["hot_rows"],
+            self.buffers["occupied"],
+            None,
+            buckets=buckets.reshape(-1),
+            skip_hot=self.sketches[0].skip_hot,
+        )
         if isinstance(masses, Tensor) and not self.sketches[0].mass_on_device:
             raise ValueError("masses on the device need sketches with mass_on_device")
         if self.sketches[0].mass_on_device:
             return self._decay_on_device(masses if isinstance(masses, Tensor) else [float(mass) for mass in masses])
-        return [sketch._decay_by(sketch.mass_since_decay() + float(mass))
-                for sketch, mass in zip(self.sketches, masses)]
+        return [
+            sketch._decay_by(sketch.mass_since_decay() + float(mass)) for sketch, mass in zip(self.sketches, masses)
+        ]
 
     def _decay_on_device(self, masses: list[float] | Tensor) -> list[int]:
         """Every sketch's decay rule (:meth:`HotSketch._decay_on_device`) at once, the masses on the device: -1 each

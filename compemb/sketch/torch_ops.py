@@ -37,8 +37,9 @@ def locate(ids: Tensor, keys: Tensor, occupied: Tensor, coefficients: Tensor) ->
     return torch.where(match.any(-1), bucket * num_slots + slot, -1)
 
 
-def query(ids: Tensor, keys: Tensor, table: Tensor, rows: Tensor, occupied: Tensor,
-          coefficients: Tensor) -> tuple[Tensor, Tensor]:
+def query(
+    ids: Tensor, keys: Tensor, table: Tensor, rows: Tensor, occupied: Tensor, coefficients: Tensor
+) -> tuple[Tensor, Tensor]:
     """Score (float32) and hot row (int32) of each ID of a 1-D ``ids``: 0 and -1 when absent."""
     where = locate(ids, keys, occupied, coefficients)
     found, at = where >= 0, where.clamp_min(0)
@@ -47,8 +48,9 @@ def query(ids: Tensor, keys: Tensor, table: Tensor, rows: Tensor, occupied: Tens
     return scores, hot
 
 
-def plan_insert(ids: Tensor, scores: Tensor | None, num_buckets: int, coefficients: Tensor,
-                mass: Tensor) -> tuple[Tensor, ...]:
+def plan_insert(
+    ids: Tensor, scores: Tensor | None, num_buckets: int, coefficients: Tensor, mass: Tensor
+) -> tuple[Tensor, ...]:
     """Everything an insert needs before it changes the sketch, and the one vector the host reads back.
 
     Returns ``(unique_ids, unique_scores, unique_buckets, by_round, readback)``: the distinct IDs with their
@@ -83,8 +85,16 @@ def plan_insert(ids: Tensor, scores: Tensor | None, num_buckets: int, coefficien
     return unique_ids, unique_scores, unique_buckets, by_round, readback
 
 
-def apply_round(ids: Tensor, scores: Tensor, buckets: Tensor, keys: Tensor, table: Tensor, rows: Tensor,
-                occupied: Tensor, skip_hot: bool = False) -> None:
+def apply_round(
+    ids: Tensor,
+    scores: Tensor,
+    buckets: Tensor,
+    keys: Tensor,
+    table: Tensor,
+    rows: Tensor,
+    occupied: Tensor,
+    skip_hot: bool = False,
+) -> None:
     """Space-Saving for distinct IDs in distinct buckets, all at once (in place); ``skip_hot``: a newcomer to a
     full bucket takes the lowest slot among those holding no hot ID."""
     num_slots = keys.shape[1]
@@ -96,8 +106,9 @@ def apply_round(ids: Tensor, scores: Tensor, buckets: Tensor, keys: Tensor, tabl
     # torch's argmin/argmax return the first of equal values: ties go to the lowest slot, as on CPU
     candidates = bucket_used & (rows[buckets] < 0) if skip_hot else bucket_used
     lowest = torch.where(candidates, bucket_scores, _INF).argmin(-1)  # every slot hot (skip_hot): slot 0, hot
-    slot = torch.where(found, match.to(torch.uint8).argmax(-1),
-                       torch.where(has_empty, empty.to(torch.uint8).argmax(-1), lowest))
+    slot = torch.where(
+        found, match.to(torch.uint8).argmax(-1), torch.where(has_empty, empty.to(torch.uint8).argmax(-1), lowest)
+    )
     flat = buckets * num_slots + slot
     current_score, current_key = table.view(-1)[flat], keys.view(-1)[flat]
     current_row = rows.view(-1)[flat]
@@ -117,8 +128,9 @@ def hot_below(keys: Tensor, table: Tensor, rows: Tensor, occupied: Tensor, thres
     return keys.view(-1)[chosen], rows.view(-1)[chosen]
 
 
-def distinct_sums(ids: Tensor, values: Tensor, keep: Tensor | None = None,
-                  groups: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+def distinct_sums(
+    ids: Tensor, values: Tensor, keep: Tensor | None = None, groups: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """The distinct ``ids`` (ascending) with their summed ``values``, in fixed shapes: ``len(ids)`` slots, the
     distinct ones first, then slots flagged invalid. Duplicates are summed in batch order (a stable sort), as the
     compiled kernel sums them. ``keep`` (optional, ``ids``' shape): an id none of whose occurrences is kept is
@@ -139,19 +151,30 @@ def distinct_sums(ids: Tensor, values: Tensor, keep: Tensor | None = None,
     segment = torch.cumsum(starts, 0) - 1
     sums = values.new_zeros(n).index_add_(0, segment, values.index_select(0, order))
     distinct = torch.zeros_like(sorted_ids).scatter_(0, segment, sorted_ids)
-    distinct_groups = None if sorted_groups is None else torch.zeros_like(sorted_groups).scatter_(
-        0, segment, sorted_groups)
+    distinct_groups = (
+        None if sorted_groups is None else torch.zeros_like(sorted_groups).scatter_(0, segment, sorted_groups)
+    )
     valid = torch.arange(n, device=ids.device) <= segment[-1]
     if keep is not None:
         kept = torch.zeros(n, dtype=torch.int32, device=ids.device).index_add_(
-            0, segment, keep.reshape(-1).index_select(0, order).to(torch.int32))
+            0, segment, keep.reshape(-1).index_select(0, order).to(torch.int32)
+        )
         valid &= kept > 0
     return distinct, sums, valid, distinct_groups
 
 
-def merge_insert(ids: Tensor, scores: Tensor, keep: Tensor | None, keys: Tensor, table: Tensor, rows: Tensor,
-                 occupied: Tensor, coefficients: Tensor | None, buckets: Tensor | None = None,
-                 skip_hot: bool = False) -> None:
+def merge_insert(
+    ids: Tensor,
+    scores: Tensor,
+    keep: Tensor | None,
+    keys: Tensor,
+    table: Tensor,
+    rows: Tensor,
+    occupied: Tensor,
+    coefficients: Tensor | None,
+    buckets: Tensor | None = None,
+    skip_hot: bool = False,
+) -> None:
     """A batch into the sketch in a constant number of vectorised passes (in place), whatever the load per bucket.
 
     A mergeable Space-Saving: the batch's distinct IDs and summed scores are a summary merged into each bucket's
@@ -230,7 +253,8 @@ def merge_insert(ids: Tensor, scores: Tensor, keep: Tensor | None, keys: Tensor,
     from_resident = chosen.clamp_max(slots - 1)
     from_newcomer = (chosen - slots).clamp_min(0)
     pick = lambda resident, newcomer: torch.where(  # noqa: E731
-        entrant, newcomer.gather(-1, from_newcomer), resident.gather(-1, from_resident))
+        entrant, newcomer.gather(-1, from_newcomer), resident.gather(-1, from_resident)
+    )
     merged_keys = pick(resident_keys, new_ids)
     merged_scores = pick(resident_scores, estimate)
     merged_rows = torch.where(entrant, -1, resident_rows.gather(-1, from_resident))

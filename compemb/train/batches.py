@@ -44,8 +44,9 @@ def bag_rows(values: np.ndarray, offsets: np.ndarray, rows: slice | np.ndarray) 
     return np.array(values[positions], dtype=np.int64), new_offsets
 
 
-def unpack_batch(batch: tuple[torch.Tensor, ...], bags: list[dict[str, Any]]
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Bags] | None]:
+def unpack_batch(
+    batch: tuple[torch.Tensor, ...], bags: list[dict[str, Any]]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Bags] | None]:
     """``read_rows``' tensors as the model takes them: dense, sparse, labels and the multi-hot features' Bags."""
     dense, sparse, labels, *jagged = batch
     if not bags:

@@ -37,13 +37,21 @@ def check_trainable(config: TrainConfig, splits: dict[str, Split]) -> None:
     positives = int(np.count_nonzero(data.labels))
     if positives in (0, len(data)):
         only = "positives" if positives else "negatives"
-        raise DatasetError(f"{config.data}: split {config.eval_split!r} holds only {only} ({len(data):,} rows): its "
-                           f"AUC is undefined; evaluate on a split with both classes (eval_split in a --config file)")
+        raise DatasetError(
+            f"{config.data}: split {config.eval_split!r} holds only {only} ({len(data):,} rows): its "
+            f"AUC is undefined; evaluate on a split with both classes (eval_split in a --config file)"
+        )
 
 
-def build_model(config: TrainConfig, cardinalities: list[int], num_dense: int,
-                frequencies: dict[str, Tensor] | None = None, sparse: bool | None = None,
-                bags: list[dict[str, Any]] | None = None, device: str | None = None) -> torch.nn.Module:
+def build_model(
+    config: TrainConfig,
+    cardinalities: list[int],
+    num_dense: int,
+    frequencies: dict[str, Tensor] | None = None,
+    sparse: bool | None = None,
+    bags: list[dict[str, Any]] | None = None,
+    device: str | None = None,
+) -> torch.nn.Module:
     """The model a config describes (DLRM or DCN over an EmbeddingCollection of ``C1..Cn``), freshly seeded.
 
     ``frequencies`` (per-feature id counts) are needed by methods built from them (``needs_frequencies``); an
@@ -57,22 +65,34 @@ def build_model(config: TrainConfig, cardinalities: list[int], num_dense: int,
     features += [Feature(bag["name"], int(bag["cardinality"]), bag["pooling"]) for bag in bags or ()]
     # sparse table gradients wherever the optimizer takes them (all but adam_dense), as the papers train
     table_optimizer = config.table_optimizer or config.optimizer
-    options = {"sparse": table_optimizer != "adam_dense" if sparse is None else sparse, "init": config.init,
-               **table_options_for(config.method, config.method_options)}
+    options = {
+        "sparse": table_optimizer != "adam_dense" if sparse is None else sparse,
+        "init": config.init,
+        **table_options_for(config.method, config.method_options),
+    }
     if any_method(config.method, "needs_frequencies") and frequencies is None:
         frequencies = {f.name: torch.zeros(f.num_embeddings, dtype=torch.int64) for f in features}
-    embeddings = EmbeddingCollection(features, config.embedding_dim, config.method, compression=config.compression,
-                                     num_params=config.num_params,
-                                     seed=config.seed, frequencies=frequencies, sharing=config.sharing, device=device,
-                                     **options)
+    embeddings = EmbeddingCollection(
+        features,
+        config.embedding_dim,
+        config.method,
+        compression=config.compression,
+        num_params=config.num_params,
+        seed=config.seed,
+        frequencies=frequencies,
+        sharing=config.sharing,
+        device=device,
+        **options,
+    )
     with torch.device(device) if device is not None else contextlib.nullcontext():
         if config.model == "dlrm":
             return DLRM(embeddings, num_dense, config.bottom, config.top)
         return DCNv2(embeddings, num_dense, deep=config.top)
 
 
-def id_counts(split: Split, cardinalities: list[int], chunk_rows: int = 1 << 20,
-              rows: tuple[int, int] | None = None) -> list[np.ndarray]:
+def id_counts(
+    split: Split, cardinalities: list[int], chunk_rows: int = 1 << 20, rows: tuple[int, int] | None = None
+) -> list[np.ndarray]:
     """How often each id occurs in each sparse column of ``split`` (or of its rows ``[low, high)``): one int64
     array per feature.
 
@@ -123,8 +143,13 @@ def refuse_what_memory_cannot_hold(config: TrainConfig, cardinalities: list[int]
     """ValueError, before anything is allocated, where the model's parameters alone (tables at their budget, MLPs)
     would not fit in this machine's memory: a full 1e9-row table would otherwise allocate for many seconds, then die."""
     full = sum(cardinalities) * config.embedding_dim * 4
-    tables = full if config.compression is None and config.num_params is None else \
-        config.num_params * 4 if config.num_params is not None else full / config.compression
+    tables = (
+        full
+        if config.compression is None and config.num_params is None
+        else config.num_params * 4
+        if config.num_params is not None
+        else full / config.compression
+    )
     widths = [num_dense, *config.bottom]
     mlp = sum((a + 1) * b for a, b in zip(widths, widths[1:])) * 4
     interactions = len(cardinalities) + 1
@@ -136,8 +161,10 @@ def refuse_what_memory_cannot_hold(config: TrainConfig, cardinalities: list[int]
         return
     needed = tables + mlp
     if needed > memory:
-        raise ValueError(f"the model's parameters alone need {needed / 1e9:,.1f} GB (tables {tables / 1e9:,.1f} GB) "
-                         f"and this machine has {memory / 1e9:,.1f} GB: compress more or use smaller widths")
+        raise ValueError(
+            f"the model's parameters alone need {needed / 1e9:,.1f} GB (tables {tables / 1e9:,.1f} GB) "
+            f"and this machine has {memory / 1e9:,.1f} GB: compress more or use smaller widths"
+        )
 
 
 def make_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -150,8 +177,9 @@ def make_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.O
     tables = {id(p) for m in model.modules() if isinstance(m, CompressedEmbedding) for p in m.parameters()}
     dense = [p for p in model.parameters() if id(p) not in tables]
     table_parameters = [p for p in model.parameters() if id(p) in tables]
-    return CombinedOptimizer([one_optimizer(config.optimizer, dense, config.lr),
-                              one_optimizer(table_name, table_parameters, table_lr)])
+    return CombinedOptimizer(
+        [one_optimizer(config.optimizer, dense, config.lr), one_optimizer(table_name, table_parameters, table_lr)]
+    )
 
 
 def set_learning_rates(optimizer: torch.optim.Optimizer, config: TrainConfig) -> None:

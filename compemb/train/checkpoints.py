@@ -31,8 +31,14 @@ def is_complete(stem: Path) -> bool:
 # the fields a checkpoint's json holds and their JSON types: anything else is refused by name (a checkpoint of a
 # newer compemb, or an edited one) before any of it is used
 CHECKPOINT_FIELDS: dict[str, tuple[type, ...]] = {
-    "config": (dict,), "step": (int,), "best": (dict, type(None)), "running_loss": (int, float),
-    "optimizer_groups": (list,), "optimizer_scalars": (dict,), "sha256": (str,)}
+    "config": (dict,),
+    "step": (int,),
+    "best": (dict, type(None)),
+    "running_loss": (int, float),
+    "optimizer_groups": (list,),
+    "optimizer_scalars": (dict,),
+    "sha256": (str,),
+}
 TRUST_UNVERIFIED = "--trust-unverified"
 
 
@@ -48,15 +54,18 @@ def read_meta(stem: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {stem}.json is damaged (a JSON {type(meta).__name__}, not an object)")
     unknown = sorted(set(meta) - set(CHECKPOINT_FIELDS))
     if unknown:
-        raise CheckpointError(f"checkpoint {stem}.json has fields this compemb does not know ({', '.join(unknown)}): "
-                              f"written by a newer compemb, or edited")
+        raise CheckpointError(
+            f"checkpoint {stem}.json has fields this compemb does not know ({', '.join(unknown)}): "
+            f"written by a newer compemb, or edited"
+        )
     for name, types in CHECKPOINT_FIELDS.items():
         if name == "sha256" and name not in meta:
             continue  # decided where the tensors are read: refused unless the user trusts them
         if name not in meta or not isinstance(meta[name], types) or isinstance(meta[name], bool):
             found = "missing" if name not in meta else f"a {type(meta[name]).__name__}"
-            raise CheckpointError(f"checkpoint {stem}.json is damaged: {name!r} is {found}, not "
-                                  f"{' or '.join(t.__name__ for t in types)}")
+            raise CheckpointError(
+                f"checkpoint {stem}.json is damaged: {name!r} is {found}, not {' or '.join(t.__name__ for t in types)}"
+            )
     if meta["step"] < 0:
         raise CheckpointError(f"checkpoint {stem}.json is damaged: step {meta['step']} is negative")
     return meta
@@ -69,8 +78,10 @@ def checkpoint_config(stem: str | os.PathLike, meta: dict[str, Any] | None = Non
     saved = (meta if meta is not None else read_meta(stem))["config"]
     unknown = sorted(set(saved) - {f.name for f in fields(TrainConfig)})
     if unknown:
-        raise CheckpointError(f"checkpoint {stem}.json has settings this compemb does not know "
-                              f"({', '.join(unknown)}): written by a newer compemb, or edited")
+        raise CheckpointError(
+            f"checkpoint {stem}.json has settings this compemb does not know "
+            f"({', '.join(unknown)}): written by a newer compemb, or edited"
+        )
     try:
         return TrainConfig(**with_defaults(saved))
     except (TypeError, ValueError) as error:
@@ -80,18 +91,20 @@ def checkpoint_config(stem: str | os.PathLike, meta: dict[str, Any] | None = Non
 def load_model_state(model: torch.nn.Module, tensors: dict[str, Tensor], stem: str | os.PathLike) -> None:
     """Load a checkpoint's ``model.*`` tensors into ``model``; CheckpointError where they do not fit the model its
     config describes (an edited method, dim or size)."""
-    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
         lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
         detail = "; ".join(lines[1:3]) or lines[0]
-        raise CheckpointError(f"checkpoint {stem}: its tensors do not fit the model its config describes "
-                              f"({detail})") from None
+        raise CheckpointError(
+            f"checkpoint {stem}: its tensors do not fit the model its config describes ({detail})"
+        ) from None
 
 
-def read_checkpoint(stem: str | os.PathLike, trust_unverified: bool = False) -> tuple[dict[str, Tensor],
-                                                                                      dict[str, Any]]:
+def read_checkpoint(
+    stem: str | os.PathLike, trust_unverified: bool = False
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """The tensors and json of a checkpoint, verified: the json's fields, the tensors file's SHA-256 against the
     one the json records, and the step both record; CheckpointError naming the file where any fails. A checkpoint
     whose json records no SHA-256 (edited, or older than compemb's checksums) is read only ``trust_unverified``."""
@@ -99,9 +112,11 @@ def read_checkpoint(stem: str | os.PathLike, trust_unverified: bool = False) -> 
     meta = read_meta(stem)
     path = Path(f"{stem}.safetensors")
     if "sha256" not in meta and not trust_unverified:
-        raise CheckpointError(f"checkpoint {stem}.json records no SHA-256 of its tensors, so they cannot be "
-                              f"verified (edited, or written before compemb kept checksums); {TRUST_UNVERIFIED} "
-                              f"uses them anyway")
+        raise CheckpointError(
+            f"checkpoint {stem}.json records no SHA-256 of its tensors, so they cannot be "
+            f"verified (edited, or written before compemb kept checksums); {TRUST_UNVERIFIED} "
+            f"uses them anyway"
+        )
     try:
         if not path.is_file():  # a FIFO or device there would block or stream forever
             raise ValueError("not a regular file" if path.exists() else "missing")
@@ -113,8 +128,10 @@ def read_checkpoint(stem: str | os.PathLike, trust_unverified: bool = False) -> 
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
         raise CheckpointError(f"checkpoint {path} is damaged ({error}){previous_offer(stem)}") from None
     if step is not None and step != meta["step"]:
-        raise CheckpointError(f"checkpoint {stem}: its tensors are of step {step} and its json of step "
-                              f"{meta['step']}{previous_offer(stem)}")
+        raise CheckpointError(
+            f"checkpoint {stem}: its tensors are of step {step} and its json of step "
+            f"{meta['step']}{previous_offer(stem)}"
+        )
     return tensors, meta
 
 
@@ -151,8 +168,10 @@ def step_of(stem: Path) -> int | None:
 
 def no_checkpoint(run: str | os.PathLike, which: str = LAST) -> CheckpointError:
     """The error of a resume that finds no checkpoint in ``run``."""
-    return CheckpointError(f"{run}: no checkpoint to resume from (checkpoints/{which}.*); --resume-or-start starts a "
-                           f"fresh run where there is none")
+    return CheckpointError(
+        f"{run}: no checkpoint to resume from (checkpoints/{which}.*); --resume-or-start starts a "
+        f"fresh run where there is none"
+    )
 
 
 def read_config(stem: str | os.PathLike) -> dict[str, Any]:

@@ -21,8 +21,20 @@ TABLE_OPTIMIZERS = (*OPTIMIZERS, "rowwise_adagrad")
 # method options that set a schedule (``--cluster-every``): dropped for methods that do not take them
 SCHEDULE_OPTIONS = ("cluster_every", "cluster_until")
 # what a resumed run may change from its checkpoint's config when asked to (``allow_changes``, ``--override``)
-OVERRIDABLE = ("data", "lr", "table_lr", "epochs", "eval_every", "evals_per_epoch", "eval_batch_size", "checkpoint_every",
-               "checkpoint_minutes", "checkpoint_epochs", "device", "cuda_graph")
+OVERRIDABLE = (
+    "data",
+    "lr",
+    "table_lr",
+    "epochs",
+    "eval_every",
+    "evals_per_epoch",
+    "eval_batch_size",
+    "checkpoint_every",
+    "checkpoint_minutes",
+    "checkpoint_epochs",
+    "device",
+    "cuda_graph",
+)
 # settings that change no result (where files go, how often checkpoints are written, the eval batching)
 RESULT_NEUTRAL = ("out", "eval_batch_size", "checkpoint_every", "checkpoint_minutes", "checkpoint_epochs")
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
@@ -77,15 +89,20 @@ class TrainConfig:
     cuda_graph: bool = False
 
     def __post_init__(self) -> None:
-        positive = {"embedding_dim": self.embedding_dim, "batch_size": self.batch_size, "epochs": self.epochs,
-                    "eval_batch_size": self.eval_batch_size}
+        positive = {
+            "embedding_dim": self.embedding_dim,
+            "batch_size": self.batch_size,
+            "epochs": self.epochs,
+            "eval_batch_size": self.eval_batch_size,
+        }
         for name, value in positive.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
-        if self.compression is not None and not (isinstance(self.compression, (int, float))
-                                                 and math.isfinite(self.compression) and self.compression > 0):
+        if self.compression is not None and not (
+            isinstance(self.compression, (int, float)) and math.isfinite(self.compression) and self.compression > 0
+        ):
             raise ValueError(f"compression must be a positive number, got {self.compression!r}")
         if self.compression is not None and self.compression < 1:
             raise ValueError(f"compression must be >= 1 (full table bytes / stored bytes), got {self.compression:g}")
@@ -113,13 +130,17 @@ class TrainConfig:
         compresses = any_method(self.method, "compresses")  # an unknown method or option: the error names it
         if is_per_feature(self.method):
             if self.method_options:
-                raise ValueError(f"method options go in the parts of a method per feature (e.g. 'C3=cce:cluster_every"
-                                 f"=200;*=hash'), not in method_options {self.method_options}")
+                raise ValueError(
+                    f"method options go in the parts of a method per feature (e.g. 'C3=cce:cluster_every"
+                    f"=200;*=hash'), not in method_options {self.method_options}"
+                )
             if self.sharing == "shared":
                 raise ValueError("a method per feature needs sharing 'per_feature': one shared table has one method")
         if compresses and self.compression is None and self.num_params is None:
-            raise ValueError(f"method {self.method!r} compresses the tables: give it a budget, compression (a ratio; "
-                             f"--compression R) or num_params (floats; --num-params P)")
+            raise ValueError(
+                f"method {self.method!r} compresses the tables: give it a budget, compression (a ratio; "
+                f"--compression R) or num_params (floats; --num-params P)"
+            )
         if self.model not in ("dlrm", "dcn"):
             raise ValueError(f"model must be 'dlrm' or 'dcn', got {self.model!r}")
         if self.init not in INITS:
@@ -133,8 +154,9 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
         if self.eval_every and self.evals_per_epoch > 1:
-            raise ValueError(f"give eval_every ({self.eval_every}) or evals_per_epoch ({self.evals_per_epoch}), not "
-                             f"both")
+            raise ValueError(
+                f"give eval_every ({self.eval_every}) or evals_per_epoch ({self.evals_per_epoch}), not both"
+            )
         try:
             device = torch.device(self.device)
         except (RuntimeError, TypeError):
@@ -167,8 +189,10 @@ class EvaluationSteps:
 
     def __post_init__(self) -> None:
         if self.eval_every == 0 and self.evals_per_epoch > self.steps_per_epoch:
-            raise ValueError(f"evals_per_epoch {self.evals_per_epoch} is more than the {self.steps_per_epoch} steps of "
-                             f"an epoch: give at most {self.steps_per_epoch} (or eval_every)")
+            raise ValueError(
+                f"evals_per_epoch {self.evals_per_epoch} is more than the {self.steps_per_epoch} steps of "
+                f"an epoch: give at most {self.steps_per_epoch} (or eval_every)"
+            )
 
     @property
     def total_steps(self) -> int:
@@ -213,5 +237,8 @@ def settings_that_differ(saved: dict[str, Any], now: dict[str, Any], ignore: tup
     """The settings (JSON values, every key of either) in which two configs train differently: a table optimizer
     or lr of ``None`` ("as the MLPs'") and the MLPs' own, spelled out, are the same training."""
     plain_saved, plain_now = _resolved(saved), _resolved(now)
-    return [name for name in dict.fromkeys([*now, *saved]) if name not in ignore and saved.get(name) != now.get(name)
-            and plain_saved.get(name) != plain_now.get(name)]
+    return [
+        name
+        for name in dict.fromkeys([*now, *saved])
+        if name not in ignore and saved.get(name) != now.get(name) and plain_saved.get(name) != plain_now.get(name)
+    ]

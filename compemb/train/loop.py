@@ -87,10 +87,20 @@ class Trainer:
         {'step': 977, 'split': 'val', 'bce': 0.4012, 'auc': 0.8312, ...}
     """
 
-    def __init__(self, config: TrainConfig, resume: bool = False, *, start_if_missing: bool = False,
-                 resume_from: str = LAST, allow_changes: tuple[str, ...] = (), overwrite: bool = False,
-                 quiet: bool = False, log_every: int = 100, tensorboard: str | os.PathLike | None = None,
-                 trust_unverified: bool = False) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        resume: bool = False,
+        *,
+        start_if_missing: bool = False,
+        resume_from: str = LAST,
+        allow_changes: tuple[str, ...] = (),
+        overwrite: bool = False,
+        quiet: bool = False,
+        log_every: int = 100,
+        tensorboard: str | os.PathLike | None = None,
+        trust_unverified: bool = False,
+    ) -> None:
         """``resume``: continue from the run's newest complete checkpoint (``resume_from="previous"``: the one
         before); with none, CheckpointError unless ``start_if_missing``. The config must equal the checkpoint's
         but for ``allow_changes`` (a subset of :data:`OVERRIDABLE`) and the settings that change no result.
@@ -107,7 +117,9 @@ class Trainer:
         ``trust_unverified``: load a checkpoint whose json records no SHA-256 (see :func:`read_checkpoint`)."""
         bad = [name for name in allow_changes if name not in OVERRIDABLE]
         if bad:
-            raise ValueError(f"cannot change {bad} when resuming; the settings that may change: {', '.join(OVERRIDABLE)}")
+            raise ValueError(
+                f"cannot change {bad} when resuming; the settings that may change: {', '.join(OVERRIDABLE)}"
+            )
         self.config, self.trust_unverified = config, trust_unverified
         self.out = Path(config.out)
         check_output_directory(self.out, inputs=[("--data", config.data)])  # before any work
@@ -130,8 +142,9 @@ class Trainer:
         self.manifest, self.splits = open_dataset(config.data)
         for split in ("train", config.eval_split):
             if split not in self.splits:
-                raise DatasetError(f"{config.data} has no split {split!r} to train or evaluate on (it has "
-                                   f"{', '.join(self.splits)})")
+                raise DatasetError(
+                    f"{config.data} has no split {split!r} to train or evaluate on (it has {', '.join(self.splits)})"
+                )
         # every id, label and dense value checked before training (once per data set: the pass is remembered)
         validate_dataset(config.data, self.manifest, self.splits)
         check_trainable(config, self.splits)
@@ -151,18 +164,22 @@ class Trainer:
         config, cardinalities = self.config, self.manifest["cardinalities"]
         frequencies = None
         if any_method(config.method, "needs_frequencies"):  # offline methods: ids counted in the train split
-            frequencies = {f"C{i + 1}": torch.from_numpy(c) for i, c in
-                           enumerate(counted_by_every_rank(self.splits["train"], cardinalities))}
+            frequencies = {
+                f"C{i + 1}": torch.from_numpy(c)
+                for i, c in enumerate(counted_by_every_rank(self.splits["train"], cardinalities))
+            }
             frequencies.update(bag_counts(self.splits["train"], self.bags))
         num_dense = self.splits["train"].dense.shape[1]
         refuse_what_memory_cannot_hold(config, cardinalities, num_dense)
         # nccl reduces no sparse gradients: under torchrun on CUDA the (small) tables take dense ones
         sparse = None if self.world == 1 or self.device.type == "cpu" else False
-        self.model = build_model(config, cardinalities, num_dense, frequencies, sparse=sparse,
-                                 bags=self.bags).to(self.device)
+        self.model = build_model(config, cardinalities, num_dense, frequencies, sparse=sparse, bags=self.bags).to(
+            self.device
+        )
         self.optimizer = make_optimizer(config, self.model)
-        self._table_parameters = [p for m in self.model.modules() if isinstance(m, CompressedEmbedding)
-                                  for p in m.parameters(recurse=False)]
+        self._table_parameters = [
+            p for m in self.model.modules() if isinstance(m, CompressedEmbedding) for p in m.parameters(recurse=False)
+        ]
         self.train_model: torch.nn.Module = self._data_parallel() if self.world > 1 else self.model
         # the compiled module shares the model's parameters; checkpoints save the model itself (no _orig_mod keys)
         self.train_model = torch.compile(self.train_model) if config.compile else self.train_model
@@ -180,12 +197,18 @@ class Trainer:
         buffers stay identical because every rank applies the same gathered updates (compemb.distributed)."""
         model = self.model
         tables = {name for name, m in model.named_modules() if isinstance(m, CompressedEmbedding)}
-        ignored = [f"{module}.{name}" for module in tables
-                   for name, _ in [*model.get_submodule(module).named_parameters(recurse=False),
-                                   *model.get_submodule(module).named_buffers(recurse=False)]]
+        ignored = [
+            f"{module}.{name}"
+            for module in tables
+            for name, _ in [
+                *model.get_submodule(module).named_parameters(recurse=False),
+                *model.get_submodule(module).named_buffers(recurse=False),
+            ]
+        ]
         torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
         return torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[self.device] if self.device.type == "cuda" else None, forward_sync_buffers=False)
+            model, device_ids=[self.device] if self.device.type == "cuda" else None, forward_sync_buffers=False
+        )
 
     def _start_counting(self) -> None:
         """Step 0 of the run's schedule: its length, when it evaluates, the loss's moving average and flags."""
@@ -195,8 +218,9 @@ class Trainer:
         self.best: dict[str, Any] | None = None
         self.steps_per_epoch = math.ceil(len(self.splits["train"]) / config.batch_size)
         self.total_steps = self.steps_per_epoch * config.epochs
-        self.evaluation_steps = EvaluationSteps(self.steps_per_epoch, config.epochs, config.evals_per_epoch,
-                                                config.eval_every)
+        self.evaluation_steps = EvaluationSteps(
+            self.steps_per_epoch, config.epochs, config.evals_per_epoch, config.eval_every
+        )
         self._order: tuple[int, np.ndarray] | None = None  # (epoch, its row permutation) when shuffling
         # the loss's moving average stays on the device: reading a CUDA loss every step would wait for the step
         self._running_loss = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -247,8 +271,9 @@ class Trainer:
                 refused = str(error)
         if distributed.active():  # every rank learns whether rank 0 got the lock (else they would wait for it)
             flag = torch.tensor([1 if refused else 0], device=self.device if self.device.type == "cuda" else "cpu")
-            refused = refused or (f"{self.out} is being trained by another process"
-                                  if distributed.all_reduce_sum(flag).item() else "")
+            refused = refused or (
+                f"{self.out} is being trained by another process" if distributed.all_reduce_sum(flag).item() else ""
+            )
         if refused:
             raise RunLockedError(refused)
         if self.rank == 0:  # under the lock no write is under way: what a killed write left is stale
@@ -282,9 +307,17 @@ class Trainer:
         # thread would compete with torch's own for the cores: measured 0.935x the minimal loop against 1.012x
         shown = self.rank == 0 and not self.quiet
         lines = plain_lines(shown) and self.log_every > 0  # a log file gets plain lines, a terminal a bar
-        with tqdm(total=stop, initial=self.step, desc=f"train {config.method}", unit="step",
-                  disable=True if plain_lines(shown) else bar_disabled(shown)) as bar, use_kernels(config.kernels), \
-                ThreadPoolExecutor(max_workers=1, thread_name_prefix="compemb-batches") as reader:
+        with (
+            tqdm(
+                total=stop,
+                initial=self.step,
+                desc=f"train {config.method}",
+                unit="step",
+                disable=True if plain_lines(shown) else bar_disabled(shown),
+            ) as bar,
+            use_kernels(config.kernels),
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="compemb-batches") as reader,
+        ):
             started, samples, pausing_s = time.perf_counter(), 0, 0.0
             upcoming = reader.submit(self._prepared_batch, self.step) if self.prefetch and self.step < stop else None
             while self.step < stop:
@@ -296,16 +329,21 @@ class Trainer:
                 self.train_step(batch, adaptive)
                 samples += global_rows
                 if self.step % POSTFIX_EVERY == 0 and not bar.disable:  # formatting it costs ~1% of a step
-                    bar.set_postfix(loss=f"{self.running_loss:.4f}", refresh=False,
-                                    samples_s=f"{samples / (time.perf_counter() - started - pausing_s):,.0f}")
+                    bar.set_postfix(
+                        loss=f"{self.running_loss:.4f}",
+                        refresh=False,
+                        samples_s=f"{samples / (time.perf_counter() - started - pausing_s):,.0f}",
+                    )
                 bar.update(1)
                 if self.log_every and (self.step % self.log_every == 0 or self.step == stop):
                     self._stop_if_not_finite()  # the line reads the loss anyway
                     # every rank: the line gives the loss over all ranks, as the evaluations' train_loss does
                     loss = self._mean_over_ranks(self.running_loss)
                     rate = samples / max(time.perf_counter() - started - pausing_s, 1e-9)
-                    self._say(f"train {config.method}: step {self.step:,}/{stop:,}, loss {loss:.4f}, "
-                              f"{rate:,.0f} samples/s", terminal=lines)
+                    self._say(
+                        f"train {config.method}: step {self.step:,}/{stop:,}, loss {loss:.4f}, {rate:,.0f} samples/s",
+                        terminal=lines,
+                    )
                     if self._tensorboard is not None:
                         self._tensorboard.add_scalar("train/loss", loss, self.step)
                         self._tensorboard.add_scalar("train/samples_per_s", rate, self.step)
@@ -351,8 +389,10 @@ class Trainer:
             if not isinstance(record, dict) or type(record.get("step")) is not int:
                 if number == len(lines) and not text.endswith("\n"):  # the append the kill interrupted
                     continue
-                raise CheckpointError(f"{path}:{number}: not an evaluation record (a JSON object with a step): the "
-                                      f"file was edited or damaged; remove that line to resume")
+                raise CheckpointError(
+                    f"{path}:{number}: not an evaluation record (a JSON object with a step): the "
+                    f"file was edited or damaged; remove that line to resume"
+                )
             if record["step"] <= step:
                 kept.append(line)
         if len(kept) != len(lines):
@@ -374,12 +414,17 @@ class Trainer:
         if bad < 0:
             return
         kept = find_checkpoint(self.out)
-        last = f"the last good checkpoint is {kept} (step {read_meta(kept)['step']})" if kept else \
-            "no checkpoint was written before it"
+        last = (
+            f"the last good checkpoint is {kept} (step {read_meta(kept)['step']})"
+            if kept
+            else "no checkpoint was written before it"
+        )
         value = "" if loss is None else f" ({loss})"
-        raise NonFiniteLossError(f"the training loss was not finite{value} at step {bad + 1}: training stopped, "
-                                 f"nothing of it saved; {last}. Check the data (non-finite dense values?) and the "
-                                 f"learning rates")
+        raise NonFiniteLossError(
+            f"the training loss was not finite{value} at step {bad + 1}: training stopped, "
+            f"nothing of it saved; {last}. Check the data (non-finite dense values?) and the "
+            f"learning rates"
+        )
 
     def _save_or_say_why(self, stem: Path) -> None:
         """:meth:`save`, or a CheckpointError saying what could not be written and which checkpoint is intact."""
@@ -389,8 +434,9 @@ class Trainer:
         except (OSError, SafetensorError) as error:  # a full disk, say: what was written before is untouched
             kept = find_checkpoint(self.out)
             intact = f"the checkpoint {kept} (step {read_meta(kept)['step']}) is intact" if kept else "none was kept"
-            raise CheckpointError(f"could not write the checkpoint of step {self.step} in {stem.parent} ({error}); "
-                                  f"{intact}") from None
+            raise CheckpointError(
+                f"could not write the checkpoint of step {self.step} in {stem.parent} ({error}); {intact}"
+            ) from None
 
     def _repair_best(self) -> None:
         """After a resume: where the state just loaded is the best one and ``best`` lags behind it (a run killed
@@ -407,15 +453,18 @@ class Trainer:
         files = run_files(self.out)
         log = self.out / LOG_FILE
         if (log.exists() or log.is_symlink()) and not is_run_log(log):  # a user's file: never appended to or removed
-            raise RunExistsError(f"{log} is not a log a compemb run wrote: it is left as it is; move it, or give "
-                                 f"another --out")
+            raise RunExistsError(
+                f"{log} is not a log a compemb run wrote: it is left as it is; move it, or give another --out"
+            )
         if not self.overwrite:  # the curves `compemb train` draws at the end would replace a user's PNG
             check_output_file(self.out / CURVES, "png")
         distributed.barrier()  # every rank has looked before rank 0 removes anything
         if files and not self.overwrite:
-            raise RunExistsError(f"{self.out} holds a run ({', '.join(str(f.relative_to(self.out)) for f in files[:3])}"
-                                 f"{', ...' if len(files) > 3 else ''}): --resume continues it, --overwrite replaces "
-                                 f"it (Trainer(overwrite=True)), or give another --out")
+            raise RunExistsError(
+                f"{self.out} holds a run ({', '.join(str(f.relative_to(self.out)) for f in files[:3])}"
+                f"{', ...' if len(files) > 3 else ''}): --resume continues it, --overwrite replaces "
+                f"it (Trainer(overwrite=True)), or give another --out"
+            )
         if files and self.rank == 0:
             for path in files:
                 path.unlink(missing_ok=True)
@@ -459,8 +508,9 @@ class Trainer:
                 self._first_bad_step.fill_(self.step)
                 self._stop_if_not_finite(float(loss.detach()))
         else:
-            self._first_bad_step.copy_(torch.where((self._first_bad_step < 0) & ~torch.isfinite(loss),
-                                                   step, self._first_bad_step))
+            self._first_bad_step.copy_(
+                torch.where((self._first_bad_step < 0) & ~torch.isfinite(loss), step, self._first_bad_step)
+            )
         if self.world > 1:  # DDP averages over ranks: each rank's mean weighted by its share of the batch
             loss = loss * (len(labels) * self.world / self._global_rows(self.step))
         self.optimizer.zero_grad(set_to_none=True)
@@ -469,8 +519,9 @@ class Trainer:
         self.optimizer.step()
         # the methods' updates: under torchrun every table's recorded importance gathered in one collective, the
         # tables that update together (per-feature CAFE on a device) at once, then each table's own hook
-        batches = [batch for m in self.model.modules() if isinstance(m, EmbeddingCollection)
-                   for batch in m.table_batches()]
+        batches = [
+            batch for m in self.model.modules() if isinstance(m, EmbeddingCollection) for batch in m.table_batches()
+        ]
         end_step(adaptive, self.step, self.optimizer, batches)
         if self.step > 0:
             self._running_loss.mul_(0.98).add_(loss.detach(), alpha=0.02)
@@ -565,10 +616,16 @@ class Trainer:
         self.model.eval()
         low, high = distributed.shard(0, len(data))  # under torchrun each rank scores its part; all see every logit
         size = self.config.eval_batch_size
-        logits = distributed.gather_rows(torch.cat([
-            self._logits(read_rows(data, slice(start, min(start + size, high))))
-            for start in range(low, max(high, low + 1), size)  # one (possibly empty) batch at least: cat needs one
-        ])).cpu()
+        logits = distributed.gather_rows(
+            torch.cat(
+                [
+                    self._logits(read_rows(data, slice(start, min(start + size, high))))
+                    for start in range(
+                        low, max(high, low + 1), size
+                    )  # one (possibly empty) batch at least: cat needs one
+                ]
+            )
+        ).cpu()
         self.model.train()
         labels = torch.from_numpy(np.asarray(data.labels, dtype=np.float32))
         result = {"step": self.step, "split": split, "bce": bce(logits, labels), "auc": auc(logits, labels)}
@@ -585,8 +642,10 @@ class Trainer:
 
     def _evaluation_line(self, result: dict[str, Any]) -> str:
         """One evaluation as a person reads it, with the best so far (the checkpoint ``best`` holds)."""
-        line = (f"eval {result['split']} at step {result['step']:,}/{self.total_steps:,} (epoch "
-                f"{result['step'] / self.steps_per_epoch:.2f}): BCE {result['bce']:.4f}")
+        line = (
+            f"eval {result['split']} at step {result['step']:,}/{self.total_steps:,} (epoch "
+            f"{result['step'] / self.steps_per_epoch:.2f}): BCE {result['bce']:.4f}"
+        )
         if result.get("gap_to_bayes") is not None:
             line += f" ({result['gap_to_bayes']:+.2%} from Bayes)"
         line += f", AUC {result['auc']:.4f}"
@@ -645,7 +704,9 @@ class Trainer:
 
     def save(self, stem: Path) -> None:
         """Write ``stem.safetensors`` (tensors) and ``stem.json`` (the rest), each atomically."""
-        tensors = {f"model.{name}": value.detach().cpu().contiguous() for name, value in self.model.state_dict().items()}
+        tensors = {
+            f"model.{name}": value.detach().cpu().contiguous() for name, value in self.model.state_dict().items()
+        }
         optimizer_state = self.optimizer.state_dict()
         scalars: dict[str, dict[str, Any]] = {}
         for index, state in optimizer_state["state"].items():
@@ -655,8 +716,14 @@ class Trainer:
                 else:
                     scalars.setdefault(str(index), {})[key] = value
         tensors["rng.torch"] = torch.get_rng_state()
-        meta = {"config": asdict(self.config), "step": self.step, "best": self.best, "running_loss": self.running_loss,
-                "optimizer_groups": optimizer_state["param_groups"], "optimizer_scalars": scalars}
+        meta = {
+            "config": asdict(self.config),
+            "step": self.step,
+            "best": self.best,
+            "running_loss": self.running_loss,
+            "optimizer_groups": optimizer_state["param_groups"],
+            "optimizer_scalars": scalars,
+        }
         stem.parent.mkdir(parents=True, exist_ok=True)
         # the step in both files: a pair from two different checkpoints is refused on load; the tensors' file's
         # SHA-256 in the json: damaged bytes are refused too, instead of resuming into whatever they decode to
@@ -685,8 +752,10 @@ class Trainer:
             self.optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer_groups"]})
             torch.set_rng_state(tensors["rng.torch"])
         except (KeyError, ValueError, TypeError, AttributeError, RuntimeError) as error:
-            raise CheckpointError(f"checkpoint {stem}: its optimizer state does not fit this run's optimizers "
-                                  f"({type(error).__name__}: {error})") from None
+            raise CheckpointError(
+                f"checkpoint {stem}: its optimizer state does not fit this run's optimizers "
+                f"({type(error).__name__}: {error})"
+            ) from None
         self.step, self.best = meta["step"], meta["best"]
         self._graph, self._step_counter = None, None  # (--cuda-graph: captured again from the loaded state)
         self.running_loss = meta.get("running_loss", 0.0)

@@ -24,10 +24,16 @@ def run_files(run: str | os.PathLike) -> list[Path]:
     directory = Path(run)
     stems = [directory / CHECKPOINTS / name for name in (LAST, NEXT, PREVIOUS, BEST)]
     # train.log and config.toml only where compemb wrote them: a user's file of that name is not the run's
-    ours = [path for path, written in ((directory / LOG_FILE, is_run_log), (directory / CONFIG_FILE, is_run_config))
-            if written(path)]
-    candidates = [directory / "metrics.jsonl", *ours, *(Path(f"{stem}{suffix}") for stem in stems
-                                                 for suffix in (".safetensors", ".json"))]
+    ours = [
+        path
+        for path, written in ((directory / LOG_FILE, is_run_log), (directory / CONFIG_FILE, is_run_config))
+        if written(path)
+    ]
+    candidates = [
+        directory / "metrics.jsonl",
+        *ours,
+        *(Path(f"{stem}{suffix}") for stem in stems for suffix in (".safetensors", ".json")),
+    ]
     return [path for path in candidates if path.is_file()]
 
 

@@ -81,10 +81,12 @@ def _rows(method, ratio, values, auc=0.7):
 
 
 def test_the_comparison_table_states_differences_intervals_and_verdicts():
-    rows = [*_rows("hash", 100, [0.480, 0.481, 0.482, 0.479, 0.480]),
-            *_rows("cafe", 100, [0.470, 0.471, 0.469, 0.470, 0.472]),  # clearly lower
-            *_rows("ce", 100, [0.478, 0.484, 0.480, 0.476, 0.483]),  # within the noise
-            *_rows("robe", 1000, [0.5, 0.51])]  # no hash at 1000x: not compared
+    rows = [
+        *_rows("hash", 100, [0.480, 0.481, 0.482, 0.479, 0.480]),
+        *_rows("cafe", 100, [0.470, 0.471, 0.469, 0.470, 0.472]),  # clearly lower
+        *_rows("ce", 100, [0.478, 0.484, 0.480, 0.476, 0.483]),  # within the noise
+        *_rows("robe", 1000, [0.5, 0.51]),
+    ]  # no hash at 1000x: not compared
     found = {method: c for method, _, c in comparisons(rows, "hash")}
     assert set(found) == {"cafe", "ce"}
     assert found["cafe"].difference == pytest.approx(-0.0100) and found["cafe"].high < 0

@@ -14,14 +14,30 @@ BAYES = 0.37
 
 
 def _rows(method, ratio, values, reached=None, aucs=None):
-    return [SweepRow(method, ratio, seed, ratio_reached=reached or ratio, params=int(1e6 / (reached or ratio)),
-                     val_bce=value, test_bce=value, test_auc=(aucs or [0.8] * len(values))[seed], bayes_bce=BAYES)
-            for seed, value in enumerate(values)]
+    return [
+        SweepRow(
+            method,
+            ratio,
+            seed,
+            ratio_reached=reached or ratio,
+            params=int(1e6 / (reached or ratio)),
+            val_bce=value,
+            test_bce=value,
+            test_auc=(aucs or [0.8] * len(values))[seed],
+            bayes_bce=BAYES,
+        )
+        for seed, value in enumerate(values)
+    ]
 
 
 # one ratio: full at 1x (a reference), five methods at 100x, full+int8 (asked 1x, reaches 2.67x), one refused
-ONE_RATIO = {"hash": [0.431, 0.433, 0.429], "ce": [0.425, 0.428, 0.426], "qr": [0.440, 0.436, 0.438],
-             "robe": [0.421, 0.424, 0.423], "tt": [0.69, 0.69, 0.69]}
+ONE_RATIO = {
+    "hash": [0.431, 0.433, 0.429],
+    "ce": [0.425, 0.428, 0.426],
+    "qr": [0.440, 0.436, 0.438],
+    "robe": [0.421, 0.424, 0.423],
+    "tt": [0.69, 0.69, 0.69],
+}
 
 
 def _one_ratio_rows():
@@ -97,8 +113,7 @@ def _many_ratio_rows(methods=25):
     rows = _rows("full", 1.0, [0.418, 0.420, 0.419])
     for index in range(methods):
         for ratio in (10.0, 1000.0):
-            rows += _rows(NAMES[index], ratio, [0.42 + 0.001 * index * (ratio == 1000) + 0.002 * s for s in
-                                                   range(3)])
+            rows += _rows(NAMES[index], ratio, [0.42 + 0.001 * index * (ratio == 1000) + 0.002 * s for s in range(3)])
     return rows
 
 

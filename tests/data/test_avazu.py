@@ -31,8 +31,11 @@ def test_shared_sample_keeps_every_row_and_splits_hour(tmp_path):
 
 @pytest.mark.parametrize(
     "bad, reason",
-    [("7,1,14102113,a\n", "columns"), (GOOD.replace(",1,", ",x,", 1), "label"),
-     (GOOD.replace("14102113", "14139913"), "hour")],
+    [
+        ("7,1,14102113,a\n", "columns"),
+        (GOOD.replace(",1,", ",x,", 1), "label"),
+        (GOOD.replace("14102113", "14139913"), "hour"),
+    ],
 )
 def test_bad_rows_are_rejected_with_reason_and_line(tmp_path, bad, reason):
     source = tmp_path / "in.csv"

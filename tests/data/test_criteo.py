@@ -39,8 +39,9 @@ def test_shared_sample_keeps_every_row_with_cardinalities_of_an_independent_coun
         assert manifest["cardinalities"][column] == expected
     first = lines[0].split("\t")
     assert splits["train"].labels[0] == int(first[0])
-    np.testing.assert_allclose(splits["train"].dense[0], np.log1p([max(int(v or 0), 0) for v in first[1:14]]),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        splits["train"].dense[0], np.log1p([max(int(v or 0), 0) for v in first[1:14]]), rtol=1e-6
+    )
 
 
 BAD_ROWS = {
@@ -111,10 +112,18 @@ def _fields(rng):
     """One random Criteo-like line, good or bad in the ways real files are."""
     odd = 0.02 if rng.random() < 0.6 else 0.2  # most lines are plain, some are full of odd values
     label = rng.choice(["0", "1"]) if rng.random() > odd else rng.choice(["2", "", "01"])
-    dense = [rng.choice(["", str(rng.integers(-5, 10**6)), "3.5", "+5", " 5", "1_0", "-", "9" * 19, "٣"])
-             if rng.random() < odd else str(rng.integers(0, 1000)) for _ in range(13)]
-    sparse = [rng.choice(["", "0x1f", "ABCDEF12", "abcdef1", "123456789", "zz", " 1f", "1f\r"])
-              if rng.random() < odd else f"{rng.integers(0, 2**32):08x}" for _ in range(26)]
+    dense = [
+        rng.choice(["", str(rng.integers(-5, 10**6)), "3.5", "+5", " 5", "1_0", "-", "9" * 19, "٣"])
+        if rng.random() < odd
+        else str(rng.integers(0, 1000))
+        for _ in range(13)
+    ]
+    sparse = [
+        rng.choice(["", "0x1f", "ABCDEF12", "abcdef1", "123456789", "zz", " 1f", "1f\r"])
+        if rng.random() < odd
+        else f"{rng.integers(0, 2**32):08x}"
+        for _ in range(26)
+    ]
     fields = [label, *dense, *sparse]
     if rng.random() < 0.05:
         del fields[rng.integers(len(fields))]
@@ -159,8 +168,9 @@ def read_rows_from_bytes(data, rejections, block_bytes):
 def test_a_synthetic_set_written_as_tsv_preprocesses_back_to_identical_arrays(tmp_path):
     config = SyntheticConfig(rows={"train": 6000, "test": 500, "val": 500}, scale=1e-4, seed=3)
     generate_synthetic(tmp_path / "synth", config, progress=False, tsv=tmp_path / "synth.tsv.gz")
-    preprocess_criteo(tmp_path / "synth.tsv.gz", tmp_path / "back", hash_mod=max(config.cardinalities()),
-                      progress=False)
+    preprocess_criteo(
+        tmp_path / "synth.tsv.gz", tmp_path / "back", hash_mod=max(config.cardinalities()), progress=False
+    )
     (_, original), (_, back) = open_dataset(tmp_path / "synth"), open_dataset(tmp_path / "back")
     for split in ("train", "test", "val"):
         for name in ("dense", "sparse", "labels"):
@@ -188,8 +198,9 @@ def test_kaggle_test_txt_has_no_labels_and_uses_the_training_vocabulary(tmp_path
     ids = splits["unlabeled"].sparse
     assert ids[0].tolist() == splits["train"].sparse[0].tolist() and ids[3, 0] == 1  # unseen -> the rare id
     with pytest.raises(ValueError, match="columns"):  # a labelled file given as test.txt
-        preprocess_criteo(train, tmp_path / "bad", unlabeled=_write(tmp_path / "labelled.txt", GOOD * 2), strict=True,
-                          progress=False)
+        preprocess_criteo(
+            train, tmp_path / "bad", unlabeled=_write(tmp_path / "labelled.txt", GOOD * 2), strict=True, progress=False
+        )
     with pytest.raises(ValueError, match="given twice"):
         preprocess_criteo(train, tmp_path / "bad", unlabeled=train, progress=False)
 
@@ -213,8 +224,11 @@ def test_byte_ranges_tile_a_file_and_read_every_line_once(tmp_path):
     size = path.stat().st_size
     whole = np.concatenate([b.sparse for b in read_rows(path, True, Rejections(), False)])
     for bounds in ([0, 1, size], [0, 500, 501, 9000, size], list(range(0, size, 777)) + [size]):
-        parts = [b.sparse for start, end in zip(bounds, bounds[1:])
-                 for b in read_rows(path, True, Rejections(), False, start=start, end=end)]
+        parts = [
+            b.sparse
+            for start, end in zip(bounds, bounds[1:])
+            for b in read_rows(path, True, Rejections(), False, start=start, end=end)
+        ]
         assert np.array_equal(np.concatenate(parts), whole), bounds
 
 
@@ -222,15 +236,28 @@ def test_byte_ranges_tile_a_file_and_read_every_line_once(tmp_path):
 def test_parallel_preprocessing_equals_one_process(tmp_path, hash_mod):
     """Many small ranges over 2 processes, plain and gzip days, an unlabeled file: the same data set, rejections
     and line numbers as one process reading in order."""
-    days = [_write(tmp_path / "day_0", _mixed_rows(700, 1)), _write(tmp_path / "day_1.gz", _mixed_rows(400, 2), True),
-            _write(tmp_path / "day_2", _mixed_rows(500, 3))]
-    unlabeled = _write(tmp_path / "test.txt", "".join(line.split("\t", 1)[1] for line in
-                                                      _mixed_rows(200, 4).splitlines(keepends=True) if "\t" in line))
+    days = [
+        _write(tmp_path / "day_0", _mixed_rows(700, 1)),
+        _write(tmp_path / "day_1.gz", _mixed_rows(400, 2), True),
+        _write(tmp_path / "day_2", _mixed_rows(500, 3)),
+    ]
+    unlabeled = _write(
+        tmp_path / "test.txt",
+        "".join(line.split("\t", 1)[1] for line in _mixed_rows(200, 4).splitlines(keepends=True) if "\t" in line),
+    )
     results = {}
     for processes in (1, 2):
         out = tmp_path / f"out{processes}"
-        facts = preprocess_criteo(days, out, hash_mod=hash_mod, unlabeled=unlabeled, progress=False, days=True,
-                                  processes=processes, piece_bytes=4096)
+        facts = preprocess_criteo(
+            days,
+            out,
+            hash_mod=hash_mod,
+            unlabeled=unlabeled,
+            progress=False,
+            days=True,
+            processes=processes,
+            piece_bytes=4096,
+        )
         results[processes] = (facts, *open_dataset(out))
     (facts_1, manifest_1, splits_1), (facts_2, manifest_2, splits_2) = results[1], results[2]
     assert facts_1["rejected"]["total"] > 0 and facts_1["rejected"] == facts_2["rejected"]
@@ -252,8 +279,22 @@ def test_the_users_own_validation_and_test_files_are_written_as_they_are(tmp_pat
     assert facts["files"][str(train[1])] == {"kept": 5, "rejected": 1} and facts["files"][str(test)]["kept"] == 3
     assert splits["test"].sparse[1, 0] == 1 and splits["test"].sparse[0, 0] == splits["train"].sparse[0, 0]
     # the CLI: each file's rows reported; several files without --days or --val/--test are refused, not guessed
-    assert main(["preprocess", "criteo", *map(str, train), "--val", str(val), "--test", str(test),
-                 "--out", str(tmp_path / "cli")]) == 0
+    assert (
+        main(
+            [
+                "preprocess",
+                "criteo",
+                *map(str, train),
+                "--val",
+                str(val),
+                "--test",
+                str(test),
+                "--out",
+                str(tmp_path / "cli"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert f"  {train[1]}: kept 5, rejected 1" in out and "splits: train 14, val 3, test 3" in out
     assert main(["preprocess", "criteo", *map(str, train), "--out", str(tmp_path / "guess")]) == 2
@@ -297,8 +338,10 @@ def test_preprocess_workers_are_stopped_when_their_parent_is_killed():
     import time
 
     # the parent runs two pool workers that would sleep 120 s each: killed, it must take them with it
-    script = ("from tqdm import tqdm; import time; from compemb.data.criteo import _run; "
-              "_run(time.sleep, [(120,), (120,)], 2, tqdm(disable=True), lambda result: 0)")
+    script = (
+        "from tqdm import tqdm; import time; from compemb.data.criteo import _run; "
+        "_run(time.sleep, [(120,), (120,)], 2, tqdm(disable=True), lambda result: 0)"
+    )
     parent = subprocess.Popen([sys.executable, "-c", script])
     try:
         workers: list[int] = []

@@ -132,8 +132,9 @@ def test_arriving_ids_are_never_drawn_before_they_arrive():
 
 def test_drift_statistics_of_a_generated_stream_and_exact_bayes_limits(tmp_path):
     rows = {"train": 40_000, "val": 5_000, "test": 5_000}
-    config = SyntheticConfig(rows=rows, cardinalities_override=(1_000, 300, 5), drift=1.0, new_ids=0.1, seed=5,
-                             chunk_rows=5_000)
+    config = SyntheticConfig(
+        rows=rows, cardinalities_override=(1_000, 300, 5), drift=1.0, new_ids=0.1, seed=5, chunk_rows=5_000
+    )
     facts = generate_synthetic(tmp_path / "drift", config, progress=False)
     teacher = Teacher(config)
     assert facts["drift"]["top_replaced_share"] == [1.0, 1.0, 1.0]
@@ -156,16 +157,18 @@ def test_drift_statistics_of_a_generated_stream_and_exact_bayes_limits(tmp_path)
         data = splits[split]
         p = teacher.probabilities(np.asarray(data.dense), np.asarray(data.sparse))
         y = np.asarray(data.labels)
-        assert facts["bayes"][split]["bce"] == pytest.approx(float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean()),
-                                                             rel=1e-4)
+        assert facts["bayes"][split]["bce"] == pytest.approx(
+            float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean()), rel=1e-4
+        )
     # without drift or arrivals nothing is recorded and training sees (almost) every id
     still = generate_synthetic(tmp_path / "still", replace(config, drift=0.0, new_ids=0.0), progress=False)
     assert "drift" not in still and still["unseen_share"]["test"] < facts["unseen_share"]["test"]
 
 
 def test_premise_hot_plants_strong_distinct_popular_ids_over_a_weak_tail():
-    config = SyntheticConfig(rows={"train": 10}, cardinalities_override=(5_000, 300, 6), premise="hot", hot_ids=4,
-                             tail_scale=0.1, seed=1)
+    config = SyntheticConfig(
+        rows={"train": 10}, cardinalities_override=(5_000, 300, 6), premise="hot", hot_ids=4, tail_scale=0.1, seed=1
+    )
     teacher, plain = Teacher(config), Teacher(replace(config, premise="none"))
     for f, hot in enumerate(teacher.hot_ids()):
         assert np.array_equal(hot, teacher.popular_ids[f][:4])  # the most popular ids of the feature
@@ -181,8 +184,9 @@ def test_premise_hot_plants_strong_distinct_popular_ids_over_a_weak_tail():
 
 
 def test_premise_clusters_puts_every_id_on_one_of_its_features_cluster_means():
-    config = SyntheticConfig(rows={"train": 10}, cardinalities_override=(5_000, 40), premise="clusters", clusters=4,
-                             seed=1)
+    config = SyntheticConfig(
+        rows={"train": 10}, cardinalities_override=(5_000, 40), premise="clusters", clusters=4, seed=1
+    )
     teacher = Teacher(config)
     for vectors in teacher.vectors:
         assert len(np.unique(vectors, axis=0)) <= 4

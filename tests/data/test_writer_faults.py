@@ -19,7 +19,6 @@ from tests.cli_errors import one_line_error as _one_line_error
 SAMPLE = Path(__file__).resolve().parents[3] / "shared" / "data" / "criteo-kaggle-sample" / "train.txt"
 
 
-
 def _synth(out, rows="1000", *extra):
     return ["synth", "--out", str(out), "--train-rows", rows, "--eval-rows", "100", "--scale", "1e-4", *extra]
 
@@ -38,6 +37,7 @@ def _limited(limit: int):
     def apply() -> None:  # in the child: a write past the limit fails with EFBIG instead of killing it
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
     return apply
 
 
@@ -57,9 +57,11 @@ def test_a_full_small_filesystem_is_one_line_and_leaves_nothing(tmp_path):
     if made.returncode != 0:
         pytest.skip("mounting a small tmpfs needs root and a system that allows it")
     try:  # the arrays fit (1.3 MB), the TSV beside them does not: a plain write finds the disk full
-        done = subprocess.run([sys.executable, "-m", "compemb", *_synth(mount / "s", "8000", "--tsv",
-                                                                        str(mount / "s.tsv"))],
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            [sys.executable, "-m", "compemb", *_synth(mount / "s", "8000", "--tsv", str(mount / "s.tsv"))],
+            capture_output=True,
+            text=True,
+        )
         assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
         assert "No space left on device" in done.stderr
         assert os.listdir(mount) == []
@@ -96,8 +98,9 @@ def test_an_overwritten_set_is_swapped_in_one_step(tmp_path, monkeypatch):
         return exchange_paths(a, b)
 
     monkeypatch.setattr(dataset, "exchange_paths", exchange)
-    generate_synthetic(out, SyntheticConfig(rows={"train": 32, "val": 16}, scale=1e-4, seed=2), progress=False,
-                       overwrite=True)
+    generate_synthetic(
+        out, SyntheticConfig(rows={"train": 32, "val": 16}, scale=1e-4, seed=2), progress=False, overwrite=True
+    )
     assert swaps == [True]
     assert (out / "train" / "labels.npy").stat().st_size < 1000 and os.listdir(tmp_path) == ["set"]
 

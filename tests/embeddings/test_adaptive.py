@@ -21,8 +21,9 @@ OPTIMIZERS = {
 # every optimizer takes dense gradients; these also take sparse ones (torch's Adam and momentum SGD refuse them)
 SPARSE = ("adagrad", "sgd-plain", "row-adam", "row-adagrad", "sparse-adam")
 SPARSE_ONLY = ("sparse-adam",)  # torch's SparseAdam refuses dense gradients
-CASES = [(name, "dense") for name in sorted(OPTIMIZERS) if name not in SPARSE_ONLY] + \
-    [(name, "sparse") for name in SPARSE]
+CASES = [(name, "dense") for name in sorted(OPTIMIZERS) if name not in SPARSE_ONLY] + [
+    (name, "sparse") for name in SPARSE
+]
 
 
 def as_gradient(grad, kind):
@@ -128,10 +129,15 @@ def _state_reads(module):
     module.train()
 
 
-@pytest.mark.parametrize("name, options", [
-    ("cafe", dict(threshold=2)), ("cafe-ml", dict(threshold=2)), ("adaembed", dict(interval=3)),
-    ("cce", dict(importance="gradient", cluster_every=4)),
-])
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("cafe", dict(threshold=2)),
+        ("cafe-ml", dict(threshold=2)),
+        ("adaembed", dict(interval=3)),
+        ("cce", dict(importance="gradient", cluster_every=4)),
+    ],
+)
 def test_state_dict_and_eval_forwards_change_nothing(name, options):
     from compemb import make_embedding
 

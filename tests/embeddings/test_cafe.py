@@ -217,8 +217,9 @@ def test_with_the_top_policy_better_candidates_displace_the_lowest_owners(name, 
 
     held = {}
     for policy in ("threshold", "top"):
-        module = make_embedding(name, N, 8, compression=200, threshold=5, importance="frequency", decay=1.0,
-                                seed=3, hot_policy=policy)
+        module = make_embedding(
+            name, N, 8, compression=200, threshold=5, importance="frequency", decay=1.0, seed=3, hot_policy=policy
+        )
         rows = module.hot_rows
         early, heavy = torch.arange(rows), torch.arange(50_000, 50_000 + rows // 2)
         generator = torch.Generator().manual_seed(4)
@@ -234,8 +235,9 @@ def test_with_the_top_policy_better_candidates_displace_the_lowest_owners(name, 
 
 
 def test_merge_on_demote_folds_what_the_id_learned_into_its_hashed_row():
-    module = make_embedding("cafe", None, 4, num_params=3000, threshold=4, importance="frequency",
-                            merge_on_demote=True, seed=8)
+    module = make_embedding(
+        "cafe", None, 4, num_params=3000, threshold=4, importance="frequency", merge_on_demote=True, seed=8
+    )
     train(module, [torch.tensor([9] * 4)])
     (row,) = hot_map(module).values()
     hashed = int(module.hashes[0](torch.tensor([9]))) + module.hot_rows
@@ -357,12 +359,16 @@ def test_a_promoted_row_takes_a_first_step_of_lr_after_a_long_run(optimizer, spa
     from compemb.optim import RowAdam
     from compemb.train import one_optimizer
 
-    module = make_embedding("cafe", 1000, 4, num_params=3000, threshold=4, importance="frequency", seed=15,
-                            sparse=sparse)
+    module = make_embedding(
+        "cafe", 1000, 4, num_params=3000, threshold=4, importance="frequency", seed=15, sparse=sparse
+    )
     holder = torch.nn.Module()
     holder.table = module
-    adam = RowAdam(module.parameters(), lr=0.01) if optimizer == "row-adam" else \
-        one_optimizer("adam_dense", list(holder.parameters()), 0.01)
+    adam = (
+        RowAdam(module.parameters(), lr=0.01)
+        if optimizer == "row-adam"
+        else one_optimizer("adam_dense", list(holder.parameters()), 0.01)
+    )
     train(module, [torch.tensor([1, 2, 3])] * 3000, adam)
     train(module, [torch.tensor([5] * 4)], adam)  # 5 reaches the threshold and takes a hot row
     assert 5 in hot_map(module)
@@ -565,8 +571,7 @@ def test_shared_cafe_defaults_follow_the_per_field_rule_and_leave_every_field_a_
         assert abs(table.memory().total - budget) <= 0.01 * budget
         assert bool((table.field_rows >= 1).all()) and table.hash_rate > PER_FIELD_SMALL_BUDGET_SETTINGS[0]
         hashed = ~table.field_direct  # (the smallest fields stay full while they take at most half the budget)
-        assert [int(table.field_rows[level][hashed].sum()) for level in range(table.levels)] == list(
-            table.hashed_rows)
+        assert [int(table.field_rows[level][hashed].sum()) for level in range(table.levels)] == list(table.hashed_rows)
 
 
 def test_shared_cafe_normalises_importance_per_field_and_never_scores_a_full_field():
@@ -585,8 +590,14 @@ def test_shared_cafe_normalises_importance_per_field_and_never_scores_a_full_fie
 def test_shared_cafe_routes_the_same_with_the_compiled_kernel_and_torch_ops():
     for name in ("cafe", "cafe-ml"):
         collection, table, features = _shared_cafe(name, importance="frequency", threshold=2)
-        ids = torch.stack([torch.randint(f.num_embeddings, (512,), generator=torch.Generator().manual_seed(i))
-                           % max(1, f.num_embeddings // 50) for i, f in enumerate(features)], 1)
+        ids = torch.stack(
+            [
+                torch.randint(f.num_embeddings, (512,), generator=torch.Generator().manual_seed(i))
+                % max(1, f.num_embeddings // 50)
+                for i, f in enumerate(features)
+            ],
+            1,
+        )
         for step in range(3):
             collection(ids).sum().backward()
             table.on_step_end(step)
@@ -649,8 +660,9 @@ def test_the_device_code_path_promotes_the_ids_the_host_path_promotes(name, hot_
 def test_the_device_code_path_demotes_and_never_shares_a_row(name, hot_policy):
     from compemb.kernels import use_kernels
 
-    module = make_embedding(name, N, 8, compression=50, decay=0.5, importance="frequency", seed=6, tuning="paper",
-                            hot_policy=hot_policy)
+    module = make_embedding(
+        name, N, 8, compression=50, decay=0.5, importance="frequency", seed=6, tuning="paper", hot_policy=hot_policy
+    )
     first, later = zipf_batches(40, 2048, seed=7), zipf_batches(80, 2048, seed=7, shift=5000)
     with use_kernels("torch"):
         train(module, first)

@@ -20,8 +20,7 @@ SIZES = [5000, 20000, 300, 80000]  # the 300-id feature is kept full: the CAFE t
 
 def collection(method, batch_tables, **options):
     features = [Feature(f"C{i}", n) for i, n in enumerate(SIZES)]
-    return EmbeddingCollection(features, 8, method=method, compression=20, batch_tables=batch_tables, seed=3,
-                               **options)
+    return EmbeddingCollection(features, 8, method=method, compression=20, batch_tables=batch_tables, seed=3, **options)
 
 
 def batches(steps, rows=512, seed=0):
@@ -50,8 +49,10 @@ def count_group_updates(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("method,importance,sparse", [
-    ("cafe", "gradient", False), ("cafe", "frequency", False), ("cafe-ml", "gradient", True)])
+@pytest.mark.parametrize(
+    "method,importance,sparse",
+    [("cafe", "gradient", False), ("cafe", "frequency", False), ("cafe-ml", "gradient", True)],
+)
 def test_tables_updated_together_equal_each_table_updating_itself(monkeypatch, method, importance, sparse):
     calls = count_group_updates(monkeypatch)
     data = batches(40)

@@ -91,13 +91,19 @@ def _clustered_state():
     _train_a_little(module, steps=4)
     module.cluster()
     ids = torch.arange(0, 3000, 11)
-    return {"pointers": module.pointer_table.tolist(), "held": module.pointer_ids().tolist(),
-            "weight": module.weight.detach().tolist(), "out": module(ids).detach().tolist()}
+    return {
+        "pointers": module.pointer_table.tolist(),
+        "held": module.pointer_ids().tolist(),
+        "weight": module.weight.detach().tolist(),
+        "out": module(ids).detach().tolist(),
+    }
 
 
 def test_the_same_seed_gives_the_same_pointers_and_tables_in_a_fresh_process():
-    code = ("import json, sys; sys.path.insert(0, 'tests'); from embeddings.test_cce import _clustered_state;"
-            "print(json.dumps(_clustered_state()))")
+    code = (
+        "import json, sys; sys.path.insert(0, 'tests'); from embeddings.test_cce import _clustered_state;"
+        "print(json.dumps(_clustered_state()))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(result.stdout) == _clustered_state()
 
@@ -114,7 +120,12 @@ def test_more_rows_than_ids_gives_no_nan(residual):
 
 def test_pointers_use_the_smallest_dtype_that_holds_k():
     assert [pointer_dtype(k) for k in (1, 256, 257, 32_768, 32_769)] == [
-        torch.uint8, torch.uint8, torch.int16, torch.int16, torch.int32]
+        torch.uint8,
+        torch.uint8,
+        torch.int16,
+        torch.int16,
+        torch.int32,
+    ]
     for compression, dtype in ((15, torch.uint8), (4, torch.int16)):  # every id's pointers, k rows
         module = make_embedding("cce", 100_000, 16, compression=compression, device="meta")
         assert module.all_ids and module.pointer_table.dtype == dtype == pointer_dtype(module.rows)
@@ -232,8 +243,9 @@ def test_compiled_routing_equals_the_torch_ops(method, options):
     module = make_embedding(method, 2000, 8, compression=2, **options)
     ids = torch.arange(2000)
     for _ in range(2):  # hashed, then clustered
-        assert torch.equal(module._route(ids), module._route_torch(ids, 0 if module.rounds == 0 else
-                                                                   1 if module.all_ids else 2))
+        assert torch.equal(
+            module._route(ids), module._route_torch(ids, 0 if module.rounds == 0 else 1 if module.all_ids else 2)
+        )
         _train_a_little(module)
         module.cluster()
 
@@ -241,8 +253,9 @@ def test_compiled_routing_equals_the_torch_ops(method, options):
 @pytest.mark.parametrize("importance", ["frequency", "gradient"])
 def test_training_with_the_torch_sketch_equals_the_compiled_one_exactly(importance):
     """The sketch's device path (torch ops) run on CPU: the same scores, holders, pointers and tables."""
-    compiled, torch_ops = (make_embedding("cce-hybrid", 20_000, 8, compression=10, importance=importance, seed=4)
-                           for _ in range(2))
+    compiled, torch_ops = (
+        make_embedding("cce-hybrid", 20_000, 8, compression=10, importance=importance, seed=4) for _ in range(2)
+    )
     torch_ops.sketch.backend = "torch"
     for module in (compiled, torch_ops):
         for _ in range(2):
@@ -287,9 +300,13 @@ def test_schedule_clusters_every_n_steps_until_the_fraction():
 
 
 def test_bad_options_are_named():
-    for options, match in [(dict(accounting="free"), "accounting"), (dict(sample="all"), "sample"),
-                           (dict(residual="median"), "residual"), (dict(pointers=0), "pointers"),
-                           (dict(columns=3), "columns")]:
+    for options, match in [
+        (dict(accounting="free"), "accounting"),
+        (dict(sample="all"), "sample"),
+        (dict(residual="median"), "residual"),
+        (dict(pointers=0), "pointers"),
+        (dict(columns=3), "columns"),
+    ]:
         with pytest.raises(ValueError, match=match):
             make_embedding("cce", 1000, 8, compression=2, **options)
 
@@ -307,15 +324,38 @@ def test_the_trainer_clusters_on_schedule_and_stops_after_until(data, tmp_path, 
     from compemb.cli import _train_config, build_parser
     from compemb.train import Trainer
 
-    args = build_parser().parse_args(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--method", "cce",
-                                      "--compression", "4", "--dim", "8", "--bottom", "8", "--top", "8",
-                                      "--batch-size", "256", "--epochs", "2", "--cluster-every", "3"])
+    args = build_parser().parse_args(
+        [
+            "train",
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "run"),
+            "--method",
+            "cce",
+            "--compression",
+            "4",
+            "--dim",
+            "8",
+            "--bottom",
+            "8",
+            "--top",
+            "8",
+            "--batch-size",
+            "256",
+            "--epochs",
+            "2",
+            "--cluster-every",
+            "3",
+        ]
+    )
     config = _train_config(args, str(tmp_path / "run"))
     assert config.method_options == {"cluster_every": 3}
     calls = []
     original = CCEmbedding.cluster
-    monkeypatch.setattr(CCEmbedding, "cluster", lambda self, optimizer=None: calls.append(self.name) or
-                        original(self, optimizer))
+    monkeypatch.setattr(
+        CCEmbedding, "cluster", lambda self, optimizer=None: calls.append(self.name) or original(self, optimizer)
+    )
     trainer = Trainer(config)
     tables = [t for t in trainer.model.embeddings.embeddings.values() if isinstance(t, CCEmbedding)]
     assert tables and trainer.total_steps == 16
@@ -335,9 +375,22 @@ def test_a_resumed_run_clusters_and_ends_as_the_uninterrupted_one(data, tmp_path
     from compemb.train import TrainConfig, Trainer
 
     def config(out):
-        return TrainConfig(data=str(data), out=str(out), method="cce", compression=4, embedding_dim=8, bottom=(8,),
-                           top=(8,), optimizer="adagrad", lr=0.05, batch_size=256, epochs=2, eval_every=4,
-                           method_options={"cluster_every": 3})
+        return TrainConfig(
+            data=str(data),
+            out=str(out),
+            method="cce",
+            compression=4,
+            embedding_dim=8,
+            bottom=(8,),
+            top=(8,),
+            optimizer="adagrad",
+            lr=0.05,
+            batch_size=256,
+            epochs=2,
+            eval_every=4,
+            method_options={"cluster_every": 3},
+        )
+
     straight = Trainer(config(tmp_path / "a")).fit()
     Trainer(config(tmp_path / "b")).fit(stop_at=6)  # last checkpoint: step 4, between clusterings at 3 and 6
     resumed = Trainer(config(tmp_path / "b"), resume=True)
@@ -486,9 +539,20 @@ def test_schedule_derived_from_the_run():
 def test_by_default_the_trainer_clusters_logs_clusterings_and_leaves_no_row_idle(data, tmp_path, method):
     from compemb.train import TrainConfig, Trainer
 
-    config = TrainConfig(data=str(data), out=str(tmp_path / "run"), method=method, compression=3, sharing="shared",
-                         embedding_dim=8, bottom=(8,), top=(8,), optimizer="adagrad", lr=0.05, batch_size=128,
-                         evals_per_epoch=4)
+    config = TrainConfig(
+        data=str(data),
+        out=str(tmp_path / "run"),
+        method=method,
+        compression=3,
+        sharing="shared",
+        embedding_dim=8,
+        bottom=(8,),
+        top=(8,),
+        optimizer="adagrad",
+        lr=0.05,
+        batch_size=128,
+        evals_per_epoch=4,
+    )
     trainer = Trainer(config)
     (table,) = trainer.model.embeddings.embeddings.values()
     start = table.weight.detach().clone()
@@ -510,9 +574,34 @@ def test_cluster_every_zero_never_clusters(data, tmp_path):
     from compemb.cli import main
 
     out = tmp_path / "run"
-    assert main(["train", "--data", str(data), "--out", str(out), "--method", "cce", "--compression", "3",
-                 "--sharing", "shared", "--dim", "8", "--bottom", "8", "--top", "8", "--batch-size", "256",
-                 "--cluster-every", "0"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(data),
+                "--out",
+                str(out),
+                "--method",
+                "cce",
+                "--compression",
+                "3",
+                "--sharing",
+                "shared",
+                "--dim",
+                "8",
+                "--bottom",
+                "8",
+                "--top",
+                "8",
+                "--batch-size",
+                "256",
+                "--cluster-every",
+                "0",
+            ]
+        )
+        == 0
+    )
     (line,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert line["clusterings"] == 0
 
@@ -572,8 +661,11 @@ def test_per_feature_cce_gives_the_same_budget_message_naming_the_feature():
 
     features = [Feature("small", 40), Feature("mid", 5_000), Feature("big", 30_000)]
     for ratio in (10, 100):
-        with pytest.raises(BudgetError, match=r"feature '\w+' \([\d,]+ ids\) at the collection's ratio: cce cannot meet"
-                           r".* with uint8 pointers \(k 16-256\)"):
+        with pytest.raises(
+            BudgetError,
+            match=r"feature '\w+' \([\d,]+ ids\) at the collection's ratio: cce cannot meet"
+            r".* with uint8 pointers \(k 16-256\)",
+        ):
             EmbeddingCollection(features, 16, "cce", compression=ratio, device="meta")
     built = EmbeddingCollection(features, 16, "cce", compression=4, device="meta")
     assert built.memory().total == pytest.approx(sum(f.num_embeddings for f in features) * 64 / 4, rel=0.01)
@@ -589,8 +681,9 @@ def _per_column_clustering_reference(table, sample, holders, h1, seeds, weight, 
     inertia = []
     for j in range(c):
         points = table._column(sample, j).float()
-        centroids = kmeans_torch(points, kh, niter=table.niter, max_points_per_centroid=table.max_points_per_centroid,
-                                 seed=seeds[j]).centroids
+        centroids = kmeans_torch(
+            points, kh, niter=table.niter, max_points_per_centroid=table.max_points_per_centroid, seed=seeds[j]
+        ).centroids
         inertia.append(float(nearest_torch(points, centroids)[1].double().sum()))
         sums = torch.zeros(kh, centroids.shape[1], dtype=torch.float64)
         counts = torch.zeros(kh, dtype=torch.float64)
@@ -620,8 +713,11 @@ def test_the_device_clustering_of_all_columns_at_once_is_each_columns_own(method
     for batched in (True, False):
         table = make_embedding(method, 3000, 16, compression=2 if method == "cce" else 4, seed=1)
         if not batched:
-            monkeypatch.setattr(table, "_fit_columns_on_device", lambda *args, table=table: (
-                _per_column_clustering_reference(table, *args)))
+            monkeypatch.setattr(
+                table,
+                "_fit_columns_on_device",
+                lambda *args, table=table: _per_column_clustering_reference(table, *args),
+            )
         with use_kernels("torch"):
             table.train()
             if table.sketch is not None:

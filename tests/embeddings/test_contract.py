@@ -113,8 +113,9 @@ def test_max_pooled_bags_take_each_coordinates_largest_member(name):
     ids, offsets = torch.randint(0, 1000, (10,)), torch.tensor([0, 4, 4, 9])
     out = module(ids, offsets)
     singles = module(ids)
-    expected = torch.stack([singles[0:4].max(0).values, torch.zeros(8), singles[4:9].max(0).values,
-                            singles[9:].max(0).values])
+    expected = torch.stack(
+        [singles[0:4].max(0).values, torch.zeros(8), singles[4:9].max(0).values, singles[9:].max(0).values]
+    )
     torch.testing.assert_close(out, expected)
     with pytest.raises(ValueError, match="per_sample_weights needs mode 'sum'"):
         module(ids, offsets, torch.ones(10))
@@ -231,7 +232,9 @@ def test_sparse_gradients_equal_dense_ones(name):
 
 
 @pytest.mark.parametrize("name", COMPRESSED)
-@pytest.mark.parametrize("num_embeddings, dim, compression", [(100_000, 16, 2), (100_000, 16, 10), (1_000_000, 16, 100), (50_000, 32, 50)])
+@pytest.mark.parametrize(
+    "num_embeddings, dim, compression", [(100_000, 16, 2), (100_000, 16, 10), (1_000_000, 16, 100), (50_000, 32, 50)]
+)
 def test_memory_within_one_percent_of_budget(name, num_embeddings, dim, compression):
     budget = num_embeddings * dim * 4 / compression
     if budget < num_embeddings * METHODS[name].per_id_bytes:  # per-id bookkeeping alone exceeds it: refused
@@ -401,7 +404,6 @@ def test_same_seed_gives_same_outputs_in_a_fresh_process():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(result.stdout) == _outputs_by_method()
-
 
 
 @pytest.mark.parametrize("name", ["hash", "qr"])

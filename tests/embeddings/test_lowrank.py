@@ -11,7 +11,9 @@ def test_lookup_is_the_product_of_the_stored_coordinates_and_the_projection():
     assert 0 < emb.extended_ids < 1000 and emb.low_rank == 2
     ids = torch.tensor([0, 5, emb.extended_ids - 1, emb.extended_ids, 999, 5])
     for position, x in enumerate(ids.tolist()):  # the slow reference, one id at a time
-        coordinates = emb.low.detach()[x].tolist() + ([float(emb.extra.detach()[x, 0])] if x < emb.extended_ids else [0.0])
+        coordinates = emb.low.detach()[x].tolist() + (
+            [float(emb.extra.detach()[x, 0])] if x < emb.extended_ids else [0.0]
+        )
         expected = torch.tensor(coordinates) @ emb.projection.detach()
         torch.testing.assert_close(emb(ids)[position], expected)
 

@@ -26,8 +26,9 @@ def test_frequent_ids_get_slots_of_their_own_and_the_rest_share_the_last_row():
     assert untrained.tolist() == [9, 9, 9]  # nobody resident yet: TorchRec's default row
     frequent = torch.arange(100, 105)
     generator = torch.Generator().manual_seed(0)
-    batches = [torch.cat([frequent.repeat(20), torch.randint(1_000, 10_000, (30,), generator=generator)])
-               for _ in range(5)]
+    batches = [
+        torch.cat([frequent.repeat(20), torch.randint(1_000, 10_000, (30,), generator=generator)]) for _ in range(5)
+    ]
     _train(module, batches)
     rows = module.rows_of(frequent)
     assert len(set(rows.tolist())) == 5 and (rows < 9).all()  # each frequent id its own slot

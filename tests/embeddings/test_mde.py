@@ -99,8 +99,12 @@ def test_it_learns_blocks_of_different_difficulty_better_than_one_dim_for_all():
     # gives the small block more coordinates than one dim for all (alpha 0) does
     generator = torch.Generator().manual_seed(0)
     small, large, d = 64, 4096, 8
-    target = torch.cat([torch.randn(small, d, generator=generator),
-                        torch.randn(large, 1, generator=generator) @ torch.randn(1, d, generator=generator)])
+    target = torch.cat(
+        [
+            torch.randn(small, d, generator=generator),
+            torch.randn(large, 1, generator=generator) @ torch.randn(1, d, generator=generator),
+        ]
+    )
     losses = {}
     for alpha in (0.0, 0.5):
         emb = make_embedding("mde", small + large, d, compression=6, blocks=[small, large], alpha=alpha, seed=1)

@@ -141,8 +141,20 @@ def test_unknown_method_suggests_the_closest():
 def test_outputs_start_at_the_full_tables_scale(init, bound):
     """Every method's untrained vectors spread as the full table's: U(-b, b), b = sqrt(1/n) (DLRM) or 1/sqrt(d)."""
     spreads = {}
-    for name in ["full", "hash", "ce", "bloom", "qr", "hemb", "robe", "hashednets", "cce", "cce-hybrid", "cafe",
-                 "cafe-ml"]:
+    for name in [
+        "full",
+        "hash",
+        "ce",
+        "bloom",
+        "qr",
+        "hemb",
+        "robe",
+        "hashednets",
+        "cce",
+        "cce-hybrid",
+        "cafe",
+        "cafe-ml",
+    ]:
         # cce's pointers (4 bytes an id at least) leave 10x of d=16 out of its reach: 4x
         budget = {"compression": 1} if name == "full" else {"compression": 4 if name == "cce" else 10}
         out = make_embedding(name, 100_000, 16, init=init, **budget)(torch.arange(20_000))

@@ -23,8 +23,10 @@ def _batch(size=32, seed=0):
 
 @pytest.mark.parametrize("model_class", [DLRM, DCNv2])
 def test_logits_per_sample_and_gradients_reach_every_part(model_class):
-    model = model_class(_collection(), bottom=(16,), top=(16,)) if model_class is DLRM else model_class(
-        _collection(), deep=(16,)
+    model = (
+        model_class(_collection(), bottom=(16,), top=(16,))
+        if model_class is DLRM
+        else model_class(_collection(), deep=(16,))
     )
     dense, sparse = _batch()
     logits = model(dense, sparse)
@@ -69,8 +71,8 @@ def test_dcn_cross_layer_formula_and_structures(structure):
 def test_models_learn_a_planted_rule(model_class):
     torch.manual_seed(0)
     collection = _collection("full")
-    model = model_class(collection, bottom=(16,), top=(16,)) if model_class is DLRM else model_class(
-        collection, deep=(16,)
+    model = (
+        model_class(collection, bottom=(16,), top=(16,)) if model_class is DLRM else model_class(collection, deep=(16,))
     )
     dense, sparse = _batch(512, seed=1)
     labels = ((sparse[:, 0] % 2) == 0).float()  # clicks decided by feature C0's id parity

@@ -12,14 +12,18 @@ from compemb.models.dlrm import DLRM
 
 def test_plain_dlrm_computes_what_compembs_dlrm_computes_with_the_same_weights():
     cardinalities = [5, 7, 300]
-    ours = DLRM(EmbeddingCollection([Feature(f"C{i}", n) for i, n in enumerate(cardinalities)], 4, "full"),
-                3, (8, 6), (8,))
+    ours = DLRM(
+        EmbeddingCollection([Feature(f"C{i}", n) for i, n in enumerate(cardinalities)], 4, "full"), 3, (8, 6), (8,)
+    )
     plain = PlainDLRM(cardinalities, 3, 4, (8, 6), (8,), init="dlrm")
     weights = dict(ours.named_parameters())
     with torch.no_grad():
         for i, table in enumerate(plain.tables):
             table.weight.copy_(weights[f"embeddings.embeddings.C{i}.weight"])
-        for name, parameter in [*plain.bottom.named_parameters(prefix="bottom"), *plain.top.named_parameters(prefix="top")]:
+        for name, parameter in [
+            *plain.bottom.named_parameters(prefix="bottom"),
+            *plain.top.named_parameters(prefix="top"),
+        ]:
             parameter.copy_(weights[name])
     generator = torch.Generator().manual_seed(0)
     dense = torch.randn(32, 3, generator=generator)

@@ -63,21 +63,34 @@ class CAFETables:
     def together(self, ids: Tensor) -> bool:
         """Whether lookups and updates of ``ids`` go through the flat sketch (else each table does its own)."""
         first = self.tables[0]
-        return len(self.tables) > 1 and device_path(ids) and all(
-            table.sketch._merges and table.blocks is None and not table.merge_on_demote
-            and table.hot_policy == "threshold" and not table._has_full_fields and table.levels == first.levels
-            and table.importance == first.importance
-            and table.sketch.slots == first.sketch.slots and table.sketch.keys.device == table.weight.device
-            for table in self.tables)
+        return (
+            len(self.tables) > 1
+            and device_path(ids)
+            and all(
+                table.sketch._merges
+                and table.blocks is None
+                and not table.merge_on_demote
+                and table.hot_policy == "threshold"
+                and not table._has_full_fields
+                and table.levels == first.levels
+                and table.importance == first.importance
+                and table.sketch.slots == first.sketch.slots
+                and table.sketch.keys.device == table.weight.device
+                for table in self.tables
+            )
+        )
 
     def _packed(self) -> tuple[PackedSketches, Tensor, Tensor, Tensor, list[int]]:
         """The flat sketch, weights, owners and owned flags (one padding row each), and the weights' row
         offsets as host ints (packed again where anything moved)."""
-        if self._sketches is None or any(a is not b for a, b in zip(self._sketches.sketches,
-                                                                     (t.sketch for t in self.tables))):
+        if self._sketches is None or any(
+            a is not b for a, b in zip(self._sketches.sketches, (t.sketch for t in self.tables))
+        ):
             self._sketches = PackedSketches([table.sketch for table in self.tables])
-            self._owners = (PackedBuffers(self.tables, "owner", padding=1),
-                            PackedBuffers(self.tables, "owned", padding=1))
+            self._owners = (
+                PackedBuffers(self.tables, "owner", padding=1),
+                PackedBuffers(self.tables, "owned", padding=1),
+            )
         self._sketches.ensure_packed()
         owners, owned = self._owners  # type: ignore[misc]
         self.weights.ensure_packed()
@@ -88,8 +101,15 @@ class CAFETables:
         Python lists every step they would be a copy from the host in every step)."""
         tables = self.tables
         hot = [table.hot_rows for table in tables]
-        key = (batch, device, tuple(t.threshold for t in tables), tuple(t.medium_fraction for t in tables),
-               tuple(hot), tuple((t._offsets, t.hashed_rows) for t in tables), tuple(self.weights.starts))
+        key = (
+            batch,
+            device,
+            tuple(t.threshold for t in tables),
+            tuple(t.medium_fraction for t in tables),
+            tuple(hot),
+            tuple((t._offsets, t.hashed_rows) for t in tables),
+            tuple(self.weights.starts),
+        )
         if self._constants is not None and self._constants[0] == key:
             return self._constants[1]
         count = len(tables)
@@ -114,14 +134,16 @@ class CAFETables:
             "pair_weight_start": tensor([self.weights.starts[t] for t in pair_table]),
             "row_table": tensor([t for t in range(count) for _ in range(hot[t])]),
             # per bucket of the flat sketch: its table's threshold, and where its table's rows start in `owned`
-            "bucket_threshold": tensor([t.threshold for t, n in zip(tables, buckets) for _ in range(n)],
-                                       torch.float32).view(-1, 1),
+            "bucket_threshold": tensor(
+                [t.threshold for t, n in zip(tables, buckets) for _ in range(n)], torch.float32
+            ).view(-1, 1),
             "bucket_owned_start": tensor([s for s, n in zip(owned_starts, buckets) for _ in range(n)]).view(-1, 1),
         }
         for level in range(tables[0].levels):  # one field: level l's hashed rows start at _offsets[l]
             constants[f"rows{level}"] = tensor([t.hashed_rows[level] for t in tables]).view(-1, 1)
-            constants[f"start{level}"] = tensor([t._offsets[level] + start for t, start in
-                                                 zip(tables, self.weights.starts)]).view(1, -1)
+            constants[f"start{level}"] = tensor(
+                [t._offsets[level] + start for t, start in zip(tables, self.weights.starts)]
+            ).view(1, -1)
         self._constants = (key, constants)
         return constants
 
@@ -202,8 +224,9 @@ class CAFETables:
         ids = ids.to(weight.device)
         before = sketches.query(ids)[0] if tables[0].levels == 2 else None
         # scores only fall when they decay: demote when the host knows they did (or cannot know), as each table
-        unknown = [t.sketch._known_mass is None or t._mass_seen is None or t.sketch._known_mass != t._mass_seen
-                   for t in tables]
+        unknown = [
+            t.sketch._known_mass is None or t._mass_seen is None or t.sketch._known_mass != t._mass_seen for t in tables
+        ]
         decays = sketches.insert(ids, scores, masses=[float(ids.shape[0])] * len(tables))
         for table in tables:
             table._mass_seen = table.sketch._known_mass
@@ -219,8 +242,17 @@ class CAFETables:
         owned.index_fill_(0, torch.where(gone, rows, owned.numel() - 1).view(-1), False)  # the padding row
         hot_rows.masked_fill_(gone, -1)
 
-    def _promote(self, ids: Tensor, before: Tensor | None, sketches: PackedSketches, weight: Tensor, owner: Tensor,
-                 owned: Tensor, constants: dict[str, Tensor], optimizer: torch.optim.Optimizer | None) -> None:
+    def _promote(
+        self,
+        ids: Tensor,
+        before: Tensor | None,
+        sketches: PackedSketches,
+        weight: Tensor,
+        owner: Tensor,
+        owned: Tensor,
+        constants: dict[str, Tensor],
+        optimizer: torch.optim.Optimizer | None,
+    ) -> None:
         """Each table's best new candidates (its threshold reached, not hot; each id once, best first) take its
         free rows (lowest first), each starting as the vector the id was reading."""
         tables = self.tables
@@ -231,8 +263,7 @@ class CAFETables:
         sorted_ids, position = torch.sort(torch.where(eligible, ids, _LARGEST), dim=0, stable=True)
         first = eligible.gather(0, position)
         first[1:] &= sorted_ids[1:] != sorted_ids[:-1]
-        ranked = torch.sort(torch.where(first, now.gather(0, position), -math.inf), dim=0, descending=True,
-                            stable=True)
+        ranked = torch.sort(torch.where(first, now.gather(0, position), -math.inf), dim=0, descending=True, stable=True)
         chosen = position.gather(0, ranked.indices[:limit])  # (limit, tables): batch rows of the candidates
         wanted = ranked.values[:limit] > -math.inf
         new_ids = ids.gather(0, chosen)
@@ -265,6 +296,7 @@ class CAFETables:
             offset = 0
             for table in tables:
                 size = min(ids.shape[0], table.hot_rows)
-                reset_optimizer_rows(optimizer, table.weight, local[offset : offset + size],
-                                     where=valid[offset : offset + size])
+                reset_optimizer_rows(
+                    optimizer, table.weight, local[offset : offset + size], where=valid[offset : offset + size]
+                )
                 offset += size

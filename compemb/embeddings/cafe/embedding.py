@@ -142,8 +142,16 @@ class _CAFE(AdaptiveEmbedding):
         padding_idx: int | None,
         device: torch.device | str | None,
     ) -> None:
-        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name, init=init,
-                include_last_offset=include_last_offset, padding_idx=padding_idx)
+        super().__init__(
+            num_embeddings,
+            embedding_dim,
+            mode=mode,
+            sparse=sparse,
+            name=name,
+            init=init,
+            include_last_offset=include_last_offset,
+            padding_idx=padding_idx,
+        )
         self._start_recording(importance)
         budget = resolve_budget(num_embeddings, embedding_dim, compression=compression, num_params=num_params)
         ratio = budget_ratio(budget, self.num_embeddings, self.embedding_dim)
@@ -151,22 +159,29 @@ class _CAFE(AdaptiveEmbedding):
             raise ValueError(f"{self.method_name}: field_tables must be True or False, got {field_tables!r}")
         try:
             default_rate, default_threshold = default_settings(
-                ratio, tuning, rows=budget.num_bytes / (self.embedding_dim * FLOAT_BYTES),
-                per_field=blocks is not None and field_tables)
+                ratio,
+                tuning,
+                rows=budget.num_bytes / (self.embedding_dim * FLOAT_BYTES),
+                per_field=blocks is not None and field_tables,
+            )
         except ValueError as error:
             raise ValueError(f"{self.method_name}: {error}") from None
         self.tuning = tuning
         self.hash_rate = default_rate if hash_rate is None else float(hash_rate)
         self.threshold = default_threshold if threshold is None else float(threshold)
-        for option, value in (("hash_rate", self.hash_rate), ("hash_split", hash_split),
-                              ("medium_fraction", medium_fraction)):
+        for option, value in (
+            ("hash_rate", self.hash_rate),
+            ("hash_split", hash_split),
+            ("medium_fraction", medium_fraction),
+        ):
             if not 0 < value < 1:
                 raise ValueError(f"{self.method_name}: {option} must be in (0, 1), got {value!r}")
         if not (math.isfinite(self.threshold) and self.threshold > 0):
             raise ValueError(f"{self.method_name}: threshold must be positive, got {threshold!r}")
         if hot_policy not in HOT_POLICIES:
-            raise ValueError(f"{self.method_name}: hot_policy must be one of {', '.join(HOT_POLICIES)}, "
-                             f"got {hot_policy!r}")
+            raise ValueError(
+                f"{self.method_name}: hot_policy must be one of {', '.join(HOT_POLICIES)}, got {hot_policy!r}"
+            )
         self.hot_policy = hot_policy
         if not sketch_slots_per_row > 0:
             raise ValueError(f"{self.method_name}: sketch_slots_per_row must be positive, got {sketch_slots_per_row!r}")
@@ -206,8 +221,15 @@ class _CAFE(AdaptiveEmbedding):
         self.hashes = torch.nn.ModuleList(
             UniversalHash(rows, seed=seed, stream=level, device=device) for level, rows in enumerate(self.hashed_rows)
         )
-        self.sketch = HotSketch(buckets, SKETCH_SLOTS, threshold=self.threshold, decay_factor=self.decay, seed=seed,
-                                device=device, skip_hot=hot_policy == "top")
+        self.sketch = HotSketch(
+            buckets,
+            SKETCH_SLOTS,
+            threshold=self.threshold,
+            decay_factor=self.decay,
+            seed=seed,
+            device=device,
+            skip_hot=hot_policy == "top",
+        )
         total_rows = self._lay_out_fields(fields, device)
         self.weight = torch.nn.Parameter(torch.empty(total_rows, d, device=device))
         self.register_buffer("owner", torch.empty(self.hot_rows, dtype=torch.int64, device=device))
@@ -218,8 +240,9 @@ class _CAFE(AdaptiveEmbedding):
         smallest = row_bytes + HotSketch.bytes_for(1) + fixed + max(levels, least_hashed) * d * FLOAT_BYTES
         self._finish(budget, seed, math.ceil(smallest / FLOAT_BYTES), every_budget_from(d, smallest))
 
-    def _plan_fields(self, blocks: Sequence[int] | None, ratio: float | None, budget_bytes: int
-                     ) -> list[tuple[int, bool]]:
+    def _plan_fields(
+        self, blocks: Sequence[int] | None, ratio: float | None, budget_bytes: int
+    ) -> list[tuple[int, bool]]:
         """``(ids, kept full)`` per field: one field without ``blocks``; with them the authors' rule (a field of n <=
         400 / (1 + log2(ratio)) ids stays full), smallest first while the full fields take at most half the budget
         (the authors' rule alone can spend all of a small set's budget on them); the largest field is always
@@ -228,8 +251,10 @@ class _CAFE(AdaptiveEmbedding):
             return [(self.num_embeddings or 0, False)]
         sizes = [int(n) for n in blocks]
         if self.num_embeddings is None or sum(sizes) != self.num_embeddings or min(sizes, default=0) < 1:
-            raise ValueError(f"{self.method_name}: blocks must be positive field sizes summing to num_embeddings="
-                             f"{self.num_embeddings}, got {list(blocks)!r}")
+            raise ValueError(
+                f"{self.method_name}: blocks must be positive field sizes summing to num_embeddings="
+                f"{self.num_embeddings}, got {list(blocks)!r}"
+            )
         if not self.field_tables:  # one hashed table for every field: none kept full
             return [(n, False) for n in sizes]
         return list(zip(sizes, plan_fields(sizes, self.embedding_dim, ratio, budget_bytes)))
@@ -255,11 +280,18 @@ class _CAFE(AdaptiveEmbedding):
                 taken[level] += 0 if full else 1
                 offsets[level, f], at = at, at + int(rows[level, f])
         # one vocabulary: one field over every int64 id; with blocks field f starts at the sum of those before it
-        starts = torch.tensor([_LOWEST_ID, 2**63 - 1]) if self.blocks is None else \
-            torch.tensor([0, *np.cumsum([n for n, _ in fields]).tolist()])
+        starts = (
+            torch.tensor([_LOWEST_ID, 2**63 - 1])
+            if self.blocks is None
+            else torch.tensor([0, *np.cumsum([n for n, _ in fields]).tolist()])
+        )
         # derived from the sizes alone, so not saved; kept on the CPU too, to be written again after a meta build
-        self._field_layout = {"field_starts": starts, "field_direct": torch.tensor([full for _, full in fields]),
-                              "field_rows": rows, "field_offsets": offsets}
+        self._field_layout = {
+            "field_starts": starts,
+            "field_direct": torch.tensor([full for _, full in fields]),
+            "field_rows": rows,
+            "field_offsets": offsets,
+        }
         for name, value in self._field_layout.items():
             self.register_buffer(name, value.to(device, copy=True), persistent=False)
         # where level 1 and level 2 begin (reset_tables zeroes level 2)
@@ -286,7 +318,9 @@ class _CAFE(AdaptiveEmbedding):
         sketch apart. One vocabulary's field table only restates the sizes (as Python ints do): not counted."""
         report = memory_report(self, sketch=("sketch.",), floats=("start",))
         if self.blocks is None:
-            metadata = sum(t.numel() * t.element_size() for name, t in self.named_buffers() if name.startswith("field_"))
+            metadata = sum(
+                t.numel() * t.element_size() for name, t in self.named_buffers() if name.startswith("field_")
+            )
             report = MemoryReport(report.float_bytes, report.index_bytes - metadata, report.sketch_bytes)
         return report
 
@@ -300,10 +334,22 @@ class _CAFE(AdaptiveEmbedding):
         rows = torch.empty(ids.numel(), self.levels, dtype=torch.int64)
         weights = torch.empty(ids.numel(), 2) if self.levels == 2 else None
         keys, scores, hot, occupied, _, sketch_coefficients = self.sketch._arrays()
-        cafe_rows(ids.numpy(), keys, scores, hot, occupied, sketch_coefficients,
-                  np.concatenate([h.coefficients.numpy() for h in self.hashes]), self.field_starts.numpy(),
-                  self.field_direct.numpy(), self.field_rows.numpy(), self.field_offsets.numpy(),
-                  self.medium_fraction * self.threshold, rows.numpy(), _NO_WEIGHTS if weights is None else weights.numpy())
+        cafe_rows(
+            ids.numpy(),
+            keys,
+            scores,
+            hot,
+            occupied,
+            sketch_coefficients,
+            np.concatenate([h.coefficients.numpy() for h in self.hashes]),
+            self.field_starts.numpy(),
+            self.field_direct.numpy(),
+            self.field_rows.numpy(),
+            self.field_offsets.numpy(),
+            self.medium_fraction * self.threshold,
+            rows.numpy(),
+            _NO_WEIGHTS if weights is None else weights.numpy(),
+        )
         return rows, weights
 
     def _fields(self, ids: Tensor) -> Tensor:
@@ -337,8 +383,9 @@ class _CAFE(AdaptiveEmbedding):
         if weights is None:
             return F.embedding(rows.squeeze(-1), self.weight, sparse=self.sparse)
         # a bag of two rows per id, the second weighted 1 for medium ids and 0 otherwise: one fused gather
-        return F.embedding_bag(rows, self.weight, mode="sum", per_sample_weights=weights.to(self.weight.dtype),
-                               sparse=self.sparse)
+        return F.embedding_bag(
+            rows, self.weight, mode="sum", per_sample_weights=weights.to(self.weight.dtype), sparse=self.sparse
+        )
 
     # --- updates ----------------------------------------------------------------------------------------
 
@@ -351,11 +398,13 @@ class _CAFE(AdaptiveEmbedding):
         count = self.field_starts.numel() - 1
         sums = torch.zeros(count, dtype=torch.float64, device=norms.device).index_add_(0, field, norms.double())
         occurrences = torch.zeros(count, dtype=torch.float64, device=norms.device).index_add_(
-            0, field, torch.ones_like(norms, dtype=torch.float64))  # (bincount would make a GPU host wait)
+            0, field, torch.ones_like(norms, dtype=torch.float64)
+        )  # (bincount would make a GPU host wait)
         mean = sums / occurrences.clamp_min(1)
         usable = torch.isfinite(mean) & (mean > 0)
-        return torch.where(usable[field], norms / torch.where(usable, mean, 1.0)[field].float(),
-                           torch.zeros_like(norms))
+        return torch.where(
+            usable[field], norms / torch.where(usable, mean, 1.0)[field].float(), torch.zeros_like(norms)
+        )
 
     @torch.no_grad()
     def _update(self, ids: Tensor, scores: Tensor | None, optimizer: torch.optim.Optimizer | None) -> None:
@@ -386,12 +435,11 @@ class _CAFE(AdaptiveEmbedding):
             now, hot = sketch.query(ids)
             limit = self.hot_rows if top else free.numel()  # "top": every row may change hands
             if sketch._compiled:
-                picked = torch.from_numpy(hot_candidates(ids.numpy(), now.numpy(), hot.numpy(), self.threshold,
-                                                         limit))
+                picked = torch.from_numpy(hot_candidates(ids.numpy(), now.numpy(), hot.numpy(), self.threshold, limit))
             else:
                 picked = _hot_candidates_torch(ids, now, hot, self.threshold, limit)
             if picked.numel() > free.numel():  # "top": the candidates past the free rows against the owners
-                displaced = self._displaced(now[picked[free.numel():]])
+                displaced = self._displaced(now[picked[free.numel() :]])
                 self._release(self.owner[displaced], displaced)
                 free = torch.cat([free, displaced])
                 picked = picked[: free.numel()]
@@ -446,8 +494,11 @@ class _CAFE(AdaptiveEmbedding):
             owner_scores = sketch.query(self.owner.to(sketch.keys.device))[0].to(self.owned.device)
             order = torch.sort(torch.where(self.owned, owner_scores, -math.inf), stable=True).indices[:limit]
             # an owner is displaced by the candidate of its rank that beats it
-            displace = wanted.to(order.device) & self.owned[order] & (
-                ranked.values[:limit].to(order.device) > SWAP_GAIN * owner_scores[order])
+            displace = (
+                wanted.to(order.device)
+                & self.owned[order]
+                & (ranked.values[:limit].to(order.device) > SWAP_GAIN * owner_scores[order])
+            )
             valid = wanted.to(order.device) & ~self.owned[order] | displace
             self._demote_fixed(torch.zeros_like(self.owned).index_put_((order,), displace))  # distinct rows
         else:
@@ -478,8 +529,9 @@ class _CAFE(AdaptiveEmbedding):
         self.owned.copy_(owned[:-1])
         sketch.hot_rows.masked_fill_(gone.view_as(sketch.hot_rows), -1)
 
-    def _promote_fixed(self, ids: Tensor, rows: Tensor, valid: Tensor, medium: Tensor | None,
-                       optimizer: torch.optim.Optimizer | None) -> None:
+    def _promote_fixed(
+        self, ids: Tensor, rows: Tensor, valid: Tensor, medium: Tensor | None, optimizer: torch.optim.Optimizer | None
+    ) -> None:
         """:meth:`_promote` where only ``valid`` pairs promote; ``rows`` are distinct, so every other pair writes
         its row's own values back."""
         device = self.weight.device
@@ -635,12 +687,29 @@ class CAFEEmbedding(_CAFE):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__(
-            num_embeddings, embedding_dim, levels=1, compression=compression, num_params=num_params,
-            hash_rate=hash_rate, threshold=threshold, tuning=tuning, importance=importance, decay=decay,
-            sketch_slots_per_row=sketch_slots_per_row, merge_on_demote=merge_on_demote, hot_policy=hot_policy,
-            blocks=blocks, field_tables=field_tables, seed=seed,
-            mode=mode, sparse=sparse, name=name, init=init,
-            include_last_offset=include_last_offset, padding_idx=padding_idx, device=device,
+            num_embeddings,
+            embedding_dim,
+            levels=1,
+            compression=compression,
+            num_params=num_params,
+            hash_rate=hash_rate,
+            threshold=threshold,
+            tuning=tuning,
+            importance=importance,
+            decay=decay,
+            sketch_slots_per_row=sketch_slots_per_row,
+            merge_on_demote=merge_on_demote,
+            hot_policy=hot_policy,
+            blocks=blocks,
+            field_tables=field_tables,
+            seed=seed,
+            mode=mode,
+            sparse=sparse,
+            name=name,
+            init=init,
+            include_last_offset=include_last_offset,
+            padding_idx=padding_idx,
+            device=device,
         )
 
 
@@ -696,10 +765,29 @@ class MultiLevelCAFEEmbedding(_CAFE):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__(
-            num_embeddings, embedding_dim, levels=2, compression=compression, num_params=num_params,
-            hash_rate=hash_rate, threshold=threshold, tuning=tuning, importance=importance, decay=decay,
-            sketch_slots_per_row=sketch_slots_per_row, merge_on_demote=merge_on_demote, hot_policy=hot_policy,
-            medium_fraction=medium_fraction, hash_split=hash_split, blocks=blocks, field_tables=field_tables, seed=seed,
-            mode=mode, sparse=sparse, name=name, init=init,
-            include_last_offset=include_last_offset, padding_idx=padding_idx, device=device,
+            num_embeddings,
+            embedding_dim,
+            levels=2,
+            compression=compression,
+            num_params=num_params,
+            hash_rate=hash_rate,
+            threshold=threshold,
+            tuning=tuning,
+            importance=importance,
+            decay=decay,
+            sketch_slots_per_row=sketch_slots_per_row,
+            merge_on_demote=merge_on_demote,
+            hot_policy=hot_policy,
+            medium_fraction=medium_fraction,
+            hash_split=hash_split,
+            blocks=blocks,
+            field_tables=field_tables,
+            seed=seed,
+            mode=mode,
+            sparse=sparse,
+            name=name,
+            init=init,
+            include_last_offset=include_last_offset,
+            padding_idx=padding_idx,
+            device=device,
         )

@@ -12,8 +12,22 @@ from compemb.hashing import bucket_of
 
 
 @numba.njit(cache=True, nogil=True)
-def cafe_rows(ids, keys, scores, hot_rows, occupied, sketch_coefficients, coefficients, starts, direct, rows, offsets,
-              medium, out_rows, out_weights):
+def cafe_rows(
+    ids,
+    keys,
+    scores,
+    hot_rows,
+    occupied,
+    sketch_coefficients,
+    coefficients,
+    starts,
+    direct,
+    rows,
+    offsets,
+    medium,
+    out_rows,
+    out_weights,
+):
     """Row(s) of each id: its hot row, else its field's hashed row (or its own row in a field kept full); two
     levels add the second row, weighted 1 if medium. Field f holds ids ``[starts[f], starts[f + 1])``; level l of
     field f is ``rows[l, f]`` rows from ``offsets[l, f]`` (one field: the whole vocabulary)."""

@@ -27,8 +27,18 @@ from compemb.budget import Budget, full_table_bytes
 
 # (ratio, hash_rate, threshold); a ratio takes the largest entry <= it.
 # The CAFE paper's Criteo tuning (the authors' tasks/criteo.json), in the same per-field mean-1 units as compemb's.
-PAPER_DEFAULTS = ((2, 0.7, 10), (5, 0.5, 10), (10, 0.5, 20), (20, 0.5, 30), (50, 0.3, 50), (100, 0.3, 100),
-                  (200, 0.2, 200), (500, 0.2, 500), (1000, 0.2, 500), (2000, 0.1, 500))
+PAPER_DEFAULTS = (
+    (2, 0.7, 10),
+    (5, 0.5, 10),
+    (10, 0.5, 20),
+    (20, 0.5, 30),
+    (50, 0.3, 50),
+    (100, 0.3, 100),
+    (200, 0.2, 200),
+    (500, 0.2, 500),
+    (1000, 0.2, 500),
+    (2000, 0.1, 500),
+)
 # compemb's tuning (benchmarks/results/cafe_tuning.md): what the measurements turn on is the number of rows a budget
 # buys, not the ratio. Below SMALL_BUDGET_ROWS rows of d floats, hashed rows are worth more than hot rows (a high
 # hash_rate) and the paper's large thresholds cost; from there on nothing measured beat the paper's table.
@@ -38,8 +48,9 @@ PER_FIELD_SMALL_BUDGET_SETTINGS = (0.1, 30.0)  # with the authors' hashed table 
 TUNINGS = ("compemb", "paper")
 
 
-def default_settings(ratio: float | None, tuning: str = "compemb", rows: float | None = None,
-                     per_field: bool = False) -> tuple[float, float]:
+def default_settings(
+    ratio: float | None, tuning: str = "compemb", rows: float | None = None, per_field: bool = False
+) -> tuple[float, float]:
     """``(hash_rate, threshold)`` for a budget of compression ``ratio`` that buys ``rows`` rows of d floats.
 
     ``"paper"``: the entry of :data:`PAPER_DEFAULTS` with the largest ratio <= ``ratio`` (its first entry below
@@ -73,8 +84,8 @@ def default_settings(ratio: float | None, tuning: str = "compemb", rows: float |
 def paper_defaults(ratio: float | None) -> tuple[float, float]:
     """``(hash_rate, threshold)`` the CAFE paper tuned for ``ratio``: ``default_settings(ratio, "paper")``.
 
-        >>> paper_defaults(5000)
-        (0.1, 500.0)
+    >>> paper_defaults(5000)
+    (0.1, 500.0)
     """
     return default_settings(ratio, "paper")
 

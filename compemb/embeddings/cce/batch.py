@@ -41,8 +41,7 @@ class CCETables:
         self.pack = self.separate.packs[0]
         self.ranges = IdRanges(self.tables)
         first = self.tables[0]
-        self.uniform = all(t.columns == first.columns and t.embedding_dim == first.embedding_dim
-                           for t in self.tables)
+        self.uniform = all(t.columns == first.columns and t.embedding_dim == first.embedding_dim for t in self.tables)
         dtypes = {t.pointer_table.dtype for t in self.tables}
         self.pointers = PackedBuffers(self.tables, "pointer_table") if len(dtypes) == 1 and self.uniform else None
         self._constants: dict[str, Tensor] | None = None
@@ -59,18 +58,26 @@ class CCETables:
                 "cold_offset": column_sizes([t.cold_offset for t in tables], device),
                 "h0_buckets": column_sizes([t.h0.num_buckets for t in tables], device),
                 "h1_buckets": column_sizes([t.h1.num_buckets for t in tables], device),
-                "cold1_buckets": column_sizes([(t.h1 if t.cold1 is None else t.cold1).num_buckets for t in tables],
-                                              device),
+                "cold1_buckets": column_sizes(
+                    [(t.h1 if t.cold1 is None else t.cold1).num_buckets for t in tables], device
+                ),
                 "column_offsets": torch.arange(c, device=device).view(1, -1) * rows,  # column j of T0: j * k
                 "second_table": rows * c,  # T1's columns follow T0's
                 # where each table's pointer rows start in the packed pointer tables (and its holders' ids in
                 # _holder_ids: one entry per pointer row)
-                "pointer_starts": torch.tensor(list(accumulate([0] + [t.pointer_table.shape[0] for t in tables][:-1])),
-                                               dtype=torch.int64, device=device),
-                "pointer_last": torch.tensor([t.pointer_table.shape[0] - 1 for t in tables], dtype=torch.int64,
-                                             device=device),
-                "id_bases": torch.tensor(list(accumulate([0] + [t.num_embeddings + 1 for t in tables][:-1])),
-                                         dtype=torch.int64, device=device),
+                "pointer_starts": torch.tensor(
+                    list(accumulate([0] + [t.pointer_table.shape[0] for t in tables][:-1])),
+                    dtype=torch.int64,
+                    device=device,
+                ),
+                "pointer_last": torch.tensor(
+                    [t.pointer_table.shape[0] - 1 for t in tables], dtype=torch.int64, device=device
+                ),
+                "id_bases": torch.tensor(
+                    list(accumulate([0] + [t.num_embeddings + 1 for t in tables][:-1])),
+                    dtype=torch.int64,
+                    device=device,
+                ),
             }
         return self._constants
 
@@ -94,7 +101,9 @@ class CCETables:
         if vectors.requires_grad:
             if any(self.tables[j].training for j in gradient):
                 vectors.register_hook(lambda grad: self._record(ids, grad, gradient))
-            counting = [j for j, t in enumerate(self.tables) if t._records and t.importance != "gradient" and t.training]
+            counting = [
+                j for j, t in enumerate(self.tables) if t._records and t.importance != "gradient" and t.training
+            ]
             if counting and self._count_together(counting):
                 self._count(ids)
             else:
@@ -150,8 +159,10 @@ class CCETables:
         rounds = tuple(t.rounds for t in self.tables)
         if self._holders is None or self._holders[0] != rounds or self._holders[1].device != device:
             bases = accumulate([0] + [t.num_embeddings + 1 for t in self.tables][:-1])  # (id_bases, on the host)
-            parts = [torch.where(t.holder_ids == NO_ID, t.num_embeddings, t.holder_ids).to(device) + base
-                     for t, base in zip(self.tables, bases)]
+            parts = [
+                torch.where(t.holder_ids == NO_ID, t.num_embeddings, t.holder_ids).to(device) + base
+                for t, base in zip(self.tables, bases)
+            ]
             self._holders = (rounds, torch.cat(parts))
         return self._holders[1]
 
@@ -168,8 +179,9 @@ class CCETables:
             second = hash_columns(ids, [t.h1 for t in tables], constants["h1_buckets"])
         else:  # ids without stored pointers: both hashed into the cold region
             first = hash_columns(ids, [t.h0 for t in tables], constants["h0_buckets"]).add_(constants["cold_offset"])
-            second = hash_columns(ids, [t.h1 if t.cold1 is None else t.cold1 for t in tables],
-                                  constants["cold1_buckets"]).add_(constants["cold_offset"])
+            second = hash_columns(
+                ids, [t.h1 if t.cold1 is None else t.cold1 for t in tables], constants["cold1_buckets"]
+            ).add_(constants["cold_offset"])
         if mode == 2:  # the holders' pointers (cce-hybrid's top ids): found in every table's sorted ids at once
             holders = self._holder_ids(ids.device)
             wanted = ids + constants["id_bases"]

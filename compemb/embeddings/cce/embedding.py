@@ -51,25 +51,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from compemb import distributed
-from compemb.budget import (
-    FLOAT_BYTES,
-    MemoryReport,
-    budget_tolerance,
-    check_budget,
-    every_budget_from,
-    resolve_budget,
-)
+from compemb.budget import FLOAT_BYTES, MemoryReport, budget_tolerance, check_budget, every_budget_from, resolve_budget
 from compemb.embeddings.adaptive import AdaptiveEmbedding, memory_report, reset_optimizer_rows
 from compemb.embeddings.base import CompressedEmbedding, init_uniform_
 from compemb.embeddings.cce.batch import CCETables
 from compemb.embeddings.cce.kernels import NO_HOLDERS, PairGather, mark_seen, route_rows
-from compemb.embeddings.cce.plan import (
-    SKETCH_SLOTS,
-    CCEShape,
-    plan_tables,
-    reserved_bytes,
-    smallest_bytes,
-)
+from compemb.embeddings.cce.plan import SKETCH_SLOTS, CCEShape, plan_tables, reserved_bytes, smallest_bytes
 from compemb.embeddings.cce.schedule import ClusterReport, ClusterSchedule, cluster_sample, top_holders
 from compemb.embeddings.id_map import NO_ID  # free holder_ids entries sort last
 from compemb.hashing import UniversalHash, hash_coefficients, hash_ids
@@ -184,13 +171,24 @@ class CCEmbedding(AdaptiveEmbedding):
         padding_idx: int | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__(num_embeddings, embedding_dim, mode=mode, sparse=sparse, name=name, init=init,
-                include_last_offset=include_last_offset, padding_idx=padding_idx)
+        super().__init__(
+            num_embeddings,
+            embedding_dim,
+            mode=mode,
+            sparse=sparse,
+            name=name,
+            init=init,
+            include_last_offset=include_last_offset,
+            padding_idx=padding_idx,
+        )
         self._start_recording(importance)
         if columns < 1 or embedding_dim % columns:
             raise ValueError(f"cce: columns={columns} must be >= 1 and divide embedding_dim={embedding_dim}")
-        for option, value, allowed in (("accounting", accounting, ACCOUNTING), ("residual", residual, RESIDUALS),
-                                       ("sample", sample, (None, *SAMPLES))):
+        for option, value, allowed in (
+            ("accounting", accounting, ACCOUNTING),
+            ("residual", residual, RESIDUALS),
+            ("sample", sample, (None, *SAMPLES)),
+        ):
             if value not in allowed:
                 raise ValueError(f"{self._who()}: {option} must be one of {allowed}, got {value!r}")
         if pointers is not None and (isinstance(pointers, bool) or not isinstance(pointers, int) or pointers < 1):
@@ -214,10 +212,20 @@ class CCEmbedding(AdaptiveEmbedding):
         self.last_cluster: ClusterReport | None = None
         budget = resolve_budget(num_embeddings, embedding_dim, compression=compression, num_params=num_params)
         if not self.hybrid and pointers is not None and pointers < self.num_embeddings:
-            raise ValueError(f"{self._who()}: every id holds pointers (the paper's algorithm); pointers={pointers} "
-                             "for the top ids only is cce-hybrid's option")
-        shape = CCEShape(self.num_embeddings, self.embedding_dim, columns, accounting == "honest", self.pointer_share,
-                         self.holder_share, self.sketch_slots_per_pointer, self.hybrid)
+            raise ValueError(
+                f"{self._who()}: every id holds pointers (the paper's algorithm); pointers={pointers} "
+                "for the top ids only is cce-hybrid's option"
+            )
+        shape = CCEShape(
+            self.num_embeddings,
+            self.embedding_dim,
+            columns,
+            accounting == "honest",
+            self.pointer_share,
+            self.holder_share,
+            self.sketch_slots_per_pointer,
+            self.hybrid,
+        )
         plan = plan_tables(shape, budget, pointers, sample, budget_tolerance())
         self.sample = sample or ("uniform" if plan.all_ids else "frequency")
         self.rows, self.all_ids, self.holder_rows = plan.rows, plan.all_ids, plan.holder_rows
@@ -229,19 +237,29 @@ class CCEmbedding(AdaptiveEmbedding):
         self.h0 = UniversalHash(cold_rows, num_functions=c, seed=seed, stream=H0_STREAM, device=device)
         self.h1 = UniversalHash(plan.holder_rows, num_functions=c, seed=seed, stream=H1_STREAM, device=device)
         # the hashed region's T1 pointer: fixed for good (every id holding pointers: round 0's h1, as the paper)
-        self.cold1 = None if plan.all_ids else UniversalHash(cold_rows, num_functions=c, seed=seed,
-                                                             stream=COLD1_STREAM, device=device)
+        self.cold1 = (
+            None
+            if plan.all_ids
+            else UniversalHash(cold_rows, num_functions=c, seed=seed, stream=COLD1_STREAM, device=device)
+        )
         # column j of table t (0: T0, 1: T1) is rows [(t * c + j) * k, (t * c + j + 1) * k): one gather per lookup
         self.weight = torch.nn.Parameter(torch.empty(2 * c * k, embedding_dim // c, device=device))
         self.register_buffer("pointer_table", torch.empty(plan.pointers, c, dtype=plan.dtype, device=device))
         # the ids holding pointers, sorted (NO_ID in free entries): pointer row i belongs to holder_ids[i]
-        self.register_buffer("holder_ids", None if plan.all_ids else
-                             torch.empty(plan.pointers, dtype=torch.int64, device=device))
+        self.register_buffer(
+            "holder_ids", None if plan.all_ids else torch.empty(plan.pointers, dtype=torch.int64, device=device)
+        )
         self.register_buffer("cluster_state", torch.empty(2, dtype=torch.int64, device=device))
-        self.sketch = None if not plan.sketch_buckets else HotSketch(
-            plan.sketch_buckets, SKETCH_SLOTS, threshold=1.0, decay_factor=decay, seed=seed, device=device)
-        self.register_buffer("seen", torch.empty(plan.bitmap_bytes, dtype=torch.uint8, device=device)
-                             if plan.bitmap_bytes else None)
+        self.sketch = (
+            None
+            if not plan.sketch_buckets
+            else HotSketch(
+                plan.sketch_buckets, SKETCH_SLOTS, threshold=1.0, decay_factor=decay, seed=seed, device=device
+            )
+        )
+        self.register_buffer(
+            "seen", torch.empty(plan.bitmap_bytes, dtype=torch.uint8, device=device) if plan.bitmap_bytes else None
+        )
         smallest = math.ceil(smallest_bytes(columns, embedding_dim, plan.bitmap_bytes) / FLOAT_BYTES)
         if accounting == "honest":
             self._finish(budget, seed, smallest, every_budget_from(2 * embedding_dim, reserved_bytes(plan, columns)))
@@ -264,8 +282,10 @@ class CCEmbedding(AdaptiveEmbedding):
         held = "every id holds" if self.all_ids else f"the top {self.pointer_table.shape[0]:,} ids of a HotSketch hold"
         dtype = str(self.pointer_table.dtype).removeprefix("torch.")
         split = "" if self.all_ids else f" ({self.holder_rows:,} for holders, {self.rows - self.holder_rows:,} hashed)"
-        return (f"k={self.rows:,} rows{split} x {self.columns} columns x 2 tables; {held} {dtype} pointers; "
-                f"{self.accounting}")
+        return (
+            f"k={self.rows:,} rows{split} x {self.columns} columns x 2 tables; {held} {dtype} pointers; "
+            f"{self.accounting}"
+        )
 
     # --- state -------------------------------------------------------------------------------------------
 
@@ -311,10 +331,18 @@ class CCEmbedding(AdaptiveEmbedding):
     def _routing(self) -> tuple:
         """The compiled kernels' routing arguments (CPU numpy): mode, pointers, holders, hashes, k, the regions."""
         cold1 = self.h1 if self.cold1 is None else self.cold1
-        return (self._mode(), self.pointer_table.numpy(),
-                NO_HOLDERS if self.holder_ids is None else self.holder_ids.numpy(),
-                self.h0.coefficients.numpy(), self.h1.coefficients.numpy(), cold1.coefficients.numpy(), self.rows,
-                self.cold_offset, self.rows - self.cold_offset, self.holder_rows)
+        return (
+            self._mode(),
+            self.pointer_table.numpy(),
+            NO_HOLDERS if self.holder_ids is None else self.holder_ids.numpy(),
+            self.h0.coefficients.numpy(),
+            self.h1.coefficients.numpy(),
+            cold1.coefficients.numpy(),
+            self.rows,
+            self.cold_offset,
+            self.rows - self.cold_offset,
+            self.holder_rows,
+        )
 
     def _route(self, ids: Tensor) -> Tensor:
         """Rows ``(N, c, 2)`` of ``weight`` each id reads: T0's and T1's, per column."""
@@ -369,8 +397,11 @@ class CCEmbedding(AdaptiveEmbedding):
             elif stride > 1:  # a strided sample, starting where the sketch's saved mass says: it moves every batch
                 start = int(self.sketch.mass_since_decay()) % stride  # a host float: no read from the device
                 sample = ids[start::stride]
-                scores = (torch.full(sample.shape, float(stride), device=ids.device) if scores is None
-                          else scores[start::stride] * stride)
+                scores = (
+                    torch.full(sample.shape, float(stride), device=ids.device)
+                    if scores is None
+                    else scores[start::stride] * stride
+                )
                 # (scores of mean 1 per batch: the decay counts occurrences, exactly; see HotSketch.insert's mass)
                 self.sketch.insert(sample, scores, mass=float(sample.numel() * stride))
             else:
@@ -396,8 +427,11 @@ class CCEmbedding(AdaptiveEmbedding):
         positions = (sketch.mass.long() % stride) + torch.arange(-(-flat.numel() // stride), device=ids.device) * stride
         keep = positions < flat.numel()
         positions = positions.clamp_max(flat.numel() - 1)
-        weights = (torch.full(positions.shape, float(stride), device=ids.device) if scores is None
-                   else scores.reshape(-1)[positions] * stride)
+        weights = (
+            torch.full(positions.shape, float(stride), device=ids.device)
+            if scores is None
+            else scores.reshape(-1)[positions] * stride
+        )
         sketch.insert(flat[positions], weights, mass=keep.sum(dtype=torch.float64) * stride, keep=keep)
 
     # --- clustering --------------------------------------------------------------------------------------
@@ -416,7 +450,9 @@ class CCEmbedding(AdaptiveEmbedding):
         super().on_step_end(step, optimizer)
         if self.schedule.due(step, self._total_steps, self._steps_per_epoch):
             self.cluster(optimizer)
-        if self.schedule.over(step, self._total_steps, self._steps_per_epoch):  # no clustering left to choose ids for: stop counting
+        if self.schedule.over(
+            step, self._total_steps, self._steps_per_epoch
+        ):  # no clustering left to choose ids for: stop counting
             self._records = False
 
     def steady_step(self, step: int) -> bool:
@@ -434,8 +470,9 @@ class CCEmbedding(AdaptiveEmbedding):
         rows = self._route(ids.to(self.pointer_table.device)).to(self.weight.device).permute(1, 0, 2)
         return self.weight[rows[..., 0]] + self.weight[rows[..., 1]]
 
-    def _fit_columns_on_host(self, sample: Tensor, holders: Tensor, h1: Tensor, seeds: list[int], weight: Tensor,
-                             pointers: Tensor) -> list[float]:
+    def _fit_columns_on_host(
+        self, sample: Tensor, holders: Tensor, h1: Tensor, seeds: list[int], weight: Tensor, pointers: Tensor
+    ) -> list[float]:
         """:meth:`cluster`'s k-means of each column (faiss, the k-NN-graph Lloyd steps), the holders' pointers and
         the residual means written into ``weight`` and ``pointers``; each column's inertia."""
         from compemb.cluster import assign, kmeans
@@ -447,8 +484,9 @@ class CCEmbedding(AdaptiveEmbedding):
             if not bool(torch.isfinite(points).all()):  # k-means would abort the process on them
                 raise ValueError(f"{self._who()}: column {j} holds non-finite values (training diverged?)")
             # with no more points than rows, the points themselves, cycled
-            centroids = kmeans(points, kh, niter=self.niter, max_points_per_centroid=self.max_points_per_centroid,
-                               seed=seeds[j]).centroids
+            centroids = kmeans(
+                points, kh, niter=self.niter, max_points_per_centroid=self.max_points_per_centroid, seed=seeds[j]
+            ).centroids
             # the report's inertia is exact: each sampled id's squared distance to its nearest centroid
             inertia.append(float(assign(points, centroids, batch_size=ASSIGN_BATCH)[1].double().sum()))
             sums = torch.zeros(kh, centroids.shape[1], dtype=torch.float64)
@@ -466,8 +504,9 @@ class CCEmbedding(AdaptiveEmbedding):
             weight[(c + j) * k : (c + j) * k + kh] = (sums / counts.clamp_min(1).unsqueeze(-1)).float()
         return inertia
 
-    def _fit_columns_on_device(self, sample: Tensor, holders: Tensor, h1: Tensor, seeds: list[int],
-                               weight: Tensor, pointers: Tensor) -> list[float]:
+    def _fit_columns_on_device(
+        self, sample: Tensor, holders: Tensor, h1: Tensor, seeds: list[int], weight: Tensor, pointers: Tensor
+    ) -> list[float]:
         """:meth:`_fit_columns_on_host` in torch ops where the tables are, every column at once: one batched k-means
         (:func:`~compemb.cluster.kmeans_torch_batched`), one search of every column per chunk of holders, and a
         few host reads per clustering instead of a few per column."""
@@ -477,10 +516,12 @@ class CCEmbedding(AdaptiveEmbedding):
         points = self._columns(sample).float().to(work)  # (c, n, d/c)
         finite = torch.isfinite(points).flatten(1).all(1).tolist()
         if not all(finite):  # k-means would only produce garbage from them
-            raise ValueError(f"{self._who()}: column {finite.index(False)} holds non-finite values (training "
-                             f"diverged?)")
-        results = kmeans_torch_batched(points, kh, niter=self.niter,
-                                       max_points_per_centroid=self.max_points_per_centroid, seeds=seeds)
+            raise ValueError(
+                f"{self._who()}: column {finite.index(False)} holds non-finite values (training diverged?)"
+            )
+        results = kmeans_torch_batched(
+            points, kh, niter=self.niter, max_points_per_centroid=self.max_points_per_centroid, seeds=seeds
+        )
         centroids = torch.stack([result.centroids for result in results])  # (c, kh, d/c)
         width = centroids.shape[2]
         inertia = nearest_torch(points, centroids)[1].double().sum(1).tolist()
@@ -510,10 +551,17 @@ class CCEmbedding(AdaptiveEmbedding):
         seed, rounds = (int(v) for v in self.cluster_state.tolist())
         c, k, kh, device = self.columns, self.rows, self.holder_rows, self.weight.device
         generator = torch.Generator().manual_seed((seed * 1_000_003 + rounds) % 2**63)
-        sample = cluster_sample(self.sample, self.num_embeddings, self.max_points_per_centroid * self.holder_rows,
-                                generator, seen=self.seen, sketch=self.sketch)
-        holders = torch.arange(self.num_embeddings) if self.all_ids else top_holders(self.sketch,
-                                                                                     self.pointer_table.shape[0])
+        sample = cluster_sample(
+            self.sample,
+            self.num_embeddings,
+            self.max_points_per_centroid * self.holder_rows,
+            generator,
+            seen=self.seen,
+            sketch=self.sketch,
+        )
+        holders = (
+            torch.arange(self.num_embeddings) if self.all_ids else top_holders(self.sketch, self.pointer_table.shape[0])
+        )
         # everything is computed from the old state and installed at the end; the hashed region is kept as it is
         h1 = hash_coefficients(seed + (rounds + 1) * _GOLDEN, c, H1_STREAM)
         # on the device code path the k-means runs where the tables are (torch ops; a GPU's clustering), else on
@@ -543,8 +591,14 @@ class CCEmbedding(AdaptiveEmbedding):
         # floating-point order between processes can grow into different pointers
         distributed.broadcast_state(self)
         report = ClusterReport(rounds + 1, sample, tuple(inertia), holders.numel(), time.perf_counter() - started)
-        log.info("%s: clustered round %d, %d ids sampled, %d pointers, %.2fs", self._who(), report.round,
-                 sample.numel(), report.num_pointers, report.seconds)
+        log.info(
+            "%s: clustered round %d, %d ids sampled, %d pointers, %.2fs",
+            self._who(),
+            report.round,
+            sample.numel(),
+            report.num_pointers,
+            report.seconds,
+        )
         self.last_cluster = report
         return report
 

@@ -74,8 +74,14 @@ def smallest_bytes(columns: int, embedding_dim: int, bitmap_bytes: int) -> int:
     """One row per table, one stored pointer, a one-bucket sketch and the bitmap when sampling seen ids."""
     two_rows = 2 * 2 * embedding_dim * FLOAT_BYTES  # a holder row and a hashed row in each table
     one_pointer = columns + ID_BYTES
-    return (fixed_bytes(columns) + coefficient_bytes(columns) + two_rows + one_pointer + HotSketch.bytes_for(1)
-            + bitmap_bytes)
+    return (
+        fixed_bytes(columns)
+        + coefficient_bytes(columns)
+        + two_rows
+        + one_pointer
+        + HotSketch.bytes_for(1)
+        + bitmap_bytes
+    )
 
 
 # honest every-id CCE never builds tables of fewer rows: at the edge of what its pointers leave, a budget bought k = 1
@@ -116,20 +122,28 @@ def _every_id_plan(shape: CCEShape, budget: Budget, sample: str | None, toleranc
         return min(candidates)[2]
     full = n * d * FLOAT_BYTES
     # each dtype's band of k, up to the k at which the table would be no smaller than the full one
-    bands = [(name, lo, min(high, int((full - reserved) // row_bytes)), reserved) for name, lo, high, reserved in ranges]
-    reach = ", ".join(f"{full / (reserved + high * row_bytes):.2f}x-{full / (reserved + lo * row_bytes):.2f}x with "
-                      f"{name} pointers (k {lo:,}-{high:,})" for name, lo, high, reserved in bands[:2] if high >= lo)
+    bands = [
+        (name, lo, min(high, int((full - reserved) // row_bytes)), reserved) for name, lo, high, reserved in ranges
+    ]
+    reach = ", ".join(
+        f"{full / (reserved + high * row_bytes):.2f}x-{full / (reserved + lo * row_bytes):.2f}x with "
+        f"{name} pointers (k {lo:,}-{high:,})"
+        for name, lo, high, reserved in bands[:2]
+        if high >= lo
+    )
     smallest = math.ceil((ranges[0][3] + MIN_ROWS * row_bytes) / FLOAT_BYTES)
     raise BudgetError(
         f"cce cannot meet a budget of {B / FLOAT_BYTES:,.0f} params ({full / B:.2f}x): every id stores {c} pointers "
         f"({n:,} x {c} bytes or more before any float), so it reaches {reach}; the highest ratio it can reach is "
         f"{full / (ranges[0][3] + MIN_ROWS * row_bytes):.2f}x (the smallest budget it can meet is {smallest:,} "
         f"params; tables of fewer than {MIN_ROWS} rows are not built). "
-        "cce-hybrid stores pointers for the top ids only; cce-paper counts the floats only")
+        "cce-hybrid stores pointers for the top ids only; cce-paper counts the floats only"
+    )
 
 
-def plan_tables(shape: CCEShape, budget: Budget, pointers: int | None, sample: str | None,
-                tolerance: float = BUDGET_TOLERANCE) -> CCEPlan:
+def plan_tables(
+    shape: CCEShape, budget: Budget, pointers: int | None, sample: str | None, tolerance: float = BUDGET_TOLERANCE
+) -> CCEPlan:
     """Table rows k, which ids hold stored pointers and their dtype, sketch and bitmap sizes (see CCEmbedding)."""
     n, d, c, B = shape.num_embeddings, shape.embedding_dim, shape.columns, budget.num_bytes
     row_bytes = 2 * d * FLOAT_BYTES  # one row of T0 and T1 in every column

@@ -41,8 +41,9 @@ class ClusterSchedule:
     until: float = 0.75
 
     def __post_init__(self) -> None:
-        if self.every is not None and (isinstance(self.every, bool) or not isinstance(self.every, int)
-                                       or self.every < 0):
+        if self.every is not None and (
+            isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 0
+        ):
             raise ValueError(f"cluster_every must be an int >= 0 or None (automatic), got {self.every!r}")
         if not 0 < self.until <= 1:
             raise ValueError(f"cluster_until must be in (0, 1], got {self.until!r}")
@@ -81,8 +82,14 @@ class ClusterReport:
     seconds: float
 
 
-def cluster_sample(sample: str, num_embeddings: int, limit: int, generator: torch.Generator,
-                   seen: Tensor | None = None, sketch: HotSketch | None = None) -> Tensor:
+def cluster_sample(
+    sample: str,
+    num_embeddings: int,
+    limit: int,
+    generator: torch.Generator,
+    seen: Tensor | None = None,
+    sketch: HotSketch | None = None,
+) -> Tensor:
     """At most ``limit`` distinct ids to run k-means on, sorted: ``"seen"`` ids of the bitmap, ``"frequency"``
     sketch items drawn by score, else (or when nothing is recorded yet) ``"uniform"`` over the vocabulary."""
     n = num_embeddings
