@@ -27,15 +27,24 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numba
 import numpy as np
 import torch
 from torch import Tensor
 
 from compemb.budget import MemoryReport
-from compemb.hashing import MAX_BUCKETS, bucket_of, coefficient_bytes, hash_coefficients
+from compemb.hashing import MAX_BUCKETS, coefficient_bytes, hash_coefficients
 from compemb.kernels import on_host
 from compemb.sketch import torch_ops
+from compemb.sketch.kernels import (
+    MAX_ROW,
+    clear_hot_kernel,
+    hot_below_kernel,
+    hot_count_kernel,
+    insert_kernel,
+    query_kernel,
+    scale_scores,
+    set_hot_kernel,
+)
 
 SKETCH_STREAM = 0x48534B  # "HSK": a stream of its own, independent of a parent's hashes of the same seed
 DECAY_PERIOD = 10  # decay once per DECAY_PERIOD * threshold * num_buckets of inserted score mass (the paper's rule)
@@ -43,7 +52,6 @@ SLOT_BYTES = 8 + 4 + 4 + 1  # id, score, hot row, occupancy flag
 STATE_BYTES = 8  # the float64 mass inserted since the last decay
 
 _NO_SCORES = np.empty(0, dtype=np.float32)  # the kernel's scores argument in frequency mode
-_MAX_ROW = 2**31 - 1
 # auto: compiled kernels on the host, the vectorised merge on the device path (compemb.kernels); torch: the sequential
 # algorithm in torch ops anywhere (the compiled kernels' reference on a device); merge: the vectorised merge anywhere
 BACKENDS = ("auto", "torch", "merge")
@@ -56,204 +64,6 @@ _BUFFERS = {
     "mass": torch.float64,
     "coefficients": torch.int64,
 }
-
-
-# --- compiled kernels ----------------------------------------------------------------------------------
-
-
-@numba.njit(cache=True, nogil=True)
-def _insert_kernel(
-    ids, scores, unit, keys, table, rows, occupied, mass, coefficients, limit, factor, counted, skip_hot
-):
-    """Apply a batch; returns the index of the first bad score (nothing changed then) or -1, and the decays.
-    ``counted`` >= 0: the mass the batch counts towards the decay (else the sum of its scores); ``skip_hot``: a
-    newcomer to a full bucket looks for the lowest slot among those holding no hot ID."""
-    n = ids.shape[0]
-    num_buckets, num_slots = keys.shape
-    a, b = coefficients[0, 0], coefficients[0, 1]
-    # check every score before touching the sketch, so a bad batch leaves it as it was
-    total = 0.0
-    if unit:
-        total = float(n)
-    else:
-        for i in range(n):
-            s = scores[i]
-            if not (s >= 0.0 and s < np.inf):  # NaN fails every comparison
-                return i, 0
-            total += s
-    # sum duplicates in an open-addressing table (at most half full), remembering first occurrences in order
-    bits = 1
-    while (1 << bits) < 2 * n:
-        bits += 1
-    mask = (1 << bits) - 1
-    shift = 64 - bits
-    index = np.full(mask + 1, -1, dtype=np.int32)
-    unique_ids = np.empty(n, dtype=np.int64)
-    unique_mixed = np.empty(n, dtype=np.int64)
-    unique_scores = np.empty(n, dtype=np.float32)
-    count = 0
-    one = np.float32(1.0)
-    for i in range(n):
-        x = np.int64(ids[i])
-        mixed = a * x + b  # wraps modulo 2^64, as in compemb.hashing
-        s = one if unit else scores[i]
-        h = (mixed >> shift) & mask  # top bits: the well-mixed ones
-        while True:
-            u = index[h]
-            if u < 0:
-                index[h] = count
-                unique_ids[count] = x
-                unique_mixed[count] = mixed
-                unique_scores[count] = s
-                count += 1
-                break
-            if unique_ids[u] == x:
-                unique_scores[u] += s  # float32, in batch order
-                break
-            h = (h + 1) & mask
-    # Space-Saving inside each bucket
-    for k in range(count):
-        x = unique_ids[k]
-        s = unique_scores[k]
-        bucket = bucket_of(unique_mixed[k], num_buckets)
-        empty = -1
-        lowest = -1
-        found = False
-        for j in range(num_slots):
-            if occupied[bucket, j]:
-                if keys[bucket, j] == x:
-                    table[bucket, j] += s
-                    found = True
-                    break
-                if skip_hot and rows[bucket, j] >= 0:
-                    continue
-                if lowest < 0 or table[bucket, j] < table[bucket, lowest]:  # ties: the lowest slot index
-                    lowest = j
-            elif empty < 0:
-                empty = j
-        if found:
-            continue
-        if empty >= 0:
-            occupied[bucket, empty] = True
-            keys[bucket, empty] = x
-            table[bucket, empty] = s
-            rows[bucket, empty] = -1
-        elif lowest >= 0 and rows[bucket, lowest] < 0:
-            keys[bucket, lowest] = x
-            table[bucket, lowest] += s  # the newcomer inherits the count it displaces (Space-Saving)
-        # else: the lowest slot (with skip_hot: every slot) holds a hot ID, which keeps its place; the new ID is dropped
-    # past a period of mass: decay once (at most once a call, as the authors' batch_insert) and count afresh
-    mass[0] += total if counted < 0.0 else counted
-    periods = 0
-    if mass[0] > limit:
-        mass[0] = 0.0
-        if factor < 1.0:
-            periods = 1
-            _scale(table, factor)
-    return -1, periods
-
-
-@numba.njit(cache=True, nogil=True)
-def _scale(table, scale):
-    """Multiply every score by ``scale`` (float64), rounding each product once to float32."""
-    flat = table.reshape(-1)
-    for i in range(flat.shape[0]):
-        flat[i] = np.float32(flat[i] * scale)
-
-
-@numba.njit(cache=True, nogil=True)
-def _query_kernel(ids, keys, table, rows, occupied, coefficients, out_scores, out_rows):
-    """Score and hot row of each ID (0 and -1 when absent)."""
-    num_buckets, num_slots = keys.shape
-    a, b = coefficients[0, 0], coefficients[0, 1]
-    for i in range(ids.shape[0]):
-        x = np.int64(ids[i])
-        bucket = bucket_of(a * x + b, num_buckets)
-        score = np.float32(0.0)
-        row = np.int32(-1)
-        for j in range(num_slots):
-            if occupied[bucket, j] and keys[bucket, j] == x:
-                score = table[bucket, j]
-                row = rows[bucket, j]
-                break
-        out_scores[i] = score
-        out_rows[i] = row
-
-
-@numba.njit(cache=True, nogil=True)
-def _locate(ids, keys, occupied, coefficients):
-    """Flat slot index of each ID, -1 when absent."""
-    num_buckets, num_slots = keys.shape
-    a, b = coefficients[0, 0], coefficients[0, 1]
-    where = np.empty(ids.shape[0], dtype=np.int64)
-    for i in range(ids.shape[0]):
-        x = np.int64(ids[i])
-        bucket = bucket_of(a * x + b, num_buckets)
-        where[i] = -1
-        for j in range(num_slots):
-            if occupied[bucket, j] and keys[bucket, j] == x:
-                where[i] = bucket * num_slots + j
-                break
-    return where
-
-
-@numba.njit(cache=True, nogil=True)
-def _set_hot_kernel(ids, new_rows, keys, rows, occupied, coefficients):
-    """Give each ID its row; returns (0, -1), or (1, i) for a bad row i, or (2, i) for an absent ID i."""
-    for i in range(new_rows.shape[0]):
-        if new_rows[i] < 0 or new_rows[i] > _MAX_ROW:
-            return 1, i
-    where = _locate(ids, keys, occupied, coefficients)
-    for i in range(where.shape[0]):
-        if where[i] < 0:
-            return 2, i
-    flat = rows.reshape(-1)
-    for i in range(where.shape[0]):
-        flat[where[i]] = new_rows[i]  # a repeated ID keeps its last row
-    return 0, -1
-
-
-@numba.njit(cache=True, nogil=True)
-def _clear_hot_kernel(ids, keys, rows, occupied, coefficients):
-    """Take the row from each present ID; returns the rows taken (-1 for absent or not hot IDs)."""
-    where = _locate(ids, keys, occupied, coefficients)
-    flat = rows.reshape(-1)
-    released = np.full(where.shape[0], -1, dtype=np.int32)
-    for i in range(where.shape[0]):
-        if where[i] >= 0:
-            released[i] = flat[where[i]]
-            flat[where[i]] = -1
-    return released
-
-
-@numba.njit(cache=True, nogil=True)
-def _hot_below_kernel(keys, table, rows, occupied, threshold):
-    """IDs and rows of the hot slots whose score is below ``threshold``, in slot order."""
-    flat_keys, flat_scores = keys.reshape(-1), table.reshape(-1)
-    flat_rows, flat_used = rows.reshape(-1), occupied.reshape(-1)
-    count = 0
-    for i in range(flat_rows.shape[0]):
-        if flat_used[i] and flat_rows[i] >= 0 and flat_scores[i] < threshold:
-            count += 1
-    out_ids = np.empty(count, dtype=np.int64)
-    out_rows = np.empty(count, dtype=np.int32)
-    count = 0
-    for i in range(flat_rows.shape[0]):
-        if flat_used[i] and flat_rows[i] >= 0 and flat_scores[i] < threshold:
-            out_ids[count] = flat_keys[i]
-            out_rows[count] = flat_rows[i]
-            count += 1
-    return out_ids, out_rows
-
-
-@numba.njit(cache=True, nogil=True)
-def _hot_count_kernel(rows, occupied):
-    flat_rows, flat_used = rows.reshape(-1), occupied.reshape(-1)
-    count = 0
-    for i in range(flat_rows.shape[0]):
-        if flat_used[i] and flat_rows[i] >= 0:
-            count += 1
-    return count
 
 
 # --- input checks ----------------------------------------------------------------------------------------
@@ -561,7 +371,7 @@ class HotSketch(torch.nn.Module):
             return self._insert_torch(flat_ids, scores, mass)
         score_array, unit = (_NO_SCORES, True) if scores is None else (scores.numpy(), False)
         keys, table, rows, occupied, mass_array, coefficients = self._arrays()
-        bad, periods = _insert_kernel(
+        bad, periods = insert_kernel(
             id_array,
             score_array,
             unit,
@@ -677,7 +487,7 @@ class HotSketch(torch.nn.Module):
             keys, table, rows, occupied, _, coefficients = self._arrays()
             scores = np.empty(id_array.shape[0], dtype=np.float32)
             hot = np.empty(id_array.shape[0], dtype=np.int32)
-            _query_kernel(id_array, keys, table, rows, occupied, coefficients, scores, hot)
+            query_kernel(id_array, keys, table, rows, occupied, coefficients, scores, hot)
             score_tensor, row_tensor = torch.from_numpy(scores), torch.from_numpy(hot)
         score_tensor, row_tensor = score_tensor.view(ids.shape), row_tensor.view(ids.shape)
         return score_tensor.to(ids.device), row_tensor.to(ids.device)
@@ -690,7 +500,7 @@ class HotSketch(torch.nn.Module):
             self.mass.zero_()
         else:
             _, table, _, _, mass, _ = self._arrays()
-            _scale(table, self.decay_factor)
+            scale_scores(table, self.decay_factor)
             mass[0] = 0.0
         self._known_mass = 0.0
 
@@ -713,15 +523,15 @@ class HotSketch(torch.nn.Module):
         _, id_array = _id_array(ids)
         _, row_array = _id_array(rows, "rows")
         keys, _, hot, occupied, _, coefficients = self._arrays()
-        problem, index = _set_hot_kernel(id_array, row_array, keys, hot, occupied, coefficients)
+        problem, index = set_hot_kernel(id_array, row_array, keys, hot, occupied, coefficients)
         if problem == 1:
-            raise ValueError(f"rows must be in [0, {_MAX_ROW}], got {int(row_array[index])}")
+            raise ValueError(f"rows must be in [0, {MAX_ROW}], got {int(row_array[index])}")
         if problem == 2:
             raise ValueError(f"id {int(id_array[index])} is not in the sketch: only present IDs can be made hot")
 
     def _set_hot_torch(self, ids: Tensor, rows: Tensor) -> None:
         where = torch_ops.locate(ids, self.keys, self.occupied, self.coefficients)
-        bad_row = (rows < 0) | (rows > _MAX_ROW)
+        bad_row = (rows < 0) | (rows > MAX_ROW)
         absent = where < 0
         first_bad, first_absent = (
             int(i)
@@ -737,7 +547,7 @@ class HotSketch(torch.nn.Module):
             ).tolist()
         )
         if first_bad >= 0:
-            raise ValueError(f"rows must be in [0, {_MAX_ROW}], got {int(rows[first_bad])}")
+            raise ValueError(f"rows must be in [0, {MAX_ROW}], got {int(rows[first_bad])}")
         if first_absent >= 0:
             raise ValueError(f"id {int(ids[first_absent])} is not in the sketch: only present IDs can be made hot")
         self.hot_rows.view(-1)[where] = rows.to(torch.int32)
@@ -764,7 +574,7 @@ class HotSketch(torch.nn.Module):
         else:
             _, id_array = _id_array(ids)
             keys, _, hot, occupied, _, coefficients = self._arrays()
-            released = torch.from_numpy(_clear_hot_kernel(id_array, keys, hot, occupied, coefficients))
+            released = torch.from_numpy(clear_hot_kernel(id_array, keys, hot, occupied, coefficients))
         return released.view(ids.shape).to(ids.device)
 
     def hot_below(self, threshold: float | None = None) -> tuple[Tensor, Tensor]:
@@ -774,7 +584,7 @@ class HotSketch(torch.nn.Module):
         if not self._compiled:
             return torch_ops.hot_below(self.keys, self.scores, self.hot_rows, self.occupied, threshold)
         keys, table, hot, occupied, _, _ = self._arrays()
-        found_ids, found_rows = _hot_below_kernel(keys, table, hot, occupied, threshold)
+        found_ids, found_rows = hot_below_kernel(keys, table, hot, occupied, threshold)
         return torch.from_numpy(found_ids), torch.from_numpy(found_rows)
 
     def hot_count(self) -> int:
@@ -782,7 +592,7 @@ class HotSketch(torch.nn.Module):
         if not self._compiled:
             return int((self.occupied & (self.hot_rows >= 0)).sum())
         _, _, hot, occupied, _, _ = self._arrays()
-        return int(_hot_count_kernel(hot, occupied))
+        return int(hot_count_kernel(hot, occupied))
 
     def items(self) -> tuple[Tensor, Tensor, Tensor]:
         """IDs (int64), scores (float32) and hot rows (int32) of every occupied slot, in slot order."""
