@@ -41,11 +41,11 @@ def _stepper(config, out, prepared=True):
     trainer, adaptive = _stepping_trainer(config, out, kernels="torch")
     if prepared:
         cuda_graph.prepare(trainer.model, trainer.optimizer)
-        trainer._step_counter = torch.zeros((), dtype=torch.int64)
-    batches = [trainer._prepared_batch(index) for index in range(8)]
+        trainer.stepper.step_counter = torch.zeros((), dtype=torch.int64)
+    batches = [trainer.prepared_batch(index) for index in range(8)]
 
     def step():
-        trainer._step_body(batches[trainer.step], adaptive)
+        trainer.stepper.body(batches[trainer.step], trainer.step, adaptive)
         trainer.step += 1
 
     return trainer, adaptive, step

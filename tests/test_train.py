@@ -155,7 +155,7 @@ def test_shuffled_training_is_seeded_covers_every_row_and_resumes_exactly(data, 
     # every row once per epoch: the label total is the file's; the first batches differ from file order and by epoch
     assert sum(float(b.sum()) for b in epoch0) == pytest.approx(float(labels.sum()))
     assert sum(len(b) for b in epoch0) == len(labels)
-    rows0 = trainer._order  # the permutation of the epoch read last
+    rows0 = trainer.batches.order  # the permutation of the epoch read last
     assert not np.array_equal(np.sort(rows0[1][:256]), np.arange(256))
     assert epoch0[0].shape == epoch1.shape == in_order.shape
     straight = Trainer(_config(data, tmp_path / "a", shuffle=True)).fit()

@@ -191,9 +191,9 @@ def count_step_syncs(config: Any, warmup: int = 5, steps: int = 30) -> dict[str,
         places: collections.Counter[str] = collections.Counter()
         with use_kernels(config.kernels):
             for _ in range(warmup):
-                trainer.train_step(trainer._prepared_batch(trainer.step), adaptive)
+                trainer.train_step(trainer.prepared_batch(trainer.step), adaptive)
             for _ in range(steps):
-                batch = trainer._prepared_batch(trainer.step)  # the reader's work, apart from the step
+                batch = trainer.prepared_batch(trainer.step)  # the reader's work, apart from the step
                 before = _progress(trainer.model)
                 with SyncCounter() as counter:
                     trainer.train_step(batch, adaptive)
@@ -222,9 +222,9 @@ def count_cuda_syncs(config: Any, warmup: int = 10, steps: int = 50) -> float:
     with tempfile.TemporaryDirectory(prefix="compemb-syncs-") as out:
         trainer, adaptive = _stepping_trainer(config, out)
         for _ in range(warmup):
-            trainer.train_step(trainer._prepared_batch(trainer.step), adaptive)
+            trainer.train_step(trainer.prepared_batch(trainer.step), adaptive)
         torch.cuda.synchronize()
-        batches = [trainer._prepared_batch(trainer.step + i) for i in range(steps)]
+        batches = [trainer.prepared_batch(trainer.step + i) for i in range(steps)]
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")

@@ -2,13 +2,44 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 import torch
 
+from compemb import distributed
 from compemb.collection import Bags
 from compemb.data.dataset import Split
+
+
+class TrainBatches:
+    """Which rows make the training batch of each step: file order, or each epoch's seeded permutation (``shuffle``);
+    under torchrun, this rank's contiguous part of it. A function of (seed, step) alone: a resumed run reads the
+    batches the interrupted one would have."""
+
+    def __init__(self, train: Split, batch_size: int, shuffle: bool, seed: int) -> None:
+        self.train, self.batch_size, self.shuffle, self.seed = train, batch_size, shuffle, seed
+        self.steps_per_epoch = math.ceil(len(train) / batch_size)
+        self.order: tuple[int, np.ndarray] | None = None  # (epoch, its row permutation) when shuffling
+
+    def rows(self, step: int) -> tuple[torch.Tensor, ...]:
+        """The batch of 0-based ``step`` (:func:`read_rows`' tensors)."""
+        train, size = self.train, self.batch_size
+        epoch, index = divmod(step, self.steps_per_epoch)
+        start, stop = index * size, min((index + 1) * size, len(train))
+        low, high = distributed.shard(start, stop)  # under torchrun: this rank's contiguous part of the batch
+        if not self.shuffle:
+            return read_rows(train, slice(low, high))
+        if self.order is None or self.order[0] != epoch:  # a function of (seed, epoch) alone: resumes see the same
+            self.order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(train)))
+        # sorted within the batch: the same rows (the loss is their mean), read in file order from the memory map
+        return read_rows(train, np.sort(self.order[1][start:stop])[low - start : high - start])
+
+    def global_rows(self, step: int) -> int:
+        """How many rows the batch of 0-based ``step`` has over all ranks."""
+        index = step % self.steps_per_epoch
+        return min(self.batch_size, len(self.train) - index * self.batch_size)
 
 
 def read_batch(split: Split, index: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

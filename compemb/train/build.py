@@ -13,7 +13,8 @@ from torch import Tensor
 from compemb import distributed
 from compemb.checks import machine_memory_bytes
 from compemb.collection import EmbeddingCollection, Feature
-from compemb.data.dataset import DatasetError, Split
+from compemb.data.dataset import DatasetError, Split, open_dataset
+from compemb.data.validate import validate_dataset
 from compemb.embeddings.adaptive import track_row_steps
 from compemb.embeddings.base import CompressedEmbedding
 from compemb.feature_methods import any_method, is_per_feature
@@ -21,6 +22,20 @@ from compemb.models import DLRM, DCNv2
 from compemb.optim import CombinedOptimizer, RowAdagrad, RowAdam, RowwiseAdagrad
 from compemb.registry import get_method, method_options
 from compemb.train.config import SCHEDULE_OPTIONS, TrainConfig
+
+
+def open_training_data(config: TrainConfig) -> tuple[dict[str, Any], dict[str, Split]]:
+    """The data set's manifest and splits, with the splits training and evaluation need, every value checked (once
+    per data set: the pass is remembered) and a run that could end (:func:`check_trainable`)."""
+    manifest, splits = open_dataset(config.data)
+    for split in ("train", config.eval_split):
+        if split not in splits:
+            raise DatasetError(
+                f"{config.data} has no split {split!r} to train or evaluate on (it has {', '.join(splits)})"
+            )
+    validate_dataset(config.data, manifest, splits)
+    check_trainable(config, splits)
+    return manifest, splits
 
 
 def check_trainable(config: TrainConfig, splits: dict[str, Split]) -> None:
@@ -126,6 +141,36 @@ def counted_by_every_rank(split: Split, cardinalities: list[int]) -> list[np.nda
         return counts
     total = distributed.all_reduce_sum(torch.from_numpy(np.concatenate(counts)))  # one collective for all features
     return [part.numpy() for part in torch.split(total, cardinalities)]
+
+
+def train_frequencies(
+    config: TrainConfig, train: Split, cardinalities: list[int], bags: list[dict[str, Any]]
+) -> dict[str, Tensor] | None:
+    """The id counts of the train split by feature name, where the method needs them (offline methods); else None."""
+    if not any_method(config.method, "needs_frequencies"):
+        return None
+    frequencies = {f"C{i + 1}": torch.from_numpy(c) for i, c in enumerate(counted_by_every_rank(train, cardinalities))}
+    frequencies.update(bag_counts(train, bags))
+    return frequencies
+
+
+def data_parallel(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The model under DDP: the MLPs' gradients are DDP's; the tables' (sparse: DDP buckets sparse gradients only
+    from nn.Embedding) are averaged after backward (distributed.average_gradients); sketches, pointers and other
+    buffers stay identical because every rank applies the same gathered updates (compemb.distributed)."""
+    tables = {name for name, m in model.named_modules() if isinstance(m, CompressedEmbedding)}
+    ignored = [
+        f"{module}.{name}"
+        for module in tables
+        for name, _ in [
+            *model.get_submodule(module).named_parameters(recurse=False),
+            *model.get_submodule(module).named_buffers(recurse=False),
+        ]
+    ]
+    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device] if device.type == "cuda" else None, forward_sync_buffers=False
+    )
 
 
 def table_options_for(method: str, options: dict[str, Any]) -> dict[str, Any]:

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import fields
+import signal
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
-from compemb.io import sha256_of_file
-from compemb.train.config import TrainConfig, with_defaults
+from compemb.io import atomic_path, atomic_write_text, sha256_of_file
+from compemb.train.config import OVERRIDABLE, RESULT_NEUTRAL, TrainConfig, settings_that_differ, with_defaults
 from compemb.train.run_dir import CHECKPOINTS, LAST, NEXT, PREVIOUS
 
 # tests: a process whose checkpoint of this step is being written kills itself between its two files
@@ -197,3 +199,79 @@ def find_checkpoint(run: str | os.PathLike, which: str = LAST) -> Path | None:
         if is_complete(directory / name):
             return directory / name
     return None
+
+
+def write_checkpoint(
+    stem: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any], step: int
+) -> None:
+    """Write ``stem.safetensors`` (the model's and the optimizer's tensors, the RNG state) and ``stem.json``
+    (``meta``: config, step, best, running loss; with the optimizer's groups and scalars), each atomically."""
+    tensors = {f"model.{name}": value.detach().cpu().contiguous() for name, value in model.state_dict().items()}
+    optimizer_state = optimizer.state_dict()
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, state in optimizer_state["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    tensors["rng.torch"] = torch.get_rng_state()
+    meta = {**meta, "optimizer_groups": optimizer_state["param_groups"], "optimizer_scalars": scalars}
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    # the step in both files: a pair from two different checkpoints is refused on load; the tensors' file's
+    # SHA-256 in the json: damaged bytes are refused too, instead of resuming into whatever they decode to
+    # written from the tensors' own memory (no serialized copy: a full table's checkpoint costs no second
+    # table), hashed in chunks; the json is published first and the tensors last, so a failed json write
+    # leaves neither (a kill between the two renames gives a pair of two steps, refused on load)
+    with atomic_path(f"{stem}.safetensors") as temporary:
+        save_file(tensors, str(temporary), metadata={"step": str(step)})
+        meta["sha256"] = sha256_of_file(temporary)
+        if os.environ.get(KILL_WHILE_WRITING) == str(step):  # the crash test's hook: die mid-checkpoint
+            os.kill(os.getpid(), signal.SIGKILL)
+        atomic_write_text(f"{stem}.json", json.dumps(meta, indent=2) + "\n")
+
+
+def restore_checkpoint(
+    stem: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trust_unverified: bool = False
+) -> dict[str, Any]:
+    """Load a verified checkpoint's model, optimizer and RNG state; return its json (CheckpointError if damaged or
+    if its pieces do not fit ``model`` and ``optimizer``)."""
+    tensors, meta = read_checkpoint(stem, trust_unverified)
+    load_model_state(model, tensors, stem)
+    try:  # verified bytes, but json a person may have edited and re-signed: its pieces must still fit
+        state: dict[int, dict[str, Any]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                _, index, name = key.split(".", 2)
+                state.setdefault(int(index), {})[name] = value
+        for index, values in meta["optimizer_scalars"].items():
+            state.setdefault(int(index), {}).update(values)
+        optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer_groups"]})
+        torch.set_rng_state(tensors["rng.torch"])
+    except (KeyError, ValueError, TypeError, AttributeError, RuntimeError) as error:
+        raise CheckpointError(
+            f"checkpoint {stem}: its optimizer state does not fit this run's optimizers "
+            f"({type(error).__name__}: {error})"
+        ) from None
+    return meta
+
+
+def publish_next(directory: Path) -> None:
+    """The checkpoint just written whole as ``next`` becomes ``last``, and the ``last`` before it ``previous``: a
+    crash at any point leaves a complete one to resume from (:func:`find_checkpoint`)."""
+    if is_complete(directory / LAST):
+        for suffix in (".safetensors", ".json"):
+            os.replace(directory / f"{LAST}{suffix}", directory / f"{PREVIOUS}{suffix}")
+    for suffix in (".safetensors", ".json"):
+        os.replace(directory / f"{NEXT}{suffix}", directory / f"{LAST}{suffix}")
+
+
+def check_resumable(stem: Path, config: TrainConfig, allow_changes: tuple[str, ...]) -> None:
+    """CheckpointError naming every setting of ``config`` that differs from the checkpoint's (and may not)."""
+    saved, now = read_config(stem), json.loads(json.dumps(asdict(config)))
+    differ = settings_that_differ(saved, now, ignore=(*RESULT_NEUTRAL, *allow_changes))
+    if differ:
+        listed = "; ".join(f"{name}: checkpoint {saved.get(name)!r}, now {now.get(name)!r}" for name in differ)
+        allowed = [name for name in differ if name in OVERRIDABLE]
+        hint = f" (--override {allowed[0]}=VALUE allows a change of {', '.join(allowed)})" if allowed else ""
+        raise CheckpointError(f"{stem}: this run's settings differ from its checkpoint's: {listed}{hint}")

@@ -89,6 +89,16 @@ class TrainConfig:
     cuda_graph: bool = False
 
     def __post_init__(self) -> None:
+        # checked in this order: where settings are wrong in several ways, the first of these names it
+        self._check_sizes()
+        self._check_optimizers()
+        self._check_method()
+        self._check_choices()
+        self._check_device()
+        self.bottom, self.top = tuple(self.bottom), tuple(self.top)
+
+    def _check_sizes(self) -> None:
+        """Sizes, the budget, the MLPs' widths, the checkpoints' intervals (ValueError naming the setting)."""
         positive = {
             "embedding_dim": self.embedding_dim,
             "batch_size": self.batch_size,
@@ -117,6 +127,9 @@ class TrainConfig:
             raise ValueError(f"MLP widths must be positive integers, got bottom {self.bottom}, top {self.top}")
         if self.checkpoint_every < 0 or not (math.isfinite(self.checkpoint_minutes) and self.checkpoint_minutes >= 0):
             raise ValueError("checkpoint_every and checkpoint_minutes must be >= 0")
+
+    def _check_optimizers(self) -> None:
+        """The optimizers' names and learning rates."""
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.table_optimizer is not None and self.table_optimizer not in TABLE_OPTIMIZERS:
@@ -127,6 +140,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive finite number, got {value!r}")
             if value is not None and value > FLOAT32_MAX:  # the tables and their steps are float32
                 raise ValueError(f"{name} {value:g} is more than a float32 holds ({FLOAT32_MAX:.3g})")
+
+    def _check_method(self) -> None:
+        """The method (an unknown one or option: the error names it), its options and its budget."""
         compresses = any_method(self.method, "compresses")  # an unknown method or option: the error names it
         if is_per_feature(self.method):
             if self.method_options:
@@ -141,6 +157,9 @@ class TrainConfig:
                 f"method {self.method!r} compresses the tables: give it a budget, compression (a ratio; "
                 f"--compression R) or num_params (floats; --num-params P)"
             )
+
+    def _check_choices(self) -> None:
+        """The settings that take one of a few values, and the evaluation schedule."""
         if self.model not in ("dlrm", "dcn"):
             raise ValueError(f"model must be 'dlrm' or 'dcn', got {self.model!r}")
         if self.init not in INITS:
@@ -157,6 +176,9 @@ class TrainConfig:
             raise ValueError(
                 f"give eval_every ({self.eval_every}) or evals_per_epoch ({self.evals_per_epoch}), not both"
             )
+
+    def _check_device(self) -> None:
+        """The device (one this machine has), and what a CUDA graph needs."""
         try:
             device = torch.device(self.device)
         except (RuntimeError, TypeError):
@@ -173,7 +195,6 @@ class TrainConfig:
                 raise ValueError("give cuda_graph or compile, not both (torch.compile captures graphs of its own)")
             if "adam_dense" in (self.optimizer, self.table_optimizer):
                 raise ValueError("cuda_graph: optimizer adam_dense keeps its step count on the host; use adam")
-        self.bottom, self.top = tuple(self.bottom), tuple(self.top)
 
 
 @dataclass(frozen=True)
