@@ -1,15 +1,18 @@
 """Training and evaluation: a short linear loop over a preprocessed data set, with checkpoints and resume.
 
-The loop (:class:`Trainer`, ``loop.py``) reads batches in order from memory-mapped arrays (``batches.py``), so a run
-is fully determined by its config (:class:`TrainConfig`, ``config.py``) and a resumed run sees exactly the batches
-the interrupted one would have. What a config builds (model, optimizers, refusals) is ``build.py``; the run
-directory's files ``run_dir.py``; checkpoints, safetensors (model, optimizer tensors, RNG state) plus JSON (config,
-step, optimizer settings, best result) written atomically and verified when read, ``checkpoints.py``. Evaluation
-reports BCE, exact AUC and, for synthetic data, the gap to the Bayes-optimal BCE; every evaluation is appended to
-``metrics.jsonl`` in the run directory.
+The package's files name its jobs. ``config.py``: :class:`TrainConfig`, its validation, the settings a resume may
+change. ``build.py``: what a config builds (data opened and checked, model, optimizers, learning rates, refusals).
+``batches.py``: the batch of each step (:class:`TrainBatches`: file order or a seeded permutation, sharded under
+torchrun), read from memory-mapped arrays, so a run is fully determined by its config and a resumed run sees exactly
+the batches the interrupted one would have. ``step.py``: one training step on the device (and its CUDA graph).
+``evaluation.py``: BCE, exact AUC and, for synthetic data, the gap to the Bayes-optimal BCE. ``run_dir.py``: the run
+directory (its files, claiming and locking it); ``run_log.py``: what a run writes as it trains (``train.log``,
+``metrics.jsonl``, TensorBoard); ``checkpoints.py``: safetensors (model, optimizer tensors, RNG state) plus JSON
+(config, step, optimizer settings, best result), written atomically and verified when read. ``loop.py``: the
+:class:`Trainer` that ties them together (fit, evaluate, save, load).
 """
 
-from compemb.train.batches import bag_rows, read_batch, read_rows, unpack_batch
+from compemb.train.batches import TrainBatches, bag_rows, read_batch, read_rows, unpack_batch
 from compemb.train.build import (
     bag_counts,
     build_model,
@@ -74,6 +77,7 @@ __all__ = [
     "SCHEDULE_OPTIONS",
     "TABLE_OPTIMIZERS",
     "TRUST_UNVERIFIED",
+    "TrainBatches",
     "TrainConfig",
     "Trainer",
     "bag_counts",
