@@ -171,10 +171,10 @@ def test_average_gradients_keeps_sparse_rows_touched_on_any_rank(tmp_path, thres
     torch.testing.assert_close(got["vector"], torch.full((4,), 1.5))
 
 
-def test_the_readme_commands_train_on_two_processes_as_written(tmp_path):
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("## Training on many processes", 1)[1]
-    commands = section.split("```bash\n", 1)[1].split("```", 1)[0]
+def test_the_distributed_guides_commands_train_on_two_processes_as_written(tmp_path):
+    from tests.pages import DOCS, bash_blocks
+
+    commands = bash_blocks(DOCS / "guides" / "distributed.md")[0]
     assert "--nproc 2" in commands
     env = {
         **__import__("os").environ,

@@ -188,12 +188,14 @@ def test_distributed_model_parallel_on_two_gloo_ranks_trains_it(tmp_path):
         assert sum(losses[-10:]) / 10 < sum(losses[:5]) / 5 - 0.05, (method, losses)
 
 
-def test_the_readme_torchrec_example_runs():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    blocks = readme.split("```python torchrec\n")[1:]
-    assert blocks, "the README has no TorchRec example"
-    for block in blocks:
-        exec(compile(block.split("```", 1)[0], "README.md", "exec"), {})
+def test_the_torchrec_guides_example_runs():
+    """Every python block of the README and the docs marked as needing torchrec (the guide's example among them)."""
+    from tests.pages import DOCS, PAGES, name, python_blocks
+
+    assert python_blocks(DOCS / "guides" / "torchrec.md", torchrec=True), "the TorchRec guide has no example"
+    for page in PAGES:
+        for block in python_blocks(page, torchrec=True):
+            exec(compile(block, name(page), "exec"), {})
 
 
 def _drop_in_configs(data_type=DataType.FP32, t1_pooling=PoolingType.SUM):
