@@ -293,7 +293,7 @@ def _rewrite(source: Path, target: Path, edit, resign: bool) -> None:
     from safetensors import safe_open
     from safetensors.torch import save
 
-    from compemb.export import _signed_payload
+    from compemb.export.model_file import signed_payload
 
     with safe_open(str(source), framework="pt") as opened:
         tensors = {name: opened.get_tensor(name) for name in opened.keys()}
@@ -301,7 +301,7 @@ def _rewrite(source: Path, target: Path, edit, resign: bool) -> None:
     edit(tensors, header)
     if resign:
         header.pop("sha256")
-        target.write_bytes(_signed_payload(tensors, header))
+        target.write_bytes(signed_payload(tensors, header))
     else:
         target.write_bytes(save(tensors, metadata={"compemb": json.dumps(header)}))
 

@@ -20,8 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from compemb.data.criteo import MAX_LINE_BYTES, MISSING_ID, RARE_ID, Rejections, RowError, read_line
-from compemb.data.dataset import DatasetWriter, check_output
+from compemb.data.criteo.rows import MAX_LINE_BYTES, Rejections, RowError, read_line
+from compemb.data.criteo.transforms import MISSING_ID, RARE_ID
+from compemb.data.dataset.writer import DatasetWriter, check_output
 
 HEADER_START = ("id", "click", "hour")
 

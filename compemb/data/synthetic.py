@@ -47,8 +47,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from tqdm import tqdm
 
-from compemb.data.criteo import transform_dense
-from compemb.data.dataset import DatasetWriter, check_output
+from compemb.data.criteo.transforms import transform_dense
+from compemb.data.dataset.writer import DatasetWriter, check_output
 from compemb.data.drift import FeatureDrift
 from compemb.io import atomic_binary_writer
 from compemb.metrics import auc

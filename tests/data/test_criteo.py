@@ -339,8 +339,8 @@ def test_preprocess_workers_are_stopped_when_their_parent_is_killed():
 
     # the parent runs two pool workers that would sleep 120 s each: killed, it must take them with it
     script = (
-        "from tqdm import tqdm; import time; from compemb.data.criteo import _run; "
-        "_run(time.sleep, [(120,), (120,)], 2, tqdm(disable=True), lambda result: 0)"
+        "from tqdm import tqdm; import time; from compemb.data.criteo.pieces import run_in_processes; "
+        "run_in_processes(time.sleep, [(120,), (120,)], 2, tqdm(disable=True), lambda result: 0)"
     )
     parent = subprocess.Popen([sys.executable, "-c", script])
     try:

@@ -87,7 +87,7 @@ def test_an_earlier_writers_leftovers_are_removed_when_its_process_is_gone(tmp_p
 
 
 def test_an_overwritten_set_is_swapped_in_one_step(tmp_path, monkeypatch):
-    import compemb.data.dataset as dataset
+    import compemb.data.dataset.writer as writer
 
     out = tmp_path / "set"
     generate_synthetic(out, SyntheticConfig(rows={"train": 64, "val": 16}, scale=1e-4, seed=1), progress=False)
@@ -97,7 +97,7 @@ def test_an_overwritten_set_is_swapped_in_one_step(tmp_path, monkeypatch):
         swaps.append((Path(b) / "manifest.json").is_file())  # the old set is whole at the moment of the swap
         return exchange_paths(a, b)
 
-    monkeypatch.setattr(dataset, "exchange_paths", exchange)
+    monkeypatch.setattr(writer, "exchange_paths", exchange)
     generate_synthetic(
         out, SyntheticConfig(rows={"train": 32, "val": 16}, scale=1e-4, seed=2), progress=False, overwrite=True
     )
@@ -125,8 +125,9 @@ def _killed_worker(*args):
 @pytest.mark.skipif(not SAMPLE.exists(), reason=f"the shared Criteo sample is not at {SAMPLE}")
 def test_a_killed_preprocessing_worker_ends_the_run_in_one_line_instead_of_a_hang(tmp_path, monkeypatch):
     import compemb.data.criteo as criteo
+    import compemb.data.criteo.preprocess as preprocess
 
-    monkeypatch.setattr(criteo, "_write_piece", _killed_worker)  # forked workers inherit it
+    monkeypatch.setattr(preprocess, "write_piece", _killed_worker)  # forked workers inherit it
     with pytest.raises(OSError, match="a preprocessing worker process died"):
         # pieces of 256 KiB: the sample is several, so the workers (not this process) write them
         criteo.preprocess_criteo(SAMPLE, tmp_path / "out", processes=2, piece_bytes=1 << 18, progress=False)

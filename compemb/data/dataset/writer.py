@@ -1,45 +1,21 @@
-"""The preprocessed format every data set is written in, and reading it back by memory map.
-
-A data set is a directory::
-
-    manifest.json          row counts per split, per-feature cardinalities, the producer's options and facts
-    <split>/dense.npy      float32 (rows, num_dense), already transformed (log(x + 1) for Criteo)
-    <split>/sparse.npy     int32 or int64 (rows, num_sparse), ids in [0, cardinality) per column
-    <split>/labels.npy     uint8 (rows,), 0 or 1 (absent for an unlabeled split, e.g. Criteo Kaggle's test.txt)
-    <split>/bags/<name>.values.npy   a multi-hot feature's ids, row after row (optional; the manifest's "bags")
-    <split>/bags/<name>.offsets.npy  int64 (rows + 1,): row r's ids are values[offsets[r]:offsets[r + 1]]
-    vocabulary.safetensors the raw values behind the ids, per feature (categorified Criteo only)
-
-Writers fill the arrays chunk by chunk through memory maps in a temporary directory that is renamed into
-place when complete, so a reader never sees a half-written data set.
-"""
+"""Writing a data set: the output directory's check, and :class:`DatasetWriter`, which fills the arrays chunk by
+chunk through memory maps in a temporary directory and renames it into place when complete."""
 
 from __future__ import annotations
 
 import errno
 import json
 import os
-import re
 import shutil
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from compemb.data.dataset.format import MANIFEST, SPLIT_ENTRIES, VALIDATED_FILE, VOCABULARY_FILE, sparse_dtype
 from compemb.io import atomic_write_text, exchange_paths, remove_dead_temporaries, temporary_prefix
 from compemb.outputs import check_output_directory
-
-MANIFEST = "manifest.json"
-MAX_COUNT = 1 << 62  # rows and ids are int64
-PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
-ARRAYS = ("dense", "sparse", "labels")
-VOCABULARY_FILE = "vocabulary.safetensors"  # a categorified Criteo set's kept values (compemb.data.criteo writes it)
-SPLIT_ENTRIES = {f"{name}.npy" for name in ARRAYS} | {"bags"}
-
-
-VALIDATED_FILE = "validated.json"  # compemb.data.validate's record of a clean pass over the arrays
 
 
 def _is_dataset(path: Path) -> bool:
@@ -82,30 +58,13 @@ def check_output(path: str | os.PathLike, inputs: tuple[str | os.PathLike, ...] 
         raise ValueError(f"output {path} holds a compemb data set: --overwrite replaces it (or choose another --out)")
 
 
-@dataclass
-class Split:
-    """One split's arrays, memory-mapped read-only."""
-
-    dense: np.ndarray
-    sparse: np.ndarray
-    labels: np.ndarray | None  # None: the split has no labels
-    bags: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # name -> (values, offsets)
-
-    def __len__(self) -> int:
-        return len(self.sparse)
-
-
-def sparse_dtype(cardinalities: list[int]) -> np.dtype:
-    """int32 when every id fits, else int64."""
-    return np.dtype(np.int32) if max(cardinalities) <= np.iinfo(np.int32).max else np.dtype(np.int64)
-
-
 class DatasetWriter:
     """Writes splits of known sizes chunk by chunk, then publishes the directory atomically.
 
     Example::
 
         >>> import tempfile
+        >>> from compemb.data.dataset import open_dataset
         >>> out = tempfile.mkdtemp() + "/data"
         >>> with DatasetWriter(out, {"train": 2}, num_dense=1, cardinalities=[5]) as writer:
         ...     writer.write("train", np.zeros((2, 1), np.float32), np.array([[1], [4]]), np.array([0, 1]))
@@ -331,135 +290,3 @@ def _reserve(path: Path) -> None:
             raise
     finally:
         os.close(descriptor)
-
-
-class DatasetError(ValueError):
-    """A data set whose files do not match its manifest; the message names the file and what is wrong."""
-
-
-# what each array must be: its dtype kind ("f" float, "iu" integer, "u" unsigned) and its width's name
-_KINDS = {
-    "dense": ("f", "float32"),
-    "sparse": ("iu", "an integer dtype"),
-    "labels": ("u", "uint8"),
-    "values": ("iu", "an integer dtype"),
-    "offsets": ("i", "int64"),
-}
-
-
-def _npy_header(file: Path) -> tuple[tuple[int, ...], np.dtype, int]:
-    """Shape, dtype and data offset of a .npy file, from its header alone."""
-    if not file.is_file():
-        raise DatasetError(f"{file}: missing (the manifest lists this split)")
-    try:
-        with open(file, "rb") as handle:
-            major, _ = np.lib.format.read_magic(handle)
-            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-            shape, _, dtype = read(handle)
-            return tuple(shape), dtype, handle.tell()
-    except (ValueError, OSError) as error:
-        raise DatasetError(f"{file}: not a readable .npy file ({error})") from None
-
-
-def _open_array(file: Path, name: str, rows: int, width: int | None) -> np.ndarray:
-    """Memory-map one array after checking its header against the manifest and its size against its header."""
-    shape, dtype, offset = _npy_header(file)
-    expected = offset + int(np.prod(shape)) * dtype.itemsize
-    actual = file.stat().st_size
-    if actual < expected:
-        raise DatasetError(
-            f"{file}: truncated: its header says {shape} {dtype} ({expected:,} bytes), the file has {actual:,} bytes"
-        )
-    kinds, wanted = _KINDS[name]
-    if dtype.kind not in kinds:
-        raise DatasetError(f"{file}: dtype {dtype}, expected {wanted}")
-    expected_shape = (rows,) if width is None else (rows, width)
-    if tuple(shape) != expected_shape:
-        raise DatasetError(f"{file}: shape {tuple(shape)}, the manifest says {expected_shape}")
-    return np.load(file, mmap_mode="r")
-
-
-def open_dataset(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Split]]:
-    """The manifest and every split of a preprocessed data set, memory-mapped (nothing is read yet).
-
-    Every array is checked against the manifest when opened (present, its shape and dtype, a file as long as its
-    header says): DatasetError names the file and what differs.
-    """
-    path = Path(path)
-    if not (path / MANIFEST).is_file():
-        raise FileNotFoundError(f"{path} is not a compemb data set: no {MANIFEST}")
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-        rows, cardinalities = dict(manifest["rows"]), list(manifest["cardinalities"])
-        unlabeled, bags = list(manifest.get("unlabeled", ())), list(manifest.get("bags", ()))
-    except (ValueError, KeyError, TypeError, RecursionError) as error:
-        raise DatasetError(
-            f"{path / MANIFEST}: not a compemb manifest ({type(error).__name__}: {str(error)[:200]})"
-        ) from None
-    integer = lambda value, low: type(value) is int and low <= value <= MAX_COUNT  # noqa: E731
-    bad = [f"rows[{k!r}] = {_short(v)}" for k, v in rows.items() if not integer(v, 0)] + [
-        f"cardinalities[{i}] = {_short(v)}" for i, v in enumerate(cardinalities) if not integer(v, 1)
-    ]
-    if bad:
-        raise DatasetError(
-            f"{path / MANIFEST}: rows must be integers in [0, 2^62] and cardinalities in [1, 2^62], "
-            f"got {', '.join(bad[:3])}"
-        )
-    # every name becomes a path: a split or bag name is one plain name inside the data set, never ../ or absolute
-    for where, name in [
-        *(("split", k) for k in rows),
-        *(("unlabeled split", k) for k in unlabeled),
-        *(("bag", bag.get("name") if isinstance(bag, dict) else bag) for bag in bags),
-    ]:
-        if not isinstance(name, str) or not PLAIN_NAME.fullmatch(name):
-            raise DatasetError(
-                f"{path / MANIFEST}: {where} name {_short(name)} is not a plain name (letters, digits, "
-                f"_ and -): it would be read from outside the data set"
-            )
-    for bag in bags:
-        if not integer(bag.get("cardinality"), 1) or bag.get("pooling") not in ("sum", "mean"):
-            raise DatasetError(
-                f"{path / MANIFEST}: bag {bag['name']!r} needs a cardinality in [1, 2^62] and pooling "
-                f"sum or mean, got {_short(bag.get('cardinality'))}, {_short(bag.get('pooling'))}"
-            )
-    unlabeled = set(unlabeled)
-    splits, dense_width = {}, None
-    for split, count in rows.items():
-        folder = path / split
-        if dense_width is None:  # the first split's dense width; every other split must have it too
-            shape = _npy_header(folder / "dense.npy")[0]
-            dense_width = shape[1] if len(shape) == 2 else -1
-        arrays = {
-            "dense": _open_array(folder / "dense.npy", "dense", count, dense_width),
-            "sparse": _open_array(folder / "sparse.npy", "sparse", count, len(cardinalities)),
-            "labels": None if split in unlabeled else _open_array(folder / "labels.npy", "labels", count, None),
-        }
-        splits[split] = Split(
-            arrays["dense"],
-            arrays["sparse"],
-            arrays["labels"],
-            {bag["name"]: _open_bag(folder / "bags", bag["name"], count) for bag in bags},
-        )
-    return manifest, splits
-
-
-def _short(value: Any) -> str:
-    """A manifest's value as an error shows it: its repr, cut (a 400-digit number or a long string says enough in 40
-    characters)."""
-    text = (
-        repr(value) if not isinstance(value, int) or abs(value) < 10**40 else f"a {len(str(abs(value)))}-digit number"
-    )
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _open_bag(folder: Path, name: str, rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """A multi-hot feature's values and offsets, memory-mapped, checked against each other and the row count."""
-    offsets = _open_array(folder / f"{name}.offsets.npy", "offsets", rows + 1, None)
-    num_values = _npy_header(folder / f"{name}.values.npy")[0]
-    values = _open_array(folder / f"{name}.values.npy", "values", num_values[0] if num_values else -1, None)
-    if offsets[0] != 0 or offsets[-1] != len(values):
-        raise DatasetError(
-            f"{folder / name}.offsets.npy: offsets run from {offsets[0]} to {offsets[-1]}, expected 0 "
-            f"to the {len(values):,} values"
-        )
-    return values, offsets
