@@ -2,7 +2,8 @@
 
 import pytest
 
-from compemb.cli import _train_config, build_parser
+from compemb.cli import build_parser
+from compemb.cli.training import train_config
 from compemb.protocols import PROTOCOLS, cli_defaults, get_protocol
 
 
@@ -12,7 +13,7 @@ def _config(*argv):
     if args.protocol:  # as main() does
         args.training_parser.set_defaults(**cli_defaults(args.protocol))
         args = parser.parse_args(list(argv))
-    return _train_config(args, "runs/x")
+    return train_config(args, "runs/x")
 
 
 def test_the_cce_protocol_is_dlrms_kaggle_script_with_six_validations():

@@ -321,7 +321,8 @@ def data(tmp_path_factory):
 
 
 def test_the_trainer_clusters_on_schedule_and_stops_after_until(data, tmp_path, monkeypatch):
-    from compemb.cli import _train_config, build_parser
+    from compemb.cli import build_parser
+    from compemb.cli.training import train_config
     from compemb.train import Trainer
 
     args = build_parser().parse_args(
@@ -349,7 +350,7 @@ def test_the_trainer_clusters_on_schedule_and_stops_after_until(data, tmp_path, 
             "3",
         ]
     )
-    config = _train_config(args, str(tmp_path / "run"))
+    config = train_config(args, str(tmp_path / "run"))
     assert config.method_options == {"cluster_every": 3}
     calls = []
     original = CCEmbedding.cluster
