@@ -7,8 +7,9 @@ import torch
 
 from compemb import BudgetError, make_embedding
 from compemb.embeddings.adaptive import reset_optimizer_rows
-from compemb.embeddings.cafe.embedding import MIN_HOT_ROWS, _hot_candidates_torch
+from compemb.embeddings.cafe.hot_rows import hot_candidates_torch
 from compemb.embeddings.cafe.kernels import hot_candidates
+from compemb.embeddings.cafe.plan import MIN_HOT_ROWS
 from compemb.embeddings.cafe.settings import (
     PER_FIELD_SMALL_BUDGET_SETTINGS,
     SMALL_BUDGET_ROWS,
@@ -323,7 +324,7 @@ def test_torch_hot_candidates_equal_the_compiled_ones():
         hot = torch.where(torch.rand(n, generator=generator) < 0.2, 1, -1).int()
         for limit in (0, 1, 5, n):
             expected = torch.from_numpy(hot_candidates(ids.numpy(), scores.numpy(), hot.numpy(), 3.0, limit))
-            assert torch.equal(_hot_candidates_torch(ids, scores, hot, 3.0, limit), expected), (trial, limit)
+            assert torch.equal(hot_candidates_torch(ids, scores, hot, 3.0, limit), expected), (trial, limit)
 
 
 def test_search_rows_compiled_equals_torch():

@@ -50,8 +50,9 @@ Choices where the papers leave room (each class's docstring says more):
   rule hands the hot rows out first come and never takes them back, since an owner's score settles far above the
   threshold, and drops a sketch newcomer whose bucket's lowest slot is hot (15 of 72 planted hot ids never entered
   the sketch). With "top" the rows go to the highest scores above the threshold: a candidate scoring
-  :data:`SWAP_GAIN` times the lowest owner's score takes that owner's row (the owner demoted as by a decay), and a
-  newcomer takes its bucket's lowest slot without a hot id. Measured in ``benchmarks/results/premise.md``.
+  :data:`~compemb.embeddings.cafe.hot_rows.SWAP_GAIN` times the lowest owner's score takes that owner's row (the
+  owner demoted as by a decay), and a newcomer takes its bucket's lowest slot without a hot id. Measured in
+  ``benchmarks/results/premise.md``.
 - A row that changes owner has its optimizer state reset (:func:`~compemb.embeddings.adaptive.reset_optimizer_rows`)
   when ``on_step_end`` is given the optimizer; updates applied at the next forward have no optimizer to reset.
 """
@@ -60,54 +61,28 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from compemb.budget import FLOAT_BYTES, MemoryReport, every_budget_from, resolve_budget, rows_for
-from compemb.embeddings.adaptive import AdaptiveEmbedding, memory_report, reset_optimizer_rows
+from compemb.budget import FLOAT_BYTES, Budget, MemoryReport, every_budget_from, resolve_budget
+from compemb.embeddings.adaptive import AdaptiveEmbedding, memory_report
 from compemb.embeddings.base import CompressedEmbedding, init_uniform_
 from compemb.embeddings.cafe.batch import CAFETables
-from compemb.embeddings.cafe.kernels import cafe_rows, hot_candidates
-from compemb.embeddings.cafe.settings import budget_ratio, default_settings
-from compemb.embeddings.fields import plan_fields, split_rows
-from compemb.hashing import UniversalHash, coefficient_bytes, hash_high32
-from compemb.kernels import on_host
+from compemb.embeddings.cafe.hot_rows import HotRowUpdates
+from compemb.embeddings.cafe.layout import FieldRouting
+from compemb.embeddings.cafe.plan import SKETCH_SLOTS, CAFEPlan, plan_tables, table_fields
+from compemb.embeddings.cafe.settings import budget_ratio, table_settings
+from compemb.hashing import UniversalHash
 from compemb.registry import register
-from compemb.sketch.hotsketch import SLOT_BYTES, HotSketch
-
-SKETCH_SLOTS = 4  # slots per HotSketch bucket, as in the paper
-OWNER_BYTES = 8 + 1  # per hot row: its owner id (int64) and whether it has one (bool)
-MIN_HOT_ROWS = 16  # a table's default hot rows: at least this many, while they and their sketch fit in a quarter
-# "threshold": the paper's (a free row goes to an id reaching the threshold; an owner keeps it until its score decays
-# below); "top": the rows go to the highest scores above the threshold (an owner is displaced by a better candidate)
-HOT_POLICIES = ("threshold", "top")
-# with "top", a candidate displaces an owner only when it scores this many times the owner's score: two ids of
-# near-equal score would otherwise trade a row back and forth, each trade restarting it from the shared row
-SWAP_GAIN = 1.5
-_LOWEST_ID = -(2**63)  # the first field of one vocabulary starts here: any int64 id is in it
-_NO_WEIGHTS = np.empty((0, 2), dtype=np.float32)
+from compemb.sketch.hotsketch import HotSketch
 
 
-def _hot_candidates_torch(ids: Tensor, scores: Tensor, hot: Tensor, threshold: float, limit: int) -> Tensor:
-    """:func:`~compemb.embeddings.cafe.kernels.hot_candidates` in torch ops (the same positions), for any device."""
-    eligible = ((scores >= threshold) & (hot < 0)).nonzero().squeeze(-1)
-    if eligible.numel() == 0 or limit == 0:
-        return eligible[:limit]
-    positions = eligible[torch.argsort(ids[eligible], stable=True)]  # equal ids keep their batch order
-    sorted_ids = ids[positions]
-    first = torch.ones_like(sorted_ids, dtype=torch.bool)
-    first[1:] = sorted_ids[1:] != sorted_ids[:-1]
-    distinct = positions[first]  # each id's first position
-    return distinct[torch.argsort(-scores[distinct], stable=True)[:limit]]  # equal scores stay in id order
-
-
-class _CAFE(AdaptiveEmbedding):
+class _CAFE(FieldRouting, HotRowUpdates, AdaptiveEmbedding):
     """The CAFE family: ``H`` hot rows owned through a HotSketch, then one or two hashed tables (per field, with
-    ``blocks``)."""
+    ``blocks``). Where ids read: :class:`~compemb.embeddings.cafe.layout.FieldRouting`; how hot rows change hands:
+    :class:`~compemb.embeddings.cafe.hot_rows.HotRowUpdates`."""
 
     open_vocabulary = True
     takes_feature_blocks = True  # a shared collection passes its features' sizes: the authors' per-field layout
@@ -157,147 +132,84 @@ class _CAFE(AdaptiveEmbedding):
         ratio = budget_ratio(budget, self.num_embeddings, self.embedding_dim)
         if not isinstance(field_tables, bool):
             raise ValueError(f"{self.method_name}: field_tables must be True or False, got {field_tables!r}")
-        try:
-            default_rate, default_threshold = default_settings(
-                ratio,
-                tuning,
-                rows=budget.num_bytes / (self.embedding_dim * FLOAT_BYTES),
-                per_field=blocks is not None and field_tables,
-            )
-        except ValueError as error:
-            raise ValueError(f"{self.method_name}: {error}") from None
-        self.tuning = tuning
-        self.hash_rate = default_rate if hash_rate is None else float(hash_rate)
-        self.threshold = default_threshold if threshold is None else float(threshold)
-        for option, value in (
-            ("hash_rate", self.hash_rate),
-            ("hash_split", hash_split),
-            ("medium_fraction", medium_fraction),
-        ):
-            if not 0 < value < 1:
-                raise ValueError(f"{self.method_name}: {option} must be in (0, 1), got {value!r}")
-        if not (math.isfinite(self.threshold) and self.threshold > 0):
-            raise ValueError(f"{self.method_name}: threshold must be positive, got {threshold!r}")
-        if hot_policy not in HOT_POLICIES:
-            raise ValueError(
-                f"{self.method_name}: hot_policy must be one of {', '.join(HOT_POLICIES)}, got {hot_policy!r}"
-            )
-        self.hot_policy = hot_policy
-        if not sketch_slots_per_row > 0:
-            raise ValueError(f"{self.method_name}: sketch_slots_per_row must be positive, got {sketch_slots_per_row!r}")
+        self.hash_rate, self.threshold = table_settings(
+            ratio,
+            tuning,
+            rows=budget.num_bytes / (self.embedding_dim * FLOAT_BYTES),
+            per_field=blocks is not None and field_tables,
+            hash_rate=hash_rate,
+            threshold=threshold,
+            hash_split=hash_split,
+            medium_fraction=medium_fraction,
+            hot_policy=hot_policy,
+            sketch_slots_per_row=sketch_slots_per_row,
+            who=self.method_name,
+        )
+        self.tuning, self.hot_policy = tuning, hot_policy
         self.levels, self.merge_on_demote = levels, bool(merge_on_demote)
         self.medium_fraction, self.hash_split = float(medium_fraction), float(hash_split)
         self.sketch_slots_per_row, self.decay = float(sketch_slots_per_row), float(decay)
-        d = self.embedding_dim
         self.field_tables = field_tables
-        fields = self._plan_fields(blocks, ratio, budget.num_bytes)
+        fields, plan = self._plan(budget, ratio, blocks, default_rate=hash_rate is None)
         self.blocks = None if blocks is None else [int(n) for n in blocks]
-        field_bytes = 0 if blocks is None else (len(fields) + 1) * 8 + len(fields) + 2 * levels * len(fields) * 8
-        full_ids = sum(n for n, full in fields if full)
-        row_bytes = d * FLOAT_BYTES * (2 if self.merge_on_demote else 1) + OWNER_BYTES  # + its start value
-        hash_bytes = coefficient_bytes(levels)
-        sketch_fixed = HotSketch.bytes_for(0)
-        fixed = hash_bytes + field_bytes + full_ids * d * FLOAT_BYTES
-        # every hashed table needs a row per level (cafe-ml's second level holds 1 - hash_split of the hashed rows)
-        tables = sum(not full for _, full in fields) if self.field_tables else 1
-        least_hashed = tables if levels == 1 else math.ceil(tables / min(self.hash_split, 1 - self.hash_split))
-        if hash_rate is None:  # the default rate leaves every hashed table at least one row per level
-            needed = (least_hashed + 1) * d * FLOAT_BYTES / max(1, budget.num_bytes - fixed)
-            self.hash_rate = max(self.hash_rate, min(needed, 0.99))
-        # hot rows and the sketch share (1 - hash_rate) of the budget (after the fields kept full), sized together
-        per_row = row_bytes + self.sketch_slots_per_row * SLOT_BYTES
-        self.hot_rows = max(1, int(((1 - self.hash_rate) * (budget.num_bytes - fixed) - sketch_fixed) // per_row))
-        if hash_rate is None:  # a small table keeps a sketch worth the name (C26 at 100x: 1 hot row before)
-            least = min(MIN_HOT_ROWS, int((budget.num_bytes - fixed) / 4 // per_row))
-            if least > self.hot_rows:  # hash_rate is then the share the hashed rows are left
-                self.hot_rows = least
-                self.hash_rate = 1 - (self.hot_rows * per_row + sketch_fixed) / (budget.num_bytes - fixed)
-        buckets = max(1, math.ceil(self.hot_rows * self.sketch_slots_per_row / SKETCH_SLOTS))
-        reserved = self.hot_rows * row_bytes + HotSketch.bytes_for(buckets) + fixed
-        # the hashed tables take the rest, so the total lands within half a row of the budget
-        hashed = rows_for(budget, d, reserved)
-        first = hashed if levels == 1 else max(1, min(hashed - 1, round(hashed * self.hash_split)))
-        self.hashed_rows = (first,) if levels == 1 else (first, max(1, hashed - first))
+        self.hash_rate, self.hot_rows, self.hashed_rows = plan.hash_rate, plan.hot_rows, plan.hashed_rows
+        self._build_tables(plan, fields, seed, device)
+        smallest = plan.smallest_bytes
+        self._finish(budget, seed, math.ceil(smallest / FLOAT_BYTES), every_budget_from(self.embedding_dim, smallest))
+
+    def _plan(
+        self, budget: Budget, ratio: float | None, blocks: Sequence[int] | None, default_rate: bool
+    ) -> tuple[list[tuple[int, bool]], CAFEPlan]:
+        """The fields, ``(ids, kept full)`` each, and the sizes that ``budget`` buys
+        (:mod:`compemb.embeddings.cafe.plan`; ``default_rate``: ``hash_rate`` was not given)."""
+        fields = table_fields(
+            blocks,
+            self.num_embeddings,
+            self.embedding_dim,
+            ratio,
+            budget.num_bytes,
+            self.field_tables,
+            self.method_name,
+        )
+        plan = plan_tables(
+            budget,
+            self.embedding_dim,
+            fields,
+            levels=self.levels,
+            hash_rate=self.hash_rate,
+            default_rate=default_rate,
+            sketch_slots_per_row=self.sketch_slots_per_row,
+            merge_on_demote=self.merge_on_demote,
+            hash_split=self.hash_split,
+            field_tables=self.field_tables,
+            one_vocabulary=blocks is None,
+        )
+        return fields, plan
+
+    def _build_tables(
+        self, plan: CAFEPlan, fields: list[tuple[int, bool]], seed: int, device: torch.device | str | None
+    ) -> None:
+        """The hashes, the sketch, the field tables, ``weight`` (hot rows, then the fields' rows) and the hot rows'
+        owners (and start values with ``merge_on_demote``), as ``plan`` sizes them."""
         self.hashes = torch.nn.ModuleList(
             UniversalHash(rows, seed=seed, stream=level, device=device) for level, rows in enumerate(self.hashed_rows)
         )
         self.sketch = HotSketch(
-            buckets,
+            plan.sketch_buckets,
             SKETCH_SLOTS,
             threshold=self.threshold,
             decay_factor=self.decay,
             seed=seed,
             device=device,
-            skip_hot=hot_policy == "top",
+            skip_hot=self.hot_policy == "top",
         )
         total_rows = self._lay_out_fields(fields, device)
-        self.weight = torch.nn.Parameter(torch.empty(total_rows, d, device=device))
+        self.weight = torch.nn.Parameter(torch.empty(total_rows, self.embedding_dim, device=device))
         self.register_buffer("owner", torch.empty(self.hot_rows, dtype=torch.int64, device=device))
         self.register_buffer("owned", torch.empty(self.hot_rows, dtype=torch.bool, device=device))
         if self.merge_on_demote:
-            self.register_buffer("start", torch.empty(self.hot_rows, d, device=device))
+            self.register_buffer("start", torch.empty(self.hot_rows, self.embedding_dim, device=device))
         self._mass_seen: float | None = None  # the sketch's decay mass after the last update
-        smallest = row_bytes + HotSketch.bytes_for(1) + fixed + max(levels, least_hashed) * d * FLOAT_BYTES
-        self._finish(budget, seed, math.ceil(smallest / FLOAT_BYTES), every_budget_from(d, smallest))
-
-    def _plan_fields(
-        self, blocks: Sequence[int] | None, ratio: float | None, budget_bytes: int
-    ) -> list[tuple[int, bool]]:
-        """``(ids, kept full)`` per field: one field without ``blocks``; with them the authors' rule (a field of n <=
-        400 / (1 + log2(ratio)) ids stays full), smallest first while the full fields take at most half the budget
-        (the authors' rule alone can spend all of a small set's budget on them); the largest field is always
-        compressed."""
-        if blocks is None:
-            return [(self.num_embeddings or 0, False)]
-        sizes = [int(n) for n in blocks]
-        if self.num_embeddings is None or sum(sizes) != self.num_embeddings or min(sizes, default=0) < 1:
-            raise ValueError(
-                f"{self.method_name}: blocks must be positive field sizes summing to num_embeddings="
-                f"{self.num_embeddings}, got {list(blocks)!r}"
-            )
-        if not self.field_tables:  # one hashed table for every field: none kept full
-            return [(n, False) for n in sizes]
-        return list(zip(sizes, plan_fields(sizes, self.embedding_dim, ratio, budget_bytes)))
-
-    def _lay_out_fields(self, fields: list[tuple[int, bool]], device: torch.device | str | None) -> int:
-        """Rows of ``weight``: hot rows, then each field's level-1 rows (hashed, or its own when kept full), then
-        each compressed field's level-2 rows (cafe-ml). The field tables say where; returns the total rows."""
-        levels, compressed = self.levels, [n for n, full in fields if not full]
-        shares = [split_rows(rows, compressed) for rows in self.hashed_rows]  # each compressed field's rows per level
-        rows = torch.zeros(levels, len(fields), dtype=torch.int64)
-        offsets = torch.zeros(levels, len(fields), dtype=torch.int64)
-        at, taken, level_starts = self.hot_rows, [0] * levels, []
-        for level in range(levels):
-            level_starts.append(at)
-            if not self.field_tables:  # every field reads the same hashed table, keyed by its ids' offsets
-                rows[level], offsets[level], at = self.hashed_rows[level], at, at + self.hashed_rows[level]
-                continue
-            for f, (n, full) in enumerate(fields):
-                if full and level == 1:  # a full field's ids are never medium: level 2 repeats level 1, weight 0
-                    rows[1, f], offsets[1, f] = rows[0, f], offsets[0, f]
-                    continue
-                rows[level, f] = n if full else shares[level][taken[level]]
-                taken[level] += 0 if full else 1
-                offsets[level, f], at = at, at + int(rows[level, f])
-        # one vocabulary: one field over every int64 id; with blocks field f starts at the sum of those before it
-        starts = (
-            torch.tensor([_LOWEST_ID, 2**63 - 1])
-            if self.blocks is None
-            else torch.tensor([0, *np.cumsum([n for n, _ in fields]).tolist()])
-        )
-        # derived from the sizes alone, so not saved; kept on the CPU too, to be written again after a meta build
-        self._field_layout = {
-            "field_starts": starts,
-            "field_direct": torch.tensor([full for _, full in fields]),
-            "field_rows": rows,
-            "field_offsets": offsets,
-        }
-        for name, value in self._field_layout.items():
-            self.register_buffer(name, value.to(device, copy=True), persistent=False)
-        # where level 1 and level 2 begin (reset_tables zeroes level 2)
-        self._offsets = (self.hot_rows, level_starts[-1])
-        self._has_full_fields = any(full for _, full in fields)
-        return at
 
     def reset_tables(self) -> None:
         for name, value in self._field_layout.items():  # (materialised from meta: written afresh)
@@ -324,60 +236,6 @@ class _CAFE(AdaptiveEmbedding):
             report = MemoryReport(report.float_bytes, report.index_bytes - metadata, report.sketch_bytes)
         return report
 
-    # --- routing -----------------------------------------------------------------------------------------
-
-    def _route(self, ids: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Rows ``(N, levels)`` of each id, and with two levels their weights ``(N, 2)``: 1, and 1 if medium."""
-        if not (on_host(ids) and self.sketch._compiled):
-            return self._route_torch(ids)
-        # on CPU one compiled pass over the sketch and the hashes (5x faster than the torch ops)
-        rows = torch.empty(ids.numel(), self.levels, dtype=torch.int64)
-        weights = torch.empty(ids.numel(), 2) if self.levels == 2 else None
-        keys, scores, hot, occupied, _, sketch_coefficients = self.sketch._arrays()
-        cafe_rows(
-            ids.numpy(),
-            keys,
-            scores,
-            hot,
-            occupied,
-            sketch_coefficients,
-            np.concatenate([h.coefficients.numpy() for h in self.hashes]),
-            self.field_starts.numpy(),
-            self.field_direct.numpy(),
-            self.field_rows.numpy(),
-            self.field_offsets.numpy(),
-            self.medium_fraction * self.threshold,
-            rows.numpy(),
-            _NO_WEIGHTS if weights is None else weights.numpy(),
-        )
-        return rows, weights
-
-    def _fields(self, ids: Tensor) -> Tensor:
-        """Each id's field (0 for every id of one vocabulary)."""
-        return torch.searchsorted(self.field_starts[1:-1], ids.contiguous(), right=True)  # (a column: strided)
-
-    def _shared_row(self, ids: Tensor, level: int, field: Tensor | None = None) -> Tensor:
-        """The row ``ids`` read at ``level`` when not hot: their field's hashed row, or their own in a full field
-        (``field``: the ids' fields, when already known)."""
-        field = self._fields(ids) if field is None else field
-        rows, start = self.field_rows[level, field], self.field_offsets[level, field]
-        bucket = hash_high32(ids, self.hashes[level].coefficients).squeeze(-1).mul_(rows).bitwise_right_shift_(32)
-        if not self._has_full_fields:
-            return start + bucket
-        return start + torch.where(self.field_direct[field], ids - self.field_starts[field], bucket)
-
-    def _route_torch(self, ids: Tensor) -> tuple[Tensor, Tensor | None]:
-        """:meth:`_route` in torch ops, reading the sketch where it lives (with the weights: no trip to the host)."""
-        score, hot = self.sketch.query(ids)
-        hot = hot.long()
-        field = self._fields(ids)
-        first = torch.where(hot >= 0, hot, self._shared_row(ids, 0, field))
-        if self.levels == 1:
-            return first.unsqueeze(-1), None
-        second = self._shared_row(ids, 1, field)
-        medium = (hot < 0) & (score >= self.medium_fraction * self.threshold)
-        return torch.stack([first, second], -1), torch.stack([torch.ones_like(score), medium.to(score.dtype)], -1)
-
     def _vectors(self, ids: Tensor) -> Tensor:
         rows, weights = self._route(ids)
         if weights is None:
@@ -386,211 +244,6 @@ class _CAFE(AdaptiveEmbedding):
         return F.embedding_bag(
             rows, self.weight, mode="sum", per_sample_weights=weights.to(self.weight.dtype), sparse=self.sparse
         )
-
-    # --- updates ----------------------------------------------------------------------------------------
-
-    def _normalise(self, ids: Tensor, norms: Tensor) -> Tensor | None:
-        """Scores of mean 1 per field over the batch, as the authors' ``grad_norm * N / sum(grad_norm)`` per field
-        (one field: over the batch); a field whose norms sum to zero or diverged scores 0."""
-        if self.blocks is None:
-            return super()._normalise(ids, norms)
-        field, norms = self._fields(ids.to(self.field_starts.device)), norms.float().to(self.field_starts.device)
-        count = self.field_starts.numel() - 1
-        sums = torch.zeros(count, dtype=torch.float64, device=norms.device).index_add_(0, field, norms.double())
-        occurrences = torch.zeros(count, dtype=torch.float64, device=norms.device).index_add_(
-            0, field, torch.ones_like(norms, dtype=torch.float64)
-        )  # (bincount would make a GPU host wait)
-        mean = sums / occurrences.clamp_min(1)
-        usable = torch.isfinite(mean) & (mean > 0)
-        return torch.where(
-            usable[field], norms / torch.where(usable, mean, 1.0)[field].float(), torch.zeros_like(norms)
-        )
-
-    @torch.no_grad()
-    def _update(self, ids: Tensor, scores: Tensor | None, optimizer: torch.optim.Optimizer | None) -> None:
-        sketch = self.sketch
-        if sketch._merges:
-            self._update_fixed(ids, scores, optimizer)
-            return
-        if self._has_full_fields:  # a field kept full has rows of its own: its ids never enter the sketch
-            scored = ~self.field_direct[self._fields(ids.to(self.field_starts.device))].to(ids.device)
-            ids, scores = ids[scored], None if scores is None else scores[scored.to(scores.device)]
-            if ids.numel() == 0:
-                return
-        # the sketch lives with the weights: on a GPU nothing is copied to the host but a few counts
-        ids, scores = ids.to(sketch.keys.device), None if scores is None else scores.to(sketch.keys.device)
-        # the level each id was read at (cafe-ml): where a row it gets now starts
-        before = sketch.query(ids)[0] if self.levels == 2 else None
-        # scores only fall when they decay: since the last update (decay() or a load restarts the mass), or
-        # during this insert
-        decayed = sketch.mass_since_decay() != self._mass_seen
-        # scores of mean 1 per batch sum to the number of occurrences: count exactly that towards the decay
-        decayed = sketch.insert(ids, scores, mass=None if scores is None else float(ids.numel())) > 0 or decayed
-        self._mass_seen = sketch.mass_since_decay()
-        if decayed:
-            self._demote()
-        free = (~self.owned).nonzero().squeeze(-1)
-        top = self.hot_policy == "top"
-        if free.numel() or top:  # promotions: the best candidates of this batch take the free rows
-            now, hot = sketch.query(ids)
-            limit = self.hot_rows if top else free.numel()  # "top": every row may change hands
-            if sketch._compiled:
-                picked = torch.from_numpy(hot_candidates(ids.numpy(), now.numpy(), hot.numpy(), self.threshold, limit))
-            else:
-                picked = _hot_candidates_torch(ids, now, hot, self.threshold, limit)
-            if picked.numel() > free.numel():  # "top": the candidates past the free rows against the owners
-                displaced = self._displaced(now[picked[free.numel() :]])
-                self._release(self.owner[displaced], displaced)
-                free = torch.cat([free, displaced])
-                picked = picked[: free.numel()]
-            if picked.numel():
-                medium = None if before is None else before[picked] >= self.medium_fraction * self.threshold
-                self._promote(ids[picked], free[: picked.numel()], medium, optimizer)
-
-    def _displaced(self, candidates: Tensor) -> Tensor:
-        """Rows whose owners the best of ``candidates`` (scores, best first) displace: the i-th best against the
-        i-th lowest-scoring owner, while it scores :data:`SWAP_GAIN` times as much (a prefix: the candidates fall,
-        the owners rise)."""
-        rows = self.owned.nonzero().squeeze(-1)
-        scores = self.sketch.query(self.owner[rows].to(self.sketch.keys.device))[0].to(rows.device)
-        lowest = torch.argsort(scores, stable=True)[: candidates.numel()]
-        beats = candidates[: lowest.numel()].to(rows.device) > SWAP_GAIN * scores[lowest]
-        return rows[lowest[: int(beats.sum())]]
-
-    def _update_fixed(self, ids: Tensor, scores: Tensor | None, optimizer: torch.optim.Optimizer | None) -> None:
-        """:meth:`_update` on the device code path, in fixed shapes (nothing read back): the batch merged into the
-        sketch, hot ids below the threshold demoted after a decay (every step where the decay was decided on the
-        device), then the best new candidates promoted into free rows, as the host path picks them."""
-        sketch = self.sketch
-        ids = ids.to(sketch.keys.device)
-        scores = None if scores is None else scores.to(sketch.keys.device)
-        # a field kept full has rows of its own: its ids never enter the sketch
-        keep = ~self.field_direct[self._fields(ids)] if self._has_full_fields else None
-        before = sketch.query(ids)[0] if self.levels == 2 else None
-        mass: float | Tensor | None = None
-        if scores is not None:  # scores of mean 1 sum to the number of occurrences: count exactly that
-            mass = float(ids.numel()) if keep is None else keep.sum(dtype=torch.float64)
-        # scores only fall when they decay: demote when the host knows they did (or cannot know), as the host path
-        known = sketch._known_mass is not None and self._mass_seen is not None
-        decayed = not known or sketch._known_mass != self._mass_seen
-        decayed = sketch.insert(ids, scores, mass=mass, keep=keep) != 0 or decayed
-        self._mass_seen = sketch._known_mass
-        if decayed:
-            self._demote_fixed()
-        now, hot = sketch.query(ids)
-        eligible = (now >= self.threshold) & (hot < 0)
-        if keep is not None:
-            eligible &= keep
-        # each eligible id once (in id order), then the best first: the host path's candidates, in its order
-        limit = min(ids.numel(), self.hot_rows)
-        by_id = torch.sort(torch.where(eligible, ids, torch.iinfo(torch.int64).max), stable=True)
-        sorted_ids, position = by_id
-        first = eligible[position].clone()
-        first[1:] &= sorted_ids[1:] != sorted_ids[:-1]
-        ranked = torch.sort(torch.where(first, now[position], -math.inf), descending=True, stable=True)
-        chosen = position[ranked.indices[:limit]]
-        wanted = ranked.values[:limit] > -math.inf
-        if self.hot_policy == "top":  # free rows first, then owned ones from the lowest score up (as the host path)
-            owner_scores = sketch.query(self.owner.to(sketch.keys.device))[0].to(self.owned.device)
-            order = torch.sort(torch.where(self.owned, owner_scores, -math.inf), stable=True).indices[:limit]
-            # an owner is displaced by the candidate of its rank that beats it
-            displace = (
-                wanted.to(order.device)
-                & self.owned[order]
-                & (ranked.values[:limit].to(order.device) > SWAP_GAIN * owner_scores[order])
-            )
-            valid = wanted.to(order.device) & ~self.owned[order] | displace
-            self._demote_fixed(torch.zeros_like(self.owned).index_put_((order,), displace))  # distinct rows
-        else:
-            order = torch.sort(self.owned.to(torch.uint8), stable=True).indices[:limit]  # free rows first, ascending
-            valid = wanted & ~self.owned[order]
-        new_ids = ids[chosen]
-        medium = None if before is None else before[chosen] >= self.medium_fraction * self.threshold
-        self._promote_fixed(new_ids, order, valid, medium, optimizer)
-
-    def _demote_fixed(self, displaced: Tensor | None = None) -> None:
-        """Hot ids scoring below the threshold (and the owners of ``displaced`` rows, a bool per hot row) give
-        their rows back, in fixed shapes."""
-        sketch = self.sketch
-        gone = sketch.scores < self.threshold
-        if displaced is not None:
-            gone |= displaced.to(gone.device)[sketch.hot_rows.long().clamp_min(0)]
-        gone = (gone & sketch.occupied & (sketch.hot_rows >= 0)).view(-1)
-        rows = sketch.hot_rows.view(-1).long().to(self.weight.device)
-        gone_here = gone.to(self.weight.device)
-        if self.merge_on_demote:  # what the id learned while hot goes back into its first hashed row
-            held = rows.clamp_min(0)
-            first = self._shared_row(sketch.keys.view(-1).to(self.weight.device), 0)
-            learned = (self.weight[held] - self.start[held]) * gone_here.unsqueeze(-1).to(self.weight.dtype)
-            self.weight.index_add_(0, first, learned)
-        # a padding row at the end takes the writes of slots that give nothing back
-        owned = torch.cat([self.owned, self.owned.new_zeros(1)])
-        owned.index_fill_(0, torch.where(gone_here, rows, self.owned.numel()), False)
-        self.owned.copy_(owned[:-1])
-        sketch.hot_rows.masked_fill_(gone.view_as(sketch.hot_rows), -1)
-
-    def _promote_fixed(
-        self, ids: Tensor, rows: Tensor, valid: Tensor, medium: Tensor | None, optimizer: torch.optim.Optimizer | None
-    ) -> None:
-        """:meth:`_promote` where only ``valid`` pairs promote; ``rows`` are distinct, so every other pair writes
-        its row's own values back."""
-        device = self.weight.device
-        on_device, valid = ids.to(device), valid.to(device)
-        start = self.weight[self._shared_row(on_device, 0)]
-        if medium is not None:
-            start += self.weight[self._shared_row(on_device, 1)] * medium.to(device, start.dtype).unsqueeze(-1)
-        column = valid.unsqueeze(-1)
-        self.weight.index_copy_(0, rows, torch.where(column, start, self.weight[rows]))
-        if self.merge_on_demote:
-            self.start.index_copy_(0, rows, torch.where(column, start, self.start[rows]))
-        self.sketch.set_hot_where(ids, rows.int(), valid)
-        self.owner.index_copy_(0, rows, torch.where(valid, on_device, self.owner[rows]))
-        self.owned.index_copy_(0, rows, self.owned[rows] | valid)
-        reset_optimizer_rows(optimizer, self.weight, rows, where=valid)
-
-    def _demote(self) -> None:
-        """Hot ids whose score fell below the threshold give their rows back."""
-        gone_ids, gone_rows = self.sketch.hot_below()
-        if gone_ids.numel():
-            self._release(gone_ids, gone_rows.to(self.weight.device, torch.long))
-
-    def _release(self, ids: Tensor, rows: Tensor) -> None:
-        """Hot ``ids`` give their ``rows`` back (what they learned folded into their hashed rows with
-        ``merge_on_demote``)."""
-        if ids.numel() == 0:
-            return
-        self.sketch.clear_hot(ids)
-        if self.merge_on_demote:  # what the id learned while hot goes back into its first hashed row
-            first = self._shared_row(ids.to(self.weight.device), 0)
-            self.weight.index_add_(0, first, self.weight[rows] - self.start[rows])
-        self.owned[rows] = False
-
-    def _promote(
-        self, ids: Tensor, rows: Tensor, medium: Tensor | None, optimizer: torch.optim.Optimizer | None
-    ) -> None:
-        """Give ``rows`` to ``ids`` (distinct, not hot), each starting as the vector the id was reading."""
-        device = self.weight.device
-        on_device = ids.to(device)
-        start = self.weight[self._shared_row(on_device, 0)]
-        if medium is not None:  # a medium id was reading its second row too
-            second = self._shared_row(on_device, 1)
-            start += self.weight[second] * medium.to(device, start.dtype).unsqueeze(-1)
-        self.weight.index_copy_(0, rows, start)
-        if self.merge_on_demote:
-            self.start.index_copy_(0, rows, start)
-        self.sketch.set_hot(ids, rows.int())
-        self.owner[rows] = on_device
-        self.owned[rows] = True
-        reset_optimizer_rows(optimizer, self.weight, rows)
-
-    def hot_ids(self) -> tuple[Tensor, Tensor]:
-        """The ids that own hot rows and their rows (int64, on the module's device), in row order."""
-        rows = self.owned.nonzero().squeeze(-1)
-        return self.owner[rows], rows
-
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._mass_seen = None
 
     @classmethod
     def table_batch(cls, tables: Sequence[CompressedEmbedding]) -> CAFETables:
@@ -633,7 +286,7 @@ class CAFEEmbedding(_CAFE):
         threshold: the score that makes an id hot, in average occurrences (see the module docstring).
         tuning: where the defaults of the two come from, per compression ratio: ``"compemb"`` (re-derived in
             compemb's units on synthetic Criteo-like data) or ``"paper"`` (the paper's Criteo table); see
-            :func:`default_settings`.
+            :func:`~compemb.embeddings.cafe.settings.default_settings`.
         importance: ``"gradient"`` (default) or ``"frequency"``.
         decay: the sketch's decay factor (scores x0.99 once per ``10 x threshold x buckets`` of score inserted).
         sketch_slots_per_row: sketch slots per hot row (default 4: the hot ids and three times as many candidates).

@@ -23,6 +23,8 @@ layouts. Below that the layouts part ways (``tuning="compemb"``, the default, fo
 
 from __future__ import annotations
 
+import math
+
 from compemb.budget import Budget, full_table_bytes
 
 # (ratio, hash_rate, threshold); a ratio takes the largest entry <= it.
@@ -46,6 +48,9 @@ SMALL_BUDGET_ROWS = 1000
 SMALL_BUDGET_SETTINGS = (0.9, 3.0)  # (hash_rate, threshold) with one hashed table
 PER_FIELD_SMALL_BUDGET_SETTINGS = (0.1, 30.0)  # with the authors' hashed table per field
 TUNINGS = ("compemb", "paper")
+# "threshold": the paper's (a free row goes to an id reaching the threshold; an owner keeps it until its score decays
+# below); "top": the rows go to the highest scores above the threshold (an owner is displaced by a better candidate)
+HOT_POLICIES = ("threshold", "top")
 
 
 def default_settings(
@@ -79,6 +84,40 @@ def default_settings(
         if entry[0] <= ratio * 1.01:
             chosen = entry
     return chosen[1], float(chosen[2])
+
+
+def table_settings(
+    ratio: float | None,
+    tuning: str,
+    *,
+    rows: float,
+    per_field: bool,
+    hash_rate: float | None,
+    threshold: float | None,
+    hash_split: float,
+    medium_fraction: float,
+    hot_policy: str,
+    sketch_slots_per_row: float,
+    who: str,
+) -> tuple[float, float]:
+    """A table's ``(hash_rate, threshold)``: as given, else :func:`default_settings` for its budget; every option
+    checked (``who`` names the method in the errors)."""
+    try:
+        default_rate, default_threshold = default_settings(ratio, tuning, rows=rows, per_field=per_field)
+    except ValueError as error:
+        raise ValueError(f"{who}: {error}") from None
+    chosen_rate = default_rate if hash_rate is None else float(hash_rate)
+    chosen_threshold = default_threshold if threshold is None else float(threshold)
+    for option, value in (("hash_rate", chosen_rate), ("hash_split", hash_split), ("medium_fraction", medium_fraction)):
+        if not 0 < value < 1:
+            raise ValueError(f"{who}: {option} must be in (0, 1), got {value!r}")
+    if not (math.isfinite(chosen_threshold) and chosen_threshold > 0):
+        raise ValueError(f"{who}: threshold must be positive, got {threshold!r}")
+    if hot_policy not in HOT_POLICIES:
+        raise ValueError(f"{who}: hot_policy must be one of {', '.join(HOT_POLICIES)}, got {hot_policy!r}")
+    if not sketch_slots_per_row > 0:
+        raise ValueError(f"{who}: sketch_slots_per_row must be positive, got {sketch_slots_per_row!r}")
+    return chosen_rate, chosen_threshold
 
 
 def paper_defaults(ratio: float | None) -> tuple[float, float]:
