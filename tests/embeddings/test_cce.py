@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-import compemb.embeddings.cce.embedding as cce_module
+import compemb.embeddings.cce.clustering as clustering_module
 from compemb import BudgetError, CCEmbedding, ClusterSchedule, make_embedding
 from compemb.embeddings.cce.plan import pointer_dtype
 from compemb.hashing import hash_ids
@@ -140,7 +140,7 @@ def test_pointers_use_the_smallest_dtype_that_holds_k():
 def test_assignment_in_small_batches_equals_one_batch(monkeypatch):
     results = []
     for batch in (1 << 20, 97):
-        monkeypatch.setattr(cce_module, "ASSIGN_BATCH", batch)
+        monkeypatch.setattr(clustering_module, "ASSIGN_BATCH", batch)
         module = _all_ids(residual="mean")
         _train_a_little(module)
         module.cluster()
@@ -676,7 +676,7 @@ def _per_column_clustering_reference(table, sample, holders, h1, seeds, weight, 
     """The device path's clustering as it was before the columns were batched: one kmeans_torch and one search per
     column, column after column."""
     from compemb.cluster import kmeans_torch, nearest_torch
-    from compemb.embeddings.cce.embedding import ASSIGN_BATCH
+    from compemb.embeddings.cce.clustering import ASSIGN_BATCH
 
     c, k, kh = table.columns, table.rows, table.holder_rows
     inertia = []

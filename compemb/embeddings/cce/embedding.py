@@ -40,42 +40,44 @@ Deviations and choices (the class docstring says more):
 
 from __future__ import annotations
 
-import logging
 import math
-import time
 from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from compemb import distributed
-from compemb.budget import FLOAT_BYTES, MemoryReport, budget_tolerance, check_budget, every_budget_from, resolve_budget
-from compemb.embeddings.adaptive import AdaptiveEmbedding, memory_report, reset_optimizer_rows
+from compemb.budget import (
+    FLOAT_BYTES,
+    Budget,
+    MemoryReport,
+    budget_tolerance,
+    check_budget,
+    every_budget_from,
+    resolve_budget,
+)
+from compemb.embeddings.adaptive import AdaptiveEmbedding, memory_report
 from compemb.embeddings.base import CompressedEmbedding, init_uniform_
 from compemb.embeddings.cce.batch import CCETables
-from compemb.embeddings.cce.kernels import NO_HOLDERS, PairGather, mark_seen, route_rows
-from compemb.embeddings.cce.plan import SKETCH_SLOTS, CCEShape, plan_tables, reserved_bytes, smallest_bytes
-from compemb.embeddings.cce.schedule import ClusterReport, ClusterSchedule, cluster_sample, top_holders
+from compemb.embeddings.cce.clustering import ColumnClustering
+from compemb.embeddings.cce.counting import insert_sample, mark_seen_ids
+from compemb.embeddings.cce.plan import SKETCH_SLOTS, CCEPlan, CCEShape, plan_tables, reserved_bytes, smallest_bytes
+from compemb.embeddings.cce.routing import PointerRouting
+from compemb.embeddings.cce.schedule import ClusterReport, ClusterSchedule
 from compemb.embeddings.id_map import NO_ID  # free holder_ids entries sort last
-from compemb.hashing import UniversalHash, hash_coefficients, hash_ids
-from compemb.kernels import device_path, on_host
+from compemb.hashing import UniversalHash
 from compemb.registry import register
 from compemb.sketch.hotsketch import HotSketch
-
-log = logging.getLogger(__name__)
 
 ACCOUNTING = ("honest", "paper")
 SAMPLES = ("uniform", "seen", "frequency")
 RESIDUALS = ("zeros", "mean")
-ASSIGN_BATCH = 1 << 18  # ids whose vectors are computed and assigned at once: bounds cluster()'s memory
 H0_STREAM, H1_STREAM, COLD1_STREAM = 0, 1, 2
-_GOLDEN = 0x9E3779B97F4A7C15
 
 
 @register("cce")
-class CCEmbedding(AdaptiveEmbedding):
+class CCEmbedding(ColumnClustering, PointerRouting, AdaptiveEmbedding):
     """Clustered Compositional Embeddings: c columns, each ``T0[h0(x)] + T1[h1(x)]``, re-clustered during training.
 
     ``cluster()`` (under no_grad), per column: pick the ids to cluster (``sample``), compute their current column
@@ -182,6 +184,62 @@ class CCEmbedding(AdaptiveEmbedding):
             padding_idx=padding_idx,
         )
         self._start_recording(importance)
+        self._set_options(
+            columns,
+            accounting=accounting,
+            residual=residual,
+            sample=sample,
+            pointers=pointers,
+            pointer_share=pointer_share,
+            sketch_slots_per_pointer=sketch_slots_per_pointer,
+            holder_share=holder_share,
+            sketch_stride=sketch_stride,
+            niter=niter,
+            max_points_per_centroid=max_points_per_centroid,
+        )
+        self.schedule = ClusterSchedule(cluster_every, cluster_until)
+        self._total_steps: int | None = None
+        self._steps_per_epoch: int | None = None
+        self.last_cluster: ClusterReport | None = None
+        budget = resolve_budget(num_embeddings, embedding_dim, compression=compression, num_params=num_params)
+        if not self.hybrid and pointers is not None and pointers < self.num_embeddings:
+            raise ValueError(
+                f"{self._who()}: every id holds pointers (the paper's algorithm); pointers={pointers} "
+                "for the top ids only is cce-hybrid's option"
+            )
+        shape = CCEShape(
+            self.num_embeddings,
+            self.embedding_dim,
+            columns,
+            accounting == "honest",
+            self.pointer_share,
+            self.holder_share,
+            self.sketch_slots_per_pointer,
+            self.hybrid,
+        )
+        plan = plan_tables(shape, budget, pointers, sample, budget_tolerance())
+        self.sample = sample or ("uniform" if plan.all_ids else "frequency")
+        self.rows, self.all_ids, self.holder_rows = plan.rows, plan.all_ids, plan.holder_rows
+        self._build_tables(plan, decay, seed, device)
+        self._meet_budget(budget, plan, seed)
+
+    def _set_options(
+        self,
+        columns: int,
+        *,
+        accounting: str,
+        residual: str,
+        sample: str | None,
+        pointers: int | None,
+        pointer_share: float,
+        sketch_slots_per_pointer: float,
+        holder_share: float,
+        sketch_stride: int,
+        niter: int,
+        max_points_per_centroid: int,
+    ) -> None:
+        """Check the options (a ``ValueError`` naming the first one out of range) and keep them."""
+        embedding_dim = self.embedding_dim
         if columns < 1 or embedding_dim % columns:
             raise ValueError(f"cce: columns={columns} must be >= 1 and divide embedding_dim={embedding_dim}")
         for option, value, allowed in (
@@ -206,30 +264,11 @@ class CCEmbedding(AdaptiveEmbedding):
         self.pointer_share, self.sketch_slots_per_pointer = float(pointer_share), float(sketch_slots_per_pointer)
         self.niter, self.max_points_per_centroid = int(niter), int(max_points_per_centroid)
         self.sketch_stride = sketch_stride
-        self.schedule = ClusterSchedule(cluster_every, cluster_until)
-        self._total_steps: int | None = None
-        self._steps_per_epoch: int | None = None
-        self.last_cluster: ClusterReport | None = None
-        budget = resolve_budget(num_embeddings, embedding_dim, compression=compression, num_params=num_params)
-        if not self.hybrid and pointers is not None and pointers < self.num_embeddings:
-            raise ValueError(
-                f"{self._who()}: every id holds pointers (the paper's algorithm); pointers={pointers} "
-                "for the top ids only is cce-hybrid's option"
-            )
-        shape = CCEShape(
-            self.num_embeddings,
-            self.embedding_dim,
-            columns,
-            accounting == "honest",
-            self.pointer_share,
-            self.holder_share,
-            self.sketch_slots_per_pointer,
-            self.hybrid,
-        )
-        plan = plan_tables(shape, budget, pointers, sample, budget_tolerance())
-        self.sample = sample or ("uniform" if plan.all_ids else "frequency")
-        self.rows, self.all_ids, self.holder_rows = plan.rows, plan.all_ids, plan.holder_rows
-        c, k = columns, plan.rows
+
+    def _build_tables(self, plan: CCEPlan, decay: float, seed: int, device: torch.device | str | None) -> None:
+        """The hashes, the float tables T0 and T1, the stored pointers (and who holds them), the cluster state, the
+        sketch and the seen bitmap, as ``plan`` sizes them."""
+        c, k = self.columns, plan.rows
         # ids without stored pointers read the hashed region: rows [cold_offset, k) of each table (all of it when
         # every id will hold pointers); holders read centroids and residuals in rows [0, holder_rows)
         self.cold_offset = 0 if plan.all_ids else plan.holder_rows
@@ -243,7 +282,7 @@ class CCEmbedding(AdaptiveEmbedding):
             else UniversalHash(cold_rows, num_functions=c, seed=seed, stream=COLD1_STREAM, device=device)
         )
         # column j of table t (0: T0, 1: T1) is rows [(t * c + j) * k, (t * c + j + 1) * k): one gather per lookup
-        self.weight = torch.nn.Parameter(torch.empty(2 * c * k, embedding_dim // c, device=device))
+        self.weight = torch.nn.Parameter(torch.empty(2 * c * k, self.embedding_dim // c, device=device))
         self.register_buffer("pointer_table", torch.empty(plan.pointers, c, dtype=plan.dtype, device=device))
         # the ids holding pointers, sorted (NO_ID in free entries): pointer row i belongs to holder_ids[i]
         self.register_buffer(
@@ -260,8 +299,12 @@ class CCEmbedding(AdaptiveEmbedding):
         self.register_buffer(
             "seen", torch.empty(plan.bitmap_bytes, dtype=torch.uint8, device=device) if plan.bitmap_bytes else None
         )
+
+    def _meet_budget(self, budget: Budget, plan: CCEPlan, seed: int) -> None:
+        """Check the budget (honest: everything counts; paper: the floats alone) and initialise the tables."""
+        columns, embedding_dim = self.columns, self.embedding_dim
         smallest = math.ceil(smallest_bytes(columns, embedding_dim, plan.bitmap_bytes) / FLOAT_BYTES)
-        if accounting == "honest":
+        if self.accounting == "honest":
             self._finish(budget, seed, smallest, every_budget_from(2 * embedding_dim, reserved_bytes(plan, columns)))
         else:  # the floats alone meet the budget; everything else is reported by memory(), not counted
             self.budget, self.seed = budget, int(seed)
@@ -322,60 +365,7 @@ class CCEmbedding(AdaptiveEmbedding):
         ids = self.holder_ids.cpu()  # type: ignore[union-attr]
         return ids[ids != NO_ID]
 
-    # --- lookup ------------------------------------------------------------------------------------------
-
-    def _mode(self) -> int:
-        """0: every pointer hashed (not clustered yet); 1: every id's pointers stored; 2: the sketch's top ids'."""
-        return 0 if self.rounds == 0 else (1 if self.all_ids else 2)
-
-    def _routing(self) -> tuple:
-        """The compiled kernels' routing arguments (CPU numpy): mode, pointers, holders, hashes, k, the regions."""
-        cold1 = self.h1 if self.cold1 is None else self.cold1
-        return (
-            self._mode(),
-            self.pointer_table.numpy(),
-            NO_HOLDERS if self.holder_ids is None else self.holder_ids.numpy(),
-            self.h0.coefficients.numpy(),
-            self.h1.coefficients.numpy(),
-            cold1.coefficients.numpy(),
-            self.rows,
-            self.cold_offset,
-            self.rows - self.cold_offset,
-            self.holder_rows,
-        )
-
-    def _route(self, ids: Tensor) -> Tensor:
-        """Rows ``(N, c, 2)`` of ``weight`` each id reads: T0's and T1's, per column."""
-        if on_host(ids, self.pointer_table):  # one compiled pass (the torch ops below give the same)
-            out = torch.empty(ids.numel(), self.columns, 2, dtype=torch.int64)
-            route_rows(ids.numpy(), *self._routing(), out.numpy())
-            return out
-        return self._route_torch(ids, self._mode())
-
-    def _route_torch(self, ids: Tensor, mode: int) -> Tensor:
-        """:meth:`_route` in torch ops, for any device."""
-        c, k = self.columns, self.rows
-        first = self.h0(ids) + self.cold_offset
-        second = (self.h1 if self.cold1 is None else self.cold1)(ids) + self.cold_offset
-        if mode == 1:
-            first, second = self.pointer_table[ids].long(), self.h1(ids)
-        elif mode == 2:
-            holders = self.holder_ids
-            position = torch.searchsorted(holders, ids.contiguous()).clamp_max_(holders.numel() - 1)  # type: ignore[union-attr]
-            found = (holders[position] == ids).unsqueeze(-1)  # type: ignore[index]
-            first = torch.where(found, self.pointer_table[position].long(), first)
-            second = torch.where(found, self.h1(ids), second)
-        offsets = torch.arange(c, device=ids.device) * k
-        return torch.stack([first + offsets, second + offsets + c * k], dim=-1)
-
-    def _vectors(self, ids: Tensor) -> Tensor:
-        # the compiled kernel reads float32/float64 tables (numba has no float16 or bfloat16): others take torch ops
-        if on_host(ids, self.weight, self.pointer_table) and self.weight.dtype in (torch.float32, torch.float64):
-            return PairGather.apply(self.weight, ids, self._routing(), self.sparse)
-        # elsewhere each (id, column) is a bag of two rows, T0's and T1's: one fused gather
-        rows = self._route(ids).to(self.weight.device)
-        out = F.embedding_bag(rows.view(-1, 2), self.weight, mode="sum", sparse=self.sparse)
-        return out.view(ids.numel(), self.embedding_dim)
+    # --- lookup (its rows: routing.py) and what it counts (counting.py) ----------------------------------
 
     def lookup(self, ids: Tensor) -> Tensor:
         if not self._records:  # nothing to score: no hook, no bookkeeping
@@ -391,216 +381,14 @@ class CCEmbedding(AdaptiveEmbedding):
     @torch.no_grad()
     def _update(self, ids: Tensor, scores: Tensor | None, optimizer: torch.optim.Optimizer | None) -> None:
         if self.sketch is not None and ids.numel():
-            stride = self.sketch_stride
-            if stride > 1 and self.sketch.mass_on_device:  # the same sample, its start read on the device
-                self._insert_strided_on_device(ids, scores, stride)
-            elif stride > 1:  # a strided sample, starting where the sketch's saved mass says: it moves every batch
-                start = int(self.sketch.mass_since_decay()) % stride  # a host float: no read from the device
-                sample = ids[start::stride]
-                scores = (
-                    torch.full(sample.shape, float(stride), device=ids.device)
-                    if scores is None
-                    else scores[start::stride] * stride
-                )
-                # (scores of mean 1 per batch: the decay counts occurrences, exactly; see HotSketch.insert's mass)
-                self.sketch.insert(sample, scores, mass=float(sample.numel() * stride))
-            else:
-                self.sketch.insert(ids, scores, mass=float(ids.numel()))
+            insert_sample(self.sketch, ids, scores, self.sketch_stride)
         self._mark_seen(ids)
 
     @torch.no_grad()
     def _mark_seen(self, ids: Tensor) -> None:
         """Set ``ids``' bits in the seen bitmap (if the table keeps one: a uniform sample draws from the seen ids)."""
-        if self.seen is not None and on_host(self.seen):
-            mark_seen(ids.cpu().numpy(), self.seen.numpy())
-        elif self.seen is not None:
-            ids = ids.to(self.seen.device)
-            byte, bit = ids >> 3, ids & 7
-            for b in range(8):  # one bit plane at a time: writes to one byte then all write the same value
-                at = byte[bit == b]
-                self.seen[at] = self.seen[at] | (1 << b)
-
-    def _insert_strided_on_device(self, ids: Tensor, scores: Tensor | None, stride: int) -> None:
-        """:meth:`_update`'s strided sample with its start (the sketch's mass mod ``stride``) on the device: the
-        same entries, in fixed shapes (positions past the batch kept out of the insert, not cut off)."""
-        sketch, flat = self.sketch, ids.reshape(-1)
-        positions = (sketch.mass.long() % stride) + torch.arange(-(-flat.numel() // stride), device=ids.device) * stride
-        keep = positions < flat.numel()
-        positions = positions.clamp_max(flat.numel() - 1)
-        weights = (
-            torch.full(positions.shape, float(stride), device=ids.device)
-            if scores is None
-            else scores.reshape(-1)[positions] * stride
-        )
-        sketch.insert(flat[positions], weights, mass=keep.sum(dtype=torch.float64) * stride, keep=keep)
-
-    # --- clustering --------------------------------------------------------------------------------------
-
-    def on_train_begin(self, total_steps: int, steps_per_epoch: int | None = None) -> None:
-        """Remember the run's length: the schedule's interval and ``cluster_until`` are derived from it."""
-        self._total_steps = int(total_steps)
-        self._steps_per_epoch = None if steps_per_epoch is None else int(steps_per_epoch)
-
-    def progress(self) -> dict[str, int]:
-        """How many clusterings have run (every evaluation line of a CCE run carries it)."""
-        return {"clusterings": self.rounds}
-
-    def on_step_end(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Apply recorded scores; cluster when the schedule says (its optimizer state is reset then)."""
-        super().on_step_end(step, optimizer)
-        if self.schedule.due(step, self._total_steps, self._steps_per_epoch):
-            self.cluster(optimizer)
-        if self.schedule.over(
-            step, self._total_steps, self._steps_per_epoch
-        ):  # no clustering left to choose ids for: stop counting
-            self._records = False
-
-    def steady_step(self, step: int) -> bool:
-        """Not a step that clusters, nor the one where scoring stops (its lookups record no more)."""
-        over = self._records and self.schedule.over(step, self._total_steps, self._steps_per_epoch)
-        return not over and not self.schedule.due(step, self._total_steps, self._steps_per_epoch)
-
-    def _column(self, ids: Tensor, column: int) -> Tensor:
-        """Current sub-vectors ``(N, d/c)`` of column ``column`` of ``ids``."""
-        rows = self._route(ids.to(self.pointer_table.device))[:, column].to(self.weight.device)
-        return self.weight[rows[:, 0]] + self.weight[rows[:, 1]]
-
-    def _columns(self, ids: Tensor) -> Tensor:
-        """Current sub-vectors ``(c, N, d/c)`` of every column of ``ids`` (one routing for all)."""
-        rows = self._route(ids.to(self.pointer_table.device)).to(self.weight.device).permute(1, 0, 2)
-        return self.weight[rows[..., 0]] + self.weight[rows[..., 1]]
-
-    def _fit_columns_on_host(
-        self, sample: Tensor, holders: Tensor, h1: Tensor, seeds: list[int], weight: Tensor, pointers: Tensor
-    ) -> list[float]:
-        """:meth:`cluster`'s k-means of each column (faiss, the k-NN-graph Lloyd steps), the holders' pointers and
-        the residual means written into ``weight`` and ``pointers``; each column's inertia."""
-        from compemb.cluster import assign, kmeans
-
-        c, k, kh = self.columns, self.rows, self.holder_rows
-        inertia = []
-        for j in range(c):
-            points = self._column(sample, j).float().cpu()
-            if not bool(torch.isfinite(points).all()):  # k-means would abort the process on them
-                raise ValueError(f"{self._who()}: column {j} holds non-finite values (training diverged?)")
-            # with no more points than rows, the points themselves, cycled
-            centroids = kmeans(
-                points, kh, niter=self.niter, max_points_per_centroid=self.max_points_per_centroid, seed=seeds[j]
-            ).centroids
-            # the report's inertia is exact: each sampled id's squared distance to its nearest centroid
-            inertia.append(float(assign(points, centroids, batch_size=ASSIGN_BATCH)[1].double().sum()))
-            sums = torch.zeros(kh, centroids.shape[1], dtype=torch.float64)
-            counts = torch.zeros(kh, dtype=torch.float64)
-            for start in range(0, holders.numel(), ASSIGN_BATCH):  # memory-bounded: ASSIGN_BATCH ids at a time
-                chunk = holders[start : start + ASSIGN_BATCH]
-                vectors = self._column(chunk, j).float().cpu()
-                labels = assign(vectors, centroids, batch_size=ASSIGN_BATCH)[0]
-                pointers[start : start + chunk.numel(), j] = labels.to(pointers.dtype)
-                if self.residual == "mean":
-                    bucket = hash_ids(chunk, h1[j : j + 1], kh).squeeze(-1)
-                    sums.index_add_(0, bucket, (vectors - centroids[labels]).double())
-                    counts.index_add_(0, bucket, torch.ones(chunk.numel(), dtype=torch.float64))
-            weight[j * k : j * k + kh] = centroids
-            weight[(c + j) * k : (c + j) * k + kh] = (sums / counts.clamp_min(1).unsqueeze(-1)).float()
-        return inertia
-
-    def _fit_columns_on_device(
-        self, sample: Tensor, holders: Tensor, h1: Tensor, seeds: list[int], weight: Tensor, pointers: Tensor
-    ) -> list[float]:
-        """:meth:`_fit_columns_on_host` in torch ops where the tables are, every column at once: one batched k-means
-        (:func:`~compemb.cluster.kmeans_torch_batched`), one search of every column per chunk of holders, and a
-        few host reads per clustering instead of a few per column."""
-        from compemb.cluster import kmeans_torch_batched, nearest_torch
-
-        c, k, kh, work = self.columns, self.rows, self.holder_rows, weight.device
-        points = self._columns(sample).float().to(work)  # (c, n, d/c)
-        finite = torch.isfinite(points).flatten(1).all(1).tolist()
-        if not all(finite):  # k-means would only produce garbage from them
-            raise ValueError(
-                f"{self._who()}: column {finite.index(False)} holds non-finite values (training diverged?)"
-            )
-        results = kmeans_torch_batched(
-            points, kh, niter=self.niter, max_points_per_centroid=self.max_points_per_centroid, seeds=seeds
-        )
-        centroids = torch.stack([result.centroids for result in results])  # (c, kh, d/c)
-        width = centroids.shape[2]
-        inertia = nearest_torch(points, centroids)[1].double().sum(1).tolist()
-        sums = torch.zeros(c * kh, width, dtype=torch.float64, device=work)
-        counts = torch.zeros(c * kh, dtype=torch.float64, device=work)
-        offsets = torch.arange(c, device=work).unsqueeze(0) * kh  # column j's residual buckets in the flat sums
-        for start in range(0, holders.numel(), ASSIGN_BATCH):  # memory-bounded: ASSIGN_BATCH ids at a time
-            chunk = holders[start : start + ASSIGN_BATCH].to(work)
-            vectors = self._columns(chunk).float().to(work)  # (c, N, d/c)
-            labels = nearest_torch(vectors, centroids)[0]
-            pointers[start : start + chunk.numel()] = labels.t().to(pointers.dtype)
-            if self.residual == "mean":
-                bucket = (hash_ids(chunk, h1, kh) + offsets).t().reshape(-1)
-                nearest = centroids.gather(1, labels.unsqueeze(-1).expand(-1, -1, width))
-                sums.index_add_(0, bucket, (vectors - nearest).double().reshape(-1, width))
-                counts.index_add_(0, bucket, torch.ones(bucket.numel(), dtype=torch.float64, device=work))
-        blocks = weight[: 2 * c * k].view(2 * c, k, width)  # T0's columns, then T1's
-        blocks[:c, :kh] = centroids
-        blocks[c:, :kh] = (sums / counts.clamp_min(1).unsqueeze(-1)).float().view(c, kh, width)
-        return inertia
-
-    @torch.no_grad()
-    def cluster(self, optimizer: torch.optim.Optimizer | None = None) -> ClusterReport:
-        """Re-cluster every column now (see the class docstring); returns a :class:`ClusterReport`."""
-        started = time.perf_counter()
-        self._flush(optimizer)  # scores recorded so far choose the ids
-        seed, rounds = (int(v) for v in self.cluster_state.tolist())
-        c, k, kh, device = self.columns, self.rows, self.holder_rows, self.weight.device
-        generator = torch.Generator().manual_seed((seed * 1_000_003 + rounds) % 2**63)
-        sample = cluster_sample(
-            self.sample,
-            self.num_embeddings,
-            self.max_points_per_centroid * self.holder_rows,
-            generator,
-            seen=self.seen,
-            sketch=self.sketch,
-        )
-        holders = (
-            torch.arange(self.num_embeddings) if self.all_ids else top_holders(self.sketch, self.pointer_table.shape[0])
-        )
-        # everything is computed from the old state and installed at the end; the hashed region is kept as it is
-        h1 = hash_coefficients(seed + (rounds + 1) * _GOLDEN, c, H1_STREAM)
-        # on the device code path the k-means runs where the tables are (torch ops; a GPU's clustering), else on
-        # the host with the k-NN-graph Lloyd steps and faiss's exact search
-        on_device = device_path(self.weight)
-        work = device if on_device else torch.device("cpu")
-
-        weight = self.weight.detach().float().to(work).clone()
-        pointers = torch.empty(holders.numel(), c, dtype=self.pointer_table.dtype, device=work)
-        seeds = [(seed * 7919 + rounds * 131 + j) % 2**31 for j in range(c)]
-        fit = self._fit_columns_on_device if on_device else self._fit_columns_on_host
-        inertia = fit(sample, holders, h1.to(work), seeds, weight, pointers)
-        # install: the holder region of the tables, pointers and who holds them, h1, the round
-        self.weight.copy_(weight.to(device, self.weight.dtype))
-        self.pointer_table[: holders.numel()] = pointers.to(self.pointer_table.device)
-        if self.holder_ids is not None:
-            self.holder_ids.fill_(NO_ID)
-            self.holder_ids[: holders.numel()] = holders.to(self.holder_ids.device)
-        self.h1.coefficients.copy_(h1.to(self.h1.coefficients.device))
-        self.cluster_state[1] += 1
-        self._rounds = rounds + 1
-        # the holder region changed owner (all of each table when every id holds pointers); the hashed region did not
-        region = torch.arange(kh)
-        rows = torch.cat([region + block * k for block in range(2 * c)])
-        reset_optimizer_rows(optimizer, self.weight, rows)
-        # every rank clustered the same state with the same seeds; rank 0's result wins, so no difference in
-        # floating-point order between processes can grow into different pointers
-        distributed.broadcast_state(self)
-        report = ClusterReport(rounds + 1, sample, tuple(inertia), holders.numel(), time.perf_counter() - started)
-        log.info(
-            "%s: clustered round %d, %d ids sampled, %d pointers, %.2fs",
-            self._who(),
-            report.round,
-            sample.numel(),
-            report.num_pointers,
-            report.seconds,
-        )
-        self.last_cluster = report
-        return report
+        if self.seen is not None:
+            mark_seen_ids(self.seen, ids)
 
     @classmethod
     def table_batch(cls, tables: Sequence[CompressedEmbedding]) -> CCETables:
