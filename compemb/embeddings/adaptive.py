@@ -138,14 +138,14 @@ def reset_packed_rows(
     numbered in that buffer: one reset over the row-wise optimizer's packed state buffers for all of them, instead
     of one per table. False (nothing done) where it cannot: another optimizer, a table without state yet, or
     states not side by side; the caller then resets table by table."""
-    from compemb.optim import _RowWise
+    from compemb.optim import RowWiseOptimizer
 
     if isinstance(optimizer, CombinedOptimizer):
         try:
             optimizer = optimizer.owner(weights[0])
         except KeyError:
             return False
-    if not isinstance(optimizer, _RowWise) or not weights or any(not optimizer.state.get(w) for w in weights):
+    if not isinstance(optimizer, RowWiseOptimizer) or not weights or any(not optimizer.state.get(w) for w in weights):
         return False
     first = weights[0]
     if first.dim() != 2 or any(
