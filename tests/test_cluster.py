@@ -7,6 +7,9 @@ import pytest
 import torch
 
 import compemb.cluster as cluster
+import compemb.cluster.host as cluster_host
+import compemb.cluster.kernels as cluster_kernels
+import compemb.cluster.search as cluster_search
 from compemb.cluster import KMeansResult, assign, kmeans
 
 
@@ -36,14 +39,14 @@ def mean_sq(x: np.ndarray, c: np.ndarray) -> float:
 
 @pytest.fixture
 def no_faiss(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cluster, "faiss", None)
+    monkeypatch.setattr(cluster_search, "faiss", None)
 
 
 @pytest.fixture
 def large_k_paths(monkeypatch: pytest.MonkeyPatch) -> None:
     """Take the coarse-labels and HNSW-graph paths (meant for k > 1024, k > 8192) at test sizes."""
-    monkeypatch.setattr(cluster, "COARSE_MIN_K", 16)
-    monkeypatch.setattr(cluster, "EXACT_GRAPH_MAX_K", 16)
+    monkeypatch.setattr(cluster_host, "COARSE_MIN_K", 16)
+    monkeypatch.setattr(cluster_search, "EXACT_GRAPH_MAX_K", 16)
 
 
 @pytest.mark.parametrize("backend", ["faiss", "torch"])
@@ -117,7 +120,7 @@ def test_inertia_is_the_mean_squared_distance_of_the_training_points(large_k_pat
 def test_kmeans_is_deterministic_whatever_the_threads(large_k_paths: None, monkeypatch: pytest.MonkeyPatch) -> None:
     import faiss
 
-    monkeypatch.setattr(cluster._Runner, "MIN_WORK", 0)  # use the thread pool even at this size
+    monkeypatch.setattr(cluster_kernels.Runner, "MIN_WORK", 0)  # use the thread pool even at this size
     x = torch.from_numpy(blobs(8000, 30, spread=0.6))
     first = kmeans(x, 200, seed=5, threads=2)
     threads = faiss.omp_get_max_threads()
@@ -154,7 +157,7 @@ def test_duplicate_points_split_empty_clusters_without_nan() -> None:
 def test_torch_fallback_matches_faiss(monkeypatch: pytest.MonkeyPatch) -> None:
     x = blobs(5000, 30, spread=0.4)
     with_faiss = kmeans(x, 64, seed=0)
-    monkeypatch.setattr(cluster, "faiss", None)
+    monkeypatch.setattr(cluster_search, "faiss", None)
     with_torch = kmeans(x, 64, seed=0)
     assert with_torch.inertia == pytest.approx(with_faiss.inertia, rel=0.01)
     with pytest.raises(ValueError, match="needs faiss"):
