@@ -19,22 +19,23 @@ Deviations from the paper, all for batches:
 On CPU the state is read and written by compiled numba kernels through numpy views (which share memory with
 the tensors), so a whole batch costs one call into compiled code. A sketch whose parent moved it to an
 accelerator keeps its state there and runs the same operations in torch ops (:mod:`compemb.sketch.torch_ops`),
-so training on a GPU copies no IDs to the host and uploads no sketch.
+so training on a GPU copies no IDs to the host and uploads no sketch. The buffers themselves (device moves, loads,
+numpy views) are :class:`compemb.sketch.state.SketchState`'s; argument checks are in :mod:`compemb.sketch.inputs`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from compemb.budget import MemoryReport
-from compemb.hashing import MAX_BUCKETS, coefficient_bytes, hash_coefficients
+from compemb.hashing import MAX_BUCKETS, coefficient_bytes
 from compemb.kernels import on_host
 from compemb.sketch import torch_ops
+from compemb.sketch.inputs import checked_keep, checked_mass, checked_scores, id_array, id_tensor
 from compemb.sketch.kernels import (
     MAX_ROW,
     clear_hot_kernel,
@@ -45,6 +46,7 @@ from compemb.sketch.kernels import (
     scale_scores,
     set_hot_kernel,
 )
+from compemb.sketch.state import SketchState
 
 SKETCH_STREAM = 0x48534B  # "HSK": a stream of its own, independent of a parent's hashes of the same seed
 DECAY_PERIOD = 10  # decay once per DECAY_PERIOD * threshold * num_buckets of inserted score mass (the paper's rule)
@@ -55,48 +57,12 @@ _NO_SCORES = np.empty(0, dtype=np.float32)  # the kernel's scores argument in fr
 # auto: compiled kernels on the host, the vectorised merge on the device path (compemb.kernels); torch: the sequential
 # algorithm in torch ops anywhere (the compiled kernels' reference on a device); merge: the vectorised merge anywhere
 BACKENDS = ("auto", "torch", "merge")
-# the state, in the order the kernels take it
-_BUFFERS = {
-    "keys": torch.int64,
-    "scores": torch.float32,
-    "hot_rows": torch.int32,
-    "occupied": torch.bool,
-    "mass": torch.float64,
-    "coefficients": torch.int64,
-}
-
-
-# --- input checks ----------------------------------------------------------------------------------------
-
-
-def _id_array(ids: Any, what: str = "ids") -> tuple[Tensor, np.ndarray]:
-    """``ids`` on CPU as a 1-D int32/int64 numpy view (the tensor is returned to keep the memory alive)."""
-    if not isinstance(ids, Tensor):
-        raise TypeError(f"{what} must be a torch.Tensor, got {type(ids).__name__}")
-    dtype = ids.dtype
-    if dtype is not torch.int64 and dtype is not torch.int32:
-        if dtype.is_floating_point or dtype.is_complex or dtype is torch.bool:
-            raise TypeError(f"{what} must be an integer tensor (int64 or int32), got {dtype}")
-        ids = ids.long()
-    if not ids.is_cpu:
-        ids = ids.cpu()
-    flat = ids.reshape(-1)
-    return flat, flat.numpy()
-
-
-def _id_tensor(ids: Any, device: torch.device, what: str = "ids") -> Tensor:
-    """``ids`` as a flat int64 tensor on ``device`` (the torch path)."""
-    if not isinstance(ids, Tensor):
-        raise TypeError(f"{what} must be a torch.Tensor, got {type(ids).__name__}")
-    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype is torch.bool:
-        raise TypeError(f"{what} must be an integer tensor (int64 or int32), got {ids.dtype}")
-    return ids.reshape(-1).to(device, torch.int64)
 
 
 # --- the module ------------------------------------------------------------------------------------------
 
 
-class HotSketch(torch.nn.Module):
+class HotSketch(SketchState):
     """CAFE's HotSketch: ``num_buckets x slots`` (id, score, hot row) slots, Space-Saving inside each bucket.
 
     An ID's score estimates the total score inserted for it (frequency, or gradient norms in CAFE). An ID
@@ -142,13 +108,6 @@ class HotSketch(torch.nn.Module):
         (1, 68024)
     """
 
-    keys: Tensor
-    scores: Tensor
-    hot_rows: Tensor
-    occupied: Tensor
-    mass: Tensor
-    coefficients: Tensor
-
     def __init__(
         self,
         num_buckets: int,
@@ -162,7 +121,6 @@ class HotSketch(torch.nn.Module):
         backend: str = "auto",
         skip_hot: bool = False,
     ) -> None:
-        super().__init__()
         if isinstance(num_buckets, bool) or not isinstance(num_buckets, int) or not 1 <= num_buckets <= MAX_BUCKETS:
             raise ValueError(f"num_buckets must be an int in [1, {MAX_BUCKETS}], got {num_buckets!r}")
         if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
@@ -173,19 +131,9 @@ class HotSketch(torch.nn.Module):
             raise ValueError(f"decay_factor must be in (0, 1], got {decay_factor!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-        self.num_buckets, self.slots = num_buckets, slots
+        super().__init__(num_buckets, slots, seed=seed, stream=stream, device=device)
         self.threshold, self.decay_factor = float(threshold), float(decay_factor)
-        self.seed, self.stream, self.backend = int(seed), int(stream), backend
-        self.skip_hot = bool(skip_hot)
-        shape, where = (num_buckets, slots), torch.device(device or "cpu")
-        self.register_buffer("keys", torch.zeros(shape, dtype=torch.int64, device=where))
-        self.register_buffer("scores", torch.zeros(shape, dtype=torch.float32, device=where))
-        self.register_buffer("hot_rows", torch.full(shape, -1, dtype=torch.int32, device=where))
-        self.register_buffer("occupied", torch.zeros(shape, dtype=torch.bool, device=where))
-        self.register_buffer("mass", torch.zeros(1, dtype=torch.float64, device=where))
-        self.register_buffer("coefficients", hash_coefficients(self.seed, 1, self.stream).to(where))
-        self._cache: tuple | None = None
-        self._known_mass: float | None = 0.0  # ``mass`` as a host float while it is known: no device read
+        self.backend, self.skip_hot = backend, bool(skip_hot)
         # the decay decided on the device at every insert, never from a host float (a CUDA graph replays no host
         # value; compemb.cuda_graph.prepare sets it)
         self.mass_on_device = False
@@ -217,12 +165,6 @@ class HotSketch(torch.nn.Module):
         """Its bytes, all counted as sketch bytes."""
         return MemoryReport(float_bytes=0, sketch_bytes=self.bytes_for(self.num_buckets, self.slots))
 
-    def mass_since_decay(self) -> float:
-        """The score mass inserted since the last decay (a host float; read from the device only after a load)."""
-        if self._known_mass is None:
-            self._known_mass = float(self.mass[0])
-        return self._known_mass
-
     # --- state ----------------------------------------------------------------------------------------
 
     @property
@@ -235,71 +177,10 @@ class HotSketch(torch.nn.Module):
         """Whether inserts are the vectorised merge (:func:`compemb.sketch.torch_ops.merge_insert`)."""
         return self.backend == "merge" or (self.backend == "auto" and not on_host(self.keys))
 
-    @torch.no_grad()
-    def reset(self) -> None:
-        """Empty every slot, zero the decay mass and redraw the hash from the seed, in place."""
-        self.keys.zero_()
-        self.scores.zero_()
-        self.hot_rows.fill_(-1)
-        self.occupied.zero_()
-        self.mass.zero_()
-        self.coefficients.copy_(hash_coefficients(self.seed, 1, self.stream))
-        self._known_mass = 0.0
-
-    def _arrays(self) -> tuple[np.ndarray, ...]:
-        # numpy views of the buffers, made once: tensor.numpy() costs ~1 us, a visible share of a batch's
-        # time. They are remade when a buffer object is replaced (load_state_dict(assign=True), say).
-        buffers, cache = self._buffers, self._cache
-        if (
-            cache is None
-            or cache[0] is not buffers["keys"]
-            or cache[1] is not buffers["scores"]
-            or cache[2] is not buffers["hot_rows"]
-            or cache[3] is not buffers["occupied"]
-            or cache[4] is not buffers["mass"]
-            or cache[5] is not buffers["coefficients"]
-        ):
-            tensors = tuple(buffers[name] for name in _BUFFERS)
-            cache = self._cache = (*tensors, *(t.numpy() for t in tensors))
-        return cache[6:]
-
-    def _apply(self, fn: Any, recurse: bool = True) -> HotSketch:
-        # The buffers go where a parent module sends them (.to('cuda'), .cpu(), to_empty) but keep their dtypes
-        # (.half(), .double(), ...): the kernels need them, and half-precision scores would stop counting past
-        # 2048. fn is applied only to learn the device (it raises for a copy out of meta, as torch does).
-        for name, dtype in _BUFFERS.items():
-            tensor = self._buffers[name]
-            device = fn(tensor).device
-            if tensor.is_meta and device.type != "meta":
-                self._buffers[name] = torch.empty(tensor.shape, dtype=dtype, device=device)
-                self._known_mass = None
-            elif device != tensor.device:
-                self._buffers[name] = tensor.to(device)
-        self._cache = None
-        return self
-
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
-        device = self.keys.device
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        # load_state_dict(assign=True) puts the given tensors in place: bring them back to the sketch's device
-        # and their dtypes
-        for name, dtype in _BUFFERS.items():
-            tensor = self._buffers[name]
-            if tensor.device != device or tensor.dtype != dtype or not tensor.is_contiguous():
-                self._buffers[name] = tensor.to(device, dtype).contiguous()
-        self._cache, self._known_mass = None, None
-
-    def __getstate__(self) -> dict:
-        # numpy views would be copied apart from their tensors by pickle/deepcopy: drop them
-        state = self.__dict__.copy()
-        state["_cache"] = None
-        return state
-
     def __setstate__(self, state: dict) -> None:
         state.setdefault("backend", "auto")  # sketches pickled before there was a choice
-        state.setdefault("_known_mass", None)
         state.setdefault("skip_hot", False)
-        self.__dict__.update(state)
+        super().__setstate__(state)
 
     # --- scores --------------------------------------------------------------------------------------
 
@@ -336,43 +217,30 @@ class HotSketch(torch.nn.Module):
             ValueError: shapes differ, or a score is negative, NaN or infinite (the sketch is left unchanged).
             TypeError: ids that are not integers, or scores that are not floats.
         """
-        if self._compiled:
-            _, id_array = _id_array(ids)
-        else:
-            flat_ids = _id_tensor(ids, self.keys.device)
-        if scores is not None:
-            if not isinstance(scores, Tensor):
-                raise TypeError(f"scores must be a torch.Tensor or None, got {type(scores).__name__}")
-            if scores.shape != ids.shape:
-                raise ValueError(f"scores must have the shape of ids {tuple(ids.shape)}, got {tuple(scores.shape)}")
-            if not scores.dtype.is_floating_point:
-                raise TypeError(f"scores must be a floating-point tensor, got {scores.dtype}")
-            scores = scores.detach().reshape(-1).to(self.keys.device, torch.float32)
-        if isinstance(mass, Tensor) and not self._merges:
-            mass = float(mass)
-        if mass is not None and not isinstance(mass, Tensor) and not (math.isfinite(mass) and mass >= 0):
-            raise ValueError(f"mass must be finite and >= 0, got {mass!r}")
+        device = self.keys.device
+        # the IDs are checked first, then the scores, the mass and the mask
+        flat_ids = id_array(ids)[1] if self._compiled else id_tensor(ids, device)
+        scores = None if scores is None else checked_scores(scores, ids, device)
+        mass = checked_mass(mass, keep_tensor=self._merges)
         if keep is not None:
-            if not isinstance(keep, Tensor) or keep.shape != ids.shape or keep.dtype != torch.bool:
-                raise ValueError(f"keep must be a bool tensor of the shape of ids {tuple(ids.shape)}")
-            keep = keep.reshape(-1).to(self.keys.device)
+            keep = checked_keep(keep, ids, device)
             if not self._merges:  # the exact paths take the kept entries only
-                flat_ids = ids.reshape(-1)[keep.to(ids.device)]
-                ids = flat_ids
+                kept = ids.reshape(-1)[keep.to(ids.device)]
+                flat_ids = id_array(kept)[1] if self._compiled else id_tensor(kept, device)
                 scores = None if scores is None else scores[keep]
-                if self._compiled:
-                    _, id_array = _id_array(flat_ids)
-                else:
-                    flat_ids = _id_tensor(flat_ids, self.keys.device)
                 keep = None
         if self._merges:
             return self._insert_merge(flat_ids, scores, mass, keep)
         if not self._compiled:
             return self._insert_torch(flat_ids, scores, mass)
+        return self._insert_compiled(flat_ids, scores, mass)
+
+    def _insert_compiled(self, ids: np.ndarray, scores: Tensor | None, mass: float | None) -> int:
+        """:meth:`insert` by the compiled kernel, on the host."""
         score_array, unit = (_NO_SCORES, True) if scores is None else (scores.numpy(), False)
         keys, table, rows, occupied, mass_array, coefficients = self._arrays()
         bad, periods = insert_kernel(
-            id_array,
+            ids,
             score_array,
             unit,
             keys,
@@ -458,36 +326,34 @@ class HotSketch(torch.nn.Module):
         if bad >= 0:
             value = float(scores[int(bad)])  # type: ignore[index]
             raise ValueError(f"scores must be finite and >= 0, got {value} at flat index {int(bad)}")
-        start = 0
-        for count in per_round:
-            chosen = by_round[start : start + int(count)]
-            start += int(count)
-            torch_ops.apply_round(
-                unique_ids[chosen],
-                unique_scores[chosen],
-                buckets[chosen],
-                self.keys,
-                self.scores,
-                self.hot_rows,
-                self.occupied,
-                skip_hot=self.skip_hot,
-            )
+        torch_ops.apply_rounds(
+            unique_ids,
+            unique_scores,
+            buckets,
+            by_round,
+            [int(count) for count in per_round],
+            self.keys,
+            self.scores,
+            self.hot_rows,
+            self.occupied,
+            skip_hot=self.skip_hot,
+        )
         return self._decay_by(mass)  # exactly as the compiled kernel decays
 
     @torch.no_grad()
     def query(self, ids: Tensor) -> tuple[Tensor, Tensor]:
         """Scores (float32) and hot rows (int32) of ``ids``, with their shape and device; 0 and -1 when absent."""
         if not self._compiled:
-            flat = _id_tensor(ids, self.keys.device)
+            flat = id_tensor(ids, self.keys.device)
             score_tensor, row_tensor = torch_ops.query(
                 flat, self.keys, self.scores, self.hot_rows, self.occupied, self.coefficients
             )
         else:
-            _, id_array = _id_array(ids)
+            _, flat_ids = id_array(ids)
             keys, table, rows, occupied, _, coefficients = self._arrays()
-            scores = np.empty(id_array.shape[0], dtype=np.float32)
-            hot = np.empty(id_array.shape[0], dtype=np.int32)
-            query_kernel(id_array, keys, table, rows, occupied, coefficients, scores, hot)
+            scores = np.empty(flat_ids.shape[0], dtype=np.float32)
+            hot = np.empty(flat_ids.shape[0], dtype=np.int32)
+            query_kernel(flat_ids, keys, table, rows, occupied, coefficients, scores, hot)
             score_tensor, row_tensor = torch.from_numpy(scores), torch.from_numpy(hot)
         score_tensor, row_tensor = score_tensor.view(ids.shape), row_tensor.view(ids.shape)
         return score_tensor.to(ids.device), row_tensor.to(ids.device)
@@ -518,63 +384,36 @@ class HotSketch(torch.nn.Module):
         if isinstance(ids, Tensor) and isinstance(rows, Tensor) and rows.shape != ids.shape:
             raise ValueError(f"rows must have the shape of ids {tuple(ids.shape)}, got {tuple(rows.shape)}")
         if not self._compiled:
-            self._set_hot_torch(_id_tensor(ids, self.keys.device), _id_tensor(rows, self.keys.device, "rows"))
+            device = self.keys.device
+            flat_ids, flat_rows = id_tensor(ids, device), id_tensor(rows, device, "rows")
+            torch_ops.set_hot(flat_ids, flat_rows, self.keys, self.hot_rows, self.occupied, self.coefficients)
             return
-        _, id_array = _id_array(ids)
-        _, row_array = _id_array(rows, "rows")
+        _, id_values = id_array(ids)
+        _, row_values = id_array(rows, "rows")
         keys, _, hot, occupied, _, coefficients = self._arrays()
-        problem, index = set_hot_kernel(id_array, row_array, keys, hot, occupied, coefficients)
+        problem, index = set_hot_kernel(id_values, row_values, keys, hot, occupied, coefficients)
         if problem == 1:
-            raise ValueError(f"rows must be in [0, {MAX_ROW}], got {int(row_array[index])}")
+            raise ValueError(f"rows must be in [0, {MAX_ROW}], got {int(row_values[index])}")
         if problem == 2:
-            raise ValueError(f"id {int(id_array[index])} is not in the sketch: only present IDs can be made hot")
-
-    def _set_hot_torch(self, ids: Tensor, rows: Tensor) -> None:
-        where = torch_ops.locate(ids, self.keys, self.occupied, self.coefficients)
-        bad_row = (rows < 0) | (rows > MAX_ROW)
-        absent = where < 0
-        first_bad, first_absent = (
-            int(i)
-            for i in torch.stack(
-                [
-                    torch.where(bad_row.any(), bad_row.to(torch.uint8).argmax(), -1)
-                    if rows.numel()
-                    else rows.new_tensor(-1),
-                    torch.where(absent.any(), absent.to(torch.uint8).argmax(), -1)
-                    if ids.numel()
-                    else ids.new_tensor(-1),
-                ]
-            ).tolist()
-        )
-        if first_bad >= 0:
-            raise ValueError(f"rows must be in [0, {MAX_ROW}], got {int(rows[first_bad])}")
-        if first_absent >= 0:
-            raise ValueError(f"id {int(ids[first_absent])} is not in the sketch: only present IDs can be made hot")
-        self.hot_rows.view(-1)[where] = rows.to(torch.int32)
+            raise ValueError(f"id {int(id_values[index])} is not in the sketch: only present IDs can be made hot")
 
     @torch.no_grad()
     def set_hot_where(self, ids: Tensor, rows: Tensor, where: Tensor) -> None:
         """:meth:`set_hot` for the ``where`` entries only, in fixed shapes (nothing read back): those ids must be
         present, distinct and not hot; the others are left alone."""
-        at = torch_ops.locate(_id_tensor(ids, self.keys.device), self.keys, self.occupied, self.coefficients)
-        chosen = where.to(self.keys.device) & (at >= 0)
-        flat = self.hot_rows.view(-1)
-        # adding 0 where nothing is chosen leaves any slot (repeated or not) as it was
-        step = torch.where(chosen, rows.to(self.keys.device, torch.int32) - flat[at.clamp_min(0)], 0)
-        flat.index_put_((at.clamp_min(0),), step.to(torch.int32), accumulate=True)
+        flat_ids = id_tensor(ids, self.keys.device)
+        torch_ops.set_hot_where(flat_ids, rows, where, self.keys, self.hot_rows, self.occupied, self.coefficients)
 
     @torch.no_grad()
     def clear_hot(self, ids: Tensor) -> Tensor:
         """Take their rows from ``ids``; returns the rows taken (int32, ids' shape, -1 where there was none)."""
         if not self._compiled:
-            where = torch_ops.locate(_id_tensor(ids, self.keys.device), self.keys, self.occupied, self.coefficients)
-            flat_rows, found = self.hot_rows.view(-1), where >= 0
-            released = torch.where(found, flat_rows[where.clamp_min(0)], -1)
-            flat_rows[where[found]] = -1
+            flat_ids = id_tensor(ids, self.keys.device)
+            released = torch_ops.clear_hot(flat_ids, self.keys, self.hot_rows, self.occupied, self.coefficients)
         else:
-            _, id_array = _id_array(ids)
+            _, flat_ids = id_array(ids)
             keys, _, hot, occupied, _, coefficients = self._arrays()
-            released = torch.from_numpy(clear_hot_kernel(id_array, keys, hot, occupied, coefficients))
+            released = torch.from_numpy(clear_hot_kernel(flat_ids, keys, hot, occupied, coefficients))
         return released.view(ids.shape).to(ids.device)
 
     def hot_below(self, threshold: float | None = None) -> tuple[Tensor, Tensor]:

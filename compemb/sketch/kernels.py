@@ -19,10 +19,18 @@ def insert_kernel(ids, scores, unit, keys, table, rows, occupied, mass, coeffici
     """Apply a batch; returns the index of the first bad score (nothing changed then) or -1, and the decays.
     ``counted`` >= 0: the mass the batch counts towards the decay (else the sum of its scores); ``skip_hot``: a
     newcomer to a full bucket looks for the lowest slot among those holding no hot ID."""
-    n = ids.shape[0]
-    num_buckets, num_slots = keys.shape
-    a, b = coefficients[0, 0], coefficients[0, 1]
     # check every score before touching the sketch, so a bad batch leaves it as it was
+    bad, total = _checked_total(scores, unit, ids.shape[0])
+    if bad >= 0:
+        return bad, 0
+    count, unique_ids, unique_mixed, unique_scores = _sum_duplicates(ids, scores, unit, coefficients)
+    _space_saving(count, unique_ids, unique_mixed, unique_scores, keys, table, rows, occupied, skip_hot)
+    return -1, _decay_past_period(table, mass, total if counted < 0.0 else counted, limit, factor)
+
+
+@numba.njit(cache=True, nogil=True)
+def _checked_total(scores, unit, n):
+    """(index of the first score that is negative, NaN or infinite, or -1; the batch's total score)."""
     total = 0.0
     if unit:
         total = float(n)
@@ -30,8 +38,17 @@ def insert_kernel(ids, scores, unit, keys, table, rows, occupied, mass, coeffici
         for i in range(n):
             s = scores[i]
             if not (s >= 0.0 and s < np.inf):  # NaN fails every comparison
-                return i, 0
+                return i, 0.0
             total += s
+    return -1, total
+
+
+@numba.njit(cache=True, nogil=True)
+def _sum_duplicates(ids, scores, unit, coefficients):
+    """The batch's distinct IDs in order of first occurrence, with their hashes' mixed values and summed scores:
+    ``(count, unique_ids, unique_mixed, unique_scores)``, the arrays valid up to ``count``."""
+    n = ids.shape[0]
+    a, b = coefficients[0, 0], coefficients[0, 1]
     # sum duplicates in an open-addressing table (at most half full), remembering first occurrences in order
     bits = 1
     while (1 << bits) < 2 * n:
@@ -62,7 +79,13 @@ def insert_kernel(ids, scores, unit, keys, table, rows, occupied, mass, coeffici
                 unique_scores[u] += s  # float32, in batch order
                 break
             h = (h + 1) & mask
-    # Space-Saving inside each bucket
+    return count, unique_ids, unique_mixed, unique_scores
+
+
+@numba.njit(cache=True, nogil=True)
+def _space_saving(count, unique_ids, unique_mixed, unique_scores, keys, table, rows, occupied, skip_hot):
+    """Apply the first ``count`` distinct IDs one after another, Space-Saving inside each bucket."""
+    num_buckets, num_slots = keys.shape
     for k in range(count):
         x = unique_ids[k]
         s = unique_scores[k]
@@ -93,15 +116,20 @@ def insert_kernel(ids, scores, unit, keys, table, rows, occupied, mass, coeffici
             keys[bucket, lowest] = x
             table[bucket, lowest] += s  # the newcomer inherits the count it displaces (Space-Saving)
         # else: the lowest slot (with skip_hot: every slot) holds a hot ID, which keeps its place; the new ID is dropped
-    # past a period of mass: decay once (at most once a call, as the authors' batch_insert) and count afresh
-    mass[0] += total if counted < 0.0 else counted
+
+
+@numba.njit(cache=True, nogil=True)
+def _decay_past_period(table, mass, counted, limit, factor):
+    """Count ``counted`` towards the decay; past a period of mass decay once (at most once a call, as the authors'
+    batch_insert) and count afresh. Returns the decays (0 or 1)."""
+    mass[0] += counted
     periods = 0
     if mass[0] > limit:
         mass[0] = 0.0
         if factor < 1.0:
             periods = 1
             scale_scores(table, factor)
-    return -1, periods
+    return periods
 
 
 @numba.njit(cache=True, nogil=True)

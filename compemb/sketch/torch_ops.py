@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from compemb.hashing import hash_ids
+from compemb.sketch.kernels import MAX_ROW
 
 _INF = float("inf")
 
@@ -46,6 +47,52 @@ def query(
     scores = torch.where(found, table.view(-1)[at], 0.0)
     hot = torch.where(found, rows.view(-1)[at], -1)
     return scores, hot
+
+
+def set_hot(ids: Tensor, rows: Tensor, keys: Tensor, hot_rows: Tensor, occupied: Tensor, coefficients: Tensor) -> None:
+    """Give each of the 1-D ``ids`` its row from ``rows`` (in place); ValueError for a row out of range or an ID
+    not in the sketch (nothing changes then). One read back: the first bad row and the first absent ID."""
+    where = locate(ids, keys, occupied, coefficients)
+    bad_row = (rows < 0) | (rows > MAX_ROW)
+    absent = where < 0
+    first_bad, first_absent = (
+        int(i)
+        for i in torch.stack(
+            [
+                torch.where(bad_row.any(), bad_row.to(torch.uint8).argmax(), -1)
+                if rows.numel()
+                else rows.new_tensor(-1),
+                torch.where(absent.any(), absent.to(torch.uint8).argmax(), -1) if ids.numel() else ids.new_tensor(-1),
+            ]
+        ).tolist()
+    )
+    if first_bad >= 0:
+        raise ValueError(f"rows must be in [0, {MAX_ROW}], got {int(rows[first_bad])}")
+    if first_absent >= 0:
+        raise ValueError(f"id {int(ids[first_absent])} is not in the sketch: only present IDs can be made hot")
+    hot_rows.view(-1)[where] = rows.to(torch.int32)
+
+
+def set_hot_where(
+    ids: Tensor, rows: Tensor, where: Tensor, keys: Tensor, hot_rows: Tensor, occupied: Tensor, coefficients: Tensor
+) -> None:
+    """:func:`set_hot` for the ``where`` entries only, in fixed shapes (nothing read back): those ids must be
+    present, distinct and not hot; the others are left alone."""
+    at = locate(ids, keys, occupied, coefficients)
+    chosen = where.to(keys.device) & (at >= 0)
+    flat = hot_rows.view(-1)
+    # adding 0 where nothing is chosen leaves any slot (repeated or not) as it was
+    step = torch.where(chosen, rows.to(keys.device, torch.int32) - flat[at.clamp_min(0)], 0)
+    flat.index_put_((at.clamp_min(0),), step.to(torch.int32), accumulate=True)
+
+
+def clear_hot(ids: Tensor, keys: Tensor, hot_rows: Tensor, occupied: Tensor, coefficients: Tensor) -> Tensor:
+    """Take their rows from the 1-D ``ids`` (in place); returns the rows taken (-1 where there was none)."""
+    where = locate(ids, keys, occupied, coefficients)
+    flat_rows, found = hot_rows.view(-1), where >= 0
+    released = torch.where(found, flat_rows[where.clamp_min(0)], -1)
+    flat_rows[where[found]] = -1
+    return released
 
 
 def plan_insert(
@@ -120,6 +167,27 @@ def apply_round(
     keys.view(-1)[flat] = torch.where(entering | taking_over, ids, current_key)
     rows.view(-1)[flat] = torch.where(entering, -1, current_row)
     occupied.view(-1)[flat] = bucket_used.gather(-1, slot.unsqueeze(-1)).squeeze(-1) | entering
+
+
+def apply_rounds(
+    ids: Tensor,
+    scores: Tensor,
+    buckets: Tensor,
+    by_round: Tensor,
+    per_round: list[int],
+    keys: Tensor,
+    table: Tensor,
+    rows: Tensor,
+    occupied: Tensor,
+    skip_hot: bool = False,
+) -> None:
+    """:func:`apply_round` for each round of :func:`plan_insert`'s plan: ``per_round[r]`` IDs, the next ones of
+    ``by_round``, in round ``r``."""
+    start = 0
+    for count in per_round:
+        chosen = by_round[start : start + count]
+        start += count
+        apply_round(ids[chosen], scores[chosen], buckets[chosen], keys, table, rows, occupied, skip_hot=skip_hot)
 
 
 def hot_below(keys: Tensor, table: Tensor, rows: Tensor, occupied: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
@@ -200,19 +268,38 @@ def merge_insert(
     n = ids.numel()
     if n == 0:
         return
-    device = ids.device
     if buckets is None:
         distinct, sums, valid, _ = distinct_sums(ids, scores, keep)
         bucket = buckets_of(distinct, coefficients, num_buckets)
     else:
         distinct, sums, valid, bucket = distinct_sums(ids, scores, keep, groups=buckets)
+    found = _add_to_residents(distinct, sums, valid, bucket, keys, table, occupied)
+    new_ids, new_scores, target, groups = _newcomers_by_bucket(distinct, sums, valid & ~found, bucket, keys, table)
+    _merge_into_buckets(new_ids, new_scores, target, groups, keys, table, rows, occupied, skip_hot)
+
+
+def _add_to_residents(
+    distinct: Tensor, sums: Tensor, valid: Tensor, bucket: Tensor, keys: Tensor, table: Tensor, occupied: Tensor
+) -> Tensor:
+    """Add the batch's scores to the IDs already in their buckets (in place); returns which distinct IDs were."""
+    slots = keys.shape[1]
     # residents: add the batch's scores to the IDs already there (an add of 0 elsewhere changes nothing)
     match = occupied[bucket] & (keys[bucket] == distinct.unsqueeze(-1)) & valid.unsqueeze(-1)
     found = match.any(-1)
     flat = bucket * slots + match.to(torch.uint8).argmax(-1)
     table.view(-1).index_add_(0, flat, torch.where(found, sums, 0.0))
+    return found
+
+
+def _newcomers_by_bucket(
+    distinct: Tensor, sums: Tensor, newcomer: Tensor, bucket: Tensor, keys: Tensor, table: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Each touched bucket's best ``slots`` newcomers, a row per bucket: ``(new_ids, new_scores, target, groups)``,
+    ``len(distinct)`` rows, ``target`` each row's bucket, ``groups`` how many buckets take newcomers (on the
+    device); rows past the last touched bucket repeat it, and missing candidates score ``-inf``."""
+    num_buckets, slots = keys.shape
+    n, device = distinct.numel(), distinct.device
     # newcomers: grouped by bucket, best first; the first `slots` of each bucket are its candidates
-    newcomer = valid & ~found
     by_score = torch.argsort(-sums, stable=True)
     grouping = torch.where(newcomer, bucket, num_buckets)[by_score]
     by_bucket = torch.argsort(grouping, stable=True)
@@ -234,7 +321,23 @@ def merge_insert(
     target[torch.where(first, group, n)] = sorted_bucket
     # rows past the last touched bucket repeat it: they compute and write exactly its values
     at = torch.minimum(torch.arange(n, device=device), (groups - 1).clamp_min(0))
-    new_ids, new_scores, target = new_ids[at], new_scores[at], target[at]
+    return new_ids[at], new_scores[at], target[at], groups
+
+
+def _merge_into_buckets(
+    new_ids: Tensor,
+    new_scores: Tensor,
+    target: Tensor,
+    groups: Tensor,
+    keys: Tensor,
+    table: Tensor,
+    rows: Tensor,
+    occupied: Tensor,
+    skip_hot: bool,
+) -> None:
+    """Merge each row's newcomers with the residents of its bucket ``target``: the ``slots`` highest stay (in
+    place; see :func:`merge_insert`)."""
+    slots = keys.shape[1]
     resident_keys, resident_scores = keys[target], table[target]
     resident_rows, resident_used = rows[target], occupied[target]
     full = resident_used.all(-1)
