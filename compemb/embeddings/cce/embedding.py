@@ -207,21 +207,25 @@ class CCEmbedding(ColumnClustering, PointerRouting, AdaptiveEmbedding):
                 f"{self._who()}: every id holds pointers (the paper's algorithm); pointers={pointers} "
                 "for the top ids only is cce-hybrid's option"
             )
+        plan = self._plan(budget, pointers, sample)
+        self.sample = sample or ("uniform" if plan.all_ids else "frequency")
+        self.rows, self.all_ids, self.holder_rows = plan.rows, plan.all_ids, plan.holder_rows
+        self._build_tables(plan, decay, seed, device)
+        self._meet_budget(budget, plan, seed)
+
+    def _plan(self, budget: Budget, pointers: int | None, sample: str | None) -> CCEPlan:
+        """The sizes ``budget`` buys with these options (:func:`~compemb.embeddings.cce.plan.plan_tables`)."""
         shape = CCEShape(
             self.num_embeddings,
             self.embedding_dim,
-            columns,
-            accounting == "honest",
+            self.columns,
+            self.accounting == "honest",
             self.pointer_share,
             self.holder_share,
             self.sketch_slots_per_pointer,
             self.hybrid,
         )
-        plan = plan_tables(shape, budget, pointers, sample, budget_tolerance())
-        self.sample = sample or ("uniform" if plan.all_ids else "frequency")
-        self.rows, self.all_ids, self.holder_rows = plan.rows, plan.all_ids, plan.holder_rows
-        self._build_tables(plan, decay, seed, device)
-        self._meet_budget(budget, plan, seed)
+        return plan_tables(shape, budget, pointers, sample, budget_tolerance())
 
     def _set_options(
         self,
