@@ -31,89 +31,22 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from compemb.budget import (
-    BUDGET_TOLERANCE,
-    FLOAT_BYTES,
-    BudgetError,
-    MemoryReport,
-    full_table_bytes,
-    nearest_size,
-    resolve_budget,
-)
+from compemb.budget import MemoryReport, full_table_bytes, resolve_budget
 from compemb.checks import assert_ids_in_range
+from compemb.collection_tables import PerFeatureTableBuilder, build_shared_table, table_options
 from compemb.embeddings.base import CompressedEmbedding
-from compemb.embeddings.full import FullEmbedding
 from compemb.feature_methods import assign_methods, format_feature_methods, is_per_feature
+from compemb.features import POOLINGS, Bags, Feature
 from compemb.kernels import device_path
-from compemb.registry import get_method, make_embedding
+from compemb.registry import get_method
 from compemb.table_batch import TableBatch
+from compemb.table_groups import batch_groups
+
+# the names `from compemb.collection import ...` gives: Feature and Bags live in compemb.features, batch_groups
+# in compemb.table_groups
+__all__ = ["POOLINGS", "SHARING", "Bags", "CollectionMemory", "EmbeddingCollection", "Feature", "batch_groups"]
 
 SHARING = ("per_feature", "shared")
-
-
-POOLINGS = ("sum", "mean")
-
-
-@dataclass(frozen=True)
-class Feature:
-    """A categorical feature: its name, how many ids it has, and how a row's ids are pooled.
-
-    ``pooling=None`` (one-hot, as Criteo's): one id per row, a column of the collection's ``ids``.
-    ``"sum"`` / ``"mean"`` (multi-hot, e.g. a user's last k items): a bag of ids per row, given as :class:`Bags`
-    and reduced to one vector (an empty bag gives zeros).
-    """
-
-    name: str
-    num_embeddings: int
-    pooling: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.pooling is not None and self.pooling not in POOLINGS:
-            raise ValueError(f"feature {self.name!r}: pooling must be None or one of {POOLINGS}, got {self.pooling!r}")
-
-
-@dataclass(frozen=True)
-class Bags:
-    """A multi-hot feature's ids for a batch, laid out as a KeyedJaggedTensor carries one feature.
-
-    Row b's bag is ``values[offsets[b]:offsets[b + 1]]``: ``offsets`` has ``batch + 1`` entries, from 0 to
-    ``len(values)``. ``weights`` (optional, the shape of ``values``) scale each id's vector (sum pooling only).
-    """
-
-    values: Tensor
-    offsets: Tensor
-    weights: Tensor | None = None
-
-    @classmethod
-    def from_offsets(
-        cls, values: Tensor, offsets: Tensor, weights: Tensor | None = None, *, include_last_offset: bool = False
-    ) -> Bags:
-        """Bags from nn.EmbeddingBag's offsets: one per bag (``include_last_offset=False``, the bags then end at
-        ``len(values)``), or one per bag and a last one that must be ``len(values)``.
-
-        Example::
-
-            >>> Bags.from_offsets(torch.arange(5), torch.tensor([0, 2])).offsets.tolist()
-            [0, 2, 5]
-        """
-        if not isinstance(offsets, Tensor) or offsets.dim() != 1 or offsets.is_floating_point():
-            raise ValueError("bag offsets must be a 1-D integer tensor")
-        if include_last_offset:
-            if len(offsets) == 0 or int(offsets[-1]) != len(values):
-                last = int(offsets[-1]) if len(offsets) else None
-                raise ValueError(
-                    f"with include_last_offset, offsets[-1] must be len(values) = {len(values)}, got {last}"
-                )
-            return cls(values, offsets.long(), weights)
-        end = torch.tensor([len(values)], dtype=torch.int64, device=offsets.device)
-        return cls(values, torch.cat([offsets.long(), end]), weights)
-
-    @classmethod
-    def from_lengths(cls, values: Tensor, lengths: Tensor, weights: Tensor | None = None) -> Bags:
-        """Bags from per-row lengths (as KJTs also carry them) instead of offsets."""
-        offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64, device=lengths.device)
-        torch.cumsum(lengths.long(), 0, out=offsets[1:])
-        return cls(values, offsets, weights)
 
 
 @dataclass(frozen=True)
@@ -194,21 +127,48 @@ class EmbeddingCollection(torch.nn.Module):
         self._groups: list[tuple[list[int], TableBatch | None]] = []
         self._groups_key: tuple[int, ...] = ()
         self._group_tensors: tuple[Any, list[Tensor], Tensor | None] = (None, [], None)
-        if sharing not in SHARING:
-            raise ValueError(f"sharing must be one of {SHARING}, got {sharing!r}")
-        if not features:
-            raise ValueError("an EmbeddingCollection needs at least one feature")
-        names = [f.name for f in features]
-        if len(set(names)) != len(names):
-            raise ValueError(f"feature names must be unique, got {names}")
-        # each name keys a table in a torch ModuleDict: torch refuses its own attribute names and dotted ones
-        unusable = [name for name in names if not name or "." in name or hasattr(torch.nn.ModuleDict, name)]
-        if unusable:
-            raise ValueError(
-                f"feature name {unusable[0]!r} cannot name a table (torch's ModuleDict takes no empty or "
-                f"dotted name, nor one of its own attributes such as 'items' or 'type'): rename it, "
-                f"e.g. {unusable[0].replace('.', '_') + '_'!r}"
+        _check_features(features, sharing)
+        self._set_features(features, embedding_dim)
+        assigned = self._assign_methods(method, sharing)
+        classes = [get_method(self.methods[f.name]) for f in features]
+        options_per_table = table_options(features, options, assigned, classes)
+        total = sum(f.num_embeddings for f in features)
+        if compression is None and num_params is None and not any(cls.compresses for cls in classes):
+            compression = 1
+        self.budget = resolve_budget(total, embedding_dim, compression=compression, num_params=num_params)
+        self.sharing = sharing
+        self._register_offsets(device)
+        if self.sharing == "shared":
+            table = build_shared_table(
+                features,
+                embedding_dim,
+                method,  # type: ignore[arg-type]  # one method: a method per feature is refused with "shared"
+                self.budget,
+                options_per_table[0],
+                seed=seed,
+                device=device,
+                frequencies=frequencies,
             )
+            self.embeddings = torch.nn.ModuleDict({"shared": table})
+            return
+        builder = PerFeatureTableBuilder(
+            features,
+            embedding_dim,
+            self.methods,
+            classes,
+            options_per_table,
+            options,
+            self.budget,
+            label=self.method,
+            seed=seed,
+            device=device,
+            frequencies=frequencies,
+        )
+        self.embeddings = torch.nn.ModuleDict(builder.build_tables())
+        _run_lookups_eagerly()
+
+    def _set_features(self, features: Sequence[Feature], embedding_dim: int) -> None:
+        """The features, which are one-hot and which multi-hot, and the order the output puts them back in."""
         self.features = list(features)
         self.one_hot = [i for i, f in enumerate(features) if f.pooling is None]
         self.multi_hot = [i for i, f in enumerate(features) if f.pooling is not None]
@@ -216,6 +176,10 @@ class EmbeddingCollection(torch.nn.Module):
         self._order = torch.tensor(self.one_hot + self.multi_hot).argsort().tolist()
         self._order_tensor: Tensor | None = None
         self.embedding_dim = embedding_dim
+
+    def _assign_methods(self, method: str | Mapping[str, str], sharing: str) -> dict[str, tuple[str, dict[str, Any]]]:
+        """Each feature's method and its own options, by feature name; sets ``method`` and ``methods``."""
+        names = [f.name for f in self.features]
         # one method for every feature, or each its own (compemb.feature_methods): names, options per feature
         self.method = method if isinstance(method, str) else format_feature_methods(method)
         if is_per_feature(method):
@@ -226,162 +190,17 @@ class EmbeddingCollection(torch.nn.Module):
             get_method(method)  # an unknown name raises, listing the methods
             assigned = {name: (method, {}) for name in names}
         self.methods = {name: name_and_options[0] for name, name_and_options in assigned.items()}
-        classes = [get_method(self.methods[f.name]) for f in features]
-        # sparse=True: sparse gradients for every table with rows (the small features' full ones too); dhe's MLP and
-        # tt's cores take dense ones
-        full_sparse = options.get("sparse", False)
-        table_options = [
-            {**options, **assigned[f.name][1], **({"sparse": False} if not cls.sparse_gradients else {})}
-            for f, cls in zip(features, classes)
-        ]
-        total = sum(f.num_embeddings for f in features)
-        if compression is None and num_params is None and not any(cls.compresses for cls in classes):
-            compression = 1
-        self.budget = resolve_budget(total, embedding_dim, compression=compression, num_params=num_params)
-        self.sharing = sharing
-        cardinalities = torch.tensor([f.num_embeddings for f in features], dtype=torch.int64, device=device)
+        return assigned
+
+    def _register_offsets(self, device: torch.device | str | None) -> None:
+        """Buffers of each feature's id count and first row in a vocabulary of every feature's ids, all features'
+        and the one-hot ones'."""
+        cardinalities = torch.tensor([f.num_embeddings for f in self.features], dtype=torch.int64, device=device)
         self.register_buffer("cardinalities", cardinalities, persistent=False)
         self.register_buffer("offsets", torch.cumsum(cardinalities, 0) - cardinalities, persistent=False)
         one_hot = torch.tensor(self.one_hot, dtype=torch.int64, device=device)
         self.register_buffer("one_hot_cardinalities", cardinalities[one_hot], persistent=False)
         self.register_buffer("one_hot_offsets", self.offsets[one_hot], persistent=False)
-        if self.sharing == "shared":
-            options = table_options[0]
-            common: dict[str, Any] = dict(seed=seed, device=device, name="shared")
-            if get_method(method).needs_frequencies:  # every feature's counts, end to end as the ids are
-                missing = [f.name for f in features if f.name not in (frequencies or {})]
-                common["frequencies"] = None if missing else torch.cat([frequencies[f.name] for f in features])
-            if get_method(method).takes_feature_blocks:  # MDE: each feature a block with a dim of its own
-                common["blocks"] = [f.num_embeddings for f in features]
-            table = make_embedding(
-                method, total, embedding_dim, num_params=max(1, round(self.budget.num_params)), **common, **options
-            )
-            self.embeddings = torch.nn.ModuleDict({"shared": table})
-            return
-        full_options = {
-            key: value
-            for key, value in options.items()
-            if key in ("mode", "init", "include_last_offset", "padding_idx")
-        }
-        full_options["sparse"] = full_sparse
-
-        def build(index: int, budget_bytes: int | None, last: bool = False) -> CompressedEmbedding:
-            feature, method, options = features[index], self.methods[features[index].name], table_options[index]
-            common: dict[str, Any] = dict(seed=seed + index, device=device, name=feature.name)
-            if budget_bytes is None:
-                return make_embedding("full", feature.num_embeddings, embedding_dim, **common, **full_options)
-            if classes[index].needs_frequencies:  # None when missing: the method says what it needs
-                common["frequencies"] = (frequencies or {}).get(feature.name)
-            params = max(1, budget_bytes // FLOAT_BYTES)
-            if last:  # the largest table absorbs the others' rounding: at its nearest size that fits what is left
-                for _ in range(8):
-                    with nearest_size():
-                        table = make_embedding(
-                            method, feature.num_embeddings, embedding_dim, num_params=params, **common, **options
-                        )
-                    excess = table.budgeted_bytes() - budget_bytes
-                    if excess <= 0 or params <= 1:
-                        return table
-                    params = max(1, params - -(-excess // FLOAT_BYTES))
-                return table
-            with nearest_size():  # the total is checked at the end
-                return make_embedding(
-                    method, feature.num_embeddings, embedding_dim, num_params=params, **common, **options
-                )
-
-        # smallest first: each takes its proportional share of what is left (or stays full when the share
-        # would reach its full size) at its nearest size; larger tables absorb the smaller ones' rounding,
-        # and the total is checked against the budget at the end
-        full = [full_table_bytes(f.num_embeddings, embedding_dim) for f in features]
-        tables: dict[int, CompressedEmbedding] = {}
-        # the features whose method stores full tables (a method per feature: "C1=full") take their size first
-        for index, cls in enumerate(classes):
-            if not cls.compresses:
-                tables[index] = build(index, None)
-        left_bytes = self.budget.num_bytes - sum(table.budgeted_bytes() for table in tables.values())
-        if tables and len(tables) < len(features) and left_bytes < FLOAT_BYTES:
-            kept = ", ".join(repr(features[i].name) for i in tables)
-            raise BudgetError(
-                f"the features kept full ({kept}) store {self.budget.num_bytes - left_bytes:,} bytes: "
-                f"more than the budget of {self.budget.num_bytes:,} bytes for every table"
-            )
-        # what the method would give each feature (in proportion to its full table, or MDE's power rule); a mix of
-        # methods shares in proportion to the full tables
-        single = len(set(self.methods.values())) == 1
-        cls = classes[0]
-        wanted = (
-            cls.split_budget(
-                [f.num_embeddings for f in features], embedding_dim, self.budget.num_bytes, **table_options[0]
-            )
-            if single
-            else full
-        )
-        # a proportional split keeps small features full itself (below); a method's own split already decides
-        proportional = not single or cls.split_budget.__func__ is CompressedEmbedding.split_budget.__func__  # type: ignore[attr-defined]
-        order = sorted((i for i in range(len(features)) if i not in tables), key=lambda index: full[index])
-        left_wanted = sum(wanted[i] for i in order)
-        for position, index in enumerate(order):
-            share = left_bytes * wanted[index] / left_wanted
-            even_share = left_bytes / (len(order) - position)
-            # a table no bigger than an even share of what is left stays full: compressing a 10-id feature
-            # into one shared row would erase it for almost no memory
-            if share >= full[index] or (proportional and full[index] <= even_share):
-                table = build(index, None)
-            elif left_bytes < FLOAT_BYTES:
-                self._explain_budget(features, full, table_options, [i for i in order if i not in tables])
-                raise BudgetError(
-                    f"a budget of {self.budget.num_params:,.0f} params is used up before feature "
-                    f"{features[index].name!r}: the smaller features' tables took it"
-                )
-            else:
-                table = build(index, round(share), last=position == len(order) - 1)
-                if table.budgeted_bytes() >= full[index]:  # its nearest compressed size is no smaller
-                    table = build(index, None)
-            tables[index] = table
-            left_bytes -= table.budgeted_bytes()
-            left_wanted -= wanted[index]
-        stored = sum(table.budgeted_bytes() for table in tables.values())  # as each method accounts
-        miss = (stored - self.budget.num_bytes) / self.budget.num_bytes
-        every_table_full = all(not table.compresses for table in tables.values())
-        # tables grow by whole rows: a tiny budget may stay under by up to a row per feature
-        under_tolerance = max(BUDGET_TOLERANCE, len(features) * embedding_dim * FLOAT_BYTES / self.budget.num_bytes)
-        if miss > BUDGET_TOLERANCE or (miss < -under_tolerance and not every_table_full):
-            self._explain_budget(features, full, table_options, [i for i in order if tables[i].compresses])
-            raise BudgetError(
-                f"EmbeddingCollection of {self.method!r}: its tables store {stored:,} bytes, {miss:+.1%} from the budget "
-                f"of {self.budget.num_bytes:,} bytes"
-            )
-        self.embeddings = torch.nn.ModuleDict({features[i].name: tables[i] for i in range(len(features))})
-        _run_lookups_eagerly()
-
-    def _explain_budget(
-        self, features: Sequence[Feature], full: list[int], options: list[dict[str, Any]], compressed: list[int]
-    ) -> None:
-        """Raise the method's own BudgetError where one is the reason a per-feature split missed the budget.
-
-        A method with per-id bytes (honest ``cce``: c pointers per id) reaches only bands of ratios, which depend on
-        a table's size; every compressed feature gets about the collection's ratio, so each ``compressed`` feature's
-        table at that ratio, built strictly (largest first), says which one cannot and which bands it reaches.
-        """
-        for index in sorted(compressed, key=lambda index: -full[index]):
-            method = self.methods[features[index].name]
-            if get_method(method).per_id_bytes == 0:
-                continue
-            share = self.budget.num_bytes * full[index] / sum(full)
-            try:
-                make_embedding(
-                    method,
-                    features[index].num_embeddings,
-                    self.embedding_dim,
-                    num_params=max(1, round(share / FLOAT_BYTES)),
-                    device="meta",
-                    **options[index],
-                )
-            except BudgetError as error:
-                raise BudgetError(
-                    f"feature {features[index].name!r} ({features[index].num_embeddings:,} ids) at "
-                    f"the collection's ratio: {error}"
-                ) from None
 
     # torch.compile compiles the model around the lookups and runs them as they are (torch.compiler.disable, applied
     # when the first collection is built: _run_lookups_eagerly)
@@ -533,6 +352,25 @@ class EmbeddingCollection(torch.nn.Module):
         return f"method={self.method!r}, features={len(self.features)}{sharing}, compression={full / total:.1f}x"
 
 
+def _check_features(features: Sequence[Feature], sharing: str) -> None:
+    """ValueError unless ``sharing`` is known and the features are some, with names that can key a table."""
+    if sharing not in SHARING:
+        raise ValueError(f"sharing must be one of {SHARING}, got {sharing!r}")
+    if not features:
+        raise ValueError("an EmbeddingCollection needs at least one feature")
+    names = [f.name for f in features]
+    if len(set(names)) != len(names):
+        raise ValueError(f"feature names must be unique, got {names}")
+    # each name keys a table in a torch ModuleDict: torch refuses its own attribute names and dotted ones
+    unusable = [name for name in names if not name or "." in name or hasattr(torch.nn.ModuleDict, name)]
+    if unusable:
+        raise ValueError(
+            f"feature name {unusable[0]!r} cannot name a table (torch's ModuleDict takes no empty or "
+            f"dotted name, nor one of its own attributes such as 'items' or 'type'): rename it, "
+            f"e.g. {unusable[0].replace('.', '_') + '_'!r}"
+        )
+
+
 def _run_lookups_eagerly() -> None:
     """Mark ``EmbeddingCollection.forward`` ``torch.compiler.disable``, once: torch.compile then compiles the model
     around the lookups and runs them as they are (their id checks, packed-weight checks, compiled kernels and sparse
@@ -543,42 +381,3 @@ def _run_lookups_eagerly() -> None:
         eager = torch.compiler.disable(forward)
         eager._runs_eagerly = True  # type: ignore[attr-defined]
         EmbeddingCollection.forward = eager  # type: ignore[method-assign]
-
-
-def batch_groups(tables: Sequence[torch.nn.Module]) -> list[tuple[list[int], TableBatch | None]]:
-    """Group tables (by position) into batches their method can look up together; ``None``: one at a time.
-
-    Tables group when they are of one class, with one ``sparse``, and the class's ``table_batch`` accepts them.
-    """
-    keys: dict[tuple, list[int]] = {}
-    for position, table in enumerate(tables):
-        batchable = isinstance(table, CompressedEmbedding)
-        keys.setdefault((type(table), table.sparse) if batchable else ("alone", position), []).append(position)
-
-    def plain(positions: list[int]) -> bool:  # a padding id or max pooling needs each table's own forward
-        return all(
-            getattr(tables[p], "padding_idx", None) is None and getattr(tables[p], "mode", "sum") != "max"
-            for p in positions
-        )
-
-    groups: list[tuple[list[int], TableBatch | None]] = []
-    for key in list(keys):  # a method whose batch takes the full tables beside it (hash): one batch, one update
-        joins, full_key = getattr(key[0], "table_batch_with_full", None), (FullEmbedding, key[1])
-        if joins is None or full_key not in keys or key not in keys:
-            continue
-        together = sorted(keys[key] + keys[full_key])
-        batch = joins([tables[p] for p in together]) if plain(together) else None
-        if batch is not None:
-            groups.append((together, batch))
-            del keys[key], keys[full_key]
-    for positions in keys.values():
-        first = tables[positions[0]]
-        members = [tables[p] for p in positions]
-        batch = (
-            type(first).table_batch(members) if isinstance(first, CompressedEmbedding) and plain(positions) else None
-        )
-        if batch is None:
-            groups.extend(([p], None) for p in positions)
-        else:
-            groups.append((positions, batch))
-    return groups

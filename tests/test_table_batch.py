@@ -5,11 +5,12 @@ import copy
 import pytest
 import torch
 
-from compemb.collection import EmbeddingCollection, Feature, batch_groups
+from compemb.collection import EmbeddingCollection, Feature
 from compemb.embeddings.full import FullEmbedding
 from compemb.optim import RowAdagrad, RowAdam
 from compemb.quantize import quantize
 from compemb.table_batch import PackedWeights
+from compemb.table_groups import batch_groups
 
 FEATURES = [Feature("C1", 100_000), Feature("C2", 5_000), Feature("C3", 3), Feature("C4", 50_000), Feature("C5", 20)]
 BATCHED = [

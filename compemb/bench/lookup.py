@@ -25,9 +25,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from compemb.budget import BudgetError
-from compemb.collection import EmbeddingCollection, Feature, batch_groups
+from compemb.collection import EmbeddingCollection
+from compemb.features import Feature
 from compemb.io import atomic_write_text
 from compemb.registry import METHODS
+from compemb.table_groups import batch_groups
 
 # the issues' targets (issue 13 for the hash family and CCE); others DEFAULT_TARGET
 TARGETS = {
@@ -113,20 +115,22 @@ def _time_pairs(
     return pairs
 
 
-def run_lookup_benchmark(
-    methods: list[str] | None = None,
-    rounds: int = 7,
-    steps: int = 20,
-    num_features: int = 26,
-    num_embeddings: int = 1_000_000,
-    embedding_dim: int = 16,
-    batch_size: int = 2048,
-    compression: float = 100,
-    seed: int = 0,
-    device: str = "cpu",
-) -> LookupResult:
-    """Time every method (sparse and dense gradients) against per-feature sparse nn.EmbeddingBag tables, on
-    ``device`` (tables, ids and gradients all there)."""
+@dataclass
+class _Workload:
+    """The timed steps' inputs, on the benchmark's device: ``NUM_BATCHES`` batches of ids taken in turn, and the
+    gradient every step sends back."""
+
+    batches: torch.Tensor  # (batch number, feature, sample)
+    samples_first: torch.Tensor  # (batch number, sample, feature), as a model reads
+    offsets: torch.Tensor  # one id per bag
+    upstream: torch.Tensor  # (sample, feature, dim)
+    features: list[Feature]
+
+
+def _make_workload(
+    num_features: int, num_embeddings: int, embedding_dim: int, batch_size: int, seed: int, device: str
+) -> _Workload:
+    """Uniform ids and a random upstream gradient, drawn from ``seed``."""
     generator = torch.Generator().manual_seed(seed)
     # a fresh batch every step, as in training: re-reading one fixed batch keeps its rows in cache, which
     # flatters tables with one read per id
@@ -135,51 +139,62 @@ def run_lookup_benchmark(
 
     # a dense upstream gradient, as a model's interaction layer sends back (sum() would send a stride-0 one)
     upstream = torch.randn(batch_size, num_features, embedding_dim, generator=generator).to(device)
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    samples_first = batches.transpose(1, 2).contiguous()
+    features = [Feature(f"C{f + 1}", num_embeddings) for f in range(num_features)]
+    return _Workload(batches, samples_first, offsets, upstream, features)
 
-    def make_step(tables: list[torch.nn.Module]) -> Callable[[], None]:
-        batch_numbers = itertools.cycle(range(NUM_BATCHES))
 
-        def step() -> None:
-            ids = batches[next(batch_numbers)]
-            outputs = torch.stack([table(ids[f], offsets) for f, table in enumerate(tables)], dim=1)
-            outputs.backward(upstream)
-            for table in tables:
-                for param in table.parameters():
-                    param.grad = None
+def _tables_step(tables: list[torch.nn.Module], workload: _Workload) -> Callable[[], None]:
+    """One forward+backward of per-feature ``tables`` (nn.EmbeddingBag's signature) on the next batch."""
+    batch_numbers = itertools.cycle(range(NUM_BATCHES))
+    batches, offsets, upstream = workload.batches, workload.offsets, workload.upstream
 
-        return step
-
-    samples_first = batches.transpose(1, 2).contiguous()  # (batch number, sample, feature), as a model reads
-
-    def make_collection_step(collection: EmbeddingCollection) -> Callable[[], None]:
-        batch_numbers = itertools.cycle(range(NUM_BATCHES))
-
-        def step() -> None:
-            collection(samples_first[next(batch_numbers)]).backward(upstream)
-            for param in collection.parameters():
+    def step() -> None:
+        ids = batches[next(batch_numbers)]
+        outputs = torch.stack([table(ids[f], offsets) for f, table in enumerate(tables)], dim=1)
+        outputs.backward(upstream)
+        for table in tables:
+            for param in table.parameters():
                 param.grad = None
 
-        return step
+    return step
 
-    features = [Feature(f"C{f + 1}", num_embeddings) for f in range(num_features)]
 
-    def full_tables() -> list[torch.nn.Module]:
-        return [
-            torch.nn.EmbeddingBag(num_embeddings, embedding_dim, mode="sum", sparse=True, device=device)
-            for _ in range(num_features)
-        ]
+def _collection_step(collection: EmbeddingCollection, workload: _Workload) -> Callable[[], None]:
+    """One forward+backward of ``collection`` on the next batch."""
+    batch_numbers = itertools.cycle(range(NUM_BATCHES))
+    samples_first, upstream = workload.samples_first, workload.upstream
 
-    # Random reads of 1.7 GB of tables run up to ~25% faster or slower depending on where the VM placed
-    # the memory (measured here: identical nn.EmbeddingBag sets, read by the same kernel, differ that much).
-    # The baseline therefore rotates over several sets, and a control set shows how far one can stray.
-    baseline_steps = itertools.cycle([make_step(full_tables()) for _ in range(BASELINE_SETS)])
+    def step() -> None:
+        collection(samples_first[next(batch_numbers)]).backward(upstream)
+        for param in collection.parameters():
+            param.grad = None
 
-    def baseline_step() -> None:
-        next(baseline_steps)()
+    return step
 
-    configs: dict[tuple[str, str], Callable[[], None]] = {(CONTROL, "sparse"): make_step(full_tables())}
-    for name in methods or list(METHODS):
+
+def _full_tables(num_features: int, num_embeddings: int, embedding_dim: int, device: str) -> list[torch.nn.Module]:
+    """One sparse nn.EmbeddingBag per feature: DLRM's tables."""
+    return [
+        torch.nn.EmbeddingBag(num_embeddings, embedding_dim, mode="sum", sparse=True, device=device)
+        for _ in range(num_features)
+    ]
+
+
+def _method_steps(
+    methods: list[str],
+    workload: _Workload,
+    num_embeddings: int,
+    embedding_dim: int,
+    compression: float,
+    seed: int,
+    device: str,
+) -> dict[tuple[str, str], Callable[[], None]]:
+    """Each method's steps by (method, gradients): sparse and dense, and sparse with its tables looked up one at
+    a time where the collection batches them; a method that cannot meet the budget is skipped with a warning."""
+    configs: dict[tuple[str, str], Callable[[], None]] = {}
+    features, batches = workload.features, workload.batches
+    for name in methods:
         ratio = compression if METHODS[name].compresses else 1
         # a dense gradient of a full table is a 64 MB memset per feature and step: not worth timing
         for gradients in ("sparse", "dense") if METHODS[name].compresses else ("sparse",):
@@ -195,9 +210,10 @@ def run_lookup_benchmark(
                     device=device,
                 )
             except BudgetError as error:  # AdaEmbed's per-id state can exceed the budget: say so, time the rest
-                warnings.warn(f"lookup benchmark: {name} skipped: {error}", stacklevel=2)
+                # stacklevel 3: the warning points at run_lookup_benchmark's caller
+                warnings.warn(f"lookup benchmark: {name} skipped: {error}", stacklevel=3)
                 break
-            configs[(name, gradients)] = make_collection_step(collection)
+            configs[(name, gradients)] = _collection_step(collection, workload)
             tables = list(collection.embeddings.values())
             if gradients == "sparse" and any(batch is not None for _, batch in batch_groups(tables)):
                 one_at_a_time = EmbeddingCollection(
@@ -211,8 +227,19 @@ def run_lookup_benchmark(
                     frequencies=_counts(name, batches, num_embeddings, features),
                     device=device,
                 )
-                configs[(name, PER_TABLE)] = make_collection_step(one_at_a_time)
+                configs[(name, PER_TABLE)] = _collection_step(one_at_a_time, workload)
+    return configs
 
+
+def _time_configs(
+    configs: dict[tuple[str, str], Callable[[], None]],
+    baseline_step: Callable[[], None],
+    rounds: int,
+    steps: int,
+    sync: Callable[[], None],
+) -> tuple[list[float], dict[tuple[str, str], list[float]], dict[tuple[str, str], list[float]]]:
+    """Every baseline step's seconds, and each configuration's step seconds and ratios to the baseline step beside
+    them, over ``rounds`` rounds of ``steps`` pairs per configuration."""
     baseline_seconds: list[float] = []
     seconds: dict[tuple[str, str], list[float]] = {key: [] for key in configs}
     ratios: dict[tuple[str, str], list[float]] = {key: [] for key in configs}
@@ -223,6 +250,45 @@ def run_lookup_benchmark(
                 baseline_seconds.append(base)
                 seconds[key].append(spent)
                 ratios[key].append(spent / base)
+    return baseline_seconds, seconds, ratios
+
+
+def run_lookup_benchmark(
+    methods: list[str] | None = None,
+    rounds: int = 7,
+    steps: int = 20,
+    num_features: int = 26,
+    num_embeddings: int = 1_000_000,
+    embedding_dim: int = 16,
+    batch_size: int = 2048,
+    compression: float = 100,
+    seed: int = 0,
+    device: str = "cpu",
+) -> LookupResult:
+    """Time every method (sparse and dense gradients) against per-feature sparse nn.EmbeddingBag tables, on
+    ``device`` (tables, ids and gradients all there)."""
+    workload = _make_workload(num_features, num_embeddings, embedding_dim, batch_size, seed, device)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+
+    # Random reads of 1.7 GB of tables run up to ~25% faster or slower depending on where the VM placed
+    # the memory (measured here: identical nn.EmbeddingBag sets, read by the same kernel, differ that much).
+    # The baseline therefore rotates over several sets, and a control set shows how far one can stray.
+    baseline_steps = itertools.cycle(
+        [
+            _tables_step(_full_tables(num_features, num_embeddings, embedding_dim, device), workload)
+            for _ in range(BASELINE_SETS)
+        ]
+    )
+
+    def baseline_step() -> None:
+        next(baseline_steps)()
+
+    control = _tables_step(_full_tables(num_features, num_embeddings, embedding_dim, device), workload)
+    configs: dict[tuple[str, str], Callable[[], None]] = {(CONTROL, "sparse"): control}
+    configs.update(
+        _method_steps(methods or list(METHODS), workload, num_embeddings, embedding_dim, compression, seed, device)
+    )
+    baseline_seconds, seconds, ratios = _time_configs(configs, baseline_step, rounds, steps, sync)
 
     rows = [
         LookupRow(

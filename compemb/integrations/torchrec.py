@@ -47,11 +47,13 @@ except ImportError as error:  # one line that says what to install
     ) from error
 
 from compemb.checks import assert_ids_in_range
-from compemb.collection import Bags, EmbeddingCollection, Feature
+from compemb.collection import EmbeddingCollection
 from compemb.embeddings.adaptive import end_step
 from compemb.embeddings.base import CompressedEmbedding
 from compemb.embeddings.full import FullEmbedding
 from compemb.feature_methods import EVERY_OTHER, is_per_feature, parse_feature_methods
+from compemb.features import Bags, Feature
+from compemb.integrations.torchrec_state import from_ebc_keys, only_ebc_keys
 from compemb.kernels import device_path
 
 _POOLINGS = {PoolingType.SUM: "sum", PoolingType.MEAN: "mean"}
@@ -73,29 +75,85 @@ def _shared_ids(values: Tensor, num_embeddings: int, offset: int, where: str) ->
 torch.fx.wrap("_shared_ids")
 
 
-def _table_prefixes(module: CompressedEmbeddingBagCollection) -> dict[str, str]:
-    """``collections.dimD.embeddings.<table>.`` -> ``embedding_bags.<table>.`` for every table module."""
-    return {
-        f"collections.{group}.embeddings.{name}.": f"embedding_bags.{name}."
-        for group, collection in module.collections.items()
-        for name in collection.embeddings
-    }
+def _check_configs(tables: list[EmbeddingBagConfig], is_weighted: bool, sharing: str) -> list[int]:
+    """The tables' embedding dims, in order of first appearance, once the configs are found usable (TypeError or
+    ValueError); a config without feature names gets its table's name as its one feature, as EBC does."""
+    if not isinstance(is_weighted, bool):
+        hint = (
+            f" (the method is a keyword, as EmbeddingBagCollection's signature leaves it: method={is_weighted!r})"
+            if isinstance(is_weighted, str)
+            else ""
+        )
+        raise TypeError(f"is_weighted must be a bool, got {is_weighted!r}{hint}")
+    if not tables:
+        raise ValueError("CompressedEmbeddingBagCollection needs at least one table config")
+    names = [table.name for table in tables]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate table name {next(n for n in names if names.count(n) > 1)!r} in {names}")
+    for table in tables:
+        if table.pooling not in _POOLINGS:
+            raise ValueError(f"table {table.name!r}: pooling must be SUM or MEAN, got {table.pooling}")
+        if table.data_type not in _DTYPES:
+            raise ValueError(f"table {table.name!r}: data_type must be FP32, FP16 or BF16, got {table.data_type}")
+        if not table.feature_names:  # as EmbeddingBagCollection does: the table's own name is its feature
+            table.feature_names = [table.name]
+    if is_weighted and any(table.pooling != PoolingType.SUM for table in tables):
+        raise ValueError("weighted KJTs need SUM pooling in every table (as nn.EmbeddingBag's per_sample_weights)")
+    dims = list(dict.fromkeys(table.embedding_dim for table in tables))  # in order of first appearance
+    if sharing == "shared" and len(dims) > 1:
+        raise ValueError(f"one shared table serves one embedding_dim; these tables have {dims}")
+    return dims
 
 
-def _only_ebc_keys(module: CompressedEmbeddingBagCollection, state: dict, prefix: str, local_metadata: Any) -> None:
-    """state_dict hook: each table once, under EmbeddingBagCollection's names (``embedding_bags.<table>.``); its
-    second path, through ``collections``, is left out."""
-    for ours in _table_prefixes(module):
-        for key in [k for k in state if k.startswith(prefix + ours)]:
-            del state[key]
-
-
-def _from_ebc_keys(module: CompressedEmbeddingBagCollection, state: dict, prefix: str, *args: Any) -> None:
-    """load_state_dict pre-hook: each ``embedding_bags.<table>.`` entry (this module's own, or an EBC's) copied to
-    the table's path through ``collections`` too, so both paths of the one module load (strictly) alike."""
-    for ours, theirs in _table_prefixes(module).items():
-        for key in [k for k in state if k.startswith(prefix + theirs)]:
-            state[prefix + ours + key[len(prefix + theirs) :]] = state[key]
+def _collections_by_dim(
+    tables: list[EmbeddingBagConfig],
+    dims: list[int],
+    method: str | dict[str, str],
+    *,
+    compression: float | None,
+    num_params: int | None,
+    sharing: str,
+    seed: int,
+    device: torch.device | str | None,
+    options: dict[str, Any],
+) -> dict[str, EmbeddingCollection]:
+    """One compemb collection of each embedding dim's tables, keyed ``dim<D>``, in the order of ``dims``."""
+    names = [table.name for table in tables]
+    # the tables of one dim are one compemb collection (its features are the tables, one-hot from its view,
+    # pooled here by each table's pooling); a budget in params is shared out by the full tables' sizes
+    full = {dim: sum(t.num_embeddings * dim for t in tables if t.embedding_dim == dim) for dim in dims}
+    collections = {}
+    per_table = parse_feature_methods(method) if is_per_feature(method) else None
+    if per_table is not None:  # a method per table: each dim's collection gets its tables' part of the mapping
+        unknown = [name for name in per_table if name != EVERY_OTHER and name not in names]
+        if unknown:
+            raise ValueError(
+                f"the methods name {', '.join(map(repr, unknown))}, not a table here (the tables: {', '.join(names)})"
+            )
+    for dim in dims:
+        members = [t for t in tables if t.embedding_dim == dim]
+        share = None if num_params is None else max(1, round(num_params * full[dim] / sum(full.values())))
+        group_method = (
+            method
+            if per_table is None
+            else {
+                name: spec
+                for name, spec in per_table.items()
+                if name == EVERY_OTHER or name in {t.name for t in members}
+            }
+        )
+        collections[f"dim{dim}"] = EmbeddingCollection(
+            [Feature(table.name, table.num_embeddings) for table in members],
+            dim,
+            group_method,
+            compression=compression,
+            num_params=share,
+            seed=seed + tables.index(members[0]),
+            device=device,
+            sharing=sharing,
+            **options,
+        )
+    return collections
 
 
 class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
@@ -150,86 +208,44 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         **options: Any,
     ) -> None:
         super().__init__()
-        if not isinstance(is_weighted, bool):
-            hint = (
-                f" (the method is a keyword, as EmbeddingBagCollection's signature leaves it: method={is_weighted!r})"
-                if isinstance(is_weighted, str)
-                else ""
-            )
-            raise TypeError(f"is_weighted must be a bool, got {is_weighted!r}{hint}")
-        if not tables:
-            raise ValueError("CompressedEmbeddingBagCollection needs at least one table config")
-        names = [table.name for table in tables]
-        if len(set(names)) != len(names):
-            raise ValueError(f"duplicate table name {next(n for n in names if names.count(n) > 1)!r} in {names}")
-        for table in tables:
-            if table.pooling not in _POOLINGS:
-                raise ValueError(f"table {table.name!r}: pooling must be SUM or MEAN, got {table.pooling}")
-            if table.data_type not in _DTYPES:
-                raise ValueError(f"table {table.name!r}: data_type must be FP32, FP16 or BF16, got {table.data_type}")
-            if not table.feature_names:  # as EmbeddingBagCollection does: the table's own name is its feature
-                table.feature_names = [table.name]
-        if is_weighted and any(table.pooling != PoolingType.SUM for table in tables):
-            raise ValueError("weighted KJTs need SUM pooling in every table (as nn.EmbeddingBag's per_sample_weights)")
-        dims = list(dict.fromkeys(table.embedding_dim for table in tables))  # in order of first appearance
-        if sharing == "shared" and len(dims) > 1:
-            raise ValueError(f"one shared table serves one embedding_dim; these tables have {dims}")
+        dims = _check_configs(tables, is_weighted, sharing)
         self._configs = tables
         self._is_weighted = is_weighted
         self._method = method
         self._poolings = [_POOLINGS[table.pooling] for table in tables]
         # registered before `collections`: the first path to each table names its parameters (EBC's names)
         self.embedding_bags = torch.nn.ModuleDict()
-        # the tables of one dim are one compemb collection (its features are the tables, one-hot from its view,
-        # pooled here by each table's pooling); a budget in params is shared out by the full tables' sizes
-        full = {dim: sum(t.num_embeddings * dim for t in tables if t.embedding_dim == dim) for dim in dims}
-        collections = {}
-        per_table = parse_feature_methods(method) if is_per_feature(method) else None
-        if per_table is not None:  # a method per table: each dim's collection gets its tables' part of the mapping
-            unknown = [name for name in per_table if name != EVERY_OTHER and name not in names]
-            if unknown:
-                raise ValueError(
-                    f"the methods name {', '.join(map(repr, unknown))}, not a table here (the tables: "
-                    f"{', '.join(names)})"
-                )
-        for dim in dims:
-            members = [t for t in tables if t.embedding_dim == dim]
-            share = None if num_params is None else max(1, round(num_params * full[dim] / sum(full.values())))
-            group_method = (
-                method
-                if per_table is None
-                else {
-                    name: spec
-                    for name, spec in per_table.items()
-                    if name == EVERY_OTHER or name in {t.name for t in members}
-                }
-            )
-            collections[f"dim{dim}"] = EmbeddingCollection(
-                [Feature(table.name, table.num_embeddings) for table in members],
-                dim,
-                group_method,
-                compression=compression,
-                num_params=share,
-                seed=seed + tables.index(members[0]),
-                device=device,
-                sharing=sharing,
-                **options,
-            )
-        for table in tables:
-            embeddings = collections[f"dim{table.embedding_dim}"].embeddings
-            key = table.name if sharing == "per_feature" else "shared"
-            self.embedding_bags[key] = embeddings[key]
-            dtype = _DTYPES[table.data_type]  # each table stores its config's data type
-            if dtype != torch.float32:
-                embeddings[key].to(dtype)
+        collections = _collections_by_dim(
+            tables,
+            dims,
+            method,
+            compression=compression,
+            num_params=num_params,
+            sharing=sharing,
+            seed=seed,
+            device=device,
+            options=options,
+        )
+        self._add_embedding_bags(collections, sharing)
         self.collections = torch.nn.ModuleDict(collections)
         self._embedding_names = [name for names in get_embedding_names_by_table(tables) for name in names]
         self._lengths_per_key = [table.embedding_dim for table in tables for _ in table.feature_names]
         # one feature per table: a KJT of one id per row can go through each collection's batched one-hot lookup
         self._one_feature_per_table = all(len(table.feature_names) == 1 for table in tables)
         self._columns: dict[tuple[str, ...], list[Tensor]] = {}
-        self._register_state_dict_hook(_only_ebc_keys)
-        self._register_load_state_dict_pre_hook(_from_ebc_keys, with_module=True)
+        self._register_state_dict_hook(only_ebc_keys)
+        self._register_load_state_dict_pre_hook(from_ebc_keys, with_module=True)
+
+    def _add_embedding_bags(self, collections: dict[str, EmbeddingCollection], sharing: str) -> None:
+        """Each config's table, from its dim's collection, as ``embedding_bags[<table name>]`` (or ``["shared"]``),
+        stored in its config's data type."""
+        for table in self._configs:
+            embeddings = collections[f"dim{table.embedding_dim}"].embeddings
+            key = table.name if sharing == "per_feature" else "shared"
+            self.embedding_bags[key] = embeddings[key]
+            dtype = _DTYPES[table.data_type]  # each table stores its config's data type
+            if dtype != torch.float32:
+                embeddings[key].to(dtype)
 
     @property
     def collection(self) -> EmbeddingCollection:
