@@ -8,22 +8,30 @@ an EmbeddingBagCollection's checkpoint loads into ``method="full"`` and back; lo
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, cast
 
-if TYPE_CHECKING:
-    from compemb.integrations.torchrec import CompressedEmbeddingBagCollection
+import torch
+
+from compemb.collection import EmbeddingCollection
 
 
-def _table_prefixes(module: CompressedEmbeddingBagCollection) -> dict[str, str]:
+class WithCollections(Protocol):
+    """The module the hooks are registered on (a CompressedEmbeddingBagCollection: named structurally, since
+    torchrec.py imports this file): compemb's collections by embedding dimension."""
+
+    collections: torch.nn.ModuleDict
+
+
+def _table_prefixes(module: WithCollections) -> dict[str, str]:
     """``collections.dimD.embeddings.<table>.`` -> ``embedding_bags.<table>.`` for every table module."""
     return {
         f"collections.{group}.embeddings.{name}.": f"embedding_bags.{name}."
         for group, collection in module.collections.items()
-        for name in collection.embeddings
+        for name in cast(EmbeddingCollection, collection).embeddings
     }
 
 
-def only_ebc_keys(module: CompressedEmbeddingBagCollection, state: dict, prefix: str, local_metadata: Any) -> None:
+def only_ebc_keys(module: WithCollections, state: dict, prefix: str, local_metadata: Any) -> None:
     """state_dict hook: each table once, under EmbeddingBagCollection's names (``embedding_bags.<table>.``); its
     second path, through ``collections``, is left out."""
     for ours in _table_prefixes(module):
@@ -31,7 +39,7 @@ def only_ebc_keys(module: CompressedEmbeddingBagCollection, state: dict, prefix:
             del state[key]
 
 
-def from_ebc_keys(module: CompressedEmbeddingBagCollection, state: dict, prefix: str, *args: Any) -> None:
+def from_ebc_keys(module: WithCollections, state: dict, prefix: str, *args: Any) -> None:
     """load_state_dict pre-hook: each ``embedding_bags.<table>.`` entry (this module's own, or an EBC's) copied to
     the table's path through ``collections`` too, so both paths of the one module load (strictly) alike."""
     for ours, theirs in _table_prefixes(module).items():
