@@ -54,6 +54,15 @@ class AdaEmbed(AdaptiveEmbedding):
 
     training_only_state = ("scores", "scale", "steps")  # the per-id importance scores and their decay
 
+    num_embeddings: int  # a closed vocabulary: __init__ takes an int
+
+    # buffers, registered in __init__
+    scores: Tensor
+    scale: Tensor
+    steps: Tensor
+    sorted_ids: Tensor
+    sorted_rows: Tensor
+
     per_id_bytes = 4
     title = "AdaEmbed: rows follow importance"
     formula = "R * d + fallback * d + n scores"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from itertools import accumulate
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +52,10 @@ class OfflineFrequencyEmbedding(CompressedEmbedding):
     needs_frequencies = True
     title = "offline: top-frequency own rows"
     formula = "H * d + rows * d + id map"
+
+    # the id -> row map, a buffer registered in __init__: row_of_id with dense_map, else hot_ids
+    row_of_id: Tensor
+    hot_ids: Tensor
 
     def __init__(
         self,
@@ -184,6 +189,11 @@ class OfflineFrequencyEmbedding(CompressedEmbedding):
         return super().extra_repr() + f", hot_rows={self.hot_rows}, hashed_rows={self.hashed_rows}, map={kind!r}"
 
 
+def _sizes(tables: list[OfflineFrequencyEmbedding]) -> list[int]:
+    """The tables' ``num_embeddings``: a table batch's are all given (:meth:`RowsBatch.accepts`)."""
+    return [cast(int, t.num_embeddings) for t in tables]
+
+
 class _OfflineTablesBatch:
     """Offline tables (and full tables beside them, whose row is the id) as one table batch. On the host each
     table finds its rows by its own compiled search (:class:`~compemb.table_batch.RowsBatch`); on the device code
@@ -196,7 +206,9 @@ class _OfflineTablesBatch:
         self.tables = list(tables)
         self.rows_batch = RowsBatch(self.tables)  # the host path, the packed weights and the range rule
         offline = [j for j, t in enumerate(self.tables) if isinstance(t, OfflineFrequencyEmbedding)]
-        self.offline: list[OfflineFrequencyEmbedding] = [self.tables[j] for j in offline]  # type: ignore[misc]
+        self.offline = [
+            t for t in self.tables if isinstance(t, OfflineFrequencyEmbedding)
+        ]  # (those of columns offline)
         self.offline_columns = offline
         self.sorted = [k for k, t in enumerate(self.offline) if not t.dense_map]  # positions among the offline ones
         self.dense = [k for k, t in enumerate(self.offline) if t.dense_map]
@@ -218,7 +230,7 @@ class _OfflineTablesBatch:
                 "dense": tensor(self.dense),
                 "hashed_rows": column_sizes([t.hash.num_buckets for t in offline], device),
                 "hot_rows": tensor([t.hot_rows for t in offline]),
-                "sorted_bases": tensor(list(accumulate([0] + [t.num_embeddings for t in chosen][:-1]))),
+                "sorted_bases": tensor(list(accumulate([0] + _sizes(chosen)[:-1]))),
                 "sorted_starts": tensor(list(accumulate([0] + [t.hot_rows for t in chosen][:-1]))),
                 "map_sizes": tensor([t.row_of_id.numel() for t in dense]),
                 "map_starts": tensor(list(accumulate([0] + [t.row_of_id.numel() for t in dense][:-1]))),
@@ -231,7 +243,7 @@ class _OfflineTablesBatch:
         chosen = [self.offline[k] for k in self.sorted]
         key = tuple((t.hot_ids.data_ptr(), t.hot_ids._version) for t in chosen)
         if self._hot is None or self._hot[0] != key or self._hot[1].device != device:
-            bases = accumulate([0] + [t.num_embeddings for t in chosen][:-1])
+            bases = accumulate([0] + _sizes(chosen)[:-1])
             self._hot = (key, torch.cat([t.hot_ids.to(device) + base for t, base in zip(chosen, bases)]))
         return self._hot[1]
 

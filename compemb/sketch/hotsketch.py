@@ -26,6 +26,7 @@ numpy views) are :class:`compemb.sketch.state.SketchState`'s; argument checks ar
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import numpy as np
 import torch
@@ -229,11 +230,12 @@ class HotSketch(SketchState):
                 flat_ids = id_array(kept)[1] if self._compiled else id_tensor(kept, device)
                 scores = None if scores is None else scores[keep]
                 keep = None
-        if self._merges:
-            return self._insert_merge(flat_ids, scores, mass, keep)
+        if self._merges:  # (never compiled: the ids are a tensor)
+            return self._insert_merge(cast(Tensor, flat_ids), scores, mass, keep)
+        exact_mass = cast("float | None", mass)  # off the merge checked_mass read a tensor mass as a float
         if not self._compiled:
-            return self._insert_torch(flat_ids, scores, mass)
-        return self._insert_compiled(flat_ids, scores, mass)
+            return self._insert_torch(cast(Tensor, flat_ids), scores, exact_mass)
+        return self._insert_compiled(cast(np.ndarray, flat_ids), scores, exact_mass)
 
     def _insert_compiled(self, ids: np.ndarray, scores: Tensor | None, mass: float | None) -> int:
         """:meth:`insert` by the compiled kernel, on the host."""
@@ -411,9 +413,9 @@ class HotSketch(SketchState):
             flat_ids = id_tensor(ids, self.keys.device)
             released = torch_ops.clear_hot(flat_ids, self.keys, self.hot_rows, self.occupied, self.coefficients)
         else:
-            _, flat_ids = id_array(ids)
+            _, id_values = id_array(ids)
             keys, _, hot, occupied, _, coefficients = self._arrays()
-            released = torch.from_numpy(clear_hot_kernel(flat_ids, keys, hot, occupied, coefficients))
+            released = torch.from_numpy(clear_hot_kernel(id_values, keys, hot, occupied, coefficients))
         return released.view(ids.shape).to(ids.device)
 
     def hot_below(self, threshold: float | None = None) -> tuple[Tensor, Tensor]:

@@ -5,7 +5,7 @@ host while it is known."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -81,7 +81,7 @@ class SketchState(torch.nn.Module):
             or cache[4] is not buffers["mass"]
             or cache[5] is not buffers["coefficients"]
         ):
-            tensors = tuple(buffers[name] for name in _BUFFERS)
+            tensors = tuple(cast(Tensor, buffers[name]) for name in _BUFFERS)  # (registered, never None)
             cache = self._cache = (*tensors, *(t.numpy() for t in tensors))
         return cache[6:]
 
@@ -91,6 +91,7 @@ class SketchState(torch.nn.Module):
         # 2048. fn is applied only to learn the device (it raises for a copy out of meta, as torch does).
         for name, dtype in _BUFFERS.items():
             tensor = self._buffers[name]
+            assert tensor is not None  # every buffer is registered with a tensor
             device = fn(tensor).device
             if tensor.is_meta and device.type != "meta":
                 self._buffers[name] = torch.empty(tensor.shape, dtype=dtype, device=device)
@@ -107,6 +108,7 @@ class SketchState(torch.nn.Module):
         # and their dtypes
         for name, dtype in _BUFFERS.items():
             tensor = self._buffers[name]
+            assert tensor is not None  # every buffer is registered with a tensor (a load puts one in its place)
             if tensor.device != device or tensor.dtype != dtype or not tensor.is_contiguous():
                 self._buffers[name] = tensor.to(device, dtype).contiguous()
         self._cache, self._known_mass = None, None

@@ -15,6 +15,8 @@ three or more duplicates differently in its last bit).
 
 from __future__ import annotations
 
+from typing import overload
+
 import torch
 from torch import Tensor
 
@@ -196,6 +198,18 @@ def hot_below(keys: Tensor, table: Tensor, rows: Tensor, occupied: Tensor, thres
     return keys.view(-1)[chosen], rows.view(-1)[chosen]
 
 
+@overload
+def distinct_sums(
+    ids: Tensor, values: Tensor, keep: Tensor | None = None, groups: None = None
+) -> tuple[Tensor, Tensor, Tensor, None]: ...
+@overload
+def distinct_sums(
+    ids: Tensor, values: Tensor, keep: Tensor | None = None, *, groups: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]: ...
+@overload
+def distinct_sums(
+    ids: Tensor, values: Tensor, keep: Tensor | None = None, groups: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]: ...
 def distinct_sums(
     ids: Tensor, values: Tensor, keep: Tensor | None = None, groups: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
@@ -269,6 +283,7 @@ def merge_insert(
     if n == 0:
         return
     if buckets is None:
+        assert coefficients is not None  # the ids are hashed when their buckets are not given
         distinct, sums, valid, _ = distinct_sums(ids, scores, keep)
         bucket = buckets_of(distinct, coefficients, num_buckets)
     else:

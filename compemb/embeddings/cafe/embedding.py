@@ -88,6 +88,11 @@ class _CAFE(FieldRouting, HotRowUpdates, AdaptiveEmbedding):
     takes_feature_blocks = True  # a shared collection passes its features' sizes: the authors' per-field layout
     training_only_state = ("sketch.mass",)  # how much score was inserted since the last decay
 
+    # the hot rows' buffers, registered by _build_tables (start: with merge_on_demote only)
+    owner: Tensor
+    owned: Tensor
+    start: Tensor
+
     def __init__(
         self,
         num_embeddings: int | None,
@@ -250,7 +255,7 @@ class _CAFE(FieldRouting, HotRowUpdates, AdaptiveEmbedding):
         """On the device code path one flat sketch and one packed table for all of ``tables``
         (:mod:`compemb.embeddings.cafe.batch`); on a CPU with the compiled kernels each table's own lookup, their
         weights packed, so RowAdam updates them in one pass."""
-        return CAFETables(tables)  # type: ignore[arg-type]
+        return CAFETables(tables)
 
     def extra_repr(self) -> str:
         text = super().extra_repr() + f", hot_rows={self.hot_rows}, hashed_rows={self.hashed_rows}"

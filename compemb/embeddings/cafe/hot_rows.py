@@ -9,13 +9,22 @@ docstring states the rules).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from compemb.embeddings.adaptive import reset_optimizer_rows
 from compemb.embeddings.cafe.kernels import hot_candidates
+
+if TYPE_CHECKING:
+    from compemb.embeddings.adaptive import AdaptiveEmbedding
+    from compemb.sketch.hotsketch import HotSketch
+
+    # the host class's base, for mypy alone (super() calls reach it; at run time the mixin's base is object)
+    _Host = AdaptiveEmbedding
+else:
+    _Host = object
 
 # with "top", a candidate displaces an owner only when it scores this many times the owner's score: two ids of
 # near-equal score would otherwise trade a row back and forth, each trade restarting it from the shared row
@@ -35,11 +44,33 @@ def hot_candidates_torch(ids: Tensor, scores: Tensor, hot: Tensor, threshold: fl
     return distinct[torch.argsort(-scores[distinct], stable=True)[:limit]]  # equal scores stay in id order
 
 
-class HotRowUpdates:
+class HotRowUpdates(_Host):
     """What recorded importance changes in a CAFE table, after the optimizer step (the ``_update`` hook of
     :class:`~compemb.embeddings.adaptive.AdaptiveEmbedding`): its sketch, who owns each hot row (``owner``,
     ``owned``) and the rows that change owner (``weight``, ``start``). On the device code path in fixed shapes,
     nothing read back. The table provides its routing (``_fields``, ``_shared_row``) and sizes."""
+
+    _mass_seen: float | None  # the sketch's decay mass after the last update (None: not known)
+
+    if TYPE_CHECKING:  # what the CAFE table (the host class) provides
+        sketch: HotSketch
+        owner: Tensor
+        owned: Tensor
+        start: Tensor
+        hot_rows: int
+        levels: int
+        threshold: float
+        medium_fraction: float
+        hot_policy: str
+        merge_on_demote: bool
+        blocks: list[int] | None
+        field_starts: Tensor
+        field_direct: Tensor
+        _has_full_fields: bool
+
+        def _fields(self, ids: Tensor) -> Tensor: ...
+
+        def _shared_row(self, ids: Tensor, level: int, field: Tensor | None = None) -> Tensor: ...
 
     def _normalise(self, ids: Tensor, norms: Tensor) -> Tensor | None:
         """Scores of mean 1 per field over the batch, as the authors' ``grad_norm * N / sum(grad_norm)`` per field

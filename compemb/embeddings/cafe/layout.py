@@ -7,6 +7,7 @@ or its own in a field kept full), then each compressed field's level-2 rows (caf
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -14,8 +15,11 @@ from torch import Tensor
 
 from compemb.embeddings.cafe.kernels import cafe_rows
 from compemb.embeddings.fields import split_rows
-from compemb.hashing import hash_high32
+from compemb.hashing import UniversalHash, hash_high32
 from compemb.kernels import on_host
+
+if TYPE_CHECKING:
+    from compemb.sketch.hotsketch import HotSketch
 
 LOWEST_ID = -(2**63)  # the first field of one vocabulary starts here: any int64 id is in it
 _NO_WEIGHTS = np.empty((0, 2), dtype=np.float32)
@@ -75,6 +79,25 @@ class FieldRouting:
     """The rows a CAFE table's ids read (a mixin of the CAFE classes, :mod:`compemb.embeddings.cafe.embedding`):
     its field tables as buffers, and each id's hot row (the sketch's) or its field's rows at each level."""
 
+    # the field tables, buffers registered by _lay_out_fields
+    field_starts: Tensor
+    field_direct: Tensor
+    field_rows: Tensor
+    field_offsets: Tensor
+
+    if TYPE_CHECKING:  # what the CAFE table (the host class) provides
+        hot_rows: int
+        hashed_rows: tuple[int, ...]
+        field_tables: bool
+        blocks: list[int] | None
+        levels: int
+        medium_fraction: float
+        threshold: float
+        sketch: HotSketch
+        hashes: torch.nn.ModuleList  # of UniversalHash, one per level
+
+        def register_buffer(self, name: str, tensor: Tensor | None, persistent: bool = True) -> None: ...
+
     def _lay_out_fields(self, fields: list[tuple[int, bool]], device: torch.device | str | None) -> int:
         """The field tables (:func:`lay_out_fields`) as buffers; the total rows."""
         layout = lay_out_fields(fields, self.hot_rows, self.hashed_rows, self.field_tables, self.blocks is None)
@@ -101,7 +124,7 @@ class FieldRouting:
             hot,
             occupied,
             sketch_coefficients,
-            np.concatenate([h.coefficients.numpy() for h in self.hashes]),
+            np.concatenate([cast(UniversalHash, h).coefficients.numpy() for h in self.hashes]),
             self.field_starts.numpy(),
             self.field_direct.numpy(),
             self.field_rows.numpy(),
@@ -121,7 +144,12 @@ class FieldRouting:
         (``field``: the ids' fields, when already known)."""
         field = self._fields(ids) if field is None else field
         rows, start = self.field_rows[level, field], self.field_offsets[level, field]
-        bucket = hash_high32(ids, self.hashes[level].coefficients).squeeze(-1).mul_(rows).bitwise_right_shift_(32)
+        bucket = (
+            hash_high32(ids, cast(UniversalHash, self.hashes[level]).coefficients)
+            .squeeze(-1)
+            .mul_(rows)
+            .bitwise_right_shift_(32)
+        )
         if not self._has_full_fields:
             return start + bucket
         return start + torch.where(self.field_direct[field], ids - self.field_starts[field], bucket)
