@@ -34,7 +34,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import torch
 from torch import Tensor
@@ -49,7 +49,7 @@ from compemb.optim import ROW_STEP_KEY, CombinedOptimizer, RowAdam, RowwiseAdagr
 
 IMPORTANCE = ("gradient", "frequency")
 _SETTLED = 1e-7  # beta^age below this: the shared bias correction is the row's own
-
+_Destination = TypeVar("_Destination", bound=dict[str, Any])  # nn.Module.state_dict's destination=
 
 ROW_UPDATES_KEY = "row_updates_since_reset"  # SparseAdam: each reset row's own updates since its reset; -1: settled
 
@@ -307,10 +307,10 @@ class AdaptiveEmbedding(CompressedEmbedding):
             mean = norms.float().mean()
             usable = torch.isfinite(mean) & (mean > 0)
             return torch.where(usable, norms.float() / torch.where(usable, mean, 1.0), 0.0)
-        mean = float(norms.mean())
-        if not (math.isfinite(mean) and mean > 0):
+        host_mean = float(norms.mean())
+        if not (math.isfinite(host_mean) and host_mean > 0):
             return None
-        return norms.float() / mean
+        return norms.float() / host_mean
 
     def lookup(self, ids: Tensor) -> Tensor:
         if self.training:  # a plain loop never calls on_step_end: what the last backward recorded applies now
@@ -355,6 +355,12 @@ class AdaptiveEmbedding(CompressedEmbedding):
         if id_parts:
             scores = None if self.importance == "frequency" else _join(score_parts)
             self._update(_join(id_parts), scores, optimizer)
+
+    @overload  # nn.Module.state_dict's two forms
+    def state_dict(self, *, destination: _Destination, prefix: str = ..., keep_vars: bool = ...) -> _Destination: ...
+
+    @overload
+    def state_dict(self, *, prefix: str = ..., keep_vars: bool = ...) -> dict[str, Any]: ...
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """The module's state with what is pending applied, as the next training forward would apply it.

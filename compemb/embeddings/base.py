@@ -267,6 +267,7 @@ class CompressedEmbedding(torch.nn.Module, ABC):
         return tensor.long()
 
     def _check_range(self, ids: Tensor, low: int, high: int) -> None:
+        assert self.num_embeddings is not None  # called for a closed vocabulary only
         if low < 0 or high >= self.num_embeddings:
             bad = ids[(ids < 0) | (ids >= self.num_embeddings)].reshape(-1)[0].item()
             raise ValueError(f"{self._who()}: id {bad} is outside [0, {self.num_embeddings})")
@@ -383,7 +384,7 @@ class CompressedEmbedding(torch.nn.Module, ABC):
 
 
 def _is_positive_int(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) > 0
 
 
 @torch.no_grad()
@@ -417,13 +418,13 @@ class _GatherScalars(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, weight: Tensor, index: Tensor, sparse: bool) -> Tensor:  # type: ignore[override]
+    def forward(ctx, weight: Tensor, index: Tensor, sparse: bool) -> Tensor:
         ctx.save_for_backward(index)
         ctx.sparse, ctx.size = sparse, weight.shape[0]
         return weight.view(-1).index_select(0, index.reshape(-1)).view(index.shape)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
         (index,) = ctx.saved_tensors
         flat_index, flat_grad = index.reshape(1, -1), grad.reshape(-1, 1)
         if ctx.sparse:

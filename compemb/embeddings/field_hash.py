@@ -43,6 +43,7 @@ class FieldHashEmbedding(CompressedEmbedding):
     title = "hash per field, small ones full"
     formula = "sum_f rows_f * d"
     takes_feature_blocks = True
+    num_embeddings: int  # a closed vocabulary: the base class refuses None
     field_full: Tensor
     field_rows: Tensor
     field_offsets: Tensor

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -106,9 +107,10 @@ class HashEmbeddings(CompressedEmbedding):
     @classmethod
     def table_batch(cls, tables: Sequence[CompressedEmbedding]) -> _HashEmbeddingsBatch | None:
         """Tables of one ``num_hashes``: one gather of every importance weight and one of every component."""
-        if len({t.num_hashes for t in tables}) != 1:  # type: ignore[attr-defined]
+        same = cast("Sequence[HashEmbeddings]", tables)  # tables of this class (CompressedEmbedding.table_batch)
+        if len({t.num_hashes for t in same}) != 1:
             return None
-        return _HashEmbeddingsBatch(tables)  # type: ignore[arg-type]
+        return _HashEmbeddingsBatch(same)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", num_hashes={self.num_hashes}"

@@ -13,6 +13,7 @@ All three accept any int64 id (an open vocabulary) and hash all functions in one
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -79,9 +80,10 @@ class _HashedTable(CompressedEmbedding):
     @classmethod
     def table_batch(cls, tables: Sequence[CompressedEmbedding]) -> _HashedTablesBatch | None:
         """Tables of one hash count: every feature's hashes in one pass, one gather over their packed weights."""
-        if len({t.hash.num_functions for t in tables}) != 1:  # type: ignore[attr-defined]
+        hashed = cast("Sequence[_HashedTable]", tables)  # tables of this class (CompressedEmbedding.table_batch)
+        if len({t.hash.num_functions for t in hashed}) != 1:
             return None
-        return _HashedTablesBatch(tables, cls._combine_rows, stacked_columns=cls is CompositionalEmbedding)  # type: ignore[arg-type]
+        return _HashedTablesBatch(hashed, cls._combine_rows, stacked_columns=cls is CompositionalEmbedding)
 
 
 class _HashedTablesBatch:
@@ -200,8 +202,9 @@ class _HashedAndFullBatch:
         device = self.pack.row_offsets.device
         hashed = [j for j, t in enumerate(self.tables) if isinstance(t, HashingTrickEmbedding)]
         self.hashed = torch.tensor(hashed, dtype=torch.int64, device=device)
-        self.hashes = [self.tables[j].hash for j in hashed]  # type: ignore[attr-defined]
-        self.rows = column_sizes([self.tables[j].rows for j in hashed], device)  # type: ignore[attr-defined]
+        hashed_tables = [t for t in self.tables if isinstance(t, HashingTrickEmbedding)]  # the tables at `hashed`
+        self.hashes = [t.hash for t in hashed_tables]
+        self.rows = column_sizes([t.rows for t in hashed_tables], device)
         self.ranges = IdRanges(self.tables)
 
     def __call__(self, ids: Tensor) -> Tensor:

@@ -40,6 +40,7 @@ class LowRankEmbedding(CompressedEmbedding):
     title = "low rank: n x r times r x d"
     formula = "n * r + r * d"
     per_id_bytes = FLOAT_BYTES  # one coordinate per id at least
+    num_embeddings: int  # a closed vocabulary: the base class refuses None
 
     def __init__(
         self,

@@ -149,7 +149,7 @@ class QREmbedding(CompressedEmbedding):
     def table_batch(cls, tables: Sequence[CompressedEmbedding]) -> _QRTablesBatch | None:
         """QR tables of one operation: one gather of every remainder and quotient row (one buffer where the rows
         have one width: one optimizer update for all)."""
-        if len({t.operation for t in tables}) != 1:  # type: ignore[attr-defined]
+        if len({t.operation for t in tables}) != 1:
             return None
         return _QRTablesBatch(tables)
 
@@ -179,7 +179,7 @@ class _QRTablesBatch:
         self.tables = list(tables)
         qr = [j for j, t in enumerate(self.tables) if isinstance(t, QREmbedding)]
         full = [j for j in range(len(self.tables)) if j not in set(qr)]
-        quotiented: list[QREmbedding] = [self.tables[j] for j in qr]  # type: ignore[misc]
+        quotiented = [t for t in self.tables if isinstance(t, QREmbedding)]  # the tables at `qr`
         self.operation, self.count = quotiented[0].operation, len(qr)
         entries = (
             [(t, "remainder") for t in quotiented]
@@ -213,7 +213,9 @@ class _QRTablesBatch:
         quotiented = ids.index_select(1, self.qr_columns) if joined else ids
         parts = [quotiented % self.moduli, quotiented // self.moduli]
         if len(self.packs) == 1:
-            rows = torch.cat([*parts, ids.index_select(1, self.full_columns)] if joined else parts, dim=1)
+            rows = torch.cat(
+                [*parts, ids.index_select(1, self.full_columns)] if self.full_columns is not None else parts, dim=1
+            )
             vectors = self.packs[0].gather(rows.add_(self.packs[0].row_offsets).unsqueeze(-1)).squeeze(-2)
             remainder, quotient = vectors[:, : self.count], vectors[:, self.count : 2 * self.count]
         else:

@@ -13,6 +13,7 @@ The array is stored as an ``(size, 1)`` parameter so that lookups are ordinary (
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -74,9 +75,10 @@ class _FlatArray(CompressedEmbedding):
     @classmethod
     def table_batch(cls, tables: Sequence[CompressedEmbedding]) -> _FlatArraysBatch | None:
         """Flat arrays of one layout (chunks, signs): every feature's places hashed at once, one gather."""
-        if len({(t.hash.num_functions, t.signed, getattr(t, "chunk_size", 1)) for t in tables}) != 1:  # type: ignore[attr-defined]
+        arrays = cast("Sequence[_FlatArray]", tables)  # tables of this class (CompressedEmbedding.table_batch)
+        if len({(t.hash.num_functions, t.signed, getattr(t, "chunk_size", 1)) for t in arrays}) != 1:
             return None
-        return _FlatArraysBatch(tables)  # type: ignore[arg-type]
+        return _FlatArraysBatch(arrays)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", size={self.size}" + ("" if self.signed else ", signed=False")
@@ -106,7 +108,8 @@ class _FlatArraysBatch:
             starts = torch.where(places >= sizes, places - sizes, places).view(batch, count, -1)
         values = self.pack.gather(starts.add_(self.pack.row_offsets.view(-1, 1))).squeeze(-1)  # (batch, tables, d)
         if self.signed:
-            signs = sign_columns(ids, [t.sign_hash for t in self.tables], values.dtype)  # (batch, tables, c)
+            sign_hashes = cast("list[UniversalHash]", [t.sign_hash for t in self.tables])  # signed: none is None
+            signs = sign_columns(ids, sign_hashes, values.dtype)  # (batch, tables, c)
             values = (values.view(batch, count, signs.shape[-1], -1) * signs.unsqueeze(-1)).view(batch, count, -1)
         return values
 

@@ -114,6 +114,7 @@ class TTEmbedding(CompressedEmbedding):
     formula = "n1 d1 R1 + R1 n2 d2 R2 + R2 n3 d3"
 
     sparse_gradients = False  # an MLP / tensor-train cores: every gradient is dense
+    num_embeddings: int  # a closed vocabulary: the base class refuses None
 
     def __init__(
         self,

@@ -8,16 +8,21 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import Tensor
 
 from compemb import distributed
 from compemb.embeddings.adaptive import reset_optimizer_rows
-from compemb.embeddings.cce.schedule import ClusterReport, cluster_sample, top_holders
+from compemb.embeddings.cce.schedule import ClusterReport, ClusterSchedule, cluster_sample, top_holders
 from compemb.embeddings.id_map import NO_ID  # free holder_ids entries sort last
 from compemb.hashing import hash_coefficients, hash_ids
 from compemb.kernels import device_path
+
+if TYPE_CHECKING:
+    from compemb.hashing import UniversalHash
+    from compemb.sketch.hotsketch import HotSketch
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +35,42 @@ class ColumnClustering:
     (``on_train_begin``, ``on_step_end``, ``steady_step``, ``progress``). The table provides its routing
     (``_route``), tables, pointers, hashes, sketch and settings."""
 
+    # what the host table (CCEmbedding) provides: its sizes and settings, tables, buffers, hashes and sketch
+    num_embeddings: int
+    columns: int
+    rows: int
+    holder_rows: int
+    all_ids: bool
+    sample: str
+    residual: str
+    niter: int
+    max_points_per_centroid: int
+    schedule: ClusterSchedule
+    weight: torch.nn.Parameter
+    pointer_table: Tensor
+    holder_ids: Tensor | None
+    cluster_state: Tensor
+    seen: Tensor | None
+    sketch: HotSketch | None
+    h1: UniversalHash
+    # this class's own state, kept on the host
+    _total_steps: int | None
+    _steps_per_epoch: int | None
+    _records: bool
+    _rounds: int | None
+    last_cluster: ClusterReport | None
+
+    if TYPE_CHECKING:  # the host's methods (a definition here would shadow them at run time)
+
+        @property
+        def rounds(self) -> int: ...
+
+        def _route(self, ids: Tensor) -> Tensor: ...
+
+        def _flush(self, optimizer: torch.optim.Optimizer | None = None) -> None: ...
+
+        def _who(self) -> str: ...
+
     def on_train_begin(self, total_steps: int, steps_per_epoch: int | None = None) -> None:
         """Remember the run's length: the schedule's interval and ``cluster_until`` are derived from it."""
         self._total_steps = int(total_steps)
@@ -41,7 +82,7 @@ class ColumnClustering:
 
     def on_step_end(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Apply recorded scores; cluster when the schedule says (its optimizer state is reset then)."""
-        super().on_step_end(step, optimizer)
+        super().on_step_end(step, optimizer)  # type: ignore[misc]  # the host's next base (AdaptiveEmbedding) has it
         if self.schedule.due(step, self._total_steps, self._steps_per_epoch):
             self.cluster(optimizer)
         if self.schedule.over(
@@ -154,9 +195,11 @@ class ColumnClustering:
             seen=self.seen,
             sketch=self.sketch,
         )
-        holders = (
-            torch.arange(self.num_embeddings) if self.all_ids else top_holders(self.sketch, self.pointer_table.shape[0])
-        )
+        if self.all_ids:
+            holders = torch.arange(self.num_embeddings)
+        else:
+            assert self.sketch is not None  # top-m holders: the plan always gives them a sketch
+            holders = top_holders(self.sketch, self.pointer_table.shape[0])
         # everything is computed from the old state and installed at the end; the hashed region is kept as it is
         h1 = hash_coefficients(seed + (rounds + 1) * _GOLDEN, c, self.h1.stream)  # a fresh seed in h1's stream
         # on the device code path the k-means runs where the tables are (torch ops; a GPU's clustering), else on
@@ -184,7 +227,7 @@ class ColumnClustering:
         reset_optimizer_rows(optimizer, self.weight, rows)
         # every rank clustered the same state with the same seeds; rank 0's result wins, so no difference in
         # floating-point order between processes can grow into different pointers
-        distributed.broadcast_state(self)
+        distributed.broadcast_state(cast(torch.nn.Module, self))  # the host is an nn.Module
         report = ClusterReport(rounds + 1, sample, tuple(inertia), holders.numel(), time.perf_counter() - started)
         log.info(
             "%s: clustered round %d, %d ids sampled, %d pointers, %.2fs",

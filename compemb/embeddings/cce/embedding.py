@@ -138,7 +138,9 @@ class CCEmbedding(ColumnClustering, PointerRouting, AdaptiveEmbedding):
     formula = "2 * k * d + n * c pointers"
     hybrid = False  # cce-hybrid: stored pointers for the sketch's top ids only
     per_id_bytes = 4  # every id's c pointers, one byte each at least (uint8, k <= 256; c = 4 by default)
+    num_embeddings: int  # a closed vocabulary: the base class refuses None
     pointer_table: Tensor
+    holder_ids: Tensor | None
     cluster_state: Tensor
     seen: Tensor | None
 
@@ -358,6 +360,7 @@ class CCEmbedding(ColumnClustering, PointerRouting, AdaptiveEmbedding):
         # a host copy, kept with the buffer: every lookup asks, and reading the buffer would make a GPU host wait
         if getattr(self, "_rounds", None) is None:
             self._rounds = int(self.cluster_state[1])
+        assert self._rounds is not None
         return self._rounds
 
     def pointer_ids(self) -> Tensor:
@@ -366,7 +369,8 @@ class CCEmbedding(ColumnClustering, PointerRouting, AdaptiveEmbedding):
             return torch.empty(0, dtype=torch.int64)
         if self.all_ids:
             return torch.arange(self.num_embeddings)
-        ids = self.holder_ids.cpu()  # type: ignore[union-attr]
+        assert self.holder_ids is not None  # top-m holders: their ids are stored
+        ids = self.holder_ids.cpu()
         return ids[ids != NO_ID]
 
     # --- lookup (its rows: routing.py) and what it counts (counting.py) ----------------------------------

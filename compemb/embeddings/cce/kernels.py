@@ -15,6 +15,9 @@ from torch import Tensor
 from compemb.hashing import bucket_of
 
 NO_HOLDERS = np.zeros(0, dtype=np.int64)  # the holder_ids argument when every id holds pointers
+# the routing arguments of route_rows and _forward_kernel after the ids: mode, pointers, holder ids, h0's, h1's and
+# cold1's coefficients (numpy views), k, cold_offset, the hashed and the holder rows
+Routing = tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, int, int, int]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -148,7 +151,7 @@ class PairGather(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, weight: Tensor, ids: Tensor, routing: tuple, sparse: bool) -> Tensor:  # type: ignore[override]
+    def forward(ctx, weight: Tensor, ids: Tensor, routing: Routing, sparse: bool) -> Tensor:
         c = routing[4].shape[0]
         rows = torch.empty(ids.numel(), c, 2, dtype=torch.int64)
         out = torch.empty(ids.numel() * c, weight.shape[1], dtype=weight.dtype)
@@ -158,7 +161,7 @@ class PairGather(torch.autograd.Function):
         return out.view(ids.numel(), c * weight.shape[1])
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
         (rows,) = ctx.saved_tensors
         grad = grad.contiguous().view(-1, ctx.shape[1])
         if ctx.sparse:

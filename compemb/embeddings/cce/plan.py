@@ -100,7 +100,8 @@ def _every_id_plan(shape: CCEShape, budget: Budget, sample: str | None, toleranc
     n, d, c, B = shape.num_embeddings, shape.embedding_dim, shape.columns, budget.num_bytes
     row_bytes = 2 * d * FLOAT_BYTES
     bitmap = -(-n // 8) if sample == "seen" else 0
-    ranges, candidates = [], []
+    ranges: list[tuple[str, int, int, int]] = []  # per dtype: its name, the least and most k, the reserved bytes
+    candidates: list[tuple[float, int, CCEPlan]] = []  # per dtype: the budget missed, the dtype's order, the plan
     for limit, dtype in POINTER_DTYPES:
         buckets = 0
         if sample == "frequency":  # the sketch (for sampling only) takes what the pointer share leaves
@@ -192,6 +193,7 @@ def plan_tables(
             pointers = int(max(1, min(n, (share - bitmap - HotSketch.bytes_for(0)) // per_pointer)))
             if holder_rows(k_for(share, 2)) <= limit:
                 break
+    assert pointers is not None  # given, or set by the loop above (POINTER_DTYPES is not empty)
     for limit, dtype in POINTER_DTYPES:
         plan = CCEPlan(0, 0, False, pointers, dtype, sketch_buckets(pointers * shape.sketch_slots_per_pointer), bitmap)
         k = k_for(reserved_bytes(plan, c), 2)

@@ -8,23 +8,48 @@ Before the first clustering every pointer is a seeded hash; after it an id with 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from compemb.embeddings.cce.kernels import NO_HOLDERS, PairGather, route_rows
+from compemb.embeddings.cce.kernels import NO_HOLDERS, PairGather, Routing, route_rows
 from compemb.kernels import on_host
+
+if TYPE_CHECKING:
+    from compemb.hashing import UniversalHash
 
 
 class PointerRouting:
     """Routing through a CCE table's pointers and hashes (``pointer_table``, ``holder_ids``, ``h0``, ``h1``,
     ``cold1``) to its float tables (``weight``: T0's columns, then T1's)."""
 
+    # what the host table (CCEmbedding) provides: its sizes, tables, pointers and hashes
+    embedding_dim: int
+    sparse: bool
+    columns: int
+    rows: int
+    holder_rows: int
+    cold_offset: int
+    all_ids: bool
+    weight: torch.nn.Parameter
+    pointer_table: Tensor
+    holder_ids: Tensor | None
+    h0: UniversalHash
+    h1: UniversalHash
+    cold1: UniversalHash | None
+
+    if TYPE_CHECKING:  # the host's (a definition here would shadow it at run time)
+
+        @property
+        def rounds(self) -> int: ...
+
     def _mode(self) -> int:
         """0: every pointer hashed (not clustered yet); 1: every id's pointers stored; 2: the sketch's top ids'."""
         return 0 if self.rounds == 0 else (1 if self.all_ids else 2)
 
-    def _routing(self) -> tuple:
+    def _routing(self) -> Routing:
         """The compiled kernels' routing arguments (CPU numpy): mode, pointers, holders, hashes, k, the regions."""
         cold1 = self.h1 if self.cold1 is None else self.cold1
         return (
@@ -57,8 +82,9 @@ class PointerRouting:
             first, second = self.pointer_table[ids].long(), self.h1(ids)
         elif mode == 2:
             holders = self.holder_ids
-            position = torch.searchsorted(holders, ids.contiguous()).clamp_max_(holders.numel() - 1)  # type: ignore[union-attr]
-            found = (holders[position] == ids).unsqueeze(-1)  # type: ignore[index]
+            assert holders is not None  # mode 2: the top ids hold the pointers
+            position = torch.searchsorted(holders, ids.contiguous()).clamp_max_(holders.numel() - 1)
+            found = (holders[position] == ids).unsqueeze(-1)
             first = torch.where(found, self.pointer_table[position].long(), first)
             second = torch.where(found, self.h1(ids), second)
         offsets = torch.arange(c, device=ids.device) * k
