@@ -51,7 +51,7 @@ def scan_bags_torch(ids: Tensor, offsets: Tensor, want_range: bool) -> tuple[int
     if want_range and ids.numel() > 0:
         stats += list(torch.aminmax(ids))
     values = torch.stack(stats).tolist()
-    return (*values, 0, 0) if len(values) == 2 else tuple(values)  # type: ignore[return-value]
+    return (*values, 0, 0) if len(values) == 2 else tuple(values)
 
 
 def id_range(ids: Tensor) -> tuple[int, int]:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -106,6 +106,12 @@ class EmbeddingCollection(torch.nn.Module):
         >>> type(collection.embeddings["C3"]).__name__  # QR cannot make 3 ids smaller: kept full
         'FullEmbedding'
     """
+
+    # buffers (_register_offsets)
+    cardinalities: Tensor
+    offsets: Tensor
+    one_hot_cardinalities: Tensor
+    one_hot_offsets: Tensor
 
     def __init__(
         self,
@@ -187,6 +193,7 @@ class EmbeddingCollection(torch.nn.Module):
                 raise ValueError("a method per feature needs sharing='per_feature': one shared table has one method")
             assigned = assign_methods(method, names)
         else:
+            method = cast(str, method)  # one method's name: every mapping is per feature
             get_method(method)  # an unknown name raises, listing the methods
             assigned = {name: (method, {}) for name in names}
         self.methods = {name: name_and_options[0] for name, name_and_options in assigned.items()}
@@ -305,12 +312,12 @@ class EmbeddingCollection(torch.nn.Module):
         groups = self._table_groups(tables)
         if len(groups) == 1 and groups[0][1] is not None:  # one method everywhere: one batch, columns in order
             return groups[0][1](ids)
-        columns, inverse = self._group_indices(groups, ids.device)
+        indices, inverse = self._group_indices(groups, ids.device)
         parts = [
             batch(ids.index_select(1, chosen))
             if batch is not None
             else tables[positions[0]](ids[:, positions[0]]).unsqueeze(1)
-            for (positions, batch), chosen in zip(groups, columns)
+            for (positions, batch), chosen in zip(groups, indices)
         ]
         vectors = torch.cat(parts, dim=1)
         return vectors if inverse is None else vectors.index_select(1, inverse)
@@ -343,7 +350,8 @@ class EmbeddingCollection(torch.nn.Module):
 
     def memory(self) -> CollectionMemory:
         """Every table's MemoryReport (per feature, or the one ``"shared"``), and their total (``.total``)."""
-        return CollectionMemory.of({name: table.memory() for name, table in self.embeddings.items()})
+        tables = self.embeddings.items()  # every one a CompressedEmbedding
+        return CollectionMemory.of({name: cast(CompressedEmbedding, table).memory() for name, table in tables})
 
     def extra_repr(self) -> str:
         total = self.memory().total
@@ -379,5 +387,5 @@ def _run_lookups_eagerly() -> None:
     forward = EmbeddingCollection.__dict__["forward"]
     if not getattr(forward, "_runs_eagerly", False):
         eager = torch.compiler.disable(forward)
-        eager._runs_eagerly = True  # type: ignore[attr-defined]
+        eager._runs_eagerly = True
         EmbeddingCollection.forward = eager  # type: ignore[method-assign]

@@ -53,8 +53,9 @@ def build_shared_table(
     total = sum(f.num_embeddings for f in features)
     common: dict[str, Any] = dict(seed=seed, device=device, name="shared")
     if get_method(method).needs_frequencies:  # every feature's counts, end to end as the ids are
-        missing = [f.name for f in features if f.name not in (frequencies or {})]
-        common["frequencies"] = None if missing else torch.cat([frequencies[f.name] for f in features])
+        counts: Mapping[str, Tensor] = frequencies or {}
+        missing = [f.name for f in features if f.name not in counts]
+        common["frequencies"] = None if missing else torch.cat([counts[f.name] for f in features])
     if get_method(method).takes_feature_blocks:  # MDE: each feature a block with a dim of its own
         common["blocks"] = [f.num_embeddings for f in features]
     return make_embedding(

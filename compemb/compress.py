@@ -75,13 +75,13 @@ def compress(
     ids = torch.arange(n, device=weight.device)
     chunk = 1 << 14  # ids per forward when the whole table is evaluated
     baseline = _error(module, weight, ids, chunk)
-    parameters = [p for p in module.parameters() if p.requires_grad]
+    parameters: list[Tensor] = [p for p in module.parameters() if p.requires_grad]
     if isinstance(module, AdaptiveEmbedding):
         _fit_adaptive(module, weight, parameters, epochs, batch_size, lr, seed)
     else:
         _fit_least_squares(module, weight, parameters, ids, steps, chunk)
-    module.fit_baseline = baseline
-    module.fit_error = _error(module, weight, ids, chunk)
+    module.fit_baseline = baseline  # type: ignore[assignment]  # stubs: module attributes are Tensor | Module
+    module.fit_error = _error(module, weight, ids, chunk)  # type: ignore[assignment]  # as above
     return module
 
 

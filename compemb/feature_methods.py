@@ -56,8 +56,8 @@ def format_feature_methods(mapping: Mapping[str, str]) -> str:
     by_method: dict[str, list[str]] = {}
     for name, method in mapping.items():
         by_method.setdefault(method, []).append(name)
-    parts = [(",".join(n for n in names if n != EVERY_OTHER), method) for method, names in by_method.items()]
-    parts = [f"{names}={method}" for names, method in parts if names]
+    grouped = [(",".join(n for n in names if n != EVERY_OTHER), method) for method, names in by_method.items()]
+    parts = [f"{names}={method}" for names, method in grouped if names]
     if EVERY_OTHER in mapping:
         parts.append(f"{EVERY_OTHER}={mapping[EVERY_OTHER]}")
     return ";".join(parts)

@@ -46,7 +46,7 @@ import difflib
 import math
 import numbers
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -107,6 +107,12 @@ def check_table_spec(spec: Mapping[str, Any]) -> None:
 class _QuantizedTable(torch.nn.Module):
     """One table's quantized storage (persistent buffers), built empty from its spec; ``fit`` fills it."""
 
+    codes: Tensor
+    codebook: Tensor  # pq
+    column_subspace: Tensor  # pq
+    scale: Tensor  # int8, int4
+    bias: Tensor  # int8, int4
+
     def __init__(self, spec: Mapping[str, Any], device: torch.device | str | None = None) -> None:
         super().__init__()
         check_table_spec(spec)  # before anything is sized from it (a spec may come from a file)
@@ -116,7 +122,7 @@ class _QuantizedTable(torch.nn.Module):
         u8 = {"dtype": torch.uint8, "device": device}
         if self.scheme == "pq":
             widths = torch.tensor([int(w) for w in spec["widths"]])
-            self.register_buffer("codes", torch.empty(self.rows, len(widths), **u8))
+            self.register_buffer("codes", torch.empty(self.rows, len(widths), **u8))  # type: ignore[arg-type]  # mixed **kwargs
             self.register_buffer("codebook", torch.empty(int(spec["centroids"]), self.cols, device=device))
             # each column's subspace, to read all of a row's centroids in one gather
             column_subspace = torch.repeat_interleave(torch.arange(len(widths)), widths)
@@ -124,7 +130,7 @@ class _QuantizedTable(torch.nn.Module):
             return
         self.group_rows = int(spec["group_rows"])
         groups, width = -(-self.rows // self.group_rows), self.group_rows * self.cols
-        self.register_buffer("codes", torch.empty(groups, width if self.scheme == "int8" else -(-width // 2), **u8))
+        self.register_buffer("codes", torch.empty(groups, width if self.scheme == "int8" else -(-width // 2), **u8))  # type: ignore[arg-type]  # mixed **kwargs
         self.register_buffer("scale", torch.empty(groups, dtype=torch.float16, device=device))
         self.register_buffer("bias", torch.empty(groups, dtype=torch.float16, device=device))
 
@@ -195,8 +201,8 @@ class QuantizedEmbedding(CompressedEmbedding):
         if spec.get("method", inner.method_name) != inner.method_name:
             raise ValueError(f"spec is for method {spec['method']!r}, not {inner.method_name!r}")
         # what the base class reads from class attributes follows the wrapped method
-        self.method_name = f"{inner.method_name}+{spec['scheme']}"
-        self.open_vocabulary, self.stores_rows = inner.open_vocabulary, inner.stores_rows
+        self.method_name = f"{inner.method_name}+{spec['scheme']}"  # type: ignore[misc]  # per instance, on purpose
+        self.open_vocabulary, self.stores_rows = inner.open_vocabulary, inner.stores_rows  # type: ignore[misc]  # as above
         super().__init__(inner.num_embeddings, inner.embedding_dim, mode=inner.mode, name=inner.name, init=inner.init)
         self.scheme, self._cached = spec["scheme"], False
         self._sketch_bytes = inner.memory().sketch_bytes  # as the method reports it, before its tables leave
@@ -233,11 +239,15 @@ class QuantizedEmbedding(CompressedEmbedding):
 
     def dequantize(self) -> dict[str, Tensor]:
         """Every quantized table back in its dtype (fp32), by the wrapped module's parameter name."""
-        return {name: self.tables[_key(name)].dequantize() for name in self._spec["tables"]}
+        return {name: self._table(name).dequantize() for name in self._spec["tables"]}
+
+    def _table(self, name: str) -> _QuantizedTable:
+        """The quantized storage of the wrapped module's parameter ``name``."""
+        return cast(_QuantizedTable, self.tables[_key(name)])
 
     def lookup(self, ids: Tensor) -> Tensor:
         if self._fast:
-            return self.tables["weight"].lookup(ids)
+            return self._table("weight").lookup(ids)
         self._put_tables(fp32=True)
         return self.inner.lookup(ids)
 
@@ -255,7 +265,7 @@ class QuantizedEmbedding(CompressedEmbedding):
             return
         for name in self._spec["tables"]:
             owner, _, leaf = name.rpartition(".")
-            setattr(self.inner.get_submodule(owner), leaf, self.tables[_key(name)].dequantize() if fp32 else None)
+            setattr(self.inner.get_submodule(owner), leaf, self._table(name).dequantize() if fp32 else None)
         self._cached = fp32
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
@@ -364,7 +374,7 @@ def _quantize_module(
         specs[name] = spec
     quantized = QuantizedEmbedding(module, {"scheme": scheme, "method": module.method_name, "tables": specs})
     for name in specs:
-        quantized.tables[_key(name)].fit(tables[name], seed)
+        quantized._table(name).fit(tables[name], seed)
     return quantized
 
 

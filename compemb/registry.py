@@ -17,7 +17,7 @@ import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, Union, cast
 
 import torch
 
@@ -31,6 +31,22 @@ METHODS: dict[str, type[CompressedEmbedding]] = {}
 TABLE_ARGUMENTS = ("num_embeddings", "embedding_dim", "compression", "num_params", "seed")
 
 _Method = TypeVar("_Method", bound="type[CompressedEmbedding]")
+
+
+class _MethodConstructor(Protocol):
+    """How every registered method is built: the base class's arguments, the table's, and the method's options."""
+
+    def __call__(
+        self,
+        num_embeddings: int | None,
+        embedding_dim: int,
+        *,
+        compression: float | None = ...,
+        num_params: int | None = ...,
+        seed: int = ...,
+        device: torch.device | str | None = ...,
+        **options: Any,
+    ) -> CompressedEmbedding: ...
 
 
 def register(name: str) -> Callable[[_Method], _Method]:
@@ -195,7 +211,8 @@ def make_embedding(
     check_options(method, options)
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    module = cls(num_embeddings, embedding_dim, compression=compression, num_params=num_params, seed=seed, **options)
+    build = cast(_MethodConstructor, cls)  # the base class's __init__ takes no budget: every method's does
+    module = build(num_embeddings, embedding_dim, compression=compression, num_params=num_params, seed=seed, **options)
     return module if dtype is None else module.to(dtype)
 
 
@@ -222,13 +239,16 @@ def summarize_methods(num_embeddings: int, embedding_dim: int, compression: floa
     rows = []
     for name, cls in METHODS.items():
         ratio = compression if cls.compresses else 1
+        build = cast(_MethodConstructor, cls)  # the base class's __init__ takes no budget: every method's does
         # methods built from per-id counts are sized by the budget alone: counts on the meta device plan them
-        options = {"frequencies": torch.empty(num_embeddings, device="meta")} if cls.needs_frequencies else {}
+        options: dict[str, Any] = (
+            {"frequencies": torch.empty(num_embeddings, device="meta")} if cls.needs_frequencies else {}
+        )
         if cls.per_id_bytes * num_embeddings >= full_table_bytes(num_embeddings, embedding_dim) / ratio:
             with nearest_size():  # its per-id state alone exceeds the budget: shown at its smallest size
-                module = cls(num_embeddings, embedding_dim, compression=ratio, device="meta", **options)
+                module = build(num_embeddings, embedding_dim, compression=ratio, device="meta", **options)
         else:
-            module = cls(num_embeddings, embedding_dim, compression=ratio, device="meta", **options)
+            module = build(num_embeddings, embedding_dim, compression=ratio, device="meta", **options)
         report = module.memory()
         num_params = sum(p.numel() for p in module.parameters())
         reached = report.compression(num_embeddings, embedding_dim)

@@ -16,14 +16,17 @@ optimizer's work and state are exactly those of the per-table lookups.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 import torch
 from torch import Tensor
 
 from compemb.checks import assert_ids_in_range
-from compemb.hashing import hash_high32, hash_signs
+from compemb.hashing import UniversalHash, hash_high32, hash_signs
 from compemb.kernels import device_path
+
+if TYPE_CHECKING:
+    from compemb.embeddings.base import CompressedEmbedding
 
 
 class TableBatch(Protocol):
@@ -200,9 +203,9 @@ class SeparateLookups:
         names: the attributes holding the weights to pack (one buffer per name).
     """
 
-    def __init__(self, tables: Sequence[torch.nn.Module], names: Sequence[str]) -> None:
+    def __init__(self, tables: Sequence[CompressedEmbedding], names: Sequence[str]) -> None:
         self.tables = list(tables)
-        self.packs = [PackedWeights(self.tables, name, sparse=tables[0].sparse) for name in names]  # type: ignore[arg-type]
+        self.packs = [PackedWeights(self.tables, name, sparse=tables[0].sparse) for name in names]
 
     def __call__(self, ids: Tensor) -> Tensor:
         for pack in self.packs:
@@ -216,18 +219,18 @@ class RowsBatch:
     one gather over the packed weights, and, the weights in one buffer, one optimizer update for all of them.
     Needs every vocabulary closed (one range rule for the batch)."""
 
-    def __init__(self, tables: Sequence[torch.nn.Module]) -> None:
+    def __init__(self, tables: Sequence[CompressedEmbedding]) -> None:
         self.tables = list(tables)
         self.pack = PackedWeights(self.tables, "weight", sparse=self.tables[0].sparse)
         self.ranges = IdRanges(self.tables)
         self.rules = [getattr(t, "rows_of", None) for t in self.tables]  # None: a full table's row is the id
 
     @staticmethod
-    def accepts(tables: Sequence[torch.nn.Module]) -> bool:
+    def accepts(tables: Sequence[CompressedEmbedding]) -> bool:
         """Whether a RowsBatch can take ``tables``: closed vocabularies, one row width."""
         return (
             all(getattr(t, "num_embeddings", None) is not None for t in tables)
-            and len({t.weight.shape[1] for t in tables}) == 1
+            and len({cast(Tensor, t.weight).shape[1] for t in tables}) == 1  # each reads rows of its weight
         )
 
     def __call__(self, ids: Tensor) -> Tensor:
@@ -241,13 +244,13 @@ class _GatherPacked(torch.autograd.Function):
     """``buffer[rows]`` whose backward returns each packed weight its own gradient."""
 
     @staticmethod
-    def forward(ctx, buffer: Tensor, rows: Tensor, pack: PackedWeights, *weights: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, buffer: Tensor, rows: Tensor, pack: PackedWeights, *weights: Tensor) -> Tensor:
         ctx.save_for_backward(rows)
         ctx.pack = pack
         return buffer.index_select(0, rows.reshape(-1)).view(*rows.shape, buffer.shape[1])
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         (rows,) = ctx.saved_tensors
         pack: PackedWeights = ctx.pack
         row_dim = grad.shape[-1]
@@ -266,7 +269,7 @@ class _GatherPacked(torch.autograd.Function):
         return (None, None, None, *sparse_grads)
 
 
-def hash_columns(ids: Tensor, hashes: Sequence[torch.nn.Module], buckets: Tensor) -> Tensor:
+def hash_columns(ids: Tensor, hashes: Sequence[UniversalHash], buckets: Tensor) -> Tensor:
     """Every table's hashes of its column of ids in one pass: ``ids`` ``(batch, tables)``, ``hashes[j]`` table j's
     :class:`~compemb.hashing.UniversalHash` (k functions each), ``buckets`` ``(tables, 1)`` their ranges ->
     ``(batch, tables, k)``, exactly ``hashes[j](ids[:, j])`` in column j (the coefficients are read afresh, so a
@@ -274,12 +277,12 @@ def hash_columns(ids: Tensor, hashes: Sequence[torch.nn.Module], buckets: Tensor
     return hash_high32(ids, _stacked(hashes)).mul_(buckets).bitwise_right_shift_(32)
 
 
-def sign_columns(ids: Tensor, hashes: Sequence[torch.nn.Module], dtype: torch.dtype) -> Tensor:
+def sign_columns(ids: Tensor, hashes: Sequence[UniversalHash], dtype: torch.dtype) -> Tensor:
     """Every table's hashed signs of its column of ids, as ``hashes[j].signs(ids[:, j])``: ``(batch, tables, k)``."""
     return hash_signs(ids, _stacked(hashes), dtype)
 
 
-def _stacked(hashes: Sequence[torch.nn.Module]) -> Tensor:
+def _stacked(hashes: Sequence[UniversalHash]) -> Tensor:
     return torch.stack([h.coefficients for h in hashes])  # (tables, k, 2)
 
 
@@ -288,7 +291,7 @@ def column_sizes(values: Sequence[int], device: torch.device) -> Tensor:
     return torch.tensor(list(values), dtype=torch.int64, device=device).view(-1, 1)
 
 
-def check_id_ranges(tables: Sequence[torch.nn.Module], ids: Tensor, sizes: Tensor) -> None:
+def check_id_ranges(tables: Sequence[CompressedEmbedding], ids: Tensor, sizes: Tensor) -> None:
     """Raise the table's own ValueError when an id of column j is outside ``[0, sizes[j])`` (closed vocabularies:
     a wrapped or shifted id would silently read another table's rows)."""
     if device_path(ids):  # no host round trip per lookup: a device-side assert
@@ -308,7 +311,7 @@ class IdRanges:
     """A table batch's range rule: ids of column j must lie in ``[0, num_embeddings_j)`` when every table has a
     closed vocabulary (``num_embeddings`` given), as each table's own lookup requires; nothing with an open one."""
 
-    def __init__(self, tables: Sequence[torch.nn.Module]) -> None:
+    def __init__(self, tables: Sequence[CompressedEmbedding]) -> None:
         self.tables = list(tables)
         closed = all(getattr(t, "num_embeddings", None) is not None for t in self.tables)
         self.sizes = torch.tensor([t.num_embeddings for t in self.tables]) if closed else None

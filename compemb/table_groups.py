@@ -5,6 +5,7 @@ that are looked up one at a time."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 
@@ -41,7 +42,8 @@ def batch_groups(tables: Sequence[torch.nn.Module]) -> list[tuple[list[int], Tab
             del keys[key], keys[full_key]
     for positions in keys.values():
         first = tables[positions[0]]
-        members = [tables[p] for p in positions]
+        # one class per key: all are CompressedEmbeddings if the first is, and only then are they read
+        members = cast("list[CompressedEmbedding]", [tables[p] for p in positions])
         batch = (
             type(first).table_batch(members) if isinstance(first, CompressedEmbedding) and plain(positions) else None
         )

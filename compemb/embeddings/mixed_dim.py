@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import TypedDict, cast
 
 import torch
 from torch import Tensor
@@ -36,6 +37,15 @@ from compemb.embeddings.lowrank import LowRankEmbedding
 from compemb.registry import register
 
 DEFAULT_ALPHA = 0.3  # the paper's (and DLRM's --md-temperature) Criteo setting
+
+
+class _BlockOptions(TypedDict):
+    """What every block's table is built with, beyond its size."""
+
+    seed: int
+    sparse: bool
+    init: str
+    device: torch.device | str | None
 
 
 def _block_floats(sizes: Sequence[int], dims: Sequence[float], embedding_dim: int) -> float:
@@ -91,6 +101,7 @@ class MixedDimEmbedding(CompressedEmbedding):
     formula = "sum_b n_b r_b + r_b d"
     per_id_bytes = FLOAT_BYTES  # one coordinate per id at least
     takes_feature_blocks = True
+    block_starts: Tensor
 
     def __init__(
         self,
@@ -120,6 +131,7 @@ class MixedDimEmbedding(CompressedEmbedding):
             include_last_offset=include_last_offset,
             padding_idx=padding_idx,
         )
+        assert self.num_embeddings is not None  # a closed vocabulary: the base class refuses None
         budget = resolve_budget(num_embeddings, embedding_dim, compression=compression, num_params=num_params)
         sizes = [self.num_embeddings] if blocks is None else [int(size) for size in blocks]
         if any(size < 1 for size in sizes) or sum(sizes) != self.num_embeddings:
@@ -140,7 +152,7 @@ class MixedDimEmbedding(CompressedEmbedding):
         )
         tables: list[CompressedEmbedding] = []
         for b, size in enumerate(sizes):
-            common = dict(seed=seed * 1_000 + b, sparse=sparse, init=init, device=device)
+            common: _BlockOptions = dict(seed=seed * 1_000 + b, sparse=sparse, init=init, device=device)
             left = floats - others  # the largest block's share: what the others leave
             full_size = size * d
             if (b != largest and whole[b] * (size + d) >= full_size) or (b == largest and left >= full_size):
@@ -166,8 +178,8 @@ class MixedDimEmbedding(CompressedEmbedding):
         return [FLOAT_BYTES * _block_floats([n], [r], embedding_dim) for n, r in zip(sizes, dims)]
 
     def reset_tables(self) -> None:
-        for table in self.tables:
-            table.reset_tables()  # type: ignore[operator]
+        for table in cast("Iterable[CompressedEmbedding]", self.tables):  # a ModuleList of the blocks' tables
+            table.reset_tables()
             # each block was built as a table of its own ids; its ids start at this module's full-table scale
             ratio = self.init_bound / table.init_bound
             if ratio != 1:
@@ -186,21 +198,22 @@ class MixedDimEmbedding(CompressedEmbedding):
         return "routes each batch's ids to its blocks by counts read back to the host"
 
     def lookup(self, ids: Tensor) -> Tensor:
-        if len(self.tables) == 1:
-            return self.tables[0].lookup(ids)
+        tables = cast("Sequence[CompressedEmbedding]", self.tables)  # a ModuleList of the blocks' tables
+        if len(tables) == 1:
+            return tables[0].lookup(ids)
         # route the ids block by block: one stable sort, a contiguous slice per block, then back to input order
         block = torch.bucketize(ids, self.block_starts, right=True) - 1
         order = torch.argsort(block, stable=True)
         # the one value the host needs: how many ids each block's table reads (one read back; bincount would be two)
         counts = (
-            torch.zeros(len(self.tables), dtype=torch.int64, device=ids.device)
+            torch.zeros(len(tables), dtype=torch.int64, device=ids.device)
             .index_add_(0, block, torch.ones_like(block))
             .tolist()
         )
         local = (ids - self.block_starts[block])[order]
-        pieces = [table.lookup(part) for table, part in zip(self.tables, local.split(counts)) if part.numel()]
+        pieces = [table.lookup(part) for table, part in zip(tables, local.split(counts)) if part.numel()]
         if not pieces:
-            return self.tables[0].lookup(ids)  # no ids: an empty (0, d) of the tables' dtype
+            return tables[0].lookup(ids)  # no ids: an empty (0, d) of the tables' dtype
         vectors = torch.cat(pieces)
         return torch.zeros_like(vectors).index_copy(0, order, vectors)
 

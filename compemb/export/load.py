@@ -8,7 +8,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -69,7 +69,7 @@ class ServedModel(torch.nn.Module):
 def _check_fields(path: Path, header: dict[str, Any]) -> None:
     """ModelFileError naming the first of the header's fields that is not what an exported model holds."""
 
-    def refuse(what: str) -> None:
+    def refuse(what: str) -> NoReturn:
         raise ModelFileError(f"{path}: its header's {what}; the file is damaged or was not written by compemb export")
 
     cardinalities = header.get("cardinalities")

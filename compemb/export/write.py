@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from safetensors.torch import load as load_tensors
@@ -20,6 +20,14 @@ from compemb.io import atomic_write_bytes
 from compemb.outputs import check_output_file
 from compemb.quantize import QuantizedEmbedding, quantize
 from compemb.train import build_model, checkpoint_config, id_counts, load_model_state, read_checkpoint
+
+if TYPE_CHECKING:
+    from compemb.collection import EmbeddingCollection
+
+
+def _collection(model: torch.nn.Module) -> EmbeddingCollection:
+    """The model's tables (the DLRM and DCN that build_model makes hold them as ``embeddings``)."""
+    return cast("EmbeddingCollection", model.embeddings)
 
 
 def _inference_state(model: torch.nn.Module) -> tuple[dict[str, Tensor], list[str]]:
@@ -36,11 +44,11 @@ def _planning_counts(model: torch.nn.Module) -> dict[str, int] | None:
 
     Its sizes depend only on how many ids have a count (and the budget), so counts of 1 for that many ids rebuild
     the same shapes, and the saved state then holds the real hot ids."""
-    collection = model.embeddings  # type: ignore[union-attr]
+    collection = _collection(model)
     if not any_method(collection.method, "needs_frequencies"):
         return None
     if collection.sharing == "shared":
-        counted = collection.embeddings["shared"].counted_ids[1]
+        counted = cast("tuple[int, int]", collection.embeddings["shared"].counted_ids)[1]  # offline's (counted, wanted)
         planned = {}
         for feature in collection.features:  # only the total counted matters: fill the features in order
             planned[feature.name] = min(counted, feature.num_embeddings)
@@ -125,7 +133,7 @@ def export_run(
     }
     payload = signed_payload(everything, header)
     atomic_write_bytes(out, payload)
-    embeddings = model.embeddings.memory().total  # type: ignore[union-attr]
+    embeddings = _collection(model).memory().total
     mlp = sum(v.numel() * v.element_size() for k, v in state.items() if not k.startswith("embeddings."))
     return {
         "file_bytes": len(payload),
