@@ -8,9 +8,10 @@ an EmbeddingBagCollection's checkpoint loads into ``method="full"`` and back; lo
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
+    from compemb.collection import EmbeddingCollection
     from compemb.integrations.torchrec import CompressedEmbeddingBagCollection
 
 
@@ -19,7 +20,7 @@ def _table_prefixes(module: CompressedEmbeddingBagCollection) -> dict[str, str]:
     return {
         f"collections.{group}.embeddings.{name}.": f"embedding_bags.{name}."
         for group, collection in module.collections.items()
-        for name in collection.embeddings
+        for name in cast("EmbeddingCollection", collection).embeddings  # (a ModuleDict types it Module)
     }
 
 
