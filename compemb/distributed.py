@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 from datetime import timedelta
 
 import torch
@@ -111,7 +112,7 @@ def broadcast_state(module: torch.nn.Module, source: int = 0) -> None:
 DENSE_REDUCE_FLOATS = 1 << 23
 
 
-def average_gradients(parameters: list[Tensor]) -> None:
+def average_gradients(parameters: Sequence[Tensor]) -> None:
     """Replace each parameter's gradient by its mean over the ranks, in one all-reduce where the tables are small.
 
     For the tables DDP cannot bucket (it expects sparse gradients only from ``nn.Embedding``). A sparse gradient
@@ -123,17 +124,16 @@ def average_gradients(parameters: list[Tensor]) -> None:
     if not active():
         return
     world = world_size()
-    with_grad = [p for p in parameters if p.grad is not None]
-    sparse = [p for p in with_grad if p.grad.is_sparse]
-    dense = [p for p in with_grad if not p.grad.is_sparse]
-    if sum(p.numel() + p.shape[0] for p in sparse) > DENSE_REDUCE_FLOATS:
-        for param in sparse:
-            dist.all_reduce(param.grad)  # gloo: every rank's rows, summed and coalesced, in place
-            param.grad.mul_(1.0 / world)
+    with_grad = [(p, p.grad) for p in parameters if p.grad is not None]  # (parameter, its gradient)
+    sparse = [(p, grad) for p, grad in with_grad if grad.is_sparse]
+    dense = [(p, grad) for p, grad in with_grad if not grad.is_sparse]
+    if sum(p.numel() + p.shape[0] for p, _ in sparse) > DENSE_REDUCE_FLOATS:
+        for _, grad in sparse:
+            dist.all_reduce(grad)  # gloo: every rank's rows, summed and coalesced, in place
+            grad.mul_(1.0 / world)
         sparse = []
-    parts = [p.grad.reshape(-1) for p in dense]
-    for param in sparse:
-        grad = param.grad
+    parts = [grad.reshape(-1) for _, grad in dense]
+    for param, grad in sparse:
         touched = torch.zeros(param.shape[0], dtype=grad.dtype, device=grad.device)
         touched[grad._indices()[0]] = 1.0
         parts += [grad.to_dense().reshape(-1), touched]
@@ -143,9 +143,9 @@ def average_gradients(parameters: list[Tensor]) -> None:
     dist.all_reduce(flat)
     flat.mul_(1.0 / world)
     pieces = iter(flat.split([part.numel() for part in parts]))
-    for param in dense:
-        param.grad.copy_(next(pieces).view_as(param.grad))
-    for param in sparse:
+    for _, grad in dense:
+        grad.copy_(next(pieces).view_as(grad))
+    for param, _ in sparse:
         summed, touched = next(pieces).view_as(param), next(pieces)
         rows = touched.nonzero().squeeze(1)
         param.grad = torch.sparse_coo_tensor(

@@ -100,7 +100,8 @@ def _time_pairs(
 ) -> list[tuple[float, float]]:
     """``steps`` pairs of (baseline seconds, step seconds), each pair run back to back (ABBA order); ``sync`` waits
     for a device's queued work (CUDA), so each time is the step's own."""
-    baseline(), step()  # warm-up: first-call allocations stay out of the timing
+    baseline()  # warm-up: first-call allocations stay out of the timing
+    step()
     sync()
     pairs = []
     for index in range(steps):

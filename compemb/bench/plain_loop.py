@@ -52,6 +52,8 @@ def _layers(in_features: int, widths: Sequence[int], last_relu: bool) -> torch.n
 class PlainDLRM(torch.nn.Module):
     """DLRM over one plain ``nn.Embedding`` per feature."""
 
+    pairs: Tensor  # (2, pairs) the interaction's index pairs (a buffer)
+
     def __init__(
         self,
         cardinalities: Sequence[int],
@@ -62,10 +64,11 @@ class PlainDLRM(torch.nn.Module):
         init: str,
     ) -> None:
         super().__init__()
-        self.tables = torch.nn.ModuleList(torch.nn.Embedding(n, dim) for n in cardinalities)
-        for table, n in zip(self.tables, cardinalities):
+        tables = [torch.nn.Embedding(n, dim) for n in cardinalities]
+        for table, n in zip(tables, cardinalities):
             bound = math.sqrt(1 / n) if init == "dlrm" else 1 / math.sqrt(dim)
             torch.nn.init.uniform_(table.weight, -bound, bound)
+        self.tables = torch.nn.ModuleList(tables)
         self.bottom = _layers(num_dense, [*bottom, dim], last_relu=True)
         vectors = len(cardinalities) + 1
         self.top = _layers(dim + vectors * (vectors - 1) // 2, [*top, 1], last_relu=False)

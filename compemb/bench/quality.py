@@ -176,8 +176,8 @@ def _run_one(base: TrainConfig, method: str, ratio: float, seed: int, out: Path)
         return row
     last = trainer.fit()
     test = trainer.test_of_best("test")  # the test metrics of the best validation checkpoint, as the papers report
-    memory = trainer.model.embeddings.memory()  # type: ignore[union-attr]
-    full = sum(full_table_bytes(f.num_embeddings, config.embedding_dim) for f in trainer.model.embeddings.features)  # type: ignore[union-attr]
+    memory = trainer.model.embeddings.memory()
+    full = sum(full_table_bytes(f.num_embeddings, config.embedding_dim) for f in trainer.model.embeddings.features)
     row.ratio_reached = full / memory.total
     row.params = memory.total // 4
     row.val_bce = trainer.best["bce"] if trainer.best else None
@@ -213,8 +213,8 @@ def _run_quantized(base: TrainConfig, trained: str, scheme: str, ratio: float, s
         trainer.load(source_run / "checkpoints" / "best")
         trainer.model = quantize(trainer.model, scheme)
         test = trainer.evaluate("test")
-        memory = trainer.model.embeddings.memory()  # type: ignore[union-attr]
-        full = sum(full_table_bytes(f.num_embeddings, config.embedding_dim) for f in trainer.model.embeddings.features)  # type: ignore[union-attr]
+        memory = trainer.model.embeddings.memory()
+        full = sum(full_table_bytes(f.num_embeddings, config.embedding_dim) for f in trainer.model.embeddings.features)
         row.ratio_reached, row.params = full / memory.total, memory.total // 4
         row.val_bce = trainer.evaluate(config.eval_split)["bce"]
         row.test_bce, row.test_auc = test["bce"], test["auc"]
@@ -269,6 +269,8 @@ def match_table(rows: list[SweepRow]) -> str:
     """Per method: the fewest params that match the full table's val BCE, as a share of the full table's."""
     target = _full_val_bce(rows)
     full_params = _mean([r.params for r in rows if not _compresses(r.method)])
+    # write_results makes this table only where a full table was trained (its val BCE and params are known)
+    assert target is not None and full_params is not None
     lines = [
         f"Full table: val BCE {target:.4f} with {full_params:,.0f} params (bytes / 4).",
         "",

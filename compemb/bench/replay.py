@@ -28,7 +28,7 @@ class _Recording(TorchDispatchMode):
         super().__init__()
         self.ops: list[tuple[str, tuple[Any, ...], str]] = []
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func)
         if not name.startswith(_METADATA):
             flat, _ = tree_flatten((args, kwargs or {}))

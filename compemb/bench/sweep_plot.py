@@ -23,6 +23,7 @@ from compemb.outputs import png_metadata
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
+    from matplotlib.typing import LineStyleType
 
 SPREAD = "±1 sample sd over seeds"
 # 10 colours against 7 markers (coprime): no two of the first 70 methods share a pair; then the line style changes
@@ -30,7 +31,7 @@ MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 LINES = ("-", "--", ":")
 # a reference line is drawn where the methods keep at least half of the axis that holds it and them
 SQUASH = 2.0
-REFERENCE_STYLE = {"full table": ("0.3", "--"), "Bayes-optimal": ("black", ":")}
+REFERENCE_STYLE: dict[str, tuple[str, LineStyleType]] = {"full table": ("0.3", "--"), "Bayes-optimal": ("black", ":")}
 WINNER, OTHERS = "C0", "0.35"
 
 

@@ -65,7 +65,7 @@ class _Dispatch(TorchDispatchMode):
         super().__init__()
         self.counter = counter
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = WAITING_OPS.get(func)
         if name is None and func in _INDEX_OPS:
@@ -86,7 +86,7 @@ class _Function(TorchFunctionMode):
         super().__init__()
         self.counter = counter
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         name = _HOST_METHODS.get(getattr(func, "__name__", ""))
         if name is not None and args and isinstance(args[0], torch.Tensor):
             self.counter.record(name)
@@ -121,7 +121,8 @@ class SyncCounter:
         self.kinds[kind] += 1
         frames = [f for f in traceback.extract_stack()[:-1] if f.filename != _HERE and "/torch/" not in f.filename]
         ours = [f for f in frames if "/compemb/" in f.filename]
-        frame = (ours or frames or [None])[-1]
+        candidates = ours or frames
+        frame = candidates[-1] if candidates else None
         where = (
             "?" if frame is None else f"{Path(frame.filename).parent.name}/{Path(frame.filename).name}:{frame.lineno}"
         )

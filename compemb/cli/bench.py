@@ -206,7 +206,11 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
     compressions = [float(ratio) for ratio in args.compression.split(",")]
     base = train_config(args, args.out)
     protocol_baseline = PROTOCOLS[args.protocol].baseline if args.protocol else None
-    baseline = args.baseline or (protocol_baseline if protocol_baseline in methods else default_baseline(methods))
+    baseline = args.baseline or (
+        protocol_baseline
+        if protocol_baseline is not None and protocol_baseline in methods
+        else default_baseline(methods)
+    )
     if baseline not in methods:
         raise ValueError(f"--baseline {baseline!r} is not among --methods ({','.join(methods)})")
     run_sweep(base, methods, compressions, args.seeds, args.out, baseline=baseline, test=args.test)

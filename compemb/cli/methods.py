@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from typing import cast
 
 from compemb.cli.units import megabytes
 from compemb.feature_methods import any_method
@@ -69,6 +70,7 @@ def _feature_methods(args: argparse.Namespace) -> int:
     from compemb.budget import full_table_bytes
     from compemb.collection import EmbeddingCollection, Feature
     from compemb.data.dataset import open_dataset
+    from compemb.embeddings.base import CompressedEmbedding
 
     manifest, _ = open_dataset(args.data)
     features = [Feature(f"C{i + 1}", n) for i, n in enumerate(manifest["cardinalities"])]
@@ -84,7 +86,8 @@ def _feature_methods(args: argparse.Namespace) -> int:
     header = f"{'feature':<10} {'ids':>13} {'method':<28} {'bytes stored':>14} {'ratio':>8}"
     print(header)
     print("-" * len(header))
-    for name, table in collection.embeddings.items():
+    for name, module in collection.embeddings.items():
+        table = cast(CompressedEmbedding, module)  # the collection's tables (a ModuleDict types them Module)
         report = memory.per_feature.get(name, table.memory())
         ids = table.num_embeddings or 0
         whole = full.get(name, sum(full.values()))

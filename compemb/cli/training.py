@@ -4,6 +4,7 @@ syncs / quality)."""
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from compemb.feature_methods import is_per_feature
 from compemb.protocols import PROTOCOLS
@@ -187,6 +188,7 @@ def train_config(args: argparse.Namespace, out: str, compression: float | None =
     if out is None:
         raise ValueError("give --out (the run directory), or a --config file that names it")
     spec, cluster_every = getattr(args, "method", "full"), getattr(args, "cluster_every", None)
+    options: dict[str, Any]  # the method's NAME:KEY=VALUE options
     if is_per_feature(spec):  # "C1,C2=full;*=hash": each part carries its options
         if cluster_every is not None:
             raise ValueError(

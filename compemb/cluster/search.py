@@ -3,6 +3,7 @@ input checks and the centroids' first k-NN graph of :mod:`compemb.cluster`'s hos
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -11,8 +12,11 @@ from torch import Tensor
 
 from compemb.cluster.shared import TORCH_BLOCK
 
+faiss: ModuleType | None  # None where faiss is not installed
 try:
-    import faiss
+    import faiss as _faiss
+
+    faiss = _faiss
 except ImportError:  # the torch fallback below does the same searches, exactly and more slowly
     faiss = None
 
@@ -88,6 +92,7 @@ def nearest(x: np.ndarray, c: np.ndarray, index: str, batch_size: int = 1 << 18)
 
 def faiss_index(c: np.ndarray, kind: str, hnsw_m: int = HNSW_M, hnsw_ef: int = HNSW_EF) -> Any:
     """A faiss index of the centroids ``c``: ``"flat"`` (exact) or ``"hnsw"`` (built on one thread)."""
+    assert faiss is not None  # its callers search with torch where faiss is not installed
     if kind == "flat":
         index = faiss.IndexFlatL2(c.shape[1])
         index.add(c)

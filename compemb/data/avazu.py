@@ -112,7 +112,8 @@ def preprocess_avazu(
     train, val = kept * 8 // 10, kept // 10
     rows = {"train": train, "val": val, "test": kept - train - val}
     with DatasetWriter(out, rows, 0, [len(v) + 2 for v in vocabularies], overwrite=overwrite) as writer:
-        labels, ids = [], []
+        labels: list[int] = []
+        ids: list[list[int]] = []
 
         def flush() -> None:  # rows fill train, then val, then test, in file order
             writer.append(np.zeros((len(labels), 0), np.float32), np.array(ids, np.int64), np.array(labels, np.uint8))

@@ -25,7 +25,7 @@ Needs the ``torchrec`` extra (``pip install 'compemb[torchrec]'``; see the READM
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.fx
@@ -308,7 +308,8 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                 if collection.sharing == "shared":  # feature f's id x is offset_f + x in the one table
                     index = collection._index_of(table.name)
                     start = sum(f.num_embeddings for f in collection.features[:index])
-                    values = _shared_ids(values, table.num_embeddings, start, f"feature {table.name!r}")
+                    # traced: the Proxy stands for the values' Tensor (the wrapped call becomes one node)
+                    values = _shared_ids(cast(Tensor, values), table.num_embeddings, start, f"feature {table.name!r}")
                 else:
                     values = values.long()
                 tracer = values.tracer
@@ -414,7 +415,11 @@ class CompressedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         tables = [module for module in self.modules() if isinstance(module, CompressedEmbedding)]
         # under a process group every table's recorded importance in one collective; tables that update together
         # (per-feature CAFE on a device) at once
-        batches = [batch for collection in self.collections.values() for batch in collection.table_batches()]
+        batches = [
+            batch
+            for collection in self.collections.values()
+            for batch in cast(EmbeddingCollection, collection).table_batches()  # (a ModuleDict types it Module)
+        ]
         end_step(tables, step, optimizer, batches)
 
     @property

@@ -31,6 +31,8 @@ class DLRM(torch.nn.Module):
         dense ``(batch, num_dense)`` float, sparse ``(batch, num_features)`` int -> logits ``(batch,)``.
     """
 
+    pair_index: Tensor  # the interacting pairs' flat positions in the products (a buffer)
+
     def __init__(
         self,
         embeddings: EmbeddingCollection,
@@ -66,13 +68,13 @@ def pairwise_dots(vectors: Tensor, pair_index: Tensor) -> Tensor:
 
 class _PairwiseDots(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, vectors: Tensor, pair_index: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, vectors: Tensor, pair_index: Tensor) -> Tensor:
         ctx.save_for_backward(vectors, pair_index)
         products = torch.bmm(vectors, vectors.transpose(1, 2))
         return products.flatten(1).index_select(1, pair_index)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         vectors, pair_index = ctx.saved_tensors
         count = vectors.shape[1]
         products_grad = grad.new_zeros(grad.shape[0], count * count).index_copy_(1, pair_index, grad)

@@ -79,6 +79,7 @@ class RowAdagrad(RowWiseOptimizer):
         if not state:
             state.update(self._new_state(param, group))
         self._step_tensor(param, state).add_(1)
+        assert param.grad is not None  # _dense is called for parameters with a gradient only
         state["sum"].addcmul_(param.grad, param.grad, value=1)
         param.addcdiv_(param.grad, state["sum"].sqrt().add_(group["eps"]), value=-group["lr"])
 
@@ -131,6 +132,7 @@ class RowwiseAdagrad(RowWiseOptimizer):
     def _dense(self, param: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         if not state:
             state.update(self._new_state(param, group))
+        assert param.grad is not None  # _dense is called for parameters with a gradient only
         grad = param.grad.reshape(param.shape[0], -1) if param.dim() else param.grad.reshape(1, 1)
         state["sum"].add_(grad.float().pow(2).mean(1))
         shape = (-1,) + (1,) * max(param.dim() - 1, 0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -71,6 +71,7 @@ class RowAdam(RowWiseOptimizer):
         together: dict[tuple, list[Tensor]] = {}
         for param in params:
             state = self.state[param]
+            assert param.grad is not None  # the step passes parameters with a gradient only
             if state.get(ROW_STEP_KEY) is not None or param.grad.is_sparse:  # its own rows' ages: one by one
                 self._dense(param, state, group)
                 continue
@@ -92,7 +93,7 @@ class RowAdam(RowWiseOptimizer):
             states = [self.state[param] for param in members]
             counts = [state["step"] for state in states]
             torch._foreach_add_(counts, 1.0)  # (host tensors unless capturable: no device launch)
-            grads = [param.grad for param in members]
+            grads = [cast(Tensor, param.grad) for param in members]  # each has one (see above)
             exp_avgs, exp_avg_sqs = [state["exp_avg"] for state in states], [state["exp_avg_sq"] for state in states]
             torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
             torch._foreach_mul_(exp_avg_sqs, beta2)
@@ -109,7 +110,7 @@ class RowAdam(RowWiseOptimizer):
     def _capturable_update(
         params: list[Tensor],
         exp_avgs: list[Tensor],
-        denominators: list[Tensor],
+        denominators: list[Tensor] | tuple[Tensor, ...],
         counts: list[Tensor],
         group: dict[str, Any],
     ) -> None:

@@ -19,6 +19,8 @@ class RowWiseOptimizer(torch.optim.Optimizer):
     # every count and bias correction on the parameters' device, no host scalar that changes from step to step: a
     # CUDA graph replays device work only (torch's ``capturable=True``); set by the constructor
     capturable = False
+    # parameter -> (its step tensor, the count last written to it): set on first use (see _next_step)
+    _host_steps: dict[Tensor, tuple[Tensor, float]]
 
     def _step_tensor(self, param: Tensor, state: dict[str, Any]) -> Tensor:
         """The parameter's step count as torch keeps it (a 0-d float32); on the parameter's device when
@@ -87,7 +89,9 @@ class RowWiseOptimizer(torch.optim.Optimizer):
                     state = self.state[params[0]]
                     if not state:
                         state.update(self._new_state(params[0], group))
-                    self._sparse(params[0], params[0].grad, state, group)
+                    grad = params[0].grad
+                    assert grad is not None  # shared holds parameters with a gradient only
+                    self._sparse(params[0], grad, state, group)
                 else:
                     self._packed(params, group)
         return loss
@@ -98,7 +102,8 @@ class RowWiseOptimizer(torch.optim.Optimizer):
         row_dim = first.shape[1]
         starts = [param.storage_offset() // row_dim for param in params]
         total_rows = first.untyped_storage().nbytes() // (row_dim * first.element_size())
-        weight = first.new_empty(0).set_(first.untyped_storage(), 0, (total_rows, row_dim))  # the whole buffer
+        # the whole buffer
+        weight = first.new_empty(0).set_(first.untyped_storage(), 0, (total_rows, row_dim))  # type: ignore[call-overload]  # torch's stub wants a stride, set_ defaults it
         indices = torch.cat([param.grad._indices()[0] + start for param, start in zip(params, starts)])  # type: ignore[union-attr]
         values = torch.cat([param.grad._values() for param in params])  # type: ignore[union-attr]
         grad = torch.sparse_coo_tensor(indices.unsqueeze(0), values, weight.shape, check_invariants=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -29,12 +30,14 @@ class CombinedOptimizer(torch.optim.Optimizer):
             raise ValueError("CombinedOptimizer needs at least one optimizer")
         # not torch.optim.Optimizer.__init__: the children hold the parameters, groups and state
         self.defaults = {}
-        self._optimizer_step_pre_hooks: dict = {}
-        self._optimizer_step_post_hooks: dict = {}
-        self._optimizer_state_dict_pre_hooks: dict = {}
-        self._optimizer_state_dict_post_hooks: dict = {}
-        self._optimizer_load_state_dict_pre_hooks: dict = {}
-        self._optimizer_load_state_dict_post_hooks: dict = {}
+        # ordered dicts, as torch's own: its register_*_hook methods keep weak references to them and move a
+        # prepended hook to the front
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
@@ -63,7 +66,7 @@ class CombinedOptimizer(torch.optim.Optimizer):
             loss = result if index == 0 else loss
         return loss
 
-    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+    def state_dict(self) -> dict[str, Any]:
         """The children's state dicts as one: their parameters numbered one after another."""
         state, groups, offset = {}, [], 0
         for optimizer in self.optimizers:
@@ -73,7 +76,7 @@ class CombinedOptimizer(torch.optim.Optimizer):
             offset += sum(len(group["params"]) for group in child["param_groups"])
         return {"state": state, "param_groups": groups}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load what :meth:`state_dict` gave, each child its groups (as many as it has) and their parameters."""
         groups, offset, at = state_dict["param_groups"], 0, 0
         for optimizer in self.optimizers:

@@ -42,7 +42,7 @@ class TrainBatches:
         return min(self.batch_size, len(self.train) - index * self.batch_size)
 
 
-def read_batch(split: Split, index: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def read_batch(split: Split, index: int, batch_size: int) -> tuple[torch.Tensor, ...]:
     return read_rows(split, slice(index * batch_size, (index + 1) * batch_size))
 
 
@@ -51,6 +51,7 @@ def read_rows(split: Split, rows: slice | np.ndarray) -> tuple[torch.Tensor, ...
     offsets (``batch + 1``, from 0) for those rows."""
     dense = torch.from_numpy(np.array(split.dense[rows], dtype=np.float32))
     sparse = torch.from_numpy(np.array(split.sparse[rows], dtype=np.int64))
+    assert split.labels is not None  # batches are read for training and evaluation: of labelled splits only
     labels = torch.from_numpy(np.array(split.labels[rows], dtype=np.float32))
     bags = []
     for values, offsets in split.bags.values():

@@ -66,7 +66,7 @@ def build_model(
     sparse: bool | None = None,
     bags: list[dict[str, Any]] | None = None,
     device: str | None = None,
-) -> torch.nn.Module:
+) -> DLRM | DCNv2:
     """The model a config describes (DLRM or DCN over an EmbeddingCollection of ``C1..Cn``), freshly seeded.
 
     ``frequencies`` (per-feature id counts) are needed by methods built from them (``needs_frequencies``); an
@@ -189,11 +189,11 @@ def refuse_what_memory_cannot_hold(config: TrainConfig, cardinalities: list[int]
     would not fit in this machine's memory: a full 1e9-row table would otherwise allocate for many seconds, then die."""
     full = sum(cardinalities) * config.embedding_dim * 4
     tables = (
-        full
-        if config.compression is None and config.num_params is None
-        else config.num_params * 4
+        config.num_params * 4
         if config.num_params is not None
         else full / config.compression
+        if config.compression is not None
+        else full
     )
     widths = [num_dense, *config.bottom]
     mlp = sum((a + 1) * b for a, b in zip(widths, widths[1:])) * 4

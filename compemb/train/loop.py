@@ -8,7 +8,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors import SafetensorError
@@ -151,7 +151,10 @@ class Trainer:
         self.optimizer = make_optimizer(config, self.model)
         self.train_model: torch.nn.Module = data_parallel(self.model, self.device) if self.world > 1 else self.model
         # the compiled module shares the model's parameters; checkpoints save the model itself (no _orig_mod keys)
-        self.train_model = torch.compile(self.train_model) if config.compile else self.train_model
+        # (torch.compile of a Module is a Module, an OptimizedModule; its stub says a callable)
+        self.train_model = (
+            cast(torch.nn.Module, torch.compile(self.train_model)) if config.compile else self.train_model
+        )
         if config.cuda_graph:
             why = "it trains in one process" if self.world > 1 else cuda_graph.refusal(self.model, self.optimizer)
             if why is not None:

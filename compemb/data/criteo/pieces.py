@@ -93,7 +93,7 @@ def write_piece(piece: Piece, split_starts: dict[str, int], position: int) -> in
         _WRITE["directory"],
         _WRITE["rows"],
     )
-    arrays: dict[str, dict[str, np.ndarray]] = {}
+    arrays: dict[str, dict[str, np.memmap]] = {}
     written = 0
     for block in read_rows(piece.path, piece.has_label, Rejections(), strict=False, start=piece.start, end=piece.end):
         raw = block.sparse

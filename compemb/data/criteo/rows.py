@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 import numba
 import numpy as np
@@ -179,7 +179,9 @@ def is_gzip(path: Path) -> bool:
 
 def open_binary(path: Path) -> BinaryIO:
     """A Criteo text file (plain or gzip, told by its first bytes) opened for reading bytes."""
-    return gzip.open(path, "rb") if is_gzip(path) else open(path, "rb")
+    if is_gzip(path):  # a GzipFile reads like any binary file; typeshed types it BufferedIOBase, not BinaryIO
+        return cast(BinaryIO, gzip.open(path, "rb"))
+    return open(path, "rb")
 
 
 @dataclass

@@ -115,23 +115,18 @@ def open_dataset(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Spl
                 f"{path / MANIFEST}: bag {bag['name']!r} needs a cardinality in [1, 2^62] and pooling "
                 f"sum or mean, got {_short(bag.get('cardinality'))}, {_short(bag.get('pooling'))}"
             )
-    unlabeled = set(unlabeled)
+    unlabeled_splits = set(unlabeled)
     splits, dense_width = {}, None
     for split, count in rows.items():
         folder = path / split
         if dense_width is None:  # the first split's dense width; every other split must have it too
             shape = _npy_header(folder / "dense.npy")[0]
             dense_width = shape[1] if len(shape) == 2 else -1
-        arrays = {
-            "dense": _open_array(folder / "dense.npy", "dense", count, dense_width),
-            "sparse": _open_array(folder / "sparse.npy", "sparse", count, len(cardinalities)),
-            "labels": None if split in unlabeled else _open_array(folder / "labels.npy", "labels", count, None),
-        }
+        dense = _open_array(folder / "dense.npy", "dense", count, dense_width)
+        sparse = _open_array(folder / "sparse.npy", "sparse", count, len(cardinalities))
+        labels = None if split in unlabeled_splits else _open_array(folder / "labels.npy", "labels", count, None)
         splits[split] = Split(
-            arrays["dense"],
-            arrays["sparse"],
-            arrays["labels"],
-            {bag["name"]: _open_bag(folder / "bags", bag["name"], count) for bag in bags},
+            dense, sparse, labels, {bag["name"]: _open_bag(folder / "bags", bag["name"], count) for bag in bags}
         )
     return manifest, splits
 

@@ -8,10 +8,12 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from compemb.data.dataset.format import MANIFEST, SPLIT_ENTRIES, VALIDATED_FILE, VOCABULARY_FILE, sparse_dtype
 from compemb.io import atomic_write_text, exchange_paths, remove_dead_temporaries, temporary_prefix
@@ -79,7 +81,7 @@ class DatasetWriter:
         num_dense: int,
         cardinalities: list[int],
         unlabeled: tuple[str, ...] = (),
-        bags: list[dict[str, Any]] = (),
+        bags: Sequence[dict[str, Any]] = (),
         overwrite: bool = False,
     ) -> None:
         self.path = Path(path)
@@ -98,7 +100,11 @@ class DatasetWriter:
         # a name of its own: two writers of the same output never share (or delete) each other's files
         self.path.parent.mkdir(parents=True, exist_ok=True)
         remove_dead_temporaries(self.path)  # what a killed writer of this output left
-        dtypes = {"dense": np.float32, "sparse": sparse_dtype(cardinalities), "labels": np.uint8}
+        dtypes: dict[str, npt.DTypeLike] = {
+            "dense": np.float32,
+            "sparse": sparse_dtype(cardinalities),
+            "labels": np.uint8,
+        }
         need = sum(
             count
             * (num_dense * 4 + len(cardinalities) * np.dtype(dtypes["sparse"]).itemsize + (split not in self.unlabeled))
@@ -116,8 +122,8 @@ class DatasetWriter:
         self.cardinalities = list(cardinalities)
         self.filled = {split: 0 for split in rows}
         self.facts: dict[str, Any] = {}  # written into the manifest beside the row counts and cardinalities
-        self.arrays: dict[str, dict[str, np.ndarray]] = {}
-        shapes = {
+        self.arrays: dict[str, dict[str, np.memmap]] = {}
+        shapes: dict[str, tuple[tuple[int, ...], npt.DTypeLike]] = {
             "dense": ((num_dense,), np.float32),
             "sparse": ((len(cardinalities),), sparse_dtype(cardinalities)),
             "labels": ((), np.uint8),
@@ -172,6 +178,7 @@ class DatasetWriter:
                 f"{[bag['name'] for bag in self.bags]}"
             )
         for bag in self.bags:
+            assert bags is not None  # given names every bag (the check above)
             values, lengths = (np.asarray(a) for a in bags[bag["name"]])
             if lengths.shape != (count,) or lengths.dtype.kind not in "iu" or (lengths < 0).any():
                 raise ValueError(f"split {split!r}, bag {bag['name']!r}: lengths must be {count} non-negative integers")
