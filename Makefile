@@ -36,11 +36,13 @@ run: $(STAMP)
 		--sharing shared --dim 16 --bottom 64 --top 64 --batch-size 2048 --epochs 1 --evals-per-epoch 3
 
 # the lint and the format first (pyproject.toml's [tool.ruff] settings), then the documentation site (mkdocs.yml,
-# strict: a broken link or a docstring griffe cannot read fails it), then the suite
+# strict: a broken link or a docstring griffe cannot read fails it), the type check (pyproject.toml's [tool.mypy]:
+# the package), then the suite
 test: $(STAMP)
 	$(BIN)/ruff check compemb tests benchmarks
 	$(BIN)/ruff format --check compemb tests benchmarks
 	$(BIN)/mkdocs build --strict --quiet --site-dir $(VENV)/site
+	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)

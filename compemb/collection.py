@@ -156,6 +156,7 @@ class EmbeddingCollection(torch.nn.Module):
                 frequencies=frequencies,
             )
             self.embeddings = torch.nn.ModuleDict({"shared": table})
+            _run_lookups_eagerly()  # (as per feature: a process that builds only shared collections compiles too)
             return
         builder = PerFeatureTableBuilder(
             features,

@@ -53,3 +53,17 @@ def test_compiled_training_matches_eager(data, tmp_path, method):
         float((p - q).abs().max()) for p, q in zip(eager.model.parameters(), Trainer(eager.config).model.parameters())
     )
     assert moved > 1e-3  # the runs trained: the comparison is not of two untouched models
+
+
+def test_building_only_a_shared_collection_marks_its_lookups_to_run_eagerly():
+    import subprocess
+    import sys
+
+    # a fresh process: an earlier per-feature collection in this one has already marked them
+    code = (
+        "from compemb.collection import EmbeddingCollection, Feature\n"
+        "EmbeddingCollection([Feature('a', 10), Feature('b', 20)], 4, 'hash', compression=2, sharing='shared')\n"
+        "print(getattr(EmbeddingCollection.__dict__['forward'], '_runs_eagerly', False))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "True"

@@ -262,3 +262,26 @@ def test_a_combined_optimizers_state_dict_loads_into_a_fresh_one_and_steps_the_s
     for model in (a, b):
         step(*model, torch.tensor([2, 7]))
     assert torch.equal(a[0].weight, b[0].weight) and torch.equal(a[1].weight, b[1].weight)
+
+
+def test_hooks_register_on_a_combined_optimizer_as_on_torchs():
+    from compemb.optim import CombinedOptimizer
+
+    layer = torch.nn.Linear(2, 1)
+    optimizer = CombinedOptimizer([RowAdam(layer.parameters(), lr=1e-3)])
+    calls = []
+    # torch keeps weak references to the hook dicts (a plain dict cannot have one) and moves a prepended hook first
+    optimizer.register_state_dict_pre_hook(lambda opt: calls.append("second"))
+    optimizer.register_state_dict_pre_hook(lambda opt: calls.append("first"), prepend=True)
+    optimizer.register_load_state_dict_post_hook(lambda opt: calls.append("loaded"))
+    optimizer.register_state_dict_post_hook(lambda opt, state: {**state, "tag": 1})
+    state = optimizer.state_dict()
+    assert calls == ["first", "second"] and state["tag"] == 1
+    optimizer.load_state_dict(state)
+    assert calls[-1] == "loaded"
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: calls.append(("pre", float(layer.bias))))
+    optimizer.register_step_post_hook(lambda opt, args, kwargs: calls.append(("post", float(layer.bias))))
+    before = float(layer.bias)
+    layer(torch.ones(1, 2)).sum().backward()
+    optimizer.step()
+    assert calls[-2:] == [("pre", before), ("post", float(layer.bias))] and float(layer.bias) != before

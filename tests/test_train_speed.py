@@ -35,9 +35,12 @@ def test_the_minimal_loop_trains_the_trainers_model_on_its_batches_to_the_same_w
     generate_synthetic(
         tmp_path / "data", SyntheticConfig(rows={"train": 2048, "val": 256}, scale=1e-4, seed=1), progress=False
     )
-    for method, optimizer in (("full", "adam"), ("cafe", "adagrad")):  # cafe: its on_step_end hook runs in both
+    bagged = SyntheticConfig(rows={"train": 2048, "val": 256}, scale=1e-4, seed=1, bag_features=1, bag_cardinality=50)
+    generate_synthetic(tmp_path / "bagged", bagged, progress=False)
+    # cafe: its on_step_end hook runs in both; hash on a set with a multi-hot feature: its bags read in both
+    for method, optimizer, data in (("full", "adam", "data"), ("cafe", "adagrad", "data"), ("hash", "adam", "bagged")):
         config = TrainConfig(
-            data=str(tmp_path / "data"),
+            data=str(tmp_path / data),
             out=str(tmp_path / method),
             method=method,
             compression=None if method == "full" else 4,

@@ -21,7 +21,7 @@ import torch
 
 from compemb.embeddings.base import CompressedEmbedding
 from compemb.io import atomic_write_text
-from compemb.train import TrainConfig, Trainer, build_model, make_optimizer, read_batch
+from compemb.train import TrainConfig, Trainer, build_model, make_optimizer, read_batch, unpack_batch
 
 TARGET = 0.97
 
@@ -33,7 +33,8 @@ class MinimalLoop:
         config = trainer.config
         self.split, self.batch_size = trainer.splits["train"], config.batch_size
         self.steps_per_epoch = trainer.steps_per_epoch
-        self.model = build_model(config, trainer.manifest["cardinalities"], self.split.dense.shape[1])
+        self.bags = trainer.bags  # the multi-hot features, read and pooled as the trainer does
+        self.model = build_model(config, trainer.manifest["cardinalities"], self.split.dense.shape[1], bags=self.bags)
         self.optimizer = make_optimizer(config, self.model)
         self.hooked = [
             m
@@ -45,8 +46,9 @@ class MinimalLoop:
     def run(self, steps: int) -> None:
         """Train ``steps`` more steps."""
         for _ in range(steps):
-            dense, sparse, labels = read_batch(self.split, self.step % self.steps_per_epoch, self.batch_size)
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(self.model(dense, sparse), labels)
+            batch = read_batch(self.split, self.step % self.steps_per_epoch, self.batch_size)
+            dense, sparse, labels, bags = unpack_batch(batch, self.bags)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(self.model(dense, sparse, bags), labels)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()

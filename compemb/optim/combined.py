@@ -59,25 +59,44 @@ class CombinedOptimizer(torch.optim.Optimizer):
             optimizer.zero_grad(set_to_none=set_to_none)
 
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """One step of every child (``closure`` is evaluated once, by the first)."""
+        """One step of every child (``closure`` is evaluated once, by the first), between the step hooks registered
+        on this optimizer (``register_step_pre_hook`` / ``register_step_post_hook``), as torch's optimizers run them."""
+        args: tuple[Any, ...] = (closure,)
+        kwargs: dict[str, Any] = {}
+        for pre_hook in list(self._optimizer_step_pre_hooks.values()):
+            changed = pre_hook(self, args, kwargs)
+            if changed is not None:
+                args, kwargs = changed
+        closure = args[0] if args else kwargs.get("closure")
         loss = None
         for index, optimizer in enumerate(self.optimizers):
             result = optimizer.step(closure if index == 0 else None)
             loss = result if index == 0 else loss
+        for post_hook in list(self._optimizer_step_post_hooks.values()):
+            post_hook(self, args, kwargs)
         return loss
 
     def state_dict(self) -> dict[str, Any]:
-        """The children's state dicts as one: their parameters numbered one after another."""
+        """The children's state dicts as one: their parameters numbered one after another (the state-dict hooks
+        registered on this optimizer run around it, as torch's do)."""
+        for pre_hook in list(self._optimizer_state_dict_pre_hooks.values()):
+            pre_hook(self)
         state, groups, offset = {}, [], 0
         for optimizer in self.optimizers:
             child = optimizer.state_dict()
             state.update({offset + index: value for index, value in child["state"].items()})
             groups += [{**group, "params": [offset + i for i in group["params"]]} for group in child["param_groups"]]
             offset += sum(len(group["params"]) for group in child["param_groups"])
-        return {"state": state, "param_groups": groups}
+        combined: dict[str, Any] = {"state": state, "param_groups": groups}
+        for post_hook in list(self._optimizer_state_dict_post_hooks.values()):
+            combined = post_hook(self, combined) or combined
+        return combined
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load what :meth:`state_dict` gave, each child its groups (as many as it has) and their parameters."""
+        """Load what :meth:`state_dict` gave, each child its groups (as many as it has) and their parameters (the
+        load hooks registered on this optimizer run around it, as torch's do)."""
+        for pre_hook in list(self._optimizer_load_state_dict_pre_hooks.values()):
+            state_dict = pre_hook(self, state_dict) or state_dict
         groups, offset, at = state_dict["param_groups"], 0, 0
         for optimizer in self.optimizers:
             count = len(optimizer.param_groups)
@@ -98,3 +117,5 @@ class CombinedOptimizer(torch.optim.Optimizer):
             at, offset = at + count, offset + size
         if at != len(groups):
             raise ValueError("the state dict has more parameter groups than the combined optimizers")
+        for post_hook in list(self._optimizer_load_state_dict_post_hooks.values()):
+            post_hook(self)
