@@ -88,8 +88,7 @@ class _CAFE(FieldRouting, HotRowUpdates, AdaptiveEmbedding):
     takes_feature_blocks = True  # a shared collection passes its features' sizes: the authors' per-field layout
     training_only_state = ("sketch.mass",)  # how much score was inserted since the last decay
 
-    # the hot rows' buffers, registered by _build_tables (start: with merge_on_demote only)
-    owner: Tensor
+    owner: Tensor  # the hot rows' buffers, registered by _build_tables (start: with merge_on_demote only)
     owned: Tensor
     start: Tensor
 

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -358,10 +358,10 @@ class CCEmbedding(ColumnClustering, PointerRouting, AdaptiveEmbedding):
     def rounds(self) -> int:
         """How many times the tables have been clustered."""
         # a host copy, kept with the buffer: every lookup asks, and reading the buffer would make a GPU host wait
-        if getattr(self, "_rounds", None) is None:
-            self._rounds = int(self.cluster_state[1])
-        assert self._rounds is not None
-        return self._rounds
+        rounds = getattr(self, "_rounds", None)
+        if rounds is None:
+            rounds = self._rounds = int(self.cluster_state[1])
+        return rounds
 
     def pointer_ids(self) -> Tensor:
         """The ids holding stored pointers now (int64, CPU, in pointer-row order); none before clustering."""
@@ -369,8 +369,7 @@ class CCEmbedding(ColumnClustering, PointerRouting, AdaptiveEmbedding):
             return torch.empty(0, dtype=torch.int64)
         if self.all_ids:
             return torch.arange(self.num_embeddings)
-        assert self.holder_ids is not None  # top-m holders: their ids are stored
-        ids = self.holder_ids.cpu()
+        ids = cast(Tensor, self.holder_ids).cpu()  # (not all ids: the top-m holders' ids are stored)
         return ids[ids != NO_ID]
 
     # --- lookup (its rows: routing.py) and what it counts (counting.py) ----------------------------------
