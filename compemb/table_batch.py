@@ -16,7 +16,7 @@ optimizer's work and state are exactly those of the per-table lookups.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -25,8 +25,21 @@ from compemb.checks import assert_ids_in_range
 from compemb.hashing import UniversalHash, hash_high32, hash_signs
 from compemb.kernels import device_path
 
-if TYPE_CHECKING:
-    from compemb.embeddings.base import CompressedEmbedding
+
+class Table(Protocol):
+    """What a batch reads of each of its tables: a :class:`~compemb.embeddings.base.CompressedEmbedding`, named by
+    what it offers (this module imports nothing from compemb.embeddings, which imports it)."""
+
+    @property
+    def sparse(self) -> bool: ...
+    @property
+    def name(self) -> str | None: ...
+    @property
+    def method_name(self) -> str: ...
+    @property
+    def num_embeddings(self) -> int | None: ...
+    def _who(self) -> str: ...
+    def __call__(self, ids: Tensor, /) -> Tensor: ...
 
 
 class TableBatch(Protocol):
@@ -60,7 +73,7 @@ class PackedWeights:
         True
     """
 
-    def __init__(self, modules: Sequence[torch.nn.Module], name: str | Sequence[str], sparse: bool = False) -> None:
+    def __init__(self, modules: Sequence[object], name: str | Sequence[str], sparse: bool = False) -> None:
         if not modules:
             raise ValueError("PackedWeights needs at least one weight")
         self.modules = list(modules)
@@ -203,7 +216,7 @@ class SeparateLookups:
         names: the attributes holding the weights to pack (one buffer per name).
     """
 
-    def __init__(self, tables: Sequence[CompressedEmbedding], names: Sequence[str]) -> None:
+    def __init__(self, tables: Sequence[Table], names: Sequence[str]) -> None:
         self.tables = list(tables)
         self.packs = [PackedWeights(self.tables, name, sparse=tables[0].sparse) for name in names]
 
@@ -219,18 +232,20 @@ class RowsBatch:
     one gather over the packed weights, and, the weights in one buffer, one optimizer update for all of them.
     Needs every vocabulary closed (one range rule for the batch)."""
 
-    def __init__(self, tables: Sequence[CompressedEmbedding]) -> None:
+    def __init__(self, tables: Sequence[Table]) -> None:
         self.tables = list(tables)
         self.pack = PackedWeights(self.tables, "weight", sparse=self.tables[0].sparse)
         self.ranges = IdRanges(self.tables)
         self.rules = [getattr(t, "rows_of", None) for t in self.tables]  # None: a full table's row is the id
 
     @staticmethod
-    def accepts(tables: Sequence[CompressedEmbedding]) -> bool:
+    def accepts(tables: Sequence[Table]) -> bool:
         """Whether a RowsBatch can take ``tables``: closed vocabularies, one row width."""
+        weights = [getattr(t, "weight", None) for t in tables]  # each reads rows of its weight
         return (
             all(getattr(t, "num_embeddings", None) is not None for t in tables)
-            and len({cast(Tensor, t.weight).shape[1] for t in tables}) == 1  # each reads rows of its weight
+            and all(isinstance(w, Tensor) for w in weights)
+            and len({w.shape[1] for w in weights if isinstance(w, Tensor)}) == 1
         )
 
     def __call__(self, ids: Tensor) -> Tensor:
@@ -291,7 +306,7 @@ def column_sizes(values: Sequence[int], device: torch.device) -> Tensor:
     return torch.tensor(list(values), dtype=torch.int64, device=device).view(-1, 1)
 
 
-def check_id_ranges(tables: Sequence[CompressedEmbedding], ids: Tensor, sizes: Tensor) -> None:
+def check_id_ranges(tables: Sequence[Table], ids: Tensor, sizes: Tensor) -> None:
     """Raise the table's own ValueError when an id of column j is outside ``[0, sizes[j])`` (closed vocabularies:
     a wrapped or shifted id would silently read another table's rows)."""
     if device_path(ids):  # no host round trip per lookup: a device-side assert
@@ -311,7 +326,7 @@ class IdRanges:
     """A table batch's range rule: ids of column j must lie in ``[0, num_embeddings_j)`` when every table has a
     closed vocabulary (``num_embeddings`` given), as each table's own lookup requires; nothing with an open one."""
 
-    def __init__(self, tables: Sequence[CompressedEmbedding]) -> None:
+    def __init__(self, tables: Sequence[Table]) -> None:
         self.tables = list(tables)
         closed = all(getattr(t, "num_embeddings", None) is not None for t in self.tables)
         self.sizes = torch.tensor([t.num_embeddings for t in self.tables]) if closed else None
