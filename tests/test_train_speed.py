@@ -38,7 +38,14 @@ def test_the_minimal_loop_trains_the_trainers_model_on_its_batches_to_the_same_w
     bagged = SyntheticConfig(rows={"train": 2048, "val": 256}, scale=1e-4, seed=1, bag_features=1, bag_cardinality=50)
     generate_synthetic(tmp_path / "bagged", bagged, progress=False)
     # cafe: its on_step_end hook runs in both; hash on a set with a multi-hot feature: its bags read in both
-    for method, optimizer, data in (("full", "adam", "data"), ("cafe", "adagrad", "data"), ("hash", "adam", "bagged")):
+    # offline: its ids counted in the train split by both
+    runs = (
+        ("full", "adam", "data"),
+        ("cafe", "adagrad", "data"),
+        ("hash", "adam", "bagged"),
+        ("offline", "adam", "data"),
+    )
+    for method, optimizer, data in runs:
         config = TrainConfig(
             data=str(tmp_path / data),
             out=str(tmp_path / method),

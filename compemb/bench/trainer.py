@@ -21,7 +21,7 @@ import torch
 
 from compemb.embeddings.base import CompressedEmbedding
 from compemb.io import atomic_write_text
-from compemb.train import TrainConfig, Trainer, build_model, make_optimizer, read_batch, unpack_batch
+from compemb.train import TrainConfig, Trainer, build_model, make_optimizer, read_batch, train_frequencies, unpack_batch
 
 TARGET = 0.97
 
@@ -34,7 +34,9 @@ class MinimalLoop:
         self.split, self.batch_size = trainer.splits["train"], config.batch_size
         self.steps_per_epoch = trainer.steps_per_epoch
         self.bags = trainer.bags  # the multi-hot features, read and pooled as the trainer does
-        self.model = build_model(config, trainer.manifest["cardinalities"], self.split.dense.shape[1], bags=self.bags)
+        cardinalities = trainer.manifest["cardinalities"]
+        counts = train_frequencies(config, self.split, cardinalities, self.bags)  # (offline methods: ids counted)
+        self.model = build_model(config, cardinalities, self.split.dense.shape[1], counts, bags=self.bags)
         self.optimizer = make_optimizer(config, self.model)
         self.hooked = [
             m

@@ -21,6 +21,7 @@ from compemb.train.build import (
     make_optimizer,
     one_optimizer,
     set_learning_rates,
+    train_frequencies,
 )
 from compemb.train.checkpoints import (
     CHECKPOINT_FIELDS,
@@ -99,6 +100,7 @@ __all__ = [
     "run_files",
     "set_learning_rates",
     "settings_that_differ",
+    "train_frequencies",
     "unpack_batch",
     "with_defaults",
 ]
