@@ -1,8 +1,10 @@
 """The training-speed benchmark: every method trains in alternation and is compared with the baseline."""
 
+import pytest
+
 from compemb.bench.train_speed import measure_training_speed, speed_table
 from compemb.data.synthetic import SyntheticConfig, generate_synthetic
-from compemb.train import TrainConfig
+from compemb.train import TrainConfig, Trainer
 
 
 def test_methods_train_in_alternation_and_the_baseline_ratio_is_one(tmp_path):
@@ -20,7 +22,12 @@ def test_methods_train_in_alternation_and_the_baseline_ratio_is_one(tmp_path):
         lr=0.05,
         batch_size=128,
     )
-    rows = measure_training_speed(base, ["full", "ce"], "hash", rounds=2, steps=3, targets={"ce": 0.5})
+    evaluations = []
+    real_evaluate = Trainer.evaluate
+    with pytest.MonkeyPatch.context() as patch:  # the blocks time steps alone: no evaluation falls in them
+        patch.setattr(Trainer, "evaluate", lambda self, split: evaluations.append(split) or real_evaluate(self, split))
+        rows = measure_training_speed(base, ["full", "ce"], "hash", rounds=2, steps=3, targets={"ce": 0.5})
+    assert evaluations == []
     assert [row.method for row in rows] == ["hash", "full", "ce"]
     assert rows[0].ratio == 1.0 and all(row.samples_per_s > 0 and row.ratio > 0 for row in rows)
     assert "| ce |" in speed_table(rows, "hash") and ">= 0.5" in speed_table(rows, "hash")
@@ -30,7 +37,6 @@ def test_the_minimal_loop_trains_the_trainers_model_on_its_batches_to_the_same_w
     import torch
 
     from compemb.bench.trainer import MinimalLoop, measure_trainer_overhead, write_overhead
-    from compemb.train import Trainer
 
     generate_synthetic(
         tmp_path / "data", SyntheticConfig(rows={"train": 2048, "val": 256}, scale=1e-4, seed=1), progress=False
@@ -67,6 +73,11 @@ def test_the_minimal_loop_trains_the_trainers_model_on_its_batches_to_the_same_w
         minimal.run(20)
         for (name, mine), theirs in zip(minimal.model.state_dict().items(), trainer.model.state_dict().values()):
             torch.testing.assert_close(mine, theirs, msg=f"{method}: {name}")
-    result = measure_trainer_overhead(config, rounds=2, steps=2)
+    evaluations = []
+    real_evaluate = Trainer.evaluate
+    with pytest.MonkeyPatch.context() as patch:  # the blocks time steps alone: no evaluation falls in them
+        patch.setattr(Trainer, "evaluate", lambda self, split: evaluations.append(split) or real_evaluate(self, split))
+        result = measure_trainer_overhead(config, rounds=2, steps=2)
+    assert evaluations == []
     assert result["ratio"] > 0 and result["trainer_samples_per_s"] > 0 and result["minimal_samples_per_s"] > 0
     assert "Trainer / minimal" in write_overhead(result, str(tmp_path / "trainer"))

@@ -75,7 +75,7 @@ def measure_training_speed(
     warmup: dict[str, float] = {}
     for name, trainer in trainers.items():  # warm up: first steps allocate optimizer state and compile kernels
         started = time.perf_counter()
-        trainer.fit(stop_at=trainer.step + 3)
+        trainer.fit(trainer.step + 3, final_evaluation=False)  # (steps alone: no evaluation at a block's end)
         sync()
         warmup[name] = time.perf_counter() - started
     seconds: dict[str, list[float]] = {name: [] for name in names}
@@ -84,7 +84,7 @@ def measure_training_speed(
         for name in order:
             trainer = trainers[name]
             started = time.perf_counter()
-            trainer.fit(stop_at=trainer.step + steps)
+            trainer.fit(trainer.step + steps, final_evaluation=False)
             sync()
             seconds[name].append(time.perf_counter() - started)
     samples = steps * base.batch_size
